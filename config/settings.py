@@ -1,0 +1,148 @@
+"""The one ``Settings`` object, built once at start-up and passed down.
+
+Precedence (lowest to highest): the defaults below, a TOML file (``--config PATH`` or the
+``HILUM_CONFIG`` environment variable), then ``HILUM_*`` environment variables with ``__``
+between nested keys (``HILUM_DIMSE__PORT=4242``). ``config/default.toml`` documents every key.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+# PS3.5 6.2: an AE title is up to 16 characters of the default repertoire, not all spaces,
+# and may not contain a backslash or control characters.
+_AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
+
+
+def _check_ae_title(value: str) -> str:
+    if not _AE_TITLE.match(value) or not value.strip():
+        raise ValueError(f"{value!r} is not a valid AE title (1-16 printable characters, no '\\')")
+    return value.strip()
+
+
+class ServerSettings(BaseModel):
+    host: str = "127.0.0.1"
+    data_dir: Path = Path("./hilum-data")
+
+    @property
+    def is_loopback(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+
+class DimseSettings(BaseModel):
+    ae_title: str = "HILUM"
+    port: int = Field(11112, ge=1, le=65535)
+    max_associations: int = Field(32, ge=1)
+    # Reject associations whose Called AE Title is not ``ae_title``.
+    require_called_ae_title: bool = False
+    # Calling AE titles allowed to associate. Empty: any calling AE while bound to loopback;
+    # bound to another address, ``accept_any_calling_ae = true`` must say so explicitly.
+    allowed_calling_ae_titles: list[str] = Field(default_factory=list)
+    accept_any_calling_ae: bool = False
+    # Seconds of silence before a stalled peer's association is aborted.
+    network_timeout_s: float = Field(60.0, gt=0)
+
+    @field_validator("ae_title")
+    @classmethod
+    def _check_title(cls, value: str) -> str:
+        return _check_ae_title(value)
+
+    @field_validator("allowed_calling_ae_titles")
+    @classmethod
+    def _check_titles(cls, values: list[str]) -> list[str]:
+        return [_check_ae_title(v) for v in values]
+
+
+class HttpSettings(BaseModel):
+    port: int = Field(8042, ge=1, le=65535)
+
+
+class StorageSettings(BaseModel):
+    # Empty: SQLite at <data_dir>/index.sqlite; or postgresql+psycopg://user@host/db
+    database_url: str = ""
+    # Empty: files under <data_dir>/blobs; or s3://BUCKET?endpoint=http://host:9000
+    blob_url: str = ""
+    s3_access_key: str = ""
+    s3_secret_key: str = ""
+    # What a re-sent SOP Instance UID with different content does: replace the stored
+    # instance ("overwrite") or keep the first one and discard the new one ("keep").
+    on_duplicate: Literal["keep", "overwrite"] = "overwrite"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="HILUM_", env_nested_delimiter="__", extra="forbid"
+    )
+
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    dimse: DimseSettings = Field(default_factory=DimseSettings)
+    http: HttpSettings = Field(default_factory=HttpSettings)
+    storage: StorageSettings = Field(default_factory=StorageSettings)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        toml_file = settings_cls.model_config.get("toml_file")
+        if toml_file:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
+        return tuple(sources)
+
+    @property
+    def database_url(self) -> str:
+        if self.storage.database_url:
+            return self.storage.database_url
+        return f"sqlite:///{(self.server.data_dir / 'index.sqlite').resolve()}"
+
+    @property
+    def blob_url(self) -> str:
+        if self.storage.blob_url:
+            return self.storage.blob_url
+        return f"file://{(self.server.data_dir / 'blobs').resolve()}"
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message says which key and why."""
+
+
+def load_settings(config_path: Path | str | None = None, **overrides: object) -> Settings:
+    """Build the settings once at start-up.
+
+    ``config_path`` falls back to ``$HILUM_CONFIG``; ``overrides`` take precedence over all
+    sources (used by tests and by command-line flags).
+    """
+    path = config_path or os.environ.get("HILUM_CONFIG") or None
+    if path is not None and not Path(path).is_file():
+        raise ConfigError(f"configuration file {path} does not exist")
+
+    class _Settings(Settings):
+        model_config = SettingsConfigDict(**{**Settings.model_config, "toml_file": path})
+
+    try:
+        loaded = _Settings(**overrides)
+    except Exception as exc:  # pydantic ValidationError or a TOML syntax error
+        raise ConfigError(f"invalid configuration: {exc}") from exc
+    return loaded

@@ -1,0 +1,1 @@
+"""The protocols: DIMSE (``server.dimse``) and the command line (``server.cli``)."""

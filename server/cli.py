@@ -1,0 +1,162 @@
+"""The ``hilum`` command: serve, dimse, db upgrade, import, verify."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+import warnings
+from pathlib import Path
+
+import pydicom.config  # noqa: F401  (imported first: it resets its logger level on import)
+
+from config import Settings, load_settings
+from config.settings import ConfigError
+from storage.archive import open_archive
+from storage.errors import StorageError
+
+log = logging.getLogger("hilum")
+
+
+def _configure_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        stream=sys.stderr,
+    )
+    # pynetdicom logs every PDU at INFO; its warnings are what an administrator needs.
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    # Odd values in received headers are stored as they are; pydicom's per-value complaints
+    # would drown the log of a migration.
+    logging.getLogger("pydicom").setLevel(logging.CRITICAL)
+    warnings.filterwarnings("ignore", module="pydicom")
+
+
+def _run_dimse(settings: Settings, *, migrate: bool) -> int:
+    from server.dimse.ae import DimseServer
+
+    archive = open_archive(settings, migrate=migrate)
+    server = DimseServer(settings, archive)
+    server.start()
+    stopped = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stopped.set())
+    print(
+        f"Hilum is listening: DICOM {settings.dimse.ae_title}@{settings.server.host}:"
+        f"{server.port}; index {settings.database_url}; blobs {settings.blob_url}",
+        flush=True,
+    )
+    stopped.wait()
+    log.info("shutting down")
+    server.stop()
+    archive.close()
+    return 0
+
+
+def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
+    return _run_dimse(settings, migrate=True)
+
+
+def cmd_dimse(settings: Settings, args: argparse.Namespace) -> int:
+    return _run_dimse(settings, migrate=False)
+
+
+def cmd_db_upgrade(settings: Settings, args: argparse.Namespace) -> int:
+    from storage.index.database import create_index_engine, upgrade_database
+
+    engine = create_index_engine(settings.database_url, pool_size=1)
+    upgrade_database(engine)
+    engine.dispose()
+    print(f"index database {settings.database_url} is at the newest schema")
+    return 0
+
+
+def cmd_import(settings: Settings, args: argparse.Namespace) -> int:
+    from server.import_files import import_files
+
+    archive = open_archive(settings, migrate=True)
+    try:
+        summary = import_files(archive, args.paths, workers=args.workers)
+    finally:
+        archive.close()
+    for line in summary.lines():
+        print(line)
+    return 1 if summary.failures else 0
+
+
+def cmd_verify(settings: Settings, args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from storage.verify import verify_archive
+
+    archive = open_archive(settings)
+    try:
+        with tqdm(unit="instance", desc="verifying") as bar:
+            report = verify_archive(archive, checksums=not args.quick, progress=bar.update)
+    finally:
+        archive.close()
+    print(
+        f"{report.instances} instances checked: {len(report.missing)} missing blobs, "
+        f"{len(report.mismatched)} checksum mismatches, {len(report.orphans)} orphan blobs"
+    )
+    for uid in report.missing:
+        print(f"  missing blob: instance {uid}")
+    for uid in report.mismatched:
+        print(f"  checksum mismatch: instance {uid}")
+    for key in report.orphans:
+        print(f"  orphan blob: {key}")
+    return 0 if report.ok else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hilum", description="Hilum PACS")
+    parser.add_argument("--config", type=Path, help="TOML configuration file (or $HILUM_CONFIG)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    commands.add_parser("serve", help="run everything in one process (migrates the database)")
+    commands.add_parser("dimse", help="run the DIMSE SCP only")
+    db = commands.add_parser("db", help="index database administration")
+    db_commands = db.add_subparsers(dest="db_command", required=True)
+    db_commands.add_parser("upgrade", help="apply database migrations")
+
+    imp = commands.add_parser("import", help="import DICOM files and folders")
+    imp.add_argument("paths", nargs="+", type=Path)
+    imp.add_argument("--workers", type=int, default=4, help="parallel files (default 4)")
+
+    verify = commands.add_parser("verify", help="check the index against the blob store")
+    verify.add_argument("--quick", action="store_true", help="check existence, not checksums")
+    return parser
+
+
+COMMANDS = {
+    "serve": cmd_serve,
+    "dimse": cmd_dimse,
+    "db": cmd_db_upgrade,
+    "import": cmd_import,
+    "verify": cmd_verify,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _configure_logging(args.verbose)
+    try:
+        settings = load_settings(args.config)
+        return COMMANDS[args.command](settings, args)
+    except ConfigError as error:
+        print(f"hilum: configuration error: {error}", file=sys.stderr)
+        return 2
+    except StorageError as error:
+        print(f"hilum: {error}", file=sys.stderr)
+        return 3
+    except OSError as error:
+        print(f"hilum: {error}", file=sys.stderr)
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The DIMSE SCP: one module per DIMSE service, all translating between the wire and storage."""

@@ -1,0 +1,1 @@
+"""The only package that touches the index database or the blob store."""

@@ -1,0 +1,53 @@
+"""The archive: the index database and the blob store, opened together from the settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+from config import Settings
+from storage.blobs import BlobStore, instance_blob_key, open_blob_store
+from storage.index.database import Index, create_index_engine, upgrade_database
+from storage.index.models import DEFAULT_PARTITION
+
+if TYPE_CHECKING:
+    from storage.dicom_file import InstanceHeader
+
+
+@dataclass
+class Archive:
+    index: Index
+    blobs: BlobStore
+    on_duplicate: Literal["keep", "overwrite"] = "overwrite"
+    partition: str = DEFAULT_PARTITION
+
+    def blob_key(self, header: InstanceHeader, content_sha256: str) -> str:
+        return instance_blob_key(
+            self.partition,
+            header.study_instance_uid,
+            header.series_instance_uid,
+            header.sop_instance_uid,
+            content_sha256,
+        )
+
+    def close(self) -> None:
+        self.index.dispose()
+
+
+def open_archive(settings: Settings, *, migrate: bool = False) -> Archive:
+    """Connect to the index and the blob store named by ``settings``.
+
+    ``migrate`` runs the database migrations first (``hilum serve`` does; ``hilum dimse`` and
+    the other scaled-out processes expect ``hilum db upgrade`` to have run).
+    """
+    pool = settings.dimse.max_associations
+    engine = create_index_engine(settings.database_url, pool_size=pool)
+    if migrate:
+        upgrade_database(engine)
+    blobs = open_blob_store(
+        settings.blob_url,
+        access_key=settings.storage.s3_access_key,
+        secret_key=settings.storage.s3_secret_key,
+        max_connections=pool,
+    )
+    return Archive(Index(engine), blobs, settings.storage.on_duplicate)

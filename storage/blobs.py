@@ -1,0 +1,255 @@
+"""The blob store: where the DICOM files themselves live.
+
+One small interface with two backends: the local filesystem (the embedded default) and S3
+(MinIO in production). Keys are made by :func:`instance_blob_key` from hashes, never from a
+string a client sent, so no key can name a path outside the store.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO, Protocol
+from urllib.parse import parse_qs, urlsplit
+
+import urllib3
+from minio import Minio
+from minio.error import S3Error
+
+from storage.errors import NotFound, StorageUnavailable
+
+_KEY = re.compile(r"^[0-9a-f]{2}/[0-9a-f]{64}/[0-9a-f]{64}/[0-9a-f]{64}\.[0-9a-f]{16}\.dcm$")
+_COPY_CHUNK = 1 << 20
+
+
+def _uid_hash(*parts: str) -> str:
+    return hashlib.sha256("\\".join(parts).encode("ascii")).hexdigest()
+
+
+def instance_blob_key(
+    partition: str, study_uid: str, series_uid: str, sop_uid: str, content_sha256: str
+) -> str:
+    """The key of one stored instance version.
+
+    Grouped by study and series so that a study's files lie together; the content hash suffix
+    gives a replacement its own key, so the old file stays until the new index row commits.
+    """
+    study = _uid_hash(partition, study_uid)
+    return (
+        f"{study[:2]}/{study}/{_uid_hash(partition, study_uid, series_uid)}/"
+        f"{_uid_hash(partition, sop_uid)}.{content_sha256[:16]}.dcm"
+    )
+
+
+def is_blob_key(key: str) -> bool:
+    return bool(_KEY.match(key))
+
+
+class BlobStore(Protocol):
+    def put(self, key: str, path: Path) -> None:
+        """Store the file at ``path`` under ``key``, durably, replacing nothing half-way."""
+
+    def open(self, key: str) -> BinaryIO:
+        """A readable stream of the whole blob; the caller closes it."""
+
+    def get_range(self, key: str, offset: int, length: int) -> bytes:
+        """``length`` bytes from ``offset``, in one read from the backend."""
+
+    def delete(self, key: str) -> None:
+        """Remove the blob; removing a missing blob is not an error."""
+
+    def exists(self, key: str) -> bool: ...
+
+    def list_keys(self) -> Iterator[str]:
+        """Every key in the store, in no particular order (for ``hilum verify``)."""
+
+
+class FileBlobStore:
+    """Blobs as files under ``root``: written to a temporary file, fsynced, then renamed."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root.resolve()
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StorageUnavailable(f"cannot create blob directory {self.root}: {exc}") from exc
+
+    def _path(self, key: str) -> Path:
+        if not is_blob_key(key):
+            raise ValueError(f"not a blob key: {key!r}")
+        return self.root / key
+
+    def put(self, key: str, path: Path) -> None:
+        target = self._path(key)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
+            try:
+                with open(fd, "wb") as out, open(path, "rb") as src:
+                    shutil.copyfileobj(src, out, _COPY_CHUNK)
+                    out.flush()
+                    os.fsync(out.fileno())
+                os.replace(tmp_name, target)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp_name)
+                raise
+            dir_fd = os.open(target.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OSError as exc:
+            raise StorageUnavailable(f"cannot write blob {key}: {exc.strerror or exc}") from exc
+
+    def open(self, key: str) -> BinaryIO:
+        try:
+            return open(self._path(key), "rb")
+        except FileNotFoundError as exc:
+            raise NotFound(f"blob {key} does not exist") from exc
+        except OSError as exc:
+            raise StorageUnavailable(f"cannot read blob {key}: {exc.strerror or exc}") from exc
+
+    def get_range(self, key: str, offset: int, length: int) -> bytes:
+        with self.open(key) as f:
+            f.seek(offset)
+            return f.read(length)
+
+    def delete(self, key: str) -> None:
+        try:
+            self._path(key).unlink(missing_ok=True)
+        except OSError as exc:
+            raise StorageUnavailable(f"cannot delete blob {key}: {exc.strerror or exc}") from exc
+
+    def exists(self, key: str) -> bool:
+        try:
+            return self._path(key).is_file()
+        except OSError as exc:
+            raise StorageUnavailable(f"cannot stat blob {key}: {exc.strerror or exc}") from exc
+
+    def list_keys(self) -> Iterator[str]:
+        if not self.root.is_dir():
+            raise StorageUnavailable(f"blob directory {self.root} is missing")
+        for dirpath, _dirs, files in os.walk(self.root):
+            for name in files:
+                yield os.path.relpath(os.path.join(dirpath, name), self.root)
+
+
+class S3BlobStore:
+    """Blobs as objects in one S3 bucket (MinIO, SeaweedFS, or any S3)."""
+
+    def __init__(
+        self, endpoint: str, bucket: str, access_key: str, secret_key: str, max_connections: int
+    ) -> None:
+        url = urlsplit(endpoint)
+        if url.scheme not in ("http", "https") or not url.netloc:
+            raise ValueError(f"S3 endpoint must be http(s)://host:port, not {endpoint!r}")
+        self.bucket = bucket
+        # Fail fast when the store is unreachable: the SCU is waiting for a status.
+        http = urllib3.PoolManager(
+            timeout=urllib3.Timeout(connect=5, read=60),
+            retries=urllib3.Retry(total=2, backoff_factor=0.2, status_forcelist=(500, 502, 503)),
+            maxsize=max_connections,
+        )
+        self.client = Minio(
+            url.netloc,
+            access_key=access_key or None,
+            secret_key=secret_key or None,
+            secure=url.scheme == "https",
+            http_client=http,
+        )
+        with self._unavailable_on_error(f"bucket {bucket}"):
+            if not self.client.bucket_exists(bucket):
+                self.client.make_bucket(bucket)
+
+    @contextlib.contextmanager
+    def _unavailable_on_error(self, what: str) -> Iterator[None]:
+        try:
+            yield
+        except S3Error as exc:
+            if exc.code in ("NoSuchKey", "NoSuchObject"):
+                raise NotFound(f"blob {what} does not exist") from exc
+            raise StorageUnavailable(f"S3 error on {what}: {exc.code} {exc.message}") from exc
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise StorageUnavailable(f"S3 store unreachable ({what}): {exc}") from exc
+
+    def put(self, key: str, path: Path) -> None:
+        if not is_blob_key(key):
+            raise ValueError(f"not a blob key: {key!r}")
+        with self._unavailable_on_error(key):
+            self.client.fput_object(self.bucket, key, str(path), content_type="application/dicom")
+
+    def open(self, key: str) -> BinaryIO:
+        with self._unavailable_on_error(key):
+            response = self.client.get_object(self.bucket, key)
+        return _S3Stream(response)
+
+    def get_range(self, key: str, offset: int, length: int) -> bytes:
+        with self._unavailable_on_error(key):
+            response = self.client.get_object(self.bucket, key, offset=offset, length=length)
+            try:
+                return response.read()
+            finally:
+                response.close()
+                response.release_conn()
+
+    def delete(self, key: str) -> None:
+        with self._unavailable_on_error(key):
+            self.client.remove_object(self.bucket, key)
+
+    def exists(self, key: str) -> bool:
+        try:
+            with self._unavailable_on_error(key):
+                self.client.stat_object(self.bucket, key)
+        except NotFound:
+            return False
+        return True
+
+    def list_keys(self) -> Iterator[str]:
+        with self._unavailable_on_error("listing"):
+            for obj in self.client.list_objects(self.bucket, recursive=True):
+                if obj.object_name is not None:
+                    yield obj.object_name
+
+
+class _S3Stream:
+    """A file-like wrapper that returns the connection to the pool on close."""
+
+    def __init__(self, response: urllib3.BaseHTTPResponse) -> None:
+        self._response = response
+
+    def read(self, size: int = -1) -> bytes:
+        return self._response.read(None if size < 0 else size)
+
+    def close(self) -> None:
+        self._response.close()
+        self._response.release_conn()
+
+    def __enter__(self) -> _S3Stream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_blob_store(
+    blob_url: str, *, access_key: str = "", secret_key: str = "", max_connections: int = 32
+) -> BlobStore:
+    """``file:///abs/path`` or ``s3://BUCKET?endpoint=http://host:9000``."""
+    url = urlsplit(blob_url)
+    if url.scheme == "file":
+        return FileBlobStore(Path(url.path))
+    if url.scheme == "s3":
+        endpoint = parse_qs(url.query).get("endpoint", [""])[0]
+        if not url.netloc or not endpoint:
+            raise ValueError(
+                f"S3 blob URL must be s3://BUCKET?endpoint=http://host:port: {blob_url}"
+            )
+        return S3BlobStore(endpoint, url.netloc, access_key, secret_key, max_connections)
+    raise ValueError(f"unsupported blob_url scheme {url.scheme!r} (use file:// or s3://)")

@@ -1,0 +1,25 @@
+"""Domain errors raised by ``storage``; the protocol layers map each to one DICOM / HTTP status."""
+
+
+class StorageError(Exception):
+    """Base class of every error ``storage`` raises on purpose."""
+
+
+class InvalidInstance(StorageError):
+    """The object cannot be parsed, or lacks valid required UIDs, or is not a storage object."""
+
+
+class SOPClassMismatch(StorageError):
+    """The data set does not match the SOP Class the sender announced (PS3.4 B.2.3, 0xA900)."""
+
+
+class StorageUnavailable(StorageError):
+    """The index database or the blob store cannot be reached, or is full. Retry later."""
+
+
+class NotFound(StorageError):
+    """No such object in the index or the blob store."""
+
+
+class Conflict(StorageError):
+    """The request conflicts with what is stored."""

@@ -1,0 +1,1 @@
+"""The index: SQLAlchemy models, engine set-up and migrations."""

@@ -1,0 +1,114 @@
+"""Engine set-up for SQLite and PostgreSQL, transactions, and migrations."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Engine, create_engine, event, exc
+from sqlalchemy.orm import Session, sessionmaker
+
+from storage.errors import StorageUnavailable
+
+MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
+
+
+def create_index_engine(database_url: str, *, pool_size: int = 32) -> Engine:
+    """An engine for ``sqlite:///path`` or ``postgresql+psycopg://...``."""
+    if database_url.startswith("sqlite"):
+        path = database_url.removeprefix("sqlite:///")
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(
+            database_url, pool_size=pool_size, max_overflow=8, connect_args={"timeout": 30}
+        )
+        _configure_sqlite(engine)
+        return engine
+    if database_url.startswith("postgresql"):
+        return create_engine(
+            database_url,
+            pool_size=pool_size,
+            max_overflow=8,
+            pool_pre_ping=True,
+            pool_timeout=10,
+            connect_args={"connect_timeout": 5},
+        )
+    raise ValueError(
+        f"unsupported database_url {database_url!r} (use sqlite:/// or postgresql+psycopg://)"
+    )
+
+
+def _configure_sqlite(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Let SQLAlchemy emit BEGIN itself (pysqlite's own is deferred and unconfigurable).
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        # FULL: an instance acknowledged to a modality survives a power loss.
+        cursor.execute("PRAGMA synchronous=FULL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        # A write transaction takes the write lock up front; a deferred one that later writes
+        # would fail with SQLITE_BUSY_SNAPSHOT instead of waiting for the other writer.
+        immediate = conn.get_execution_options().get("hilum_write", False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+
+class Index:
+    """The index database: sessions for reading and for writing."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._read = sessionmaker(engine, expire_on_commit=False)
+        self._write = sessionmaker(
+            engine.execution_options(hilum_write=True), expire_on_commit=False
+        )
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[Session]:
+        with database_errors(), self._read() as session:
+            yield session
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[Session]:
+        """One transaction: committed when the block ends, rolled back if it raises."""
+        with database_errors(), self._write.begin() as session:
+            yield session
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+@contextlib.contextmanager
+def database_errors() -> Iterator[None]:
+    """Turn a lost or unusable database into :class:`StorageUnavailable`."""
+    try:
+        yield
+    except (exc.OperationalError, exc.InterfaceError) as error:
+        raise StorageUnavailable(f"index database unavailable: {error.orig or error}") from error
+    except exc.DBAPIError as error:
+        if error.connection_invalidated:
+            raise StorageUnavailable(f"index database connection lost: {error.orig}") from error
+        raise
+
+
+def upgrade_database(engine: Engine) -> None:
+    """Run the Alembic migrations up to the newest revision (idempotent)."""
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    with database_errors(), engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, "head")

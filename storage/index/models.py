@@ -1,0 +1,131 @@
+"""Partition -> Patient -> Study -> Series -> Instance.
+
+Each level keeps the attributes PS3.4 Annex C lists as required or commonly used matching and
+return keys at that level. Every row carries its partition (tenant), and every unique key and
+index starts with it, so every query is scoped by it.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    UniqueConstraint,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+DEFAULT_PARTITION = "default"
+
+JSONType = JSON().with_variant(JSONB(), "postgresql")
+# PS3.5 6.2: maximum lengths of the value representations stored here.
+UI, LO, SH, CS, PN, DA, TM, AE, IS = 64, 64, 16, 16, 324, 8, 16, 16, 12
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Partition(Base):
+    __tablename__ = "partition"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+
+
+class Patient(Base):
+    __tablename__ = "patient"
+    __table_args__ = (
+        UniqueConstraint("partition", "patient_id", "issuer_of_patient_id"),
+        Index("ix_patient_name", "partition", "patient_name_upper"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    partition: Mapped[str] = mapped_column(ForeignKey("partition.name"))
+    patient_id: Mapped[str] = mapped_column(String(LO), default="")
+    issuer_of_patient_id: Mapped[str] = mapped_column(String(LO), default="")
+    patient_name: Mapped[str] = mapped_column(String(PN), default="")
+    # Upper-cased copy for case-insensitive Person Name matching on both databases.
+    patient_name_upper: Mapped[str] = mapped_column(String(PN), default="")
+    patient_birth_date: Mapped[str] = mapped_column(String(DA), default="")
+    patient_sex: Mapped[str] = mapped_column(String(CS), default="")
+
+
+class Study(Base):
+    __tablename__ = "study"
+    __table_args__ = (
+        UniqueConstraint("partition", "study_instance_uid"),
+        Index("ix_study_date", "partition", "study_date"),
+        Index("ix_study_accession", "partition", "accession_number"),
+        Index("ix_study_patient", "patient_pk"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    partition: Mapped[str] = mapped_column(ForeignKey("partition.name"))
+    patient_pk: Mapped[int] = mapped_column(ForeignKey("patient.id"))
+    study_instance_uid: Mapped[str] = mapped_column(String(UI))
+    study_date: Mapped[str] = mapped_column(String(DA), default="")
+    study_time: Mapped[str] = mapped_column(String(TM), default="")
+    accession_number: Mapped[str] = mapped_column(String(SH), default="")
+    study_id: Mapped[str] = mapped_column(String(SH), default="")
+    study_description: Mapped[str] = mapped_column(String(LO), default="")
+    referring_physician_name: Mapped[str] = mapped_column(String(PN), default="")
+    # Backslash-separated distinct Modality values of the study's series (PS3.4 C.6.2.1.2).
+    modalities_in_study: Mapped[str] = mapped_column(String(255), default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    last_instance_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class Series(Base):
+    __tablename__ = "series"
+    __table_args__ = (
+        UniqueConstraint("partition", "series_instance_uid"),
+        Index("ix_series_study", "study_pk"),
+        Index("ix_series_modality", "partition", "modality"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    partition: Mapped[str] = mapped_column(ForeignKey("partition.name"))
+    study_pk: Mapped[int] = mapped_column(ForeignKey("study.id"))
+    series_instance_uid: Mapped[str] = mapped_column(String(UI))
+    modality: Mapped[str] = mapped_column(String(CS), default="")
+    series_number: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    series_description: Mapped[str] = mapped_column(String(LO), default="")
+    body_part_examined: Mapped[str] = mapped_column(String(CS), default="")
+    series_date: Mapped[str] = mapped_column(String(DA), default="")
+    series_time: Mapped[str] = mapped_column(String(TM), default="")
+
+
+class Instance(Base):
+    __tablename__ = "instance"
+    __table_args__ = (
+        UniqueConstraint("partition", "sop_instance_uid"),
+        Index("ix_instance_series", "series_pk"),
+        Index("ix_instance_sop_class", "partition", "sop_class_uid"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    partition: Mapped[str] = mapped_column(ForeignKey("partition.name"))
+    series_pk: Mapped[int] = mapped_column(ForeignKey("series.id"))
+    sop_instance_uid: Mapped[str] = mapped_column(String(UI))
+    sop_class_uid: Mapped[str] = mapped_column(String(UI))
+    instance_number: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    number_of_frames: Mapped[int] = mapped_column(Integer, default=1)
+    transfer_syntax_uid: Mapped[str] = mapped_column(String(UI))
+    blob_key: Mapped[str] = mapped_column(String(255))
+    size: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    calling_ae_title: Mapped[str] = mapped_column(String(AE), default="")
+    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    # DICOM JSON (PS3.18 F.2) of the header, bulk data replaced by BulkDataURIs.
+    metadata_json: Mapped[dict[str, Any]] = mapped_column(JSONType)
+    # Per frame, the (offset, length) byte ranges of its fragments in the stored file;
+    # null when frames cannot be read by range (deflated syntax, no pixel data).
+    frame_ranges: Mapped[list[list[list[int]]] | None] = mapped_column(JSONType, nullable=True)

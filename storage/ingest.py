@@ -1,0 +1,301 @@
+"""The one path by which anything is stored: DIMSE C-STORE, STOW-RS, ``hilum import`` and the
+AI worker's results all call :func:`ingest_file`.
+
+Order of work, so that a failure at any step loses nothing: parse and validate the header; write
+the blob under a key that includes the content hash (so it never overwrites a stored file); then
+write every index row in one transaction; only after that commits, delete a replaced blob. A
+blob whose index transaction failed is deleted again; if even that fails, it is an orphan that
+``hilum verify`` reports.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from pydicom.dataset import Dataset
+from sqlalchemy import exc, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from storage.archive import Archive
+from storage.dicom_file import InstanceHeader, metadata_json, read_instance_header
+from storage.errors import SOPClassMismatch, StorageUnavailable
+from storage.index.models import UI, Instance, Patient, Series, Study
+
+log = logging.getLogger(__name__)
+_MAX_ATTEMPTS = 10
+
+
+class _ConcurrentChange(Exception):
+    """The instance row changed between our read and our write."""
+
+
+class IngestOutcome(enum.Enum):
+    STORED = "stored"  # a new instance
+    DUPLICATE = "duplicate"  # identical to the stored one: nothing written
+    REPLACED = "replaced"  # same SOP Instance UID, new content, on_duplicate = "overwrite"
+    KEPT_EXISTING = "kept-existing"  # same SOP Instance UID, new content, on_duplicate = "keep"
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    outcome: IngestOutcome
+    sop_instance_uid: str
+    study_instance_uid: str
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where an object came from, recorded with it."""
+
+    calling_ae_title: str = ""
+    # What the sender announced (C-STORE command); checked against the data set.
+    announced_sop_class_uid: str | None = None
+    announced_sop_instance_uid: str | None = None
+
+
+def ingest_file(archive: Archive, path: Path, origin: Origin = Origin()) -> IngestResult:
+    """Store the DICOM Part 10 file at ``path`` (which the caller keeps and removes)."""
+    header = read_instance_header(path)
+    _check_announced(header, origin)
+    digest, size = _sha256(path)
+
+    # Another association may insert or replace the same instance between our read and our
+    # write; each retry sees the row it committed. Every round, one of the racers wins.
+    for _attempt in range(_MAX_ATTEMPTS):
+        try:
+            return _store(archive, path, header, digest, size, origin)
+        except (exc.IntegrityError, _ConcurrentChange):
+            continue
+    raise StorageUnavailable(
+        f"SOP Instance {header.sop_instance_uid} kept changing during {_MAX_ATTEMPTS} attempts"
+    )
+
+
+def _check_announced(header: InstanceHeader, origin: Origin) -> None:
+    # PS3.4 B.2.3: 0xA900 when the data set does not match the SOP Class of the request.
+    announced_class = origin.announced_sop_class_uid
+    if announced_class is not None and announced_class != header.sop_class_uid:
+        raise SOPClassMismatch(
+            f"the request announced SOP Class {announced_class}, "
+            f"the data set is {header.sop_class_uid}"
+        )
+    announced_uid = origin.announced_sop_instance_uid
+    if announced_uid is not None and announced_uid != header.sop_instance_uid:
+        raise SOPClassMismatch(
+            f"the request announced SOP Instance {announced_uid}, "
+            f"the data set is {header.sop_instance_uid}"
+        )
+
+
+def _sha256(path: Path) -> tuple[str, int]:
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+            size += len(chunk)
+    return digest.hexdigest(), size
+
+
+def _store(
+    archive: Archive,
+    path: Path,
+    header: InstanceHeader,
+    digest: str,
+    size: int,
+    origin: Origin,
+) -> IngestResult:
+    partition = archive.partition
+    with archive.index.read() as session:
+        existing = session.execute(
+            select(Instance.id, Instance.sha256, Instance.blob_key).where(
+                Instance.partition == partition,
+                Instance.sop_instance_uid == header.sop_instance_uid,
+            )
+        ).one_or_none()
+
+    def result(outcome: IngestOutcome) -> IngestResult:
+        return IngestResult(outcome, header.sop_instance_uid, header.study_instance_uid, digest)
+
+    if existing is not None and existing.sha256 == digest:
+        return result(IngestOutcome.DUPLICATE)
+    if existing is not None and archive.on_duplicate == "keep":
+        log.info("kept stored %s, discarded different re-sent content", header.sop_instance_uid)
+        return result(IngestOutcome.KEPT_EXISTING)
+
+    key = archive.blob_key(header, digest)
+    archive.blobs.put(key, path)
+    try:
+        with archive.index.write() as session:
+            series_pk = _upsert_hierarchy(session, partition, header.dataset)
+            values = _instance_values(header, key, digest, size, origin, series_pk)
+            if existing is None:
+                session.add(Instance(partition=partition, **values))
+            else:
+                rows = session.execute(
+                    update(Instance)
+                    .where(Instance.id == existing.id, Instance.sha256 == existing.sha256)
+                    .values(**values)
+                ).rowcount
+                if rows != 1:
+                    raise _ConcurrentChange(header.sop_instance_uid)
+    except BaseException:
+        _discard_unreferenced(archive, key)
+        raise
+
+    if existing is None:
+        return result(IngestOutcome.STORED)
+    if existing.blob_key != key:
+        _delete_quietly(archive, existing.blob_key)
+    return result(IngestOutcome.REPLACED)
+
+
+def _discard_unreferenced(archive: Archive, key: str) -> None:
+    """Remove a blob whose index transaction failed, unless a committed row uses it (a
+    concurrent sender of the same content won the race and stored the same key)."""
+    try:
+        with archive.index.read() as session:
+            referenced = session.execute(
+                select(Instance.id).where(Instance.blob_key == key).limit(1)
+            ).first()
+    except StorageUnavailable:
+        log.warning("index unreachable; blob %s left for `hilum verify` to report", key)
+        return
+    if referenced is None:
+        _delete_quietly(archive, key)
+
+
+def _delete_quietly(archive: Archive, key: str) -> None:
+    try:
+        archive.blobs.delete(key)
+    except StorageUnavailable:
+        log.warning("could not delete blob %s; `hilum verify` will report it as an orphan", key)
+
+
+def _text(dataset: Dataset, keyword: str, max_length: int) -> str:
+    value = dataset.get(keyword)
+    if value is None:
+        return ""
+    if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
+        value = "\\".join(str(v) for v in value)
+    return str(value).replace("\x00", "").strip()[:max_length]
+
+
+def _integer(dataset: Dataset, keyword: str) -> int | None:
+    try:
+        value = dataset.get(keyword)
+        return None if value in (None, "") else int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _insert_ignoring_conflict(session: Session, model: type, values: dict[str, Any]) -> None:
+    dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
+    session.execute(dialect.insert(model).values(**values).on_conflict_do_nothing())
+
+
+def _upsert_hierarchy(session: Session, partition: str, ds: Dataset) -> int:
+    """Patient, study and series rows for ``ds``; returns the series' primary key."""
+    now = datetime.now(UTC)
+    patient = {
+        "patient_id": _text(ds, "PatientID", 64),
+        "issuer_of_patient_id": _text(ds, "IssuerOfPatientID", 64),
+    }
+    patient_name = _text(ds, "PatientName", 324)
+    _insert_ignoring_conflict(
+        session,
+        Patient,
+        {
+            "partition": partition,
+            **patient,
+            "patient_name": patient_name,
+            "patient_name_upper": patient_name.upper(),
+            "patient_birth_date": _text(ds, "PatientBirthDate", 8),
+            "patient_sex": _text(ds, "PatientSex", 16),
+        },
+    )
+    patient_pk = session.execute(
+        select(Patient.id).filter_by(partition=partition, **patient)
+    ).scalar_one()
+
+    study_uid = str(ds.StudyInstanceUID)[:UI]
+    _insert_ignoring_conflict(
+        session,
+        Study,
+        {
+            "partition": partition,
+            "patient_pk": patient_pk,
+            "study_instance_uid": study_uid,
+            "study_date": _text(ds, "StudyDate", 8),
+            "study_time": _text(ds, "StudyTime", 16),
+            "accession_number": _text(ds, "AccessionNumber", 16),
+            "study_id": _text(ds, "StudyID", 16),
+            "study_description": _text(ds, "StudyDescription", 64),
+            "referring_physician_name": _text(ds, "ReferringPhysicianName", 324),
+            "created_at": now,
+            "last_instance_at": now,
+        },
+    )
+    # Locks the study row on PostgreSQL, so concurrent series updates of
+    # ModalitiesInStudy serialise instead of losing one another's modality.
+    study_pk, modalities = session.execute(
+        select(Study.id, Study.modalities_in_study)
+        .filter_by(partition=partition, study_instance_uid=study_uid)
+        .with_for_update()
+    ).one()
+
+    series_uid = str(ds.SeriesInstanceUID)[:UI]
+    modality = _text(ds, "Modality", 16)
+    _insert_ignoring_conflict(
+        session,
+        Series,
+        {
+            "partition": partition,
+            "study_pk": study_pk,
+            "series_instance_uid": series_uid,
+            "modality": modality,
+            "series_number": _integer(ds, "SeriesNumber"),
+            "series_description": _text(ds, "SeriesDescription", 64),
+            "body_part_examined": _text(ds, "BodyPartExamined", 16),
+            "series_date": _text(ds, "SeriesDate", 8),
+            "series_time": _text(ds, "SeriesTime", 16),
+        },
+    )
+    series_pk = session.execute(
+        select(Series.id).filter_by(partition=partition, series_instance_uid=series_uid)
+    ).scalar_one()
+
+    study_values: dict[str, Any] = {"last_instance_at": now}
+    known = [m for m in modalities.split("\\") if m]
+    if modality and modality not in known:
+        study_values["modalities_in_study"] = "\\".join(sorted([*known, modality]))[:255]
+    session.execute(update(Study).where(Study.id == study_pk).values(**study_values))
+    return series_pk
+
+
+def _instance_values(
+    header: InstanceHeader, key: str, digest: str, size: int, origin: Origin, series_pk: int
+) -> dict[str, Any]:
+    return {
+        "series_pk": series_pk,
+        "sop_instance_uid": header.sop_instance_uid,
+        "sop_class_uid": header.sop_class_uid,
+        "instance_number": _integer(header.dataset, "InstanceNumber"),
+        "number_of_frames": header.number_of_frames,
+        "transfer_syntax_uid": header.transfer_syntax_uid,
+        "blob_key": key,
+        "size": size,
+        "sha256": digest,
+        "calling_ae_title": origin.calling_ae_title[:16],
+        "received_at": datetime.now(UTC),
+        "metadata_json": metadata_json(header.dataset, header.has_pixel_data),
+        "frame_ranges": header.frame_ranges,
+    }
