@@ -1,0 +1,70 @@
+"""Small factories for test data: synthetic instances written as DICOM Part 10 files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+DCMTK_STORESCU = "/usr/bin/storescu"  # not pynetdicom's script of the same name in the venv
+
+
+def ct_instance(
+    study_uid: str | None = None,
+    series_uid: str | None = None,
+    sop_uid: str | None = None,
+    *,
+    size: int = 32,
+    seed: int = 0,
+    patient_id: str = "PAT-1",
+    modality: str = "CT",
+) -> Dataset:
+    """A small, valid CT Image Storage instance with random pixels."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = sop_uid or generate_uid()
+    ds.StudyInstanceUID = study_uid or generate_uid()
+    ds.SeriesInstanceUID = series_uid or generate_uid()
+    ds.PatientName = "DOE^JANE"
+    ds.PatientID = patient_id
+    ds.PatientBirthDate = "19700101"
+    ds.PatientSex = "F"
+    ds.StudyDate = "20260115"
+    ds.StudyTime = "101500"
+    ds.AccessionNumber = "ACC1"
+    ds.StudyID = "1"
+    ds.Modality = modality
+    ds.SeriesNumber = 1
+    ds.InstanceNumber = seed + 1
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+    ds.Rows = ds.Columns = size
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = 16
+    ds.BitsStored = 12
+    ds.HighBit = 11
+    ds.PixelRepresentation = 0
+    ds.RescaleIntercept = -1024
+    ds.RescaleSlope = 1
+    pixels = np.random.default_rng(seed).integers(0, 4096, (size, size), dtype=np.uint16)
+    ds.PixelData = pixels.tobytes()
+    return ds
+
+
+def write_part10(ds: Dataset, path: Path) -> Path:
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def dataset_bytes(path: Path) -> bytes:
+    """The bytes of the data set after the preamble and file meta information."""
+    from pydicom.filereader import _read_file_meta_info, read_preamble
+
+    with open(path, "rb") as f:
+        read_preamble(f, False)
+        _read_file_meta_info(f)
+        return f.read()

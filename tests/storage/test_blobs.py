@@ -1,0 +1,65 @@
+"""The blob store interface, on the filesystem and on a real S3 server."""
+
+from pathlib import Path
+
+import pytest
+
+from storage.archive import Archive
+from storage.blobs import FileBlobStore, instance_blob_key, is_blob_key
+from storage.errors import NotFound
+
+KEY = instance_blob_key("default", "1.2.3", "1.2.3.4", "1.2.3.4.5", "ab" * 32)
+
+
+def test_key_is_derived_from_hashes_only() -> None:
+    hostile = instance_blob_key("default", "../../etc", "/abs/path", "..\\x", "00" * 32)
+    assert is_blob_key(hostile)
+    assert ".." not in hostile and "etc" not in hostile and "\\" not in hostile
+    # Same study and series: same folders; another instance: another file.
+    other = instance_blob_key("default", "1.2.3", "1.2.3.4", "1.2.3.4.6", "ab" * 32)
+    assert other.rsplit("/", 1)[0] == KEY.rsplit("/", 1)[0] and other != KEY
+    # Another partition: another study folder.
+    assert instance_blob_key("other", "1.2.3", "1.2.3.4", "1.2.3.4.5", "ab" * 32) != KEY
+
+
+def test_put_get_range_exists_delete(archive: Archive, tmp_path: Path) -> None:
+    payload = bytes(range(256)) * 1000
+    source = tmp_path / "source.bin"
+    source.write_bytes(payload)
+    blobs = archive.blobs
+
+    assert not blobs.exists(KEY)
+    blobs.put(KEY, source)
+    assert blobs.exists(KEY)
+    with blobs.open(KEY) as stream:
+        assert stream.read() == payload
+    assert blobs.get_range(KEY, 1000, 300) == payload[1000:1300]
+    assert list(blobs.list_keys()) == [KEY]
+
+    blobs.delete(KEY)
+    assert not blobs.exists(KEY)
+    blobs.delete(KEY)  # deleting a missing blob is not an error
+    with pytest.raises(NotFound):
+        blobs.open(KEY)
+    assert list(blobs.list_keys()) == []
+
+
+def test_filesystem_put_replaces_atomically_and_leaves_no_temporary_file(tmp_path: Path) -> None:
+    store = FileBlobStore(tmp_path / "blobs")
+    first, second = tmp_path / "a", tmp_path / "b"
+    first.write_bytes(b"first")
+    second.write_bytes(b"second version")
+    store.put(KEY, first)
+    store.put(KEY, second)
+    assert store.get_range(KEY, 0, 100) == b"second version"
+    assert list(store.list_keys()) == [KEY]
+
+
+def test_filesystem_refuses_keys_that_are_not_blob_keys(tmp_path: Path) -> None:
+    store = FileBlobStore(tmp_path / "blobs")
+    source = tmp_path / "a"
+    source.write_bytes(b"x")
+    for key in ("../outside.dcm", "/etc/passwd", KEY + "/../../x"):
+        with pytest.raises(ValueError):
+            store.put(key, source)
+    assert not (tmp_path / "outside.dcm").exists()

@@ -1,0 +1,206 @@
+"""The one ingest path: validation, duplicates, the overwrite/keep policy, concurrency."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from pathlib import Path
+
+import pytest
+from pydicom.uid import generate_uid
+from sqlalchemy import func, select
+
+from config import Settings
+from storage.archive import Archive, open_archive
+from storage.errors import InvalidInstance, SOPClassMismatch
+from storage.index.models import Instance, Patient, Series, Study
+from storage.ingest import IngestOutcome, Origin, ingest_file
+from tests.factories import ct_instance, dataset_bytes, write_part10
+
+
+def _count(archive: Archive, model: type) -> int:
+    with archive.index.read() as session:
+        return session.execute(select(func.count()).select_from(model)).scalar_one()
+
+
+def _instance(archive: Archive, sop_uid: str) -> Instance:
+    with archive.index.read() as session:
+        return session.execute(
+            select(Instance).where(Instance.sop_instance_uid == sop_uid)
+        ).scalar_one()
+
+
+def test_stores_blob_and_index_rows(archive: Archive, tmp_path: Path) -> None:
+    ds = ct_instance()
+    path = write_part10(ds, tmp_path / "a.dcm")
+
+    result = ingest_file(archive, path, Origin(calling_ae_title="CT01"))
+
+    assert result.outcome is IngestOutcome.STORED
+    row = _instance(archive, ds.SOPInstanceUID)
+    content = path.read_bytes()
+    assert row.sha256 == hashlib.sha256(content).hexdigest() == result.sha256
+    assert row.size == len(content)
+    assert row.calling_ae_title == "CT01"
+    assert row.transfer_syntax_uid == "1.2.840.10008.1.2.1"
+    with archive.blobs.open(row.blob_key) as stream:
+        assert stream.read() == content
+    # The header's DICOM JSON, pixel data as a BulkDataURI, never inline.
+    assert row.metadata_json["00100010"] == {"vr": "PN", "Value": [{"Alphabetic": "DOE^JANE"}]}
+    assert row.metadata_json["7FE00010"]["BulkDataURI"] == "bulkdata/7FE00010"
+    # The recorded frame range holds exactly the pixel data.
+    [[(offset, length)]] = row.frame_ranges
+    assert archive.blobs.get_range(row.blob_key, offset, length) == ds.PixelData
+    with archive.index.read() as session:
+        study = session.execute(select(Study)).scalar_one()
+        assert (study.study_date, study.accession_number, study.modalities_in_study) == (
+            "20260115", "ACC1", "CT",
+        )  # fmt: skip
+        patient = session.execute(select(Patient)).scalar_one()
+        assert (patient.patient_id, patient.patient_name_upper) == ("PAT-1", "DOE^JANE")
+        assert session.execute(select(Series.modality)).scalar_one() == "CT"
+
+
+def test_identical_resend_stores_nothing_new(archive: Archive, tmp_path: Path) -> None:
+    path = write_part10(ct_instance(), tmp_path / "a.dcm")
+    first = ingest_file(archive, path)
+    keys_before = sorted(archive.blobs.list_keys())
+
+    second = ingest_file(archive, path)
+
+    assert (first.outcome, second.outcome) == (IngestOutcome.STORED, IngestOutcome.DUPLICATE)
+    assert sorted(archive.blobs.list_keys()) == keys_before
+    assert _count(archive, Instance) == 1
+
+
+@pytest.mark.parametrize("policy", ["overwrite", "keep"])
+def test_different_content_resend_follows_policy(
+    settings: Settings, tmp_path: Path, policy: str
+) -> None:
+    settings.storage.on_duplicate = policy  # type: ignore[assignment]
+    archive = open_archive(settings, migrate=True)
+    try:
+        sop = generate_uid()
+        old = write_part10(ct_instance(sop_uid=sop, seed=1), tmp_path / "old.dcm")
+        new = write_part10(ct_instance(sop_uid=sop, seed=2), tmp_path / "new.dcm")
+        ingest_file(archive, old)
+        old_key = _instance(archive, sop).blob_key
+
+        result = ingest_file(archive, new)
+
+        row = _instance(archive, sop)
+        kept = old if policy == "keep" else new
+        assert result.outcome is (
+            IngestOutcome.KEPT_EXISTING if policy == "keep" else IngestOutcome.REPLACED
+        )
+        assert row.sha256 == hashlib.sha256(kept.read_bytes()).hexdigest()
+        with archive.blobs.open(row.blob_key) as stream:
+            assert stream.read() == kept.read_bytes()
+        # The replaced blob is gone; exactly one blob remains.
+        assert list(archive.blobs.list_keys()) == [row.blob_key]
+        assert (row.blob_key == old_key) is (policy == "keep")
+        assert _count(archive, Instance) == 1
+    finally:
+        archive.close()
+
+
+def _write_invalid(tmp_path: Path, **changes: object) -> Path:
+    ds = ct_instance()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    for keyword, value in changes.items():
+        if value is None:
+            delattr(ds, keyword)
+        else:
+            setattr(ds, keyword, value)
+    return write_part10(ds, tmp_path / "bad.dcm")
+
+
+@pytest.mark.parametrize(
+    ("changes", "reason"),
+    [
+        ({"SOPInstanceUID": None}, "lacks SOPInstanceUID"),
+        ({"StudyInstanceUID": None}, "lacks StudyInstanceUID"),
+        ({"SOPInstanceUID": "../../etc/passwd"}, "is not a valid UID"),
+        ({"SeriesInstanceUID": "1.2/3.4"}, "is not a valid UID"),
+        ({"StudyInstanceUID": "1.02.3"}, "is not a valid UID"),  # PS3.5 9.1: no leading zero
+        ({"SOPInstanceUID": "1." + "2" * 70}, "is not a valid UID"),  # longer than 64
+        ({"SOPClassUID": "1.2.840.10008.1.1"}, "is not a storage SOP class"),  # Verification
+    ],
+)
+def test_invalid_instances_are_refused_and_nothing_is_written(
+    archive: Archive, tmp_path: Path, changes: dict, reason: str
+) -> None:
+    path = _write_invalid(tmp_path, **changes)
+    with pytest.raises(InvalidInstance, match=reason):
+        ingest_file(archive, path)
+    assert _count(archive, Instance) == 0
+    assert list(archive.blobs.list_keys()) == []
+
+
+def test_truncated_pixel_data_is_refused(archive: Archive, tmp_path: Path) -> None:
+    path = write_part10(ct_instance(size=64), tmp_path / "full.dcm")
+    truncated = tmp_path / "truncated.dcm"
+    truncated.write_bytes(path.read_bytes()[:-1000])
+    with pytest.raises(InvalidInstance, match="truncated"):
+        ingest_file(archive, truncated)
+    assert _count(archive, Instance) == 0
+
+
+def test_garbage_file_is_refused(archive: Archive, tmp_path: Path) -> None:
+    path = tmp_path / "garbage.dcm"
+    path.write_bytes(b"\x00" * 128 + b"DICM" + bytes(range(256)) * 10)
+    with pytest.raises(InvalidInstance):
+        ingest_file(archive, path)
+
+
+def test_announced_sop_class_must_match_the_data_set(archive: Archive, tmp_path: Path) -> None:
+    path = write_part10(ct_instance(), tmp_path / "a.dcm")
+    mr_image_storage = "1.2.840.10008.5.1.4.1.1.4"
+    with pytest.raises(SOPClassMismatch):
+        ingest_file(archive, path, Origin(announced_sop_class_uid=mr_image_storage))
+    assert _count(archive, Instance) == 0
+
+
+def test_concurrent_ingest_of_one_study_loses_nothing(archive: Archive, tmp_path: Path) -> None:
+    """Eight threads store one study's instances at once, each re-sending one instance that
+    another thread also sends: hierarchy rows are created once, no instance is lost."""
+    study, series = generate_uid(), generate_uid()
+    shared = write_part10(ct_instance(study, series, seed=999), tmp_path / "shared.dcm")
+    files = [
+        [write_part10(ct_instance(study, series, seed=t * 100 + i), tmp_path / f"{t}-{i}.dcm")
+         for i in range(10)] + [shared]
+        for t in range(8)
+    ]  # fmt: skip
+    errors: list[BaseException] = []
+
+    def send(paths: list[Path]) -> None:
+        try:
+            for path in paths:
+                ingest_file(archive, path)
+        except BaseException as error:  # noqa: BLE001 (reported below)
+            errors.append(error)
+
+    threads = [threading.Thread(target=send, args=(paths,)) for paths in files]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert errors == []
+    assert _count(archive, Instance) == 81
+    assert (_count(archive, Study), _count(archive, Series), _count(archive, Patient)) == (1, 1, 1)
+    assert len(list(archive.blobs.list_keys())) == 81
+    with archive.index.read() as session:
+        rows = session.execute(select(Instance.sop_instance_uid, Instance.blob_key)).all()
+    sent = {p.name: p for paths in files for p in paths}
+    by_uid = {}
+    for path in sent.values():
+        from pydicom import dcmread
+
+        by_uid[dcmread(path, stop_before_pixels=True).SOPInstanceUID] = path
+    for uid, key in rows:
+        with archive.blobs.open(key) as stream:
+            stored = stream.read()
+        assert stored == by_uid[uid].read_bytes()
+    assert dataset_bytes(shared)  # the shared file is a readable Part 10 file
