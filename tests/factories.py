@@ -68,3 +68,32 @@ def dataset_bytes(path: Path) -> bytes:
         read_preamble(f, False)
         _read_file_meta_info(f)
         return f.read()
+
+
+def data_set_differences(sent: Dataset, received: Dataset) -> list[str]:
+    """Tags whose values differ, comparing as DICOM does rather than byte for byte.
+
+    These are not differences: Group Length elements (gggg,0000), which PS3.5 7.2 makes
+    optional and DCMTK recomputes; Data Set Trailing Padding (FFFC,FFFC), which PS3.10 7.2
+    says has no meaning and DCMTK drops; OB versus OW on encapsulated Pixel Data (PS3.5 A.4
+    requires OB; DCMTK corrects files that say OW).
+    """
+
+    def compared(ds: Dataset) -> set:
+        return {e.tag for e in ds if e.tag.element != 0 and e.tag != 0xFFFCFFFC}
+
+    differences = []
+    tags = compared(sent) | compared(received)
+    for tag in sorted(tags):
+        if tag not in sent or tag not in received:
+            differences.append(f"{tag} present in only one")
+            continue
+        a, b = sent[tag], received[tag]
+        if a.VR == "SQ":
+            if len(a.value) != len(b.value):
+                differences.append(f"{tag} item count")
+            for item_a, item_b in zip(a.value, b.value, strict=False):
+                differences += [f"{tag}>{d}" for d in data_set_differences(item_a, item_b)]
+        elif a.value != b.value or (a.VR != b.VR and tag != 0x7FE00010):
+            differences.append(str(tag))
+    return differences
