@@ -1,0 +1,34 @@
+# The two set-up commands of the README: `make run` and `make test`. Both work on a fresh machine.
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+
+.PHONY: run test lint system-deps services
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $@
+
+# Runs Hilum on its embedded default: SQLite + files under ./hilum-data, no other service.
+run: $(VENV)/.installed
+	$(VENV)/bin/hilum serve
+
+# DCMTK (storescu, echoscu) is the real DICOM peer of the tests.
+system-deps:
+	@command -v /usr/bin/storescu >/dev/null 2>&1 || { \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dcmtk; }
+
+# The test suite talks to a real PostgreSQL on 127.0.0.1:5432 (trust auth, database `test`).
+services:
+	@pg_isready -q -h 127.0.0.1 -p 5432 || { \
+		pg_ctlcluster --skip-systemctl-redirect $$(ls /etc/postgresql) main start && \
+		sleep 2 && pg_isready -h 127.0.0.1 -p 5432; }
+
+test: $(VENV)/.installed system-deps services
+	$(PY) -m pytest
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
