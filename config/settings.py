@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -32,7 +32,12 @@ def _check_ae_title(value: str) -> str:
     return value.strip()
 
 
-class ServerSettings(BaseModel):
+class _Section(BaseModel):
+    # A misspelt key is an error, not a silently ignored line.
+    model_config = ConfigDict(extra="forbid")
+
+
+class ServerSettings(_Section):
     host: str = "127.0.0.1"
     data_dir: Path = Path("./hilum-data")
 
@@ -46,7 +51,7 @@ class ServerSettings(BaseModel):
             return False
 
 
-class DimseSettings(BaseModel):
+class DimseSettings(_Section):
     ae_title: str = "HILUM"
     port: int = Field(11112, ge=1, le=65535)
     max_associations: int = Field(32, ge=1)
@@ -70,11 +75,11 @@ class DimseSettings(BaseModel):
         return [_check_ae_title(v) for v in values]
 
 
-class HttpSettings(BaseModel):
+class HttpSettings(_Section):
     port: int = Field(8042, ge=1, le=65535)
 
 
-class StorageSettings(BaseModel):
+class StorageSettings(_Section):
     # Empty: SQLite at <data_dir>/index.sqlite; or postgresql+psycopg://user@host/db
     database_url: str = ""
     # Empty: files under <data_dir>/blobs; or s3://BUCKET?endpoint=http://host:9000
@@ -116,6 +121,13 @@ class Settings(BaseSettings):
         if self.storage.database_url:
             return self.storage.database_url
         return f"sqlite:///{(self.server.data_dir / 'index.sqlite').resolve()}"
+
+    @property
+    def database_url_for_display(self) -> str:
+        """The database URL with any password masked, for logs and messages."""
+        from sqlalchemy.engine import make_url
+
+        return make_url(self.database_url).render_as_string(hide_password=True)
 
     @property
     def blob_url(self) -> str:

@@ -46,7 +46,7 @@ def _run_dimse(settings: Settings, *, migrate: bool) -> int:
         signal.signal(sig, lambda *_: stopped.set())
     print(
         f"Hilum is listening: DICOM {settings.dimse.ae_title}@{settings.server.host}:"
-        f"{server.port}; index {settings.database_url}; blobs {settings.blob_url}",
+        f"{server.port}; index {settings.database_url_for_display}; blobs {settings.blob_url}",
         flush=True,
     )
     stopped.wait()
@@ -70,7 +70,7 @@ def cmd_db_upgrade(settings: Settings, args: argparse.Namespace) -> int:
     engine = create_index_engine(settings.database_url, pool_size=1)
     upgrade_database(engine)
     engine.dispose()
-    print(f"index database {settings.database_url} is at the newest schema")
+    print(f"index database {settings.database_url_for_display} is at the newest schema")
     return 0
 
 
@@ -79,7 +79,7 @@ def cmd_import(settings: Settings, args: argparse.Namespace) -> int:
 
     archive = open_archive(settings, migrate=True)
     try:
-        summary = import_files(archive, args.paths, workers=args.workers)
+        summary = import_files(archive, args.paths, workers=max(1, args.workers))
     finally:
         archive.close()
     for line in summary.lines():

@@ -7,7 +7,12 @@ from typing import TYPE_CHECKING, Literal
 
 from config import Settings
 from storage.blobs import BlobStore, instance_blob_key, open_blob_store
-from storage.index.database import Index, create_index_engine, upgrade_database
+from storage.index.database import (
+    Index,
+    create_index_engine,
+    require_current_schema,
+    upgrade_database,
+)
 from storage.index.models import DEFAULT_PARTITION
 
 if TYPE_CHECKING:
@@ -44,6 +49,8 @@ def open_archive(settings: Settings, *, migrate: bool = False) -> Archive:
     engine = create_index_engine(settings.database_url, pool_size=pool)
     if migrate:
         upgrade_database(engine)
+    else:
+        require_current_schema(engine)
     blobs = open_blob_store(
         settings.blob_url,
         access_key=settings.storage.s3_access_key,

@@ -104,8 +104,6 @@ def read_instance_header(path: Path) -> InstanceHeader:
             if not is_valid_uid(str(value)):
                 raise InvalidInstance(f"{keyword} {str(value)[:80]!r} is not a valid UID")
         sop_class = str(uids["SOPClassUID"])
-        if not is_storage_sop_class(sop_class):
-            raise InvalidInstance(f"SOP Class {sop_class} is not a storage SOP class")
 
         frames = _number_of_frames(dataset)
         has_pixel_data = (
@@ -254,7 +252,9 @@ def metadata_json(dataset: Dataset, has_pixel_data: bool) -> dict[str, Any]:
         suppress_invalid_tags=True,
     )
     if has_pixel_data:
-        vr = "OB" if dataset.file_meta.TransferSyntaxUID != "1.2.840.10008.1.2" else "OW"
+        # PS3.5 A.4: encapsulated Pixel Data is OB; native is OW above 8 bits allocated.
+        encapsulated = UID(dataset.file_meta.TransferSyntaxUID).is_encapsulated
+        vr = "OW" if not encapsulated and int(dataset.get("BitsAllocated", 8)) > 8 else "OB"
         encoded[f"{PIXEL_DATA:08X}"] = {"vr": vr, "BulkDataURI": f"bulkdata/{PIXEL_DATA:08X}"}
     return _without_nul(encoded)
 

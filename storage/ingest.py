@@ -24,8 +24,13 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from storage.archive import Archive
-from storage.dicom_file import InstanceHeader, metadata_json, read_instance_header
-from storage.errors import SOPClassMismatch, StorageUnavailable
+from storage.dicom_file import (
+    InstanceHeader,
+    is_storage_sop_class,
+    metadata_json,
+    read_instance_header,
+)
+from storage.errors import InvalidInstance, SOPClassMismatch, StorageUnavailable
 from storage.index.models import UI, Instance, Patient, Series, Study
 
 log = logging.getLogger(__name__)
@@ -65,6 +70,8 @@ def ingest_file(archive: Archive, path: Path, origin: Origin = Origin()) -> Inge
     """Store the DICOM Part 10 file at ``path`` (which the caller keeps and removes)."""
     header = read_instance_header(path)
     _check_announced(header, origin)
+    if not is_storage_sop_class(header.sop_class_uid):
+        raise InvalidInstance(f"SOP Class {header.sop_class_uid} is not a storage SOP class")
     digest, size = _sha256(path)
 
     # Another association may insert or replace the same instance between our read and our

@@ -24,6 +24,10 @@ log = logging.getLogger(__name__)
 # Objects are stored as received, so every transfer syntax pydicom knows is accepted as-is:
 # uncompressed, deflated, JPEG, JPEG-LS, JPEG 2000, HTJ2K, RLE, MPEG/HEVC video.
 TRANSFER_SYNTAXES = [str(uid) for uid in AllTransferSyntaxes]
+# A temporary data set untouched this long belongs to an aborted association. Generous: an
+# ingest of a multi-gigabyte slide to a slow object store must never lose its file, and other
+# processes may share the data directory.
+STALE_TEMPORARY_FILE_AGE_S = 3600.0
 
 
 def build_ae(settings: Settings) -> AE:
@@ -71,7 +75,7 @@ class DimseServer:
         # temporary file instead of memory, and that file must lie inside Hilum's data dir.
         _config.STORE_RECV_CHUNKED_DATASET = True
         tempfile.tempdir = str(self.tmp_dir)
-        self.remove_stale_temporary_files(max_age_s=0)
+        self.remove_stale_temporary_files(STALE_TEMPORARY_FILE_AGE_S)
         handlers = [
             (evt.EVT_C_ECHO, handle_c_echo),
             (evt.EVT_C_STORE, handle_c_store, [self.archive]),
@@ -99,7 +103,7 @@ class DimseServer:
         """Remove data sets left by associations aborted mid-transfer.
 
         A transfer in progress writes its file at least every ``network_timeout_s`` (or the
-        association is aborted), so a file untouched for longer than that is abandoned.
+        association is aborted), and an ingest reads it for far less than an hour.
         """
         removed = 0
         cutoff = time.time() - max_age_s
@@ -113,8 +117,7 @@ class DimseServer:
         return removed
 
     def _janitor(self) -> None:
-        max_age = self.settings.dimse.network_timeout_s + 5
-        while not self._stop.wait(max(1.0, max_age / 2)):
-            removed = self.remove_stale_temporary_files(max_age)
+        while not self._stop.wait(STALE_TEMPORARY_FILE_AGE_S / 6):
+            removed = self.remove_stale_temporary_files(STALE_TEMPORARY_FILE_AGE_S)
             if removed:
                 log.info("removed %d data set(s) left by aborted associations", removed)

@@ -29,16 +29,16 @@ def handle_c_store(event: Event, archive: Archive) -> int | Dataset:
     except StorageError as error:
         status = status_for(error)
         log.warning(
-            "C-STORE %s from %s refused with 0x%04X: %s",
+            "[%s] C-STORE %s from %s refused with 0x%04X: %s",
+            assoc.name,
             origin.announced_sop_instance_uid,
             origin.calling_ae_title,
             status,
             error,
-            extra={"association": assoc.name},
         )
         return status_dataset(status, str(error))
     except Exception as error:
-        log.exception("C-STORE %s failed unexpectedly", origin.announced_sop_instance_uid)
+        log.exception("[%s] C-STORE %s failed", assoc.name, origin.announced_sop_instance_uid)
         return status_dataset(status_for(error), f"internal error: {type(error).__name__}")
     log.debug(
         "C-STORE %s: %s",

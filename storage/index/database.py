@@ -9,6 +9,8 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, create_engine, event, exc
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -105,10 +107,27 @@ def database_errors() -> Iterator[None]:
         raise
 
 
-def upgrade_database(engine: Engine) -> None:
-    """Run the Alembic migrations up to the newest revision (idempotent)."""
+def _alembic_config() -> Config:
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
+    return config
+
+
+def require_current_schema(engine: Engine) -> None:
+    """Refuse to serve an index that ``hilum db upgrade`` has not brought up to date."""
+    head = ScriptDirectory.from_config(_alembic_config()).get_current_head()
+    with database_errors(), engine.connect() as connection:
+        current = MigrationContext.configure(connection).get_current_revision()
+    if current != head:
+        raise StorageUnavailable(
+            f"the index database is at schema {current or 'none'}, Hilum needs {head}: "
+            "run `hilum db upgrade` first"
+        )
+
+
+def upgrade_database(engine: Engine) -> None:
+    """Run the Alembic migrations up to the newest revision (idempotent)."""
+    config = _alembic_config()
     with database_errors(), engine.begin() as connection:
         config.attributes["connection"] = connection
         command.upgrade(config, "head")

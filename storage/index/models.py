@@ -109,6 +109,7 @@ class Instance(Base):
         UniqueConstraint("partition", "sop_instance_uid"),
         Index("ix_instance_series", "series_pk"),
         Index("ix_instance_sop_class", "partition", "sop_class_uid"),
+        Index("ix_instance_blob_key", "blob_key"),
     )
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)

@@ -144,11 +144,13 @@ def upgrade() -> None:
     with op.batch_alter_table("instance", schema=None) as batch_op:
         batch_op.create_index("ix_instance_series", ["series_pk"], unique=False)
         batch_op.create_index("ix_instance_sop_class", ["partition", "sop_class_uid"], unique=False)
+        batch_op.create_index("ix_instance_blob_key", ["blob_key"], unique=False)
 
 
 def downgrade() -> None:
     with op.batch_alter_table("instance", schema=None) as batch_op:
         batch_op.drop_index("ix_instance_sop_class")
+        batch_op.drop_index("ix_instance_blob_key")
         batch_op.drop_index("ix_instance_series")
 
     op.drop_table("instance")

@@ -70,7 +70,11 @@ def test_storescu_sends_every_pydicom_storage_file(
             unreadable_to_dcmtk.append(path.name)  # DCMTK cannot parse it; pynetdicom can
         send_file_raw(dimse_server, path, str(ds.SOPClassUID), syntax)
     # DCMTK refuses to parse these (odd-length OW in the RLE files; truncation in the others).
-    dcmtk_refuses = KNOWN_TRUNCATED | {"rtdose_rle.dcm", "rtdose_rle_1frame.dcm", "rtplan_truncated.dcm"}
+    dcmtk_refuses = KNOWN_TRUNCATED | {
+        "rtdose_rle.dcm",
+        "rtdose_rle_1frame.dcm",
+        "rtplan_truncated.dcm",
+    }
     assert set(unreadable_to_dcmtk) <= dcmtk_refuses, unreadable_to_dcmtk
 
     expected, refused = {}, []
@@ -106,8 +110,11 @@ def test_stored_data_set_bytes_equal_the_bytes_sent(
     dimse_server: DimseServer, archive: Archive, tmp_path: Path
 ) -> None:
     """pynetdicom sends the file's data set bytes untouched; Hilum stores them untouched."""
-    names = ["CT_small.dcm", "MR_small_bigendian.dcm", "JPEG2000.dcm", "SC_rgb_rle_2frame.dcm",
-             "image_dfl.dcm", "SC_rgb_rle_32bit_2frame.dcm", "examples_ybr_color.dcm", "MR_small_jpeg_ls_lossless.dcm"]  # fmt: skip
+    names = [
+        "CT_small.dcm", "MR_small_bigendian.dcm", "JPEG2000.dcm", "SC_rgb_rle_2frame.dcm",
+        "image_dfl.dcm", "SC_rgb_rle_32bit_2frame.dcm", "examples_ybr_color.dcm",
+        "MR_small_jpeg_ls_lossless.dcm",
+    ]  # fmt: skip
     for name in names:
         path = PYDICOM_TEST_FILES / name
         ds = pydicom.dcmread(path, stop_before_pixels=True)
