@@ -1,0 +1,68 @@
+"""Settings precedence: defaults <- TOML file <- HILUM_* environment."""
+
+from pathlib import Path
+
+import pytest
+
+from config import load_settings
+from config.settings import ConfigError
+
+
+def test_defaults_are_the_embedded_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("HILUM_CONFIG", raising=False)
+    settings = load_settings()
+    assert (settings.server.host, settings.dimse.ae_title, settings.dimse.port) == (
+        "127.0.0.1", "HILUM", 11112,
+    )  # fmt: skip
+    assert settings.database_url.startswith("sqlite:///") and settings.blob_url.startswith("file:")
+    assert settings.storage.on_duplicate == "overwrite"
+
+
+def test_toml_then_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tmp_path / "hilum.toml"
+    config.write_text(
+        '[dimse]\nport = 4000\nae_title = "FROMFILE"\n[storage]\non_duplicate = "keep"\n'
+    )
+    monkeypatch.setenv("HILUM_DIMSE__PORT", "4242")
+    monkeypatch.setenv("HILUM_STORAGE__S3_SECRET_KEY", "secret")
+    settings = load_settings(config)
+    assert settings.dimse.port == 4242  # environment wins over the file
+    assert settings.dimse.ae_title == "FROMFILE"  # the file wins over the default
+    assert settings.storage.on_duplicate == "keep"
+    assert settings.storage.s3_secret_key == "secret"
+
+
+def test_hilum_config_variable_names_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = tmp_path / "hilum.toml"
+    config.write_text("[http]\nport = 9000\n")
+    monkeypatch.setenv("HILUM_CONFIG", str(config))
+    assert load_settings().http.port == 9000
+
+
+@pytest.mark.parametrize(
+    "toml",
+    [
+        "[dimse]\nprot = 1\n",  # misspelt key
+        "[dimse]\nae_title = 'WAY-TOO-LONG-AE-TITLE'\n",  # PS3.5: 16 characters at most
+        "[dimse]\nae_title = 'BAD\\\\AE'\n",  # backslash
+        "[storage]\non_duplicate = 'merge'\n",
+        "[nonsense]\nx = 1\n",
+    ],
+)
+def test_invalid_configuration_is_an_error(tmp_path: Path, toml: str) -> None:
+    config = tmp_path / "hilum.toml"
+    config.write_text(toml)
+    with pytest.raises(ConfigError):
+        load_settings(config)
+
+
+def test_missing_configuration_file_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_settings(tmp_path / "nope.toml")
+
+
+def test_database_password_is_masked_for_display() -> None:
+    settings = load_settings(None, storage={"database_url": "postgresql+psycopg://u:pw@h/db"})
+    assert "pw" not in settings.database_url_for_display

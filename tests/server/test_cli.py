@@ -1,0 +1,129 @@
+"""The ``hilum`` command as an administrator runs it: a real process, real peers."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from pydicom.uid import generate_uid
+
+from config import Settings
+from tests.factories import DCMTK_STORESCU, ct_instance, write_part10
+
+HILUM = [sys.executable, "-m", "server.cli"]
+
+
+def _env(settings: Settings) -> dict[str, str]:
+    s = settings.storage
+    return {
+        **os.environ,
+        "HILUM_SERVER__DATA_DIR": str(settings.server.data_dir),
+        "HILUM_DIMSE__PORT": str(settings.dimse.port),
+        "HILUM_STORAGE__DATABASE_URL": s.database_url,
+        "HILUM_STORAGE__BLOB_URL": s.blob_url,
+        "HILUM_STORAGE__S3_ACCESS_KEY": s.s3_access_key,
+        "HILUM_STORAGE__S3_SECRET_KEY": s.s3_secret_key,
+    }
+
+
+def _hilum(settings: Settings, *args: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*HILUM, *args], env=_env(settings), capture_output=True, text=True, timeout=300, **kwargs
+    )
+
+
+def _series(folder: Path, count: int) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    study, series = generate_uid(), generate_uid()
+    return [
+        write_part10(ct_instance(study, series, seed=i), folder / f"{i}.dcm") for i in range(count)
+    ]
+
+
+def test_serve_receives_a_study_and_stops_cleanly(settings: Settings, tmp_path: Path) -> None:
+    files = _series(tmp_path / "study", 5)
+    server = subprocess.Popen(
+        [*HILUM, "serve"], env=_env(settings), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        assert server.stdout is not None
+        banner = server.stdout.readline()
+        assert "Hilum is listening" in banner, server.stderr.read() if server.stderr else ""
+        assert ":pw@" not in banner
+        port = str(settings.dimse.port)
+        sent = subprocess.run(
+            [DCMTK_STORESCU, "-aec", "HILUM", "127.0.0.1", port, *map(str, files)],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert sent.returncode == 0, sent.stderr
+    finally:
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(30) == 0
+
+    verified = _hilum(settings, "verify")
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert "5 instances checked: 0 missing blobs, 0 checksum mismatches, 0 orphan blobs" in (
+        verified.stdout
+    )
+
+
+def test_import_summarises_and_fails_on_bad_files(settings: Settings, tmp_path: Path) -> None:
+    folder = tmp_path / "archive"
+    files = _series(folder / "nested" / "deeper", 6)
+    (folder / "copy.dcm").write_bytes(files[0].read_bytes())  # an identical duplicate
+    (folder / "notes.txt").write_text("not DICOM")
+
+    result = _hilum(settings, "import", str(folder))
+
+    assert result.returncode == 1
+    assert "6 stored, 1 duplicate, 1 failed" in result.stdout
+    assert "notes.txt: not a DICOM Part 10 file" in result.stdout
+    assert "file/s" in result.stderr  # the progress bar
+
+    again = _hilum(settings, "import", str(folder / "nested"))
+    assert again.returncode == 0 and "0 stored, 6 duplicate, 0 failed" in again.stdout
+
+
+@pytest.mark.parametrize("backend", ["sqlite-files"])
+def test_verify_reports_missing_orphan_and_corrupt_blobs(
+    backend: str, settings: Settings, tmp_path: Path
+) -> None:
+    _series(tmp_path / "archive", 3)
+    assert _hilum(settings, "import", str(tmp_path / "archive")).returncode == 0
+    blobs = sorted((settings.server.data_dir / "blobs").rglob("*.dcm"))
+    blobs[0].unlink()  # missing
+    blobs[1].write_bytes(blobs[1].read_bytes()[:-1] + b"\x01")  # bit rot
+    (blobs[2].parent / "stray.dcm").write_bytes(b"x")  # orphan
+
+    result = _hilum(settings, "verify")
+
+    assert result.returncode == 1
+    assert "3 instances checked: 1 missing blobs, 1 checksum mismatches, 1 orphan blobs" in (
+        result.stdout
+    )
+    assert "stray.dcm" in result.stdout
+
+
+@pytest.mark.parametrize("backend", ["sqlite-files"])
+def test_dimse_refuses_an_index_that_was_not_upgraded(backend: str, settings: Settings) -> None:
+    result = _hilum(settings, "dimse")
+    assert result.returncode == 3
+    assert "run `hilum db upgrade` first" in result.stderr
+    upgraded = _hilum(settings, "db", "upgrade")
+    assert upgraded.returncode == 0 and "newest schema" in upgraded.stdout
+
+
+@pytest.mark.parametrize("backend", ["sqlite-files"])
+def test_configuration_error_is_reported_with_the_key(
+    backend: str, tmp_path: Path, settings: Settings
+) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text("[dimse]\nprot = 104\n")
+    result = _hilum(settings, "--config", str(config), "db", "upgrade")
+    assert result.returncode == 2
+    assert "prot" in result.stderr and "configuration error" in result.stderr
