@@ -194,34 +194,17 @@ def _outage_round_trip(archive: Archive, server: DimseServer, tmp_path: Path, cu
     assert len(_uids(archive)) == 2
 
 
-def test_database_down_gives_out_of_resources(
-    tmp_path: Path, postgres_url: str, s3_server: S3Server
+@pytest.mark.parametrize("service", ["database", "object store"])
+def test_service_down_gives_out_of_resources(
+    tmp_path: Path, postgres_url: str, s3_server: S3Server, service: str
 ) -> None:
-    proxy = TcpProxy(5432)
-    settings = make_settings(
-        tmp_path,
-        database_url=postgres_url.replace(":5432/", f":{proxy.port}/"),
-        blob_url=s3_blob_url(s3_server),
-    )
-    archive, server = _server(settings)
-    try:
-        _outage_round_trip(archive, server, tmp_path, proxy.cut, proxy.restore)
-    finally:
-        server.stop()
-        archive.close()
-        proxy.close()
-
-
-def test_object_store_down_gives_out_of_resources(
-    tmp_path: Path, postgres_url: str, s3_server: S3Server
-) -> None:
-    proxy = TcpProxy(s3_server.port)
-    settings = make_settings(
-        tmp_path,
-        database_url=postgres_url,
-        blob_url=s3_blob_url(f"http://127.0.0.1:{proxy.port}"),
-    )
-    archive, server = _server(settings)
+    proxy = TcpProxy(5432 if service == "database" else s3_server.port)
+    via_proxy = {
+        "database": {"database_url": postgres_url.replace(":5432/", f":{proxy.port}/")},
+        "object store": {"blob_url": s3_blob_url(f"http://127.0.0.1:{proxy.port}")},
+    }[service]
+    urls = {"database_url": postgres_url, "blob_url": s3_blob_url(s3_server), **via_proxy}
+    archive, server = _server(make_settings(tmp_path, **urls))
     try:
         _outage_round_trip(archive, server, tmp_path, proxy.cut, proxy.restore)
     finally:
