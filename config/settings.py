@@ -51,6 +51,19 @@ class ServerSettings(_Section):
             return False
 
 
+class DimsePeer(_Section):
+    """A known Move Destination (PS3.4 C.4.2.1.2): where C-MOVE may send instances."""
+
+    ae_title: str
+    host: str = Field(min_length=1)
+    port: int = Field(ge=1, le=65535)
+
+    @field_validator("ae_title")
+    @classmethod
+    def _check_title(cls, value: str) -> str:
+        return _check_ae_title(value)
+
+
 class DimseSettings(_Section):
     ae_title: str = "HILUM"
     port: int = Field(11112, ge=1, le=65535)
@@ -63,6 +76,8 @@ class DimseSettings(_Section):
     accept_any_calling_ae: bool = False
     # Seconds of silence before a stalled peer's association is aborted.
     network_timeout_s: float = Field(60.0, gt=0)
+    # Move Destinations: C-MOVE to any other AE title is refused with 0xA801.
+    peers: list[DimsePeer] = Field(default_factory=list)
 
     @field_validator("ae_title")
     @classmethod
@@ -74,9 +89,31 @@ class DimseSettings(_Section):
     def _check_titles(cls, values: list[str]) -> list[str]:
         return [_check_ae_title(v) for v in values]
 
+    @field_validator("peers")
+    @classmethod
+    def _check_unique_peers(cls, peers: list[DimsePeer]) -> list[DimsePeer]:
+        titles = [peer.ae_title for peer in peers]
+        duplicates = sorted({t for t in titles if titles.count(t) > 1})
+        if duplicates:
+            raise ValueError(f"[[dimse.peers]] ae_title must be unique; repeated: {duplicates}")
+        return peers
+
+    def peer(self, ae_title: str) -> DimsePeer | None:
+        """The Move Destination called ``ae_title`` (trailing spaces ignored), if known."""
+        wanted = ae_title.strip()
+        return next((peer for peer in self.peers if peer.ae_title == wanted), None)
+
 
 class HttpSettings(_Section):
     port: int = Field(8042, ge=1, le=65535)
+    # Origins (e.g. "https://viewer.example.org", or "*") whose browser pages may call the
+    # DICOMweb API; empty: no CORS headers, same-origin pages only.
+    cors_allowed_origins: list[str] = Field(default_factory=list)
+    # Largest STOW-RS request body in bytes; a larger one is refused with 413.
+    stow_max_bytes: int = Field(16 * 1024**3, ge=1)
+    # `hilum web`: gunicorn worker processes and threads per worker.
+    workers: int = Field(4, ge=1)
+    threads: int = Field(8, ge=1)
 
 
 class StorageSettings(_Section):
@@ -91,6 +128,50 @@ class StorageSettings(_Section):
     on_duplicate: Literal["keep", "overwrite"] = "overwrite"
 
 
+class QuerySettings(_Section):
+    # PS3.4 C.2.2.2.1.1: Person Name matching may be case-insensitive; radiologists expect it.
+    case_insensitive_person_names: bool = True
+
+
+# Where the reference models live, found without importing ``inference`` (and torch).
+REFERENCE_MODELS_DIR = Path(__file__).resolve().parent.parent / "inference" / "reference_models"
+
+
+class InferenceRule(_Section):
+    """Runs ``model`` on the series that match every non-empty list (and that the model's own
+    manifest accepts). Values are compared with the series' attributes as stored."""
+
+    model: str = "*"  # a model name, or "*" for every installed model
+    modalities: list[str] = Field(default_factory=list)  # (0008,0060) Modality
+    sop_class_uids: list[str] = Field(default_factory=list)  # (0008,0016) SOP Class UID
+    body_parts_examined: list[str] = Field(default_factory=list)  # (0018,0015)
+
+
+class InferencePriority(_Section):
+    """Which studies are STAT: their jobs are claimed before every routine job."""
+
+    # (0040,1003) Requested Procedure Priority values (PS3.3 C.4.11: STAT, HIGH, ROUTINE, …).
+    stat_requested_procedure_priorities: list[str] = Field(default_factory=lambda: ["STAT"])
+    # Calling AE titles whose studies are STAT (e.g. the emergency department's CT).
+    stat_calling_ae_titles: list[str] = Field(default_factory=list)
+    stat_priority: int = 100  # routine jobs have priority 0; higher is claimed first
+
+
+class InferenceSettings(_Section):
+    # A study with no new instance for this long becomes stable and its jobs are queued.
+    stable_after_s: float = Field(30.0, ge=0)
+    models_dirs: list[Path] = Field(default_factory=lambda: [REFERENCE_MODELS_DIR])
+    rules: list[InferenceRule] = Field(default_factory=lambda: [InferenceRule()])
+    priority: InferencePriority = Field(default_factory=InferencePriority)
+    # A running job whose worker has not renewed its lease for this long is claimed again.
+    lease_s: float = Field(120.0, gt=0)
+    max_attempts: int = Field(3, ge=1)
+    retry_backoff_s: float = Field(30.0, ge=0)  # doubled after each failed attempt
+    poll_interval_s: float = Field(2.0, gt=0)
+    device: str = ""  # empty: "cuda" when torch sees a GPU, else "cpu"
+    serve_worker: bool = True  # `hilum serve` runs one worker thread in-process
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="HILUM_", env_nested_delimiter="__", extra="forbid"
@@ -100,6 +181,8 @@ class Settings(BaseSettings):
     dimse: DimseSettings = Field(default_factory=DimseSettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
     storage: StorageSettings = Field(default_factory=StorageSettings)
+    query: QuerySettings = Field(default_factory=QuerySettings)
+    inference: InferenceSettings = Field(default_factory=InferenceSettings)
 
     @classmethod
     def settings_customise_sources(

@@ -23,3 +23,7 @@ class NotFound(StorageError):
 
 class Conflict(StorageError):
     """The request conflicts with what is stored."""
+
+
+class InvalidQuery(StorageError):
+    """A query the index cannot answer: unknown level or model, or a malformed matching value."""
