@@ -212,6 +212,24 @@ def _insert_ignoring_conflict(session: Session, model: type, values: dict[str, A
 def _upsert_hierarchy(session: Session, partition: str, ds: Dataset) -> int:
     """Patient, study and series rows for ``ds``; returns the series' primary key."""
     now = datetime.now(UTC)
+    study_uid = str(ds.StudyInstanceUID)[:UI]
+    series_uid = str(ds.SeriesInstanceUID)[:UI]
+    # The common case, every instance of a series but its first: the rows exist, and only the
+    # study's last_instance_at moves. One SELECT and one UPDATE instead of seven statements.
+    known_series = session.execute(
+        select(Series.id, Study.id)
+        .join(Study, Series.study_pk == Study.id)
+        .where(
+            Series.partition == partition,
+            Series.series_instance_uid == series_uid,
+            Study.study_instance_uid == study_uid,
+        )
+    ).one_or_none()
+    if known_series is not None:
+        series_pk, study_pk = known_series
+        session.execute(update(Study).where(Study.id == study_pk).values(last_instance_at=now))
+        return series_pk
+
     patient = {
         "patient_id": _text(ds, "PatientID", 64),
         "issuer_of_patient_id": _text(ds, "IssuerOfPatientID", 64),
@@ -233,7 +251,6 @@ def _upsert_hierarchy(session: Session, partition: str, ds: Dataset) -> int:
         select(Patient.id).filter_by(partition=partition, **patient)
     ).scalar_one()
 
-    study_uid = str(ds.StudyInstanceUID)[:UI]
     _insert_ignoring_conflict(
         session,
         Study,
@@ -259,7 +276,6 @@ def _upsert_hierarchy(session: Session, partition: str, ds: Dataset) -> int:
         .with_for_update()
     ).one()
 
-    series_uid = str(ds.SeriesInstanceUID)[:UI]
     modality = _text(ds, "Modality", 16)
     _insert_ignoring_conflict(
         session,
