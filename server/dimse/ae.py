@@ -16,7 +16,12 @@ from pynetdicom.transport import ThreadedAssociationServer
 from config import Settings
 from config.settings import ConfigError
 from server.dimse.c_echo import handle_c_echo
+from server.dimse.c_find import handle_c_find
+from server.dimse.c_get import handle_c_get
+from server.dimse.c_move import handle_c_move
 from server.dimse.c_store import handle_c_store
+from server.dimse.identifier import INFORMATION_MODEL
+from server.dimse.transport import disable_nagle
 from storage.archive import Archive
 
 log = logging.getLogger(__name__)
@@ -48,8 +53,16 @@ def build_ae(settings: Settings) -> AE:
             "accept_any_calling_ae = true to accept any modality"
         )
     for context in AllStoragePresentationContexts:
-        ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)
+        # PS3.4 C.4.3 / PS3.7 D.3.3.4: a C-GET SCU proposes the storage contexts with SCP/SCU
+        # Role Selection so that Hilum sends the instances back over the same association.
+        # Accepting either role keeps plain C-STORE (no role item) working as before.
+        ae.add_supported_context(
+            context.abstract_syntax, TRANSFER_SYNTAXES, scu_role=True, scp_role=True
+        )
     ae.add_supported_context(Verification, TRANSFER_SYNTAXES[:4])
+    # Query/Retrieve: Patient Root and Study Root, FIND, MOVE and GET (PS3.4 C.6.1, C.6.2).
+    for sop_class in INFORMATION_MODEL:
+        ae.add_supported_context(sop_class, TRANSFER_SYNTAXES[:4])
     return ae
 
 
@@ -77,8 +90,12 @@ class DimseServer:
         tempfile.tempdir = str(self.tmp_dir)
         self.remove_stale_temporary_files(STALE_TEMPORARY_FILE_AGE_S)
         handlers = [
+            (evt.EVT_CONN_OPEN, disable_nagle),
             (evt.EVT_C_ECHO, handle_c_echo),
             (evt.EVT_C_STORE, handle_c_store, [self.archive]),
+            (evt.EVT_C_FIND, handle_c_find, [self.archive, self.settings]),
+            (evt.EVT_C_MOVE, handle_c_move, [self.archive, self.settings]),
+            (evt.EVT_C_GET, handle_c_get, [self.archive, self.settings]),
         ]
         self._server = self.ae.start_server(
             (self.settings.server.host, self.settings.dimse.port),

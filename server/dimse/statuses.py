@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from pydicom.dataset import Dataset
 
-from storage.errors import InvalidInstance, SOPClassMismatch, StorageError, StorageUnavailable
+from storage.errors import (
+    InvalidInstance,
+    InvalidQuery,
+    NotFound,
+    SOPClassMismatch,
+    StorageError,
+    StorageUnavailable,
+)
 
 SUCCESS = 0x0000
 # PS3.4 Table B.2-1, C-STORE statuses.
@@ -18,9 +25,31 @@ STORAGE_ERROR_STATUS: dict[type[StorageError], int] = {
     InvalidInstance: CANNOT_UNDERSTAND,
 }
 
+# PS3.4 C.4.1.1.4, C.4.2.1.5, C.4.3.1.4: Query/Retrieve statuses (C-FIND, C-MOVE, C-GET).
+PENDING = 0xFF00  # Matches (or sub-operations) are continuing
+CANCEL = 0xFE00  # Matching or sub-operations terminated due to Cancel
+IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS = 0xA900  # Failure: bad level, key or value
+UNABLE_TO_PROCESS = 0xC000  # Failure: unexpected error while matching
+UNABLE_TO_CALCULATE_NUMBER_OF_MATCHES = 0xA701  # C-MOVE/C-GET: index unavailable
+UNABLE_TO_PERFORM_SUB_OPERATIONS = 0xA702  # C-MOVE/C-GET: every sub-operation failed
+MOVE_DESTINATION_UNKNOWN = 0xA801  # C-MOVE: not in [[dimse.peers]], or it refused us
+SUB_OPERATIONS_COMPLETE_WITH_FAILURES = 0xB000  # Warning: see Failed SOP Instance UID List
 
-def status_for(error: Exception) -> int:
-    for error_type, status in STORAGE_ERROR_STATUS.items():
+FIND_ERROR_STATUS: dict[type[StorageError], int] = {
+    StorageUnavailable: OUT_OF_RESOURCES,
+    InvalidQuery: IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS,
+}
+RETRIEVE_ERROR_STATUS: dict[type[StorageError], int] = {
+    StorageUnavailable: UNABLE_TO_CALCULATE_NUMBER_OF_MATCHES,
+    InvalidQuery: IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS,
+    NotFound: UNABLE_TO_PERFORM_SUB_OPERATIONS,
+}
+
+
+def status_for(
+    error: Exception, table: dict[type[StorageError], int] = STORAGE_ERROR_STATUS
+) -> int:
+    for error_type, status in table.items():
         if isinstance(error, error_type):
             return status
     return CANNOT_UNDERSTAND

@@ -1,0 +1,195 @@
+"""C-FIND latency and C-MOVE throughput of Hilum's Query/Retrieve SCP.
+
+What is measured:
+
+* C-FIND, Study Root, STUDY level, over one pynetdicom association to a running
+  :class:`DimseServer` (in this process) on a synthetic index (``benchmarks/synthetic_index.py``,
+  100 000 studies / 1 000 000 instances by default): p50 and p95 wall-clock time from sending
+  the request to the final response, for a PatientName prefix wild card, an exact PatientID, a
+  one-month StudyDate range, ModalitiesInStudy=CT and an exact AccessionNumber. Each query asks
+  for the usual study-level return keys, NumberOfStudyRelatedInstances included.
+* Memory: the process's peak RSS before and after one universal C-FIND that streams every
+  study of the index to the SCU (which discards each response as it arrives).
+* C-MOVE: a 300-instance study of 512x512 CT instances (explicit VR little endian) moved to
+  DCMTK's ``storescp``; instances/s from the C-MOVE request to the final response.
+
+Orthanc joins only when Debian's ``orthanc`` package is installed; otherwise it is skipped with a
+message. Figures go to stdout, progress to stderr; nothing is asserted.
+
+    .venv/bin/python benchmarks/query.py [--studies N] [--database-url URL] [--repeat N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelMove,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from benchmarks.synthetic_index import build_synthetic_index  # noqa: E402
+from config import load_settings  # noqa: E402
+from server.dimse.ae import DimseServer  # noqa: E402
+from server.dimse.transport import disable_nagle  # noqa: E402
+from storage.archive import open_archive  # noqa: E402
+from storage.ingest import ingest_file  # noqa: E402
+from tests.conftest import free_port  # noqa: E402
+from tests.factories import ct_instance, write_part10  # noqa: E402
+
+FIND = StudyRootQueryRetrieveInformationModelFind
+MOVE = StudyRootQueryRetrieveInformationModelMove
+RETURN_KEYS = (
+    "PatientName", "PatientID", "StudyInstanceUID", "StudyDate", "AccessionNumber",
+    "ModalitiesInStudy", "NumberOfStudyRelatedInstances",
+)  # fmt: skip
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def identifier(**matching: str) -> Dataset:
+    ds = Dataset()
+    ds.QueryRetrieveLevel = "STUDY"
+    for keyword in RETURN_KEYS:
+        setattr(ds, keyword, "")
+    for keyword, value in matching.items():
+        setattr(ds, keyword, value)
+    return ds
+
+
+def timed_find(assoc: object, query: Dataset) -> tuple[float, int]:
+    start = time.perf_counter()
+    matches = 0
+    for status, _ in assoc.send_c_find(query, FIND):  # type: ignore[attr-defined]
+        if status.Status == 0xFF00:
+            matches += 1
+    return time.perf_counter() - start, matches
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--studies", type=int, default=100_000)
+    parser.add_argument("--database-url", default="", help="empty: SQLite in a temporary dir")
+    parser.add_argument("--repeat", type=int, default=30)
+    parser.add_argument("--move-instances", type=int, default=300)
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="hilum-query-bench-"))
+    storescp_port = free_port()
+    settings = load_settings(
+        None,
+        server={"data_dir": work / "data"},
+        dimse={
+            "port": free_port(),
+            "peers": [{"ae_title": "STORESCP", "host": "127.0.0.1", "port": storescp_port}],
+        },
+        storage={"database_url": args.database_url},
+    )
+    archive = open_archive(settings, migrate=True)
+    started = time.perf_counter()
+    facts = build_synthetic_index(archive, studies=args.studies, progress=log)
+    log(f"synthetic index built in {time.perf_counter() - started:.0f} s: {facts}")
+    server = DimseServer(settings, archive)
+    server.start()
+    backend = "PostgreSQL" if args.database_url.startswith("postgresql") else "SQLite"
+    print(f"# Hilum C-FIND, {backend}, {facts.studies} studies / {facts.instances} instances")
+    print("| query | matches | p50 ms | p95 ms |")
+    print("|---|---|---|---|")
+    ae = AE(ae_title="BENCH")
+    ae.add_requested_context(FIND)
+    ae.add_requested_context(MOVE)
+    # Like DCMTK's tools, the client sends each PDU at once (no Nagle delay on its requests).
+    assoc = ae.associate(
+        "127.0.0.1",
+        server.port,
+        ae_title="HILUM",
+        evt_handlers=[(evt.EVT_CONN_OPEN, disable_nagle)],
+    )
+    queries = {
+        f"PatientName={facts.patient_name_prefix}": {"PatientName": facts.patient_name_prefix},
+        f"PatientID={facts.patient_id}": {"PatientID": facts.patient_id},
+        f"StudyDate={facts.month_range}": {"StudyDate": facts.month_range},
+        "ModalitiesInStudy=CT": {"ModalitiesInStudy": "CT"},
+        f"AccessionNumber={facts.accession_number}": {"AccessionNumber": facts.accession_number},
+    }
+    for name, matching in queries.items():
+        query = identifier(**matching)
+        timed_find(assoc, query)  # warm the caches once
+        repeat = args.repeat if "ModalitiesInStudy" not in name else max(3, args.repeat // 10)
+        samples, matches = [], 0
+        for _ in range(repeat):
+            seconds, matches = timed_find(assoc, query)
+            samples.append(seconds * 1000)
+        samples.sort()
+        p95 = samples[min(len(samples) - 1, int(len(samples) * 0.95))]
+        print(f"| {name} | {matches} | {statistics.median(samples):.1f} | {p95:.1f} |", flush=True)
+
+    before = peak_rss_mb()
+    seconds, matches = timed_find(assoc, identifier())
+    print(
+        f"\nuniversal C-FIND: {matches} matches streamed in {seconds:.1f} s; "
+        f"peak RSS {before:.0f} MB before, {peak_rss_mb():.0f} MB after"
+    )
+
+    study_uid, series_uid = generate_uid(), generate_uid()
+    files = work / "move"
+    files.mkdir()
+    log(f"ingesting a {args.move_instances}-instance study for C-MOVE")
+    for n in range(args.move_instances):
+        ds = ct_instance(study_uid, series_uid, size=512, seed=n)
+        ingest_file(archive, write_part10(ds, files / f"{n}.dcm"))
+    received = work / "received"
+    received.mkdir()
+    storescp = subprocess.Popen(
+        ["/usr/bin/storescp", "-aet", "STORESCP", "-od", str(received), str(storescp_port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        time.sleep(1)
+        move = Dataset()
+        move.QueryRetrieveLevel = "STUDY"
+        move.StudyInstanceUID = study_uid
+        start = time.perf_counter()
+        final = list(assoc.send_c_move(move, "STORESCP", MOVE))[-1][0]
+        seconds = time.perf_counter() - start
+    finally:
+        storescp.terminate()
+        storescp.wait(10)
+    arrived = len(list(received.iterdir()))
+    print(
+        f"C-MOVE of {args.move_instances} CT 512x512 instances to storescp: status "
+        f"0x{int(final.Status):04X}, {arrived} received, {args.move_instances / seconds:.1f} inst/s"
+    )
+    assoc.release()
+    server.stop()
+    archive.close()
+    if shutil.which("Orthanc"):
+        print("Orthanc is installed, but the Orthanc comparison is not implemented yet")
+    else:
+        print("Orthanc: skipped (Debian's orthanc package is not installed)")
+    shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""C-FIND SCP (PS3.4 C.4.1): Patient Root and Study Root, hierarchical queries.
+
+Matches are streamed from a database cursor as pending responses, one at a time; a C-CANCEL
+stops the stream and closes the cursor (PS3.4 C.4.1.2.3.1).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pynetdicom.events import Event
+
+from config import Settings
+from server.dimse.identifier import query_request, request_identifier, response_identifier
+from server.dimse.statuses import (
+    CANCEL,
+    FIND_ERROR_STATUS,
+    PENDING,
+    UNABLE_TO_PROCESS,
+    status_dataset,
+    status_for,
+)
+from storage.archive import Archive
+from storage.errors import StorageError
+from storage.query import search
+
+log = logging.getLogger(__name__)
+
+# pynetdicom queues outgoing PDUs without bound; past this many unsent messages the handler
+# waits for the peer to read, so a slow SCU cannot make the SCP hold the whole result in memory.
+MAX_QUEUED_RESPONSES = 32
+
+
+def handle_c_find(
+    event: Event, archive: Archive, settings: Settings
+) -> Iterator[tuple[int | Dataset, Dataset | None]]:
+    assoc = event.assoc
+    try:
+        request = query_request(
+            request_identifier(event),
+            str(event.request.AffectedSOPClassUID),
+            case_insensitive_person_names=settings.query.case_insensitive_person_names,
+        )
+    except StorageError as error:
+        yield _refusal(event, error), None
+        return
+
+    log.info(
+        "[%s] C-FIND %s level %s: %s",
+        assoc.name,
+        request.query.model.value,
+        request.query.level.value,
+        dict(request.query.matching),
+    )
+    rows = search(archive, request.query)
+    matches = 0
+    try:
+        while True:
+            try:
+                row: dict[str, Any] | None = next(rows, None)
+            except StorageError as error:
+                yield _refusal(event, error), None
+                return
+            if row is None:
+                break
+            # PS3.4 C.4.1.2.3.1: on C-CANCEL, stop matching and answer Cancel.
+            if event.is_cancelled:
+                log.info("[%s] C-FIND cancelled after %d matches", assoc.name, matches)
+                yield CANCEL, None
+                return
+            _wait_for_peer(event)
+            matches += 1
+            yield PENDING, response_identifier(request, row, settings.dimse.ae_title)
+    except Exception:
+        log.exception("[%s] C-FIND failed after %d matches", assoc.name, matches)
+        yield status_dataset(UNABLE_TO_PROCESS, "internal error while matching"), None
+        return
+    finally:
+        rows.close()
+    log.info("[%s] C-FIND complete: %d matches", assoc.name, matches)
+
+
+def _refusal(event: Event, error: Exception) -> Dataset:
+    status = status_for(error, FIND_ERROR_STATUS)
+    log.warning("[%s] C-FIND refused with 0x%04X: %s", event.assoc.name, status, error)
+    return status_dataset(status, str(error))
+
+
+def _wait_for_peer(event: Event) -> None:
+    """Back-pressure: hold the next response while the peer has not read the earlier ones."""
+    assoc = event.assoc
+    queue = assoc.dul.to_provider_queue
+    while queue.qsize() > MAX_QUEUED_RESPONSES and assoc.is_established:
+        time.sleep(0.005)

@@ -1,0 +1,186 @@
+"""The Identifier of a Query/Retrieve request (PS3.4 C.4.1.1.3, C.4.2.1.4) and its responses.
+
+A request Identifier becomes a :class:`storage.query.Query`; a row of :func:`storage.query.search`
+becomes a response Identifier holding every key the SCU sent, with the value the index holds or
+empty (PS3.4 C.4.1.1.3.2: keys the SCP does not support are returned zero-length).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from pydicom.datadict import dictionary_VR, keyword_for_tag
+from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+from pydicom.sequence import Sequence
+from pydicom.tag import BaseTag, Tag
+from pynetdicom.events import Event
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+)
+
+from storage.errors import InvalidQuery
+from storage.query import QUERY_KEYS, InformationModel, Query, QueryLevel
+
+# PS3.4 C.6.1 and C.6.2: the information model a Query/Retrieve SOP class works on.
+INFORMATION_MODEL: dict[str, InformationModel] = {
+    PatientRootQueryRetrieveInformationModelFind: InformationModel.PATIENT_ROOT,
+    PatientRootQueryRetrieveInformationModelMove: InformationModel.PATIENT_ROOT,
+    PatientRootQueryRetrieveInformationModelGet: InformationModel.PATIENT_ROOT,
+    StudyRootQueryRetrieveInformationModelFind: InformationModel.STUDY_ROOT,
+    StudyRootQueryRetrieveInformationModelMove: InformationModel.STUDY_ROOT,
+    StudyRootQueryRetrieveInformationModelGet: InformationModel.STUDY_ROOT,
+}
+
+QUERY_RETRIEVE_LEVEL = Tag(0x0008, 0x0052)
+SPECIFIC_CHARACTER_SET = Tag(0x0008, 0x0005)
+RETRIEVE_AE_TITLE = Tag(0x0008, 0x0054)
+# PS3.5 6.1.2.3: UTF-8, used in a response holding any non-ASCII value.
+UTF8 = "ISO_IR 192"
+_TEXT_VRS = {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC"}
+_TEXT_VRS |= {"UI", "UR", "UT"}
+
+
+@dataclass(frozen=True)
+class RequestedKey:
+    """One attribute of the request Identifier, to be returned in every response."""
+
+    tag: BaseTag
+    vr: str
+    keyword: str  # "" for a private or unknown attribute
+
+
+@dataclass(frozen=True)
+class QueryRequest:
+    query: Query
+    requested: tuple[RequestedKey, ...]
+
+
+def request_identifier(event: Event) -> Dataset | None:
+    """The decoded request Identifier, or None when it cannot be decoded."""
+    try:
+        return event.identifier
+    except Exception:  # noqa: BLE001 (pydicom raises many kinds on malformed bytes)
+        return None
+
+
+def query_request(
+    identifier: Dataset | None,
+    sop_class_uid: str,
+    *,
+    case_insensitive_person_names: bool,
+) -> QueryRequest:
+    """Translate a request Identifier; raise :class:`InvalidQuery` when it cannot be answered."""
+    if identifier is None:
+        raise InvalidQuery("the Identifier cannot be decoded")
+    try:
+        model = INFORMATION_MODEL[sop_class_uid]
+    except KeyError:
+        raise InvalidQuery(f"SOP Class {sop_class_uid} is not a supported Q/R model") from None
+    level = _query_retrieve_level(identifier)
+    matching: dict[str, str] = {}
+    requested: list[RequestedKey] = []
+    for element in _elements(identifier):
+        tag = element.tag
+        if tag in (QUERY_RETRIEVE_LEVEL, SPECIFIC_CHARACTER_SET) or tag.group in (0, 2):
+            continue
+        keyword = "" if tag.is_private else keyword_for_tag(tag)
+        requested.append(RequestedKey(tag, _vr(element), keyword))
+        if keyword in QUERY_KEYS and element.VR != "SQ":
+            matching[keyword] = _match_value(element, keyword)
+    query = Query(
+        level=level,
+        matching=matching,
+        model=model,
+        case_insensitive_person_names=case_insensitive_person_names,
+    )
+    return QueryRequest(query, tuple(requested))
+
+
+def response_identifier(
+    request: QueryRequest, row: Mapping[str, Any], retrieve_ae_title: str
+) -> Dataset:
+    """The Identifier of one pending C-FIND response (PS3.4 C.4.1.1.3.2)."""
+    ds = Dataset()
+    non_ascii = False
+    for key in request.requested:
+        if key.tag == RETRIEVE_AE_TITLE:
+            ds.add(DataElement(key.tag, "AE", retrieve_ae_title))
+            continue
+        value = _dicom_value(row.get(key.keyword), key.vr)
+        non_ascii = non_ascii or (isinstance(value, str) and not value.isascii())
+        non_ascii = non_ascii or any(isinstance(v, str) and not v.isascii() for v in _list(value))
+        ds.add(DataElement(key.tag, key.vr, value))
+    ds.QueryRetrieveLevel = request.query.level.value
+    # PS3.4 C.4.1.1.3.2: the response names the character set of its values; the index keeps
+    # them as Unicode, so any non-ASCII value is sent as UTF-8.
+    if non_ascii:
+        ds.SpecificCharacterSet = UTF8
+    return ds
+
+
+def _elements(identifier: Dataset) -> Iterable[DataElement]:
+    for tag in sorted(identifier.keys()):  # the tags, without converting values
+        try:
+            yield identifier[tag]
+        except Exception as error:  # noqa: BLE001 (pydicom raises many kinds on a bad value)
+            name = keyword_for_tag(tag) or str(tag)
+            raise InvalidQuery(f"{name}: the value cannot be read ({error})") from error
+
+
+def _query_retrieve_level(identifier: Dataset) -> QueryLevel:
+    # PS3.4 C.4.1.1.3.1: Query/Retrieve Level is required in every request Identifier.
+    value = str(identifier.get("QueryRetrieveLevel", "") or "").strip().upper()
+    if not value:
+        raise InvalidQuery("Query/Retrieve Level (0008,0052) is missing")
+    try:
+        return QueryLevel(value)
+    except ValueError:
+        raise InvalidQuery(f"unknown Query/Retrieve Level {value!r}") from None
+
+
+def _vr(element: DataElement) -> str:
+    if element.VR not in ("UN", "") or element.tag.is_private:
+        return str(element.VR)
+    try:
+        return str(dictionary_VR(element.tag)).split(" or ")[0]
+    except KeyError:
+        return "UN"
+
+
+def _match_value(element: DataElement, keyword: str) -> str:
+    """The value in DICOM string form: backslash between values, as PS3.4 C.2.2.2 reads it."""
+    value = element.value
+    if value is None:
+        return ""
+    if isinstance(value, bytes | bytearray):
+        raise InvalidQuery(f"{keyword}: a {element.VR} value cannot be a matching key")
+    values = list(value) if isinstance(value, MultiValue | list) else [value]
+    text = "\\".join("" if v is None else str(v) for v in values)
+    if element.VR in _TEXT_VRS:
+        text = text.strip(" \x00")
+    return text
+
+
+def _list(value: Any) -> list[Any]:
+    return list(value) if isinstance(value, list) else []
+
+
+def _dicom_value(value: Any, vr: str) -> Any:
+    if vr == "SQ":
+        return Sequence()  # PS3.4 C.2.2.1.3: sequence matching is not supported; empty
+    if value is None:
+        return None
+    if isinstance(value, list):
+        return [str(v) for v in value]
+    if isinstance(value, int) and vr in _TEXT_VRS:
+        return str(value)
+    return value

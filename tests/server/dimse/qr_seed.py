@@ -1,0 +1,254 @@
+"""Seed data for the Query/Retrieve tests, described as plain records so that every test can
+compute its expected answers from them without calling the code under test."""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.uid import CTImageStorage, MRImageStorage, generate_uid
+from pynetdicom import AE
+from pynetdicom.association import Association
+from sqlalchemy import create_engine, text
+
+from config import Settings
+from server.dimse.ae import DimseServer
+from storage.archive import Archive, open_archive
+from storage.ingest import ingest_file
+from tests.conftest import POSTGRES_ADMIN_URL, free_port, make_settings, s3_blob_url
+from tests.factories import ct_instance, write_part10
+
+FIND_SCU = "/usr/bin/findscu"
+MOVE_SCU = "/usr/bin/movescu"
+GET_SCU = "/usr/bin/getscu"
+STORE_SCP = "/usr/bin/storescp"
+SOP_CLASS_OF = {"CT": CTImageStorage, "MR": MRImageStorage}
+# pydicom's compressed test files: JPEG baseline (YBR), JPEG 2000, RLE.
+COMPRESSED_FILES = ("SC_rgb_jpeg_gdcm.dcm", "JPEG2000.dcm", "MR_small_RLE.dcm")
+
+
+@dataclass(frozen=True)
+class SeedPatient:
+    patient_id: str
+    name: str
+    birth_date: str
+    sex: str
+
+
+@dataclass(frozen=True)
+class SeedSeries:
+    uid: str
+    modality: str
+    number: int
+    instances: tuple[str, ...]  # SOP Instance UIDs
+
+
+@dataclass(frozen=True)
+class SeedStudy:
+    uid: str
+    patient: SeedPatient
+    date: str
+    time: str
+    accession: str
+    description: str
+    series: tuple[SeedSeries, ...]
+
+    @property
+    def modalities(self) -> set[str]:
+        return {s.modality for s in self.series}
+
+    @property
+    def instance_count(self) -> int:
+        return sum(len(s.instances) for s in self.series)
+
+
+def _uid(*parts: int) -> str:
+    return "1.2.826.0.1.3680043.8.498.77." + ".".join(map(str, parts))
+
+
+JANE = SeedPatient("PAT-1", "DOE^JANE", "19700101", "F")
+JOHN = SeedPatient("PAT-2", "Doe^John", "19801231", "M")
+ANNA = SeedPatient("PAT-3", "SMITH^ANNA", "19650615", "F")
+HANS = SeedPatient("PAT-4", "MÜLLER^HANS", "19590302", "M")
+PATIENTS = (JANE, JOHN, ANNA, HANS)
+
+
+def _series(study: int, number: int, modality: str, count: int) -> SeedSeries:
+    instances = tuple(_uid(study, number, i + 1) for i in range(count))
+    return SeedSeries(_uid(study, number), modality, number, instances)
+
+
+STUDIES = (
+    SeedStudy(
+        _uid(1), JANE, "20260110", "081500", "ACC-100", "CT CHEST",
+        (_series(1, 1, "CT", 2), _series(1, 2, "MR", 1)),
+    ),
+    SeedStudy(_uid(2), JANE, "20260131", "235959", "ACC-101", "MR HEAD",
+              (_series(2, 1, "MR", 1),)),
+    SeedStudy(_uid(3), JOHN, "20260201", "120000", "ACC-200", "CT ABDOMEN",
+              (_series(3, 1, "CT", 1),)),
+    SeedStudy(_uid(4), ANNA, "20251231", "070000", "ACC-300", "CT CHEST",
+              (_series(4, 1, "CT", 1),)),
+    SeedStudy(_uid(5), HANS, "20260215", "093000", "ACC-400", "MR KNEE",
+              (_series(5, 1, "MR", 2),)),
+)  # fmt: skip
+
+
+def seed_datasets() -> Iterator[Dataset]:
+    for study in STUDIES:
+        for series in study.series:
+            for number, sop_uid in enumerate(series.instances, start=1):
+                ds = ct_instance(study.uid, series.uid, sop_uid, size=8, seed=number - 1)
+                ds.SOPClassUID = SOP_CLASS_OF[series.modality]
+                ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+                ds.Modality = series.modality
+                ds.SeriesNumber = series.number
+                ds.PatientID = study.patient.patient_id
+                ds.PatientName = study.patient.name
+                ds.PatientBirthDate = study.patient.birth_date
+                ds.PatientSex = study.patient.sex
+                ds.StudyDate, ds.StudyTime = study.date, study.time
+                ds.AccessionNumber = study.accession
+                ds.StudyDescription = study.description
+                if not study.patient.name.isascii():
+                    ds.SpecificCharacterSet = "ISO_IR 192"
+                yield ds
+
+
+def seed_archive(archive: Archive, directory: Path) -> dict[str, Path]:
+    """Store every seed instance; SOP Instance UID -> the file as it was sent."""
+    directory.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for ds in seed_datasets():
+        path = write_part10(ds, directory / f"{ds.SOPInstanceUID}.dcm")
+        ingest_file(archive, path)
+        files[ds.SOPInstanceUID] = path
+    return files
+
+
+@dataclass
+class SeededServer:
+    server: DimseServer
+    archive: Archive
+    files: dict[str, Path]
+    settings: Settings
+
+
+@contextlib.contextmanager
+def postgres_database() -> Iterator[str]:
+    name = f"hilum_test_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    base, _, _ = POSTGRES_ADMIN_URL.rpartition("/")
+    try:
+        yield f"{base}/{name}"
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@contextlib.contextmanager
+def seeded_server(
+    backend: str, request: pytest.FixtureRequest, directory: Path
+) -> Iterator[SeededServer]:
+    """A DIMSE server over an archive holding the seed, on one backend pair."""
+    with contextlib.ExitStack() as stack:
+        if backend == "sqlite-files":
+            settings = make_settings(directory)
+        else:
+            database_url = stack.enter_context(postgres_database())
+            blob_url = s3_blob_url(request.getfixturevalue("s3_server"))
+            settings = make_settings(directory, database_url=database_url, blob_url=blob_url)
+        archive = open_archive(settings, migrate=True)
+        stack.callback(archive.close)
+        files = seed_archive(archive, directory / "sent")
+        server = DimseServer(settings, archive)
+        server.start()
+        stack.callback(server.stop)
+        yield SeededServer(server, archive, files, settings)
+
+
+def server_with(server: DimseServer, **sections: dict) -> DimseServer:
+    """Another server over the same archive, with some settings changed and its own port."""
+    settings = server.settings
+    updates = {}
+    for section, values in {"dimse": {}, **sections}.items():
+        values = {"port": free_port(), **values} if section == "dimse" else values
+        updates[section] = getattr(settings, section).model_copy(update=values)
+    other = DimseServer(settings.model_copy(update=updates), server.archive)
+    other.start()
+    return other
+
+
+def qr_associate(server: DimseServer, ae: AE) -> Association:
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    assoc = ae.associate("127.0.0.1", server.port, ae_title=server.settings.dimse.ae_title)
+    assert assoc.is_established, "the SCP refused the association"
+    return assoc
+
+
+@contextlib.contextmanager
+def storescp(directory: Path, ae_title: str, port: int, *options: str) -> Iterator[Path]:
+    """DCMTK's storescp writing what it receives under ``directory``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    process = subprocess.Popen(
+        [STORE_SCP, "-aet", ae_title, "-od", str(directory), *options, str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        _wait_for_port(port, process)
+        yield directory
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def _wait_for_port(port: int, process: subprocess.Popen) -> None:
+    import socket
+
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(
+                f"storescp exited: {process.stderr.read() if process.stderr else ''}"
+            )
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"storescp did not listen on {port}")
+
+
+def study_identifier(study_uid: str) -> Dataset:
+    ds = Dataset()
+    ds.QueryRetrieveLevel = "STUDY"
+    ds.StudyInstanceUID = study_uid
+    return ds
+
+
+def sop_classes_of(files: list[Path]) -> list[str]:
+    return sorted({str(pydicom.dcmread(f, stop_before_pixels=True).SOPClassUID) for f in files})
+
+
+def ingest_compressed(archive: Archive, tmp_path: Path) -> tuple[str, dict[str, Path]]:
+    """pydicom's compressed files, given one new study; SOP Instance UID -> file."""
+    study_uid, files = generate_uid(), {}
+    for name in COMPRESSED_FILES:
+        ds = pydicom.dcmread(pydicom.data.get_testdata_file(name))
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, generate_uid()
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        path = tmp_path / f"{name}"
+        ds.save_as(path, enforce_file_format=True)
+        ingest_file(archive, path)
+        files[ds.SOPInstanceUID] = path
+    return study_uid, files

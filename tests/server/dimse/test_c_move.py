@@ -1,0 +1,322 @@
+"""C-MOVE SCP: movescu and pynetdicom to DCMTK's storescp and to pynetdicom peers."""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    CTImageStorage,
+    PatientRootQueryRetrieveInformationModelMove,
+    StudyRootQueryRetrieveInformationModelMove,
+)
+
+from config import Settings
+from config.settings import DimsePeer
+from server.dimse.ae import DimseServer
+from storage.archive import Archive
+from tests.conftest import free_port
+from tests.factories import data_set_differences
+from tests.server.dimse.qr_seed import (
+    MOVE_SCU,
+    STUDIES,
+    ingest_compressed,
+    qr_associate,
+    seed_archive,
+    sop_classes_of,
+    storescp,
+    study_identifier,
+)
+from tests.server.dimse.scu import echo_works
+
+MOVE = StudyRootQueryRetrieveInformationModelMove
+
+
+class Peers:
+    """Ports of the Move Destinations known to the server under test."""
+
+    def __init__(self) -> None:
+        self.ports = {title: free_port() for title in ("STORESCP", "EXPLICIT", "CT_ONLY", "SLOW")}
+        self.ports["REFUSER"] = free_port()
+
+    def config(self) -> list[dict[str, object]]:
+        return [
+            {"ae_title": title, "host": "127.0.0.1", "port": port}
+            for title, port in self.ports.items()
+        ]
+
+
+@pytest.fixture
+def peers() -> Peers:
+    return Peers()
+
+
+@pytest.fixture
+def move_server(settings: Settings, archive: Archive, peers: Peers) -> Iterator[DimseServer]:
+    configured = [DimsePeer.model_validate(peer) for peer in peers.config()]
+    dimse = settings.dimse.model_copy(update={"peers": configured})
+    server = DimseServer(settings.model_copy(update={"dimse": dimse}), archive)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def move(
+    server: DimseServer, identifier: Dataset, destination: str, model: str = MOVE
+) -> list[Dataset]:
+    ae = AE(ae_title="MOVESCU")
+    ae.add_requested_context(model)
+    assoc = qr_associate(server, ae)
+    try:
+        return [status for status, _ in assoc.send_c_move(identifier, destination, model)]
+    finally:
+        assoc.release()
+
+
+class PynetdicomPeer:
+    """A Storage SCP accepting only ``syntaxes`` for ``sop_classes``; keeps what it receives."""
+
+    def __init__(self, port: int, sop_classes: list[str], syntaxes: list[str]) -> None:
+        self.received: list[Dataset] = []
+        self.first_received = threading.Event()
+        self.release = threading.Event()
+        self.release.set()
+        ae = AE()
+        for sop_class in sop_classes:
+            ae.add_supported_context(sop_class, syntaxes)
+        self.server = ae.start_server(
+            ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._store)]
+        )
+
+    def _store(self, event: evt.Event) -> int:
+        ds = event.dataset
+        ds.file_meta = event.file_meta
+        self.received.append(ds)
+        self.first_received.set()
+        self.release.wait(30)
+        return 0x0000
+
+    def stop(self) -> None:
+        self.server.shutdown()
+
+
+def test_movescu_to_storescp_receives_the_study_as_stored(
+    move_server: DimseServer, archive: Archive, peers: Peers, tmp_path: Path
+) -> None:
+    files = seed_archive(archive, tmp_path / "sent")
+    study = STUDIES[0]
+    with storescp(tmp_path / "received", "STORESCP", peers.ports["STORESCP"], "+xa") as received:
+        result = subprocess.run(
+            [MOVE_SCU, "-d", "-S", "-aec", "HILUM", "-aem", "STORESCP",
+             "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study.uid}",
+             "127.0.0.1", str(move_server.port)],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        arrived = {str(pydicom.dcmread(p).SOPInstanceUID): p for p in received.iterdir()}
+    expected = {uid for series in study.series for uid in series.instances}
+    assert set(arrived) == expected
+    for uid, path in arrived.items():
+        assert data_set_differences(pydicom.dcmread(files[uid]), pydicom.dcmread(path)) == []
+    assert "DIMSE Status                  : 0x0000" in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    ("model", "level", "keys"),
+    [
+        (MOVE, "SERIES", {"StudyInstanceUID": STUDIES[0].uid,
+                          "SeriesInstanceUID": STUDIES[0].series[0].uid}),
+        (PatientRootQueryRetrieveInformationModelMove, "PATIENT", {"PatientID": "PAT-1"}),
+        (PatientRootQueryRetrieveInformationModelMove, "IMAGE",
+         {"PatientID": "PAT-4", "StudyInstanceUID": STUDIES[4].uid,
+          "SeriesInstanceUID": STUDIES[4].series[0].uid,
+          "SOPInstanceUID": STUDIES[4].series[0].instances[1]}),
+    ],
+    ids=["study-root-series", "patient-root-patient", "patient-root-image"],
+)  # fmt: skip
+def test_move_at_each_level(
+    move_server: DimseServer,
+    archive: Archive,
+    peers: Peers,
+    tmp_path: Path,
+    model: str,
+    level: str,
+    keys: dict[str, str],
+) -> None:
+    seed_archive(archive, tmp_path / "sent")
+    expected = {
+        uid
+        for study in STUDIES
+        for series in study.series
+        for uid in series.instances
+        if keys.get("PatientID", study.patient.patient_id) == study.patient.patient_id
+        and keys.get("StudyInstanceUID", study.uid) == study.uid
+        and keys.get("SeriesInstanceUID", series.uid) == series.uid
+        and keys.get("SOPInstanceUID", uid) == uid
+    }
+    identifier = Dataset()
+    identifier.QueryRetrieveLevel = level
+    for keyword, value in keys.items():
+        setattr(identifier, keyword, value)
+    with storescp(tmp_path / "received", "STORESCP", peers.ports["STORESCP"], "+xa") as received:
+        statuses = move(move_server, identifier, "STORESCP", model)
+        arrived = {str(pydicom.dcmread(p).SOPInstanceUID) for p in received.iterdir()}
+    assert arrived == expected
+    final = statuses[-1]
+    assert final.Status == 0x0000 and final.NumberOfCompletedSuboperations == len(expected)
+    # Pending responses count the sub-operations down (PS3.4 C.4.2.1.5).
+    remaining = [int(s.NumberOfRemainingSuboperations) for s in statuses[:-1]]
+    assert remaining == list(range(len(expected) - 1, -1, -1))
+
+
+def test_peer_accepting_only_explicit_vr_little_endian_receives_decoded_pixels(
+    move_server: DimseServer, archive: Archive, peers: Peers, tmp_path: Path
+) -> None:
+    study_uid, files = ingest_compressed(archive, tmp_path)
+    peer = PynetdicomPeer(peers.ports["EXPLICIT"], sop_classes_of(list(files.values())),
+                          [ExplicitVRLittleEndian])  # fmt: skip
+    try:
+        statuses = move(move_server, study_identifier(study_uid), "EXPLICIT")
+    finally:
+        peer.stop()
+    assert statuses[-1].Status == 0x0000, statuses[-1]
+    assert {str(ds.SOPInstanceUID) for ds in peer.received} == set(files)
+    for ds in peer.received:
+        original = pydicom.dcmread(files[str(ds.SOPInstanceUID)])
+        assert ds.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+        assert np.array_equal(ds.pixel_array, original.pixel_array)
+        for keyword in ("PatientName", "PatientID", "StudyInstanceUID", "Rows", "Columns"):
+            assert ds.get(keyword) == original.get(keyword), keyword
+
+
+def test_peer_accepting_compressed_syntaxes_receives_them_as_stored(
+    move_server: DimseServer, archive: Archive, peers: Peers, tmp_path: Path
+) -> None:
+    study_uid, files = ingest_compressed(archive, tmp_path)
+    with storescp(tmp_path / "received", "STORESCP", peers.ports["STORESCP"], "+xa") as received:
+        statuses = move(move_server, study_identifier(study_uid), "STORESCP")
+        arrived = [pydicom.dcmread(p) for p in received.iterdir()]
+    assert statuses[-1].Status == 0x0000
+    assert {str(ds.SOPInstanceUID) for ds in arrived} == set(files)
+    for ds in arrived:
+        original = pydicom.dcmread(files[str(ds.SOPInstanceUID)])
+        assert ds.file_meta.TransferSyntaxUID == original.file_meta.TransferSyntaxUID
+        assert data_set_differences(original, ds) == []
+
+
+def test_partial_failure_ends_with_b000_and_the_failed_uids(
+    move_server: DimseServer, archive: Archive, peers: Peers, tmp_path: Path
+) -> None:
+    """The peer takes CT only: the MR instance of the study fails, the CT instances arrive."""
+    seed_archive(archive, tmp_path / "sent")
+    study = STUDIES[0]
+    peer = PynetdicomPeer(peers.ports["CT_ONLY"], [CTImageStorage], [ExplicitVRLittleEndian])
+    ae = AE(ae_title="MOVESCU")
+    ae.add_requested_context(MOVE)
+    assoc = qr_associate(move_server, ae)
+    try:
+        responses = list(assoc.send_c_move(study_identifier(study.uid), "CT_ONLY", MOVE))
+    finally:
+        assoc.release()
+        peer.stop()
+    status, identifier = responses[-1]
+    mr = study.series[1].instances
+    assert status.Status == 0xB000
+    assert status.NumberOfFailedSuboperations == len(mr)
+    assert status.NumberOfCompletedSuboperations == len(study.series[0].instances)
+    failed = identifier.FailedSOPInstanceUIDList
+    assert ([failed] if isinstance(failed, str) else list(failed)) == list(mr)
+    assert {str(ds.SOPInstanceUID) for ds in peer.received} == set(study.series[0].instances)
+
+
+def test_unknown_destination_is_refused_with_a801(
+    move_server: DimseServer, archive: Archive, tmp_path: Path
+) -> None:
+    seed_archive(archive, tmp_path / "sent")
+    statuses = move(move_server, study_identifier(STUDIES[0].uid), "NOBODY")
+    assert [int(s.Status) for s in statuses] == [0xA801]
+    assert echo_works(move_server)
+
+
+def test_destination_refusing_the_association_gives_a801(
+    move_server: DimseServer, archive: Archive, peers: Peers, tmp_path: Path
+) -> None:
+    seed_archive(archive, tmp_path / "sent")
+    ae = AE(ae_title="REFUSER")
+    ae.add_supported_context(CTImageStorage)
+    ae.require_calling_aet = ["SOMEONE_ELSE"]
+    refuser = ae.start_server(("127.0.0.1", peers.ports["REFUSER"]), block=False)
+    try:
+        statuses = move(move_server, study_identifier(STUDIES[0].uid), "REFUSER")
+    finally:
+        refuser.shutdown()
+    assert [int(s.Status) for s in statuses] == [0xA801]
+    assert echo_works(move_server)
+
+
+@pytest.mark.parametrize(
+    "keys",
+    [{"StudyInstanceUID": STUDIES[0].uid}, {"QueryRetrieveLevel": "STUDY",
+                                            "StudyInstanceUID": "1.2.*"}],
+    ids=["missing-level", "bad-uid"],
+)  # fmt: skip
+def test_malformed_identifier_is_refused_with_a900(
+    move_server: DimseServer, archive: Archive, peers: Peers, tmp_path: Path, keys: dict
+) -> None:
+    identifier = Dataset()
+    for keyword, value in keys.items():
+        setattr(identifier, keyword, value)
+    with storescp(tmp_path / "received", "STORESCP", peers.ports["STORESCP"], "+xa") as received:
+        statuses = move(move_server, identifier, "STORESCP")
+        assert not list(received.iterdir())
+    assert int(statuses[-1].Status) == 0xA900 and statuses[-1].ErrorComment
+    assert echo_works(move_server)
+
+
+def test_c_cancel_stops_a_move(
+    move_server: DimseServer, archive: Archive, peers: Peers, tmp_path: Path
+) -> None:
+    """The peer holds its first C-STORE until the SCU has sent C-CANCEL."""
+    seed_archive(archive, tmp_path / "sent")
+    study = STUDIES[0]
+    peer = PynetdicomPeer(peers.ports["SLOW"], sop_classes_of(list((tmp_path / "sent").iterdir())),
+                          [ExplicitVRLittleEndian])  # fmt: skip
+    peer.release.clear()
+    ae = AE(ae_title="MOVESCU")
+    ae.add_requested_context(MOVE)
+    assoc = qr_associate(move_server, ae)
+    try:
+        responses = assoc.send_c_move(study_identifier(study.uid), "SLOW", MOVE, msg_id=9)
+        canceller = threading.Thread(target=_cancel_after_first_store, args=(assoc, peer))
+        canceller.start()
+        statuses = [status for status, _ in responses]
+        canceller.join()
+    finally:
+        assoc.release()
+        peer.release.set()
+        peer.stop()
+    final = statuses[-1]
+    assert final.Status == 0xFE00
+    assert final.NumberOfCompletedSuboperations == 1
+    assert final.NumberOfRemainingSuboperations == study.instance_count - 1
+    assert len(peer.received) == 1
+    assert echo_works(move_server)
+
+
+def _cancel_after_first_store(assoc: object, peer: PynetdicomPeer) -> None:
+    assert peer.first_received.wait(30)
+    context_id = assoc._get_valid_context(MOVE, "", "scu").context_id  # type: ignore[attr-defined]
+    assoc.send_c_cancel(9, context_id)  # type: ignore[attr-defined]
+    # Give the C-CANCEL a head start on the C-STORE response it must overtake.
+    threading.Event().wait(0.5)
+    peer.release.set()
