@@ -1,0 +1,254 @@
+"""DICOMweb figures: QIDO-RS latency, WADO-RS metadata and frame latency, STOW-RS throughput.
+
+What is measured (over HTTP on loopback, the app on werkzeug's threaded server in this process):
+
+* QIDO-RS ``/studies`` on a synthetic index (``benchmarks/synthetic_index.py``; ``--studies``,
+  default 100 000 studies / 1 000 000 instances): p50 and p95 for a PatientName prefix wild card,
+  an exact PatientID, a one-month StudyDate range, ModalitiesInStudy=CT and an exact
+  AccessionNumber, each with the default study return keys.
+* STOW-RS: a 1 000-instance CT series (64x64, explicit VR little endian) stored in requests of 50
+  instances; instances/s.
+* WADO-RS series metadata of that 1 000-instance series (served from the index): p50 and p95.
+* WADO-RS frame retrieval from the S3 backend (SeaweedFS started here unless ``--s3-endpoint``):
+  a 256-frame JPEG whole-slide image, random single frames; p50 and p95.
+
+Orthanc's DICOMweb plugin joins only when Debian's ``orthanc`` and ``orthanc-dicomweb`` are
+installed; otherwise it is skipped with a message. Figures go to stdout, progress to stderr.
+
+    .venv/bin/python benchmarks/dicomweb.py [--studies N] [--database-url URL] [--repeat N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from io import BytesIO
+from pathlib import Path
+
+import requests
+from pydicom.uid import generate_uid
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from benchmarks.synthetic_index import build_synthetic_index  # noqa: E402
+from config import load_settings  # noqa: E402
+from server.app import HttpServer, create_app  # noqa: E402
+from storage.archive import open_archive  # noqa: E402
+from tests.conftest import S3_ACCESS_KEY, S3_SECRET_KEY, free_port  # noqa: E402
+from tests.factories import ct_instance  # noqa: E402
+from tests.server.dicomweb.test_wsi_frames import jpeg_tile, whole_slide_image  # noqa: E402
+
+STOW_BATCH = 50
+BOUNDARY = "hilum-benchmark"
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def percentiles(samples: list[float]) -> tuple[float, float]:
+    ordered = sorted(samples)
+    p95 = ordered[min(len(ordered) - 1, int(round(0.95 * (len(ordered) - 1))))]
+    return statistics.median(ordered) * 1000, p95 * 1000
+
+
+def timed_get(session: requests.Session, url: str, **kwargs: object) -> tuple[float, bytes]:
+    start = time.perf_counter()
+    response = session.get(url, timeout=120, **kwargs)  # type: ignore[arg-type]
+    body = response.content
+    elapsed = time.perf_counter() - start
+    response.raise_for_status()
+    return elapsed, body
+
+
+def serve(settings, archive) -> tuple[HttpServer, str]:  # type: ignore[no-untyped-def]
+    server = HttpServer(create_app(settings, archive), "127.0.0.1", free_port())
+    server.start()
+    return server, f"http://127.0.0.1:{server.port}/dicomweb"
+
+
+def part10(ds) -> bytes:  # type: ignore[no-untyped-def]
+    out = BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+def stow_body(parts: list[bytes]) -> bytes:
+    body = b"".join(
+        f"--{BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\n".encode() + p + b"\r\n"
+        for p in parts
+    )
+    return body + f"--{BOUNDARY}--\r\n".encode()
+
+
+def qido(args: argparse.Namespace, work: Path) -> None:
+    storage = {"database_url": args.database_url} if args.database_url else {}
+    settings = load_settings(None, server={"data_dir": work / "qido"}, storage=storage)
+    archive = open_archive(settings, migrate=True)
+    log(f"building the synthetic index: {args.studies} studies")
+    facts = build_synthetic_index(archive, studies=args.studies, progress=log)
+    server, base = serve(settings, archive)
+    queries = {
+        f"PatientName={facts.patient_name_prefix}": {"PatientName": facts.patient_name_prefix},
+        f"PatientID={facts.patient_id}": {"PatientID": facts.patient_id},
+        f"StudyDate={facts.month_range}": {"StudyDate": facts.month_range},
+        "ModalitiesInStudy=CT (limit=100)": {"ModalitiesInStudy": "CT", "limit": "100"},
+        f"AccessionNumber={facts.accession_number}": {"AccessionNumber": facts.accession_number},
+    }
+    print(f"\nQIDO-RS /studies, {facts.studies} studies / {facts.instances} instances, "
+          f"{archive.index.dialect}, {args.repeat} runs each")  # fmt: skip
+    print("| query | matches | p50 ms | p95 ms |\n|---|---|---|---|")
+    with requests.Session() as session:
+        for name, params in queries.items():
+            samples, matches = [], 0
+            for _ in range(args.repeat):
+                elapsed, body = timed_get(session, f"{base}/studies", params=params)
+                samples.append(elapsed)
+                matches = body.count(b'"0020000D"')
+            p50, p95 = percentiles(samples)
+            print(f"| {name} | {matches} | {p50:.1f} | {p95:.1f} |", flush=True)
+    server.stop()
+    archive.close()
+
+
+def stow_and_metadata(args: argparse.Namespace, work: Path) -> None:
+    settings = load_settings(None, server={"data_dir": work / "stow"})
+    archive = open_archive(settings, migrate=True)
+    server, base = serve(settings, archive)
+    study, series = generate_uid(), generate_uid()
+    log("encoding 1000 CT instances")
+    parts = [part10(ct_instance(study, series, seed=i, size=64)) for i in range(1000)]
+    with requests.Session() as session:
+        start = time.perf_counter()
+        for first in range(0, len(parts), STOW_BATCH):
+            response = session.post(
+                f"{base}/studies",
+                data=stow_body(parts[first : first + STOW_BATCH]),
+                headers={
+                    "Content-Type": f'multipart/related; type="application/dicom"; '
+                    f"boundary={BOUNDARY}"
+                },
+                timeout=600,
+            )
+            response.raise_for_status()
+        elapsed = time.perf_counter() - start
+        print(f"\nSTOW-RS, SQLite + files: 1000 instances (64x64 CT, {STOW_BATCH} per request) "
+              f"in {elapsed:.1f} s = {1000 / elapsed:.0f} instances/s")  # fmt: skip
+        samples = []
+        for _ in range(args.repeat):
+            elapsed, body = timed_get(session, f"{base}/studies/{study}/series/{series}/metadata")
+            samples.append(elapsed)
+        p50, p95 = percentiles(samples)
+        print(f"WADO-RS series metadata, 1000 instances ({len(body) / 1e6:.1f} MB of DICOM JSON): "
+              f"p50 {p50:.0f} ms, p95 {p95:.0f} ms")  # fmt: skip
+    server.stop()
+    archive.close()
+
+
+def start_seaweedfs(work: Path) -> tuple[subprocess.Popen, str]:
+    weed = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
+    ports = {name: free_port() for name in ("s3", "master", "filer", "volume", "admin")}
+    command = [
+        weed, "mini", f"-dir={work / 'seaweedfs'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+        f"-s3.port={ports['s3']}", f"-master.port={ports['master']}",
+        f"-filer.port={ports['filer']}", f"-volume.port={ports['volume']}",
+        f"-admin.port={ports['admin']}", "-admin.ui=false", "-webdav=false",
+        "-s3.port.iceberg=0", "-s3.port.lance=0",
+    ]  # fmt: skip
+    (work / "seaweedfs").mkdir()
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": S3_ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET_KEY}
+    process = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env
+    )
+    endpoint = f"http://127.0.0.1:{ports['s3']}"
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(endpoint + "/", timeout=2).status_code < 500:
+                return process, endpoint
+        except requests.RequestException:
+            time.sleep(0.5)
+    process.kill()
+    raise SystemExit("SeaweedFS did not start")
+
+
+def wsi_frames(args: argparse.Namespace, work: Path) -> None:
+    process = None
+    endpoint = args.s3_endpoint
+    if not endpoint:
+        process, endpoint = start_seaweedfs(work)
+    try:
+        settings = load_settings(
+            None,
+            server={"data_dir": work / "wsi"},
+            storage={
+                "blob_url": f"s3://hilum-bench?endpoint={endpoint}",
+                "s3_access_key": S3_ACCESS_KEY,
+                "s3_secret_key": S3_SECRET_KEY,
+            },
+        )
+        archive = open_archive(settings, migrate=True)
+        server, base = serve(settings, archive)
+        slide = whole_slide_image([jpeg_tile(i % 12) for i in range(256)])
+        with requests.Session() as session:
+            response = session.post(
+                f"{base}/studies",
+                data=stow_body([part10(slide)]),
+                headers={"Content-Type": f'multipart/related; type="application/dicom"; '
+                         f"boundary={BOUNDARY}"},
+                timeout=600,
+            )  # fmt: skip
+            response.raise_for_status()
+            url = (
+                f"{base}/studies/{slide.StudyInstanceUID}/series/{slide.SeriesInstanceUID}"
+                f"/instances/{slide.SOPInstanceUID}/frames/"
+            )
+            rng = random.Random(0)
+            samples = []
+            accept = {"Accept": 'multipart/related; type="image/jpeg"'}
+            for _ in range(max(args.repeat, 50)):
+                elapsed, _ = timed_get(session, url + str(rng.randint(1, 256)), headers=accept)
+                samples.append(elapsed)
+        p50, p95 = percentiles(samples)
+        print(f"\nWADO-RS frame, 256-frame JPEG WSI on S3 (SeaweedFS), {len(samples)} random "
+              f"frames: p50 {p50:.1f} ms, p95 {p95:.1f} ms")  # fmt: skip
+        server.stop()
+        archive.close()
+    finally:
+        if process is not None:
+            process.terminate()
+            process.wait(10)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--studies", type=int, default=100_000)
+    parser.add_argument("--database-url", default="", help="empty: SQLite in a temporary dir")
+    parser.add_argument("--s3-endpoint", default="", help="empty: start SeaweedFS here")
+    parser.add_argument("--repeat", type=int, default=30)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="hilum-bench-") as tmp:
+        work = Path(tmp)
+        qido(args, work)
+        stow_and_metadata(args, work)
+        wsi_frames(args, work)
+    plugin = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+    if shutil.which("Orthanc") and plugin.exists():
+        print("\nOrthanc with its DICOMweb plugin is installed, but the comparison is not "
+              "implemented yet")  # fmt: skip
+    else:
+        print("\nOrthanc DICOMweb: skipped (Debian's orthanc and orthanc-dicomweb are not "
+              "installed)")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

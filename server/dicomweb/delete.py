@@ -1,0 +1,57 @@
+"""DELETE of a study, a series or an instance (PS3.18 10.4 has no delete transaction; this is
+the de-facto form dcm4chee and Orthanc serve, which dicomweb-client's ``delete_*`` call)."""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Blueprint, Response, g, request
+
+from config import Settings
+from storage.archive import Archive
+from storage.delete import Deletion, delete_instance, delete_series, delete_study
+
+log = logging.getLogger(__name__)
+
+
+class DeleteTransaction:
+    def __init__(self, archive: Archive) -> None:
+        self.archive = archive
+
+    def _done(self, deletion: Deletion, what: str) -> Response:
+        log.info(
+            "request %s from %s deleted %s (%d instance(s), %d orphan blob(s))",
+            g.get("request_id", "-"),
+            request.remote_addr,
+            what,
+            deletion.instances,
+            len(deletion.orphan_blobs),
+        )
+        return Response(status=204)
+
+    def delete_study(self, study: str) -> Response:
+        return self._done(delete_study(self.archive, study), f"study {study}")
+
+    def delete_series(self, study: str, series: str) -> Response:
+        return self._done(delete_series(self.archive, study, series), f"series {series}")
+
+    def delete_instance(self, study: str, series: str, instance: str) -> Response:
+        deletion = delete_instance(self.archive, study, series, instance)
+        return self._done(deletion, f"instance {instance}")
+
+
+def blueprint(archive: Archive, settings: Settings) -> Blueprint:
+    transaction = DeleteTransaction(archive)
+    bp = Blueprint("delete", __name__)
+    bp.add_url_rule("/studies/<study>", view_func=transaction.delete_study, methods=["DELETE"])
+    bp.add_url_rule(
+        "/studies/<study>/series/<series>",
+        view_func=transaction.delete_series,
+        methods=["DELETE"],
+    )
+    bp.add_url_rule(
+        "/studies/<study>/series/<series>/instances/<instance>",
+        view_func=transaction.delete_instance,
+        methods=["DELETE"],
+    )
+    return bp

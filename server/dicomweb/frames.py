@@ -1,0 +1,145 @@
+"""Frames of a stored instance: read with one ranged read each from the blob store, using the
+byte ranges recorded at ingest (never the whole file), and decoded only when asked."""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterator
+from io import BytesIO
+from typing import Any
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate, generate_frames
+from pydicom.uid import UID
+
+from storage.archive import Archive
+from storage.errors import NotFound
+from storage.query import StoredInstance
+
+# Image Pixel Module attributes (PS3.3 C.7.6.3) that decoding a frame needs.
+_PIXEL_MODULE = (
+    "00280002",  # SamplesPerPixel
+    "00280004",  # PhotometricInterpretation
+    "00280006",  # PlanarConfiguration
+    "00280010",  # Rows
+    "00280011",  # Columns
+    "00280100",  # BitsAllocated
+    "00280101",  # BitsStored
+    "00280102",  # HighBit
+    "00280103",  # PixelRepresentation
+)
+_ITEM_HEADER = 8  # PS3.5 A.4: (FFFE,E000) tag and a 4-byte length before each fragment
+
+
+class FrameNotFound(NotFound):
+    """A frame number outside 1..NumberOfFrames."""
+
+
+def parse_frame_list(text: str) -> list[int]:
+    """PS3.18 8.3.3.1.5: ``/frames/1,3,7``, one-based."""
+    try:
+        numbers = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise ValueError(f"frame list {text[:80]!r} is not comma-separated numbers") from None
+    if not numbers or min(numbers) < 1:
+        raise ValueError("frame numbers start at 1")
+    return numbers
+
+
+def check_frames(instance: StoredInstance, numbers: list[int]) -> None:
+    if not instance.frame_ranges and not instance.number_of_frames:
+        raise FrameNotFound(f"instance {instance.sop_instance_uid} has no frames")
+    for n in numbers:
+        if n > instance.number_of_frames:
+            raise FrameNotFound(
+                f"instance {instance.sop_instance_uid} has {instance.number_of_frames} "
+                f"frame(s), not {n}"
+            )
+
+
+def read_frame(archive: Archive, instance: StoredInstance, number: int) -> bytes:
+    """The stored bytes of frame ``number`` (one-based): the fragments of an encapsulated frame
+    joined, or the native frame's pixels, from a single ranged read."""
+    if instance.frame_ranges is None:
+        return _read_frame_from_whole_file(archive, instance, number)
+    fragments = instance.frame_ranges[number - 1]
+    start = fragments[0][0]
+    end = fragments[-1][0] + fragments[-1][1]
+    data = archive.blobs.get_range(instance.blob_key, start, end - start)
+    if len(fragments) == 1:
+        return data
+    # The fragments of one frame lie one after another, each behind its item header.
+    return b"".join(data[offset - start : offset - start + length] for offset, length in fragments)
+
+
+def read_header(archive: Archive, instance: StoredInstance) -> Dataset:
+    """The data set up to the Pixel Data element, read without fetching the pixels."""
+    if instance.frame_ranges:
+        head = archive.blobs.get_range(instance.blob_key, 0, instance.frame_ranges[0][0][0])
+        return pydicom.dcmread(BytesIO(head), stop_before_pixels=True)
+    return _read_whole_file(archive, instance, stop_before_pixels=True)
+
+
+def _read_whole_file(
+    archive: Archive, instance: StoredInstance, *, stop_before_pixels: bool = False
+) -> Dataset:
+    with tempfile.SpooledTemporaryFile(max_size=64 << 20) as spool:
+        with archive.blobs.open(instance.blob_key) as blob:
+            while chunk := blob.read(1 << 20):
+                spool.write(chunk)
+        spool.seek(0)
+        return pydicom.dcmread(spool, stop_before_pixels=stop_before_pixels)
+
+
+def _read_frame_from_whole_file(archive: Archive, instance: StoredInstance, number: int) -> bytes:
+    # No recorded ranges (deflated syntax, or fragments that cannot be assigned to frames).
+    ds = _read_whole_file(archive, instance)
+    if "PixelData" not in ds:
+        raise FrameNotFound(f"instance {instance.sop_instance_uid} has no pixel data")
+    if ds.file_meta.TransferSyntaxUID.is_encapsulated:
+        frames = generate_frames(ds.PixelData, number_of_frames=instance.number_of_frames)
+        for index, frame in enumerate(frames, start=1):
+            if index == number:
+                return frame
+        raise FrameNotFound(f"frame {number} is missing from the pixel data")
+    pixels = ds.pixel_array.reshape(instance.number_of_frames, -1)
+    return pixels[number - 1].astype(pixels.dtype.newbyteorder("<")).tobytes()
+
+
+def frame_dataset(metadata: dict[str, Any], transfer_syntax: str, frame: bytes) -> Dataset:
+    """A one-frame data set around ``frame`` with the instance's Image Pixel attributes, so
+    pydicom's decoders (pylibjpeg, openjpeg, RLE) can decode it."""
+    ds = Dataset.from_json({tag: metadata[tag] for tag in _PIXEL_MODULE if tag in metadata})
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = transfer_syntax
+    ds.NumberOfFrames = 1
+    ds.PixelData = encapsulate([frame]) if UID(transfer_syntax).is_encapsulated else frame
+    ds["PixelData"].VR = "OB" if UID(transfer_syntax).is_encapsulated else "OW"
+    return ds
+
+
+def decode_frame(metadata: dict[str, Any], transfer_syntax: str, frame: bytes) -> np.ndarray:
+    return frame_dataset(metadata, transfer_syntax, frame).pixel_array
+
+
+def native_frame(metadata: dict[str, Any], transfer_syntax: str, frame: bytes) -> bytes:
+    """The frame decoded to native little-endian pixels (PS3.18 8.7.3.3.2 octet-stream).
+
+    Colour frames are sent as decoded (RGB, interleaved).
+    """
+    if not UID(transfer_syntax).is_encapsulated and UID(transfer_syntax).is_little_endian:
+        return frame
+    pixels = decode_frame(metadata, transfer_syntax, frame)
+    return pixels.astype(pixels.dtype.newbyteorder("<")).tobytes()
+
+
+def frames_of(
+    archive: Archive, instance: StoredInstance, numbers: list[int], *, decode: bool
+) -> Iterator[bytes]:
+    for number in numbers:
+        frame = read_frame(archive, instance, number)
+        if decode:
+            frame = native_frame(instance.metadata or {}, instance.transfer_syntax_uid, frame)
+        yield frame

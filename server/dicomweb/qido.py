@@ -1,0 +1,221 @@
+"""QIDO-RS, Search Transaction (PS3.18 10.6): studies, series and instances, answered from the
+index by ``storage.query`` and streamed as DICOM JSON (PS3.18 F.2)."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from itertools import chain
+from typing import Any
+
+from flask import Blueprint, Response, request, stream_with_context
+from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
+
+from config import Settings
+from server.dicomweb import urls
+from server.dicomweb.media_types import DICOM_JSON
+from storage.archive import Archive
+from storage.errors import InvalidQuery
+from storage.query import QUERY_KEYS, Query, QueryLevel, search
+
+# PS3.18 Tables 10.6.3-3, -4 and -5: the attributes returned without includefield.
+DEFAULT_RETURN_KEYS = {
+    QueryLevel.STUDY: [
+        "StudyDate", "StudyTime", "AccessionNumber", "ModalitiesInStudy",
+        "ReferringPhysicianName", "PatientName", "PatientID", "PatientBirthDate", "PatientSex",
+        "StudyInstanceUID", "StudyID", "NumberOfStudyRelatedSeries",
+        "NumberOfStudyRelatedInstances",
+    ],
+    QueryLevel.SERIES: [
+        "Modality", "SeriesDescription", "SeriesInstanceUID", "SeriesNumber",
+        "NumberOfSeriesRelatedInstances",
+    ],
+    QueryLevel.IMAGE: ["SOPClassUID", "SOPInstanceUID", "InstanceNumber", "NumberOfFrames"],
+}  # fmt: skip
+_LEVEL_ORDER = [QueryLevel.STUDY, QueryLevel.SERIES, QueryLevel.IMAGE]
+_SEARCH_PARAMETERS = {"includefield", "fuzzymatching", "limit", "offset"}
+_TAG = re.compile(r"^[0-9A-Fa-f]{8}$")
+_RETRIEVE_URL, _INSTANCE_AVAILABILITY = "00081190", "00080056"
+# Keys that only tell the client something (PS3.18 8.3.4): accepted and ignored.
+_IGNORED_PARAMETERS = {"charset", "accept"}
+
+
+class SearchForm:
+    """The query parameters of one QIDO-RS request, validated (PS3.18 8.3.4)."""
+
+    def __init__(self, level: QueryLevel, settings: Settings, path_keys: dict[str, str]) -> None:
+        self.level = level
+        self.warnings: list[str] = []
+        matching: dict[str, str] = dict(path_keys)
+        include: list[str] = []
+        include_all = False
+        case_insensitive = settings.query.case_insensitive_person_names
+        limit: int | None = None
+        offset = 0
+        for name, value in request.args.items(multi=True):
+            lowered = name.lower()
+            if lowered == "includefield":
+                for field in filter(None, (f.strip() for f in value.split(","))):
+                    if field == "all":
+                        include_all = True
+                    else:
+                        include.append(self._attribute(field, "includefield"))
+            elif lowered == "fuzzymatching":
+                if value.lower() not in ("true", "false"):
+                    raise InvalidQuery(f"fuzzymatching must be true or false, not {value!r}")
+                # PS3.18 8.3.4.1: fuzzy matching of Person Names; Hilum ignores case.
+                case_insensitive = case_insensitive or value.lower() == "true"
+            elif lowered in ("limit", "offset"):
+                number = _non_negative(lowered, value)
+                if lowered == "limit":
+                    limit = number
+                else:
+                    offset = number
+            elif lowered in _IGNORED_PARAMETERS:
+                continue
+            elif "." in name:
+                self.warnings.append(f"matching on the sequence attribute {name} is not supported")
+            else:
+                keyword = self._attribute(name, "matching key")
+                if keyword in path_keys and value != path_keys[keyword]:
+                    raise InvalidQuery(f"{keyword} in the query contradicts the URL")
+                if keyword not in QUERY_KEYS:
+                    self.warnings.append(f"{keyword} is not indexed; it was not used to match")
+                    include.append(keyword)
+                    continue
+                if QUERY_KEYS[keyword].vr == "UI":
+                    # PS3.18 8.3.4.1: a list of UIDs is separated by commas (or backslashes).
+                    value = value.replace(",", "\\")
+                matching[keyword] = value
+        returned = list(DEFAULT_RETURN_KEYS[level])
+        if level != QueryLevel.STUDY and "StudyInstanceUID" not in path_keys:
+            # PS3.18 10.6.3.3.1: without a study in the URL, study attributes come too.
+            returned += DEFAULT_RETURN_KEYS[QueryLevel.STUDY]
+        if include_all:
+            depth = _LEVEL_ORDER.index(level)
+            returned += [
+                k for k, key in QUERY_KEYS.items() if key.level in _LEVEL_ORDER[: depth + 1]
+            ]
+        self.extra_keys = [k for k in dict.fromkeys(include) if k not in QUERY_KEYS]
+        self.query = Query(
+            level=level,
+            matching=matching,
+            return_keys=list(dict.fromkeys([*returned, *include])),
+            case_insensitive_person_names=case_insensitive,
+            limit=limit,
+            offset=offset,
+        )
+
+    @staticmethod
+    def _attribute(name: str, what: str) -> str:
+        """A keyword from a keyword or an eight-digit tag (PS3.18 8.3.4.1)."""
+        if _TAG.match(name):
+            keyword = keyword_for_tag(int(name, 16))
+            if keyword:
+                return keyword
+        elif tag_for_keyword(name) is not None:
+            return name
+        raise InvalidQuery(f"{what} {name[:80]!r} is not a DICOM attribute keyword or tag")
+
+
+def _non_negative(name: str, value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise InvalidQuery(f"{name} must be a whole number, not {value[:40]!r}") from None
+    if number < 0:
+        raise InvalidQuery(f"{name} must not be negative")
+    return number
+
+
+def _element(keyword: str, value: Any) -> dict[str, Any]:
+    key = QUERY_KEYS.get(keyword)
+    vr = key.vr if key else dictionary_VR(keyword)
+    if value is None or value == []:
+        return {"vr": vr}
+    values = value if isinstance(value, list) else [value]
+    if vr == "PN":
+        return {"vr": vr, "Value": [{"Alphabetic": v} for v in values]}
+    if vr == "IS":
+        return {"vr": vr, "Value": [int(v) for v in values]}
+    return {"vr": vr, "Value": [str(v) for v in values]}
+
+
+def _tag(keyword: str) -> str:
+    key = QUERY_KEYS.get(keyword)
+    return f"{key.tag if key else tag_for_keyword(keyword):08X}"
+
+
+def dicom_json(row: dict[str, Any], level: QueryLevel, extra_keys: list[str]) -> dict[str, Any]:
+    """One result as DICOM JSON, with its RetrieveURL (PS3.18 10.6.3.3)."""
+    result = {_tag(keyword): _element(keyword, value) for keyword, value in row.items()}
+    for keyword in extra_keys:
+        result.setdefault(_tag(keyword), {"vr": dictionary_VR(keyword)})
+    study = row.get("StudyInstanceUID")
+    if level == QueryLevel.STUDY:
+        url = urls.study_url(study)
+    elif level == QueryLevel.SERIES:
+        url = urls.series_url(study, row.get("SeriesInstanceUID"))
+    else:
+        url = urls.instance_url(study, row.get("SeriesInstanceUID"), row.get("SOPInstanceUID"))
+    result[_RETRIEVE_URL] = {"vr": "UR", "Value": [url]}
+    result[_INSTANCE_AVAILABILITY] = {"vr": "CS", "Value": ["ONLINE"]}
+    return dict(sorted(result.items()))
+
+
+def _json_array(items: Iterator[dict[str, Any]]) -> Iterator[bytes]:
+    yield b"["
+    for i, item in enumerate(items):
+        yield (b"," if i else b"") + json.dumps(item, separators=(",", ":")).encode()
+    yield b"]"
+
+
+class SearchTransaction:
+    """PS3.18 10.6: the search resources, one method per target resource."""
+
+    def __init__(self, archive: Archive, settings: Settings) -> None:
+        self.archive = archive
+        self.settings = settings
+
+    def _search(self, level: QueryLevel, path_keys: dict[str, str]) -> Response:
+        form = SearchForm(level, self.settings, path_keys)
+        rows = search(self.archive, form.query)
+        first = next(rows, None)  # runs the query now, so an invalid one is a 400, not a 200
+        matches = chain([first], rows) if first is not None else iter(())
+        body = _json_array(dicom_json(row, level, form.extra_keys) for row in matches)
+        response = Response(stream_with_context(body), content_type=DICOM_JSON)
+        for text in form.warnings:
+            # PS3.18 8.4.5 / RFC 7234 5.5: warn-code 299 with the reason.
+            response.headers.add("Warning", f'299 hilum "{text}"')
+        return response
+
+    def search_for_studies(self) -> Response:
+        return self._search(QueryLevel.STUDY, {})
+
+    def search_for_series(self, study: str | None = None) -> Response:
+        return self._search(QueryLevel.SERIES, {"StudyInstanceUID": study} if study else {})
+
+    def search_for_instances(self, study: str | None = None, series: str | None = None) -> Response:
+        keys = {"StudyInstanceUID": study} if study else {}
+        if series:
+            keys["SeriesInstanceUID"] = series
+        return self._search(QueryLevel.IMAGE, keys)
+
+
+def blueprint(archive: Archive, settings: Settings) -> Blueprint:
+    qido = SearchTransaction(archive, settings)
+    bp = Blueprint("qido", __name__)
+    bp.add_url_rule("/studies", view_func=qido.search_for_studies, methods=["GET"])
+    bp.add_url_rule("/series", view_func=qido.search_for_series, methods=["GET"])
+    bp.add_url_rule("/instances", view_func=qido.search_for_instances, methods=["GET"])
+    bp.add_url_rule("/studies/<study>/series", view_func=qido.search_for_series, methods=["GET"])
+    bp.add_url_rule(
+        "/studies/<study>/instances", view_func=qido.search_for_instances, methods=["GET"]
+    )
+    bp.add_url_rule(
+        "/studies/<study>/series/<series>/instances",
+        view_func=qido.search_for_instances,
+        methods=["GET"],
+    )
+    return bp

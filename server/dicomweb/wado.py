@@ -1,0 +1,303 @@
+"""WADO-RS, Retrieve Transaction (PS3.18 10.4): instances, metadata, frames and bulk data.
+
+Instances stream from the blob store as stored, or transcoded when the Accept header asks for
+another transfer syntax; metadata comes from the index without opening a DICOM file; frames
+and Pixel Data bulk data are read by range using the frame offsets recorded at ingest.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from collections.abc import Iterable, Iterator
+from io import BytesIO
+from typing import Any
+
+import pydicom
+from flask import Blueprint, Response, request, stream_with_context
+from pydicom.uid import UID
+
+from config import Settings
+from server.dicomweb import urls
+from server.dicomweb.frames import (
+    check_frames,
+    frames_of,
+    parse_frame_list,
+    read_header,
+)
+from server.dicomweb.media_types import (
+    DICOM,
+    DICOM_JSON,
+    OCTET_STREAM,
+    AcceptedType,
+    NotAcceptable,
+    frame_representation,
+    instance_transfer_syntax,
+    parse_accept,
+)
+from server.dicomweb.multipart import OutgoingPart, new_boundary, write_parts
+from storage.archive import Archive
+from storage.dicom_file import PIXEL_DATA
+from storage.errors import InvalidQuery, NotFound
+from storage.query import Query, QueryLevel, StoredInstance, locate_instances
+
+log = logging.getLogger(__name__)
+_CHUNK = 1 << 20
+
+
+def instances_query(study: str, series: str | None = None, instance: str | None = None) -> Query:
+    matching = {"StudyInstanceUID": study}
+    level = QueryLevel.STUDY
+    if series is not None:
+        matching["SeriesInstanceUID"] = series
+        level = QueryLevel.SERIES
+    if instance is not None:
+        matching["SOPInstanceUID"] = instance
+        level = QueryLevel.IMAGE
+    return Query(level=level, matching=matching)
+
+
+def located(
+    archive: Archive,
+    study: str,
+    series: str | None = None,
+    instance: str | None = None,
+    *,
+    with_metadata: bool = False,
+) -> Iterator[StoredInstance]:
+    """The stored instances under the URL's entity; :class:`NotFound` at once when there are
+    none (the query runs here, before any response starts)."""
+    query = instances_query(study, series, instance)
+    found = locate_instances(archive, query, with_metadata=with_metadata)
+    first = next(found, None)
+    if first is None:
+        found.close()
+        raise NotFound(f"no stored instance under {instance or series or study}")
+
+    def stream() -> Iterator[StoredInstance]:
+        try:
+            yield first
+            yield from found
+        finally:
+            found.close()  # closes the database cursor if the client goes away
+
+    return stream()
+
+
+def one_instance(
+    archive: Archive, study: str, series: str, instance: str, *, with_metadata: bool = True
+) -> StoredInstance:
+    found = located(archive, study, series, instance, with_metadata=with_metadata)
+    try:
+        return next(found)
+    finally:
+        found.close()  # type: ignore[attr-defined]
+
+
+def multipart_response(parts: Iterator[OutgoingPart], part_type: str) -> Response:
+    boundary = new_boundary()
+    return Response(
+        # URLs in the parts are built from the request while the body streams.
+        stream_with_context(write_parts(parts, boundary)),
+        content_type=f'multipart/related; type="{part_type}"; boundary={boundary}',
+        direct_passthrough=True,
+    )
+
+
+def absolute_bulk_data_uris(elements: dict[str, Any], base: str, path: str = "") -> None:
+    """Ingest stores BulkDataURIs relative (``bulkdata/<tag>``); clients need absolute URLs.
+
+    Elements inside sequences get ``bulkdata/<sequence tag>/<item index>/<tag>``.
+    """
+    for tag, element in elements.items():
+        if "BulkDataURI" in element:
+            element["BulkDataURI"] = f"{base}/bulkdata/{path}{tag}"
+        elif element.get("vr") == "SQ":
+            for index, item in enumerate(element.get("Value") or []):
+                absolute_bulk_data_uris(item, base, f"{path}{tag}/{index}/")
+
+
+class RetrieveTransaction:
+    """PS3.18 10.4: one method per target resource."""
+
+    def __init__(self, archive: Archive, settings: Settings) -> None:
+        self.archive = archive
+        self.tmp_dir = settings.server.data_dir / "tmp"
+
+    # -- instances ----------------------------------------------------------------------------
+
+    def _instances(self, found: Iterator[StoredInstance]) -> Response:
+        accepted = parse_accept(request.headers.get("Accept"))
+        # The first part is prepared before the status is sent: a 406 is still possible.
+        first = self._part(next(found), accepted)
+
+        def parts() -> Iterator[OutgoingPart]:
+            yield first
+            for instance in found:
+                try:
+                    yield self._part(instance, accepted)
+                except NotAcceptable as error:
+                    # The status is sent; leaving one instance out beats a broken body.
+                    log.warning("WADO-RS left out %s: %s", instance.sop_instance_uid, error)
+
+        return multipart_response(parts(), DICOM)
+
+    def _part(self, instance: StoredInstance, accepted: list[AcceptedType]) -> OutgoingPart:
+        syntax = instance_transfer_syntax(accepted, instance.transfer_syntax_uid)
+        return OutgoingPart(
+            f"{DICOM}; transfer-syntax={syntax}",
+            self.instance_bytes(instance, syntax),
+            urls.instance_url(
+                instance.study_instance_uid,
+                instance.series_instance_uid,
+                instance.sop_instance_uid,
+            ),
+        )
+
+    def instance_bytes(self, instance: StoredInstance, syntax: str) -> Iterable[bytes]:
+        """The Part 10 file in ``syntax``: streamed as stored, or transcoded now (in memory),
+        so that a transcoding failure is known before the part starts."""
+        if syntax != instance.transfer_syntax_uid:
+            return [self._transcoded(instance, syntax)]
+        return self._stored_bytes(instance)
+
+    def _stored_bytes(self, instance: StoredInstance) -> Iterator[bytes]:
+        with self.archive.blobs.open(instance.blob_key) as blob:
+            while chunk := blob.read(_CHUNK):
+                yield chunk
+
+    def _transcoded(self, instance: StoredInstance, syntax: str) -> bytes:
+        with tempfile.SpooledTemporaryFile(max_size=64 << 20, dir=self.tmp_dir) as spool:
+            with self.archive.blobs.open(instance.blob_key) as blob:
+                while chunk := blob.read(_CHUNK):
+                    spool.write(chunk)
+            spool.seek(0)
+            ds = pydicom.dcmread(spool)
+            try:
+                if ds.file_meta.TransferSyntaxUID.is_encapsulated and "PixelData" in ds:
+                    ds.decompress()
+                if UID(syntax).is_encapsulated and "PixelData" in ds:
+                    ds.compress(syntax)
+                else:
+                    ds.file_meta.TransferSyntaxUID = syntax
+                out = BytesIO()
+                ds.save_as(out, enforce_file_format=True)
+            except (RuntimeError, ValueError, NotImplementedError, AttributeError) as error:
+                raise NotAcceptable(
+                    f"instance {instance.sop_instance_uid} cannot be transcoded to {syntax}: "
+                    f"{error}"
+                ) from error
+            return out.getvalue()
+
+    def retrieve_study(self, study: str) -> Response:
+        return self._instances(located(self.archive, study))
+
+    def retrieve_series(self, study: str, series: str) -> Response:
+        return self._instances(located(self.archive, study, series))
+
+    def retrieve_instance(self, study: str, series: str, instance: str) -> Response:
+        return self._instances(located(self.archive, study, series, instance))
+
+    # -- metadata -----------------------------------------------------------------------------
+
+    def _metadata(self, found: Iterator[StoredInstance]) -> Response:
+        def body() -> Iterator[bytes]:
+            yield b"["
+            for i, instance in enumerate(found):
+                metadata = instance.metadata or {}
+                base = urls.instance_url(
+                    instance.study_instance_uid,
+                    instance.series_instance_uid,
+                    instance.sop_instance_uid,
+                )
+                absolute_bulk_data_uris(metadata, base)
+                yield (b"," if i else b"") + json.dumps(metadata, separators=(",", ":")).encode()
+            yield b"]"
+
+        return Response(stream_with_context(body()), content_type=DICOM_JSON)
+
+    def retrieve_study_metadata(self, study: str) -> Response:
+        return self._metadata(located(self.archive, study, with_metadata=True))
+
+    def retrieve_series_metadata(self, study: str, series: str) -> Response:
+        return self._metadata(located(self.archive, study, series, with_metadata=True))
+
+    def retrieve_instance_metadata(self, study: str, series: str, instance: str) -> Response:
+        return self._metadata(located(self.archive, study, series, instance, with_metadata=True))
+
+    # -- frames and bulk data -----------------------------------------------------------------
+
+    def _frames_response(self, stored: StoredInstance, numbers: list[int]) -> Response:
+        check_frames(stored, numbers)
+        accepted = parse_accept(request.headers.get("Accept"))
+        media_type, decode = frame_representation(accepted, stored.transfer_syntax_uid)
+        part_type = media_type
+        if media_type != OCTET_STREAM:
+            part_type = f"{media_type}; transfer-syntax={stored.transfer_syntax_uid}"
+        base = urls.instance_url(
+            stored.study_instance_uid, stored.series_instance_uid, stored.sop_instance_uid
+        )
+        frames = frames_of(self.archive, stored, numbers, decode=decode)
+        parts = (
+            OutgoingPart(part_type, [frame], f"{base}/frames/{n}")
+            for n, frame in zip(numbers, frames, strict=True)
+        )
+        return multipart_response(parts, media_type)
+
+    def retrieve_frames(self, study: str, series: str, instance: str, frames: str) -> Response:
+        try:
+            numbers = parse_frame_list(frames)
+        except ValueError as error:
+            raise InvalidQuery(str(error)) from None
+        stored = one_instance(self.archive, study, series, instance)
+        return self._frames_response(stored, numbers)
+
+    def retrieve_bulkdata(self, study: str, series: str, instance: str, path: str) -> Response:
+        stored = one_instance(self.archive, study, series, instance)
+        steps = path.split("/")
+        if steps == [f"{PIXEL_DATA:08X}"]:
+            # PS3.18 8.7.3.3: Pixel Data bulk data is sent frame by frame, like frames.
+            if not stored.number_of_frames or "7FE00010" not in (stored.metadata or {}):
+                raise NotFound(f"instance {instance} has no Pixel Data")
+            return self._frames_response(stored, list(range(1, stored.number_of_frames + 1)))
+        value = _element_value(read_header(self.archive, stored), steps)
+        return multipart_response(iter([OutgoingPart(OCTET_STREAM, [value])]), OCTET_STREAM)
+
+
+def _element_value(dataset: pydicom.Dataset, steps: list[str]) -> bytes:
+    """The value bytes of the element at ``<tag>[/<item>/<tag>…]`` (little endian)."""
+    try:
+        current: Any = dataset
+        for i, step in enumerate(steps):
+            if i % 2:
+                current = current[int(step)]
+            else:
+                current = current[int(step, 16)]
+                if i < len(steps) - 1:
+                    current = current.value
+    except (KeyError, IndexError, ValueError, TypeError):
+        raise NotFound(f"no bulk data at {'/'.join(steps)[:120]}") from None
+    value = current.value
+    if isinstance(value, bytes | bytearray):
+        return bytes(value)
+    raise NotFound(f"the element at {'/'.join(steps)[:120]} is not bulk data")
+
+
+def blueprint(archive: Archive, settings: Settings) -> Blueprint:
+    wado = RetrieveTransaction(archive, settings)
+    bp = Blueprint("wado", __name__)
+    instance = "/studies/<study>/series/<series>/instances/<instance>"
+    rules = {
+        "/studies/<study>": wado.retrieve_study,
+        "/studies/<study>/series/<series>": wado.retrieve_series,
+        instance: wado.retrieve_instance,
+        "/studies/<study>/metadata": wado.retrieve_study_metadata,
+        "/studies/<study>/series/<series>/metadata": wado.retrieve_series_metadata,
+        f"{instance}/metadata": wado.retrieve_instance_metadata,
+        f"{instance}/frames/<frames>": wado.retrieve_frames,
+        f"{instance}/bulkdata/<path:path>": wado.retrieve_bulkdata,
+    }
+    for rule, view in rules.items():
+        bp.add_url_rule(rule, view_func=view, methods=["GET"])
+    return bp

@@ -1,0 +1,103 @@
+"""WADO-URI (PS3.18 9): ``/wado?requestType=WADO&studyUID=…&seriesUID=…&objectUID=…`` for
+legacy viewers. One object per request: the DICOM file, or a rendered JPEG/PNG."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from flask import Blueprint, Response, request
+from pydicom.uid import ExplicitVRLittleEndian
+
+from config import Settings
+from server.dicomweb.frames import check_frames, decode_frame, read_frame
+from server.dicomweb.media_types import DICOM, NotAcceptable, can_transcode
+from server.dicomweb.rendering import RENDERED_TYPES, RenderingParameters, render
+from server.dicomweb.wado import RetrieveTransaction, one_instance
+from storage.archive import Archive
+from storage.errors import InvalidQuery
+from storage.query import StoredInstance
+
+
+def _required(name: str) -> str:
+    value = request.args.get(name, "")
+    if not value:
+        raise InvalidQuery(f"WADO-URI needs the {name} parameter")
+    return value
+
+
+def _positive(name: str) -> int | None:
+    if name not in request.args:
+        return None
+    try:
+        value = int(request.args[name])
+    except ValueError:
+        raise InvalidQuery(f"{name} must be a whole number") from None
+    if value < 1:
+        raise InvalidQuery(f"{name} must be positive")
+    return value
+
+
+class WadoUri:
+    def __init__(self, archive: Archive, settings: Settings) -> None:
+        self.archive = archive
+        self.retrieve = RetrieveTransaction(archive, settings)
+
+    def retrieve_object(self) -> Response:
+        if request.args.get("requestType") != "WADO":
+            raise InvalidQuery("requestType must be WADO (PS3.18 9.1.2.1.1)")
+        stored = one_instance(
+            self.archive, _required("studyUID"), _required("seriesUID"), _required("objectUID")
+        )
+        # PS3.18 9.1.2.1.5: a list of acceptable types; image/jpeg when absent.
+        wanted = [t.strip() for t in request.args.get("contentType", "image/jpeg").split(",")]
+        for content_type in wanted:
+            if content_type == DICOM:
+                return self._dicom(stored)
+            if content_type in RENDERED_TYPES:
+                return self._rendered(stored, content_type)
+        raise NotAcceptable(f"contentType {','.join(wanted)[:80]} is not available")
+
+    def _dicom(self, stored: StoredInstance) -> Response:
+        # PS3.18 9.1.2.1.6: transferSyntax; the default is Explicit VR Little Endian, but a
+        # stored compressed object goes as stored unless asked (what viewers expect).
+        syntax = request.args.get("transferSyntax") or stored.transfer_syntax_uid
+        if not can_transcode(stored.transfer_syntax_uid, syntax):
+            raise NotAcceptable(
+                f"cannot send {stored.transfer_syntax_uid} as {syntax} "
+                f"(try {ExplicitVRLittleEndian})"
+            )
+        body: Iterable[bytes] = self.retrieve.instance_bytes(stored, syntax)
+        return Response(body, content_type=DICOM, direct_passthrough=True)
+
+    def _rendered(self, stored: StoredInstance, media_type: str) -> Response:
+        frame = _positive("frameNumber") or 1
+        check_frames(stored, [frame])
+        window = None
+        if "windowCenter" in request.args and "windowWidth" in request.args:
+            try:
+                window = (
+                    float(request.args["windowCenter"]),
+                    float(request.args["windowWidth"]),
+                    "linear",
+                )
+            except ValueError:
+                raise InvalidQuery("windowCenter and windowWidth must be numbers") from None
+        rows, columns = _positive("rows"), _positive("columns")
+        viewport = (columns or rows or 0, rows or columns or 0) if rows or columns else None
+        quality = _positive("imageQuality") or 90
+        params = RenderingParameters(window, viewport, min(quality, 100))
+        pixels = decode_frame(
+            stored.metadata or {},
+            stored.transfer_syntax_uid,
+            read_frame(self.archive, stored, frame),
+        )
+        return Response(
+            render(pixels, stored.metadata or {}, params, media_type), content_type=media_type
+        )
+
+
+def blueprint(archive: Archive, settings: Settings) -> Blueprint:
+    wado_uri = WadoUri(archive, settings)
+    bp = Blueprint("wado_uri", __name__)
+    bp.add_url_rule("/wado", view_func=wado_uri.retrieve_object, methods=["GET"])
+    return bp

@@ -1,0 +1,110 @@
+"""Deleting a study, a series or an instance: index rows first, in one transaction, then blobs.
+
+The order mirrors ingest: once the transaction commits nothing refers to the blobs, so a blob
+that cannot be deleted afterwards is an orphan (reported by ``hilum verify``), never a row
+pointing at a missing file.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from sqlalchemy import delete, exists, select, update
+from sqlalchemy.orm import Session
+
+from storage.archive import Archive
+from storage.dicom_file import is_valid_uid
+from storage.errors import InvalidQuery, NotFound, StorageError
+from storage.index.models import Instance, Patient, Series, Study
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Deletion:
+    instances: int
+    orphan_blobs: list[str]  # blobs that could not be removed after the commit
+
+
+def delete_study(archive: Archive, study_uid: str) -> Deletion:
+    return _delete(archive, study_uid, None, None)
+
+
+def delete_series(archive: Archive, study_uid: str, series_uid: str) -> Deletion:
+    return _delete(archive, study_uid, series_uid, None)
+
+
+def delete_instance(archive: Archive, study_uid: str, series_uid: str, sop_uid: str) -> Deletion:
+    return _delete(archive, study_uid, series_uid, sop_uid)
+
+
+def _delete(
+    archive: Archive, study_uid: str, series_uid: str | None, sop_uid: str | None
+) -> Deletion:
+    for uid in (study_uid, series_uid, sop_uid):
+        if uid is not None and not is_valid_uid(uid):
+            raise InvalidQuery(f"{uid[:80]!r} is not a valid UID")
+    partition = archive.partition
+    with archive.index.write() as session:
+        statement = (
+            select(Instance.id, Instance.blob_key, Series.id, Study.id, Study.patient_pk)
+            .join(Series, Instance.series_pk == Series.id)
+            .join(Study, Series.study_pk == Study.id)
+            .where(Study.partition == partition, Study.study_instance_uid == study_uid)
+        )
+        if series_uid is not None:
+            statement = statement.where(Series.series_instance_uid == series_uid)
+        if sop_uid is not None:
+            statement = statement.where(Instance.sop_instance_uid == sop_uid)
+        rows = session.execute(statement).all()
+        if not rows:
+            what = sop_uid or series_uid or study_uid
+            raise NotFound(f"no stored instance under {what}")
+        session.execute(delete(Instance).where(Instance.id.in_({r[0] for r in rows})))
+        study_pk, patient_pk = rows[0][3], rows[0][4]
+        _delete_empty_parents(session, {r[2] for r in rows}, study_pk, patient_pk)
+    keys = [r[1] for r in rows]
+    log.info(
+        "deleted %d instance(s) of study %s%s%s",
+        len(keys),
+        study_uid,
+        f" series {series_uid}" if series_uid else "",
+        f" instance {sop_uid}" if sop_uid else "",
+    )
+    orphans = []
+    for key in keys:
+        try:
+            archive.blobs.delete(key)
+        except StorageError as error:
+            log.warning("blob %s of a deleted instance is now an orphan: %s", key, error)
+            orphans.append(key)
+    return Deletion(len(keys), orphans)
+
+
+def _delete_empty_parents(
+    session: Session, series_pks: set[int], study_pk: int, patient_pk: int
+) -> None:
+    session.execute(
+        delete(Series).where(
+            Series.id.in_(series_pks), ~exists().where(Instance.series_pk == Series.id)
+        )
+    )
+    modalities = session.execute(
+        select(Series.modality).where(Series.study_pk == study_pk).distinct()
+    ).scalars()
+    remaining = sorted(m for m in modalities if m)
+    if session.execute(select(exists().where(Series.study_pk == study_pk))).scalar():
+        # PS3.4 C.6.2.1.2: ModalitiesInStudy lists the modalities of the series that remain.
+        session.execute(
+            update(Study)
+            .where(Study.id == study_pk)
+            .values(modalities_in_study="\\".join(remaining)[:255])
+        )
+        return
+    session.execute(delete(Study).where(Study.id == study_pk))
+    session.execute(
+        delete(Patient).where(
+            Patient.id == patient_pk, ~exists().where(Study.patient_pk == Patient.id)
+        )
+    )

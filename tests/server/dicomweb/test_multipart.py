@@ -1,0 +1,72 @@
+"""The streaming multipart/related reader and writer (pure logic, no server)."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+
+from server.dicomweb.multipart import (
+    MultipartError,
+    OutgoingPart,
+    check_boundary,
+    read_parts,
+    write_parts,
+)
+
+
+class Trickle(io.RawIOBase):
+    """A stream that returns at most ``step`` bytes per read, like a slow socket."""
+
+    def __init__(self, data: bytes, step: int) -> None:
+        self.data, self.step, self.at = data, step, 0
+
+    def read(self, size: int = -1) -> bytes:
+        chunk = self.data[self.at : self.at + self.step]
+        self.at += len(chunk)
+        return chunk
+
+
+def parts_of(body: bytes, boundary: str = "b0und", step: int = 1 << 20) -> list[tuple[dict, bytes]]:
+    return [
+        (part.headers, part.file.read())
+        for part in read_parts(Trickle(body, step), boundary, io.BytesIO)  # type: ignore[arg-type]
+    ]
+
+
+@pytest.mark.parametrize("step", [1, 7, 64, 1 << 20])
+def test_round_trip_whatever_the_read_size(step: int) -> None:
+    contents = [b"first\r\n--b0unce", b"", b"\r\n--b0un" * 50]
+    body = b"".join(
+        write_parts(
+            [OutgoingPart("application/dicom", [c], "http://x/1") for c in contents], "b0und"
+        )
+    )
+    received = parts_of(b"preamble\r\n" + body + b"epilogue", step=step)
+    assert [content for _, content in received] == contents
+    assert received[0][0] == {"content-type": "application/dicom", "content-location": "http://x/1"}
+
+
+def test_transport_padding_after_a_delimiter_is_allowed() -> None:
+    body = b"--b0und  \r\nContent-Type: a/b\r\n\r\nX\r\n--b0und--"
+    assert parts_of(body) == [({"content-type": "a/b"}, b"X")]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"no delimiter at all",
+        b"--b0und\r\nContent-Type: a/b\r\n\r\nunterminated part",
+        b"--b0und\r\nno colon here\r\n\r\nX\r\n--b0und--",
+        b"--b0und junk\r\n\r\nX\r\n--b0und--",
+    ],
+)
+def test_malformed_bodies(body: bytes) -> None:
+    with pytest.raises(MultipartError):
+        parts_of(body)
+
+
+def test_boundary_characters_are_checked() -> None:
+    assert check_boundary("0f3cf5c0-70e0-41ef") == "0f3cf5c0-70e0-41ef"
+    with pytest.raises(MultipartError):
+        check_boundary("bad\r\nboundary")

@@ -1,0 +1,170 @@
+"""STOW-RS (PS3.18 10.5): stores through the one ingest path; statuses 200, 202, 409, 413, 415."""
+
+from __future__ import annotations
+
+from io import BytesIO
+
+import pytest
+import requests
+from dicomweb_client.api import DICOMwebClient
+from pydicom.dataset import Dataset
+
+from config import Settings
+from server.app import HttpServer, create_app
+from storage.archive import Archive
+from storage.query import Query, QueryLevel, locate_instances
+from tests.conftest import free_port
+from tests.server.dicomweb.conftest import ct_series
+
+BOUNDARY = "hilum-test-boundary"
+STOW_TYPE = f'multipart/related; type="application/dicom"; boundary={BOUNDARY}'
+
+
+def part10(ds: Dataset) -> bytes:
+    out = BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+def multipart(parts: list[bytes], content_type: str = "application/dicom") -> bytes:
+    body = b"preamble, ignored\r\n"
+    for part in parts:
+        body += f"--{BOUNDARY}\r\nContent-Type: {content_type}\r\n\r\n".encode() + part + b"\r\n"
+    return body + f"--{BOUNDARY}--\r\n".encode()
+
+
+def stored_uids(archive: Archive, study: str) -> set[str]:
+    query = Query(QueryLevel.STUDY, {"StudyInstanceUID": study})
+    return {i.sop_instance_uid for i in locate_instances(archive, query)}
+
+
+def test_store_instances_with_dicomweb_client(client: DICOMwebClient, archive: Archive) -> None:
+    instances = ct_series(3)
+    study = instances[0].StudyInstanceUID
+
+    response = client.store_instances(instances)
+
+    referenced = response.ReferencedSOPSequence
+    assert [item.ReferencedSOPInstanceUID for item in referenced] == [
+        ds.SOPInstanceUID for ds in instances
+    ]
+    assert referenced[0].RetrieveURL.endswith(
+        f"/studies/{study}/series/{instances[0].SeriesInstanceUID}"
+        f"/instances/{instances[0].SOPInstanceUID}"
+    )
+    assert "FailedSOPSequence" not in response
+    assert stored_uids(archive, study) == {ds.SOPInstanceUID for ds in instances}
+
+
+def test_store_into_a_study_refuses_instances_of_another(base_url: str, archive: Archive) -> None:
+    mine, other = ct_series(1), ct_series(1)
+    study = mine[0].StudyInstanceUID
+    response = requests.post(
+        f"{base_url}/studies/{study}",
+        data=multipart([part10(mine[0]), part10(other[0])]),
+        headers={"Content-Type": STOW_TYPE},
+        timeout=60,
+    )
+    assert response.status_code == 202
+    body = Dataset.from_json(response.json())
+    assert body.RetrieveURL.endswith(f"/studies/{study}")
+    assert body.FailedSOPSequence[0].ReferencedSOPInstanceUID == other[0].SOPInstanceUID
+    assert body.FailedSOPSequence[0].FailureReason == 0xC409
+    assert stored_uids(archive, study) == {mine[0].SOPInstanceUID}
+    assert stored_uids(archive, other[0].StudyInstanceUID) == set()
+
+
+def test_one_broken_part_among_good_ones_is_202(base_url: str, archive: Archive) -> None:
+    good = ct_series(2)
+    broken = part10(ct_series(1)[0])[:400]  # cut inside the data set
+    response = requests.post(
+        f"{base_url}/studies",
+        data=multipart([part10(good[0]), broken, part10(good[1])]),
+        headers={"Content-Type": STOW_TYPE},
+        timeout=60,
+    )
+    assert response.status_code == 202, response.text
+    assert response.headers["Content-Type"].startswith("application/dicom+json")
+    body = Dataset.from_json(response.json())
+    assert [i.ReferencedSOPInstanceUID for i in body.ReferencedSOPSequence] == [
+        ds.SOPInstanceUID for ds in good
+    ]
+    assert len(body.FailedSOPSequence) == 1
+    assert body.FailedSOPSequence[0].FailureReason == 0xC000
+    assert stored_uids(archive, good[0].StudyInstanceUID) == {ds.SOPInstanceUID for ds in good}
+
+
+def test_all_parts_failing_is_409(base_url: str) -> None:
+    response = requests.post(
+        f"{base_url}/studies",
+        data=multipart([b"not dicom at all", b"nor this"]),
+        headers={"Content-Type": STOW_TYPE},
+        timeout=60,
+    )
+    assert response.status_code == 409
+    assert len(Dataset.from_json(response.json()).FailedSOPSequence) == 2
+
+
+def test_chunked_body_with_a_boundary_split_across_reads(base_url: str, archive: Archive) -> None:
+    instances = ct_series(2, size=64)
+    body = multipart([part10(ds) for ds in instances])
+
+    def chunks():  # odd sizes, so delimiters straddle the chunks the server reads
+        for start in range(0, len(body), 997):
+            yield body[start : start + 997]
+
+    response = requests.post(
+        f"{base_url}/studies", data=chunks(), headers={"Content-Type": STOW_TYPE}, timeout=60
+    )
+    assert response.status_code == 200, response.text
+    assert stored_uids(archive, instances[0].StudyInstanceUID) == {
+        ds.SOPInstanceUID for ds in instances
+    }
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        "application/dicom",
+        'multipart/related; type="application/dicom+json"; boundary=x',
+        "application/json",
+    ],
+)
+def test_unsupported_media_type_is_415(base_url: str, content_type: str) -> None:
+    response = requests.post(
+        f"{base_url}/studies", data=b"{}", headers={"Content-Type": content_type}, timeout=60
+    )
+    assert response.status_code == 415
+    assert "multipart/related" in response.json()["error"]
+
+
+def test_malformed_multipart_is_400(base_url: str) -> None:
+    response = requests.post(
+        f"{base_url}/studies", data=b"no delimiter here", headers={"Content-Type": STOW_TYPE},
+        timeout=60,
+    )  # fmt: skip
+    assert response.status_code == 400
+
+
+def test_body_over_the_limit_is_413(settings: Settings, archive: Archive, tmp_path) -> None:
+    limited = settings.model_copy(
+        update={"http": settings.http.model_copy(update={"stow_max_bytes": 4096})}
+    )
+    server = HttpServer(create_app(limited, archive), "127.0.0.1", free_port())
+    server.start()
+    try:
+        url = f"http://127.0.0.1:{server.port}/dicomweb/studies"
+        instance = ct_series(1, size=64)[0]
+        body = multipart([part10(instance)])
+        sized = requests.post(url, data=body, headers={"Content-Type": STOW_TYPE}, timeout=60)
+        # Chunked: no Content-Length, refused while reading.
+        chunked = requests.post(
+            url, data=iter([body[:3000], body[3000:]]), headers={"Content-Type": STOW_TYPE},
+            timeout=60,
+        )  # fmt: skip
+    finally:
+        server.stop()
+    assert sized.status_code == 413
+    assert "http.stow_max_bytes" in sized.json()["error"]
+    assert chunked.status_code == 413
+    assert stored_uids(archive, instance.StudyInstanceUID) == set()

@@ -1,0 +1,107 @@
+"""A VL Whole Slide Microscopy image (TILED_FULL, JPEG frames) on PostgreSQL + S3: a frame is
+one ranged GET of about that frame's size, and the bytes are exactly the stored frame."""
+
+from __future__ import annotations
+
+from io import BytesIO
+from typing import Any
+
+import numpy as np
+import pytest
+from dicomweb_client.api import DICOMwebClient
+from PIL import Image
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate
+from pydicom.uid import JPEGBaseline8Bit, VLWholeSlideMicroscopyImageStorage, generate_uid
+
+from storage.archive import Archive
+
+TILE, TILES_ACROSS, TILES_DOWN = 64, 4, 3
+
+
+class CountingBlobStore:
+    """Wraps the archive's blob store and records every read the server makes."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.ranged_reads: list[int] = []  # bytes returned by each get_range
+        self.whole_reads = 0
+
+    def get_range(self, key: str, offset: int, length: int) -> bytes:
+        data = self.inner.get_range(key, offset, length)
+        self.ranged_reads.append(len(data))
+        return data
+
+    def open(self, key: str) -> Any:
+        self.whole_reads += 1
+        return self.inner.open(key)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def jpeg_tile(index: int) -> bytes:
+    rng = np.random.default_rng(index)
+    pixels = rng.integers(0, 255, (TILE, TILE, 3), dtype=np.uint8)
+    pixels[: index * 4] = (index * 20, 80, 160)  # tiles of different sizes
+    out = BytesIO()
+    Image.fromarray(pixels, "RGB").save(out, format="JPEG", quality=90)
+    return out.getvalue()
+
+
+def whole_slide_image(tiles: list[bytes]) -> Dataset:
+    """VL WSI, TILED_FULL (PS3.3 C.8.12.4.1.3): frames in row-major tile order."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    ds.SOPClassUID = VLWholeSlideMicroscopyImageStorage
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.PatientName, ds.PatientID, ds.Modality = "SLIDE^ONE", "WSI-1", "SM"
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "VOLUME", "NONE"]
+    ds.DimensionOrganizationType = "TILED_FULL"
+    ds.TotalPixelMatrixColumns = TILE * TILES_ACROSS
+    ds.TotalPixelMatrixRows = TILE * TILES_DOWN
+    ds.Rows = ds.Columns = TILE
+    ds.NumberOfFrames = len(tiles)
+    ds.SamplesPerPixel = 3
+    ds.PhotometricInterpretation = "YBR_FULL_422"
+    ds.PlanarConfiguration = 0
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PixelData = encapsulate(tiles, has_bot=True)
+    ds["PixelData"].VR = "OB"
+    return ds
+
+
+@pytest.mark.parametrize("backend", ["postgresql-s3"], indirect=True)
+def test_frame_is_one_ranged_read_of_its_size(client: DICOMwebClient, archive: Archive) -> None:
+    tiles = [jpeg_tile(i) for i in range(TILES_ACROSS * TILES_DOWN)]
+    slide = whole_slide_image(tiles)
+    client.store_instances([slide])
+    counting = CountingBlobStore(archive.blobs)
+    archive.blobs = counting  # the app reads through the same archive object
+    args = (slide.StudyInstanceUID, slide.SeriesInstanceUID, slide.SOPInstanceUID)
+
+    (frame,) = client.retrieve_instance_frames(
+        *args, frame_numbers=[7], media_types=("image/jpeg",)
+    )
+
+    stored_fragment = tiles[6] + (b"\x00" if len(tiles[6]) % 2 else b"")  # PS3.5 A.4: even
+    assert frame == stored_fragment
+    assert counting.whole_reads == 0
+    assert counting.ranged_reads == [len(stored_fragment)]
+
+    counting.ranged_reads.clear()
+    frames = client.retrieve_instance_frames(
+        *args, frame_numbers=[1, 12], media_types=("image/jpeg",)
+    )
+    assert [f[:2] for f in frames] == [b"\xff\xd8", b"\xff\xd8"]
+    assert counting.ranged_reads == [len(frames[0]), len(frames[1])]
+    assert counting.whole_reads == 0
+
+    rendered = client.retrieve_instance_frames_rendered(
+        *args, frame_numbers=[7], media_types=("image/png",)
+    )
+    assert Image.open(BytesIO(rendered)).size == (TILE, TILE)
+    assert counting.whole_reads == 0
