@@ -18,6 +18,7 @@ from sqlalchemy import (
     Index,
     Integer,
     String,
+    Text,
     UniqueConstraint,
 )
 from sqlalchemy.dialects.postgresql import JSONB
@@ -45,6 +46,13 @@ class Patient(Base):
     __table_args__ = (
         UniqueConstraint("partition", "patient_id", "issuer_of_patient_id"),
         Index("ix_patient_name", "partition", "patient_name_upper"),
+        # PostgreSQL: serves prefix wild cards (LIKE 'DOE%') whatever the collation (0003).
+        Index(
+            "ix_patient_name_pattern",
+            "partition",
+            "patient_name_upper",
+            postgresql_ops={"patient_name_upper": "varchar_pattern_ops"},
+        ).ddl_if(dialect="postgresql"),
     )
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
@@ -65,6 +73,8 @@ class Study(Base):
         Index("ix_study_date", "partition", "study_date"),
         Index("ix_study_accession", "partition", "accession_number"),
         Index("ix_study_patient", "patient_pk"),
+        # The AI side's stability scan (migration 0002).
+        Index("ix_study_last_instance", "partition", "last_instance_at"),
     )
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
@@ -81,6 +91,11 @@ class Study(Base):
     modalities_in_study: Mapped[str] = mapped_column(String(255), default="")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     last_instance_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    # The last_instance_at the study had when the AI side last marked it stable; a study whose
+    # last_instance_at differs (a newer instance arrived) is unstable again. Migration 0002.
+    stable_last_instance_at: Mapped[datetime | None] = mapped_column(
+        DateTime(timezone=True), nullable=True, default=None
+    )
 
 
 class Series(Base):
@@ -130,3 +145,50 @@ class Instance(Base):
     # Per frame, the (offset, length) byte ranges of its fragments in the stored file;
     # null when frames cannot be read by range (deflated syntax, no pixel data).
     frame_ranges: Mapped[list[list[list[int]]] | None] = mapped_column(JSONType, nullable=True)
+
+
+class InferenceJob(Base):
+    """One model run on one series (migration 0002). The row is the queue: a worker claims a
+    queued job, or a running one whose lease expired, and moves it to done or failed.
+
+    One row per (partition, series, model name): a re-run or a re-queue after new instances
+    resets the row and bumps its ``generation``. The UIDs of the job's SEG and SR derive from
+    ``job_key`` and ``generation``: a retry or a re-claim after a killed worker (same generation)
+    stores the same UIDs again, a run on new input (next generation) stores new ones.
+    """
+
+    __tablename__ = "inference_job"
+    __table_args__ = (
+        UniqueConstraint("partition", "series_instance_uid", "model_name"),
+        Index("ix_inference_job_claim", "state", "priority", "id"),
+        Index("ix_inference_job_study", "partition", "study_instance_uid"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    partition: Mapped[str] = mapped_column(ForeignKey("partition.name"))
+    study_instance_uid: Mapped[str] = mapped_column(String(UI))
+    series_instance_uid: Mapped[str] = mapped_column(String(UI))
+    model_name: Mapped[str] = mapped_column(String(64))
+    model_version: Mapped[str] = mapped_column(String(64))
+    job_key: Mapped[str] = mapped_column(String(255))
+    # Bumped by a re-queue on new input and by a re-run, never by a claim or a retry.
+    generation: Mapped[int] = mapped_column(Integer, default=1)
+    state: Mapped[str] = mapped_column(String(16))  # queued | running | done | failed
+    priority: Mapped[int] = mapped_column(Integer, default=0)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # Newest received_at of the series' instances when the job was queued: a later one means
+    # the input changed and the job is queued again.
+    input_received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    queued_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    not_before: Mapped[datetime] = mapped_column(DateTime(timezone=True))  # retry backoff
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(
+        DateTime(timezone=True), nullable=True
+    )
+    worker: Mapped[str] = mapped_column(String(128), default="")
+    # The last failure (of a retried attempt, or the final one of a failed job).
+    reason: Mapped[str] = mapped_column(Text, default="")
+    # SOP Instance UIDs of the SEG / SR the job stored.
+    outputs: Mapped[list[str] | None] = mapped_column(JSONType, nullable=True)

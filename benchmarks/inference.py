@@ -1,0 +1,119 @@
+"""Throughput of the reference models: slices/s (CT lesion U-Net) and tiles/s (WSI tissue U-Net).
+
+What is measured, per model, on synthetic phantoms (``inference.phantoms``):
+
+* network: the network alone on decoded, preprocessed input, in the manifest's batch size
+  (``predict_slices`` / ``predict_tiles``; for tiles this includes JPEG decoding of the frames,
+  which happens frame by frame inside the loop); one warm-up pass first;
+* analysis: ``analyse_series`` end to end on a temporary embedded archive (SQLite + files): read
+  the series through ``storage``, decode, run the network, write the SEG and the SR in memory
+  (storing them is the worker's job and not timed here).
+
+Figures go to stdout; nothing is asserted. The time from "study stable" to "SR stored" belongs
+to the worker and is measured by the worker's own benchmark when it has one.
+
+    .venv/bin/python benchmarks/inference.py [--device cuda] [--series 4] [--slices 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from config import load_settings  # noqa: E402
+from inference.analysis import analyse_series, predict_slices, predict_tiles  # noqa: E402
+from inference.phantoms import synthetic_ct_series, synthetic_wsi  # noqa: E402
+from inference.pixels import slice_stack, tiled_image  # noqa: E402
+from inference.registry import REFERENCE_MODELS_DIR, load_model  # noqa: E402
+from storage.archive import open_archive  # noqa: E402
+from storage.ingest import ingest_file  # noqa: E402
+
+
+def _rate(count: int, seconds: list[float]) -> str:
+    median = statistics.median(seconds)
+    return f"{count / median:8.1f}/s  (median {median * 1000:7.1f} ms for {count})"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--series", type=int, default=3, help="phantoms per model")
+    parser.add_argument("--slices", type=int, default=64, help="slices per CT phantom")
+    parser.add_argument("--wsi-size", type=int, default=2048, help="WSI total pixel matrix")
+    args = parser.parse_args()
+    device = args.device
+    name = torch.cuda.get_device_name() if device.startswith("cuda") else "CPU"
+    print(
+        f"device: {device} ({name}), torch {torch.__version__}, threads {torch.get_num_threads()}"
+    )
+
+    ct = load_model(REFERENCE_MODELS_DIR / "ct_lesion_synthetic")
+    wsi = load_model(REFERENCE_MODELS_DIR / "wsi_tissue_synthetic")
+    cts = [synthetic_ct_series(seed, slices=args.slices) for seed in range(args.series)]
+    slides = [synthetic_wsi(seed, size=args.wsi_size) for seed in range(args.series)]
+
+    stacks = [slice_stack(datasets) for datasets, _ in cts]
+    predict_slices(ct, stacks[0], device)  # warm-up: weights to the device, kernels chosen
+    network_ct = []
+    for stack in stacks:
+        started = time.perf_counter()
+        predict_slices(ct, stack, device)
+        network_ct.append(time.perf_counter() - started)
+    print(f"{ct.name:22s} network   slices {_rate(args.slices, network_ct)}")
+
+    images = [tiled_image([slide], wsi.manifest.preprocessing.magnification) for slide, _ in slides]
+    tiles = int(slides[0][0].NumberOfFrames)
+    predict_tiles(wsi, images[0], device)
+    network_wsi = []
+    for image in images:
+        started = time.perf_counter()
+        predict_tiles(wsi, image, device)
+        network_wsi.append(time.perf_counter() - started)
+    print(f"{wsi.name:22s} network   tiles  {_rate(tiles, network_wsi)}")
+
+    with tempfile.TemporaryDirectory() as folder:
+        root = Path(folder)
+        settings = load_settings(None, server={"data_dir": root / "data"})
+        archive = open_archive(settings, migrate=True)
+        for index, (datasets, _) in enumerate(cts):
+            for number, ds in enumerate(datasets):
+                path = root / f"ct-{index}-{number}.dcm"
+                ds.save_as(path, enforce_file_format=True)
+                ingest_file(archive, path)
+        for index, (slide, _) in enumerate(slides):
+            path = root / f"wsi-{index}.dcm"
+            slide.save_as(path, enforce_file_format=True)
+            ingest_file(archive, path)
+
+        def analysis(model, first) -> list[float]:  # type: ignore[no-untyped-def]
+            times = []
+            for job, ds in enumerate(first):
+                started = time.perf_counter()
+                analyse_series(
+                    archive,
+                    model,
+                    ds.StudyInstanceUID,
+                    ds.SeriesInstanceUID,
+                    job_key=f"bench-{job}",
+                    device=device,
+                )
+                times.append(time.perf_counter() - started)
+            return times
+
+        ct_times = analysis(ct, [datasets[0] for datasets, _ in cts])
+        print(f"{ct.name:22s} analysis  slices {_rate(args.slices, ct_times)}")
+        wsi_times = analysis(wsi, [slide for slide, _ in slides])
+        print(f"{wsi.name:22s} analysis  tiles  {_rate(tiles, wsi_times)}")
+        archive.close()
+
+
+if __name__ == "__main__":
+    main()

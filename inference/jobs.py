@@ -1,0 +1,403 @@
+"""The job queue: one row per (series, model) in the index database's ``inference_job`` table.
+
+States: ``queued`` → ``running`` → ``done`` | ``failed``, and back to ``queued`` for a retry, a
+re-run, or new instances in the series. A worker claims the queued job of highest priority
+(oldest first), or a running one whose lease expired because its worker was killed or hung; it
+renews the lease while it works (heartbeat). On PostgreSQL the claim is ``SELECT … FOR UPDATE SKIP
+LOCKED``, so any number of workers claim different jobs without waiting for one another; on SQLite
+the claim is one ``BEGIN IMMEDIATE`` write transaction (one writer at a time, one host).
+
+Every re-queue on new input and every re-run bumps the job's ``generation``; a claim or a retry
+does not. The UIDs of the job's SEG and SR derive from its key and generation
+(:attr:`Job.output_key`), so a run that lost its job to a newer generation can never overwrite
+the newer run's results, while a job claimed again after a killed worker stores the same UIDs
+and replaces, never duplicates, what the killed run stored.
+
+Times come from the clock of the process that writes them (UTC); hosts running workers must keep
+their clocks synchronised (NTP) to well within ``lease_s``.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from collections.abc import Collection
+from typing import Any
+
+from sqlalchemy import and_, or_, select
+from sqlalchemy.orm import Session
+
+from config.settings import InferenceSettings
+from storage.archive import Archive
+from storage.delete import delete_instance
+from storage.errors import Conflict, NotFound, StorageError
+from storage.index.models import InferenceJob
+from storage.query import Query, QueryLevel, locate_instances
+
+log = logging.getLogger(__name__)
+
+
+class JobState(enum.StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def as_utc(value: datetime | None) -> datetime | None:
+    # SQLite keeps no time zone; every time Hilum writes is UTC.
+    if value is None or value.tzinfo is not None:
+        return value
+    return value.replace(tzinfo=UTC)
+
+
+def job_key(partition: str, study_instance_uid: str, series_instance_uid: str, model: str) -> str:
+    """A job's identity: the same for every attempt, re-run and re-queue of the job. The UIDs of
+    its SEG and SR derive from it and the job's generation (:attr:`Job.output_key`)."""
+    return "\\".join(("hilum-inference", partition, study_instance_uid, series_instance_uid, model))
+
+
+@dataclass(frozen=True)
+class Job:
+    """A snapshot of one job row."""
+
+    id: int
+    study_instance_uid: str
+    series_instance_uid: str
+    model_name: str
+    model_version: str
+    job_key: str
+    generation: int
+    state: JobState
+    priority: int
+    attempts: int
+    reason: str
+    outputs: list[str]
+    worker: str
+    created_at: datetime
+    queued_at: datetime
+    not_before: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    lease_expires_at: datetime | None
+
+    @classmethod
+    def from_row(cls, row: InferenceJob) -> Job:
+        return cls(
+            id=row.id,
+            study_instance_uid=row.study_instance_uid,
+            series_instance_uid=row.series_instance_uid,
+            model_name=row.model_name,
+            model_version=row.model_version,
+            job_key=row.job_key,
+            generation=row.generation,
+            state=JobState(row.state),
+            priority=row.priority,
+            attempts=row.attempts,
+            reason=row.reason,
+            outputs=list(row.outputs or []),
+            worker=row.worker,
+            created_at=as_utc(row.created_at),  # type: ignore[arg-type]
+            queued_at=as_utc(row.queued_at),  # type: ignore[arg-type]
+            not_before=as_utc(row.not_before),  # type: ignore[arg-type]
+            started_at=as_utc(row.started_at),
+            finished_at=as_utc(row.finished_at),
+            lease_expires_at=as_utc(row.lease_expires_at),
+        )
+
+    @property
+    def output_key(self) -> str:
+        """What the UIDs of this generation's SEG and SR derive from: the same for every attempt
+        of one generation, different for the next."""
+        return f"{self.job_key}\\generation-{self.generation}"
+
+    def as_json(self) -> dict[str, Any]:
+        def iso(value: datetime | None) -> str | None:
+            return value.isoformat() if value else None
+
+        return {
+            "id": self.id,
+            "StudyInstanceUID": self.study_instance_uid,
+            "SeriesInstanceUID": self.series_instance_uid,
+            "model": {"name": self.model_name, "version": self.model_version},
+            "state": str(self.state),
+            "generation": self.generation,
+            "priority": self.priority,
+            "attempts": self.attempts,
+            "reason": self.reason or None,
+            "outputs": self.outputs,
+            "worker": self.worker or None,
+            "created_at": iso(self.created_at),
+            "queued_at": iso(self.queued_at),
+            "not_before": iso(self.not_before),
+            "started_at": iso(self.started_at),
+            "finished_at": iso(self.finished_at),
+            "lease_expires_at": iso(self.lease_expires_at),
+        }
+
+
+def enqueue(
+    session: Session,
+    partition: str,
+    *,
+    study_instance_uid: str,
+    series_instance_uid: str,
+    model_name: str,
+    model_version: str,
+    priority: int,
+    input_received_at: datetime,
+    now: datetime,
+) -> InferenceJob:
+    """Queue a job in the caller's write transaction (the one that marks the study stable).
+
+    An existing job of the same series and model is reset to ``queued`` with the next
+    generation, also while it runs: its worker then loses the job (at its next heartbeat, or at
+    the latest when it checks before storing) and the job runs again on the new input, with new
+    output UIDs.
+    """
+    row = session.scalars(
+        select(InferenceJob)
+        .where(
+            InferenceJob.partition == partition,
+            InferenceJob.series_instance_uid == series_instance_uid,
+            InferenceJob.model_name == model_name,
+        )
+        .with_for_update()
+    ).one_or_none()
+    if row is None:
+        row = InferenceJob(
+            partition=partition,
+            study_instance_uid=study_instance_uid,
+            series_instance_uid=series_instance_uid,
+            model_name=model_name,
+            job_key=job_key(partition, study_instance_uid, series_instance_uid, model_name),
+            created_at=now,
+            generation=0,
+        )
+        session.add(row)
+    _reset(row, now)
+    row.model_version = model_version
+    row.priority = priority
+    row.input_received_at = input_received_at
+    session.flush()
+    return row
+
+
+def _reset(row: InferenceJob, now: datetime) -> None:
+    """Queue the job anew, as its next generation."""
+    row.generation += 1
+    row.state = JobState.QUEUED
+    row.attempts = 0
+    row.reason = ""
+    row.worker = ""
+    row.queued_at = row.not_before = now
+    row.started_at = row.finished_at = row.lease_expires_at = None
+
+
+class JobQueue:
+    """Claims, heartbeats and finishes jobs of one partition."""
+
+    def __init__(self, archive: Archive, settings: InferenceSettings) -> None:
+        self.archive = archive
+        self.settings = settings
+
+    def _owned(self, session: Session, job: Job, worker: str) -> InferenceJob | None:
+        """The job row, locked, if ``worker`` still holds this generation of it."""
+        return session.scalars(
+            select(InferenceJob)
+            .where(
+                InferenceJob.id == job.id,
+                InferenceJob.state == JobState.RUNNING,
+                InferenceJob.worker == worker,
+                InferenceJob.generation == job.generation,
+            )
+            .with_for_update()
+        ).one_or_none()
+
+    def claim(self, worker: str, models: Collection[str] | None = None) -> Job | None:
+        """The next job for ``worker``, now running under a lease; None when there is none.
+        ``models``: the names of the models the worker has (None: any), so that a worker never
+        claims a job it cannot run."""
+        with self.archive.index.write() as session:
+            while True:
+                now = utc_now()
+                statement = select(InferenceJob).where(
+                    InferenceJob.partition == self.archive.partition,
+                    or_(
+                        and_(
+                            InferenceJob.state == JobState.QUEUED,
+                            InferenceJob.not_before <= now,
+                        ),
+                        and_(
+                            InferenceJob.state == JobState.RUNNING,
+                            InferenceJob.lease_expires_at < now,
+                        ),
+                    ),
+                )
+                if models is not None:
+                    statement = statement.where(InferenceJob.model_name.in_(list(models)))
+                row = session.scalars(
+                    statement.order_by(InferenceJob.priority.desc(), InferenceJob.id)
+                    .limit(1)
+                    .with_for_update(skip_locked=True)
+                ).first()
+                if row is None:
+                    return None
+                if row.state == JobState.RUNNING and row.attempts >= self.settings.max_attempts:
+                    # Its worker died (or hung) on every attempt: a job that kills workers.
+                    row.state = JobState.FAILED
+                    row.finished_at = now
+                    row.lease_expires_at = None
+                    row.reason = (
+                        f"worker {row.worker} stopped renewing its lease (killed or hung) on "
+                        f"attempt {row.attempts} of {self.settings.max_attempts}; giving up"
+                    )
+                    session.flush()
+                    continue
+                row.state = JobState.RUNNING
+                row.attempts += 1
+                row.worker = worker
+                row.started_at = now
+                row.finished_at = None
+                row.lease_expires_at = now + timedelta(seconds=self.settings.lease_s)
+                session.flush()
+                return Job.from_row(row)
+
+    def heartbeat(self, job: Job, worker: str) -> bool:
+        """Renew the lease; False when this generation of the job is no longer ``worker``'s
+        (re-queued, or claimed by another worker after the lease expired). The worker calls it
+        also right before storing each output, so a run that lost its job stores nothing."""
+        with self.archive.index.write() as session:
+            row = self._owned(session, job, worker)
+            if row is None:
+                return False
+            row.lease_expires_at = utc_now() + timedelta(seconds=self.settings.lease_s)
+            return True
+
+    def complete(self, job: Job, worker: str, *, model_version: str, outputs: list[str]) -> bool:
+        """Mark the job done with the SOP Instance UIDs of its ``outputs``, then delete the
+        outputs of its earlier generations that the new ones do not replace (e.g. a SEG when
+        nothing was found this time). False when ``worker`` had lost the job: see
+        :meth:`discard_stale_outputs`."""
+        with self.archive.index.write() as session:
+            row = self._owned(session, job, worker)
+            if row is None:
+                return False
+            superseded = [uid for uid in row.outputs or [] if uid not in outputs]
+            row.state = JobState.DONE
+            row.model_version = model_version
+            row.outputs = outputs
+            row.reason = ""
+            row.finished_at = utc_now()
+            row.lease_expires_at = None
+        # After the commit: from now on nothing refers to the superseded outputs.
+        self.delete_outputs(job.study_instance_uid, superseded)
+        return True
+
+    def discard_stale_outputs(self, job: Job, stored: list[str]) -> list[str]:
+        """Delete what a run that lost its job had stored, unless the job still refers to it
+        (its current outputs) or will store it again (the same generation runs elsewhere, with
+        the same UIDs); the SOP Instance UIDs deleted."""
+        with self.archive.index.read() as session:
+            row = self._row(session, job.id)
+            if row.generation == job.generation:
+                return []
+            current = set(row.outputs or [])
+        stale = [uid for uid in stored if uid not in current]
+        self.delete_outputs(job.study_instance_uid, stale)
+        return stale
+
+    def delete_outputs(self, study_instance_uid: str, sop_instance_uids: list[str]) -> None:
+        """Delete results through ``storage.delete`` (the one delete path); one that cannot be
+        deleted is logged, as the job's state is already recorded."""
+        if not sop_instance_uids:
+            return
+        query = Query(
+            QueryLevel.IMAGE,
+            {
+                "StudyInstanceUID": study_instance_uid,
+                "SOPInstanceUID": "\\".join(sop_instance_uids),
+            },
+        )
+        try:
+            for stored in list(locate_instances(self.archive, query)):
+                try:
+                    delete_instance(
+                        self.archive,
+                        stored.study_instance_uid,
+                        stored.series_instance_uid,
+                        stored.sop_instance_uid,
+                    )
+                except NotFound:
+                    continue  # deleted meanwhile
+                log.info("deleted result %s of an earlier run", stored.sop_instance_uid)
+        except StorageError as error:
+            log.warning(
+                "results %s not deleted (delete them by hand): %s",
+                ", ".join(sop_instance_uids),
+                error,
+            )
+
+    def fail(self, job: Job, worker: str, reason: str, *, retry: bool) -> Job | None:
+        """Record a failed attempt: queued again after a backoff (doubling with each attempt)
+        while attempts remain and ``retry`` is true, else ``failed`` with the reason. None when
+        ``worker`` had lost the job."""
+        with self.archive.index.write() as session:
+            row = self._owned(session, job, worker)
+            if row is None:
+                return None
+            now = utc_now()
+            row.lease_expires_at = None
+            row.reason = reason
+            if retry and row.attempts < self.settings.max_attempts:
+                backoff = self.settings.retry_backoff_s * 2 ** (row.attempts - 1)
+                row.state = JobState.QUEUED
+                row.not_before = now + timedelta(seconds=backoff)
+            else:
+                row.state = JobState.FAILED
+                row.finished_at = now
+            session.flush()
+            return Job.from_row(row)
+
+    def rerun(self, job_id: int) -> Job:
+        """Queue a done or failed job again, as its next generation, with fresh attempts. A
+        queued job stays as it is; a running one is a :class:`Conflict`."""
+        with self.archive.index.write() as session:
+            row = self._row(session, job_id, lock=True)
+            if row.state == JobState.RUNNING:
+                raise Conflict(f"job {job_id} is running; re-run it when it has finished")
+            if row.state != JobState.QUEUED:
+                _reset(row, utc_now())
+                session.flush()
+            return Job.from_row(row)
+
+    def get(self, job_id: int) -> Job:
+        with self.archive.index.read() as session:
+            return Job.from_row(self._row(session, job_id))
+
+    def for_study(self, study_instance_uid: str) -> list[Job]:
+        with self.archive.index.read() as session:
+            rows = session.scalars(
+                select(InferenceJob)
+                .where(
+                    InferenceJob.partition == self.archive.partition,
+                    InferenceJob.study_instance_uid == study_instance_uid,
+                )
+                .order_by(InferenceJob.id)
+            ).all()
+            return [Job.from_row(row) for row in rows]
+
+    def _row(self, session: Session, job_id: int, *, lock: bool = False) -> InferenceJob:
+        statement = select(InferenceJob).where(
+            InferenceJob.partition == self.archive.partition, InferenceJob.id == job_id
+        )
+        row = session.scalars(statement.with_for_update() if lock else statement).one_or_none()
+        if row is None:
+            raise NotFound(f"no inference job {job_id}")
+        return row

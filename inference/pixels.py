@@ -1,0 +1,235 @@
+"""A series' pixels, read through ``storage``: the index locates the instances, the blob store
+returns their files, pydicom decodes whatever transfer syntax they were stored in.
+
+Every failure to read or decode is an :class:`AnalysisError` that names the instance, so that a
+job fails with a reason a person can act on; a missing decoder plug-in is a
+:class:`DecoderUnavailable` instead (the input is fine), and a ``MemoryError`` stays one (another
+attempt may well succeed).
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.pixels import apply_rescale, get_decoder, iter_pixels
+
+from inference.errors import AnalysisError, DecoderUnavailable
+from storage.archive import Archive
+from storage.query import Query, QueryLevel, locate_instances
+
+# PS3.3 C.8.12.4.1.1: Image Type value 3 of the WSI images a model may analyse.
+_WSI_IMAGE_TYPES = {"VOLUME"}
+
+
+def read_series(
+    archive: Archive,
+    study_instance_uid: str,
+    series_instance_uid: str,
+    sop_class_uids: Sequence[str] = (),
+) -> list[Dataset]:
+    """The series' image instances (restricted to ``sop_class_uids`` when given), each parsed
+    with its pixel data still encoded."""
+    query = Query(
+        level=QueryLevel.SERIES,
+        matching={
+            "StudyInstanceUID": study_instance_uid,
+            "SeriesInstanceUID": series_instance_uid,
+        },
+    )
+    datasets = []
+    for stored in locate_instances(archive, query):
+        if sop_class_uids and stored.sop_class_uid not in sop_class_uids:
+            continue
+        with archive.blobs.open(stored.blob_key) as stream:
+            content = stream.read()
+        try:
+            ds = pydicom.dcmread(io.BytesIO(content))
+        except (InvalidDicomError, ValueError, EOFError, OSError) as error:
+            raise AnalysisError(
+                f"instance {stored.sop_instance_uid}: the stored file cannot be parsed: {error}"
+            ) from error
+        if "PixelData" in ds:
+            datasets.append(ds)
+    if not datasets:
+        raise AnalysisError(
+            f"series {series_instance_uid} of study {study_instance_uid} holds no image "
+            "instance the model can analyse"
+        )
+    return datasets
+
+
+# --- slices -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SliceStack:
+    """Single-frame slices in spatial order, with their modality values (PS3.3 C.11.1)."""
+
+    datasets: list[Dataset]
+    values: np.ndarray  # (slices, rows, columns) float32
+    pixel_spacing_mm: tuple[float, float] | None  # row spacing, column spacing
+    slice_spacing_mm: float | None
+
+
+def slice_stack(datasets: Sequence[Dataset]) -> SliceStack:
+    """Sort the slices along their normal (PS3.3 C.7.6.2.1.1) and decode them."""
+    shapes = {(int(ds.Rows), int(ds.Columns)) for ds in datasets}
+    if len(shapes) != 1:
+        raise AnalysisError(f"the slices of the series have different sizes: {sorted(shapes)}")
+    frames = {int(ds.get("NumberOfFrames", 1) or 1) for ds in datasets}
+    if frames != {1}:
+        raise AnalysisError("a slice model needs single-frame images; this series is multi-frame")
+    ordered, slice_spacing = _spatial_order(list(datasets))
+    values = np.empty((len(ordered), *shapes.pop()), np.float32)
+    for index, ds in enumerate(ordered):
+        values[index] = apply_rescale(_decoded(ds), ds)
+    spacing = ordered[0].get("PixelSpacing")
+    pixel_spacing = (float(spacing[0]), float(spacing[1])) if spacing else None
+    return SliceStack(ordered, values, pixel_spacing, slice_spacing)
+
+
+def _spatial_order(datasets: list[Dataset]) -> tuple[list[Dataset], float | None]:
+    try:
+        orientations = {
+            tuple(round(float(v), 4) for v in ds.ImageOrientationPatient) for ds in datasets
+        }
+        positions = [np.array([float(v) for v in ds.ImagePositionPatient]) for ds in datasets]
+    except (AttributeError, TypeError, ValueError):
+        datasets.sort(key=lambda ds: int(ds.get("InstanceNumber") or 0))
+        thickness = datasets[0].get("SliceThickness")
+        return datasets, float(thickness) if thickness else None
+    if len(orientations) != 1:
+        raise AnalysisError("the slices of the series have different orientations")
+    orientation = np.array(orientations.pop())
+    normal = np.cross(orientation[:3], orientation[3:])
+    distances = [float(normal @ p) for p in positions]
+    order = np.argsort(distances, kind="stable")
+    gaps = np.diff(np.sort(distances))
+    spacing = float(np.median(gaps)) if len(gaps) else None
+    if not spacing:
+        thickness = datasets[0].get("SliceThickness")
+        spacing = float(thickness) if thickness else None
+    return [datasets[i] for i in order], spacing
+
+
+def check_decoder(ds: Dataset) -> None:
+    """:class:`DecoderUnavailable` when no installed plug-in decodes the instance's transfer
+    syntax; :class:`AnalysisError` when pydicom knows no decoder for it at all."""
+    syntax = ds.file_meta.TransferSyntaxUID
+    if not syntax.is_compressed:
+        return
+    try:
+        decoder = get_decoder(syntax)
+    except NotImplementedError as error:
+        raise AnalysisError(
+            f"instance {ds.SOPInstanceUID}: no pixel data decoder exists for transfer syntax "
+            f"{syntax}"
+        ) from error
+    if not decoder.is_available:
+        raise DecoderUnavailable(
+            f"instance {ds.SOPInstanceUID}: this worker has no decoder plug-in for transfer "
+            f"syntax {syntax} ({syntax.name}); install one of: "
+            f"{'; '.join(decoder.missing_dependencies)}, then re-run the job"
+        )
+
+
+def _decoded(ds: Dataset) -> np.ndarray:
+    check_decoder(ds)
+    try:
+        return ds.pixel_array
+    except MemoryError:
+        raise  # not the input's fault: a later attempt may have the memory
+    except Exception as error:  # pydicom and its plug-ins raise many kinds
+        raise AnalysisError(
+            f"instance {ds.SOPInstanceUID}: pixel data cannot be decoded "
+            f"(transfer syntax {ds.file_meta.TransferSyntaxUID}): {error}"
+        ) from error
+
+
+# --- whole slide images -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TiledImage:
+    """One pyramid level of a WSI (PS3.3 C.8.12.4, TILED_FULL), decoded frame by frame."""
+
+    dataset: Dataset
+    rows: int  # Total Pixel Matrix Rows
+    columns: int
+    tile_rows: int
+    tile_columns: int
+    pixel_spacing_mm: tuple[float, float] | None
+
+    @property
+    def tiles_across(self) -> int:
+        return -(-self.columns // self.tile_columns)
+
+    def tiles(self) -> Iterator[tuple[int, int, np.ndarray]]:
+        """(top, left, RGB tile) in frame order; PS3.3 C.8.12.4.1.3: TILED_FULL frames run
+        along the rows of the total pixel matrix, left to right, top to bottom."""
+        check_decoder(self.dataset)
+        frames = iter_pixels(self.dataset, as_rgb=True)
+        for index in range(int(self.dataset.get("NumberOfFrames", 1))):
+            try:
+                frame = next(frames)
+            except MemoryError:
+                raise  # not the input's fault: a later attempt may have the memory
+            except Exception as error:  # pydicom and its plug-ins raise many kinds
+                raise AnalysisError(
+                    f"instance {self.dataset.SOPInstanceUID}: frame {index + 1} cannot be "
+                    f"decoded (transfer syntax {self.dataset.file_meta.TransferSyntaxUID}): "
+                    f"{error}"
+                ) from error
+            top = (index // self.tiles_across) * self.tile_rows
+            left = (index % self.tiles_across) * self.tile_columns
+            yield top, left, frame
+
+
+def tiled_image(datasets: Sequence[Dataset], magnification: float | None) -> TiledImage:
+    """The VOLUME level nearest ``magnification`` (PS3.3 C.8.12.4.1.1), or the largest."""
+    levels = [
+        ds
+        for ds in datasets
+        if len(ds.get("ImageType", [])) > 2 and ds.ImageType[2] in _WSI_IMAGE_TYPES
+    ]
+    if not levels:
+        raise AnalysisError("the series holds no VOLUME image of a whole slide")
+    levels.sort(key=lambda ds: -int(ds.TotalPixelMatrixColumns))
+    chosen = levels[0]
+    if magnification is not None:
+        # 10 µm per pixel at 1x, by the usual microscope convention (40x = 0.25 µm).
+        wanted = 0.01 / magnification
+        chosen = min(levels, key=lambda ds: abs(np.log((_spacing(ds) or (wanted,))[0] / wanted)))
+    organization = chosen.get("DimensionOrganizationType", "")
+    if organization != "TILED_FULL":
+        raise AnalysisError(
+            f"instance {chosen.SOPInstanceUID}: Dimension Organization Type is "
+            f"{organization or 'absent'}; only TILED_FULL whole slide images are supported"
+        )
+    if (
+        int(chosen.get("TotalPixelMatrixFocalPlanes", 1)) != 1
+        or int(chosen.get("NumberOfOpticalPaths", 1)) != 1
+    ):
+        raise AnalysisError("only single focal plane, single optical path images are supported")
+    return TiledImage(
+        chosen,
+        int(chosen.TotalPixelMatrixRows),
+        int(chosen.TotalPixelMatrixColumns),
+        int(chosen.Rows),
+        int(chosen.Columns),
+        _spacing(chosen),
+    )
+
+
+def _spacing(ds: Dataset) -> tuple[float, float] | None:
+    try:
+        spacing = ds.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing
+        return float(spacing[0]), float(spacing[1])
+    except (AttributeError, IndexError, KeyError):
+        return None

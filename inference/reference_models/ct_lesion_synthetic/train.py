@@ -1,0 +1,126 @@
+"""Trains the synthetic CT lesion U-Net and writes ``model.pt`` (TorchScript) beside this file.
+
+    .venv/bin/python inference/reference_models/ct_lesion_synthetic/train.py
+
+Reproducible: the training data are synthetic phantoms generated here (``inference.phantoms``,
+seeds 1000 and up; the tests hold out seeds below 1000), torch is seeded, and nothing is
+downloaded. Runs on the CPU in a few minutes. Trained on synthetic data: not for clinical use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # the repository root
+
+from inference.phantoms import ct_phantom_volume  # noqa: E402
+
+HERE = Path(__file__).parent
+WINDOW_CENTER, WINDOW_WIDTH = 50.0, 400.0  # as in model.toml
+
+
+def block(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, padding=1),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(cout, cout, 3, padding=1),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+    )
+
+
+class UNet(nn.Module):
+    """A small U-Net (Ronneberger et al. 2015): three levels, 16-32-64 channels."""
+
+    def __init__(self, channels: int = 1, labels: int = 1, width: int = 16) -> None:
+        super().__init__()
+        self.enc1 = block(channels, width)
+        self.enc2 = block(width, width * 2)
+        self.bottom = block(width * 2, width * 4)
+        self.up2 = nn.ConvTranspose2d(width * 4, width * 2, 2, stride=2)
+        self.dec2 = block(width * 4, width * 2)
+        self.up1 = nn.ConvTranspose2d(width * 2, width, 2, stride=2)
+        self.dec1 = block(width * 2, width)
+        self.head = nn.Conv2d(width, labels, 1)
+        self.pool = nn.MaxPool2d(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        e1 = self.enc1(x)
+        e2 = self.enc2(self.pool(e1))
+        b = self.bottom(self.pool(e2))
+        d2 = self.dec2(torch.cat([self.up2(b), e2], 1))
+        d1 = self.dec1(torch.cat([self.up1(d2), e1], 1))
+        return self.head(d1)
+
+
+def windowed(hu: np.ndarray) -> np.ndarray:
+    low = WINDOW_CENTER - WINDOW_WIDTH / 2
+    return np.clip((hu.astype(np.float32) - low) / WINDOW_WIDTH, 0.0, 1.0)
+
+
+def dataset(seeds: range) -> tuple[torch.Tensor, torch.Tensor]:
+    images, masks = [], []
+    for seed in seeds:
+        hu, mask = ct_phantom_volume(seed)
+        images.append(windowed(hu))
+        masks.append(mask)
+    x = torch.from_numpy(np.concatenate(images))[:, None]
+    y = torch.from_numpy(np.concatenate(masks).astype(np.float32))[:, None]
+    return x, y
+
+
+def dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    p = torch.sigmoid(logits)
+    inter = (p * target).sum()
+    return 1 - (2 * inter + 1) / (p.sum() + target.sum() + 1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--crop", type=int, default=64, help="training crop (pixels)")
+    parser.add_argument("--output", type=Path, default=HERE / "model.pt")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    x, y = dataset(range(1000, 1064))
+    model = UNet()
+    optimiser = torch.optim.Adam(model.parameters(), lr=3e-3)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, 3e-3, total_steps=args.steps)
+    bce = nn.BCEWithLogitsLoss()
+    started = time.monotonic()
+    for step in range(args.steps):
+        # Random crops: the network is fully convolutional, and crops train four times faster.
+        index = torch.from_numpy(rng.integers(0, len(x), args.batch))
+        top, left = rng.integers(0, x.shape[-1] - args.crop + 1, 2)
+        window = (index, slice(None), slice(top, top + args.crop), slice(left, left + args.crop))
+        xb, yb = x[window], y[window]
+        if step % 2:  # flips: lesions have no preferred side
+            xb, yb = xb.flip(-1), yb.flip(-1)
+        logits = model(xb)
+        loss = bce(logits, yb) + dice_loss(logits, yb)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        schedule.step()
+        if step % 50 == 0 or step == args.steps - 1:
+            print(f"step {step:4d}  loss {loss.item():.4f}  {time.monotonic() - started:.0f}s")
+    model.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.save(torch.jit.script(model), str(args.output))
+    print(f"wrote {args.output} ({args.output.stat().st_size / 1e6:.1f} MB)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,133 @@
+"""Trains the synthetic WSI abnormal-tissue U-Net and writes ``model.pt`` (TorchScript) here.
+
+    .venv/bin/python inference/reference_models/wsi_tissue_synthetic/train.py
+
+Reproducible: the training slides are synthetic H&E-like phantoms generated here
+(``inference.phantoms.wsi_phantom_image``, seeds 1000 and up; the tests hold out seeds below
+1000), passed through the same JPEG baseline coding the phantom slides use; torch is seeded and
+nothing is downloaded. Runs on the CPU in a few minutes. Trained on synthetic data: not for
+clinical use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # the repository root
+
+from inference.phantoms import jpeg_baseline, wsi_phantom_image  # noqa: E402
+
+HERE = Path(__file__).parent
+
+
+def block(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, padding=1),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(cout, cout, 3, padding=1),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+    )
+
+
+class UNet(nn.Module):
+    """A small U-Net (Ronneberger et al. 2015): three levels, 16-32-64 channels, RGB in."""
+
+    def __init__(self, channels: int = 3, labels: int = 1, width: int = 16) -> None:
+        super().__init__()
+        self.enc1 = block(channels, width)
+        self.enc2 = block(width, width * 2)
+        self.bottom = block(width * 2, width * 4)
+        self.up2 = nn.ConvTranspose2d(width * 4, width * 2, 2, stride=2)
+        self.dec2 = block(width * 4, width * 2)
+        self.up1 = nn.ConvTranspose2d(width * 2, width, 2, stride=2)
+        self.dec1 = block(width * 2, width)
+        self.head = nn.Conv2d(width, labels, 1)
+        self.pool = nn.MaxPool2d(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        e1 = self.enc1(x)
+        e2 = self.enc2(self.pool(e1))
+        b = self.bottom(self.pool(e2))
+        d2 = self.dec2(torch.cat([self.up2(b), e2], 1))
+        d1 = self.dec1(torch.cat([self.up1(d2), e1], 1))
+        return self.head(d1)
+
+
+def slides(seeds: range) -> tuple[torch.Tensor, torch.Tensor]:
+    images, masks = [], []
+    for seed in seeds:
+        rgb, mask = wsi_phantom_image(seed)
+        # The model sees decoded JPEG baseline tiles at inference; train on the same.
+        rgb = np.asarray(Image.open(io.BytesIO(jpeg_baseline(rgb))).convert("RGB"))
+        images.append(torch.from_numpy(rgb).permute(2, 0, 1))
+        masks.append(torch.from_numpy(mask)[None])
+    return torch.stack(images), torch.stack(masks)
+
+
+def dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    p = torch.sigmoid(logits)
+    inter = (p * target).sum()
+    return 1 - (2 * inter + 1) / (p.sum() + target.sum() + 1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--crop", type=int, default=64, help="training crop (pixels)")
+    parser.add_argument("--output", type=Path, default=HERE / "model.pt")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    x, y = slides(range(1000, 1024))
+    abnormal = torch.nonzero(y[:, 0])  # (slide, row, column) of abnormal pixels
+    model = UNet()
+    optimiser = torch.optim.Adam(model.parameters(), lr=3e-3)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, 3e-3, total_steps=args.steps)
+    bce = nn.BCEWithLogitsLoss()
+    size, crop = x.shape[-1], args.crop
+    started = time.monotonic()
+    for step in range(args.steps):
+        xs, ys = [], []
+        for item in range(args.batch):
+            if item % 2:  # half the crops around abnormal tissue, which is rare
+                slide, row, column = abnormal[rng.integers(0, len(abnormal))].tolist()
+                top = int(np.clip(row - rng.integers(0, crop), 0, size - crop))
+                left = int(np.clip(column - rng.integers(0, crop), 0, size - crop))
+            else:
+                slide = int(rng.integers(0, len(x)))
+                top, left = (int(v) for v in rng.integers(0, size - crop + 1, 2))
+            xs.append(x[slide, :, top : top + crop, left : left + crop])
+            ys.append(y[slide, :, top : top + crop, left : left + crop])
+        xb, yb = torch.stack(xs).float() / 255.0, torch.stack(ys).float()
+        if step % 2:
+            xb, yb = xb.flip(-1), yb.flip(-1)
+        logits = model(xb)
+        loss = bce(logits, yb) + dice_loss(logits, yb)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        schedule.step()
+        if step % 50 == 0 or step == args.steps - 1:
+            print(f"step {step:4d}  loss {loss.item():.4f}  {time.monotonic() - started:.0f}s")
+    model.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.save(torch.jit.script(model), str(args.output))
+    print(f"wrote {args.output} ({args.output.stat().st_size / 1e6:.1f} MB)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,233 @@
+"""The AI worker: marks stable studies and queues their jobs, claims a job, runs its model on the
+series (``inference.analysis.analyse_series``), stores the SEG and SR through ``storage.ingest``
+into the same study, and marks the job done. The lease is renewed while the model runs and
+checked again right before each output is stored, so a run whose job was re-queued meanwhile (new
+input, a newer generation) stores nothing, and deletes what it stored if it lost the job between
+storing and marking it done. A worker killed mid-job loses nothing: the job is claimed again once
+its lease expires, and the new run (same generation) stores the same UIDs, so it replaces rather
+than duplicates what the killed run may have stored.
+
+``hilum worker`` runs one per GPU; ``hilum serve`` runs one in a thread.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import socket
+import tempfile
+import threading
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pydicom.dataset import Dataset
+
+from config import Settings
+from inference.errors import AnalysisError, DecoderUnavailable, ModelError
+from inference.jobs import Job, JobQueue, JobState
+from inference.stability import queue_stable_studies
+from storage.archive import Archive
+from storage.errors import InvalidInstance, StorageUnavailable
+from storage.ingest import Origin, ingest_file
+
+if TYPE_CHECKING:
+    from inference.registry import Model
+
+log = logging.getLogger(__name__)
+
+# analyse_series(archive, model, study_uid, series_uid, *, job_key, device) -> datasets, every
+# UID derived from job_key (the worker passes the job's output_key: key and generation)
+Analyse = Callable[..., list[Dataset]]
+# Failures that another attempt cannot cure: the job fails at once, with the reason.
+# A missing decoder plug-in too: the job fails with what to install, then re-run it.
+_PERMANENT = (AnalysisError, DecoderUnavailable, ModelError, InvalidInstance)
+
+
+def _analyse_series(*args: Any, **kwargs: Any) -> list[Dataset]:
+    from inference.analysis import analyse_series
+
+    return analyse_series(*args, **kwargs)
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+class _Lease(threading.Thread):
+    """Renews a running job's lease every third of ``lease_s`` until stopped."""
+
+    def __init__(self, queue: JobQueue, job: Job, worker: str) -> None:
+        super().__init__(name=f"lease-job-{job.id}", daemon=True)
+        self.queue, self.job, self.worker = queue, job, worker
+        self.lost = threading.Event()
+        self._stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self._stopped.wait(self.queue.settings.lease_s / 3):
+            try:
+                if not self.queue.heartbeat(self.job, self.worker):
+                    log.warning("job %d: lost its lease (re-queued or claimed again)", self.job.id)
+                    self.lost.set()
+                    return
+            except StorageUnavailable as error:
+                log.warning("job %d: lease not renewed: %s", self.job.id, error)
+            except Exception:  # keep renewing: a dead lease thread would lose the job
+                log.exception("job %d: lease not renewed", self.job.id)
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self.join()
+
+
+class Worker:
+    def __init__(
+        self,
+        settings: Settings,
+        archive: Archive,
+        models: Sequence[Model],
+        *,
+        analyse: Analyse | None = None,
+        name: str | None = None,
+    ) -> None:
+        self.settings = settings
+        self.archive = archive
+        self.models = list(models)
+        self.queue = JobQueue(archive, settings.inference)
+        self.analyse = analyse or _analyse_series
+        self.name = name or worker_name()
+        # The worker's own results replace those of an earlier run of the same job (same UIDs)
+        # whatever the archive's duplicate policy for what modalities send.
+        self._results_archive = dataclasses.replace(archive, on_duplicate="overwrite")
+        self._tmp_dir = settings.server.data_dir / "tmp"
+
+    def run(self, stop: threading.Event) -> None:
+        """Work until ``stop`` is set; a job in progress is finished first."""
+        log.info(
+            "worker %s: models %s", self.name, ", ".join(m.name for m in self.models) or "none"
+        )
+        while not stop.is_set():
+            try:
+                worked = self.step() is not None
+            except StorageUnavailable as error:
+                log.warning("worker %s: %s; retrying", self.name, error)
+                worked = False
+            except Exception:  # a bug must not stop AI for good: log it, back off, go on
+                log.exception("worker %s: unexpected error; retrying", self.name)
+                worked = False
+            if not worked:
+                stop.wait(self.settings.inference.poll_interval_s)
+        log.info("worker %s: stopped", self.name)
+
+    def step(self) -> Job | None:
+        """Queue the jobs of newly stable studies, then run one job; the job as it ended, or
+        None when none was waiting."""
+        queue_stable_studies(self.archive, self.settings, self.models)
+        job = self.queue.claim(self.name, [model.name for model in self.models])
+        if job is None:
+            return None
+        return self.process(job)
+
+    def process(self, job: Job) -> Job:
+        log.info(
+            "job %d: %s on series %s (attempt %d)",
+            job.id,
+            job.model_name,
+            job.series_instance_uid,
+            job.attempts,
+        )
+        lease = _Lease(self.queue, job, self.name)
+        lease.start()
+        stored: list[str] = []  # SOP Instance UIDs, as each output is stored
+        try:
+            held = self._run(job, lease, stored)
+        except _PERMANENT as error:
+            return self._failed(job, _reason(error), stored, retry=False)
+        except Exception as error:  # the model or the store; retried with backoff
+            log.exception("job %d: attempt %d failed", job.id, job.attempts)
+            return self._failed(job, _reason(error), stored, retry=True)
+        finally:
+            lease.stop()
+        model = self._model(job)
+        if not held or not self.queue.complete(
+            job, self.name, model_version=model.version, outputs=stored
+        ):
+            self._lost(job, stored)
+            return job
+        log.info("job %d: done, stored %s", job.id, ", ".join(stored) or "nothing")
+        return self.queue.get(job.id)
+
+    def _lost(self, job: Job, stored: list[str]) -> None:
+        """Another run holds the job now; what this one stored goes unless still needed."""
+        deleted = self.queue.discard_stale_outputs(job, stored) if stored else []
+        log.warning(
+            "job %d: lost to a re-queue or another worker; not marked done%s",
+            job.id,
+            f", deleted its stale results {', '.join(deleted)}" if deleted else "",
+        )
+
+    def _model(self, job: Job) -> Model:
+        for model in self.models:
+            if model.name == job.model_name:
+                return model
+        raise ModelError(
+            f"model {job.model_name!r} is not installed on worker {self.name} "
+            f"(models_dirs: {', '.join(map(str, self.settings.inference.models_dirs))})"
+        )
+
+    def _run(self, job: Job, lease: _Lease, stored: list[str]) -> bool:
+        """Analyse and store, appending to ``stored``; False when the job was lost first."""
+        model = self._model(job)
+        datasets = self.analyse(
+            self.archive,
+            model,
+            job.study_instance_uid,
+            job.series_instance_uid,
+            job_key=job.output_key,
+            device=self.settings.inference.device or None,
+        )
+        for dataset in datasets:
+            # Still this worker's job, and this generation of it? (Renews the lease too.)
+            if lease.lost.is_set() or not self.queue.heartbeat(job, self.name):
+                return False
+            stored.append(self._store(dataset))
+        return True
+
+    def _store(self, dataset: Dataset) -> str:
+        """Store one result through the ingest path, as any other instance."""
+        self._tmp_dir.mkdir(parents=True, exist_ok=True)
+        handle, name = tempfile.mkstemp(suffix=".dcm", dir=self._tmp_dir)
+        os.close(handle)
+        path = Path(name)
+        try:
+            dataset.save_as(path, enforce_file_format=True)
+            origin = Origin(calling_ae_title=self.settings.dimse.ae_title)
+            return ingest_file(self._results_archive, path, origin).sop_instance_uid
+        finally:
+            path.unlink(missing_ok=True)
+
+    def _failed(self, job: Job, reason: str, stored: list[str], *, retry: bool) -> Job:
+        ended = self.queue.fail(job, self.name, reason, retry=retry)
+        if ended is None:
+            log.warning("job %d: failed after losing its lease: %s", job.id, reason)
+            self._lost(job, stored)
+            return job
+        # Part of the outputs stored before the failure: a retry stores them again.
+        self.queue.delete_outputs(job.study_instance_uid, stored)
+        if ended.state == JobState.FAILED:
+            log.error("job %d: failed: %s", job.id, reason)
+        else:
+            log.warning(
+                "job %d: attempt %d failed, retried later: %s", job.id, job.attempts, reason
+            )
+        return ended
+
+
+def _reason(error: BaseException) -> str:
+    if isinstance(error, AnalysisError):
+        return f"the input cannot be analysed: {error}"
+    if isinstance(error, (ModelError, DecoderUnavailable)):
+        return str(error)
+    return f"{type(error).__name__}: {error}"

@@ -1,0 +1,14 @@
+"""The JSON API beside DICOMweb (``/api``): what Hilum itself knows that DICOM has no word for,
+such as the AI jobs of a study."""
+
+from __future__ import annotations
+
+from flask import Flask
+
+from config import Settings
+from server.api.jobs import jobs_blueprint
+from storage.archive import Archive
+
+
+def register_api(app: Flask, settings: Settings, archive: Archive) -> None:
+    app.register_blueprint(jobs_blueprint(settings, archive), url_prefix="/api")

@@ -1,0 +1,266 @@
+"""The worker in-process, with the reference CT model and test plug-ins, on both backend pairs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from pydicom.encaps import encapsulate
+from pydicom.uid import JPEGLosslessSV1
+
+from config import Settings
+from config.settings import REFERENCE_MODELS_DIR, InferenceSettings
+from inference.jobs import JobQueue, JobState
+from inference.phantoms import synthetic_ct_series
+from inference.registry import load_models
+from inference.worker import Worker
+from storage.archive import Archive, open_archive
+from storage.ingest import Origin, ingest_file
+from storage.query import Query, QueryLevel, locate_instances, search
+from tests.conftest import free_port
+from tests.factories import DCMTK_STORESCU, write_part10
+from tests.inference.plugins import failing_ct_model
+
+SEG, SR = "1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.88.34"
+
+
+def worker_for(
+    settings: Settings, archive: Archive, *model_dirs: Path, **inference: object
+) -> Worker:
+    values = {
+        **settings.inference.model_dump(),
+        "stable_after_s": 0,
+        "retry_backoff_s": 0,
+        "models_dirs": [REFERENCE_MODELS_DIR, *model_dirs],
+        **inference,
+    }
+    settings = settings.model_copy(update={"inference": InferenceSettings.model_validate(values)})
+    return Worker(settings, archive, load_models(settings.inference.models_dirs), name="test")
+
+
+def store_series(archive: Archive, folder: Path, datasets: list) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for ds in datasets:
+        path = write_part10(ds, folder / f"{ds.SOPInstanceUID}.dcm")
+        ingest_file(archive, path, Origin(calling_ae_title="CT_SCANNER"))
+
+
+def results_in_study(archive: Archive, study: str) -> list[tuple[str, str]]:
+    """(SOP Class UID, SOP Instance UID) of the SEG and SR instances in the study."""
+    query = Query(QueryLevel.SERIES, {"StudyInstanceUID": study, "Modality": "SEG\\SR"})
+    return sorted(
+        (instance.sop_class_uid, instance.sop_instance_uid)
+        for instance in locate_instances(archive, query)
+    )
+
+
+def run_until_idle(worker: Worker) -> list:
+    ended = []
+    while (job := worker.step()) is not None:
+        ended.append(job)
+    return ended
+
+
+def test_a_job_stores_seg_and_sr_into_the_study_and_a_rerun_replaces_them(
+    archive: Archive, settings: Settings, tmp_path: Path
+) -> None:
+    datasets, _mask = synthetic_ct_series(1)
+    study = datasets[0].StudyInstanceUID
+    store_series(archive, tmp_path / "ct", datasets)
+    worker = worker_for(settings, archive)
+
+    (job,) = run_until_idle(worker)
+
+    assert (job.state, job.model_name, job.attempts) == (JobState.DONE, "ct_lesion_synthetic", 1)
+    results = results_in_study(archive, study)
+    assert sorted(cls for cls, _ in results) == [SEG, SR]
+    assert sorted(job.outputs) == sorted(uid for _, uid in results)
+    series = search(archive, Query(QueryLevel.SERIES, {"StudyInstanceUID": study, "Modality": ""}))
+    assert sorted(s["Modality"] for s in series) == ["CT", "SEG", "SR"]
+    assert run_until_idle(worker) == []  # its own results do not trigger it again
+
+    worker.queue.rerun(job.id)
+    (rerun,) = run_until_idle(worker)
+    assert rerun.state == JobState.DONE and rerun.outputs == job.outputs
+    assert results_in_study(archive, study) == results  # replaced, not duplicated
+
+
+def test_a_model_that_raises_fails_with_the_reason_and_other_jobs_run(
+    archive: Archive, settings: Settings, tmp_path: Path
+) -> None:
+    failing_ct_model(tmp_path / "models")
+    datasets, _mask = synthetic_ct_series(2)
+    store_series(archive, tmp_path / "ct", datasets)
+    worker = worker_for(settings, archive, tmp_path / "models", max_attempts=2)
+
+    ended = run_until_idle(worker)
+
+    jobs = {
+        j.model_name: j
+        for j in JobQueue(archive, settings.inference).for_study(datasets[0].StudyInstanceUID)
+    }
+    assert len(ended) == 3  # the failing model twice (one retry), the reference model once
+    failed, done = jobs["failing_ct_test"], jobs["ct_lesion_synthetic"]
+    assert (failed.state, failed.attempts) == (JobState.FAILED, 2)
+    assert "deliberate failure in forward()" in failed.reason
+    assert failed.outputs == []
+    assert done.state == JobState.DONE and len(done.outputs) == 2
+
+
+def test_a_corrupt_pixel_payload_fails_the_job_with_a_clear_reason(
+    archive: Archive, settings: Settings, tmp_path: Path
+) -> None:
+    datasets, _mask = synthetic_ct_series(3, slices=4)
+    broken = datasets[2]
+    broken.file_meta.TransferSyntaxUID = JPEGLosslessSV1
+    # A JPEG start-of-image marker, then noise: stored as received, undecodable.
+    broken.PixelData = encapsulate([b"\xff\xd8\xff\xc3" + bytes(range(256)) * 8])
+    broken["PixelData"].VR = "OB"
+    store_series(archive, tmp_path / "ct", datasets)
+    worker = worker_for(settings, archive)
+
+    (job,) = run_until_idle(worker)
+
+    assert (job.state, job.attempts) == (JobState.FAILED, 1)  # not retried: the input is bad
+    assert job.reason.startswith("the input cannot be analysed: ")
+    assert broken.SOPInstanceUID in job.reason
+    assert results_in_study(archive, broken.StudyInstanceUID) == []
+
+
+@pytest.mark.parametrize("backend", ["sqlite-files"])
+def test_a_model_that_is_not_installed_fails_the_job(
+    backend: str, archive: Archive, settings: Settings, tmp_path: Path
+) -> None:
+    failing_ct_model(tmp_path / "models", name="only_on_another_host")
+    datasets, _mask = synthetic_ct_series(4, slices=2)
+    store_series(archive, tmp_path / "ct", datasets)
+    other_host = worker_for(settings, archive, tmp_path / "models")
+    other_host.step()  # queues both jobs, runs one
+    this_host = worker_for(settings, archive)  # without the test model
+
+    ended = {j.model_name: j for j in run_until_idle(this_host)}
+
+    assert ended["only_on_another_host"].state == JobState.FAILED
+    assert "is not installed" in ended["only_on_another_host"].reason
+
+
+def hilum_env(settings: Settings, **inference: str) -> dict[str, str]:
+    s = settings.storage
+    env = {
+        **os.environ,
+        "HILUM_SERVER__DATA_DIR": str(settings.server.data_dir),
+        "HILUM_STORAGE__DATABASE_URL": s.database_url,
+        "HILUM_STORAGE__BLOB_URL": s.blob_url,
+        "HILUM_STORAGE__S3_ACCESS_KEY": s.s3_access_key,
+        "HILUM_STORAGE__S3_SECRET_KEY": s.s3_secret_key,
+    }
+    env.update({f"HILUM_INFERENCE__{key.upper()}": value for key, value in inference.items()})
+    return env
+
+
+def test_a_worker_killed_mid_job_loses_nothing_and_duplicates_nothing(
+    archive: Archive, settings: Settings, tmp_path: Path
+) -> None:
+    datasets, _mask = synthetic_ct_series(5, slices=8)
+    study = datasets[0].StudyInstanceUID
+    store_series(archive, tmp_path / "ct", datasets)
+    env = hilum_env(settings, stable_after_s="0", lease_s="3", poll_interval_s="0.2")
+
+    doomed = subprocess.Popen(
+        [sys.executable, "-m", "tests.inference.stalling_worker"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert doomed.stdout is not None
+        assert "Hilum worker" in doomed.stdout.readline()
+        stalled = doomed.stdout.readline()
+        assert "STALLED" in stalled, doomed.stderr.read() if doomed.stderr else ""
+        (job,) = JobQueue(archive, settings.inference).for_study(study)
+        assert (job.state, job.attempts) == (JobState.RUNNING, 1)
+        first_results = results_in_study(archive, study)
+        assert sorted(cls for cls, _ in first_results) == [SEG, SR]  # stored, not marked done
+    finally:
+        doomed.send_signal(signal.SIGKILL)
+        doomed.wait(30)
+
+    survivor = subprocess.Popen(
+        [sys.executable, "-m", "server.cli", "worker"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        while (job := JobQueue(archive, settings.inference).get(job.id)).state != JobState.DONE:
+            assert survivor.poll() is None, survivor.stderr.read() if survivor.stderr else ""
+            assert time.monotonic() < deadline, job
+            time.sleep(0.3)
+    finally:
+        survivor.send_signal(signal.SIGTERM)
+        assert survivor.wait(60) == 0
+
+    assert job.attempts == 2  # claimed again after the lease expired, finished once
+    assert results_in_study(archive, study) == first_results  # the same SEG and SR, once
+    assert sorted(job.outputs) == sorted(uid for _, uid in first_results)
+
+
+@pytest.mark.parametrize("backend", ["sqlite-files"])
+def test_hilum_models_list_and_a_broken_plug_in(
+    backend: str, settings: Settings, tmp_path: Path
+) -> None:
+    listed = subprocess.run(
+        [sys.executable, "-m", "server.cli", "models", "list"],
+        env=hilum_env(settings), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert listed.returncode == 0, listed.stderr
+    assert "ct_lesion_synthetic" in listed.stdout and "wsi_tissue_synthetic" in listed.stdout
+    assert "2 models in" in listed.stdout
+
+    broken = tmp_path / "models" / "broken"
+    broken.mkdir(parents=True)
+    (broken / "model.toml").write_text('name = "broken"\n')
+    failed = subprocess.run(
+        [sys.executable, "-m", "server.cli", "worker"],
+        env=hilum_env(settings, models_dirs=f'["{tmp_path / "models"}"]'),
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert failed.returncode == 2
+    assert "model plug-in error" in failed.stderr and "model.toml" in failed.stderr
+
+
+@pytest.mark.parametrize("backend", ["sqlite-files"])
+def test_hilum_serve_runs_a_worker(backend: str, settings: Settings, tmp_path: Path) -> None:
+    datasets, _mask = synthetic_ct_series(6, slices=4)
+    files = [write_part10(ds, tmp_path / f"{i}.dcm") for i, ds in enumerate(datasets)]
+    env = hilum_env(settings, stable_after_s="0", poll_interval_s="0.2")
+    env["HILUM_DIMSE__PORT"] = str(settings.dimse.port)
+    env["HILUM_HTTP__PORT"] = str(free_port())
+    server = subprocess.Popen(
+        [sys.executable, "-m", "server.cli", "serve"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert server.stdout is not None
+        assert "Hilum is listening" in server.stdout.readline()
+        sent = subprocess.run(
+            [DCMTK_STORESCU, "-aec", "HILUM", "127.0.0.1", str(settings.dimse.port),
+             *map(str, files)],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert sent.returncode == 0, sent.stderr
+        archive = open_archive(settings)
+        try:
+            queue = JobQueue(archive, settings.inference)
+            deadline = time.monotonic() + 300
+            while not [j for j in queue.for_study(datasets[0].StudyInstanceUID) if j.outputs]:
+                assert server.poll() is None and time.monotonic() < deadline
+                time.sleep(0.3)
+            assert len(results_in_study(archive, datasets[0].StudyInstanceUID)) == 2
+        finally:
+            archive.close()
+    finally:
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(60) == 0

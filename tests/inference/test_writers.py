@@ -1,0 +1,200 @@
+"""The SEG and SR writers: highdicom reads what they write back, and ``dciodvfy`` (dicom3tools,
+``make system-deps``) finds no error in it. Masks are the phantoms' ground truth, so these tests
+need neither a network nor an archive."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+
+from inference.analysis import derived_uid
+from inference.phantoms import synthetic_ct_series, synthetic_wsi
+from inference.pixels import slice_stack, tiled_image
+from inference.registry import REFERENCE_MODELS_DIR, Model, load_model
+from inference.seg import segmentation
+from inference.sr import Finding, measurement_report
+
+DCIODVFY = Path("/usr/bin/dciodvfy")
+CT_MODEL = load_model(REFERENCE_MODELS_DIR / "ct_lesion_synthetic")
+WSI_MODEL = load_model(REFERENCE_MODELS_DIR / "wsi_tissue_synthetic")
+
+
+def _uids(purpose: str) -> dict[str, str]:
+    return {
+        "series_instance_uid": derived_uid("writers", purpose, "series"),
+        "sop_instance_uid": derived_uid("writers", purpose, "instance"),
+    }
+
+
+def _finding(model: Model, size: float | None, planar: bool, **kw: object) -> Finding:
+    label = model.manifest.labels[0]
+    return Finding(label, derived_uid("writers", model.name, "tracking"), size, planar, **kw)  # type: ignore[arg-type]
+
+
+def ct_outputs() -> tuple[list[Dataset], np.ndarray, hd.seg.Segmentation, hd.sr.Comprehensive3DSR]:
+    datasets, truth = synthetic_ct_series(11, slices=8)
+    stack = slice_stack(datasets)  # sorted along the normal: the phantom's order already
+    finding = _finding(CT_MODEL, float(truth.sum()) * 1.5 * 1.5 * 5.0, False, segment_number=1)
+    seg = segmentation(
+        CT_MODEL,
+        stack.datasets,
+        truth[..., None],
+        [finding.label],
+        [finding.tracking_uid],
+        **_uids("ct-seg"),
+    )
+    sr = measurement_report(CT_MODEL, stack.datasets, [finding], seg, **_uids("ct-sr"))
+    return stack.datasets, truth, seg, sr
+
+
+def wsi_outputs() -> tuple[Dataset, np.ndarray, hd.seg.Segmentation, hd.sr.Comprehensive3DSR]:
+    slide, truth = synthetic_wsi(12)
+    source = tiled_image([slide], WSI_MODEL.manifest.preprocessing.magnification).dataset
+    area = float(truth.sum()) * 0.0005**2
+    finding = _finding(WSI_MODEL, area, True, segment_number=1)
+    seg = segmentation(
+        WSI_MODEL,
+        [source],
+        truth[None, ..., None],
+        [finding.label],
+        [finding.tracking_uid],
+        tiled=True,
+        **_uids("wsi-seg"),
+    )
+    sr = measurement_report(WSI_MODEL, [source], [finding], seg, **_uids("wsi-sr"))
+    return source, truth, seg, sr
+
+
+def _saved(ds: Dataset, path: Path) -> Path:
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_seg_of_slices_reads_back(tmp_path: Path) -> None:
+    sources, truth, seg, _sr = ct_outputs()
+
+    back = hd.seg.segread(_saved(seg, tmp_path / "seg.dcm"))
+
+    assert back.SegmentationType == "BINARY"
+    assert back.StudyInstanceUID == sources[0].StudyInstanceUID
+    assert back.FrameOfReferenceUID == sources[0].FrameOfReferenceUID
+    pixels = back.get_pixels_by_source_instance(
+        [ds.SOPInstanceUID for ds in sources], assert_missing_frames_are_empty=True
+    )
+    np.testing.assert_array_equal(pixels[..., 0].astype(bool), truth)
+    [description] = back.SegmentSequence
+    assert description.SegmentLabel == "Lesion"
+    assert description.SegmentedPropertyCategoryCodeSequence[0].CodeValue == "49755003"
+    assert description.SegmentedPropertyTypeCodeSequence[0].CodeValue == "52988006"
+    assert description.SegmentAlgorithmType == "AUTOMATIC"
+    assert "synthetic" in description.SegmentAlgorithmName
+    assert description.AnatomicRegionSequence[0].CodeMeaning == "Abdomen"
+
+
+def test_tiled_seg_is_aligned_with_the_total_pixel_matrix(tmp_path: Path) -> None:
+    source, truth, seg, _sr = wsi_outputs()
+
+    back = hd.seg.segread(_saved(seg, tmp_path / "seg.dcm"))
+
+    assert (back.TotalPixelMatrixRows, back.TotalPixelMatrixColumns) == truth.shape
+    assert (back.Rows, back.Columns) == (source.Rows, source.Columns)
+    assert back.FrameOfReferenceUID == source.FrameOfReferenceUID
+    assert back.ContainerIdentifier == source.ContainerIdentifier
+    np.testing.assert_array_equal(back.get_total_pixel_matrix(combine_segments=True) > 0, truth)
+    assert back.SegmentSequence[0].SegmentedPropertyTypeCodeSequence[0].CodeMeaning == "Neoplasm"
+
+
+@pytest.mark.parametrize(
+    ("outputs", "concept", "unit"),
+    [(ct_outputs, codes.SCT.Volume, "mm3"), (wsi_outputs, codes.SCT.Area, "mm2")],
+    ids=["ct", "wsi"],
+)
+def test_sr_measurement_report_reads_back(
+    tmp_path: Path, outputs: object, concept: object, unit: str
+) -> None:
+    _sources, truth, seg, sr = outputs()  # type: ignore[operator]
+
+    back = hd.sr.srread(_saved(sr, tmp_path / "sr.dcm"))
+
+    assert back.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
+    [group] = back.content.get_volumetric_roi_measurement_groups()
+    assert group.tracking_uid == derived_uid("writers", seg.ManufacturerModelName, "tracking")
+    assert "(" in group.tracking_identifier
+    assert group.finding_type is not None and group.finding_type.scheme_designator == "SCT"
+    assert group.finding_sites[0].value.scheme_designator == "SCT"
+    reference = group.referenced_segment
+    assert reference.referenced_sop_instance_uid == seg.SOPInstanceUID
+    [measurement] = group.get_measurements()
+    assert measurement.name == concept
+    assert measurement.unit.value == unit
+    assert measurement.value == pytest.approx(float(truth.sum()) * _unit_size(seg), rel=1e-3)
+    # TID 4019 Algorithm Identification: Algorithm Name (DCM 111001) and Version (DCM 111003).
+    assert set(_text_values(back, "111001")) == {seg.SegmentSequence[0].SegmentAlgorithmName}
+    assert "synthetic" in seg.SegmentSequence[0].SegmentAlgorithmName
+    assert set(_text_values(back, "111003")) == {"1.0.0"}
+
+
+def _text_values(ds: Dataset, code_value: str) -> list[str]:
+    """The TEXT values of the content items named ``code_value``, anywhere in the tree."""
+    found = []
+    for item in ds.get("ContentSequence", []):
+        if item.ConceptNameCodeSequence[0].CodeValue == code_value and "TextValue" in item:
+            found.append(item.TextValue)
+        found += _text_values(item, code_value)
+    return found
+
+
+def _unit_size(seg: Dataset) -> float:
+    if "TotalPixelMatrixRows" in seg:
+        return 0.0005**2
+    return 1.5 * 1.5 * 5.0
+
+
+def test_sr_without_seg_and_with_nothing_found_reads_back(tmp_path: Path) -> None:
+    datasets, _truth = synthetic_ct_series(13, slices=2)
+    absent = _finding(CT_MODEL, None, False, present=False)
+
+    sr = measurement_report(CT_MODEL, datasets, [absent], None, **_uids("absent"))
+
+    back = hd.sr.srread(_saved(sr, tmp_path / "sr.dcm"))
+    [group] = back.content.get_image_measurement_groups()
+    [evaluation] = group.get_qualitative_evaluations()
+    assert evaluation.value == codes.SCT.Absent
+
+
+def _dciodvfy_errors(path: Path) -> list[str]:
+    if not DCIODVFY.exists():
+        pytest.fail(f"{DCIODVFY} is missing: run `make system-deps` (Debian package dicom3tools)")
+    result = subprocess.run(
+        [str(DCIODVFY), str(path)], capture_output=True, text=True, timeout=120, check=False
+    )
+    report = result.stdout + result.stderr
+    return [line for line in report.splitlines() if line.startswith("Error")]
+
+
+@pytest.mark.parametrize("which", ["ct-seg", "ct-sr", "wsi-seg", "wsi-sr", "sr-absent"])
+def test_outputs_pass_dciodvfy(tmp_path: Path, which: str) -> None:
+    if which.startswith("ct"):
+        _s, _t, seg, sr = ct_outputs()
+    elif which.startswith("wsi"):
+        _s, _t, seg, sr = wsi_outputs()
+    else:
+        datasets, _t = synthetic_ct_series(13, slices=2)
+        absent = _finding(CT_MODEL, None, False, present=False)
+        seg, sr = None, measurement_report(CT_MODEL, datasets, [absent], None, **_uids("a"))
+    output = seg if which.endswith("seg") else sr
+
+    assert _dciodvfy_errors(_saved(output, tmp_path / f"{which}.dcm")) == []
+
+
+@pytest.mark.parametrize("which", ["ct", "wsi"])
+def test_phantoms_pass_dciodvfy(tmp_path: Path, which: str) -> None:
+    source = synthetic_ct_series(14, slices=1)[0][0] if which == "ct" else synthetic_wsi(14)[0]
+
+    assert _dciodvfy_errors(_saved(source, tmp_path / f"{which}.dcm")) == []
