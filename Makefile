@@ -18,9 +18,12 @@ run: $(VENV)/.installed
 	$(VENV)/bin/hilum serve
 
 # DCMTK (storescu, echoscu) is the real DICOM peer of the tests.
+# dicom3tools' dciodvfy checks the AI worker's SEG and SR (tests/inference/test_writers.py).
 system-deps:
 	@command -v /usr/bin/storescu >/dev/null 2>&1 || { \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dcmtk; }
+	@command -v /usr/bin/dciodvfy >/dev/null 2>&1 || { \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dicom3tools; }
 
 # The test suite talks to a real PostgreSQL on 127.0.0.1:5432 (trust auth, database `test`).
 services:

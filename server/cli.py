@@ -9,13 +9,18 @@ import sys
 import threading
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pydicom.config  # noqa: F401  (imported first: it resets its logger level on import)
 
 from config import Settings, load_settings
 from config.settings import ConfigError
-from storage.archive import open_archive
+from inference.errors import ModelError
+from storage.archive import Archive, open_archive
 from storage.errors import StorageError
+
+if TYPE_CHECKING:
+    from server.app import HttpServer
 
 log = logging.getLogger("hilum")
 
@@ -35,33 +40,127 @@ def _configure_logging(verbose: bool) -> None:
     warnings.filterwarnings("ignore", module="pydicom")
 
 
-def _run_dimse(settings: Settings, *, migrate: bool) -> int:
+def _run_dimse(settings: Settings, *, all_in_one: bool) -> int:
+    """``hilum dimse``; with ``all_in_one``, ``hilum serve``: migrate the index first, and serve
+    HTTP (DICOMweb) on ``[http] port`` and one AI worker in threads beside the DIMSE SCP."""
     from server.dimse.ae import DimseServer
 
-    archive = open_archive(settings, migrate=migrate)
+    archive = open_archive(settings, migrate=all_in_one)
     server = DimseServer(settings, archive)
     server.start()
+    worker = _start_worker_thread(settings, archive) if all_in_one else None
+    http = _start_http_server(settings, archive) if all_in_one else None
     stopped = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stopped.set())
     print(
         f"Hilum is listening: DICOM {settings.dimse.ae_title}@{settings.server.host}:"
-        f"{server.port}; index {settings.database_url_for_display}; blobs {settings.blob_url}",
+        f"{server.port}; index {settings.database_url_for_display}; blobs {settings.blob_url}"
+        + (f"; HTTP http://{settings.server.host}:{http.port}/dicomweb" if http else ""),
         flush=True,
     )
     stopped.wait()
     log.info("shutting down")
     server.stop()
+    if http is not None:
+        http.stop()
+    if worker is not None:
+        worker[0].set()  # the job in progress finishes first
+        worker[1].join()
     archive.close()
     return 0
 
 
+def _start_http_server(settings: Settings, archive: Archive) -> HttpServer:
+    from server.app import HttpServer, create_app
+
+    http = HttpServer(create_app(settings, archive), settings.server.host, settings.http.port)
+    http.start()
+    return http
+
+
+def cmd_web(settings: Settings, args: argparse.Namespace) -> int:
+    from server.app import serve_with_gunicorn
+
+    open_archive(settings).close()  # fail here, not in every worker, if the index is not ready
+    serve_with_gunicorn(settings)
+    return 0
+
+
+def _start_worker_thread(
+    settings: Settings, archive: Archive
+) -> tuple[threading.Event, threading.Thread] | None:
+    if not settings.inference.serve_worker:
+        return None
+    from inference.registry import load_models
+    from inference.worker import Worker
+
+    worker = Worker(settings, archive, load_models(settings.inference.models_dirs))
+    stop = threading.Event()
+    thread = threading.Thread(target=worker.run, args=(stop,), name="ai-worker", daemon=True)
+    thread.start()
+    return stop, thread
+
+
+def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
+    from inference.analysis import default_device
+    from inference.registry import load_models
+    from inference.worker import Worker
+
+    models = load_models(settings.inference.models_dirs)
+    archive = open_archive(settings)
+    worker = Worker(settings, archive, models)
+    stopped = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stopped.set())
+    print(
+        f"Hilum worker {worker.name} is running {len(models)} models "
+        f"({', '.join(m.name for m in models) or 'none'}) on "
+        f"{settings.inference.device or default_device()}; index "
+        f"{settings.database_url_for_display}",
+        flush=True,
+    )
+    worker.run(stopped)  # a stop request lets the job in progress finish
+    archive.close()
+    return 0
+
+
+def cmd_models(settings: Settings, args: argparse.Namespace) -> int:
+    from inference.registry import load_models
+
+    models = load_models(settings.inference.models_dirs)
+    for model in models:
+        manifest = model.manifest
+        applies = manifest.applies_to
+        series = ", ".join(
+            f"{name}={'|'.join(values)}"
+            for name, values in (
+                ("Modality", applies.modalities),
+                ("SOPClassUID", applies.sop_class_uids),
+                ("BodyPartExamined", applies.body_parts),
+            )
+            if values
+        )
+        outputs = "+".join(
+            n for n, on in (("SEG", manifest.outputs.seg), ("SR", manifest.outputs.sr)) if on
+        )
+        print(
+            f"{model.name} {model.version}  {manifest.kind}  {series or 'any series'}  -> {outputs}"
+        )
+        labels = ", ".join(label.label for label in manifest.labels)
+        print(f"    {manifest.algorithm_name}; labels: {labels}")
+        print(f"    {model.path}")
+    dirs = ", ".join(map(str, settings.inference.models_dirs))
+    print(f"{len(models)} models in {dirs}")
+    return 0
+
+
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
-    return _run_dimse(settings, migrate=True)
+    return _run_dimse(settings, all_in_one=True)
 
 
 def cmd_dimse(settings: Settings, args: argparse.Namespace) -> int:
-    return _run_dimse(settings, migrate=False)
+    return _run_dimse(settings, all_in_one=False)
 
 
 def cmd_db_upgrade(settings: Settings, args: argparse.Namespace) -> int:
@@ -119,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser("serve", help="run everything in one process (migrates the database)")
     commands.add_parser("dimse", help="run the DIMSE SCP only")
+    commands.add_parser("web", help="serve DICOMweb under gunicorn ([http] port, workers)")
     db = commands.add_parser("db", help="index database administration")
     db_commands = db.add_subparsers(dest="db_command", required=True)
     db_commands.add_parser("upgrade", help="apply database migrations")
@@ -129,15 +229,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     verify = commands.add_parser("verify", help="check the index against the blob store")
     verify.add_argument("--quick", action="store_true", help="check existence, not checksums")
+
+    commands.add_parser("worker", help="run the AI worker: claim jobs, run models, store results")
+    models = commands.add_parser("models", help="AI model plug-ins")
+    models_commands = models.add_subparsers(dest="models_command", required=True)
+    models_commands.add_parser("list", help="list the installed models ([inference] models_dirs)")
     return parser
 
 
 COMMANDS = {
     "serve": cmd_serve,
+    "web": cmd_web,
     "dimse": cmd_dimse,
     "db": cmd_db_upgrade,
     "import": cmd_import,
     "verify": cmd_verify,
+    "worker": cmd_worker,
+    "models": cmd_models,
 }
 
 
@@ -153,6 +261,9 @@ def main(argv: list[str] | None = None) -> int:
     except StorageError as error:
         print(f"hilum: {error}", file=sys.stderr)
         return 3
+    except ModelError as error:
+        print(f"hilum: model plug-in error: {error}", file=sys.stderr)
+        return 2
     except OSError as error:
         print(f"hilum: {error}", file=sys.stderr)
         return 3

@@ -67,6 +67,9 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
         f"-filer.port={ports['filer']}", f"-volume.port={ports['volume']}",
         f"-admin.port={ports['admin']}", "-admin.ui=false", "-webdav=false",
         "-s3.port.iceberg=0", "-s3.port.lance=0",
+        # Every test gets its own bucket, and SeaweedFS gives each bucket its own volumes:
+        # small volumes, as many as the disk holds.
+        "-master.volumeSizeLimitMB=16", "-volume.max=0",
     ]  # fmt: skip
     env = {**os.environ, "AWS_ACCESS_KEY_ID": S3_ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET_KEY}
     log = open(data / "weed.log", "wb")  # noqa: SIM115 (closed below)
@@ -121,10 +124,12 @@ def make_settings(
         **sections.pop("storage", {}),
     }
     dimse = {"port": free_port(), "network_timeout_s": 10, **sections.pop("dimse", {})}
+    http = {"port": free_port(), **sections.pop("http", {})}
     return load_settings(
         None,
         server={"data_dir": tmp_path / "hilum-data"},
         dimse=dimse,
+        http=http,
         storage=storage,
         **sections,
     )

@@ -23,6 +23,7 @@ def _env(settings: Settings) -> dict[str, str]:
         **os.environ,
         "HILUM_SERVER__DATA_DIR": str(settings.server.data_dir),
         "HILUM_DIMSE__PORT": str(settings.dimse.port),
+        "HILUM_HTTP__PORT": str(settings.http.port),
         "HILUM_STORAGE__DATABASE_URL": s.database_url,
         "HILUM_STORAGE__BLOB_URL": s.blob_url,
         "HILUM_STORAGE__S3_ACCESS_KEY": s.s3_access_key,
