@@ -12,8 +12,9 @@ What is measured (over HTTP on loopback, the app on werkzeug's threaded server i
 * WADO-RS frame retrieval from the S3 backend (SeaweedFS started here unless ``--s3-endpoint``):
   a 256-frame JPEG whole-slide image, random single frames; p50 and p95.
 
-Orthanc's DICOMweb plugin joins only when Debian's ``orthanc`` and ``orthanc-dicomweb`` are
-installed; otherwise it is skipped with a message. Figures go to stdout, progress to stderr.
+Hilum only: Orthanc's DICOMweb plugin is not compared here (``benchmarks/ingest.py`` and
+``benchmarks/query.py`` compare with Orthanc over DIMSE). Figures go to stdout, progress to
+stderr.
 
     .venv/bin/python benchmarks/dicomweb.py [--studies N] [--database-url URL] [--repeat N]
 """
@@ -240,13 +241,6 @@ def main() -> int:
         qido(args, work)
         stow_and_metadata(args, work)
         wsi_frames(args, work)
-    plugin = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
-    if shutil.which("Orthanc") and plugin.exists():
-        print("\nOrthanc with its DICOMweb plugin is installed, but the comparison is not "
-              "implemented yet")  # fmt: skip
-    else:
-        print("\nOrthanc DICOMweb: skipped (Debian's orthanc and orthanc-dicomweb are not "
-              "installed)")  # fmt: skip
     return 0
 
 

@@ -114,6 +114,12 @@ class HttpSettings(_Section):
     # `hilum web`: gunicorn worker processes and threads per worker.
     workers: int = Field(4, ge=1)
     threads: int = Field(8, ge=1)
+    # Largest stored instance (bytes) that WADO-RS / WADO-URI transcode to another transfer
+    # syntax: transcoding decodes the whole instance in memory. Larger ones: 406, as stored only.
+    transcode_max_bytes: int = Field(512 * 1024**2, ge=0)
+    # DELETE of studies, series and instances over DICOMweb. There is no authentication in
+    # front of the API, so it is off unless asked for; refused with 403 when off.
+    allow_delete: bool = False
 
 
 class StorageSettings(_Section):

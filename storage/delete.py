@@ -72,14 +72,37 @@ def _delete(
         f" series {series_uid}" if series_uid else "",
         f" instance {sop_uid}" if sop_uid else "",
     )
-    orphans = []
-    for key in keys:
-        try:
-            archive.blobs.delete(key)
-        except StorageError as error:
-            log.warning("blob %s of a deleted instance is now an orphan: %s", key, error)
-            orphans.append(key)
+    # Keys are deterministic (UIDs and content hash): the same instance stored again since
+    # the commit has the same key, and its blob must stay.
+    orphans = [key for key in keys if not delete_blob_unless_referenced(archive, key)]
     return Deletion(len(keys), orphans)
+
+
+def delete_blob_unless_referenced(archive: Archive, key: str) -> bool:
+    """Delete blob ``key`` unless a committed index row refers to it (an instance stored again
+    with the same key, or a concurrent sender of the same content that won the race).
+
+    False when it may be left behind (index or blob store unreachable): ``hilum verify``
+    reports it as an orphan. A store that commits between the check and the delete can still
+    lose its blob; the window is the length of one blob delete.
+    """
+    try:
+        with archive.index.read() as session:
+            referenced = session.execute(
+                select(Instance.id).where(Instance.blob_key == key).limit(1)
+            ).first()
+    except StorageError as error:
+        log.warning("index unreachable; blob %s left for `hilum verify`: %s", key, error)
+        return False
+    if referenced is not None:
+        log.info("blob %s is referenced again (stored anew); kept", key)
+        return True
+    try:
+        archive.blobs.delete(key)
+    except StorageError as error:
+        log.warning("could not delete blob %s; `hilum verify` will report it: %s", key, error)
+        return False
+    return True
 
 
 def _delete_empty_parents(

@@ -24,6 +24,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from storage.archive import Archive
+from storage.delete import delete_blob_unless_referenced
 from storage.dicom_file import (
     InstanceHeader,
     is_storage_sop_class,
@@ -168,16 +169,7 @@ def _store(
 def _discard_unreferenced(archive: Archive, key: str) -> None:
     """Remove a blob whose index transaction failed, unless a committed row uses it (a
     concurrent sender of the same content won the race and stored the same key)."""
-    try:
-        with archive.index.read() as session:
-            referenced = session.execute(
-                select(Instance.id).where(Instance.blob_key == key).limit(1)
-            ).first()
-    except StorageUnavailable:
-        log.warning("index unreachable; blob %s left for `hilum verify` to report", key)
-        return
-    if referenced is None:
-        _delete_quietly(archive, key)
+    delete_blob_unless_referenced(archive, key)
 
 
 def _delete_quietly(archive: Archive, key: str) -> None:

@@ -11,9 +11,11 @@ from storage.archive import Archive
 
 def register_dicomweb(app: Flask, settings: Settings, archive: Archive) -> None:
     from server.dicomweb import delete, qido, rendering, stow, wado, wado_uri
-    from server.dicomweb.urls import PREFIX
+    from server.dicomweb.urls import PREFIX, check_path_uids
 
     dicomweb = Blueprint("dicomweb", __name__, url_prefix=PREFIX)
+    # One UID check for every {study}, {series} and {instance} in a path (400 with the reason).
+    dicomweb.url_value_preprocessor(check_path_uids)
     for module in (qido, wado, rendering, stow, delete):
         dicomweb.register_blueprint(module.blueprint(archive, settings))
     app.register_blueprint(dicomweb)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 
 from flask import Blueprint, Response, g, request
+from werkzeug.exceptions import Forbidden
 
 from config import Settings
 from storage.archive import Archive
@@ -43,6 +44,16 @@ class DeleteTransaction:
 def blueprint(archive: Archive, settings: Settings) -> Blueprint:
     transaction = DeleteTransaction(archive)
     bp = Blueprint("delete", __name__)
+
+    @bp.before_request
+    def _allowed() -> None:
+        # Nothing authenticates DICOMweb clients: deleting is off unless the operator opts in.
+        if not settings.http.allow_delete:
+            raise Forbidden(
+                "DELETE is disabled on this server; set [http] allow_delete = true "
+                "(HILUM_HTTP__ALLOW_DELETE=true) to enable it"
+            )
+
     bp.add_url_rule("/studies/<study>", view_func=transaction.delete_study, methods=["DELETE"])
     bp.add_url_rule(
         "/studies/<study>/series/<series>",

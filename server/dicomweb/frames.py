@@ -1,9 +1,12 @@
 """Frames of a stored instance: read with one ranged read each from the blob store, using the
-byte ranges recorded at ingest (never the whole file), and decoded only when asked."""
+byte ranges recorded at ingest (never the whole file), and decoded only when asked.
+
+An instance without recorded ranges (deflated, or fragments that cannot be assigned to frames)
+is copied and parsed once per request, whatever the number of frames asked for.
+"""
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Iterator
 from io import BytesIO
 from typing import Any
@@ -14,8 +17,9 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate, generate_frames
 from pydicom.uid import UID
 
+from server.dicomweb.spool import Spool
 from storage.archive import Archive
-from storage.errors import NotFound
+from storage.errors import InvalidQuery, NotFound
 from storage.query import StoredInstance
 
 # Image Pixel Module attributes (PS3.3 C.7.6.3) that decoding a frame needs.
@@ -49,6 +53,9 @@ def parse_frame_list(text: str) -> list[int]:
 
 
 def check_frames(instance: StoredInstance, numbers: list[int]) -> None:
+    """Every number names a frame of ``instance``: 400 below 1, 404 beyond the last."""
+    if any(n < 1 for n in numbers):
+        raise InvalidQuery("frame numbers start at 1 (PS3.18 8.3.3.1.5)")
     if not instance.frame_ranges and not instance.number_of_frames:
         raise FrameNotFound(f"instance {instance.sop_instance_uid} has no frames")
     for n in numbers:
@@ -59,53 +66,79 @@ def check_frames(instance: StoredInstance, numbers: list[int]) -> None:
             )
 
 
-def read_frame(archive: Archive, instance: StoredInstance, number: int) -> bytes:
-    """The stored bytes of frame ``number`` (one-based): the fragments of an encapsulated frame
-    joined, or the native frame's pixels, from a single ranged read."""
-    if instance.frame_ranges is None:
-        return _read_frame_from_whole_file(archive, instance, number)
-    fragments = instance.frame_ranges[number - 1]
-    start = fragments[0][0]
-    end = fragments[-1][0] + fragments[-1][1]
-    data = archive.blobs.get_range(instance.blob_key, start, end - start)
-    if len(fragments) == 1:
-        return data
-    # The fragments of one frame lie one after another, each behind its item header.
-    return b"".join(data[offset - start : offset - start + length] for offset, length in fragments)
+class FrameReader:
+    """Reads frames and headers of stored instances; ``instance.frame_ranges`` must have been
+    located (``with_frame_ranges=True``) for the ranged reads to be used."""
 
+    def __init__(self, archive: Archive, spool: Spool) -> None:
+        self.archive = archive
+        self.spool = spool
 
-def read_header(archive: Archive, instance: StoredInstance) -> Dataset:
-    """The data set up to the Pixel Data element, read without fetching the pixels."""
-    if instance.frame_ranges:
-        head = archive.blobs.get_range(instance.blob_key, 0, instance.frame_ranges[0][0][0])
-        return pydicom.dcmread(BytesIO(head), stop_before_pixels=True)
-    return _read_whole_file(archive, instance, stop_before_pixels=True)
+    def read_frame(self, instance: StoredInstance, number: int) -> bytes:
+        """The stored bytes of frame ``number`` (one-based): the fragments of an encapsulated
+        frame joined, or the native frame's pixels, from a single ranged read."""
+        if instance.frame_ranges is None:
+            return next(self._frames_from_whole_file(instance, [number]))
+        fragments = instance.frame_ranges[number - 1]
+        start = fragments[0][0]
+        end = fragments[-1][0] + fragments[-1][1]
+        data = self.archive.blobs.get_range(instance.blob_key, start, end - start)
+        if len(fragments) == 1:
+            return data
+        # The fragments of one frame lie one after another, each behind its item header.
+        return b"".join(
+            data[offset - start : offset - start + length] for offset, length in fragments
+        )
 
+    def frames(
+        self, instance: StoredInstance, numbers: list[int], *, decode: bool
+    ) -> Iterator[bytes]:
+        if instance.frame_ranges is None:
+            stored: Iterator[bytes] = self._frames_from_whole_file(instance, numbers)
+        else:
+            stored = (self.read_frame(instance, number) for number in numbers)
+        for frame in stored:
+            if decode:
+                frame = native_frame(instance.metadata or {}, instance.transfer_syntax_uid, frame)
+            yield frame
 
-def _read_whole_file(
-    archive: Archive, instance: StoredInstance, *, stop_before_pixels: bool = False
-) -> Dataset:
-    with tempfile.SpooledTemporaryFile(max_size=64 << 20) as spool:
-        with archive.blobs.open(instance.blob_key) as blob:
-            while chunk := blob.read(1 << 20):
-                spool.write(chunk)
-        spool.seek(0)
-        return pydicom.dcmread(spool, stop_before_pixels=stop_before_pixels)
+    def read_header(self, instance: StoredInstance) -> Dataset:
+        """The data set up to the Pixel Data element, read without fetching the pixels."""
+        if instance.frame_ranges:
+            head = self.archive.blobs.get_range(
+                instance.blob_key, 0, instance.frame_ranges[0][0][0]
+            )
+            return pydicom.dcmread(BytesIO(head), stop_before_pixels=True)
+        with self.spool.copy_of(self.archive, instance.blob_key) as copy:
+            return pydicom.dcmread(copy, stop_before_pixels=True)
 
-
-def _read_frame_from_whole_file(archive: Archive, instance: StoredInstance, number: int) -> bytes:
-    # No recorded ranges (deflated syntax, or fragments that cannot be assigned to frames).
-    ds = _read_whole_file(archive, instance)
-    if "PixelData" not in ds:
-        raise FrameNotFound(f"instance {instance.sop_instance_uid} has no pixel data")
-    if ds.file_meta.TransferSyntaxUID.is_encapsulated:
-        frames = generate_frames(ds.PixelData, number_of_frames=instance.number_of_frames)
-        for index, frame in enumerate(frames, start=1):
-            if index == number:
-                return frame
-        raise FrameNotFound(f"frame {number} is missing from the pixel data")
-    pixels = ds.pixel_array.reshape(instance.number_of_frames, -1)
-    return pixels[number - 1].astype(pixels.dtype.newbyteorder("<")).tobytes()
+    def _frames_from_whole_file(
+        self, instance: StoredInstance, numbers: list[int]
+    ) -> Iterator[bytes]:
+        """The stored bytes of each of ``numbers``, from one copy of the file parsed once."""
+        with self.spool.copy_of(self.archive, instance.blob_key) as copy:
+            ds = pydicom.dcmread(copy)
+            if "PixelData" not in ds:
+                raise FrameNotFound(f"instance {instance.sop_instance_uid} has no pixel data")
+            count = instance.number_of_frames
+            if ds.file_meta.TransferSyntaxUID.is_encapsulated:
+                wanted = set(numbers)
+                found = {
+                    index: frame
+                    for index, frame in enumerate(
+                        generate_frames(ds.PixelData, number_of_frames=count), start=1
+                    )
+                    if index in wanted
+                }
+                for number in numbers:
+                    if number not in found:
+                        raise FrameNotFound(f"frame {number} is missing from the pixel data")
+                    yield found[number]
+                return
+            pixels = ds.pixel_array.reshape(count, -1)
+            little = pixels.astype(pixels.dtype.newbyteorder("<"))
+            for number in numbers:
+                yield little[number - 1].tobytes()
 
 
 def frame_dataset(metadata: dict[str, Any], transfer_syntax: str, frame: bytes) -> Dataset:
@@ -133,13 +166,3 @@ def native_frame(metadata: dict[str, Any], transfer_syntax: str, frame: bytes) -
         return frame
     pixels = decode_frame(metadata, transfer_syntax, frame)
     return pixels.astype(pixels.dtype.newbyteorder("<")).tobytes()
-
-
-def frames_of(
-    archive: Archive, instance: StoredInstance, numbers: list[int], *, decode: bool
-) -> Iterator[bytes]:
-    for number in numbers:
-        frame = read_frame(archive, instance, number)
-        if decode:
-            frame = native_frame(instance.metadata or {}, instance.transfer_syntax_uid, frame)
-        yield frame

@@ -76,7 +76,11 @@ def parse_accept(header: str | None) -> list[AcceptedType]:
         except ValueError:
             quality = 0.0
         main = main.strip().lower()
-        if main == "multipart/related":
+        if main in ("*/*", "multipart/*"):
+            # RFC 9110 12.5.1: a range that covers multipart/related accepts its default form,
+            # as an absent Accept header does (browsers, curl and requests send "*/*").
+            accepted.append(AcceptedType("*/*", parameters.get("transfer-syntax"), True, quality))
+        elif main == "multipart/related":
             part_type = parameters.get("type", "*/*").lower()
             accepted.append(
                 AcceptedType(
@@ -150,20 +154,45 @@ def frame_media_type(stored: str) -> str:
     return FRAME_MEDIA_TYPES.get(stored, OCTET_STREAM)
 
 
-def frame_representation(accepted: list[AcceptedType], stored: str) -> tuple[str, bool]:
-    """(media type, decode) for frames: the stored bytes as they are, or decoded to native
-    little endian (application/octet-stream, PS3.18 8.7.3.3.2)."""
+@dataclass(frozen=True)
+class FrameRepresentation:
+    """How frames are sent: the part's media type, whether the stored bytes are decoded to
+    native pixels first, and the transfer-syntax parameter of the part (None: none)."""
+
+    media_type: str
+    decode: bool
+    transfer_syntax: str | None
+
+    @property
+    def part_type(self) -> str:
+        if self.transfer_syntax is None:
+            return self.media_type
+        return f"{self.media_type}; transfer-syntax={self.transfer_syntax}"
+
+
+def frame_representation(accepted: list[AcceptedType], stored: str) -> FrameRepresentation:
+    """Frames as stored (their own media type, PS3.18 Table 8.7.3-2), as stored but labelled
+    application/octet-stream when asked with ``transfer-syntax=*`` (what OHIF asks for), or
+    decoded to native little endian (application/octet-stream, PS3.18 8.7.3.3.2)."""
     as_stored = frame_media_type(stored)
+    as_is = as_stored != OCTET_STREAM or UID(stored).is_little_endian
     for a in accepted:
         if not a.multipart:
             continue
         if a.transfer_syntax == "*" and matches(a.media_type, as_stored):
-            return as_stored, False
-        as_is = as_stored != OCTET_STREAM or UID(stored).is_little_endian
+            return FrameRepresentation(as_stored, False, stored)
+        if a.transfer_syntax == "*" and matches(a.media_type, OCTET_STREAM):
+            return FrameRepresentation(OCTET_STREAM, False, stored)
         if as_is and matches(a.media_type, as_stored) and a.transfer_syntax in (None, stored):
-            return as_stored, False
-        if a.media_type == OCTET_STREAM and a.transfer_syntax in (None, ExplicitVRLittleEndian):
-            return OCTET_STREAM, True
+            # Native frames are plain octet-stream, as the decoded ones are.
+            return FrameRepresentation(
+                as_stored, False, None if as_stored == OCTET_STREAM else stored
+            )
+        if matches(a.media_type, OCTET_STREAM) and a.transfer_syntax in (
+            None,
+            ExplicitVRLittleEndian,
+        ):
+            return FrameRepresentation(OCTET_STREAM, True, None)
     raise NotAcceptable(
         f"frames stored as {stored} are available as {as_stored} or {OCTET_STREAM} only"
     )

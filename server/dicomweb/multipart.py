@@ -75,7 +75,10 @@ def read_parts(
         if ending == b"--":
             return  # close delimiter; the epilogue is ignored
         reader.skip_line_rest(ending)
-        headers = _parse_headers(reader.read_until(b"\r\n\r\n", _MAX_HEADER_BYTES))
+        if reader.consume_prefix(b"\r\n"):
+            headers: dict[str, str] = {}  # RFC 2046 5.1.1: a part may have no header fields
+        else:
+            headers = _parse_headers(reader.read_until(b"\r\n\r\n", _MAX_HEADER_BYTES))
         file = spool()
         try:
             if not reader.copy_until(separator, file):
@@ -124,6 +127,15 @@ class _Reader:
         data = bytes(self.buffer[:n])
         del self.buffer[:n]
         return data
+
+    def consume_prefix(self, prefix: bytes) -> bool:
+        """Drop ``prefix`` if the unread data starts with it."""
+        while len(self.buffer) < len(prefix) and self._fill():
+            pass
+        if self.buffer.startswith(prefix):
+            del self.buffer[: len(prefix)]
+            return True
+        return False
 
     def skip_to(self, delimiter: bytes) -> bool:
         """Drop everything up to and including ``delimiter`` at a line start."""

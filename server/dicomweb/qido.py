@@ -15,6 +15,7 @@ from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from config import Settings
 from server.dicomweb import urls
 from server.dicomweb.media_types import DICOM_JSON
+from server.dicomweb.statuses import warning_text
 from storage.archive import Archive
 from storage.errors import InvalidQuery
 from storage.query import QUERY_KEYS, Query, QueryLevel, search
@@ -187,7 +188,8 @@ class SearchTransaction:
         response = Response(stream_with_context(body), content_type=DICOM_JSON)
         for text in form.warnings:
             # PS3.18 8.4.5 / RFC 7234 5.5: warn-code 299 with the reason.
-            response.headers.add("Warning", f'299 hilum "{text}"')
+            # The text may quote a parameter name as sent: made header-safe.
+            response.headers.add("Warning", f'299 hilum "{warning_text(text)}"')
         return response
 
     def search_for_studies(self) -> Response:

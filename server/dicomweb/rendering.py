@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import io
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from itertools import islice
 from typing import Any
 
 import numpy as np
@@ -13,12 +14,13 @@ from flask import Blueprint, Response, request
 from PIL import Image
 
 from config import Settings
-from server.dicomweb.frames import check_frames, decode_frame, read_frame
+from server.dicomweb.frames import FrameReader, check_frames, decode_frame, parse_frame_list
 from server.dicomweb.media_types import NotAcceptable, matches, parse_accept
+from server.dicomweb.spool import Spool
 from server.dicomweb.wado import located, one_instance
 from storage.archive import Archive
-from storage.errors import InvalidQuery
-from storage.query import StoredInstance
+from storage.errors import InvalidQuery, NotFound
+from storage.query import Query, QueryLevel, StoredInstance, search
 
 RENDERED_TYPES = ("image/jpeg", "image/png")
 THUMBNAIL_VIEWPORT = (128, 128)
@@ -133,40 +135,67 @@ def rendered_media_type() -> str:
 
 
 class RenderedTransaction:
-    def __init__(self, archive: Archive) -> None:
+    def __init__(self, archive: Archive, settings: Settings) -> None:
         self.archive = archive
+        self.frames = FrameReader(archive, Spool(settings.server.data_dir))
+
+    def render_frame(
+        self, instance: StoredInstance, frame: int, params: RenderingParameters, media_type: str
+    ) -> Response:
+        """Frame ``frame`` of ``instance`` (located with metadata and frame ranges) rendered;
+        WADO-RS rendered resources and WADO-URI both answer with this."""
+        check_frames(instance, [frame])
+        data = self.frames.read_frame(instance, frame)
+        pixels = decode_frame(instance.metadata or {}, instance.transfer_syntax_uid, data)
+        return Response(
+            render(pixels, instance.metadata or {}, params, media_type), content_type=media_type
+        )
 
     def _render(
         self, instance: StoredInstance, frame: int, viewport: tuple[int, int] | None = None
     ) -> Response:
         media_type = rendered_media_type()
         params = RenderingParameters.from_request(viewport)
-        check_frames(instance, [frame])
-        data = read_frame(self.archive, instance, frame)
-        pixels = decode_frame(instance.metadata or {}, instance.transfer_syntax_uid, data)
-        return Response(
-            render(pixels, instance.metadata or {}, params, media_type), content_type=media_type
-        )
+        return self.render_frame(instance, frame, params, media_type)
+
+    def _instance(self, study: str, series: str, instance: str) -> StoredInstance:
+        return one_instance(self.archive, study, series, instance, with_frame_ranges=True)
 
     def _representative(self, study: str, series: str | None = None) -> StoredInstance:
         # The middle instance of the series (or of the study): a typical slice, not the edge.
-        instances = list(located(self.archive, study, series, with_metadata=False))
-        middle = instances[len(instances) // 2]
-        return one_instance(
-            self.archive, study, middle.series_instance_uid, middle.sop_instance_uid
-        )
+        # Count first, then walk the light rows (no metadata, no frame ranges) to the middle
+        # one in instance order, and locate only that one in full.
+        if series is None:
+            query = Query(QueryLevel.STUDY, {"StudyInstanceUID": study})
+            count_key = "NumberOfStudyRelatedInstances"
+        else:
+            query = Query(
+                QueryLevel.SERIES, {"StudyInstanceUID": study, "SeriesInstanceUID": series}
+            )
+            count_key = "NumberOfSeriesRelatedInstances"
+        query = replace(query, return_keys=[count_key])
+        rows = search(self.archive, query)
+        try:
+            row = next(rows, None)
+        finally:
+            rows.close()
+        count = int((row or {}).get(count_key) or 0)
+        found = located(self.archive, study, series)
+        try:
+            middle = next(islice(found, count // 2, None), None)
+        finally:
+            found.close()  # type: ignore[attr-defined]
+        if middle is None:
+            raise NotFound(f"no stored instance under {series or study}")
+        return self._instance(study, middle.series_instance_uid, middle.sop_instance_uid)
 
     def retrieve_instance_rendered(self, study: str, series: str, instance: str) -> Response:
-        return self._render(one_instance(self.archive, study, series, instance), 1)
+        return self._render(self._instance(study, series, instance), 1)
 
     def retrieve_frames_rendered(
         self, study: str, series: str, instance: str, frames: str
     ) -> Response:
-        try:
-            frame = int(frames.split(",")[0])
-        except ValueError:
-            raise InvalidQuery(f"frame list {frames[:80]!r} is not numbers") from None
-        return self._render(one_instance(self.archive, study, series, instance), frame)
+        return self._render(self._instance(study, series, instance), _first_frame(frames))
 
     def retrieve_series_rendered(self, study: str, series: str) -> Response:
         return self._render(self._representative(study, series), 1)
@@ -178,22 +207,25 @@ class RenderedTransaction:
         return self._render(self._representative(study, series), 1, THUMBNAIL_VIEWPORT)
 
     def retrieve_instance_thumbnail(self, study: str, series: str, instance: str) -> Response:
-        stored = one_instance(self.archive, study, series, instance)
-        return self._render(stored, 1, THUMBNAIL_VIEWPORT)
+        return self._render(self._instance(study, series, instance), 1, THUMBNAIL_VIEWPORT)
 
     def retrieve_frames_thumbnail(
         self, study: str, series: str, instance: str, frames: str
     ) -> Response:
-        try:
-            frame = int(frames.split(",")[0])
-        except ValueError:
-            raise InvalidQuery(f"frame list {frames[:80]!r} is not numbers") from None
-        stored = one_instance(self.archive, study, series, instance)
-        return self._render(stored, frame, THUMBNAIL_VIEWPORT)
+        stored = self._instance(study, series, instance)
+        return self._render(stored, _first_frame(frames), THUMBNAIL_VIEWPORT)
+
+
+def _first_frame(frames: str) -> int:
+    """PS3.18 8.3.5: a rendered frame list renders its first frame (the only one here)."""
+    try:
+        return parse_frame_list(frames)[0]
+    except ValueError as error:
+        raise InvalidQuery(str(error)) from None
 
 
 def blueprint(archive: Archive, settings: Settings) -> Blueprint:
-    rendered = RenderedTransaction(archive)
+    rendered = RenderedTransaction(archive, settings)
     bp = Blueprint("rendered", __name__)
     series = "/studies/<study>/series/<series>"
     instance = f"{series}/instances/<instance>"

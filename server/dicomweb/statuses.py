@@ -54,3 +54,10 @@ def failure_reason_for(error: Exception) -> int:
         if isinstance(error, error_type):
             return reason
     return PROCESSING_FAILURE
+
+
+def warning_text(text: str, limit: int = 200) -> str:
+    """``text`` made safe for the quoted warn-text of a Warning header (RFC 7234 5.5): printable
+    ASCII only, quotes and backslashes escaped, at most ``limit`` characters."""
+    printable = "".join(c if " " <= c <= "~" else "?" for c in text[:limit])
+    return printable.replace("\\", "\\\\").replace('"', '\\"')

@@ -21,9 +21,12 @@ from server.dicomweb import urls
 from server.dicomweb.media_types import DICOM, DICOM_JSON
 from server.dicomweb.multipart import MultipartError, ReceivedPart, check_boundary, read_parts
 from server.dicomweb.statuses import (
+    CANNOT_UNDERSTAND,
     ELEMENTS_DISCARDED,
+    OUT_OF_RESOURCES,
     STUDY_INSTANCE_UID_MISMATCH,
     failure_reason_for,
+    warning_text,
 )
 from storage.archive import Archive
 from storage.dicom_file import read_instance_header
@@ -60,9 +63,10 @@ class StoreTransaction:
     def _boundary(self) -> str:
         # PS3.18 10.5.1.1: multipart/related; type="application/dicom" is the only form
         # accepted here (the metadata + bulk data form is not supported).
+        # RFC 9110 8.3.1: media type names are case-insensitive.
         media_type, options = parse_options_header(request.headers.get("Content-Type", ""))
-        part_type = options.get("type", DICOM).lower()
-        if media_type != "multipart/related" or part_type != DICOM:
+        part_type = options.get("type", DICOM).strip().lower()
+        if media_type.lower() != "multipart/related" or part_type != DICOM:
             raise UnsupportedMediaType(
                 'STOW-RS accepts multipart/related; type="application/dicom" only, '
                 f"not {request.headers.get('Content-Type', 'no Content-Type')!r}"
@@ -81,21 +85,59 @@ class StoreTransaction:
         stream = _LimitedStream(request.stream, self.max_bytes)
         referenced: list[dict[str, Any]] = []
         failed: list[dict[str, Any]] = []
+        spooled: list[str] = []
 
         def spool() -> BinaryIO:
             # tmp*.dcm: a file left by a crash is removed by the DIMSE server's janitor.
-            return tempfile.NamedTemporaryFile(  # noqa: SIM115 (closed by the loop)
+            file = tempfile.NamedTemporaryFile(  # noqa: SIM115 (closed by the loop)
                 dir=self.tmp_dir, prefix="tmp", suffix=".dcm", delete=False
             )
+            spooled.append(file.name)
+            return file
 
-        for part in read_parts(stream, boundary, spool):
-            try:
-                self._store_part(part, study, referenced, failed)
-            finally:
-                part.file.close()
+        try:
+            for part in read_parts(stream, boundary, spool):
+                try:
+                    self._store_part(part, study, referenced, failed)
+                finally:
+                    part.file.close()
+                    with contextlib.suppress(OSError):
+                        os.unlink(part.file.name)
+                    spooled.remove(part.file.name)
+        except (MultipartError, RequestEntityTooLarge) as error:
+            if not referenced and not failed:
+                raise
+            return self._interrupted(study, referenced, failed, error)
+        finally:
+            # Every spooled part goes, also the one a broken, oversized or abandoned body
+            # left half-written.
+            for name in spooled:
                 with contextlib.suppress(OSError):
-                    os.unlink(part.file.name)
+                    os.unlink(name)
         return self._response(study, referenced, failed)
+
+    def _interrupted(
+        self,
+        study: str | None,
+        referenced: list[dict[str, Any]],
+        failed: list[dict[str, Any]],
+        error: Exception,
+    ) -> Response:
+        """The body broke off (malformed or over the limit) after some parts were handled.
+
+        PS3.18 10.5.3 says what the stored instances are (ReferencedSOPSequence) but not how
+        to report a body that breaks off: Hilum reports what it did, adds one Failed SOP item
+        without UIDs (the part that broke off is unknown), and answers 202 when something was
+        stored, else the error's own status (400 or 413); the reason is in a Warning header.
+        """
+        reason = OUT_OF_RESOURCES if isinstance(error, RequestEntityTooLarge) else CANNOT_UNDERSTAND
+        failed.append(_failed("", "", reason))
+        response = self._response(study, referenced, failed)
+        if not referenced:
+            response.status_code = 413 if isinstance(error, RequestEntityTooLarge) else 400
+        text = getattr(error, "description", None) or str(error)
+        response.headers["Warning"] = f'299 hilum "{warning_text(f"body broke off: {text}")}"'
+        return response
 
     def _store_part(
         self,
@@ -110,7 +152,7 @@ class StoreTransaction:
         sop_class = sop_instance = ""
         try:
             part_type = parse_options_header(part.content_type)[0] if part.content_type else DICOM
-            if part_type != DICOM:
+            if part_type.lower() != DICOM:
                 raise InvalidInstance(f"a part of type {part_type!r} is not application/dicom")
             header = read_instance_header(path)
             sop_class, sop_instance = header.sop_class_uid, header.sop_instance_uid

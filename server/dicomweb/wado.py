@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import tempfile
 from collections.abc import Iterable, Iterator
 from io import BytesIO
 from typing import Any
@@ -20,12 +19,7 @@ from pydicom.uid import UID
 
 from config import Settings
 from server.dicomweb import urls
-from server.dicomweb.frames import (
-    check_frames,
-    frames_of,
-    parse_frame_list,
-    read_header,
-)
+from server.dicomweb.frames import FrameReader, check_frames, parse_frame_list
 from server.dicomweb.media_types import (
     DICOM,
     DICOM_JSON,
@@ -37,6 +31,7 @@ from server.dicomweb.media_types import (
     parse_accept,
 )
 from server.dicomweb.multipart import OutgoingPart, new_boundary, write_parts
+from server.dicomweb.spool import Spool
 from storage.archive import Archive
 from storage.dicom_file import PIXEL_DATA
 from storage.errors import InvalidQuery, NotFound
@@ -65,11 +60,15 @@ def located(
     instance: str | None = None,
     *,
     with_metadata: bool = False,
+    with_frame_ranges: bool = False,
 ) -> Iterator[StoredInstance]:
     """The stored instances under the URL's entity; :class:`NotFound` at once when there are
-    none (the query runs here, before any response starts)."""
+    none (the query runs here, before any response starts). Frame ranges (large for a
+    whole-slide image) only where frames are read."""
     query = instances_query(study, series, instance)
-    found = locate_instances(archive, query, with_metadata=with_metadata)
+    found = locate_instances(
+        archive, query, with_metadata=with_metadata, with_frame_ranges=with_frame_ranges
+    )
     first = next(found, None)
     if first is None:
         found.close()
@@ -86,9 +85,22 @@ def located(
 
 
 def one_instance(
-    archive: Archive, study: str, series: str, instance: str, *, with_metadata: bool = True
+    archive: Archive,
+    study: str,
+    series: str,
+    instance: str,
+    *,
+    with_metadata: bool = True,
+    with_frame_ranges: bool = False,
 ) -> StoredInstance:
-    found = located(archive, study, series, instance, with_metadata=with_metadata)
+    found = located(
+        archive,
+        study,
+        series,
+        instance,
+        with_metadata=with_metadata,
+        with_frame_ranges=with_frame_ranges,
+    )
     try:
         return next(found)
     finally:
@@ -123,7 +135,9 @@ class RetrieveTransaction:
 
     def __init__(self, archive: Archive, settings: Settings) -> None:
         self.archive = archive
-        self.tmp_dir = settings.server.data_dir / "tmp"
+        self.spool = Spool(settings.server.data_dir)
+        self.frames = FrameReader(archive, self.spool)
+        self.transcode_max_bytes = settings.http.transcode_max_bytes
 
     # -- instances ----------------------------------------------------------------------------
 
@@ -159,6 +173,12 @@ class RetrieveTransaction:
         """The Part 10 file in ``syntax``: streamed as stored, or transcoded now (in memory),
         so that a transcoding failure is known before the part starts."""
         if syntax != instance.transfer_syntax_uid:
+            if instance.size > self.transcode_max_bytes:
+                raise NotAcceptable(
+                    f"instance {instance.sop_instance_uid} ({instance.size} bytes) is larger "
+                    f"than http.transcode_max_bytes ({self.transcode_max_bytes}); it is "
+                    f"available as stored ({instance.transfer_syntax_uid}) only"
+                )
             return [self._transcoded(instance, syntax)]
         return self._stored_bytes(instance)
 
@@ -168,12 +188,8 @@ class RetrieveTransaction:
                 yield chunk
 
     def _transcoded(self, instance: StoredInstance, syntax: str) -> bytes:
-        with tempfile.SpooledTemporaryFile(max_size=64 << 20, dir=self.tmp_dir) as spool:
-            with self.archive.blobs.open(instance.blob_key) as blob:
-                while chunk := blob.read(_CHUNK):
-                    spool.write(chunk)
-            spool.seek(0)
-            ds = pydicom.dcmread(spool)
+        with self.spool.copy_of(self.archive, instance.blob_key) as copy:
+            ds = pydicom.dcmread(copy)
             try:
                 if ds.file_meta.TransferSyntaxUID.is_encapsulated and "PixelData" in ds:
                     ds.decompress()
@@ -231,37 +247,34 @@ class RetrieveTransaction:
     def _frames_response(self, stored: StoredInstance, numbers: list[int]) -> Response:
         check_frames(stored, numbers)
         accepted = parse_accept(request.headers.get("Accept"))
-        media_type, decode = frame_representation(accepted, stored.transfer_syntax_uid)
-        part_type = media_type
-        if media_type != OCTET_STREAM:
-            part_type = f"{media_type}; transfer-syntax={stored.transfer_syntax_uid}"
+        representation = frame_representation(accepted, stored.transfer_syntax_uid)
         base = urls.instance_url(
             stored.study_instance_uid, stored.series_instance_uid, stored.sop_instance_uid
         )
-        frames = frames_of(self.archive, stored, numbers, decode=decode)
+        frames = self.frames.frames(stored, numbers, decode=representation.decode)
         parts = (
-            OutgoingPart(part_type, [frame], f"{base}/frames/{n}")
+            OutgoingPart(representation.part_type, [frame], f"{base}/frames/{n}")
             for n, frame in zip(numbers, frames, strict=True)
         )
-        return multipart_response(parts, media_type)
+        return multipart_response(parts, representation.media_type)
 
     def retrieve_frames(self, study: str, series: str, instance: str, frames: str) -> Response:
         try:
             numbers = parse_frame_list(frames)
         except ValueError as error:
             raise InvalidQuery(str(error)) from None
-        stored = one_instance(self.archive, study, series, instance)
+        stored = one_instance(self.archive, study, series, instance, with_frame_ranges=True)
         return self._frames_response(stored, numbers)
 
     def retrieve_bulkdata(self, study: str, series: str, instance: str, path: str) -> Response:
-        stored = one_instance(self.archive, study, series, instance)
+        stored = one_instance(self.archive, study, series, instance, with_frame_ranges=True)
         steps = path.split("/")
         if steps == [f"{PIXEL_DATA:08X}"]:
             # PS3.18 8.7.3.3: Pixel Data bulk data is sent frame by frame, like frames.
             if not stored.number_of_frames or "7FE00010" not in (stored.metadata or {}):
                 raise NotFound(f"instance {instance} has no Pixel Data")
             return self._frames_response(stored, list(range(1, stored.number_of_frames + 1)))
-        value = _element_value(read_header(self.archive, stored), steps)
+        value = _element_value(self.frames.read_header(stored), steps)
         return multipart_response(iter([OutgoingPart(OCTET_STREAM, [value])]), OCTET_STREAM)
 
 

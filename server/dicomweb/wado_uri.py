@@ -9,9 +9,9 @@ from flask import Blueprint, Response, request
 from pydicom.uid import ExplicitVRLittleEndian
 
 from config import Settings
-from server.dicomweb.frames import check_frames, decode_frame, read_frame
 from server.dicomweb.media_types import DICOM, NotAcceptable, can_transcode
-from server.dicomweb.rendering import RENDERED_TYPES, RenderingParameters, render
+from server.dicomweb.rendering import RENDERED_TYPES, RenderedTransaction, RenderingParameters
+from server.dicomweb.urls import check_uid
 from server.dicomweb.wado import RetrieveTransaction, one_instance
 from storage.archive import Archive
 from storage.errors import InvalidQuery
@@ -23,6 +23,11 @@ def _required(name: str) -> str:
     if not value:
         raise InvalidQuery(f"WADO-URI needs the {name} parameter")
     return value
+
+
+def _uid(name: str, what: str) -> str:
+    # A UID, never a matching value (no "*" or lists).
+    return check_uid(_required(name), what)
 
 
 def _positive(name: str) -> int | None:
@@ -41,12 +46,17 @@ class WadoUri:
     def __init__(self, archive: Archive, settings: Settings) -> None:
         self.archive = archive
         self.retrieve = RetrieveTransaction(archive, settings)
+        self.rendered = RenderedTransaction(archive, settings)
 
     def retrieve_object(self) -> Response:
         if request.args.get("requestType") != "WADO":
             raise InvalidQuery("requestType must be WADO (PS3.18 9.1.2.1.1)")
         stored = one_instance(
-            self.archive, _required("studyUID"), _required("seriesUID"), _required("objectUID")
+            self.archive,
+            _uid("studyUID", "Study"),
+            _uid("seriesUID", "Series"),
+            _uid("objectUID", "SOP Instance"),
+            with_frame_ranges=True,
         )
         # PS3.18 9.1.2.1.5: a list of acceptable types; image/jpeg when absent.
         wanted = [t.strip() for t in request.args.get("contentType", "image/jpeg").split(",")]
@@ -71,7 +81,6 @@ class WadoUri:
 
     def _rendered(self, stored: StoredInstance, media_type: str) -> Response:
         frame = _positive("frameNumber") or 1
-        check_frames(stored, [frame])
         window = None
         if "windowCenter" in request.args and "windowWidth" in request.args:
             try:
@@ -86,14 +95,7 @@ class WadoUri:
         viewport = (columns or rows or 0, rows or columns or 0) if rows or columns else None
         quality = _positive("imageQuality") or 90
         params = RenderingParameters(window, viewport, min(quality, 100))
-        pixels = decode_frame(
-            stored.metadata or {},
-            stored.transfer_syntax_uid,
-            read_frame(self.archive, stored, frame),
-        )
-        return Response(
-            render(pixels, stored.metadata or {}, params, media_type), content_type=media_type
-        )
+        return self.rendered.render_frame(stored, frame, params, media_type)
 
 
 def blueprint(archive: Archive, settings: Settings) -> Blueprint:

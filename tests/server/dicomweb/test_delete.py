@@ -1,14 +1,33 @@
-"""DELETE of a study, a series or an instance: index rows and blobs go, the rest stays."""
+"""DELETE of a study, a series or an instance: index rows and blobs go, the rest stays; off
+unless ``[http] allow_delete``; a blob stored again meanwhile is kept."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
 import requests
 from dicomweb_client.api import DICOMwebClient
 from pydicom.uid import generate_uid
 
+import storage.delete
+from config import Settings
+from server.app import HttpServer, create_app
 from storage.archive import Archive
+from storage.blobs import instance_blob_key
+from storage.delete import delete_blob_unless_referenced, delete_instance
+from storage.ingest import ingest_file
 from storage.query import Query, QueryLevel, locate_instances
+from tests.conftest import free_port
 from tests.server.dicomweb.conftest import ct_series
+
+
+@pytest.fixture
+def settings(settings: Settings) -> Settings:
+    """DELETE is off by default; these tests turn it on."""
+    return settings.model_copy(
+        update={"http": settings.http.model_copy(update={"allow_delete": True})}
+    )
 
 
 def blob_keys(archive: Archive, study: str) -> list[str]:
@@ -42,3 +61,60 @@ def test_delete_unknown_is_404(base_url: str) -> None:
     response = requests.delete(f"{base_url}/studies/{generate_uid()}", timeout=30)
     assert response.status_code == 404
     assert requests.delete(f"{base_url}/studies/x.y", timeout=30).status_code == 400
+
+
+def test_delete_is_refused_unless_allowed(settings: Settings, archive: Archive) -> None:
+    ct = ct_series(1)
+    study = ct[0].StudyInstanceUID
+    default = settings.model_copy(
+        update={"http": settings.http.model_copy(update={"allow_delete": False})}
+    )
+    server = HttpServer(create_app(default, archive), "127.0.0.1", free_port())
+    server.start()
+    try:
+        url = f"http://127.0.0.1:{server.port}/dicomweb/studies"
+        DICOMwebClient(url.removesuffix("/studies")).store_instances(ct)
+        response = requests.delete(f"{url}/{study}", timeout=30)
+    finally:
+        server.stop()
+    assert response.status_code == 403
+    assert "allow_delete" in response.json()["error"]
+    assert len(blob_keys(archive, study)) == 1
+
+
+def test_a_blob_stored_again_after_the_commit_is_kept(
+    archive: Archive, tmp_files: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (ds,) = ct_series(1)
+    path = tmp_files / "ct.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    ingest_file(archive, path)
+    (key,) = blob_keys(archive, ds.StudyInstanceUID)
+    original = storage.delete.delete_blob_unless_referenced
+
+    def store_again_first(archive: Archive, key: str) -> bool:
+        # The same instance arrives between DELETE's commit and its blob clean-up: same key.
+        ingest_file(archive, path)
+        return original(archive, key)
+
+    monkeypatch.setattr(storage.delete, "delete_blob_unless_referenced", store_again_first)
+    deletion = delete_instance(
+        archive, ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID
+    )
+
+    assert deletion.instances == 1 and deletion.orphan_blobs == []
+    assert blob_keys(archive, ds.StudyInstanceUID) == [key]
+    assert archive.blobs.exists(key)
+
+
+def test_an_unreferenced_blob_is_deleted(archive: Archive, tmp_files: Path) -> None:
+    (ds,) = ct_series(1)
+    path = tmp_files / "ct.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    key = instance_blob_key(
+        archive.partition, ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID, "0" * 64
+    )
+    archive.blobs.put(key, path)  # no index row refers to it
+
+    assert delete_blob_unless_referenced(archive, key)
+    assert not archive.blobs.exists(key)

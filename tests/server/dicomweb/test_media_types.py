@@ -64,16 +64,31 @@ def test_instance_transfer_syntax_not_acceptable() -> None:
 @pytest.mark.parametrize(
     ("accept", "stored", "expected"),
     [
-        (None, JPEGBaseline8Bit, ("image/jpeg", False)),
+        (None, JPEGBaseline8Bit, ("image/jpeg", False, JPEGBaseline8Bit)),
+        ("*/*", JPEGBaseline8Bit, ("image/jpeg", False, JPEGBaseline8Bit)),
+        ("multipart/*", RLELossless, ("image/dicom-rle", False, RLELossless)),
         ('multipart/related; type="application/octet-stream"', JPEGBaseline8Bit,
-         (OCTET_STREAM, True)),
+         (OCTET_STREAM, True, None)),
         ('multipart/related; type="application/octet-stream"', ExplicitVRLittleEndian,
-         (OCTET_STREAM, False)),
-        ('multipart/related; type="image/*"', RLELossless, ("image/dicom-rle", False)),
+         (OCTET_STREAM, False, None)),
+        ('multipart/related; type="image/*"', RLELossless, ("image/dicom-rle", False, RLELossless)),
+        # OHIF: the stored bytes, labelled octet-stream with the stored transfer syntax.
+        ('multipart/related; type="application/octet-stream"; transfer-syntax=*',
+         JPEGBaseline8Bit, (OCTET_STREAM, False, JPEGBaseline8Bit)),
+        ('multipart/related; type="application/octet-stream"; transfer-syntax=*',
+         RLELossless, (OCTET_STREAM, False, RLELossless)),
     ],
 )  # fmt: skip
 def test_frame_representation(accept: str | None, stored: str, expected: tuple) -> None:
-    assert frame_representation(parse_accept(accept), stored) == expected
+    representation = frame_representation(parse_accept(accept), stored)
+    assert (representation.media_type, representation.decode, representation.transfer_syntax) == (
+        expected
+    )
+
+
+def test_star_star_accepts_instances_as_stored() -> None:
+    assert instance_transfer_syntax(parse_accept("*/*"), JPEGBaseline8Bit) == JPEGBaseline8Bit
+    assert instance_transfer_syntax(parse_accept("multipart/*"), RLELossless) == RLELossless
 
 
 def test_native_frames_are_not_encoded() -> None:

@@ -52,6 +52,13 @@ def test_transport_padding_after_a_delimiter_is_allowed() -> None:
     assert parts_of(body) == [({"content-type": "a/b"}, b"X")]
 
 
+@pytest.mark.parametrize("step", [1, 3, 1 << 20])
+def test_a_part_without_header_fields(step: int) -> None:
+    # RFC 2046 5.1.1: the CRLF that ends the (empty) header area follows the delimiter line.
+    body = b"--b0und\r\n\r\nfirst\r\n--b0und\r\nContent-Type: a/b\r\n\r\nX\r\n--b0und--"
+    assert parts_of(body, step=step) == [({}, b"first"), ({"content-type": "a/b"}, b"X")]
+
+
 @pytest.mark.parametrize(
     "body",
     [

@@ -161,3 +161,30 @@ def test_empty_result_is_an_empty_array(base_url: str) -> None:
     )  # fmt: skip
     assert response.status_code == 200
     assert response.json() == []
+
+
+def test_a_warning_quoting_a_hostile_parameter_name_is_header_safe(base_url: str) -> None:
+    # A sequence-attribute key (".") is echoed in the Warning header; CR, LF, quotes and
+    # non-ASCII in it must not break the response.
+    name = 'ReferencedSeriesSequence.X"\r\nSet-Cookie: a=b\u00e9' + "Y" * 500
+    response = requests.get(f"{base_url}/studies", params={name: "1"}, timeout=30)
+    assert response.status_code == 200
+    warning = response.headers["Warning"]
+    assert warning.startswith('299 hilum "matching on the sequence attribute')
+    assert "\r" not in warning and "\n" not in warning and "Set-Cookie" not in response.headers
+    assert '\\"' in warning and len(warning) < 300
+    assert warning.isascii()
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/studies/*/series",
+        "/studies/1.2.3%5C1.2.4/instances",
+        "/studies/1.2.3/series/1.2.*/instances",
+    ],
+)
+def test_a_path_uid_is_not_a_matching_value(base_url: str, path: str) -> None:
+    response = requests.get(base_url + path, timeout=30)
+    assert response.status_code == 400
+    assert "is not a valid UID" in response.json()["error"]

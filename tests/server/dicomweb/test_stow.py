@@ -14,7 +14,7 @@ from server.app import HttpServer, create_app
 from storage.archive import Archive
 from storage.query import Query, QueryLevel, locate_instances
 from tests.conftest import free_port
-from tests.server.dicomweb.conftest import ct_series
+from tests.server.dicomweb.conftest import ct_series, serve
 
 BOUNDARY = "hilum-test-boundary"
 STOW_TYPE = f'multipart/related; type="application/dicom"; boundary={BOUNDARY}'
@@ -168,3 +168,69 @@ def test_body_over_the_limit_is_413(settings: Settings, archive: Archive, tmp_pa
     assert "http.stow_max_bytes" in sized.json()["error"]
     assert chunked.status_code == 413
     assert stored_uids(archive, instance.StudyInstanceUID) == set()
+    # The part spooled before the body was cut off is gone too.
+    assert list((settings.server.data_dir / "tmp").iterdir()) == []
+
+
+def test_media_type_names_are_case_insensitive(base_url: str, archive: Archive) -> None:
+    (instance,) = ct_series(1, size=16)
+    body = multipart([part10(instance)], content_type="Application/DICOM")
+    response = requests.post(
+        f"{base_url}/studies",
+        data=body,
+        headers={
+            "Content-Type": f'Multipart/Related; type="Application/Dicom"; boundary={BOUNDARY}'
+        },
+        timeout=60,
+    )
+    assert response.status_code == 200, response.text
+    assert stored_uids(archive, instance.StudyInstanceUID) == {instance.SOPInstanceUID}
+
+
+def test_a_part_without_headers_is_stored(base_url: str, archive: Archive) -> None:
+    (instance,) = ct_series(1, size=16)
+    body = f"--{BOUNDARY}\r\n\r\n".encode() + part10(instance) + f"\r\n--{BOUNDARY}--".encode()
+    response = requests.post(
+        f"{base_url}/studies", data=body, headers={"Content-Type": STOW_TYPE}, timeout=60
+    )
+    assert response.status_code == 200, response.text
+    assert stored_uids(archive, instance.StudyInstanceUID) == {instance.SOPInstanceUID}
+
+
+@pytest.mark.parametrize("cut", ["malformed", "too large"])
+def test_a_body_that_breaks_off_reports_what_was_stored(
+    settings: Settings, archive: Archive, cut: str
+) -> None:
+    first, second = ct_series(2, size=16)
+    good = multipart([part10(first)]).removesuffix(f"--{BOUNDARY}--\r\n".encode())
+    if cut == "malformed":
+        body = good + f"--{BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+        body += part10(second)  # no closing delimiter
+        limit = settings.http.stow_max_bytes
+    else:
+        # Reads are at most 1 MiB: the first part is whole before the limit is crossed.
+        body = good + f"--{BOUNDARY}\r\n\r\n".encode() + part10(second) + bytes(3 << 20)
+        limit = 3 << 19
+    limited = settings.model_copy(
+        update={"http": settings.http.model_copy(update={"stow_max_bytes": limit})}
+    )
+    server = serve(limited, archive)
+    try:
+        response = requests.post(
+            f"http://127.0.0.1:{server.port}/dicomweb/studies",
+            data=iter([good, body[len(good) :]]),  # chunked: the limit bites while reading
+            headers={"Content-Type": STOW_TYPE},
+            timeout=60,
+        )
+    finally:
+        server.stop()
+    assert response.status_code == 202, response.text
+    result = Dataset.from_json(response.json())
+    assert [i.ReferencedSOPInstanceUID for i in result.ReferencedSOPSequence] == [
+        first.SOPInstanceUID
+    ]
+    (failure,) = result.FailedSOPSequence
+    assert failure.FailureReason == (0xC000 if cut == "malformed" else 0xA700)
+    assert response.headers["Warning"].startswith('299 hilum "body broke off')
+    assert stored_uids(archive, first.StudyInstanceUID) == {first.SOPInstanceUID}
+    assert list((settings.server.data_dir / "tmp").iterdir()) == []

@@ -6,15 +6,27 @@ from __future__ import annotations
 from io import BytesIO
 
 import numpy as np
+import pydicom
 import pytest
 import requests
 from dicomweb_client.api import DICOMwebClient
 from PIL import Image
-from pydicom.dataset import Dataset
-from pydicom.uid import JPEG2000Lossless, RLELossless, generate_uid
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import generate_frames
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    RLELossless,
+    generate_uid,
+)
 
+from config import Settings
+from server.dicomweb import spool
+from server.dicomweb.rendering import RenderingParameters, render
+from storage.archive import Archive
+from storage.query import Query, QueryLevel, locate_instances
 from tests.factories import ct_instance, data_set_differences
-from tests.server.dicomweb.conftest import ct_series
+from tests.server.dicomweb.conftest import ct_series, multipart_parts, serve
 
 ENCAPSULATED_DOCUMENT = 0x00420011  # an OB element long enough to become bulk data
 
@@ -249,3 +261,172 @@ def test_a_failed_transcoding_is_406_before_the_body(base_url: str, stored: list
     )  # fmt: skip
     assert response.status_code == 406
     assert "cannot be transcoded" in response.json()["error"]
+
+
+def instance_path(ds: Dataset) -> str:
+    return (
+        f"/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
+        f"/instances/{ds.SOPInstanceUID}"
+    )
+
+
+def test_the_default_accept_of_http_libraries(base_url: str, stored: list[Dataset]) -> None:
+    instance = requests.get(base_url + instance_path(stored[0]), timeout=30)
+    assert instance.request.headers["Accept"] == "*/*"  # what requests (and curl) send
+    assert instance.status_code == 200, instance.text
+    assert instance.headers["Content-Type"].startswith(
+        'multipart/related; type="application/dicom"'
+    )
+    ((headers, body),) = multipart_parts(instance)
+    assert headers["content-type"].startswith("application/dicom; transfer-syntax=")
+    assert data_set_differences(pydicom.dcmread(BytesIO(body)), stored[0]) == []
+
+    frame = requests.get(
+        base_url + instance_path(stored[2]) + "/frames/2",
+        headers={"Accept": "multipart/*"},
+        timeout=30,
+    )
+    assert frame.status_code == 200, frame.text
+    ((_, pixels),) = multipart_parts(frame)
+    assert pixels == stored[2].pixel_array[1].astype("<u2").tobytes()
+
+
+def test_ohif_frame_request_gets_the_stored_rle_bytes(
+    base_url: str, client: DICOMwebClient
+) -> None:
+    ds = multi_frame(2)
+    ds.compress(RLELossless)
+    client.store_instances([ds])
+    response = requests.get(
+        base_url + instance_path(ds) + "/frames/1,2",
+        headers={"Accept": 'multipart/related; type="application/octet-stream"; transfer-syntax=*'},
+        timeout=30,
+    )
+    assert response.status_code == 200, response.text
+    parts = multipart_parts(response)
+    assert [h["content-type"] for h, _ in parts] == [
+        f"application/octet-stream; transfer-syntax={RLELossless}"
+    ] * 2
+    assert [body for _, body in parts] == list(generate_frames(ds.PixelData, number_of_frames=2))
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/studies/*",
+        "/studies/*/metadata",
+        "/studies/1.2.3%5C1.2.4/metadata",
+        "/studies/{study}/series/*",
+        "/studies/{study}/series/{series}/instances/*/frames/1",
+        "/studies/{study}/series/{series}/instances/1.2.3,1.2.4/rendered",
+        "/studies/{study}/thumbnail?x=1".replace("{study}", "1.2.03"),
+    ],
+)
+def test_path_uids_are_checked(base_url: str, stored: list[Dataset], path: str) -> None:
+    ds = stored[0]
+    url = base_url + path.format(study=ds.StudyInstanceUID, series=ds.SeriesInstanceUID)
+    response = requests.get(url, timeout=30)
+    assert response.status_code == 400
+    assert "is not a valid UID" in response.json()["error"]
+
+
+@pytest.mark.parametrize("frames", ["0", "-1", "0,1", "1,x"])
+@pytest.mark.parametrize("resource", ["rendered", "thumbnail"])
+def test_rendered_frame_numbers_start_at_1(
+    base_url: str, stored: list[Dataset], frames: str, resource: str
+) -> None:
+    response = requests.get(
+        f"{base_url}{instance_path(stored[2])}/frames/{frames}/{resource}",
+        headers={"Accept": "image/png"},
+        timeout=30,
+    )
+    assert response.status_code == 400
+    assert "frame" in response.json()["error"]
+
+
+def test_rendered_frame_is_the_frame_asked_for(base_url: str, stored: list[Dataset]) -> None:
+    ds = stored[2]
+    pngs = [
+        requests.get(
+            f"{base_url}{instance_path(ds)}/frames/{n}/rendered",
+            params={"window": "-640,768,linear-exact"},
+            headers={"Accept": "image/png"},
+            timeout=30,
+        )
+        for n in (1, 3)
+    ]
+    metadata = Dataset(ds).to_json_dict(bulk_data_threshold=1 << 30)
+    params = RenderingParameters((-640.0, 768.0, "linear-exact"))
+    expected = [
+        Image.open(BytesIO(render(ds.pixel_array[i], metadata, params, "image/png")))
+        for i in (0, 2)
+    ]
+    assert len({np.asarray(e).tobytes() for e in expected}) == 2  # the frames differ
+    assert [np.asarray(Image.open(BytesIO(r.content))).tolist() for r in pngs] == [
+        np.asarray(e).tolist() for e in expected
+    ]
+
+
+def test_transcoding_above_the_size_limit_is_406(
+    settings: Settings, archive: Archive, client: DICOMwebClient
+) -> None:
+    ds = multi_frame(2)
+    ds.compress(RLELossless)
+    client.store_instances([ds])
+    limited = settings.model_copy(
+        update={"http": settings.http.model_copy(update={"transcode_max_bytes": 1024})}
+    )
+    server = serve(limited, archive)
+    try:
+        url = f"http://127.0.0.1:{server.port}/dicomweb{instance_path(ds)}"
+        explicit = 'multipart/related; type="application/dicom"'  # Explicit VR Little Endian
+        refused = requests.get(url, headers={"Accept": explicit}, timeout=30)
+        as_stored = requests.get(url, timeout=30)
+    finally:
+        server.stop()
+    assert refused.status_code == 406
+    assert "http.transcode_max_bytes" in refused.json()["error"]
+    assert as_stored.status_code == 200
+
+
+def test_frames_of_an_instance_without_ranges_read_the_file_once(
+    base_url: str,
+    settings: Settings,
+    archive: Archive,
+    client: DICOMwebClient,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Deflated: no frame byte ranges can be recorded at ingest.
+    ds = multi_frame(3)
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    client.store_instances([ds])
+    (located,) = locate_instances(
+        archive, Query(QueryLevel.STUDY, {"StudyInstanceUID": ds.StudyInstanceUID}),
+        with_frame_ranges=True,
+    )  # fmt: skip
+    assert located.frame_ranges is None
+    opened: list[str] = []
+    inner_open = archive.blobs.open
+    monkeypatch.setattr(archive.blobs, "open", lambda key: opened.append(key) or inner_open(key))
+    spool_dirs: list[object] = []
+    real_spool = spool.tempfile.SpooledTemporaryFile
+
+    def recording_spool(*args: object, **kwargs: object) -> object:
+        spool_dirs.append(kwargs.get("dir"))
+        return real_spool(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(spool.tempfile, "SpooledTemporaryFile", recording_spool)
+
+    response = requests.get(
+        f"{base_url}{instance_path(ds)}/frames/3,1,2",
+        headers={"Accept": 'multipart/related; type="application/octet-stream"'},
+        timeout=30,
+    )
+
+    assert response.status_code == 200, response.text
+    assert [body for _, body in multipart_parts(response)] == [
+        ds.pixel_array[i].astype("<u2").tobytes() for i in (2, 0, 1)
+    ]
+    assert opened == [located.blob_key]
+    assert spool_dirs == [(settings.server.data_dir / "tmp").resolve()]

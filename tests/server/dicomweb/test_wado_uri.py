@@ -5,6 +5,7 @@ from __future__ import annotations
 from io import BytesIO
 
 import pydicom
+import pytest
 import requests
 from dicomweb_client.api import DICOMwebClient
 from PIL import Image
@@ -71,3 +72,12 @@ def test_cors_for_an_allowed_origin_only(settings: Settings, archive: Archive) -
     assert "GET" in preflight.headers["Access-Control-Allow-Methods"]
     assert other.status_code == 200
     assert "Access-Control-Allow-Origin" not in other.headers
+
+
+@pytest.mark.parametrize("parameter", ["studyUID", "seriesUID", "objectUID"])
+def test_uids_are_checked(base_url: str, parameter: str) -> None:
+    params = {"requestType": "WADO", "studyUID": "1.2", "seriesUID": "1.3", "objectUID": "1.4"}
+    params[parameter] = "*"
+    response = requests.get(base_url.removesuffix("/dicomweb") + "/wado", params=params, timeout=30)
+    assert response.status_code == 400
+    assert "is not a valid UID" in response.json()["error"]

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import requests
 from dicomweb_client.api import DICOMwebClient
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -15,6 +16,7 @@ from pydicom.encaps import encapsulate
 from pydicom.uid import JPEGBaseline8Bit, VLWholeSlideMicroscopyImageStorage, generate_uid
 
 from storage.archive import Archive
+from tests.server.dicomweb.conftest import multipart_parts
 
 TILE, TILES_ACROSS, TILES_DOWN = 64, 4, 3
 
@@ -105,3 +107,24 @@ def test_frame_is_one_ranged_read_of_its_size(client: DICOMwebClient, archive: A
     )
     assert Image.open(BytesIO(rendered)).size == (TILE, TILE)
     assert counting.whole_reads == 0
+
+
+def test_ohif_frame_request_gets_the_stored_jpeg_bytes(
+    base_url: str, client: DICOMwebClient
+) -> None:
+    tiles = [jpeg_tile(i) for i in range(2)]
+    slide = whole_slide_image(tiles)
+    client.store_instances([slide])
+    response = requests.get(
+        f"{base_url}/studies/{slide.StudyInstanceUID}/series/{slide.SeriesInstanceUID}"
+        f"/instances/{slide.SOPInstanceUID}/frames/2",
+        # What OHIF sends for frames (its default, whatever the stored syntax).
+        headers={"Accept": 'multipart/related; type="application/octet-stream"; transfer-syntax=*'},
+        timeout=30,
+    )
+    assert response.status_code == 200, response.text
+    ((headers, body),) = multipart_parts(response)
+    assert headers["content-type"] == (
+        f"application/octet-stream; transfer-syntax={JPEGBaseline8Bit}"
+    )
+    assert body == tiles[1] + (b"\x00" if len(tiles[1]) % 2 else b"")
