@@ -8,6 +8,7 @@ matched entities (for C-MOVE, C-GET and WADO-RS).
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 from pydicom.datadict import tag_for_keyword
-from sqlalchemy import ColumnElement, Select, and_, exists, func, or_, select
+from sqlalchemy import ColumnElement, Select, and_, exists, func, null, or_, select
 from sqlalchemy.orm import aliased
 
 from storage.dicom_file import is_valid_uid
@@ -256,10 +257,18 @@ def search(archive: Archive, query: Query) -> Iterator[dict[str, Any]]:
 
 
 def locate_instances(
-    archive: Archive, query: Query, *, with_metadata: bool = False
+    archive: Archive,
+    query: Query,
+    *,
+    with_metadata: bool = False,
+    with_frame_ranges: bool = False,
 ) -> Iterator[StoredInstance]:
     """Every stored instance beneath the entities ``query`` matches, streamed in order of
-    study, series (number) and instance (number)."""
+    study, series (number) and instance (number).
+
+    The metadata and the frame ranges (one entry per frame: large for a whole-slide image)
+    are read only when asked for.
+    """
     _check_level(query)
     depth = _DEPTH[query.level]
     columns = [
@@ -271,10 +280,9 @@ def locate_instances(
         Instance.blob_key,
         Instance.size,
         Instance.number_of_frames,
-        Instance.frame_ranges,
+        Instance.frame_ranges if with_frame_ranges else null(),
+        Instance.metadata_json if with_metadata else null(),
     ]
-    if with_metadata:
-        columns.append(Instance.metadata_json)
     statement = _join(select(*columns), _DEPTH[QueryLevel.IMAGE], archive.partition)
     statement = statement.where(*_conditions(query, depth, archive.index.dialect))
     statement = statement.order_by(
@@ -282,7 +290,7 @@ def locate_instances(
     )
     with database_errors(), archive.index.read() as session:
         for row in session.execute(statement.execution_options(yield_per=_BATCH)):
-            yield StoredInstance(*row[:9], metadata=row[9] if with_metadata else None)
+            yield StoredInstance(*row)
 
 
 def _check_level(query: Query) -> None:
@@ -316,7 +324,10 @@ def _join(statement: Select, depth: int, partition: str) -> Select:
     return statement
 
 
+@functools.cache
 def _expression(keyword: str, dialect: str) -> Any:
+    # Built once per key and dialect: SQLAlchemy expressions are immutable, and building the
+    # aliased sub-queries costs milliseconds that every search would otherwise pay.
     if keyword in _STORED:
         return _STORED[keyword][1]
     if keyword == _SOP_CLASSES_IN_STUDY:
