@@ -9,8 +9,13 @@ What is measured, per model, on synthetic phantoms (``inference.phantoms``):
   the series through ``storage``, decode, run the network, write the SEG and the SR in memory
   (storing them is the worker's job and not timed here).
 
-Figures go to stdout; nothing is asserted. The time from "study stable" to "SR stored" belongs
-to the worker and is measured by the worker's own benchmark when it has one.
+* stable to stored: with ``stable_after_s = 0``, one CT study and one WSI study ingested, an idle
+  :class:`~inference.worker.Worker` (as ``hilum worker`` runs it) steps once per study: the
+  scan marks the study stable and queues its job, the worker claims it, analyses the series,
+  and stores the SEG and the SR through the ingest path. The time of each step is the time
+  from the study being found stable to its SR being stored.
+
+Figures go to stdout; nothing is asserted.
 
     .venv/bin/python benchmarks/inference.py [--device cuda] [--series 4] [--slices 64]
 """
@@ -33,6 +38,7 @@ from inference.analysis import analyse_series, predict_slices, predict_tiles  # 
 from inference.phantoms import synthetic_ct_series, synthetic_wsi  # noqa: E402
 from inference.pixels import slice_stack, tiled_image  # noqa: E402
 from inference.registry import REFERENCE_MODELS_DIR, load_model  # noqa: E402
+from inference.worker import Worker  # noqa: E402
 from storage.archive import open_archive  # noqa: E402
 from storage.ingest import ingest_file  # noqa: E402
 
@@ -113,6 +119,33 @@ def main() -> None:
         wsi_times = analysis(wsi, [slide for slide, _ in slides])
         print(f"{wsi.name:22s} analysis  tiles  {_rate(tiles, wsi_times)}")
         archive.close()
+
+        stable_to_stored(root / "worker", cts[0][0], slides[0][0], [ct, wsi], device)
+
+
+def stable_to_stored(root: Path, ct_series: list, slide: object, models: list, device: str) -> None:
+    settings = load_settings(
+        None,
+        server={"data_dir": root},
+        inference={"stable_after_s": 0, "device": device},
+    )
+    archive = open_archive(settings, migrate=True)
+    for number, ds in enumerate([*ct_series, slide]):
+        path = root / f"{number}.dcm"
+        ds.save_as(path, enforce_file_format=True)  # type: ignore[attr-defined]
+        ingest_file(archive, path)
+    worker = Worker(settings, archive, models)
+    for _ in models:
+        started = time.perf_counter()
+        job = worker.step()
+        seconds = time.perf_counter() - started
+        if job is None:
+            raise SystemExit("no job was queued: do the reference models' rules apply?")
+        print(
+            f"{job.model_name:22s} stable to SR stored {seconds * 1000:7.0f} ms "
+            f"(job {job.state}, {len(job.outputs)} objects stored)"
+        )
+    archive.close()
 
 
 if __name__ == "__main__":

@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import enum
 import logging
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from collections.abc import Collection
 from typing import Any
 
 from sqlalchemy import and_, or_, select
@@ -302,11 +302,14 @@ class JobQueue:
 
     def discard_stale_outputs(self, job: Job, stored: list[str]) -> list[str]:
         """Delete what a run that lost its job had stored, unless the job still refers to it
-        (its current outputs) or will store it again (the same generation runs elsewhere, with
-        the same UIDs); the SOP Instance UIDs deleted."""
+        (its current outputs) or will store it again (the same generation is queued or runs
+        elsewhere, with the same UIDs); the SOP Instance UIDs deleted."""
         with self.archive.index.read() as session:
             row = self._row(session, job.id)
-            if row.generation == job.generation:
+            if row.generation == job.generation and row.state in (
+                JobState.QUEUED,
+                JobState.RUNNING,
+            ):
                 return []
             current = set(row.outputs or [])
         stale = [uid for uid in stored if uid not in current]

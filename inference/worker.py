@@ -98,8 +98,8 @@ class Worker:
         self.queue = JobQueue(archive, settings.inference)
         self.analyse = analyse or _analyse_series
         self.name = name or worker_name()
-        # The worker's own results replace those of an earlier run of the same job (same UIDs)
-        # whatever the archive's duplicate policy for what modalities send.
+        # The worker's own results replace those of an earlier attempt of the same generation
+        # (same UIDs) whatever the archive's duplicate policy for what modalities send.
         self._results_archive = dataclasses.replace(archive, on_duplicate="overwrite")
         self._tmp_dir = settings.server.data_dir / "tmp"
 

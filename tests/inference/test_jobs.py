@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydicom.dataset import Dataset
@@ -13,6 +14,7 @@ from sqlalchemy import update
 
 from config import Settings
 from config.settings import InferenceSettings
+from inference import stability
 from inference.jobs import JobQueue, JobState, utc_now
 from inference.registry import Model, ModelManifest
 from inference.stability import queue_stable_studies
@@ -110,7 +112,7 @@ def test_new_instances_requeue_but_results_do_not_retrigger(
     (job,) = scan(archive, settings)
     claimed = queue.claim("w1")
     assert claimed is not None and claimed.id == job.id
-    assert queue.complete(job.id, "w1", model_version="1.0", outputs=["1.2.3"])
+    assert queue.complete(claimed, "w1", model_version="1.0", outputs=["1.2.3"])
 
     # The worker's results arrive in the study (from Hilum's own AE title, Modality SEG is
     # analysed by nobody; a CT-looking result series would be skipped all the same).
@@ -119,11 +121,46 @@ def test_new_instances_requeue_but_results_do_not_retrigger(
     assert scan(archive, settings) == []
     assert queue.get(job.id).state == JobState.DONE
 
-    # A late slice of the analysed series queues the same job again, with fresh attempts.
+    # A late slice of the analysed series queues the same job again, with fresh attempts, as
+    # its next generation (new output UIDs).
     store(archive, tmp_path, ct_instance(study, series, seed=9))
     (again,) = scan(archive, settings)
     assert again.id == job.id and again.job_key == job.job_key
     assert (again.state, again.attempts, again.outputs) == (JobState.QUEUED, 0, ["1.2.3"])
+    assert (job.generation, again.generation) == (1, 2)
+    assert again.output_key != job.output_key
+
+
+def test_a_study_whose_scan_fails_does_not_keep_the_others_from_being_queued(
+    archive: Archive, settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bad_study, _bad_series = ct_series(archive, tmp_path)
+    _good_study, good_series = ct_series(archive, tmp_path)
+    queue_study = stability._queue_study
+
+    def broken_for_one_study(*args: Any) -> list[InferenceJob]:
+        if bad_study in args:
+            raise RuntimeError("unexpected metadata")
+        return queue_study(*args)
+
+    monkeypatch.setattr(stability, "_queue_study", broken_for_one_study)
+    assert [j.series_instance_uid for j in scan(archive, settings)] == [good_series]
+
+    monkeypatch.setattr(stability, "_queue_study", queue_study)  # fixed: queued at the next scan
+    assert [j.study_instance_uid for j in scan(archive, settings)] == [bad_study]
+
+
+def test_a_worker_claims_only_jobs_of_the_models_it_has(
+    archive: Archive, settings: Settings, tmp_path: Path
+) -> None:
+    ct_series(archive, tmp_path)
+    (job,) = scan(archive, settings)
+    queue = JobQueue(archive, settings.inference)
+
+    assert queue.claim("wsi-only", ["test-wsi"]) is None
+    assert queue.claim("no-models", []) is None
+    claimed = queue.claim("ct", ["test-ct", "test-wsi"])
+    assert claimed is not None and claimed.id == job.id
 
 
 def test_stat_studies_jump_the_queue(archive: Archive, settings: Settings, tmp_path: Path) -> None:
@@ -159,8 +196,9 @@ def test_failed_attempts_are_retried_with_backoff_then_fail_with_the_reason(
         claimed = queue.claim(f"w{attempt}")
         assert claimed is not None and claimed.attempts == attempt
         before = utc_now()
-        retried = queue.fail(job.id, f"w{attempt}", "RuntimeError: CUDA out of memory", retry=True)
+        retried = queue.fail(claimed, f"w{attempt}", "RuntimeError: CUDA out of memory", retry=True)
         assert retried is not None and retried.state == JobState.QUEUED
+        assert retried.generation == job.generation  # a retry stores the same UIDs
         assert retried.not_before >= before + timedelta(seconds=backoff_s)
         assert retried.reason == "RuntimeError: CUDA out of memory"
         assert queue.claim("w") is None  # backing off
@@ -171,8 +209,9 @@ def test_failed_attempts_are_retried_with_backoff_then_fail_with_the_reason(
 
     back_off_and_wait_it_out(1, 30)
     back_off_and_wait_it_out(2, 60)  # doubled
-    assert queue.claim("w3") is not None
-    failed = queue.fail(job.id, "w3", "RuntimeError: CUDA out of memory", retry=True)
+    third = queue.claim("w3")
+    assert third is not None
+    failed = queue.fail(third, "w3", "RuntimeError: CUDA out of memory", retry=True)
     assert failed is not None
     assert (failed.state, failed.attempts) == (JobState.FAILED, 3)
     assert failed.reason == "RuntimeError: CUDA out of memory"
@@ -186,8 +225,9 @@ def test_a_permanent_failure_is_not_retried(
     ct_series(archive, tmp_path)
     (job,) = scan(archive, settings)
     queue = JobQueue(archive, InferenceSettings(max_attempts=3, retry_backoff_s=0))
-    queue.claim("w1")
-    failed = queue.fail(job.id, "w1", "the input cannot be analysed: corrupt", retry=False)
+    claimed = queue.claim("w1")
+    assert claimed is not None
+    failed = queue.fail(claimed, "w1", "the input cannot be analysed: corrupt", retry=False)
     assert failed is not None and (failed.state, failed.attempts) == (JobState.FAILED, 1)
 
 
@@ -205,13 +245,15 @@ def test_an_expired_lease_lets_another_worker_claim_the_job(
     second = normal.claim("survivor")
     assert second is not None and (second.id, second.attempts) == (job.id, 2)
     assert second.worker == "survivor"
+    # The same generation: the survivor stores the UIDs the killed worker may have stored.
+    assert second.output_key == first.output_key
 
     # The first worker, back from the dead, holds nothing any more.
-    assert not normal.heartbeat(job.id, "killed")
-    assert not normal.complete(job.id, "killed", model_version="1.0", outputs=[])
-    assert normal.fail(job.id, "killed", "late", retry=True) is None
-    assert normal.heartbeat(job.id, "survivor")
-    assert normal.complete(job.id, "survivor", model_version="1.0", outputs=["1.2"])
+    assert not normal.heartbeat(first, "killed")
+    assert not normal.complete(first, "killed", model_version="1.0", outputs=[])
+    assert normal.fail(first, "killed", "late", retry=True) is None
+    assert normal.heartbeat(second, "survivor")
+    assert normal.complete(second, "survivor", model_version="1.0", outputs=["1.2"])
     assert normal.get(job.id).state == JobState.DONE
 
 
@@ -233,16 +275,19 @@ def test_rerun(archive: Archive, settings: Settings, tmp_path: Path) -> None:
     ct_series(archive, tmp_path)
     (job,) = scan(archive, settings)
     queue = JobQueue(archive, InferenceSettings(max_attempts=1))
-    assert queue.rerun(job.id).state == JobState.QUEUED  # already queued: unchanged
-    queue.claim("w1")
+    unchanged = queue.rerun(job.id)  # already queued: left as it is
+    assert (unchanged.state, unchanged.generation) == (JobState.QUEUED, job.generation)
+    claimed = queue.claim("w1")
+    assert claimed is not None
     with pytest.raises(Conflict):
         queue.rerun(job.id)
-    queue.fail(job.id, "w1", "boom", retry=True)
+    queue.fail(claimed, "w1", "boom", retry=True)
     assert queue.get(job.id).state == JobState.FAILED
 
     rerun = queue.rerun(job.id)
     assert (rerun.state, rerun.attempts, rerun.reason) == (JobState.QUEUED, 0, "")
     assert rerun.job_key == job.job_key
+    assert rerun.generation == job.generation + 1  # a re-run stores new UIDs
     with pytest.raises(NotFound):
         queue.rerun(job.id + 1000)
 
@@ -261,7 +306,7 @@ def test_concurrent_workers_claim_each_job_once(
         while (job := queue.claim(name)) is not None:
             with lock:
                 claimed.append(job.id)
-            queue.complete(job.id, name, model_version="1.0", outputs=[])
+            queue.complete(job, name, model_version="1.0", outputs=[])
 
     threads = [threading.Thread(target=work, args=(f"w{i}",)) for i in range(4)]
     for thread in threads:
@@ -288,7 +333,8 @@ def test_json_api_lists_shows_and_reruns_jobs(
     assert client.get(f"/api/studies/{generate_uid()}/jobs").get_json() == []
 
     queue = JobQueue(archive, InferenceSettings(max_attempts=1))
-    queue.claim("w1")
+    claimed = queue.claim("w1")
+    assert claimed is not None
     running = client.get(f"/api/jobs/{job.id}").get_json()
     assert (running["state"], running["worker"], running["model"]) == (
         "running",
@@ -297,13 +343,14 @@ def test_json_api_lists_shows_and_reruns_jobs(
     )
     assert client.post(f"/api/jobs/{job.id}/rerun").status_code == 409
 
-    queue.fail(job.id, "w1", "RuntimeError: boom", retry=True)
+    queue.fail(claimed, "w1", "RuntimeError: boom", retry=True)
     failed = client.get(f"/api/jobs/{job.id}").get_json()
     assert (failed["state"], failed["reason"]) == ("failed", "RuntimeError: boom")
 
     rerun = client.post(f"/api/jobs/{job.id}/rerun")
     assert rerun.status_code == 202
     assert (rerun.get_json()["state"], rerun.get_json()["attempts"]) == ("queued", 0)
+    assert rerun.get_json()["generation"] == 2
 
     missing = client.get(f"/api/jobs/{job.id + 1000}")
     assert missing.status_code == 404 and "no inference job" in missing.get_json()["error"]

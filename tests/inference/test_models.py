@@ -117,6 +117,68 @@ def test_rerun_of_a_job_gives_the_same_uids(archive: Archive, tmp_path: Path) ->
     assert all(uid not in (study, series) for pair in first for uid in pair)
 
 
+def _sr_measurement(sr: Dataset) -> float:
+    (group,) = hd.sr.Comprehensive3DSR.from_dataset(
+        sr
+    ).content.get_volumetric_roi_measurement_groups()
+    (measurement,) = group.get_measurements()
+    return float(measurement.value)
+
+
+def test_sr_volume_is_the_analysed_voxels_times_the_voxel_size(
+    archive: Archive, tmp_path: Path
+) -> None:
+    datasets, _truth = synthetic_ct_series(12, slices=6)
+    _ingest(archive, datasets, tmp_path)
+
+    seg, sr = analyse_series(
+        archive,
+        _model("ct_lesion_synthetic"),
+        datasets[0].StudyInstanceUID,
+        datasets[0].SeriesInstanceUID,
+        job_key="volume",
+        device="cpu",
+    )
+
+    analysed = hd.seg.Segmentation.from_dataset(seg).get_pixels_by_source_instance(
+        [ds.SOPInstanceUID for ds in datasets], assert_missing_frames_are_empty=True
+    )[..., 0]
+    # The voxel size, from the phantom's own attributes: Pixel Spacing, and the distance between
+    # neighbouring slices' Image Position (Patient) along the normal.
+    row_mm, column_mm = (float(v) for v in datasets[0].PixelSpacing)
+    positions = sorted(float(ds.ImagePositionPatient[2]) for ds in datasets)
+    (gap_mm,) = {round(b - a, 6) for a, b in zip(positions, positions[1:], strict=False)}
+    assert gap_mm == pytest.approx(float(datasets[0].SliceThickness))  # contiguous slices
+    assert analysed.sum() > 100
+    assert _sr_measurement(sr) == pytest.approx(
+        int(analysed.astype(bool).sum()) * row_mm * column_mm * gap_mm, rel=1e-5
+    )
+
+
+def test_sr_area_is_the_analysed_pixels_times_the_pixel_area(
+    archive: Archive, tmp_path: Path
+) -> None:
+    slide, _truth = synthetic_wsi(13)
+    _ingest(archive, [slide], tmp_path)
+
+    seg, sr = analyse_series(
+        archive,
+        _model("wsi_tissue_synthetic"),
+        slide.StudyInstanceUID,
+        slide.SeriesInstanceUID,
+        job_key="area",
+        device="cpu",
+    )
+
+    analysed = hd.seg.Segmentation.from_dataset(seg).get_total_pixel_matrix(segment_numbers=[1])
+    measures = slide.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+    row_mm, column_mm = (float(v) for v in measures.PixelSpacing)
+    assert analysed.sum() > 100
+    assert _sr_measurement(sr) == pytest.approx(
+        int(analysed.astype(bool).sum()) * row_mm * column_mm, rel=1e-5
+    )
+
+
 def test_nothing_found_gives_an_sr_without_findings_and_no_seg(
     archive: Archive, tmp_path: Path
 ) -> None:
@@ -228,17 +290,36 @@ def test_reference_models_load_and_apply_to_their_series() -> None:
         assert "synthetic" in model.manifest.algorithm_name
         assert "not for clinical use" in " ".join(model.manifest.description.split())
         assert model.weights_path.stat().st_size < 5_000_000
-    assert ct.applies_to({"Modality": "CT", "SOPClassUID": "1.2.840.10008.5.1.4.1.1.2"})
-    assert not ct.applies_to({"Modality": "MR", "SOPClassUID": "1.2.840.10008.5.1.4.1.1.4"})
-    assert wsi.applies_to({"Modality": "SM", "SOPClassUID": "1.2.840.10008.5.1.4.1.1.77.1.6"})
-    assert not wsi.applies_to({"Modality": "CT", "SOPClassUID": "1.2.840.10008.5.1.4.1.1.2"})
+    abdomen_ct = {
+        "Modality": "CT",
+        "SOPClassUID": "1.2.840.10008.5.1.4.1.1.2",
+        "BodyPartExamined": "ABDOMEN",
+    }
+    breast_slide = {
+        "Modality": "SM",
+        "SOPClassUID": "1.2.840.10008.5.1.4.1.1.77.1.6",
+        "BodyPartExamined": "BREAST",
+    }
+    assert ct.applies_to(abdomen_ct)
+    assert not ct.applies_to({**abdomen_ct, "Modality": "MR"})
+    assert wsi.applies_to(breast_slide)
+    assert not wsi.applies_to(abdomen_ct)
+    # The finding site each writes is the body part it applies to, never another one.
+    for model, series in ((ct, abdomen_ct), (wsi, breast_slide)):
+        assert not model.applies_to({**series, "BodyPartExamined": "HEAD"})
+        assert not model.applies_to({**series, "BodyPartExamined": ""})
+        (site,) = {label.finding_site.meaning for label in model.manifest.labels}  # type: ignore[union-attr]
+        assert model.manifest.applies_to.body_parts == [site.upper()]
+    # The phantoms carry the body part, so a fresh install's default rules run both models.
+    assert synthetic_ct_series(0, slices=1)[0][0].BodyPartExamined == "ABDOMEN"
+    assert synthetic_wsi(0, size=256)[0].BodyPartExamined == "BREAST"
 
 
 def test_body_part_rule_is_case_insensitive(tmp_path: Path) -> None:
     folder = _copy_reference(tmp_path, "ct_lesion_synthetic")
     manifest = (folder / "model.toml").read_text()
     (folder / "model.toml").write_text(
-        manifest.replace("body_parts = []", 'body_parts = ["Chest"]')
+        manifest.replace('body_parts = ["ABDOMEN"]', 'body_parts = ["Chest"]')
     )
 
     model = load_model(folder)

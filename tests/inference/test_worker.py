@@ -6,18 +6,23 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
+from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import JPEGLosslessSV1
 
 from config import Settings
 from config.settings import REFERENCE_MODELS_DIR, InferenceSettings
-from inference.jobs import JobQueue, JobState
+from inference.analysis import analyse_series
+from inference.jobs import Job, JobQueue, JobState
 from inference.phantoms import synthetic_ct_series
 from inference.registry import load_models
+from inference.stability import queue_stable_studies
 from inference.worker import Worker
 from storage.archive import Archive, open_archive
 from storage.ingest import Origin, ingest_file
@@ -86,8 +91,146 @@ def test_a_job_stores_seg_and_sr_into_the_study_and_a_rerun_replaces_them(
 
     worker.queue.rerun(job.id)
     (rerun,) = run_until_idle(worker)
-    assert rerun.state == JobState.DONE and rerun.outputs == job.outputs
-    assert results_in_study(archive, study) == results  # replaced, not duplicated
+    assert rerun.state == JobState.DONE and rerun.generation == job.generation + 1
+    # New content under new UIDs; the previous generation's SEG and SR are deleted.
+    assert not set(rerun.outputs) & set(job.outputs)
+    assert sorted(uid for _, uid in results_in_study(archive, study)) == sorted(rerun.outputs)
+
+
+def test_a_later_generation_that_finds_nothing_leaves_no_stale_seg(
+    archive: Archive, settings: Settings, tmp_path: Path
+) -> None:
+    datasets, _mask = synthetic_ct_series(7, slices=4)
+    study = datasets[0].StudyInstanceUID
+    store_series(archive, tmp_path / "ct", datasets)
+    worker = worker_for(settings, archive)
+    (job,) = run_until_idle(worker)
+    assert len(job.outputs) == 2
+
+    def nothing_found(*args: Any, **kwargs: Any) -> list[Dataset]:
+        return [ds for ds in analyse_series(*args, **kwargs) if ds.Modality == "SR"]
+
+    worker.analyse = nothing_found
+    worker.queue.rerun(job.id)
+    (rerun,) = run_until_idle(worker)
+
+    (sr_uid,) = rerun.outputs
+    assert results_in_study(archive, study) == [(SR, sr_uid)]
+
+
+def test_a_run_whose_job_is_requeued_meanwhile_stores_nothing(
+    archive: Archive, settings: Settings, tmp_path: Path
+) -> None:
+    datasets, _mask = synthetic_ct_series(8, slices=4)
+    late_slice = synthetic_ct_series(8, slices=5)[0][4]  # same study and series (same seed)
+    study = datasets[0].StudyInstanceUID
+    store_series(archive, tmp_path / "ct", datasets)
+    stale = worker_for(settings, archive)
+    fresh = worker_for(settings, archive)
+    stale.name, fresh.name = "stale", "fresh"
+    stale_outputs: list[Dataset] = []
+    fresh_jobs: list[Job] = []
+
+    def analyse_then_new_input_arrives(*args: Any, **kwargs: Any) -> list[Dataset]:
+        stale_outputs.extend(analyse_series(*args, **kwargs))
+        # While the model ran: a late slice re-queues the job, and another worker runs it.
+        store_series(archive, tmp_path / "late", [late_slice])
+        fresh_jobs.extend(run_until_idle(fresh))
+        return stale_outputs
+
+    stale.analyse = analyse_then_new_input_arrives
+    (lost,) = run_until_idle(stale)
+
+    (fresh_job,) = fresh_jobs
+    assert (lost.generation, lost.worker) == (1, "stale")
+    assert (fresh_job.state, fresh_job.generation) == (JobState.DONE, 2)
+    stored = {uid for _, uid in results_in_study(archive, study)}
+    assert stored == set(fresh_job.outputs)  # the fresh results, not overwritten
+    assert len(stored) == 2 and not stored & {ds.SOPInstanceUID for ds in stale_outputs}
+
+
+def test_a_run_that_loses_its_job_after_storing_deletes_what_it_stored(
+    archive: Archive, settings: Settings, tmp_path: Path
+) -> None:
+    datasets, _mask = synthetic_ct_series(9, slices=4)
+    late_slice = synthetic_ct_series(9, slices=5)[0][4]
+    study = datasets[0].StudyInstanceUID
+    store_series(archive, tmp_path / "ct", datasets)
+    worker = worker_for(settings, archive)
+    complete = worker.queue.complete
+    stored_before_complete = []
+
+    def requeued_just_before_complete(job: Job, *args: Any, **kwargs: Any) -> bool:
+        stored_before_complete.extend(results_in_study(archive, study))
+        store_series(archive, tmp_path / "late", [late_slice])
+        queue_stable_studies(archive, worker.settings, worker.models)  # the next generation
+        return complete(job, *args, **kwargs)
+
+    worker.queue.complete = requeued_just_before_complete  # type: ignore[method-assign]
+    lost = worker.step()
+
+    assert len(stored_before_complete) == 2  # the SEG and SR were stored, then the job lost
+    assert results_in_study(archive, study) == []  # and what the lost run stored deleted
+    (job,) = worker.queue.for_study(study)
+    assert lost is not None and lost.generation == 1
+    assert (job.state, job.generation) == (JobState.QUEUED, 2)
+
+    worker.queue.complete = complete  # type: ignore[method-assign]
+    (done,) = run_until_idle(worker)
+    assert sorted(uid for _, uid in results_in_study(archive, study)) == sorted(done.outputs)
+
+
+def test_the_lease_is_renewed_while_the_model_runs(
+    archive: Archive, settings: Settings, tmp_path: Path
+) -> None:
+    datasets, _mask = synthetic_ct_series(10, slices=2)
+    store_series(archive, tmp_path / "ct", datasets)
+    worker = worker_for(settings, archive, lease_s=1)
+    second_claims: list[Job | None] = []
+
+    def slow_model(*args: Any, **kwargs: Any) -> list[Dataset]:
+        threading.Event().wait(3)  # three leases long
+        second_claims.append(worker.queue.claim("another-worker"))
+        return []
+
+    worker.analyse = slow_model
+    (job,) = run_until_idle(worker)
+
+    assert (job.state, job.attempts, job.worker) == (JobState.DONE, 1, "test")
+    assert second_claims == [None]  # the lease never expired
+
+
+def test_a_worker_survives_an_unexpected_error(
+    archive: Archive, settings: Settings, tmp_path: Path
+) -> None:
+    datasets, _mask = synthetic_ct_series(11, slices=2)
+    store_series(archive, tmp_path / "ct", datasets)
+    worker = worker_for(settings, archive, poll_interval_s=0.1)
+    worker.analyse = lambda *args, **kwargs: []
+    claim = worker.queue.claim
+    failures: list[str] = []
+
+    def claim_that_fails_once(*args: Any) -> Job | None:
+        if not failures:
+            failures.append("claim")
+            raise RuntimeError("a bug in the claim")
+        return claim(*args)
+
+    worker.queue.claim = claim_that_fails_once  # type: ignore[method-assign]
+    stop = threading.Event()
+    thread = threading.Thread(target=worker.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 120
+        while [j.state for j in worker.queue.for_study(datasets[0].StudyInstanceUID)] != [
+            JobState.DONE
+        ]:
+            assert thread.is_alive() and time.monotonic() < deadline
+            time.sleep(0.1)
+    finally:
+        stop.set()
+        thread.join(60)
+    assert failures == ["claim"]
 
 
 def test_a_model_that_raises_fails_with_the_reason_and_other_jobs_run(
@@ -133,20 +276,26 @@ def test_a_corrupt_pixel_payload_fails_the_job_with_a_clear_reason(
 
 
 @pytest.mark.parametrize("backend", ["sqlite-files"])
-def test_a_model_that_is_not_installed_fails_the_job(
+def test_a_worker_leaves_the_jobs_of_models_it_lacks_to_workers_that_have_them(
     backend: str, archive: Archive, settings: Settings, tmp_path: Path
 ) -> None:
     failing_ct_model(tmp_path / "models", name="only_on_another_host")
     datasets, _mask = synthetic_ct_series(4, slices=2)
+    study = datasets[0].StudyInstanceUID
     store_series(archive, tmp_path / "ct", datasets)
     other_host = worker_for(settings, archive, tmp_path / "models")
-    other_host.step()  # queues both jobs, runs one
     this_host = worker_for(settings, archive)  # without the test model
+    other_host.queue.claim = lambda *args: None  # type: ignore[method-assign]
+    other_host.step()  # queues both jobs (its scan knows both models), runs none
 
-    ended = {j.model_name: j for j in run_until_idle(this_host)}
+    ended = run_until_idle(this_host)
 
-    assert ended["only_on_another_host"].state == JobState.FAILED
-    assert "is not installed" in ended["only_on_another_host"].reason
+    assert [j.model_name for j in ended] == ["ct_lesion_synthetic"]
+    jobs = {j.model_name: j for j in this_host.queue.for_study(study)}
+    assert (jobs["only_on_another_host"].state, jobs["only_on_another_host"].attempts) == (
+        JobState.QUEUED,
+        0,
+    )
 
 
 def hilum_env(settings: Settings, **inference: str) -> dict[str, str]:
@@ -263,4 +412,4 @@ def test_hilum_serve_runs_a_worker(backend: str, settings: Settings, tmp_path: P
             archive.close()
     finally:
         server.send_signal(signal.SIGTERM)
-        assert server.wait(60) == 0
+        assert server.wait(60) == 0, server.stderr.read() if server.stderr else ""

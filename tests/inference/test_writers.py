@@ -156,6 +156,28 @@ def _unit_size(seg: Dataset) -> float:
     return 1.5 * 1.5 * 5.0
 
 
+def test_seg_and_sr_carry_the_same_tracking_id_within_64_characters() -> None:
+    datasets, truth = synthetic_ct_series(15, slices=2)
+    manifest = CT_MODEL.manifest.model_copy(
+        update={
+            "name": "m" * 64,
+            "labels": [CT_MODEL.manifest.labels[0].model_copy(update={"label": "L" * 64})],
+        }
+    )
+    model = Model(manifest.name, CT_MODEL.version, CT_MODEL.path, manifest)
+    finding = _finding(model, 1.0, False, segment_number=1)
+
+    seg = segmentation(
+        model, datasets, truth[..., None], [finding.label], [finding.tracking_uid], **_uids("id")
+    )
+    sr = measurement_report(model, datasets, [finding], seg, **_uids("id-sr"))
+
+    report = hd.sr.Comprehensive3DSR.from_dataset(sr).content
+    [group] = report.get_volumetric_roi_measurement_groups()
+    assert seg.SegmentSequence[0].TrackingID == group.tracking_identifier
+    assert len(group.tracking_identifier) == 64
+
+
 def test_sr_without_seg_and_with_nothing_found_reads_back(tmp_path: Path) -> None:
     datasets, _truth = synthetic_ct_series(13, slices=2)
     absent = _finding(CT_MODEL, None, False, present=False)
