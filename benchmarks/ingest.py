@@ -28,20 +28,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import json
 import os
 import random
 import re
 import shutil
-import signal
-import socket
 import sqlite3
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +52,19 @@ from pydicom.uid import (
 )
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from benchmarks.orthanc import orthanc_installed, running_orthanc  # noqa: E402
+from benchmarks.processes import (  # noqa: E402
+    accepts_tcp,
+    answers_http,
+    free_port,
+    progress,
+    running,
+    start_process,
+    stop_process,
+)
+
 VENV_BIN = REPO / ".venv" / "bin"
 HILUM = VENV_BIN / "hilum"
 WEED = VENV_BIN / "weed"
@@ -100,10 +108,6 @@ class Result:
     @property
     def lost(self) -> int | None:
         return None if self.stored is None else self.instances - self.stored
-
-
-def progress(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 # --- the synthetic series -------------------------------------------------------------------
@@ -190,115 +194,6 @@ def write_series(directory: Path, count: int, seed: int = 0) -> list[Path]:
         ct_slice(base, rng, uids, number).save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths
-
-
-# --- processes and ports --------------------------------------------------------------------
-
-_taken_ports: set[int] = set()
-
-
-def _bindable(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def free_port(also_free_at: int = 0) -> int:
-    """A free loopback port below 55000 (with ``port + also_free_at`` free too)."""
-    for _ in range(1000):
-        port = random.randint(20000, 44999)
-        candidates = {port, port + also_free_at}
-        if candidates & _taken_ports or not all(_bindable(p) for p in candidates):
-            continue
-        _taken_ports.update(candidates)
-        return port
-    raise RuntimeError("no free loopback port found")
-
-
-def start_process(
-    command: list[str], log: Path, env: dict[str, str] | None = None
-) -> subprocess.Popen:
-    with log.open("ab") as out:
-        return subprocess.Popen(
-            [str(part) for part in command],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env={**os.environ, **(env or {})},
-            start_new_session=True,  # its own process group, killed as a whole
-        )
-
-
-def stop_process(process: subprocess.Popen, grace_s: float = 20.0) -> None:
-    if process.poll() is not None:
-        return
-    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, sig)
-        try:
-            process.wait(timeout=wait_s)
-            return
-        except subprocess.TimeoutExpired:
-            progress(f"pid {process.pid} did not stop on {sig.name}")
-
-
-def log_tail(log: Path, lines: int = 15) -> str:
-    return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
-
-
-def wait_until(
-    ready: Callable[[], bool], process: subprocess.Popen, log: Path, timeout_s: float
-) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not ready():
-        if process.poll() is not None:
-            raise RuntimeError(f"{log.name}: exited with {process.returncode}\n{log_tail(log)}")
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{log.name}: not ready after {timeout_s:.0f} s\n{log_tail(log)}")
-        time.sleep(0.1)
-
-
-def accepts_tcp(port: int) -> Callable[[], bool]:
-    def ready() -> bool:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-        except OSError:
-            return False
-        return True
-
-    return ready
-
-
-def answers_http(url: str) -> Callable[[], bool]:
-    def ready() -> bool:
-        try:
-            urllib.request.urlopen(url, timeout=2).close()
-        except urllib.error.HTTPError:
-            return True  # any HTTP answer, 403 included, means the server is up
-        except OSError:
-            return False
-        return True
-
-    return ready
-
-
-@contextlib.contextmanager
-def running(
-    command: list[str],
-    log: Path,
-    ready: Callable[[], bool],
-    env: dict[str, str] | None = None,
-    timeout_s: float = 60.0,
-) -> Iterator[subprocess.Popen]:
-    process = start_process(command, log, env)
-    try:
-        wait_until(ready, process, log, timeout_s)
-        yield process
-    finally:
-        stop_process(process)
 
 
 # --- targets --------------------------------------------------------------------------------
@@ -389,32 +284,10 @@ def bare_scp(workdir: Path) -> Iterator[Target]:
         yield Target(BARE, "BARESCP", port, lambda: len(list(out.glob("*.dcm"))), [log])
 
 
-def orthanc_count(http_port: int) -> int:
-    with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/statistics", timeout=10) as r:
-        return int(json.load(r)["CountInstances"])
-
-
 @contextlib.contextmanager
 def orthanc(workdir: Path) -> Iterator[Target]:
-    dicom_port, http_port = free_port(), free_port()
-    config = {
-        "Name": "hilum-bench",
-        "StorageDirectory": str(workdir / "storage"),
-        "IndexDirectory": str(workdir / "index"),
-        "DicomAet": "ORTHANC",
-        "DicomPort": dicom_port,
-        "HttpPort": http_port,
-        "HttpServerEnabled": True,
-        "RemoteAccessAllowed": False,
-        "AuthenticationEnabled": False,
-        "DicomCheckCalledAet": False,
-        "Plugins": [],
-    }
-    config_path = workdir / "orthanc.json"
-    config_path.write_text(json.dumps(config, indent=2))
-    log = workdir / "orthanc.log"
-    with running([shutil.which("Orthanc") or "Orthanc", config_path], log, accepts_tcp(dicom_port)):
-        yield Target(ORTHANC, "ORTHANC", dicom_port, lambda: orthanc_count(http_port), [log])
+    with running_orthanc(workdir) as peer:
+        yield Target(ORTHANC, peer.ae_title, peer.dicom_port, peer.count_instances, [peer.log])
 
 
 # --- sending --------------------------------------------------------------------------------
@@ -549,7 +422,7 @@ def run(instances: int, root: Path) -> tuple[list[Result], list[str]]:
         (EMBEDDED, hilum_embedded),
         (BARE, bare_scp),
     ]
-    if shutil.which("Orthanc"):
+    if orthanc_installed():
         targets.append((ORTHANC, orthanc))
     else:
         notes.append("Orthanc skipped: Debian's orthanc package is not installed")

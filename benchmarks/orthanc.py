@@ -1,0 +1,72 @@
+"""Orthanc, the peer Hilum's benchmarks compare against: Debian's ``orthanc`` package (and
+``orthanc-dicomweb`` for DICOMweb), started with its defaults on free loopback ports."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from benchmarks.processes import accepts_tcp, free_port, running
+
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+
+
+def orthanc_installed(*, dicomweb: bool = False) -> bool:
+    return shutil.which("Orthanc") is not None and (not dicomweb or DICOMWEB_PLUGIN.exists())
+
+
+@dataclass(frozen=True)
+class RunningOrthanc:
+    ae_title: str
+    dicom_port: int
+    http_port: int
+    log: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def count_instances(self) -> int:
+        with urllib.request.urlopen(f"{self.url}/statistics", timeout=10) as response:
+            return int(json.load(response)["CountInstances"])
+
+    def upload(self, part10: bytes) -> None:
+        """Store one instance through Orthanc's REST API (POST /instances)."""
+        request = urllib.request.Request(
+            f"{self.url}/instances", data=part10, headers={"Content-Type": "application/dicom"}
+        )
+        with urllib.request.urlopen(request, timeout=60) as response:
+            response.read()
+
+
+@contextlib.contextmanager
+def running_orthanc(workdir: Path, *, dicomweb: bool = False) -> Iterator[RunningOrthanc]:
+    """Orthanc with its defaults (SQLite index, files, fsync), answering C-FIND from any AE."""
+    dicom_port, http_port = free_port(), free_port()
+    config = {
+        "Name": "hilum-bench",
+        "StorageDirectory": str(workdir / "storage"),
+        "IndexDirectory": str(workdir / "index"),
+        "DicomAet": "ORTHANC",
+        "DicomPort": dicom_port,
+        "HttpPort": http_port,
+        "HttpServerEnabled": True,
+        "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False,
+        "DicomCheckCalledAet": False,
+        "DicomAlwaysAllowFind": True,
+        "Plugins": [str(DICOMWEB_PLUGIN)] if dicomweb else [],
+        "DicomWeb": {"Enable": dicomweb, "Root": "/dicom-web/"},
+    }
+    workdir.mkdir(parents=True, exist_ok=True)
+    config_path = workdir / "orthanc.json"
+    config_path.write_text(json.dumps(config, indent=2))
+    log = workdir / "orthanc.log"
+    command = [shutil.which("Orthanc") or "Orthanc", str(config_path)]
+    with running(command, log, accepts_tcp(dicom_port)):
+        yield RunningOrthanc("ORTHANC", dicom_port, http_port, log)

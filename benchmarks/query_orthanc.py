@@ -1,0 +1,243 @@
+"""C-FIND and QIDO-RS latency: Hilum beside Orthanc, on the same instances, in the same run.
+
+What is measured: the same synthetic studies (real DICOM files: tiny 8x8 images, three series
+per study, two instances per series; patient names, dates, accession numbers and modalities
+drawn as in ``benchmarks/synthetic_index.py``) are stored in Hilum's embedded default (SQLite +
+files, through the ingest path) and in Orthanc 1.10 (Debian's package, its defaults, through
+its REST API). Then, for each study-level query of the issue (PatientName prefix wild card,
+PatientID, a one-month StudyDate range, ModalitiesInStudy=CT, AccessionNumber):
+
+* C-FIND (Study Root, STUDY level, the usual return keys) over one pynetdicom association per
+  server, p50 / p95 from request to final response;
+* QIDO-RS ``GET .../studies?...`` (Hilum: ``hilum serve``, werkzeug's threaded server, in its own process;
+  Orthanc: its DICOMweb plugin), p50 / p95 until the whole JSON body is read.
+
+Both servers run on this machine at the same time (2 cores); the client runs in this process.
+Each query's match count is printed for both servers, so a difference in what was matched is
+visible. Orthanc has to be installed (``apt-get install orthanc orthanc-dicomweb``); nothing is
+asserted. This is a smaller index than ``benchmarks/query.py`` uses (Orthanc ingests through
+C-STORE/REST only, so 1 M instances would take hours): the ratio is the figure of interest.
+
+    .venv/bin/python benchmarks/query_orthanc.py [--studies 2000] [--repeat 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import io
+import random
+import statistics
+import sys
+import tempfile
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    StudyRootQueryRetrieveInformationModelFind as FIND,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from benchmarks.orthanc import RunningOrthanc, orthanc_installed, running_orthanc  # noqa: E402
+from benchmarks.processes import accepts_tcp, free_port, progress, running  # noqa: E402
+from benchmarks.synthetic_index import GIVEN, MODALITIES, SURNAMES  # noqa: E402
+from config import load_settings  # noqa: E402
+from server.dimse.transport import disable_nagle  # noqa: E402
+from storage.archive import open_archive  # noqa: E402
+from storage.ingest import ingest_file  # noqa: E402
+
+RETURN_KEYS = (
+    "PatientName", "PatientID", "StudyInstanceUID", "StudyDate", "AccessionNumber",
+    "ModalitiesInStudy", "NumberOfStudyRelatedInstances",
+)  # fmt: skip
+FIRST_DAY = datetime.date(2016, 1, 1)
+ROOT = "1.2.826.0.1.3680043.10.1337.9"
+
+
+def synthetic_instances(studies: int, seed: int = 0) -> Iterator[bytes]:
+    """Part 10 bytes of ``studies`` studies x 3 series x 2 instances, deterministic."""
+    rng = random.Random(seed)
+    days = 3652
+    patient = name = ""
+    for s in range(studies):
+        if s % 2 == 0:
+            patient = f"PID{s // 2 + 1:07d}"
+            name = f"{rng.choice(SURNAMES)}^{rng.choice(GIVEN)}"
+        date = FIRST_DAY + datetime.timedelta(days=s * days // studies)
+        for series in range(3):
+            modality = rng.choice(MODALITIES[:7])  # no SR: every object is an image here
+            for n in range(2):
+                ds = Dataset()
+                ds.file_meta = FileMetaDataset()
+                ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+                ds.SOPClassUID = CTImageStorage
+                ds.SOPInstanceUID = f"{ROOT}.3.{s}.{series}.{n}"
+                ds.StudyInstanceUID = f"{ROOT}.1.{s}"
+                ds.SeriesInstanceUID = f"{ROOT}.2.{s}.{series}"
+                ds.PatientName, ds.PatientID = name, patient
+                ds.StudyDate = date.strftime("%Y%m%d")
+                ds.StudyTime = "101500"
+                ds.AccessionNumber = f"ACC{s + 1:08d}"
+                ds.StudyID = str(s + 1)
+                ds.Modality = modality
+                ds.SeriesNumber, ds.InstanceNumber = series + 1, n + 1
+                ds.Rows = ds.Columns = 8
+                ds.SamplesPerPixel = 1
+                ds.PhotometricInterpretation = "MONOCHROME2"
+                ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 12, 11
+                ds.PixelRepresentation = 0
+                ds.PixelData = bytes(128)
+                buffer = io.BytesIO()
+                ds.save_as(buffer, enforce_file_format=True)
+                yield buffer.getvalue()
+
+
+def percentiles(samples: list[float]) -> tuple[float, float]:
+    samples = sorted(samples)
+    return statistics.median(samples), samples[min(len(samples) - 1, int(len(samples) * 0.95))]
+
+
+def timed(run: Callable[[], int], repeat: int) -> tuple[float, float, int]:
+    run()  # warm the caches once
+    samples, matches = [], 0
+    for _ in range(repeat):
+        start = time.perf_counter()
+        matches = run()
+        samples.append((time.perf_counter() - start) * 1000)
+    p50, p95 = percentiles(samples)
+    return p50, p95, matches
+
+
+def c_find(assoc: object, matching: dict[str, str]) -> Callable[[], int]:
+    def run() -> int:
+        ds = Dataset()
+        ds.QueryRetrieveLevel = "STUDY"
+        for keyword in RETURN_KEYS:
+            setattr(ds, keyword, "")
+        for keyword, value in matching.items():
+            setattr(ds, keyword, value)
+        responses = assoc.send_c_find(ds, FIND)  # type: ignore[attr-defined]
+        return sum(1 for status, _ in responses if status and status.Status in (0xFF00, 0xFF01))
+
+    return run
+
+
+def qido(url: str, matching: dict[str, str]) -> Callable[[], int]:
+    import json
+
+    query = urllib.parse.urlencode(matching)
+
+    def run() -> int:
+        request = urllib.request.Request(
+            f"{url}/studies?{query}", headers={"Accept": "application/dicom+json"}
+        )
+        with urllib.request.urlopen(request, timeout=120) as response:
+            body = response.read()
+        return len(json.loads(body)) if body else 0
+
+    return run
+
+
+def associate(port: int, ae_title: str) -> object:
+    ae = AE(ae_title="BENCH")
+    ae.add_requested_context(FIND)
+    assoc = ae.associate(
+        "127.0.0.1", port, ae_title=ae_title, evt_handlers=[(evt.EVT_CONN_OPEN, disable_nagle)]
+    )
+    if not assoc.is_established:
+        raise RuntimeError(f"{ae_title} refused the association")
+    return assoc
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--studies", type=int, default=2000)
+    parser.add_argument("--repeat", type=int, default=20)
+    args = parser.parse_args()
+    if not orthanc_installed(dicomweb=True):
+        print("Orthanc: skipped (install Debian's orthanc and orthanc-dicomweb packages)")
+        return 0
+
+    work = Path(tempfile.mkdtemp(prefix="hilum-vs-orthanc-"))
+    dimse_port, http_port = free_port(), free_port()
+    settings = load_settings(None, server={"data_dir": work / "hilum"})
+    archive = open_archive(settings, migrate=True)
+    with running_orthanc(work / "orthanc", dicomweb=True) as orthanc:
+        progress(f"storing {args.studies * 6} instances in Hilum and Orthanc")
+        spool = work / "spool.dcm"
+        started = time.perf_counter()
+        with ThreadPoolExecutor(4) as pool:
+            uploads = []
+            for part10 in synthetic_instances(args.studies):
+                spool.write_bytes(part10)
+                ingest_file(archive, spool)
+                uploads.append(pool.submit(orthanc.upload, part10))
+            for upload in uploads:
+                upload.result()
+        archive.close()
+        progress(f"stored in {time.perf_counter() - started:.0f} s")
+        stored = orthanc.count_instances()
+        # Hilum in its own process, like Orthanc: `hilum serve` on the data just stored.
+        env = {
+            "HILUM_SERVER__DATA_DIR": str(work / "hilum"),
+            "HILUM_DIMSE__PORT": str(dimse_port),
+            "HILUM_HTTP__PORT": str(http_port),
+            "HILUM_INFERENCE__SERVE_WORKER": "false",
+        }
+        command = [str(REPO / ".venv" / "bin" / "hilum"), "serve"]
+        with running(command, work / "hilum.log", accepts_tcp(http_port), env=env):
+            compare(args, orthanc, dimse_port, http_port, stored)
+    return 0
+
+
+def compare(args: argparse.Namespace, orthanc: RunningOrthanc, dimse_port: int,
+            http_port: int, stored: int) -> None:  # fmt: skip
+    hilum_assoc = associate(dimse_port, "HILUM")
+    orthanc_assoc = associate(orthanc.dicom_port, orthanc.ae_title)
+    middle = args.studies // 2
+    month = (FIRST_DAY + datetime.timedelta(days=middle * 3652 // args.studies)).strftime("%Y%m")
+    queries = {
+        "PatientName=SMITH1*": {"PatientName": "SMITH1*"},
+        f"PatientID=PID{middle // 2 + 1:07d}": {"PatientID": f"PID{middle // 2 + 1:07d}"},
+        f"StudyDate={month}01-{month}31": {"StudyDate": f"{month}01-{month}31"},
+        "ModalitiesInStudy=CT": {"ModalitiesInStudy": "CT"},
+        f"AccessionNumber=ACC{middle + 1:08d}": {"AccessionNumber": f"ACC{middle + 1:08d}"},
+    }
+    print(
+        f"# {args.studies} studies / {args.studies * 6} instances "
+        f"(Orthanc holds {stored}); p50 / p95 in ms; ratio = Orthanc p50 / Hilum p50"
+    )
+    print("| query | protocol | matches Hilum / Orthanc | Hilum p50 / p95 | "
+          "Orthanc p50 / p95 | ratio |")  # fmt: skip
+    print("|---|---|---|---|---|---|")
+    for name, matching in queries.items():
+        runs = {
+            "C-FIND": (c_find(hilum_assoc, matching), c_find(orthanc_assoc, matching)),
+            "QIDO-RS": (
+                qido(f"http://127.0.0.1:{http_port}/dicomweb", matching),
+                qido(f"{orthanc.url}/dicom-web", matching),
+            ),
+        }
+        for protocol, (hilum_run, orthanc_run) in runs.items():
+            h50, h95, hn = timed(hilum_run, args.repeat)
+            o50, o95, on = timed(orthanc_run, args.repeat)
+            print(
+                f"| {name} | {protocol} | {hn} / {on} | {h50:.1f} / {h95:.1f} | "
+                f"{o50:.1f} / {o95:.1f} | {o50 / h50:.2f} |",
+                flush=True,
+            )
+    hilum_assoc.release()  # type: ignore[attr-defined]
+    orthanc_assoc.release()  # type: ignore[attr-defined]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
