@@ -12,8 +12,9 @@ What is measured (over HTTP on loopback, the app on werkzeug's threaded server i
 * WADO-RS frame retrieval from the S3 backend (SeaweedFS started here unless ``--s3-endpoint``):
   a 256-frame JPEG whole-slide image, random single frames; p50 and p95.
 
-Hilum only: Orthanc's DICOMweb plugin is not compared here (``benchmarks/ingest.py`` and
-``benchmarks/query.py`` compare with Orthanc over DIMSE). Figures go to stdout, progress to
+Hilum only: Orthanc cannot be loaded with 1 M instances in a benchmark's time, so
+``benchmarks/query_orthanc.py`` compares QIDO-RS (and C-FIND) with Orthanc's DICOMweb plugin on
+a smaller index holding the same instances in both. Figures go to stdout, progress to
 stderr.
 
     .venv/bin/python benchmarks/dicomweb.py [--studies N] [--database-url URL] [--repeat N]

@@ -9,8 +9,8 @@ PatientID, a one-month StudyDate range, ModalitiesInStudy=CT, AccessionNumber):
 
 * C-FIND (Study Root, STUDY level, the usual return keys) over one pynetdicom association per
   server, p50 / p95 from request to final response;
-* QIDO-RS ``GET .../studies?...`` (Hilum: ``hilum serve``, werkzeug's threaded server, in its own process;
-  Orthanc: its DICOMweb plugin), p50 / p95 until the whole JSON body is read.
+* QIDO-RS ``GET .../studies?...`` (Hilum: ``hilum serve`` in its own process, werkzeug's
+  threaded server; Orthanc: its DICOMweb plugin), p50 / p95 until the whole body is read.
 
 Both servers run on this machine at the same time (2 cores); the client runs in this process.
 Each query's match count is printed for both servers, so a difference in what was matched is

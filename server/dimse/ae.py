@@ -87,6 +87,9 @@ class DimseServer:
         # A whole-slide image can be gigabytes: pynetdicom writes each incoming data set to a
         # temporary file instead of memory, and that file must lie inside Hilum's data dir.
         _config.STORE_RECV_CHUNKED_DATASET = True
+        # C-MOVE and C-GET sub-operations send a stored file from its path in PDU-sized chunks
+        # when the peer accepts its transfer syntax (server.dimse.storage_scu).
+        _config.STORE_SEND_CHUNKED_DATASET = True
         tempfile.tempdir = str(self.tmp_dir)
         self.remove_stale_temporary_files(STALE_TEMPORARY_FILE_AGE_S)
         handlers = [

@@ -20,12 +20,10 @@ from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from config import Settings
-from server.dimse.identifier import query_request, request_identifier
-from server.dimse.statuses import RETRIEVE_ERROR_STATUS, status_dataset, status_for
-from server.dimse.storage_scu import plan_retrieve, proposed_contexts, sub_operations
+from server.dimse.retrieve import RetrieveRefused, plan_retrieve
+from server.dimse.storage_scu import proposed_contexts, sub_operations
 from server.dimse.transport import disable_nagle
 from storage.archive import Archive
-from storage.errors import StorageError
 
 log = logging.getLogger(__name__)
 
@@ -40,18 +38,12 @@ def handle_c_move(event: Event, archive: Archive, settings: Settings) -> Iterato
         return
 
     try:
-        request = query_request(
-            request_identifier(event),
-            str(event.request.AffectedSOPClassUID),
-            case_insensitive_person_names=settings.query.case_insensitive_person_names,
-        )
-        plan = plan_retrieve(archive, request.query)
-    except StorageError as error:
-        # pynetdicom accepts a failure only after the destination and a count, so the refusal
-        # goes out as the first "result" (PS3.4 C.4.2.1.5 statuses A701, A900).
-        status = status_for(error, RETRIEVE_ERROR_STATUS)
-        log.warning("[%s] C-MOVE refused with 0x%04X: %s", assoc.name, status, error)
-        # Verification only: pynetdicom needs one context to associate; nothing is sent.
+        plan = plan_retrieve(event, archive, "C-MOVE")
+    except RetrieveRefused as refusal:
+        # pynetdicom accepts a failure only after the destination and a count, and associates
+        # with the destination in between: the refusal (PS3.4 C.4.2.1.5: A701, A702, A900) is
+        # sent only once that association is established, or answered 0xA801 when it cannot be
+        # (docs/conformance.md). Verification only: nothing is sent to the destination.
         contexts = [build_context(Verification)]
         yield (
             destination.host,
@@ -59,17 +51,10 @@ def handle_c_move(event: Event, archive: Archive, settings: Settings) -> Iterato
             {"ae_title": destination.ae_title, "contexts": contexts},
         )
         yield 1
-        yield status_dataset(status, str(error)), None
+        yield refusal.status, None
         return
 
-    log.info(
-        "[%s] C-MOVE %s level %s to %s: %d instances",
-        assoc.name,
-        request.query.model.value,
-        request.query.level.value,
-        destination.ae_title,
-        plan.number_of_sub_operations,
-    )
+    log.info("[%s] C-MOVE to %s", assoc.name, destination.ae_title)
     store_associations: list[Association] = []
 
     def remember(accepted: Event) -> None:
@@ -86,4 +71,5 @@ def handle_c_move(event: Event, archive: Archive, settings: Settings) -> Iterato
     )
     yield plan.number_of_sub_operations
     # pynetdicom has associated with the destination (or answered 0xA801 and stopped here).
-    yield from sub_operations(event, archive, request.query, store_associations[0])
+    spool_dir = settings.server.data_dir / "tmp"
+    yield from sub_operations(event, archive, plan, store_associations[0], spool_dir)

@@ -1,8 +1,10 @@
 """The Identifier of a Query/Retrieve request (PS3.4 C.4.1.1.3, C.4.2.1.4) and its responses.
 
-A request Identifier becomes a :class:`storage.query.Query`; a row of :func:`storage.query.search`
-becomes a response Identifier holding every key the SCU sent, with the value the index holds or
-empty (PS3.4 C.4.1.1.3.2: keys the SCP does not support are returned zero-length).
+A C-FIND request Identifier becomes a :class:`storage.query.Query` (:func:`query_request`); a row
+of :func:`storage.query.search` becomes a response Identifier holding every key the SCU sent, with
+the value the index holds or empty (PS3.4 C.4.1.1.3.2: keys the SCP does not support are returned
+zero-length). A C-MOVE or C-GET Identifier becomes a Query on unique keys only
+(:func:`retrieve_request`, PS3.4 C.4.2.2.1).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from pydicom.datadict import dictionary_VR, keyword_for_tag
+from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
@@ -28,7 +30,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 
 from storage.errors import InvalidQuery
-from storage.query import QUERY_KEYS, InformationModel, Query, QueryLevel
+from storage.query import QUERY_KEYS, UNIQUE_KEYS, InformationModel, Query, QueryLevel
 
 # PS3.4 C.6.1 and C.6.2: the information model a Query/Retrieve SOP class works on.
 INFORMATION_MODEL: dict[str, InformationModel] = {
@@ -38,6 +40,17 @@ INFORMATION_MODEL: dict[str, InformationModel] = {
     StudyRootQueryRetrieveInformationModelFind: InformationModel.STUDY_ROOT,
     StudyRootQueryRetrieveInformationModelMove: InformationModel.STUDY_ROOT,
     StudyRootQueryRetrieveInformationModelGet: InformationModel.STUDY_ROOT,
+}
+
+# PS3.4 C.6.1.1 / C.6.2.1: the levels of each information model, from the top.
+LEVELS: dict[InformationModel, tuple[QueryLevel, ...]] = {
+    InformationModel.PATIENT_ROOT: (
+        QueryLevel.PATIENT,
+        QueryLevel.STUDY,
+        QueryLevel.SERIES,
+        QueryLevel.IMAGE,
+    ),
+    InformationModel.STUDY_ROOT: (QueryLevel.STUDY, QueryLevel.SERIES, QueryLevel.IMAGE),
 }
 
 QUERY_RETRIEVE_LEVEL = Tag(0x0008, 0x0052)
@@ -81,10 +94,7 @@ def query_request(
     """Translate a request Identifier; raise :class:`InvalidQuery` when it cannot be answered."""
     if identifier is None:
         raise InvalidQuery("the Identifier cannot be decoded")
-    try:
-        model = INFORMATION_MODEL[sop_class_uid]
-    except KeyError:
-        raise InvalidQuery(f"SOP Class {sop_class_uid} is not a supported Q/R model") from None
+    model = _information_model(sop_class_uid)
     level = _query_retrieve_level(identifier)
     matching: dict[str, str] = {}
     requested: list[RequestedKey] = []
@@ -103,6 +113,39 @@ def query_request(
         case_insensitive_person_names=case_insensitive_person_names,
     )
     return QueryRequest(query, tuple(requested))
+
+
+def retrieve_request(identifier: Dataset | None, sop_class_uid: str) -> Query:
+    """The instances a C-MOVE or C-GET Identifier names; raise :class:`InvalidQuery` otherwise.
+
+    PS3.4 C.4.2.2.1, hierarchical retrieve: the unique key of the retrieve level holds one UID
+    (or ID) or a list of them, never empty and never a wild card; the unique keys of the levels
+    above may hold one value each and are matched; every other key is ignored, never matched.
+    """
+    if identifier is None:
+        raise InvalidQuery("the Identifier cannot be decoded")
+    model = _information_model(sop_class_uid)
+    level = _query_retrieve_level(identifier)
+    levels = LEVELS[model]
+    if level not in levels:
+        raise InvalidQuery(f"the {model.value} model has no {level.value} level")
+    matching: dict[str, str] = {}
+    for above in levels[: levels.index(level) + 1]:
+        keyword = UNIQUE_KEYS[above]
+        value = _unique_key_value(identifier, keyword)
+        values = value.split("\\")
+        if above == level and not value:
+            raise InvalidQuery(f"{keyword} is required at the {level.value} level")
+        if not value:
+            continue  # a higher level's key may be absent or empty
+        if "*" in value or "?" in value:
+            raise InvalidQuery(f"{keyword}: no wild cards in a retrieve")
+        if not all(values):
+            raise InvalidQuery(f"{keyword}: an empty value in the list")
+        if above != level and len(values) > 1:
+            raise InvalidQuery(f"{keyword}: one value only above the retrieve level")
+        matching[keyword] = value
+    return Query(level=level, matching=matching, model=model)
 
 
 def response_identifier(
@@ -134,6 +177,24 @@ def _elements(identifier: Dataset) -> Iterable[DataElement]:
         except Exception as error:  # noqa: BLE001 (pydicom raises many kinds on a bad value)
             name = keyword_for_tag(tag) or str(tag)
             raise InvalidQuery(f"{name}: the value cannot be read ({error})") from error
+
+
+def _information_model(sop_class_uid: str) -> InformationModel:
+    try:
+        return INFORMATION_MODEL[sop_class_uid]
+    except KeyError:
+        raise InvalidQuery(f"SOP Class {sop_class_uid} is not a supported Q/R model") from None
+
+
+def _unique_key_value(identifier: Dataset, keyword: str) -> str:
+    tag = tag_for_keyword(keyword)
+    if tag is None or tag not in identifier:
+        return ""
+    try:
+        element = identifier[tag]
+    except Exception as error:  # noqa: BLE001 (pydicom raises many kinds on a bad value)
+        raise InvalidQuery(f"{keyword}: the value cannot be read ({error})") from error
+    return _match_value(element, keyword)
 
 
 def _query_retrieve_level(identifier: Dataset) -> QueryLevel:

@@ -7,7 +7,6 @@ from pydicom.dataset import Dataset
 from storage.errors import (
     InvalidInstance,
     InvalidQuery,
-    NotFound,
     SOPClassMismatch,
     StorageError,
     StorageUnavailable,
@@ -31,9 +30,11 @@ CANCEL = 0xFE00  # Matching or sub-operations terminated due to Cancel
 IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS = 0xA900  # Failure: bad level, key or value
 UNABLE_TO_PROCESS = 0xC000  # Failure: unexpected error while matching
 UNABLE_TO_CALCULATE_NUMBER_OF_MATCHES = 0xA701  # C-MOVE/C-GET: index unavailable
-UNABLE_TO_PERFORM_SUB_OPERATIONS = 0xA702  # C-MOVE/C-GET: every sub-operation failed
-MOVE_DESTINATION_UNKNOWN = 0xA801  # C-MOVE: not in [[dimse.peers]], or it refused us
-SUB_OPERATIONS_COMPLETE_WITH_FAILURES = 0xB000  # Warning: see Failed SOP Instance UID List
+# C-MOVE/C-GET: over 65535 instances; pynetdicom also sends it when every sub-operation failed.
+UNABLE_TO_PERFORM_SUB_OPERATIONS = 0xA702
+# pynetdicom itself sends the other retrieve statuses: 0xA801 Move Destination unknown (not in
+# [[dimse.peers]], or it refused the association) and 0xB000 sub-operations complete with
+# failures (with the Failed SOP Instance UID List).
 
 FIND_ERROR_STATUS: dict[type[StorageError], int] = {
     StorageUnavailable: OUT_OF_RESOURCES,
@@ -42,7 +43,6 @@ FIND_ERROR_STATUS: dict[type[StorageError], int] = {
 RETRIEVE_ERROR_STATUS: dict[type[StorageError], int] = {
     StorageUnavailable: UNABLE_TO_CALCULATE_NUMBER_OF_MATCHES,
     InvalidQuery: IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS,
-    NotFound: UNABLE_TO_PERFORM_SUB_OPERATIONS,
 }
 
 

@@ -1,10 +1,13 @@
 """The C-STORE sub-operations of C-MOVE and C-GET (PS3.4 C.4.2.3, C.4.3.3): Hilum as Storage SCU.
 
-Each instance is read from the blob store as a stream and sent in its stored transfer syntax
-when the peer accepted it; otherwise it is transcoded to an uncompressed syntax the peer
-accepted (explicit VR little endian preferred), decoding its pixel data with pydicom's
-plug-ins (pylibjpeg, openjpeg, RLE). When neither works the sub-operation fails, with the
-reason logged, and its SOP Instance UID goes to the Failed SOP Instance UID List.
+Each instance of the plan is copied from the blob store (a stream) into a temporary file under
+``<data_dir>/tmp``. When the peer accepted its stored transfer syntax, pynetdicom sends that file
+as it is, in PDU-sized chunks, without parsing it. Otherwise it is read into memory and
+transcoded to an uncompressed syntax the peer accepted (explicit VR little endian preferred),
+decoding its pixel data with pydicom's plug-ins (pylibjpeg, openjpeg, RLE); an instance whose
+data set would take more than :data:`MAX_TRANSCODED_BYTES` in memory is not transcoded. When
+neither works the sub-operation fails, with the reason logged, and its SOP Instance UID goes to
+the Failed SOP Instance UID List.
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ import logging
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -27,10 +31,11 @@ from pynetdicom.association import Association
 from pynetdicom.events import Event
 from pynetdicom.presentation import PresentationContext, build_context
 
+from server.dimse.retrieve import RetrievePlan
 from server.dimse.statuses import CANCEL, PENDING
 from storage.archive import Archive
 from storage.errors import StorageError
-from storage.query import Query, StoredInstance, locate_instances
+from storage.query import StoredInstance
 
 log = logging.getLogger(__name__)
 
@@ -38,35 +43,46 @@ log = logging.getLogger(__name__)
 UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 # PS3.8 9.3.2.2: presentation context IDs are odd numbers 1-255, so at most 128 contexts.
 MAX_PRESENTATION_CONTEXTS = 128
-# Instances up to this size are read into memory from the blob store; larger ones spill to a
-# temporary file, so a retrieve never holds more than one instance (and this much) at a time.
-SPOOL_IN_MEMORY_BYTES = 16 << 20
+# An instance sent in another transfer syntax than stored is decoded and re-encoded in memory
+# (about twice its decoded size while pynetdicom encodes it); past this size, the stored file
+# size or the decoded pixel data, its sub-operation fails instead.
+MAX_TRANSCODED_BYTES = 512 << 20
 
 
 class SubOperationFailed(Exception):
     """This instance cannot be sent to this peer; the message says why."""
 
 
-@dataclass
-class RetrievePlan:
-    """What a C-MOVE or C-GET will send: counted before the first sub-operation."""
+class SpooledFile(Dataset):
+    """A sub-operation's data set left in its file: pynetdicom's retrieve loop takes only a
+    Dataset, and :func:`send_spooled_files` hands pynetdicom the file's path instead."""
 
-    number_of_sub_operations: int = 0
-    # (SOP Class UID, stored Transfer Syntax UID) pairs among the instances.
-    syntaxes: set[tuple[str, str]] = field(default_factory=set)
+    def __init__(self, stored: StoredInstance, path: Path) -> None:
+        super().__init__()
+        # For pynetdicom's Failed SOP Instance UID List, should the C-STORE fail.
+        self.SOPClassUID = stored.sop_class_uid
+        self.SOPInstanceUID = stored.sop_instance_uid
+        self.spooled_path = path
 
 
-def plan_retrieve(archive: Archive, query: Query) -> RetrievePlan:
-    """One streamed pass over the matching instances (PS3.4 C.4.2.1.4: the count comes first)."""
-    plan = RetrievePlan()
-    instances = locate_instances(archive, query)
-    try:
-        for stored in instances:
-            plan.number_of_sub_operations += 1
-            plan.syntaxes.add((stored.sop_class_uid, stored.transfer_syntax_uid))
-    finally:
-        instances.close()
-    return plan
+def send_spooled_files(assoc: Association) -> None:
+    """Make ``assoc.send_c_store`` send a :class:`SpooledFile` from its path.
+
+    Given a path (and ``_config.STORE_SEND_CHUNKED_DATASET``, set by the server), pynetdicom
+    streams the data set from the file in PDU-sized chunks; given a Dataset, it encodes the
+    whole data set in memory. Its C-MOVE and C-GET loops pass on only Datasets, so the one
+    association that sends the sub-operations gets this wrapper around its public method.
+    """
+    if "send_c_store" in vars(assoc):
+        return  # already wrapped (an earlier C-GET on the same association)
+    send = assoc.send_c_store
+
+    def send_c_store(dataset: Any, *args: Any, **kwargs: Any) -> Dataset:
+        if isinstance(dataset, SpooledFile):
+            return send(dataset.spooled_path, *args, **kwargs)
+        return send(dataset, *args, **kwargs)
+
+    assoc.send_c_store = send_c_store  # type: ignore[method-assign]
 
 
 def proposed_contexts(syntaxes: Iterable[tuple[str, str]]) -> list[PresentationContext]:
@@ -89,34 +105,38 @@ def proposed_contexts(syntaxes: Iterable[tuple[str, str]]) -> list[PresentationC
 def sub_operations(
     event: Event,
     archive: Archive,
-    query: Query,
+    plan: RetrievePlan,
     peer: Association | None,
+    spool_dir: Path,
 ) -> Iterator[tuple[int, Dataset | None]]:
-    """Yield pynetdicom's (status, data set) pairs: Pending with each instance to send, or
+    """Yield pynetdicom's (status, data set) pairs: Pending with each instance of the plan, or
     Cancel when the SCU sent C-CANCEL (PS3.4 C.4.2.3.1, C.4.3.3.1)."""
     assoc = event.assoc
     store_assoc = peer or assoc
-    instances = locate_instances(archive, query)
-    try:
-        for stored in instances:
-            if event.is_cancelled:
-                log.info("[%s] retrieve cancelled by the SCU", assoc.name)
-                yield CANCEL, None
-                return
-            try:
-                dataset = dataset_for_peer(archive, stored, store_assoc)
-            except (SubOperationFailed, StorageError) as error:
-                log.warning(
-                    "[%s] C-STORE sub-operation for %s to %s failed: %s",
-                    assoc.name,
-                    stored.sop_instance_uid,
-                    store_assoc.acceptor.ae_title if peer else assoc.requestor.ae_title,
-                    error,
-                )
-                dataset = unsendable(stored)
-            yield PENDING, dataset
-    finally:
-        instances.close()
+    send_spooled_files(store_assoc)
+    for stored in plan.instances:
+        if event.is_cancelled:
+            log.info("[%s] retrieve cancelled by the SCU", assoc.name)
+            yield CANCEL, None
+            return
+        spooled = None
+        try:
+            spooled = spool(archive, stored, spool_dir)
+            dataset = dataset_for_peer(stored, spooled, store_assoc)
+        except (SubOperationFailed, StorageError, OSError) as error:
+            log.warning(
+                "[%s] C-STORE sub-operation for %s to %s failed: %s",
+                assoc.name,
+                stored.sop_instance_uid,
+                store_assoc.acceptor.ae_title if peer else assoc.requestor.ae_title,
+                error,
+            )
+            dataset = unsendable(stored)
+        try:
+            yield PENDING, dataset  # pynetdicom performs the C-STORE before resuming here
+        finally:
+            if spooled is not None:
+                spooled.unlink(missing_ok=True)
 
 
 def unsendable(stored: StoredInstance) -> Dataset:
@@ -138,32 +158,65 @@ def accepted_syntaxes(assoc: Association, sop_class_uid: str) -> list[str]:
     ]
 
 
-def dataset_for_peer(archive: Archive, stored: StoredInstance, assoc: Association) -> Dataset:
-    """The stored instance, in a transfer syntax the peer accepted; raise SubOperationFailed."""
+def spool(archive: Archive, stored: StoredInstance, spool_dir: Path) -> Path:
+    """Copy the stored file from the blob stream into a temporary file (the caller removes
+    it); raise NotFound when the blob is gone, StorageUnavailable when unreadable."""
+    with tempfile.NamedTemporaryFile(
+        dir=spool_dir, prefix="retrieve-", suffix=".dcm", delete=False
+    ) as spooled:
+        path = Path(spooled.name)
+        try:
+            with archive.blobs.open(stored.blob_key) as stream:
+                shutil.copyfileobj(stream, spooled, 1 << 20)
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+    return path
+
+
+def dataset_for_peer(stored: StoredInstance, spooled: Path, assoc: Association) -> Dataset:
+    """The spooled instance in a transfer syntax the peer accepted: as stored when it can (a
+    :class:`SpooledFile`), transcoded in memory otherwise; raise SubOperationFailed."""
     accepted = accepted_syntaxes(assoc, stored.sop_class_uid)
     if not accepted:
         raise SubOperationFailed(f"the peer accepted no context for {stored.sop_class_uid}")
     stored_syntax = UID(stored.transfer_syntax_uid)
+    if stored_syntax in accepted:
+        return SpooledFile(stored, spooled)
     uncompressed = [syntax for syntax in UNCOMPRESSED if syntax in accepted]
-    if stored_syntax not in accepted and not uncompressed:
+    if not uncompressed:
         raise SubOperationFailed(
             f"stored as {stored_syntax.name}; the peer accepts only "
             + ", ".join(UID(s).name for s in accepted)
         )
-    dataset = read_stored(archive, stored)
-    if stored_syntax in accepted or stored_syntax in UNCOMPRESSED:
-        return dataset
+    check_transcoding_size(stored, spooled)
+    dataset = read(spooled)
+    if stored_syntax in UNCOMPRESSED:
+        return dataset  # pynetdicom re-encodes it in the accepted little endian syntax
     return transcoded(dataset, stored_syntax)
 
 
-def read_stored(archive: Archive, stored: StoredInstance) -> Dataset:
-    """Parse the stored file, copied from the blob stream into a spooled temporary file
-    (pydicom needs to seek; an S3 stream cannot)."""
-    with tempfile.SpooledTemporaryFile(SPOOL_IN_MEMORY_BYTES) as spool:
-        with archive.blobs.open(stored.blob_key) as stream:
-            shutil.copyfileobj(stream, spool, 1 << 20)
-        spool.seek(0)
-        return dcmread(spool)
+def check_transcoding_size(stored: StoredInstance, spooled: Path) -> None:
+    """Raise SubOperationFailed when the data set is too large to transcode in memory."""
+    header = read(spooled, stop_before_pixels=True)
+    samples = int(header.get("SamplesPerPixel", 1) or 1)
+    bits = int(header.get("BitsAllocated", 8) or 8)
+    frames = int(header.get("NumberOfFrames", 1) or 1)
+    pixels = int(header.get("Rows", 0) or 0) * int(header.get("Columns", 0) or 0)
+    decoded = pixels * samples * frames * bits // 8
+    size = max(stored.size, decoded)
+    if size > MAX_TRANSCODED_BYTES:
+        raise SubOperationFailed(
+            f"{size >> 20} MiB to transcode in memory, over the {MAX_TRANSCODED_BYTES >> 20} MiB "
+            f"limit; the peer should accept {UID(stored.transfer_syntax_uid).name}"
+        )
+
+
+def read(path: Path, *, stop_before_pixels: bool = False) -> Dataset:
+    try:
+        return dcmread(path, stop_before_pixels=stop_before_pixels)
+    except Exception as error:  # noqa: BLE001 (pydicom raises many kinds on a corrupt file)
+        raise SubOperationFailed(f"the stored file cannot be read: {error}") from error
 
 
 def transcoded(dataset: Dataset, stored_syntax: UID) -> Dataset:

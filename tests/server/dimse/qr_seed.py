@@ -229,6 +229,47 @@ def _wait_for_port(port: int, process: subprocess.Popen) -> None:
     raise RuntimeError(f"storescp did not listen on {port}")
 
 
+# Identifiers a retrieve refuses with 0xA900 (PS3.4 C.4.2.2.1): id -> (model, keys). The unique
+# key of the retrieve level must hold UIDs (or IDs), no wild card; the levels above, one value.
+REFUSED_RETRIEVES: dict[str, tuple[str, dict[str, str]]] = {
+    # pynetdicom cannot send an Identifier without any element; this is the nearest to it.
+    "level-only": ("STUDY_ROOT", {"QueryRetrieveLevel": "STUDY"}),
+    "missing-level": ("STUDY_ROOT", {"StudyInstanceUID": STUDIES[0].uid}),
+    "non-unique-keys-only": ("STUDY_ROOT", {"QueryRetrieveLevel": "STUDY",
+                                            "PatientName": "DOE^JANE", "StudyDate": ""}),
+    "empty-study-uid": ("STUDY_ROOT", {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": ""}),
+    "wildcard-study-uid": ("STUDY_ROOT", {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": "*"}),
+    "wildcard-in-uid": ("STUDY_ROOT", {"QueryRetrieveLevel": "STUDY",
+                                       "StudyInstanceUID": "1.2.*"}),
+    "wildcard-patient-id": ("PATIENT_ROOT", {"QueryRetrieveLevel": "PATIENT",
+                                             "PatientID": "PAT*"}),
+    "no-series-uid": ("STUDY_ROOT", {"QueryRetrieveLevel": "SERIES",
+                                     "StudyInstanceUID": STUDIES[0].uid}),
+    "uid-list-above-level": ("STUDY_ROOT", {
+        "QueryRetrieveLevel": "SERIES",
+        "StudyInstanceUID": f"{STUDIES[0].uid}\\{STUDIES[1].uid}",
+        "SeriesInstanceUID": STUDIES[0].series[0].uid}),
+    "patient-level-in-study-root": ("STUDY_ROOT", {"QueryRetrieveLevel": "PATIENT",
+                                                   "PatientID": "PAT-1"}),
+}  # fmt: skip
+
+
+def identifier_of(keys: dict[str, str]) -> Dataset:
+    ds = Dataset()
+    for keyword, value in keys.items():
+        setattr(ds, keyword, value)
+    return ds
+
+
+def ingest_new_instance(archive: Archive, study: SeedStudy, directory: Path) -> str:
+    """One more CT instance in the first series of ``study``; its SOP Instance UID."""
+    ds = next(d for d in seed_datasets() if d.StudyInstanceUID == study.uid)
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    directory.mkdir(parents=True, exist_ok=True)
+    ingest_file(archive, write_part10(ds, directory / f"{ds.SOPInstanceUID}.dcm"))
+    return str(ds.SOPInstanceUID)
+
+
 def study_identifier(study_uid: str) -> Dataset:
     ds = Dataset()
     ds.QueryRetrieveLevel = "STUDY"

@@ -55,6 +55,7 @@ def associate(
 
 def send_file_raw(server: DimseServer, path: Path, sop_class: str, syntax: str) -> Dataset:
     """C-STORE the bytes of ``path`` as they are (pynetdicom's chunked send does not decode)."""
+    chunked = _config.STORE_SEND_CHUNKED_DATASET
     _config.STORE_SEND_CHUNKED_DATASET = True
     try:
         assoc = associate(server, [(sop_class, [syntax])])
@@ -63,7 +64,7 @@ def send_file_raw(server: DimseServer, path: Path, sop_class: str, syntax: str) 
         finally:
             assoc.release()
     finally:
-        _config.STORE_SEND_CHUNKED_DATASET = False
+        _config.STORE_SEND_CHUNKED_DATASET = chunked
 
 
 def echo_works(server: DimseServer) -> bool:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import subprocess
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +13,7 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE, build_role, evt
+from pynetdicom.association import Association
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     CTImageStorage,
     MRImageStorage,
@@ -18,12 +21,15 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelGet,
 )
 
+from server.dimse import storage_scu
 from server.dimse.ae import DimseServer
 from storage.archive import Archive
 from tests.factories import data_set_differences
 from tests.server.dimse.qr_seed import (
     GET_SCU,
+    REFUSED_RETRIEVES,
     STUDIES,
+    identifier_of,
     ingest_compressed,
     seed_archive,
     sop_classes_of,
@@ -32,23 +38,16 @@ from tests.server.dimse.qr_seed import (
 from tests.server.dimse.scu import echo_works
 
 GET = StudyRootQueryRetrieveInformationModelGet
+GET_MODELS = {"PATIENT_ROOT": PatientRootQueryRetrieveInformationModelGet, "STUDY_ROOT": GET}
 
 
-def get(
+def get_association(
     server: DimseServer,
-    identifier: Dataset,
     storage: dict[str, list[str]],
+    store: Callable[[evt.Event], int],
     model: str = GET,
-) -> tuple[list[Dataset], list[Dataset]]:
-    """C-GET with the SCU as Storage SCP for ``storage`` (SOP class -> transfer syntaxes)."""
-    received: list[Dataset] = []
-
-    def store(event: evt.Event) -> int:
-        ds = event.dataset
-        ds.file_meta = event.file_meta
-        received.append(ds)
-        return 0x0000
-
+) -> Association:
+    """An association where the SCU is Storage SCP for ``storage`` (SOP class -> syntaxes)."""
     ae = AE(ae_title="GETSCU")
     ae.add_requested_context(model)
     roles = []
@@ -64,11 +63,41 @@ def get(
         evt_handlers=[(evt.EVT_C_STORE, store)],
     )
     assert assoc.is_established
+    return assoc
+
+
+def get_responses(
+    server: DimseServer,
+    identifier: Dataset,
+    storage: dict[str, list[str]],
+    model: str = GET,
+) -> tuple[list[tuple[Dataset, Dataset | None]], list[Dataset]]:
+    """C-GET: every (status, identifier) response, and the data sets received."""
+    received: list[Dataset] = []
+
+    def store(event: evt.Event) -> int:
+        ds = event.dataset
+        ds.file_meta = event.file_meta
+        received.append(ds)
+        return 0x0000
+
+    assoc = get_association(server, storage, store, model)
     try:
-        statuses = [status for status, _ in assoc.send_c_get(identifier, model)]
+        responses = list(assoc.send_c_get(identifier, model))
     finally:
         assoc.release()
-    return statuses, received
+    return responses, received
+
+
+def get(
+    server: DimseServer,
+    identifier: Dataset,
+    storage: dict[str, list[str]],
+    model: str = GET,
+) -> tuple[list[Dataset], list[Dataset]]:
+    """C-GET: the statuses of the responses, and the data sets received."""
+    responses, received = get_responses(server, identifier, storage, model)
+    return [status for status, _ in responses], received
 
 
 def test_getscu_receives_the_study_as_stored(
@@ -154,24 +183,110 @@ def test_sop_class_without_a_storage_context_fails_its_sub_operations(
     """The SCU offers CT only: the study's MR instance fails, with 0xB000 and its UID."""
     seed_archive(archive, tmp_path / "sent")
     study = STUDIES[0]
-    statuses, received = get(
+    responses, received = get_responses(
         dimse_server, study_identifier(study.uid), {CTImageStorage: [ExplicitVRLittleEndian]}
     )
-    final = statuses[-1]
+    final, identifier = responses[-1]
+    mr = study.series[1].instances
     assert final.Status == 0xB000
-    assert final.NumberOfFailedSuboperations == len(study.series[1].instances)
+    assert final.NumberOfFailedSuboperations == len(mr)
+    assert final.NumberOfCompletedSuboperations == len(study.series[0].instances)
+    assert failed_uids(identifier) == list(mr)
     assert {str(ds.SOPInstanceUID) for ds in received} == set(study.series[0].instances)
     assert echo_works(dimse_server)
 
 
-def test_malformed_identifier_is_refused_with_a900(
-    dimse_server: DimseServer, archive: Archive, tmp_path: Path
+@pytest.mark.parametrize(("model", "keys"), REFUSED_RETRIEVES.values(), ids=REFUSED_RETRIEVES)
+def test_identifier_without_a_usable_unique_key_is_refused_with_a900(
+    dimse_server: DimseServer, archive: Archive, tmp_path: Path, model: str, keys: dict
 ) -> None:
+    """PS3.4 C.4.2.2.1: nothing is sent, whatever the archive holds."""
     seed_archive(archive, tmp_path / "sent")
-    identifier = Dataset()
-    identifier.QueryRetrieveLevel = "VOLUME"
-    identifier.StudyInstanceUID = STUDIES[0].uid
-    statuses, received = get(dimse_server, identifier, {CTImageStorage: [ExplicitVRLittleEndian]})
-    assert int(statuses[-1].Status) == 0xA900 and statuses[-1].ErrorComment
+    storage = {CTImageStorage: [ExplicitVRLittleEndian], MRImageStorage: [ExplicitVRLittleEndian]}
+    statuses, received = get(dimse_server, identifier_of(keys), storage, GET_MODELS[model])
+    assert [int(s.Status) for s in statuses] == [0xA900] and statuses[-1].ErrorComment
     assert received == []
     assert echo_works(dimse_server)
+
+
+def test_keys_other_than_unique_keys_are_not_matched(
+    dimse_server: DimseServer, archive: Archive, tmp_path: Path
+) -> None:
+    """PS3.4 C.4.2.2.1: only unique keys select what a retrieve sends."""
+    seed_archive(archive, tmp_path / "sent")
+    study = STUDIES[0]
+    identifier = study_identifier(study.uid)
+    identifier.PatientName = "NOBODY^ELSE"
+    identifier.StudyDate = "19000101"
+    identifier.Modality = "XA"
+    storage = {CTImageStorage: [ExplicitVRLittleEndian], MRImageStorage: [ExplicitVRLittleEndian]}
+    statuses, received = get(dimse_server, identifier, storage)
+    assert statuses[-1].Status == 0x0000
+    assert {str(ds.SOPInstanceUID) for ds in received} == {
+        uid for series in study.series for uid in series.instances
+    }
+
+
+def test_instance_too_large_to_transcode_fails_its_sub_operation(
+    dimse_server: DimseServer, archive: Archive, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past the in-memory limit, a compressed instance is not decoded for an SCU that accepts
+    only explicit VR little endian: every sub-operation fails (0xA702), each UID listed."""
+    study_uid, files = ingest_compressed(archive, tmp_path)
+    monkeypatch.setattr(storage_scu, "MAX_TRANSCODED_BYTES", 1024)
+    storage = {
+        sop_class: [ExplicitVRLittleEndian] for sop_class in sop_classes_of(list(files.values()))
+    }
+    responses, received = get_responses(dimse_server, study_identifier(study_uid), storage)
+    final, identifier = responses[-1]
+    assert final.Status == 0xA702
+    assert final.NumberOfFailedSuboperations == len(files)
+    assert sorted(failed_uids(identifier)) == sorted(files)
+    assert received == []
+
+
+def test_c_cancel_stops_a_get(dimse_server: DimseServer, archive: Archive, tmp_path: Path) -> None:
+    """The SCU holds its first C-STORE until it has sent C-CANCEL (PS3.4 C.4.3.3.1)."""
+    seed_archive(archive, tmp_path / "sent")
+    study = STUDIES[0]
+    received: list[str] = []
+    first_received, release = threading.Event(), threading.Event()
+
+    def store(event: evt.Event) -> int:
+        received.append(str(event.request.AffectedSOPInstanceUID))
+        first_received.set()
+        release.wait(30)
+        return 0x0000
+
+    storage = {CTImageStorage: [ExplicitVRLittleEndian], MRImageStorage: [ExplicitVRLittleEndian]}
+    assoc = get_association(dimse_server, storage, store)
+
+    def cancel_after_first_store() -> None:
+        assert first_received.wait(30)
+        context_id = assoc._get_valid_context(GET, "", "scu").context_id
+        assoc.send_c_cancel(9, context_id)
+        # Give the C-CANCEL a head start on the C-STORE response it must overtake.
+        threading.Event().wait(0.5)
+        release.set()
+
+    canceller = threading.Thread(target=cancel_after_first_store)
+    try:
+        responses = assoc.send_c_get(study_identifier(study.uid), GET, msg_id=9)
+        canceller.start()
+        statuses = [status for status, _ in responses]
+        canceller.join()
+    finally:
+        release.set()
+        assoc.release()
+    final = statuses[-1]
+    assert final.Status == 0xFE00
+    assert final.NumberOfCompletedSuboperations == 1
+    assert final.NumberOfRemainingSuboperations == study.instance_count - 1
+    assert len(received) == 1
+    assert echo_works(dimse_server)
+
+
+def failed_uids(identifier: Dataset | None) -> list[str]:
+    assert identifier is not None, "no Failed SOP Instance UID List"
+    failed = identifier.FailedSOPInstanceUIDList
+    return [failed] if isinstance(failed, str) else list(failed)

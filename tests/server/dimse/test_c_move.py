@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+import pynetdicom.association
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
@@ -21,14 +22,19 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 
 from config import Settings
 from config.settings import DimsePeer
+from server.dimse import storage_scu
 from server.dimse.ae import DimseServer
 from storage.archive import Archive
+from storage.query import Query, QueryLevel, locate_instances
 from tests.conftest import free_port
 from tests.factories import data_set_differences
 from tests.server.dimse.qr_seed import (
     MOVE_SCU,
+    REFUSED_RETRIEVES,
     STUDIES,
+    identifier_of,
     ingest_compressed,
+    ingest_new_instance,
     qr_associate,
     seed_archive,
     sop_classes_of,
@@ -38,6 +44,7 @@ from tests.server.dimse.qr_seed import (
 from tests.server.dimse.scu import echo_works
 
 MOVE = StudyRootQueryRetrieveInformationModelMove
+MOVE_MODELS = {"PATIENT_ROOT": PatientRootQueryRetrieveInformationModelMove, "STUDY_ROOT": MOVE}
 
 
 class Peers:
@@ -46,6 +53,7 @@ class Peers:
     def __init__(self) -> None:
         self.ports = {title: free_port() for title in ("STORESCP", "EXPLICIT", "CT_ONLY", "SLOW")}
         self.ports["REFUSER"] = free_port()
+        self.ports["DOWN"] = free_port()  # nothing listens there
 
     def config(self) -> list[dict[str, object]]:
         return [
@@ -200,9 +208,20 @@ def test_peer_accepting_only_explicit_vr_little_endian_receives_decoded_pixels(
 
 
 def test_peer_accepting_compressed_syntaxes_receives_them_as_stored(
-    move_server: DimseServer, archive: Archive, peers: Peers, tmp_path: Path
+    move_server: DimseServer,
+    archive: Archive,
+    peers: Peers,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """Sent from the spooled file, never parsed: neither Hilum nor pynetdicom reads it."""
     study_uid, files = ingest_compressed(archive, tmp_path)
+
+    def parse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a file sent as stored was parsed")
+
+    monkeypatch.setattr(storage_scu, "read", parse)
+    monkeypatch.setattr(pynetdicom.association, "dcmread", parse)
     with storescp(tmp_path / "received", "STORESCP", peers.ports["STORESCP"], "+xa") as received:
         statuses = move(move_server, study_identifier(study_uid), "STORESCP")
         arrived = [pydicom.dcmread(p) for p in received.iterdir()]
@@ -212,6 +231,7 @@ def test_peer_accepting_compressed_syntaxes_receives_them_as_stored(
         original = pydicom.dcmread(files[str(ds.SOPInstanceUID)])
         assert ds.file_meta.TransferSyntaxUID == original.file_meta.TransferSyntaxUID
         assert data_set_differences(original, ds) == []
+    assert list(move_server.tmp_dir.glob("retrieve-*")) == []  # each spooled file is removed
 
 
 def test_partial_failure_ends_with_b000_and_the_failed_uids(
@@ -264,23 +284,108 @@ def test_destination_refusing_the_association_gives_a801(
     assert echo_works(move_server)
 
 
-@pytest.mark.parametrize(
-    "keys",
-    [{"StudyInstanceUID": STUDIES[0].uid}, {"QueryRetrieveLevel": "STUDY",
-                                            "StudyInstanceUID": "1.2.*"}],
-    ids=["missing-level", "bad-uid"],
-)  # fmt: skip
-def test_malformed_identifier_is_refused_with_a900(
-    move_server: DimseServer, archive: Archive, peers: Peers, tmp_path: Path, keys: dict
+@pytest.mark.parametrize(("model", "keys"), REFUSED_RETRIEVES.values(), ids=REFUSED_RETRIEVES)
+def test_identifier_without_a_usable_unique_key_is_refused_with_a900(
+    move_server: DimseServer, archive: Archive, peers: Peers, tmp_path: Path, model: str, keys: dict
 ) -> None:
-    identifier = Dataset()
-    for keyword, value in keys.items():
-        setattr(identifier, keyword, value)
+    """PS3.4 C.4.2.2.1: nothing is sent, whatever the archive holds."""
+    seed_archive(archive, tmp_path / "sent")
+    with storescp(tmp_path / "received", "STORESCP", peers.ports["STORESCP"], "+xa") as received:
+        statuses = move(move_server, identifier_of(keys), "STORESCP", MOVE_MODELS[model])
+        assert not list(received.iterdir())
+    assert [int(s.Status) for s in statuses] == [0xA900] and statuses[-1].ErrorComment
+    # pynetdicom counts the refusal as the one sub-operation announced before it
+    # (docs/conformance.md, C-MOVE refusals).
+    final = statuses[-1]
+    assert (final.NumberOfCompletedSuboperations, final.NumberOfFailedSuboperations) == (0, 1)
+    assert echo_works(move_server)
+
+
+def test_refusal_to_an_unreachable_destination_is_answered_a801(
+    move_server: DimseServer, peers: Peers
+) -> None:
+    """pynetdicom associates with the destination before it sends the handler's refusal; when
+    nothing listens there, the SCU gets 0xA801 instead of 0xA900 (docs/conformance.md)."""
+    statuses = move(move_server, identifier_of({"QueryRetrieveLevel": "STUDY"}), "DOWN")
+    assert [int(s.Status) for s in statuses] == [0xA801]
+    assert echo_works(move_server)
+
+
+def test_keys_other_than_unique_keys_are_not_matched(
+    move_server: DimseServer, archive: Archive, peers: Peers, tmp_path: Path
+) -> None:
+    """PS3.4 C.4.2.2.1: only unique keys select what a retrieve sends."""
+    seed_archive(archive, tmp_path / "sent")
+    study = STUDIES[0]
+    identifier = study_identifier(study.uid)
+    identifier.PatientName = "NOBODY^ELSE"
+    identifier.AccessionNumber = "NO-SUCH-ACC"
+    identifier.Modality = "XA"
     with storescp(tmp_path / "received", "STORESCP", peers.ports["STORESCP"], "+xa") as received:
         statuses = move(move_server, identifier, "STORESCP")
-        assert not list(received.iterdir())
-    assert int(statuses[-1].Status) == 0xA900 and statuses[-1].ErrorComment
-    assert echo_works(move_server)
+        arrived = {str(pydicom.dcmread(p).SOPInstanceUID) for p in received.iterdir()}
+    assert arrived == {uid for series in study.series for uid in series.instances}
+    assert statuses[-1].Status == 0x0000
+
+
+def test_unique_key_above_the_retrieve_level_is_matched(
+    move_server: DimseServer, archive: Archive, peers: Peers, tmp_path: Path
+) -> None:
+    """Patient Root, STUDY level: the study of PAT-1 asked under PAT-2's ID matches nothing."""
+    seed_archive(archive, tmp_path / "sent")
+    identifier = study_identifier(STUDIES[0].uid)
+    identifier.PatientID = STUDIES[2].patient.patient_id
+    statuses = move(move_server, identifier, "STORESCP", MOVE_MODELS["PATIENT_ROOT"])
+    assert [int(s.Status) for s in statuses] == [0x0000]
+    assert statuses[-1].NumberOfCompletedSuboperations == 0
+
+
+def test_instances_ingested_or_deleted_during_a_move(
+    move_server: DimseServer, archive: Archive, peers: Peers, tmp_path: Path
+) -> None:
+    """The instances counted are those sent: one ingested meanwhile is not sent, one whose
+    blob was deleted meanwhile is a failed sub-operation in the Failed SOP Instance UID List."""
+    seed_archive(archive, tmp_path / "sent")
+    study = STUDIES[0]
+    peer = PynetdicomPeer(peers.ports["SLOW"], sop_classes_of(list((tmp_path / "sent").iterdir())),
+                          [ExplicitVRLittleEndian])  # fmt: skip
+    peer.release.clear()
+    deleted = study.series[1].instances[0]
+    outcome: list[str] = []
+
+    def change_the_study() -> None:
+        assert peer.first_received.wait(30)
+        located = locate_instances(archive, image_query(deleted))
+        archive.blobs.delete(next(located).blob_key)
+        located.close()
+        outcome.append(ingest_new_instance(archive, study, tmp_path / "new"))
+        peer.release.set()
+
+    changer = threading.Thread(target=change_the_study)
+    changer.start()
+    ae = AE(ae_title="MOVESCU")
+    ae.add_requested_context(MOVE)
+    assoc = qr_associate(move_server, ae)
+    try:
+        responses = list(assoc.send_c_move(study_identifier(study.uid), "SLOW", MOVE))
+    finally:
+        assoc.release()
+        changer.join()
+        peer.release.set()
+        peer.stop()
+    status, identifier = responses[-1]
+    assert status.Status == 0xB000
+    assert status.NumberOfFailedSuboperations == 1
+    assert status.NumberOfCompletedSuboperations == study.instance_count - 1
+    failed = identifier.FailedSOPInstanceUIDList
+    assert ([failed] if isinstance(failed, str) else list(failed)) == [deleted]
+    received = {str(ds.SOPInstanceUID) for ds in peer.received}
+    assert received == {uid for series in study.series for uid in series.instances} - {deleted}
+    assert outcome and outcome[0] not in received
+
+
+def image_query(sop_instance_uid: str) -> Query:
+    return Query(level=QueryLevel.IMAGE, matching={"SOPInstanceUID": sop_instance_uid})
 
 
 def test_c_cancel_stops_a_move(
