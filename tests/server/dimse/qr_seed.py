@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import subprocess
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,13 +16,12 @@ from pydicom.dataset import Dataset
 from pydicom.uid import CTImageStorage, MRImageStorage, generate_uid
 from pynetdicom import AE
 from pynetdicom.association import Association
-from sqlalchemy import create_engine, text
 
 from config import Settings
 from server.dimse.ae import DimseServer
 from storage.archive import Archive, open_archive
 from storage.ingest import ingest_file
-from tests.conftest import POSTGRES_ADMIN_URL, free_port, make_settings, s3_blob_url
+from tests.conftest import free_port, make_settings, postgres_database, s3_blob_url
 from tests.factories import ct_instance, write_part10
 
 FIND_SCU = "/usr/bin/findscu"
@@ -140,21 +138,6 @@ class SeededServer:
     archive: Archive
     files: dict[str, Path]
     settings: Settings
-
-
-@contextlib.contextmanager
-def postgres_database() -> Iterator[str]:
-    name = f"hilum_test_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    base, _, _ = POSTGRES_ADMIN_URL.rpartition("/")
-    try:
-        yield f"{base}/{name}"
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 @contextlib.contextmanager
