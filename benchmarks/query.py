@@ -79,6 +79,8 @@ def timed_find(assoc: object, query: Dataset) -> tuple[float, int]:
     start = time.perf_counter()
     matches = 0
     for status, _ in assoc.send_c_find(query, FIND):  # type: ignore[attr-defined]
+        if "Status" not in status:
+            raise SystemExit("the C-FIND got no answer: the association was aborted")
         if status.Status == 0xFF00:
             matches += 1
     return time.perf_counter() - start, matches

@@ -90,6 +90,9 @@ class DimseServer:
         # C-MOVE and C-GET sub-operations send a stored file from its path in PDU-sized chunks
         # when the peer accepts its transfer syntax (server.dimse.storage_scu).
         _config.STORE_SEND_CHUNKED_DATASET = True
+        # pynetdicom formats every C-FIND response identifier for its debug log even when that
+        # log is off: a third of the cost of each pending response. Hilum logs its own summary.
+        _config.LOG_RESPONSE_IDENTIFIERS = False
         tempfile.tempdir = str(self.tmp_dir)
         self.remove_stale_temporary_files(STALE_TEMPORARY_FILE_AGE_S)
         handlers = [

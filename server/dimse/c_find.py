@@ -24,6 +24,7 @@ from server.dimse.statuses import (
     status_dataset,
     status_for,
 )
+from server.dimse.transport import keep_alive
 from storage.archive import Archive
 from storage.errors import StorageError
 from storage.query import search
@@ -96,3 +97,4 @@ def _wait_for_peer(event: Event) -> None:
     queue = assoc.dul.to_provider_queue
     while queue.qsize() > MAX_QUEUED_RESPONSES and assoc.is_established:
         time.sleep(0.005)
+    keep_alive(assoc)

@@ -33,6 +33,7 @@ from pynetdicom.presentation import PresentationContext, build_context
 
 from server.dimse.retrieve import RetrievePlan
 from server.dimse.statuses import CANCEL, PENDING
+from server.dimse.transport import keep_alive
 from storage.archive import Archive
 from storage.errors import StorageError
 from storage.query import StoredInstance
@@ -132,6 +133,7 @@ def sub_operations(
                 error,
             )
             dataset = unsendable(stored)
+        keep_alive(assoc)
         try:
             yield PENDING, dataset  # pynetdicom performs the C-STORE before resuming here
         finally:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 
 from pynetdicom import evt
+from pynetdicom.association import Association
 
 
 def disable_nagle(event: evt.Event) -> None:
@@ -18,3 +19,16 @@ def disable_nagle(event: evt.Event) -> None:
     sock = event.assoc.dul.socket.socket if event.assoc.dul.socket else None
     if sock is not None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def keep_alive(assoc: Association) -> None:
+    """Mark ``assoc`` busy while Hilum sends on it (C-FIND responses, C-MOVE / C-GET
+    sub-operations).
+
+    pynetdicom's idle timer (``[dimse] network_timeout_s``) counts from the last PDU received,
+    and is checked once the request is answered: a C-FIND or C-MOVE that took the SCP longer
+    than the timeout to answer would have its association aborted right after the answer.
+    """
+    idle_timer = getattr(assoc.dul, "_idle_timer", None)  # pynetdicom 3: DUL's ARTIM-like timer
+    if idle_timer is not None:
+        idle_timer.restart()

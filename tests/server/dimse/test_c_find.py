@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -27,9 +28,9 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 
 from server.dimse.ae import DimseServer
-from storage.archive import Archive
+from storage.archive import Archive, open_archive
 from storage.index.models import Patient, Study
-from tests.conftest import BACKENDS
+from tests.conftest import BACKENDS, make_settings
 from tests.server.dimse.qr_seed import (
     FIND_SCU,
     PATIENTS,
@@ -372,9 +373,8 @@ def test_malformed_identifier_is_refused(
 MANY = 3000
 
 
-def test_c_cancel_stops_a_long_find(dimse_server: DimseServer, archive: Archive) -> None:
-    """3000 studies of one patient; C-CANCEL after the first match ends the stream."""
-    patient_id = "PAT-MANY"
+def _seed_many_studies(archive: Archive, patient_id: str) -> None:
+    """MANY studies of one patient, written straight into the index."""
     with archive.index.write() as session:
         patient = Patient(
             partition=archive.partition, patient_id=patient_id, patient_name="MANY^STUDIES",
@@ -393,6 +393,12 @@ def test_c_cancel_stops_a_long_find(dimse_server: DimseServer, archive: Archive)
             )  # fmt: skip
             for i in range(MANY)
         )
+
+
+def test_c_cancel_stops_a_long_find(dimse_server: DimseServer, archive: Archive) -> None:
+    """3000 studies of one patient; C-CANCEL after the first match ends the stream."""
+    patient_id = "PAT-MANY"
+    _seed_many_studies(archive, patient_id)
     ds = Dataset()
     ds.QueryRetrieveLevel = "STUDY"
     ds.PatientID = patient_id
@@ -414,3 +420,38 @@ def test_c_cancel_stops_a_long_find(dimse_server: DimseServer, archive: Archive)
     assert statuses[-1] == 0xFE00, statuses[-3:]
     assert set(statuses[:-1]) == {0xFF00} and len(statuses) - 1 < MANY
     assert echo_works(dimse_server)
+
+
+def test_find_longer_than_the_network_timeout_keeps_the_association(tmp_path: Path) -> None:
+    """A C-FIND that streams for longer than ``network_timeout_s`` is an association at work,
+    not an idle one: every match arrives, and the association still serves the next request
+    (pynetdicom counts idleness from the last PDU received, which was the request)."""
+    # Streaming MANY responses takes the SCP longer than this (about 1 ms each).
+    settings = make_settings(tmp_path, dimse={"network_timeout_s": 0.5})
+    archive = open_archive(settings, migrate=True)
+    _seed_many_studies(archive, "PAT-MANY")
+    server = DimseServer(settings, archive)
+    server.start()
+    ds = Dataset()
+    ds.QueryRetrieveLevel = "STUDY"
+    ds.PatientID = "PAT-MANY"
+    ds.StudyInstanceUID = ""
+    ae = AE()
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    assoc = qr_associate(server, ae)
+    try:
+        statuses = []
+        for status, _ in assoc.send_c_find(ds, StudyRootQueryRetrieveInformationModelFind):
+            statuses.append(int(status.Status) if "Status" in status else None)
+        time.sleep(0.2)  # the SCP's association thread is back in its loop, timer checked
+        ds.PatientID = "NOBODY"
+        responses = assoc.send_c_find(ds, StudyRootQueryRetrieveInformationModelFind)
+        second = [int(status.Status) for status, _ in responses if "Status" in status]
+        established = assoc.is_established
+        assoc.release()
+    finally:
+        server.stop()
+        archive.close()
+    assert statuses.count(0xFF00) == MANY
+    assert statuses[-1] == 0x0000
+    assert established and second == [0x0000]

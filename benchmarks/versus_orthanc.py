@@ -1,24 +1,31 @@
-"""C-FIND and QIDO-RS latency: Hilum beside Orthanc, on the same instances, in the same run.
+"""Hilum beside Orthanc on the same instances, in the same run: C-FIND, QIDO-RS, STOW-RS,
+WADO-RS metadata and WADO-RS frames.
 
-What is measured: the same synthetic studies (real DICOM files: tiny 8x8 images, three series
-per study, two instances per series; patient names, dates, accession numbers and modalities
-drawn as in ``benchmarks/synthetic_index.py``) are stored in Hilum's embedded default (SQLite +
-files, through the ingest path) and in Orthanc 1.10 (Debian's package, its defaults, through
-its REST API). Then, for each study-level query of the issue (PatientName prefix wild card,
-PatientID, a one-month StudyDate range, ModalitiesInStudy=CT, AccessionNumber):
+Both servers run on this machine at the same time, each in its own process: Hilum as
+``hilum serve`` on its embedded default (SQLite + files; DICOMweb on werkzeug's threaded server),
+Orthanc 1.10 with its defaults and the DICOMweb plugin (Debian's ``orthanc`` and
+``orthanc-dicomweb``; without them the script says so and stops). The clients run in this
+process: pynetdicom with TCP_NODELAY for C-FIND, ``requests`` for DICOMweb.
 
-* C-FIND (Study Root, STUDY level, the usual return keys) over one pynetdicom association per
-  server, p50 / p95 from request to final response;
-* QIDO-RS ``GET .../studies?...`` (Hilum: ``hilum serve`` in its own process, werkzeug's
-  threaded server; Orthanc: its DICOMweb plugin), p50 / p95 until the whole body is read.
+1. Queries. The same synthetic studies (real DICOM files: tiny 8x8 images, three series per
+   study, two instances per series; patient names, dates, accession numbers and modalities drawn
+   as in ``benchmarks/synthetic_index.py``) are stored in Hilum through the ingest path and in
+   Orthanc through its REST API. For each study-level query of the issues (PatientName prefix
+   wild card, PatientID, a one-month StudyDate range, ModalitiesInStudy=CT, AccessionNumber):
+   C-FIND (Study Root, STUDY level, the usual return keys, one association per server) and
+   QIDO-RS ``/studies``, p50 / p95 until the last response / the whole body. Match counts are
+   printed for both servers, so a difference in what was matched is visible.
+2. STOW-RS: a 1 000-instance CT series (64x64) in requests of 50 instances; instances/s.
+3. WADO-RS metadata of that series; p50 / p95.
+4. WADO-RS frames of a 256-frame JPEG whole-slide image stored with STOW-RS: random frames,
+   ``Accept: multipart/related; type="application/octet-stream"; transfer-syntax=*``
+   (the stored JPEG bytes); p50 / p95.
 
-Both servers run on this machine at the same time (2 cores); the client runs in this process.
-Each query's match count is printed for both servers, so a difference in what was matched is
-visible. Orthanc has to be installed (``apt-get install orthanc orthanc-dicomweb``); nothing is
-asserted. This is a smaller index than ``benchmarks/query.py`` uses (Orthanc ingests through
-C-STORE/REST only, so 1 M instances would take hours): the ratio is the figure of interest.
+A smaller index than ``benchmarks/query.py`` / ``benchmarks/dicomweb.py`` use: Orthanc ingests
+through C-STORE/REST only, so 1 M instances would take hours; the ratios are the figures of
+interest. Nothing is asserted.
 
-    .venv/bin/python benchmarks/query_orthanc.py [--studies 2000] [--repeat 20]
+    .venv/bin/python benchmarks/versus_orthanc.py [--studies 2000] [--repeat 20]
 """
 
 from __future__ import annotations
@@ -27,7 +34,6 @@ import argparse
 import datetime
 import io
 import random
-import statistics
 import sys
 import tempfile
 import time
@@ -47,6 +53,13 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from benchmarks.dicomweb import (  # noqa: E402
+    BOUNDARY,
+    STOW_BATCH,
+    part10,
+    percentiles,
+    stow_body,
+)
 from benchmarks.orthanc import RunningOrthanc, orthanc_installed, running_orthanc  # noqa: E402
 from benchmarks.processes import accepts_tcp, free_port, progress, running  # noqa: E402
 from benchmarks.synthetic_index import GIVEN, MODALITIES, SURNAMES  # noqa: E402
@@ -54,6 +67,8 @@ from config import load_settings  # noqa: E402
 from server.dimse.transport import disable_nagle  # noqa: E402
 from storage.archive import open_archive  # noqa: E402
 from storage.ingest import ingest_file  # noqa: E402
+from tests.factories import ct_instance  # noqa: E402
+from tests.server.dicomweb.test_wsi_frames import jpeg_tile, whole_slide_image  # noqa: E402
 
 RETURN_KEYS = (
     "PatientName", "PatientID", "StudyInstanceUID", "StudyDate", "AccessionNumber",
@@ -101,18 +116,13 @@ def synthetic_instances(studies: int, seed: int = 0) -> Iterator[bytes]:
                 yield buffer.getvalue()
 
 
-def percentiles(samples: list[float]) -> tuple[float, float]:
-    samples = sorted(samples)
-    return statistics.median(samples), samples[min(len(samples) - 1, int(len(samples) * 0.95))]
-
-
 def timed(run: Callable[[], int], repeat: int) -> tuple[float, float, int]:
     run()  # warm the caches once
     samples, matches = [], 0
     for _ in range(repeat):
         start = time.perf_counter()
         matches = run()
-        samples.append((time.perf_counter() - start) * 1000)
+        samples.append(time.perf_counter() - start)
     p50, p95 = percentiles(samples)
     return p50, p95, matches
 
@@ -196,6 +206,7 @@ def main() -> int:
         command = [str(REPO / ".venv" / "bin" / "hilum"), "serve"]
         with running(command, work / "hilum.log", accepts_tcp(http_port), env=env):
             compare(args, orthanc, dimse_port, http_port, stored)
+            transactions(args, f"http://127.0.0.1:{http_port}/dicomweb", f"{orthanc.url}/dicom-web")
     return 0
 
 
@@ -237,6 +248,63 @@ def compare(args: argparse.Namespace, orthanc: RunningOrthanc, dimse_port: int,
             )
     hilum_assoc.release()  # type: ignore[attr-defined]
     orthanc_assoc.release()  # type: ignore[attr-defined]
+
+
+def transactions(args: argparse.Namespace, hilum: str, orthanc: str) -> None:
+    """STOW-RS, WADO-RS metadata and WADO-RS frames, the same requests to both servers."""
+    import requests
+
+    study, series = "1.2.826.0.1.3680043.10.1337.8.1", "1.2.826.0.1.3680043.10.1337.8.2"
+    parts = [
+        part10(ct_instance(study, series, f"{series}.{n}", seed=n, size=64)) for n in range(1000)
+    ]
+    slide = whole_slide_image([jpeg_tile(n % 12) for n in range(256)])
+    content_type = f'multipart/related; type="application/dicom"; boundary={BOUNDARY}'
+    frame_accept = 'multipart/related; type="application/octet-stream"; transfer-syntax=*'
+    rng = random.Random(0)
+    frames = [rng.randint(1, 256) for _ in range(max(50, args.repeat))]
+    print("\n| transaction | Hilum | Orthanc | ratio |\n|---|---|---|---|")
+    figures: dict[str, list[str]] = {}
+    for name, base in (("Hilum", hilum), ("Orthanc", orthanc)):
+        with requests.Session() as session:
+            started = time.perf_counter()
+            for first in range(0, len(parts), STOW_BATCH):
+                body = stow_body(parts[first : first + STOW_BATCH])
+                response = session.post(
+                    f"{base}/studies", data=body, headers={"Content-Type": content_type}
+                )
+                response.raise_for_status()
+            rate = len(parts) / (time.perf_counter() - started)
+            session.post(
+                f"{base}/studies", data=stow_body([part10(slide)]),
+                headers={"Content-Type": content_type},
+            ).raise_for_status()  # fmt: skip
+
+            def get(url: str, accept: str) -> float:
+                started = time.perf_counter()
+                response = session.get(url, headers={"Accept": accept})  # noqa: B023
+                response.raise_for_status()
+                return time.perf_counter() - started
+
+            metadata = [
+                get(f"{base}/studies/{study}/series/{series}/metadata", "application/dicom+json")
+                for _ in range(args.repeat)
+            ]
+            instance = (
+                f"{base}/studies/{slide.StudyInstanceUID}/series/{slide.SeriesInstanceUID}"
+                f"/instances/{slide.SOPInstanceUID}"
+            )
+            frame = [get(f"{instance}/frames/{n}", frame_accept) for n in frames]
+        figures[name] = [f"{rate:.0f} inst/s", *(
+            "{:.1f} / {:.1f} ms".format(*percentiles(samples)) for samples in (metadata, frame)
+        )]  # fmt: skip
+    rows = ["STOW-RS, 1 000 CT 64x64, 50 per request", "WADO-RS series metadata, 1 000 "
+            "instances, p50 / p95", "WADO-RS frame of a 256-frame JPEG WSI, p50 / p95"]  # fmt: skip
+    pairs = zip(rows, figures["Hilum"], figures["Orthanc"], strict=True)
+    for row, hilum_figure, orthanc_figure in pairs:
+        h, o = float(hilum_figure.split()[0]), float(orthanc_figure.split()[0])
+        ratio = h / o if row.startswith("STOW") else o / h
+        print(f"| {row} | {hilum_figure} | {orthanc_figure} | {ratio:.2f} |", flush=True)
 
 
 if __name__ == "__main__":
