@@ -191,10 +191,12 @@ class RetrieveTransaction:
         with self.spool.copy_of(self.archive, instance.blob_key) as copy:
             ds = pydicom.dcmread(copy)
             try:
+                # The SOP Instance UID is kept: only the encoding changes (PS3.18 8.7.3.5 and
+                # PS3.5 8.2; pydicom would generate a new UID by default).
                 if ds.file_meta.TransferSyntaxUID.is_encapsulated and "PixelData" in ds:
-                    ds.decompress()
+                    ds.decompress(generate_instance_uid=False)
                 if UID(syntax).is_encapsulated and "PixelData" in ds:
-                    ds.compress(syntax)
+                    ds.compress(syntax, generate_instance_uid=False)
                 else:
                     ds.file_meta.TransferSyntaxUID = syntax
                 out = BytesIO()

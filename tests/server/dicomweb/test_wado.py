@@ -91,6 +91,9 @@ def test_transfer_syntax_negotiation(
     j2k = client.retrieve_instance(*args, media_types=(("application/dicom", JPEG2000Lossless),))
     assert j2k.file_meta.TransferSyntaxUID == JPEG2000Lossless
     assert np.array_equal(j2k.pixel_array, ds.pixel_array)
+    # Another encoding of the same instance, not a new instance.
+    assert j2k.SOPInstanceUID == ds.SOPInstanceUID
+    assert j2k.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
 
     # JPEG Baseline is lossy: Hilum does not encode it, so nothing acceptable is left.
     response = requests.get(
