@@ -34,7 +34,7 @@ from storage.archive import Archive
 from storage.delete import delete_instance
 from storage.errors import Conflict, NotFound, StorageError
 from storage.index.models import InferenceJob
-from storage.query import Query, QueryLevel, locate_instances
+from storage.query import entity_query, locate_instances
 
 log = logging.getLogger(__name__)
 
@@ -321,13 +321,7 @@ class JobQueue:
         deleted is logged, as the job's state is already recorded."""
         if not sop_instance_uids:
             return
-        query = Query(
-            QueryLevel.IMAGE,
-            {
-                "StudyInstanceUID": study_instance_uid,
-                "SOPInstanceUID": "\\".join(sop_instance_uids),
-            },
-        )
+        query = entity_query(study_instance_uid, instances=sop_instance_uids)
         try:
             for stored in list(locate_instances(self.archive, query)):
                 try:

@@ -21,7 +21,7 @@ from pydicom.pixels import apply_rescale, get_decoder, iter_pixels
 
 from inference.errors import AnalysisError, DecoderUnavailable
 from storage.archive import Archive
-from storage.query import Query, QueryLevel, locate_instances
+from storage.query import entity_query, locate_instances
 
 # PS3.3 C.8.12.4.1.1: Image Type value 3 of the WSI images a model may analyse.
 _WSI_IMAGE_TYPES = {"VOLUME"}
@@ -35,13 +35,7 @@ def read_series(
 ) -> list[Dataset]:
     """The series' image instances (restricted to ``sop_class_uids`` when given), each parsed
     with its pixel data still encoded."""
-    query = Query(
-        level=QueryLevel.SERIES,
-        matching={
-            "StudyInstanceUID": study_instance_uid,
-            "SeriesInstanceUID": series_instance_uid,
-        },
-    )
+    query = entity_query(study_instance_uid, series_instance_uid)
     datasets = []
     for stored in locate_instances(archive, query):
         if sop_class_uids and stored.sop_class_uid not in sop_class_uids:

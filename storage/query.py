@@ -232,6 +232,19 @@ _DATE = re.compile(r"^\d{8}$")
 _TIME = re.compile(r"^\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?$")
 
 
+def entity_query(study: str, series: str | None = None, instances: Sequence[str] = ()) -> Query:
+    """The query naming one study, one of its series, or instances (one or a list) by UID."""
+    matching = {"StudyInstanceUID": study}
+    level = QueryLevel.STUDY
+    if series is not None:
+        matching["SeriesInstanceUID"] = series
+        level = QueryLevel.SERIES
+    if instances:
+        matching["SOPInstanceUID"] = "\\".join(instances)
+        level = QueryLevel.IMAGE
+    return Query(level=level, matching=matching)
+
+
 def search(archive: Archive, query: Query) -> Iterator[dict[str, Any]]:
     """Yield one dict per matching entity: keyword -> value.
 
@@ -472,6 +485,7 @@ def _string(
 
 __all__ = [
     "QUERY_KEYS",
+    "entity_query",
     "UNIQUE_KEYS",
     "InformationModel",
     "InvalidQuery",

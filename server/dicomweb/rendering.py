@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import io
 import re
-from dataclasses import dataclass, replace
-from itertools import islice
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -19,8 +18,8 @@ from server.dicomweb.media_types import NotAcceptable, matches, parse_accept
 from server.dicomweb.spool import Spool
 from server.dicomweb.wado import located, one_instance
 from storage.archive import Archive
-from storage.errors import InvalidQuery, NotFound
-from storage.query import Query, QueryLevel, StoredInstance, search
+from storage.errors import InvalidQuery
+from storage.query import StoredInstance
 
 RENDERED_TYPES = ("image/jpeg", "image/png")
 THUMBNAIL_VIEWPORT = (128, 128)
@@ -163,30 +162,10 @@ class RenderedTransaction:
 
     def _representative(self, study: str, series: str | None = None) -> StoredInstance:
         # The middle instance of the series (or of the study): a typical slice, not the edge.
-        # Count first, then walk the light rows (no metadata, no frame ranges) to the middle
-        # one in instance order, and locate only that one in full.
-        if series is None:
-            query = Query(QueryLevel.STUDY, {"StudyInstanceUID": study})
-            count_key = "NumberOfStudyRelatedInstances"
-        else:
-            query = Query(
-                QueryLevel.SERIES, {"StudyInstanceUID": study, "SeriesInstanceUID": series}
-            )
-            count_key = "NumberOfSeriesRelatedInstances"
-        query = replace(query, return_keys=[count_key])
-        rows = search(self.archive, query)
-        try:
-            row = next(rows, None)
-        finally:
-            rows.close()
-        count = int((row or {}).get(count_key) or 0)
-        found = located(self.archive, study, series)
-        try:
-            middle = next(islice(found, count // 2, None), None)
-        finally:
-            found.close()  # type: ignore[attr-defined]
-        if middle is None:
-            raise NotFound(f"no stored instance under {series or study}")
+        # The light rows (no metadata, no frame ranges) are few bytes each; only the chosen one
+        # is then located in full.
+        rows = list(located(self.archive, study, series))
+        middle = rows[len(rows) // 2]  # located() raised NotFound when there is none
         return self._instance(study, middle.series_instance_uid, middle.sop_instance_uid)
 
     def retrieve_instance_rendered(self, study: str, series: str, instance: str) -> Response:

@@ -35,22 +35,10 @@ from server.dicomweb.spool import Spool
 from storage.archive import Archive
 from storage.dicom_file import PIXEL_DATA
 from storage.errors import InvalidQuery, NotFound
-from storage.query import Query, QueryLevel, StoredInstance, locate_instances
+from storage.query import StoredInstance, entity_query, locate_instances
 
 log = logging.getLogger(__name__)
 _CHUNK = 1 << 20
-
-
-def instances_query(study: str, series: str | None = None, instance: str | None = None) -> Query:
-    matching = {"StudyInstanceUID": study}
-    level = QueryLevel.STUDY
-    if series is not None:
-        matching["SeriesInstanceUID"] = series
-        level = QueryLevel.SERIES
-    if instance is not None:
-        matching["SOPInstanceUID"] = instance
-        level = QueryLevel.IMAGE
-    return Query(level=level, matching=matching)
 
 
 def located(
@@ -65,7 +53,7 @@ def located(
     """The stored instances under the URL's entity; :class:`NotFound` at once when there are
     none (the query runs here, before any response starts). Frame ranges (large for a
     whole-slide image) only where frames are read."""
-    query = instances_query(study, series, instance)
+    query = entity_query(study, series, [instance] if instance else ())
     found = locate_instances(
         archive, query, with_metadata=with_metadata, with_frame_ranges=with_frame_ranges
     )

@@ -164,7 +164,10 @@ def spool(archive: Archive, stored: StoredInstance, spool_dir: Path) -> Path:
     """Copy the stored file from the blob stream into a temporary file (the caller removes
     it); raise NotFound when the blob is gone, StorageUnavailable when unreadable."""
     with tempfile.NamedTemporaryFile(
-        dir=spool_dir, prefix="tmp", suffix=".dcm", delete=False  # the janitor's pattern
+        dir=spool_dir,
+        prefix="tmp",
+        suffix=".dcm",
+        delete=False,  # the janitor's pattern
     ) as spooled:
         path = Path(spooled.name)
         try:
