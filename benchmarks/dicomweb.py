@@ -13,7 +13,7 @@ What is measured (over HTTP on loopback, the app on werkzeug's threaded server i
   a 256-frame JPEG whole-slide image, random single frames; p50 and p95.
 
 Hilum only: Orthanc cannot be loaded with 1 M instances in a benchmark's time, so
-``benchmarks/query_orthanc.py`` compares QIDO-RS (and C-FIND) with Orthanc's DICOMweb plugin on
+``benchmarks/versus_orthanc.py`` compares every transaction here with Orthanc's DICOMweb plugin on
 a smaller index holding the same instances in both. Figures go to stdout, progress to
 stderr.
 
