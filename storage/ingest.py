@@ -67,9 +67,19 @@ class Origin:
     announced_sop_instance_uid: str | None = None
 
 
-def ingest_file(archive: Archive, path: Path, origin: Origin = Origin()) -> IngestResult:
-    """Store the DICOM Part 10 file at ``path`` (which the caller keeps and removes)."""
-    header = read_instance_header(path)
+def ingest_file(
+    archive: Archive,
+    path: Path,
+    origin: Origin = Origin(),
+    *,
+    header: InstanceHeader | None = None,
+) -> IngestResult:
+    """Store the DICOM Part 10 file at ``path`` (which the caller keeps and removes).
+
+    ``header`` is the caller's own :func:`read_instance_header` of the same file, when it had
+    to read it first (STOW-RS checks the Study Instance UID of each part): not parsed twice.
+    """
+    header = header or read_instance_header(path)
     _check_announced(header, origin)
     if not is_storage_sop_class(header.sop_class_uid):
         raise InvalidInstance(f"SOP Class {header.sop_class_uid} is not a storage SOP class")

@@ -159,7 +159,7 @@ class StoreTransaction:
             if study is not None and header.study_instance_uid != study:
                 failed.append(_failed(sop_class, sop_instance, STUDY_INSTANCE_UID_MISMATCH))
                 return
-            result = ingest_file(self.archive, path, Origin())
+            result = ingest_file(self.archive, path, Origin(), header=header)
         except StorageError as error:
             log.info("STOW-RS part %s refused: %s", sop_instance or "(unparsed)", error)
             failed.append(_failed(sop_class, sop_instance, failure_reason_for(error)))
