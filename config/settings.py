@@ -40,6 +40,9 @@ class _Section(BaseModel):
 class ServerSettings(_Section):
     host: str = "127.0.0.1"
     data_dir: Path = Path("./hilum-data")
+    # Largest instance (stored file or decoded pixel data) given in another transfer syntax than
+    # stored, by C-MOVE / C-GET and WADO-RS / WADO-URI: transcoding decodes it in memory.
+    transcode_max_bytes: int = Field(512 * 1024**2, ge=0)
 
     @property
     def is_loopback(self) -> bool:
@@ -114,9 +117,6 @@ class HttpSettings(_Section):
     # `hilum web`: gunicorn worker processes and threads per worker.
     workers: int = Field(4, ge=1)
     threads: int = Field(8, ge=1)
-    # Largest stored instance (bytes) that WADO-RS / WADO-URI transcode to another transfer
-    # syntax: transcoding decodes the whole instance in memory. Larger ones: 406, as stored only.
-    transcode_max_bytes: int = Field(512 * 1024**2, ge=0)
     # DELETE of studies, series and instances over DICOMweb. There is no authentication in
     # front of the API, so it is off unless asked for; refused with 403 when off.
     allow_delete: bool = False

@@ -15,7 +15,6 @@ from typing import Any
 
 import pydicom
 from flask import Blueprint, Response, request, stream_with_context
-from pydicom.uid import UID
 
 from config import Settings
 from server.dicomweb import urls
@@ -32,6 +31,7 @@ from server.dicomweb.media_types import (
 )
 from server.dicomweb.multipart import OutgoingPart, new_boundary, write_parts
 from server.dicomweb.spool import Spool
+from server.transcoding import TranscodingRefused, check_size, transcode
 from storage.archive import Archive
 from storage.dicom_file import PIXEL_DATA
 from storage.errors import InvalidQuery, NotFound
@@ -125,7 +125,7 @@ class RetrieveTransaction:
         self.archive = archive
         self.spool = Spool(settings.server.data_dir)
         self.frames = FrameReader(archive, self.spool)
-        self.transcode_max_bytes = settings.http.transcode_max_bytes
+        self.transcode_max_bytes = settings.server.transcode_max_bytes
 
     # -- instances ----------------------------------------------------------------------------
 
@@ -161,12 +161,6 @@ class RetrieveTransaction:
         """The Part 10 file in ``syntax``: streamed as stored, or transcoded now (in memory),
         so that a transcoding failure is known before the part starts."""
         if syntax != instance.transfer_syntax_uid:
-            if instance.size > self.transcode_max_bytes:
-                raise NotAcceptable(
-                    f"instance {instance.sop_instance_uid} ({instance.size} bytes) is larger "
-                    f"than http.transcode_max_bytes ({self.transcode_max_bytes}); it is "
-                    f"available as stored ({instance.transfer_syntax_uid}) only"
-                )
             return [self._transcoded(instance, syntax)]
         return self._stored_bytes(instance)
 
@@ -177,23 +171,18 @@ class RetrieveTransaction:
 
     def _transcoded(self, instance: StoredInstance, syntax: str) -> bytes:
         with self.spool.copy_of(self.archive, instance.blob_key) as copy:
-            ds = pydicom.dcmread(copy)
             try:
-                # The SOP Instance UID is kept: only the encoding changes (PS3.18 8.7.3.5 and
-                # PS3.5 8.2; pydicom would generate a new UID by default).
-                if ds.file_meta.TransferSyntaxUID.is_encapsulated and "PixelData" in ds:
-                    ds.decompress(generate_instance_uid=False)
-                if UID(syntax).is_encapsulated and "PixelData" in ds:
-                    ds.compress(syntax, generate_instance_uid=False)
-                else:
-                    ds.file_meta.TransferSyntaxUID = syntax
+                check_size(
+                    instance.size,
+                    pydicom.dcmread(copy, stop_before_pixels=True),
+                    self.transcode_max_bytes,
+                )
+                copy.seek(0)
+                ds = transcode(pydicom.dcmread(copy), syntax)
                 out = BytesIO()
                 ds.save_as(out, enforce_file_format=True)
-            except (RuntimeError, ValueError, NotImplementedError, AttributeError) as error:
-                raise NotAcceptable(
-                    f"instance {instance.sop_instance_uid} cannot be transcoded to {syntax}: "
-                    f"{error}"
-                ) from error
+            except TranscodingRefused as refused:
+                raise NotAcceptable(f"instance {instance.sop_instance_uid}: {refused}") from refused
             return out.getvalue()
 
     def retrieve_study(self, study: str) -> Response:

@@ -27,4 +27,11 @@ def handle_c_get(event: Event, archive: Archive, settings: Settings) -> Iterator
         yield refusal.status, None
         return
     yield plan.number_of_sub_operations
-    yield from sub_operations(event, archive, plan, None, settings.server.data_dir / "tmp")
+    yield from sub_operations(
+        event,
+        archive,
+        plan,
+        None,
+        settings.server.data_dir / "tmp",
+        settings.server.transcode_max_bytes,
+    )

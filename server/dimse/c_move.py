@@ -72,4 +72,6 @@ def handle_c_move(event: Event, archive: Archive, settings: Settings) -> Iterato
     yield plan.number_of_sub_operations
     # pynetdicom has associated with the destination (or answered 0xA801 and stopped here).
     spool_dir = settings.server.data_dir / "tmp"
-    yield from sub_operations(event, archive, plan, store_associations[0], spool_dir)
+    yield from sub_operations(
+        event, archive, plan, store_associations[0], spool_dir, settings.server.transcode_max_bytes
+    )

@@ -4,8 +4,8 @@ Each instance of the plan is copied from the blob store (a stream) into a tempor
 ``<data_dir>/tmp``. When the peer accepted its stored transfer syntax, pynetdicom sends that file
 as it is, in PDU-sized chunks, without parsing it. Otherwise it is read into memory and
 transcoded to an uncompressed syntax the peer accepted (explicit VR little endian preferred),
-decoding its pixel data with pydicom's plug-ins (pylibjpeg, openjpeg, RLE); an instance whose
-data set would take more than :data:`MAX_TRANSCODED_BYTES` in memory is not transcoded. When
+decoding its pixel data (:mod:`server.transcoding`); an instance larger than
+``[server] transcode_max_bytes`` is not transcoded. When
 neither works the sub-operation fails, with the reason logged, and its SOP Instance UID goes to
 the Failed SOP Instance UID List.
 """
@@ -23,7 +23,6 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import (
     UID,
-    DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
 )
@@ -34,6 +33,7 @@ from pynetdicom.presentation import PresentationContext, build_context
 from server.dimse.retrieve import RetrievePlan
 from server.dimse.statuses import CANCEL, PENDING
 from server.dimse.transport import keep_alive
+from server.transcoding import TranscodingRefused, check_size, transcode
 from storage.archive import Archive
 from storage.errors import StorageError
 from storage.query import StoredInstance
@@ -44,10 +44,6 @@ log = logging.getLogger(__name__)
 UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 # PS3.8 9.3.2.2: presentation context IDs are odd numbers 1-255, so at most 128 contexts.
 MAX_PRESENTATION_CONTEXTS = 128
-# An instance sent in another transfer syntax than stored is decoded and re-encoded in memory
-# (about twice its decoded size while pynetdicom encodes it); past this size, the stored file
-# size or the decoded pixel data, its sub-operation fails instead.
-MAX_TRANSCODED_BYTES = 512 << 20
 
 
 class SubOperationFailed(Exception):
@@ -109,6 +105,7 @@ def sub_operations(
     plan: RetrievePlan,
     peer: Association | None,
     spool_dir: Path,
+    transcode_max_bytes: int,
 ) -> Iterator[tuple[int, Dataset | None]]:
     """Yield pynetdicom's (status, data set) pairs: Pending with each instance of the plan, or
     Cancel when the SCU sent C-CANCEL (PS3.4 C.4.2.3.1, C.4.3.3.1)."""
@@ -123,7 +120,7 @@ def sub_operations(
         spooled = None
         try:
             spooled = spool(archive, stored, spool_dir)
-            dataset = dataset_for_peer(stored, spooled, store_assoc)
+            dataset = dataset_for_peer(stored, spooled, store_assoc, transcode_max_bytes)
         except (SubOperationFailed, StorageError, OSError) as error:
             log.warning(
                 "[%s] C-STORE sub-operation for %s to %s failed: %s",
@@ -179,7 +176,9 @@ def spool(archive: Archive, stored: StoredInstance, spool_dir: Path) -> Path:
     return path
 
 
-def dataset_for_peer(stored: StoredInstance, spooled: Path, assoc: Association) -> Dataset:
+def dataset_for_peer(
+    stored: StoredInstance, spooled: Path, assoc: Association, transcode_max_bytes: int
+) -> Dataset:
     """The spooled instance in a transfer syntax the peer accepted: as stored when it can (a
     :class:`SpooledFile`), transcoded in memory otherwise; raise SubOperationFailed."""
     accepted = accepted_syntaxes(assoc, stored.sop_class_uid)
@@ -194,27 +193,14 @@ def dataset_for_peer(stored: StoredInstance, spooled: Path, assoc: Association) 
             f"stored as {stored_syntax.name}; the peer accepts only "
             + ", ".join(UID(s).name for s in accepted)
         )
-    check_transcoding_size(stored, spooled)
-    dataset = read(spooled)
-    if stored_syntax in UNCOMPRESSED:
-        return dataset  # pynetdicom re-encodes it in the accepted little endian syntax
-    return transcoded(dataset, stored_syntax)
-
-
-def check_transcoding_size(stored: StoredInstance, spooled: Path) -> None:
-    """Raise SubOperationFailed when the data set is too large to transcode in memory."""
-    header = read(spooled, stop_before_pixels=True)
-    samples = int(header.get("SamplesPerPixel", 1) or 1)
-    bits = int(header.get("BitsAllocated", 8) or 8)
-    frames = int(header.get("NumberOfFrames", 1) or 1)
-    pixels = int(header.get("Rows", 0) or 0) * int(header.get("Columns", 0) or 0)
-    decoded = pixels * samples * frames * bits // 8
-    size = max(stored.size, decoded)
-    if size > MAX_TRANSCODED_BYTES:
-        raise SubOperationFailed(
-            f"{size >> 20} MiB to transcode in memory, over the {MAX_TRANSCODED_BYTES >> 20} MiB "
-            f"limit; the peer should accept {UID(stored.transfer_syntax_uid).name}"
-        )
+    try:
+        check_size(stored.size, read(spooled, stop_before_pixels=True), transcode_max_bytes)
+        dataset = read(spooled)
+        if stored_syntax in UNCOMPRESSED:
+            return dataset  # pynetdicom re-encodes it in the accepted little endian syntax
+        return transcode(dataset, ExplicitVRLittleEndian)
+    except TranscodingRefused as refused:
+        raise SubOperationFailed(str(refused)) from refused
 
 
 def read(path: Path, *, stop_before_pixels: bool = False) -> Dataset:
@@ -222,21 +208,3 @@ def read(path: Path, *, stop_before_pixels: bool = False) -> Dataset:
         return dcmread(path, stop_before_pixels=stop_before_pixels)
     except Exception as error:  # noqa: BLE001 (pydicom raises many kinds on a corrupt file)
         raise SubOperationFailed(f"the stored file cannot be read: {error}") from error
-
-
-def transcoded(dataset: Dataset, stored_syntax: UID) -> Dataset:
-    """Explicit VR little endian: compressed pixel data decoded; a deflated data set (already
-    inflated by pydicom) re-encoded as it is."""
-    if stored_syntax == DeflatedExplicitVRLittleEndian:
-        dataset.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        return dataset
-    if not stored_syntax.is_compressed:
-        raise SubOperationFailed(f"cannot convert {stored_syntax.name} to little endian")
-    try:
-        # The SOP Instance UID is kept: only the encoding changes, not the image (PS3.5 8.2
-        # keeps Lossy Image Compression (0028,2110) as it was).
-        dataset.decompress(generate_instance_uid=False)
-    except Exception as error:  # noqa: BLE001 (a missing plug-in or corrupt pixel data)
-        raise SubOperationFailed(f"cannot decode {stored_syntax.name}: {error}") from error
-    dataset.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    return dataset

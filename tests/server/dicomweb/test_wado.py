@@ -263,7 +263,7 @@ def test_a_failed_transcoding_is_406_before_the_body(base_url: str, stored: list
         timeout=30,
     )  # fmt: skip
     assert response.status_code == 406
-    assert "cannot be transcoded" in response.json()["error"]
+    assert "cannot convert Explicit VR Little Endian" in response.json()["error"]
 
 
 def instance_path(ds: Dataset) -> str:
@@ -377,7 +377,7 @@ def test_transcoding_above_the_size_limit_is_406(
     ds.compress(RLELossless)
     client.store_instances([ds])
     limited = settings.model_copy(
-        update={"http": settings.http.model_copy(update={"transcode_max_bytes": 1024})}
+        update={"server": settings.server.model_copy(update={"transcode_max_bytes": 1024})}
     )
     server = serve(limited, archive)
     try:
@@ -388,7 +388,7 @@ def test_transcoding_above_the_size_limit_is_406(
     finally:
         server.stop()
     assert refused.status_code == 406
-    assert "http.transcode_max_bytes" in refused.json()["error"]
+    assert "[server] transcode_max_bytes" in refused.json()["error"]
     assert as_stored.status_code == 200
 
 

@@ -21,7 +21,6 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelGet,
 )
 
-from server.dimse import storage_scu
 from server.dimse.ae import DimseServer
 from storage.archive import Archive
 from tests.factories import data_set_differences
@@ -233,7 +232,7 @@ def test_instance_too_large_to_transcode_fails_its_sub_operation(
     """Past the in-memory limit, a compressed instance is not decoded for an SCU that accepts
     only explicit VR little endian: every sub-operation fails (0xA702), each UID listed."""
     study_uid, files = ingest_compressed(archive, tmp_path)
-    monkeypatch.setattr(storage_scu, "MAX_TRANSCODED_BYTES", 1024)
+    monkeypatch.setattr(dimse_server.settings.server, "transcode_max_bytes", 1024)
     storage = {
         sop_class: [ExplicitVRLittleEndian] for sop_class in sop_classes_of(list(files.values()))
     }
