@@ -21,7 +21,7 @@ from server.dimse.c_get import handle_c_get
 from server.dimse.c_move import handle_c_move
 from server.dimse.c_store import handle_c_store
 from server.dimse.identifier import INFORMATION_MODEL
-from server.dimse.transport import disable_nagle
+from server.dimse.transport import acknowledge_at_once, disable_nagle
 from storage.archive import Archive
 
 log = logging.getLogger(__name__)
@@ -97,6 +97,7 @@ class DimseServer:
         self.remove_stale_temporary_files(STALE_TEMPORARY_FILE_AGE_S)
         handlers = [
             (evt.EVT_CONN_OPEN, disable_nagle),
+            (evt.EVT_DATA_SENT, acknowledge_at_once),  # C-GET's C-STORE sub-operations
             (evt.EVT_C_ECHO, handle_c_echo),
             (evt.EVT_C_STORE, handle_c_store, [self.archive]),
             (evt.EVT_C_FIND, handle_c_find, [self.archive, self.settings]),

@@ -22,7 +22,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from config import Settings
 from server.dimse.retrieve import RetrieveRefused, plan_retrieve
 from server.dimse.storage_scu import proposed_contexts, sub_operations
-from server.dimse.transport import disable_nagle
+from server.dimse.transport import acknowledge_at_once, disable_nagle
 from storage.archive import Archive
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,11 @@ def handle_c_move(event: Event, archive: Archive, settings: Settings) -> Iterato
         {
             "ae_title": destination.ae_title,
             "contexts": proposed_contexts(plan.syntaxes),
-            "evt_handlers": [(evt.EVT_CONN_OPEN, disable_nagle), (evt.EVT_ACCEPTED, remember)],
+            "evt_handlers": [
+                (evt.EVT_CONN_OPEN, disable_nagle),
+                (evt.EVT_DATA_SENT, acknowledge_at_once),
+                (evt.EVT_ACCEPTED, remember),
+            ],
         },
     )
     yield plan.number_of_sub_operations
