@@ -8,6 +8,7 @@ from pydicom.dataset import Dataset
 from pynetdicom.events import Event
 
 from server.dimse.statuses import SUCCESS, status_dataset, status_for
+from server.dimse.transport import keep_alive
 from storage.archive import Archive
 from storage.errors import StorageError
 from storage.ingest import Origin, ingest_file
@@ -40,6 +41,10 @@ def handle_c_store(event: Event, archive: Archive) -> int | Dataset:
     except Exception as error:
         log.exception("[%s] C-STORE %s failed", assoc.name, origin.announced_sop_instance_uid)
         return status_dataset(status_for(error), f"internal error: {type(error).__name__}")
+    finally:
+        # Storing a large data set may take longer than network_timeout_s: the association was
+        # busy, not idle, and the SCU may send its next instance.
+        keep_alive(assoc)
     log.debug(
         "C-STORE %s: %s",
         result.sop_instance_uid,

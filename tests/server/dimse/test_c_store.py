@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -12,12 +14,19 @@ from pydicom.uid import generate_uid
 from sqlalchemy import select
 
 from server.dimse.ae import DimseServer
-from storage.archive import Archive
+from storage.archive import Archive, open_archive
 from storage.dicom_file import is_storage_sop_class
 from storage.index.models import Instance
 from storage.verify import verify_archive
+from tests.conftest import make_settings
 from tests.factories import ct_instance, data_set_differences, dataset_bytes, write_part10
-from tests.server.dimse.scu import STORESCU_PROPOSE, echo_works, send_file_raw, storescu
+from tests.server.dimse.scu import (
+    STORESCU_PROPOSE,
+    associate,
+    echo_works,
+    send_file_raw,
+    storescu,
+)
 
 PYDICOM_TEST_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
 REQUIRED_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
@@ -197,3 +206,41 @@ def test_association_policy_rejects_unknown_calling_ae(
     finally:
         server.stop()
         archive.close()
+
+
+class _SlowBlobStore:
+    """The real blob store, slower to write than the SCP's network timeout (a slow disk or S3)."""
+
+    def __init__(self, inner: object, delay_s: float) -> None:
+        self._inner, self._delay_s = inner, delay_s
+
+    def put(self, key: str, path: Path) -> None:
+        time.sleep(self._delay_s)
+        self._inner.put(key, path)  # type: ignore[attr-defined]
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._inner, name)
+
+
+def test_ingest_slower_than_the_network_timeout_keeps_the_association(tmp_path: Path) -> None:
+    """Storing takes longer than ``network_timeout_s``: the association was busy, not idle,
+    so the SCU sends its next instance on it."""
+    settings = make_settings(tmp_path, dimse={"network_timeout_s": 0.5})
+    archive = open_archive(settings, migrate=True)
+    slow = dataclasses.replace(archive, blobs=_SlowBlobStore(archive.blobs, 1.0))
+    server = DimseServer(settings, slow)
+    server.start()
+    study, series = generate_uid(), generate_uid()
+    sent = [ct_instance(study, series, seed=n) for n in range(2)]
+    try:
+        assoc = associate(server)
+        statuses = [int(assoc.send_c_store(ds).Status) for ds in sent if assoc.is_established]
+        if assoc.is_established:
+            assoc.release()
+    finally:
+        server.stop()
+    with archive.index.read() as session:
+        stored = set(session.execute(select(Instance.sop_instance_uid)).scalars())
+    archive.close()
+    assert statuses == [0x0000, 0x0000]
+    assert stored == {ds.SOPInstanceUID for ds in sent}
