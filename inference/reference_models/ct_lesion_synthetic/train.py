@@ -12,17 +12,15 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # the repository root
 
 from inference.phantoms import ct_phantom_volume  # noqa: E402
-from inference.unet import UNet  # noqa: E402
+from inference.unet import UNet, save_torchscript, train_step  # noqa: E402
 
 HERE = Path(__file__).parent
 WINDOW_CENTER, WINDOW_WIDTH = 50.0, 400.0  # as in model.toml
@@ -44,12 +42,6 @@ def dataset(seeds: range) -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
-def dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    p = torch.sigmoid(logits)
-    inter = (p * target).sum()
-    return 1 - (2 * inter + 1) / (p.sum() + target.sum() + 1)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=400)
@@ -63,7 +55,6 @@ def main() -> None:
     model = UNet(channels=1)
     optimiser = torch.optim.Adam(model.parameters(), lr=3e-3)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, 3e-3, total_steps=args.steps)
-    bce = nn.BCEWithLogitsLoss()
     started = time.monotonic()
     for step in range(args.steps):
         # Random crops: the network is fully convolutional, and crops train four times faster.
@@ -73,19 +64,10 @@ def main() -> None:
         xb, yb = x[window], y[window]
         if step % 2:  # flips: lesions have no preferred side
             xb, yb = xb.flip(-1), yb.flip(-1)
-        logits = model(xb)
-        loss = bce(logits, yb) + dice_loss(logits, yb)
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-        schedule.step()
+        loss = train_step(model, optimiser, schedule, xb, yb)
         if step % 50 == 0 or step == args.steps - 1:
-            print(f"step {step:4d}  loss {loss.item():.4f}  {time.monotonic() - started:.0f}s")
-    model.eval()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        torch.jit.save(torch.jit.script(model), str(args.output))
-    print(f"wrote {args.output} ({args.output.stat().st_size / 1e6:.1f} MB)")
+            print(f"step {step:4d}  loss {loss:.4f}  {time.monotonic() - started:.0f}s")
+    save_torchscript(model, args.output)
 
 
 if __name__ == "__main__":

@@ -15,18 +15,16 @@ import argparse
 import io
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # the repository root
 
 from inference.phantoms import jpeg_baseline, wsi_phantom_image  # noqa: E402
-from inference.unet import UNet  # noqa: E402
+from inference.unet import UNet, save_torchscript, train_step  # noqa: E402
 
 HERE = Path(__file__).parent
 
@@ -40,12 +38,6 @@ def slides(seeds: range) -> tuple[torch.Tensor, torch.Tensor]:
         images.append(torch.from_numpy(rgb).permute(2, 0, 1))
         masks.append(torch.from_numpy(mask)[None])
     return torch.stack(images), torch.stack(masks)
-
-
-def dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    p = torch.sigmoid(logits)
-    inter = (p * target).sum()
-    return 1 - (2 * inter + 1) / (p.sum() + target.sum() + 1)
 
 
 def main() -> None:
@@ -62,7 +54,6 @@ def main() -> None:
     model = UNet(channels=3)
     optimiser = torch.optim.Adam(model.parameters(), lr=3e-3)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, 3e-3, total_steps=args.steps)
-    bce = nn.BCEWithLogitsLoss()
     size, crop = x.shape[-1], args.crop
     started = time.monotonic()
     for step in range(args.steps):
@@ -80,19 +71,10 @@ def main() -> None:
         xb, yb = torch.stack(xs).float() / 255.0, torch.stack(ys).float()
         if step % 2:
             xb, yb = xb.flip(-1), yb.flip(-1)
-        logits = model(xb)
-        loss = bce(logits, yb) + dice_loss(logits, yb)
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-        schedule.step()
+        loss = train_step(model, optimiser, schedule, xb, yb)
         if step % 50 == 0 or step == args.steps - 1:
-            print(f"step {step:4d}  loss {loss.item():.4f}  {time.monotonic() - started:.0f}s")
-    model.eval()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        torch.jit.save(torch.jit.script(model), str(args.output))
-    print(f"wrote {args.output} ({args.output.stat().st_size / 1e6:.1f} MB)")
+            print(f"step {step:4d}  loss {loss:.4f}  {time.monotonic() - started:.0f}s")
+    save_torchscript(model, args.output)
 
 
 if __name__ == "__main__":
