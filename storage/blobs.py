@@ -8,6 +8,7 @@ string a client sent, so no key can name a path outside the store.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import re
@@ -52,8 +53,12 @@ def is_blob_key(key: str) -> bool:
 
 
 class BlobStore(Protocol):
-    def put(self, key: str, path: Path) -> None:
-        """Store the file at ``path`` under ``key``, durably, replacing nothing half-way."""
+    def put(self, key: str, path: Path, *, consume: bool = False) -> None:
+        """Store the file at ``path`` under ``key``, durably, replacing nothing half-way.
+
+        ``consume``: the caller no longer needs the file (a temporary file of the data
+        directory), so a backend may move it into the store instead of copying it.
+        """
 
     def open(self, key: str) -> BinaryIO:
         """A readable stream of the whole blob; the caller closes it."""
@@ -85,10 +90,12 @@ class FileBlobStore:
             raise ValueError(f"not a blob key: {key!r}")
         return self.root / key
 
-    def put(self, key: str, path: Path) -> None:
+    def put(self, key: str, path: Path, *, consume: bool = False) -> None:
         target = self._path(key)
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
+            if consume and self._move(path, target):
+                return
             fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
             try:
                 with open(fd, "wb") as out, open(path, "rb") as src:
@@ -100,13 +107,27 @@ class FileBlobStore:
                 with contextlib.suppress(OSError):
                     os.unlink(tmp_name)
                 raise
-            dir_fd = os.open(target.parent, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            _fsync_directory(target.parent)
         except OSError as exc:
             raise StorageUnavailable(f"cannot write blob {key}: {exc.strerror or exc}") from exc
+
+    @staticmethod
+    def _move(path: Path, target: Path) -> bool:
+        """Rename ``path`` to ``target`` durably; False when they lie on different filesystems.
+
+        A renamed file is as complete as a copied one: its data is fsynced before the rename,
+        and a same-key target holds the same content (the key carries the content hash).
+        """
+        with open(path, "rb") as src:
+            os.fsync(src.fileno())
+        try:
+            os.replace(path, target)
+        except OSError as exc:
+            if exc.errno == errno.EXDEV:
+                return False
+            raise
+        _fsync_directory(target.parent)
+        return True
 
     def open(self, key: str) -> BinaryIO:
         try:
@@ -179,7 +200,7 @@ class S3BlobStore:
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             raise StorageUnavailable(f"S3 store unreachable ({what}): {exc}") from exc
 
-    def put(self, key: str, path: Path) -> None:
+    def put(self, key: str, path: Path, *, consume: bool = False) -> None:
         if not is_blob_key(key):
             raise ValueError(f"not a blob key: {key!r}")
         with self._unavailable_on_error(key):
@@ -216,6 +237,15 @@ class S3BlobStore:
             for obj in self.client.list_objects(self.bucket, recursive=True):
                 if obj.object_name is not None:
                     yield obj.object_name
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make a rename in ``directory`` survive a power loss."""
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 class _S3Stream:

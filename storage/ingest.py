@@ -19,9 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from pydicom.dataset import Dataset
-from sqlalchemy import exc, select, update
+from sqlalchemy import Connection, bindparam, exc, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.orm import Session
 
 from storage.archive import Archive
 from storage.delete import delete_blob_unless_referenced
@@ -73,11 +72,15 @@ def ingest_file(
     origin: Origin = Origin(),
     *,
     header: InstanceHeader | None = None,
+    consume: bool = False,
 ) -> IngestResult:
     """Store the DICOM Part 10 file at ``path`` (which the caller keeps and removes).
 
     ``header`` is the caller's own :func:`read_instance_header` of the same file, when it had
     to read it first (STOW-RS checks the Study Instance UID of each part): not parsed twice.
+    ``consume``: ``path`` is a temporary file of the data directory that the caller would
+    delete anyway (a received C-STORE or STOW-RS part); the blob store may move it instead of
+    copying it, so it may be gone afterwards.
     """
     header = header or read_instance_header(path)
     _check_announced(header, origin)
@@ -89,7 +92,7 @@ def ingest_file(
     # write; each retry sees the row it committed. Every round, one of the racers wins.
     for _attempt in range(_MAX_ATTEMPTS):
         try:
-            return _store(archive, path, header, digest, size, origin)
+            return _store(archive, path, header, digest, size, origin, consume)
         except (exc.IntegrityError, _ConcurrentChange):
             continue
     raise StorageUnavailable(
@@ -123,6 +126,31 @@ def _sha256(path: Path) -> tuple[str, int]:
     return digest.hexdigest(), size
 
 
+# Built once: executed with parameters on the transaction's connection, these skip the ORM
+# and SQLAlchemy's per-statement cache-key work (half of the index time of an ingest).
+_EXISTING_INSTANCE = select(Instance.id, Instance.sha256, Instance.blob_key).where(
+    Instance.partition == bindparam("partition"),
+    Instance.sop_instance_uid == bindparam("sop_instance_uid"),
+)
+_INSERT_INSTANCE = insert(Instance)
+# The SET clause comes from the parameters: every column of _instance_values and series_pk.
+_REPLACE_INSTANCE = update(Instance).where(
+    Instance.id == bindparam("existing_id"), Instance.sha256 == bindparam("existing_sha")
+)
+_KNOWN_SERIES = (
+    select(Series.id, Study.id)
+    .join(Study, Series.study_pk == Study.id)
+    .where(
+        Series.partition == bindparam("partition"),
+        Series.series_instance_uid == bindparam("series_uid"),
+        Study.study_instance_uid == bindparam("study_uid"),
+    )
+)
+_TOUCH_STUDY = (
+    update(Study).where(Study.id == bindparam("study_pk")).values(last_instance_at=bindparam("now"))
+)
+
+
 def _store(
     archive: Archive,
     path: Path,
@@ -130,15 +158,18 @@ def _store(
     digest: str,
     size: int,
     origin: Origin,
+    consume: bool,
 ) -> IngestResult:
     partition = archive.partition
     with archive.index.read() as session:
-        existing = session.execute(
-            select(Instance.id, Instance.sha256, Instance.blob_key).where(
-                Instance.partition == partition,
-                Instance.sop_instance_uid == header.sop_instance_uid,
+        existing = (
+            session.connection()
+            .execute(
+                _EXISTING_INSTANCE,
+                {"partition": partition, "sop_instance_uid": header.sop_instance_uid},
             )
-        ).one_or_none()
+            .one_or_none()
+        )
 
     def result(outcome: IngestOutcome) -> IngestResult:
         return IngestResult(outcome, header.sop_instance_uid, header.study_instance_uid, digest)
@@ -150,18 +181,20 @@ def _store(
         return result(IngestOutcome.KEPT_EXISTING)
 
     key = archive.blob_key(header, digest)
-    archive.blobs.put(key, path)
+    # Everything but the series' primary key, before the write transaction: on SQLite it holds
+    # the one write lock, which every other association waits for.
+    values = _instance_values(header, key, digest, size, origin)
+    archive.blobs.put(key, path, consume=consume)
     try:
         with archive.index.write() as session:
-            series_pk = _upsert_hierarchy(session, partition, header.dataset)
-            values = _instance_values(header, key, digest, size, origin, series_pk)
+            connection = session.connection()
+            values["series_pk"] = _upsert_hierarchy(connection, partition, header.dataset)
             if existing is None:
-                session.add(Instance(partition=partition, **values))
+                connection.execute(_INSERT_INSTANCE, {"partition": partition, **values})
             else:
-                rows = session.execute(
-                    update(Instance)
-                    .where(Instance.id == existing.id, Instance.sha256 == existing.sha256)
-                    .values(**values)
+                rows = connection.execute(
+                    _REPLACE_INSTANCE,
+                    {"existing_id": existing.id, "existing_sha": existing.sha256, **values},
                 ).rowcount
                 if rows != 1:
                     raise _ConcurrentChange(header.sop_instance_uid)
@@ -206,31 +239,25 @@ def _integer(dataset: Dataset, keyword: str) -> int | None:
         return None
 
 
-def _insert_ignoring_conflict(session: Session, model: type, values: dict[str, Any]) -> None:
-    dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
-    session.execute(dialect.insert(model).values(**values).on_conflict_do_nothing())
+def _insert_ignoring_conflict(connection: Connection, model: type, values: dict[str, Any]) -> None:
+    dialect = postgresql if connection.dialect.name == "postgresql" else sqlite
+    connection.execute(dialect.insert(model).values(**values).on_conflict_do_nothing())
 
 
-def _upsert_hierarchy(session: Session, partition: str, ds: Dataset) -> int:
+def _upsert_hierarchy(connection: Connection, partition: str, ds: Dataset) -> int:
     """Patient, study and series rows for ``ds``; returns the series' primary key."""
     now = datetime.now(UTC)
     study_uid = str(ds.StudyInstanceUID)[:UI]
     series_uid = str(ds.SeriesInstanceUID)[:UI]
     # The common case, every instance of a series but its first: the rows exist, and only the
     # study's last_instance_at moves. One SELECT and one UPDATE instead of seven statements.
-    known_series = session.execute(
-        select(Series.id, Study.id)
-        .join(Study, Series.study_pk == Study.id)
-        .where(
-            Series.partition == partition,
-            Series.series_instance_uid == series_uid,
-            Study.study_instance_uid == study_uid,
-        )
+    known_series = connection.execute(
+        _KNOWN_SERIES, {"partition": partition, "series_uid": series_uid, "study_uid": study_uid}
     ).one_or_none()
     if known_series is not None:
         series_pk, study_pk = known_series
-        session.execute(update(Study).where(Study.id == study_pk).values(last_instance_at=now))
-        return series_pk
+        connection.execute(_TOUCH_STUDY, {"study_pk": study_pk, "now": now})
+        return int(series_pk)
 
     patient = {
         "patient_id": _text(ds, "PatientID", 64),
@@ -238,7 +265,7 @@ def _upsert_hierarchy(session: Session, partition: str, ds: Dataset) -> int:
     }
     patient_name = _text(ds, "PatientName", 324)
     _insert_ignoring_conflict(
-        session,
+        connection,
         Patient,
         {
             "partition": partition,
@@ -249,12 +276,12 @@ def _upsert_hierarchy(session: Session, partition: str, ds: Dataset) -> int:
             "patient_sex": _text(ds, "PatientSex", 16),
         },
     )
-    patient_pk = session.execute(
+    patient_pk = connection.execute(
         select(Patient.id).filter_by(partition=partition, **patient)
     ).scalar_one()
 
     _insert_ignoring_conflict(
-        session,
+        connection,
         Study,
         {
             "partition": partition,
@@ -272,7 +299,7 @@ def _upsert_hierarchy(session: Session, partition: str, ds: Dataset) -> int:
     )
     # Locks the study row on PostgreSQL, so concurrent series updates of
     # ModalitiesInStudy serialise instead of losing one another's modality.
-    study_pk, modalities = session.execute(
+    study_pk, modalities = connection.execute(
         select(Study.id, Study.modalities_in_study)
         .filter_by(partition=partition, study_instance_uid=study_uid)
         .with_for_update()
@@ -280,7 +307,7 @@ def _upsert_hierarchy(session: Session, partition: str, ds: Dataset) -> int:
 
     modality = _text(ds, "Modality", 16)
     _insert_ignoring_conflict(
-        session,
+        connection,
         Series,
         {
             "partition": partition,
@@ -294,7 +321,7 @@ def _upsert_hierarchy(session: Session, partition: str, ds: Dataset) -> int:
             "series_time": _text(ds, "SeriesTime", 16),
         },
     )
-    series_pk = session.execute(
+    series_pk = connection.execute(
         select(Series.id).filter_by(partition=partition, series_instance_uid=series_uid)
     ).scalar_one()
 
@@ -302,15 +329,15 @@ def _upsert_hierarchy(session: Session, partition: str, ds: Dataset) -> int:
     known = [m for m in modalities.split("\\") if m]
     if modality and modality not in known:
         study_values["modalities_in_study"] = "\\".join(sorted([*known, modality]))[:255]
-    session.execute(update(Study).where(Study.id == study_pk).values(**study_values))
+    connection.execute(update(Study).where(Study.id == study_pk).values(**study_values))
     return series_pk
 
 
 def _instance_values(
-    header: InstanceHeader, key: str, digest: str, size: int, origin: Origin, series_pk: int
+    header: InstanceHeader, key: str, digest: str, size: int, origin: Origin
 ) -> dict[str, Any]:
+    """Every column of the instance row but ``partition`` and ``series_pk``."""
     return {
-        "series_pk": series_pk,
         "sop_instance_uid": header.sop_instance_uid,
         "sop_class_uid": header.sop_class_uid,
         "instance_number": _integer(header.dataset, "InstanceNumber"),

@@ -1,5 +1,6 @@
 """The blob store interface, on the filesystem and on a real S3 server."""
 
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -63,3 +64,40 @@ def test_filesystem_refuses_keys_that_are_not_blob_keys(tmp_path: Path) -> None:
         with pytest.raises(ValueError):
             store.put(key, source)
     assert not (tmp_path / "outside.dcm").exists()
+
+
+def test_put_consume_stores_the_file_and_the_caller_need_not_keep_it(
+    archive: Archive, tmp_path: Path
+) -> None:
+    payload = b"DICM" * 5000
+    source = tmp_path / "received.dcm"
+    source.write_bytes(payload)
+    archive.blobs.put(KEY, source, consume=True)
+    source.unlink(missing_ok=True)  # what the caller does next
+    with archive.blobs.open(KEY) as stream:
+        assert stream.read() == payload
+    assert list(archive.blobs.list_keys()) == [KEY]
+
+
+def test_filesystem_put_consume_moves_on_one_filesystem_and_copies_across(
+    tmp_path: Path,
+) -> None:
+    store = FileBlobStore(tmp_path / "blobs")
+    same = tmp_path / "same.dcm"
+    same.write_bytes(b"same filesystem")
+    store.put(KEY, same, consume=True)
+    assert not same.exists()  # renamed into the store, not copied
+    assert store.get_range(KEY, 0, 100) == b"same filesystem"
+
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or shm.stat().st_dev == tmp_path.stat().st_dev:
+        pytest.skip("needs a second filesystem (/dev/shm) to test the copy fallback")
+    other_key = instance_blob_key("default", "1.2.3", "1.2.3.4", "1.2.3.4.6", "cd" * 32)
+    across = Path(tempfile.mkstemp(dir=shm, suffix=".dcm")[1])
+    try:
+        across.write_bytes(b"another filesystem")
+        store.put(other_key, across, consume=True)  # EXDEV: copied instead
+        assert store.get_range(other_key, 0, 100) == b"another filesystem"
+    finally:
+        across.unlink(missing_ok=True)
+    assert sorted(store.list_keys()) == sorted([KEY, other_key])

@@ -214,9 +214,9 @@ class _SlowBlobStore:
     def __init__(self, inner: object, delay_s: float) -> None:
         self._inner, self._delay_s = inner, delay_s
 
-    def put(self, key: str, path: Path) -> None:
+    def put(self, key: str, path: Path, *, consume: bool = False) -> None:
         time.sleep(self._delay_s)
-        self._inner.put(key, path)  # type: ignore[attr-defined]
+        self._inner.put(key, path, consume=consume)  # type: ignore[attr-defined]
 
     def __getattr__(self, name: str) -> object:
         return getattr(self._inner, name)
