@@ -7,6 +7,7 @@ image costs a few kilobytes of reads.
 
 from __future__ import annotations
 
+import logging
 import re
 import struct
 from dataclasses import dataclass
@@ -14,7 +15,8 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import pydicom
-from pydicom.dataelem import DataElement
+from pydicom.datadict import dictionary_has_tag, dictionary_VR
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
@@ -22,6 +24,8 @@ from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import uid_to_service_class
 
 from storage.errors import InvalidInstance
+
+log = logging.getLogger(__name__)
 
 # PS3.5 9.1: components of digits without leading zeros, separated by dots, at most 64 chars.
 _UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
@@ -241,22 +245,107 @@ def metadata_json(dataset: Dataset, has_pixel_data: bool) -> dict[str, Any]:
     """DICOM JSON (PS3.18 F.2) of the header, with bulk data replaced by BulkDataURIs.
 
     The URIs are relative (``bulkdata/<tag>``); DICOMweb resolves them against the instance URL.
+    Values are kept as stored even where they break their VR's rules (a modality's too-long
+    LO, a UID with a leading zero): the metadata describes the stored file. An element that
+    cannot be decoded at all is left out, with a warning.
     """
-
-    def bulk_data_uri(element: DataElement) -> str:
-        return f"bulkdata/{element.tag:08X}"
-
-    encoded = dataset.to_json_dict(
-        bulk_data_threshold=BULK_DATA_THRESHOLD,
-        bulk_data_element_handler=bulk_data_uri,
-        suppress_invalid_tags=True,
-    )
+    encoded = _dataset_json(dataset)
     if has_pixel_data:
         # PS3.5 A.4: encapsulated Pixel Data is OB; native is OW above 8 bits allocated.
         encapsulated = UID(dataset.file_meta.TransferSyntaxUID).is_encapsulated
         vr = "OW" if not encapsulated and int(dataset.get("BitsAllocated", 8)) > 8 else "OB"
         encoded[f"{PIXEL_DATA:08X}"] = {"vr": vr, "BulkDataURI": f"bulkdata/{PIXEL_DATA:08X}"}
     return _without_nul(encoded)
+
+
+def _bulk_data_uri(element: DataElement) -> str:
+    return f"bulkdata/{element.tag:08X}"
+
+
+def _dataset_json(dataset: Dataset) -> dict[str, Any]:
+    encoded: dict[str, Any] = {}
+    for tag in dataset.keys():  # noqa: SIM118 - iterating a Dataset converts every element
+        raw = dataset.get_item(tag)
+        try:
+            fast = _fast_element_json(raw) if isinstance(raw, RawDataElement) else None
+            if fast is not None:
+                encoded[f"{tag:08X}"] = fast
+                continue
+            element = dataset[tag]
+            if element.VR == "SQ":
+                items = [_dataset_json(item) for item in element.value]
+                encoded[f"{tag:08X}"] = {"vr": "SQ", "Value": items}
+            else:
+                encoded[f"{tag:08X}"] = element.to_json_dict(_bulk_data_uri, BULK_DATA_THRESHOLD)
+        except Exception as exc:  # pydicom raises anything on a value it cannot decode
+            log.warning("metadata of (%04X,%04X) left out: %s", tag >> 16, tag & 0xFFFF, exc)
+    return encoded
+
+
+# What pydicom (3.x, default settings) makes of each VR's raw value, without building a
+# DataElement: half of an ingest's metadata cost. Anything else goes through pydicom.
+_BINARY_FORMATS = {"US": "H", "SS": "h", "UL": "L", "SL": "l", "FL": "f", "FD": "d",
+                   "SV": "q", "UV": "Q"}  # fmt: skip
+_SPLIT_RSTRIPPED = {"AS", "CS", "DA", "DT", "TM"}  # the whole value rstripped, then split
+_SPLIT_EACH_RSTRIPPED = {"LO", "SH", "UC"}  # split, then each value rstripped of NUL/space
+_SINGLE = {"LT", "ST", "UT"}  # never split: backslash is text
+_IS = re.compile(r"^\s*[+-]?[0-9]+\s*$")
+_DS = re.compile(r"^\s*[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?\s*$")
+
+
+def _fast_element_json(raw: RawDataElement) -> dict[str, Any] | None:
+    """The DICOM JSON of a raw element of a common VR, or None to let pydicom do it."""
+    value = raw.value
+    if value is None or raw.is_buffered or raw.length == 0xFFFFFFFF:
+        return None
+    vr = raw.VR
+    if vr is None:  # implicit VR: the data dictionary's, as pydicom does; private tags vary
+        if raw.tag.is_private or not dictionary_has_tag(raw.tag):
+            return None
+        vr = dictionary_VR(raw.tag)
+    if vr in _BINARY_FORMATS:
+        size = struct.calcsize(f"<{_BINARY_FORMATS[vr]}")
+        if not raw.is_little_endian or len(value) % size:
+            return None
+        numbers = list(struct.unpack(f"<{len(value) // size}{_BINARY_FORMATS[vr]}", value))
+        return {"vr": vr, "Value": numbers} if numbers else {"vr": vr}
+    # ASCII bytes decode alike in every character set but ISO 2022's escape sequences.
+    if not value.isascii() or b"\x1b" in value:
+        return None
+    text = value.decode("ascii")
+    values: list[Any]
+    if vr in _SPLIT_RSTRIPPED:
+        values = text.rstrip(" \x00").split("\\")
+    elif vr in _SPLIT_EACH_RSTRIPPED:
+        values = [v.rstrip("\x00 ") for v in text.split("\\")]
+    elif vr == "UI":
+        values = text.rstrip("\x00 ").split("\\")
+    elif vr == "AE":
+        values = [v.strip() for v in text.split("\\")]
+    elif vr in _SINGLE:
+        values = [text.rstrip("\x00 ")]
+    elif vr == "UR":
+        values = [text.rstrip()]
+    elif vr == "IS" or vr == "DS":
+        values = text.rstrip(" \x00").split("\\")
+        if values == [""]:
+            return {"vr": vr}
+        pattern, number = (_IS, int) if vr == "IS" else (_DS, float)
+        if not all(pattern.match(v) for v in values):
+            return None
+        return {"vr": vr, "Value": [number(v) for v in values]}
+    elif vr == "PN":
+        names = value.rstrip(b"\x00 ").decode("ascii").split("\\")
+        if names == [""]:
+            return {"vr": vr}
+        if any("=" in name or not name for name in names):
+            return None  # ideographic / phonetic groups, empty names: pydicom decides
+        return {"vr": vr, "Value": [{"Alphabetic": name} for name in names]}
+    else:
+        return None
+    if values == [""]:
+        return {"vr": vr}  # PS3.18 F.2.5: an empty value has no "Value"
+    return {"vr": vr, "Value": values}
 
 
 def _without_nul(value: Any) -> Any:

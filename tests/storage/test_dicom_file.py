@@ -1,0 +1,106 @@
+"""The header reader's DICOM JSON: its fast path must say exactly what pydicom says."""
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+from storage.dicom_file import BULK_DATA_THRESHOLD, metadata_json
+from tests.factories import ct_instance, write_part10
+
+
+def _bulk_data_uri(element: pydicom.DataElement) -> str:
+    return f"bulkdata/{element.tag:08X}"
+
+
+def _pydicom_json(dataset: Dataset) -> dict[str, Any]:
+    """pydicom's own DICOM JSON of every element it can decode, element by element."""
+    encoded: dict[str, Any] = {}
+    for tag in dataset.keys():  # noqa: SIM118 - iterating converts every element
+        try:
+            element = dataset[tag]
+            if element.VR == "SQ":
+                value = {"vr": "SQ", "Value": [_pydicom_json(item) for item in element.value]}
+            else:
+                value = element.to_json_dict(_bulk_data_uri, BULK_DATA_THRESHOLD)
+        except Exception:
+            continue
+        encoded[f"{tag:08X}"] = value
+    return encoded
+
+
+def _header(path: Path) -> Dataset:
+    return pydicom.dcmread(path, stop_before_pixels=True, force=True)
+
+
+PYDICOM_TEST_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
+
+
+def _readable_test_files() -> list[Path]:
+    paths = []
+    for path in sorted(PYDICOM_TEST_FILES.rglob("*.dcm")):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                _header(path)
+        except Exception:
+            continue
+        paths.append(path)
+    return paths
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("path", _readable_test_files(), ids=lambda p: p.name)
+def test_metadata_of_every_pydicom_test_file_equals_pydicoms_json(path: Path) -> None:
+    # Two independent reads: pydicom converts every element of one, the fast path the other.
+    expected = _pydicom_json(_header(path))
+    actual = metadata_json(_header(path), has_pixel_data=False)
+    assert actual == _without_nul(expected)
+
+
+def _without_nul(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.replace("\x00", "")
+    if isinstance(value, dict):
+        return {k: _without_nul(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_without_nul(v) for v in value]
+    return value
+
+
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+def test_metadata_of_awkward_values_equals_pydicoms_json(tmp_path: Path, syntax: str) -> None:
+    ds = ct_instance()
+    ds.file_meta.TransferSyntaxUID = syntax
+    ds.PatientName = "DOE^JOHN\\ROE^JANE"
+    ds.OtherPatientNames = "A^B=C^D"  # ideographic group
+    ds.ImageType = "ORIGINAL\\\\AXIAL "  # an empty value in the middle, trailing space
+    ds.WindowCenter = "40\\-1.5e2 "
+    ds.WindowWidth = ".5"
+    ds.SeriesNumber = " 7 "
+    ds.AcquisitionNumber = "1.0"  # not an integer string: pydicom's path
+    ds.StudyDescription = "  leading kept, trailing dropped   "
+    ds.ImageComments = "a backslash \\ in text stays"
+    ds.StationName = " CT01 "  # AE: both sides stripped
+    ds.RetrieveURL = "http://host/x "
+    ds.InstitutionName = "H\u00f4pital"  # not ASCII: pydicom's path
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.ReferencedImageSequence = [Dataset(), Dataset()]
+    ds.ReferencedImageSequence[0].ReferencedSOPInstanceUID = "1.2.3.4\x00"
+    ds.ReferencedImageSequence[1].ReferencedFrameNumber = ""
+    ds.RescaleIntercept = ""
+    path = write_part10(ds, tmp_path / "awkward.dcm")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = _without_nul(_pydicom_json(_header(path)))
+        actual = metadata_json(_header(path), has_pixel_data=False)
+    assert actual == expected
+    # And what a viewer reads:
+    assert actual["00100010"]["Value"] == [{"Alphabetic": "DOE^JOHN"}, {"Alphabetic": "ROE^JANE"}]
+    assert actual["00080008"]["Value"] == ["ORIGINAL", "", "AXIAL"]
+    assert actual["00281050"]["Value"] == [40.0, -150.0]
+    assert "Value" not in actual["00281052"]
