@@ -8,6 +8,7 @@ import socket
 import struct
 import subprocess
 from collections.abc import Iterator
+from io import BytesIO
 from pathlib import Path
 from queue import Queue
 from types import SimpleNamespace
@@ -18,6 +19,8 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
+from pynetdicom.dimse_primitives import C_FIND
+from pynetdicom.dsutils import decode
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelFind as FIND,
 )
@@ -181,3 +184,16 @@ def test_p_data_tf_framing(max_pdu: int) -> None:
             assert control in (0x00, 0x01)
     expected = [(0x03, command), (0x02, identifiers[0]), (0x03, command), (0x02, identifiers[1])]
     assert messages == [*expected, (0x03, command), (0x02, identifiers[2])]
+
+
+def test_pending_command_set() -> None:
+    """PS3.7 9.3.2.2 / E.1: C-FIND-RSP, Status Pending, a data set present, implicit VR LE."""
+    request = C_FIND()
+    request.MessageID = 42
+    request.AffectedSOPClassUID = FIND
+    encoded = c_find_responses._command_set(SimpleNamespace(request=request))  # type: ignore[arg-type]
+    command = decode(BytesIO(encoded), True, True)
+    assert command.CommandGroupLength == len(encoded) - 12  # after its own element
+    assert command.AffectedSOPClassUID == FIND and command.CommandField == 0x8020
+    assert command.MessageIDBeingRespondedTo == 42 and command.Status == 0xFF00
+    assert command.CommandDataSetType != 0x0101
