@@ -9,11 +9,12 @@ here the command set is encoded once (PS3.7 9.3.2.2, always implicit VR little e
 and framed in P-DATA-TF PDUs (PS3.8 9.3.5, E.2), and many responses leave in one ``sendall``.
 
 Everything else stays with pynetdicom: the association, the request, C-CANCEL, the final
-response. pynetdicom's DUL thread also writes to that socket, but only what pynetdicom queued;
-so a batch is written only when its queue is empty. It can hold nothing of this association
-once the request has arrived: without an asynchronous operations window (PS3.7 D.3.3.3, Hilum
-negotiates none) the SCU sends a request only after the final response of the previous one
-has reached it. The final response of this request is queued after the last batch is written.
+response. pynetdicom's DUL thread also writes to that socket, but only what pynetdicom queued
+(and an A-ABORT of its own on a protocol error); so a batch is written only when its queue is
+empty. Nothing of this association is then in flight: with an asynchronous operations window of
+one (PS3.7 D.3.3.3; pynetdicom answers any proposal with 1/1) the SCU sends a request only after
+the final response of the previous one has reached it. The final response of this request is
+queued after the last batch is written.
 
 A context with a transfer syntax other than implicit or explicit VR little endian, or a
 request :class:`ResponseIdentifierEncoder` cannot serve, gets pynetdicom's own path, one
