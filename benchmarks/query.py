@@ -2,16 +2,19 @@
 
 What is measured:
 
-* C-FIND, Study Root, STUDY level, over one pynetdicom association to a running
+* C-FIND, Study Root, STUDY level, from a lean SCU in its own process
+  (``benchmarks/find_scu.py``: a plain socket, responses read only as far as their status, so
+  the figures are the SCP's, not a client's decoding) over one association to a running
   :class:`DimseServer` (in this process) on a synthetic index (``benchmarks/synthetic_index.py``,
   100 000 studies / 1 000 000 instances by default): p50 and p95 wall-clock time from sending
   the request to the final response, for a PatientName prefix wild card, an exact PatientID, a
   one-month StudyDate range, ModalitiesInStudy=CT and an exact AccessionNumber. Each query asks
-  for the usual study-level return keys, NumberOfStudyRelatedInstances included.
-* Memory: one universal C-FIND that streams every study of the index to the SCU (which
-  discards each response as it arrives), under :mod:`tracemalloc`: the peak of the Python heap
-  above its level at the start of the C-FIND, SCP and SCU threads together (both run in this
-  process). Memory held outside Python's allocator (SQLite's page cache) is not counted.
+  for the usual study-level return keys, NumberOfStudyRelatedInstances included. Each query
+  runs once untimed first, except ModalitiesInStudy=CT (three quarters of the index).
+* Memory: one universal C-FIND that streams every study of the index to that SCU, under
+  :mod:`tracemalloc` in the SCP's process: the peak of the Python heap above its level at the
+  start of the C-FIND. Memory held outside Python's allocator (SQLite's page cache) is not
+  counted.
 * C-MOVE: a 300-instance study of 512x512 CT instances (explicit VR little endian) moved to
   DCMTK's ``storescp``; instances/s from the C-MOVE request to the final response.
 
@@ -19,11 +22,13 @@ Hilum only: Orthanc is not compared. Figures go to stdout, progress to stderr; n
 asserted.
 
     .venv/bin/python benchmarks/query.py [--studies N] [--database-url URL] [--repeat N]
+        [--large-repeat N] [--find-only]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import statistics
 import subprocess
@@ -32,12 +37,12 @@ import tempfile
 import time
 import tracemalloc
 from pathlib import Path
+from typing import Any
 
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
-    StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelMove,
 )
 
@@ -53,7 +58,6 @@ from storage.ingest import ingest_file  # noqa: E402
 from tests.conftest import free_port  # noqa: E402
 from tests.factories import ct_instance, write_part10  # noqa: E402
 
-FIND = StudyRootQueryRetrieveInformationModelFind
 MOVE = StudyRootQueryRetrieveInformationModelMove
 RETURN_KEYS = (
     "PatientName", "PatientID", "StudyInstanceUID", "StudyDate", "AccessionNumber",
@@ -65,37 +69,27 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def identifier(**matching: str) -> Dataset:
-    ds = Dataset()
-    ds.QueryRetrieveLevel = "STUDY"
-    for keyword in RETURN_KEYS:
-        setattr(ds, keyword, "")
-    for keyword, value in matching.items():
-        setattr(ds, keyword, value)
-    return ds
+def find_from_another_process(port: int, queries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Run ``queries`` with ``benchmarks/find_scu.py`` in a subprocess: one association."""
+    scu = [sys.executable, str(REPO / "benchmarks" / "find_scu.py"), "--port", str(port)]
+    result = subprocess.run(
+        scu, input=json.dumps(queries), capture_output=True, text=True, check=False
+    )
+    if result.returncode != 0:
+        raise SystemExit(f"the C-FIND SCU failed: {result.stderr.strip()}")
+    return [json.loads(line) for line in result.stdout.splitlines()]
 
 
-def timed_find(assoc: object, query: Dataset) -> tuple[float, int]:
-    start = time.perf_counter()
-    matches = 0
-    for status, _ in assoc.send_c_find(query, FIND):  # type: ignore[attr-defined]
-        if "Status" not in status:
-            raise SystemExit("the C-FIND got no answer: the association was aborted")
-        if status.Status == 0xFF00:
-            matches += 1
-    return time.perf_counter() - start, matches
-
-
-def traced_find(assoc: object, query: Dataset) -> tuple[float, int, float]:
-    """A timed C-FIND under tracemalloc: seconds, matches, peak heap growth in MB."""
+def traced(run: Any) -> tuple[Any, float]:
+    """``run()`` under tracemalloc: its result and the peak heap growth in MB."""
     tracemalloc.start()
     try:
         start, _ = tracemalloc.get_traced_memory()
-        seconds, matches = timed_find(assoc, query)
+        result = run()
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    return seconds, matches, (peak - start) / 1e6
+    return result, (peak - start) / 1e6
 
 
 def main() -> int:
@@ -103,7 +97,9 @@ def main() -> int:
     parser.add_argument("--studies", type=int, default=100_000)
     parser.add_argument("--database-url", default="", help="empty: SQLite in a temporary dir")
     parser.add_argument("--repeat", type=int, default=30)
+    parser.add_argument("--large-repeat", type=int, default=0, help="ModalitiesInStudy=CT runs")
     parser.add_argument("--move-instances", type=int, default=300)
+    parser.add_argument("--find-only", action="store_true", help="no memory or C-MOVE run")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="hilum-query-bench-"))
@@ -127,8 +123,45 @@ def main() -> int:
     print(f"# Hilum C-FIND, {backend}, {facts.studies} studies / {facts.instances} instances")
     print("| query | matches | p50 ms | p95 ms |")
     print("|---|---|---|---|")
+    queries = {
+        f"PatientName={facts.patient_name_prefix}": {"PatientName": facts.patient_name_prefix},
+        f"PatientID={facts.patient_id}": {"PatientID": facts.patient_id},
+        f"StudyDate={facts.month_range}": {"StudyDate": facts.month_range},
+        "ModalitiesInStudy=CT": {"ModalitiesInStudy": "CT"},
+        f"AccessionNumber={facts.accession_number}": {"AccessionNumber": facts.accession_number},
+    }
+    large_repeat = args.large_repeat or max(3, args.repeat // 10)
+    requests = [
+        {
+            "name": name,
+            "matching": matching,
+            "return_keys": RETURN_KEYS,
+            "repeat": large_repeat if "ModalitiesInStudy" in name else args.repeat,
+            # Minutes each before the fast path: its first run counts, no warm-up.
+            "warm_up": "ModalitiesInStudy" not in name,
+        }
+        for name, matching in queries.items()
+    ]
+    for found in find_from_another_process(server.port, requests):
+        samples = sorted(found["ms"])
+        p95 = samples[min(len(samples) - 1, int(len(samples) * 0.95))]
+        median = statistics.median(samples)
+        print(f"| {found['name']} | {found['matches']} | {median:.1f} | {p95:.1f} |", flush=True)
+    if args.find_only:
+        server.stop()
+        archive.close()
+        shutil.rmtree(work, ignore_errors=True)
+        return 0
+
+    universal = [{"name": "universal", "matching": {}, "return_keys": RETURN_KEYS}]
+    universal[0] |= {"repeat": 1, "warm_up": False}
+    (found,), peak_mb = traced(lambda: find_from_another_process(server.port, universal))
+    print(
+        f"\nuniversal C-FIND: {found['matches']} matches streamed in {found['ms'][0] / 1000:.1f}"
+        f" s (SCP under tracemalloc); peak Python heap growth of the SCP {peak_mb:.1f} MB"
+    )
+
     ae = AE(ae_title="BENCH")
-    ae.add_requested_context(FIND)
     ae.add_requested_context(MOVE)
     # Like DCMTK's tools, the client sends each PDU at once (no Nagle delay on its requests).
     assoc = ae.associate(
@@ -137,31 +170,6 @@ def main() -> int:
         ae_title="HILUM",
         evt_handlers=[(evt.EVT_CONN_OPEN, disable_nagle)],
     )
-    queries = {
-        f"PatientName={facts.patient_name_prefix}": {"PatientName": facts.patient_name_prefix},
-        f"PatientID={facts.patient_id}": {"PatientID": facts.patient_id},
-        f"StudyDate={facts.month_range}": {"StudyDate": facts.month_range},
-        "ModalitiesInStudy=CT": {"ModalitiesInStudy": "CT"},
-        f"AccessionNumber={facts.accession_number}": {"AccessionNumber": facts.accession_number},
-    }
-    for name, matching in queries.items():
-        query = identifier(**matching)
-        timed_find(assoc, query)  # warm the caches once
-        repeat = args.repeat if "ModalitiesInStudy" not in name else max(3, args.repeat // 10)
-        samples, matches = [], 0
-        for _ in range(repeat):
-            seconds, matches = timed_find(assoc, query)
-            samples.append(seconds * 1000)
-        samples.sort()
-        p95 = samples[min(len(samples) - 1, int(len(samples) * 0.95))]
-        print(f"| {name} | {matches} | {statistics.median(samples):.1f} | {p95:.1f} |", flush=True)
-
-    seconds, matches, peak_mb = traced_find(assoc, identifier())
-    print(
-        f"\nuniversal C-FIND: {matches} matches streamed in {seconds:.1f} s (under tracemalloc); "
-        f"peak Python heap growth while streaming {peak_mb:.1f} MB (SCP and SCU together)"
-    )
-
     study_uid, series_uid = generate_uid(), generate_uid()
     files = work / "move"
     files.mkdir()

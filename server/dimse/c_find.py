@@ -1,7 +1,10 @@
 """C-FIND SCP (PS3.4 C.4.1): Patient Root and Study Root, hierarchical queries.
 
-Matches are streamed from a database cursor as pending responses, one at a time; a C-CANCEL
-stops the stream and closes the cursor (PS3.4 C.4.1.2.3.1).
+Matches are streamed from a database cursor as pending responses, written in batches straight
+to the association's socket (:mod:`server.dimse.c_find_responses`); a C-CANCEL stops the stream
+and closes the cursor (PS3.4 C.4.1.2.3.1). The final response, and every pending response of a
+context :mod:`server.dimse.c_find_responses` does not serve (big endian, deflate), go through
+pynetdicom, one message each.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from pydicom.dataset import Dataset
 from pynetdicom.events import Event
 
 from config import Settings
+from server.dimse.c_find_responses import ConnectionLost, PendingResponses, pending_responses
 from server.dimse.identifier import query_request, request_identifier, response_identifier
 from server.dimse.statuses import (
     CANCEL,
@@ -32,7 +36,8 @@ from storage.query import search
 log = logging.getLogger(__name__)
 
 # pynetdicom queues outgoing PDUs without bound; past this many unsent messages the handler
-# waits for the peer to read, so a slow SCU cannot make the SCP hold the whole result in memory.
+# waits for the peer to read, so a slow SCU cannot make the SCP hold the whole result in memory
+# (pynetdicom's one-message-per-match path only).
 MAX_QUEUED_RESPONSES = 32
 
 
@@ -58,12 +63,14 @@ def handle_c_find(
         dict(request.query.matching),
     )
     rows = search(archive, request.query)
+    batched: PendingResponses | None = pending_responses(event, request, settings.dimse.ae_title)
     matches = 0
     try:
         while True:
             try:
                 row: dict[str, Any] | None = next(rows, None)
             except StorageError as error:
+                _flush(batched)
                 yield _refusal(event, error), None
                 return
             if row is None:
@@ -71,11 +78,21 @@ def handle_c_find(
             # PS3.4 C.4.1.2.3.1: on C-CANCEL, stop matching and answer Cancel.
             if event.is_cancelled:
                 log.info("[%s] C-FIND cancelled after %d matches", assoc.name, matches)
+                if batched is not None:
+                    batched.discard()
                 yield CANCEL, None
                 return
-            _wait_for_peer(event)
             matches += 1
+            if batched is not None:
+                batched.add(row)
+                continue
+            _wait_for_peer(event)
             yield PENDING, response_identifier(request, row, settings.dimse.ae_title)
+        _flush(batched)
+    except ConnectionLost as error:
+        # pynetdicom's DUL sees the closed connection too and ends the association.
+        log.warning("[%s] C-FIND stopped after %d matches: %s", assoc.name, matches, error)
+        return
     except Exception:
         log.exception("[%s] C-FIND failed after %d matches", assoc.name, matches)
         yield status_dataset(UNABLE_TO_PROCESS, "internal error while matching"), None
@@ -91,8 +108,14 @@ def _refusal(event: Event, error: Exception) -> Dataset:
     return status_dataset(status, str(error))
 
 
+def _flush(batched: PendingResponses | None) -> None:
+    if batched is not None:
+        batched.flush()
+
+
 def _wait_for_peer(event: Event) -> None:
-    """Back-pressure: hold the next response while the peer has not read the earlier ones."""
+    """Back-pressure on pynetdicom's path (a batch blocks in sendall instead): hold the next
+    response while the peer has not read the earlier ones."""
     assoc = event.assoc
     queue = assoc.dul.to_provider_queue
     while queue.qsize() > MAX_QUEUED_RESPONSES and assoc.is_established:

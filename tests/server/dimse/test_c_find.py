@@ -27,9 +27,11 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelFind,
 )
 
+from server.dimse import c_find
 from server.dimse.ae import DimseServer
 from storage.archive import Archive, open_archive
 from storage.index.models import Patient, Study
+from storage.query import search
 from tests.conftest import BACKENDS, make_settings
 from tests.server.dimse.qr_seed import (
     FIND_SCU,
@@ -422,11 +424,20 @@ def test_c_cancel_stops_a_long_find(dimse_server: DimseServer, archive: Archive)
     assert echo_works(dimse_server)
 
 
-def test_find_longer_than_the_network_timeout_keeps_the_association(tmp_path: Path) -> None:
+def test_find_longer_than_the_network_timeout_keeps_the_association(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A C-FIND that streams for longer than ``network_timeout_s`` is an association at work,
     not an idle one: every match arrives, and the association still serves the next request
     (pynetdicom counts idleness from the last PDU received, which was the request)."""
-    # Streaming MANY responses takes the SCP longer than this (about 1 ms each).
+
+    def slow_search(archive: Archive, query: Any) -> Iterator[dict[str, Any]]:
+        # A slow cursor: streaming MANY responses takes the SCP about 1.5 s.
+        for row in search(archive, query):
+            time.sleep(0.0005)
+            yield row
+
+    monkeypatch.setattr(c_find, "search", slow_search)
     settings = make_settings(tmp_path, dimse={"network_timeout_s": 0.5})
     archive = open_archive(settings, migrate=True)
     _seed_many_studies(archive, "PAT-MANY")

@@ -1,0 +1,199 @@
+"""Pending C-FIND responses written in batches (server/dimse/c_find_responses.py) against real
+SCUs: many batches, fragments within a small peer maximum PDU length, both little endian
+transfer syntaxes, pynetdicom's own path for the others, DCMTK's findscu reading it all."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import subprocess
+from collections.abc import Iterator
+from io import BytesIO
+from pathlib import Path
+from queue import Queue
+from types import SimpleNamespace
+from typing import Any
+
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE
+from pynetdicom.dimse_primitives import C_FIND
+from pynetdicom.dsutils import decode
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    StudyRootQueryRetrieveInformationModelFind as FIND,
+)
+
+from server.dimse import c_find_responses
+from server.dimse.ae import DimseServer
+from storage.archive import Archive
+from tests.server.dimse.qr_seed import FIND_SCU, qr_associate
+from tests.server.dimse.scu import echo_works
+from tests.server.dimse.test_c_find import MANY, _seed_many_studies
+
+PATIENT_ID = "PAT-MANY"
+EXPECTED_UIDS = {f"1.2.826.0.1.3680043.8.498.78.{i}" for i in range(MANY)}
+
+
+@pytest.fixture
+def many(dimse_server: DimseServer, archive: Archive) -> DimseServer:
+    _seed_many_studies(archive, PATIENT_ID)
+    return dimse_server
+
+
+@pytest.fixture
+def batches(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
+    """The size in bytes of every batch the SCP writes."""
+    sizes: list[int] = []
+    flush = c_find_responses.PendingResponses.flush
+
+    def counted(self: c_find_responses.PendingResponses) -> None:
+        sizes.append(self._size)
+        flush(self)
+
+    monkeypatch.setattr(c_find_responses.PendingResponses, "flush", counted)
+    yield sizes
+
+
+def query() -> Dataset:
+    ds = Dataset()
+    ds.QueryRetrieveLevel = "STUDY"
+    ds.PatientID = PATIENT_ID
+    ds.PatientName = ""
+    ds.StudyInstanceUID = ""
+    ds.StudyDescription = ""
+    ds.RetrieveAETitle = ""
+    return ds
+
+
+def find(server: DimseServer, transfer_syntax: str, max_pdu: int) -> list[tuple[int, Dataset]]:
+    ae = AE(ae_title="PYNETDICOM")
+    ae.maximum_pdu_size = max_pdu
+    ae.add_requested_context(FIND, [transfer_syntax])
+    assoc = qr_associate(server, ae)
+    try:
+        responses = [(int(status.Status), ds) for status, ds in assoc.send_c_find(query(), FIND)]
+    finally:
+        assoc.release()
+    return responses
+
+
+@pytest.mark.parametrize(
+    "transfer_syntax", [ImplicitVRLittleEndian, ExplicitVRLittleEndian], ids=["ivr", "evr"]
+)
+@pytest.mark.parametrize("max_pdu", [0, 64, 16382], ids=["unlimited", "64", "16382"])
+def test_every_match_arrives_over_many_batches_and_pdus(
+    many: DimseServer, batches: list[int], transfer_syntax: str, max_pdu: int
+) -> None:
+    """PDUs of 64 bytes split the command set and every Identifier into several fragments."""
+    responses = find(many, transfer_syntax, max_pdu)
+    assert [status for status, _ in responses] == [0xFF00] * MANY + [0x0000]
+    uids = [str(ds.StudyInstanceUID) for _, ds in responses[:-1]]
+    assert set(uids) == EXPECTED_UIDS and len(uids) == MANY
+    for _, ds in responses[:-1]:
+        assert str(ds.PatientID) == PATIENT_ID and str(ds.PatientName) == "MANY^STUDIES"
+        assert ds.QueryRetrieveLevel == "STUDY"
+        assert ds.RetrieveAETitle == many.settings.dimse.ae_title
+        assert "StudyDescription" in ds and not ds.StudyDescription
+    assert len(batches) > 2 and max(batches) < 2 * c_find_responses.BATCH_BYTES
+
+
+def test_big_endian_gets_one_message_per_match(many: DimseServer, batches: list[int]) -> None:
+    """A transfer syntax the batches do not serve: pynetdicom's own path, same answers."""
+    responses = find(many, ExplicitVRBigEndian, 16382)
+    assert [status for status, _ in responses] == [0xFF00] * MANY + [0x0000]
+    assert {str(ds.StudyInstanceUID) for _, ds in responses[:-1]} == EXPECTED_UIDS
+    assert batches == []
+    assert echo_works(many)
+
+
+def test_findscu_reads_every_batch(many: DimseServer, batches: list[int], tmp_path: Path) -> None:
+    result = subprocess.run(
+        [FIND_SCU, "-S", "-aec", many.settings.dimse.ae_title, "--max-pdu", "4096",
+         "-k", "QueryRetrieveLevel=STUDY", "-k", f"PatientID={PATIENT_ID}", "-k", "PatientName",
+         "-k", "StudyInstanceUID", "-X", "-od", str(tmp_path), "127.0.0.1", str(many.port)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    files = sorted(tmp_path.glob("rsp*.dcm"))
+    uids = {str(pydicom.dcmread(path).StudyInstanceUID) for path in files}
+    assert len(files) == MANY and uids == EXPECTED_UIDS
+    assert len(batches) > 2
+
+
+def test_c_cancel_between_batches_answers_cancel(many: DimseServer, batches: list[int]) -> None:
+    """C-CANCEL after the first batch arrived: Cancel, and the association serves on."""
+    ae = AE()
+    ae.add_requested_context(FIND)
+    assoc = qr_associate(many, ae)
+    try:
+        statuses = []
+        for status, _ in assoc.send_c_find(query(), FIND, msg_id=9):
+            statuses.append(int(status.Status))
+            if len(statuses) == 1:
+                context_id = assoc._get_valid_context(FIND, "", "scu").context_id
+                assoc.send_c_cancel(9, context_id)
+        second = [int(status.Status) for status, _ in assoc.send_c_find(query(), FIND)]
+    finally:
+        assoc.release()
+    assert statuses[-1] == 0xFE00, statuses[-3:]
+    assert set(statuses[:-1]) == {0xFF00} and len(statuses) - 1 < MANY
+    assert second == [0xFF00] * MANY + [0x0000]
+    assert echo_works(many)
+
+
+class _Encoder:
+    def encode(self, row: dict[str, Any]) -> bytes:
+        return row["identifier"]
+
+
+@pytest.mark.parametrize("max_pdu", [0, 7, 64, 200], ids=lambda n: f"max-pdu-{n}")
+def test_p_data_tf_framing(max_pdu: int) -> None:
+    """PS3.8 9.3.5 / E.2: one PDV per PDU, within the peer's maximum length, fragments of
+    the command set (0x01 ... 0x03) and of the Identifier (0x00 ... 0x02) in order."""
+    command, identifiers = bytes(range(90)), [b"A" * 150, b"B" * 2, b"C" * 57]
+    assoc = SimpleNamespace(dul=SimpleNamespace(to_provider_queue=Queue()), is_established=True)
+    ours, peers = socket.socketpair()
+    with ours, peers:
+        responses = c_find_responses.PendingResponses(
+            assoc,  # type: ignore[arg-type]
+            ours,
+            5,
+            max_pdu,
+            command,
+            _Encoder(),  # type: ignore[arg-type]
+        )
+        for identifier in identifiers:
+            responses.add({"identifier": identifier})
+        responses.flush()
+        ours.shutdown(socket.SHUT_WR)
+        stream = b"".join(iter(lambda: peers.recv(65536), b""))
+    messages, fragments, offset = [], b"", 0
+    while offset < len(stream):
+        pdu_type, _, length = struct.unpack_from(">BBI", stream, offset)
+        item_length, context_id, control = struct.unpack_from(">IBB", stream, offset + 6)
+        assert pdu_type == 0x04 and context_id == 5 and item_length + 4 == length
+        assert max_pdu == 0 or length <= max_pdu
+        fragments += stream[offset + 12 : offset + 6 + length]
+        offset += 6 + length
+        if control & 2:
+            messages.append((control, fragments))
+            fragments = b""
+        else:
+            assert control in (0x00, 0x01)
+    expected = [(0x03, command), (0x02, identifiers[0]), (0x03, command), (0x02, identifiers[1])]
+    assert messages == [*expected, (0x03, command), (0x02, identifiers[2])]
+
+
+def test_pending_command_set() -> None:
+    """PS3.7 9.3.2.2 / E.1: C-FIND-RSP, Status Pending, a data set present, implicit VR LE."""
+    request = C_FIND()
+    request.MessageID = 42
+    request.AffectedSOPClassUID = FIND
+    encoded = c_find_responses._command_set(SimpleNamespace(request=request))  # type: ignore[arg-type]
+    command = decode(BytesIO(encoded), True, True)
+    assert command.CommandGroupLength == len(encoded) - 12  # after its own element
+    assert command.AffectedSOPClassUID == FIND and command.CommandField == 0x8020
+    assert command.MessageIDBeingRespondedTo == 42 and command.Status == 0xFF00
+    assert command.CommandDataSetType != 0x0101
