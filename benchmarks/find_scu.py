@@ -11,6 +11,8 @@ writes one JSON line per query to stdout: name, matches and the latency of each 
 (request sent to final response received), after one untimed run when ``warm_up``.
 
     python benchmarks/find_scu.py --port 11112 [--called-ae HILUM] < queries.json
+
+Other benchmarks drive it with :func:`find_from_another_process`.
 """
 
 from __future__ import annotations
@@ -19,8 +21,10 @@ import argparse
 import json
 import socket
 import struct
+import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from pydicom.dataset import Dataset
@@ -136,6 +140,20 @@ def identifier(matching: dict[str, str], return_keys: list[str]) -> Dataset:
     for keyword, value in matching.items():
         setattr(ds, keyword, value)
     return ds
+
+
+def find_from_another_process(
+    port: int, queries: list[dict[str, Any]], called_ae: str = "HILUM"
+) -> list[dict[str, Any]]:
+    """Run ``queries`` with this SCU in a subprocess, over one association to ``called_ae``."""
+    scu = [sys.executable, str(Path(__file__).resolve()), "--port", str(port)]
+    scu += ["--called-ae", called_ae]
+    result = subprocess.run(
+        scu, input=json.dumps(queries), capture_output=True, text=True, check=False
+    )
+    if result.returncode != 0:
+        raise SystemExit(f"the C-FIND SCU failed against {called_ae}: {result.stderr.strip()}")
+    return [json.loads(line) for line in result.stdout.splitlines()]
 
 
 def main() -> int:

@@ -28,7 +28,6 @@ asserted.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import statistics
 import subprocess
@@ -49,6 +48,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from benchmarks.find_scu import find_from_another_process  # noqa: E402
 from benchmarks.synthetic_index import build_synthetic_index  # noqa: E402
 from config import load_settings  # noqa: E402
 from server.dimse.ae import DimseServer  # noqa: E402
@@ -67,17 +67,6 @@ RETURN_KEYS = (
 
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-def find_from_another_process(port: int, queries: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Run ``queries`` with ``benchmarks/find_scu.py`` in a subprocess: one association."""
-    scu = [sys.executable, str(REPO / "benchmarks" / "find_scu.py"), "--port", str(port)]
-    result = subprocess.run(
-        scu, input=json.dumps(queries), capture_output=True, text=True, check=False
-    )
-    if result.returncode != 0:
-        raise SystemExit(f"the C-FIND SCU failed: {result.stderr.strip()}")
-    return [json.loads(line) for line in result.stdout.splitlines()]
 
 
 def traced(run: Any) -> tuple[Any, float]:

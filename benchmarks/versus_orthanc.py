@@ -4,8 +4,11 @@ WADO-RS metadata and WADO-RS frames.
 Both servers run on this machine at the same time, each in its own process: Hilum as
 ``hilum serve`` on its embedded default (SQLite + files; DICOMweb on werkzeug's threaded server),
 Orthanc 1.10 with its defaults and the DICOMweb plugin (Debian's ``orthanc`` and
-``orthanc-dicomweb``; without them the script says so and stops). The clients run in this
-process: pynetdicom with TCP_NODELAY for C-FIND, ``requests`` for DICOMweb.
+``orthanc-dicomweb``; without them the script says so and stops). C-FIND goes through the lean
+SCU of ``benchmarks/find_scu.py`` in a process of its own (a plain socket that reads each
+response only as far as its Status, so the figures are the SCP's, not a client's decoding), the
+same SCU, queries and return keys for both servers; DICOMweb through ``requests`` in this
+process.
 
 1. Queries. The same synthetic studies (real DICOM files: tiny 8x8 images, three series per
    study, two instances per series; patient names, dates, accession numbers and modalities drawn
@@ -13,8 +16,9 @@ process: pynetdicom with TCP_NODELAY for C-FIND, ``requests`` for DICOMweb.
    Orthanc through its REST API. For each study-level query of the issues (PatientName prefix
    wild card, PatientID, a one-month StudyDate range, ModalitiesInStudy=CT, AccessionNumber):
    C-FIND (Study Root, STUDY level, the usual return keys, one association per server) and
-   QIDO-RS ``/studies``, p50 / p95 until the last response / the whole body. Match counts are
-   printed for both servers, so a difference in what was matched is visible.
+   QIDO-RS ``/studies``, each after one untimed run, p50 / p95 until the final response / the
+   whole body. Match counts are printed for both servers, so a difference in what was matched
+   is visible.
 2. STOW-RS: a 1 000-instance CT series (64x64) in requests of 50 instances; instances/s.
 3. WADO-RS metadata of that series; p50 / p95.
 4. WADO-RS frames of a 256-frame JPEG whole-slide image stored with STOW-RS: random frames,
@@ -26,6 +30,9 @@ through C-STORE/REST only, so 1 M instances would take hours; the ratios are the
 interest. Nothing is asserted.
 
     .venv/bin/python benchmarks/versus_orthanc.py [--studies 2000] [--repeat 20]
+
+Hilum is started with this interpreter (``python -m server.cli serve``) on this checkout's
+packages.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import io
+import os
 import random
 import sys
 import tempfile
@@ -42,13 +50,10 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
-from pynetdicom import AE, evt
-from pynetdicom.sop_class import (  # type: ignore[attr-defined]
-    StudyRootQueryRetrieveInformationModelFind as FIND,
-)
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -60,11 +65,11 @@ from benchmarks.dicomweb import (  # noqa: E402
     percentiles,
     stow_body,
 )
+from benchmarks.find_scu import find_from_another_process  # noqa: E402
 from benchmarks.orthanc import RunningOrthanc, orthanc_installed, running_orthanc  # noqa: E402
 from benchmarks.processes import accepts_tcp, free_port, progress, running  # noqa: E402
 from benchmarks.synthetic_index import GIVEN, MODALITIES, SURNAMES  # noqa: E402
 from config import load_settings  # noqa: E402
-from server.dimse.transport import disable_nagle  # noqa: E402
 from storage.archive import open_archive  # noqa: E402
 from storage.ingest import ingest_file  # noqa: E402
 from tests.factories import ct_instance  # noqa: E402
@@ -127,18 +132,20 @@ def timed(run: Callable[[], int], repeat: int) -> tuple[float, float, int]:
     return p50, p95, matches
 
 
-def c_find(assoc: object, matching: dict[str, str]) -> Callable[[], int]:
-    def run() -> int:
-        ds = Dataset()
-        ds.QueryRetrieveLevel = "STUDY"
-        for keyword in RETURN_KEYS:
-            setattr(ds, keyword, "")
-        for keyword, value in matching.items():
-            setattr(ds, keyword, value)
-        responses = assoc.send_c_find(ds, FIND)  # type: ignore[attr-defined]
-        return sum(1 for status, _ in responses if status and status.Status in (0xFF00, 0xFF01))
-
-    return run
+def c_find(port: int, ae_title: str, queries: dict[str, dict[str, str]],
+           repeat: int) -> dict[str, tuple[float, float, int]]:  # fmt: skip
+    """Each query ``repeat`` times after one untimed run, by ``benchmarks/find_scu.py`` in a
+    process of its own over one association: query name -> (p50 ms, p95 ms, matches)."""
+    requests: list[dict[str, Any]] = [
+        {"name": name, "matching": matching, "return_keys": list(RETURN_KEYS),
+         "repeat": repeat, "warm_up": True}
+        for name, matching in queries.items()
+    ]  # fmt: skip
+    found = find_from_another_process(port, requests, called_ae=ae_title)
+    return {
+        run["name"]: (*percentiles([ms / 1000 for ms in run["ms"]]), run["matches"])
+        for run in found
+    }
 
 
 def qido(url: str, matching: dict[str, str]) -> Callable[[], int]:
@@ -155,17 +162,6 @@ def qido(url: str, matching: dict[str, str]) -> Callable[[], int]:
         return len(json.loads(body)) if body else 0
 
     return run
-
-
-def associate(port: int, ae_title: str) -> object:
-    ae = AE(ae_title="BENCH")
-    ae.add_requested_context(FIND)
-    assoc = ae.associate(
-        "127.0.0.1", port, ae_title=ae_title, evt_handlers=[(evt.EVT_CONN_OPEN, disable_nagle)]
-    )
-    if not assoc.is_established:
-        raise RuntimeError(f"{ae_title} refused the association")
-    return assoc
 
 
 def main() -> int:
@@ -202,8 +198,10 @@ def main() -> int:
             "HILUM_DIMSE__PORT": str(dimse_port),
             "HILUM_HTTP__PORT": str(http_port),
             "HILUM_INFERENCE__SERVE_WORKER": "false",
+            # This checkout's packages, not those an editable install of another one points at.
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
         }
-        command = [str(REPO / ".venv" / "bin" / "hilum"), "serve"]
+        command = [sys.executable, "-m", "server.cli", "serve"]
         with running(command, work / "hilum.log", accepts_tcp(http_port), env=env):
             compare(args, orthanc, dimse_port, http_port, stored)
             transactions(args, f"http://127.0.0.1:{http_port}/dicomweb", f"{orthanc.url}/dicom-web")
@@ -212,8 +210,6 @@ def main() -> int:
 
 def compare(args: argparse.Namespace, orthanc: RunningOrthanc, dimse_port: int,
             http_port: int, stored: int) -> None:  # fmt: skip
-    hilum_assoc = associate(dimse_port, "HILUM")
-    orthanc_assoc = associate(orthanc.dicom_port, orthanc.ae_title)
     middle = args.studies // 2
     month = (FIRST_DAY + datetime.timedelta(days=middle * 3652 // args.studies)).strftime("%Y%m")
     queries = {
@@ -230,24 +226,23 @@ def compare(args: argparse.Namespace, orthanc: RunningOrthanc, dimse_port: int,
     print("| query | protocol | matches Hilum / Orthanc | Hilum p50 / p95 | "
           "Orthanc p50 / p95 | ratio |")  # fmt: skip
     print("|---|---|---|---|---|---|")
+    progress("C-FIND, Hilum then Orthanc")
+    hilum_find = c_find(dimse_port, "HILUM", queries, args.repeat)
+    orthanc_find = c_find(orthanc.dicom_port, orthanc.ae_title, queries, args.repeat)
     for name, matching in queries.items():
-        runs = {
-            "C-FIND": (c_find(hilum_assoc, matching), c_find(orthanc_assoc, matching)),
+        figures = {
+            "C-FIND": (hilum_find[name], orthanc_find[name]),
             "QIDO-RS": (
-                qido(f"http://127.0.0.1:{http_port}/dicomweb", matching),
-                qido(f"{orthanc.url}/dicom-web", matching),
+                timed(qido(f"http://127.0.0.1:{http_port}/dicomweb", matching), args.repeat),
+                timed(qido(f"{orthanc.url}/dicom-web", matching), args.repeat),
             ),
         }
-        for protocol, (hilum_run, orthanc_run) in runs.items():
-            h50, h95, hn = timed(hilum_run, args.repeat)
-            o50, o95, on = timed(orthanc_run, args.repeat)
+        for protocol, ((h50, h95, hn), (o50, o95, on)) in figures.items():
             print(
                 f"| {name} | {protocol} | {hn} / {on} | {h50:.1f} / {h95:.1f} | "
                 f"{o50:.1f} / {o95:.1f} | {o50 / h50:.2f} |",
                 flush=True,
             )
-    hilum_assoc.release()  # type: ignore[attr-defined]
-    orthanc_assoc.release()  # type: ignore[attr-defined]
 
 
 def transactions(args: argparse.Namespace, hilum: str, orthanc: str) -> None:
