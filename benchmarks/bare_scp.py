@@ -37,11 +37,15 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--out", type=Path, required=True, help="folder for received files")
     parser.add_argument("--ae-title", default="BARESCP")
+    parser.add_argument(
+        "--max-pdu", type=int, default=16382, help="Maximum Length Received (0: no limit)"
+    )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 
     ae = AE(ae_title=args.ae_title)
     ae.maximum_associations = 32
+    ae.maximum_pdu_size = args.max_pdu
     ae.add_supported_context(CTImageStorage, TRANSFER_SYNTAXES)
     server = ae.start_server(
         ("127.0.0.1", args.port),

@@ -13,7 +13,8 @@ Targets, each started fresh for every measurement on free loopback ports, and st
 * ``hilum serve`` on PostgreSQL (a fresh ``hilum_bench_*`` database on 127.0.0.1:5432) and
   S3 (a SeaweedFS ``weed mini`` server, one per run of this script, a fresh bucket per
   measurement);
-* ``benchmarks/bare_scp.py``: pynetdicom writing each data set to a file, nothing else;
+* ``benchmarks/bare_scp.py``: pynetdicom writing each data set to a file, nothing else (with
+  Hilum's default Maximum Length Received, so that both receive the same PDUs);
 * Orthanc, with its defaults (SQLite, fsync), when Debian's ``orthanc`` package is installed.
 
 Reported: instances/s and MB/s (MB = 10^6 bytes of the Part 10 files sent) and "lost": the
@@ -59,11 +60,13 @@ from benchmarks.processes import (  # noqa: E402
     accepts_tcp,
     answers_http,
     free_port,
+    printed,
     progress,
     running,
     start_process,
     stop_process,
 )
+from config.settings import DimseSettings  # noqa: E402
 
 VENV_BIN = REPO / ".venv" / "bin"
 HILUM = VENV_BIN / "hilum"
@@ -217,7 +220,9 @@ def hilum(
     port = free_port()
     log = workdir / "hilum.log"
     env = {"HILUM_SERVER__DATA_DIR": str(workdir / "data"), "HILUM_DIMSE__PORT": str(port), **env}
-    with running([HILUM, "serve"], log, accepts_tcp(port), env):
+    # Measured once all of it runs: while the AI worker imports torch and loads its models,
+    # the DIMSE port already accepts, at a fraction of the steady rate.
+    with running([HILUM, "serve"], log, printed(log, "Hilum is listening"), env):
         yield Target(name, "HILUM", port, count, [log])
 
 
@@ -278,7 +283,9 @@ def hilum_postgres_s3(s3_port: int) -> Callable[[Path], contextlib.AbstractConte
 def bare_scp(workdir: Path) -> Iterator[Target]:
     port = free_port()
     out = workdir / "received"
-    command = [sys.executable, BARE_SCP, "--port", str(port), "--out", out]
+    # The same Maximum Length Received as Hilum's default: the ceiling receives as Hilum does.
+    max_pdu = DimseSettings().max_pdu_length
+    command = [sys.executable, BARE_SCP, "--port", str(port), "--out", out, "--max-pdu", max_pdu]
     log = workdir / "bare_scp.log"
     with running(command, log, accepts_tcp(port)):
         yield Target(BARE, "BARESCP", port, lambda: len(list(out.glob("*.dcm"))), [log])

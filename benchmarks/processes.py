@@ -99,6 +99,16 @@ def accepts_tcp(port: int) -> Callable[[], bool]:
     return ready
 
 
+def printed(log: Path, text: str) -> Callable[[], bool]:
+    """Ready once the process wrote ``text`` to its log (``hilum serve``: "Hilum is listening",
+    after its AI worker loaded the models; its DIMSE port accepts connections before that)."""
+
+    def ready() -> bool:
+        return log.is_file() and text in log.read_text(errors="replace")
+
+    return ready
+
+
 def answers_http(url: str) -> Callable[[], bool]:
     def ready() -> bool:
         try:

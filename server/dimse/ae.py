@@ -39,6 +39,7 @@ def build_ae(settings: Settings) -> AE:
     dimse = settings.dimse
     ae = AE(ae_title=dimse.ae_title)
     ae.maximum_associations = dimse.max_associations
+    ae.maximum_pdu_size = dimse.max_pdu_length
     ae.network_timeout = dimse.network_timeout_s
     ae.acse_timeout = 30
     ae.dimse_timeout = dimse.network_timeout_s

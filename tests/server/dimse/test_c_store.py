@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -174,6 +175,30 @@ def test_storescu_reports_success_and_echo(dimse_server: DimseServer, tmp_path: 
         capture_output=True, timeout=30,
     )  # fmt: skip
     assert echo.returncode == 0 and echo_works(dimse_server)
+
+
+@pytest.mark.parametrize("max_pdu_length", [65536, 0], ids=["64KiB", "unlimited"])
+def test_max_pdu_length_is_offered_and_large_pdus_are_received(
+    tmp_path: Path, max_pdu_length: int
+) -> None:
+    settings = make_settings(tmp_path, dimse={"max_pdu_length": max_pdu_length})
+    archive = open_archive(settings, migrate=True)
+    server = DimseServer(settings, archive)
+    server.start()
+    try:
+        ds = ct_instance(size=512)  # 512 KiB of pixel data: several PDUs, or one unlimited
+        result = storescu(server, [write_part10(ds, tmp_path / "ct.dcm")], "-d")
+        # PS3.8 D.1.1: the A-ASSOCIATE-AC carries Hilum's Maximum Length Received (storescu's
+        # debug output shows the A-ASSOCIATE-RQ's parameters first, then the AC's).
+        offered = re.findall(r"Their Max PDU Receive Size: +(\d+)", result.stderr)
+        assert offered[-1] == str(max_pdu_length), result.stderr
+        assert result.returncode == 0 and list(_stored(archive)) == [ds.SOPInstanceUID]
+        (key, _syntax) = _stored(archive)[ds.SOPInstanceUID]
+        stored = pydicom.dcmread(_read_blob(archive, key, tmp_path))
+        assert data_set_differences(stored, ds) == []
+    finally:
+        server.stop()
+        archive.close()
 
 
 @pytest.mark.parametrize("backend", ["sqlite-files"])
