@@ -15,6 +15,7 @@ from storage.archive import Archive, open_archive
 from storage.errors import InvalidInstance, SOPClassMismatch
 from storage.index.models import Instance, Patient, Series, Study
 from storage.ingest import IngestOutcome, Origin, ingest_file
+from storage.verify import verify_archive
 from tests.factories import ct_instance, dataset_bytes, write_part10
 
 
@@ -204,3 +205,40 @@ def test_concurrent_ingest_of_one_study_loses_nothing(archive: Archive, tmp_path
             stored = stream.read()
         assert stored == by_uid[uid].read_bytes()
     assert dataset_bytes(shared)  # the shared file is a readable Part 10 file
+
+
+def test_racing_senders_of_one_instance_that_consume_their_files(
+    archive: Archive, tmp_path: Path
+) -> None:
+    """Eight threads store different content under one SOP Instance UID at once, each handing
+    over its received file (``consume``, as C-STORE does): the losers of each round retry
+    without their file, which is already in the store. Every call succeeds, one version is
+    stored, and no blob is left without a row."""
+    study, series, sop = generate_uid(), generate_uid(), generate_uid()
+    received = [
+        write_part10(ct_instance(study, series, sop, seed=n), tmp_path / f"received-{n}.dcm")
+        for n in range(8)
+    ]
+    contents = {path.read_bytes() for path in received}
+    barrier = threading.Barrier(len(received))
+    errors: list[BaseException] = []
+
+    def send(path: Path) -> None:
+        barrier.wait()
+        try:
+            ingest_file(archive, path, consume=True)
+        except BaseException as error:  # noqa: BLE001 (reported below)
+            errors.append(error)
+
+    threads = [threading.Thread(target=send, args=(path,)) for path in received]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert errors == []
+    assert _count(archive, Instance) == 1
+    (key,) = archive.blobs.list_keys()
+    with archive.blobs.open(key) as stream:
+        assert stream.read() in contents
+    assert verify_archive(archive).ok
