@@ -166,6 +166,14 @@ def build_synthetic_index(
     return _facts(archive, studies, instance_pk)
 
 
+def existing_index_facts(archive: Archive) -> SyntheticIndexFacts | None:
+    """The facts of a synthetic index built earlier in this database; None when it is empty."""
+    with archive.index.read() as session:
+        studies = session.execute(select(func.count()).select_from(Study)).scalar_one()
+        instances = session.execute(select(func.count()).select_from(Instance)).scalar_one()
+    return _facts(archive, studies, instances) if studies else None
+
+
 def _facts(archive: Archive, studies: int, instances: int) -> SyntheticIndexFacts:
     middle = max(1, studies // 2)
     with archive.index.read() as session:
