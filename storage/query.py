@@ -123,15 +123,20 @@ _STORED: dict[str, tuple[QueryLevel, Any]] = {
 }
 
 
+# count(*), not count(id): PostgreSQL can then count from the foreign-key index alone (an index-only
+# scan, once VACUUM has marked the pages all-visible).
+
+
 def _count_patient_studies() -> Any:
     s = aliased(Study)
-    return select(func.count(s.id)).where(s.patient_pk == Patient.id).scalar_subquery()
+    return select(func.count()).select_from(s).where(s.patient_pk == Patient.id).scalar_subquery()
 
 
 def _count_patient_series() -> Any:
     s, se = aliased(Study), aliased(Series)
     return (
-        select(func.count(se.id))
+        select(func.count())
+        .select_from(se)
         .join(s, se.study_pk == s.id)
         .where(s.patient_pk == Patient.id)
         .scalar_subquery()
@@ -141,7 +146,8 @@ def _count_patient_series() -> Any:
 def _count_patient_instances() -> Any:
     s, se, i = aliased(Study), aliased(Series), aliased(Instance)
     return (
-        select(func.count(i.id))
+        select(func.count())
+        .select_from(i)
         .join(se, i.series_pk == se.id)
         .join(s, se.study_pk == s.id)
         .where(s.patient_pk == Patient.id)
@@ -151,13 +157,14 @@ def _count_patient_instances() -> Any:
 
 def _count_study_series() -> Any:
     se = aliased(Series)
-    return select(func.count(se.id)).where(se.study_pk == Study.id).scalar_subquery()
+    return select(func.count()).select_from(se).where(se.study_pk == Study.id).scalar_subquery()
 
 
 def _count_study_instances() -> Any:
     se, i = aliased(Series), aliased(Instance)
     return (
-        select(func.count(i.id))
+        select(func.count())
+        .select_from(i)
         .join(se, i.series_pk == se.id)
         .where(se.study_pk == Study.id)
         .scalar_subquery()
@@ -166,7 +173,7 @@ def _count_study_instances() -> Any:
 
 def _count_series_instances() -> Any:
     i = aliased(Instance)
-    return select(func.count(i.id)).where(i.series_pk == Series.id).scalar_subquery()
+    return select(func.count()).select_from(i).where(i.series_pk == Series.id).scalar_subquery()
 
 
 # Attributes computed from the levels below (PS3.4 C.3.4): keyword -> (level, expression factory).
@@ -265,8 +272,10 @@ def search(archive: Archive, query: Query) -> Iterator[dict[str, Any]]:
         statement = statement.limit(query.limit)
     with database_errors(), archive.index.read() as session:
         result = session.execute(statement.execution_options(yield_per=_BATCH))
+        # Rows are read by position: a lookup by name costs each of thousands of rows more than
+        # its SQL.
         for row in result:
-            yield {keyword: _value(keyword, row._mapping[keyword]) for keyword in wanted}
+            yield {key: _value(key, value) for key, value in zip(wanted, row, strict=True)}
 
 
 def locate_instances(
