@@ -71,9 +71,10 @@ class DimseSettings(_Section):
     ae_title: str = "HILUM"
     port: int = Field(11112, ge=1, le=65535)
     max_associations: int = Field(32, ge=1)
-    # PS3.8 D.1.1 Maximum Length Received: the largest P-DATA-TF PDU a peer may send (0: no
-    # limit). Large PDUs cut the per-PDU work of receiving an image; a peer still sends less.
-    max_pdu_length: int = Field(262144, ge=0)
+    # PS3.8 D.1.1 Maximum Length Received: the largest P-DATA-TF PDU a peer may send. Large
+    # PDUs cut the per-PDU work of receiving an image; pynetdicom holds a whole PDU in memory
+    # before writing it to the data set's file, hence a bound (and no "0 = unlimited").
+    max_pdu_length: int = Field(262144, ge=4096, le=16 * 1024 * 1024)
     # Reject associations whose Called AE Title is not ``ae_title``.
     require_called_ae_title: bool = False
     # Calling AE titles allowed to associate. Empty: any calling AE while bound to loopback;

@@ -27,6 +27,8 @@ from storage.errors import NotFound, StorageUnavailable
 
 _KEY = re.compile(r"^[0-9a-f]{2}/[0-9a-f]{64}/[0-9a-f]{64}/[0-9a-f]{64}\.[0-9a-f]{16}\.dcm$")
 _COPY_CHUNK = 1 << 20
+# os.link's errors that mean "copy instead": another filesystem, no hard links there.
+_NO_HARD_LINK = {errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP}
 
 
 def _uid_hash(*parts: str) -> str:
@@ -53,11 +55,11 @@ def is_blob_key(key: str) -> bool:
 
 
 class BlobStore(Protocol):
-    def put(self, key: str, path: Path, *, consume: bool = False) -> None:
+    def put(self, key: str, path: Path, *, may_link: bool = False) -> None:
         """Store the file at ``path`` under ``key``, durably, replacing nothing half-way.
 
-        ``consume``: the caller no longer needs the file (a temporary file of the data
-        directory), so a backend may move it into the store instead of copying it.
+        ``may_link``: the file is Hilum's own temporary file, never written again (the caller
+        deletes it afterwards), so a backend may hard-link it into the store instead of copying.
         """
 
     def open(self, key: str) -> BinaryIO:
@@ -90,11 +92,11 @@ class FileBlobStore:
             raise ValueError(f"not a blob key: {key!r}")
         return self.root / key
 
-    def put(self, key: str, path: Path, *, consume: bool = False) -> None:
+    def put(self, key: str, path: Path, *, may_link: bool = False) -> None:
         target = self._path(key)
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
-            if consume and self._move(path, target):
+            if may_link and self._link(path, target):
                 return
             fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
             try:
@@ -112,20 +114,31 @@ class FileBlobStore:
             raise StorageUnavailable(f"cannot write blob {key}: {exc.strerror or exc}") from exc
 
     @staticmethod
-    def _move(path: Path, target: Path) -> bool:
-        """Rename ``path`` to ``target`` durably; False when they lie on different filesystems.
+    def _link(path: Path, target: Path) -> bool:
+        """Hard-link ``path`` into place as ``target``, durably; False where links cannot be
+        made (another filesystem, or one without hard links): the caller copies instead.
 
-        A renamed file is as complete as a copied one: its data is fsynced before the rename,
-        and a same-key target holds the same content (the key carries the content hash).
+        The linked file is as complete as a copy: its data is fsynced first, the link is made
+        under a temporary name and renamed over ``target`` (a same-key target holds the same
+        content: the key carries the content hash). The caller's name stays valid, so a retry
+        can place the same file again, and deleting it leaves the blob.
         """
         with open(path, "rb") as src:
             os.fsync(src.fileno())
+        tmp_name = target.parent / f".tmp-{os.urandom(8).hex()}"
         try:
-            os.replace(path, target)
+            os.link(path, tmp_name)
         except OSError as exc:
-            if exc.errno == errno.EXDEV:
+            if exc.errno in _NO_HARD_LINK:
                 return False
             raise
+        try:
+            os.replace(tmp_name, target)
+        finally:
+            # POSIX rename(2): when both names already link the same file (a retry placing the
+            # same file again) it does nothing, and the temporary name would stay.
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp_name)
         _fsync_directory(target.parent)
         return True
 
@@ -200,7 +213,7 @@ class S3BlobStore:
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             raise StorageUnavailable(f"S3 store unreachable ({what}): {exc}") from exc
 
-    def put(self, key: str, path: Path, *, consume: bool = False) -> None:
+    def put(self, key: str, path: Path, *, may_link: bool = False) -> None:
         if not is_blob_key(key):
             raise ValueError(f"not a blob key: {key!r}")
         with self._unavailable_on_error(key):

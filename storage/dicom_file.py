@@ -268,6 +268,9 @@ def _dataset_json(dataset: Dataset) -> dict[str, Any]:
         raw = dataset.get_item(tag)
         try:
             fast = _fast_element_json(raw) if isinstance(raw, RawDataElement) else None
+        except (ValueError, struct.error):  # not a value the fast path knows: pydicom's turn
+            fast = None
+        try:
             if fast is not None:
                 encoded[f"{tag:08X}"] = fast
                 continue
@@ -283,14 +286,18 @@ def _dataset_json(dataset: Dataset) -> dict[str, Any]:
 
 
 # What pydicom (3.x, default settings) makes of each VR's raw value, without building a
-# DataElement: half of an ingest's metadata cost. Anything else goes through pydicom.
+# DataElement: half of an ingest's metadata cost. Anything else goes through pydicom. Where
+# pydicom fails on a value this reads (a PN ending in "^" under an ISO 2022 character set), the
+# value is kept rather than left out.
 _BINARY_FORMATS = {"US": "H", "SS": "h", "UL": "L", "SL": "l", "FL": "f", "FD": "d",
                    "SV": "q", "UV": "Q"}  # fmt: skip
 _SPLIT_RSTRIPPED = {"AS", "CS", "DA", "DT", "TM"}  # the whole value rstripped, then split
 _SPLIT_EACH_RSTRIPPED = {"LO", "SH", "UC"}  # split, then each value rstripped of NUL/space
 _SINGLE = {"LT", "ST", "UT"}  # never split: backslash is text
-_IS = re.compile(r"^\s*[+-]?[0-9]+\s*$")
-_DS = re.compile(r"^\s*[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?\s*$")
+# PS3.5 6.2: IS at most 12 characters (pydicom rounds longer ones through float), DS 16;
+# only spaces around the number (float() refuses other characters str.strip() would drop).
+_IS = re.compile(r"^ *[+-]?[0-9]{1,11} *$")
+_DS = re.compile(r"^ *[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)? *$")
 
 
 def _fast_element_json(raw: RawDataElement) -> dict[str, Any] | None:
@@ -319,7 +326,7 @@ def _fast_element_json(raw: RawDataElement) -> dict[str, Any] | None:
     elif vr in _SPLIT_EACH_RSTRIPPED:
         values = [v.rstrip("\x00 ") for v in text.split("\\")]
     elif vr == "UI":
-        values = text.rstrip("\x00 ").split("\\")
+        values = [v.strip() for v in text.rstrip("\x00 ").split("\\")]
     elif vr == "AE":
         values = [v.strip() for v in text.split("\\")]
     elif vr in _SINGLE:

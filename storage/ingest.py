@@ -72,15 +72,15 @@ def ingest_file(
     origin: Origin = Origin(),
     *,
     header: InstanceHeader | None = None,
-    consume: bool = False,
+    temporary: bool = False,
 ) -> IngestResult:
     """Store the DICOM Part 10 file at ``path`` (which the caller keeps and removes).
 
     ``header`` is the caller's own :func:`read_instance_header` of the same file, when it had
     to read it first (STOW-RS checks the Study Instance UID of each part): not parsed twice.
-    ``consume``: ``path`` is a temporary file of the data directory that the caller would
-    delete anyway (a received C-STORE or STOW-RS part); the blob store may move it instead of
-    copying it, so it may be gone afterwards.
+    ``temporary``: ``path`` is Hilum's own temporary file under the data directory, never
+    written again (a received C-STORE data set or STOW-RS part): the filesystem blob store may
+    hard-link it instead of copying it.
     """
     header = header or read_instance_header(path)
     _check_announced(header, origin)
@@ -89,25 +89,16 @@ def ingest_file(
     digest, size = _sha256(path)
 
     # Another association may insert or replace the same instance between our read and our
-    # write; each retry sees the row it committed. Every round, one of the racers wins. The blob
-    # is written once and kept across retries (a consumed file exists only once); it is removed
-    # if this call ends without a row of its own referring to it.
-    placed: list[str] = []
-    try:
-        for _attempt in range(_MAX_ATTEMPTS):
-            try:
-                result = _store(archive, path, header, digest, size, origin, consume, placed)
-            except (exc.IntegrityError, _ConcurrentChange):
-                continue
-            if result.outcome in (IngestOutcome.DUPLICATE, IngestOutcome.KEPT_EXISTING):
-                _discard_unreferenced(archive, placed)
-            return result
-        raise StorageUnavailable(
-            f"SOP Instance {header.sop_instance_uid} kept changing during {_MAX_ATTEMPTS} attempts"
-        )
-    except BaseException:
-        _discard_unreferenced(archive, placed)
-        raise
+    # write; each retry sees the row it committed. Every round, one of the racers wins. Each
+    # attempt writes the blob again: a concurrent delete may have removed it since the last.
+    for _attempt in range(_MAX_ATTEMPTS):
+        try:
+            return _store(archive, path, header, digest, size, origin, temporary)
+        except (exc.IntegrityError, _ConcurrentChange):
+            continue
+    raise StorageUnavailable(
+        f"SOP Instance {header.sop_instance_uid} kept changing during {_MAX_ATTEMPTS} attempts"
+    )
 
 
 def _check_announced(header: InstanceHeader, origin: Origin) -> None:
@@ -168,10 +159,8 @@ def _store(
     digest: str,
     size: int,
     origin: Origin,
-    consume: bool,
-    placed: list[str],
+    temporary: bool,
 ) -> IngestResult:
-    """One attempt; ``placed`` holds the blob key once this call has written the blob."""
     partition = archive.partition
     with archive.index.read() as session:
         existing = (
@@ -196,21 +185,23 @@ def _store(
     # Everything but the series' primary key, before the write transaction: on SQLite it holds
     # the one write lock, which every other association waits for.
     values = _instance_values(header, key, digest, size, origin)
-    if key not in placed:
-        archive.blobs.put(key, path, consume=consume)
-        placed.append(key)
-    with archive.index.write() as session:
-        connection = session.connection()
-        values["series_pk"] = _upsert_hierarchy(connection, partition, header.dataset)
-        if existing is None:
-            connection.execute(_INSERT_INSTANCE, {"partition": partition, **values})
-        else:
-            rows = connection.execute(
-                _REPLACE_INSTANCE,
-                {"existing_id": existing.id, "existing_sha": existing.sha256, **values},
-            ).rowcount
-            if rows != 1:
-                raise _ConcurrentChange(header.sop_instance_uid)
+    archive.blobs.put(key, path, may_link=temporary)
+    try:
+        with archive.index.write() as session:
+            connection = session.connection()
+            values["series_pk"] = _upsert_hierarchy(connection, partition, header.dataset)
+            if existing is None:
+                connection.execute(_INSERT_INSTANCE, {"partition": partition, **values})
+            else:
+                rows = connection.execute(
+                    _REPLACE_INSTANCE,
+                    {"existing_id": existing.id, "existing_sha": existing.sha256, **values},
+                ).rowcount
+                if rows != 1:
+                    raise _ConcurrentChange(header.sop_instance_uid)
+    except BaseException:
+        _discard_unreferenced(archive, key)
+        raise
 
     if existing is None:
         return result(IngestOutcome.STORED)
@@ -219,11 +210,10 @@ def _store(
     return result(IngestOutcome.REPLACED)
 
 
-def _discard_unreferenced(archive: Archive, placed: list[str]) -> None:
-    """Remove the blob an ingest wrote but did not commit a row for, unless a committed row uses
-    it (a concurrent sender of the same content won the race and stored the same key)."""
-    for key in placed:
-        delete_blob_unless_referenced(archive, key)
+def _discard_unreferenced(archive: Archive, key: str) -> None:
+    """Remove a blob whose index transaction failed, unless a committed row uses it (a
+    concurrent sender of the same content won the race and stored the same key)."""
+    delete_blob_unless_referenced(archive, key)
 
 
 def _delete_quietly(archive: Archive, key: str) -> None:

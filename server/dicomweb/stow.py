@@ -160,7 +160,7 @@ class StoreTransaction:
                 failed.append(_failed(sop_class, sop_instance, STUDY_INSTANCE_UID_MISMATCH))
                 return
             # The spooled part lies under <data_dir>/tmp and is deleted after this part.
-            result = ingest_file(self.archive, path, Origin(), header=header, consume=True)
+            result = ingest_file(self.archive, path, Origin(), header=header, temporary=True)
         except StorageError as error:
             log.info("STOW-RS part %s refused: %s", sop_instance or "(unparsed)", error)
             failed.append(_failed(sop_class, sop_instance, failure_reason_for(error)))

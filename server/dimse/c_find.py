@@ -62,8 +62,8 @@ def handle_c_find(
         request.query.level.value,
         dict(request.query.matching),
     )
-    rows = search(archive, request.query)
     batched: PendingResponses | None = pending_responses(event, request, settings.dimse.ae_title)
+    rows = search(archive, request.query)
     matches = 0
     try:
         while True:

@@ -26,8 +26,8 @@ def handle_c_store(event: Event, archive: Archive) -> int | Dataset:
     )
     try:
         # STORE_RECV_CHUNKED_DATASET: pynetdicom wrote the data set, as received, to a file
-        # under <data_dir>/tmp that it deletes after this handler (a missing file is fine).
-        result = ingest_file(archive, event.dataset_path, origin, consume=True)
+        # under <data_dir>/tmp that it deletes after this handler.
+        result = ingest_file(archive, event.dataset_path, origin, temporary=True)
     except StorageError as error:
         status = status_for(error)
         log.warning(

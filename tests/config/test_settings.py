@@ -48,6 +48,8 @@ def test_hilum_config_variable_names_the_file(
         "[dimse]\nae_title = 'WAY-TOO-LONG-AE-TITLE'\n",  # PS3.5: 16 characters at most
         "[dimse]\nae_title = 'BAD\\\\AE'\n",  # backslash
         "[storage]\non_duplicate = 'merge'\n",
+        "[dimse]\nmax_pdu_length = 0\n",  # no "unlimited": pynetdicom holds a whole PDU
+        "[dimse]\nmax_pdu_length = 1073741824\n",
         "[nonsense]\nx = 1\n",
     ],
 )

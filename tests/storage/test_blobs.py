@@ -66,28 +66,32 @@ def test_filesystem_refuses_keys_that_are_not_blob_keys(tmp_path: Path) -> None:
     assert not (tmp_path / "outside.dcm").exists()
 
 
-def test_put_consume_stores_the_file_and_the_caller_need_not_keep_it(
+def test_put_may_link_stores_the_file_and_the_caller_may_delete_it(
     archive: Archive, tmp_path: Path
 ) -> None:
     payload = b"DICM" * 5000
     source = tmp_path / "received.dcm"
     source.write_bytes(payload)
-    archive.blobs.put(KEY, source, consume=True)
-    source.unlink(missing_ok=True)  # what the caller does next
+    archive.blobs.put(KEY, source, may_link=True)
+    source.unlink()  # what the caller does next
     with archive.blobs.open(KEY) as stream:
         assert stream.read() == payload
     assert list(archive.blobs.list_keys()) == [KEY]
 
 
-def test_filesystem_put_consume_moves_on_one_filesystem_and_copies_across(
+def test_filesystem_put_may_link_links_on_one_filesystem_and_copies_across(
     tmp_path: Path,
 ) -> None:
     store = FileBlobStore(tmp_path / "blobs")
     same = tmp_path / "same.dcm"
     same.write_bytes(b"same filesystem")
-    store.put(KEY, same, consume=True)
-    assert not same.exists()  # renamed into the store, not copied
+    store.put(KEY, same, may_link=True)
+    blob = tmp_path / "blobs" / KEY
+    assert same.stat().st_ino == blob.stat().st_ino  # hard-linked, not copied
+    store.put(KEY, same, may_link=True)  # again (a retry): the same file, no error
+    same.unlink()
     assert store.get_range(KEY, 0, 100) == b"same filesystem"
+    assert list(store.list_keys()) == [KEY]  # no temporary name left
 
     shm = Path("/dev/shm")
     if not shm.is_dir() or shm.stat().st_dev == tmp_path.stat().st_dev:
@@ -96,7 +100,7 @@ def test_filesystem_put_consume_moves_on_one_filesystem_and_copies_across(
     across = Path(tempfile.mkstemp(dir=shm, suffix=".dcm")[1])
     try:
         across.write_bytes(b"another filesystem")
-        store.put(other_key, across, consume=True)  # EXDEV: copied instead
+        store.put(other_key, across, may_link=True)  # EXDEV: copied instead
         assert store.get_range(other_key, 0, 100) == b"another filesystem"
     finally:
         across.unlink(missing_ok=True)

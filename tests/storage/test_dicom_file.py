@@ -84,6 +84,10 @@ def test_metadata_of_awkward_values_equals_pydicoms_json(tmp_path: Path, syntax:
     ds.ReferencedImageSequence[0].ReferencedSOPInstanceUID = "1.2.3.4\x00"
     ds.ReferencedImageSequence[1].ReferencedFrameNumber = ""
     ds.RescaleIntercept = ""
+    ds.FrameOfReferenceUID = " 1.2.3 \\1.2.4\t"  # each UID stripped on both sides
+    ds.ExposureIndex = "-9007199254740993"  # (0018,1411) DS, beyond float precision
+    ds.PixelPaddingValue = 0
+    ds.NumberOfFrames = "99999999999999999999"  # IS longer than PS3.5 allows
     path = write_part10(ds, tmp_path / "awkward.dcm")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -11,7 +13,9 @@ from pydicom.uid import generate_uid
 from sqlalchemy import func, select
 
 from config import Settings
+from storage import ingest as ingest_module
 from storage.archive import Archive, open_archive
+from storage.delete import delete_instance
 from storage.errors import InvalidInstance, SOPClassMismatch
 from storage.index.models import Instance, Patient, Series, Study
 from storage.ingest import IngestOutcome, Origin, ingest_file
@@ -207,13 +211,12 @@ def test_concurrent_ingest_of_one_study_loses_nothing(archive: Archive, tmp_path
     assert dataset_bytes(shared)  # the shared file is a readable Part 10 file
 
 
-def test_racing_senders_of_one_instance_that_consume_their_files(
+def test_racing_senders_of_one_instance_with_temporary_files(
     archive: Archive, tmp_path: Path
 ) -> None:
-    """Eight threads store different content under one SOP Instance UID at once, each handing
-    over its received file (``consume``, as C-STORE does): the losers of each round retry
-    without their file, which is already in the store. Every call succeeds, one version is
-    stored, and no blob is left without a row."""
+    """Eight threads store different content under one SOP Instance UID at once, each from a
+    temporary file the blob store may hard-link (as C-STORE does); the losers of each round
+    retry. Every call succeeds, one version is stored, and no blob is left without a row."""
     study, series, sop = generate_uid(), generate_uid(), generate_uid()
     received = [
         write_part10(ct_instance(study, series, sop, seed=n), tmp_path / f"received-{n}.dcm")
@@ -226,7 +229,8 @@ def test_racing_senders_of_one_instance_that_consume_their_files(
     def send(path: Path) -> None:
         barrier.wait()
         try:
-            ingest_file(archive, path, consume=True)
+            ingest_file(archive, path, temporary=True)
+            path.unlink()  # what pynetdicom does after the handler
         except BaseException as error:  # noqa: BLE001 (reported below)
             errors.append(error)
 
@@ -242,3 +246,50 @@ def test_racing_senders_of_one_instance_that_consume_their_files(
     with archive.blobs.open(key) as stream:
         assert stream.read() in contents
     assert verify_archive(archive).ok
+
+
+class _RacingBlobStore:
+    """The real blob store; right after A's blob is written, B stores the same instance."""
+
+    def __init__(self, inner: object, on_put: Callable[[Path], None]) -> None:
+        self._inner, self._on_put = inner, on_put
+
+    def put(self, key: str, path: Path, *, may_link: bool = False) -> None:
+        self._inner.put(key, path, may_link=may_link)  # type: ignore[attr-defined]
+        self._on_put(path)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._inner, name)
+
+
+def test_retry_after_a_lost_race_writes_the_blob_again(
+    archive: Archive, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A writes its blob, B commits the same content (same blob key) first, so A's insert
+    fails; the instance is deleted (blob included) before A retries: the retry must write the
+    blob again rather than trust that it is still there."""
+    ds = ct_instance()
+    a_path = write_part10(ds, tmp_path / "a.dcm")
+    b_path = tmp_path / "b.dcm"
+    b_path.write_bytes(a_path.read_bytes())
+    a_puts: list[Path] = []
+
+    def after_put(path: Path) -> None:
+        if path == a_path:
+            a_puts.append(path)
+            if len(a_puts) == 1:
+                assert ingest_file(archive, b_path).outcome is IngestOutcome.STORED
+
+    racing = dataclasses.replace(archive, blobs=_RacingBlobStore(archive.blobs, after_put))
+    real_store = ingest_module._store
+
+    def store(target: Archive, path: Path, *args: object) -> object:
+        if path == a_path and len(a_puts) == 1:  # A's retry
+            delete_instance(archive, ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+        return real_store(target, path, *args)
+
+    monkeypatch.setattr(ingest_module, "_store", store)
+    assert ingest_file(racing, a_path, temporary=True).outcome is IngestOutcome.STORED
+    assert len(a_puts) == 2  # A lost the first round and wrote its blob again
+    report = verify_archive(archive)
+    assert report.ok and report.instances == 1, report

@@ -177,7 +177,7 @@ def test_storescu_reports_success_and_echo(dimse_server: DimseServer, tmp_path: 
     assert echo.returncode == 0 and echo_works(dimse_server)
 
 
-@pytest.mark.parametrize("max_pdu_length", [65536, 0], ids=["64KiB", "unlimited"])
+@pytest.mark.parametrize("max_pdu_length", [65536, 1048576], ids=["64KiB", "1MiB"])
 def test_max_pdu_length_is_offered_and_large_pdus_are_received(
     tmp_path: Path, max_pdu_length: int
 ) -> None:
@@ -186,7 +186,7 @@ def test_max_pdu_length_is_offered_and_large_pdus_are_received(
     server = DimseServer(settings, archive)
     server.start()
     try:
-        ds = ct_instance(size=512)  # 512 KiB of pixel data: several PDUs, or one unlimited
+        ds = ct_instance(size=512)  # 512 KiB of pixel data: several PDUs
         result = storescu(server, [write_part10(ds, tmp_path / "ct.dcm")], "-d")
         # PS3.8 D.1.1: the A-ASSOCIATE-AC carries Hilum's Maximum Length Received (storescu's
         # debug output shows the A-ASSOCIATE-RQ's parameters first, then the AC's).
@@ -239,9 +239,9 @@ class _SlowBlobStore:
     def __init__(self, inner: object, delay_s: float) -> None:
         self._inner, self._delay_s = inner, delay_s
 
-    def put(self, key: str, path: Path, *, consume: bool = False) -> None:
+    def put(self, key: str, path: Path, *, may_link: bool = False) -> None:
         time.sleep(self._delay_s)
-        self._inner.put(key, path, consume=consume)  # type: ignore[attr-defined]
+        self._inner.put(key, path, may_link=may_link)  # type: ignore[attr-defined]
 
     def __getattr__(self, name: str) -> object:
         return getattr(self._inner, name)
