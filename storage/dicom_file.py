@@ -31,22 +31,10 @@ log = logging.getLogger(__name__)
 _UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 PIXEL_DATA = 0x7FE00010
 _ITEM, _SEQUENCE_DELIMITER = 0xFFFEE000, 0xFFFEE0DD
-# VRs whose explicit-VR element header has a 2-byte reserved field and a 4-byte length.
-_LONG_VRS = {
-    b"OB",
-    b"OD",
-    b"OF",
-    b"OL",
-    b"OV",
-    b"OW",
-    b"SQ",
-    b"SV",
-    b"UC",
-    b"UN",
-    b"UR",
-    b"UT",
-    b"UV",
-}
+# PS3.5 7.1.2, Table 7.1-1: explicit VRs with a 2-byte reserved field and a 4-byte length.
+LONG_LENGTH_VRS = frozenset(
+    {"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"}
+)
 BULK_DATA_THRESHOLD = 1024
 # Frame start markers, for encapsulated data without an offset table (JPEG SOI, J2K SOC).
 _FRAME_START_MARKERS = (b"\xff\xd8", b"\xff\x4f")
@@ -152,7 +140,7 @@ def _locate_frames(
         return None  # Float/Double Float Pixel Data: not framed by this index
     if ts.is_implicit_VR:
         (length,) = struct.unpack(f"{endian}L", header[4:8])
-    elif header[4:6] in _LONG_VRS:
+    elif header[4:6].decode("latin-1") in LONG_LENGTH_VRS:
         (length,) = struct.unpack(f"{endian}L", fp.read(4))
     else:
         (length,) = struct.unpack(f"{endian}H", header[6:8])
@@ -289,8 +277,9 @@ def _dataset_json(dataset: Dataset) -> dict[str, Any]:
 # DataElement: half of an ingest's metadata cost. Anything else goes through pydicom. Where
 # pydicom fails on a value this reads (a PN ending in "^" under an ISO 2022 character set), the
 # value is kept rather than left out.
-_BINARY_FORMATS = {"US": "H", "SS": "h", "UL": "L", "SL": "l", "FL": "f", "FD": "d",
-                   "SV": "q", "UV": "Q"}  # fmt: skip
+_BINARY_FORMATS = {vr: (fmt, struct.calcsize(f"<{fmt}")) for vr, fmt in (
+    ("US", "H"), ("SS", "h"), ("UL", "L"), ("SL", "l"), ("FL", "f"), ("FD", "d"),
+    ("SV", "q"), ("UV", "Q"))}  # fmt: skip
 _SPLIT_RSTRIPPED = {"AS", "CS", "DA", "DT", "TM"}  # the whole value rstripped, then split
 _SPLIT_EACH_RSTRIPPED = {"LO", "SH", "UC"}  # split, then each value rstripped of NUL/space
 _SINGLE = {"LT", "ST", "UT"}  # never split: backslash is text
@@ -311,10 +300,10 @@ def _fast_element_json(raw: RawDataElement) -> dict[str, Any] | None:
             return None
         vr = dictionary_VR(raw.tag)
     if vr in _BINARY_FORMATS:
-        size = struct.calcsize(f"<{_BINARY_FORMATS[vr]}")
+        fmt, size = _BINARY_FORMATS[vr]
         if not raw.is_little_endian or len(value) % size:
             return None
-        numbers = list(struct.unpack(f"<{len(value) // size}{_BINARY_FORMATS[vr]}", value))
+        numbers = list(struct.unpack(f"<{len(value) // size}{fmt}", value))
         return {"vr": vr, "Value": numbers} if numbers else {"vr": vr}
     # ASCII bytes decode alike in every character set but ISO 2022's escape sequences.
     if not value.isascii() or b"\x1b" in value:

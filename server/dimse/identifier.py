@@ -58,8 +58,11 @@ SPECIFIC_CHARACTER_SET = Tag(0x0008, 0x0005)
 RETRIEVE_AE_TITLE = Tag(0x0008, 0x0054)
 # PS3.5 6.1.2.3: UTF-8, used in a response holding any non-ASCII value.
 UTF8 = "ISO_IR 192"
-_TEXT_VRS = {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC"}
-_TEXT_VRS |= {"UI", "UR", "UT"}
+# PS3.5 6.2: the VRs Hilum returns as text.
+TEXT_VRS = frozenset(
+    {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UI"}
+    | {"UR", "UT"}
+)
 
 
 @dataclass(frozen=True)
@@ -226,7 +229,7 @@ def _match_value(element: DataElement, keyword: str) -> str:
         raise InvalidQuery(f"{keyword}: a {element.VR} value cannot be a matching key")
     values = list(value) if isinstance(value, MultiValue | list) else [value]
     text = "\\".join("" if v is None else str(v) for v in values)
-    if element.VR in _TEXT_VRS:
+    if element.VR in TEXT_VRS:
         text = text.strip(" \x00")
     return text
 
@@ -242,6 +245,6 @@ def _dicom_value(value: Any, vr: str) -> Any:
         return None
     if isinstance(value, list):
         return [str(v) for v in value]
-    if isinstance(value, int) and vr in _TEXT_VRS:
+    if isinstance(value, int) and vr in TEXT_VRS:
         return str(value)
     return value

@@ -22,23 +22,16 @@ from server.dimse.identifier import (
     QUERY_RETRIEVE_LEVEL,
     RETRIEVE_AE_TITLE,
     SPECIFIC_CHARACTER_SET,
+    TEXT_VRS,
     UTF8,
     QueryRequest,
     response_identifier,
 )
+from storage.dicom_file import LONG_LENGTH_VRS
 
-# PS3.5 6.2: the VRs Hilum returns as text (server.dimse.identifier's _TEXT_VRS).
-TEXT_VRS = frozenset(
-    {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UI"}
-    | {"UR", "UT"}
-)
 # PS3.5 6.1.2.3: the VRs whose values are in the Specific Character Set; the others are ASCII
 # (pydicom would write a non-ASCII one in its default encoding, so such a row goes through it).
 CHARACTER_SET_VRS = frozenset({"SH", "LO", "ST", "LT", "UC", "UT", "PN"})
-# PS3.5 7.1.2, Table 7.1-1: explicit VRs with a 2-byte reserved field and a 4-byte length.
-LONG_LENGTH_VRS = frozenset(
-    {"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"}
-)
 _SHORT_LENGTH_LIMIT = 0xFFFE  # the largest even value of a 2-byte length field
 
 _UINT16 = struct.Struct("<H")
