@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import pydicom
-from pydicom.datadict import dictionary_has_tag, dictionary_VR
+from pydicom.datadict import dictionary_has_tag, dictionary_VR, tag_for_keyword
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
@@ -82,7 +82,7 @@ def read_instance_header(path: Path) -> InstanceHeader:
         if not is_valid_uid(transfer_syntax):
             raise InvalidInstance("the file meta information lacks a valid Transfer Syntax UID")
         uids = {
-            keyword: dataset.get(keyword)
+            keyword: uid_value(dataset, keyword)
             for keyword in (
                 "SOPClassUID",
                 "SOPInstanceUID",
@@ -91,11 +91,10 @@ def read_instance_header(path: Path) -> InstanceHeader:
             )
         }
         for keyword, value in uids.items():
-            if value is None or value == "":
+            if not value:
                 raise InvalidInstance(f"the data set lacks {keyword}")
-            if not is_valid_uid(str(value)):
-                raise InvalidInstance(f"{keyword} {str(value)[:80]!r} is not a valid UID")
-        sop_class = str(uids["SOPClassUID"])
+            if not is_valid_uid(value):
+                raise InvalidInstance(f"{keyword} {value[:80]!r} is not a valid UID")
 
         frames = _number_of_frames(dataset)
         has_pixel_data = (
@@ -111,21 +110,54 @@ def read_instance_header(path: Path) -> InstanceHeader:
     return InstanceHeader(
         dataset=dataset,
         transfer_syntax_uid=str(transfer_syntax),
-        sop_class_uid=sop_class,
-        sop_instance_uid=str(uids["SOPInstanceUID"]),
-        study_instance_uid=str(uids["StudyInstanceUID"]),
-        series_instance_uid=str(uids["SeriesInstanceUID"]),
+        sop_class_uid=uids["SOPClassUID"],
+        sop_instance_uid=uids["SOPInstanceUID"],
+        study_instance_uid=uids["StudyInstanceUID"],
+        series_instance_uid=uids["SeriesInstanceUID"],
         number_of_frames=frames,
         frame_ranges=frame_ranges,
         has_pixel_data=has_pixel_data,
     )
 
 
-def _number_of_frames(dataset: Dataset) -> int:
+def uid_value(dataset: Dataset, keyword: str) -> str | None:
+    """``str(dataset.get(keyword))`` of a top-level UI element (None when absent).
+
+    Read from the raw bytes while the element is still raw: pydicom's conversion of one element
+    costs more than its share of the whole parse, and ingest reads a dozen. PS3.5 6.2: a UI
+    value may be padded with one trailing NUL; pydicom strips trailing NULs and spaces, then
+    surrounding white space, which this does too. Anything else is left to pydicom.
+    """
+    raw = dataset.get_item(tag_for_keyword(keyword))
+    if isinstance(raw, RawDataElement) and raw.VR in (None, "UI") and not raw.is_buffered:
+        text = (raw.value or b"").decode("latin-1").rstrip("\x00 ")
+        if "\\" not in text:
+            return text.strip()
+    value = dataset.get(keyword)
+    return None if value is None else str(value)
+
+
+def integer_value(dataset: Dataset, keyword: str) -> int | None:
+    """The single value of a top-level US or IS element as an int; None when absent, empty or
+    not a whole number. Read from the raw bytes while the element is still raw (see
+    :func:`uid_value`); anything but a plain single value is left to pydicom."""
+    tag = tag_for_keyword(keyword)
+    raw = dataset.get_item(tag)
+    if isinstance(raw, RawDataElement) and raw.value and not raw.is_buffered:
+        vr = raw.VR or dictionary_VR(tag)
+        if vr == "US" and len(raw.value) == 2:
+            return int(struct.unpack("<H" if raw.is_little_endian else ">H", raw.value)[0])
+        if vr == "IS" and _IS.match(text := raw.value.decode("latin-1").rstrip("\x00 ")):
+            return int(text)
     try:
-        return max(1, int(dataset.get("NumberOfFrames") or 1))
+        value = dataset.get(keyword)
+        return None if value in (None, "") else int(value)
     except (TypeError, ValueError):
-        return 1
+        return None
+
+
+def _number_of_frames(dataset: Dataset) -> int:
+    return max(1, integer_value(dataset, "NumberOfFrames") or 1)
 
 
 def _locate_frames(
@@ -157,11 +189,12 @@ def _locate_frames(
 
 
 def _native_frames(dataset: Dataset, value_at: int, length: int, frames: int) -> FrameRanges | None:
-    try:
-        bits = int(dataset.Rows) * int(dataset.Columns) * int(dataset.get("SamplesPerPixel", 1))
-        bits *= int(dataset.BitsAllocated)
-    except (AttributeError, TypeError, ValueError):
+    rows, columns, bits_allocated = (
+        integer_value(dataset, keyword) for keyword in ("Rows", "Columns", "BitsAllocated")
+    )
+    if rows is None or columns is None or bits_allocated is None:
         return None
+    bits = rows * columns * (integer_value(dataset, "SamplesPerPixel") or 1) * bits_allocated
     if bits % 8:
         return None  # PS3.5 8.1.1: 1-bit frames need not start on a byte boundary
     frame_length = bits // 8
@@ -241,7 +274,8 @@ def metadata_json(dataset: Dataset, has_pixel_data: bool) -> dict[str, Any]:
     if has_pixel_data:
         # PS3.5 A.4: encapsulated Pixel Data is OB; native is OW above 8 bits allocated.
         encapsulated = UID(dataset.file_meta.TransferSyntaxUID).is_encapsulated
-        vr = "OW" if not encapsulated and int(dataset.get("BitsAllocated", 8)) > 8 else "OB"
+        bits_allocated = integer_value(dataset, "BitsAllocated") or 8
+        vr = "OW" if not encapsulated and bits_allocated > 8 else "OB"
         encoded[f"{PIXEL_DATA:08X}"] = {"vr": vr, "BulkDataURI": f"bulkdata/{PIXEL_DATA:08X}"}
     return _without_nul(encoded)
 

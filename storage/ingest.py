@@ -1,5 +1,6 @@
-"""The one path by which anything is stored: DIMSE C-STORE, STOW-RS, ``hilum import`` and the
-AI worker's results all call :func:`ingest_file`.
+"""The one path by which anything is stored: DIMSE C-STORE, ``hilum import`` and the AI worker's
+results call :func:`ingest_file`, STOW-RS :func:`ingest_files` (a group of files in one index
+transaction; :func:`ingest_file` is a group of one).
 
 Order of work, so that a failure at any step loses nothing: parse and validate the header; write
 the blob under a key that includes the content hash (so it never overwrites a stored file); then
@@ -13,6 +14,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,11 +28,12 @@ from storage.archive import Archive
 from storage.delete import delete_blob_unless_referenced
 from storage.dicom_file import (
     InstanceHeader,
+    integer_value,
     is_storage_sop_class,
     metadata_json,
     read_instance_header,
 )
-from storage.errors import InvalidInstance, SOPClassMismatch, StorageUnavailable
+from storage.errors import InvalidInstance, SOPClassMismatch, StorageError, StorageUnavailable
 from storage.index.models import UI, Instance, Patient, Series, Study
 
 log = logging.getLogger(__name__)
@@ -66,6 +69,24 @@ class Origin:
     announced_sop_instance_uid: str | None = None
 
 
+@dataclass(frozen=True)
+class Received:
+    """One Part 10 file to store, as :func:`ingest_files` takes it (the caller keeps and
+    removes the file).
+
+    ``header``: the caller's own :func:`read_instance_header` of the same file, when it had to
+    read it first (STOW-RS checks the Study Instance UID of each part): not parsed twice.
+    ``temporary``: the file is Hilum's own temporary file under the data directory, never
+    written again (a received C-STORE data set or STOW-RS part): the filesystem blob store may
+    hard-link it instead of copying it.
+    """
+
+    path: Path
+    origin: Origin = Origin()
+    header: InstanceHeader | None = None
+    temporary: bool = False
+
+
 def ingest_file(
     archive: Archive,
     path: Path,
@@ -74,31 +95,87 @@ def ingest_file(
     header: InstanceHeader | None = None,
     temporary: bool = False,
 ) -> IngestResult:
-    """Store the DICOM Part 10 file at ``path`` (which the caller keeps and removes).
+    """Store the DICOM Part 10 file at ``path``: :func:`ingest_files` of one file, its
+    :class:`StorageError` raised."""
+    (outcome,) = ingest_files(archive, [Received(path, origin, header, temporary)])
+    if isinstance(outcome, StorageError):
+        raise outcome
+    return outcome
 
-    ``header`` is the caller's own :func:`read_instance_header` of the same file, when it had
-    to read it first (STOW-RS checks the Study Instance UID of each part): not parsed twice.
-    ``temporary``: ``path`` is Hilum's own temporary file under the data directory, never
-    written again (a received C-STORE data set or STOW-RS part): the filesystem blob store may
-    hard-link it instead of copying it.
+
+def ingest_files(
+    archive: Archive, received: Sequence[Received]
+) -> list[IngestResult | StorageError]:
+    """Store several files with one index transaction: what each became, in order, or the
+    :class:`StorageError` that refused it (one refused file does not hold the others back).
+
+    The steps are those of one file (module docstring), each over the whole group: the blobs
+    are written concurrently, the index rows of every file in one transaction with a savepoint
+    per file, so a group costs one commit (one fsync of the SQLite log) instead of one each.
+    A result is final only when this returns: nothing is answered before the commit.
     """
-    header = header or read_instance_header(path)
-    _check_announced(header, origin)
-    if not is_storage_sop_class(header.sop_class_uid):
-        raise InvalidInstance(f"SOP Class {header.sop_class_uid} is not a storage SOP class")
-    digest, size = _sha256(path)
+    outcomes: list[IngestResult | StorageError | None] = [None] * len(received)
+    pending: list[_Prepared] = []
+    for n, item in enumerate(received):
+        try:
+            pending.append(_prepare(archive, n, item))
+        except StorageError as error:
+            outcomes[n] = error
 
     # Another association may insert or replace the same instance between our read and our
     # write; each retry sees the row it committed. Every round, one of the racers wins. Each
     # attempt writes the blob again: a concurrent delete may have removed it since the last.
-    for _attempt in range(_MAX_ATTEMPTS):
-        try:
-            return _store(archive, path, header, digest, size, origin, temporary)
-        except (exc.IntegrityError, _ConcurrentChange):
-            continue
-    raise StorageUnavailable(
-        f"SOP Instance {header.sop_instance_uid} kept changing during {_MAX_ATTEMPTS} attempts"
-    )
+    # A SOP Instance UID sent twice in one group waits for the next round (the later copy is
+    # then compared with what the earlier one stored, as if sent afterwards).
+    while pending:
+        this_round: dict[str, _Prepared] = {}
+        later: list[_Prepared] = []
+        for item in pending:
+            uid = item.header.sop_instance_uid
+            if uid in this_round:
+                later.append(item)
+            else:
+                this_round[uid] = item
+        pending = []
+        for item in _store(archive, list(this_round.values()), outcomes):
+            item.attempts += 1
+            if item.attempts < _MAX_ATTEMPTS:
+                pending.append(item)
+            else:
+                outcomes[item.n] = StorageUnavailable(
+                    f"SOP Instance {item.header.sop_instance_uid} kept changing during "
+                    f"{_MAX_ATTEMPTS} attempts"
+                )
+        pending = sorted(pending + later, key=lambda item: item.n)
+    done = [outcome for outcome in outcomes if outcome is not None]
+    assert len(done) == len(received)  # every file has its outcome
+    return done
+
+
+@dataclass
+class _Prepared:
+    """A parsed, checked and hashed file with its instance row's values, ready to store."""
+
+    n: int  # its place in the group
+    received: Received
+    header: InstanceHeader
+    digest: str
+    key: str
+    values: dict[str, Any]  # every column of the instance row but partition and series_pk
+    attempts: int = 0
+
+
+def _prepare(archive: Archive, n: int, item: Received) -> _Prepared:
+    header = item.header or read_instance_header(item.path)
+    _check_announced(header, item.origin)
+    if not is_storage_sop_class(header.sop_class_uid):
+        raise InvalidInstance(f"SOP Class {header.sop_class_uid} is not a storage SOP class")
+    digest, size = _sha256(item.path)
+    key = archive.blob_key(header, digest)
+    # Computed here, outside the write transaction: on SQLite that holds the one write lock,
+    # which every other association waits for.
+    values = _instance_values(header, key, digest, size, item.origin)
+    return _Prepared(n, item, header, digest, key, values)
 
 
 def _check_announced(header: InstanceHeader, origin: Origin) -> None:
@@ -129,9 +206,11 @@ def _sha256(path: Path) -> tuple[str, int]:
 
 # Built once: executed with parameters on the transaction's connection, these skip the ORM
 # and SQLAlchemy's per-statement cache-key work (half of the index time of an ingest).
-_EXISTING_INSTANCE = select(Instance.id, Instance.sha256, Instance.blob_key).where(
+_EXISTING_INSTANCES = select(
+    Instance.id, Instance.sha256, Instance.blob_key, Instance.sop_instance_uid
+).where(
     Instance.partition == bindparam("partition"),
-    Instance.sop_instance_uid == bindparam("sop_instance_uid"),
+    Instance.sop_instance_uid.in_(bindparam("uids", expanding=True)),
 )
 _INSERT_INSTANCE = insert(Instance)
 # The SET clause comes from the parameters: every column of _instance_values and series_pk.
@@ -153,67 +232,137 @@ _TOUCH_STUDY = (
 
 
 def _store(
-    archive: Archive,
-    path: Path,
-    header: InstanceHeader,
-    digest: str,
-    size: int,
-    origin: Origin,
-    temporary: bool,
-) -> IngestResult:
+    archive: Archive, items: list[_Prepared], outcomes: list[IngestResult | StorageError | None]
+) -> list[_Prepared]:
+    """One attempt at storing ``items`` (distinct SOP Instance UIDs); sets their outcomes and
+    returns those that lost a race with a concurrent sender, to try again."""
     partition = archive.partition
-    with archive.index.read() as session:
-        existing = (
-            session.connection()
-            .execute(
-                _EXISTING_INSTANCE,
-                {"partition": partition, "sop_instance_uid": header.sop_instance_uid},
+    try:
+        with archive.index.read() as session:
+            rows = session.connection().execute(
+                _EXISTING_INSTANCES,
+                {"partition": partition, "uids": [item.header.sop_instance_uid for item in items]},
             )
-            .one_or_none()
+            existing = {row.sop_instance_uid: row for row in rows}
+    except StorageUnavailable as error:
+        for item in items:
+            outcomes[item.n] = error
+        return []
+
+    def result(item: _Prepared, outcome: IngestOutcome) -> IngestResult:
+        header = item.header
+        return IngestResult(
+            outcome, header.sop_instance_uid, header.study_instance_uid, item.digest
         )
 
-    def result(outcome: IngestOutcome) -> IngestResult:
-        return IngestResult(outcome, header.sop_instance_uid, header.study_instance_uid, digest)
+    to_write: list[tuple[_Prepared, Any]] = []
+    for item in items:
+        stored = existing.get(item.header.sop_instance_uid)
+        if stored is not None and stored.sha256 == item.digest:
+            outcomes[item.n] = result(item, IngestOutcome.DUPLICATE)
+        elif stored is not None and archive.on_duplicate == "keep":
+            log.info("kept stored %s, discarded different re-sent content", stored.sop_instance_uid)
+            outcomes[item.n] = result(item, IngestOutcome.KEPT_EXISTING)
+        else:
+            to_write.append((item, stored))
 
-    if existing is not None and existing.sha256 == digest:
-        return result(IngestOutcome.DUPLICATE)
-    if existing is not None and archive.on_duplicate == "keep":
-        log.info("kept stored %s, discarded different re-sent content", header.sop_instance_uid)
-        return result(IngestOutcome.KEPT_EXISTING)
-
-    key = archive.blob_key(header, digest)
-    # Everything but the series' primary key, before the write transaction: on SQLite it holds
-    # the one write lock, which every other association waits for.
-    values = _instance_values(header, key, digest, size, origin)
-    archive.blobs.put(key, path, may_link=temporary)
+    to_write = _put_blobs(archive, to_write, outcomes)
+    if not to_write:
+        return []
+    retry: list[_Prepared] = []
+    written: list[tuple[_Prepared, Any]] = []
     try:
         with archive.index.write() as session:
             connection = session.connection()
-            values["series_pk"] = _upsert_hierarchy(connection, partition, header.dataset)
-            if existing is None:
-                connection.execute(_INSERT_INSTANCE, {"partition": partition, **values})
-            else:
-                rows = connection.execute(
-                    _REPLACE_INSTANCE,
-                    {"existing_id": existing.id, "existing_sha": existing.sha256, **values},
-                ).rowcount
-                if rows != 1:
-                    raise _ConcurrentChange(header.sop_instance_uid)
-    except BaseException:
-        _discard_unreferenced(archive, key)
-        raise
+            # Series met earlier in this transaction: their rows exist, the study is touched.
+            known_series: dict[tuple[str, str], int] = {}
+            for item, stored in to_write:
+                header = item.header
+                series_key = (header.study_instance_uid, header.series_instance_uid)
+                try:
+                    # One savepoint per file: a lost race rolls back this file's rows only.
+                    with connection.begin_nested():
+                        series_pk = known_series.get(series_key) or _upsert_hierarchy(
+                            connection, partition, header.dataset
+                        )
+                        _write_instance(connection, partition, item, stored, series_pk)
+                except (exc.IntegrityError, _ConcurrentChange):
+                    retry.append(item)
+                else:
+                    known_series[series_key] = series_pk
+                    written.append((item, stored))
+    except BaseException as error:
+        _discard_unreferenced(archive, [item.key for item, _stored in to_write])
+        if not isinstance(error, StorageError):
+            raise
+        for item, _stored in to_write:
+            outcomes[item.n] = error
+        return []
 
-    if existing is None:
-        return result(IngestOutcome.STORED)
-    if existing.blob_key != key:
-        _delete_quietly(archive, existing.blob_key)
-    return result(IngestOutcome.REPLACED)
+    _discard_unreferenced(archive, [item.key for item in retry])
+    for item, stored in written:
+        if stored is None:
+            outcomes[item.n] = result(item, IngestOutcome.STORED)
+            continue
+        if stored.blob_key != item.key:
+            _delete_quietly(archive, stored.blob_key)
+        outcomes[item.n] = result(item, IngestOutcome.REPLACED)
+    return retry
 
 
-def _discard_unreferenced(archive: Archive, key: str) -> None:
-    """Remove a blob whose index transaction failed, unless a committed row uses it (a
-    concurrent sender of the same content won the race and stored the same key)."""
-    delete_blob_unless_referenced(archive, key)
+def _put_blobs(
+    archive: Archive,
+    to_write: list[tuple[_Prepared, Any]],
+    outcomes: list[IngestResult | StorageError | None],
+) -> list[tuple[_Prepared, Any]]:
+    """Write the blobs of ``to_write``, one after the other; those written. Once the store
+    refuses one (unreachable, full), the rest get the same answer without each waiting for it.
+
+    Not side by side: with threads, the GIL hand-overs around each system call cost more than
+    the overlapped waits saved (0.5 ms of wall time per 9 KB blob, against 0.17 in a row).
+    """
+    written: list[tuple[_Prepared, Any]] = []
+    refused: StorageError | None = None
+    for item, stored in to_write:
+        if refused is not None:
+            outcomes[item.n] = refused
+            continue
+        try:
+            archive.blobs.put(item.key, item.received.path, may_link=item.received.temporary)
+        except StorageError as error:
+            outcomes[item.n] = refused = error
+        except BaseException:
+            _discard_unreferenced(archive, [item.key for item, _stored in written])
+            raise
+        else:
+            written.append((item, stored))
+    return written
+
+
+def _write_instance(
+    connection: Connection, partition: str, item: _Prepared, stored: Any, series_pk: int
+) -> None:
+    values = {**item.values, "series_pk": series_pk}
+    if stored is None:
+        connection.execute(_INSERT_INSTANCE, {"partition": partition, **values})
+        return
+    rows = connection.execute(
+        _REPLACE_INSTANCE, {"existing_id": stored.id, "existing_sha": stored.sha256, **values}
+    ).rowcount
+    if rows != 1:
+        raise _ConcurrentChange(item.header.sop_instance_uid)
+
+
+def _discard_unreferenced(archive: Archive, keys: list[str]) -> None:
+    """Remove blobs whose index rows were not committed, unless a committed row uses one (a
+    concurrent sender of the same content won the race and stored the same key). Once one
+    cannot be removed (the index or the store is unreachable), the rest are left as well, as
+    orphans for ``hilum verify``, rather than each waiting for its own time-out."""
+    for n, key in enumerate(keys):
+        if not delete_blob_unless_referenced(archive, key):
+            if keys[n + 1 :]:
+                log.warning("%d more blobs left for `hilum verify`", len(keys) - n - 1)
+            return
 
 
 def _delete_quietly(archive: Archive, key: str) -> None:
@@ -230,14 +379,6 @@ def _text(dataset: Dataset, keyword: str, max_length: int) -> str:
     if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
         value = "\\".join(str(v) for v in value)
     return str(value).replace("\x00", "").strip()[:max_length]
-
-
-def _integer(dataset: Dataset, keyword: str) -> int | None:
-    try:
-        value = dataset.get(keyword)
-        return None if value in (None, "") else int(value)
-    except (TypeError, ValueError):
-        return None
 
 
 def _insert_ignoring_conflict(connection: Connection, model: type, values: dict[str, Any]) -> None:
@@ -315,7 +456,7 @@ def _upsert_hierarchy(connection: Connection, partition: str, ds: Dataset) -> in
             "study_pk": study_pk,
             "series_instance_uid": series_uid,
             "modality": modality,
-            "series_number": _integer(ds, "SeriesNumber"),
+            "series_number": integer_value(ds, "SeriesNumber"),
             "series_description": _text(ds, "SeriesDescription", 64),
             "body_part_examined": _text(ds, "BodyPartExamined", 16),
             "series_date": _text(ds, "SeriesDate", 8),
@@ -341,7 +482,7 @@ def _instance_values(
     return {
         "sop_instance_uid": header.sop_instance_uid,
         "sop_class_uid": header.sop_class_uid,
-        "instance_number": _integer(header.dataset, "InstanceNumber"),
+        "instance_number": integer_value(header.dataset, "InstanceNumber"),
         "number_of_frames": header.number_of_frames,
         "transfer_syntax_uid": header.transfer_syntax_uid,
         "blob_key": key,

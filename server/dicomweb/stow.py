@@ -1,5 +1,6 @@
 """STOW-RS, Store Transaction (PS3.18 10.5): a multipart/related body of DICOM Part 10 files,
-read as a stream, each part spooled to ``<data_dir>/tmp`` and stored by ``ingest_file``."""
+read as a stream, each part spooled to ``<data_dir>/tmp``, the parts stored in groups by
+``ingest_files``."""
 
 from __future__ import annotations
 
@@ -31,9 +32,14 @@ from server.dicomweb.statuses import (
 from storage.archive import Archive
 from storage.dicom_file import read_instance_header
 from storage.errors import InvalidInstance, StorageError
-from storage.ingest import IngestOutcome, Origin, ingest_file
+from storage.ingest import IngestOutcome, Origin, Received, ingest_files
 
 log = logging.getLogger(__name__)
+
+# Parts stored together, with one index transaction (one commit): at most this many, or the
+# group that reaches this size. The group's spooled parts wait in <data_dir>/tmp meanwhile.
+GROUP_PARTS = 64
+GROUP_BYTES = 64 << 20
 
 
 class _LimitedStream:
@@ -85,6 +91,8 @@ class StoreTransaction:
         stream = _LimitedStream(request.stream, self.max_bytes)
         referenced: list[dict[str, Any]] = []
         failed: list[dict[str, Any]] = []
+        group: list[Received | dict[str, Any]] = []  # read, not stored yet: in part order
+        group_bytes = 0
         spooled: list[str] = []
 
         def spool() -> BinaryIO:
@@ -95,25 +103,30 @@ class StoreTransaction:
             spooled.append(file.name)
             return file
 
+        def store_group() -> None:
+            self._store_group(group, referenced, failed)
+            group.clear()
+            _remove(spooled)
+
         try:
-            for part in read_parts(stream, boundary, spool):
-                try:
-                    self._store_part(part, study, referenced, failed)
-                finally:
+            try:
+                for part in read_parts(stream, boundary, spool):
+                    group_bytes += os.fstat(part.file.fileno()).st_size
                     part.file.close()
-                    with contextlib.suppress(OSError):
-                        os.unlink(part.file.name)
-                    spooled.remove(part.file.name)
-        except (MultipartError, RequestEntityTooLarge) as error:
-            if not referenced and not failed:
-                raise
-            return self._interrupted(study, referenced, failed, error)
+                    group.append(self._check_part(part, study))
+                    if len(group) >= GROUP_PARTS or group_bytes >= GROUP_BYTES:
+                        store_group()
+                        group_bytes = 0
+            except (MultipartError, RequestEntityTooLarge) as error:
+                store_group()  # the parts received whole before the body broke off
+                if not referenced and not failed:
+                    raise
+                return self._interrupted(study, referenced, failed, error)
+            store_group()
         finally:
             # Every spooled part goes, also the one a broken, oversized or abandoned body
             # left half-written.
-            for name in spooled:
-                with contextlib.suppress(OSError):
-                    os.unlink(name)
+            _remove(spooled)
         return self._response(study, referenced, failed)
 
     def _interrupted(
@@ -139,48 +152,67 @@ class StoreTransaction:
         response.headers["Warning"] = f'299 hilum "{warning_text(f"body broke off: {text}")}"'
         return response
 
-    def _store_part(
-        self,
-        part: ReceivedPart,
-        study: str | None,
-        referenced: list[dict[str, Any]],
-        failed: list[dict[str, Any]],
-    ) -> None:
+    def _check_part(self, part: ReceivedPart, study: str | None) -> Received | dict[str, Any]:
+        """The part, parsed, to store; or its Failed SOP item."""
         path = Path(part.file.name)
-        part.file.close()
         _add_missing_preamble(path)
-        sop_class = sop_instance = ""
         try:
             part_type = parse_options_header(part.content_type)[0] if part.content_type else DICOM
             if part_type.lower() != DICOM:
                 raise InvalidInstance(f"a part of type {part_type!r} is not application/dicom")
             header = read_instance_header(path)
-            sop_class, sop_instance = header.sop_class_uid, header.sop_instance_uid
-            if study is not None and header.study_instance_uid != study:
-                failed.append(_failed(sop_class, sop_instance, STUDY_INSTANCE_UID_MISMATCH))
-                return
-            # The spooled part lies under <data_dir>/tmp and is deleted after this part.
-            result = ingest_file(self.archive, path, Origin(), header=header, temporary=True)
         except StorageError as error:
-            log.info("STOW-RS part %s refused: %s", sop_instance or "(unparsed)", error)
-            failed.append(_failed(sop_class, sop_instance, failure_reason_for(error)))
-            return
-        item = {
-            "00081150": {"vr": "UI", "Value": [sop_class]},
-            "00081155": {"vr": "UI", "Value": [sop_instance]},
-            "00081190": {
-                "vr": "UR",
-                "Value": [
-                    urls.instance_url(
-                        header.study_instance_uid, header.series_instance_uid, sop_instance
+            log.info("STOW-RS part refused: %s", error)
+            return _failed("", "", failure_reason_for(error))
+        if study is not None and header.study_instance_uid != study:
+            return _failed(
+                header.sop_class_uid, header.sop_instance_uid, STUDY_INSTANCE_UID_MISMATCH
+            )
+        # The spooled part lies under <data_dir>/tmp and is deleted once its group is stored.
+        return Received(path, Origin(), header, temporary=True)
+
+    def _store_group(
+        self,
+        group: list[Received | dict[str, Any]],
+        referenced: list[dict[str, Any]],
+        failed: list[dict[str, Any]],
+    ) -> None:
+        """Store the parts of ``group`` with one ingest (one index transaction) and report
+        each, in part order."""
+        received = [entry for entry in group if isinstance(entry, Received)]
+        outcomes = iter(ingest_files(self.archive, received) if received else [])
+        for entry in group:
+            if not isinstance(entry, Received):
+                failed.append(entry)
+                continue
+            header, outcome = entry.header, next(outcomes)
+            assert header is not None  # read by _check_part
+            if isinstance(outcome, StorageError):
+                log.info("STOW-RS part %s refused: %s", header.sop_instance_uid, outcome)
+                failed.append(
+                    _failed(
+                        header.sop_class_uid, header.sop_instance_uid, failure_reason_for(outcome)
                     )
-                ],
-            },
-        }
-        if result.outcome is IngestOutcome.KEPT_EXISTING:
-            # PS3.18 Table 10.5.3-2: the stored instance was kept, the new content discarded.
-            item["00081196"] = {"vr": "US", "Value": [ELEMENTS_DISCARDED]}
-        referenced.append(item)
+                )
+                continue
+            item = {
+                "00081150": {"vr": "UI", "Value": [header.sop_class_uid]},
+                "00081155": {"vr": "UI", "Value": [header.sop_instance_uid]},
+                "00081190": {
+                    "vr": "UR",
+                    "Value": [
+                        urls.instance_url(
+                            header.study_instance_uid,
+                            header.series_instance_uid,
+                            header.sop_instance_uid,
+                        )
+                    ],
+                },
+            }
+            if outcome.outcome is IngestOutcome.KEPT_EXISTING:
+                # PS3.18 Table 10.5.3-2: the stored instance was kept, the new content discarded.
+                item["00081196"] = {"vr": "US", "Value": [ELEMENTS_DISCARDED]}
+            referenced.append(item)
 
     def _response(
         self, study: str | None, referenced: list[dict[str, Any]], failed: list[dict[str, Any]]
@@ -203,6 +235,13 @@ class StoreTransaction:
         response.status_code = status
         response.content_type = DICOM_JSON
         return response
+
+
+def _remove(names: list[str]) -> None:
+    for name in names:
+        with contextlib.suppress(OSError):
+            os.unlink(name)
+    names.clear()
 
 
 def _add_missing_preamble(path: Path) -> None:

@@ -1,4 +1,5 @@
-"""The header reader's DICOM JSON: its fast path must say exactly what pydicom says."""
+"""The header reader's fast paths (DICOM JSON, UID and integer values) must say exactly what
+pydicom says."""
 
 import warnings
 from pathlib import Path
@@ -7,9 +8,9 @@ from typing import Any
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from storage.dicom_file import BULK_DATA_THRESHOLD, metadata_json
+from storage.dicom_file import BULK_DATA_THRESHOLD, integer_value, metadata_json, uid_value
 from storage.dicom_file import _without_nul as without_nul  # PostgreSQL's JSONB rule
 from tests.factories import ct_instance, write_part10
 
@@ -99,3 +100,60 @@ def test_metadata_of_awkward_values_equals_pydicoms_json(tmp_path: Path, syntax:
     assert actual["00080008"]["Value"] == ["ORIGINAL", "", "AXIAL"]
     assert actual["00281050"]["Value"] == [40.0, -150.0]
     assert "Value" not in actual["00281052"]
+
+
+def _pydicom_uid(dataset: Dataset, keyword: str) -> str | None:
+    value = dataset.get(keyword)
+    return None if value is None else str(value)
+
+
+def _pydicom_integer(dataset: Dataset, keyword: str) -> int | None:
+    try:
+        value = dataset.get(keyword)
+        return None if value in (None, "") else int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+_UID_KEYWORDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID",
+                 "FrameOfReferenceUID")  # fmt: skip
+_INTEGER_KEYWORDS = ("Rows", "Columns", "BitsAllocated", "SamplesPerPixel", "NumberOfFrames",
+                     "InstanceNumber", "SeriesNumber")  # fmt: skip
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("path", _readable_test_files(), ids=lambda p: p.name)
+def test_raw_uid_and_integer_values_equal_pydicoms(path: Path) -> None:
+    # Raw reads of a fresh header against pydicom's conversion of another.
+    raw, converted = _header(path), _header(path)
+    for keyword in _UID_KEYWORDS:
+        assert uid_value(raw, keyword) == _pydicom_uid(converted, keyword), keyword
+    for keyword in _INTEGER_KEYWORDS:
+        assert integer_value(raw, keyword) == _pydicom_integer(converted, keyword), keyword
+
+
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian,
+                                    ExplicitVRBigEndian])  # fmt: skip
+def test_raw_values_of_awkward_elements_equal_pydicoms(tmp_path: Path, syntax: str) -> None:
+    ds = ct_instance()
+    ds.file_meta.TransferSyntaxUID = syntax
+    ds.StudyInstanceUID = " 1.2.3 "  # padded on both sides
+    ds.SeriesInstanceUID = "1.2.3.4\x00"  # PS3.5 6.2: a NUL pads a UI
+    ds.FrameOfReferenceUID = "1.2.3\\1.2.4"  # two values: pydicom's path
+    ds.InstanceNumber = " -7 "
+    ds.SeriesNumber = "1.0"  # not an integer string: pydicom's path (it says 1)
+    ds.NumberOfFrames = ""
+    ds.Rows = 512
+    ds.Columns = 65535
+    path = write_part10(ds, tmp_path / "awkward.dcm")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        raw, converted = _header(path), _header(path)
+        for keyword in _UID_KEYWORDS:
+            assert uid_value(raw, keyword) == _pydicom_uid(converted, keyword), keyword
+        for keyword in _INTEGER_KEYWORDS:
+            assert integer_value(raw, keyword) == _pydicom_integer(converted, keyword), keyword
+    assert uid_value(raw, "StudyInstanceUID") == "1.2.3"
+    assert integer_value(raw, "InstanceNumber") == -7
+    assert integer_value(raw, "Columns") == 65535
+    assert integer_value(raw, "NumberOfFrames") is None

@@ -18,7 +18,7 @@ from storage.archive import Archive, open_archive
 from storage.delete import delete_instance
 from storage.errors import InvalidInstance, SOPClassMismatch
 from storage.index.models import Instance, Patient, Series, Study
-from storage.ingest import IngestOutcome, Origin, ingest_file
+from storage.ingest import IngestOutcome, Origin, Received, ingest_file, ingest_files
 from storage.verify import verify_archive
 from tests.factories import ct_instance, dataset_bytes, write_part10
 
@@ -283,13 +283,81 @@ def test_retry_after_a_lost_race_writes_the_blob_again(
     racing = dataclasses.replace(archive, blobs=_RacingBlobStore(archive.blobs, after_put))
     real_store = ingest_module._store
 
-    def store(target: Archive, path: Path, *args: object) -> object:
-        if path == a_path and len(a_puts) == 1:  # A's retry
+    def store(target: Archive, items: list, outcomes: list) -> object:
+        if [item.received.path for item in items] == [a_path] and len(a_puts) == 1:  # A's retry
             delete_instance(archive, ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
-        return real_store(target, path, *args)
+        return real_store(target, items, outcomes)
 
     monkeypatch.setattr(ingest_module, "_store", store)
     assert ingest_file(racing, a_path, temporary=True).outcome is IngestOutcome.STORED
     assert len(a_puts) == 2  # A lost the first round and wrote its blob again
     report = verify_archive(archive)
     assert report.ok and report.instances == 1, report
+
+
+def test_a_group_is_stored_file_by_file_in_one_transaction(
+    archive: Archive, tmp_path: Path
+) -> None:
+    """ingest_files: each file gets its own outcome, in order; a refused file (unparseable, or
+    an instance sent twice) does not hold the others back; every stored row has its blob."""
+    study, series, resent = generate_uid(), generate_uid(), generate_uid()
+    files = [write_part10(ct_instance(study, series, seed=n), tmp_path / f"{n}.dcm")
+             for n in range(5)]  # fmt: skip
+    garbage = tmp_path / "garbage.dcm"
+    garbage.write_bytes(b"not DICOM at all")
+    first = write_part10(ct_instance(study, series, resent, seed=10), tmp_path / "first.dcm")
+    again = write_part10(ct_instance(study, series, resent, seed=11), tmp_path / "again.dcm")
+    other_series = write_part10(ct_instance(study, seed=12, modality="MR"), tmp_path / "mr.dcm")
+    group = [*files[:2], garbage, first, files[2], again, other_series, *files[3:]]
+
+    outcomes = ingest_files(archive, [Received(path) for path in group])
+
+    assert isinstance(outcomes[2], InvalidInstance)
+    kinds = [o.outcome for o in outcomes if not isinstance(o, Exception)]
+    # The same SOP Instance UID twice: the later copy replaces the earlier (overwrite policy).
+    stored, replaced = IngestOutcome.STORED, IngestOutcome.REPLACED
+    assert kinds == [stored] * 4 + [replaced] + [stored] * 3
+    assert _count(archive, Instance) == 7
+    assert (_count(archive, Study), _count(archive, Series)) == (1, 2)
+    with archive.index.read() as session:
+        assert session.execute(select(Study.modalities_in_study)).scalar_one() == "CT\\MR"
+    with archive.blobs.open(_instance(archive, resent).blob_key) as stream:
+        assert stream.read() == again.read_bytes()
+    report = verify_archive(archive)
+    assert report.ok and report.instances == 7, report
+
+
+def test_a_lost_race_in_a_group_retries_that_file_only(archive: Archive, tmp_path: Path) -> None:
+    """Another sender commits one of the group's instances between the group's look-up and its
+    write: that file's savepoint rolls back and it is stored again in the next round (replacing
+    the other sender's version); the rest of the group is stored in the first."""
+    study, series = generate_uid(), generate_uid()
+    files = [write_part10(ct_instance(study, series, seed=n), tmp_path / f"{n}.dcm")
+             for n in range(4)]  # fmt: skip
+    racer = tmp_path / "racer.dcm"
+    raced = dcmread_uid(files[2])
+    write_part10(ct_instance(study, series, raced, seed=99), racer)
+    puts: list[Path] = []
+
+    def after_put(path: Path) -> None:
+        puts.append(path)
+        if path == files[3] and puts.count(path) == 1:  # after the group's last blob
+            assert ingest_file(archive, racer).outcome is IngestOutcome.STORED
+
+    racing = dataclasses.replace(archive, blobs=_RacingBlobStore(archive.blobs, after_put))
+    outcomes = ingest_files(racing, [Received(path) for path in files])
+
+    assert [o.outcome for o in outcomes] == [  # type: ignore[union-attr]
+        IngestOutcome.STORED, IngestOutcome.STORED, IngestOutcome.REPLACED, IngestOutcome.STORED
+    ]  # fmt: skip
+    assert puts.count(files[2]) == 2 and puts.count(files[0]) == 1  # only the loser retried
+    with archive.blobs.open(_instance(archive, raced).blob_key) as stream:
+        assert stream.read() == files[2].read_bytes()
+    report = verify_archive(archive)
+    assert report.ok and report.instances == 4, report
+
+
+def dcmread_uid(path: Path) -> str:
+    from pydicom import dcmread
+
+    return str(dcmread(path, stop_before_pixels=True).SOPInstanceUID)

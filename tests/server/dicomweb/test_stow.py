@@ -11,6 +11,7 @@ from pydicom.dataset import Dataset
 
 from config import Settings
 from server.app import HttpServer, create_app
+from server.dicomweb import stow
 from storage.archive import Archive
 from storage.query import Query, QueryLevel, locate_instances
 from tests.conftest import free_port
@@ -233,4 +234,31 @@ def test_a_body_that_breaks_off_reports_what_was_stored(
     assert failure.FailureReason == (0xC000 if cut == "malformed" else 0xA700)
     assert response.headers["Warning"].startswith('299 hilum "body broke off')
     assert stored_uids(archive, first.StudyInstanceUID) == {first.SOPInstanceUID}
+    assert list((settings.server.data_dir / "tmp").iterdir()) == []
+
+
+def test_parts_are_stored_in_groups_and_reported_in_part_order(
+    base_url: str, archive: Archive, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Groups of two parts, one ingest (one index transaction) each: a refused part inside a
+    group (not DICOM) and one across groups (another study's, sent to /studies/{study}) leave
+    the rest stored, both sequences in the order the parts came, and no spooled part behind."""
+    monkeypatch.setattr(stow, "GROUP_PARTS", 2)
+    instances = ct_series(5)
+    study = instances[0].StudyInstanceUID
+    stranger = ct_series(1)[0]
+    parts = [part10(ds) for ds in instances]
+    body = multipart([parts[0], b"not dicom", parts[1], parts[2], part10(stranger), *parts[3:]])
+    response = requests.post(
+        f"{base_url}/studies/{study}", data=body, headers={"Content-Type": STOW_TYPE}, timeout=60
+    )
+    assert response.status_code == 202, response.text
+    result = Dataset.from_json(response.json())
+    assert [i.ReferencedSOPInstanceUID for i in result.ReferencedSOPSequence] == [
+        ds.SOPInstanceUID for ds in instances
+    ]
+    assert [(i.ReferencedSOPInstanceUID, i.FailureReason) for i in result.FailedSOPSequence] == [
+        ("", 0xC000), (stranger.SOPInstanceUID, 0xC409)
+    ]  # fmt: skip
+    assert stored_uids(archive, study) == {ds.SOPInstanceUID for ds in instances}
     assert list((settings.server.data_dir / "tmp").iterdir()) == []
