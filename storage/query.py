@@ -16,7 +16,18 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 from pydicom.datadict import tag_for_keyword
-from sqlalchemy import ColumnElement, Select, and_, exists, func, null, or_, select
+from sqlalchemy import (
+    BindParameter,
+    ColumnElement,
+    Select,
+    and_,
+    bindparam,
+    exists,
+    func,
+    null,
+    or_,
+    select,
+)
 from sqlalchemy.orm import aliased
 
 from storage.dicom_file import is_valid_uid
@@ -293,7 +304,29 @@ def locate_instances(
     """
     _check_level(query)
     depth = _DEPTH[query.level]
-    columns = [
+    uids = _entity_uids(query, depth)
+    if uids is not None:  # what WADO-RS asks on every request: a prebuilt statement
+        statement = _entity_statement(tuple(uids), with_frame_ranges, with_metadata)
+        parameters = {"partition": archive.partition, **uids}
+    else:
+        statement = _join(
+            _locate_columns(with_frame_ranges, with_metadata),
+            _DEPTH[QueryLevel.IMAGE],
+            archive.partition,
+        )
+        statement = statement.where(*_conditions(query, depth, archive.index.dialect))
+        statement = statement.order_by(*_LOCATE_ORDER).execution_options(yield_per=_BATCH)
+        parameters = {}
+    with database_errors(), archive.index.read() as session:
+        for row in session.connection().execute(statement, parameters):
+            yield StoredInstance(*row)
+
+
+_LOCATE_ORDER = (Study.id, Series.series_number, Series.id, Instance.instance_number, Instance.id)
+
+
+def _locate_columns(with_frame_ranges: bool, with_metadata: bool) -> Select:
+    return select(
         Study.study_instance_uid,
         Series.series_instance_uid,
         Instance.sop_instance_uid,
@@ -304,15 +337,36 @@ def locate_instances(
         Instance.number_of_frames,
         Instance.frame_ranges if with_frame_ranges else null(),
         Instance.metadata_json if with_metadata else null(),
-    ]
-    statement = _join(select(*columns), _DEPTH[QueryLevel.IMAGE], archive.partition)
-    statement = statement.where(*_conditions(query, depth, archive.index.dialect))
-    statement = statement.order_by(
-        Study.id, Series.series_number, Series.id, Instance.instance_number, Instance.id
     )
-    with database_errors(), archive.index.read() as session:
-        for row in session.execute(statement.execution_options(yield_per=_BATCH)):
-            yield StoredInstance(*row)
+
+
+def _entity_uids(query: Query, depth: int) -> dict[str, str] | None:
+    """The query's UIDs when it names entities by their unique keys alone, one valid UID each
+    (what :func:`entity_query` makes of a WADO-RS URL); None for any other query."""
+    unique = [UNIQUE_KEYS[level] for level in (QueryLevel.STUDY, QueryLevel.SERIES,
+                                                QueryLevel.IMAGE)][:depth]  # fmt: skip
+    if not query.matching or any(key not in unique for key in query.matching):
+        return None
+    if not all(is_valid_uid(uid) for uid in query.matching.values()):
+        return None  # a list, a wild card or a malformed UID: the general path says which
+    return dict(query.matching)
+
+
+@functools.cache
+def _entity_statement(
+    keys: tuple[str, ...], with_frame_ranges: bool, with_metadata: bool
+) -> Select:
+    """The statement of :func:`locate_instances` for unique keys ``keys``, values bound at
+    execution: built once instead of on every request."""
+    statement = _join(
+        _locate_columns(with_frame_ranges, with_metadata),
+        _DEPTH[QueryLevel.IMAGE],
+        bindparam("partition"),
+    )
+    statement = statement.where(*(_STORED[key][1] == bindparam(key) for key in keys))
+    # The execution options too: a copy made per call would be compiled, or at least have its
+    # cache key computed and its result columns matched to the cached ones, on every request.
+    return statement.order_by(*_LOCATE_ORDER).execution_options(yield_per=_BATCH)
 
 
 def _check_level(query: Query) -> None:
@@ -336,7 +390,7 @@ def _returned_keys(query: Query, depth: int) -> list[str]:
     return [keyword for keyword in wanted if _visible(keyword, depth)]
 
 
-def _join(statement: Select, depth: int, partition: str) -> Select:
+def _join(statement: Select, depth: int, partition: str | BindParameter[str]) -> Select:
     """FROM patient JOIN study JOIN series JOIN instance, down to ``depth``, in ``partition``."""
     statement = statement.select_from(Patient).where(Patient.partition == partition)
     parents = {Study: Study.patient_pk == Patient.id, Series: Series.study_pk == Study.id}

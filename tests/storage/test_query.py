@@ -15,7 +15,14 @@ from pydicom.uid import MRImageStorage, generate_uid
 from storage.archive import Archive
 from storage.errors import InvalidQuery
 from storage.ingest import ingest_file
-from storage.query import InformationModel, Query, QueryLevel, locate_instances, search
+from storage.query import (
+    InformationModel,
+    Query,
+    QueryLevel,
+    entity_query,
+    locate_instances,
+    search,
+)
 from tests.factories import ct_instance, write_part10
 
 # One row per study: patient, study attributes and its series as (modality, instance count).
@@ -258,3 +265,37 @@ def test_locate_instances_of_several_studies(archive: Archive, seeded: list[dict
     for instance in located:
         assert archive.blobs.exists(instance.blob_key)
         assert instance.metadata["00080018"]["Value"] == [instance.sop_instance_uid]
+
+
+@pytest.mark.parametrize("flags", [(False, False), (True, False), (False, True), (True, True)])
+def test_locating_an_entity_by_its_uids_equals_the_general_query(
+    archive: Archive, seeded: list[dict], flags: tuple[bool, bool]
+) -> None:
+    """Study, series and instance URLs (one valid UID per level) take a prebuilt statement;
+    what it finds, in what order, equals the general path's answer (a UID list of one UID
+    and a universal key take that path)."""
+    with_frame_ranges, with_metadata = flags
+    study = seeded[3]
+    series_uid, _modality, _number, sops = study["series"][0]
+    entities = [
+        entity_query(study["StudyInstanceUID"]),
+        entity_query(study["StudyInstanceUID"], series_uid),
+        entity_query(study["StudyInstanceUID"], series_uid, [sops[1][0]]),
+    ]
+    for query in entities:
+        general = Query(query.level, {**query.matching, "PatientID": "*"})
+
+        def located(q: Query) -> list:
+            return list(locate_instances(
+                archive, q, with_frame_ranges=with_frame_ranges, with_metadata=with_metadata
+            ))  # fmt: skip
+
+        assert located(query) == located(general)
+        assert located(query)
+    assert [i.sop_instance_uid for i in located(entities[0])] == [
+        sop for *_, series_sops in study["series"] for sop, _, _ in series_sops
+    ]
+    other = entity_query(study["StudyInstanceUID"], seeded[0]["series"][0][0])
+    assert located(other) == []  # a series of another study
+    with pytest.raises(InvalidQuery):
+        list(locate_instances(archive, entity_query("1.02.3")))  # PS3.5 9.1: no leading zero
