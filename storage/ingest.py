@@ -12,6 +12,7 @@ blob whose index transaction failed is deleted again; if even that fails, it is 
 from __future__ import annotations
 
 import enum
+import functools
 import hashlib
 import logging
 from collections.abc import Sequence
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from pydicom.dataset import Dataset
-from sqlalchemy import Connection, bindparam, exc, insert, select, update
+from sqlalchemy import Connection, bindparam, exc, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from storage.archive import Archive
@@ -38,10 +39,6 @@ from storage.index.models import UI, Instance, Patient, Series, Study
 
 log = logging.getLogger(__name__)
 _MAX_ATTEMPTS = 10
-
-
-class _ConcurrentChange(Exception):
-    """The instance row changed between our read and our write."""
 
 
 class IngestOutcome(enum.Enum):
@@ -109,10 +106,11 @@ def ingest_files(
     """Store several files with one index transaction: what each became, in order, or the
     :class:`StorageError` that refused it (one refused file does not hold the others back).
 
-    The steps are those of one file (module docstring), each over the whole group: the blobs
-    are written concurrently, the index rows of every file in one transaction with a savepoint
-    per file, so a group costs one commit (one fsync of the SQLite log) instead of one each.
-    A result is final only when this returns: nothing is answered before the commit.
+    The steps are those of one file (module docstring), each over the whole group: one look-up
+    of the stored instances, the blobs, then the index rows of every file in one transaction,
+    so a group costs one commit (one fsync of the SQLite log) instead of one each. A file that
+    lost a race with another sender tries again alone. A result is final only when this
+    returns: nothing is answered before the commit.
     """
     outcomes: list[IngestResult | StorageError | None] = [None] * len(received)
     pending: list[_Prepared] = []
@@ -212,7 +210,6 @@ _EXISTING_INSTANCES = select(
     Instance.partition == bindparam("partition"),
     Instance.sop_instance_uid.in_(bindparam("uids", expanding=True)),
 )
-_INSERT_INSTANCE = insert(Instance)
 # The SET clause comes from the parameters: every column of _instance_values and series_pk.
 _REPLACE_INSTANCE = update(Instance).where(
     Instance.id == bindparam("existing_id"), Instance.sha256 == bindparam("existing_sha")
@@ -269,28 +266,12 @@ def _store(
     to_write = _put_blobs(archive, to_write, outcomes)
     if not to_write:
         return []
-    retry: list[_Prepared] = []
-    written: list[tuple[_Prepared, Any]] = []
     try:
-        with archive.index.write() as session:
-            connection = session.connection()
-            # Series met earlier in this transaction: their rows exist, the study is touched.
-            known_series: dict[tuple[str, str], int] = {}
-            for item, stored in to_write:
-                header = item.header
-                series_key = (header.study_instance_uid, header.series_instance_uid)
-                try:
-                    # One savepoint per file: a lost race rolls back this file's rows only.
-                    with connection.begin_nested():
-                        series_pk = known_series.get(series_key) or _upsert_hierarchy(
-                            connection, partition, header.dataset
-                        )
-                        _write_instance(connection, partition, item, stored, series_pk)
-                except (exc.IntegrityError, _ConcurrentChange):
-                    retry.append(item)
-                else:
-                    known_series[series_key] = series_pk
-                    written.append((item, stored))
+        written, retry = _write_rows(archive, to_write)
+    except exc.IntegrityError:
+        # Not a race the statements expect (those are answered, not raised): the whole
+        # group was rolled back; every file of it tries again.
+        written, retry = [], [item for item, _stored in to_write]
     except BaseException as error:
         _discard_unreferenced(archive, [item.key for item, _stored in to_write])
         if not isinstance(error, StorageError):
@@ -339,18 +320,63 @@ def _put_blobs(
     return written
 
 
-def _write_instance(
-    connection: Connection, partition: str, item: _Prepared, stored: Any, series_pk: int
-) -> None:
-    values = {**item.values, "series_pk": series_pk}
-    if stored is None:
-        connection.execute(_INSERT_INSTANCE, {"partition": partition, **values})
-        return
-    rows = connection.execute(
-        _REPLACE_INSTANCE, {"existing_id": stored.id, "existing_sha": stored.sha256, **values}
-    ).rowcount
-    if rows != 1:
-        raise _ConcurrentChange(item.header.sop_instance_uid)
+def _write_rows(
+    archive: Archive, to_write: list[tuple[_Prepared, Any]]
+) -> tuple[list[tuple[_Prepared, Any]], list[_Prepared]]:
+    """The index rows of ``to_write`` in one transaction: (written, lost a race).
+
+    A lost race is answered by the statements, not raised, so one file's loss does not undo
+    the others': a new instance row is inserted with ON CONFLICT DO NOTHING (the rows of all
+    new instances in one multi-row INSERT, whose RETURNING names those inserted), a
+    replacement updates only the row it read (its id and SHA-256), so a row changed meanwhile
+    matches nothing.
+    """
+    partition = archive.partition
+    written: list[tuple[_Prepared, Any]] = []
+    retry: list[_Prepared] = []
+    new: list[tuple[_Prepared, Any]] = []
+    with archive.index.write() as session:
+        connection = session.connection()
+        # Series met earlier in this transaction: their rows exist, the study is touched.
+        known_series: dict[tuple[str, str], int] = {}
+        rows = []
+        for item, stored in to_write:
+            header = item.header
+            series_key = (header.study_instance_uid, header.series_instance_uid)
+            series_pk = known_series.get(series_key)
+            if series_pk is None:
+                series_pk = _upsert_hierarchy(connection, partition, header.dataset)
+                known_series[series_key] = series_pk
+            values = {**item.values, "series_pk": series_pk}
+            if stored is None:
+                new.append((item, stored))
+                rows.append({"partition": partition, **values})
+                continue
+            parameters = {"existing_id": stored.id, "existing_sha": stored.sha256, **values}
+            if connection.execute(_REPLACE_INSTANCE, parameters).rowcount == 1:
+                written.append((item, stored))
+            else:
+                retry.append(item)
+        if rows:
+            inserted = set(connection.execute(_insert_new(connection.dialect.name), rows).scalars())
+            for item, stored in new:
+                if item.header.sop_instance_uid in inserted:
+                    written.append((item, stored))
+                else:
+                    retry.append(item)
+    return written, retry
+
+
+@functools.cache
+def _insert_new(dialect: str) -> Any:
+    """INSERT of new instance rows that skips a SOP Instance UID another sender inserted
+    meanwhile, and returns the UIDs it did insert."""
+    module = postgresql if dialect == "postgresql" else sqlite
+    return (
+        module.insert(Instance)
+        .on_conflict_do_nothing(index_elements=["partition", "sop_instance_uid"])
+        .returning(Instance.sop_instance_uid)
+    )
 
 
 def _discard_unreferenced(archive: Archive, keys: list[str]) -> None:
