@@ -329,8 +329,8 @@ def test_a_group_is_stored_file_by_file_in_one_transaction(
 
 def test_a_lost_race_in_a_group_retries_that_file_only(archive: Archive, tmp_path: Path) -> None:
     """Another sender commits one of the group's instances between the group's look-up and its
-    write: that file's savepoint rolls back and it is stored again in the next round (replacing
-    the other sender's version); the rest of the group is stored in the first."""
+    write: that file's insert is skipped (ON CONFLICT DO NOTHING) and it is stored again in the
+    next round (replacing the other sender's version); the rest is stored in the first."""
     study, series = generate_uid(), generate_uid()
     files = [write_part10(ct_instance(study, series, seed=n), tmp_path / f"{n}.dcm")
              for n in range(4)]  # fmt: skip
