@@ -277,7 +277,7 @@ def metadata_json(dataset: Dataset, has_pixel_data: bool) -> dict[str, Any]:
         bits_allocated = integer_value(dataset, "BitsAllocated") or 8
         vr = "OW" if not encapsulated and bits_allocated > 8 else "OB"
         encoded[f"{PIXEL_DATA:08X}"] = {"vr": vr, "BulkDataURI": f"bulkdata/{PIXEL_DATA:08X}"}
-    return _without_nul(encoded)
+    return encoded
 
 
 def _bulk_data_uri(element: DataElement) -> str:
@@ -301,7 +301,8 @@ def _dataset_json(dataset: Dataset) -> dict[str, Any]:
                 items = [_dataset_json(item) for item in element.value]
                 encoded[f"{tag:08X}"] = {"vr": "SQ", "Value": items}
             else:
-                encoded[f"{tag:08X}"] = element.to_json_dict(_bulk_data_uri, BULK_DATA_THRESHOLD)
+                value = element.to_json_dict(_bulk_data_uri, BULK_DATA_THRESHOLD)
+                encoded[f"{tag:08X}"] = _without_nul(value)
         except Exception as exc:  # pydicom raises anything on a value it cannot decode
             log.warning("metadata of (%04X,%04X) left out: %s", tag >> 16, tag & 0xFFFF, exc)
     return encoded
@@ -368,13 +369,15 @@ def _fast_element_json(raw: RawDataElement) -> dict[str, Any] | None:
         names = value.rstrip(b"\x00 ").decode("ascii").split("\\")
         if names == [""]:
             return {"vr": vr}
-        if any("=" in name or not name for name in names):
-            return None  # ideographic / phonetic groups, empty names: pydicom decides
+        if any("=" in name or not name or "\x00" in name for name in names):
+            return None  # ideographic / phonetic groups, empty names, NULs: pydicom decides
         return {"vr": vr, "Value": [{"Alphabetic": name} for name in names]}
     else:
         return None
     if values == [""]:
         return {"vr": vr}  # PS3.18 F.2.5: an empty value has no "Value"
+    if any("\x00" in v for v in values):
+        return None  # a NUL left inside a value: pydicom's path, then _without_nul
     return {"vr": vr, "Value": values}
 
 

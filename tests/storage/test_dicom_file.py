@@ -78,6 +78,8 @@ def test_metadata_of_awkward_values_equals_pydicoms_json(tmp_path: Path, syntax:
     ds.StudyDescription = "  leading kept, trailing dropped   "
     ds.ImageComments = "a backslash \\ in text stays"
     ds.StationName = " CT01 "  # AE: both sides stripped
+    ds.PerformingPhysicianName = "A\x00B"  # a NUL inside: pydicom's path, the NUL dropped
+    ds.ScheduledStudyLocationAETitle = "SCP1\x00"  # AE keeps a trailing NUL in pydicom
     ds.RetrieveURL = "http://host/x "
     ds.InstitutionName = "H\u00f4pital"  # not ASCII: pydicom's path
     ds.SpecificCharacterSet = "ISO_IR 100"
