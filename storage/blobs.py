@@ -14,7 +14,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO, Protocol
 from urllib.parse import parse_qs, urlsplit
@@ -56,10 +56,16 @@ def is_blob_key(key: str) -> bool:
 
 class BlobStore(Protocol):
     def put(self, key: str, path: Path, *, may_link: bool = False) -> None:
-        """Store the file at ``path`` under ``key``, durably, replacing nothing half-way.
+        """:meth:`put_all` of one blob, raising what refused it."""
 
-        ``may_link``: the file is Hilum's own temporary file, never written again (the caller
-        deletes it afterwards), so a backend may hard-link it into the store instead of copying.
+    def put_all(self, blobs: Sequence[tuple[str, Path, bool]]) -> list[StorageUnavailable | None]:
+        """Store each file ``path`` under ``key``, durably, replacing nothing half-way; for
+        each, what refused it (None: stored). Durable when this returns, not before.
+
+        ``(key, path, may_link)``; ``may_link``: the file is Hilum's own temporary file, never
+        written again (the caller deletes it afterwards), so a backend may hard-link it into
+        the store instead of copying. Once the store refuses one (unreachable, full), the
+        rest get the same answer without each waiting for it.
         """
 
     def open(self, key: str) -> BinaryIO:
@@ -78,7 +84,8 @@ class BlobStore(Protocol):
 
 
 class FileBlobStore:
-    """Blobs as files under ``root``: written to a temporary file, fsynced, then renamed."""
+    """Blobs as files under ``root``: written to a temporary file, fsynced, then renamed; the
+    folder fsynced after."""
 
     def __init__(self, root: Path) -> None:
         self.root = root.resolve()
@@ -93,30 +100,55 @@ class FileBlobStore:
         return self.root / key
 
     def put(self, key: str, path: Path, *, may_link: bool = False) -> None:
-        target = self._path(key)
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            if may_link and self._link(path, target):
-                return
-            fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
+        _raise_refusal(self.put_all([(key, path, may_link)]))
+
+    def put_all(self, blobs: Sequence[tuple[str, Path, bool]]) -> list[StorageUnavailable | None]:
+        """Each file is written (or linked) under a temporary name in its folder, fsynced and
+        renamed into place; then each folder is fsynced once, which makes every rename in it
+        survive a power loss: a group of one series' instances costs one folder fsync."""
+        refusals: list[StorageUnavailable | None] = []
+        unsynced: dict[Path, list[int]] = {}  # folder -> the blobs renamed into it
+        refused: StorageUnavailable | None = None
+        for key, path, may_link in blobs:
+            target = self._path(key)
+            if refused is None:
+                try:
+                    if target.parent not in unsynced:
+                        target.parent.mkdir(parents=True, exist_ok=True)
+                    if not (may_link and self._link(path, target)):
+                        self._copy(path, target)
+                except OSError as exc:
+                    refused = StorageUnavailable(f"cannot write blob {key}: {exc.strerror or exc}")
+                else:
+                    unsynced.setdefault(target.parent, []).append(len(refusals))
+            refusals.append(refused)
+        for folder, placed in unsynced.items():
             try:
-                with open(fd, "wb") as out, open(path, "rb") as src:
-                    shutil.copyfileobj(src, out, _COPY_CHUNK)
-                    out.flush()
-                    os.fsync(out.fileno())
-                os.replace(tmp_name, target)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp_name)
-                raise
-            _fsync_directory(target.parent)
-        except OSError as exc:
-            raise StorageUnavailable(f"cannot write blob {key}: {exc.strerror or exc}") from exc
+                _fsync_directory(folder)
+            except OSError as exc:
+                refusal = StorageUnavailable(f"cannot sync {folder}: {exc.strerror or exc}")
+                for n in placed:
+                    refusals[n] = refusal
+        return refusals
+
+    @staticmethod
+    def _copy(path: Path, target: Path) -> None:
+        fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
+        try:
+            with open(fd, "wb") as out, open(path, "rb") as src:
+                shutil.copyfileobj(src, out, _COPY_CHUNK)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp_name, target)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp_name)
+            raise
 
     @staticmethod
     def _link(path: Path, target: Path) -> bool:
-        """Hard-link ``path`` into place as ``target``, durably; False where links cannot be
-        made (another filesystem, or one without hard links): the caller copies instead.
+        """Hard-link ``path`` into place as ``target``; False where links cannot be made
+        (another filesystem, or one without hard links): the caller copies instead.
 
         The linked file is as complete as a copy: its data is fsynced first, the link is made
         under a temporary name and renamed over ``target`` (a same-key target holds the same
@@ -139,7 +171,6 @@ class FileBlobStore:
             # same file again) it does nothing, and the temporary name would stay.
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp_name)
-        _fsync_directory(target.parent)
         return True
 
     def open(self, key: str) -> BinaryIO:
@@ -214,10 +245,25 @@ class S3BlobStore:
             raise StorageUnavailable(f"S3 store unreachable ({what}): {exc}") from exc
 
     def put(self, key: str, path: Path, *, may_link: bool = False) -> None:
-        if not is_blob_key(key):
-            raise ValueError(f"not a blob key: {key!r}")
-        with self._unavailable_on_error(key):
-            self.client.fput_object(self.bucket, key, str(path), content_type="application/dicom")
+        _raise_refusal(self.put_all([(key, path, may_link)]))
+
+    def put_all(self, blobs: Sequence[tuple[str, Path, bool]]) -> list[StorageUnavailable | None]:
+        """One PUT each; an object appears only when complete."""
+        refusals: list[StorageUnavailable | None] = []
+        refused: StorageUnavailable | None = None
+        for key, path, _may_link in blobs:
+            if not is_blob_key(key):
+                raise ValueError(f"not a blob key: {key!r}")
+            if refused is None:
+                try:
+                    with self._unavailable_on_error(key):
+                        self.client.fput_object(
+                            self.bucket, key, str(path), content_type="application/dicom"
+                        )
+                except StorageUnavailable as error:
+                    refused = error
+            refusals.append(refused)
+        return refusals
 
     def open(self, key: str) -> BinaryIO:
         with self._unavailable_on_error(key):
@@ -250,6 +296,12 @@ class S3BlobStore:
             for obj in self.client.list_objects(self.bucket, recursive=True):
                 if obj.object_name is not None:
                     yield obj.object_name
+
+
+def _raise_refusal(refusals: list[StorageUnavailable | None]) -> None:
+    for refusal in refusals:
+        if refusal is not None:
+            raise refusal
 
 
 def _fsync_directory(directory: Path) -> None:

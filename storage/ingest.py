@@ -296,27 +296,19 @@ def _put_blobs(
     to_write: list[tuple[_Prepared, Any]],
     outcomes: list[IngestResult | StorageError | None],
 ) -> list[tuple[_Prepared, Any]]:
-    """Write the blobs of ``to_write``, one after the other; those written. Once the store
-    refuses one (unreachable, full), the rest get the same answer without each waiting for it.
-
-    Not side by side: with threads, the GIL hand-overs around each system call cost more than
-    the overlapped waits saved (0.5 ms of wall time per 9 KB blob, against 0.17 in a row).
-    """
-    written: list[tuple[_Prepared, Any]] = []
-    refused: StorageError | None = None
-    for item, stored in to_write:
-        if refused is not None:
-            outcomes[item.n] = refused
-            continue
-        try:
-            archive.blobs.put(item.key, item.received.path, may_link=item.received.temporary)
-        except StorageError as error:
-            outcomes[item.n] = refused = error
-        except BaseException:
-            _discard_unreferenced(archive, [item.key for item, _stored in written])
-            raise
-        else:
+    """Write the blobs of ``to_write`` (one folder fsync per series on the filesystem); those
+    written. One after the other, not side by side: with threads, the GIL hand-overs around
+    each system call cost more than the overlapped waits saved (0.5 ms of wall time per 9 KB
+    blob, against 0.17 in a row)."""
+    refusals = archive.blobs.put_all(
+        [(item.key, item.received.path, item.received.temporary) for item, _stored in to_write]
+    )
+    written = []
+    for (item, stored), refusal in zip(to_write, refusals, strict=True):
+        if refusal is None:
             written.append((item, stored))
+        else:
+            outcomes[item.n] = refusal
     return written
 
 

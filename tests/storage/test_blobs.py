@@ -5,9 +5,10 @@ from pathlib import Path
 
 import pytest
 
+from storage import blobs as blobs_module
 from storage.archive import Archive
 from storage.blobs import FileBlobStore, instance_blob_key, is_blob_key
-from storage.errors import NotFound
+from storage.errors import NotFound, StorageUnavailable
 
 KEY = instance_blob_key("default", "1.2.3", "1.2.3.4", "1.2.3.4.5", "ab" * 32)
 
@@ -105,3 +106,52 @@ def test_filesystem_put_may_link_links_on_one_filesystem_and_copies_across(
     finally:
         across.unlink(missing_ok=True)
     assert sorted(store.list_keys()) == sorted([KEY, other_key])
+
+
+def _keys(n: int, series: str = "1.2.3.4") -> list[str]:
+    return [
+        instance_blob_key("default", "1.2.3", series, f"1.2.3.4.{i}", "ab" * 32) for i in range(n)
+    ]
+
+
+def test_put_all_stores_every_blob(archive: Archive, tmp_path: Path) -> None:
+    blobs = []
+    for n, key in enumerate(_keys(4) + _keys(1, series="1.2.3.9")):
+        source = tmp_path / f"{n}.dcm"
+        source.write_bytes(f"blob {n}".encode() * 100)
+        blobs.append((key, source, n % 2 == 0))  # linked and copied alike
+    assert archive.blobs.put_all(blobs) == [None] * 5
+    for key, source, _may_link in blobs:
+        with archive.blobs.open(key) as stream:
+            assert stream.read() == source.read_bytes()
+    assert sorted(archive.blobs.list_keys()) == sorted(key for key, _, _ in blobs)
+
+
+def test_filesystem_put_all_syncs_each_folder_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    synced: list[Path] = []
+    real_fsync = blobs_module._fsync_directory
+    monkeypatch.setattr(
+        blobs_module, "_fsync_directory", lambda folder: (synced.append(folder), real_fsync(folder))
+    )
+    store = FileBlobStore(tmp_path / "blobs")
+    source = tmp_path / "a.dcm"
+    source.write_bytes(b"x")
+    keys = _keys(3) + _keys(2, series="1.2.3.9")
+    assert store.put_all([(key, source, True) for key in keys]) == [None] * 5
+    assert sorted(synced) == sorted({(tmp_path / "blobs" / key).parent for key in keys})
+    assert len(synced) == 2
+
+
+def test_filesystem_put_all_refuses_the_rest_once_the_store_refuses(tmp_path: Path) -> None:
+    store = FileBlobStore(tmp_path / "blobs")
+    source = tmp_path / "a.dcm"
+    source.write_bytes(b"x")
+    first, *rest = _keys(3)
+    study_folder = tmp_path / "blobs" / first.split("/")[0]
+    study_folder.write_bytes(b"")  # a file where the folder must go: mkdir fails
+    refusals = store.put_all([(key, source, False) for key in [first, *rest]])
+    assert isinstance(refusals[0], StorageUnavailable)
+    assert refusals[1] is refusals[0] and refusals[2] is refusals[0]  # not tried again
+    assert list(store.list_keys()) == [first.split("/")[0]]  # only the obstacle is there

@@ -249,14 +249,17 @@ def test_racing_senders_of_one_instance_with_temporary_files(
 
 
 class _RacingBlobStore:
-    """The real blob store; right after A's blob is written, B stores the same instance."""
+    """The real blob store; right after the blobs of A's group are written, ``on_put`` runs
+    for each of their files (there B stores the same instance)."""
 
     def __init__(self, inner: object, on_put: Callable[[Path], None]) -> None:
         self._inner, self._on_put = inner, on_put
 
-    def put(self, key: str, path: Path, *, may_link: bool = False) -> None:
-        self._inner.put(key, path, may_link=may_link)  # type: ignore[attr-defined]
-        self._on_put(path)
+    def put_all(self, blobs: list) -> list:
+        refusals = self._inner.put_all(blobs)  # type: ignore[attr-defined]
+        for _key, path, _may_link in blobs:
+            self._on_put(path)
+        return refusals
 
     def __getattr__(self, name: str) -> object:
         return getattr(self._inner, name)

@@ -239,9 +239,9 @@ class _SlowBlobStore:
     def __init__(self, inner: object, delay_s: float) -> None:
         self._inner, self._delay_s = inner, delay_s
 
-    def put(self, key: str, path: Path, *, may_link: bool = False) -> None:
+    def put_all(self, blobs: list) -> list:
         time.sleep(self._delay_s)
-        self._inner.put(key, path, may_link=may_link)  # type: ignore[attr-defined]
+        return self._inner.put_all(blobs)  # type: ignore[attr-defined]
 
     def __getattr__(self, name: str) -> object:
         return getattr(self._inner, name)
