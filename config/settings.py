@@ -118,7 +118,8 @@ class HttpSettings(_Section):
     cors_allowed_origins: list[str] = Field(default_factory=list)
     # Largest STOW-RS request body in bytes; a larger one is refused with 413.
     stow_max_bytes: int = Field(16 * 1024**3, ge=1)
-    # `hilum web`: gunicorn worker processes and threads per worker.
+    # `hilum web`: gunicorn worker processes and threads per worker; `hilum serve`: its HTTP
+    # server's threads.
     workers: int = Field(4, ge=1)
     threads: int = Field(8, ge=1)
     # DELETE of studies, series and instances over DICOMweb. There is no authentication in

@@ -2,18 +2,20 @@
 
 ``create_app(settings, archive)`` builds it; nothing is created at import time. ``hilum web``
 serves it under gunicorn (one app and one archive per worker process, built after the fork);
-``hilum serve`` and the tests serve it with werkzeug's threaded server (:class:`HttpServer`).
+``hilum serve`` and the tests serve it with cheroot's threaded server (:class:`HttpServer`).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 import uuid
+from typing import Any
 
+import cheroot.wsgi
 from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
-from werkzeug.serving import BaseWSGIServer, make_server
 
 from config import Settings
 from server.api import register_api
@@ -25,6 +27,7 @@ from storage.archive import Archive
 from storage.errors import StorageError
 
 log = logging.getLogger(__name__)
+_access_log = logging.getLogger("hilum.http.access")
 
 
 def create_app(settings: Settings, archive: Archive) -> Flask:
@@ -99,25 +102,67 @@ def _configure_cors(app: Flask, allowed: list[str]) -> None:
 
 
 class HttpServer:
-    """The app on werkzeug's threaded server, in a background thread (``hilum serve``)."""
+    """The app on cheroot's threaded HTTP/1.1 server, in a background thread (``hilum serve``).
 
-    def __init__(self, app: Flask, host: str, port: int) -> None:
-        self._server: BaseWSGIServer = make_server(host, port, app, threaded=True)
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, name="http-server", daemon=True
+    Connections are kept alive (a viewer fetches hundreds of frames over a few of them) and
+    an idle one holds no thread; request bodies reach the app as they arrive (STOW-RS reads
+    them as a stream, and enforces its own size limit).
+    """
+
+    def __init__(self, app: Flask, host: str, port: int, threads: int = 8) -> None:
+        self._server = cheroot.wsgi.Server(
+            (host, port),
+            _access_logged(app),
+            numthreads=threads,
+            server_name="hilum",
+            request_queue_size=64,
+            timeout=60,  # seconds a client may stay silent inside a request
         )
+        # cheroot's default, stated: no body limit here, STOW-RS answers 413 with a reason.
+        self._server.max_request_body_size = 0
+        self._server.prepare()  # binds now: the port is known and taken before start()
+        self._thread = threading.Thread(target=self._server.serve, name="http-server", daemon=True)
 
     @property
     def port(self) -> int:
-        return self._server.server_port
+        return int(self._server.bind_addr[1])
 
     def start(self) -> None:
         self._thread.start()
 
     def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        self._server.stop()
         self._thread.join(10)
+
+
+def _access_logged(app: Flask) -> Any:
+    """The app, each request logged once its response has been sent (at INFO, logger
+    ``hilum.http.access``, like gunicorn's access log under ``hilum web``)."""
+
+    def logged(environ: dict[str, Any], start_response: Any) -> Any:
+        started = time.perf_counter()
+        status: list[str] = []
+
+        def start(line: str, headers: Any, exc_info: Any = None) -> Any:
+            status.append(line.split(" ", 1)[0])
+            return start_response(line, headers, exc_info)
+
+        body = app(environ, start)
+        try:
+            yield from body
+        finally:
+            if hasattr(body, "close"):
+                body.close()
+            _access_log.info(
+                '%s "%s %s" %s %.1fms',
+                environ.get("REMOTE_ADDR", "-"),
+                environ.get("REQUEST_METHOD"),
+                environ.get("PATH_INFO"),
+                status[0] if status else "-",
+                (time.perf_counter() - started) * 1000,
+            )
+
+    return logged
 
 
 def serve_with_gunicorn(settings: Settings) -> None:

@@ -74,7 +74,12 @@ def _run_dimse(settings: Settings, *, all_in_one: bool) -> int:
 def _start_http_server(settings: Settings, archive: Archive) -> HttpServer:
     from server.app import HttpServer, create_app
 
-    http = HttpServer(create_app(settings, archive), settings.server.host, settings.http.port)
+    http = HttpServer(
+        create_app(settings, archive),
+        settings.server.host,
+        settings.http.port,
+        threads=settings.http.threads,
+    )
     http.start()
     return http
 
