@@ -1,6 +1,7 @@
 """DICOMweb figures: QIDO-RS latency, WADO-RS metadata and frame latency, STOW-RS throughput.
 
-What is measured (over HTTP on loopback, the app on werkzeug's threaded server in this process):
+What is measured (over HTTP on loopback, the app on ``server.app.HttpServer``, cheroot, in this
+process, as ``hilum serve`` runs it):
 
 * QIDO-RS ``/studies`` on a synthetic index (``benchmarks/synthetic_index.py``; ``--studies``,
   default 100 000 studies / 1 000 000 instances): p50 and p95 for a PatientName prefix wild card,

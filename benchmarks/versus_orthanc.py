@@ -2,7 +2,7 @@
 WADO-RS metadata and WADO-RS frames.
 
 Both servers run on this machine at the same time, each in its own process: Hilum as
-``hilum serve`` on its embedded default (SQLite + files; DICOMweb on werkzeug's threaded server),
+``hilum serve`` on its embedded default (SQLite + files; DICOMweb on cheroot),
 Orthanc 1.10 with its defaults and the DICOMweb plugin (Debian's ``orthanc`` and
 ``orthanc-dicomweb``; without them the script says so and stops). C-FIND goes through the lean
 SCU of ``benchmarks/find_scu.py`` in a process of its own (a plain socket that reads each
