@@ -323,7 +323,7 @@ def _write_rows(
     partition = archive.partition
     written: list[tuple[_Prepared, Any]] = []
     retry: list[_Prepared] = []
-    new: list[tuple[_Prepared, Any]] = []
+    new: list[_Prepared] = []
     with archive.index.write() as session:
         connection = session.connection()
         # Series met earlier in this transaction: their rows exist, the study is touched.
@@ -338,7 +338,7 @@ def _write_rows(
                 known_series[series_key] = series_pk
             values = {**item.values, "series_pk": series_pk}
             if stored is None:
-                new.append((item, stored))
+                new.append(item)
                 rows.append({"partition": partition, **values})
                 continue
             parameters = {"existing_id": stored.id, "existing_sha": stored.sha256, **values}
@@ -348,9 +348,9 @@ def _write_rows(
                 retry.append(item)
         if rows:
             inserted = set(connection.execute(_insert_new(connection.dialect.name), rows).scalars())
-            for item, stored in new:
+            for item in new:
                 if item.header.sop_instance_uid in inserted:
-                    written.append((item, stored))
+                    written.append((item, None))
                 else:
                     retry.append(item)
     return written, retry

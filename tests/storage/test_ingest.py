@@ -7,6 +7,7 @@ import hashlib
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydicom.uid import generate_uid
@@ -33,6 +34,25 @@ def _instance(archive: Archive, sop_uid: str) -> Instance:
         return session.execute(
             select(Instance).where(Instance.sop_instance_uid == sop_uid)
         ).scalar_one()
+
+
+def _in_threads(work: Callable[[Any], None], arguments: list[Any]) -> list[BaseException]:
+    """``work(argument)`` for each argument, each in its own thread, all at once: what they
+    raised."""
+    errors: list[BaseException] = []
+
+    def run(argument: Any) -> None:
+        try:
+            work(argument)
+        except BaseException as error:  # noqa: BLE001 (returned to the test)
+            errors.append(error)
+
+    threads = [threading.Thread(target=run, args=(argument,)) for argument in arguments]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return errors
 
 
 def test_stores_blob_and_index_rows(archive: Archive, tmp_path: Path) -> None:
@@ -177,22 +197,12 @@ def test_concurrent_ingest_of_one_study_loses_nothing(archive: Archive, tmp_path
          for i in range(10)] + [shared]
         for t in range(8)
     ]  # fmt: skip
-    errors: list[BaseException] = []
 
     def send(paths: list[Path]) -> None:
-        try:
-            for path in paths:
-                ingest_file(archive, path)
-        except BaseException as error:  # noqa: BLE001 (reported below)
-            errors.append(error)
+        for path in paths:
+            ingest_file(archive, path)
 
-    threads = [threading.Thread(target=send, args=(paths,)) for paths in files]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-
-    assert errors == []
+    assert _in_threads(send, files) == []
     assert _count(archive, Instance) == 81
     assert (_count(archive, Study), _count(archive, Series), _count(archive, Patient)) == (1, 1, 1)
     assert len(list(archive.blobs.list_keys())) == 81
@@ -224,23 +234,13 @@ def test_racing_senders_of_one_instance_with_temporary_files(
     ]
     contents = {path.read_bytes() for path in received}
     barrier = threading.Barrier(len(received))
-    errors: list[BaseException] = []
 
     def send(path: Path) -> None:
         barrier.wait()
-        try:
-            ingest_file(archive, path, temporary=True)
-            path.unlink()  # what pynetdicom does after the handler
-        except BaseException as error:  # noqa: BLE001 (reported below)
-            errors.append(error)
+        ingest_file(archive, path, temporary=True)
+        path.unlink()  # what pynetdicom does after the handler
 
-    threads = [threading.Thread(target=send, args=(path,)) for path in received]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-
-    assert errors == []
+    assert _in_threads(send, received) == []
     assert _count(archive, Instance) == 1
     (key,) = archive.blobs.list_keys()
     with archive.blobs.open(key) as stream:
