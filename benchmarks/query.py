@@ -44,7 +44,7 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
-from pynetdicom import AE, evt
+from pynetdicom import AE
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelMove,
 )
@@ -56,7 +56,6 @@ from benchmarks.find_scu import find_from_another_process  # noqa: E402
 from benchmarks.synthetic_index import build_synthetic_index, existing_index_facts  # noqa: E402
 from config import load_settings  # noqa: E402
 from server.dimse.ae import DimseServer  # noqa: E402
-from server.dimse.transport import disable_nagle  # noqa: E402
 from storage.archive import open_archive  # noqa: E402
 from storage.ingest import ingest_file  # noqa: E402
 from tests.conftest import free_port  # noqa: E402
@@ -163,13 +162,7 @@ def main() -> int:
 
     ae = AE(ae_title="BENCH")
     ae.add_requested_context(MOVE)
-    # Like DCMTK's tools, the client sends each PDU at once (no Nagle delay on its requests).
-    assoc = ae.associate(
-        "127.0.0.1",
-        server.port,
-        ae_title="HILUM",
-        evt_handlers=[(evt.EVT_CONN_OPEN, disable_nagle)],
-    )
+    assoc = ae.associate("127.0.0.1", server.port, ae_title="HILUM")
     study_uid, series_uid = generate_uid(), generate_uid()
     files = work / "move"
     files.mkdir()

@@ -82,6 +82,9 @@ class Received:
     origin: Origin = Origin()
     header: InstanceHeader | None = None
     temporary: bool = False
+    # (SHA-256 hex digest, size) of the file, when the caller hashed it as it wrote it (a
+    # C-STORE data set hashed as it arrived): the file is not read again to hash it.
+    sha256: tuple[str, int] | None = None
 
 
 def ingest_file(
@@ -91,10 +94,11 @@ def ingest_file(
     *,
     header: InstanceHeader | None = None,
     temporary: bool = False,
+    sha256: tuple[str, int] | None = None,
 ) -> IngestResult:
     """Store the DICOM Part 10 file at ``path``: :func:`ingest_files` of one file, its
     :class:`StorageError` raised."""
-    (outcome,) = ingest_files(archive, [Received(path, origin, header, temporary)])
+    (outcome,) = ingest_files(archive, [Received(path, origin, header, temporary, sha256)])
     if isinstance(outcome, StorageError):
         raise outcome
     return outcome
@@ -168,7 +172,7 @@ def _prepare(archive: Archive, n: int, item: Received) -> _Prepared:
     _check_announced(header, item.origin)
     if not is_storage_sop_class(header.sop_class_uid):
         raise InvalidInstance(f"SOP Class {header.sop_class_uid} is not a storage SOP class")
-    digest, size = _sha256(item.path)
+    digest, size = item.sha256 or _sha256(item.path)
     key = archive.blob_key(header, digest)
     # Computed here, outside the write transaction: on SQLite that holds the one write lock,
     # which every other association waits for.

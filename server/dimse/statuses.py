@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pydicom.dataset import Dataset
-
 from storage.errors import (
     InvalidInstance,
     InvalidQuery,
@@ -30,11 +28,12 @@ CANCEL = 0xFE00  # Matching or sub-operations terminated due to Cancel
 IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS = 0xA900  # Failure: bad level, key or value
 UNABLE_TO_PROCESS = 0xC000  # Failure: unexpected error while matching
 UNABLE_TO_CALCULATE_NUMBER_OF_MATCHES = 0xA701  # C-MOVE/C-GET: index unavailable
-# C-MOVE/C-GET: over 65535 instances; pynetdicom also sends it when every sub-operation failed.
-UNABLE_TO_PERFORM_SUB_OPERATIONS = 0xA702
-# pynetdicom itself sends the other retrieve statuses: 0xA801 Move Destination unknown (not in
-# [[dimse.peers]], or it refused the association) and 0xB000 sub-operations complete with
-# failures (with the Failed SOP Instance UID List).
+# C-MOVE/C-GET: over 65535 instances.
+UNABLE_TO_PERFORM_SUB_OPERATIONS = 0xA702  # also when every sub-operation failed
+MOVE_DESTINATION_UNKNOWN = 0xA801  # not in [[dimse.peers]], or it refused the association
+SUB_OPERATIONS_COMPLETE_WITH_FAILURES = 0xB000  # with the Failed SOP Instance UID List
+# PS3.7 C.4.2: a request of a service Hilum does not provide.
+UNRECOGNIZED_OPERATION = 0x0211
 
 FIND_ERROR_STATUS: dict[type[StorageError], int] = {
     StorageUnavailable: OUT_OF_RESOURCES,
@@ -55,10 +54,6 @@ def status_for(
     return CANNOT_UNDERSTAND
 
 
-def status_dataset(status: int, comment: str = "") -> Dataset:
-    """A status with an Error Comment (0000,0902), which is an LO: at most 64 characters."""
-    ds = Dataset()
-    ds.Status = status
-    if comment:
-        ds.ErrorComment = comment.replace("\\", "/")[:64]
-    return ds
+def error_comment(text: str) -> str:
+    """PS3.7 C.4: Error Comment (0000,0902) is an LO: at most 64 characters, no backslash."""
+    return text.replace("\\", "/")[:64]
