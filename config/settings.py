@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -60,6 +60,8 @@ class DimsePeer(_Section):
     ae_title: str
     host: str = Field(min_length=1)
     port: int = Field(ge=1, le=65535)
+    # DICOM TLS (PS3.15 B.9, BCP 195) to this peer, with [dimse] tls_* as Hilum's identity.
+    tls: bool = False
 
     @field_validator("ae_title")
     @classmethod
@@ -72,8 +74,8 @@ class DimseSettings(_Section):
     port: int = Field(11112, ge=1, le=65535)
     max_associations: int = Field(32, ge=1)
     # PS3.8 D.1.1 Maximum Length Received: the largest P-DATA-TF PDU a peer may send. Large
-    # PDUs cut the per-PDU work of receiving an image; pynetdicom holds a whole PDU in memory
-    # before writing it to the data set's file, hence a bound (and no "0 = unlimited").
+    # PDUs cut the per-PDU work of receiving an image. PDUs are streamed through a fixed buffer,
+    # so the length costs no memory; the bound keeps "0 = unlimited" out.
     max_pdu_length: int = Field(262144, ge=4096, le=16 * 1024 * 1024)
     # Reject associations whose Called AE Title is not ``ae_title``.
     require_called_ae_title: bool = False
@@ -85,6 +87,14 @@ class DimseSettings(_Section):
     network_timeout_s: float = Field(60.0, gt=0)
     # Move Destinations: C-MOVE to any other AE title is refused with 0xA801.
     peers: list[DimsePeer] = Field(default_factory=list)
+    # DICOM TLS (PS3.15 B.9, BCP 195): a second port for TLS associations (0: none), Hilum's
+    # certificate and key (PEM), the CA certificates that peers' certificates must chain to,
+    # and whether a peer must present one (mutual authentication).
+    tls_port: int = Field(0, ge=0, le=65535)
+    tls_certificate: Path | None = None
+    tls_private_key: Path | None = None
+    tls_ca_certificates: Path | None = None
+    tls_require_client_certificate: bool = True
 
     @field_validator("ae_title")
     @classmethod
@@ -104,6 +114,18 @@ class DimseSettings(_Section):
         if duplicates:
             raise ValueError(f"[[dimse.peers]] ae_title must be unique; repeated: {duplicates}")
         return peers
+
+    @model_validator(mode="after")
+    def _check_tls(self) -> DimseSettings:
+        uses_tls = self.tls_port or any(peer.tls for peer in self.peers)
+        if uses_tls and not (self.tls_certificate and self.tls_private_key):
+            raise ValueError("DICOM TLS needs [dimse] tls_certificate and tls_private_key")
+        if self.tls_port and self.tls_require_client_certificate and not self.tls_ca_certificates:
+            raise ValueError(
+                "[dimse] tls_require_client_certificate needs tls_ca_certificates (the CA that "
+                "signs the modalities' certificates), or set it to false"
+            )
+        return self
 
     def peer(self, ae_title: str) -> DimsePeer | None:
         """The Move Destination called ``ae_title`` (trailing spaces ignored), if known."""

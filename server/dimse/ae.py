@@ -14,6 +14,7 @@ import contextlib
 import functools
 import logging
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -62,6 +63,7 @@ from server.dimse.pdu import (
     abort,
 )
 from server.dimse.statuses import UNRECOGNIZED_OPERATION
+from server.dimse.tls import server_context
 from storage.archive import Archive
 
 log = logging.getLogger(__name__)
@@ -117,6 +119,7 @@ class DimseServer:
         self.tmp_dir = (settings.server.data_dir / "tmp").resolve()
         self._contexts = supported_contexts()
         self._listener: socket.socket | None = None
+        self._tls_listener: socket.socket | None = None
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._connections: set[PduSocket] = set()
@@ -140,21 +143,35 @@ class DimseServer:
         assert self._listener is not None
         return int(self._listener.getsockname()[1])
 
+    @property
+    def tls_port(self) -> int | None:
+        return int(self._tls_listener.getsockname()[1]) if self._tls_listener else None
+
     def start(self) -> None:
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
         self.remove_stale_temporary_files(STALE_TEMPORARY_FILE_AGE_S)
-        listener = socket.create_server(
-            (self.settings.server.host, self.settings.dimse.port), backlog=128
-        )
-        self._listener = listener
-        threading.Thread(target=self._accept_loop, name="dimse-accept", daemon=True).start()
+        host, dimse = self.settings.server.host, self.settings.dimse
+        self._listener = socket.create_server((host, dimse.port), backlog=128)
+        self._start_accepting(self._listener, None)
+        if dimse.tls_port:
+            self._tls_listener = socket.create_server((host, dimse.tls_port), backlog=128)
+            self._start_accepting(self._tls_listener, server_context(dimse))
         threading.Thread(target=self._janitor, name="dimse-tmp-janitor", daemon=True).start()
         log.info(
-            "DIMSE SCP %s listening on %s:%d",
-            self.settings.dimse.ae_title,
-            self.settings.server.host,
+            "DIMSE SCP %s listening on %s:%d%s",
+            dimse.ae_title,
+            host,
             self.port,
+            f", DICOM TLS on {self.tls_port}" if self._tls_listener else "",
         )
+
+    def _start_accepting(self, listener: socket.socket, tls: ssl.SSLContext | None) -> None:
+        threading.Thread(
+            target=self._accept_loop,
+            args=(listener, tls),
+            name="dimse-accept-tls" if tls else "dimse-accept",
+            daemon=True,
+        ).start()
 
     def stop(self) -> None:
         self._stop.set()
@@ -169,12 +186,11 @@ class DimseServer:
 
     # -- connections ----------------------------------------------------------------------
 
-    def _accept_loop(self) -> None:
-        assert self._listener is not None
+    def _accept_loop(self, listener: socket.socket, tls: ssl.SSLContext | None) -> None:
         limit = self.settings.dimse.max_associations + EXTRA_CONNECTIONS_TO_REJECT
         while not self._stop.is_set():
             try:
-                sock, address = self._listener.accept()
+                sock, address = listener.accept()
             except OSError:
                 if self._stop.is_set():
                     return
@@ -188,14 +204,21 @@ class DimseServer:
                 continue
             threading.Thread(
                 target=self._serve_connection,
-                args=(sock, f"{address[0]}:{address[1]}"),
+                args=(sock, f"{address[0]}:{address[1]}", tls),
                 name=f"dimse-{address[0]}:{address[1]}",
                 daemon=True,
             ).start()
 
-    def _serve_connection(self, sock: socket.socket, peer: str) -> None:
+    def _serve_connection(self, sock: socket.socket, peer: str, tls: ssl.SSLContext | None) -> None:
         timeout = self.settings.dimse.network_timeout_s
         configure_socket(sock)
+        if tls is not None:
+            try:
+                sock = handshake(sock, tls, ASSOCIATION_REQUEST_TIMEOUT_S)
+            except (ssl.SSLError, OSError) as error:
+                log.info("DICOM TLS connection from %s refused: %s", peer, error)
+                sock.close()
+                return
         wire = PduSocket(sock, idle_timeout=timeout, pdu_timeout=timeout)
         with self._lock:
             self._connections.add(wire)
@@ -324,6 +347,12 @@ class DimseServer:
             removed = self.remove_stale_temporary_files(STALE_TEMPORARY_FILE_AGE_S)
             if removed:
                 log.info("removed %d data set(s) left by aborted associations", removed)
+
+
+def handshake(sock: socket.socket, tls: ssl.SSLContext, timeout: float) -> ssl.SSLSocket:
+    """The TLS handshake of an accepted connection, within ``timeout``."""
+    sock.settimeout(timeout)
+    return tls.wrap_socket(sock, server_side=True)
 
 
 def _name(assoc: Association | None) -> str:

@@ -24,6 +24,7 @@ from server.dimse.retrieve import (
 )
 from server.dimse.statuses import MOVE_DESTINATION_UNKNOWN
 from server.dimse.storage_scu import proposed_contexts
+from server.dimse.tls import client_context
 from storage.archive import Archive
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,7 @@ def handle_c_move(
             contexts=proposed_contexts(plan.syntaxes),
             max_pdu_length=settings.dimse.max_pdu_length,
             timeout=settings.dimse.network_timeout_s,
+            tls=client_context(settings.dimse) if destination.tls else None,
         )
     except (AssociationRefused, PeerGone) as error:
         log.warning("[%s] C-MOVE destination %s: %s", assoc.name, destination.ae_title, error)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -203,15 +204,18 @@ def request_association(
     contexts: Iterable[tuple[str, list[str]]],
     max_pdu_length: int,
     timeout: float,
+    tls: ssl.SSLContext | None = None,
 ) -> Association:
     """Associate with a peer as requestor (PS3.8 7.1): the contexts proposed are
     (abstract syntax, transfer syntaxes) pairs, given odd context IDs in order (PS3.8 9.3.2.2).
     Raise AssociationRefused (or PeerGone when it cannot be reached)."""
     try:
         sock = socket.create_connection((host, port), timeout=timeout)
-    except OSError as error:
+        configure_socket(sock)
+        if tls is not None:
+            sock = tls.wrap_socket(sock)
+    except OSError as error:  # ssl.SSLError included
         raise PeerGone(f"cannot connect to {host}:{port}: {error}") from error
-    configure_socket(sock)
     wire = PduSocket(sock, idle_timeout=timeout, pdu_timeout=timeout)
     proposed = []
     for n, (abstract_syntax, syntaxes) in enumerate(contexts):
