@@ -12,8 +12,10 @@ transcoded. When neither works the sub-operation fails, with the reason logged.
 from __future__ import annotations
 
 import logging
+import shutil
 import struct
 from collections.abc import Iterable
+from io import BytesIO
 from typing import BinaryIO
 
 from pydicom import dcmread
@@ -184,10 +186,13 @@ def _transcoded(
             )
         target = uncompressed[0]
     try:
+        check_size(stored.size, Dataset(), transcode_max_bytes)  # before reading it whole
+        in_memory = BytesIO()
         with archive.blobs.open(stored.blob_key) as stream:
-            check_size(stored.size, read(stream, stop_before_pixels=True), transcode_max_bytes)
-        with archive.blobs.open(stored.blob_key) as stream:
-            dataset = read(stream)
+            shutil.copyfileobj(stream, in_memory, 1 << 20)
+        in_memory.seek(0)
+        dataset = read(in_memory)
+        check_size(stored.size, dataset, transcode_max_bytes)  # decoded, before decoding
         if stored_syntax not in UNCOMPRESSED and target.transfer_syntax != stored_syntax:
             dataset = transcode(dataset, ExplicitVRLittleEndian)
         return target, dataset
@@ -195,8 +200,8 @@ def _transcoded(
         raise SubOperationFailed(str(refused)) from refused
 
 
-def read(stream: BinaryIO, *, stop_before_pixels: bool = False) -> Dataset:
+def read(stream: BinaryIO) -> Dataset:
     try:
-        return dcmread(stream, force=True, stop_before_pixels=stop_before_pixels)
+        return dcmread(stream, force=True)
     except Exception as error:  # noqa: BLE001 (pydicom raises many kinds on a corrupt file)
         raise SubOperationFailed(f"the stored file cannot be read: {error}") from error
