@@ -65,6 +65,7 @@ from server.dimse.pdu import (
 from server.dimse.statuses import UNRECOGNIZED_OPERATION
 from server.dimse.tls import server_context
 from storage.archive import Archive
+from storage.group_commit import GroupCommit
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +119,7 @@ class DimseServer:
         self.archive = archive
         self.tmp_dir = (settings.server.data_dir / "tmp").resolve()
         self._contexts = supported_contexts()
+        self.ingest = GroupCommit(archive)
         self._listener: socket.socket | None = None
         self._tls_listener: socket.socket | None = None
         self._stop = threading.Event()
@@ -126,7 +128,7 @@ class DimseServer:
         self._associations = 0
         self._handlers: dict[int, Handler] = {
             CommandField.C_ECHO_RQ: handle_c_echo,
-            CommandField.C_STORE_RQ: functools.partial(handle_c_store, archive=archive),
+            CommandField.C_STORE_RQ: functools.partial(handle_c_store, ingest=self.ingest),
             CommandField.C_FIND_RQ: functools.partial(
                 handle_c_find, archive=archive, settings=settings
             ),

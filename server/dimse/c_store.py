@@ -3,8 +3,9 @@ handed to ingest.
 
 The data set's fragments are written to a temporary Part 10 file under ``<data_dir>/tmp`` as
 they arrive (File Meta Information first, PS3.10 7.1), and hashed on the way, so ingest does not
-read the file again for its SHA-256. The response is sent only after ingest has made the blob
-durable and committed the index row.
+read the file again for its SHA-256. Concurrent associations share index transactions
+(:class:`storage.group_commit.GroupCommit`). The response is sent only after ingest has made the
+blob durable and committed the index row.
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ from server.dimse.association import Association, Context, Message
 from server.dimse.commands import Command, CommandField
 from server.dimse.negotiation import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from server.dimse.statuses import OUT_OF_RESOURCES, SUCCESS, error_comment, status_for
-from storage.archive import Archive
 from storage.errors import StorageError, StorageUnavailable
-from storage.ingest import Origin, ingest_file
+from storage.group_commit import GroupCommit
+from storage.ingest import Origin, Received
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +129,7 @@ def _text(value: str) -> bytes:
     return data + b" " if len(data) % 2 else data
 
 
-def handle_c_store(assoc: Association, message: Message, archive: Archive) -> None:
+def handle_c_store(assoc: Association, message: Message, ingest: GroupCommit) -> None:
     command = message.command
     received = message.data
     assert isinstance(received, ReceivedDataSet)
@@ -142,12 +143,13 @@ def handle_c_store(assoc: Association, message: Message, archive: Archive) -> No
         received.close()
         if received.error is not None or received.path is None:
             raise StorageUnavailable(f"cannot write the received data set: {received.error}")
-        result = ingest_file(
-            archive,
-            received.path,
-            origin,
-            temporary=True,
-            sha256=(received.digest.hexdigest(), received.size),
+        result = ingest.ingest(
+            Received(
+                received.path,
+                origin,
+                temporary=True,
+                sha256=(received.digest.hexdigest(), received.size),
+            )
         )
         status = SUCCESS
         assoc.stats.stored += 1
