@@ -73,6 +73,10 @@ class DimseSettings(_Section):
     ae_title: str = "HILUM"
     port: int = Field(11112, ge=1, le=65535)
     max_associations: int = Field(32, ge=1)
+    # Receiving processes sharing the DIMSE port(s) (SO_REUSEPORT; the kernel spreads new
+    # associations across them): each has its own interpreter lock, so a host's C-STORE rate
+    # grows with its cores. max_associations applies to each.
+    processes: int = Field(1, ge=1, le=64)
     # PS3.8 D.1.1 Maximum Length Received: the largest P-DATA-TF PDU a peer may send. Large
     # PDUs cut the per-PDU work of receiving an image. PDUs are streamed through a fixed buffer,
     # so the length costs no memory; the bound keeps "0 = unlimited" out.

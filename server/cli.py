@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+import subprocess
 import sys
 import threading
 import warnings
@@ -40,19 +41,30 @@ def _configure_logging(verbose: bool) -> None:
     warnings.filterwarnings("ignore", module="pydicom")
 
 
-def _run_dimse(settings: Settings, *, all_in_one: bool) -> int:
+def _run_dimse(settings: Settings, args: argparse.Namespace, *, all_in_one: bool) -> int:
     """``hilum dimse``; with ``all_in_one``, ``hilum serve``: migrate the index first, and serve
-    HTTP (DICOMweb) on ``[http] port`` and one AI worker in threads beside the DIMSE SCP."""
+    HTTP (DICOMweb) on ``[http] port`` and one AI worker in threads beside the DIMSE SCP.
+
+    With ``[dimse] processes`` > 1 this process starts that many minus one more receiving
+    processes (``hilum dimse --receiver``) on the same ports, and stops them when it stops."""
     from server.dimse.ae import DimseServer
 
     archive = open_archive(settings, migrate=all_in_one)
     server = DimseServer(settings, archive)
     server.start()
-    worker = _start_worker_thread(settings, archive) if all_in_one else None
-    http = _start_http_server(settings, archive) if all_in_one else None
     stopped = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stopped.set())
+    if args.receiver:
+        # A receiving process of another hilum: it lives as long as its parent holds the pipe.
+        threading.Thread(target=_stop_at_end_of_input, args=(stopped,), daemon=True).start()
+        stopped.wait()
+        server.stop()
+        archive.close()
+        return 0
+    receivers = _start_receivers(args, settings.dimse.processes - 1)
+    worker = _start_worker_thread(settings, archive) if all_in_one else None
+    http = _start_http_server(settings, archive) if all_in_one else None
     print(
         f"Hilum is listening: DICOM {settings.dimse.ae_title}@{settings.server.host}:"
         f"{server.port}; index {settings.database_url_for_display}; blobs {settings.blob_url}"
@@ -62,6 +74,7 @@ def _run_dimse(settings: Settings, *, all_in_one: bool) -> int:
     stopped.wait()
     log.info("shutting down")
     server.stop()
+    _stop_receivers(receivers)
     if http is not None:
         http.stop()
     if worker is not None:
@@ -69,6 +82,35 @@ def _run_dimse(settings: Settings, *, all_in_one: bool) -> int:
         worker[1].join()
     archive.close()
     return 0
+
+
+def _start_receivers(args: argparse.Namespace, count: int) -> list[subprocess.Popen]:
+    """More receiving processes on the DIMSE ports, each reading its stdin (this process's
+    pipe) so that it stops when this process ends, however it ends."""
+    command = [sys.executable, "-m", "server.cli"]
+    if args.config:
+        command += ["--config", str(args.config)]
+    if args.verbose:
+        command.append("--verbose")
+    return [
+        subprocess.Popen([*command, "dimse", "--receiver"], stdin=subprocess.PIPE)
+        for _ in range(count)
+    ]
+
+
+def _stop_receivers(receivers: list[subprocess.Popen]) -> None:
+    for process in receivers:
+        process.terminate()
+    for process in receivers:
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def _stop_at_end_of_input(stopped: threading.Event) -> None:
+    sys.stdin.buffer.read()  # returns at end of file: the parent closed the pipe or died
+    stopped.set()
 
 
 def _start_http_server(settings: Settings, archive: Archive) -> HttpServer:
@@ -161,11 +203,12 @@ def cmd_models(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
-    return _run_dimse(settings, all_in_one=True)
+    args.receiver = False
+    return _run_dimse(settings, args, all_in_one=True)
 
 
 def cmd_dimse(settings: Settings, args: argparse.Namespace) -> int:
-    return _run_dimse(settings, all_in_one=False)
+    return _run_dimse(settings, args, all_in_one=False)
 
 
 def cmd_db_upgrade(settings: Settings, args: argparse.Namespace) -> int:
@@ -222,7 +265,10 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     commands.add_parser("serve", help="run everything in one process (migrates the database)")
-    commands.add_parser("dimse", help="run the DIMSE SCP only")
+    dimse = commands.add_parser("dimse", help="run the DIMSE SCP only")
+    # One of the [dimse] processes that `hilum serve` / `hilum dimse` start: no banner, stops
+    # at the end of its standard input.
+    dimse.add_argument("--receiver", action="store_true", help=argparse.SUPPRESS)
     commands.add_parser("web", help="serve DICOMweb under gunicorn ([http] port, workers)")
     db = commands.add_parser("db", help="index database administration")
     db_commands = db.add_subparsers(dest="db_command", required=True)

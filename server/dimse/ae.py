@@ -153,10 +153,15 @@ class DimseServer:
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
         self.remove_stale_temporary_files(STALE_TEMPORARY_FILE_AGE_S)
         host, dimse = self.settings.server.host, self.settings.dimse
-        self._listener = socket.create_server((host, dimse.port), backlog=128)
+        # Several processes ([dimse] processes) listen on the same ports; one alone fails
+        # loudly when another program holds the port.
+        shared = dimse.processes > 1
+        self._listener = socket.create_server((host, dimse.port), backlog=128, reuse_port=shared)
         self._start_accepting(self._listener, None)
         if dimse.tls_port:
-            self._tls_listener = socket.create_server((host, dimse.tls_port), backlog=128)
+            self._tls_listener = socket.create_server(
+                (host, dimse.tls_port), backlog=128, reuse_port=shared
+            )
             self._start_accepting(self._tls_listener, server_context(dimse))
         threading.Thread(target=self._janitor, name="dimse-tmp-janitor", daemon=True).start()
         log.info(
