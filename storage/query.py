@@ -196,6 +196,8 @@ _COMPUTED: dict[str, tuple[QueryLevel, Callable[[], Any]]] = {
     "NumberOfStudyRelatedInstances": (QueryLevel.STUDY, _count_study_instances),
     "NumberOfSeriesRelatedInstances": (QueryLevel.SERIES, _count_series_instances),
 }
+# Return keys only: counted at query time, never matched.
+COMPUTED_KEYS = frozenset(_COMPUTED)
 # Depends on the dialect (distinct string aggregation); built in _sop_classes_in_study.
 _SOP_CLASSES_IN_STUDY = "SOPClassesInStudy"
 
@@ -547,6 +549,7 @@ def _string(
 
 
 __all__ = [
+    "COMPUTED_KEYS",
     "QUERY_KEYS",
     "entity_query",
     "UNIQUE_KEYS",

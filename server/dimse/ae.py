@@ -72,6 +72,9 @@ log = logging.getLogger(__name__)
 # Objects are stored as received, so every transfer syntax pydicom knows is accepted as-is:
 # uncompressed, deflated, JPEG, JPEG-LS, JPEG 2000, HTJ2K, RLE, MPEG/HEVC video.
 TRANSFER_SYNTAXES = [str(uid) for uid in AllTransferSyntaxes]
+# Verification and Query/Retrieve: the uncompressed ones (PS3.5 A.1, A.2, A.5).
+VERIFICATION_SYNTAXES = TRANSFER_SYNTAXES[:4]
+STORAGE_SOP_CLASSES = [str(context.abstract_syntax) for context in AllStoragePresentationContexts]
 # A temporary data set untouched this long belongs to an aborted association. Generous: an
 # ingest of a multi-gigabyte slide to a slow object store must never lose its file, and other
 # processes may share the data directory.
@@ -90,12 +93,12 @@ def supported_contexts() -> list[PresentationContext]:
         # PS3.4 C.4.3 / PS3.7 D.3.3.4: a C-GET SCU proposes the storage contexts with SCP/SCU
         # Role Selection so that Hilum sends the instances back over the same association.
         # Accepting either role keeps plain C-STORE (no role item) working as before.
-        supported_context(context.abstract_syntax, TRANSFER_SYNTAXES, scu_role=True)
-        for context in AllStoragePresentationContexts
+        supported_context(sop_class, TRANSFER_SYNTAXES, scu_role=True)
+        for sop_class in STORAGE_SOP_CLASSES
     ]
-    contexts.append(supported_context(Verification, TRANSFER_SYNTAXES[:4]))
+    contexts.append(supported_context(Verification, VERIFICATION_SYNTAXES))
     # Query/Retrieve: Patient Root and Study Root, FIND, MOVE and GET (PS3.4 C.6.1, C.6.2).
-    contexts += [supported_context(uid, TRANSFER_SYNTAXES[:4]) for uid in INFORMATION_MODEL]
+    contexts += [supported_context(uid, VERIFICATION_SYNTAXES) for uid in INFORMATION_MODEL]
     return contexts
 
 
@@ -293,29 +296,40 @@ class DimseServer:
         return None
 
     def _serve(self, assoc: Association) -> None:
-        sink_for = functools.partial(self._sink_for, assoc)
-        while True:
-            message = assoc.receive_message(sink_for)
-            if message is None:
-                return  # released
-            field = message.command.field
-            handler = self._handlers.get(field)
-            if handler is not None:
-                assoc.stats.services.add(CommandField(field).name.removesuffix("_RQ"))
-                handler(assoc, message)
-            elif field == CommandField.C_CANCEL_RQ:
-                continue  # PS3.7 9.3.2.3: a cancel of a request already answered
-            elif field & 0x8000:
-                raise ProtocolError(
-                    f"a response (0x{field:04X}) to no request", AbortReason.UNEXPECTED_PDU
-                )
-            else:
-                self._unrecognized(assoc, message)
+        receiving: list[ReceivedDataSet] = []
 
-    def _sink_for(self, assoc: Association, command: Command, context: Context) -> DataSink:
-        if command.field == CommandField.C_STORE_RQ:
-            return ReceivedDataSet(self.tmp_dir, command, context, assoc.calling_ae_title)
-        return BufferSink()
+        def sink_for(command: Command, context: Context) -> DataSink:
+            if command.field == CommandField.C_STORE_RQ:
+                received = ReceivedDataSet(self.tmp_dir, command, context)
+                receiving.append(received)
+                return received
+            return BufferSink()
+
+        try:
+            while True:
+                message = assoc.receive_message(sink_for)
+                if message is None:
+                    return  # released
+                self._dispatch(assoc, message)
+                receiving.clear()  # C-STORE removed its file
+        finally:
+            for received in receiving:  # a data set cut short by an abort or a lost peer
+                received.remove()
+
+    def _dispatch(self, assoc: Association, message: Message) -> None:
+        field = message.command.field
+        handler = self._handlers.get(field)
+        if handler is not None:
+            assoc.stats.services.add(CommandField(field).name.removesuffix("_RQ"))
+            handler(assoc, message)
+        elif field == CommandField.C_CANCEL_RQ:
+            return  # PS3.7 9.3.2.3: a cancel of a request already answered
+        elif field & 0x8000:
+            raise ProtocolError(
+                f"a response (0x{field:04X}) to no request", AbortReason.UNEXPECTED_PDU
+            )
+        else:
+            self._unrecognized(assoc, message)
 
     def _unrecognized(self, assoc: Association, message: Message) -> None:
         """PS3.7 C.4.2: a request of a service Hilum does not provide (N-services, ...)."""

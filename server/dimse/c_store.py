@@ -38,7 +38,7 @@ class ReceivedDataSet:
     data set is read and dropped, and the request is answered 0xA700 (``error``).
     """
 
-    def __init__(self, tmp_dir: Path, command: Command, context: Context, source_ae: str) -> None:
+    def __init__(self, tmp_dir: Path, command: Command, context: Context) -> None:
         self.digest = hashlib.sha256()
         self.size = 0
         self.error: OSError | None = None
@@ -54,7 +54,6 @@ class ReceivedDataSet:
                     str(command.get("AffectedSOPClassUID", "")),
                     str(command.get("AffectedSOPInstanceUID", "")),
                     context.transfer_syntax,
-                    source_ae,
                 )
             )
         except OSError as error:
@@ -93,9 +92,11 @@ class ReceivedDataSet:
             self._file = None
 
 
-def file_meta(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str, ae: str) -> bytes:
+def file_meta(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str) -> bytes:
     """Preamble, prefix and File Meta Information of a Part 10 file (PS3.10 7.1), explicit VR
-    little endian (PS3.10 7.1: group 0002 always is)."""
+    little endian (PS3.10 7.1: group 0002 always is). Nothing in it depends on the sender (no
+    Source Application Entity Title), so an identical data set sent again, from any AE, makes
+    an identical file: a duplicate, not a replacement."""
     elements = [
         _long(0x0001, b"OB", b"\x00\x01"),  # File Meta Information Version
         _short(0x0002, b"UI", _uid(sop_class_uid)),
@@ -104,8 +105,6 @@ def file_meta(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str, a
         _short(0x0012, b"UI", _uid(IMPLEMENTATION_CLASS_UID)),
         _short(0x0013, b"SH", _text(IMPLEMENTATION_VERSION_NAME)),
     ]
-    if ae:
-        elements.append(_short(0x0016, b"AE", _text(ae)))  # Source Application Entity Title
     body = b"".join(elements)
     group_length = _EXPLICIT_SHORT.pack(2, 0x0000, b"UL", 4) + struct.pack("<I", len(body))
     return bytes(128) + b"DICM" + group_length + body

@@ -24,6 +24,7 @@ from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 
 from server.dimse.ae import DimseServer
+from server.dimse.commands import CommandField, encode_command
 from storage.archive import open_archive
 from tests.conftest import make_settings
 from tests.factories import ct_instance, write_part10
@@ -219,3 +220,29 @@ def test_memory_does_not_follow_the_instance_size(server: DimseServer, tmp_path:
         tracemalloc.stop()
     assert int(status.Status) == 0x0000
     assert peak < 4 << 20, f"peak Python heap {peak >> 20} MiB"
+
+
+def test_a_data_set_cut_short_leaves_no_temporary_file(server: DimseServer) -> None:
+    """A C-STORE whose data set never ends (the peer vanishes): its partial file is removed
+    when the association ends, not an hour later."""
+    command = encode_command(
+        {
+            "AffectedSOPClassUID": CTImageStorage,
+            "CommandField": CommandField.C_STORE_RQ,
+            "MessageID": 1,
+            "Priority": 0,
+            "CommandDataSetType": 0,
+            "AffectedSOPInstanceUID": "1.2.3.4",
+        }
+    )
+    sock = associated(server)
+    sock.sendall(p_data(3, 0x03, command) + p_data(3, 0x00, b"\x08\x00" * 2000))
+    deadline = time.monotonic() + 10
+    while not list(server.tmp_dir.glob("tmp*.dcm")) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert list(server.tmp_dir.glob("tmp*.dcm")), "the data set is being received"
+    sock.close()
+    while list(server.tmp_dir.glob("tmp*.dcm")) and time.monotonic() < deadline + 10:
+        time.sleep(0.02)
+    assert list(server.tmp_dir.glob("tmp*.dcm")) == []
+    assert echo_works(server)
