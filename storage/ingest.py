@@ -36,6 +36,7 @@ from storage.dicom_file import (
 )
 from storage.errors import InvalidInstance, SOPClassMismatch, StorageError, StorageUnavailable
 from storage.index.models import UI, Instance, Patient, Series, Study
+from storage.limits import refuse_too_complex
 
 log = logging.getLogger(__name__)
 _MAX_ATTEMPTS = 10
@@ -164,7 +165,7 @@ class _Prepared:
 
 
 def _prepare(archive: Archive, n: int, item: Received) -> _Prepared:
-    header = item.header or read_instance_header(item.path)
+    header = item.header or read_instance_header(item.path, archive.limits)
     _check_announced(header, item.origin)
     if not is_storage_sop_class(header.sop_class_uid):
         raise InvalidInstance(f"SOP Class {header.sop_class_uid} is not a storage SOP class")
@@ -172,7 +173,16 @@ def _prepare(archive: Archive, n: int, item: Received) -> _Prepared:
     key = archive.blob_key(header, digest)
     # Computed here, outside the write transaction: on SQLite that holds the one write lock,
     # which every other association waits for.
-    values = _instance_values(header, key, digest, size, item.origin)
+    try:
+        values = _instance_values(header, key, digest, size, item.origin)
+    except RecursionError:
+        # Nesting within limits.sequence_max_depth is encoded without recursion trouble; a
+        # caller's own header (STOW-RS) read with other limits may not be.
+        refuse_too_complex(
+            "the data set nests too deep to encode",
+            "sequence_max_depth",
+            archive.limits.sequence_max_depth,
+        )
     return _Prepared(n, item, header, digest, key, values)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pydicom.dataset import Dataset
 
 from storage.errors import (
+    InstanceTooLarge,
     InvalidInstance,
     InvalidQuery,
     SOPClassMismatch,
@@ -14,14 +15,17 @@ from storage.errors import (
 
 SUCCESS = 0x0000
 # PS3.4 Table B.2-1, C-STORE statuses.
-OUT_OF_RESOURCES = 0xA700  # Refused: index or blob store unavailable, or full. Retry later.
+# Refused: index or blob store unavailable, or full (retry later); or the instance is over a
+# [limits] size (the Error Comment names the limit).
+OUT_OF_RESOURCES = 0xA700
 DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900  # Error
 CANNOT_UNDERSTAND = 0xC000  # Error: unparseable, or required UIDs missing/invalid
 
 STORAGE_ERROR_STATUS: dict[type[StorageError], int] = {
     StorageUnavailable: OUT_OF_RESOURCES,
+    InstanceTooLarge: OUT_OF_RESOURCES,
     SOPClassMismatch: DATASET_DOES_NOT_MATCH_SOP_CLASS,
-    InvalidInstance: CANNOT_UNDERSTAND,
+    InvalidInstance: CANNOT_UNDERSTAND,  # also InstanceTooComplex: nesting, element count
 }
 
 # PS3.4 C.4.1.1.4, C.4.2.1.5, C.4.3.1.4: Query/Retrieve statuses (C-FIND, C-MOVE, C-GET).
