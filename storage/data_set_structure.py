@@ -252,6 +252,9 @@ def check_part10_structure(path: Path, limits: LimitsSettings) -> Part10Structur
             walk.reader = inflating
             pixel_at = walk.data_set(implicit=False)
             header_bytes = pixel_at if pixel_at is not None else inflating.position
+            # The rest (Pixel Data and what follows) counts towards the cap as well.
+            while inflating.skip(1 << 20):
+                pass
             return Part10Structure(syntax, data_set_at, header_bytes, pixel_at is not None)
         walk.endian = ">" if syntax == ExplicitVRBigEndian else "<"
         pixel_at = walk.data_set(implicit=syntax == ImplicitVRLittleEndian)
