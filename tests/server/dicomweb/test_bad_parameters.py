@@ -47,11 +47,13 @@ def test_out_of_range_parameters_are_refused_with_a_reason(base_url: str, stored
         response = requests.get(root + path, params=params, timeout=30)
         assert response.status_code == status, (path, params, response.text)
         assert response.json()["error"], (path, params)
+        assert response.headers["X-Content-Type-Options"] == "nosniff"
     # Still serving, and the normal query still finds the instance.
     found = requests.get(
         f"{base_url}/studies", params={"StudyInstanceUID": stored.StudyInstanceUID}, timeout=30
     )
     assert found.status_code == 200 and len(found.json()) == 1
+    assert found.headers["X-Content-Type-Options"] == "nosniff"
 
 
 def test_an_instance_number_past_the_is_range_is_stored_but_not_indexed(
