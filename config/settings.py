@@ -122,6 +122,12 @@ class HttpSettings(_Section):
     # server's threads.
     workers: int = Field(4, ge=1)
     threads: int = Field(8, ge=1)
+    # `hilum serve`: seconds a client may take to send a request's line and headers, in all
+    # (cheroot's own timeout is per read, renewed by every byte: slowloris); and how many
+    # requests one client address may have sending their headers at once (the others get
+    # 503), so that one address cannot hold every thread.
+    header_timeout_s: float = Field(10.0, gt=0)
+    header_reads_per_client: int = Field(4, ge=1)
     # DELETE of studies, series and instances over DICOMweb. There is no authentication in
     # front of the API, so it is off unless asked for; refused with 403 when off.
     allow_delete: bool = False

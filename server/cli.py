@@ -80,6 +80,8 @@ def _start_http_server(settings: Settings, archive: Archive) -> HttpServer:
         settings.server.host,
         settings.http.port,
         threads=settings.http.threads,
+        header_timeout_s=settings.http.header_timeout_s,
+        header_reads_per_client=settings.http.header_reads_per_client,
     )
     http.start()
     return http
