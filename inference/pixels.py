@@ -22,7 +22,8 @@ from pydicom.pixels import apply_rescale, get_decoder, iter_pixels
 from inference.errors import AnalysisError, DecoderUnavailable
 from storage.archive import Archive
 from storage.dicom_file import integer_value
-from storage.errors import InstanceTooLarge
+from storage.encapsulated_frame import check_data_set_frames
+from storage.errors import InstanceTooLarge, InvalidInstance
 from storage.limits import check_decoded_size
 from storage.query import entity_query, locate_instances
 
@@ -64,7 +65,8 @@ def read_series(
 
 def _check_decodable(ds: Dataset, archive: Archive) -> None:
     """Refuse, before any decode allocates it, pixel data whose declared size (PS3.3 C.7.6.3)
-    is over ``[limits]``: a slice is decoded whole, a tile frame by frame."""
+    is over ``[limits]`` (a slice is decoded whole, a tile frame by frame), or whose frames'
+    codestreams declare another size than the data set."""
     try:
         check_decoded_size(
             integer_value(ds, "Rows") or 0,
@@ -74,7 +76,8 @@ def _check_decodable(ds: Dataset, archive: Archive) -> None:
             max(1, integer_value(ds, "NumberOfFrames") or 1),
             archive.limits,
         )
-    except InstanceTooLarge as error:
+        check_data_set_frames(ds)
+    except (InstanceTooLarge, InvalidInstance) as error:
         raise AnalysisError(f"instance {ds.SOPInstanceUID}: not decoded: {error}") from None
 
 

@@ -130,9 +130,11 @@ def _jpeg_header(rows: int, columns: int, components: int) -> bytes:
     return b"\xff\xd8" + b"\xff\xc0" + struct.pack(">H", len(sof) + 2) + sof + b"\xff\xd9"
 
 
-def jpeg_claiming(path: Path, rows: int, columns: int, frames: int) -> Path:
-    """JPEG Baseline, RGB, ``frames`` frames of ``rows`` x ``columns`` as declared both by the
-    data set and by each frame's SOF0 header; the frames hold no scan."""
+def jpeg_claiming(
+    path: Path, rows: int, columns: int, frames: int, header: tuple[int, int] | None = None
+) -> Path:
+    """JPEG Baseline, RGB, ``frames`` frames of ``rows`` x ``columns`` as declared by the data
+    set, and by each frame's SOF0 header unless ``header`` says otherwise; no scan."""
     ds = _header(
         SecondaryCaptureImageStorage,
         Rows=rows,
@@ -146,7 +148,7 @@ def jpeg_claiming(path: Path, rows: int, columns: int, frames: int) -> Path:
         PixelRepresentation=0,
         NumberOfFrames=frames,
     )
-    frame = _jpeg_header(rows, columns, 3)
+    frame = _jpeg_header(*(header or (rows, columns)), 3)
     frame += b"\x00" * (len(frame) % 2)
     items = struct.pack("<HHL", 0xFFFE, 0xE000, 0) + b"".join(
         struct.pack("<HHL", 0xFFFE, 0xE000, len(frame)) + frame for _ in range(frames)

@@ -20,7 +20,8 @@ from pydicom.uid import UID
 from server.dicomweb.media_types import NotAcceptable
 from server.dicomweb.spool import Spool
 from storage.archive import Archive
-from storage.errors import InstanceTooLarge, InvalidQuery, NotFound
+from storage.encapsulated_frame import check_frame_header
+from storage.errors import InstanceTooLarge, InvalidInstance, InvalidQuery, NotFound
 from storage.limits import check_decoded_size
 from storage.query import StoredInstance
 
@@ -190,6 +191,18 @@ def frame_dataset(metadata: dict[str, Any], transfer_syntax: str, frame: bytes) 
 
 
 def decode_frame(metadata: dict[str, Any], transfer_syntax: str, frame: bytes) -> np.ndarray:
+    """The frame decoded, once its codestream is known to declare the data set's size (a
+    decoder allocates what the codestream says)."""
+    try:
+        check_frame_header(
+            transfer_syntax,
+            frame,
+            _first_int(metadata, "00280010", 0),
+            _first_int(metadata, "00280011", 0),
+            _first_int(metadata, "00280002", 1),
+        )
+    except InvalidInstance as error:
+        raise NotAcceptable(f"the frame is not decoded: {error}; retrieve it as stored") from None
     return frame_dataset(metadata, transfer_syntax, frame).pixel_array
 
 

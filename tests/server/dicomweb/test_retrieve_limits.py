@@ -9,15 +9,20 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+import pydicom
+import pytest
 import requests
 from pydicom.dataset import Dataset
-from pydicom.uid import RLELossless
+from pydicom.uid import ExplicitVRLittleEndian, RLELossless
 
 from config import Settings
 from config.settings import LimitsSettings
+from inference.errors import AnalysisError
+from inference.pixels import read_series
 from server.app import HttpServer
 from storage.archive import Archive, open_archive
 from storage.ingest import ingest_file
+from tests import hostile_files
 from tests.conftest import S3Server, make_settings, s3_blob_url
 from tests.factories import ct_instance, write_part10
 from tests.server.dicomweb.conftest import serve
@@ -72,6 +77,44 @@ def test_decodes_over_the_frame_limit_are_406_and_as_stored_still_served(
         assert as_stored.status_code == 200, as_stored.text
     finally:
         server.stop()
+
+
+def test_a_frame_whose_codestream_disagrees_is_not_decoded(
+    settings: Settings, archive: Archive, tmp_path: Path
+) -> None:
+    # The data set declares 16 x 16 (within every limit), each frame's JPEG header 65535 x
+    # 65535: a decoder would allocate 12 GiB. Stored as sent; never decoded.
+    path = hostile_files.jpeg_claiming(tmp_path / "j.dcm", 16, 16, 2, header=(65535, 65535))
+    ingest_file(archive, path)
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    server = serve(settings, archive)
+    base = f"http://127.0.0.1:{server.port}"
+    try:
+        for suffix, accept in [
+            ("/rendered", "image/png"),
+            ("/frames/2/thumbnail", "image/jpeg"),
+            ("/frames/1", 'multipart/related; type="application/octet-stream"'),
+            (
+                "",
+                'multipart/related; type="application/dicom"; '
+                f"transfer-syntax={ExplicitVRLittleEndian}",
+            ),
+        ]:
+            response = requests.get(
+                base + _path(ds) + suffix, headers={"Accept": accept}, timeout=30
+            )
+            assert response.status_code == 406, (suffix, response.status_code, response.text)
+            assert "declares 65535 x 65535" in response.json()["error"], suffix
+        as_stored = requests.get(
+            base + _path(ds) + "/frames/1",
+            headers={"Accept": 'multipart/related; type="image/jpeg"'},
+            timeout=30,
+        )
+        assert as_stored.status_code == 200
+    finally:
+        server.stop()
+    with pytest.raises(AnalysisError, match="declares 65535 x 65535"):
+        read_series(archive, ds.StudyInstanceUID, ds.SeriesInstanceUID)
 
 
 def _outage(
