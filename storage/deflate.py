@@ -59,24 +59,3 @@ class InflatingReader:
         del self._buffer[:size]
         self.position += len(out)
         return out
-
-    def peek(self, size: int) -> bytes:
-        self._fill(size)
-        return bytes(self._buffer[:size])
-
-    def skip(self, size: int) -> bool:
-        """Pass over ``size`` bytes; False when the data set ends first."""
-        while size > 0:
-            step = len(self.read(min(size, _OUTPUT_CHUNK)))
-            if step == 0:
-                return False
-            size -= step
-        return True
-
-    def read_all(self, size: int) -> bytes:
-        """Up to ``size`` bytes (fewer at the end of the data set), in one buffer."""
-        chunks = []
-        while size > 0 and (chunk := self.read(min(size, _OUTPUT_CHUNK))):
-            chunks.append(chunk)
-            size -= len(chunk)
-        return b"".join(chunks)

@@ -11,7 +11,6 @@ import logging
 import re
 import struct
 from dataclasses import dataclass
-from io import BytesIO
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -27,8 +26,7 @@ from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import uid_to_service_class
 
 from config.settings import LimitsSettings
-from storage.data_set_structure import Part10Structure, check_part10_structure
-from storage.deflate import InflatingReader
+from storage.data_set_structure import part10_structure
 from storage.errors import InvalidInstance
 from storage.limits import check_decoded_size, check_stored_size, refuse_too_complex
 
@@ -82,10 +80,18 @@ def read_instance_header(path: Path, limits: LimitsSettings | None = None) -> In
     file_size = path.stat().st_size
     check_stored_size(file_size, limits)
     try:
-        structure = check_part10_structure(path, limits)
-        with open(path, "rb") as fp:
-            if structure is not None and structure.inflated_header_bytes is not None:
-                dataset = _read_deflated_header(path, fp, structure, limits)
+        with open(path, "rb") as fp, part10_structure(fp, limits) as structure:
+            fp.seek(0)
+            if structure is not None and structure.inflated is not None:
+                # The deflated data set, inflated once by the structure pass (pydicom would
+                # inflate the whole file in memory first).
+                dataset = read_dataset(
+                    structure.inflated,
+                    is_implicit_VR=False,
+                    is_little_endian=True,
+                    stop_when=_at_pixel_data,
+                )
+                dataset.file_meta = read_file_meta_info(path)
                 pixel_data_at = file_size  # the stored bytes are deflated: no frame ranges
                 has_pixel_element = structure.has_pixel_data_element
             else:
@@ -106,22 +112,6 @@ def read_instance_header(path: Path, limits: LimitsSettings | None = None) -> In
     except (EOFError, ValueError, struct.error, OSError, KeyError, TypeError) as exc:
         raise InvalidInstance(f"cannot parse the data set: {exc}") from exc
     return header
-
-
-def _read_deflated_header(
-    path: Path, fp: BinaryIO, structure: Part10Structure, limits: LimitsSettings
-) -> Dataset:
-    """The data set of a deflated file up to its Pixel Data, inflated as a stream (pydicom
-    would inflate the whole file in memory first)."""
-    assert structure.inflated_header_bytes is not None
-    fp.seek(structure.data_set_at)
-    inflated = InflatingReader(fp, limits.inflated_max_bytes)
-    head = inflated.read_all(structure.inflated_header_bytes)
-    dataset = read_dataset(
-        BytesIO(head), is_implicit_VR=False, is_little_endian=True, stop_when=_at_pixel_data
-    )
-    dataset.file_meta = read_file_meta_info(path)
-    return dataset
 
 
 def _at_pixel_data(tag: BaseTag, vr: str | None, length: int) -> bool:
