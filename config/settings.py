@@ -148,6 +148,12 @@ class HttpSettings(_Section):
     # server's threads.
     workers: int = Field(4, ge=1)
     threads: int = Field(8, ge=1)
+    # `hilum serve`: seconds a client may take to send a request's line and headers, in all
+    # (cheroot's own timeout is per read, renewed by every byte: slowloris); and how many
+    # requests one client address may have sending their headers at once (the others get
+    # 503), so that one address cannot hold every thread.
+    header_timeout_s: float = Field(10.0, gt=0)
+    header_reads_per_client: int = Field(4, ge=1)
     # DELETE of studies, series and instances over DICOMweb. There is no authentication in
     # front of the API, so it is off unless asked for; refused with 403 when off.
     allow_delete: bool = False
@@ -163,6 +169,32 @@ class StorageSettings(_Section):
     # What a re-sent SOP Instance UID with different content does: replace the stored
     # instance ("overwrite") or keep the first one and discard the new one ("keep").
     on_duplicate: Literal["keep", "overwrite"] = "overwrite"
+
+
+class LimitsSettings(_Section):
+    """What one received object may cost; each is checked before the work it bounds, and a
+    refusal names the key (``limits.<key>``). Ingest (C-STORE, STOW-RS, ``hilum import``)
+    checks all of them; every decode of pixel data (rendered, thumbnails, frames in another
+    syntax, the AI worker) checks ``frame_max_bytes`` first."""
+
+    # Largest stored file (the Part 10 bytes as received).
+    instance_max_bytes: int = Field(16 * 1024**3, ge=1)
+    # Largest decoded pixel data of one instance: Rows x Columns x SamplesPerPixel x
+    # BitsAllocated / 8 x NumberOfFrames. A tiled whole-slide level is large by design.
+    decoded_max_bytes: int = Field(256 * 1024**3, ge=1)
+    # Largest decoded frame (Rows x Columns x SamplesPerPixel x BitsAllocated / 8): decoding
+    # holds one frame in memory, so this is what a decode may allocate.
+    frame_max_bytes: int = Field(1024**3, ge=1)
+    # Largest data set after inflating a Deflated Explicit VR Little Endian file (PS3.5 A.5),
+    # inflated as a stream and refused as soon as it passes this.
+    inflated_max_bytes: int = Field(256 * 1024**2, ge=1)
+    # Deepest nesting of sequences (PS3.5 7.5); a structured report's content tree is ~10.
+    sequence_max_depth: int = Field(64, ge=1)
+    # Most data elements in one data set, counting those in sequence items and the
+    # fragments of encapsulated Pixel Data.
+    elements_max: int = Field(1_000_000, ge=1)
+    # Largest Number of Frames (0028,0008); each frame has a byte range in the index.
+    frames_max: int = Field(500_000, ge=1)
 
 
 class QuerySettings(_Section):
@@ -219,6 +251,7 @@ class Settings(BaseSettings):
     http: HttpSettings = Field(default_factory=HttpSettings)
     storage: StorageSettings = Field(default_factory=StorageSettings)
     query: QuerySettings = Field(default_factory=QuerySettings)
+    limits: LimitsSettings = Field(default_factory=LimitsSettings)
     inference: InferenceSettings = Field(default_factory=InferenceSettings)
 
     @classmethod

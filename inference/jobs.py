@@ -391,6 +391,8 @@ class JobQueue:
             return [Job.from_row(row) for row in rows]
 
     def _row(self, session: Session, job_id: int, *, lock: bool = False) -> InferenceJob:
+        if not 0 < job_id < 2**63:  # no such id in a BIGINT column; SQL could not compare it
+            raise NotFound(f"no inference job {job_id}")
         statement = select(InferenceJob).where(
             InferenceJob.partition == self.archive.partition, InferenceJob.id == job_id
         )

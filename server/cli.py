@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -121,6 +122,8 @@ def _start_http_server(settings: Settings, archive: Archive) -> HttpServer:
         settings.server.host,
         settings.http.port,
         threads=settings.http.threads,
+        header_timeout_s=settings.http.header_timeout_s,
+        header_reads_per_client=settings.http.header_reads_per_client,
     )
     http.start()
     return http
@@ -237,18 +240,23 @@ def cmd_import(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_verify(settings: Settings, args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from storage.verify import verify_archive
+    from storage.verify import remove_orphans, verify_archive
 
     archive = open_archive(settings)
     try:
         with tqdm(unit="instance", desc="verifying") as bar:
             report = verify_archive(archive, checksums=not args.quick, progress=bar.update)
+        if args.remove_orphans:
+            remove_orphans(archive, report, grace_s=args.orphan_grace_s, now=time.time())
     finally:
         archive.close()
     print(
         f"{report.instances} instances checked: {len(report.missing)} missing blobs, "
         f"{len(report.mismatched)} checksum mismatches, {len(report.orphans)} orphan blobs"
+        + (f", {len(report.removed)} orphan blobs removed" if args.remove_orphans else "")
     )
+    for key in report.removed:
+        print(f"  removed orphan blob: {key}")
     for uid in report.missing:
         print(f"  missing blob: instance {uid}")
     for uid in report.mismatched:
@@ -280,6 +288,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     verify = commands.add_parser("verify", help="check the index against the blob store")
     verify.add_argument("--quick", action="store_true", help="check existence, not checksums")
+    verify.add_argument(
+        "--remove-orphans",
+        action="store_true",
+        help="delete orphan blobs last written over --orphan-grace-s ago (unreferenced still)",
+    )
+    verify.add_argument(
+        "--orphan-grace-s",
+        type=float,
+        default=3600.0,
+        help="age in seconds an orphan must reach before --remove-orphans deletes it "
+        "(default 3600: a blob being stored now is an orphan until its index rows commit)",
+    )
 
     commands.add_parser("worker", help="run the AI worker: claim jobs, run models, store results")
     models = commands.add_parser("models", help="AI model plug-ins")

@@ -379,6 +379,11 @@ def _check_level(query: Query) -> None:
         raise InvalidQuery("the Study Root information model has no PATIENT level")
     if query.limit is not None and query.limit < 0 or query.offset < 0:
         raise InvalidQuery("limit and offset must not be negative")
+    for keyword, value in query.matching.items():
+        # PS3.5 6.1.2: NUL is no character of any DICOM string (only UI padding), and
+        # PostgreSQL refuses it in a text parameter.
+        if "\x00" in value:
+            raise InvalidQuery(f"{keyword}: the matching value contains a NUL character")
 
 
 def _visible(keyword: str, depth: int) -> bool:
@@ -506,9 +511,13 @@ def _uids(keyword: str, values: list[str]) -> list[str] | None:
 
 def _integer(keyword: str, value: str) -> int:
     try:
-        return int(value.strip())
+        number = int(value.strip())
     except ValueError:
-        raise InvalidQuery(f"{keyword}: {value!r} is not an integer string (IS)") from None
+        raise InvalidQuery(f"{keyword}: {value[:40]!r} is not an integer string (IS)") from None
+    # PS3.5 6.2: an IS value lies in -2^31 .. 2^31 - 1 (also the index column's range).
+    if not -(2**31) <= number < 2**31:
+        raise InvalidQuery(f"{keyword}: {value[:40]!r} is outside the range of an IS value")
+    return number
 
 
 def _range(keyword: str, column: Any, vr: str, value: str) -> ColumnElement[bool]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from storage.errors import (
+    InstanceTooLarge,
     InvalidInstance,
     InvalidQuery,
     SOPClassMismatch,
@@ -14,14 +15,17 @@ from storage.errors import (
 
 SUCCESS = 0x0000
 # PS3.4 Table B.2-1, C-STORE statuses.
-OUT_OF_RESOURCES = 0xA700  # Refused: index or blob store unavailable, or full. Retry later.
+# Refused: index or blob store unavailable, or full (retry later); or the instance is over a
+# [limits] size (the Error Comment names the limit).
+OUT_OF_RESOURCES = 0xA700
 DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900  # Error
 CANNOT_UNDERSTAND = 0xC000  # Error: unparseable, or required UIDs missing/invalid
 
 STORAGE_ERROR_STATUS: dict[type[StorageError], int] = {
     StorageUnavailable: OUT_OF_RESOURCES,
+    InstanceTooLarge: OUT_OF_RESOURCES,
     SOPClassMismatch: DATASET_DOES_NOT_MATCH_SOP_CLASS,
-    InvalidInstance: CANNOT_UNDERSTAND,
+    InvalidInstance: CANNOT_UNDERSTAND,  # also InstanceTooComplex: nesting, element count
 }
 
 # PS3.4 C.4.1.1.4, C.4.2.1.5, C.4.3.1.4: Query/Retrieve statuses (C-FIND, C-MOVE, C-GET).
@@ -82,7 +86,9 @@ C_STORE_STATUSES = (
               "received data set could not even be written to `<data_dir>/tmp`, included); the "
               "SQLite write lock could not be obtained within 30 s; or another association kept "
               "changing the same instance through 10 attempts. Nothing was stored: send again "
-              "later"),
+              "later. Also: the instance is over a `[limits]` size (stored, inflated, decoded or "
+              "per-frame bytes, Number of Frames); the Error Comment starts with the limit's "
+              "name (`over limits.frame_max_bytes (…): …`) and sending again will not help"),
     StatusUse(DATASET_DOES_NOT_MATCH_SOP_CLASS, "C-STORE",
               "Error: Data Set does not match SOP Class",
               "the data set's SOP Class UID or SOP Instance UID differs from the request's "
@@ -90,8 +96,10 @@ C_STORE_STATUSES = (
               "Class is not a storage class, sent on a storage context, gets `0xA900`)"),
     StatusUse(CANNOT_UNDERSTAND, "C-STORE", "Error: Cannot understand",
               "the data set cannot be parsed; a required UID is missing or invalid; the Pixel "
-              "Data is truncated or malformed; or an unexpected internal error (Error Comment "
-              "`internal error: <type>`)"),
+              "Data is truncated or malformed, or holds fewer bytes or fragments than its frames "
+              "need, or has Rows or Columns of 0; sequences nest deeper or elements are more "
+              "than `[limits]` allow (Error Comment names the limit); or an unexpected internal "
+              "error (Error Comment `internal error: <type>`)"),
 )  # fmt: skip
 
 # PS3.4 C.4.1.1.4, C.4.2.1.5, C.4.3.1.4.

@@ -112,6 +112,31 @@ def test_verify_reports_missing_orphan_and_corrupt_blobs(
 
 
 @pytest.mark.parametrize("backend", ["sqlite-files"])
+def test_verify_removes_old_orphans_on_request(
+    backend: str, settings: Settings, tmp_path: Path
+) -> None:
+    _series(tmp_path / "archive", 2)
+    assert _hilum(settings, "import", str(tmp_path / "archive")).returncode == 0
+    blobs = sorted((settings.server.data_dir / "blobs").rglob("*.dcm"))
+    orphan = blobs[0].with_name("0" * 64 + ".0000000000000000.dcm")  # a blob never committed
+    orphan.write_bytes(blobs[0].read_bytes())
+    os.utime(orphan, (time.time() - 7200, time.time() - 7200))
+    young = blobs[0].with_name("1" * 64 + ".0000000000000000.dcm")
+    young.write_bytes(b"being stored now")
+
+    result = _hilum(settings, "verify", "--remove-orphans")  # default grace: an hour
+
+    assert result.returncode == 1, result.stdout  # the young one is still an orphan
+    assert (
+        "2 instances checked: 0 missing blobs, 0 checksum mismatches, 1 orphan blobs, "
+        "1 orphan blobs removed" in result.stdout
+    )
+    assert not orphan.exists() and young.exists()
+    young.unlink()
+    assert _hilum(settings, "verify").returncode == 0
+
+
+@pytest.mark.parametrize("backend", ["sqlite-files"])
 def test_dimse_refuses_an_index_that_was_not_upgraded(backend: str, settings: Settings) -> None:
     result = _hilum(settings, "dimse")
     assert result.returncode == 3
