@@ -27,11 +27,11 @@ from sqlalchemy import and_, case, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from config import Settings
-from inference.jobs import Job, as_utc, enqueue, utc_now
 from inference.rules import models_for_series
 from storage.archive import Archive
 from storage.errors import StorageUnavailable
 from storage.index.models import InferenceJob, Instance, Series, Study
+from storage.jobs import Job, as_utc, enqueue, utc_now
 
 if TYPE_CHECKING:
     from inference.registry import Model
