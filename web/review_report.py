@@ -64,9 +64,11 @@ def review_report(
     instance_number: int,
 ) -> hd.sr.Comprehensive3DSR:
     """The decision as a verified Comprehensive 3D SR in the study of ``model_report``."""
+    # PS3.5 6.2.1.2: a name typed as one string is one component; the trailing "^" says so.
+    name = reviewer if "^" in reviewer else reviewer + "^"
     person = hd.sr.ObserverContext(
         observer_type=codes.DCM.Person,
-        observer_identifying_attributes=hd.sr.PersonObserverIdentifyingAttributes(name=reviewer),
+        observer_identifying_attributes=hd.sr.PersonObserverIdentifyingAttributes(name=name),
     )
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
@@ -107,7 +109,7 @@ def review_report(
         is_complete=True,
         is_final=True,
         is_verified=True,
-        verifying_observer_name=reviewer,
+        verifying_observer_name=name,
         verifying_organization=organization,
         previous_versions=[model_report],
         series_description=REVIEW_SERIES_DESCRIPTION,

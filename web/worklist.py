@@ -32,6 +32,7 @@ COLUMNS = (
     ("modality", "Modalities"),
     ("received", "Received"),
 )
+PAGE_SIZE, MAX_PAGE_SIZE = 50, 200
 _DATE = re.compile(r"^(\d{4})-?(\d{2})-?(\d{2})$")
 
 
@@ -69,21 +70,25 @@ def worklist_request(args: Any, settings: Settings) -> WorklistRequest:
     try:
         ai_state = AIState(args["ai"]) if args.get("ai") else None
         sort = SortKey(args.get("sort") or SortKey.RECEIVED)
+        limit = int(args.get("limit") or PAGE_SIZE)
     except ValueError as error:
         raise InvalidQuery(str(error)) from None
+    if not 1 <= limit <= MAX_PAGE_SIZE:
+        raise InvalidQuery(f"limit: {limit} is not between 1 and {MAX_PAGE_SIZE}")
     return WorklistRequest(
         matching=matching,
         ai_state=ai_state,
         sort=sort,
         descending=args.get("order", "desc") != "asc",
         cursor=args.get("cursor") or None,
-        limit=50,
+        limit=limit,
         case_insensitive_person_names=settings.query.case_insensitive_person_names,
     )
 
 
 def _filters(args: Any) -> dict[str, str]:
-    return {field: args.get(field, "") for field in FILTER_FIELDS if args.get(field)}
+    """What a sort, page or refresh link keeps of the request: the filters and page size."""
+    return {field: args[field] for field in (*FILTER_FIELDS, "limit") if args.get(field)}
 
 
 def _context(args: Any, page: WorklistPage | None, error: str | None) -> dict[str, Any]:

@@ -30,7 +30,9 @@
     row.dataset.job = job.id;
     row.dataset.state = job.state;
     cell(row, job.id);
-    cell(row, job.state, "state state-" + job.state);
+    const state = row.insertCell().appendChild(document.createElement("span"));
+    state.textContent = job.state;
+    state.className = "state state-" + job.state;
     cell(row, job.priority > 0 ? "STAT (" + job.priority + ")" : "routine");
     cell(row, job.model.name + " " + job.model.version);
     const study = row.insertCell();
