@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy.orm import Session
 
 from config import Settings
-from inference.rules import models_for_series
+from inference.rules import models_for_series, why_no_model
 from storage.archive import Archive
 from storage.errors import StorageUnavailable
 from storage.index.models import InferenceJob
@@ -99,8 +99,31 @@ def _queue_if_stable(
             return []
         study_uid, last_instance_at = study
         rows = _queue_study(session, archive.partition, settings, models, study_pk, study_uid)
-        mark_stable(session, study_pk, last_instance_at)
+        note = "" if rows else _no_model_note(session, settings, models, study_pk)
+        mark_stable(session, study_pk, last_instance_at, note)
         return [Job.from_row(row) for row in rows]
+
+
+def _no_model_note(
+    session: Session, settings: Settings, models: Sequence[Model], study_pk: int
+) -> str:
+    """Why no model applies to any of the study's series (received ones, not Hilum's own
+    results), series by series; "" when one does (its job stands) or there is no such series."""
+    notes = []
+    for group in series_groups(session, study_pk, settings.dimse.ae_title):
+        if not group.external:
+            continue
+        series = {
+            "Modality": group.modality,
+            "SOPClassUID": group.sop_class_uid,
+            "BodyPartExamined": group.body_part_examined,
+        }
+        why = why_no_model(settings.inference.rules, models, series)
+        if not why:
+            return ""
+        part = f", body part {group.body_part_examined}" if group.body_part_examined else ""
+        notes.append(f"{group.modality or 'series'} series{part}: {why}")
+    return ". ".join(dict.fromkeys(notes))
 
 
 def _queue_study(

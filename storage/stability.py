@@ -79,9 +79,14 @@ def lock_newly_stable(
     return None if row is None else (row[0], row[1])
 
 
-def mark_stable(session: Session, study_pk: int, last_instance_at: datetime) -> None:
+def mark_stable(
+    session: Session, study_pk: int, last_instance_at: datetime, ai_note: str = ""
+) -> None:
+    """Mark the study stable at ``last_instance_at``, with why no model applies (if so)."""
     session.execute(
-        update(Study).where(Study.id == study_pk).values(stable_last_instance_at=last_instance_at)
+        update(Study)
+        .where(Study.id == study_pk)
+        .values(stable_last_instance_at=last_instance_at, ai_note=ai_note[:4000])
     )
 
 

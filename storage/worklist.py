@@ -102,6 +102,7 @@ class WorklistStudy:
     ai_state: AIState
     findings: int  # present findings of its done jobs
     reviews: int  # decisions recorded on its findings
+    ai_note: str = ""  # why no model applies (with AIState.NO_MODEL)
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -116,6 +117,7 @@ class WorklistStudy:
             "ai_state": str(self.ai_state),
             "findings": self.findings,
             "reviews": self.reviews,
+            "ai_note": self.ai_note if self.ai_state == AIState.NO_MODEL else "",
         }
 
 
@@ -204,6 +206,7 @@ def search_worklist(archive: Archive, request: WorklistRequest) -> WorklistPage:
             Study.study_description,
             Study.modalities_in_study,
             Study.created_at,
+            Study.ai_note,
             stat.label("stat"),
             ai_state.label("ai_state"),
             _findings().label("findings"),
@@ -245,6 +248,7 @@ def _study(row: Any) -> WorklistStudy:
         ai_state=AIState(row.ai_state),
         findings=int(row.findings or 0),
         reviews=int(row.reviews or 0),
+        ai_note=row.ai_note or "",
     )
 
 

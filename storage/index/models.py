@@ -96,6 +96,9 @@ class Study(Base):
     stable_last_instance_at: Mapped[datetime | None] = mapped_column(
         DateTime(timezone=True), nullable=True, default=None
     )
+    # Why no model applies to the study (inference.rules.why_no_model), written by the stability
+    # scan when it queues nothing; "" otherwise. Migration 0004.
+    ai_note: Mapped[str] = mapped_column(Text, default="", server_default="")
 
 
 class Series(Base):

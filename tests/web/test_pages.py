@@ -107,8 +107,19 @@ def test_the_worklist_shows_each_study_with_its_ai_state_stat_on_top(
     first = page.locator(f'tr[data-study="{studies.phantom}"]')
     expect(first).to_contain_text("STAT")
     expect(first).to_contain_text("Findings (1)")
-    expect(page.locator(f'tr[data-study="{studies.chest}"]')).to_contain_text("No model applies")
+    chest = page.locator(f'tr[data-study="{studies.chest}"]')
+    expect(chest).to_contain_text("No model applies")
     screenshot(page, "worklist")
+
+    # Why no model applies: on the study page, from the stability scan's rules.
+    chest.get_by_role("link").click()
+    expect(page.locator(".ai-note")).to_have_text(
+        "Why: CT series, body part CHEST: ct_lesion_synthetic needs body part ABDOMEN "
+        "(not CHEST); wsi_tissue_synthetic needs modality SM (not CT), SOP class "
+        "1.2.840.10008.5.1.4.1.1.77.1.6 (not 1.2.840.10008.5.1.4.1.1.2), body part BREAST "
+        "(not CHEST)."
+    )
+    screenshot(page, "study-no-model")
 
 
 @pytest.mark.parametrize(

@@ -1,12 +1,14 @@
-"""the number of findings of a done AI job, and the reviews of AI findings
+"""the number of findings of a done AI job, why no model applies to a study, and the reviews
+of AI findings
 
 Revision ID: 0004
 Revises: 0003
 Create Date: 2026-12-03 08:00:00.000000
 
 ``inference_job.findings``: how many findings the job's SR reports as present (null until the
-job is done, and for jobs done before this revision). ``finding_review``: one row per accept or
-reject decision on a finding, beside the DICOM SR that records it in the study.
+job is done, and for jobs done before this revision). ``study.ai_note``: why no model applies
+to the study, written when the stability scan queues nothing. ``finding_review``: one row per
+accept or reject decision on a finding, beside the DICOM SR that records it in the study.
 """
 
 import sqlalchemy as sa
@@ -23,6 +25,8 @@ _ID = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 def upgrade() -> None:
     with op.batch_alter_table("inference_job", schema=None) as batch_op:
         batch_op.add_column(sa.Column("findings", sa.Integer(), nullable=True))
+    with op.batch_alter_table("study", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("ai_note", sa.Text(), nullable=False, server_default=""))
 
     op.create_table(
         "finding_review",
@@ -55,5 +59,7 @@ def downgrade() -> None:
         batch_op.drop_index("ix_finding_review_decided")
         batch_op.drop_index("ix_finding_review_study")
     op.drop_table("finding_review")
+    with op.batch_alter_table("study", schema=None) as batch_op:
+        batch_op.drop_column("ai_note")
     with op.batch_alter_table("inference_job", schema=None) as batch_op:
         batch_op.drop_column("findings")
