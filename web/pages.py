@@ -9,18 +9,18 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from flask import Blueprint, Response, render_template, request
+from flask import Blueprint, Response, render_template, request, send_from_directory
 from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import NotFound as HTTPNotFound
 
 from config import Settings
 from storage.archive import Archive
 from storage.errors import InvalidQuery, NotFound, StorageError, StorageUnavailable
 from storage.jobs import JobState
 from web import study, worklist
+from web.ohif import SPA_ROUTES, app_config, installed, ohif_dir
 
 log = logging.getLogger(__name__)
-
-STATIC = Path(__file__).parent / "static"
 
 
 def before_page() -> None:
@@ -28,8 +28,10 @@ def before_page() -> None:
     roles, partitions) of a later issue goes here, once, for every page."""
 
 
-def ohif_dir(settings: Settings) -> Path:
-    return settings.web.ohif_dir or settings.server.data_dir / "viewers" / "ohif"
+def _viewer_index(folder: Path) -> Response:
+    response = send_from_directory(folder, "index.html")
+    response.headers["Cache-Control"] = "no-cache"
+    return response
 
 
 def web_blueprint(settings: Settings, archive: Archive) -> Blueprint:
@@ -55,11 +57,32 @@ def web_blueprint(settings: Settings, archive: Archive) -> Blueprint:
         return render_template("upload.html", nav="upload")
 
     @blueprint.get("/viewer")
-    def viewer() -> Any:
-        # Serving OHIF itself (its bundle at the site root, a generated app-config.js) is not
-        # built yet: the page says how to install it and where any DICOMweb viewer can go.
+    @blueprint.get("/viewer/<path:_route>")
+    def viewer(_route: str = "") -> Any:
+        """OHIF's page (its client-side router reads the URL), or how to install it."""
+        folder = ohif_dir(settings)
+        if installed(folder):
+            return _viewer_index(folder)
         studies = request.args.get("StudyInstanceUIDs", "")
-        return render_template("viewer_missing.html", folder=ohif_dir(settings), studies=studies)
+        return render_template("viewer_missing.html", folder=folder, studies=studies)
+
+    @blueprint.get("/app-config.js")
+    def viewer_app_config() -> Response:
+        response = Response(app_config(), mimetype="text/javascript")
+        response.headers["Cache-Control"] = "no-cache"
+        return response
+
+    # The viewer's own files, at the site root where its bundle asks for them.
+    @blueprint.get("/<string:_name>")
+    @blueprint.get("/assets/<path:_name>")
+    @blueprint.get("/dicom-microscopy-viewer/<path:_name>")
+    def viewer_file(_name: str) -> Any:
+        folder = ohif_dir(settings)
+        if not installed(folder):
+            raise HTTPNotFound(f"no page {request.path}")
+        if _name in SPA_ROUTES:
+            return _viewer_index(folder)
+        return send_from_directory(folder, request.path.lstrip("/"), max_age=3600)
 
     return blueprint
 

@@ -69,8 +69,12 @@ def wait_until(condition: Callable[[], Any], what: str, timeout_s: float = 300) 
 
 
 @pytest.fixture(scope="module")
-def hilum(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hilum]:
-    settings = make_settings(tmp_path_factory.mktemp("hilum"), inference=INFERENCE)
+def hilum(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[Hilum]:
+    """Hilum for the module; a module's ``WEB_SETTINGS`` dict sets its ``[web]`` keys."""
+    web = getattr(request.module, "WEB_SETTINGS", {})
+    settings = make_settings(tmp_path_factory.mktemp("hilum"), inference=INFERENCE, web=web)
     archive = open_archive(settings, migrate=True)
     dimse = DimseServer(settings, archive)
     dimse.start()
