@@ -101,7 +101,7 @@ def test_open_in_viewer_shows_the_study_in_ohif(
         before = pixels()
         screenshot(page, "viewer-ohif")
 
-        page.get_by_text("AI SEG ct_lesion_synthetic").dblclick()
+        page.get_by_text("AI SEG ct_lesion_synthetic - not for clinical use").dblclick()
         confirm = page.get_by_role("button", name="Yes")
         confirm.wait_for(timeout=30_000)
         confirm.click()
@@ -113,6 +113,8 @@ def test_open_in_viewer_shows_the_study_in_ohif(
 
         wait_until(overlaid, "the SEG overlay to be drawn", timeout_s=60)
         screenshot(page, "viewer-ohif-seg")
+        # The segment's recommended colour is used: OHIF does not warn that it lacks one.
+        assert page.get_by_text("RecommendedDisplayCIELabValue not found").count() == 0
     finally:
         context.close()
     assert dicomweb, "the viewer made no DICOMweb request"
