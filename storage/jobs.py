@@ -26,14 +26,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, or_, select
+from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session
 
 from config.settings import InferenceSettings
 from storage.archive import Archive
 from storage.delete import delete_instance
 from storage.errors import Conflict, InvalidQuery, NotFound, StorageError
-from storage.index.models import InferenceJob
+from storage.index.models import InferenceJob, Study
 from storage.query import entity_query, locate_instances
 
 log = logging.getLogger(__name__)
@@ -189,6 +189,18 @@ def enqueue(
     row.model_version = model_version
     row.priority = priority
     row.input_received_at = input_received_at
+    if priority > 0:
+        # The worklist's STAT order reads the study's own column (migration 0004), so that its
+        # first page is an index scan, not a sub-query per study.
+        session.execute(
+            update(Study)
+            .where(
+                Study.partition == partition,
+                Study.study_instance_uid == study_instance_uid,
+                Study.ai_priority < priority,
+            )
+            .values(ai_priority=priority)
+        )
     session.flush()
     return row
 

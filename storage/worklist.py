@@ -19,7 +19,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import and_, case, exists, func, literal, or_, select
+from sqlalchemy import and_, case, exists, func, literal, or_, select, tuple_
 
 from storage.errors import InvalidQuery
 from storage.index.models import FindingReview, InferenceJob, Patient, Study
@@ -98,7 +98,7 @@ class WorklistStudy:
     study_description: str
     modalities: list[str]
     received_at: datetime
-    stat: bool
+    stat: bool  # its AI jobs were queued with a raised priority
     ai_state: AIState
     findings: int  # present findings of its done jobs
     reviews: int  # decisions recorded on its findings
@@ -136,8 +136,9 @@ def _jobs_in(*conditions: Any) -> Any:
 
 
 def _stat() -> Any:
-    # STAT: the study's jobs were queued with a raised priority ([inference.priority]).
-    return case((_jobs_in(InferenceJob.priority > 0), 1), else_=0)
+    # STAT: the study's jobs were queued with a raised priority ([inference.priority]); the
+    # study's own column (set by storage.jobs.enqueue), indexed with created_at for the first page.
+    return Study.ai_priority
 
 
 def _ai_state() -> Any:
@@ -158,6 +159,31 @@ def _ai_state() -> Any:
         (unstable, literal(AIState.WAITING.value)),
         else_=literal(AIState.NO_MODEL.value),
     )
+
+
+def _ai_state_is(state: AIState) -> Any:
+    """``_ai_state() == state``, written out as semi- and anti-joins so that the database can
+    plan a filter on it instead of evaluating the whole CASE for every study."""
+    unstable = or_(
+        Study.stable_last_instance_at.is_(None),
+        Study.stable_last_instance_at != Study.last_instance_at,
+    )
+    running = _jobs_in(InferenceJob.state == JobState.RUNNING)
+    queued = _jobs_in(InferenceJob.state == JobState.QUEUED)
+    failed = _jobs_in(InferenceJob.state == JobState.FAILED)
+    found = _jobs_in(InferenceJob.findings > 0)
+    done = _jobs_in(InferenceJob.state == JobState.DONE)
+    # Every job is in one of the four states: a study with none of them has no job at all.
+    conditions = {
+        AIState.RUNNING: [running],
+        AIState.QUEUED: [~running, queued],
+        AIState.FAILED: [~running, ~queued, failed],
+        AIState.FINDINGS: [~running, ~queued, ~failed, found],
+        AIState.NO_FINDINGS: [~running, ~queued, ~failed, ~found, done],
+        AIState.WAITING: [unstable, ~_jobs_in()],
+        AIState.NO_MODEL: [~unstable, ~_jobs_in()],
+    }
+    return and_(*conditions[state])
 
 
 def _findings() -> Any:
@@ -217,7 +243,7 @@ def search_worklist(archive: Archive, request: WorklistRequest) -> WorklistPage:
         query,
     )
     if request.ai_state is not None:
-        statement = statement.where(ai_state == request.ai_state.value)
+        statement = statement.where(_ai_state_is(request.ai_state))
     if request.cursor:
         statement = statement.where(_after(request, stat, key, _decode(request)))
     direction = (lambda c: c.desc()) if request.descending else (lambda c: c.asc())
@@ -244,7 +270,7 @@ def _study(row: Any) -> WorklistStudy:
         study_description=row.study_description,
         modalities=[m for m in row.modalities_in_study.split("\\") if m],
         received_at=as_utc(row.created_at),  # type: ignore[arg-type]
-        stat=bool(row.stat),
+        stat=int(row.stat) > 0,
         ai_state=AIState(row.ai_state),
         findings=int(row.findings or 0),
         reviews=int(row.reviews or 0),
@@ -276,8 +302,11 @@ def _decode(request: WorklistRequest) -> dict[str, Any]:
 
 def _after(request: WorklistRequest, stat: Any, key: Any, cursor: dict[str, Any]) -> Any:
     """Rows after the cursor's row in the order (stat desc, key, id): the keyset condition."""
-    beyond = (lambda c, v: c < v) if request.descending else (lambda c, v: c > v)
     value, row_id = cursor["value"], cursor["id"]
+    if request.descending:
+        # One direction throughout: a row-value comparison, which the index serves.
+        return tuple_(stat, key, Study.id) < tuple_(cursor["stat"], value, row_id)
+    beyond = (lambda c, v: c < v) if request.descending else (lambda c, v: c > v)
     return or_(
         stat < cursor["stat"],
         and_(stat == cursor["stat"], beyond(key, value)),

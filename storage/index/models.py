@@ -75,6 +75,8 @@ class Study(Base):
         Index("ix_study_patient", "patient_pk"),
         # The AI side's stability scan (migration 0002).
         Index("ix_study_last_instance", "partition", "last_instance_at"),
+        # The worklist's default order: STAT first, newest first (migration 0004).
+        Index("ix_study_worklist", "partition", "ai_priority", "created_at", "id"),
     )
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
@@ -99,6 +101,9 @@ class Study(Base):
     # Why no model applies to the study (inference.rules.why_no_model), written by the stability
     # scan when it queues nothing; "" otherwise. Migration 0004.
     ai_note: Mapped[str] = mapped_column(Text, default="", server_default="")
+    # The highest priority its AI jobs were queued with (STAT: [inference.priority]); the
+    # worklist lists STAT studies first from this column's index. Migration 0004.
+    ai_priority: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 class Series(Base):

@@ -12,9 +12,9 @@ from sqlalchemy import update
 
 from storage.archive import Archive
 from storage.errors import InvalidQuery
-from storage.index.models import InferenceJob, Study
+from storage.index.models import Study
 from storage.ingest import Origin, ingest_file
-from storage.jobs import job_key, utc_now
+from storage.jobs import enqueue, utc_now
 from storage.worklist import AIState, SortKey, WorklistRequest, search_worklist
 from tests.factories import ct_instance, write_part10
 
@@ -39,30 +39,23 @@ def mark_stable(archive: Archive, study: str) -> None:
 def add_job(
     archive: Archive, study: str, state: str, *, findings: int | None = None, priority: int = 0
 ) -> None:
+    """A job queued as the stability scan queues it (storage.jobs.enqueue), then put in
+    ``state``."""
     now = utc_now()
-    series = generate_uid()
     with archive.index.write() as session:
-        session.add(
-            InferenceJob(
-                partition=archive.partition,
-                study_instance_uid=study,
-                series_instance_uid=series,
-                model_name="test-model",
-                model_version="1",
-                job_key=job_key(archive.partition, study, series, "test-model"),
-                generation=1,
-                state=state,
-                priority=priority,
-                attempts=1,
-                input_received_at=now,
-                created_at=now,
-                queued_at=now,
-                not_before=now,
-                worker="",
-                reason="",
-                findings=findings,
-            )
+        row = enqueue(
+            session,
+            archive.partition,
+            study_instance_uid=study,
+            series_instance_uid=generate_uid(),
+            model_name="test-model",
+            model_version="1",
+            priority=priority,
+            input_received_at=now,
+            now=now,
         )
+        row.state = state
+        row.findings = findings
 
 
 def states(archive: Archive, **request: object) -> dict[str, AIState]:

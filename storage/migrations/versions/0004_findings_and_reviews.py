@@ -7,8 +7,10 @@ Create Date: 2026-12-03 08:00:00.000000
 
 ``inference_job.findings``: how many findings the job's SR reports as present (null until the
 job is done, and for jobs done before this revision). ``study.ai_note``: why no model applies
-to the study, written when the stability scan queues nothing. ``finding_review``: one row per
-accept or reject decision on a finding, beside the DICOM SR that records it in the study.
+to the study, written when the stability scan queues nothing; ``study.ai_priority``: the highest
+priority its jobs were queued with (STAT first in the worklist, from an index).
+``finding_review``: one row per accept or reject decision on a finding, beside the DICOM SR
+that records it in the study.
 """
 
 import sqlalchemy as sa
@@ -27,6 +29,18 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column("findings", sa.Integer(), nullable=True))
     with op.batch_alter_table("study", schema=None) as batch_op:
         batch_op.add_column(sa.Column("ai_note", sa.Text(), nullable=False, server_default=""))
+        batch_op.add_column(
+            sa.Column("ai_priority", sa.Integer(), nullable=False, server_default="0")
+        )
+        batch_op.create_index(
+            "ix_study_worklist", ["partition", "ai_priority", "created_at", "id"], unique=False
+        )
+    # Studies queued before this revision: their jobs' highest priority.
+    op.execute(
+        "UPDATE study SET ai_priority = COALESCE((SELECT MAX(j.priority) FROM inference_job j"
+        " WHERE j.partition = study.partition"
+        " AND j.study_instance_uid = study.study_instance_uid), 0)"
+    )
 
     op.create_table(
         "finding_review",
@@ -60,6 +74,8 @@ def downgrade() -> None:
         batch_op.drop_index("ix_finding_review_study")
     op.drop_table("finding_review")
     with op.batch_alter_table("study", schema=None) as batch_op:
+        batch_op.drop_index("ix_study_worklist")
+        batch_op.drop_column("ai_priority")
         batch_op.drop_column("ai_note")
     with op.batch_alter_table("inference_job", schema=None) as batch_op:
         batch_op.drop_column("findings")
