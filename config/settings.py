@@ -241,6 +241,15 @@ class InferenceSettings(_Section):
     serve_worker: bool = True  # `hilum serve` runs one worker thread in-process
 
 
+class WebSettings(_Section):
+    """The browser UI (``web/``)."""
+
+    # Verifying Organization (0040,A027) of the SR that records a reviewer's decision.
+    verifying_organization: str = Field("Hilum", min_length=1, max_length=64)
+    # Where the OHIF viewer is installed (index.html inside); empty: <data_dir>/viewers/ohif.
+    ohif_dir: Path | None = None
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="HILUM_", env_nested_delimiter="__", extra="forbid"
@@ -253,6 +262,7 @@ class Settings(BaseSettings):
     query: QuerySettings = Field(default_factory=QuerySettings)
     limits: LimitsSettings = Field(default_factory=LimitsSettings)
     inference: InferenceSettings = Field(default_factory=InferenceSettings)
+    web: WebSettings = Field(default_factory=WebSettings)
 
     @classmethod
     def settings_customise_sources(

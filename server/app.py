@@ -1,4 +1,4 @@
-"""The Flask application: DICOMweb today, the JSON API and the UI beside it.
+"""The Flask application: DICOMweb, the JSON API and the browser UI (``web/``).
 
 ``create_app(settings, archive)`` builds it; nothing is created at import time. ``hilum web``
 serves it under gunicorn (one app and one archive per worker process, built after the fork);
@@ -26,6 +26,7 @@ from server.dicomweb.statuses import http_status_for
 from server.header_deadline import HeaderDeadlines, connection_class
 from storage.archive import Archive
 from storage.errors import StorageError
+from web import register_web
 
 log = logging.getLogger(__name__)
 _access_log = logging.getLogger("hilum.http.access")
@@ -50,6 +51,7 @@ def _register_blueprints(app: Flask, settings: Settings, archive: Archive) -> No
     """Every family of routes is registered here, one line each."""
     register_dicomweb(app, settings, archive)  # /dicomweb (QIDO, WADO, STOW, DELETE), /wado
     register_api(app, settings, archive)  # /api (AI jobs)
+    register_web(app, settings, archive)  # the browser UI: /, /studies/…, /jobs, /upload
 
 
 def _error(status: int, message: str) -> Response:

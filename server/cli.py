@@ -175,6 +175,21 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_viewer(settings: Settings, args: argparse.Namespace) -> int:
+    """``hilum viewer install``: the pinned OHIF viewer into ``[web] ohif_dir`` (web/ohif.py)."""
+    from web.ohif import OHIF_VERSION, ViewerInstallError, install_ohif, ohif_dir
+
+    target = args.dir or ohif_dir(settings)
+    try:
+        fresh = install_ohif(target, tarball=args.tarball)
+    except ViewerInstallError as error:
+        print(f"hilum: viewer not installed: {error}", file=sys.stderr)
+        return 1
+    state = "installed" if fresh else "already installed"
+    print(f"OHIF viewer {OHIF_VERSION} {state} in {target}; open http://HOST:PORT/viewer")
+    return 0
+
+
 def cmd_models(settings: Settings, args: argparse.Namespace) -> int:
     from inference.registry import load_models
 
@@ -305,6 +320,11 @@ def build_parser() -> argparse.ArgumentParser:
     models = commands.add_parser("models", help="AI model plug-ins")
     models_commands = models.add_subparsers(dest="models_command", required=True)
     models_commands.add_parser("list", help="list the installed models ([inference] models_dirs)")
+    viewer = commands.add_parser("viewer", help="the OHIF viewer served at /viewer")
+    viewer_commands = viewer.add_subparsers(dest="viewer_command", required=True)
+    install = viewer_commands.add_parser("install", help="install the pinned OHIF viewer (npm)")
+    install.add_argument("--dir", type=Path, help="where (default: [web] ohif_dir)")
+    install.add_argument("--tarball", type=Path, help="a downloaded ohif-app-3.12.10.tgz")
     return parser
 
 
@@ -317,6 +337,7 @@ COMMANDS = {
     "verify": cmd_verify,
     "worker": cmd_worker,
     "models": cmd_models,
+    "viewer": cmd_viewer,
 }
 
 

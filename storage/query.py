@@ -291,6 +291,18 @@ def search(archive: Archive, query: Query) -> Iterator[dict[str, Any]]:
             yield {key: _value(key, value) for key, value in zip(wanted, row, strict=True)}
 
 
+def where_studies_match(statement: Select, archive: Archive, query: Query) -> Select:
+    """``statement`` over ``patient ⋈ study`` in the archive's partition, restricted to the
+    studies that ``query`` (a STUDY-level query) matches: the same translation to SQL as
+    :func:`search`, for callers that select other columns (the web worklist)."""
+    if query.level != QueryLevel.STUDY:
+        raise InvalidQuery("where_studies_match takes a STUDY-level query")
+    _check_level(query)
+    depth = _DEPTH[QueryLevel.STUDY]
+    statement = _join(statement, depth, archive.partition)
+    return statement.where(*_conditions(query, depth, archive.index.dialect))
+
+
 def locate_instances(
     archive: Archive,
     query: Query,
@@ -570,4 +582,5 @@ __all__ = [
     "StoredInstance",
     "locate_instances",
     "search",
+    "where_studies_match",
 ]
