@@ -8,6 +8,7 @@ image costs a few kilobytes of reads.
 from __future__ import annotations
 
 import logging
+import math
 import re
 import struct
 from dataclasses import dataclass
@@ -394,7 +395,7 @@ def _dataset_json(dataset: Dataset) -> dict[str, Any]:
                 encoded[f"{tag:08X}"] = {"vr": "SQ", "Value": items}
             else:
                 value = element.to_json_dict(_bulk_data_uri, BULK_DATA_THRESHOLD)
-                encoded[f"{tag:08X}"] = _without_nul(value)
+                encoded[f"{tag:08X}"] = _json_safe(value)
         except Exception as exc:  # pydicom raises anything on a value it cannot decode
             log.warning("metadata of (%04X,%04X) left out: %s", tag >> 16, tag & 0xFFFF, exc)
     return encoded
@@ -431,6 +432,8 @@ def _fast_element_json(raw: RawDataElement) -> dict[str, Any] | None:
         if not raw.is_little_endian or len(value) % size:
             return None
         numbers = list(struct.unpack(f"<{len(value) // size}{fmt}", value))
+        if vr in ("FL", "FD"):
+            numbers = [n if math.isfinite(n) else None for n in numbers]
         return {"vr": vr, "Value": numbers} if numbers else {"vr": vr}
     # ASCII bytes decode alike in every character set but ISO 2022's escape sequences.
     if not value.isascii() or b"\x1b" in value:
@@ -469,16 +472,20 @@ def _fast_element_json(raw: RawDataElement) -> dict[str, Any] | None:
     if values == [""]:
         return {"vr": vr}  # PS3.18 F.2.5: an empty value has no "Value"
     if any("\x00" in v for v in values):
-        return None  # a NUL left inside a value: pydicom's path, then _without_nul
+        return None  # a NUL left inside a value: pydicom's path, then _json_safe
     return {"vr": vr, "Value": values}
 
 
-def _without_nul(value: Any) -> Any:
-    """PostgreSQL's JSONB rejects U+0000, which padded DICOM strings sometimes carry."""
+def _json_safe(value: Any) -> Any:
+    """PostgreSQL's JSONB rejects U+0000, which padded DICOM strings sometimes carry; and no
+    JSON (RFC 8259 6) has NaN or an infinity, which an FL, FD or DS value may hold: such a
+    value becomes null, as an empty value of a multi-valued element is (PS3.18 F.2.5)."""
     if isinstance(value, str):
         return value.replace("\x00", "")
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
     if isinstance(value, dict):
-        return {k: _without_nul(v) for k, v in value.items()}
+        return {k: _json_safe(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_without_nul(v) for v in value]
+        return [_json_safe(v) for v in value]
     return value
