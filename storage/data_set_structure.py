@@ -160,7 +160,11 @@ def _walk(
                 depth -= 1
                 continue
             # Any other tag is read as an item header, as pydicom does; an item of an explicit
-            # VR sequence may itself be implicit VR (pydicom looks at its first element).
+            # VR sequence may itself be implicit VR (pydicom looks at its first element). Items
+            # count as elements: pydicom builds a data set for each, empty or not.
+            elements += 1
+            if elements > most:
+                _too_many(limits)
             item_implicit = level_implicit or (pos + 6 <= size and not _looks_explicit(buf, pos))
             stack.append((False, -1 if length == _UNDEFINED else pos + length, item_implicit))
             continue

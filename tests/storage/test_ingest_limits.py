@@ -60,6 +60,11 @@ HOSTILE: dict[str, tuple[Callable[[Path], Path], type[StorageError], str]] = {
         InstanceTooComplex,
         "limits.elements_max",
     ),
+    "2 001 empty items past a 2 000 cap": (
+        lambda p: hostile_files.many_items(p, 2_001),
+        InstanceTooComplex,
+        "limits.elements_max",
+    ),
 }
 TEST_LIMITS = LimitsSettings(inflated_max_bytes=8 << 20, elements_max=2_000)
 
@@ -174,6 +179,7 @@ print(json.dumps({"outcome": outcome, "grown_kib": after - before}))
         ("nested 10 000 deep", lambda p: hostile_files.nested_sequences(p, 10_000)),
         ("JPEG 65535 x 65535 x 4", lambda p: hostile_files.jpeg_claiming(p, 65535, 65535, 4)),
         ("0 x 0 x 2 000 000", lambda p: hostile_files.zero_geometry(p, 2_000_000)),
+        ("1 100 000 empty items", lambda p: hostile_files.many_items(p, 1_100_000)),
     ],
 )
 def test_refusal_with_the_default_limits_stays_small_in_memory(
