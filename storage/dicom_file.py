@@ -28,7 +28,7 @@ from pynetdicom.sop_class import uid_to_service_class
 
 from config.settings import LimitsSettings
 from storage.data_set_structure import part10_structure
-from storage.errors import InvalidInstance
+from storage.errors import InvalidInstance, StorageError
 from storage.limits import check_decoded_size, check_stored_size, refuse_too_complex
 
 log = logging.getLogger(__name__)
@@ -102,6 +102,8 @@ def read_instance_header(path: Path, limits: LimitsSettings | None = None) -> In
             header = _instance_header(
                 fp, dataset, pixel_data_at, file_size, has_pixel_element, limits
             )
+    except StorageError:
+        raise
     except InvalidDicomError as exc:
         raise InvalidInstance(f"not a DICOM Part 10 file: {exc}") from exc
     except RecursionError:
@@ -110,8 +112,10 @@ def read_instance_header(path: Path, limits: LimitsSettings | None = None) -> In
         refuse_too_complex(
             "the data set nests too deep to parse", "sequence_max_depth", limits.sequence_max_depth
         )
-    except (EOFError, ValueError, struct.error, OSError, KeyError, TypeError) as exc:
-        raise InvalidInstance(f"cannot parse the data set: {exc}") from exc
+    except MemoryError:
+        raise  # not the file's fault alone: the caller answers out of resources
+    except Exception as exc:  # noqa: BLE001 - pydicom raises any kind on a malformed value
+        raise InvalidInstance(f"cannot parse the data set: {type(exc).__name__}: {exc}") from exc
     return header
 
 
@@ -203,7 +207,7 @@ def integer_value(dataset: Dataset, keyword: str) -> int | None:
     try:
         value = dataset.get(keyword)
         return None if value in (None, "") else int(value)
-    except (TypeError, ValueError):
+    except Exception:  # noqa: BLE001 - pydicom raises any kind on a malformed value
         return None
 
 

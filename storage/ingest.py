@@ -419,7 +419,11 @@ def _delete_quietly(archive: Archive, key: str) -> None:
 
 
 def _text(dataset: Dataset, keyword: str, max_length: int) -> str:
-    value = dataset.get(keyword)
+    try:
+        value = dataset.get(keyword)
+    except Exception:  # noqa: BLE001 - pydicom raises any kind on a malformed value
+        # Kept as sent in the file and its metadata; only its index column stays empty.
+        return ""
     if value is None:
         return ""
     if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
