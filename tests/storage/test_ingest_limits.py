@@ -245,3 +245,11 @@ def test_non_finite_numbers_are_stored_as_null_in_the_metadata(
     assert metadata["00189087"]["Value"] == [None]
     assert metadata["00189327"]["Value"] == [1.5, None]
     assert metadata["00180088"]["Value"] == [None]
+
+
+def test_the_structure_pass_reads_past_its_window(tmp_path: Path) -> None:
+    # 70 000 elements of 10 bytes: 700 kB of headers, past the pass's 256 KiB window.
+    path = hostile_files.many_elements(tmp_path / "wide.dcm", 70_000)
+    assert read_instance_header(path, LimitsSettings(elements_max=80_000)).number_of_frames == 1
+    with pytest.raises(InstanceTooComplex, match="limits.elements_max"):
+        read_instance_header(path, LimitsSettings(elements_max=69_999))
