@@ -4,7 +4,7 @@ refuse what pydicom would spend unbounded memory or stack on: sequences nested d
 ``limits.elements_max`` elements, a deflated data set inflating past
 ``limits.inflated_max_bytes``.
 
-The file is read through a window (``os.pread``, 256 KiB), not mapped (a file truncated under
+The file is read through a window (``os.pread``, 16 KiB), not mapped (a file truncated under
 a map would kill the process): values are skipped by moving an offset, so the pass costs a few
 operations per element header and nothing per value byte. The walk follows the encoding rules
 of PS3.5 7 the way pydicom reads them: explicit or implicit VR per the transfer syntax, but
@@ -85,9 +85,10 @@ def part10_structure(fp: BinaryIO, limits: LimitsSettings) -> Iterator[Part10Str
 
 
 class _Window:
-    """Up to 256 KiB of a file in memory, read again elsewhere when a walk leaves it."""
+    """Up to 16 KiB of a file in memory (a header rarely holds more; the pixels that follow are
+    not copied), read again elsewhere when a walk leaves it."""
 
-    SIZE = 256 << 10
+    SIZE = 16 << 10
 
     def __init__(self, fp: BinaryIO) -> None:
         self._fd = fp.fileno()
