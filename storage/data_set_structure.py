@@ -47,6 +47,7 @@ _TRANSFER_SYNTAX_UID = 0x00020010
 _HEADER = {True: struct.Struct("<HHL"), False: struct.Struct(">HHL")}
 _SHORT = {True: struct.Struct("<H"), False: struct.Struct(">H")}
 _LONG = {True: struct.Struct("<L"), False: struct.Struct(">L")}
+_ITEM_TAG = {True: struct.pack("<HH", 0xFFFE, 0xE000), False: struct.pack(">HH", 0xFFFE, 0xE000)}
 _INFLATE_CHUNK = 1 << 20
 
 
@@ -225,14 +226,8 @@ def _walk(
             elif known is None and length == _UNDEFINED:
                 # A private tag of undefined length: a sequence when items follow (pydicom
                 # looks).
-                following = window.bytes_at(base + pos, 4)
-                sequence_implicit = (
-                    True
-                    if len(following) == 4
-                    and _SHORT[little].unpack_from(following)[0] == 0xFFFE
-                    and _SHORT[little].unpack_from(following, 2)[0] == 0xE000
-                    else None
-                )
+                items_follow = window.bytes_at(base + pos, 4) == _ITEM_TAG[little]
+                sequence_implicit = True if items_follow else None
             else:
                 sequence_implicit = None
         if sequence_implicit is not None:
