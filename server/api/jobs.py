@@ -5,6 +5,9 @@
                                               most 1000) and ``before`` (a job id) page
 ``GET /api/studies/{StudyInstanceUID}/jobs``  every job of the study, oldest first (``[]`` if none)
 ``GET /api/studies/{StudyInstanceUID}/reviews``  the reviewers' decisions on its AI findings
+``POST /api/studies/{StudyInstanceUID}/jobs``  ``{"model": name}``: run a model on the study by
+                                              hand (202, the jobs); 404 no such study, 400 no
+                                              such model, 409 no series it can read
 ``GET /api/jobs/{id}``                        one job; 404 if there is no such job
 ``POST /api/jobs/{id}/rerun``                 queue a done or failed job again (202); 409 while it
                                               runs; a queued job is left as it is
@@ -20,6 +23,9 @@ from typing import Any
 from flask import Blueprint, jsonify, request
 
 from config import Settings
+from inference.catalog import ModelCatalog
+from inference.errors import ModelError
+from inference.stability import queue_model_by_hand
 from storage.archive import Archive
 from storage.errors import InvalidQuery
 from storage.jobs import JobQueue
@@ -29,6 +35,7 @@ from storage.reviews import reviews_for_study
 def jobs_blueprint(settings: Settings, archive: Archive) -> Blueprint:
     blueprint = Blueprint("jobs", __name__)
     queue = JobQueue(archive, settings.inference)
+    catalog = ModelCatalog(settings.inference.models_dirs)
 
     @blueprint.get("/studies/<study_instance_uid>/jobs")
     def list_study_jobs(study_instance_uid: str) -> Any:
@@ -50,6 +57,16 @@ def jobs_blueprint(settings: Settings, archive: Archive) -> Blueprint:
             limit=limit,
         )
         return jsonify([job.as_json() for job in jobs])
+
+    @blueprint.post("/studies/<study_instance_uid>/jobs")
+    def run_model_on_study(study_instance_uid: str) -> Any:
+        body = request.get_json(silent=True) or {}
+        try:
+            model = catalog.get(str(body.get("model", "")))
+        except ModelError as error:
+            raise InvalidQuery(str(error)) from None
+        jobs = queue_model_by_hand(archive, settings, model, study_instance_uid)
+        return jsonify([job.as_json() for job in jobs]), 202
 
     @blueprint.get("/studies/<study_instance_uid>/reviews")
     def list_study_reviews(study_instance_uid: str) -> Any:

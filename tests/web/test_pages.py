@@ -381,3 +381,33 @@ def test_the_worklist_works_with_the_keyboard(hilum: Hilum, studies: Studies, pa
     page.keyboard.press("Enter")
     page.wait_for_url(re.compile(f"/studies/{re.escape(studies.mr)}$"))
     expect(page.locator("h1")).to_contain_text("MOE, MARY")
+
+
+def test_an_administrator_runs_a_model_on_a_study_by_hand(
+    hilum: Hilum, studies: Studies, page: Page
+) -> None:
+    # The chest CT: no rule matched (body part), but the CT model can read its series.
+    page.goto(f"{hilum.url}/studies/{studies.chest}")
+    page.get_by_label("Run a model on this study by hand").select_option("ct_lesion_synthetic")
+    page.get_by_role("button", name="Run").click()
+    expect(page.locator(".message.ok")).to_have_text("Queued ct_lesion_synthetic on 1 series.")
+    (job,) = hilum.worker.queue.for_study(studies.chest)
+    assert job.model_name == "ct_lesion_synthetic"
+    ended = wait_until(
+        lambda: hilum.worker.queue.get(job.id).state in (JobState.DONE, JobState.FAILED),
+        "the job run by hand to end",
+    )
+    assert ended
+    page.reload()
+    assert page.locator("h2 .ai").inner_text() != "No model applies"
+
+    # The MR: the CT model cannot read it; the page says why, and nothing is queued.
+    page.goto(f"{hilum.url}/studies/{studies.mr}")
+    page.get_by_role("button", name="Run").click()
+    expect(page.locator("h1")).to_have_text("Not possible now")
+    expect(page.locator("main")).to_contain_text("ct_lesion_synthetic reads CT series")
+    assert hilum.worker.queue.for_study(studies.mr) == []
+    response = requests.post(
+        f"{hilum.url}/api/studies/{studies.mr}/jobs", json={"model": "nonexistent"}, timeout=30
+    )
+    assert response.status_code == 400 and "no installed model" in response.json()["error"]
