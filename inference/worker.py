@@ -27,12 +27,12 @@ from pydicom.dataset import Dataset
 
 from config import Settings
 from inference.errors import AnalysisError, DecoderUnavailable, ModelError
-from inference.measurement_report import read_findings
+from inference.measurement_report import job_finding, read_findings
 from inference.stability import queue_stable_studies
 from storage.archive import Archive
 from storage.errors import InvalidInstance, StorageUnavailable
 from storage.ingest import Origin, ingest_file
-from storage.jobs import Job, JobQueue, JobState
+from storage.jobs import Job, JobFinding, JobQueue, JobState
 
 if TYPE_CHECKING:
     from inference.registry import Model
@@ -142,9 +142,10 @@ class Worker:
         lease = _Lease(self.queue, job, self.name)
         lease.start()
         stored: list[str] = []  # SOP Instance UIDs, as each output is stored
-        findings: list[int] = []  # present findings of each SR stored
+        findings: list[JobFinding] = []  # of each SR stored
+        reports: list[str] = []  # SOP Instance UIDs of the SRs among ``stored``
         try:
-            held = self._run(job, lease, stored, findings)
+            held = self._run(job, lease, stored, findings, reports)
         except _PERMANENT as error:
             return self._failed(job, _reason(error), stored, retry=False)
         except Exception as error:  # the model or the store; retried with backoff
@@ -158,7 +159,7 @@ class Worker:
             self.name,
             model_version=model.version,
             outputs=stored,
-            findings=sum(findings) if findings else None,
+            findings=findings if reports else None,
         ):
             self._lost(job, stored)
             return job
@@ -183,9 +184,16 @@ class Worker:
             f"(models_dirs: {', '.join(map(str, self.settings.inference.models_dirs))})"
         )
 
-    def _run(self, job: Job, lease: _Lease, stored: list[str], findings: list[int]) -> bool:
-        """Analyse and store, appending to ``stored`` (and the present findings of each SR to
-        ``findings``); False when the job was lost first."""
+    def _run(
+        self,
+        job: Job,
+        lease: _Lease,
+        stored: list[str],
+        findings: list[JobFinding],
+        reports: list[str],
+    ) -> bool:
+        """Analyse and store, appending to ``stored`` (and each SR's UID to ``reports``, its
+        findings to ``findings``); False when the job was lost first."""
         model = self._model(job)
         datasets = self.analyse(
             self.archive,
@@ -201,7 +209,8 @@ class Worker:
                 return False
             stored.append(self._store(dataset))
             if dataset.get("ValueType") == "CONTAINER":  # an SR document (PS3.3 C.17.3)
-                findings.append(sum(f.present for f in read_findings(dataset)))
+                reports.append(stored[-1])
+                findings += [job_finding(stored[-1], f) for f in read_findings(dataset)]
         return True
 
     def _store(self, dataset: Dataset) -> str:

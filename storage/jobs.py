@@ -19,21 +19,22 @@ their clocks synchronised (NTP) to well within ``lease_s``.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import logging
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, delete, or_, select, update
 from sqlalchemy.orm import Session
 
 from config.settings import InferenceSettings
 from storage.archive import Archive
 from storage.delete import delete_instance
 from storage.errors import Conflict, InvalidQuery, NotFound, StorageError
-from storage.index.models import InferenceJob, Study
+from storage.index.models import AIFinding, InferenceJob, Study
 from storage.query import entity_query, locate_instances
 
 log = logging.getLogger(__name__)
@@ -144,6 +145,26 @@ class Job:
             "finished_at": iso(self.finished_at),
             "lease_expires_at": iso(self.lease_expires_at),
         }
+
+
+@dataclass(frozen=True)
+class JobFinding:
+    """One finding of a job's TID 1500 SR, as the index keeps it (``ai_finding``)."""
+
+    report_sop_instance_uid: str
+    tracking_uid: str
+    tracking_identifier: str
+    finding: str  # code meaning
+    finding_code: str  # "scheme:value"
+    site: str
+    present: bool
+    size: float | None
+    size_unit: str
+    segment_number: int | None
+    segmentation_sop_instance_uid: str
+
+    def as_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
 
 def enqueue(
@@ -304,10 +325,10 @@ class JobQueue:
         *,
         model_version: str,
         outputs: list[str],
-        findings: int | None = None,
+        findings: Sequence[JobFinding] | None = None,
     ) -> bool:
-        """Mark the job done with the SOP Instance UIDs of its ``outputs`` and the number of
-        ``findings`` its SR reports present, then delete the
+        """Mark the job done with the SOP Instance UIDs of its ``outputs`` and the ``findings``
+        its SR reports (rows of ``ai_finding``, replacing the earlier ones), then delete the
         outputs of its earlier generations that the new ones do not replace (e.g. a SEG when
         nothing was found this time). False when ``worker`` had lost the job: see
         :meth:`discard_stale_outputs`."""
@@ -319,8 +340,18 @@ class JobQueue:
             row.state = JobState.DONE
             row.model_version = model_version
             row.outputs = outputs
-            row.findings = findings
+            row.findings = None if findings is None else sum(f.present for f in findings)
             row.reason = ""
+            session.execute(delete(AIFinding).where(AIFinding.job_id == row.id))
+            session.add_all(
+                AIFinding(
+                    partition=self.archive.partition,
+                    job_id=row.id,
+                    study_instance_uid=row.study_instance_uid,
+                    **dataclasses.asdict(finding),
+                )
+                for finding in findings or []
+            )
             row.finished_at = utc_now()
             row.lease_expires_at = None
         # After the commit: from now on nothing refers to the superseded outputs.
@@ -442,6 +473,31 @@ class JobQueue:
         statement = statement.order_by(InferenceJob.id.desc()).limit(max(1, min(limit, 1000)))
         with self.archive.index.read() as session:
             return [Job.from_row(row) for row in session.scalars(statement)]
+
+    def findings_of_study(self, study_instance_uid: str) -> list[tuple[Job, JobFinding]]:
+        """The findings of the study's done jobs, with their job, in job and report order."""
+        with self.archive.index.read() as session:
+            rows = session.execute(
+                select(InferenceJob, AIFinding)
+                .join(AIFinding, AIFinding.job_id == InferenceJob.id)
+                .where(
+                    InferenceJob.partition == self.archive.partition,
+                    InferenceJob.study_instance_uid == study_instance_uid,
+                )
+                .order_by(InferenceJob.id, AIFinding.id)
+            ).all()
+            return [
+                (
+                    Job.from_row(job),
+                    JobFinding(
+                        **{
+                            field.name: getattr(finding, field.name)
+                            for field in dataclasses.fields(JobFinding)
+                        }
+                    ),
+                )
+                for job, finding in rows
+            ]
 
     def _row(self, session: Session, job_id: int, *, lock: bool = False) -> InferenceJob:
         statement = select(InferenceJob).where(

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import and_, case, exists, func, literal, or_, select, tuple_
 
 from storage.errors import InvalidQuery
-from storage.index.models import FindingReview, InferenceJob, Patient, Study
+from storage.index.models import AIFinding, FindingReview, InferenceJob, Patient, Study
 from storage.jobs import JobState, as_utc
 from storage.query import Query, QueryLevel, where_studies_match
 
@@ -78,6 +78,7 @@ class WorklistRequest:
 
     matching: Mapping[str, str]  # PatientName, PatientID, AccessionNumber, StudyDate, ...
     ai_state: AIState | None = None
+    finding: str | None = None  # a present AI finding of this name (e.g. "Lesion"), any case
     sort: SortKey = SortKey.RECEIVED
     descending: bool = True
     cursor: str | None = None
@@ -244,6 +245,15 @@ def search_worklist(archive: Archive, request: WorklistRequest) -> WorklistPage:
     )
     if request.ai_state is not None:
         statement = statement.where(_ai_state_is(request.ai_state))
+    if request.finding:
+        statement = statement.where(
+            exists().where(
+                AIFinding.partition == Study.partition,
+                AIFinding.study_instance_uid == Study.study_instance_uid,
+                AIFinding.present.is_(True),
+                func.upper(AIFinding.finding) == request.finding.strip().upper(),
+            )
+        )
     if request.cursor:
         statement = statement.where(_after(request, stat, key, _decode(request)))
     direction = (lambda c: c.desc()) if request.descending else (lambda c: c.asc())

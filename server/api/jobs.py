@@ -5,6 +5,7 @@
                                               most 1000) and ``before`` (a job id) page
 ``GET /api/studies/{StudyInstanceUID}/jobs``  every job of the study, oldest first (``[]`` if none)
 ``GET /api/studies/{StudyInstanceUID}/reviews``  the reviewers' decisions on its AI findings
+``GET /api/studies/{StudyInstanceUID}/findings`` the findings of its done AI jobs (index rows)
 ``POST /api/studies/{StudyInstanceUID}/jobs``  ``{"model": name}``: run a model on the study by
                                               hand (202, the jobs); 404 no such study, 400 no
                                               such model, 409 no series it can read
@@ -67,6 +68,15 @@ def jobs_blueprint(settings: Settings, archive: Archive) -> Blueprint:
             raise InvalidQuery(str(error)) from None
         jobs = queue_model_by_hand(archive, settings, model, study_instance_uid)
         return jsonify([job.as_json() for job in jobs]), 202
+
+    @blueprint.get("/studies/<study_instance_uid>/findings")
+    def list_study_findings(study_instance_uid: str) -> Any:
+        return jsonify(
+            [
+                {**finding.as_json(), "job": job.id, "model": job.as_json()["model"]}
+                for job, finding in queue.findings_of_study(study_instance_uid)
+            ]
+        )
 
     @blueprint.get("/studies/<study_instance_uid>/reviews")
     def list_study_reviews(study_instance_uid: str) -> Any:

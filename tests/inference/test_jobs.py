@@ -18,10 +18,10 @@ from inference import stability
 from inference.registry import Model, ModelManifest
 from inference.stability import queue_stable_studies
 from storage.archive import Archive
-from storage.errors import Conflict, NotFound
+from storage.errors import Conflict, InvalidQuery, NotFound
 from storage.index.models import InferenceJob
 from storage.ingest import Origin, ingest_file
-from storage.jobs import JobQueue, JobState, utc_now
+from storage.jobs import JobFinding, JobQueue, JobState, utc_now
 from tests.factories import ct_instance, write_part10
 
 LATER = timedelta(hours=1)  # a scan "an hour from now" sees every study as stable
@@ -355,3 +355,59 @@ def test_json_api_lists_shows_and_reruns_jobs(
     missing = client.get(f"/api/jobs/{job.id + 1000}")
     assert missing.status_code == 404 and "no inference job" in missing.get_json()["error"]
     assert client.post(f"/api/jobs/{job.id + 1000}/rerun").status_code == 404
+
+
+def _finding(report: str, name: str, present: bool) -> JobFinding:
+    return JobFinding(
+        report_sop_instance_uid=report, tracking_uid=generate_uid(), tracking_identifier=name,
+        finding=name, finding_code="SCT:52988006", site="Abdomen", present=present,
+        size=12.5 if present else None, size_unit="mm3" if present else "",
+        segment_number=1 if present else None, segmentation_sop_instance_uid="",
+    )  # fmt: skip
+
+
+def test_a_done_jobs_findings_are_index_rows_replaced_by_its_next_results(
+    archive: Archive, settings: Settings, tmp_path: Path
+) -> None:
+    study, _ = ct_series(archive, tmp_path)
+    (job,) = scan(archive, settings)
+    queue = JobQueue(archive, settings.inference)
+    claimed = queue.claim("w1")
+    assert claimed is not None
+    found = [_finding("1.2.3", "Lesion", True), _finding("1.2.3", "Cyst", False)]
+    assert queue.complete(claimed, "w1", model_version="1.0", outputs=["1.2.3"], findings=found)
+    assert queue.get(job.id).findings == 1  # present ones
+    assert [(j.id, f) for j, f in queue.findings_of_study(study)] == [(job.id, f) for f in found]
+
+    queue.rerun(job.id)
+    again = queue.claim("w1")
+    assert again is not None
+    assert queue.complete(again, "w1", model_version="1.0", outputs=["1.2.4"], findings=[])
+    assert queue.findings_of_study(study) == []
+    assert queue.get(job.id).findings == 0
+
+
+def test_jobs_are_searched_newest_first_by_state_model_and_study(
+    archive: Archive, settings: Settings, tmp_path: Path
+) -> None:
+    first, _ = ct_series(archive, tmp_path)
+    second, _ = ct_series(archive, tmp_path)
+    ct_series(archive, tmp_path, Modality="MR")  # no model of these reads it
+    older, newer = sorted(scan(archive, settings), key=lambda j: j.id)
+    queue = JobQueue(archive, settings.inference)
+    claimed = queue.claim("w1")
+    assert claimed is not None and claimed.id == older.id
+
+    assert [j.id for j in queue.search()] == [newer.id, older.id]
+    assert [j.id for j in queue.search(state="running")] == [older.id]
+    assert [j.id for j in queue.search(state="queued")] == [newer.id]
+    assert [j.id for j in queue.search(model="test-ct")] == [newer.id, older.id]
+    assert queue.search(model="test-wsi") == []
+    assert [j.id for j in queue.search(study_instance_uid=second)] == [
+        j.id for j in (older, newer) if j.study_instance_uid == second
+    ]
+    assert {j.study_instance_uid for j in queue.search()} == {first, second}
+    assert [j.id for j in queue.search(limit=1)] == [newer.id]
+    assert [j.id for j in queue.search(before_id=newer.id)] == [older.id]
+    with pytest.raises(InvalidQuery, match="state must be one of"):
+        queue.search(state="finished")

@@ -131,6 +131,7 @@ def test_the_worklist_shows_each_study_with_its_ai_state_stat_on_top(
         ("#f-from", "2025-06-01", "chest+phantom"),
         ("#f-mod", "MR", "mr"),
         ("#f-ai", "findings", "phantom"),
+        ("#f-finding", "lesion", "phantom"),
     ],
 )
 def test_each_filter_narrows_the_list(
@@ -231,6 +232,14 @@ def test_the_study_page_lists_the_findings_and_accept_stores_a_verified_sr(
     page.reload()
     expect(page.locator(".decision")).to_contain_text("Accepted by Dr Jane Doe")
     screenshot(page, "study-accepted")
+
+    # The findings are index rows too, with their job's model.
+    findings = requests.get(f"{hilum.url}/api/studies/{studies.phantom}/findings", timeout=30)
+    (lesion,) = findings.json()
+    assert lesion["finding"] == "Lesion" and lesion["site"] == "Abdomen" and lesion["present"]
+    assert lesion["finding_code"] == "SCT:52988006" and lesion["size_unit"] == "mm3"
+    assert lesion["model"] == {"name": "ct_lesion_synthetic", "version": "1.0.0"}
+    assert lesion["segment_number"] == 1 and lesion["segmentation_sop_instance_uid"]
 
     (accepted,) = stored_reviews(hilum, studies.phantom)
     assert accepted["decision"] == "accepted" and accepted["reviewer"] == "Dr Jane Doe"
