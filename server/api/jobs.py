@@ -6,6 +6,9 @@
 ``GET /api/studies/{StudyInstanceUID}/jobs``  every job of the study, oldest first (``[]`` if none)
 ``GET /api/studies/{StudyInstanceUID}/reviews``  the reviewers' decisions on its AI findings
 ``GET /api/studies/{StudyInstanceUID}/findings`` the findings of its done AI jobs (index rows)
+``GET /api/reviews``                          every decision, oldest first: ``decision``
+                                              (accepted/rejected), ``model``, ``since`` (ISO
+                                              8601), ``after`` (an id) and ``limit`` (1000)
 ``POST /api/studies/{StudyInstanceUID}/jobs``  ``{"model": name}``: run a model on the study by
                                               hand (202, the jobs); 404 no such study, 400 no
                                               such model, 409 no series it can read
@@ -19,6 +22,7 @@ app's one error table (``server.dicomweb.statuses``).
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 from flask import Blueprint, jsonify, request
@@ -30,7 +34,7 @@ from inference.stability import queue_model_by_hand
 from storage.archive import Archive
 from storage.errors import InvalidQuery
 from storage.jobs import JobQueue
-from storage.reviews import reviews_for_study
+from storage.reviews import Decision, reviews_for_study, search_reviews
 
 
 def jobs_blueprint(settings: Settings, archive: Archive) -> Blueprint:
@@ -77,6 +81,28 @@ def jobs_blueprint(settings: Settings, archive: Archive) -> Blueprint:
                 for job, finding in queue.findings_of_study(study_instance_uid)
             ]
         )
+
+    @blueprint.get("/reviews")
+    def search_all_reviews() -> Any:
+        args = request.args
+        try:
+            decision = Decision(args["decision"]) if args.get("decision") else None
+            since = datetime.fromisoformat(args["since"]) if args.get("since") else None
+            after = int(args["after"]) if args.get("after") else None
+            limit = int(args.get("limit", 1000))
+        except ValueError as error:
+            raise InvalidQuery(f"decision, since, after or limit: {error}") from None
+        if since is not None and since.tzinfo is None:
+            since = since.replace(tzinfo=UTC)
+        found = search_reviews(
+            archive,
+            decision=decision,
+            model=args.get("model") or None,
+            since=since,
+            after_id=after,
+            limit=limit,
+        )
+        return jsonify([{"id": row_id, **review.as_json()} for row_id, review in found])
 
     @blueprint.get("/studies/<study_instance_uid>/reviews")
     def list_study_reviews(study_instance_uid: str) -> Any:

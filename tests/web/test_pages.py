@@ -280,6 +280,17 @@ def test_reject_with_a_comment_is_stored_and_shown_after_reload(
 
     latest = stored_reviews(hilum, studies.phantom)[-1]
     assert latest["decision"] == "rejected" and latest["comment"] == "motion artefact, not a lesion"
+    # Every decision, across studies, for an export of labels.
+    labels = requests.get(f"{hilum.url}/api/reviews", timeout=30).json()
+    assert [(r["decision"], r["reviewer"]) for r in labels] == [
+        ("accepted", "Dr Jane Doe"),
+        ("rejected", "Dr Max Roe"),
+    ]
+    rejected = requests.get(f"{hilum.url}/api/reviews?decision=rejected", timeout=30).json()
+    assert [r["review"] for r in rejected] == [latest["review"]]
+    after = requests.get(f"{hilum.url}/api/reviews?after={labels[0]['id']}", timeout=30).json()
+    assert [r["id"] for r in after] == [labels[1]["id"]]
+    assert requests.get(f"{hilum.url}/api/reviews?decision=maybe", timeout=30).status_code == 400
     assert latest["review"] in qido_sr_instances(hilum, studies.phantom)
     # The review SR is a valid Comprehensive 3D SR (dicom3tools' dciodvfy finds no error).
     response = requests.get(
