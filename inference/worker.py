@@ -32,7 +32,7 @@ from inference.stability import queue_stable_studies
 from storage.archive import Archive
 from storage.errors import InvalidInstance, StorageUnavailable
 from storage.ingest import Origin, ingest_file
-from storage.jobs import Job, JobFinding, JobQueue, JobState
+from storage.jobs import Clock, Job, JobFinding, JobQueue, JobState, utc_now
 
 if TYPE_CHECKING:
     from inference.registry import Model
@@ -92,11 +92,15 @@ class Worker:
         *,
         analyse: Analyse | None = None,
         name: str | None = None,
+        clock: Clock = utc_now,
     ) -> None:
+        """``clock``: the time studies become stable and leases and backoffs run by (UTC); a
+        test's own clock makes them expire without waiting."""
         self.settings = settings
         self.archive = archive
         self.models = list(models)
-        self.queue = JobQueue(archive, settings.inference)
+        self.clock = clock
+        self.queue = JobQueue(archive, settings.inference, clock=clock)
         self.analyse = analyse or _analyse_series
         self.name = name or worker_name()
         # The worker's own results replace those of an earlier attempt of the same generation
@@ -125,7 +129,7 @@ class Worker:
     def step(self) -> Job | None:
         """Queue the jobs of newly stable studies, then run one job; the job as it ended, or
         None when none was waiting."""
-        queue_stable_studies(self.archive, self.settings, self.models)
+        queue_stable_studies(self.archive, self.settings, self.models, now=self.clock())
         job = self.queue.claim(self.name, [model.name for model in self.models])
         if job is None:
             return None

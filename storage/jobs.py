@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import logging
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -238,12 +238,22 @@ def _reset(row: InferenceJob, now: datetime) -> None:
     row.findings = None
 
 
-class JobQueue:
-    """Claims, heartbeats and finishes jobs of one partition."""
+Clock = Callable[[], datetime]
 
-    def __init__(self, archive: Archive, settings: InferenceSettings) -> None:
+
+class JobQueue:
+    """Claims, heartbeats and finishes jobs of one partition.
+
+    ``clock`` gives the time leases, backoffs and job times are computed from (UTC): the
+    process's clock, or a test's, so that a lease expires or a backoff passes without waiting.
+    """
+
+    def __init__(
+        self, archive: Archive, settings: InferenceSettings, *, clock: Clock = utc_now
+    ) -> None:
         self.archive = archive
         self.settings = settings
+        self.clock = clock
 
     def _owned(self, session: Session, job: Job, worker: str) -> InferenceJob | None:
         """The job row, locked, if ``worker`` still holds this generation of it."""
@@ -264,7 +274,7 @@ class JobQueue:
         claims a job it cannot run."""
         with self.archive.index.write() as session:
             while True:
-                now = utc_now()
+                now = self.clock()
                 statement = select(InferenceJob).where(
                     InferenceJob.partition == self.archive.partition,
                     or_(
@@ -315,7 +325,7 @@ class JobQueue:
             row = self._owned(session, job, worker)
             if row is None:
                 return False
-            row.lease_expires_at = utc_now() + timedelta(seconds=self.settings.lease_s)
+            row.lease_expires_at = self.clock() + timedelta(seconds=self.settings.lease_s)
             return True
 
     def complete(
@@ -352,7 +362,7 @@ class JobQueue:
                 )
                 for finding in findings or []
             )
-            row.finished_at = utc_now()
+            row.finished_at = self.clock()
             row.lease_expires_at = None
         # After the commit: from now on nothing refers to the superseded outputs.
         self.delete_outputs(job.study_instance_uid, superseded)
@@ -407,7 +417,7 @@ class JobQueue:
             row = self._owned(session, job, worker)
             if row is None:
                 return None
-            now = utc_now()
+            now = self.clock()
             row.lease_expires_at = None
             row.reason = reason
             if retry and row.attempts < self.settings.max_attempts:
@@ -428,7 +438,7 @@ class JobQueue:
             if row.state == JobState.RUNNING:
                 raise Conflict(f"job {job_id} is running; re-run it when it has finished")
             if row.state != JobState.QUEUED:
-                _reset(row, utc_now())
+                _reset(row, self.clock())
                 session.flush()
             return Job.from_row(row)
 

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import threading
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
-from sqlalchemy import update
 
 from config import Settings
 from config.settings import InferenceSettings
@@ -25,6 +24,21 @@ from storage.jobs import JobFinding, JobQueue, JobState, utc_now
 from tests.factories import ct_instance, write_part10
 
 LATER = timedelta(hours=1)  # a scan "an hour from now" sees every study as stable
+
+
+class TestClock:
+    """A clock that moves only when told: leases expire and backoffs pass without waiting."""
+
+    __test__ = False  # not a test class
+
+    def __init__(self) -> None:
+        self.now = utc_now()
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)
 
 
 def model_for(name: str, modalities: list[str]) -> Model:
@@ -190,22 +204,20 @@ def test_failed_attempts_are_retried_with_backoff_then_fail_with_the_reason(
 ) -> None:
     ct_series(archive, tmp_path)
     (job,) = scan(archive, settings)
-    queue = JobQueue(archive, InferenceSettings(max_attempts=3, retry_backoff_s=30))
+    clock = TestClock()
+    queue = JobQueue(archive, InferenceSettings(max_attempts=3, retry_backoff_s=30), clock=clock)
 
     def back_off_and_wait_it_out(attempt: int, backoff_s: int) -> None:
         claimed = queue.claim(f"w{attempt}")
         assert claimed is not None and claimed.attempts == attempt
-        before = utc_now()
         retried = queue.fail(claimed, f"w{attempt}", "RuntimeError: CUDA out of memory", retry=True)
         assert retried is not None and retried.state == JobState.QUEUED
         assert retried.generation == job.generation  # a retry stores the same UIDs
-        assert retried.not_before >= before + timedelta(seconds=backoff_s)
+        assert retried.not_before == clock() + timedelta(seconds=backoff_s)
         assert retried.reason == "RuntimeError: CUDA out of memory"
-        assert queue.claim("w") is None  # backing off
-        with archive.index.write() as session:  # let the backoff pass
-            session.execute(
-                update(InferenceJob).where(InferenceJob.id == job.id).values(not_before=before)
-            )
+        clock.advance(backoff_s - 1)
+        assert queue.claim("w") is None  # still backing off
+        clock.advance(1)  # the backoff has passed
 
     back_off_and_wait_it_out(1, 30)
     back_off_and_wait_it_out(2, 60)  # doubled
@@ -215,7 +227,7 @@ def test_failed_attempts_are_retried_with_backoff_then_fail_with_the_reason(
     assert failed is not None
     assert (failed.state, failed.attempts) == (JobState.FAILED, 3)
     assert failed.reason == "RuntimeError: CUDA out of memory"
-    assert failed.finished_at is not None
+    assert failed.finished_at == clock()
     assert queue.claim("w4") is None
 
 
@@ -236,12 +248,14 @@ def test_an_expired_lease_lets_another_worker_claim_the_job(
 ) -> None:
     ct_series(archive, tmp_path)
     (job,) = scan(archive, settings)
-    short = JobQueue(archive, InferenceSettings(lease_s=0.01, max_attempts=2))
-    normal = JobQueue(archive, InferenceSettings(lease_s=60, max_attempts=2))
+    clock = TestClock()
+    normal = JobQueue(archive, InferenceSettings(lease_s=60, max_attempts=2), clock=clock)
 
-    first = short.claim("killed")
+    first = normal.claim("killed")
     assert first is not None
-    threading.Event().wait(0.05)  # the killed worker renews nothing
+    clock.advance(59)
+    assert normal.claim("survivor") is None  # leased
+    clock.advance(2)  # the killed worker renewed nothing: its lease expired
     second = normal.claim("survivor")
     assert second is not None and (second.id, second.attempts) == (job.id, 2)
     assert second.worker == "survivor"
@@ -262,9 +276,10 @@ def test_a_job_that_keeps_losing_its_worker_fails(
 ) -> None:
     ct_series(archive, tmp_path)
     (job,) = scan(archive, settings)
-    queue = JobQueue(archive, InferenceSettings(lease_s=0.01, max_attempts=1))
+    clock = TestClock()
+    queue = JobQueue(archive, InferenceSettings(lease_s=60, max_attempts=1), clock=clock)
     assert queue.claim("w1") is not None
-    threading.Event().wait(0.05)
+    clock.advance(61)
     assert queue.claim("w2") is None
     failed = queue.get(job.id)
     assert failed.state == JobState.FAILED
