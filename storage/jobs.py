@@ -466,9 +466,12 @@ class JobQueue:
         study_instance_uid: str | None = None,
         before_id: int | None = None,
         limit: int = 100,
+        queue_order: bool = False,
     ) -> list[Job]:
         """Jobs newest first (highest id), filtered by state, model name and study; keyset
-        paging: ``before_id`` is the id of the last job of the previous page."""
+        paging: ``before_id`` is the id of the last job of the previous page. ``queue_order``:
+        the order workers claim queued jobs in instead (STAT first, then oldest first; one
+        page, no paging)."""
         if state is not None and state not in set(JobState):
             raise InvalidQuery(f"state must be one of {', '.join(JobState)}, not {state!r}")
         statement = select(InferenceJob).where(InferenceJob.partition == self.archive.partition)
@@ -478,9 +481,13 @@ class JobQueue:
             statement = statement.where(InferenceJob.model_name == model)
         if study_instance_uid:
             statement = statement.where(InferenceJob.study_instance_uid == study_instance_uid)
-        if before_id is not None:
-            statement = statement.where(InferenceJob.id < before_id)
-        statement = statement.order_by(InferenceJob.id.desc()).limit(max(1, min(limit, 1000)))
+        if queue_order:
+            statement = statement.order_by(InferenceJob.priority.desc(), InferenceJob.id)
+        else:
+            if before_id is not None:
+                statement = statement.where(InferenceJob.id < before_id)
+            statement = statement.order_by(InferenceJob.id.desc())
+        statement = statement.limit(max(1, min(limit, 1000)))
         with self.archive.index.read() as session:
             return [Job.from_row(row) for row in session.scalars(statement)]
 

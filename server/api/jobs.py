@@ -2,7 +2,8 @@
 
 ``GET /api/jobs``                             jobs newest first; ``state``, ``model``, ``study``
                                               (StudyInstanceUID) filter, ``limit`` (100, at
-                                              most 1000) and ``before`` (a job id) page
+                                              most 1000) and ``before`` (a job id) page;
+                                              ``order=queue``: STAT first, then oldest first
 ``GET /api/studies/{StudyInstanceUID}/jobs``  every job of the study, oldest first (``[]`` if none)
 ``GET /api/studies/{StudyInstanceUID}/reviews``  the reviewers' decisions on its AI findings
 ``GET /api/studies/{StudyInstanceUID}/findings`` the findings of its done AI jobs (index rows)
@@ -60,6 +61,7 @@ def jobs_blueprint(settings: Settings, archive: Archive) -> Blueprint:
             study_instance_uid=args.get("study") or None,
             before_id=before,
             limit=limit,
+            queue_order=args.get("order") == "queue",
         )
         return jsonify([job.as_json() for job in jobs])
 

@@ -426,3 +426,12 @@ def test_jobs_are_searched_newest_first_by_state_model_and_study(
     assert [j.id for j in queue.search(before_id=newer.id)] == [older.id]
     with pytest.raises(InvalidQuery, match="state must be one of"):
         queue.search(state="finished")
+
+    # The order workers claim in: STAT first, then oldest first.
+    ct_series(archive, tmp_path, RequestedProcedurePriority="STAT")
+    (stat_job,) = scan(archive, settings)
+    ct_series(archive, tmp_path)
+    (routine,) = scan(archive, settings)
+    queued = [stat_job.id, newer.id, routine.id]
+    assert [j.id for j in queue.search(state="queued", queue_order=True)] == queued
+    assert [j.id for j in queue.search(state="queued")] == sorted(queued, reverse=True)

@@ -15,6 +15,7 @@ from storage.errors import InvalidQuery
 from storage.index.models import Study
 from storage.ingest import Origin, ingest_file
 from storage.jobs import enqueue, utc_now
+from storage.reviews import Decision, ReviewDecision, record_review
 from storage.worklist import AIState, SortKey, WorklistRequest, search_worklist
 from tests.factories import ct_instance, write_part10
 
@@ -175,3 +176,27 @@ def test_a_cursor_of_another_sort_or_garbage_is_refused(archive: Archive, tmp_pa
         )
     with pytest.raises(InvalidQuery, match="cursor"):
         search_worklist(archive, WorklistRequest(matching={}, cursor="not-a-cursor"))
+
+
+def test_the_worklist_counts_each_findings_current_decision(
+    archive: Archive, tmp_path: Path
+) -> None:
+    study = store_study(archive, tmp_path)
+    start = utc_now()
+
+    def decide(tracking_uid: str, decision: Decision, minutes: int) -> None:
+        record_review(
+            archive,
+            ReviewDecision(
+                study_instance_uid=study, job_id=None, model_name="m", model_version="1",
+                report_sop_instance_uid="1.2.3", tracking_uid=tracking_uid, finding="Lesion",
+                decision=decision, reviewer="Dr X", comment="",
+                decided_at=start + timedelta(minutes=minutes), review_sop_instance_uid="1.2.9",
+            ),
+        )  # fmt: skip
+
+    decide("1.1", Decision.ACCEPTED, 0)
+    decide("1.1", Decision.REJECTED, 1)  # changed its mind: rejected now
+    decide("1.2", Decision.ACCEPTED, 2)
+    (listed,) = search_worklist(archive, WorklistRequest(matching={})).studies
+    assert (listed.accepted, listed.rejected) == (1, 1)

@@ -313,7 +313,9 @@ def test_reject_with_a_comment_is_stored_and_shown_after_reload(
 
 def test_the_worklist_marks_a_reviewed_study(hilum: Hilum, studies: Studies, page: Page) -> None:
     page.goto(hilum.url + "/")
-    expect(page.locator(f'tr[data-study="{studies.phantom}"] .badge.reviewed')).to_have_count(1)
+    # Accepted, then rejected: the finding's current decision is the rejection.
+    reviewed = page.locator(f'tr[data-study="{studies.phantom}"] .badge.reviewed')
+    expect(reviewed).to_have_text(["1 rejected"])
     expect(page.locator(f'tr[data-study="{studies.chest}"] .badge.reviewed')).to_have_count(0)
 
 
