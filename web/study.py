@@ -30,7 +30,7 @@ from storage.jobs import Job, JobQueue, JobState
 from storage.query import Query, QueryLevel, entity_query, locate_instances, search
 from storage.reviews import Decision, ReviewDecision, record_review, reviews_for_study
 from storage.worklist import AI_STATE_LABELS, WorklistRequest, search_worklist
-from web.review_report import REVIEW_SERIES_NUMBER, review_report
+from web.review_report import review_report
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +197,7 @@ def register(blueprint: Blueprint, settings: Settings, archive: Archive) -> None
         if report is None or finding is None:
             raise NotFound(f"job {job.id} has no finding {tracking_uid!r} (re-run meanwhile?)")
         decided_at = datetime.now(UTC)
-        earlier = [r for r in reviews_for_study(archive, study_uid)]
+        earlier = reviews_for_study(archive, study_uid)
         sr = review_report(
             report,
             finding,
@@ -247,4 +247,4 @@ def _store(archive: Archive, settings: Settings, dataset: Dataset) -> str:
         path.unlink(missing_ok=True)
 
 
-__all__ = ["REVIEW_SERIES_NUMBER", "register", "reference_model_names"]
+__all__ = ["register", "reference_model_names"]
