@@ -12,6 +12,7 @@ ports, and stopped after:
 
 * ``hilum``: ``hilum serve``, embedded default (SQLite index + files under a temporary data
   dir), timed once it printed "Hilum is listening" (its AI worker loaded);
+* ``hilum-processes``: the same with ``[dimse] processes = 2`` (two receiving processes);
 * ``hilum-nagle``: the same, sent to by storescu *without* ``TCP_NODELAY`` (Nagle on, as DCMTK
   tools and many modalities ship): whether Hilum stalls on peers that leave Nagle on;
 * ``postgres-s3``: ``hilum serve`` on PostgreSQL (a fresh ``hilum_bench_*`` database on
@@ -115,6 +116,7 @@ SEND_TIMEOUT_S = 1800
 
 EMBEDDED = "hilum (sqlite+files)"
 EMBEDDED_NAGLE = "hilum, storescu without TCP_NODELAY"
+EMBEDDED_PROCESSES = "hilum, [dimse] processes = 2"
 POSTGRES_S3 = "hilum (postgres+s3)"
 BARE = "bare pynetdicom SCP"
 ORTHANC = "orthanc (TCP_NODELAY=1)"
@@ -122,6 +124,7 @@ ORTHANC_NAGLE = "orthanc without TCP_NODELAY (stalled)"
 # Ratios of instances/s taken within each round: (numerator, denominator).
 RATIOS = (
     (EMBEDDED, ORTHANC),
+    (EMBEDDED_PROCESSES, ORTHANC),
     (POSTGRES_S3, ORTHANC),
     (EMBEDDED, BARE),
     (POSTGRES_S3, EMBEDDED),
@@ -296,6 +299,16 @@ def hilum(
 @contextlib.contextmanager
 def hilum_embedded(workdir: Path) -> Iterator[Target]:
     with hilum(workdir, EMBEDDED, {}, lambda: count_sqlite(workdir / "data" / "index.sqlite")) as t:
+        yield t
+
+
+@contextlib.contextmanager
+def hilum_two_processes(workdir: Path) -> Iterator[Target]:
+    """The embedded default with a second receiving process on the DIMSE port (SO_REUSEPORT),
+    so that a second core serves associations: the CPU figure counts both (children)."""
+    index = workdir / "data" / "index.sqlite"
+    env = {"HILUM_DIMSE__PROCESSES": "2"}
+    with hilum(workdir, EMBEDDED_PROCESSES, env, lambda: count_sqlite(index)) as t:
         yield t
 
 
@@ -596,6 +609,7 @@ def all_rows(s3_port: int | None) -> list[Row]:
     rows = [
         Row("hilum", EMBEDDED, hilum_embedded),
         Row("hilum-nagle", EMBEDDED_NAGLE, hilum_embedded, DCMTK_NAGLE, idle=False),
+        Row("hilum-processes", EMBEDDED_PROCESSES, hilum_two_processes, idle=False),
     ]
     if s3_port is not None:
         rows.append(Row("postgres-s3", POSTGRES_S3, hilum_postgres_s3(s3_port)))
@@ -614,7 +628,15 @@ def all_rows(s3_port: int | None) -> list[Row]:
     return rows
 
 
-TARGET_KEYS = ("hilum", "hilum-nagle", "postgres-s3", "bare", "orthanc", "orthanc-nagle")
+TARGET_KEYS = (
+    "hilum",
+    "hilum-nagle",
+    "hilum-processes",
+    "postgres-s3",
+    "bare",
+    "orthanc",
+    "orthanc-nagle",
+)
 
 
 def run(args: argparse.Namespace, root: Path) -> tuple[list[Result], list[Row], list[str]]:
