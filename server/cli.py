@@ -178,6 +178,36 @@ def cmd_db_upgrade(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_echo(settings: Settings, args: argparse.Namespace) -> int:
+    """C-ECHO (PS3.4 A.4, Verification) to this configuration's DIMSE SCP: the health check of
+    ``hilum dimse`` (a real association, accepted and answered, not just an open port)."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    # Bound to every address: ask over loopback.
+    host = args.host or (
+        "127.0.0.1" if settings.server.host in ("0.0.0.0", "::", "") else settings.server.host
+    )
+    ae = AE(ae_title=args.calling_ae)
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = args.timeout
+    where = f"{settings.dimse.ae_title}@{host}:{settings.dimse.port}"
+    association = ae.associate(host, settings.dimse.port, ae_title=settings.dimse.ae_title)
+    if not association.is_established:
+        print(f"hilum: C-ECHO to {where} failed: no association", file=sys.stderr)
+        return 1
+    try:
+        status = association.send_c_echo()
+    finally:
+        association.release()
+    code = getattr(status, "Status", None)
+    if code != 0x0000:
+        print(f"hilum: C-ECHO to {where} failed: status {code}", file=sys.stderr)
+        return 1
+    print(f"C-ECHO to {where}: success")
+    return 0
+
+
 def cmd_import(settings: Settings, args: argparse.Namespace) -> int:
     from server.import_files import import_files
 
@@ -228,6 +258,11 @@ def build_parser() -> argparse.ArgumentParser:
     db_commands = db.add_subparsers(dest="db_command", required=True)
     db_commands.add_parser("upgrade", help="apply database migrations")
 
+    echo = commands.add_parser("echo", help="C-ECHO this configuration's DIMSE SCP (health check)")
+    echo.add_argument("--host", help="address to call (default: [server] host, or loopback)")
+    echo.add_argument("--calling-ae", default="HILUM_HEALTH", help="calling AE title")
+    echo.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
+
     imp = commands.add_parser("import", help="import DICOM files and folders")
     imp.add_argument("paths", nargs="+", type=Path)
     imp.add_argument("--workers", type=int, default=4, help="parallel files (default 4)")
@@ -247,6 +282,7 @@ COMMANDS = {
     "web": cmd_web,
     "dimse": cmd_dimse,
     "db": cmd_db_upgrade,
+    "echo": cmd_echo,
     "import": cmd_import,
     "verify": cmd_verify,
     "worker": cmd_worker,
