@@ -18,6 +18,7 @@ import os
 import socket
 import tempfile
 import threading
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -91,6 +92,7 @@ class Worker:
         *,
         analyse: Analyse | None = None,
         name: str | None = None,
+        on_job_ended: Callable[[Job, float], None] | None = None,
     ) -> None:
         self.settings = settings
         self.archive = archive
@@ -98,6 +100,8 @@ class Worker:
         self.queue = JobQueue(archive, settings.inference)
         self.analyse = analyse or _analyse_series
         self.name = name or worker_name()
+        # Told each attempt's outcome (the job as it ended) and its running seconds: metrics.
+        self.on_job_ended = on_job_ended
         # The worker's own results replace those of an earlier attempt of the same generation
         # (same UIDs) whatever the archive's duplicate policy for what modalities send.
         self._results_archive = dataclasses.replace(archive, on_duplicate="overwrite")
@@ -138,6 +142,13 @@ class Worker:
             job.series_instance_uid,
             job.attempts,
         )
+        started = time.monotonic()
+        ended = self._process(job)
+        if self.on_job_ended is not None:
+            self.on_job_ended(ended, time.monotonic() - started)
+        return ended
+
+    def _process(self, job: Job) -> Job:
         lease = _Lease(self.queue, job, self.name)
         lease.start()
         stored: list[str] = []  # SOP Instance UIDs, as each output is stored

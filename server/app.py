@@ -7,6 +7,7 @@ serves it under gunicorn (one app and one archive per worker process, built afte
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -23,6 +24,8 @@ from server.dicomweb import register_dicomweb
 from server.dicomweb.media_types import NotAcceptable
 from server.dicomweb.multipart import MultipartError
 from server.dicomweb.statuses import http_status_for
+from server.metrics import Metrics, mark_worker_dead
+from server.monitoring import register_monitoring
 from storage.archive import Archive
 from storage.errors import StorageError
 
@@ -30,11 +33,16 @@ log = logging.getLogger(__name__)
 _access_log = logging.getLogger("hilum.http.access")
 
 
-def create_app(settings: Settings, archive: Archive) -> Flask:
+def create_app(settings: Settings, archive: Archive, metrics: Metrics | None = None) -> Flask:
+    """``metrics``: the process's (``hilum serve`` shares it with its DIMSE SCP and worker);
+    None: the app's own."""
+    metrics = metrics or Metrics()
+    archive = dataclasses.replace(archive, on_ingest=metrics.ingest_observer("stow-rs"))
     app = Flask("hilum", static_folder=None)
     app.extensions["hilum.settings"] = settings
     app.extensions["hilum.archive"] = archive
     _register_blueprints(app, settings, archive)
+    register_monitoring(app, archive, metrics)  # /healthz, /readyz, /metrics
     _register_error_handlers(app)
     _configure_cors(app, settings.http.cors_allowed_origins)
 
@@ -186,6 +194,7 @@ def serve_with_gunicorn(settings: Settings) -> None:
             self.cfg.set("threads", settings.http.threads)
             self.cfg.set("proc_name", "hilum-web")
             self.cfg.set("when_ready", _announce)
+            self.cfg.set("child_exit", lambda _server, worker: mark_worker_dead(worker.pid))
 
         def load(self) -> Flask:
             # In each worker, after the fork.

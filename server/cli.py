@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
+import os
 import signal
 import sys
 import threading
@@ -21,6 +23,7 @@ from storage.errors import StorageError
 
 if TYPE_CHECKING:
     from server.app import HttpServer
+    from server.metrics import Metrics
 
 log = logging.getLogger("hilum")
 
@@ -44,24 +47,33 @@ def _run_dimse(settings: Settings, *, all_in_one: bool) -> int:
     """``hilum dimse``; with ``all_in_one``, ``hilum serve``: migrate the index first, and serve
     HTTP (DICOMweb) on ``[http] port`` and one AI worker in threads beside the DIMSE SCP."""
     from server.dimse.ae import DimseServer
+    from server.metrics import Metrics, MetricsServer
 
     archive = open_archive(settings, migrate=all_in_one)
-    server = DimseServer(settings, archive)
+    metrics = Metrics()
+    received = dataclasses.replace(archive, on_ingest=metrics.ingest_observer("dimse"))
+    server = DimseServer(settings, received)
     server.start()
-    worker = _start_worker_thread(settings, archive) if all_in_one else None
-    http = _start_http_server(settings, archive) if all_in_one else None
+    worker = _start_worker_thread(settings, archive, metrics) if all_in_one else None
+    http = _start_http_server(settings, archive, metrics) if all_in_one else None
+    metrics_server = None
+    if not all_in_one and settings.metrics.port:
+        metrics_server = MetricsServer(metrics, settings.server.host, settings.metrics.port)
     stopped = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stopped.set())
     print(
         f"Hilum is listening: DICOM {settings.dimse.ae_title}@{settings.server.host}:"
         f"{server.port}; index {settings.database_url_for_display}; blobs {settings.blob_url}"
-        + (f"; HTTP http://{settings.server.host}:{http.port}/dicomweb" if http else ""),
+        + (f"; HTTP http://{settings.server.host}:{http.port}/dicomweb" if http else "")
+        + (f"; metrics on port {metrics_server.port}" if metrics_server else ""),
         flush=True,
     )
     stopped.wait()
     log.info("shutting down")
     server.stop()
+    if metrics_server is not None:
+        metrics_server.stop()
     if http is not None:
         http.stop()
     if worker is not None:
@@ -71,11 +83,11 @@ def _run_dimse(settings: Settings, *, all_in_one: bool) -> int:
     return 0
 
 
-def _start_http_server(settings: Settings, archive: Archive) -> HttpServer:
+def _start_http_server(settings: Settings, archive: Archive, metrics: Metrics) -> HttpServer:
     from server.app import HttpServer, create_app
 
     http = HttpServer(
-        create_app(settings, archive),
+        create_app(settings, archive, metrics),
         settings.server.host,
         settings.http.port,
         threads=settings.http.threads,
@@ -85,6 +97,7 @@ def _start_http_server(settings: Settings, archive: Archive) -> HttpServer:
 
 
 def cmd_web(settings: Settings, args: argparse.Namespace) -> int:
+    _prepare_multiprocess_metrics(settings.server.data_dir / "metrics")
     from server.app import serve_with_gunicorn
 
     open_archive(settings).close()  # fail here, not in every worker, if the index is not ready
@@ -92,15 +105,34 @@ def cmd_web(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _prepare_multiprocess_metrics(default: Path) -> None:
+    """Before anything imports prometheus_client: the directory of its multiprocess mode, in
+    which gunicorn's workers add up their metrics (``$PROMETHEUS_MULTIPROC_DIR``, the
+    library's own switch, read once when it is imported; else ``default``), emptied of a
+    previous run's files as the library requires. The workers inherit the variable."""
+    if "prometheus_client" in sys.modules:
+        raise RuntimeError("prometheus_client was imported before its multiprocess mode was set")
+    directory = Path(os.environ.get("PROMETHEUS_MULTIPROC_DIR") or default).resolve()
+    directory.mkdir(parents=True, exist_ok=True)
+    for stale in directory.glob("*.db"):
+        stale.unlink()
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
+
+
 def _start_worker_thread(
-    settings: Settings, archive: Archive
+    settings: Settings, archive: Archive, metrics: Metrics
 ) -> tuple[threading.Event, threading.Thread] | None:
     if not settings.inference.serve_worker:
         return None
     from inference.registry import load_models
     from inference.worker import Worker
 
-    worker = Worker(settings, archive, load_models(settings.inference.models_dirs))
+    worker = Worker(
+        settings,
+        archive,
+        load_models(settings.inference.models_dirs),
+        on_job_ended=metrics.job_observer(),
+    )
     stop = threading.Event()
     thread = threading.Thread(target=worker.run, args=(stop,), name="ai-worker", daemon=True)
     thread.start()
@@ -111,10 +143,17 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     from inference.analysis import default_device
     from inference.registry import load_models
     from inference.worker import Worker
+    from server.metrics import Metrics, MetricsServer
 
     models = load_models(settings.inference.models_dirs)
     archive = open_archive(settings)
-    worker = Worker(settings, archive, models)
+    metrics = Metrics()
+    worker = Worker(settings, archive, models, on_job_ended=metrics.job_observer())
+    metrics_server = None
+    if settings.metrics.port:
+        metrics_server = MetricsServer(
+            metrics, settings.server.host, settings.metrics.port, archive=archive
+        )
     stopped = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stopped.set())
@@ -122,10 +161,13 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
         f"Hilum worker {worker.name} is running {len(models)} models "
         f"({', '.join(m.name for m in models) or 'none'}) on "
         f"{settings.inference.device or default_device()}; index "
-        f"{settings.database_url_for_display}",
+        f"{settings.database_url_for_display}"
+        + (f"; metrics on port {metrics_server.port}" if metrics_server else ""),
         flush=True,
     )
     worker.run(stopped)  # a stop request lets the job in progress finish
+    if metrics_server is not None:
+        metrics_server.stop()
     archive.close()
     return 0
 

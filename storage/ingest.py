@@ -54,6 +54,7 @@ class IngestResult:
     sop_instance_uid: str
     study_instance_uid: str
     sha256: str
+    size: int = 0  # bytes of the Part 10 file as received
 
 
 @dataclass(frozen=True)
@@ -147,6 +148,8 @@ def ingest_files(
         pending = sorted(pending + later, key=lambda item: item.n)
     done = [outcome for outcome in outcomes if outcome is not None]
     assert len(done) == len(received)  # every file has its outcome
+    if archive.on_ingest is not None:
+        archive.on_ingest(done)  # metrics: what this process's transport received
     return done
 
 
@@ -249,7 +252,11 @@ def _store(
     def result(item: _Prepared, outcome: IngestOutcome) -> IngestResult:
         header = item.header
         return IngestResult(
-            outcome, header.sop_instance_uid, header.study_instance_uid, item.digest
+            outcome,
+            header.sop_instance_uid,
+            header.study_instance_uid,
+            item.digest,
+            item.values["size"],
         )
 
     to_write: list[tuple[_Prepared, Any]] = []
