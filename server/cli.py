@@ -287,6 +287,47 @@ def cmd_verify(settings: Settings, args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def cmd_backup(settings: Settings, args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from storage.backup import backup_archive, sqlite_path
+
+    sqlite_path(settings.database_url)  # PostgreSQL: refused before anything is opened
+    archive = open_archive(settings)
+    try:
+        with tqdm(unit="instance", desc="backing up") as bar:
+            report = backup_archive(archive, settings.database_url, args.folder, bar.update)
+    finally:
+        archive.close()
+    print(
+        f"backed up the index and {report.instances} instances ({report.bytes} bytes, every "
+        f"SHA-256 checked) to {args.folder}"
+    )
+    return 0
+
+
+def cmd_restore(settings: Settings, args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from storage.backup import restore_archive
+    from storage.verify import verify_archive
+
+    with tqdm(unit="blob", desc="restoring") as bar:
+        report = restore_archive(args.folder, settings, bar.update)
+    archive = open_archive(settings, migrate=True)  # a backup of an older version: migrated
+    try:
+        with tqdm(unit="instance", desc="verifying") as bar:
+            verified = verify_archive(archive, progress=bar.update)
+    finally:
+        archive.close()
+    print(
+        f"restored the index and {report.instances} blobs from {args.folder}; verify: "
+        f"{verified.instances} instances, {len(verified.missing)} missing blobs, "
+        f"{len(verified.mismatched)} checksum mismatches, {len(verified.orphans)} orphan blobs"
+    )
+    return 0 if verified.ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hilum", description="Hilum PACS")
     parser.add_argument("--config", type=Path, help="TOML configuration file (or $HILUM_CONFIG)")
@@ -312,6 +353,15 @@ def build_parser() -> argparse.ArgumentParser:
     verify = commands.add_parser("verify", help="check the index against the blob store")
     verify.add_argument("--quick", action="store_true", help="check existence, not checksums")
 
+    backup = commands.add_parser(
+        "backup", help="copy the embedded archive (SQLite index + blobs) to a new folder"
+    )
+    backup.add_argument("folder", type=Path)
+    restore = commands.add_parser(
+        "restore", help="restore a `hilum backup` folder into an empty data_dir, then verify"
+    )
+    restore.add_argument("folder", type=Path)
+
     commands.add_parser("worker", help="run the AI worker: claim jobs, run models, store results")
     models = commands.add_parser("models", help="AI model plug-ins")
     models_commands = models.add_subparsers(dest="models_command", required=True)
@@ -327,6 +377,8 @@ COMMANDS = {
     "echo": cmd_echo,
     "import": cmd_import,
     "verify": cmd_verify,
+    "backup": cmd_backup,
+    "restore": cmd_restore,
     "worker": cmd_worker,
     "models": cmd_models,
 }
