@@ -31,7 +31,7 @@ from prometheus_client.registry import Collector
 
 from storage.errors import StorageError
 from storage.ingest import IngestResult
-from storage.jobs import count_jobs_by_state
+from storage.monitoring import count_jobs_by_state
 
 if TYPE_CHECKING:
     from collections.abc import Callable

@@ -14,7 +14,7 @@ from flask import Blueprint, Flask, Response, g, jsonify, request
 
 from server.metrics import Metrics
 from storage.archive import Archive
-from storage.readiness import check_readiness
+from storage.monitoring import check_readiness
 
 
 def register_monitoring(app: Flask, archive: Archive, metrics: Metrics) -> None:

@@ -19,10 +19,7 @@ import requests
 from dicomweb_client.api import DICOMwebClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from config import load_settings
-from inference.jobs import JobQueue, JobState
 from inference.phantoms import synthetic_ct_series
-from storage.archive import open_archive
 from tests.conftest import S3_ACCESS_KEY, S3_SECRET_KEY, S3Server, free_port, s3_blob_url
 from tests.factories import DCMTK_STORESCU, write_part10
 from tests.tcp_proxy import TcpProxy
@@ -69,9 +66,9 @@ class Topology:
             capture_output=True, text=True, timeout=300,
         )  # fmt: skip
 
-    def start(self, name: str, command: str, **env: str) -> None:
-        """Start ``hilum command`` and wait for its banner. Its output goes to files, never to
-        a pipe that nobody reads (a full pipe would stop the process)."""
+    def start(self, name: str, command: str, **env: str) -> str:
+        """Start ``hilum command`` and wait for its banner (returned). Its output goes to
+        files, never to a pipe that nobody reads (a full pipe would stop the process)."""
         data_dir = self.tmp_path / name  # each process its own temporary files
         data_dir.mkdir()
         out, err = data_dir / "stdout.log", data_dir / "stderr.log"
@@ -90,6 +87,7 @@ class Topology:
             return out.read_text().startswith(("Hilum is listening", "Hilum worker"))
 
         wait_for(started, f"hilum {command} ({name}) to start", timeout_s=120)
+        return out.read_text().splitlines()[0]
 
     def stop(self) -> None:
         for process in self.processes:
@@ -118,10 +116,14 @@ def test_two_dimse_two_workers_and_gunicorn_on_one_postgresql_and_s3(
     s3_proxy = TcpProxy(s3_server.port)
     web_blob_url = bucket_url.replace(s3_server.endpoint, f"http://127.0.0.1:{s3_proxy.port}")
     try:
+        worker_names = []
         for n in range(2):
             topology.start(f"dimse{n}", "dimse", HILUM_DIMSE__PORT=str(dimse_ports[n]),
                            HILUM_METRICS__PORT=str(dimse_metrics[n]))  # fmt: skip
-            topology.start(f"worker{n}", "worker", HILUM_METRICS__PORT=str(worker_metrics[n]))
+            banner = topology.start(
+                f"worker{n}", "worker", HILUM_METRICS__PORT=str(worker_metrics[n])
+            )
+            worker_names.append(banner.split()[2])  # "Hilum worker NAME is running ..."
         topology.start("web", "web", HILUM_HTTP__PORT=str(http_port), HILUM_HTTP__WORKERS="2",
                        HILUM_HTTP__THREADS="2", HILUM_STORAGE__BLOB_URL=web_blob_url)  # fmt: skip
         base = f"http://127.0.0.1:{http_port}"
@@ -164,19 +166,16 @@ def test_two_dimse_two_workers_and_gunicorn_on_one_postgresql_and_s3(
             instances = client.search_for_instances(study)
             uids = [i["00080018"]["Value"][0] for i in instances]
             assert len(uids) == len(set(uids)) == count + 2
-        # Each job ran once: one attempt, done, by one of the two workers.
-        settings = load_settings(
-            None, storage={"database_url": postgres_url, "blob_url": bucket_url,
-                           "s3_access_key": S3_ACCESS_KEY, "s3_secret_key": S3_SECRET_KEY},
-        )  # fmt: skip
-        archive = open_archive(settings)
-        try:
-            jobs = [j for study in studies for j in JobQueue(archive, settings.inference)
-                    .for_study(study)]  # fmt: skip
-        finally:
-            archive.close()
+        # Each job ran once: one attempt, done, by one of the two workers (the JSON API,
+        # through gunicorn).
+        jobs = [
+            job
+            for study in studies
+            for job in requests.get(f"{base}/api/studies/{study}/jobs", timeout=30).json()
+        ]
         assert len(jobs) == STUDIES
-        assert all(job.state == JobState.DONE and job.attempts == 1 for job in jobs), jobs
+        assert all(job["state"] == "done" and job["attempts"] == 1 for job in jobs), jobs
+        assert {job["worker"] for job in jobs} <= set(worker_names)
 
         # The metrics of the two DIMSE processes: every file received twice, stored once.
         sent_files = len(files)
