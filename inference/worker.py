@@ -132,7 +132,11 @@ class Worker:
         job = self.queue.claim(self.name, [model.name for model in self.models])
         if job is None:
             return None
-        return self.process(job)
+        started = time.monotonic()
+        ended = self.process(job)
+        if self.on_job_ended is not None:
+            self.on_job_ended(ended, time.monotonic() - started)
+        return ended
 
     def process(self, job: Job) -> Job:
         log.info(
@@ -142,13 +146,6 @@ class Worker:
             job.series_instance_uid,
             job.attempts,
         )
-        started = time.monotonic()
-        ended = self._process(job)
-        if self.on_job_ended is not None:
-            self.on_job_ended(ended, time.monotonic() - started)
-        return ended
-
-    def _process(self, job: Job) -> Job:
         lease = _Lease(self.queue, job, self.name)
         lease.start()
         stored: list[str] = []  # SOP Instance UIDs, as each output is stored
