@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -17,6 +16,8 @@ from storage.index.database import (
 from storage.index.models import DEFAULT_PARTITION
 
 if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+
     from storage.dicom_file import InstanceHeader
     from storage.errors import StorageError
     from storage.ingest import IngestResult
@@ -27,10 +28,10 @@ class Archive:
     index: Index
     blobs: BlobStore
     on_duplicate: Literal["keep", "overwrite"] = "overwrite"
-    partition: str = DEFAULT_PARTITION
     # Told the outcome of every group of files ingested through this archive (the protocol
     # layer's metrics, labelled with its transport); not told anything about patients.
     on_ingest: Callable[[Sequence[IngestResult | StorageError]], None] | None = None
+    partition: str = DEFAULT_PARTITION
 
     def blob_key(self, header: InstanceHeader, content_sha256: str) -> str:
         return instance_blob_key(
