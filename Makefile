@@ -17,16 +17,16 @@ $(VENV)/.installed: pyproject.toml
 run: $(VENV)/.installed
 	$(VENV)/bin/hilum serve
 
+# docker-compose validates docker-compose.yml (`config`; no Docker engine is needed for that).
 # DCMTK (storescu, echoscu) is the real DICOM peer of the tests.
 # dicom3tools' dciodvfy checks the AI worker's SEG and SR (tests/inference/test_writers.py).
-# docker-compose validates docker-compose.yml (`config`; no Docker engine is needed for that).
 system-deps:
+	@command -v /usr/bin/docker-compose >/dev/null 2>&1 || { \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose; }
 	@command -v /usr/bin/storescu >/dev/null 2>&1 || { \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dcmtk; }
 	@command -v /usr/bin/dciodvfy >/dev/null 2>&1 || { \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dicom3tools; }
-	@command -v /usr/bin/docker-compose >/dev/null 2>&1 || { \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose; }
 
 # The test suite talks to a real PostgreSQL on 127.0.0.1:5432 (trust auth, database `test`).
 services:

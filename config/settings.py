@@ -127,6 +127,25 @@ class HttpSettings(_Section):
     allow_delete: bool = False
 
 
+class MetricsSettings(_Section):
+    # Port of the Prometheus /metrics endpoint that `hilum dimse` and `hilum worker` serve on
+    # [server] host (they have no HTTP server of their own); 0: none. `hilum serve` and
+    # `hilum web` serve /metrics on [http] port.
+    port: int = Field(0, ge=0, le=65535)
+
+
+# Secrets that example files ship (.env.example, vendor quick-starts). A service reachable from
+# the network must never run with one of them; compared lower-cased, without punctuation.
+PLACEHOLDER_SECRETS = frozenset(
+    {"changeme", "changemetoo", "placeholder", "password", "secret", "minioadmin", "minio123"}
+)
+
+
+def is_placeholder_secret(value: str) -> bool:
+    normalised = re.sub(r"[^a-z0-9]", "", value.lower())
+    return normalised in PLACEHOLDER_SECRETS or normalised.startswith("changeme")
+
+
 class StorageSettings(_Section):
     # Empty: SQLite at <data_dir>/index.sqlite; or postgresql+psycopg://user@host/db
     database_url: str = ""
@@ -183,25 +202,6 @@ class InferenceSettings(_Section):
     serve_worker: bool = True  # `hilum serve` runs one worker thread in-process
 
 
-class MetricsSettings(_Section):
-    # Port of the Prometheus /metrics endpoint that `hilum dimse` and `hilum worker` serve on
-    # [server] host (they have no HTTP server of their own); 0: none. `hilum serve` and
-    # `hilum web` serve /metrics on [http] port.
-    port: int = Field(0, ge=0, le=65535)
-
-
-# Secrets that example files ship (.env.example, vendor quick-starts). A service reachable from
-# the network must never run with one of them; compared lower-cased, without punctuation.
-PLACEHOLDER_SECRETS = frozenset(
-    {"changeme", "changemetoo", "placeholder", "password", "secret", "minioadmin", "minio123"}
-)
-
-
-def is_placeholder_secret(value: str) -> bool:
-    normalised = re.sub(r"[^a-z0-9]", "", value.lower())
-    return normalised in PLACEHOLDER_SECRETS or normalised.startswith("changeme")
-
-
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="HILUM_", env_nested_delimiter="__", extra="forbid"
@@ -211,31 +211,9 @@ class Settings(BaseSettings):
     dimse: DimseSettings = Field(default_factory=DimseSettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
     storage: StorageSettings = Field(default_factory=StorageSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     query: QuerySettings = Field(default_factory=QuerySettings)
     inference: InferenceSettings = Field(default_factory=InferenceSettings)
-    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
-
-    @model_validator(mode="after")
-    def _no_placeholder_secret_beyond_loopback(self) -> Settings:
-        """Refuse a placeholder secret (``change-me`` of .env.example) once Hilum listens beyond
-        loopback: whoever copied the example without setting the secrets would otherwise run an
-        archive of patient data whose database or object store anyone can log in to."""
-        if self.server.is_loopback:
-            return self
-        from sqlalchemy.engine import make_url
-
-        secrets = {"storage.s3_secret_key": self.storage.s3_secret_key}
-        if self.storage.database_url:
-            password = make_url(self.storage.database_url).password
-            secrets["the password in storage.database_url"] = str(password or "")
-        for where, value in secrets.items():
-            if value and is_placeholder_secret(value):
-                raise ValueError(
-                    f"{where} is the placeholder {value!r} and [server] host is "
-                    f"{self.server.host!r}, not a loopback address: set a real secret (in .env "
-                    "for docker compose) before Hilum listens on the network"
-                )
-        return self
 
     @classmethod
     def settings_customise_sources(
@@ -270,6 +248,28 @@ class Settings(BaseSettings):
         if self.storage.blob_url:
             return self.storage.blob_url
         return f"file://{(self.server.data_dir / 'blobs').resolve()}"
+
+    @model_validator(mode="after")
+    def _no_placeholder_secret_beyond_loopback(self) -> Settings:
+        """Refuse a placeholder secret (``change-me`` of .env.example) once Hilum listens beyond
+        loopback: whoever copied the example without setting the secrets would otherwise run an
+        archive of patient data whose database or object store anyone can log in to."""
+        if self.server.is_loopback:
+            return self
+        from sqlalchemy.engine import make_url
+
+        secrets = {"storage.s3_secret_key": self.storage.s3_secret_key}
+        if self.storage.database_url:
+            password = make_url(self.storage.database_url).password
+            secrets["the password in storage.database_url"] = str(password or "")
+        for where, value in secrets.items():
+            if value and is_placeholder_secret(value):
+                raise ValueError(
+                    f"{where} is the placeholder {value!r} and [server] host is "
+                    f"{self.server.host!r}, not a loopback address: set a real secret (in .env "
+                    "for docker compose) before Hilum listens on the network"
+                )
+        return self
 
 
 class ConfigError(Exception):
