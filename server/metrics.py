@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from prometheus_client import (
     CollectorRegistry,
@@ -35,10 +35,10 @@ from storage.monitoring import count_jobs_by_state
 
 if TYPE_CHECKING:
     from collections.abc import Callable
+    from datetime import datetime
 
     from prometheus_client.core import Metric
 
-    from inference.jobs import Job
     from storage.archive import Archive
 
 log = logging.getLogger(__name__)
@@ -59,6 +59,15 @@ HTTP_SERVICES = {
     "dicomweb.delete": "delete",
     "wado_uri": "wado-uri",
 }
+
+
+class EndedJob(Protocol):
+    """What the metrics read of a job as an attempt left it (the worker's ``Job``)."""
+
+    model_name: str
+    state: str
+    queued_at: datetime
+    finished_at: datetime | None
 
 
 def multiprocess_mode() -> bool:
@@ -149,11 +158,11 @@ class Metrics:
         if running_s is not None:
             self.inference_seconds.labels(model).observe(running_s)
 
-    def job_observer(self) -> Callable[[Job, float], None]:
+    def job_observer(self) -> Callable[[EndedJob, float], None]:
         """A ``Worker.on_job_ended``: counts each attempt by the state it left its job in, and
         times the jobs done."""
 
-        def observe(job: Job, running_s: float) -> None:
+        def observe(job: EndedJob, running_s: float) -> None:
             done = str(job.state) == "done"
             queued_s = None
             if done and job.finished_at is not None:
