@@ -156,6 +156,30 @@ class StorageSettings(_Section):
     # What a re-sent SOP Instance UID with different content does: replace the stored
     # instance ("overwrite") or keep the first one and discard the new one ("keep").
     on_duplicate: Literal["keep", "overwrite"] = "overwrite"
+    # Colder blob stores, by increasing after_days (`hilum tiers apply` moves the blobs).
+    tiers: list[StorageTier] = Field(default_factory=list)
+
+    @field_validator("tiers")
+    @classmethod
+    def _check_tiers(cls, tiers: list[StorageTier]) -> list[StorageTier]:
+        names = [tier.name for tier in tiers]
+        if len(set(names)) != len(names):
+            raise ValueError(f"[[storage.tiers]] names must be unique: {names}")
+        ages = [tier.after_days for tier in tiers]
+        if ages != sorted(set(ages)):
+            raise ValueError(f"[[storage.tiers]] after_days must increase tier by tier: {ages}")
+        return tiers
+
+
+class StorageTier(_Section):
+    """A cheaper blob store that studies move to once they are ``after_days`` old (days since an
+    instance of the study was last received, or last read from a tier)."""
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,31}$")
+    blob_url: str = Field(min_length=1)  # file:///path or s3://BUCKET?endpoint=...
+    s3_access_key: str = ""
+    s3_secret_key: str = ""
+    after_days: float = Field(gt=0)
 
 
 class QuerySettings(_Section):
@@ -259,6 +283,8 @@ class Settings(BaseSettings):
         from sqlalchemy.engine import make_url
 
         secrets = {"storage.s3_secret_key": self.storage.s3_secret_key}
+        for tier in self.storage.tiers:
+            secrets[f"the s3_secret_key of tier {tier.name}"] = tier.s3_secret_key
         if self.storage.database_url:
             password = make_url(self.storage.database_url).password
             secrets["the password in storage.database_url"] = str(password or "")

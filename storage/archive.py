@@ -14,6 +14,7 @@ from storage.index.database import (
     upgrade_database,
 )
 from storage.index.models import DEFAULT_PARTITION
+from storage.tiers import open_tiered_blob_store
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -58,10 +59,11 @@ def open_archive(settings: Settings, *, migrate: bool = False) -> Archive:
         upgrade_database(engine)
     else:
         require_current_schema(engine)
-    blobs = open_blob_store(
+    primary = open_blob_store(
         settings.blob_url,
         access_key=settings.storage.s3_access_key,
         secret_key=settings.storage.s3_secret_key,
         max_connections=pool,
     )
+    blobs = open_tiered_blob_store(primary, settings.storage.tiers, pool)
     return Archive(Index(engine), blobs, settings.storage.on_duplicate)

@@ -510,6 +510,7 @@ def _instance_values(
         "blob_key": key,
         "size": size,
         "sha256": digest,
+        "tier": "",  # a new or replacing blob is written to the primary blob store
         "calling_ae_title": origin.calling_ae_title[:16],
         "received_at": datetime.now(UTC),
         "metadata_json": metadata_json(header.dataset, header.has_pixel_data),

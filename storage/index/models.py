@@ -96,6 +96,11 @@ class Study(Base):
     stable_last_instance_at: Mapped[datetime | None] = mapped_column(
         DateTime(timezone=True), nullable=True, default=None
     )
+    # When an instance of the study was last read from a colder storage tier; with
+    # last_instance_at, what `hilum tiers apply` ages the study by (migration 0004_storage_tiers).
+    last_read_at: Mapped[datetime | None] = mapped_column(
+        DateTime(timezone=True), nullable=True, default=None
+    )
 
 
 class Series(Base):
@@ -138,6 +143,8 @@ class Instance(Base):
     blob_key: Mapped[str] = mapped_column(String(255))
     size: Mapped[int] = mapped_column(BigInteger)
     sha256: Mapped[str] = mapped_column(String(64))
+    # The storage tier ([[storage.tiers]] name) that holds the blob; "" the primary blob store.
+    tier: Mapped[str] = mapped_column(String(32), default="", server_default="")
     calling_ae_title: Mapped[str] = mapped_column(String(AE), default="")
     received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     # DICOM JSON (PS3.18 F.2) of the header, bulk data replaced by BulkDataURIs.
