@@ -65,5 +65,9 @@ def open_archive(settings: Settings, *, migrate: bool = False) -> Archive:
         secret_key=settings.storage.s3_secret_key,
         max_connections=pool,
     )
-    blobs = open_tiered_blob_store(primary, settings.storage.tiers, pool)
+    blobs = open_tiered_blob_store(
+        primary,
+        settings.storage.tiers,
+        max_connections=pool,
+    )
     return Archive(Index(engine), blobs, settings.storage.on_duplicate)

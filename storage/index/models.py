@@ -90,15 +90,15 @@ class Study(Base):
     # Backslash-separated distinct Modality values of the study's series (PS3.4 C.6.2.1.2).
     modalities_in_study: Mapped[str] = mapped_column(String(255), default="")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    # When an instance of the study was last read from a colder storage tier; with
+    # last_instance_at, what `hilum tiers apply` ages the study by (migration 0004_storage_tiers).
+    last_read_at: Mapped[datetime | None] = mapped_column(
+        DateTime(timezone=True), nullable=True, default=None
+    )
     last_instance_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     # The last_instance_at the study had when the AI side last marked it stable; a study whose
     # last_instance_at differs (a newer instance arrived) is unstable again. Migration 0002.
     stable_last_instance_at: Mapped[datetime | None] = mapped_column(
-        DateTime(timezone=True), nullable=True, default=None
-    )
-    # When an instance of the study was last read from a colder storage tier; with
-    # last_instance_at, what `hilum tiers apply` ages the study by (migration 0004_storage_tiers).
-    last_read_at: Mapped[datetime | None] = mapped_column(
         DateTime(timezone=True), nullable=True, default=None
     )
 
