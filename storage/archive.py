@@ -59,14 +59,13 @@ def open_archive(settings: Settings, *, migrate: bool = False) -> Archive:
         upgrade_database(engine)
     else:
         require_current_schema(engine)
-    primary = open_blob_store(
-        settings.blob_url,
-        access_key=settings.storage.s3_access_key,
-        secret_key=settings.storage.s3_secret_key,
-        max_connections=pool,
-    )
     blobs = open_tiered_blob_store(
-        primary,
+        open_blob_store(
+            settings.blob_url,
+            access_key=settings.storage.s3_access_key,
+            secret_key=settings.storage.s3_secret_key,
+            max_connections=pool,
+        ),
         settings.storage.tiers,
         max_connections=pool,
     )
