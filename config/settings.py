@@ -146,6 +146,17 @@ def is_placeholder_secret(value: str) -> bool:
     return normalised in PLACEHOLDER_SECRETS or normalised.startswith("changeme")
 
 
+class StorageTier(_Section):
+    """A cheaper blob store that studies move to once they are ``after_days`` old (days since an
+    instance of the study was last received, or last read from a tier)."""
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,31}$")
+    blob_url: str = Field(min_length=1)  # file:///path or s3://BUCKET?endpoint=...
+    s3_access_key: str = ""
+    s3_secret_key: str = ""
+    after_days: float = Field(gt=0)
+
+
 class StorageSettings(_Section):
     # Empty: SQLite at <data_dir>/index.sqlite; or postgresql+psycopg://user@host/db
     database_url: str = ""
@@ -169,17 +180,6 @@ class StorageSettings(_Section):
         if ages != sorted(set(ages)):
             raise ValueError(f"[[storage.tiers]] after_days must increase tier by tier: {ages}")
         return tiers
-
-
-class StorageTier(_Section):
-    """A cheaper blob store that studies move to once they are ``after_days`` old (days since an
-    instance of the study was last received, or last read from a tier)."""
-
-    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,31}$")
-    blob_url: str = Field(min_length=1)  # file:///path or s3://BUCKET?endpoint=...
-    s3_access_key: str = ""
-    s3_secret_key: str = ""
-    after_days: float = Field(gt=0)
 
 
 class QuerySettings(_Section):

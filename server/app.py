@@ -28,6 +28,7 @@ from server.metrics import Metrics, mark_worker_dead
 from server.monitoring import register_monitoring
 from storage.archive import Archive
 from storage.errors import StorageError
+from storage.tiers import marking_reads
 
 log = logging.getLogger(__name__)
 _access_log = logging.getLogger("hilum.http.access")
@@ -37,7 +38,10 @@ def create_app(settings: Settings, archive: Archive, metrics: Metrics | None = N
     """``metrics``: the process's (``hilum serve`` shares it with its DIMSE SCP and worker);
     None: the app's own."""
     metrics = metrics or Metrics()
-    archive = dataclasses.replace(archive, on_ingest=metrics.ingest_observer("stow-rs"))
+    # Reads from a storage tier mark the study read (it comes back at the next tiers apply).
+    archive = dataclasses.replace(
+        marking_reads(archive), on_ingest=metrics.ingest_observer("stow-rs")
+    )
     app = Flask("hilum", static_folder=None)
     app.extensions["hilum.settings"] = settings
     app.extensions["hilum.archive"] = archive

@@ -48,10 +48,13 @@ def _run_dimse(settings: Settings, *, all_in_one: bool) -> int:
     HTTP (DICOMweb) on ``[http] port`` and one AI worker in threads beside the DIMSE SCP."""
     from server.dimse.ae import DimseServer
     from server.metrics import Metrics, MetricsServer
+    from storage.tiers import marking_reads
 
     archive = open_archive(settings, migrate=all_in_one)
     metrics = Metrics()
-    received = dataclasses.replace(archive, on_ingest=metrics.ingest_observer("dimse"))
+    received = dataclasses.replace(
+        marking_reads(archive), on_ingest=metrics.ingest_observer("dimse")
+    )
     server = DimseServer(settings, received)
     server.start()
     worker = _start_worker_thread(settings, archive, metrics) if all_in_one else None
@@ -328,6 +331,36 @@ def cmd_restore(settings: Settings, args: argparse.Namespace) -> int:
     return 0 if verified.ok else 1
 
 
+def cmd_tiers(settings: Settings, args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from storage.tiers import TieredBlobStore, apply_tiers
+
+    if not settings.storage.tiers:
+        print("no [[storage.tiers]] configured: every blob stays in the primary blob store")
+        return 0
+    archive = open_archive(settings)
+    try:
+        assert isinstance(archive.blobs, TieredBlobStore)
+        with tqdm(unit="instance", desc="applying tiers") as bar:
+            report = apply_tiers(
+                archive.index,
+                archive.blobs,
+                settings.storage.tiers,
+                archive.partition,
+                settings.server.data_dir / "tmp",
+                progress=bar.update,
+            )
+    finally:
+        archive.close()
+    for (source, target), count in sorted(report.moved.items()):
+        print(f"moved {count} instances from {source} to {target}")
+    for failure in report.failed:
+        print(f"  not moved: {failure}")
+    print(f"{report.instances} instances moved, {len(report.failed)} studies not moved")
+    return 1 if report.failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hilum", description="Hilum PACS")
     parser.add_argument("--config", type=Path, help="TOML configuration file (or $HILUM_CONFIG)")
@@ -362,6 +395,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     restore.add_argument("folder", type=Path)
 
+    tiers = commands.add_parser("tiers", help="storage tiers ([[storage.tiers]])")
+    tiers_commands = tiers.add_subparsers(dest="tiers_command", required=True)
+    tiers_commands.add_parser(
+        "apply", help="move studies to the tier their age calls for (copy, verify, index, delete)"
+    )
+
     commands.add_parser("worker", help="run the AI worker: claim jobs, run models, store results")
     models = commands.add_parser("models", help="AI model plug-ins")
     models_commands = models.add_subparsers(dest="models_command", required=True)
@@ -379,6 +418,7 @@ COMMANDS = {
     "verify": cmd_verify,
     "backup": cmd_backup,
     "restore": cmd_restore,
+    "tiers": cmd_tiers,
     "worker": cmd_worker,
     "models": cmd_models,
 }
