@@ -202,7 +202,8 @@ def serve_with_gunicorn(settings: Settings) -> None:
 
         def load(self) -> Flask:
             # In each worker, after the fork.
-            return create_app(settings, open_archive(settings))
+            # Each worker's pool: as many connections as its threads can use at once.
+            return create_app(settings, open_archive(settings, connections=settings.http.threads))
 
     def _announce(_server: object) -> None:
         print(

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import logging
 import os
 import signal
 import sys
 import threading
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import pydicom.config  # noqa: F401  (imported first: it resets its logger level on import)
 
@@ -26,6 +28,9 @@ if TYPE_CHECKING:
     from server.metrics import Metrics
 
 log = logging.getLogger("hilum")
+_Bound = TypeVar("_Bound")
+# A worker runs one job at a time: its own queries, its lease's heartbeat, a metrics scrape.
+WORKER_CONNECTIONS = 4
 
 
 def _configure_logging(verbose: bool) -> None:
@@ -50,18 +55,26 @@ def _run_dimse(settings: Settings, *, all_in_one: bool) -> int:
     from server.metrics import Metrics, MetricsServer
     from storage.tiers import marking_reads
 
-    archive = open_archive(settings, migrate=all_in_one)
+    connections = settings.dimse.max_associations
+    if all_in_one:  # the HTTP server's threads and the worker share the pool
+        connections += settings.http.threads + WORKER_CONNECTIONS
+    archive = open_archive(settings, migrate=all_in_one, connections=connections)
     metrics = Metrics()
     received = dataclasses.replace(
         marking_reads(archive), on_ingest=metrics.ingest_observer("dimse")
     )
     server = DimseServer(settings, received)
-    server.start()
+    host = settings.server.host
+    _binding("DIMSE", host, settings.dimse.port, server.start)
+    http = None
+    if all_in_one:
+        http = _binding("HTTP", host, settings.http.port,
+                        lambda: _start_http_server(settings, archive, metrics))  # fmt: skip
     worker = _start_worker_thread(settings, archive, metrics) if all_in_one else None
-    http = _start_http_server(settings, archive, metrics) if all_in_one else None
     metrics_server = None
     if not all_in_one and settings.metrics.port:
-        metrics_server = MetricsServer(metrics, settings.server.host, settings.metrics.port)
+        port = settings.metrics.port
+        metrics_server = _binding("metrics", host, port, lambda: MetricsServer(metrics, host, port))
     stopped = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stopped.set())
@@ -86,6 +99,22 @@ def _run_dimse(settings: Settings, *, all_in_one: bool) -> int:
     return 0
 
 
+def _binding(service: str, host: str, port: int, bind: Callable[[], _Bound]) -> _Bound:
+    """``bind()``, its "address already in use" said with the port and the service."""
+    try:
+        return bind()
+    except OSError as error:
+        # cheroot wraps the bind error in one of its own, without its errno.
+        in_use = error.errno == errno.EADDRINUSE or os.strerror(errno.EADDRINUSE) in str(error)
+        if not in_use:
+            raise
+        raise OSError(
+            errno.EADDRINUSE,
+            f"{service} port {port} on {host} is already in use (another Hilum, or another "
+            "program): stop it, or set another port",
+        ) from error
+
+
 def _start_http_server(settings: Settings, archive: Archive, metrics: Metrics) -> HttpServer:
     from server.app import HttpServer, create_app
 
@@ -103,7 +132,8 @@ def cmd_web(settings: Settings, args: argparse.Namespace) -> int:
     _prepare_multiprocess_metrics(settings.server.data_dir / "metrics")
     from server.app import serve_with_gunicorn
 
-    open_archive(settings).close()  # fail here, not in every worker, if the index is not ready
+    # Fail here, not in every worker, if the index is not ready.
+    open_archive(settings, connections=1).close()
     serve_with_gunicorn(settings)
     return 0
 
@@ -149,13 +179,14 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     from server.metrics import Metrics, MetricsServer
 
     models = load_models(settings.inference.models_dirs)
-    archive = open_archive(settings)
+    archive = open_archive(settings, connections=WORKER_CONNECTIONS)
     metrics = Metrics()
     worker = Worker(settings, archive, models, on_job_ended=metrics.job_observer())
     metrics_server = None
     if settings.metrics.port:
-        metrics_server = MetricsServer(
-            metrics, settings.server.host, settings.metrics.port, archive=archive
+        host, port = settings.server.host, settings.metrics.port
+        metrics_server = _binding(
+            "metrics", host, port, lambda: MetricsServer(metrics, host, port, archive=archive)
         )
     stopped = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -405,6 +436,12 @@ def build_parser() -> argparse.ArgumentParser:
     models = commands.add_parser("models", help="AI model plug-ins")
     models_commands = models.add_subparsers(dest="models_command", required=True)
     models_commands.add_parser("list", help="list the installed models ([inference] models_dirs)")
+    # `hilum serve --config FILE` as well as `hilum --config FILE serve`: every command takes it.
+    for group in (commands, db_commands, models_commands, tiers_commands):
+        for command in group.choices.values():
+            command.add_argument(
+                "--config", type=Path, default=argparse.SUPPRESS, help="TOML configuration file"
+            )
     return parser
 
 

@@ -47,13 +47,17 @@ class Archive:
         self.index.dispose()
 
 
-def open_archive(settings: Settings, *, migrate: bool = False) -> Archive:
+def open_archive(
+    settings: Settings, *, migrate: bool = False, connections: int | None = None
+) -> Archive:
     """Connect to the index and the blob store named by ``settings``.
 
     ``migrate`` runs the database migrations first (``hilum serve`` does; ``hilum dimse`` and
-    the other scaled-out processes expect ``hilum db upgrade`` to have run).
+    the other scaled-out processes expect ``hilum db upgrade`` to have run). ``connections``:
+    the pool size of the index and the S3 client, what the process can use at once (its
+    threads); default ``[dimse] max_associations``, the DIMSE SCP's.
     """
-    pool = settings.dimse.max_associations
+    pool = connections or settings.dimse.max_associations
     engine = create_index_engine(settings.database_url, pool_size=pool)
     if migrate:
         upgrade_database(engine)
