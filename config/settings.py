@@ -13,7 +13,14 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -317,6 +324,38 @@ def load_settings(config_path: Path | str | None = None, **overrides: object) ->
 
     try:
         loaded = _Settings(**overrides)
-    except Exception as exc:  # pydantic ValidationError or a TOML syntax error
-        raise ConfigError(f"invalid configuration: {exc}") from exc
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, path, overrides)) from exc
+    except Exception as exc:  # a TOML syntax error
+        raise ConfigError(f"cannot read {path}: {exc}") from exc
     return loaded
+
+
+def _describe(error: ValidationError, path: Path | str | None, overrides: dict) -> str:
+    """One line per invalid key: the key, what is wrong, and where the value came from (an
+    environment variable, the file, or the caller), never the value itself (it may be a
+    secret)."""
+    lines = []
+    for problem in error.errors(include_url=False):
+        location = [str(part) for part in problem["loc"]]
+        if problem["type"] == "extra_forbidden":
+            what = "unknown key (misspelt?)" if len(location) > 1 else "unknown section"
+        else:
+            what = problem["msg"].removeprefix("Value error, ")
+        lines.append(
+            f"  {'.'.join(location) or 'settings'}: {what}{_source(location, path, overrides)}"
+        )
+    return "invalid configuration:\n" + "\n".join(lines)
+
+
+def _source(location: list[str], path: Path | str | None, overrides: dict) -> str:
+    if not location:
+        return ""
+    variable = "HILUM_" + "__".join(location[:2]).upper()
+    if any(name.upper() == variable for name in os.environ):
+        return f" (from the environment variable {variable})"
+    if location[0] in overrides:
+        return " (given on the command line)"
+    if path is not None:
+        return f" (from {path})"
+    return ""

@@ -97,3 +97,29 @@ def test_a_real_secret_is_accepted_beyond_loopback(monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("HILUM_STORAGE__DATABASE_URL", "postgresql+psycopg://hilum:Zr81kq@db/hilum")
     settings = load_settings()
     assert settings.storage.s3_secret_key == "q8V3-nT2x-change"
+
+
+def test_a_configuration_error_names_each_key_and_where_its_value_came_from(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("HILUM_CONFIG", raising=False)
+    config = tmp_path / "hilum.toml"
+    config.write_text('[dimse]\nprot = 1\nport = "eleven"\n')
+    monkeypatch.setenv("HILUM_HTTP__PORT", "s3cr3t-looking-value")
+    with pytest.raises(ConfigError) as error:
+        load_settings(config)
+    message = str(error.value)
+    assert f"dimse.prot: unknown key (misspelt?) (from {config})" in message
+    assert "dimse.port: Input should be a valid integer" in message
+    assert "http.port: Input should be a valid integer" in message
+    assert "(from the environment variable HILUM_HTTP__PORT)" in message
+    # Neither pydantic's internals nor the value itself (it may be a secret).
+    assert "_Settings" not in message and "pydantic.dev" not in message
+    assert "s3cr3t-looking-value" not in message
+
+
+def test_a_toml_syntax_error_names_the_file(tmp_path: Path) -> None:
+    config = tmp_path / "hilum.toml"
+    config.write_text("[dimse\n")
+    with pytest.raises(ConfigError, match=f"cannot read {config}: Expected ']'"):
+        load_settings(config)
