@@ -120,6 +120,10 @@ class DimseSettings(_Section):
 
 class HttpSettings(_Section):
     port: int = Field(8042, ge=1, le=65535)
+    # Reverse proxies (TLS terminators, load balancers) in front of Hilum whose
+    # X-Forwarded-For/-Proto/-Host/-Port/-Prefix headers are trusted, so that the URLs Hilum
+    # writes (RetrieveURL, BulkDataURI, Location) are the ones clients use; 0: none trusted.
+    trusted_proxies: int = Field(0, ge=0, le=8)
     # Origins (e.g. "https://viewer.example.org", or "*") whose browser pages may call the
     # DICOMweb API; empty: no CORS headers, same-origin pages only.
     cors_allowed_origins: list[str] = Field(default_factory=list)

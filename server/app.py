@@ -17,6 +17,7 @@ from typing import Any
 import cheroot.wsgi
 from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 from config import Settings
 from server.api import register_api
@@ -49,6 +50,12 @@ def create_app(settings: Settings, archive: Archive, metrics: Metrics | None = N
     register_monitoring(app, archive, metrics)  # /healthz, /readyz, /metrics
     _register_error_handlers(app)
     _configure_cors(app, settings.http.cors_allowed_origins)
+    if settings.http.trusted_proxies:
+        proxies = settings.http.trusted_proxies
+        app.wsgi_app = ProxyFix(  # type: ignore[method-assign]
+            app.wsgi_app, x_for=proxies, x_proto=proxies, x_host=proxies, x_port=proxies,
+            x_prefix=proxies,
+        )  # fmt: skip
 
     @app.before_request
     def _request_id() -> None:
