@@ -5,16 +5,21 @@ PY := $(VENV)/bin/python
 
 .PHONY: run test lint system-deps services
 
-$(VENV)/.installed: pyproject.toml
+# Hilum alone (`make run`); the test tools come on top for `make test` and `make lint`.
+$(VENV)/.installed-run: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# The CPU build on these machines; a looser requirement would pull a multi-GB CUDA build.
 	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.installed-run
 	$(PY) -m pip install --quiet -e ".[test]"
 	touch $@
 
 # Runs Hilum on its embedded default: SQLite + files under ./hilum-data, no other service.
-run: $(VENV)/.installed
+run: $(VENV)/.installed-run
 	$(VENV)/bin/hilum serve
 
 # docker-compose validates docker-compose.yml (`config`; no Docker engine is needed for that).
