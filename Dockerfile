@@ -1,13 +1,15 @@
 # syntax=docker/dockerfile:1
-# One image for every Hilum process (serve, dimse, web, worker, db upgrade); the command picks one.
+# One Dockerfile for every Hilum process; the command picks one. torch (the `ai` extra) only
+# where models run, in the build the machine needs:
 #
-#   docker build -t hilum .                                   # CPU build of torch (the default)
+#   docker build -t hilum --build-arg TORCH_INDEX_URL= .      # dimse, web, db upgrade: no torch
+#   docker build -t hilum-worker .                            # CPU build of torch (the default)
 #   docker build -t hilum-gpu \
 #     --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 .   # the GPU worker
 #
 # PyTorch's own wheel indexes hold one build each (CPU, or one CUDA version): the index chosen
-# here decides which torch the image gets. torch is installed first and alone, so that Hilum's
-# looser `torch>=2.13` is already met and pip never pulls another build behind our back.
+# here decides which torch the image gets. torch is installed first and alone, so that the `ai`
+# extra's looser `torch>=2.13` is already met and pip never pulls another build behind our back.
 ARG PYTHON_VERSION=3.11
 FROM python:${PYTHON_VERSION}-slim-bookworm
 
@@ -19,11 +21,14 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
-RUN pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
+RUN if [ -n "${TORCH_INDEX_URL}" ]; then \
+        pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"; \
+    fi
 
 # The source tree less what .dockerignore leaves out (tests, benchmarks, .env, local data).
 COPY . /src
-RUN pip install /src && rm -rf /src
+RUN if [ -n "${TORCH_INDEX_URL}" ]; then pip install "/src[ai]"; else pip install /src; fi \
+    && rm -rf /src
 
 # Hilum never runs as root. /var/lib/hilum is its data_dir: temporary files of incoming data
 # sets (and, for `hilum serve` alone, the embedded SQLite index and blobs). A named volume

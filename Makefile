@@ -11,11 +11,11 @@ $(VENV)/.installed-run: pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	# The CPU build on these machines; a looser requirement would pull a multi-GB CUDA build.
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e .
+	$(PY) -m pip install --quiet -e ".[ai]"
 	touch $@
 
 $(VENV)/.installed: $(VENV)/.installed-run
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet -e ".[ai,test]"
 	touch $@
 
 # Runs Hilum on its embedded default: SQLite + files under ./hilum-data, no other service.

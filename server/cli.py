@@ -476,6 +476,16 @@ def main(argv: list[str] | None = None) -> int:
     except ModelError as error:
         print(f"hilum: model plug-in error: {error}", file=sys.stderr)
         return 2
+    except ModuleNotFoundError as error:
+        if error.name != "torch":
+            raise
+        print(
+            f"hilum: `hilum {args.command}` runs the AI models and needs torch, which this "
+            "installation lacks: pip install 'hilum[ai]' (or use the worker image), or set "
+            "[inference] serve_worker = false for `hilum serve`",
+            file=sys.stderr,
+        )
+        return 2
     except OSError as error:
         print(f"hilum: {error}", file=sys.stderr)
         return 3

@@ -144,8 +144,11 @@ def test_worker_reserves_a_gpu_and_the_cpu_profile_runs_one_without(
     assert gpu["command"] == cpu["command"] == ["worker"]
     (device,) = gpu["deploy"]["resources"]["reservations"]["devices"]
     assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
-    assert "TORCH_INDEX_URL" in gpu["build"]["args"]
-    assert "deploy" not in cpu and "args" not in cpu["build"]
+    assert "cu" in gpu["build"]["args"]["TORCH_INDEX_URL"]  # a CUDA build of torch
+    assert "deploy" not in cpu and "args" not in cpu["build"]  # the default: CPU torch
+    # The other Hilum images carry no torch at all.
+    for name in ("migrate", "dimse", "web"):
+        assert services[name]["build"]["args"] == {"TORCH_INDEX_URL": ""}, name
     assert cpu["environment"]["HILUM_INFERENCE__DEVICE"] == "cpu"
     # Every other service runs without a profile: `docker compose up` starts it.
     workers = {"worker", "worker-cpu"}
@@ -156,6 +159,7 @@ def test_image_is_built_from_every_package_as_a_non_root_user() -> None:
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert re.search(r"^FROM python:\$\{PYTHON_VERSION\}-slim", dockerfile, re.M)
     assert re.search(r"^ARG TORCH_INDEX_URL=\S+/cpu$", dockerfile, re.M)
+    assert 'pip install "/src[ai]"' in dockerfile  # torch as the `ai` extra, where it is built
     assert 'ENTRYPOINT ["hilum"]' in dockerfile
     user = re.findall(r"^USER (\S+)$", dockerfile, re.M)
     assert user and user[-1] not in ("root", "0")

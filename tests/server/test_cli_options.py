@@ -65,3 +65,17 @@ def test_a_busy_dimse_port_is_named(tmp_path: Path) -> None:
                                 timeout=120, cwd=tmp_path)  # fmt: skip
     assert result.returncode == 3
     assert f"DIMSE port {port} on 127.0.0.1 is already in use" in result.stderr
+
+
+def test_without_torch_the_ai_commands_say_what_to_install(tmp_path: Path) -> None:
+    # An installation without the `ai` extra (the DIMSE and web images): torch cannot be
+    # imported (a None entry in sys.modules is Python's documented way to make an import fail).
+    script = (
+        "import sys; sys.modules['torch'] = None; from server.cli import main; "
+        "sys.exit(main(['models', 'list']))"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HILUM_")}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                            text=True, timeout=120, cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert "needs torch" in result.stderr and "pip install 'hilum[ai]'" in result.stderr
