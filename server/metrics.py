@@ -2,7 +2,7 @@
 
 One :class:`Metrics` per process, built at start-up and passed down (no metric is created at
 import time). ``hilum serve`` serves it at ``/metrics`` of its HTTP server; ``hilum dimse`` and
-``hilum worker`` on ``[metrics] port`` (:func:`serve_metrics`); ``hilum web`` at ``/metrics`` of
+``hilum worker`` on ``[metrics] port`` (:class:`MetricsServer`); ``hilum web`` at ``/metrics`` of
 each gunicorn worker, which answers for all of them through prometheus_client's multiprocess mode
 (each process writes its values to files in ``$PROMETHEUS_MULTIPROC_DIR``; a scrape adds them
 up). The library chooses that mode when it is imported, from the environment: ``hilum web``
@@ -50,7 +50,7 @@ MULTIPROC_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
 REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 JOB_BUCKETS = (1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 
-# Flask blueprint → the PS3.18 service it serves (rendered resources are WADO-RS, 10.4).
+# Flask blueprint → the PS3.18 service it serves (rendered resources are WADO-RS, PS3.18 10.4).
 HTTP_SERVICES = {
     "dicomweb.qido": "qido-rs",
     "dicomweb.wado": "wado-rs",
@@ -81,14 +81,14 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self.instances_received = Counter(
             "hilum_instances_received",
-            "Instances received, by transport (dimse, stow-rs, import, ai) and outcome "
+            "Instances received, by transport (dimse, stow-rs) and outcome "
             "(stored, duplicate, replaced, kept-existing, or refused)",
             ["transport", "outcome"],
             registry=self.registry,
         )
         self.bytes_received = Counter(
             "hilum_bytes_received",
-            "Bytes of the instances stored, replaced or found duplicate, by transport",
+            "Bytes of the instances received and not refused, by transport",
             ["transport"],
             registry=self.registry,
         )
@@ -180,16 +180,20 @@ class Metrics:
         """Every metric of this process (of every gunicorn worker in multiprocess mode), plus
         ``hilum_jobs{state}`` read from the index when ``archive``; in the format the scraper's
         ``accept`` header asks for (Prometheus text, or OpenMetrics), and its content type."""
+        encoder, content_type = choose_encoder(accept)
+        return encoder(self.scrape_registry(archive)), content_type
+
+    def scrape_registry(self, archive: Archive | None = None) -> CollectorRegistry:
+        """What a scrape collects: this process's metrics (every gunicorn worker's in
+        multiprocess mode, from their files), and ``hilum_jobs`` when ``archive``."""
+        registry = CollectorRegistry()
         if multiprocess_mode():
-            registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry)
         else:
-            registry = CollectorRegistry()
             registry.register(_Combined(self.registry))
         if archive is not None:
             registry.register(JobStates(archive))
-        encoder, content_type = choose_encoder(accept)
-        return encoder(registry), content_type
+        return registry
 
 
 class _Combined(Collector):
@@ -231,10 +235,7 @@ class MetricsServer:
     def __init__(
         self, metrics: Metrics, host: str, port: int, archive: Archive | None = None
     ) -> None:
-        registry = CollectorRegistry()
-        registry.register(_Combined(metrics.registry))
-        if archive is not None:
-            registry.register(JobStates(archive))
+        registry = metrics.scrape_registry(archive)
         self._server, self._thread = start_http_server(port, addr=host, registry=registry)
 
     @property

@@ -2,12 +2,13 @@
 
 ``/healthz``: liveness, the process answers (no I/O, so a slow database never gets a live
 process restarted). ``/readyz``: readiness, the index database and the blob store answer; 503
-with the one that does not, so a load balancer stops sending requests this process cannot
-serve. ``/metrics``: Prometheus text format (server/metrics.py).
+naming the one that does not (its reason in the log), so a load balancer stops sending
+requests this process cannot serve. ``/metrics``: Prometheus text format (server/metrics.py).
 """
 
 from __future__ import annotations
 
+import logging
 import time
 
 from flask import Blueprint, Flask, Response, g, jsonify, request
@@ -15,6 +16,8 @@ from flask import Blueprint, Flask, Response, g, jsonify, request
 from server.metrics import Metrics
 from storage.archive import Archive
 from storage.monitoring import check_readiness
+
+log = logging.getLogger(__name__)
 
 
 def register_monitoring(app: Flask, archive: Archive, metrics: Metrics) -> None:
@@ -27,14 +30,18 @@ def register_monitoring(app: Flask, archive: Archive, metrics: Metrics) -> None:
     @bp.get("/readyz")
     def readiness() -> Response:
         problems = check_readiness(archive)
-        down = {name: problem for name, problem in problems.items() if problem}
+        for name, problem in problems.items():
+            if problem:
+                # The reason goes to the log, not to whoever can reach the port: it names
+                # internal hosts, buckets and paths.
+                log.warning("not ready: %s: %s", name, problem)
         response = jsonify(
             {
-                "status": "not ready" if down else "ready",
-                **{name: problem or "ok" for name, problem in problems.items()},
+                "status": "not ready" if any(problems.values()) else "ready",
+                **{name: "unavailable" if problem else "ok" for name, problem in problems.items()},
             }
         )
-        response.status_code = 503 if down else 200
+        response.status_code = 503 if any(problems.values()) else 200
         return response
 
     @bp.get("/metrics")
