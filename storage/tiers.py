@@ -26,7 +26,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
@@ -186,8 +186,6 @@ class StudyReadMarker:
 
 
 def _utc_now() -> datetime:
-    from datetime import UTC
-
     return datetime.now(UTC)
 
 
@@ -278,8 +276,6 @@ def _aware(value: datetime | None) -> datetime | None:
     # SQLite keeps no time zone; Hilum writes UTC.
     if value is None or value.tzinfo is not None:
         return value
-    from datetime import UTC
-
     return value.replace(tzinfo=UTC)
 
 
