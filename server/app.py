@@ -7,7 +7,6 @@ serves it under gunicorn (one app and one archive per worker process, built afte
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 import time
@@ -36,13 +35,14 @@ _access_log = logging.getLogger("hilum.http.access")
 
 
 def create_app(settings: Settings, archive: Archive, metrics: Metrics | None = None) -> Flask:
-    """``metrics``: the process's (``hilum serve`` shares it with its DIMSE SCP and worker);
-    None: the app's own."""
+    """``archive``: the app's own, which it sets up for itself. ``metrics``: the process's
+    (``hilum serve`` shares it with its DIMSE SCP and worker); None: the app's own."""
     metrics = metrics or Metrics()
-    # Reads from a storage tier mark the study read (it comes back at the next tiers apply).
-    archive = dataclasses.replace(
-        marking_reads(archive), on_ingest=metrics.ingest_observer("stow-rs")
-    )
+    # The archive is the app's own (`hilum web` opens one per worker, `hilum serve` gives it a
+    # copy): through it the app counts what STOW-RS receives, and its reads from a storage tier
+    # mark the study read (it comes back at the next `hilum tiers apply`).
+    archive.on_ingest = metrics.ingest_observer("stow-rs")
+    archive.blobs = marking_reads(archive)
     app = Flask("hilum", static_folder=None)
     app.extensions["hilum.settings"] = settings
     app.extensions["hilum.archive"] = archive

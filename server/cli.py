@@ -61,7 +61,7 @@ def _run_dimse(settings: Settings, *, all_in_one: bool) -> int:
     archive = open_archive(settings, migrate=all_in_one, connections=connections)
     metrics = Metrics()
     received = dataclasses.replace(
-        marking_reads(archive), on_ingest=metrics.ingest_observer("dimse")
+        archive, on_ingest=metrics.ingest_observer("dimse"), blobs=marking_reads(archive)
     )
     server = DimseServer(settings, received)
     host = settings.server.host
@@ -119,7 +119,7 @@ def _start_http_server(settings: Settings, archive: Archive, metrics: Metrics) -
     from server.app import HttpServer, create_app
 
     http = HttpServer(
-        create_app(settings, archive, metrics),
+        create_app(settings, dataclasses.replace(archive), metrics),  # the app's own copy
         settings.server.host,
         settings.http.port,
         threads=settings.http.threads,

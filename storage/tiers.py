@@ -17,7 +17,6 @@ last copy of a blob is never removed by this module.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import logging
 import os
@@ -137,17 +136,16 @@ def open_tiered_blob_store(
     return TieredBlobStore(primary, stores)
 
 
-def marking_reads(archive: Archive) -> Archive:
-    """The archive whose reads from a tier mark the study read: what the processes that serve
-    clients use (DICOMweb, DIMSE). Administrative reads (`hilum verify`, `hilum backup`, the
-    moves themselves) use the plain archive, so that checking an archive does not bring every
-    study back to the primary store."""
+def marking_reads(archive: Archive) -> BlobStore:
+    """The archive's blob store, its reads from a tier marking the study read: what the
+    processes that serve clients use (DICOMweb, DIMSE). Administrative reads (`hilum verify`,
+    `hilum backup`, the moves themselves) use the plain store, so that checking an archive does
+    not bring every study back to the primary store."""
     if not isinstance(archive.blobs, TieredBlobStore):
-        return archive
-    blobs = TieredBlobStore(
+        return archive.blobs
+    return TieredBlobStore(
         archive.blobs.primary, archive.blobs.tiers, StudyReadMarker(archive.index)
     )
-    return dataclasses.replace(archive, blobs=blobs)
 
 
 class StudyReadMarker:

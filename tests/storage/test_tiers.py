@@ -119,7 +119,7 @@ def test_an_old_study_moves_to_the_cold_tier_and_comes_back_after_a_read(
 
     # A viewer opens the study: served from the cold tier, and the study is marked read.
     key, _sha, _tier = _rows(archive, old)[0]
-    assert len(marking_reads(archive).blobs.get_range(key, 0, 132)) == 132
+    assert len(marking_reads(archive).get_range(key, 0, 132)) == 132
     assert _last_read(archive, old) is not None
 
     back = _apply(archive, tiered)
