@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
 
-.PHONY: run test lint system-deps services
+.PHONY: run test lint system-deps services viewer
 
 # Hilum alone (`make run`); the test tools come on top for `make test` and `make lint`.
 $(VENV)/.installed-run: pyproject.toml
@@ -18,13 +18,22 @@ $(VENV)/.installed: $(VENV)/.installed-run
 	$(PY) -m pip install --quiet -e ".[ai,test]"
 	touch $@
 
+# The OHIF viewer served at /viewer: the pinned @ohif/app, fetched with npm, its integrity
+# checked, unpacked without what it never requests (web/ohif.py). Once; later runs skip it.
+viewer: $(VENV)/.installed-run
+	@command -v npm >/dev/null 2>&1 || { \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq npm; }
+	$(VENV)/bin/hilum viewer install
+
 # Runs Hilum on its embedded default: SQLite + files under ./hilum-data, no other service.
-run: $(VENV)/.installed-run
+run: $(VENV)/.installed-run viewer
 	$(VENV)/bin/hilum serve
 
 # docker-compose validates docker-compose.yml (`config`; no Docker engine is needed for that).
 # DCMTK (storescu, echoscu) is the real DICOM peer of the tests.
 # dicom3tools' dciodvfy checks the AI worker's SEG and SR (tests/inference/test_writers.py).
+# Debian's chromium is the browser of tests/web (Playwright drives it; it never downloads one);
+# npm fetches the pinned OHIF viewer (`hilum viewer install`).
 system-deps:
 	@command -v /usr/bin/docker-compose >/dev/null 2>&1 || { \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose; }
@@ -32,6 +41,10 @@ system-deps:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dcmtk; }
 	@command -v /usr/bin/dciodvfy >/dev/null 2>&1 || { \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dicom3tools; }
+	@command -v /usr/bin/chromium >/dev/null 2>&1 || { \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+	@command -v npm >/dev/null 2>&1 || { \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq npm; }
 
 # The test suite talks to a real PostgreSQL on 127.0.0.1:5432 (trust auth, database `test`).
 services:
@@ -39,7 +52,9 @@ services:
 		pg_ctlcluster --skip-systemctl-redirect $$(ls /etc/postgresql) main start && \
 		sleep 2 && pg_isready -h 127.0.0.1 -p 5432; }
 
+# tests/web/test_viewer.py opens OHIF from .test-services/ohif (HILUM_TEST_OHIF_DIR).
 test: $(VENV)/.installed system-deps services
+	$(VENV)/bin/hilum viewer install --dir .test-services/ohif
 	$(PY) -m pytest
 
 lint: $(VENV)/.installed

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from pydicom.dataset import Dataset
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID
 from pynetdicom.dsutils import encode
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelFind as FIND,
@@ -37,6 +38,7 @@ IMPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2"
 APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"  # PS3.7 A.2.1
 CONTEXT_ID = 1
 MAX_PDU = 0  # PS3.8 D.1.1: no limit on the PDUs this SCU receives
+IMPLEMENTATION_CLASS_UID = str(PYDICOM_IMPLEMENTATION_UID).encode()
 PENDING = (0xFF00, 0xFF01)
 STATUS_TAG = b"\x00\x00\x00\x09\x02\x00\x00\x00"  # (0000,0900) US, length 2, implicit VR LE
 
@@ -45,11 +47,14 @@ def _item(item_type: int, value: bytes) -> bytes:
     return struct.pack(">BBH", item_type, 0, len(value)) + value
 
 
-def associate_rq(called: str, calling: str) -> bytes:
-    """A-ASSOCIATE-RQ (PS3.8 9.3.2): one presentation context, Study Root FIND, implicit LE."""
+def associate_rq(called: str, calling: str, abstract_syntax: str = str(FIND)) -> bytes:
+    """A-ASSOCIATE-RQ (PS3.8 9.3.2): one presentation context (Study Root FIND unless told
+    otherwise), implicit VR little endian."""
     context = struct.pack(">BBBB", CONTEXT_ID, 0, 0, 0)
-    context += _item(0x30, str(FIND).encode()) + _item(0x40, IMPLICIT_VR_LITTLE_ENDIAN.encode())
-    user = _item(0x51, struct.pack(">I", MAX_PDU))
+    context += _item(0x30, abstract_syntax.encode())
+    context += _item(0x40, IMPLICIT_VR_LITTLE_ENDIAN.encode())
+    # PS3.7 D.3.3.2: Maximum Length and Implementation Class UID are both mandatory.
+    user = _item(0x51, struct.pack(">I", MAX_PDU)) + _item(0x52, IMPLEMENTATION_CLASS_UID)
     body = struct.pack(">HH", 1, 0)
     body += called.encode().ljust(16) + calling.encode().ljust(16) + bytes(32)
     body += _item(0x10, APPLICATION_CONTEXT.encode()) + _item(0x20, context) + _item(0x50, user)
@@ -76,11 +81,13 @@ def c_find_rq(identifier: Dataset, message_id: int) -> bytes:
 
 
 class Connection:
-    def __init__(self, host: str, port: int, called: str, calling: str) -> None:
+    def __init__(
+        self, host: str, port: int, called: str, calling: str, abstract_syntax: str = str(FIND)
+    ) -> None:
         self.sock = socket.create_connection((host, port))
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.buffer = bytearray()
-        self.sock.sendall(associate_rq(called, calling))
+        self.sock.sendall(associate_rq(called, calling, abstract_syntax))
         pdu_type, _ = self.read_pdu()
         if pdu_type != 0x02:
             raise SystemExit(f"association not accepted (PDU type 0x{pdu_type:02X})")

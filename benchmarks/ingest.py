@@ -7,21 +7,44 @@ associations (4 storescu processes in parallel, each with a quarter of the files
 runs from starting storescu to the exit of the last one, so it includes storescu's own start
 and file reading (the same for every target; the files are in the page cache).
 
-Targets, each started fresh for every measurement on free loopback ports, and stopped after:
+Targets (``--targets``, default all), each started fresh for every measurement on free loopback
+ports, and stopped after:
 
-* ``hilum serve``, embedded default (SQLite index + files under a temporary data dir);
-* ``hilum serve`` on PostgreSQL (a fresh ``hilum_bench_*`` database on 127.0.0.1:5432) and
-  S3 (a SeaweedFS ``weed mini`` server, one per run of this script, a fresh bucket per
-  measurement);
-* ``benchmarks/bare_scp.py``: pynetdicom writing each data set to a file, nothing else (with
-  Hilum's default Maximum Length Received, so that both receive the same PDUs);
-* Orthanc, with its defaults (SQLite, fsync), when Debian's ``orthanc`` package is installed.
+* ``hilum``: ``hilum serve``, embedded default (SQLite index + files under a temporary data
+  dir), timed once it printed "Hilum is listening" (its AI worker loaded);
+* ``hilum-nagle``: the same, sent to by storescu *without* ``TCP_NODELAY`` (Nagle on, as DCMTK
+  tools and many modalities ship): whether Hilum stalls on peers that leave Nagle on;
+* ``postgres-s3``: ``hilum serve`` on PostgreSQL (a fresh ``hilum_bench_*`` database on
+  127.0.0.1:5432) and S3 (a SeaweedFS ``weed mini`` server, one per run of this script, a fresh
+  bucket per measurement);
+* ``bare``: ``benchmarks/bare_scp.py``, pynetdicom writing each data set to a file, nothing
+  else (with Hilum's default Maximum Length Received, so that both receive the same PDUs);
+* ``orthanc``: Orthanc with its defaults (SQLite, fsync) and ``TCP_NODELAY=1`` in its
+  environment, when Debian's ``orthanc`` package is installed (for the benchmark only);
+* ``orthanc-nagle``: the same Orthanc without ``TCP_NODELAY``, sent to by storescu without it:
+  the configuration earlier versions of this script measured, where Debian's DCMTK holds every
+  C-STORE response ~40 ms for a delayed ACK. Labelled as stalled; no ratio is taken against it.
 
-Reported: instances/s and MB/s (MB = 10^6 bytes of the Part 10 files sent) and "lost": the
-instances sent minus the instances the target holds afterwards (Hilum's index, the bare SCP's
-files, Orthanc's statistics). Figures go to stdout, progress to stderr; nothing is asserted.
+storescu gets ``TCP_NODELAY=1`` except where a row says otherwise. Targets are measured in
+interleaved rounds (``--rounds``, default 3): in each round every target once on 1 association,
+then every target once on 4, so that a slow phase of a shared machine hits all of them.
 
-    .venv/bin/python benchmarks/ingest.py [--instances N]
+Reported per target and association count, over the rounds: median instances/s and its range
+(min-max), MB/s (MB = 10^6 bytes of the Part 10 files sent), the server's CPU time per instance
+(utime + stime from /proc/<pid>/stat of the server process, its threads and its children, read
+before and after each send; resolution 10 ms; a PostgreSQL server or SeaweedFS is not counted),
+its peak resident memory after the run (VmHWM from /proc/<pid>/status, the AI worker's models
+included for Hilum) and "lost": the instances sent minus the instances the target holds
+afterwards (Hilum's index, the bare SCP's files, Orthanc's statistics), the worst round.
+Ratios of instances/s (Hilum / Orthanc, Hilum / bare SCP, ...) are taken within each round,
+then their median and range are reported. Idle CPU, once per target and round on the fresh
+server before its 4-association send: the server's CPU time during ``--idle-seconds`` (default
+5) with no association, then with 4 associations open and idle (raw-socket associations of
+``benchmarks/find_scu.py`` proposing CT Image Storage, measured from 0.5 s after the last one
+was accepted). Figures go to stdout, progress to stderr; nothing is asserted.
+
+    .venv/bin/python benchmarks/ingest.py [--instances 300] [--rounds 3] [--idle-seconds 5]
+        [--targets hilum,orthanc,...]
 """
 
 from __future__ import annotations
@@ -34,6 +57,7 @@ import random
 import re
 import shutil
 import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -55,11 +79,16 @@ from pydicom.uid import (
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from benchmarks.find_scu import Connection  # noqa: E402
 from benchmarks.orthanc import orthanc_installed, running_orthanc  # noqa: E402
 from benchmarks.processes import (  # noqa: E402
+    DCMTK_NAGLE,
+    DCMTK_NODELAY,
     accepts_tcp,
     answers_http,
+    cpu_seconds,
     free_port,
+    peak_rss_bytes,
     printed,
     progress,
     running,
@@ -77,40 +106,78 @@ STORESCU = "/usr/bin/storescu"
 POSTGRES = "postgresql://postgres@127.0.0.1:5432"
 S3_ACCESS_KEY, S3_SECRET_KEY = "hilum", "hilumsecret"
 ASSOCIATIONS = (1, 4)
+IDLE_ASSOCIATIONS = 4
+# After the last idle association is accepted, before its idle time is measured.
+IDLE_SETTLE_S = 0.5
 # Hilum's warnings and errors, tracebacks, and Orthanc's errors ("E0123 12:00:00.000 ...").
 PROBLEM = re.compile(r" (WARNING|ERROR|CRITICAL) |Traceback|^E\d{4} ")
 SEND_TIMEOUT_S = 1800
 
 EMBEDDED = "hilum (sqlite+files)"
+EMBEDDED_NAGLE = "hilum, storescu without TCP_NODELAY"
 POSTGRES_S3 = "hilum (postgres+s3)"
 BARE = "bare pynetdicom SCP"
-ORTHANC = "orthanc"
+ORTHANC = "orthanc (TCP_NODELAY=1)"
+ORTHANC_NAGLE = "orthanc without TCP_NODELAY (stalled)"
+# Ratios of instances/s taken within each round: (numerator, denominator).
+RATIOS = (
+    (EMBEDDED, ORTHANC),
+    (POSTGRES_S3, ORTHANC),
+    (EMBEDDED, BARE),
+    (POSTGRES_S3, EMBEDDED),
+    (EMBEDDED_NAGLE, EMBEDDED),
+    (ORTHANC_NAGLE, ORTHANC),
+)
 
 
 @dataclass
 class Target:
-    """A listening C-STORE SCP: where to send, and how many instances it holds."""
+    """A listening C-STORE SCP: where to send, its process, how many instances it holds."""
 
     name: str
     ae_title: str
     port: int
+    pid: int
     count_stored: Callable[[], int]
     logs: list[Path] = field(default_factory=list)
+
+
+Starter = Callable[[Path], contextlib.AbstractContextManager[Target]]
+
+
+@dataclass(frozen=True)
+class Row:
+    """One row of the report: a kind of target, and how storescu is started against it."""
+
+    key: str  # for --targets
+    name: str
+    start: Starter
+    storescu_env: dict[str, str | None] = field(default_factory=lambda: DCMTK_NODELAY)
+    # Idle CPU is a property of the server, measured once per server configuration.
+    idle: bool = True
 
 
 @dataclass
 class Result:
     target: str
+    round: int
     associations: int
     instances: int
     nbytes: int
     seconds: float
     stored: int | None
     failures: list[str]
+    cpu_s: float
+    peak_rss: int
+    idle_cpu_s: tuple[float, float] | None  # (no association, IDLE_ASSOCIATIONS idle)
 
     @property
     def lost(self) -> int | None:
         return None if self.stored is None else self.instances - self.stored
+
+    @property
+    def rate(self) -> float:
+        return self.instances / self.seconds
 
 
 # --- the synthetic series -------------------------------------------------------------------
@@ -222,8 +289,8 @@ def hilum(
     env = {"HILUM_SERVER__DATA_DIR": str(workdir / "data"), "HILUM_DIMSE__PORT": str(port), **env}
     # Measured once all of it runs: while the AI worker imports torch and loads its models,
     # the DIMSE port already accepts, at a fraction of the steady rate.
-    with running([HILUM, "serve"], log, printed(log, "Hilum is listening"), env):
-        yield Target(name, "HILUM", port, count, [log])
+    with running([HILUM, "serve"], log, printed(log, "Hilum is listening"), env) as process:
+        yield Target(name, "HILUM", port, process.pid, count, [log])
 
 
 @contextlib.contextmanager
@@ -256,13 +323,16 @@ def seaweedfs(workdir: Path) -> Iterator[int]:
         f"-volume.port={volume}", f"-admin.port={admin}", "-admin.ui=false", "-webdav=false",
         "-s3.port.iceberg=0", "-s3.port.lance=0",
     ]  # fmt: skip
-    env = {"AWS_ACCESS_KEY_ID": S3_ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET_KEY}
+    env: dict[str, str | None] = {
+        "AWS_ACCESS_KEY_ID": S3_ACCESS_KEY,
+        "AWS_SECRET_ACCESS_KEY": S3_SECRET_KEY,
+    }
     log = workdir / "weed.log"
     with running(command, log, answers_http(f"http://127.0.0.1:{s3}/"), env, timeout_s=60):
         yield s3
 
 
-def hilum_postgres_s3(s3_port: int) -> Callable[[Path], contextlib.AbstractContextManager[Target]]:
+def hilum_postgres_s3(s3_port: int) -> Starter:
     @contextlib.contextmanager
     def start(workdir: Path) -> Iterator[Target]:
         with postgres_database() as database:
@@ -287,21 +357,31 @@ def bare_scp(workdir: Path) -> Iterator[Target]:
     max_pdu = DimseSettings().max_pdu_length
     command = [sys.executable, BARE_SCP, "--port", str(port), "--out", out, "--max-pdu", max_pdu]
     log = workdir / "bare_scp.log"
-    with running(command, log, accepts_tcp(port)):
-        yield Target(BARE, "BARESCP", port, lambda: len(list(out.glob("*.dcm"))), [log])
+    with running(command, log, accepts_tcp(port)) as process:
+        count = lambda: len(list(out.glob("*.dcm")))  # noqa: E731
+        yield Target(BARE, "BARESCP", port, process.pid, count, [log])
 
 
-@contextlib.contextmanager
-def orthanc(workdir: Path) -> Iterator[Target]:
-    with running_orthanc(workdir) as peer:
-        yield Target(ORTHANC, peer.ae_title, peer.dicom_port, peer.count_instances, [peer.log])
+def orthanc(name: str, *, nodelay: bool) -> Starter:
+    @contextlib.contextmanager
+    def start(workdir: Path) -> Iterator[Target]:
+        with running_orthanc(workdir, nodelay=nodelay) as peer:
+            yield Target(
+                name, peer.ae_title, peer.dicom_port, peer.pid, peer.count_instances, [peer.log]
+            )
+
+    return start
 
 
-# --- sending --------------------------------------------------------------------------------
+# --- sending and measuring ------------------------------------------------------------------
 
 
 def send(
-    files: list[Path], target: Target, associations: int, workdir: Path
+    files: list[Path],
+    target: Target,
+    associations: int,
+    workdir: Path,
+    env: dict[str, str | None],
 ) -> tuple[float, list[str]]:
     """Send ``files`` with ``associations`` parallel storescu processes; (seconds, failures)."""
     chunks = [files[i::associations] for i in range(associations)]
@@ -317,7 +397,9 @@ def send(
         str(target.port),
     ]
     started = time.perf_counter()
-    processes = [start_process(base + chunk, log) for chunk, log in zip(chunks, logs, strict=True)]
+    processes = [
+        start_process(base + chunk, log, env) for chunk, log in zip(chunks, logs, strict=True)
+    ]
     failures: list[str] = []
     for process, log in zip(processes, logs, strict=True):
         try:
@@ -339,6 +421,25 @@ def send(
     return seconds, failures
 
 
+def idle_cpu(target: Target, seconds: float) -> tuple[float, float]:
+    """The server's CPU seconds during ``seconds`` with no association, then during
+    ``seconds`` with IDLE_ASSOCIATIONS associations open and idle (goal: zero)."""
+    before = cpu_seconds(target.pid)
+    time.sleep(seconds)
+    alone = cpu_seconds(target.pid) - before
+    with contextlib.ExitStack() as stack:
+        for _ in range(IDLE_ASSOCIATIONS):
+            connection = Connection(
+                "127.0.0.1", target.port, target.ae_title, "BENCH", str(CTImageStorage)
+            )
+            stack.callback(connection.release)
+        time.sleep(IDLE_SETTLE_S)
+        before = cpu_seconds(target.pid)
+        time.sleep(seconds)
+        with_associations = cpu_seconds(target.pid) - before
+    return alone, with_associations
+
+
 def log_problems(log: Path, limit: int = 8) -> list[str]:
     """Warning, error and traceback lines of a server log."""
     if not log.exists():
@@ -351,125 +452,255 @@ def log_problems(log: Path, limit: int = 8) -> list[str]:
 
 
 def measure(
-    name: str,
-    start: Callable[[Path], contextlib.AbstractContextManager[Target]],
+    row: Row,
     files: list[Path],
     associations: int,
+    round_number: int,
+    idle_seconds: float,
     root: Path,
     notes: list[str],
 ) -> Result | None:
     """One measurement on a freshly started target; None (and a note) if it cannot start."""
-    workdir = Path(tempfile.mkdtemp(prefix=f"{name.split()[0]}-{associations}-", dir=root))
+    where = f"{row.name}, {associations} assoc, round {round_number}"
+    workdir = Path(tempfile.mkdtemp(prefix=f"{row.key}-{associations}-", dir=root))
     nbytes = sum(path.stat().st_size for path in files)
-    progress(f"{name}, {associations} association(s): starting")
+    progress(f"{where}: starting")
     stored: int | None = None
     logs: list[Path] = []
+    idle: tuple[float, float] | None = None
     try:
-        with start(workdir) as target:
+        with row.start(workdir) as target:
             logs = target.logs
-            progress(f"{name}: listening on {target.port}; sending {len(files)} instances")
-            seconds, failures = send(files, target, associations, workdir)
+            if row.idle and idle_seconds > 0 and associations == IDLE_ASSOCIATIONS:
+                progress(f"{where}: idle CPU, {idle_seconds:g} s without and with associations")
+                idle = idle_cpu(target, idle_seconds)
+            progress(f"{where}: listening on {target.port}; sending {len(files)} instances")
+            cpu_before = cpu_seconds(target.pid)
+            seconds, failures = send(files, target, associations, workdir, row.storescu_env)
+            cpu_s = cpu_seconds(target.pid) - cpu_before
+            peak_rss = peak_rss_bytes(target.pid)
             try:
                 stored = target.count_stored()
             except Exception as error:  # noqa: BLE001 - reported, not raised
                 failures.append(f"cannot count stored instances: {error}")
-    except (RuntimeError, OSError, psycopg.Error) as error:
-        progress(f"{name}, {associations} association(s) skipped: {error}")
-        notes.append(f"{name}, {associations} assoc: skipped, {str(error).splitlines()[0]}")
+    except (RuntimeError, OSError, SystemExit, psycopg.Error) as error:
+        # SystemExit: an idle association the target did not accept (benchmarks/find_scu.py).
+        progress(f"{where}: skipped: {error}")
+        notes.append(f"{where}: skipped, {str(error).splitlines()[0]}")
         return None
     finally:
         for log in logs:
             for line in log_problems(log):
-                notes.append(f"{name}, {associations} assoc, {log.name}: {line}")
+                notes.append(f"{where}, {log.name}: {line}")
         shutil.rmtree(workdir, ignore_errors=True)
-    result = Result(name, associations, len(files), nbytes, seconds, stored, failures)
-    progress(f"{name}, {associations} association(s): {seconds:.2f} s, lost {result.lost}")
-    notes.extend(f"{name}, {associations} assoc: {line}" for line in failures)
+    result = Result(
+        row.name, round_number, associations, len(files), nbytes, seconds, stored, failures,
+        cpu_s, peak_rss, idle,
+    )  # fmt: skip
+    progress(
+        f"{where}: {result.rate:.1f} inst/s, {cpu_s * 1000 / len(files):.2f} ms CPU/inst, "
+        f"lost {result.lost}"
+    )
+    notes.extend(f"{where}: {line}" for line in failures)
     return result
 
 
 # --- report ---------------------------------------------------------------------------------
 
 
-def print_table(results: list[Result]) -> None:
+def spread(values: list[float], digits: int = 1) -> str:
+    """Median and range: ``12.3 (10.1-14.0)``; the median alone for one value."""
+    median = statistics.median(values)
+    if len(values) == 1:
+        return f"{median:.{digits}f}"
+    return f"{median:.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
+
+
+def grouped(results: list[Result], rows: list[Row]) -> list[tuple[str, int, list[Result]]]:
+    groups = []
+    for n in ASSOCIATIONS:
+        for row in rows:
+            found = [r for r in results if r.target == row.name and r.associations == n]
+            if found:
+                groups.append((row.name, n, found))
+    return groups
+
+
+def print_table(results: list[Result], rows: list[Row]) -> None:
     header = (
-        f"{'target':<22} {'assocs':>6} {'instances':>9} {'seconds':>8} {'inst/s':>8} "
-        f"{'MB/s':>7} {'lost':>5}"
+        f"{'target':<38} {'assocs':>6} {'rounds':>6} {'inst/s median (range)':>23} "
+        f"{'MB/s':>6} {'CPU ms/inst':>18} {'peak RSS MB':>11} {'lost':>4}"
     )
     print(header)
     print("-" * len(header))
-    for r in results:
-        lost = "?" if r.lost is None else str(r.lost)
+    for name, n, found in grouped(results, rows):
+        losses = [r.lost for r in found]
+        lost = "?" if None in losses else str(max(x for x in losses if x is not None))
+        mb_s = statistics.median(r.nbytes / 1e6 / r.seconds for r in found)
+        cpu = spread([r.cpu_s * 1000 / r.instances for r in found], 2)
+        rss = statistics.median(r.peak_rss / 2**20 for r in found)
         print(
-            f"{r.target:<22} {r.associations:>6} {r.instances:>9} {r.seconds:>8.2f} "
-            f"{r.instances / r.seconds:>8.1f} {r.nbytes / 1e6 / r.seconds:>7.1f} {lost:>5}"
+            f"{name:<38} {n:>6} {len(found):>6} {spread([r.rate for r in found]):>23} "
+            f"{mb_s:>6.1f} {cpu:>18} {rss:>11.0f} {lost:>4}"
         )
 
 
 def print_ratios(results: list[Result]) -> None:
-    rate = {(r.target, r.associations): r.instances / r.seconds for r in results}
-    pairs = [(EMBEDDED, BARE), (EMBEDDED, ORTHANC), (POSTGRES_S3, EMBEDDED)]
-    print()
-    print("ratios of instances/s:")
-    for numerator, denominator in pairs:
+    rate = {(r.target, r.associations, r.round): r.rate for r in results}
+    rounds = sorted({r.round for r in results})
+    lines = []
+    for numerator, denominator in RATIOS:
         for n in ASSOCIATIONS:
-            if (numerator, n) in rate and (denominator, n) in rate:
-                ratio = rate[(numerator, n)] / rate[(denominator, n)]
-                print(f"  {numerator} / {denominator}, {n} assoc: {ratio:.2f}")
+            ratios = [
+                rate[(numerator, n, k)] / rate[(denominator, n, k)]
+                for k in rounds
+                if (numerator, n, k) in rate and (denominator, n, k) in rate
+            ]
+            if ratios:
+                lines.append(
+                    f"  {numerator} / {denominator}, {n} assoc: {spread(ratios, 2)}"
+                    f"  [{len(ratios)} round(s)]"
+                )
+    if lines:
+        print()
+        print("ratios of instances/s within each round, median (range):")
+        print("\n".join(lines))
 
 
-def run(instances: int, root: Path) -> tuple[list[Result], list[str]]:
+def print_idle(results: list[Result], rows: list[Row], seconds: float) -> None:
+    measured = [
+        (row.name, [r.idle_cpu_s for r in results if r.target == row.name and r.idle_cpu_s])
+        for row in rows
+    ]
+    measured = [(name, idle) for name, idle in measured if idle]
+    if not measured:
+        return
+    print()
+    print(
+        f"idle: server CPU ms during {seconds:g} s, median (range) over rounds "
+        f"(resolution 10 ms; goal 0 with idle associations)"
+    )
+    header = f"{'target':<38} {'no association':>18} {f'{IDLE_ASSOCIATIONS} idle associations':>22}"
+    print(header)
+    print("-" * len(header))
+    for name, idle in measured:
+        alone = spread([a * 1000 for a, _ in idle], 0)
+        busy = spread([b * 1000 for _, b in idle], 0)
+        print(f"{name:<38} {alone:>18} {busy:>22}")
+
+
+# --- running --------------------------------------------------------------------------------
+
+
+def all_rows(s3_port: int | None) -> list[Row]:
+    rows = [
+        Row("hilum", EMBEDDED, hilum_embedded),
+        Row("hilum-nagle", EMBEDDED_NAGLE, hilum_embedded, DCMTK_NAGLE, idle=False),
+    ]
+    if s3_port is not None:
+        rows.append(Row("postgres-s3", POSTGRES_S3, hilum_postgres_s3(s3_port)))
+    rows.append(Row("bare", BARE, bare_scp))
+    if orthanc_installed():
+        rows.append(Row("orthanc", ORTHANC, orthanc(ORTHANC, nodelay=True)))
+        rows.append(
+            Row(
+                "orthanc-nagle",
+                ORTHANC_NAGLE,
+                orthanc(ORTHANC_NAGLE, nodelay=False),
+                DCMTK_NAGLE,
+                idle=False,
+            )
+        )
+    return rows
+
+
+TARGET_KEYS = ("hilum", "hilum-nagle", "postgres-s3", "bare", "orthanc", "orthanc-nagle")
+
+
+def run(args: argparse.Namespace, root: Path) -> tuple[list[Result], list[Row], list[str]]:
     notes: list[str] = []
-    progress(f"writing {instances} CT instances")
-    files = write_series(root / "series", instances)
+    wanted = set(args.targets)
+    if {"orthanc", "orthanc-nagle"} & wanted and not orthanc_installed():
+        notes.append("Orthanc skipped: Debian's orthanc package is not installed")
+    progress(f"writing {args.instances} CT instances")
+    files = write_series(root / "series", args.instances)
     megabytes = sum(path.stat().st_size for path in files) / 1e6
     progress(f"series written: {megabytes:.1f} MB")
 
-    targets: list[tuple[str, Callable[[Path], contextlib.AbstractContextManager[Target]]]] = [
-        (EMBEDDED, hilum_embedded),
-        (BARE, bare_scp),
-    ]
-    if orthanc_installed():
-        targets.append((ORTHANC, orthanc))
-    else:
-        notes.append("Orthanc skipped: Debian's orthanc package is not installed")
+    results: list[Result] = []
+    with contextlib.ExitStack() as stack:
+        s3_port = None
+        if "postgres-s3" in wanted:
+            weed_dir = root / "seaweedfs"
+            weed_dir.mkdir()
+            try:
+                s3_port = stack.enter_context(seaweedfs(weed_dir))
+            except RuntimeError as error:
+                notes.append(f"SeaweedFS did not start, {POSTGRES_S3} skipped: {error}")
+        rows = [row for row in all_rows(s3_port) if row.key in wanted]
+        # Interleaved: A B C, A B C, ... on 1 association, then on 4, in every round.
+        for round_number in range(1, args.rounds + 1):
+            for n in ASSOCIATIONS:
+                for row in rows:
+                    result = measure(row, files, n, round_number, args.idle_seconds, root, notes)
+                    if result is not None:
+                        results.append(result)
+    return results, rows, notes
 
-    measured: list[Result | None] = [
-        measure(name, start, files, n, root, notes) for name, start in targets for n in ASSOCIATIONS
-    ]
-    weed_dir = root / "seaweedfs"
-    weed_dir.mkdir()
-    try:
-        with seaweedfs(weed_dir) as s3_port:
-            start = hilum_postgres_s3(s3_port)
-            measured += [measure(POSTGRES_S3, start, files, n, root, notes) for n in ASSOCIATIONS]
-    except RuntimeError as error:
-        notes.append(f"SeaweedFS did not start, {POSTGRES_S3} skipped: {error}")
-    results = [r for r in measured if r is not None]
-    order = [EMBEDDED, POSTGRES_S3, BARE, ORTHANC]
-    results.sort(key=lambda r: (order.index(r.target), r.associations))
-    return results, notes
+
+def target_keys(text: str) -> list[str]:
+    keys = [key.strip() for key in text.split(",") if key.strip()]
+    unknown = [key for key in keys if key not in TARGET_KEYS]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown target(s) {', '.join(unknown)}; choose from {', '.join(TARGET_KEYS)}"
+        )
+    return keys
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="C-STORE ingest throughput of Hilum")
     parser.add_argument("--instances", type=int, default=300, help="CT instances (default 300)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
+    parser.add_argument(
+        "--idle-seconds",
+        type=float,
+        default=5.0,
+        help="idle CPU window, with none and with 4 open associations (default 5; 0: skip)",
+    )
+    parser.add_argument(
+        "--targets",
+        type=target_keys,
+        default=list(TARGET_KEYS),
+        help=f"comma-separated subset of {','.join(TARGET_KEYS)} (default all)",
+    )
     args = parser.parse_args()
 
+    started = time.monotonic()
+    load = os.getloadavg()
     root = Path(tempfile.mkdtemp(prefix="hilum-ingest-bench-"))
     try:
-        results, notes = run(args.instances, root)
+        results, rows, notes = run(args, root)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
     print(
         f"Hilum C-STORE ingest benchmark, {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}"
     )
-    print(f"machine: {os.cpu_count()} CPUs (nproc {len(os.sched_getaffinity(0))}), storescu: DCMTK")
-    print(f"series: {args.instances} x CT 512x512 16-bit, explicit VR little endian")
+    print(
+        f"machine: {os.cpu_count()} CPUs (nproc {len(os.sched_getaffinity(0))}), load average "
+        f"{load[0]:.2f} at the start, {os.getloadavg()[0]:.2f} at the end; "
+        f"{time.monotonic() - started:.0f} s in all"
+    )
+    print(
+        f"series: {args.instances} x CT 512x512 16-bit, explicit VR little endian; "
+        f"DCMTK storescu with TCP_NODELAY=1 unless a row says otherwise; {args.rounds} "
+        "interleaved round(s)"
+    )
     print()
-    print_table(results)
+    print_table(results, rows)
     print_ratios(results)
+    print_idle(results, rows, args.idle_seconds)
     if notes:
         print()
         print("notes:")

@@ -1,5 +1,14 @@
 """Orthanc, the peer Hilum's benchmarks compare against: Debian's ``orthanc`` package (and
-``orthanc-dicomweb`` for DICOMweb), started with its defaults on free loopback ports."""
+``orthanc-dicomweb`` for DICOMweb), started with its defaults on free loopback ports and with
+``TCP_NODELAY=1`` in its environment.
+
+Debian's Orthanc links Debian's DCMTK, which leaves Nagle's algorithm on unless ``TCP_NODELAY``
+is set: every C-STORE response then waits ~40 ms for the peer's delayed ACK and Orthanc runs at
+a fifth of its rate. Hilum's benchmarks compare against the unstalled Orthanc; ``nodelay=False``
+starts the stalled one, for a row that says so.
+
+Installed for the benchmarks only (``apt-get install orthanc orthanc-dicomweb``); Hilum does not
+depend on it."""
 
 from __future__ import annotations
 
@@ -11,7 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks.processes import accepts_tcp, free_port, running
+from benchmarks.processes import DCMTK_NAGLE, DCMTK_NODELAY, accepts_tcp, free_port, running
 
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 
@@ -26,6 +35,7 @@ class RunningOrthanc:
     dicom_port: int
     http_port: int
     log: Path
+    pid: int
 
     @property
     def url(self) -> str:
@@ -45,8 +55,11 @@ class RunningOrthanc:
 
 
 @contextlib.contextmanager
-def running_orthanc(workdir: Path, *, dicomweb: bool = False) -> Iterator[RunningOrthanc]:
-    """Orthanc with its defaults (SQLite index, files, fsync), answering C-FIND from any AE."""
+def running_orthanc(
+    workdir: Path, *, dicomweb: bool = False, nodelay: bool = True
+) -> Iterator[RunningOrthanc]:
+    """Orthanc with its defaults (SQLite index, files, fsync), answering C-FIND from any AE;
+    with ``TCP_NODELAY=1`` in its environment unless ``nodelay`` is false."""
     dicom_port, http_port = free_port(), free_port()
     config = {
         "Name": "hilum-bench",
@@ -68,5 +81,6 @@ def running_orthanc(workdir: Path, *, dicomweb: bool = False) -> Iterator[Runnin
     config_path.write_text(json.dumps(config, indent=2))
     log = workdir / "orthanc.log"
     command = [shutil.which("Orthanc") or "Orthanc", str(config_path)]
-    with running(command, log, accepts_tcp(dicom_port)):
-        yield RunningOrthanc("ORTHANC", dicom_port, http_port, log)
+    env = DCMTK_NODELAY if nodelay else DCMTK_NAGLE
+    with running(command, log, accepts_tcp(dicom_port), env) as process:
+        yield RunningOrthanc("ORTHANC", dicom_port, http_port, log, process.pid)

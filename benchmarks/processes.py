@@ -1,5 +1,5 @@
 """Processes and loopback ports for the benchmarks: start a server, wait until it answers,
-stop its whole process group."""
+stop its whole process group; read a running server's CPU time and peak memory from /proc."""
 
 from __future__ import annotations
 
@@ -45,8 +45,26 @@ def free_port(also_free_at: int = 0) -> int:
     raise RuntimeError("no free loopback port found")
 
 
+# DCMTK (Debian's 3.6.7, also inside Orthanc) leaves Nagle's algorithm on unless TCP_NODELAY is
+# set in its environment; each DIMSE message then waits ~40 ms for the peer's delayed ACK.
+DCMTK_NODELAY: dict[str, str | None] = {"TCP_NODELAY": "1"}
+# The shipped configuration, Nagle on: TCP_NODELAY removed even if this shell sets it.
+DCMTK_NAGLE: dict[str, str | None] = {"TCP_NODELAY": None}
+
+
+def environment(env: dict[str, str | None] | None) -> dict[str, str]:
+    """This process's environment with ``env`` applied; a None value removes the variable."""
+    merged = dict(os.environ)
+    for name, value in (env or {}).items():
+        if value is None:
+            merged.pop(name, None)
+        else:
+            merged[name] = value
+    return merged
+
+
 def start_process(
-    command: list[str], log: Path, env: dict[str, str] | None = None
+    command: list[str], log: Path, env: dict[str, str | None] | None = None
 ) -> subprocess.Popen:
     with log.open("ab") as out:
         return subprocess.Popen(
@@ -54,7 +72,7 @@ def start_process(
             stdout=out,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            env={**os.environ, **(env or {})},
+            env=environment(env),
             start_new_session=True,  # its own process group, killed as a whole
         )
 
@@ -127,7 +145,7 @@ def running(
     command: list[str],
     log: Path,
     ready: Callable[[], bool],
-    env: dict[str, str] | None = None,
+    env: dict[str, str | None] | None = None,
     timeout_s: float = 60.0,
 ) -> Iterator[subprocess.Popen]:
     process = start_process(command, log, env)
@@ -136,3 +154,58 @@ def running(
         yield process
     finally:
         stop_process(process)
+
+
+# --- /proc (proc(5)); psutil is not a dependency ------------------------------------------
+
+CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
+
+
+def stat_fields(stat: str) -> list[str]:
+    """The fields of a /proc/<pid>/stat line after ``comm``, which may hold spaces and ")":
+    index 0 is field 3 (state), 1 is ppid, 11 utime, 12 stime, 13 cutime, 14 cstime."""
+    return stat[stat.rindex(")") + 2 :].split()
+
+
+def _all_stats() -> dict[int, list[str]]:
+    stats = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):  # a process that exited meanwhile
+                stats[int(entry.name)] = stat_fields(Path(entry.path, "stat").read_text())
+    return stats
+
+
+def process_tree(pid: int) -> dict[int, list[str]]:
+    """``pid`` and its living descendants: pid -> stat fields."""
+    stats = _all_stats()
+    tree = {pid: stats[pid]} if pid in stats else {}
+    grew = True
+    while grew:
+        children = {
+            child: fields
+            for child, fields in stats.items()
+            if child not in tree and int(fields[1]) in tree
+        }
+        tree.update(children)
+        grew = bool(children)
+    return tree
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of ``pid``, its threads and its descendants: those alive (utime,
+    stime) and those that exited and were waited for (cutime, cstime). Resolution: one clock
+    tick (10 ms)."""
+    ticks = sum(sum(int(value) for value in fields[11:15]) for fields in process_tree(pid).values())
+    return ticks / CLOCK_TICKS_PER_S
+
+
+def peak_rss_bytes(pid: int) -> int:
+    """The peak resident set size (VmHWM) of ``pid`` plus those of its living descendants."""
+    total = 0
+    for member in process_tree(pid):
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{member}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    total += int(line.split()[1]) * 1024  # kB
+    return total

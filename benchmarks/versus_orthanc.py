@@ -4,7 +4,9 @@ WADO-RS metadata and WADO-RS frames.
 Both servers run on this machine at the same time, each in its own process: Hilum as
 ``hilum serve`` on its embedded default (SQLite + files; DICOMweb on cheroot),
 Orthanc 1.10 with its defaults and the DICOMweb plugin (Debian's ``orthanc`` and
-``orthanc-dicomweb``; without them the script says so and stops). C-FIND goes through the lean
+``orthanc-dicomweb``, installed for the benchmarks only; without them the script says so and
+stops), started with ``TCP_NODELAY=1`` in its environment so that its DCMTK does not hold each
+DIMSE message ~40 ms for a delayed ACK (``benchmarks/orthanc.py``). C-FIND goes through the lean
 SCU of ``benchmarks/find_scu.py`` in a process of its own (a plain socket that reads each
 response only as far as its Status, so the figures are the SCP's, not a client's decoding), the
 same SCU, queries and return keys for both servers; DICOMweb through ``requests`` in this

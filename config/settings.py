@@ -67,6 +67,8 @@ class DimsePeer(_Section):
     ae_title: str
     host: str = Field(min_length=1)
     port: int = Field(ge=1, le=65535)
+    # DICOM TLS (PS3.15 B.9, BCP 195) to this peer, with [dimse] tls_* as Hilum's identity.
+    tls: bool = False
 
     @field_validator("ae_title")
     @classmethod
@@ -78,9 +80,13 @@ class DimseSettings(_Section):
     ae_title: str = "HILUM"
     port: int = Field(11112, ge=1, le=65535)
     max_associations: int = Field(32, ge=1)
+    # Receiving processes sharing the DIMSE port(s) (SO_REUSEPORT; the kernel spreads new
+    # associations across them): each has its own interpreter lock, so a host's C-STORE rate
+    # grows with its cores. max_associations applies to each.
+    processes: int = Field(1, ge=1, le=64)
     # PS3.8 D.1.1 Maximum Length Received: the largest P-DATA-TF PDU a peer may send. Large
-    # PDUs cut the per-PDU work of receiving an image; pynetdicom holds a whole PDU in memory
-    # before writing it to the data set's file, hence a bound (and no "0 = unlimited").
+    # PDUs cut the per-PDU work of receiving an image. PDUs are streamed through a fixed buffer,
+    # so the length costs no memory; the bound keeps "0 = unlimited" out.
     max_pdu_length: int = Field(262144, ge=4096, le=16 * 1024 * 1024)
     # Reject associations whose Called AE Title is not ``ae_title``.
     require_called_ae_title: bool = False
@@ -92,6 +98,14 @@ class DimseSettings(_Section):
     network_timeout_s: float = Field(60.0, gt=0)
     # Move Destinations: C-MOVE to any other AE title is refused with 0xA801.
     peers: list[DimsePeer] = Field(default_factory=list)
+    # DICOM TLS (PS3.15 B.9, BCP 195): a second port for TLS associations (0: none), Hilum's
+    # certificate and key (PEM), the CA certificates that peers' certificates must chain to,
+    # and whether a peer must present one (mutual authentication).
+    tls_port: int = Field(0, ge=0, le=65535)
+    tls_certificate: Path | None = None
+    tls_private_key: Path | None = None
+    tls_ca_certificates: Path | None = None
+    tls_require_client_certificate: bool = True
 
     @field_validator("ae_title")
     @classmethod
@@ -111,6 +125,18 @@ class DimseSettings(_Section):
         if duplicates:
             raise ValueError(f"[[dimse.peers]] ae_title must be unique; repeated: {duplicates}")
         return peers
+
+    @model_validator(mode="after")
+    def _check_tls(self) -> DimseSettings:
+        uses_tls = self.tls_port or any(peer.tls for peer in self.peers)
+        if uses_tls and not (self.tls_certificate and self.tls_private_key):
+            raise ValueError("DICOM TLS needs [dimse] tls_certificate and tls_private_key")
+        if self.tls_port and self.tls_require_client_certificate and not self.tls_ca_certificates:
+            raise ValueError(
+                "[dimse] tls_require_client_certificate needs tls_ca_certificates (the CA that "
+                "signs the modalities' certificates), or set it to false"
+            )
+        return self
 
     def peer(self, ae_title: str) -> DimsePeer | None:
         """The Move Destination called ``ae_title`` (trailing spaces ignored), if known."""
@@ -133,6 +159,12 @@ class HttpSettings(_Section):
     # server's threads.
     workers: int = Field(4, ge=1)
     threads: int = Field(8, ge=1)
+    # `hilum serve`: seconds a client may take to send a request's line and headers, in all
+    # (cheroot's own timeout is per read, renewed by every byte: slowloris); and how many
+    # requests one client address may have sending their headers at once (the others get
+    # 503), so that one address cannot hold every thread.
+    header_timeout_s: float = Field(10.0, gt=0)
+    header_reads_per_client: int = Field(4, ge=1)
     # DELETE of studies, series and instances over DICOMweb. There is no authentication in
     # front of the API, so it is off unless asked for; refused with 403 when off.
     allow_delete: bool = False
@@ -193,6 +225,32 @@ class StorageSettings(_Section):
         return tiers
 
 
+class LimitsSettings(_Section):
+    """What one received object may cost; each is checked before the work it bounds, and a
+    refusal names the key (``limits.<key>``). Ingest (C-STORE, STOW-RS, ``hilum import``)
+    checks all of them; every decode of pixel data (rendered, thumbnails, frames in another
+    syntax, the AI worker) checks ``frame_max_bytes`` first."""
+
+    # Largest stored file (the Part 10 bytes as received).
+    instance_max_bytes: int = Field(16 * 1024**3, ge=1)
+    # Largest decoded pixel data of one instance: Rows x Columns x SamplesPerPixel x
+    # BitsAllocated / 8 x NumberOfFrames. A tiled whole-slide level is large by design.
+    decoded_max_bytes: int = Field(256 * 1024**3, ge=1)
+    # Largest decoded frame (Rows x Columns x SamplesPerPixel x BitsAllocated / 8): decoding
+    # holds one frame in memory, so this is what a decode may allocate.
+    frame_max_bytes: int = Field(1024**3, ge=1)
+    # Largest data set after inflating a Deflated Explicit VR Little Endian file (PS3.5 A.5),
+    # inflated as a stream and refused as soon as it passes this.
+    inflated_max_bytes: int = Field(256 * 1024**2, ge=1)
+    # Deepest nesting of sequences (PS3.5 7.5); a structured report's content tree is ~10.
+    sequence_max_depth: int = Field(64, ge=1)
+    # Most data elements in one data set, counting those in sequence items and the
+    # fragments of encapsulated Pixel Data.
+    elements_max: int = Field(1_000_000, ge=1)
+    # Largest Number of Frames (0028,0008); each frame has a byte range in the index.
+    frames_max: int = Field(500_000, ge=1)
+
+
 class QuerySettings(_Section):
     # PS3.4 C.2.2.2.1.1: Person Name matching may be case-insensitive; radiologists expect it.
     case_insensitive_person_names: bool = True
@@ -237,6 +295,15 @@ class InferenceSettings(_Section):
     serve_worker: bool = True  # `hilum serve` runs one worker thread in-process
 
 
+class WebSettings(_Section):
+    """The browser UI (``web/``)."""
+
+    # Verifying Organization (0040,A027) of the SR that records a reviewer's decision.
+    verifying_organization: str = Field("Hilum", min_length=1, max_length=64)
+    # Where the OHIF viewer is installed (index.html inside); empty: <data_dir>/viewers/ohif.
+    ohif_dir: Path | None = None
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="HILUM_", env_nested_delimiter="__", extra="forbid"
@@ -248,7 +315,9 @@ class Settings(BaseSettings):
     storage: StorageSettings = Field(default_factory=StorageSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     query: QuerySettings = Field(default_factory=QuerySettings)
+    limits: LimitsSettings = Field(default_factory=LimitsSettings)
     inference: InferenceSettings = Field(default_factory=InferenceSettings)
+    web: WebSettings = Field(default_factory=WebSettings)
 
     @classmethod
     def settings_customise_sources(

@@ -21,6 +21,10 @@ from pydicom.pixels import apply_rescale, get_decoder, iter_pixels
 
 from inference.errors import AnalysisError, DecoderUnavailable
 from storage.archive import Archive
+from storage.dicom_file import integer_value
+from storage.encapsulated_frame import check_data_set_frames
+from storage.errors import InstanceTooLarge, InvalidInstance
+from storage.limits import check_decoded_size
 from storage.query import entity_query, locate_instances
 
 # PS3.3 C.8.12.4.1.1: Image Type value 3 of the WSI images a model may analyse.
@@ -49,6 +53,7 @@ def read_series(
                 f"instance {stored.sop_instance_uid}: the stored file cannot be parsed: {error}"
             ) from error
         if "PixelData" in ds:
+            _check_decodable(ds, archive)
             datasets.append(ds)
     if not datasets:
         raise AnalysisError(
@@ -56,6 +61,24 @@ def read_series(
             "instance the model can analyse"
         )
     return datasets
+
+
+def _check_decodable(ds: Dataset, archive: Archive) -> None:
+    """Refuse, before any decode allocates it, pixel data whose declared size (PS3.3 C.7.6.3)
+    is over ``[limits]`` (a slice is decoded whole, a tile frame by frame), or whose frames'
+    codestreams declare another size than the data set."""
+    try:
+        check_decoded_size(
+            integer_value(ds, "Rows") or 0,
+            integer_value(ds, "Columns") or 0,
+            integer_value(ds, "SamplesPerPixel") or 1,
+            integer_value(ds, "BitsAllocated") or 8,
+            max(1, integer_value(ds, "NumberOfFrames") or 1),
+            archive.limits,
+        )
+        check_data_set_frames(ds)
+    except (InstanceTooLarge, InvalidInstance) as error:
+        raise AnalysisError(f"instance {ds.SOPInstanceUID}: not decoded: {error}") from None
 
 
 # --- slices -----------------------------------------------------------------------------------

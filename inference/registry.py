@@ -125,6 +125,11 @@ class Model:
     def weights_path(self) -> Path:
         return self.path / self.manifest.weights
 
+    @property
+    def is_reference(self) -> bool:
+        """One of Hilum's reference models: trained on synthetic data, not for clinical use."""
+        return self.path.resolve().parent == REFERENCE_MODELS_DIR.resolve()
+
     def applies_to(self, series: Mapping[str, str]) -> bool:
         """Whether the series (keys "Modality", "SOPClassUID", "BodyPartExamined") is one
         this model runs on."""

@@ -49,3 +49,44 @@ def models_for_series(
         for model in models
         if model.applies_to(series) and any(rule_matches(r, model, series) for r in rules)
     ]
+
+
+def _unmet(
+    series: Mapping[str, str],
+    modalities: Sequence[str],
+    sop_class_uids: Sequence[str],
+    body_parts: Sequence[str],
+) -> str:
+    """What of a rule or manifest the series does not meet, in words; "" when it meets all."""
+    unmet = []
+    modality, sop_class = series.get("Modality", ""), series.get("SOPClassUID", "")
+    body_part = series.get("BodyPartExamined") or ""
+    if modalities and modality not in modalities:
+        unmet.append(f"modality {'/'.join(modalities)} (not {modality or 'none'})")
+    if sop_class_uids and sop_class not in sop_class_uids:
+        unmet.append(f"SOP class {'/'.join(sop_class_uids)} (not {sop_class or 'none'})")
+    if body_parts and body_part.upper() not in {part.upper() for part in body_parts}:
+        unmet.append(f"body part {'/'.join(body_parts)} (not {body_part or 'empty'})")
+    return ", ".join(unmet)
+
+
+def why_no_model(
+    rules: Sequence[InferenceRule], models: Sequence[Model], series: Mapping[str, str]
+) -> str:
+    """Why no model runs on ``series``, one clause per installed model: what its manifest's
+    ``applies_to`` needs that the series lacks, or that no rule enables it; "" when one runs."""
+    if models_for_series(rules, models, series):
+        return ""
+    if not models:
+        return "no model is installed"
+    if not rules:
+        return "AI is switched off ([inference] rules = [])"
+    clauses = []
+    for model in models:
+        wanted = model.manifest.applies_to
+        unmet = _unmet(series, wanted.modalities, wanted.sop_class_uids, wanted.body_parts)
+        if unmet:
+            clauses.append(f"{model.name} needs {unmet}")
+        else:
+            clauses.append(f"no [[inference.rules]] entry enables {model.name} for it")
+    return "; ".join(clauses)

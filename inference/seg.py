@@ -24,9 +24,23 @@ def algorithm_identification(model: Model) -> hd.AlgorithmIdentificationSequence
     )
 
 
+def output_series_description(model: Model, kind: str) -> str:
+    """Series Description (LO: 64 characters) of a model's SEG or SR: what wrote it, and for a
+    reference model that it is not for clinical use, so that every viewer shows it."""
+    description = f"AI {kind} {model.name}"
+    if model.is_reference:
+        description += " - not for clinical use"
+    return description[:64]
+
+
 def tracking_identifier(model: Model, label: Label) -> str:
     """The finding's human-readable Tracking ID (LO: 64 characters), the same in SEG and SR."""
     return f"{label.label} ({model.name})"[:64]
+
+
+# Recommended Display CIELab Value (0062,000D) of segment 1, 2, …, so that viewers (OHIF) draw
+# each label in a stable colour of its own instead of warning and picking one (PS3.3 C.8.20.2).
+SEGMENT_COLOURS = ("red", "lime", "blue", "yellow", "cyan", "magenta", "orange", "purple")
 
 
 def segment_description(
@@ -42,6 +56,9 @@ def segment_description(
         tracking_uid=tracking_uid,
         tracking_id=tracking_identifier(model, label),
         anatomic_regions=[label.finding_site.code()] if label.finding_site else None,
+        display_color=hd.color.CIELabColor.from_string(
+            SEGMENT_COLOURS[(segment_number - 1) % len(SEGMENT_COLOURS)]
+        ),
     )
 
 
@@ -88,7 +105,7 @@ def segmentation(
         device_serial_number=model.name[:64],
         content_label="AI_SEG",
         content_description=model.manifest.algorithm_name[:64],
-        series_description=f"AI SEG {model.name}"[:64],
+        series_description=output_series_description(model, "SEG"),
         **tiling,
     )
     if tiled and "PatientOrientation" not in seg:

@@ -12,7 +12,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
 from inference.registry import Label, Model
-from inference.seg import MANUFACTURER, tracking_identifier
+from inference.seg import MANUFACTURER, output_series_description, tracking_identifier
 
 SR_SERIES_NUMBER = 9002
 
@@ -71,7 +71,7 @@ def measurement_report(
         instance_number=1,
         manufacturer=MANUFACTURER,
         is_complete=True,
-        series_description=f"AI SR {model.name}"[:64],
+        series_description=output_series_description(model, "SR"),
     )
 
 

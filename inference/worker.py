@@ -28,11 +28,12 @@ from pydicom.dataset import Dataset
 
 from config import Settings
 from inference.errors import AnalysisError, DecoderUnavailable, ModelError
-from inference.jobs import Job, JobQueue, JobState
+from inference.measurement_report import read_findings
 from inference.stability import queue_stable_studies
 from storage.archive import Archive
 from storage.errors import InvalidInstance, StorageUnavailable
 from storage.ingest import Origin, ingest_file
+from storage.jobs import Job, JobQueue, JobState
 
 if TYPE_CHECKING:
     from inference.registry import Model
@@ -149,8 +150,9 @@ class Worker:
         lease = _Lease(self.queue, job, self.name)
         lease.start()
         stored: list[str] = []  # SOP Instance UIDs, as each output is stored
+        findings: list[int] = []  # present findings of each SR stored
         try:
-            held = self._run(job, lease, stored)
+            held = self._run(job, lease, stored, findings)
         except _PERMANENT as error:
             return self._failed(job, _reason(error), stored, retry=False)
         except Exception as error:  # the model or the store; retried with backoff
@@ -160,7 +162,11 @@ class Worker:
             lease.stop()
         model = self._model(job)
         if not held or not self.queue.complete(
-            job, self.name, model_version=model.version, outputs=stored
+            job,
+            self.name,
+            model_version=model.version,
+            outputs=stored,
+            findings=sum(findings) if findings else None,
         ):
             self._lost(job, stored)
             return job
@@ -185,8 +191,9 @@ class Worker:
             f"(models_dirs: {', '.join(map(str, self.settings.inference.models_dirs))})"
         )
 
-    def _run(self, job: Job, lease: _Lease, stored: list[str]) -> bool:
-        """Analyse and store, appending to ``stored``; False when the job was lost first."""
+    def _run(self, job: Job, lease: _Lease, stored: list[str], findings: list[int]) -> bool:
+        """Analyse and store, appending to ``stored`` (and the present findings of each SR to
+        ``findings``); False when the job was lost first."""
         model = self._model(job)
         datasets = self.analyse(
             self.archive,
@@ -201,6 +208,8 @@ class Worker:
             if lease.lost.is_set() or not self.queue.heartbeat(job, self.name):
                 return False
             stored.append(self._store(dataset))
+            if dataset.get("ValueType") == "CONTAINER":  # an SR document (PS3.3 C.17.3)
+                findings.append(sum(f.present for f in read_findings(dataset)))
         return True
 
     def _store(self, dataset: Dataset) -> str:

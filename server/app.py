@@ -1,4 +1,4 @@
-"""The Flask application: DICOMweb today, the JSON API and the UI beside it.
+"""The Flask application: DICOMweb, the JSON API and the browser UI (``web/``).
 
 ``create_app(settings, archive)`` builds it; nothing is created at import time. ``hilum web``
 serves it under gunicorn (one app and one archive per worker process, built after the fork);
@@ -24,11 +24,13 @@ from server.dicomweb import register_dicomweb
 from server.dicomweb.media_types import NotAcceptable
 from server.dicomweb.multipart import MultipartError
 from server.dicomweb.statuses import http_status_for
+from server.header_deadline import HeaderDeadlines, connection_class
 from server.metrics import Metrics, mark_worker_dead
 from server.monitoring import register_monitoring
 from storage.archive import Archive
 from storage.errors import StorageError
 from storage.tiers import marking_reads
+from web import register_web
 
 log = logging.getLogger(__name__)
 _access_log = logging.getLogger("hilum.http.access")
@@ -68,6 +70,7 @@ def _register_blueprints(app: Flask, settings: Settings, archive: Archive) -> No
     """Every family of routes is registered here, one line each."""
     register_dicomweb(app, settings, archive)  # /dicomweb (QIDO, WADO, STOW, DELETE), /wado
     register_api(app, settings, archive)  # /api (AI jobs)
+    register_web(app, settings, archive)  # the browser UI: /, /studies/…, /jobs, /upload
 
 
 def _error(status: int, message: str) -> Response:
@@ -128,7 +131,17 @@ class HttpServer:
     them as a stream, and enforces its own size limit).
     """
 
-    def __init__(self, app: Flask, host: str, port: int, threads: int = 8) -> None:
+    def __init__(
+        self,
+        app: Flask,
+        host: str,
+        port: int,
+        threads: int = 8,
+        *,
+        header_timeout_s: float = 10.0,
+        header_reads_per_client: int = 4,
+    ) -> None:
+        self._deadlines = HeaderDeadlines(header_timeout_s, header_reads_per_client)
         self._server = cheroot.wsgi.Server(
             (host, port),
             _access_logged(app),
@@ -139,6 +152,8 @@ class HttpServer:
         )
         # cheroot's default, stated: no body limit here, STOW-RS answers 413 with a reason.
         self._server.max_request_body_size = 0
+        # A total deadline on each request's headers: server/header_deadline.py says why.
+        self._server.ConnectionClass = connection_class(self._deadlines)
         self._server.prepare()  # binds now: the port is known and taken before start()
         self._thread = threading.Thread(target=self._server.serve, name="http-server", daemon=True)
 
@@ -147,11 +162,13 @@ class HttpServer:
         return int(self._server.bind_addr[1])
 
     def start(self) -> None:
+        self._deadlines.start()
         self._thread.start()
 
     def stop(self) -> None:
         self._server.stop()
         self._thread.join(10)
+        self._deadlines.stop()
 
 
 def _access_logged(app: Flask) -> Any:

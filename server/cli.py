@@ -8,8 +8,10 @@ import errno
 import logging
 import os
 import signal
+import subprocess
 import sys
 import threading
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -48,9 +50,15 @@ def _configure_logging(verbose: bool) -> None:
     warnings.filterwarnings("ignore", module="pydicom")
 
 
-def _run_dimse(settings: Settings, *, all_in_one: bool) -> int:
+def _run_dimse(settings: Settings, args: argparse.Namespace, *, all_in_one: bool) -> int:
     """``hilum dimse``; with ``all_in_one``, ``hilum serve``: migrate the index first, and serve
-    HTTP (DICOMweb) on ``[http] port`` and one AI worker in threads beside the DIMSE SCP."""
+    HTTP (DICOMweb) on ``[http] port`` and one AI worker in threads beside the DIMSE SCP.
+
+    With ``[dimse] processes`` > 1 this process starts that many minus one more receiving
+    processes (``hilum dimse --receiver``) on the same ports, and stops them when it stops;
+    their metrics are added up with its own (prometheus_client's multiprocess mode)."""
+    if settings.dimse.processes > 1 and not args.receiver:
+        _prepare_multiprocess_metrics(settings.server.data_dir / "metrics" / "dimse")
     from server.dimse.ae import DimseServer
     from server.metrics import Metrics, MetricsServer
     from storage.tiers import marking_reads
@@ -66,6 +74,17 @@ def _run_dimse(settings: Settings, *, all_in_one: bool) -> int:
     server = DimseServer(settings, received)
     host = settings.server.host
     _binding("DIMSE", host, settings.dimse.port, server.start)
+    stopped = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stopped.set())
+    if args.receiver:
+        # A receiving process of another hilum: it lives as long as its parent holds the pipe.
+        threading.Thread(target=_stop_at_end_of_input, args=(stopped,), daemon=True).start()
+        stopped.wait()
+        server.stop()
+        archive.close()
+        return 0
+    receivers = _start_receivers(args, settings.dimse.processes - 1)
     http = None
     if all_in_one:
         http = _binding("HTTP", host, settings.http.port,
@@ -75,9 +94,6 @@ def _run_dimse(settings: Settings, *, all_in_one: bool) -> int:
     if not all_in_one and settings.metrics.port:
         port = settings.metrics.port
         metrics_server = _binding("metrics", host, port, lambda: MetricsServer(metrics, host, port))
-    stopped = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stopped.set())
     print(
         f"Hilum is listening: DICOM {settings.dimse.ae_title}@{settings.server.host}:"
         f"{server.port}; index {settings.database_url_for_display}; blobs {settings.blob_url}"
@@ -88,6 +104,7 @@ def _run_dimse(settings: Settings, *, all_in_one: bool) -> int:
     stopped.wait()
     log.info("shutting down")
     server.stop()
+    _stop_receivers(receivers)
     if metrics_server is not None:
         metrics_server.stop()
     if http is not None:
@@ -115,6 +132,35 @@ def _binding(service: str, host: str, port: int, bind: Callable[[], _Bound]) -> 
         ) from error
 
 
+def _start_receivers(args: argparse.Namespace, count: int) -> list[subprocess.Popen]:
+    """More receiving processes on the DIMSE ports, each reading its stdin (this process's
+    pipe) so that it stops when this process ends, however it ends."""
+    command = [sys.executable, "-m", "server.cli"]
+    if args.config:
+        command += ["--config", str(args.config)]
+    if args.verbose:
+        command.append("--verbose")
+    return [
+        subprocess.Popen([*command, "dimse", "--receiver"], stdin=subprocess.PIPE)
+        for _ in range(count)
+    ]
+
+
+def _stop_receivers(receivers: list[subprocess.Popen]) -> None:
+    for process in receivers:
+        process.terminate()
+    for process in receivers:
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def _stop_at_end_of_input(stopped: threading.Event) -> None:
+    sys.stdin.buffer.read()  # returns at end of file: the parent closed the pipe or died
+    stopped.set()
+
+
 def _start_http_server(settings: Settings, archive: Archive, metrics: Metrics) -> HttpServer:
     from server.app import HttpServer, create_app
 
@@ -123,13 +169,15 @@ def _start_http_server(settings: Settings, archive: Archive, metrics: Metrics) -
         settings.server.host,
         settings.http.port,
         threads=settings.http.threads,
+        header_timeout_s=settings.http.header_timeout_s,
+        header_reads_per_client=settings.http.header_reads_per_client,
     )
     http.start()
     return http
 
 
 def cmd_web(settings: Settings, args: argparse.Namespace) -> int:
-    _prepare_multiprocess_metrics(settings.server.data_dir / "metrics")
+    _prepare_multiprocess_metrics(settings.server.data_dir / "metrics" / "web")
     from server.app import serve_with_gunicorn
 
     # Fail here, not in every worker, if the index is not ready.
@@ -206,6 +254,21 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_viewer(settings: Settings, args: argparse.Namespace) -> int:
+    """``hilum viewer install``: the pinned OHIF viewer into ``[web] ohif_dir`` (web/ohif.py)."""
+    from web.ohif import OHIF_VERSION, ViewerInstallError, install_ohif, ohif_dir
+
+    target = args.dir or ohif_dir(settings)
+    try:
+        fresh = install_ohif(target, tarball=args.tarball)
+    except ViewerInstallError as error:
+        print(f"hilum: viewer not installed: {error}", file=sys.stderr)
+        return 1
+    state = "installed" if fresh else "already installed"
+    print(f"OHIF viewer {OHIF_VERSION} {state} in {target}; open http://HOST:PORT/viewer")
+    return 0
+
+
 def cmd_models(settings: Settings, args: argparse.Namespace) -> int:
     from inference.registry import load_models
 
@@ -237,11 +300,12 @@ def cmd_models(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
-    return _run_dimse(settings, all_in_one=True)
+    args.receiver = False
+    return _run_dimse(settings, args, all_in_one=True)
 
 
 def cmd_dimse(settings: Settings, args: argparse.Namespace) -> int:
-    return _run_dimse(settings, all_in_one=False)
+    return _run_dimse(settings, args, all_in_one=False)
 
 
 def cmd_db_upgrade(settings: Settings, args: argparse.Namespace) -> int:
@@ -300,18 +364,23 @@ def cmd_import(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_verify(settings: Settings, args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from storage.verify import verify_archive
+    from storage.verify import remove_orphans, verify_archive
 
     archive = open_archive(settings)
     try:
         with tqdm(unit="instance", desc="verifying") as bar:
             report = verify_archive(archive, checksums=not args.quick, progress=bar.update)
+        if args.remove_orphans:
+            remove_orphans(archive, report, grace_s=args.orphan_grace_s, now=time.time())
     finally:
         archive.close()
     print(
         f"{report.instances} instances checked: {len(report.missing)} missing blobs, "
         f"{len(report.mismatched)} checksum mismatches, {len(report.orphans)} orphan blobs"
+        + (f", {len(report.removed)} orphan blobs removed" if args.remove_orphans else "")
     )
+    for key in report.removed:
+        print(f"  removed orphan blob: {key}")
     for uid in report.missing:
         print(f"  missing blob: instance {uid}")
     for uid in report.mismatched:
@@ -399,7 +468,10 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     commands.add_parser("serve", help="run everything in one process (migrates the database)")
-    commands.add_parser("dimse", help="run the DIMSE SCP only")
+    dimse = commands.add_parser("dimse", help="run the DIMSE SCP only")
+    # One of the [dimse] processes that `hilum serve` / `hilum dimse` start: no banner, stops
+    # at the end of its standard input.
+    dimse.add_argument("--receiver", action="store_true", help=argparse.SUPPRESS)
     commands.add_parser("web", help="serve DICOMweb under gunicorn ([http] port, workers)")
     db = commands.add_parser("db", help="index database administration")
     db_commands = db.add_subparsers(dest="db_command", required=True)
@@ -416,6 +488,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     verify = commands.add_parser("verify", help="check the index against the blob store")
     verify.add_argument("--quick", action="store_true", help="check existence, not checksums")
+    verify.add_argument(
+        "--remove-orphans",
+        action="store_true",
+        help="delete orphan blobs last written over --orphan-grace-s ago (unreferenced still)",
+    )
+    verify.add_argument(
+        "--orphan-grace-s",
+        type=float,
+        default=3600.0,
+        help="age in seconds an orphan must reach before --remove-orphans deletes it "
+        "(default 3600: a blob being stored now is an orphan until its index rows commit)",
+    )
 
     backup = commands.add_parser(
         "backup", help="copy the embedded archive (SQLite index + blobs) to a new folder"
@@ -436,8 +520,14 @@ def build_parser() -> argparse.ArgumentParser:
     models = commands.add_parser("models", help="AI model plug-ins")
     models_commands = models.add_subparsers(dest="models_command", required=True)
     models_commands.add_parser("list", help="list the installed models ([inference] models_dirs)")
+    viewer = commands.add_parser("viewer", help="the OHIF viewer served at /viewer")
+    viewer_commands = viewer.add_subparsers(dest="viewer_command", required=True)
+    install = viewer_commands.add_parser("install", help="install the pinned OHIF viewer (npm)")
+    install.add_argument("--dir", type=Path, help="where (default: [web] ohif_dir)")
+    install.add_argument("--tarball", type=Path, help="a downloaded ohif-app-3.12.10.tgz")
+
     # `hilum serve --config FILE` as well as `hilum --config FILE serve`: every command takes it.
-    for group in (commands, db_commands, models_commands, tiers_commands):
+    for group in (commands, db_commands, models_commands, tiers_commands, viewer_commands):
         for command in group.choices.values():
             command.add_argument(
                 "--config", type=Path, default=argparse.SUPPRESS, help="TOML configuration file"
@@ -458,6 +548,7 @@ COMMANDS = {
     "tiers": cmd_tiers,
     "worker": cmd_worker,
     "models": cmd_models,
+    "viewer": cmd_viewer,
 }
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
+from storage.encapsulated_frame import check_data_set_frames
+
 
 class TranscodingRefused(Exception):
     """This instance cannot be given in that transfer syntax; the message says why."""
@@ -44,6 +46,7 @@ def transcode(dataset: Dataset, syntax: str) -> Dataset:
         raise TranscodingRefused(f"cannot convert {stored.name} to {target.name}")
     has_pixels = "PixelData" in dataset
     try:
+        check_data_set_frames(dataset)  # before a decoder allocates what a frame declares
         if stored.is_encapsulated and has_pixels:
             dataset.decompress(generate_instance_uid=False)
         if target.is_encapsulated and has_pixels:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 from config import Settings
+from config.settings import LimitsSettings
 from storage.blobs import BlobStore, instance_blob_key, open_blob_store
 from storage.index.database import (
     Index,
@@ -33,6 +34,8 @@ class Archive:
     # layer's metrics, labelled with its transport); not told anything about patients.
     on_ingest: Callable[[Sequence[IngestResult | StorageError]], None] | None = None
     partition: str = DEFAULT_PARTITION
+    # What one received object may cost (``[limits]``), checked by ingest and every decode.
+    limits: LimitsSettings = field(default_factory=LimitsSettings)
 
     def blob_key(self, header: InstanceHeader, content_sha256: str) -> str:
         return instance_blob_key(
@@ -73,4 +76,4 @@ def open_archive(
         settings.storage.tiers,
         max_connections=pool,
     )
-    return Archive(Index(engine), blobs, settings.storage.on_duplicate)
+    return Archive(Index(engine), blobs, settings.storage.on_duplicate, limits=settings.limits)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import math
 import os
 import re
 import shutil
@@ -26,6 +27,9 @@ from minio.error import S3Error
 from storage.errors import NotFound, StorageUnavailable
 
 _KEY = re.compile(r"^[0-9a-f]{2}/[0-9a-f]{64}/[0-9a-f]{64}/[0-9a-f]{64}\.[0-9a-f]{16}\.dcm$")
+# What an interrupted write of the filesystem store leaves in a blob's folder: the temporary
+# name of _copy (mkstemp) or _link.
+_LEFTOVER = re.compile(r"^[0-9a-f]{2}/[0-9a-f]{64}/[0-9a-f]{64}/\.tmp-[A-Za-z0-9_]{1,32}$")
 _COPY_CHUNK = 1 << 20
 # os.link's errors that mean "copy instead": another filesystem, no hard links there.
 _NO_HARD_LINK = {errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP}
@@ -52,6 +56,11 @@ def instance_blob_key(
 
 def is_blob_key(key: str) -> bool:
     return bool(_KEY.match(key))
+
+
+def is_leftover(key: str) -> bool:
+    """A temporary name an interrupted filesystem write left (never a stored blob)."""
+    return bool(_LEFTOVER.match(key))
 
 
 class BlobStore(Protocol):
@@ -84,6 +93,10 @@ class BlobStore(Protocol):
 
     def list_keys(self) -> Iterator[str]:
         """Every key in the store, in no particular order (for ``hilum verify``)."""
+
+    def list_modified(self) -> Iterator[tuple[str, float]]:
+        """Every key with the POSIX time it was last written, in no particular order (for
+        ``hilum verify --remove-orphans``, which leaves young orphans alone)."""
 
 
 class FileBlobStore:
@@ -196,7 +209,8 @@ class FileBlobStore:
 
     def delete(self, key: str) -> None:
         try:
-            self._path(key).unlink(missing_ok=True)
+            path = self.root / key if is_leftover(key) else self._path(key)
+            path.unlink(missing_ok=True)
         except OSError as exc:
             raise StorageUnavailable(f"cannot delete blob {key}: {exc.strerror or exc}") from exc
 
@@ -218,6 +232,13 @@ class FileBlobStore:
         for dirpath, _dirs, files in os.walk(self.root):
             for name in files:
                 yield os.path.relpath(os.path.join(dirpath, name), self.root)
+
+    def list_modified(self) -> Iterator[tuple[str, float]]:
+        for key in self.list_keys():
+            try:
+                yield key, (self.root / key).lstat().st_mtime
+            except FileNotFoundError:
+                continue  # deleted since it was listed
 
 
 class S3BlobStore:
@@ -315,6 +336,14 @@ class S3BlobStore:
             for obj in self.client.list_objects(self.bucket, recursive=True):
                 if obj.object_name is not None:
                     yield obj.object_name
+
+    def list_modified(self) -> Iterator[tuple[str, float]]:
+        with self._unavailable_on_error("listing"):
+            for obj in self.client.list_objects(self.bucket, recursive=True):
+                if obj.object_name is not None:
+                    # Unknown: as if written just now, so never old enough to remove.
+                    modified = obj.last_modified.timestamp() if obj.last_modified else math.inf
+                    yield obj.object_name, modified
 
 
 def _raise_refusal(refusals: list[StorageUnavailable | None]) -> None:

@@ -19,17 +19,24 @@ from pydicom.datadict import dictionary_has_tag, dictionary_VR, tag_for_keyword
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_dataset, read_file_meta_info
+from pydicom.tag import BaseTag
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import uid_to_service_class
 
+from config.settings import LimitsSettings
+from storage.data_set_structure import part10_structure
 from storage.errors import InvalidInstance
+from storage.limits import check_decoded_size, check_stored_size, refuse_too_complex
 
 log = logging.getLogger(__name__)
 
 # PS3.5 9.1: components of digits without leading zeros, separated by dots, at most 64 chars.
 _UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 PIXEL_DATA = 0x7FE00010
+# Pixel Data, Float and Double Float Pixel Data: where a header-only read stops.
+_PIXEL_TAGS = frozenset({PIXEL_DATA, 0x7FE00008, 0x7FE00009})
 _ITEM, _SEQUENCE_DELIMITER = 0xFFFEE000, 0xFFFEE0DD
 # PS3.5 7.1.2, Table 7.1-1: explicit VRs with a 2-byte reserved field and a 4-byte length.
 LONG_LENGTH_VRS = frozenset(
@@ -65,47 +72,90 @@ def is_storage_sop_class(uid: str) -> bool:
     return uid_to_service_class(uid) is StorageServiceClass
 
 
-def read_instance_header(path: Path) -> InstanceHeader:
-    """Parse and validate a DICOM Part 10 file; raise :class:`InvalidInstance` with the reason."""
+def read_instance_header(path: Path, limits: LimitsSettings | None = None) -> InstanceHeader:
+    """Parse and validate a DICOM Part 10 file; raise :class:`InvalidInstance` with the reason,
+    or :class:`InstanceTooLarge` past one of ``limits`` (the ``[limits]`` defaults when None),
+    each checked before the work it bounds."""
+    limits = limits or LimitsSettings()
     file_size = path.stat().st_size
-    with open(path, "rb") as fp:
-        try:
-            dataset = pydicom.dcmread(fp, stop_before_pixels=True)
-            pixel_data_at = fp.tell()
-        except InvalidDicomError as exc:
-            raise InvalidInstance(f"not a DICOM Part 10 file: {exc}") from exc
-        except (EOFError, ValueError, struct.error, OSError, KeyError, TypeError) as exc:
-            raise InvalidInstance(f"cannot parse the data set: {exc}") from exc
-
-        meta = dataset.file_meta
-        transfer_syntax = meta.get("TransferSyntaxUID")
-        if not is_valid_uid(transfer_syntax):
-            raise InvalidInstance("the file meta information lacks a valid Transfer Syntax UID")
-        uids = {
-            keyword: uid_value(dataset, keyword)
-            for keyword in (
-                "SOPClassUID",
-                "SOPInstanceUID",
-                "StudyInstanceUID",
-                "SeriesInstanceUID",
+    check_stored_size(file_size, limits)
+    try:
+        with open(path, "rb") as fp, part10_structure(fp, limits) as structure:
+            fp.seek(0)
+            if structure is not None and structure.inflated is not None:
+                # The deflated data set, inflated once by the structure pass (pydicom would
+                # inflate the whole file in memory first).
+                dataset = read_dataset(
+                    structure.inflated,
+                    is_implicit_VR=False,
+                    is_little_endian=True,
+                    stop_when=_at_pixel_data,
+                )
+                dataset.file_meta = read_file_meta_info(path)
+                pixel_data_at = file_size  # the stored bytes are deflated: no frame ranges
+                has_pixel_element = structure.has_pixel_data_element
+            else:
+                dataset = pydicom.dcmread(fp, stop_before_pixels=True)
+                pixel_data_at = fp.tell()
+                has_pixel_element = pixel_data_at < file_size
+            header = _instance_header(
+                fp, dataset, pixel_data_at, file_size, has_pixel_element, limits
             )
-        }
-        for keyword, value in uids.items():
-            if not value:
-                raise InvalidInstance(f"the data set lacks {keyword}")
-            if not is_valid_uid(value):
-                raise InvalidInstance(f"{keyword} {value[:80]!r} is not a valid UID")
-
-        frames = _number_of_frames(dataset)
-        has_pixel_data = (
-            pixel_data_at < file_size and transfer_syntax != DeflatedExplicitVRLittleEndian
+    except InvalidDicomError as exc:
+        raise InvalidInstance(f"not a DICOM Part 10 file: {exc}") from exc
+    except RecursionError:
+        # What the structure pass let through and pydicom still could not parse (its
+        # recursion per nesting level is deeper than the pass's count).
+        refuse_too_complex(
+            "the data set nests too deep to parse", "sequence_max_depth", limits.sequence_max_depth
         )
-        frame_ranges = None
-        if has_pixel_data:
-            ts = UID(transfer_syntax)
-            fp.seek(pixel_data_at)
-            frame_ranges = _locate_frames(fp, dataset, ts, frames, file_size)
-            has_pixel_data = frame_ranges is not None or ts.is_encapsulated
+    except (EOFError, ValueError, struct.error, OSError, KeyError, TypeError) as exc:
+        raise InvalidInstance(f"cannot parse the data set: {exc}") from exc
+    return header
+
+
+def _at_pixel_data(tag: BaseTag, vr: str | None, length: int) -> bool:
+    return int(tag) in _PIXEL_TAGS
+
+
+def _instance_header(
+    fp: BinaryIO,
+    dataset: Dataset,
+    pixel_data_at: int,
+    file_size: int,
+    has_pixel_element: bool,
+    limits: LimitsSettings,
+) -> InstanceHeader:
+    """Validate the parsed header and locate the frames, checking the declared pixel
+    geometry against ``limits`` and the bytes present before any range is built."""
+    meta = dataset.file_meta
+    transfer_syntax = meta.get("TransferSyntaxUID")
+    if not is_valid_uid(transfer_syntax):
+        raise InvalidInstance("the file meta information lacks a valid Transfer Syntax UID")
+    uids = {
+        keyword: uid_value(dataset, keyword)
+        for keyword in (
+            "SOPClassUID",
+            "SOPInstanceUID",
+            "StudyInstanceUID",
+            "SeriesInstanceUID",
+        )
+    }
+    for keyword, value in uids.items():
+        if not value:
+            raise InvalidInstance(f"the data set lacks {keyword}")
+        if not is_valid_uid(value):
+            raise InvalidInstance(f"{keyword} {value[:80]!r} is not a valid UID")
+
+    frames = _number_of_frames(dataset)
+    _check_pixel_geometry(dataset, frames, has_pixel_element, limits)
+    has_pixel_data = pixel_data_at < file_size and transfer_syntax != DeflatedExplicitVRLittleEndian
+    frame_ranges = None
+    if has_pixel_data:
+        ts = UID(transfer_syntax)
+        fp.seek(pixel_data_at)
+        frame_ranges = _locate_frames(fp, dataset, ts, frames, file_size, limits)
+        has_pixel_data = frame_ranges is not None or ts.is_encapsulated
 
     return InstanceHeader(
         dataset=dataset,
@@ -160,8 +210,29 @@ def _number_of_frames(dataset: Dataset) -> int:
     return max(1, integer_value(dataset, "NumberOfFrames") or 1)
 
 
+def _check_pixel_geometry(
+    dataset: Dataset, frames: int, has_pixel_element: bool, limits: LimitsSettings
+) -> None:
+    """PS3.3 C.7.6.3: the Image Pixel attributes declare the decoded size; refuse a geometry
+    without pixels, then one over the limits, before any frame is located or decoded."""
+    rows, columns = integer_value(dataset, "Rows"), integer_value(dataset, "Columns")
+    if has_pixel_element and not (rows and columns):
+        raise InvalidInstance(
+            f"Pixel Data with Rows {rows} and Columns {columns}: the declared pixel geometry "
+            "holds no pixel"
+        )
+    check_decoded_size(
+        rows or 0,
+        columns or 0,
+        integer_value(dataset, "SamplesPerPixel") or 1,
+        integer_value(dataset, "BitsAllocated") or 8,
+        frames,
+        limits,
+    )
+
+
 def _locate_frames(
-    fp: BinaryIO, dataset: Dataset, ts: UID, frames: int, file_size: int
+    fp: BinaryIO, dataset: Dataset, ts: UID, frames: int, file_size: int, limits: LimitsSettings
 ) -> FrameRanges | None:
     endian = "<" if ts.is_little_endian else ">"
     header = fp.read(8)
@@ -185,7 +256,7 @@ def _locate_frames(
                 f"{file_size - value_at} remain"
             )
         return _native_frames(dataset, value_at, length, frames)
-    return _encapsulated_frames(fp, dataset, frames, file_size)
+    return _encapsulated_frames(fp, frames, file_size, limits)
 
 
 def _native_frames(dataset: Dataset, value_at: int, length: int, frames: int) -> FrameRanges | None:
@@ -196,7 +267,13 @@ def _native_frames(dataset: Dataset, value_at: int, length: int, frames: int) ->
         return None
     bits = rows * columns * (integer_value(dataset, "SamplesPerPixel") or 1) * bits_allocated
     if bits % 8:
-        return None  # PS3.5 8.1.1: 1-bit frames need not start on a byte boundary
+        # PS3.5 8.1.1: 1-bit frames need not start on a byte boundary; no ranges, but the
+        # bytes must still hold every frame.
+        if (bits * frames + 7) // 8 > length:
+            raise InvalidInstance(
+                f"Pixel Data holds {length} bytes, {frames} frame(s) of {bits} bits need more"
+            )
+        return None
     frame_length = bits // 8
     if frame_length * frames > length:
         raise InvalidInstance(
@@ -220,12 +297,16 @@ def _read_item(fp: BinaryIO, file_size: int) -> tuple[int, int, int]:
 
 
 def _encapsulated_frames(
-    fp: BinaryIO, dataset: Dataset, frames: int, file_size: int
+    fp: BinaryIO, frames: int, file_size: int, limits: LimitsSettings
 ) -> FrameRanges | None:
     # PS3.5 A.4: a Basic Offset Table item, then one item per fragment, then a delimiter.
     tag, at, length = _read_item(fp, file_size)
     if tag != _ITEM:
         raise InvalidInstance("encapsulated Pixel Data does not start with an offset table item")
+    if length > 8 * frames:  # one 4-byte offset per frame (8 for an Extended Offset Table)
+        raise InvalidInstance(
+            f"the Basic Offset Table has {length} bytes for {frames} frame(s) (PS3.5 A.4)"
+        )
     bot = list(struct.unpack(f"<{length // 4}L", fp.read(length))) if length else []
     first_fragment_at = fp.tell()
     fragments: list[tuple[int, int, int]] = []  # (item offset from first fragment, at, length)
@@ -236,10 +317,21 @@ def _encapsulated_frames(
         if tag != _ITEM:
             raise InvalidInstance(f"unexpected tag {tag:08X} inside encapsulated Pixel Data")
         fragments.append((at - 8 - first_fragment_at, at, length))
+        if len(fragments) > limits.elements_max:
+            refuse_too_complex(
+                f"the Pixel Data holds more than {limits.elements_max} fragments",
+                "elements_max",
+                limits.elements_max,
+            )
         fp.seek(at + length)
 
     if not fragments:
         raise InvalidInstance("encapsulated Pixel Data holds no fragment")
+    if len(fragments) < frames:
+        # PS3.5 A.4: a fragment holds data of one frame at most.
+        raise InvalidInstance(
+            f"Number of Frames is {frames}, the Pixel Data holds {len(fragments)} fragment(s)"
+        )
     if len(fragments) == frames:
         return [[[at, length]] for _, at, length in fragments]
     if frames == 1:

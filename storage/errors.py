@@ -27,3 +27,22 @@ class Conflict(StorageError):
 
 class InvalidQuery(StorageError):
     """A query the index cannot answer: unknown level or model, or a malformed matching value."""
+
+
+class InstanceTooLarge(StorageError):
+    """The object is over one of the size limits of ``[limits]`` (stored bytes, decoded pixel
+    bytes, inflated bytes, frames): refused before the work is done, as Out of Resources
+    (PS3.4 B.2.3, 0xA700). ``limit`` names the setting."""
+
+    def __init__(self, message: str, limit: str) -> None:
+        super().__init__(message)
+        self.limit = limit
+
+
+class InstanceTooComplex(InvalidInstance):
+    """The data set nests sequences deeper, or holds more elements, than ``[limits]`` allow:
+    refused as Cannot Understand (PS3.4 B.2.3, 0xC000). ``limit`` names the setting."""
+
+    def __init__(self, message: str, limit: str) -> None:
+        super().__init__(message)
+        self.limit = limit

@@ -36,6 +36,7 @@ from storage.dicom_file import (
 )
 from storage.errors import InvalidInstance, SOPClassMismatch, StorageError, StorageUnavailable
 from storage.index.models import UI, Instance, Patient, Series, Study
+from storage.limits import refuse_too_complex
 
 log = logging.getLogger(__name__)
 _MAX_ATTEMPTS = 10
@@ -83,6 +84,9 @@ class Received:
     origin: Origin = Origin()
     header: InstanceHeader | None = None
     temporary: bool = False
+    # (SHA-256 hex digest, size) of the file, when the caller hashed it as it wrote it (a
+    # C-STORE data set hashed as it arrived): the file is not read again to hash it.
+    sha256: tuple[str, int] | None = None
 
 
 def ingest_file(
@@ -92,10 +96,11 @@ def ingest_file(
     *,
     header: InstanceHeader | None = None,
     temporary: bool = False,
+    sha256: tuple[str, int] | None = None,
 ) -> IngestResult:
     """Store the DICOM Part 10 file at ``path``: :func:`ingest_files` of one file, its
     :class:`StorageError` raised."""
-    (outcome,) = ingest_files(archive, [Received(path, origin, header, temporary)])
+    (outcome,) = ingest_files(archive, [Received(path, origin, header, temporary, sha256)])
     if isinstance(outcome, StorageError):
         raise outcome
     return outcome
@@ -167,15 +172,24 @@ class _Prepared:
 
 
 def _prepare(archive: Archive, n: int, item: Received) -> _Prepared:
-    header = item.header or read_instance_header(item.path)
+    header = item.header or read_instance_header(item.path, archive.limits)
     _check_announced(header, item.origin)
     if not is_storage_sop_class(header.sop_class_uid):
         raise InvalidInstance(f"SOP Class {header.sop_class_uid} is not a storage SOP class")
-    digest, size = _sha256(item.path)
+    digest, size = item.sha256 or _sha256(item.path)
     key = archive.blob_key(header, digest)
     # Computed here, outside the write transaction: on SQLite that holds the one write lock,
     # which every other association waits for.
-    values = _instance_values(header, key, digest, size, item.origin)
+    try:
+        values = _instance_values(header, key, digest, size, item.origin)
+    except RecursionError:
+        # Nesting within limits.sequence_max_depth is encoded without recursion trouble; a
+        # caller's own header (STOW-RS) read with other limits may not be.
+        refuse_too_complex(
+            "the data set nests too deep to encode",
+            "sequence_max_depth",
+            archive.limits.sequence_max_depth,
+        )
     return _Prepared(n, item, header, digest, key, values)
 
 
@@ -403,6 +417,17 @@ def _text(dataset: Dataset, keyword: str, max_length: int) -> str:
     return str(value).replace("\x00", "").strip()[:max_length]
 
 
+# PS3.5 6.2: an IS value lies in -2^31 .. 2^31 - 1, the range of the index's INTEGER columns.
+_IS_RANGE = range(-(2**31), 2**31)
+
+
+def _index_integer(dataset: Dataset, keyword: str) -> int | None:
+    """The IS value for an index column; None when it is outside the IS range (kept as sent
+    in the metadata, but not indexed: PostgreSQL would refuse the whole row)."""
+    value = integer_value(dataset, keyword)
+    return value if value is not None and value in _IS_RANGE else None
+
+
 def _insert_ignoring_conflict(connection: Connection, model: type, values: dict[str, Any]) -> None:
     dialect = postgresql if connection.dialect.name == "postgresql" else sqlite
     connection.execute(dialect.insert(model).values(**values).on_conflict_do_nothing())
@@ -478,7 +503,7 @@ def _upsert_hierarchy(connection: Connection, partition: str, ds: Dataset) -> in
             "study_pk": study_pk,
             "series_instance_uid": series_uid,
             "modality": modality,
-            "series_number": integer_value(ds, "SeriesNumber"),
+            "series_number": _index_integer(ds, "SeriesNumber"),
             "series_description": _text(ds, "SeriesDescription", 64),
             "body_part_examined": _text(ds, "BodyPartExamined", 16),
             "series_date": _text(ds, "SeriesDate", 8),
@@ -504,7 +529,7 @@ def _instance_values(
     return {
         "sop_instance_uid": header.sop_instance_uid,
         "sop_class_uid": header.sop_class_uid,
-        "instance_number": integer_value(header.dataset, "InstanceNumber"),
+        "instance_number": _index_integer(header.dataset, "InstanceNumber"),
         "number_of_frames": header.number_of_frames,
         "transfer_syntax_uid": header.transfer_syntax_uid,
         "blob_key": key,

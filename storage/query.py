@@ -196,6 +196,8 @@ _COMPUTED: dict[str, tuple[QueryLevel, Callable[[], Any]]] = {
     "NumberOfStudyRelatedInstances": (QueryLevel.STUDY, _count_study_instances),
     "NumberOfSeriesRelatedInstances": (QueryLevel.SERIES, _count_series_instances),
 }
+# Return keys only: counted at query time, never matched.
+COMPUTED_KEYS = frozenset(_COMPUTED)
 # Depends on the dialect (distinct string aggregation); built in _sop_classes_in_study.
 _SOP_CLASSES_IN_STUDY = "SOPClassesInStudy"
 
@@ -289,6 +291,18 @@ def search(archive: Archive, query: Query) -> Iterator[dict[str, Any]]:
             yield {key: _value(key, value) for key, value in zip(wanted, row, strict=True)}
 
 
+def where_studies_match(statement: Select, archive: Archive, query: Query) -> Select:
+    """``statement`` over ``patient ⋈ study`` in the archive's partition, restricted to the
+    studies that ``query`` (a STUDY-level query) matches: the same translation to SQL as
+    :func:`search`, for callers that select other columns (the web worklist)."""
+    if query.level != QueryLevel.STUDY:
+        raise InvalidQuery("where_studies_match takes a STUDY-level query")
+    _check_level(query)
+    depth = _DEPTH[QueryLevel.STUDY]
+    statement = _join(statement, depth, archive.partition)
+    return statement.where(*_conditions(query, depth, archive.index.dialect))
+
+
 def locate_instances(
     archive: Archive,
     query: Query,
@@ -377,6 +391,11 @@ def _check_level(query: Query) -> None:
         raise InvalidQuery("the Study Root information model has no PATIENT level")
     if query.limit is not None and query.limit < 0 or query.offset < 0:
         raise InvalidQuery("limit and offset must not be negative")
+    for keyword, value in query.matching.items():
+        # PS3.5 6.1.2: NUL is no character of any DICOM string (only UI padding), and
+        # PostgreSQL refuses it in a text parameter.
+        if "\x00" in value:
+            raise InvalidQuery(f"{keyword}: the matching value contains a NUL character")
 
 
 def _visible(keyword: str, depth: int) -> bool:
@@ -504,9 +523,13 @@ def _uids(keyword: str, values: list[str]) -> list[str] | None:
 
 def _integer(keyword: str, value: str) -> int:
     try:
-        return int(value.strip())
+        number = int(value.strip())
     except ValueError:
-        raise InvalidQuery(f"{keyword}: {value!r} is not an integer string (IS)") from None
+        raise InvalidQuery(f"{keyword}: {value[:40]!r} is not an integer string (IS)") from None
+    # PS3.5 6.2: an IS value lies in -2^31 .. 2^31 - 1 (also the index column's range).
+    if not -(2**31) <= number < 2**31:
+        raise InvalidQuery(f"{keyword}: {value[:40]!r} is outside the range of an IS value")
+    return number
 
 
 def _range(keyword: str, column: Any, vr: str, value: str) -> ColumnElement[bool]:
@@ -547,6 +570,7 @@ def _string(
 
 
 __all__ = [
+    "COMPUTED_KEYS",
     "QUERY_KEYS",
     "entity_query",
     "UNIQUE_KEYS",
@@ -558,4 +582,5 @@ __all__ = [
     "StoredInstance",
     "locate_instances",
     "search",
+    "where_studies_match",
 ]

@@ -110,12 +110,17 @@ class TieredBlobStore:
                 raise StorageUnavailable(f"storage tier {name}: {error}") from error
 
     def list_keys(self) -> Iterator[str]:
+        for key, _modified in self.list_modified():
+            yield key
+
+    def list_modified(self) -> Iterator[tuple[str, float]]:
+        # A key in two tiers (a move interrupted before its source was deleted) once.
         seen: set[str] = set()
         for store in (self.primary, *self.tiers.values()):
-            for key in store.list_keys():
+            for key, modified in store.list_modified():
                 if key not in seen:
                     seen.add(key)
-                    yield key
+                    yield key, modified
 
 
 def open_tiered_blob_store(

@@ -11,4 +11,8 @@ from storage.archive import Archive
 
 
 def register_api(app: Flask, settings: Settings, archive: Archive) -> None:
-    app.register_blueprint(jobs_blueprint(settings, archive), url_prefix="/api")
+    from server.dicomweb import no_sniffing
+
+    jobs = jobs_blueprint(settings, archive)
+    jobs.after_request(no_sniffing)
+    app.register_blueprint(jobs, url_prefix="/api")

@@ -17,9 +17,12 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate, generate_frames
 from pydicom.uid import UID
 
+from server.dicomweb.media_types import NotAcceptable
 from server.dicomweb.spool import Spool
 from storage.archive import Archive
-from storage.errors import InvalidQuery, NotFound
+from storage.encapsulated_frame import check_frame_header
+from storage.errors import InstanceTooLarge, InvalidInstance, InvalidQuery, NotFound
+from storage.limits import check_decoded_size
 from storage.query import StoredInstance
 
 # Image Pixel Module attributes (PS3.3 C.7.6.3) that decoding a frame needs.
@@ -66,6 +69,35 @@ def check_frames(instance: StoredInstance, numbers: list[int]) -> None:
             )
 
 
+def _first_int(metadata: dict[str, Any], tag: str, default: int) -> int:
+    values = metadata.get(tag, {}).get("Value")
+    try:
+        return int(values[0]) if values else default
+    except (TypeError, ValueError):
+        return default
+
+
+def check_decodable(instance: StoredInstance, archive: Archive, frames: int = 1) -> None:
+    """Refuse (406, available as stored) to decode ``frames`` frames of ``instance`` at once
+    when their decoded size, from the stored Image Pixel attributes (PS3.3 C.7.6.3), is over
+    ``[limits]``: checked before anything is read or allocated. An instance stored before a
+    lower limit is refused here rather than decoded."""
+    metadata = instance.metadata or {}
+    try:
+        check_decoded_size(
+            _first_int(metadata, "00280010", 0),
+            _first_int(metadata, "00280011", 0),
+            _first_int(metadata, "00280002", 1),
+            _first_int(metadata, "00280100", 8),
+            frames,
+            archive.limits,
+        )
+    except InstanceTooLarge as error:
+        raise NotAcceptable(
+            f"instance {instance.sop_instance_uid} is not decoded: {error}; retrieve it as stored"
+        ) from None
+
+
 class FrameReader:
     """Reads frames and headers of stored instances; ``instance.frame_ranges`` must have been
     located (``with_frame_ranges=True``) for the ranged reads to be used."""
@@ -93,14 +125,18 @@ class FrameReader:
     def frames(
         self, instance: StoredInstance, numbers: list[int], *, decode: bool
     ) -> Iterator[bytes]:
+        """The frames, stored or decoded; the decode limit is checked here, before the first
+        frame is read."""
+        if decode:
+            check_decodable(instance, self.archive)
         if instance.frame_ranges is None:
             stored: Iterator[bytes] = self._frames_from_whole_file(instance, numbers)
         else:
             stored = (self.read_frame(instance, number) for number in numbers)
-        for frame in stored:
-            if decode:
-                frame = native_frame(instance.metadata or {}, instance.transfer_syntax_uid, frame)
-            yield frame
+        if not decode:
+            return stored
+        metadata, syntax = instance.metadata or {}, instance.transfer_syntax_uid
+        return (native_frame(metadata, syntax, frame) for frame in stored)
 
     def read_header(self, instance: StoredInstance) -> Dataset:
         """The data set up to the Pixel Data element, read without fetching the pixels."""
@@ -135,6 +171,7 @@ class FrameReader:
                         raise FrameNotFound(f"frame {number} is missing from the pixel data")
                     yield found[number]
                 return
+            check_decodable(instance, self.archive, count)  # decodes every frame at once
             pixels = ds.pixel_array.reshape(count, -1)
             little = pixels.astype(pixels.dtype.newbyteorder("<"))
             for number in numbers:
@@ -154,6 +191,18 @@ def frame_dataset(metadata: dict[str, Any], transfer_syntax: str, frame: bytes) 
 
 
 def decode_frame(metadata: dict[str, Any], transfer_syntax: str, frame: bytes) -> np.ndarray:
+    """The frame decoded, once its codestream is known to declare the data set's size (a
+    decoder allocates what the codestream says)."""
+    try:
+        check_frame_header(
+            transfer_syntax,
+            frame,
+            _first_int(metadata, "00280010", 0),
+            _first_int(metadata, "00280011", 0),
+            _first_int(metadata, "00280002", 1),
+        )
+    except InvalidInstance as error:
+        raise NotAcceptable(f"the frame is not decoded: {error}; retrieve it as stored") from None
     return frame_dataset(metadata, transfer_syntax, frame).pixel_array
 
 

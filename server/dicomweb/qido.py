@@ -38,6 +38,7 @@ _LEVEL_ORDER = [QueryLevel.STUDY, QueryLevel.SERIES, QueryLevel.IMAGE]
 _SEARCH_PARAMETERS = {"includefield", "fuzzymatching", "limit", "offset"}
 _TAG = re.compile(r"^[0-9A-Fa-f]{8}$")
 _RETRIEVE_URL, _INSTANCE_AVAILABILITY = "00081190", "00080056"
+_DIGITS = re.compile(r"[0-9]+")
 # Keys that only tell the client something (PS3.18 8.3.4): accepted and ignored.
 _IGNORED_PARAMETERS = {"charset", "accept"}
 
@@ -120,14 +121,19 @@ class SearchForm:
         raise InvalidQuery(f"{what} {name[:80]!r} is not a DICOM attribute keyword or tag")
 
 
+# The largest OFFSET / LIMIT the index's SQL takes (a signed 64-bit integer).
+_MAX_SQL_INTEGER = 2**63 - 1
+
+
 def _non_negative(name: str, value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise InvalidQuery(f"{name} must be a whole number, not {value[:40]!r}") from None
-    if number < 0:
-        raise InvalidQuery(f"{name} must not be negative")
-    return number
+    text = value.strip()
+    if not _DIGITS.fullmatch(text):
+        if text.startswith("-") and _DIGITS.fullmatch(text[1:]):
+            raise InvalidQuery(f"{name} must not be negative")
+        raise InvalidQuery(f"{name} must be a whole number, not {value[:40]!r}")
+    if len(text.lstrip("0")) > 19 or int(text) > _MAX_SQL_INTEGER:
+        raise InvalidQuery(f"{name} must be at most {_MAX_SQL_INTEGER}, not {value[:40]}")
+    return int(text)
 
 
 def _element(keyword: str, value: Any) -> dict[str, Any]:

@@ -13,7 +13,13 @@ from flask import Blueprint, Response, request
 from PIL import Image
 
 from config import Settings
-from server.dicomweb.frames import FrameReader, check_frames, decode_frame, parse_frame_list
+from server.dicomweb.frames import (
+    FrameReader,
+    check_decodable,
+    check_frames,
+    decode_frame,
+    parse_frame_list,
+)
 from server.dicomweb.media_types import NotAcceptable, matches, parse_accept
 from server.dicomweb.spool import Spool
 from server.dicomweb.wado import located, one_instance
@@ -144,6 +150,7 @@ class RenderedTransaction:
         """Frame ``frame`` of ``instance`` (located with metadata and frame ranges) rendered;
         WADO-RS rendered resources and WADO-URI both answer with this."""
         check_frames(instance, [frame])
+        check_decodable(instance, self.archive)
         data = self.frames.read_frame(instance, frame)
         pixels = decode_frame(instance.metadata or {}, instance.transfer_syntax_uid, data)
         return Response(

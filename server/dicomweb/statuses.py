@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from storage.errors import (
     Conflict,
+    InstanceTooLarge,
     InvalidInstance,
     InvalidQuery,
     NotFound,
@@ -18,6 +19,7 @@ STORAGE_ERROR_HTTP_STATUS: dict[type[StorageError], int] = {
     NotFound: 404,
     InvalidQuery: 400,
     InvalidInstance: 400,
+    InstanceTooLarge: 413,
     SOPClassMismatch: 400,
     Conflict: 409,
     StorageUnavailable: 503,
@@ -37,6 +39,7 @@ ELEMENTS_DISCARDED = 0xB006
 
 STORAGE_ERROR_FAILURE_REASON: dict[type[StorageError], int] = {
     StorageUnavailable: OUT_OF_RESOURCES,
+    InstanceTooLarge: OUT_OF_RESOURCES,  # over a [limits] size; InstanceTooComplex: C000
     SOPClassMismatch: DATA_SET_DOES_NOT_MATCH_SOP_CLASS,
     InvalidInstance: CANNOT_UNDERSTAND,
 }

@@ -160,7 +160,7 @@ class StoreTransaction:
             part_type = parse_options_header(part.content_type)[0] if part.content_type else DICOM
             if part_type.lower() != DICOM:
                 raise InvalidInstance(f"a part of type {part_type!r} is not application/dicom")
-            header = read_instance_header(path)
+            header = read_instance_header(path, self.archive.limits)
         except StorageError as error:
             log.info("STOW-RS part refused: %s", error)
             return _failed("", "", failure_reason_for(error))

@@ -7,6 +7,7 @@ and Pixel Data bulk data are read by range using the frame offsets recorded at i
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 from collections.abc import Iterable, Iterator
@@ -131,8 +132,13 @@ class RetrieveTransaction:
 
     def _instances(self, found: Iterator[StoredInstance]) -> Response:
         accepted = parse_accept(request.headers.get("Accept"))
-        # The first part is prepared before the status is sent: a 406 is still possible.
-        first = self._part(next(found), accepted)
+        # The first part is prepared before the status is sent: a 406 or a 503 is still
+        # possible. The query's cursor is closed then, not left to the garbage collector.
+        try:
+            first = self._part(next(found), accepted)
+        except BaseException:
+            found.close()  # type: ignore[attr-defined]
+            raise
 
         def parts() -> Iterator[OutgoingPart]:
             yield first
@@ -165,9 +171,24 @@ class RetrieveTransaction:
         return self._stored_bytes(instance)
 
     def _stored_bytes(self, instance: StoredInstance) -> Iterator[bytes]:
-        with self.archive.blobs.open(instance.blob_key) as blob:
-            while chunk := blob.read(_CHUNK):
-                yield chunk
+        """The stored file in chunks. The blob is opened and its first chunk read here, when
+        the part is prepared (the first before the status line): a store that cannot be
+        reached is a 503 before the body starts (PS3.18 8.6.1.2), not a body cut short."""
+        blob = self.archive.blobs.open(instance.blob_key)
+        try:
+            first = blob.read(_CHUNK)
+        except BaseException:
+            blob.close()
+            raise
+
+        def chunks() -> Iterator[bytes]:
+            with blob:
+                chunk = first
+                while chunk:
+                    yield chunk
+                    chunk = blob.read(_CHUNK)
+
+        return chunks()
 
     def _transcoded(self, instance: StoredInstance, syntax: str) -> bytes:
         with self.spool.copy_of(self.archive, instance.blob_key) as copy:
@@ -231,9 +252,12 @@ class RetrieveTransaction:
             stored.study_instance_uid, stored.series_instance_uid, stored.sop_instance_uid
         )
         frames = self.frames.frames(stored, numbers, decode=representation.decode)
+        # The first frame is read before the status line: an unreachable store is still a
+        # 503, a refused decode a 406, not a broken 200.
+        first = next(frames)
         parts = (
             OutgoingPart(representation.part_type, [frame], f"{base}/frames/{n}")
-            for n, frame in zip(numbers, frames, strict=True)
+            for n, frame in zip(numbers, itertools.chain([first], frames), strict=True)
         )
         return multipart_response(parts, representation.media_type)
 

@@ -1,58 +1,47 @@
 """C-FIND SCP (PS3.4 C.4.1): Patient Root and Study Root, hierarchical queries.
 
-Matches are streamed from a database cursor as pending responses, written in batches straight
-to the association's socket (:mod:`server.dimse.c_find_responses`); a C-CANCEL stops the stream
-and closes the cursor (PS3.4 C.4.1.2.3.1). The final response, and every pending response of a
-context :mod:`server.dimse.c_find_responses` does not serve (big endian, deflate), go through
-pynetdicom, one message each.
+Matches are streamed from a database cursor as pending responses, written in batches
+(:mod:`server.dimse.c_find_responses`); a C-CANCEL stops the stream and closes the cursor
+(PS3.4 C.4.1.2.3.1), checked before each match.
 """
 
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Iterator
 from typing import Any
 
-from pydicom.dataset import Dataset
-from pynetdicom.events import Event
-
 from config import Settings
-from server.dimse.c_find_responses import ConnectionLost, PendingResponses, pending_responses
-from server.dimse.identifier import query_request, request_identifier, response_identifier
+from server.dimse.association import Association, Message
+from server.dimse.c_find_responses import PendingResponses
+from server.dimse.commands import CommandField
+from server.dimse.identifier import query_request, request_identifier
+from server.dimse.pdu import AssociationEnded
 from server.dimse.statuses import (
     CANCEL,
     FIND_ERROR_STATUS,
-    PENDING,
+    SUCCESS,
     UNABLE_TO_PROCESS,
-    status_dataset,
+    error_comment,
     status_for,
 )
-from server.dimse.transport import keep_alive
 from storage.archive import Archive
 from storage.errors import StorageError
 from storage.query import search
 
 log = logging.getLogger(__name__)
 
-# pynetdicom queues outgoing PDUs without bound; past this many unsent messages the handler
-# waits for the peer to read, so a slow SCU cannot make the SCP hold the whole result in memory
-# (pynetdicom's one-message-per-match path only).
-MAX_QUEUED_RESPONSES = 32
-
 
 def handle_c_find(
-    event: Event, archive: Archive, settings: Settings
-) -> Iterator[tuple[int | Dataset, Dataset | None]]:
-    assoc = event.assoc
+    assoc: Association, message: Message, archive: Archive, settings: Settings
+) -> None:
     try:
         request = query_request(
-            request_identifier(event),
-            str(event.request.AffectedSOPClassUID),
+            request_identifier(assoc, message),
+            message.context.abstract_syntax,
             case_insensitive_person_names=settings.query.case_insensitive_person_names,
         )
     except StorageError as error:
-        yield _refusal(event, error), None
+        _refuse(assoc, message, error)
         return
 
     log.info(
@@ -62,7 +51,9 @@ def handle_c_find(
         request.query.level.value,
         dict(request.query.matching),
     )
-    batched: PendingResponses | None = pending_responses(event, request, settings.dimse.ae_title)
+    responses = PendingResponses(
+        assoc, message.context, message.message_id, request, settings.dimse.ae_title
+    )
     rows = search(archive, request.query)
     matches = 0
     try:
@@ -70,54 +61,46 @@ def handle_c_find(
             try:
                 row: dict[str, Any] | None = next(rows, None)
             except StorageError as error:
-                _flush(batched)
-                yield _refusal(event, error), None
+                responses.flush()
+                _refuse(assoc, message, error)
                 return
             if row is None:
                 break
             # PS3.4 C.4.1.2.3.1: on C-CANCEL, stop matching and answer Cancel.
-            if event.is_cancelled:
+            if assoc.cancel_requested(message.message_id):
                 log.info("[%s] C-FIND cancelled after %d matches", assoc.name, matches)
-                if batched is not None:
-                    batched.discard()
-                yield CANCEL, None
+                responses.discard()
+                _final(assoc, message, CANCEL)
                 return
             matches += 1
-            if batched is not None:
-                batched.add(row)
-                continue
-            _wait_for_peer(event)
-            yield PENDING, response_identifier(request, row, settings.dimse.ae_title)
-        _flush(batched)
-    except ConnectionLost as error:
-        # pynetdicom's DUL sees the closed connection too and ends the association.
-        log.warning("[%s] C-FIND stopped after %d matches: %s", assoc.name, matches, error)
-        return
+            responses.add(row)
+        responses.flush()
+    except AssociationEnded:
+        raise
     except Exception:
         log.exception("[%s] C-FIND failed after %d matches", assoc.name, matches)
-        yield status_dataset(UNABLE_TO_PROCESS, "internal error while matching"), None
+        _final(assoc, message, UNABLE_TO_PROCESS, "internal error while matching")
         return
     finally:
         rows.close()
+    _final(assoc, message, SUCCESS)
     log.info("[%s] C-FIND complete: %d matches", assoc.name, matches)
 
 
-def _refusal(event: Event, error: Exception) -> Dataset:
+def _refuse(assoc: Association, message: Message, error: Exception) -> None:
     status = status_for(error, FIND_ERROR_STATUS)
-    log.warning("[%s] C-FIND refused with 0x%04X: %s", event.assoc.name, status, error)
-    return status_dataset(status, str(error))
+    log.warning("[%s] C-FIND refused with 0x%04X: %s", assoc.name, status, error)
+    _final(assoc, message, status, str(error))
 
 
-def _flush(batched: PendingResponses | None) -> None:
-    if batched is not None:
-        batched.flush()
-
-
-def _wait_for_peer(event: Event) -> None:
-    """Back-pressure on pynetdicom's path (a batch blocks in sendall instead): hold the next
-    response while the peer has not read the earlier ones."""
-    assoc = event.assoc
-    queue = assoc.dul.to_provider_queue
-    while queue.qsize() > MAX_QUEUED_RESPONSES and assoc.is_established:
-        time.sleep(0.005)
-    keep_alive(assoc)
+def _final(assoc: Association, message: Message, status: int, comment: str = "") -> None:
+    """PS3.7 9.3.2.2: the final C-FIND-RSP, without an Identifier."""
+    values: dict[str, Any] = {
+        "AffectedSOPClassUID": message.context.abstract_syntax,
+        "CommandField": CommandField.C_FIND_RSP,
+        "MessageIDBeingRespondedTo": message.message_id,
+        "Status": status,
+    }
+    if comment:
+        values["ErrorComment"] = error_comment(comment)
+    assoc.send_command(message.context, values)

@@ -1,65 +1,32 @@
-"""Pending C-FIND responses written in batches straight to the association's socket.
+"""Pending C-FIND responses, gathered and written in batches.
 
-pynetdicom sends each DIMSE message on its own: a Dataset encoded by pydicom, a C-FIND
-primitive turned into a message, P-DATA primitives queued for the DUL thread, which polls its
-queue every millisecond and sends one PDU per turn of its state machine: about 0.75 ms of
-Python per match. The pending responses of one request differ only in their Identifier, so
-here the command set is encoded once (PS3.7 9.3.2.2, always implicit VR little endian, PS3.7
-6.3.1), each Identifier is encoded straight from its row (:mod:`server.dimse.response_encoding`)
-and framed in P-DATA-TF PDUs (PS3.8 9.3.5, E.2), and many responses leave in one ``sendall``.
-
-Everything else stays with pynetdicom: the association, the request, C-CANCEL, the final
-response. pynetdicom's DUL thread also writes to that socket, but only what pynetdicom queued
-(and an A-ABORT of its own on a protocol error); so a batch is written only when its queue is
-empty. Nothing of this association is then in flight: with an asynchronous operations window of
-one (PS3.7 D.3.3.3; pynetdicom answers any proposal with 1/1) the SCU sends a request only after
-the final response of the previous one has reached it. The final response of this request is
-queued after the last batch is written.
-
-A context with a transfer syntax other than implicit or explicit VR little endian, or a
-request :class:`ResponseIdentifierEncoder` cannot serve, gets pynetdicom's own path, one
-message per match (:func:`pending_responses` returns None).
+The pending responses of one request differ only in their Identifier, so the command set is
+encoded once (PS3.7 9.3.2.2, always implicit VR little endian, PS3.7 6.3.1); each Identifier is
+encoded straight from its row (:mod:`server.dimse.response_encoding`) in a little endian
+context, or by pydicom in any other (big endian, deflated); each is framed in P-DATA-TF PDUs
+within the peer's maximum length (PS3.8 9.3.5, D.1.1), and many responses leave in one write.
 """
 
 from __future__ import annotations
 
-import logging
-import socket
-import ssl
-import struct
 import time
-from collections.abc import Mapping
-from io import BytesIO
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom.association import Association
-from pynetdicom.dimse_messages import C_FIND_RSP
-from pynetdicom.dimse_primitives import C_FIND
-from pynetdicom.dsutils import encode
-from pynetdicom.events import Event
 
-from server.dimse.identifier import QueryRequest
+from server.dimse.association import Association, Context
+from server.dimse.commands import DATA_SET_PRESENT, CommandField, encode_command
+from server.dimse.identifier import QueryRequest, response_identifier
+from server.dimse.pdu import p_data
 from server.dimse.response_encoding import ResponseIdentifierEncoder, Unsupported
 from server.dimse.statuses import PENDING
-from server.dimse.transport import keep_alive
 
-log = logging.getLogger(__name__)
-
-# Bytes of responses gathered before one sendall: few system calls, little memory held, and a
-# slow SCU blocks sendall, so the SCP never holds more than this of its result.
+# Bytes of responses gathered before one write: few system calls, little memory held, and a
+# slow SCU blocks the write, so the SCP never holds more than this of its result.
 BATCH_BYTES = 64 * 1024
 # ... or once its first response has waited this long, so a slow cursor still streams.
 BATCH_SECONDS = 0.05
-# PS3.8 9.3.5 / E.2: PDU type, reserved, PDU length; PDV item length, context ID, header.
-_PDU = struct.Struct(">BBIIBB")
-_PDV_OVERHEAD = 6  # a PDV item's length field, context ID and message control header
-COMMAND_LAST, COMMAND_MORE = 0x03, 0x01
-DATA_SET_LAST, DATA_SET_MORE = 0x02, 0x00
-
-
-class ConnectionLost(Exception):
-    """The peer closed the connection while a batch was being written."""
 
 
 class PendingResponses:
@@ -68,100 +35,68 @@ class PendingResponses:
     def __init__(
         self,
         assoc: Association,
-        sock: socket.socket,
-        context_id: int,
-        max_pdu_length: int,
-        command_set: bytes,
-        encoder: ResponseIdentifierEncoder,
+        context: Context,
+        message_id: int,
+        request: QueryRequest,
+        retrieve_ae_title: str,
     ) -> None:
         self._assoc = assoc
-        self._socket = sock
-        self._context_id = context_id
-        # PS3.8 D.1.1: the peer's Maximum Length Received bounds each PDU's PDV items; 0: none.
-        self._max_data = max_pdu_length - _PDV_OVERHEAD if max_pdu_length else 0
-        self._command = self._pdus(command_set, COMMAND_LAST, COMMAND_MORE)
-        self._encoder = encoder
+        self._context = context
+        command_set = encode_command(
+            {
+                "AffectedSOPClassUID": context.abstract_syntax,
+                "CommandField": CommandField.C_FIND_RSP,
+                "MessageIDBeingRespondedTo": message_id,
+                "CommandDataSetType": DATA_SET_PRESENT,
+                "Status": PENDING,
+            }
+        )
+        self._command = self._pdus(command_set, command=True)
+        self._encode = _identifier_encoder(assoc, context, request, retrieve_ae_title)
         self._batch: list[bytes] = []
         self._size = 0
         self._started = 0.0
 
     def add(self, row: Mapping[str, Any]) -> None:
         """Gather the pending response for ``row``; write the batch once it is full."""
-        identifier = self._pdus(self._encoder.encode(row), DATA_SET_LAST, DATA_SET_MORE)
+        identifier = self._pdus(self._encode(row), command=False)
         if not self._batch:
             self._started = time.monotonic()
         self._batch += (self._command, identifier)
         self._size += len(self._command) + len(identifier)
         if self._size >= BATCH_BYTES or time.monotonic() - self._started >= BATCH_SECONDS:
             self.flush()
-        else:
-            keep_alive(self._assoc)
 
     def flush(self) -> None:
         """Write the gathered responses (blocking while the peer does not read them)."""
-        if not self._batch:
-            return
-        queue = self._assoc.dul.to_provider_queue
-        while not queue.empty() and self._assoc.is_established:
-            time.sleep(0.001)
-        try:
-            self._socket.sendall(b"".join(self._batch))
-        except OSError as error:
-            raise ConnectionLost(str(error)) from error
-        self._batch.clear()
-        self._size = 0
-        keep_alive(self._assoc)
+        if self._batch:
+            self._assoc.wire.send(b"".join(self._batch))
+            self.discard()
 
     def discard(self) -> None:
         """Forget the gathered responses (C-CANCEL: the SCU wants no more)."""
         self._batch.clear()
         self._size = 0
 
-    def _pdus(self, data: bytes, last: int, more: int) -> bytes:
-        """``data`` as P-DATA-TF PDUs of one PDV each, fragments within the peer's limit."""
-        size = self._max_data or len(data)
-        pdus = []
-        for start in range(0, max(len(data), 1), size):
-            fragment = data[start : start + size]
-            control = last if start + size >= len(data) else more
-            length = len(fragment)
-            pdus.append(_PDU.pack(0x04, 0, length + 6, length + 2, self._context_id, control))
-            pdus.append(fragment)
-        return b"".join(pdus)
+    def _pdus(self, data: bytes, *, command: bool) -> bytes:
+        return p_data(self._context.id, data, command=command, max_pdu=self._assoc.max_pdu_send)
 
 
-def pending_responses(
-    event: Event, request: QueryRequest, retrieve_ae_title: str
-) -> PendingResponses | None:
-    """The batched writer of ``event``'s pending responses, or None for pynetdicom's path."""
-    assoc = event.assoc
-    context_id, _, transfer_syntax = event.context
-    implicit_vr = {ImplicitVRLittleEndian: True, ExplicitVRLittleEndian: False}.get(transfer_syntax)
-    association_socket = assoc.dul.socket
-    sock = association_socket.socket if association_socket else None
-    max_pdu_length = int(assoc.dimse.maximum_pdu_size or 0)
-    if implicit_vr is None or sock is None or isinstance(sock, ssl.SSLSocket):
-        return None
-    if max_pdu_length and max_pdu_length <= _PDV_OVERHEAD:
-        return None
-    try:
-        encoder = ResponseIdentifierEncoder(request, retrieve_ae_title, implicit_vr=implicit_vr)
-    except Unsupported as reason:
-        log.info("[%s] C-FIND responses one at a time: %s", assoc.name, reason)
-        return None
-    return PendingResponses(assoc, sock, context_id, max_pdu_length, _command_set(event), encoder)
+def _identifier_encoder(
+    assoc: Association, context: Context, request: QueryRequest, retrieve_ae_title: str
+) -> Callable[[Mapping[str, Any]], bytes]:
+    implicit_vr = {ImplicitVRLittleEndian: True, ExplicitVRLittleEndian: False}.get(
+        context.transfer_syntax
+    )
+    if implicit_vr is not None:
+        try:
+            return ResponseIdentifierEncoder(
+                request, retrieve_ae_title, implicit_vr=implicit_vr
+            ).encode
+        except Unsupported:
+            pass
 
+    def with_pydicom(row: Mapping[str, Any]) -> bytes:
+        return assoc.encode_data_set(context, response_identifier(request, row, retrieve_ae_title))
 
-def _command_set(event: Event) -> bytes:
-    """The command set of every pending response to ``event``'s request, as pynetdicom
-    builds it (PS3.7 9.3.2.2: Status Pending, a data set present)."""
-    request = event.request
-    response = C_FIND()
-    response.MessageID = request.MessageID
-    response.MessageIDBeingRespondedTo = request.MessageID
-    response.AffectedSOPClassUID = request.AffectedSOPClassUID
-    response.Status = PENDING
-    response.Identifier = BytesIO(b"\x00\x00")  # any: only its presence is encoded
-    message = C_FIND_RSP()
-    message.primitive_to_message(response)
-    return bytes(encode(message.command_set, True, True))
+    return with_pydicom

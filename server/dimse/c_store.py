@@ -1,35 +1,161 @@
-"""C-STORE SCP (PS3.4 Annex B, Storage Service Class): hand the received file to ingest."""
+"""C-STORE SCP (PS3.4 Annex B, Storage Service Class): each data set streamed to a file, then
+handed to ingest.
+
+The data set's fragments are written to a temporary Part 10 file under ``<data_dir>/tmp`` as
+they arrive (File Meta Information first, PS3.10 7.1), and hashed on the way, so ingest does not
+read the file again for its SHA-256. Concurrent associations share index transactions
+(:class:`storage.group_commit.GroupCommit`). The response is sent only after ingest has made the
+blob durable and committed the index row.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import struct
+import tempfile
+from pathlib import Path
+from typing import BinaryIO
 
-from pydicom.dataset import Dataset
-from pynetdicom.events import Event
-
-from server.dimse.statuses import SUCCESS, status_dataset, status_for
-from server.dimse.transport import keep_alive
-from storage.archive import Archive
-from storage.errors import StorageError
-from storage.ingest import Origin, ingest_file
+from server.dimse.association import Association, Context, Message
+from server.dimse.commands import Command, CommandField
+from server.dimse.negotiation import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+from server.dimse.statuses import OUT_OF_RESOURCES, SUCCESS, error_comment, status_for
+from storage.errors import StorageError, StorageUnavailable
+from storage.group_commit import GroupCommit
+from storage.ingest import Origin, Received
 
 log = logging.getLogger(__name__)
 
+_EXPLICIT_SHORT = struct.Struct("<HH2sH")  # PS3.5 7.1.2: tag, VR, 2-byte length
+_EXPLICIT_LONG = struct.Struct("<HH2s2xI")  # OB, with a 4-byte length
 
-def handle_c_store(event: Event, archive: Archive) -> int | Dataset:
-    request = event.request
-    assoc = event.assoc
+
+class ReceivedDataSet:
+    """A C-STORE data set written to its temporary Part 10 file as its fragments arrive.
+
+    A file that cannot be written (disk full) does not end the association: the rest of the
+    data set is read and dropped, and the request is answered 0xA700 (``error``).
+    """
+
+    def __init__(self, tmp_dir: Path, command: Command, context: Context) -> None:
+        self.digest = hashlib.sha256()
+        self.size = 0
+        self.error: OSError | None = None
+        self.path: Path | None = None
+        self._file: BinaryIO | None = None
+        try:
+            self._file = tempfile.NamedTemporaryFile(  # noqa: SIM115 (closed in close())
+                dir=tmp_dir, prefix="tmp", suffix=".dcm", delete=False
+            )
+            self.path = Path(self._file.name)
+            self._put(
+                file_meta(
+                    str(command.get("AffectedSOPClassUID", "")),
+                    str(command.get("AffectedSOPInstanceUID", "")),
+                    context.transfer_syntax,
+                )
+            )
+        except OSError as error:
+            self._fail(error)
+
+    def write(self, chunk: memoryview) -> None:
+        if self._file is not None:
+            try:
+                self._put(chunk)
+            except OSError as error:
+                self._fail(error)
+
+    def close(self) -> None:
+        if self._file is not None:
+            try:
+                self._file.close()
+            except OSError as error:
+                self._fail(error)
+            self._file = None
+
+    def remove(self) -> None:
+        self.close()
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+
+    def _put(self, data: bytes | memoryview) -> None:
+        assert self._file is not None
+        self._file.write(data)
+        self.digest.update(data)
+        self.size += len(data)
+
+    def _fail(self, error: OSError) -> None:
+        self.error = self.error or error
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def file_meta(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str) -> bytes:
+    """Preamble, prefix and File Meta Information of a Part 10 file (PS3.10 7.1), explicit VR
+    little endian (PS3.10 7.1: group 0002 always is). Nothing in it depends on the sender (no
+    Source Application Entity Title), so an identical data set sent again, from any AE, makes
+    an identical file: a duplicate, not a replacement."""
+    elements = [
+        _long(0x0001, b"OB", b"\x00\x01"),  # File Meta Information Version
+        _short(0x0002, b"UI", _uid(sop_class_uid)),
+        _short(0x0003, b"UI", _uid(sop_instance_uid)),
+        _short(0x0010, b"UI", _uid(transfer_syntax)),
+        _short(0x0012, b"UI", _uid(IMPLEMENTATION_CLASS_UID)),
+        _short(0x0013, b"SH", _text(IMPLEMENTATION_VERSION_NAME)),
+    ]
+    body = b"".join(elements)
+    group_length = _EXPLICIT_SHORT.pack(2, 0x0000, b"UL", 4) + struct.pack("<I", len(body))
+    return bytes(128) + b"DICM" + group_length + body
+
+
+def _short(element: int, vr: bytes, value: bytes) -> bytes:
+    return _EXPLICIT_SHORT.pack(2, element, vr, len(value)) + value
+
+
+def _long(element: int, vr: bytes, value: bytes) -> bytes:
+    return _EXPLICIT_LONG.pack(2, element, vr, len(value)) + value
+
+
+def _uid(value: str) -> bytes:
+    data = value.encode("ascii", "replace")[:64]
+    return data + b"\x00" if len(data) % 2 else data
+
+
+def _text(value: str) -> bytes:
+    data = value.encode("ascii", "replace")[:16]
+    return data + b" " if len(data) % 2 else data
+
+
+def handle_c_store(assoc: Association, message: Message, ingest: GroupCommit) -> None:
+    command = message.command
+    received = message.data
+    assert isinstance(received, ReceivedDataSet)
     origin = Origin(
-        calling_ae_title=str(assoc.requestor.ae_title).strip(),
-        announced_sop_class_uid=str(request.AffectedSOPClassUID),
-        announced_sop_instance_uid=str(request.AffectedSOPInstanceUID),
+        calling_ae_title=assoc.calling_ae_title,
+        announced_sop_class_uid=str(command.get("AffectedSOPClassUID", "")),
+        announced_sop_instance_uid=str(command.get("AffectedSOPInstanceUID", "")),
     )
+    comment = ""
     try:
-        # STORE_RECV_CHUNKED_DATASET: pynetdicom wrote the data set, as received, to a file
-        # under <data_dir>/tmp that it deletes after this handler.
-        result = ingest_file(archive, event.dataset_path, origin, temporary=True)
+        received.close()
+        if received.error is not None or received.path is None:
+            raise StorageUnavailable(f"cannot write the received data set: {received.error}")
+        result = ingest.ingest(
+            Received(
+                received.path,
+                origin,
+                temporary=True,
+                sha256=(received.digest.hexdigest(), received.size),
+            )
+        )
+        status = SUCCESS
+        assoc.stats.stored += 1
+        log.debug("[%s] C-STORE %s: %s", assoc.name, result.sop_instance_uid, result.outcome.value)
     except StorageError as error:
-        status = status_for(error)
+        status, comment = status_for(error), str(error)
+        assoc.stats.refused += 1
         log.warning(
             "[%s] C-STORE %s from %s refused with 0x%04X: %s",
             assoc.name,
@@ -38,18 +164,21 @@ def handle_c_store(event: Event, archive: Archive) -> int | Dataset:
             status,
             error,
         )
-        return status_dataset(status, str(error))
     except Exception as error:
         log.exception("[%s] C-STORE %s failed", assoc.name, origin.announced_sop_instance_uid)
-        return status_dataset(status_for(error), f"internal error: {type(error).__name__}")
+        status = status_for(error) if not isinstance(error, OSError) else OUT_OF_RESOURCES
+        comment = f"internal error: {type(error).__name__}"
+        assoc.stats.refused += 1
     finally:
-        # Storing a large data set may take longer than network_timeout_s: the association was
-        # busy, not idle, and the SCU may send its next instance.
-        keep_alive(assoc)
-    log.debug(
-        "C-STORE %s: %s",
-        result.sop_instance_uid,
-        result.outcome.value,
-        extra={"association": assoc.name},
-    )
-    return SUCCESS
+        received.remove()
+    # PS3.7 9.3.1.2: C-STORE-RSP.
+    response = {
+        "AffectedSOPClassUID": origin.announced_sop_class_uid,
+        "CommandField": CommandField.C_STORE_RSP,
+        "MessageIDBeingRespondedTo": message.message_id,
+        "Status": status,
+        "AffectedSOPInstanceUID": origin.announced_sop_instance_uid,
+    }
+    if comment:
+        response["ErrorComment"] = error_comment(comment)
+    assoc.send_command(message.context, response)

@@ -19,7 +19,6 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag, Tag
-from pynetdicom.events import Event
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     PatientRootQueryRetrieveInformationModelFind,
     PatientRootQueryRetrieveInformationModelGet,
@@ -29,6 +28,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelMove,
 )
 
+from server.dimse.association import Association, Message
 from storage.errors import InvalidQuery
 from storage.query import QUERY_KEYS, UNIQUE_KEYS, InformationModel, Query, QueryLevel
 
@@ -80,10 +80,12 @@ class QueryRequest:
     requested: tuple[RequestedKey, ...]
 
 
-def request_identifier(event: Event) -> Dataset | None:
-    """The decoded request Identifier, or None when it cannot be decoded."""
+def request_identifier(assoc: Association, message: Message) -> Dataset | None:
+    """The decoded request Identifier, or None when there is none or it cannot be decoded."""
+    if message.data is None:
+        return None
     try:
-        return event.identifier
+        return assoc.decode_data_set(message)
     except Exception:  # noqa: BLE001 (pydicom raises many kinds on malformed bytes)
         return None
 

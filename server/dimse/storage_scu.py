@@ -1,96 +1,68 @@
 """The C-STORE sub-operations of C-MOVE and C-GET (PS3.4 C.4.2.3, C.4.3.3): Hilum as Storage SCU.
 
-Each instance of the plan is copied from the blob store (a stream) into a temporary file under
-``<data_dir>/tmp``. When the peer accepted its stored transfer syntax, pynetdicom sends that file
-as it is, in PDU-sized chunks, without parsing it. Otherwise it is read into memory and
-transcoded to an uncompressed syntax the peer accepted (explicit VR little endian preferred),
-decoding its pixel data (:mod:`server.transcoding`); an instance larger than
-``[server] transcode_max_bytes`` is not transcoded. When
-neither works the sub-operation fails, with the reason logged, and its SOP Instance UID goes to
-the Failed SOP Instance UID List.
+When the peer accepted the stored transfer syntax, the stored file's data set goes from the blob
+stream to the socket as it is, in PDUs of the peer's maximum length: only the File Meta
+Information is read (to find where the data set starts) and only the command set is built.
+Otherwise the instance is read into memory and transcoded to an uncompressed syntax the peer
+accepted (explicit VR little endian preferred), decoding its pixel data
+(:mod:`server.transcoding`); an instance larger than ``[server] transcode_max_bytes`` is not
+transcoded. When neither works the sub-operation fails, with the reason logged.
 """
 
 from __future__ import annotations
 
 import logging
 import shutil
-import tempfile
-from collections.abc import Iterable, Iterator
-from pathlib import Path
-from typing import Any
+import struct
+from collections.abc import Iterable
+from io import BytesIO
+from typing import BinaryIO
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.uid import (
-    UID,
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-)
-from pynetdicom.association import Association
-from pynetdicom.events import Event
-from pynetdicom.presentation import PresentationContext, build_context
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from server.dimse.retrieve import RetrievePlan
-from server.dimse.statuses import CANCEL, PENDING
-from server.dimse.transport import keep_alive
+from server.dimse.association import Association, Context, Message
+from server.dimse.commands import PRIORITY_MEDIUM, CommandField
+from server.dimse.pdu import AbortReason, ProtocolError
 from server.transcoding import TranscodingRefused, check_size, transcode
 from storage.archive import Archive
-from storage.errors import StorageError
 from storage.query import StoredInstance
 
 log = logging.getLogger(__name__)
 
-# Uncompressed little endian syntaxes; pynetdicom re-encodes between them as it sends.
+# Uncompressed little endian syntaxes: a data set in one is re-encoded in the other.
 UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 # PS3.8 9.3.2.2: presentation context IDs are odd numbers 1-255, so at most 128 contexts.
 MAX_PRESENTATION_CONTEXTS = 128
+# PS3.10 7.1: 128-byte preamble, "DICM", then File Meta Information elements in explicit VR.
+_PREAMBLE = 128
+_ELEMENT = struct.Struct("<HH2sH")
+_LONG_VRS = {b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN", b"UC", b"UR", b"OD", b"OL", b"OV"}
 
 
 class SubOperationFailed(Exception):
     """This instance cannot be sent to this peer; the message says why."""
 
 
-class SpooledFile(Dataset):
-    """A sub-operation's data set left in its file: pynetdicom's retrieve loop takes only a
-    Dataset, and :func:`send_spooled_files` hands pynetdicom the file's path instead."""
+class SubOperationCancelled(Exception):
+    """The SCU sent C-CANCEL while a C-GET sub-operation was under way (PS3.4 C.4.3.3.1);
+    ``status`` is the peer's answer to that sub-operation."""
 
-    def __init__(self, stored: StoredInstance, path: Path) -> None:
-        super().__init__()
-        # For pynetdicom's Failed SOP Instance UID List, should the C-STORE fail.
-        self.SOPClassUID = stored.sop_class_uid
-        self.SOPInstanceUID = stored.sop_instance_uid
-        self.spooled_path = path
+    def __init__(self, status: int) -> None:
+        super().__init__(f"cancelled (the sub-operation answered 0x{status:04X})")
+        self.status = status
 
 
-def send_spooled_files(assoc: Association) -> None:
-    """Make ``assoc.send_c_store`` send a :class:`SpooledFile` from its path.
-
-    Given a path (and ``_config.STORE_SEND_CHUNKED_DATASET``, set by the server), pynetdicom
-    streams the data set from the file in PDU-sized chunks; given a Dataset, it encodes the
-    whole data set in memory. Its C-MOVE and C-GET loops pass on only Datasets, so the one
-    association that sends the sub-operations gets this wrapper around its public method.
-    """
-    if "send_c_store" in vars(assoc):
-        return  # already wrapped (an earlier C-GET on the same association)
-    send = assoc.send_c_store
-
-    def send_c_store(dataset: Any, *args: Any, **kwargs: Any) -> Dataset:
-        if isinstance(dataset, SpooledFile):
-            return send(dataset.spooled_path, *args, **kwargs)
-        return send(dataset, *args, **kwargs)
-
-    assoc.send_c_store = send_c_store  # type: ignore[method-assign]
-
-
-def proposed_contexts(syntaxes: Iterable[tuple[str, str]]) -> list[PresentationContext]:
+def proposed_contexts(syntaxes: Iterable[tuple[str, str]]) -> list[tuple[str, list[str]]]:
     """The contexts Hilum proposes to a Move Destination: for each SOP class, one with each
     stored compressed syntax (sent as stored when accepted) and one uncompressed fallback."""
     by_class: dict[str, set[str]] = {}
     for sop_class, syntax in syntaxes:
         by_class.setdefault(sop_class, set()).add(syntax)
-    fallbacks = [build_context(sop_class, list(UNCOMPRESSED)) for sop_class in sorted(by_class)]
+    fallbacks = [(sop_class, [str(s) for s in UNCOMPRESSED]) for sop_class in sorted(by_class)]
     as_stored = [
-        build_context(sop_class, syntax)
+        (sop_class, [syntax])
         for sop_class, stored in sorted(by_class.items())
         for syntax in sorted(stored)
         if syntax not in UNCOMPRESSED
@@ -99,112 +71,137 @@ def proposed_contexts(syntaxes: Iterable[tuple[str, str]]) -> list[PresentationC
     return (fallbacks + as_stored)[:MAX_PRESENTATION_CONTEXTS]
 
 
-def sub_operations(
-    event: Event,
+def store_instance(
+    store_assoc: Association,
     archive: Archive,
-    plan: RetrievePlan,
-    peer: Association | None,
-    spool_dir: Path,
+    stored: StoredInstance,
     transcode_max_bytes: int,
-) -> Iterator[tuple[int, Dataset | None]]:
-    """Yield pynetdicom's (status, data set) pairs: Pending with each instance of the plan, or
-    Cancel when the SCU sent C-CANCEL (PS3.4 C.4.2.3.1, C.4.3.3.1)."""
-    assoc = event.assoc
-    store_assoc = peer or assoc
-    send_spooled_files(store_assoc)
-    for stored in plan.instances:
-        if event.is_cancelled:
-            log.info("[%s] retrieve cancelled by the SCU", assoc.name)
-            yield CANCEL, None
-            return
-        spooled = None
-        try:
-            spooled = spool(archive, stored, spool_dir)
-            dataset = dataset_for_peer(stored, spooled, store_assoc, transcode_max_bytes)
-        except (SubOperationFailed, StorageError, OSError) as error:
-            log.warning(
-                "[%s] C-STORE sub-operation for %s to %s failed: %s",
-                assoc.name,
-                stored.sop_instance_uid,
-                store_assoc.acceptor.ae_title if peer else assoc.requestor.ae_title,
-                error,
-            )
-            dataset = unsendable(stored)
-        keep_alive(assoc)
-        try:
-            yield PENDING, dataset  # pynetdicom performs the C-STORE before resuming here
-        finally:
-            if spooled is not None:
-                spooled.unlink(missing_ok=True)
-
-
-def unsendable(stored: StoredInstance) -> Dataset:
-    """A data set pynetdicom counts as a failed sub-operation without sending anything: it has
-    no Transfer Syntax, so no presentation context can carry it; its SOP Instance UID goes to
-    the Failed SOP Instance UID List (PS3.4 C.4.2.1.4.2)."""
-    ds = Dataset()
-    ds.SOPClassUID = stored.sop_class_uid
-    ds.SOPInstanceUID = stored.sop_instance_uid
-    return ds
-
-
-def accepted_syntaxes(assoc: Association, sop_class_uid: str) -> list[str]:
-    """Transfer syntaxes accepted for ``sop_class_uid`` in contexts where Hilum is the SCU."""
-    return [
-        str(context.transfer_syntax[0])
-        for context in assoc.accepted_contexts
-        if context.abstract_syntax == sop_class_uid and context.as_scu
+    *,
+    move_originator: tuple[str, int] | None = None,
+    cancel_of: int | None = None,
+) -> int:
+    """Perform one C-STORE sub-operation; return the peer's status. Raise SubOperationFailed
+    when it cannot be sent, SubOperationCancelled when a C-CANCEL of request ``cancel_of``
+    arrived meanwhile (C-GET: the SCU's own association; its response is still awaited)."""
+    contexts = [
+        c
+        for c in store_assoc.contexts.values()
+        if c.abstract_syntax == stored.sop_class_uid and c.as_scu
     ]
-
-
-def spool(archive: Archive, stored: StoredInstance, spool_dir: Path) -> Path:
-    """Copy the stored file from the blob stream into a temporary file (the caller removes
-    it); raise NotFound when the blob is gone, StorageUnavailable when unreadable."""
-    with tempfile.NamedTemporaryFile(
-        dir=spool_dir,
-        prefix="tmp",
-        suffix=".dcm",
-        delete=False,  # the janitor's pattern
-    ) as spooled:
-        path = Path(spooled.name)
-        try:
-            with archive.blobs.open(stored.blob_key) as stream:
-                shutil.copyfileobj(stream, spooled, 1 << 20)
-        except BaseException:
-            path.unlink(missing_ok=True)
-            raise
-    return path
-
-
-def dataset_for_peer(
-    stored: StoredInstance, spooled: Path, assoc: Association, transcode_max_bytes: int
-) -> Dataset:
-    """The spooled instance in a transfer syntax the peer accepted: as stored when it can (a
-    :class:`SpooledFile`), transcoded in memory otherwise; raise SubOperationFailed."""
-    accepted = accepted_syntaxes(assoc, stored.sop_class_uid)
-    if not accepted:
+    if not contexts:
         raise SubOperationFailed(f"the peer accepted no context for {stored.sop_class_uid}")
+    message_id = store_assoc.next_message_id()
+    command = {
+        "AffectedSOPClassUID": stored.sop_class_uid,
+        "CommandField": CommandField.C_STORE_RQ,
+        "MessageID": message_id,
+        "Priority": PRIORITY_MEDIUM,
+        "AffectedSOPInstanceUID": stored.sop_instance_uid,
+    }
+    if move_originator is not None:
+        # PS3.7 9.1.1.1: a C-STORE performed for a C-MOVE names who asked for it.
+        command["MoveOriginatorApplicationEntityTitle"] = move_originator[0]
+        command["MoveOriginatorMessageID"] = move_originator[1]
+    as_stored = next((c for c in contexts if c.transfer_syntax == stored.transfer_syntax_uid), None)
+    sent = False
+    if as_stored is not None:
+        with archive.blobs.open(stored.blob_key) as stream:
+            data_set_start = skip_file_meta(stream)
+            if data_set_start is not None:
+                store_assoc.send_command(as_stored, command, data_follows=True)
+                store_assoc.send_data_set_stream(as_stored, stream, prefix=data_set_start)
+                sent = True
+    if not sent:
+        context, dataset = _transcoded(archive, stored, contexts, transcode_max_bytes)
+        store_assoc.send_command(
+            context, command, data_set=store_assoc.encode_data_set(context, dataset)
+        )
+    return _await_response(store_assoc, message_id, cancel_of)
+
+
+def _await_response(store_assoc: Association, message_id: int, cancel_of: int | None) -> int:
+    cancelled = False
+    while True:
+        response = store_assoc.receive_message()
+        if response is None:
+            raise ProtocolError("the peer released the association during a C-STORE")
+        field = response.command.field
+        if field == CommandField.C_CANCEL_RQ and cancel_of is not None:
+            cancelled = cancelled or _cancels(response, cancel_of)
+            continue
+        if field != CommandField.C_STORE_RSP:
+            raise ProtocolError(
+                f"command 0x{field:04X} where a C-STORE-RSP was expected",
+                AbortReason.UNEXPECTED_PDU,
+            )
+        if int(response.command.get("MessageIDBeingRespondedTo", -1)) != message_id:
+            raise ProtocolError("a C-STORE-RSP to another message", AbortReason.UNEXPECTED_PDU)
+        status = int(response.command.get("Status", 0xC000))
+        if cancelled:
+            raise SubOperationCancelled(status)
+        return status
+
+
+def _cancels(message: Message, message_id: int) -> bool:
+    return int(message.command.get("MessageIDBeingRespondedTo", -1)) == message_id
+
+
+def skip_file_meta(stream: BinaryIO) -> bytes | None:
+    """Read the stored file's preamble and File Meta Information (PS3.10 7.1); return the bytes
+    of the data set read past them (usually none), the rest being left in the stream. None when
+    the file has no preamble (it is then sent through pydicom)."""
+    head = stream.read(_PREAMBLE + 4)
+    if len(head) < _PREAMBLE + 4 or head[_PREAMBLE:] != b"DICM":
+        return None
+    while True:
+        element = stream.read(_ELEMENT.size)
+        if len(element) < _ELEMENT.size:
+            return element  # a data set shorter than an element header, or none
+        group, number, vr, length = _ELEMENT.unpack(element)
+        if group != 0x0002:
+            return element  # the first element of the data set (no group length was given)
+        if vr in _LONG_VRS:
+            length = struct.unpack("<I", stream.read(4))[0]
+        value = stream.read(length)
+        if number == 0x0000 and vr == b"UL" and len(value) == 4:
+            # PS3.10 7.1: File Meta Information Group Length: the rest of group 0002.
+            stream.read(struct.unpack("<I", value)[0])
+            return b""
+
+
+def _transcoded(
+    archive: Archive, stored: StoredInstance, contexts: list[Context], transcode_max_bytes: int
+) -> tuple[Context, Dataset]:
+    """The instance, read into memory, and the accepted context to send it on."""
+    accepted = {c.transfer_syntax: c for c in contexts}
     stored_syntax = UID(stored.transfer_syntax_uid)
     if stored_syntax in accepted:
-        return SpooledFile(stored, spooled)
-    uncompressed = [syntax for syntax in UNCOMPRESSED if syntax in accepted]
-    if not uncompressed:
-        raise SubOperationFailed(
-            f"stored as {stored_syntax.name}; the peer accepts only "
-            + ", ".join(UID(s).name for s in accepted)
-        )
+        target = accepted[stored_syntax]  # a file without a preamble: read and re-encoded
+    else:
+        uncompressed = [accepted[s] for s in UNCOMPRESSED if s in accepted]
+        if not uncompressed:
+            raise SubOperationFailed(
+                f"stored as {stored_syntax.name}; the peer accepts only "
+                + ", ".join(UID(s).name for s in accepted)
+            )
+        target = uncompressed[0]
     try:
-        check_size(stored.size, read(spooled, stop_before_pixels=True), transcode_max_bytes)
-        dataset = read(spooled)
-        if stored_syntax in UNCOMPRESSED:
-            return dataset  # pynetdicom re-encodes it in the accepted little endian syntax
-        return transcode(dataset, ExplicitVRLittleEndian)
+        check_size(stored.size, Dataset(), transcode_max_bytes)  # before reading it whole
+        in_memory = BytesIO()
+        with archive.blobs.open(stored.blob_key) as stream:
+            shutil.copyfileobj(stream, in_memory, 1 << 20)
+        in_memory.seek(0)
+        dataset = read(in_memory)
+        check_size(stored.size, dataset, transcode_max_bytes)  # decoded, before decoding
+        if stored_syntax not in UNCOMPRESSED and target.transfer_syntax != stored_syntax:
+            dataset = transcode(dataset, ExplicitVRLittleEndian)
+        return target, dataset
     except TranscodingRefused as refused:
         raise SubOperationFailed(str(refused)) from refused
 
 
-def read(path: Path, *, stop_before_pixels: bool = False) -> Dataset:
+def read(stream: BinaryIO) -> Dataset:
     try:
-        return dcmread(path, stop_before_pixels=stop_before_pixels)
+        return dcmread(stream, force=True)
     except Exception as error:  # noqa: BLE001 (pydicom raises many kinds on a corrupt file)
         raise SubOperationFailed(f"the stored file cannot be read: {error}") from error

@@ -75,6 +75,8 @@ class Study(Base):
         Index("ix_study_patient", "patient_pk"),
         # The AI side's stability scan (migration 0002).
         Index("ix_study_last_instance", "partition", "last_instance_at"),
+        # The worklist's default order: STAT first, newest first (migration 0004).
+        Index("ix_study_worklist", "partition", "ai_priority", "created_at", "id"),
     )
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
@@ -91,7 +93,7 @@ class Study(Base):
     modalities_in_study: Mapped[str] = mapped_column(String(255), default="")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     # When an instance of the study was last read from a colder storage tier; with
-    # last_instance_at, what `hilum tiers apply` ages the study by (migration 0004_storage_tiers).
+    # last_instance_at, what `hilum tiers apply` ages the study by (migration 0005).
     last_read_at: Mapped[datetime | None] = mapped_column(
         DateTime(timezone=True), nullable=True, default=None
     )
@@ -101,6 +103,12 @@ class Study(Base):
     stable_last_instance_at: Mapped[datetime | None] = mapped_column(
         DateTime(timezone=True), nullable=True, default=None
     )
+    # Why no model applies to the study (inference.rules.why_no_model), written by the stability
+    # scan when it queues nothing; "" otherwise. Migration 0004.
+    ai_note: Mapped[str] = mapped_column(Text, default="", server_default="")
+    # The highest priority its AI jobs were queued with (STAT: [inference.priority]); the
+    # worklist lists STAT studies first from this column's index. Migration 0004.
+    ai_priority: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 class Series(Base):
@@ -199,3 +207,35 @@ class InferenceJob(Base):
     reason: Mapped[str] = mapped_column(Text, default="")
     # SOP Instance UIDs of the SEG / SR the job stored.
     outputs: Mapped[list[str] | None] = mapped_column(JSONType, nullable=True)
+    # How many findings the job's SR reports present; null until done (migration 0004).
+    findings: Mapped[int | None] = mapped_column(Integer, nullable=True, default=None)
+
+
+class FindingReview(Base):
+    """A person's decision on one AI finding (migration 0004): the queryable copy of the review
+    SR stored in the study (``review_sop_instance_uid``). The latest row of a finding is its
+    current decision; earlier ones stay, as the history of labels for retraining."""
+
+    __tablename__ = "finding_review"
+    __table_args__ = (
+        Index("ix_finding_review_study", "partition", "study_instance_uid"),
+        Index("ix_finding_review_decided", "partition", "decided_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    partition: Mapped[str] = mapped_column(ForeignKey("partition.name"))
+    study_instance_uid: Mapped[str] = mapped_column(String(UI))
+    job_id: Mapped[int | None] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), nullable=True
+    )
+    model_name: Mapped[str] = mapped_column(String(64))
+    model_version: Mapped[str] = mapped_column(String(64))
+    # The model's TID 1500 SR and the finding's Tracking UID (TID 4108) in it.
+    report_sop_instance_uid: Mapped[str] = mapped_column(String(UI))
+    tracking_uid: Mapped[str] = mapped_column(String(UI))
+    finding: Mapped[str] = mapped_column(String(255))  # e.g. "Lesion in Abdomen"
+    decision: Mapped[str] = mapped_column(String(16))  # accepted | rejected
+    reviewer: Mapped[str] = mapped_column(String(PN))
+    comment: Mapped[str] = mapped_column(Text, default="")
+    decided_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    review_sop_instance_uid: Mapped[str] = mapped_column(String(UI))

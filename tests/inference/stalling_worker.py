@@ -9,8 +9,8 @@ from __future__ import annotations
 import sys
 import threading
 
-from inference.jobs import JobQueue
 from server.cli import main
+from storage.jobs import JobQueue
 
 
 def _hang(*_args: object, **_kwargs: object) -> bool:

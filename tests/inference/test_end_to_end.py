@@ -19,12 +19,12 @@ import pydicom
 import pytest
 
 from config import Settings
-from inference.jobs import Job, JobQueue, JobState
 from inference.phantoms import synthetic_ct_series, synthetic_wsi
 from inference.registry import load_models
 from inference.worker import Worker
 from server.dimse.ae import DimseServer
 from storage.archive import Archive
+from storage.jobs import Job, JobQueue, JobState
 from storage.query import Query, QueryLevel, locate_instances
 from tests.conftest import make_settings, s3_blob_url
 from tests.factories import DCMTK_STORESCU, write_part10

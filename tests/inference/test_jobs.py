@@ -15,13 +15,13 @@ from sqlalchemy import update
 from config import Settings
 from config.settings import InferenceSettings
 from inference import stability
-from inference.jobs import JobQueue, JobState, utc_now
 from inference.registry import Model, ModelManifest
 from inference.stability import queue_stable_studies
 from storage.archive import Archive
 from storage.errors import Conflict, NotFound
 from storage.index.models import InferenceJob
 from storage.ingest import Origin, ingest_file
+from storage.jobs import JobQueue, JobState, utc_now
 from tests.factories import ct_instance, write_part10
 
 LATER = timedelta(hours=1)  # a scan "an hour from now" sees every study as stable

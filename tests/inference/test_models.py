@@ -14,11 +14,13 @@ from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import RLELossless, generate_uid
 
+from config.settings import InferenceRule
 from inference.analysis import analyse_series, predict_slices
 from inference.errors import AnalysisError, ModelError
 from inference.phantoms import synthetic_ct_series, synthetic_wsi
 from inference.pixels import slice_stack, tiled_image
 from inference.registry import REFERENCE_MODELS_DIR, Model, load_model, load_models
+from inference.rules import why_no_model
 from storage.archive import Archive
 from storage.ingest import ingest_file
 from tests.factories import write_part10
@@ -415,3 +417,25 @@ def test_network_output_of_the_wrong_shape_is_a_model_error(tmp_path: Path) -> N
 
     with pytest.raises(ModelError, match=r"expected logits of shape \(batch, 1, height, width\)"):
         predict_slices(load_model(folder), slice_stack(datasets), "cpu")
+
+
+CT_IMAGE_STORAGE, WSI_STORAGE = "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.77.1.6"
+
+
+def test_why_no_model_names_what_each_model_needs() -> None:
+    ct, wsi = load_models([REFERENCE_MODELS_DIR])
+    chest_ct = {"Modality": "CT", "SOPClassUID": CT_IMAGE_STORAGE, "BodyPartExamined": "CHEST"}
+    why = why_no_model([InferenceRule()], [ct, wsi], chest_ct)
+    assert why == (
+        "ct_lesion_synthetic needs body part ABDOMEN (not CHEST); wsi_tissue_synthetic needs "
+        f"modality SM (not CT), SOP class {WSI_STORAGE} (not {CT_IMAGE_STORAGE}), "
+        "body part BREAST (not CHEST)"
+    )
+    abdomen_ct = {**chest_ct, "BodyPartExamined": "abdomen"}
+    assert why_no_model([InferenceRule()], [ct, wsi], abdomen_ct) == ""  # ct runs
+    only_wsi = [InferenceRule(model="wsi_tissue_synthetic")]
+    assert why_no_model(only_wsi, [ct], abdomen_ct) == (
+        "no [[inference.rules]] entry enables ct_lesion_synthetic for it"
+    )
+    assert why_no_model([], [ct], abdomen_ct) == "AI is switched off ([inference] rules = [])"
+    assert why_no_model([InferenceRule()], [], abdomen_ct) == "no model is installed"

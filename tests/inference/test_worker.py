@@ -19,13 +19,13 @@ from pydicom.uid import JPEGLosslessSV1
 from config import Settings
 from config.settings import REFERENCE_MODELS_DIR, InferenceSettings
 from inference.analysis import analyse_series
-from inference.jobs import Job, JobQueue, JobState
 from inference.phantoms import synthetic_ct_series
 from inference.registry import load_models
 from inference.stability import queue_stable_studies
 from inference.worker import Worker
 from storage.archive import Archive, open_archive
 from storage.ingest import Origin, ingest_file
+from storage.jobs import Job, JobQueue, JobState
 from storage.query import Query, QueryLevel, locate_instances, search
 from tests.conftest import free_port
 from tests.factories import DCMTK_STORESCU, write_part10

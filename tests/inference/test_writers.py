@@ -95,6 +95,11 @@ def test_seg_of_slices_reads_back(tmp_path: Path) -> None:
     assert description.SegmentAlgorithmType == "AUTOMATIC"
     assert "synthetic" in description.SegmentAlgorithmName
     assert description.AnatomicRegionSequence[0].CodeMeaning == "Abdomen"
+    assert back.SeriesDescription == "AI SEG ct_lesion_synthetic - not for clinical use"
+    # Viewers draw segment 1 in its recommended colour (red), with no "colour not found".
+    assert hd.color.CIELabColor.from_dicom_value(
+        description.RecommendedDisplayCIELabValue
+    ).to_rgb() == (255, 0, 0)
 
 
 def test_tiled_seg_is_aligned_with_the_total_pixel_matrix(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -112,6 +113,31 @@ def test_verify_reports_missing_orphan_and_corrupt_blobs(
 
 
 @pytest.mark.parametrize("backend", ["sqlite-files"])
+def test_verify_removes_old_orphans_on_request(
+    backend: str, settings: Settings, tmp_path: Path
+) -> None:
+    _series(tmp_path / "archive", 2)
+    assert _hilum(settings, "import", str(tmp_path / "archive")).returncode == 0
+    blobs = sorted((settings.server.data_dir / "blobs").rglob("*.dcm"))
+    orphan = blobs[0].with_name("0" * 64 + ".0000000000000000.dcm")  # a blob never committed
+    orphan.write_bytes(blobs[0].read_bytes())
+    os.utime(orphan, (time.time() - 7200, time.time() - 7200))
+    young = blobs[0].with_name("1" * 64 + ".0000000000000000.dcm")
+    young.write_bytes(b"being stored now")
+
+    result = _hilum(settings, "verify", "--remove-orphans")  # default grace: an hour
+
+    assert result.returncode == 1, result.stdout  # the young one is still an orphan
+    assert (
+        "2 instances checked: 0 missing blobs, 0 checksum mismatches, 1 orphan blobs, "
+        "1 orphan blobs removed" in result.stdout
+    )
+    assert not orphan.exists() and young.exists()
+    young.unlink()
+    assert _hilum(settings, "verify").returncode == 0
+
+
+@pytest.mark.parametrize("backend", ["sqlite-files"])
 def test_dimse_refuses_an_index_that_was_not_upgraded(backend: str, settings: Settings) -> None:
     result = _hilum(settings, "dimse")
     assert result.returncode == 3
@@ -129,6 +155,57 @@ def test_configuration_error_is_reported_with_the_key(
     result = _hilum(settings, "--config", str(config), "db", "upgrade")
     assert result.returncode == 2
     assert "prot" in result.stderr and "configuration error" in result.stderr
+
+
+def _children(pid: int) -> list[int]:
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return [int(child) for child in children]
+
+
+@pytest.mark.parametrize("backend", ["sqlite-files"])
+def test_dimse_processes_share_the_port(backend: str, settings: Settings, tmp_path: Path) -> None:
+    """``[dimse] processes = 3``: two more receiving processes on the same port (SO_REUSEPORT);
+    parallel associations are all stored; they stop with their parent, even a killed one."""
+    files = _series(tmp_path / "study", 12)
+    env = {**_env(settings), "HILUM_DIMSE__PROCESSES": "3"}
+    subprocess.run([*HILUM, "db", "upgrade"], env=env, check=True, timeout=120)
+    server = subprocess.Popen(
+        [*HILUM, "dimse"], env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+    )
+    receivers: list[int] = []
+    try:
+        assert server.stdout is not None
+        assert "Hilum is listening" in server.stdout.readline()
+        receivers = _children(server.pid)
+        assert len(receivers) == 2
+        port = str(settings.dimse.port)
+        senders = [
+            subprocess.Popen(
+                [DCMTK_STORESCU, "-aec", "HILUM", "127.0.0.1", port, *map(str, files[n::6])],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )  # fmt: skip
+            for n in range(6)
+        ]
+        assert [sender.wait(120) for sender in senders] == [0] * 6
+    finally:
+        server.kill()  # no chance to stop its receivers: they see their input end
+        server.wait(30)
+    for pid in receivers:
+        deadline = time.monotonic() + 30
+        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not Path(f"/proc/{pid}").exists() or "Z" in _state(pid), f"receiver {pid} lives"
+    verified = _hilum(settings, "verify")
+    assert "12 instances checked: 0 missing blobs" in verified.stdout, verified.stdout
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0]
+    except (FileNotFoundError, IndexError):
+        return "Z"
 
 
 @pytest.mark.parametrize("backend", ["sqlite-files"], indirect=True)  # no storage involved

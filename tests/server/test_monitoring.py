@@ -195,7 +195,7 @@ def test_hilum_web_adds_up_the_metrics_of_its_gunicorn_workers(
     finally:
         _stop(process)
     # The files of the multiprocess mode live under the data directory, not in /tmp.
-    assert list((settings.server.data_dir / "metrics").glob("counter_*.db"))
+    assert list((settings.server.data_dir / "metrics" / "web").glob("counter_*.db"))
 
 
 @pytest.mark.parametrize("backend", ["sqlite-files"], indirect=True)

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import struct
 import subprocess
 from pathlib import Path
 
+import pydicom
 from pydicom.dataset import Dataset
-from pynetdicom import AE, _config
+from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 
 from server.dimse.ae import DimseServer
+from server.dimse.commands import CommandField
+from server.dimse.negotiation import request_association
+from server.dimse.storage_scu import skip_file_meta
 from tests.factories import DCMTK_STORESCU
 
 # DCMTK storescu's flag that proposes each transfer syntax (storescu --help).
@@ -54,17 +59,67 @@ def associate(
 
 
 def send_file_raw(server: DimseServer, path: Path, sop_class: str, syntax: str) -> Dataset:
-    """C-STORE the bytes of ``path`` as they are (pynetdicom's chunked send does not decode)."""
-    chunked = _config.STORE_SEND_CHUNKED_DATASET
-    _config.STORE_SEND_CHUNKED_DATASET = True
+    """C-STORE the data set of ``path`` byte for byte as it is in the file, whatever it holds
+    (pynetdicom would decode and re-encode it): Hilum's own requestor, from
+    :mod:`server.dimse.negotiation`. Returns the response's status as a Dataset."""
+    assoc = request_association(
+        "127.0.0.1",
+        server.port,
+        calling_ae_title="RAWSCU",
+        called_ae_title=server.settings.dimse.ae_title,
+        contexts=[(sop_class, [syntax])],
+        max_pdu_length=16384,
+        timeout=30,
+    )
     try:
-        assoc = associate(server, [(sop_class, [syntax])])
-        try:
-            return assoc.send_c_store(path)
-        finally:
-            assoc.release()
+        (context,) = assoc.contexts.values()
+        header = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+        with open(path, "rb") as f:
+            f.seek(data_set_offset(path))
+            assoc.send_command(
+                context,
+                {
+                    "AffectedSOPClassUID": sop_class,
+                    "CommandField": CommandField.C_STORE_RQ,
+                    "MessageID": 1,
+                    "Priority": 0,
+                    # As pynetdicom did: the File Meta Information's UID, else the data set's.
+                    "AffectedSOPInstanceUID": str(
+                        header.file_meta.get("MediaStorageSOPInstanceUID")
+                        or header.get("SOPInstanceUID", "1.2.3")
+                    ),
+                },
+                data_follows=True,
+            )
+            assoc.send_data_set_stream(context, f)
+        response = assoc.receive_message()
+        assert response is not None and response.command.field == CommandField.C_STORE_RSP
+        status = Dataset()
+        status.Status = response.command["Status"]
+        if "ErrorComment" in response.command:
+            status.ErrorComment = response.command["ErrorComment"]
+        return status
     finally:
-        _config.STORE_SEND_CHUNKED_DATASET = chunked
+        assoc.release()
+
+
+def data_set_offset(path: Path) -> int:
+    """Where the data set of ``path`` starts: after the preamble and File Meta Information,
+    or after group 0002 of a file without a preamble, or at 0 in a file without either."""
+    with open(path, "rb") as f:
+        past_meta = skip_file_meta(f)
+        if past_meta is not None:
+            return f.tell() - len(past_meta)
+        f.seek(0)
+        offset = 0
+        while True:
+            group, _element, vr, length = struct.unpack("<HH2sH", f.read(8))
+            if group != 0x0002:
+                return offset
+            if vr in (b"OB", b"UN"):
+                (length,) = struct.unpack("<I", f.read(4))
+            f.seek(length, 1)
+            offset = f.tell()
 
 
 def echo_works(server: DimseServer) -> bool:

@@ -1,14 +1,14 @@
 """storage tiers: which tier holds each instance's blob, when a study was last read from one
 
-Revision ID: 0004_storage_tiers
-Revises: 0003
+Revision ID: 0005
+Revises: 0004
 """
 
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0004_storage_tiers"
-down_revision = "0003"
+revision = "0005"
+down_revision = "0004"
 branch_labels = None
 depends_on = None
 

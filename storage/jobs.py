@@ -26,14 +26,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, or_, select
+from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session
 
 from config.settings import InferenceSettings
 from storage.archive import Archive
 from storage.delete import delete_instance
-from storage.errors import Conflict, NotFound, StorageError
-from storage.index.models import InferenceJob
+from storage.errors import Conflict, InvalidQuery, NotFound, StorageError
+from storage.index.models import InferenceJob, Study
 from storage.query import entity_query, locate_instances
 
 log = logging.getLogger(__name__)
@@ -86,6 +86,8 @@ class Job:
     started_at: datetime | None
     finished_at: datetime | None
     lease_expires_at: datetime | None
+    # Findings the job's SR reports present; None until done (or done before migration 0004).
+    findings: int | None = None
 
     @classmethod
     def from_row(cls, row: InferenceJob) -> Job:
@@ -109,6 +111,7 @@ class Job:
             started_at=as_utc(row.started_at),
             finished_at=as_utc(row.finished_at),
             lease_expires_at=as_utc(row.lease_expires_at),
+            findings=row.findings,
         )
 
     @property
@@ -132,6 +135,7 @@ class Job:
             "attempts": self.attempts,
             "reason": self.reason or None,
             "outputs": self.outputs,
+            "findings": self.findings,
             "worker": self.worker or None,
             "created_at": iso(self.created_at),
             "queued_at": iso(self.queued_at),
@@ -185,6 +189,18 @@ def enqueue(
     row.model_version = model_version
     row.priority = priority
     row.input_received_at = input_received_at
+    if priority > 0:
+        # The worklist's STAT order reads the study's own column (migration 0004), so that its
+        # first page is an index scan, not a sub-query per study.
+        session.execute(
+            update(Study)
+            .where(
+                Study.partition == partition,
+                Study.study_instance_uid == study_instance_uid,
+                Study.ai_priority < priority,
+            )
+            .values(ai_priority=priority)
+        )
     session.flush()
     return row
 
@@ -198,6 +214,7 @@ def _reset(row: InferenceJob, now: datetime) -> None:
     row.worker = ""
     row.queued_at = row.not_before = now
     row.started_at = row.finished_at = row.lease_expires_at = None
+    row.findings = None
 
 
 class JobQueue:
@@ -280,8 +297,17 @@ class JobQueue:
             row.lease_expires_at = utc_now() + timedelta(seconds=self.settings.lease_s)
             return True
 
-    def complete(self, job: Job, worker: str, *, model_version: str, outputs: list[str]) -> bool:
-        """Mark the job done with the SOP Instance UIDs of its ``outputs``, then delete the
+    def complete(
+        self,
+        job: Job,
+        worker: str,
+        *,
+        model_version: str,
+        outputs: list[str],
+        findings: int | None = None,
+    ) -> bool:
+        """Mark the job done with the SOP Instance UIDs of its ``outputs`` and the number of
+        ``findings`` its SR reports present, then delete the
         outputs of its earlier generations that the new ones do not replace (e.g. a SEG when
         nothing was found this time). False when ``worker`` had lost the job: see
         :meth:`discard_stale_outputs`."""
@@ -293,6 +319,7 @@ class JobQueue:
             row.state = JobState.DONE
             row.model_version = model_version
             row.outputs = outputs
+            row.findings = findings
             row.reason = ""
             row.finished_at = utc_now()
             row.lease_expires_at = None
@@ -390,7 +417,35 @@ class JobQueue:
             ).all()
             return [Job.from_row(row) for row in rows]
 
+    def search(
+        self,
+        *,
+        state: str | None = None,
+        model: str | None = None,
+        study_instance_uid: str | None = None,
+        before_id: int | None = None,
+        limit: int = 100,
+    ) -> list[Job]:
+        """Jobs newest first (highest id), filtered by state, model name and study; keyset
+        paging: ``before_id`` is the id of the last job of the previous page."""
+        if state is not None and state not in set(JobState):
+            raise InvalidQuery(f"state must be one of {', '.join(JobState)}, not {state!r}")
+        statement = select(InferenceJob).where(InferenceJob.partition == self.archive.partition)
+        if state:
+            statement = statement.where(InferenceJob.state == state)
+        if model:
+            statement = statement.where(InferenceJob.model_name == model)
+        if study_instance_uid:
+            statement = statement.where(InferenceJob.study_instance_uid == study_instance_uid)
+        if before_id is not None:
+            statement = statement.where(InferenceJob.id < before_id)
+        statement = statement.order_by(InferenceJob.id.desc()).limit(max(1, min(limit, 1000)))
+        with self.archive.index.read() as session:
+            return [Job.from_row(row) for row in session.scalars(statement)]
+
     def _row(self, session: Session, job_id: int, *, lock: bool = False) -> InferenceJob:
+        if not 0 < job_id < 2**63:  # no such id in a BIGINT column; SQL could not compare it
+            raise NotFound(f"no inference job {job_id}")
         statement = select(InferenceJob).where(
             InferenceJob.partition == self.archive.partition, InferenceJob.id == job_id
         )

@@ -1,0 +1,279 @@
+"""One pass over the element and item headers of a Part 10 file, before pydicom parses it, to
+refuse what pydicom would spend unbounded memory or stack on: sequences nested deeper than
+``limits.sequence_max_depth`` (pydicom reads them recursively), more than
+``limits.elements_max`` elements, a deflated data set inflating past
+``limits.inflated_max_bytes``.
+
+The file is mapped, not read: values are skipped by moving an offset, so the pass costs a few
+operations per element header and nothing per value byte. The walk follows the encoding rules
+of PS3.5 7 the way pydicom reads them: explicit or implicit VR per the transfer syntax, but
+taken from the first element's VR when that disagrees (pydicom does, for the data set and for
+each item of an explicit VR sequence); an explicit VR that is not two capital letters read as
+implicit; items (FFFE,E000) of defined or undefined length ended by their length or an Item
+Delimitation Item (FFFE,E00D); undefined-length sequences ended by a Sequence Delimitation Item
+(FFFE,E0DD); UN of undefined length, and UN of a tag the dictionary knows as SQ, read as an
+implicit VR Little Endian sequence (PS3.5 6.2.2). It stops at the top-level Pixel Data, as
+ingest's parse does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import struct
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from pydicom.datadict import dictionary_VR
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian
+
+from config.settings import LimitsSettings
+from storage.deflate import InflatingReader
+from storage.errors import InvalidInstance
+from storage.limits import refuse_too_complex
+
+_ITEM, _ITEM_DELIMITER, _SEQUENCE_DELIMITER = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
+_UNDEFINED = 0xFFFFFFFF
+# Pixel Data, Float Pixel Data, Double Float Pixel Data: where pydicom's stop_before_pixels stops.
+_PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})
+# PS3.5 7.1.2: explicit VRs with a 2-byte reserved field and a 4-byte length.
+_LONG_LENGTH_VRS = frozenset(
+    {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+)
+_TRANSFER_SYNTAX_UID = 0x00020010
+_HEADER = {True: struct.Struct("<HHL"), False: struct.Struct(">HHL")}
+_SHORT = {True: struct.Struct("<H"), False: struct.Struct(">H")}
+_LONG = {True: struct.Struct("<L"), False: struct.Struct(">L")}
+_INFLATE_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class Part10Structure:
+    """What the pass learnt. ``inflated``: a deflated file's data set, inflated into a
+    temporary file (positioned at its start) for the header parse; open only inside
+    :func:`part10_structure`."""
+
+    transfer_syntax_uid: str
+    has_pixel_data_element: bool
+    inflated: BinaryIO | None
+
+
+@contextlib.contextmanager
+def part10_structure(fp: BinaryIO, limits: LimitsSettings) -> Iterator[Part10Structure | None]:
+    """Walk the element headers of the open Part 10 file ``fp`` and refuse it past a limit;
+    None when it is not a Part 10 file with a preamble (pydicom then says why)."""
+    with _mapped(fp) as buf:
+        if buf is None or buf[128:132] != b"DICM":
+            yield None
+            return
+        syntax, data_set_at, elements = _file_meta_transfer_syntax(buf, limits)
+        if syntax != DeflatedExplicitVRLittleEndian:
+            little = syntax != ExplicitVRBigEndian
+            pixel_at = _walk(buf, data_set_at, little, elements, limits)
+            yield Part10Structure(syntax, pixel_at is not None, None)
+            return
+        # PS3.5 A.5: the data set after the File Meta Information is deflated.
+        fp.seek(data_set_at)
+        with tempfile.TemporaryFile() as inflated:
+            _inflate(fp, inflated, limits)
+            with _mapped(inflated) as data_set:
+                pixel_at = None if data_set is None else _walk(data_set, 0, True, elements, limits)
+            inflated.seek(0)
+            yield Part10Structure(syntax, pixel_at is not None, inflated)  # type: ignore[arg-type]
+
+
+@contextlib.contextmanager
+def _mapped(fp: BinaryIO) -> Iterator[mmap.mmap | None]:
+    fp.seek(0, 2)
+    if fp.tell() == 0:
+        yield None  # an empty file cannot be mapped
+        return
+    with mmap.mmap(fp.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        yield buf
+
+
+def _inflate(source: BinaryIO, target: BinaryIO, limits: LimitsSettings) -> None:
+    """The whole deflated stream into ``target``, refused as soon as it passes the cap."""
+    reader = InflatingReader(source, limits.inflated_max_bytes)
+    while chunk := reader.read(_INFLATE_CHUNK):
+        target.write(chunk)
+    target.flush()
+
+
+def _looks_explicit(buf: bytes | mmap.mmap, at: int) -> bool:
+    """Whether an element header at ``at`` has two capital letters where the VR goes."""
+    return 0x40 < buf[at + 4] < 0x5B and 0x40 < buf[at + 5] < 0x5B
+
+
+def _dictionary_vr(tag: int) -> str | None:
+    try:
+        return dictionary_VR(tag)
+    except KeyError:
+        return None
+
+
+def _too_many(limits: LimitsSettings) -> None:
+    refuse_too_complex(
+        f"the data set holds more than {limits.elements_max} elements",
+        "elements_max",
+        limits.elements_max,
+    )
+
+
+def _walk(
+    buf: bytes | mmap.mmap, pos: int, little: bool, elements: int, limits: LimitsSettings
+) -> int | None:
+    """Walk the data set from ``pos`` to the top-level Pixel Data (its header's offset) or the
+    end (None), refusing it past a limit. ``elements``: counted before (the file meta)."""
+    unpack_header, unpack_short, unpack_long = (
+        _HEADER[little].unpack_from,
+        _SHORT[little].unpack_from,
+        _LONG[little].unpack_from,
+    )
+    size, most, deepest = len(buf), limits.elements_max, limits.sequence_max_depth
+    # (is a sequence, end offset or -1 for undefined length, implicit VR inside)
+    stack: list[tuple[bool, int, bool]] = []
+    depth = 0
+    # pydicom takes the top-level encoding from the first element's VR, whatever the
+    # transfer syntax says.
+    implicit = not (pos + 6 <= size and _looks_explicit(buf, pos))
+    while True:
+        if stack:
+            in_sequence, end, level_implicit = stack[-1]
+            if 0 <= end <= pos:
+                stack.pop()
+                depth -= in_sequence
+                continue
+        else:
+            in_sequence, level_implicit = False, implicit
+        if pos + 8 > size:
+            return None  # the end (or a truncation pydicom reports)
+        at = pos
+        group, element, length = unpack_header(buf, pos)
+        tag = group << 16 | element
+        pos += 8
+        if in_sequence:
+            if tag == _SEQUENCE_DELIMITER:
+                stack.pop()
+                depth -= 1
+                continue
+            # Any other tag is read as an item header, as pydicom does; an item of an explicit
+            # VR sequence may itself be implicit VR (pydicom looks at its first element).
+            item_implicit = level_implicit or (pos + 6 <= size and not _looks_explicit(buf, pos))
+            stack.append((False, -1 if length == _UNDEFINED else pos + length, item_implicit))
+            continue
+        if tag == _ITEM_DELIMITER:
+            if not stack:
+                return None  # pydicom ends the data set here
+            stack.pop()
+            continue
+        elements += 1
+        if elements > most:
+            _too_many(limits)
+        if not stack and tag in _PIXEL_TAGS:
+            return at
+        vr = buf[at + 4 : at + 6] if not level_implicit else b""
+        if vr and b"AA" <= vr <= b"ZZ":
+            if vr in _LONG_LENGTH_VRS:
+                if pos + 4 > size:
+                    return None
+                (length,) = unpack_long(buf, pos)
+                pos += 4
+            else:
+                (length,) = unpack_short(buf, at + 6)
+            if vr != b"SQ" and vr != b"UN":
+                sequence_implicit = None  # the common case, decided without a look-up
+            elif vr == b"SQ":
+                sequence_implicit = level_implicit
+            elif length == _UNDEFINED or _dictionary_vr(tag) == "SQ":
+                # PS3.5 6.2.2: an undefined-length UN is an implicit VR Little Endian
+                # sequence; pydicom also reads a UN the dictionary knows as SQ that way.
+                sequence_implicit = True
+            else:
+                sequence_implicit = None
+        else:
+            known = _dictionary_vr(tag)
+            if known == "SQ":
+                sequence_implicit = True
+            elif known is None and length == _UNDEFINED and pos + 4 <= size:
+                # A private tag of undefined length: a sequence when items follow (pydicom
+                # looks).
+                (next_group,), (next_element,) = unpack_short(buf, pos), unpack_short(buf, pos + 2)
+                sequence_implicit = True if (next_group << 16 | next_element) == _ITEM else None
+            else:
+                sequence_implicit = None
+        if sequence_implicit is not None:
+            depth += 1
+            if depth > deepest:
+                refuse_too_complex(
+                    f"sequences nest more than {deepest} deep", "sequence_max_depth", deepest
+                )
+            stack.append((True, -1 if length == _UNDEFINED else pos + length, sequence_implicit))
+        elif length == _UNDEFINED:
+            pos, elements = _fragments(buf, pos, _HEADER[little], elements, limits)
+        else:
+            pos += length
+
+
+def _fragments(
+    buf: bytes | mmap.mmap, pos: int, header: struct.Struct, elements: int, limits: LimitsSettings
+) -> tuple[int, int]:
+    """Pass over the items of an undefined-length value that is not a sequence (encapsulated
+    Pixel Data, PS3.5 A.4) up to its Sequence Delimitation Item: (offset after, elements)."""
+    size = len(buf)
+    while pos + 8 <= size:
+        group, element, length = header.unpack_from(buf, pos)
+        tag = group << 16 | element
+        pos += 8
+        if tag == _SEQUENCE_DELIMITER:
+            break
+        if tag != _ITEM or length == _UNDEFINED:
+            raise InvalidInstance(
+                f"an undefined-length value holds ({group:04X},{element:04X}), "
+                "not an item of defined length"
+            )
+        elements += 1
+        if elements > limits.elements_max:
+            _too_many(limits)
+        pos += length
+    return pos, elements
+
+
+def _file_meta_transfer_syntax(buf: mmap.mmap, limits: LimitsSettings) -> tuple[str, int, int]:
+    """PS3.10 7.1: the File Meta Information, explicit VR Little Endian group 0002 elements,
+    none of them a sequence: (its Transfer Syntax UID, where the data set starts, elements)."""
+    syntax, pos, elements, size = "", 132, 0, len(buf)
+    unpack_header, unpack_short, unpack_long = (
+        _HEADER[True].unpack_from,
+        _SHORT[True].unpack_from,
+        _LONG[True].unpack_from,
+    )
+    while pos + 8 <= size:
+        group, element, _ = unpack_header(buf, pos)
+        if group != 0x0002:
+            break
+        elements += 1
+        if elements > limits.elements_max:
+            _too_many(limits)
+        vr = buf[pos + 4 : pos + 6]
+        if vr in _LONG_LENGTH_VRS:
+            if pos + 12 > size:
+                break
+            (length,) = unpack_long(buf, pos + 8)
+            pos += 12
+        else:
+            (length,) = unpack_short(buf, pos + 6)
+            pos += 8
+        if vr == b"SQ" or length == _UNDEFINED:
+            raise InvalidInstance(
+                f"the File Meta Information element ({group:04X},{element:04X}) is a sequence "
+                "or of undefined length (PS3.10 7.1)"
+            )
+        if (group << 16 | element) == _TRANSFER_SYNTAX_UID and length <= 256:
+            syntax = bytes(buf[pos : pos + length]).decode("latin-1").rstrip("\x00 ").strip()
+        pos += length
+    if not syntax:
+        raise InvalidInstance("the file meta information lacks a valid Transfer Syntax UID")
+    return syntax, pos, elements

@@ -1,0 +1,155 @@
+"""OHIF, installed by ``hilum viewer install`` (``make test`` installs it into
+``.test-services/ohif``) and served by Hilum at the same origin: "Open in viewer" opens the
+study, every DICOMweb request the viewer makes answers 2xx, its canvas shows the CT, and loading
+the AI SEG changes the rendered pixels (the coloured overlay)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+from playwright.sync_api import Browser, Page, Response, sync_playwright
+
+from inference.phantoms import synthetic_ct_series
+from storage.jobs import JobState
+from tests.factories import write_part10
+from tests.web.conftest import CHROMIUM, CHROMIUM_ARGS, Hilum, screenshot, wait_until
+from web.ohif import (
+    MARKER,
+    OHIF_INTEGRITY,
+    OHIF_PACKAGE,
+    OHIF_VERSION,
+    ViewerInstallError,
+    install_ohif,
+    installed,
+)
+
+OHIF_DIR = Path(
+    os.environ.get("HILUM_TEST_OHIF_DIR", Path(__file__).parents[2] / ".test-services" / "ohif")
+)
+WEB_SETTINGS = {"ohif_dir": OHIF_DIR}
+# Cornerstone draws with WebGL: SwiftShader, Chromium's software GL (/work/shared/VIEWERS.md).
+VIEWER_ARGS = [*CHROMIUM_ARGS, "--use-gl=swiftshader", "--enable-unsafe-swiftshader"]
+
+
+@pytest.fixture(scope="module")
+def viewer_browser() -> Iterator[Browser]:
+    if not installed(OHIF_DIR):
+        pytest.fail(f"OHIF is not installed in {OHIF_DIR}: run `make test` (or `make viewer-test`)")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=VIEWER_ARGS)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+def test_open_in_viewer_shows_the_study_in_ohif(
+    hilum: Hilum, viewer_browser: Browser, tmp_path: Path
+) -> None:
+    ct, _ = synthetic_ct_series(401, slices=8)
+    hilum.store([write_part10(ds, tmp_path / f"ct{i}.dcm") for i, ds in enumerate(ct)])
+    study = str(ct[0].StudyInstanceUID)
+    wait_until(
+        lambda: [j for j in hilum.worker.queue.for_study(study) if j.state == JobState.DONE],
+        "the AI SEG and SR",
+    )
+    context = viewer_browser.new_context(viewport={"width": 1280, "height": 900})
+    page: Page = context.new_page()
+    dicomweb: list[tuple[int, str]] = []
+
+    def record(response: Response) -> None:
+        if "/dicomweb/" in response.url or "/wado" in response.url:
+            dicomweb.append((response.status, response.url))
+
+    page.on("response", record)
+    try:
+        page.goto(f"{hilum.url}/studies/{study}")
+        page.get_by_role("link", name="Open in viewer").click()
+        page.wait_for_url(re.compile(r"/viewer\?StudyInstanceUIDs="))
+        canvas = page.locator("canvas").first
+        canvas.wait_for(state="visible", timeout=90_000)
+
+        def pixels() -> np.ndarray:
+            path = tmp_path / "canvas.png"
+            canvas.screenshot(path=str(path))
+            return np.asarray(Image.open(path).convert("RGB"), dtype=np.float32)
+
+        def drawn() -> bool:
+            box = canvas.bounding_box()
+            # An image, not a blank viewport.
+            return bool(box and box["width"] > 50 and pixels().std() > 10.0)
+
+        wait_until(drawn, "OHIF to draw the CT", timeout_s=120)
+        skip_tour = page.get_by_text("Skip all")
+        if skip_tour.count():
+            skip_tour.click()
+
+        def coloured(rgb: np.ndarray) -> int:
+            """Pixels far from grey: the CT is grey, the SEG overlay is coloured."""
+            spread = np.abs(rgb[..., 0] - rgb[..., 1]) + np.abs(rgb[..., 1] - rgb[..., 2])
+            return int((spread > 30).sum())
+
+        before = pixels()
+        screenshot(page, "viewer-ohif")
+
+        page.get_by_text("AI SEG ct_lesion_synthetic - not for clinical use").dblclick()
+        confirm = page.get_by_role("button", name="Yes")
+        confirm.wait_for(timeout=30_000)
+        confirm.click()
+
+        def overlaid() -> bool:
+            after = pixels()
+            # The viewport's own outline is coloured too: the overlay adds hundreds of pixels.
+            return after.shape == before.shape and coloured(after) > coloured(before) + 200
+
+        wait_until(overlaid, "the SEG overlay to be drawn", timeout_s=60)
+        screenshot(page, "viewer-ohif-seg")
+        # The segment's recommended colour is used: OHIF does not warn that it lacks one.
+        assert page.get_by_text("RecommendedDisplayCIELabValue not found").count() == 0
+    finally:
+        context.close()
+    assert dicomweb, "the viewer made no DICOMweb request"
+    failed = [(status, url) for status, url in dicomweb if not 200 <= status < 300]
+    assert failed == []
+
+
+def test_the_installed_viewer_is_the_pinned_one_without_what_it_never_requests() -> None:
+    if not installed(OHIF_DIR):
+        pytest.fail(f"OHIF is not installed in {OHIF_DIR}: run `make test`")
+    marker = (OHIF_DIR / MARKER).read_text().split()
+    assert marker == [f"{OHIF_PACKAGE}@{OHIF_VERSION}", OHIF_INTEGRITY]
+    assert not (OHIF_DIR / "ort").exists()  # onnxruntime, ~136 MB, pruned
+
+
+def test_a_tarball_that_is_not_the_pinned_one_is_refused(tmp_path: Path) -> None:
+    tarball = tmp_path / "ohif-app-3.12.10.tgz"
+    with tarfile.open(tarball, "w:gz") as archive:
+        index = tmp_path / "index.html"
+        index.write_text("<!doctype html><title>not OHIF</title>")
+        archive.add(index, "package/dist/index.html")
+    target = tmp_path / "ohif"
+    with pytest.raises(ViewerInstallError, match="integrity"):
+        install_ohif(target, tarball=tarball)
+    assert not target.exists()  # nothing installed
+
+
+def test_the_app_config_points_the_viewer_at_hilums_dicomweb(hilum: Hilum) -> None:
+    response = requests.get(f"{hilum.url}/app-config.js", timeout=30)
+    assert response.status_code == 200
+    assert response.headers["Content-Type"].startswith("text/javascript")
+    config = json.loads(response.text.removeprefix("window.config = ").rstrip().rstrip(";"))
+    (source,) = config["dataSources"]
+    assert source["configuration"]["qidoRoot"] == source["configuration"]["wadoRoot"] == "/dicomweb"
+    # A client-side route of the viewer answers its index.html; Hilum's own routes stay Hilum's.
+    assert "OHIF" in requests.get(f"{hilum.url}/viewer?StudyInstanceUIDs=1.2.3", timeout=30).text
+    assert "Worklist" in requests.get(f"{hilum.url}/", timeout=30).text
+    assert requests.get(f"{hilum.url}/no-such-file.js", timeout=30).status_code == 404

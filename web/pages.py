@@ -1,0 +1,157 @@
+"""The UI's blueprint: the hook every page passes through, the error pages, the template filters,
+and the small pages (jobs, upload, viewer); the worklist and the study page have modules of their
+own."""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from flask import Blueprint, Response, render_template, request, send_from_directory
+from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import NotFound as HTTPNotFound
+
+from config import Settings
+from storage.archive import Archive
+from storage.errors import InvalidQuery, NotFound, StorageError, StorageUnavailable
+from storage.jobs import JobState
+from web import study, worklist
+from web.ohif import SPA_ROUTES, app_config, installed, ohif_dir
+
+log = logging.getLogger(__name__)
+
+
+def before_page() -> None:
+    """Runs before every route of the UI. Nothing is checked yet: the access check (login,
+    roles, partitions) of a later issue goes here, once, for every page."""
+
+
+def _viewer_index(folder: Path) -> Response:
+    response = send_from_directory(folder, "index.html")
+    response.headers["Cache-Control"] = "no-cache"
+    return response
+
+
+def web_blueprint(settings: Settings, archive: Archive) -> Blueprint:
+    blueprint = Blueprint(
+        "web",
+        __name__,
+        template_folder="templates",
+        static_folder="static",
+        static_url_path="/hilum-static",
+    )
+    blueprint.before_request(before_page)
+    _register_filters(blueprint)
+    _register_errors(blueprint)
+    worklist.register(blueprint, settings, archive)
+    study.register(blueprint, settings, archive)
+
+    @blueprint.get("/jobs")
+    def jobs() -> Any:
+        return render_template("jobs.html", nav="jobs", states=[str(s) for s in JobState])
+
+    @blueprint.get("/upload")
+    def upload() -> Any:
+        return render_template("upload.html", nav="upload")
+
+    @blueprint.get("/viewer")
+    @blueprint.get("/viewer/<path:_route>")
+    def viewer(_route: str = "") -> Any:
+        """OHIF's page (its client-side router reads the URL), or how to install it."""
+        folder = ohif_dir(settings)
+        if installed(folder):
+            return _viewer_index(folder)
+        studies = request.args.get("StudyInstanceUIDs", "")
+        return render_template("viewer_missing.html", folder=folder, studies=studies)
+
+    @blueprint.get("/app-config.js")
+    def viewer_app_config() -> Response:
+        response = Response(app_config(), mimetype="text/javascript")
+        response.headers["Cache-Control"] = "no-cache"
+        return response
+
+    # The viewer's own files, at the site root where its bundle asks for them.
+    @blueprint.get("/<string:_name>")
+    @blueprint.get("/assets/<path:_name>")
+    @blueprint.get("/dicom-microscopy-viewer/<path:_name>")
+    def viewer_file(_name: str) -> Any:
+        folder = ohif_dir(settings)
+        if not installed(folder):
+            raise HTTPNotFound(f"no page {request.path}")
+        if _name in SPA_ROUTES:
+            return _viewer_index(folder)
+        return send_from_directory(folder, request.path.lstrip("/"), max_age=3600)
+
+    return blueprint
+
+
+def _register_filters(blueprint: Blueprint) -> None:
+    @blueprint.app_template_filter("dicom_date")
+    def dicom_date(value: str | None) -> str:
+        # PS3.5 6.2 DA: YYYYMMDD
+        if value and len(value) == 8 and value.isdigit():
+            return f"{value[:4]}-{value[4:6]}-{value[6:]}"
+        return value or ""
+
+    @blueprint.app_template_filter("dicom_time")
+    def dicom_time(value: str | None) -> str:
+        # PS3.5 6.2 TM: HHMMSS.FFFFFF, components optional from the right
+        if value and len(value) >= 4 and value[:4].isdigit():
+            return f"{value[:2]}:{value[2:4]}"
+        return value or ""
+
+    @blueprint.app_template_filter("person_name")
+    def person_name(value: str | None) -> str:
+        # PS3.5 6.2.1: family^given^middle^prefix^suffix; the alphabetic group only.
+        if not value:
+            return ""
+        parts = [p for p in value.split("=")[0].split("^")]
+        family, given = parts[0], " ".join(p for p in parts[1:3] if p)
+        return f"{family}, {given}" if given else family
+
+    @blueprint.app_template_filter("when")
+    def when(value: datetime | str | None) -> str:
+        if value is None:
+            return ""
+        if isinstance(value, str):
+            value = datetime.fromisoformat(value)
+        return value.strftime("%Y-%m-%d %H:%M UTC")
+
+
+def _page(status: int, heading: str, message: str, advice: str = "") -> Response:
+    response = Response(
+        render_template("error.html", heading=heading, message=message, advice=advice),
+        status=status,
+        mimetype="text/html",
+    )
+    return response
+
+
+def _register_errors(blueprint: Blueprint) -> None:
+    @blueprint.errorhandler(StorageUnavailable)
+    def _unavailable(error: StorageUnavailable) -> Response:
+        log.warning("page %s: %s", request.path, error)
+        return _page(
+            503,
+            "Hilum cannot reach its storage",
+            f"The index database or the blob store is not reachable: {error}",
+            "Nothing was changed. Ask IT to check the database and storage servers, then reload.",
+        )
+
+    @blueprint.errorhandler(NotFound)
+    def _not_found(error: NotFound) -> Response:
+        return _page(404, "Not found", str(error))
+
+    @blueprint.errorhandler(InvalidQuery)
+    def _invalid(error: InvalidQuery) -> Response:
+        return _page(400, "Invalid request", str(error))
+
+    @blueprint.errorhandler(StorageError)
+    def _storage(error: StorageError) -> Response:
+        return _page(500, "Hilum could not do this", str(error))
+
+    @blueprint.errorhandler(HTTPException)
+    def _http(error: HTTPException) -> Response:
+        return _page(error.code or 500, error.name, error.description or "")
