@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -133,6 +134,17 @@ def test_readiness_turns_503_while_s3_or_the_database_is_unreachable(
         db_proxy.close()
 
 
+def _listening_sockets(port: int) -> int:
+    """How many sockets listen on ``port`` (SO_REUSEPORT: one per receiving process)."""
+    listening = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            local_port = int(fields[1].rsplit(":", 1)[1], 16)
+            listening += fields[3] == "0A" and local_port == port  # 0A: LISTEN
+    return listening
+
+
 def _env(settings: Settings, **extra: str) -> dict[str, str]:
     s = settings.storage
     return {
@@ -199,26 +211,42 @@ def test_hilum_web_adds_up_the_metrics_of_its_gunicorn_workers(
 
 
 @pytest.mark.parametrize("backend", ["sqlite-files"], indirect=True)
+@pytest.mark.parametrize("processes", [1, 2])
 def test_hilum_dimse_serves_its_counters_on_the_metrics_port(
-    settings: Settings, archive: Archive, tmp_path: Path
+    settings: Settings, archive: Archive, tmp_path: Path, processes: int
 ) -> None:
+    """With ``[dimse] processes = 2`` the receiving process's counts are added up with the
+    parent's: the total is right whichever process each association reached."""
     metrics_port = free_port()
-    process = _started("dimse", _env(settings, HILUM_METRICS__PORT=str(metrics_port)))
+    env = _env(settings, HILUM_METRICS__PORT=str(metrics_port),
+               HILUM_DIMSE__PROCESSES=str(processes))  # fmt: skip
+    process = _started("dimse", env)
     try:
+        deadline = time.monotonic() + 60
+        while _listening_sockets(settings.dimse.port) < processes:  # the receiver is up
+            assert time.monotonic() < deadline, "the receiving process did not listen"
+            time.sleep(0.1)
         study, series = "1.2.826.0.1.3680043.8.498.1", "1.2.826.0.1.3680043.8.498.2"
+        count = 16  # one association each: the kernel spreads them over both processes
         files = [
             str(write_part10(ct_instance(study, series, seed=i), tmp_path / f"{i}.dcm"))
-            for i in range(2)
+            for i in range(count)
         ]
-        sent = subprocess.run(
-            [DCMTK_STORESCU, "-aec", "HILUM", "127.0.0.1", str(settings.dimse.port), *files],
-            capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
-        assert sent.returncode == 0, sent.stderr
+        port = str(settings.dimse.port)
+        senders = [
+            subprocess.Popen(
+                [DCMTK_STORESCU, "-aec", "HILUM", "127.0.0.1", port, file],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )  # fmt: skip
+            for file in files
+        ]
+        assert [sender.wait(60) for sender in senders] == [0] * count
         text = requests.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
         received = "hilum_instances_received_total"
-        assert sample(text, received, transport="dimse", outcome="stored") == 2
-        assert sample(text, "hilum_bytes_received_total", transport="dimse") > 2 * 1000
+        assert sample(text, received, transport="dimse", outcome="stored") == count
+        assert sample(text, "hilum_bytes_received_total", transport="dimse") > count * 1000
     finally:
         _stop(process)
 
