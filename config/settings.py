@@ -244,8 +244,8 @@ class LimitsSettings(_Section):
     inflated_max_bytes: int = Field(256 * 1024**2, ge=1)
     # Deepest nesting of sequences (PS3.5 7.5); a structured report's content tree is ~10.
     sequence_max_depth: int = Field(64, ge=1)
-    # Most data elements in one data set, counting those in sequence items and the
-    # fragments of encapsulated Pixel Data.
+    # Most data elements in one data set, counting those in sequence items, the items
+    # themselves and the fragments of encapsulated Pixel Data.
     elements_max: int = Field(1_000_000, ge=1)
     # Largest Number of Frames (0028,0008); each frame has a byte range in the index.
     frames_max: int = Field(500_000, ge=1)

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 from pydicom.dataset import Dataset
 
+from storage.jobs import JobFinding
+
 # (coding scheme, code value) of the concepts read here (PS3.16 Annex D, SNOMED CT).
 MEASUREMENT_GROUP = ("DCM", "125007")
 TRACKING_IDENTIFIER = ("DCM", "112039")
@@ -130,4 +132,22 @@ def _finding(group: Dataset) -> ReportedFinding:
         segmentation_sop_instance_uid=segmentation,
         finding_code=codes.get(FINDING[1]),
         site_code=codes.get(FINDING_SITE[1]),
+    )
+
+
+def job_finding(report_sop_instance_uid: str, finding: ReportedFinding) -> JobFinding:
+    """``finding`` of the report ``report_sop_instance_uid`` as the index keeps it."""
+    code = finding.finding_code
+    return JobFinding(
+        report_sop_instance_uid=report_sop_instance_uid,
+        tracking_uid=finding.tracking_uid,
+        tracking_identifier=finding.tracking_identifier[:64],
+        finding=finding.finding[:64],
+        finding_code=f"{code[0]}:{code[1]}"[:64] if code else "",
+        site=finding.site[:64],
+        present=finding.present,
+        size=finding.size,
+        size_unit=finding.size_unit[:16],
+        segment_number=finding.segment_number,
+        segmentation_sop_instance_uid=finding.segmentation_sop_instance_uid,
     )

@@ -90,3 +90,19 @@ def why_no_model(
         else:
             clauses.append(f"no [[inference.rules]] entry enables {model.name} for it")
     return "; ".join(clauses)
+
+
+def series_for_model_by_hand(
+    model: Model, series: Sequence[Mapping[str, str]]
+) -> list[Mapping[str, str]]:
+    """The series an administrator's "run this model" applies to: those whose modality and SOP
+    class the model's manifest accepts (what its network can read), whatever the body part and
+    the ``[[inference.rules]]`` say (the usual reasons why no model applied)."""
+    wanted = model.manifest.applies_to
+    return [
+        s
+        for s in series
+        if series_matches(
+            s, modalities=wanted.modalities, sop_class_uids=wanted.sop_class_uids, body_parts=[]
+        )
+    ]

@@ -27,9 +27,9 @@ from typing import TYPE_CHECKING
 from sqlalchemy.orm import Session
 
 from config import Settings
-from inference.rules import models_for_series, why_no_model
+from inference.rules import models_for_series, series_for_model_by_hand, why_no_model
 from storage.archive import Archive
-from storage.errors import StorageUnavailable
+from storage.errors import Conflict, StorageUnavailable
 from storage.index.models import InferenceJob
 from storage.jobs import Job, as_utc, enqueue, utc_now
 from storage.stability import (
@@ -39,6 +39,7 @@ from storage.stability import (
     series_groups,
     study_jobs,
     study_priority,
+    study_series_groups,
 )
 
 if TYPE_CHECKING:
@@ -178,3 +179,51 @@ def _queue_study(
             )
         )
     return rows
+
+
+def queue_model_by_hand(
+    archive: Archive, settings: Settings, model: Model, study_instance_uid: str
+) -> list[Job]:
+    """Queue ``model`` on the study's received series that it can read
+    (:func:`inference.rules.series_for_model_by_hand`), ignoring the rules; the jobs queued
+    (re-queued as their next generation if they existed). :class:`NotFound` for an unknown
+    study, :class:`Conflict` when the model can read none of its series."""
+    study_pk, groups = study_series_groups(archive, study_instance_uid, settings.dimse.ae_title)
+    received = [
+        {
+            "SeriesInstanceUID": g.series_instance_uid,
+            "Modality": g.modality,
+            "SOPClassUID": g.sop_class_uid,
+            "BodyPartExamined": g.body_part_examined,
+        }
+        for g in groups
+        if g.external
+    ]
+    chosen = series_for_model_by_hand(model, received)
+    if not chosen:
+        wanted = model.manifest.applies_to
+        raise Conflict(
+            f"{model.name} reads {'/'.join(wanted.modalities) or 'any modality'} series of SOP "
+            f"class {'/'.join(wanted.sop_class_uids) or 'any'}; this study has none"
+        )
+    newest = {g.series_instance_uid: g.newest_received_at for g in groups}
+    now = utc_now()
+    with archive.index.write() as session:
+        priority = study_priority(session, settings.inference.priority, study_pk)
+        rows = [
+            enqueue(
+                session,
+                archive.partition,
+                study_instance_uid=study_instance_uid,
+                series_instance_uid=series["SeriesInstanceUID"],
+                model_name=model.name,
+                model_version=model.version,
+                priority=priority,
+                input_received_at=newest[series["SeriesInstanceUID"]],
+                now=now,
+            )
+            for series in {s["SeriesInstanceUID"]: s for s in chosen}.values()
+        ]
+        jobs = [Job.from_row(row) for row in rows]
+    log.info("study %s: %s queued by hand on %d series", study_instance_uid, model.name, len(jobs))
+    return jobs

@@ -28,12 +28,12 @@ from pydicom.dataset import Dataset
 
 from config import Settings
 from inference.errors import AnalysisError, DecoderUnavailable, ModelError
-from inference.measurement_report import read_findings
+from inference.measurement_report import job_finding, read_findings
 from inference.stability import queue_stable_studies
 from storage.archive import Archive
 from storage.errors import InvalidInstance, StorageUnavailable
 from storage.ingest import Origin, ingest_file
-from storage.jobs import Job, JobQueue, JobState
+from storage.jobs import Clock, Job, JobFinding, JobQueue, JobState, utc_now
 
 if TYPE_CHECKING:
     from inference.registry import Model
@@ -93,12 +93,16 @@ class Worker:
         *,
         analyse: Analyse | None = None,
         name: str | None = None,
+        clock: Clock = utc_now,
         on_job_ended: Callable[[Job, float], None] | None = None,
     ) -> None:
+        """``clock``: the time studies become stable and leases and backoffs run by (UTC); a
+        test's own clock makes them expire without waiting."""
         self.settings = settings
         self.archive = archive
         self.models = list(models)
-        self.queue = JobQueue(archive, settings.inference)
+        self.clock = clock
+        self.queue = JobQueue(archive, settings.inference, clock=clock)
         self.analyse = analyse or _analyse_series
         self.name = name or worker_name()
         # Told each attempt's outcome (the job as it ended) and its running seconds: metrics.
@@ -129,7 +133,7 @@ class Worker:
     def step(self) -> Job | None:
         """Queue the jobs of newly stable studies, then run one job; the job as it ended, or
         None when none was waiting."""
-        queue_stable_studies(self.archive, self.settings, self.models)
+        queue_stable_studies(self.archive, self.settings, self.models, now=self.clock())
         job = self.queue.claim(self.name, [model.name for model in self.models])
         if job is None:
             return None
@@ -150,9 +154,10 @@ class Worker:
         lease = _Lease(self.queue, job, self.name)
         lease.start()
         stored: list[str] = []  # SOP Instance UIDs, as each output is stored
-        findings: list[int] = []  # present findings of each SR stored
+        findings: list[JobFinding] = []  # of each SR stored
+        reports: list[str] = []  # SOP Instance UIDs of the SRs among ``stored``
         try:
-            held = self._run(job, lease, stored, findings)
+            held = self._run(job, lease, stored, findings, reports)
         except _PERMANENT as error:
             return self._failed(job, _reason(error), stored, retry=False)
         except Exception as error:  # the model or the store; retried with backoff
@@ -166,7 +171,7 @@ class Worker:
             self.name,
             model_version=model.version,
             outputs=stored,
-            findings=sum(findings) if findings else None,
+            findings=findings if reports else None,
         ):
             self._lost(job, stored)
             return job
@@ -191,9 +196,16 @@ class Worker:
             f"(models_dirs: {', '.join(map(str, self.settings.inference.models_dirs))})"
         )
 
-    def _run(self, job: Job, lease: _Lease, stored: list[str], findings: list[int]) -> bool:
-        """Analyse and store, appending to ``stored`` (and the present findings of each SR to
-        ``findings``); False when the job was lost first."""
+    def _run(
+        self,
+        job: Job,
+        lease: _Lease,
+        stored: list[str],
+        findings: list[JobFinding],
+        reports: list[str],
+    ) -> bool:
+        """Analyse and store, appending to ``stored`` (and each SR's UID to ``reports``, its
+        findings to ``findings``); False when the job was lost first."""
         model = self._model(job)
         datasets = self.analyse(
             self.archive,
@@ -209,7 +221,8 @@ class Worker:
                 return False
             stored.append(self._store(dataset))
             if dataset.get("ValueType") == "CONTAINER":  # an SR document (PS3.3 C.17.3)
-                findings.append(sum(f.present for f in read_findings(dataset)))
+                reports.append(stored[-1])
+                findings += [job_finding(stored[-1], f) for f in read_findings(dataset)]
         return True
 
     def _store(self, dataset: Dataset) -> str:

@@ -123,6 +123,10 @@ def _configure_cors(app: Flask, allowed: list[str]) -> None:
         return response
 
 
+# The request line and headers together; more is 414 (line) or 413 (headers) from cheroot.
+MAX_REQUEST_HEADER_BYTES = 64 << 10
+
+
 class HttpServer:
     """The app on cheroot's threaded HTTP/1.1 server, in a background thread (``hilum serve``).
 
@@ -152,8 +156,10 @@ class HttpServer:
         )
         # cheroot's default, stated: no body limit here, STOW-RS answers 413 with a reason.
         self._server.max_request_body_size = 0
-        # A total deadline on each request's headers: server/header_deadline.py says why.
+        # A total deadline on each request's headers (server/header_deadline.py says why),
+        # and a size: cheroot's default 0 reads headers of any size into memory.
         self._server.ConnectionClass = connection_class(self._deadlines)
+        self._server.max_request_header_size = MAX_REQUEST_HEADER_BYTES
         self._server.prepare()  # binds now: the port is known and taken before start()
         self._thread = threading.Thread(target=self._server.serve, name="http-server", daemon=True)
 

@@ -4,7 +4,8 @@ refuse what pydicom would spend unbounded memory or stack on: sequences nested d
 ``limits.elements_max`` elements, a deflated data set inflating past
 ``limits.inflated_max_bytes``.
 
-The file is mapped, not read: values are skipped by moving an offset, so the pass costs a few
+The file is read through a window (``os.pread``, 16 KiB), not mapped (a file truncated under
+a map would kill the process): values are skipped by moving an offset, so the pass costs a few
 operations per element header and nothing per value byte. The walk follows the encoding rules
 of PS3.5 7 the way pydicom reads them: explicit or implicit VR per the transfer syntax, but
 taken from the first element's VR when that disagrees (pydicom does, for the data set and for
@@ -19,7 +20,7 @@ ingest's parse does.
 from __future__ import annotations
 
 import contextlib
-import mmap
+import os
 import struct
 import tempfile
 from collections.abc import Iterator
@@ -46,6 +47,7 @@ _TRANSFER_SYNTAX_UID = 0x00020010
 _HEADER = {True: struct.Struct("<HHL"), False: struct.Struct(">HHL")}
 _SHORT = {True: struct.Struct("<H"), False: struct.Struct(">H")}
 _LONG = {True: struct.Struct("<L"), False: struct.Struct(">L")}
+_ITEM_TAG = {True: struct.pack("<HH", 0xFFFE, 0xE000), False: struct.pack(">HH", 0xFFFE, 0xE000)}
 _INFLATE_CHUNK = 1 << 20
 
 
@@ -64,34 +66,45 @@ class Part10Structure:
 def part10_structure(fp: BinaryIO, limits: LimitsSettings) -> Iterator[Part10Structure | None]:
     """Walk the element headers of the open Part 10 file ``fp`` and refuse it past a limit;
     None when it is not a Part 10 file with a preamble (pydicom then says why)."""
-    with _mapped(fp) as buf:
-        if buf is None or buf[128:132] != b"DICM":
-            yield None
-            return
-        syntax, data_set_at, elements = _file_meta_transfer_syntax(buf, limits)
-        if syntax != DeflatedExplicitVRLittleEndian:
-            little = syntax != ExplicitVRBigEndian
-            pixel_at = _walk(buf, data_set_at, little, elements, limits)
-            yield Part10Structure(syntax, pixel_at is not None, None)
-            return
-        # PS3.5 A.5: the data set after the File Meta Information is deflated.
-        fp.seek(data_set_at)
-        with tempfile.TemporaryFile() as inflated:
-            _inflate(fp, inflated, limits)
-            with _mapped(inflated) as data_set:
-                pixel_at = None if data_set is None else _walk(data_set, 0, True, elements, limits)
-            inflated.seek(0)
-            yield Part10Structure(syntax, pixel_at is not None, inflated)  # type: ignore[arg-type]
-
-
-@contextlib.contextmanager
-def _mapped(fp: BinaryIO) -> Iterator[mmap.mmap | None]:
-    fp.seek(0, 2)
-    if fp.tell() == 0:
-        yield None  # an empty file cannot be mapped
+    window = _Window(fp)
+    if window.size < 132 or window.bytes_at(128, 4) != b"DICM":
+        yield None
         return
-    with mmap.mmap(fp.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        yield buf
+    syntax, data_set_at, elements = _file_meta_transfer_syntax(window, limits)
+    if syntax != DeflatedExplicitVRLittleEndian:
+        little = syntax != ExplicitVRBigEndian
+        pixel_at = _walk(window, data_set_at, little, elements, limits)
+        yield Part10Structure(syntax, pixel_at is not None, None)
+        return
+    # PS3.5 A.5: the data set after the File Meta Information is deflated.
+    fp.seek(data_set_at)
+    with tempfile.TemporaryFile() as inflated:
+        _inflate(fp, inflated, limits)
+        pixel_at = _walk(_Window(inflated), 0, True, elements, limits)
+        inflated.seek(0)
+        yield Part10Structure(syntax, pixel_at is not None, inflated)  # type: ignore[arg-type]
+
+
+class _Window:
+    """Up to 16 KiB of a file in memory (a header rarely holds more; the pixels that follow are
+    not copied), read again elsewhere when a walk leaves it."""
+
+    SIZE = 16 << 10
+
+    def __init__(self, fp: BinaryIO) -> None:
+        self._fd = fp.fileno()
+        self.size = os.fstat(self._fd).st_size
+        self.buf = b""
+        self.base = 0  # the file offset of buf[0]
+
+    def load(self, at: int) -> None:
+        self.buf = os.pread(self._fd, self.SIZE, at)
+        self.base = at
+
+    def bytes_at(self, at: int, size: int) -> bytes:
+        if not self.base <= at <= at + size <= self.base + len(self.buf):
+            self.load(at)
+        return self.buf[at - self.base : at - self.base + size]
 
 
 def _inflate(source: BinaryIO, target: BinaryIO, limits: LimitsSettings) -> None:
@@ -102,7 +115,7 @@ def _inflate(source: BinaryIO, target: BinaryIO, limits: LimitsSettings) -> None
     target.flush()
 
 
-def _looks_explicit(buf: bytes | mmap.mmap, at: int) -> bool:
+def _looks_explicit(buf: bytes, at: int) -> bool:
     """Whether an element header at ``at`` has two capital letters where the VR goes."""
     return 0x40 < buf[at + 4] < 0x5B and 0x40 < buf[at + 5] < 0x5B
 
@@ -123,36 +136,44 @@ def _too_many(limits: LimitsSettings) -> None:
 
 
 def _walk(
-    buf: bytes | mmap.mmap, pos: int, little: bool, elements: int, limits: LimitsSettings
+    window: _Window, start: int, little: bool, elements: int, limits: LimitsSettings
 ) -> int | None:
-    """Walk the data set from ``pos`` to the top-level Pixel Data (its header's offset) or the
-    end (None), refusing it past a limit. ``elements``: counted before (the file meta)."""
+    """Walk the data set from file offset ``start`` to the top-level Pixel Data (its header's
+    offset) or the end (None), refusing it past a limit. ``elements``: counted before (the
+    file meta). Offsets in ``stack`` are file offsets; ``pos`` is one in ``buf``, the window
+    at file offset ``base``, loaded again whenever fewer than 12 bytes of it are left."""
     unpack_header, unpack_short, unpack_long = (
         _HEADER[little].unpack_from,
         _SHORT[little].unpack_from,
         _LONG[little].unpack_from,
     )
-    size, most, deepest = len(buf), limits.elements_max, limits.sequence_max_depth
-    # (is a sequence, end offset or -1 for undefined length, implicit VR inside)
+    size, most, deepest = window.size, limits.elements_max, limits.sequence_max_depth
+    window.load(start)
+    buf, base, pos = window.buf, start, 0
+    # (is a sequence, end file offset or -1 for undefined length, implicit VR inside)
     stack: list[tuple[bool, int, bool]] = []
     depth = 0
     # pydicom takes the top-level encoding from the first element's VR, whatever the
     # transfer syntax says.
-    implicit = not (pos + 6 <= size and _looks_explicit(buf, pos))
+    implicit = not (len(buf) >= 6 and _looks_explicit(buf, 0))
     while True:
+        if pos + 12 > len(buf) and base + pos < size:
+            window.load(base + pos)
+            buf, base, pos = window.buf, base + pos, 0
         if stack:
             in_sequence, end, level_implicit = stack[-1]
-            if 0 <= end <= pos:
+            if 0 <= end <= base + pos:
                 stack.pop()
                 depth -= in_sequence
                 continue
         else:
             in_sequence, level_implicit = False, implicit
-        if pos + 8 > size:
+        if pos + 8 > len(buf):
             return None  # the end (or a truncation pydicom reports)
-        at = pos
+        at = base + pos
         group, element, length = unpack_header(buf, pos)
         tag = group << 16 | element
+        vr = buf[pos + 4 : pos + 6]
         pos += 8
         if in_sequence:
             if tag == _SEQUENCE_DELIMITER:
@@ -160,9 +181,15 @@ def _walk(
                 depth -= 1
                 continue
             # Any other tag is read as an item header, as pydicom does; an item of an explicit
-            # VR sequence may itself be implicit VR (pydicom looks at its first element).
-            item_implicit = level_implicit or (pos + 6 <= size and not _looks_explicit(buf, pos))
-            stack.append((False, -1 if length == _UNDEFINED else pos + length, item_implicit))
+            # VR sequence may itself be implicit VR (pydicom looks at its first element). Items
+            # count as elements: pydicom builds a data set for each, empty or not.
+            elements += 1
+            if elements > most:
+                _too_many(limits)
+            first = window.bytes_at(base + pos, 6) if pos + 6 > len(buf) else buf[pos : pos + 6]
+            item_implicit = level_implicit or (len(first) == 6 and not _looks_explicit(first, 0))
+            end = -1 if length == _UNDEFINED else base + pos + length
+            stack.append((False, end, item_implicit))
             continue
         if tag == _ITEM_DELIMITER:
             if not stack:
@@ -174,15 +201,14 @@ def _walk(
             _too_many(limits)
         if not stack and tag in _PIXEL_TAGS:
             return at
-        vr = buf[at + 4 : at + 6] if not level_implicit else b""
-        if vr and b"AA" <= vr <= b"ZZ":
+        if not level_implicit and b"AA" <= vr <= b"ZZ":
             if vr in _LONG_LENGTH_VRS:
-                if pos + 4 > size:
+                if pos + 4 > len(buf):
                     return None
                 (length,) = unpack_long(buf, pos)
                 pos += 4
             else:
-                (length,) = unpack_short(buf, at + 6)
+                (length,) = unpack_short(buf, pos - 2)
             if vr != b"SQ" and vr != b"UN":
                 sequence_implicit = None  # the common case, decided without a look-up
             elif vr == b"SQ":
@@ -197,11 +223,11 @@ def _walk(
             known = _dictionary_vr(tag)
             if known == "SQ":
                 sequence_implicit = True
-            elif known is None and length == _UNDEFINED and pos + 4 <= size:
+            elif known is None and length == _UNDEFINED:
                 # A private tag of undefined length: a sequence when items follow (pydicom
                 # looks).
-                (next_group,), (next_element,) = unpack_short(buf, pos), unpack_short(buf, pos + 2)
-                sequence_implicit = True if (next_group << 16 | next_element) == _ITEM else None
+                items_follow = window.bytes_at(base + pos, 4) == _ITEM_TAG[little]
+                sequence_implicit = True if items_follow else None
             else:
                 sequence_implicit = None
         if sequence_implicit is not None:
@@ -210,25 +236,30 @@ def _walk(
                 refuse_too_complex(
                     f"sequences nest more than {deepest} deep", "sequence_max_depth", deepest
                 )
-            stack.append((True, -1 if length == _UNDEFINED else pos + length, sequence_implicit))
+            end = -1 if length == _UNDEFINED else base + pos + length
+            stack.append((True, end, sequence_implicit))
         elif length == _UNDEFINED:
-            pos, elements = _fragments(buf, pos, _HEADER[little], elements, limits)
+            after, elements = _fragments(window, base + pos, _HEADER[little], elements, limits)
+            window.load(after)
+            buf, base, pos = window.buf, after, 0
         else:
             pos += length
 
 
 def _fragments(
-    buf: bytes | mmap.mmap, pos: int, header: struct.Struct, elements: int, limits: LimitsSettings
+    window: _Window, at: int, header: struct.Struct, elements: int, limits: LimitsSettings
 ) -> tuple[int, int]:
     """Pass over the items of an undefined-length value that is not a sequence (encapsulated
-    Pixel Data, PS3.5 A.4) up to its Sequence Delimitation Item: (offset after, elements)."""
-    size = len(buf)
-    while pos + 8 <= size:
-        group, element, length = header.unpack_from(buf, pos)
+    Pixel Data, PS3.5 A.4) up to its Sequence Delimitation Item: (file offset after, elements)."""
+    while True:
+        raw = window.bytes_at(at, 8)
+        if len(raw) < 8:
+            return window.size, elements
+        group, element, length = header.unpack(raw)
         tag = group << 16 | element
-        pos += 8
+        at += 8
         if tag == _SEQUENCE_DELIMITER:
-            break
+            return at, elements
         if tag != _ITEM or length == _UNDEFINED:
             raise InvalidInstance(
                 f"an undefined-length value holds ({group:04X},{element:04X}), "
@@ -237,43 +268,40 @@ def _fragments(
         elements += 1
         if elements > limits.elements_max:
             _too_many(limits)
-        pos += length
-    return pos, elements
+        at += length
 
 
-def _file_meta_transfer_syntax(buf: mmap.mmap, limits: LimitsSettings) -> tuple[str, int, int]:
+def _file_meta_transfer_syntax(window: _Window, limits: LimitsSettings) -> tuple[str, int, int]:
     """PS3.10 7.1: the File Meta Information, explicit VR Little Endian group 0002 elements,
     none of them a sequence: (its Transfer Syntax UID, where the data set starts, elements)."""
-    syntax, pos, elements, size = "", 132, 0, len(buf)
-    unpack_header, unpack_short, unpack_long = (
-        _HEADER[True].unpack_from,
-        _SHORT[True].unpack_from,
-        _LONG[True].unpack_from,
-    )
-    while pos + 8 <= size:
-        group, element, _ = unpack_header(buf, pos)
+    syntax, at, elements = "", 132, 0
+    while True:
+        head = window.bytes_at(at, 12)
+        if len(head) < 8:
+            break
+        group, element, _ = _HEADER[True].unpack_from(head)
         if group != 0x0002:
             break
         elements += 1
         if elements > limits.elements_max:
             _too_many(limits)
-        vr = buf[pos + 4 : pos + 6]
+        vr = head[4:6]
         if vr in _LONG_LENGTH_VRS:
-            if pos + 12 > size:
+            if len(head) < 12:
                 break
-            (length,) = unpack_long(buf, pos + 8)
-            pos += 12
+            (length,) = _LONG[True].unpack_from(head, 8)
+            at += 12
         else:
-            (length,) = unpack_short(buf, pos + 6)
-            pos += 8
+            (length,) = _SHORT[True].unpack_from(head, 6)
+            at += 8
         if vr == b"SQ" or length == _UNDEFINED:
             raise InvalidInstance(
                 f"the File Meta Information element ({group:04X},{element:04X}) is a sequence "
                 "or of undefined length (PS3.10 7.1)"
             )
         if (group << 16 | element) == _TRANSFER_SYNTAX_UID and length <= 256:
-            syntax = bytes(buf[pos : pos + length]).decode("latin-1").rstrip("\x00 ").strip()
-        pos += length
+            syntax = window.bytes_at(at, length).decode("latin-1").rstrip("\x00 ").strip()
+        at += length
     if not syntax:
         raise InvalidInstance("the file meta information lacks a valid Transfer Syntax UID")
-    return syntax, pos, elements
+    return syntax, at, elements

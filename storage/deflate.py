@@ -1,7 +1,8 @@
 """The data set of a Deflated Explicit VR Little Endian file (PS3.5 A.5: everything after the
 File Meta Information compressed with RFC 1951 deflate, no zlib header), inflated as a
 stream: a small compressed file can claim gigabytes, so the inflated bytes are counted as they
-come and refused past ``limits.inflated_max_bytes``, never inflated whole to find out."""
+come, at most 1 MiB at a time, and refused past ``limits.inflated_max_bytes``: never held
+whole in memory to find out."""
 
 from __future__ import annotations
 

@@ -8,6 +8,7 @@ image costs a few kilobytes of reads.
 from __future__ import annotations
 
 import logging
+import math
 import re
 import struct
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from pynetdicom.sop_class import uid_to_service_class
 
 from config.settings import LimitsSettings
 from storage.data_set_structure import part10_structure
-from storage.errors import InvalidInstance
+from storage.errors import InvalidInstance, StorageError
 from storage.limits import check_decoded_size, check_stored_size, refuse_too_complex
 
 log = logging.getLogger(__name__)
@@ -101,6 +102,8 @@ def read_instance_header(path: Path, limits: LimitsSettings | None = None) -> In
             header = _instance_header(
                 fp, dataset, pixel_data_at, file_size, has_pixel_element, limits
             )
+    except StorageError:
+        raise
     except InvalidDicomError as exc:
         raise InvalidInstance(f"not a DICOM Part 10 file: {exc}") from exc
     except RecursionError:
@@ -109,8 +112,10 @@ def read_instance_header(path: Path, limits: LimitsSettings | None = None) -> In
         refuse_too_complex(
             "the data set nests too deep to parse", "sequence_max_depth", limits.sequence_max_depth
         )
-    except (EOFError, ValueError, struct.error, OSError, KeyError, TypeError) as exc:
-        raise InvalidInstance(f"cannot parse the data set: {exc}") from exc
+    except MemoryError:
+        raise  # not the file's fault alone: the caller answers out of resources
+    except Exception as exc:  # noqa: BLE001 - pydicom raises any kind on a malformed value
+        raise InvalidInstance(f"cannot parse the data set: {type(exc).__name__}: {exc}") from exc
     return header
 
 
@@ -202,7 +207,7 @@ def integer_value(dataset: Dataset, keyword: str) -> int | None:
     try:
         value = dataset.get(keyword)
         return None if value in (None, "") else int(value)
-    except (TypeError, ValueError):
+    except Exception:  # noqa: BLE001 - pydicom raises any kind on a malformed value
         return None
 
 
@@ -394,7 +399,7 @@ def _dataset_json(dataset: Dataset) -> dict[str, Any]:
                 encoded[f"{tag:08X}"] = {"vr": "SQ", "Value": items}
             else:
                 value = element.to_json_dict(_bulk_data_uri, BULK_DATA_THRESHOLD)
-                encoded[f"{tag:08X}"] = _without_nul(value)
+                encoded[f"{tag:08X}"] = _json_safe(value)
         except Exception as exc:  # pydicom raises anything on a value it cannot decode
             log.warning("metadata of (%04X,%04X) left out: %s", tag >> 16, tag & 0xFFFF, exc)
     return encoded
@@ -431,6 +436,8 @@ def _fast_element_json(raw: RawDataElement) -> dict[str, Any] | None:
         if not raw.is_little_endian or len(value) % size:
             return None
         numbers = list(struct.unpack(f"<{len(value) // size}{fmt}", value))
+        if vr in ("FL", "FD"):
+            numbers = [n if math.isfinite(n) else None for n in numbers]
         return {"vr": vr, "Value": numbers} if numbers else {"vr": vr}
     # ASCII bytes decode alike in every character set but ISO 2022's escape sequences.
     if not value.isascii() or b"\x1b" in value:
@@ -469,16 +476,20 @@ def _fast_element_json(raw: RawDataElement) -> dict[str, Any] | None:
     if values == [""]:
         return {"vr": vr}  # PS3.18 F.2.5: an empty value has no "Value"
     if any("\x00" in v for v in values):
-        return None  # a NUL left inside a value: pydicom's path, then _without_nul
+        return None  # a NUL left inside a value: pydicom's path, then _json_safe
     return {"vr": vr, "Value": values}
 
 
-def _without_nul(value: Any) -> Any:
-    """PostgreSQL's JSONB rejects U+0000, which padded DICOM strings sometimes carry."""
+def _json_safe(value: Any) -> Any:
+    """PostgreSQL's JSONB rejects U+0000, which padded DICOM strings sometimes carry; and no
+    JSON (RFC 8259 6) has NaN or an infinity, which an FL, FD or DS value may hold: such a
+    value becomes null, as an empty value of a multi-valued element is (PS3.18 F.2.5)."""
     if isinstance(value, str):
         return value.replace("\x00", "")
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
     if isinstance(value, dict):
-        return {k: _without_nul(v) for k, v in value.items()}
+        return {k: _json_safe(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_without_nul(v) for v in value]
+        return [_json_safe(v) for v in value]
     return value

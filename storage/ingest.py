@@ -141,7 +141,10 @@ def ingest_files(
             else:
                 this_round[uid] = item
         pending = []
-        for item in _store(archive, list(this_round.values()), outcomes):
+        together = [item for item in this_round.values() if not item.alone]
+        batches = [together] if together else []
+        batches += [[item] for item in this_round.values() if item.alone]
+        for item in (lost for batch in batches for lost in _store(archive, batch, outcomes)):
             item.attempts += 1
             if item.attempts < _MAX_ATTEMPTS:
                 pending.append(item)
@@ -169,6 +172,9 @@ class _Prepared:
     key: str
     values: dict[str, Any]  # every column of the instance row but partition and series_pk
     attempts: int = 0
+    # Stored in a transaction of its own: its group's failed on a value the index refused,
+    # and only this file's own transaction can say whether the value was its.
+    alone: bool = False
 
 
 def _prepare(archive: Archive, n: int, item: Received) -> _Prepared:
@@ -293,6 +299,21 @@ def _store(
         # Not a race the statements expect (those are answered, not raised): the whole
         # group was rolled back; every file of it tries again.
         written, retry = [], [item for item, _stored in to_write]
+    except exc.DataError as error:
+        # The database refused a value (out of its column's range, not encodable): that
+        # file cannot be stored, which is its own error, not an outage. A group tries again
+        # file by file to find which.
+        _discard_unreferenced(archive, [item.key for item, _stored in to_write])
+        if len(to_write) > 1:
+            for item, _stored in to_write:
+                item.alone = True
+            return [item for item, _stored in to_write]
+        (item, _stored), reason = to_write[0], getattr(error, "orig", None) or error
+        log.warning("the index refused a value of %s: %s", item.header.sop_instance_uid, reason)
+        outcomes[item.n] = InvalidInstance(
+            f"the index cannot hold a value of the data set: {reason}"
+        )
+        return []
     except BaseException as error:
         _discard_unreferenced(archive, [item.key for item, _stored in to_write])
         if not isinstance(error, StorageError):
@@ -409,7 +430,11 @@ def _delete_quietly(archive: Archive, key: str) -> None:
 
 
 def _text(dataset: Dataset, keyword: str, max_length: int) -> str:
-    value = dataset.get(keyword)
+    try:
+        value = dataset.get(keyword)
+    except Exception:  # noqa: BLE001 - pydicom raises any kind on a malformed value
+        # Kept as sent in the file and its metadata; only its index column stays empty.
+        return ""
     if value is None:
         return ""
     if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":

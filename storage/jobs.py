@@ -19,21 +19,22 @@ their clocks synchronised (NTP) to well within ``lease_s``.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import logging
-from collections.abc import Collection
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, delete, or_, select, update
 from sqlalchemy.orm import Session
 
 from config.settings import InferenceSettings
 from storage.archive import Archive
 from storage.delete import delete_instance
 from storage.errors import Conflict, InvalidQuery, NotFound, StorageError
-from storage.index.models import InferenceJob, Study
+from storage.index.models import AIFinding, InferenceJob, Study
 from storage.query import entity_query, locate_instances
 
 log = logging.getLogger(__name__)
@@ -146,6 +147,26 @@ class Job:
         }
 
 
+@dataclass(frozen=True)
+class JobFinding:
+    """One finding of a job's TID 1500 SR, as the index keeps it (``ai_finding``)."""
+
+    report_sop_instance_uid: str
+    tracking_uid: str
+    tracking_identifier: str
+    finding: str  # code meaning
+    finding_code: str  # "scheme:value"
+    site: str
+    present: bool
+    size: float | None
+    size_unit: str
+    segment_number: int | None
+    segmentation_sop_instance_uid: str
+
+    def as_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
 def enqueue(
     session: Session,
     partition: str,
@@ -217,12 +238,22 @@ def _reset(row: InferenceJob, now: datetime) -> None:
     row.findings = None
 
 
-class JobQueue:
-    """Claims, heartbeats and finishes jobs of one partition."""
+Clock = Callable[[], datetime]
 
-    def __init__(self, archive: Archive, settings: InferenceSettings) -> None:
+
+class JobQueue:
+    """Claims, heartbeats and finishes jobs of one partition.
+
+    ``clock`` gives the time leases, backoffs and job times are computed from (UTC): the
+    process's clock, or a test's, so that a lease expires or a backoff passes without waiting.
+    """
+
+    def __init__(
+        self, archive: Archive, settings: InferenceSettings, *, clock: Clock = utc_now
+    ) -> None:
         self.archive = archive
         self.settings = settings
+        self.clock = clock
 
     def _owned(self, session: Session, job: Job, worker: str) -> InferenceJob | None:
         """The job row, locked, if ``worker`` still holds this generation of it."""
@@ -243,7 +274,7 @@ class JobQueue:
         claims a job it cannot run."""
         with self.archive.index.write() as session:
             while True:
-                now = utc_now()
+                now = self.clock()
                 statement = select(InferenceJob).where(
                     InferenceJob.partition == self.archive.partition,
                     or_(
@@ -294,7 +325,7 @@ class JobQueue:
             row = self._owned(session, job, worker)
             if row is None:
                 return False
-            row.lease_expires_at = utc_now() + timedelta(seconds=self.settings.lease_s)
+            row.lease_expires_at = self.clock() + timedelta(seconds=self.settings.lease_s)
             return True
 
     def complete(
@@ -304,10 +335,10 @@ class JobQueue:
         *,
         model_version: str,
         outputs: list[str],
-        findings: int | None = None,
+        findings: Sequence[JobFinding] | None = None,
     ) -> bool:
-        """Mark the job done with the SOP Instance UIDs of its ``outputs`` and the number of
-        ``findings`` its SR reports present, then delete the
+        """Mark the job done with the SOP Instance UIDs of its ``outputs`` and the ``findings``
+        its SR reports (rows of ``ai_finding``, replacing the earlier ones), then delete the
         outputs of its earlier generations that the new ones do not replace (e.g. a SEG when
         nothing was found this time). False when ``worker`` had lost the job: see
         :meth:`discard_stale_outputs`."""
@@ -319,9 +350,19 @@ class JobQueue:
             row.state = JobState.DONE
             row.model_version = model_version
             row.outputs = outputs
-            row.findings = findings
+            row.findings = None if findings is None else sum(f.present for f in findings)
             row.reason = ""
-            row.finished_at = utc_now()
+            session.execute(delete(AIFinding).where(AIFinding.job_id == row.id))
+            session.add_all(
+                AIFinding(
+                    partition=self.archive.partition,
+                    job_id=row.id,
+                    study_instance_uid=row.study_instance_uid,
+                    **dataclasses.asdict(finding),
+                )
+                for finding in findings or []
+            )
+            row.finished_at = self.clock()
             row.lease_expires_at = None
         # After the commit: from now on nothing refers to the superseded outputs.
         self.delete_outputs(job.study_instance_uid, superseded)
@@ -376,7 +417,7 @@ class JobQueue:
             row = self._owned(session, job, worker)
             if row is None:
                 return None
-            now = utc_now()
+            now = self.clock()
             row.lease_expires_at = None
             row.reason = reason
             if retry and row.attempts < self.settings.max_attempts:
@@ -397,7 +438,7 @@ class JobQueue:
             if row.state == JobState.RUNNING:
                 raise Conflict(f"job {job_id} is running; re-run it when it has finished")
             if row.state != JobState.QUEUED:
-                _reset(row, utc_now())
+                _reset(row, self.clock())
                 session.flush()
             return Job.from_row(row)
 
@@ -425,9 +466,12 @@ class JobQueue:
         study_instance_uid: str | None = None,
         before_id: int | None = None,
         limit: int = 100,
+        queue_order: bool = False,
     ) -> list[Job]:
         """Jobs newest first (highest id), filtered by state, model name and study; keyset
-        paging: ``before_id`` is the id of the last job of the previous page."""
+        paging: ``before_id`` is the id of the last job of the previous page. ``queue_order``:
+        the order workers claim queued jobs in instead (STAT first, then oldest first; one
+        page, no paging)."""
         if state is not None and state not in set(JobState):
             raise InvalidQuery(f"state must be one of {', '.join(JobState)}, not {state!r}")
         statement = select(InferenceJob).where(InferenceJob.partition == self.archive.partition)
@@ -437,11 +481,40 @@ class JobQueue:
             statement = statement.where(InferenceJob.model_name == model)
         if study_instance_uid:
             statement = statement.where(InferenceJob.study_instance_uid == study_instance_uid)
-        if before_id is not None:
-            statement = statement.where(InferenceJob.id < before_id)
-        statement = statement.order_by(InferenceJob.id.desc()).limit(max(1, min(limit, 1000)))
+        if queue_order:
+            statement = statement.order_by(InferenceJob.priority.desc(), InferenceJob.id)
+        else:
+            if before_id is not None:
+                statement = statement.where(InferenceJob.id < before_id)
+            statement = statement.order_by(InferenceJob.id.desc())
+        statement = statement.limit(max(1, min(limit, 1000)))
         with self.archive.index.read() as session:
             return [Job.from_row(row) for row in session.scalars(statement)]
+
+    def findings_of_study(self, study_instance_uid: str) -> list[tuple[Job, JobFinding]]:
+        """The findings of the study's done jobs, with their job, in job and report order."""
+        with self.archive.index.read() as session:
+            rows = session.execute(
+                select(InferenceJob, AIFinding)
+                .join(AIFinding, AIFinding.job_id == InferenceJob.id)
+                .where(
+                    InferenceJob.partition == self.archive.partition,
+                    InferenceJob.study_instance_uid == study_instance_uid,
+                )
+                .order_by(InferenceJob.id, AIFinding.id)
+            ).all()
+            return [
+                (
+                    Job.from_row(job),
+                    JobFinding(
+                        **{
+                            field.name: getattr(finding, field.name)
+                            for field in dataclasses.fields(JobFinding)
+                        }
+                    ),
+                )
+                for job, finding in rows
+            ]
 
     def _row(self, session: Session, job_id: int, *, lock: bool = False) -> InferenceJob:
         if not 0 < job_id < 2**63:  # no such id in a BIGINT column; SQL could not compare it

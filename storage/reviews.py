@@ -83,29 +83,61 @@ def record_review(archive: Archive, decision: ReviewDecision) -> None:
 
 def reviews_for_study(archive: Archive, study_instance_uid: str) -> list[ReviewDecision]:
     """The study's decisions, oldest first (so the last one of a finding is its current one)."""
+    statement = (
+        select(FindingReview)
+        .where(
+            FindingReview.partition == archive.partition,
+            FindingReview.study_instance_uid == study_instance_uid,
+        )
+        .order_by(FindingReview.decided_at, FindingReview.id)
+    )
+    return [decision for _, decision in _decisions(archive, statement)]
+
+
+def search_reviews(
+    archive: Archive,
+    *,
+    decision: Decision | None = None,
+    model: str | None = None,
+    since: datetime | None = None,
+    after_id: int | None = None,
+    limit: int = 1000,
+) -> list[tuple[int, ReviewDecision]]:
+    """Decisions of every study, oldest first, with their row ids (the labels an export for
+    retraining reads): filtered by decision, model name and time; keyset paging after an id."""
+    statement = select(FindingReview).where(FindingReview.partition == archive.partition)
+    if decision is not None:
+        statement = statement.where(FindingReview.decision == decision.value)
+    if model:
+        statement = statement.where(FindingReview.model_name == model)
+    if since is not None:
+        statement = statement.where(FindingReview.decided_at >= since)
+    if after_id is not None:
+        statement = statement.where(FindingReview.id > after_id)
+    statement = statement.order_by(FindingReview.id).limit(max(1, min(limit, 10_000)))
+    return _decisions(archive, statement)
+
+
+def _decisions(archive: Archive, statement: Any) -> list[tuple[int, ReviewDecision]]:
     with archive.index.read() as session:
-        rows = session.scalars(
-            select(FindingReview)
-            .where(
-                FindingReview.partition == archive.partition,
-                FindingReview.study_instance_uid == study_instance_uid,
-            )
-            .order_by(FindingReview.decided_at, FindingReview.id)
-        ).all()
+        rows = session.scalars(statement).all()
         return [
-            ReviewDecision(
-                study_instance_uid=row.study_instance_uid,
-                job_id=row.job_id,
-                model_name=row.model_name,
-                model_version=row.model_version,
-                report_sop_instance_uid=row.report_sop_instance_uid,
-                tracking_uid=row.tracking_uid,
-                finding=row.finding,
-                decision=Decision(row.decision),
-                reviewer=row.reviewer,
-                comment=row.comment,
-                decided_at=as_utc(row.decided_at),  # type: ignore[arg-type]
-                review_sop_instance_uid=row.review_sop_instance_uid,
+            (
+                row.id,
+                ReviewDecision(
+                    study_instance_uid=row.study_instance_uid,
+                    job_id=row.job_id,
+                    model_name=row.model_name,
+                    model_version=row.model_version,
+                    report_sop_instance_uid=row.report_sop_instance_uid,
+                    tracking_uid=row.tracking_uid,
+                    finding=row.finding,
+                    decision=Decision(row.decision),
+                    reviewer=row.reviewer,
+                    comment=row.comment,
+                    decided_at=as_utc(row.decided_at),  # type: ignore[arg-type]
+                    review_sop_instance_uid=row.review_sop_instance_uid,
+                ),
             )
             for row in rows
         ]

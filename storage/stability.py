@@ -18,6 +18,7 @@ from sqlalchemy import and_, case, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from config.settings import InferencePriority
+from storage.errors import NotFound
 from storage.index.models import InferenceJob, Instance, Series, Study
 from storage.jobs import as_utc
 
@@ -116,6 +117,23 @@ def series_groups(session: Session, study_pk: int, own_ae_title: str) -> list[Se
         SeriesGroup(uid, modality, body_part, sop_class, as_utc(received), bool(external))  # type: ignore[arg-type]
         for uid, modality, body_part, sop_class, received, external in rows
     ]
+
+
+def study_series_groups(
+    archive: Archive, study_instance_uid: str, own_ae_title: str
+) -> tuple[int, list[SeriesGroup]]:
+    """The study's row id and :func:`series_groups`, read on their own (a model run by hand);
+    :class:`NotFound` when the study is not in the archive."""
+    with archive.index.read() as session:
+        study_pk = session.scalar(
+            select(Study.id).where(
+                Study.partition == archive.partition,
+                Study.study_instance_uid == study_instance_uid,
+            )
+        )
+        if study_pk is None:
+            raise NotFound(f"no study {study_instance_uid} in this archive")
+        return study_pk, series_groups(session, study_pk, own_ae_title)
 
 
 def study_jobs(

@@ -20,9 +20,10 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import and_, case, exists, func, literal, or_, select, tuple_
+from sqlalchemy.orm import aliased
 
 from storage.errors import InvalidQuery
-from storage.index.models import FindingReview, InferenceJob, Patient, Study
+from storage.index.models import AIFinding, FindingReview, InferenceJob, Patient, Study
 from storage.jobs import JobState, as_utc
 from storage.query import Query, QueryLevel, where_studies_match
 
@@ -78,6 +79,7 @@ class WorklistRequest:
 
     matching: Mapping[str, str]  # PatientName, PatientID, AccessionNumber, StudyDate, ...
     ai_state: AIState | None = None
+    finding: str | None = None  # a present AI finding of this name (e.g. "Lesion"), any case
     sort: SortKey = SortKey.RECEIVED
     descending: bool = True
     cursor: str | None = None
@@ -101,7 +103,8 @@ class WorklistStudy:
     stat: bool  # its AI jobs were queued with a raised priority
     ai_state: AIState
     findings: int  # present findings of its done jobs
-    reviews: int  # decisions recorded on its findings
+    accepted: int  # findings whose latest decision is "accepted"
+    rejected: int  # findings whose latest decision is "rejected"
     ai_note: str = ""  # why no model applies (with AIState.NO_MODEL)
 
     def as_json(self) -> dict[str, Any]:
@@ -116,7 +119,8 @@ class WorklistStudy:
             "stat": self.stat,
             "ai_state": str(self.ai_state),
             "findings": self.findings,
-            "reviews": self.reviews,
+            "accepted": self.accepted,
+            "rejected": self.rejected,
             "ai_note": self.ai_note if self.ai_state == AIState.NO_MODEL else "",
         }
 
@@ -197,13 +201,23 @@ def _findings() -> Any:
     )
 
 
-def _reviews() -> Any:
+def _current_decisions(decision: str) -> Any:
+    """How many of the study's findings have ``decision`` as their latest decision."""
+    review, newer = aliased(FindingReview), aliased(FindingReview)
     return (
         select(func.count())
-        .select_from(FindingReview)
+        .select_from(review)
         .where(
-            FindingReview.partition == Study.partition,
-            FindingReview.study_instance_uid == Study.study_instance_uid,
+            review.partition == Study.partition,
+            review.study_instance_uid == Study.study_instance_uid,
+            review.decision == decision,
+            ~exists().where(
+                newer.partition == review.partition,
+                newer.study_instance_uid == review.study_instance_uid,
+                newer.report_sop_instance_uid == review.report_sop_instance_uid,
+                newer.tracking_uid == review.tracking_uid,
+                newer.id > review.id,
+            ),
         )
         .scalar_subquery()
     )
@@ -236,7 +250,8 @@ def search_worklist(archive: Archive, request: WorklistRequest) -> WorklistPage:
             stat.label("stat"),
             ai_state.label("ai_state"),
             _findings().label("findings"),
-            _reviews().label("reviews"),
+            _current_decisions("accepted").label("accepted"),
+            _current_decisions("rejected").label("rejected"),
             key.label("sort_value"),
         ),
         archive,
@@ -244,6 +259,15 @@ def search_worklist(archive: Archive, request: WorklistRequest) -> WorklistPage:
     )
     if request.ai_state is not None:
         statement = statement.where(_ai_state_is(request.ai_state))
+    if request.finding:
+        statement = statement.where(
+            exists().where(
+                AIFinding.partition == Study.partition,
+                AIFinding.study_instance_uid == Study.study_instance_uid,
+                AIFinding.present.is_(True),
+                func.upper(AIFinding.finding) == request.finding.strip().upper(),
+            )
+        )
     if request.cursor:
         statement = statement.where(_after(request, stat, key, _decode(request)))
     direction = (lambda c: c.desc()) if request.descending else (lambda c: c.asc())
@@ -273,7 +297,8 @@ def _study(row: Any) -> WorklistStudy:
         stat=int(row.stat) > 0,
         ai_state=AIState(row.ai_state),
         findings=int(row.findings or 0),
-        reviews=int(row.reviews or 0),
+        accepted=int(row.accepted or 0),
+        rejected=int(row.rejected or 0),
         ai_note=row.ai_note or "",
     )
 

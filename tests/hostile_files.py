@@ -85,6 +85,20 @@ def many_elements(path: Path, count: int) -> Path:
     return path
 
 
+def many_items(path: Path, count: int) -> Path:
+    """One Content Sequence holding ``count`` empty items (8 bytes each in the file, a data
+    set each in pydicom)."""
+    ds = _header()
+    items = struct.pack("<HHL", 0xFFFE, 0xE000, 0) * count
+    sequence = (
+        struct.pack("<HH2sHL", 0x0040, 0xA730, b"SQ", 0, 0xFFFFFFFF)
+        + items
+        + struct.pack("<HHL", 0xFFFE, 0xE0DD, 0)
+    )
+    path.write_bytes(_meta_bytes(ds, ExplicitVRLittleEndian) + _explicit_le(ds) + sequence)
+    return path
+
+
 def deflate_bomb(path: Path, inflated_bytes: int) -> Path:
     """A Deflated Explicit VR Little Endian file whose data set inflates to about
     ``inflated_bytes``: a zero-filled Encapsulated Document (0042,0011) compressed as it is

@@ -15,7 +15,7 @@ from werkzeug.exceptions import NotFound as HTTPNotFound
 
 from config import Settings
 from storage.archive import Archive
-from storage.errors import InvalidQuery, NotFound, StorageError, StorageUnavailable
+from storage.errors import Conflict, InvalidQuery, NotFound, StorageError, StorageUnavailable
 from storage.jobs import JobState
 from web import study, worklist
 from web.ohif import SPA_ROUTES, app_config, installed, ohif_dir
@@ -143,6 +143,10 @@ def _register_errors(blueprint: Blueprint) -> None:
     @blueprint.errorhandler(NotFound)
     def _not_found(error: NotFound) -> Response:
         return _page(404, "Not found", str(error))
+
+    @blueprint.errorhandler(Conflict)
+    def _conflict(error: Conflict) -> Response:
+        return _page(409, "Not possible now", str(error))
 
     @blueprint.errorhandler(InvalidQuery)
     def _invalid(error: InvalidQuery) -> Response:

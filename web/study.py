@@ -9,7 +9,6 @@ import io
 import logging
 import os
 import tempfile
-import tomllib
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,9 +18,11 @@ import pydicom
 from flask import Blueprint, redirect, render_template, request
 from pydicom.dataset import Dataset
 
-import inference
 from config import Settings
+from inference.catalog import REFERENCE_MODELS_DIR, ModelCatalog, manifest_names
+from inference.errors import ModelError
 from inference.measurement_report import ReportedFinding, read_findings
+from inference.stability import queue_model_by_hand
 from storage.archive import Archive
 from storage.errors import InvalidQuery, NotFound
 from storage.ingest import Origin, ingest_file
@@ -29,7 +30,7 @@ from storage.jobs import Job, JobQueue, JobState
 from storage.query import Query, QueryLevel, entity_query, locate_instances, search
 from storage.reviews import Decision, ReviewDecision, record_review, reviews_for_study
 from storage.worklist import AI_STATE_LABELS, WorklistRequest, search_worklist
-from web.review_report import REVIEW_SERIES_NUMBER, review_report
+from web.review_report import review_report
 
 log = logging.getLogger(__name__)
 
@@ -52,12 +53,7 @@ MAX_REVIEWER, MAX_COMMENT = 64, 1024
 def reference_model_names() -> frozenset[str]:
     """The names of the reference models shipped with Hilum (trained on synthetic data, not
     for clinical use), read from their manifests without loading a model."""
-    folder = Path(inference.__file__).parent / "reference_models"
-    names = set()
-    for manifest in folder.glob("*/model.toml"):
-        with open(manifest, "rb") as f:
-            names.add(str(tomllib.load(f).get("name", "")))
-    return frozenset(names)
+    return frozenset(manifest_names([REFERENCE_MODELS_DIR]))
 
 
 @dataclass
@@ -135,6 +131,7 @@ def _series(archive: Archive, study_uid: str) -> list[dict[str, Any]]:
 def register(blueprint: Blueprint, settings: Settings, archive: Archive) -> None:
     queue = JobQueue(archive, settings.inference)
     reference = reference_model_names()
+    catalog = ModelCatalog(settings.inference.models_dirs)
 
     @blueprint.get("/studies/<study_uid>")
     def study_page(study_uid: str) -> Any:
@@ -153,7 +150,19 @@ def register(blueprint: Blueprint, settings: Settings, archive: Archive) -> None
             results=_job_results(archive, queue.for_study(study_uid), reviews, reference),
             reviews=reviews,
             saved=request.args.get("saved"),
+            queued=request.args.get("queued"),
+            models=manifest_names(settings.inference.models_dirs),
         )
+
+    @blueprint.post("/studies/<study_uid>/jobs")
+    def run_model(study_uid: str) -> Any:
+        """An administrator runs a model on the study by hand (no login yet: anyone can)."""
+        try:
+            model = catalog.get(request.form.get("model", ""))
+        except ModelError as error:
+            raise InvalidQuery(str(error)) from None
+        jobs = queue_model_by_hand(archive, settings, model, study_uid)
+        return redirect(f"/studies/{study_uid}?queued={model.name}+on+{len(jobs)}+series", 303)
 
     @blueprint.post("/studies/<study_uid>/reviews")
     def review_finding(study_uid: str) -> Any:
@@ -188,7 +197,7 @@ def register(blueprint: Blueprint, settings: Settings, archive: Archive) -> None
         if report is None or finding is None:
             raise NotFound(f"job {job.id} has no finding {tracking_uid!r} (re-run meanwhile?)")
         decided_at = datetime.now(UTC)
-        earlier = [r for r in reviews_for_study(archive, study_uid)]
+        earlier = reviews_for_study(archive, study_uid)
         sr = review_report(
             report,
             finding,
@@ -238,4 +247,4 @@ def _store(archive: Archive, settings: Settings, dataset: Dataset) -> str:
         path.unlink(missing_ok=True)
 
 
-__all__ = ["REVIEW_SERIES_NUMBER", "register", "reference_model_names"]
+__all__ = ["register", "reference_model_names"]

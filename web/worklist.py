@@ -22,7 +22,9 @@ from storage.worklist import (
 )
 
 # The filter form's fields, as they appear in the URL (so that a filtered list is a bookmark).
-FILTER_FIELDS = ("name", "patient_id", "accession", "date_from", "date_to", "modality", "ai")
+FILTER_FIELDS = (
+    "name", "patient_id", "accession", "date_from", "date_to", "modality", "ai", "finding",
+)  # fmt: skip
 MODALITIES = ("CT", "MR", "CR", "DX", "US", "MG", "NM", "PT", "XA", "RF", "SM", "SEG", "SR", "OT")
 COLUMNS = (
     ("patient_name", "Patient"),
@@ -78,6 +80,7 @@ def worklist_request(args: Any, settings: Settings) -> WorklistRequest:
     return WorklistRequest(
         matching=matching,
         ai_state=ai_state,
+        finding=args.get("finding", "").strip() or None,
         sort=sort,
         descending=args.get("order", "desc") != "asc",
         cursor=args.get("cursor") or None,

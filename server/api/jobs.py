@@ -2,9 +2,17 @@
 
 ``GET /api/jobs``                             jobs newest first; ``state``, ``model``, ``study``
                                               (StudyInstanceUID) filter, ``limit`` (100, at
-                                              most 1000) and ``before`` (a job id) page
+                                              most 1000) and ``before`` (a job id) page;
+                                              ``order=queue``: STAT first, then oldest first
 ``GET /api/studies/{StudyInstanceUID}/jobs``  every job of the study, oldest first (``[]`` if none)
 ``GET /api/studies/{StudyInstanceUID}/reviews``  the reviewers' decisions on its AI findings
+``GET /api/studies/{StudyInstanceUID}/findings`` the findings of its done AI jobs (index rows)
+``GET /api/reviews``                          every decision, oldest first: ``decision``
+                                              (accepted/rejected), ``model``, ``since`` (ISO
+                                              8601), ``after`` (an id) and ``limit`` (1000)
+``POST /api/studies/{StudyInstanceUID}/jobs``  ``{"model": name}``: run a model on the study by
+                                              hand (202, the jobs); 404 no such study, 400 no
+                                              such model, 409 no series it can read
 ``GET /api/jobs/{id}``                        one job; 404 if there is no such job (any id)
 ``POST /api/jobs/{id}/rerun``                 queue a done or failed job again (202); 409 while it
                                               runs; a queued job is left as it is
@@ -16,21 +24,26 @@ A study that is not a valid UID is a 400. Storage errors (``NotFound``, ``Confli
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 from flask import Blueprint, jsonify, request
 
 from config import Settings
+from inference.catalog import ModelCatalog
+from inference.errors import ModelError
+from inference.stability import queue_model_by_hand
 from storage.archive import Archive
 from storage.dicom_file import is_valid_uid
 from storage.errors import InvalidQuery
 from storage.jobs import JobQueue
-from storage.reviews import reviews_for_study
+from storage.reviews import Decision, reviews_for_study, search_reviews
 
 
 def jobs_blueprint(settings: Settings, archive: Archive) -> Blueprint:
     blueprint = Blueprint("jobs", __name__)
     queue = JobQueue(archive, settings.inference)
+    catalog = ModelCatalog(settings.inference.models_dirs)
 
     @blueprint.get("/studies/<study_instance_uid>/jobs")
     def list_study_jobs(study_instance_uid: str) -> Any:
@@ -52,8 +65,50 @@ def jobs_blueprint(settings: Settings, archive: Archive) -> Blueprint:
             study_instance_uid=args.get("study") or None,
             before_id=before,
             limit=limit,
+            queue_order=args.get("order") == "queue",
         )
         return jsonify([job.as_json() for job in jobs])
+
+    @blueprint.post("/studies/<study_instance_uid>/jobs")
+    def run_model_on_study(study_instance_uid: str) -> Any:
+        body = request.get_json(silent=True) or {}
+        try:
+            model = catalog.get(str(body.get("model", "")))
+        except ModelError as error:
+            raise InvalidQuery(str(error)) from None
+        jobs = queue_model_by_hand(archive, settings, model, study_instance_uid)
+        return jsonify([job.as_json() for job in jobs]), 202
+
+    @blueprint.get("/studies/<study_instance_uid>/findings")
+    def list_study_findings(study_instance_uid: str) -> Any:
+        return jsonify(
+            [
+                {**finding.as_json(), "job": job.id, "model": job.as_json()["model"]}
+                for job, finding in queue.findings_of_study(study_instance_uid)
+            ]
+        )
+
+    @blueprint.get("/reviews")
+    def search_all_reviews() -> Any:
+        args = request.args
+        try:
+            decision = Decision(args["decision"]) if args.get("decision") else None
+            since = datetime.fromisoformat(args["since"]) if args.get("since") else None
+            after = int(args["after"]) if args.get("after") else None
+            limit = int(args.get("limit", 1000))
+        except ValueError as error:
+            raise InvalidQuery(f"decision, since, after or limit: {error}") from None
+        if since is not None and since.tzinfo is None:
+            since = since.replace(tzinfo=UTC)
+        found = search_reviews(
+            archive,
+            decision=decision,
+            model=args.get("model") or None,
+            since=since,
+            after_id=after,
+            limit=limit,
+        )
+        return jsonify([{"id": row_id, **review.as_json()} for row_id, review in found])
 
     @blueprint.get("/studies/<study_instance_uid>/reviews")
     def list_study_reviews(study_instance_uid: str) -> Any:

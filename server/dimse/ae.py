@@ -300,7 +300,9 @@ class DimseServer:
 
         def sink_for(command: Command, context: Context) -> DataSink:
             if command.field == CommandField.C_STORE_RQ:
-                received = ReceivedDataSet(self.tmp_dir, command, context)
+                received = ReceivedDataSet(
+                    self.tmp_dir, command, context, self.archive.limits.instance_max_bytes
+                )
                 receiving.append(received)
                 return received
             return BufferSink()

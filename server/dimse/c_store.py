@@ -24,6 +24,7 @@ from server.dimse.statuses import OUT_OF_RESOURCES, SUCCESS, error_comment, stat
 from storage.errors import StorageError, StorageUnavailable
 from storage.group_commit import GroupCommit
 from storage.ingest import Origin, Received
+from storage.limits import refuse_too_large
 
 log = logging.getLogger(__name__)
 
@@ -34,14 +35,18 @@ _EXPLICIT_LONG = struct.Struct("<HH2s2xI")  # OB, with a 4-byte length
 class ReceivedDataSet:
     """A C-STORE data set written to its temporary Part 10 file as its fragments arrive.
 
-    A file that cannot be written (disk full) does not end the association: the rest of the
-    data set is read and dropped, and the request is answered 0xA700 (``error``).
+    A file that cannot be written (disk full), or a data set past ``max_bytes`` (``[limits]
+    instance_max_bytes``, checked as it arrives, so an endless data set never fills the disk),
+    does not end the association: the rest of the data set is read and dropped, and the request
+    is answered with the refusal (``error``).
     """
 
-    def __init__(self, tmp_dir: Path, command: Command, context: Context) -> None:
+    def __init__(self, tmp_dir: Path, command: Command, context: Context, max_bytes: int) -> None:
         self.digest = hashlib.sha256()
         self.size = 0
+        self.max_bytes = max_bytes
         self.error: OSError | None = None
+        self.too_large = False
         self.path: Path | None = None
         self._file: BinaryIO | None = None
         try:
@@ -60,11 +65,16 @@ class ReceivedDataSet:
             self._fail(error)
 
     def write(self, chunk: memoryview) -> None:
-        if self._file is not None:
-            try:
-                self._put(chunk)
-            except OSError as error:
-                self._fail(error)
+        if self._file is None:
+            return
+        if self.size + len(chunk) > self.max_bytes:
+            self.too_large = True
+            self.remove()
+            return
+        try:
+            self._put(chunk)
+        except OSError as error:
+            self._fail(error)
 
     def close(self) -> None:
         if self._file is not None:
@@ -140,6 +150,8 @@ def handle_c_store(assoc: Association, message: Message, ingest: GroupCommit) ->
     comment = ""
     try:
         received.close()
+        if received.too_large:
+            refuse_too_large("the data set is larger", "instance_max_bytes", received.max_bytes)
         if received.error is not None or received.path is None:
             raise StorageUnavailable(f"cannot write the received data set: {received.error}")
         result = ingest.ingest(

@@ -13,7 +13,9 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -239,3 +241,31 @@ class FindingReview(Base):
     comment: Mapped[str] = mapped_column(Text, default="")
     decided_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     review_sop_instance_uid: Mapped[str] = mapped_column(String(UI))
+
+
+class AIFinding(Base):
+    """One finding of a done AI job (migration 0004), as its TID 1500 SR reports it: what
+    (Finding), where (Finding Site), how big, the SEG segment and SR it came from. Replaced with
+    the job's next results; the model and version are the job's."""
+
+    __tablename__ = "ai_finding"
+    __table_args__ = (
+        Index("ix_ai_finding_job", "job_id"),
+        Index("ix_ai_finding_study", "partition", "study_instance_uid"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    partition: Mapped[str] = mapped_column(ForeignKey("partition.name"))
+    job_id: Mapped[int] = mapped_column(ForeignKey("inference_job.id"))
+    study_instance_uid: Mapped[str] = mapped_column(String(UI))
+    report_sop_instance_uid: Mapped[str] = mapped_column(String(UI))
+    tracking_uid: Mapped[str] = mapped_column(String(UI))
+    tracking_identifier: Mapped[str] = mapped_column(String(LO))
+    finding: Mapped[str] = mapped_column(String(LO))  # code meaning, e.g. "Lesion"
+    finding_code: Mapped[str] = mapped_column(String(64))  # "SCT:52988006"
+    site: Mapped[str] = mapped_column(String(LO))  # "" when none
+    present: Mapped[bool] = mapped_column(Boolean)  # False: reported "Absent"
+    size: Mapped[float | None] = mapped_column(Float, nullable=True)
+    size_unit: Mapped[str] = mapped_column(String(16))  # UCUM: "mm3", "mm2"
+    segment_number: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    segmentation_sop_instance_uid: Mapped[str] = mapped_column(String(UI))

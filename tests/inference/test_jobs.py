@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import threading
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
-from sqlalchemy import update
 
 from config import Settings
 from config.settings import InferenceSettings
@@ -18,13 +17,28 @@ from inference import stability
 from inference.registry import Model, ModelManifest
 from inference.stability import queue_stable_studies
 from storage.archive import Archive
-from storage.errors import Conflict, NotFound
+from storage.errors import Conflict, InvalidQuery, NotFound
 from storage.index.models import InferenceJob
 from storage.ingest import Origin, ingest_file
-from storage.jobs import JobQueue, JobState, utc_now
+from storage.jobs import JobFinding, JobQueue, JobState, utc_now
 from tests.factories import ct_instance, write_part10
 
 LATER = timedelta(hours=1)  # a scan "an hour from now" sees every study as stable
+
+
+class TestClock:
+    """A clock that moves only when told: leases expire and backoffs pass without waiting."""
+
+    __test__ = False  # not a test class
+
+    def __init__(self) -> None:
+        self.now = utc_now()
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)
 
 
 def model_for(name: str, modalities: list[str]) -> Model:
@@ -190,22 +204,20 @@ def test_failed_attempts_are_retried_with_backoff_then_fail_with_the_reason(
 ) -> None:
     ct_series(archive, tmp_path)
     (job,) = scan(archive, settings)
-    queue = JobQueue(archive, InferenceSettings(max_attempts=3, retry_backoff_s=30))
+    clock = TestClock()
+    queue = JobQueue(archive, InferenceSettings(max_attempts=3, retry_backoff_s=30), clock=clock)
 
     def back_off_and_wait_it_out(attempt: int, backoff_s: int) -> None:
         claimed = queue.claim(f"w{attempt}")
         assert claimed is not None and claimed.attempts == attempt
-        before = utc_now()
         retried = queue.fail(claimed, f"w{attempt}", "RuntimeError: CUDA out of memory", retry=True)
         assert retried is not None and retried.state == JobState.QUEUED
         assert retried.generation == job.generation  # a retry stores the same UIDs
-        assert retried.not_before >= before + timedelta(seconds=backoff_s)
+        assert retried.not_before == clock() + timedelta(seconds=backoff_s)
         assert retried.reason == "RuntimeError: CUDA out of memory"
-        assert queue.claim("w") is None  # backing off
-        with archive.index.write() as session:  # let the backoff pass
-            session.execute(
-                update(InferenceJob).where(InferenceJob.id == job.id).values(not_before=before)
-            )
+        clock.advance(backoff_s - 1)
+        assert queue.claim("w") is None  # still backing off
+        clock.advance(1)  # the backoff has passed
 
     back_off_and_wait_it_out(1, 30)
     back_off_and_wait_it_out(2, 60)  # doubled
@@ -215,7 +227,7 @@ def test_failed_attempts_are_retried_with_backoff_then_fail_with_the_reason(
     assert failed is not None
     assert (failed.state, failed.attempts) == (JobState.FAILED, 3)
     assert failed.reason == "RuntimeError: CUDA out of memory"
-    assert failed.finished_at is not None
+    assert failed.finished_at == clock()
     assert queue.claim("w4") is None
 
 
@@ -236,12 +248,14 @@ def test_an_expired_lease_lets_another_worker_claim_the_job(
 ) -> None:
     ct_series(archive, tmp_path)
     (job,) = scan(archive, settings)
-    short = JobQueue(archive, InferenceSettings(lease_s=0.01, max_attempts=2))
-    normal = JobQueue(archive, InferenceSettings(lease_s=60, max_attempts=2))
+    clock = TestClock()
+    normal = JobQueue(archive, InferenceSettings(lease_s=60, max_attempts=2), clock=clock)
 
-    first = short.claim("killed")
+    first = normal.claim("killed")
     assert first is not None
-    threading.Event().wait(0.05)  # the killed worker renews nothing
+    clock.advance(59)
+    assert normal.claim("survivor") is None  # leased
+    clock.advance(2)  # the killed worker renewed nothing: its lease expired
     second = normal.claim("survivor")
     assert second is not None and (second.id, second.attempts) == (job.id, 2)
     assert second.worker == "survivor"
@@ -262,9 +276,10 @@ def test_a_job_that_keeps_losing_its_worker_fails(
 ) -> None:
     ct_series(archive, tmp_path)
     (job,) = scan(archive, settings)
-    queue = JobQueue(archive, InferenceSettings(lease_s=0.01, max_attempts=1))
+    clock = TestClock()
+    queue = JobQueue(archive, InferenceSettings(lease_s=60, max_attempts=1), clock=clock)
     assert queue.claim("w1") is not None
-    threading.Event().wait(0.05)
+    clock.advance(61)
     assert queue.claim("w2") is None
     failed = queue.get(job.id)
     assert failed.state == JobState.FAILED
@@ -355,3 +370,68 @@ def test_json_api_lists_shows_and_reruns_jobs(
     missing = client.get(f"/api/jobs/{job.id + 1000}")
     assert missing.status_code == 404 and "no inference job" in missing.get_json()["error"]
     assert client.post(f"/api/jobs/{job.id + 1000}/rerun").status_code == 404
+
+
+def _finding(report: str, name: str, present: bool) -> JobFinding:
+    return JobFinding(
+        report_sop_instance_uid=report, tracking_uid=generate_uid(), tracking_identifier=name,
+        finding=name, finding_code="SCT:52988006", site="Abdomen", present=present,
+        size=12.5 if present else None, size_unit="mm3" if present else "",
+        segment_number=1 if present else None, segmentation_sop_instance_uid="",
+    )  # fmt: skip
+
+
+def test_a_done_jobs_findings_are_index_rows_replaced_by_its_next_results(
+    archive: Archive, settings: Settings, tmp_path: Path
+) -> None:
+    study, _ = ct_series(archive, tmp_path)
+    (job,) = scan(archive, settings)
+    queue = JobQueue(archive, settings.inference)
+    claimed = queue.claim("w1")
+    assert claimed is not None
+    found = [_finding("1.2.3", "Lesion", True), _finding("1.2.3", "Cyst", False)]
+    assert queue.complete(claimed, "w1", model_version="1.0", outputs=["1.2.3"], findings=found)
+    assert queue.get(job.id).findings == 1  # present ones
+    assert [(j.id, f) for j, f in queue.findings_of_study(study)] == [(job.id, f) for f in found]
+
+    queue.rerun(job.id)
+    again = queue.claim("w1")
+    assert again is not None
+    assert queue.complete(again, "w1", model_version="1.0", outputs=["1.2.4"], findings=[])
+    assert queue.findings_of_study(study) == []
+    assert queue.get(job.id).findings == 0
+
+
+def test_jobs_are_searched_newest_first_by_state_model_and_study(
+    archive: Archive, settings: Settings, tmp_path: Path
+) -> None:
+    first, _ = ct_series(archive, tmp_path)
+    second, _ = ct_series(archive, tmp_path)
+    ct_series(archive, tmp_path, Modality="MR")  # no model of these reads it
+    older, newer = sorted(scan(archive, settings), key=lambda j: j.id)
+    queue = JobQueue(archive, settings.inference)
+    claimed = queue.claim("w1")
+    assert claimed is not None and claimed.id == older.id
+
+    assert [j.id for j in queue.search()] == [newer.id, older.id]
+    assert [j.id for j in queue.search(state="running")] == [older.id]
+    assert [j.id for j in queue.search(state="queued")] == [newer.id]
+    assert [j.id for j in queue.search(model="test-ct")] == [newer.id, older.id]
+    assert queue.search(model="test-wsi") == []
+    assert [j.id for j in queue.search(study_instance_uid=second)] == [
+        j.id for j in (older, newer) if j.study_instance_uid == second
+    ]
+    assert {j.study_instance_uid for j in queue.search()} == {first, second}
+    assert [j.id for j in queue.search(limit=1)] == [newer.id]
+    assert [j.id for j in queue.search(before_id=newer.id)] == [older.id]
+    with pytest.raises(InvalidQuery, match="state must be one of"):
+        queue.search(state="finished")
+
+    # The order workers claim in: STAT first, then oldest first.
+    ct_series(archive, tmp_path, RequestedProcedurePriority="STAT")
+    (stat_job,) = scan(archive, settings)
+    ct_series(archive, tmp_path)
+    (routine,) = scan(archive, settings)
+    queued = [stat_job.id, newer.id, routine.id]
+    assert [j.id for j in queue.search(state="queued", queue_order=True)] == queued
+    assert [j.id for j in queue.search(state="queued")] == sorted(queued, reverse=True)

@@ -11,7 +11,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from storage.dicom_file import BULK_DATA_THRESHOLD, integer_value, metadata_json, uid_value
-from storage.dicom_file import _without_nul as without_nul  # PostgreSQL's JSONB rule
+from storage.dicom_file import _json_safe as without_nul  # PostgreSQL's JSONB rule
 from tests.factories import ct_instance, write_part10
 
 

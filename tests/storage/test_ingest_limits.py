@@ -12,15 +12,18 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from pydicom.uid import generate_uid
+from sqlalchemy import text
 
 from config.settings import LimitsSettings
-from storage.archive import Archive
+from storage.archive import Archive, open_archive
 from storage.dicom_file import read_instance_header
 from storage.errors import InstanceTooComplex, InstanceTooLarge, InvalidInstance, StorageError
 from storage.ingest import IngestOutcome, Received, ingest_file, ingest_files
 from storage.query import Query, QueryLevel, locate_instances
 from storage.verify import verify_archive
 from tests import hostile_files
+from tests.conftest import make_settings
 from tests.factories import ct_instance, write_part10
 
 REPOSITORY = Path(__file__).resolve().parents[2]
@@ -54,6 +57,11 @@ HOSTILE: dict[str, tuple[Callable[[Path], Path], type[StorageError], str]] = {
     ),
     "2 001 elements past a 2 000 cap": (
         lambda p: hostile_files.many_elements(p, 2_001),
+        InstanceTooComplex,
+        "limits.elements_max",
+    ),
+    "2 001 empty items past a 2 000 cap": (
+        lambda p: hostile_files.many_items(p, 2_001),
         InstanceTooComplex,
         "limits.elements_max",
     ),
@@ -167,10 +175,11 @@ print(json.dumps({"outcome": outcome, "grown_kib": after - before}))
 @pytest.mark.parametrize(
     ("name", "make"),
     [
-        ("deflated, 1 GiB inflated", lambda p: hostile_files.deflate_bomb(p, 1 << 30)),
+        ("deflated, 512 MiB inflated", lambda p: hostile_files.deflate_bomb(p, 512 << 20)),
         ("nested 10 000 deep", lambda p: hostile_files.nested_sequences(p, 10_000)),
         ("JPEG 65535 x 65535 x 4", lambda p: hostile_files.jpeg_claiming(p, 65535, 65535, 4)),
         ("0 x 0 x 2 000 000", lambda p: hostile_files.zero_geometry(p, 2_000_000)),
+        ("1 100 000 empty items", lambda p: hostile_files.many_items(p, 1_100_000)),
     ],
 )
 def test_refusal_with_the_default_limits_stays_small_in_memory(
@@ -191,3 +200,56 @@ def test_refusal_with_the_default_limits_stays_small_in_memory(
     assert measured["outcome"] != "stored", name
     # The deflated file inflates in 1 MiB steps; the others never touch their pixels.
     assert measured["grown_kib"] < 32 * 1024, measured
+
+
+def test_a_value_the_index_refuses_fails_its_own_file_only(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    """PostgreSQL refuses a value outside its column type (DataError): the file holding it is
+    refused as Cannot Understand, the rest of its group is stored, no blob is left. A column
+    narrowed to SMALLINT stands in for any value the index cannot hold."""
+    settings = make_settings(tmp_path, database_url=postgres_url)
+    archive = open_archive(settings, migrate=True)
+    try:
+        with archive.index.write() as session:
+            session.execute(text("ALTER TABLE instance ALTER COLUMN instance_number TYPE smallint"))
+        study, series = generate_uid(), generate_uid()
+        files = []
+        for n, number in enumerate([1, 40_000, 2]):
+            ds = ct_instance(study, series, seed=n)
+            ds.InstanceNumber = number
+            files.append(write_part10(ds, tmp_path / f"{n}.dcm"))
+        first, refused, last = ingest_files(archive, [Received(path) for path in files])
+        assert isinstance(refused, InvalidInstance)
+        assert "cannot hold a value" in str(refused)
+        assert first.outcome is IngestOutcome.STORED  # type: ignore[union-attr]
+        assert last.outcome is IngestOutcome.STORED  # type: ignore[union-attr]
+        assert len(_stored(archive)) == 2
+        assert verify_archive(archive).ok
+    finally:
+        archive.close()
+
+
+def test_non_finite_numbers_are_stored_as_null_in_the_metadata(
+    archive: Archive, tmp_path: Path
+) -> None:
+    # No JSON has NaN or Infinity; PostgreSQL's JSONB refused the whole row.
+    ds = ct_instance()
+    ds.DiffusionBValue = float("nan")  # FD, the fast path
+    ds.add_new(0x00189327, "FL", [1.5, float("inf")])
+    ds.add_new(0x00180088, "DS", "NaN")  # DS, pydicom's path
+    ingest_file(archive, write_part10(ds, tmp_path / "nan.dcm"))
+    query = Query(QueryLevel.IMAGE, {"SOPInstanceUID": ds.SOPInstanceUID})
+    (stored,) = locate_instances(archive, query, with_metadata=True)
+    metadata = stored.metadata or {}
+    assert metadata["00189087"]["Value"] == [None]
+    assert metadata["00189327"]["Value"] == [1.5, None]
+    assert metadata["00180088"]["Value"] == [None]
+
+
+def test_the_structure_pass_reads_past_its_window(tmp_path: Path) -> None:
+    # 70 000 elements of 10 bytes: 700 kB of headers, past the pass's 256 KiB window.
+    path = hostile_files.many_elements(tmp_path / "wide.dcm", 70_000)
+    assert read_instance_header(path, LimitsSettings(elements_max=80_000)).number_of_frames == 1
+    with pytest.raises(InstanceTooComplex, match="limits.elements_max"):
+        read_instance_header(path, LimitsSettings(elements_max=69_999))

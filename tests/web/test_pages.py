@@ -131,6 +131,7 @@ def test_the_worklist_shows_each_study_with_its_ai_state_stat_on_top(
         ("#f-from", "2025-06-01", "chest+phantom"),
         ("#f-mod", "MR", "mr"),
         ("#f-ai", "findings", "phantom"),
+        ("#f-finding", "lesion", "phantom"),
     ],
 )
 def test_each_filter_narrows_the_list(
@@ -232,6 +233,14 @@ def test_the_study_page_lists_the_findings_and_accept_stores_a_verified_sr(
     expect(page.locator(".decision")).to_contain_text("Accepted by Dr Jane Doe")
     screenshot(page, "study-accepted")
 
+    # The findings are index rows too, with their job's model.
+    findings = requests.get(f"{hilum.url}/api/studies/{studies.phantom}/findings", timeout=30)
+    (lesion,) = findings.json()
+    assert lesion["finding"] == "Lesion" and lesion["site"] == "Abdomen" and lesion["present"]
+    assert lesion["finding_code"] == "SCT:52988006" and lesion["size_unit"] == "mm3"
+    assert lesion["model"] == {"name": "ct_lesion_synthetic", "version": "1.0.0"}
+    assert lesion["segment_number"] == 1 and lesion["segmentation_sop_instance_uid"]
+
     (accepted,) = stored_reviews(hilum, studies.phantom)
     assert accepted["decision"] == "accepted" and accepted["reviewer"] == "Dr Jane Doe"
     assert accepted["finding"] == "Lesion in Abdomen"
@@ -271,6 +280,17 @@ def test_reject_with_a_comment_is_stored_and_shown_after_reload(
 
     latest = stored_reviews(hilum, studies.phantom)[-1]
     assert latest["decision"] == "rejected" and latest["comment"] == "motion artefact, not a lesion"
+    # Every decision, across studies, for an export of labels.
+    labels = requests.get(f"{hilum.url}/api/reviews", timeout=30).json()
+    assert [(r["decision"], r["reviewer"]) for r in labels] == [
+        ("accepted", "Dr Jane Doe"),
+        ("rejected", "Dr Max Roe"),
+    ]
+    rejected = requests.get(f"{hilum.url}/api/reviews?decision=rejected", timeout=30).json()
+    assert [r["review"] for r in rejected] == [latest["review"]]
+    after = requests.get(f"{hilum.url}/api/reviews?after={labels[0]['id']}", timeout=30).json()
+    assert [r["id"] for r in after] == [labels[1]["id"]]
+    assert requests.get(f"{hilum.url}/api/reviews?decision=maybe", timeout=30).status_code == 400
     assert latest["review"] in qido_sr_instances(hilum, studies.phantom)
     # The review SR is a valid Comprehensive 3D SR (dicom3tools' dciodvfy finds no error).
     response = requests.get(
@@ -293,7 +313,9 @@ def test_reject_with_a_comment_is_stored_and_shown_after_reload(
 
 def test_the_worklist_marks_a_reviewed_study(hilum: Hilum, studies: Studies, page: Page) -> None:
     page.goto(hilum.url + "/")
-    expect(page.locator(f'tr[data-study="{studies.phantom}"] .badge.reviewed')).to_have_count(1)
+    # Accepted, then rejected: the finding's current decision is the rejection.
+    reviewed = page.locator(f'tr[data-study="{studies.phantom}"] .badge.reviewed')
+    expect(reviewed).to_have_text(["1 rejected"])
     expect(page.locator(f'tr[data-study="{studies.chest}"] .badge.reviewed')).to_have_count(0)
 
 
@@ -381,3 +403,33 @@ def test_the_worklist_works_with_the_keyboard(hilum: Hilum, studies: Studies, pa
     page.keyboard.press("Enter")
     page.wait_for_url(re.compile(f"/studies/{re.escape(studies.mr)}$"))
     expect(page.locator("h1")).to_contain_text("MOE, MARY")
+
+
+def test_an_administrator_runs_a_model_on_a_study_by_hand(
+    hilum: Hilum, studies: Studies, page: Page
+) -> None:
+    # The chest CT: no rule matched (body part), but the CT model can read its series.
+    page.goto(f"{hilum.url}/studies/{studies.chest}")
+    page.get_by_label("Run a model on this study by hand").select_option("ct_lesion_synthetic")
+    page.get_by_role("button", name="Run").click()
+    expect(page.locator(".message.ok")).to_have_text("Queued ct_lesion_synthetic on 1 series.")
+    (job,) = hilum.worker.queue.for_study(studies.chest)
+    assert job.model_name == "ct_lesion_synthetic"
+    ended = wait_until(
+        lambda: hilum.worker.queue.get(job.id).state in (JobState.DONE, JobState.FAILED),
+        "the job run by hand to end",
+    )
+    assert ended
+    page.reload()
+    assert page.locator("h2 .ai").inner_text() != "No model applies"
+
+    # The MR: the CT model cannot read it; the page says why, and nothing is queued.
+    page.goto(f"{hilum.url}/studies/{studies.mr}")
+    page.get_by_role("button", name="Run").click()
+    expect(page.locator("h1")).to_have_text("Not possible now")
+    expect(page.locator("main")).to_contain_text("ct_lesion_synthetic reads CT series")
+    assert hilum.worker.queue.for_study(studies.mr) == []
+    response = requests.post(
+        f"{hilum.url}/api/studies/{studies.mr}/jobs", json={"model": "nonexistent"}, timeout=30
+    )
+    assert response.status_code == 400 and "no installed model" in response.json()["error"]

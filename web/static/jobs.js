@@ -60,6 +60,9 @@
   async function load(append) {
     const params = filters();
     params.set("limit", PAGE);
+    // Queued jobs in the order workers take them (STAT first, then oldest); others newest first.
+    const queueOrder = params.get("state") === "queued";
+    if (queueOrder) params.set("order", "queue");
     if (append && oldest !== null) params.set("before", oldest);
     status.textContent = "Loading…";
     try {
@@ -69,8 +72,9 @@
       if (!append) rows.replaceChildren();
       for (const job of body) rows.appendChild(render(job));
       if (body.length) oldest = body[body.length - 1].id;
-      more.hidden = body.length < PAGE;
-      status.textContent = rows.rows.length ? rows.rows.length + " job(s) shown, newest first." : "No job matches.";
+      more.hidden = queueOrder || body.length < PAGE;
+      const order = queueOrder ? "in the order they will run (STAT first)" : "newest first";
+      status.textContent = rows.rows.length ? rows.rows.length + " job(s) shown, " + order + "." : "No job matches.";
     } catch (error) {
       status.textContent = "Could not load the jobs: " + error.message;
     }

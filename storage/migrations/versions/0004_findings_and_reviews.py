@@ -1,12 +1,13 @@
-"""the number of findings of a done AI job, why no model applies to a study, and the reviews
-of AI findings
+"""the findings of a done AI job, why no model applies to a study, and the reviews of AI
+findings
 
 Revision ID: 0004
 Revises: 0003
 Create Date: 2026-12-03 08:00:00.000000
 
 ``inference_job.findings``: how many findings the job's SR reports as present (null until the
-job is done, and for jobs done before this revision). ``study.ai_note``: why no model applies
+job is done, and for jobs done before this revision); ``ai_finding``: those findings, one row
+each (what, where, how big, the SEG segment and SR). ``study.ai_note``: why no model applies
 to the study, written when the stability scan queues nothing; ``study.ai_priority``: the highest
 priority its jobs were queued with (STAT first in the worklist, from an index).
 ``finding_review``: one row per accept or reject decision on a finding, beside the DICOM SR
@@ -43,6 +44,33 @@ def upgrade() -> None:
     )
 
     op.create_table(
+        "ai_finding",
+        sa.Column("id", _ID, nullable=False),
+        sa.Column("partition", sa.String(length=64), nullable=False),
+        sa.Column("job_id", _ID, nullable=False),
+        sa.Column("study_instance_uid", sa.String(length=64), nullable=False),
+        sa.Column("report_sop_instance_uid", sa.String(length=64), nullable=False),
+        sa.Column("tracking_uid", sa.String(length=64), nullable=False),
+        sa.Column("tracking_identifier", sa.String(length=64), nullable=False),
+        sa.Column("finding", sa.String(length=64), nullable=False),
+        sa.Column("finding_code", sa.String(length=64), nullable=False),
+        sa.Column("site", sa.String(length=64), nullable=False),
+        sa.Column("present", sa.Boolean(), nullable=False),
+        sa.Column("size", sa.Float(), nullable=True),
+        sa.Column("size_unit", sa.String(length=16), nullable=False),
+        sa.Column("segment_number", sa.Integer(), nullable=True),
+        sa.Column("segmentation_sop_instance_uid", sa.String(length=64), nullable=False),
+        sa.ForeignKeyConstraint(["partition"], ["partition.name"]),
+        sa.ForeignKeyConstraint(["job_id"], ["inference_job.id"]),
+        sa.PrimaryKeyConstraint("id"),
+    )
+    with op.batch_alter_table("ai_finding", schema=None) as batch_op:
+        batch_op.create_index("ix_ai_finding_job", ["job_id"], unique=False)
+        batch_op.create_index(
+            "ix_ai_finding_study", ["partition", "study_instance_uid"], unique=False
+        )
+
+    op.create_table(
         "finding_review",
         sa.Column("id", _ID, nullable=False),
         sa.Column("partition", sa.String(length=64), nullable=False),
@@ -73,6 +101,10 @@ def downgrade() -> None:
         batch_op.drop_index("ix_finding_review_decided")
         batch_op.drop_index("ix_finding_review_study")
     op.drop_table("finding_review")
+    with op.batch_alter_table("ai_finding", schema=None) as batch_op:
+        batch_op.drop_index("ix_ai_finding_study")
+        batch_op.drop_index("ix_ai_finding_job")
+    op.drop_table("ai_finding")
     with op.batch_alter_table("study", schema=None) as batch_op:
         batch_op.drop_index("ix_study_worklist")
         batch_op.drop_column("ai_priority")

@@ -7,6 +7,8 @@ from __future__ import annotations
 import pytest
 import requests
 from dicomweb_client.api import DICOMwebClient
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from pydicom.dataset import Dataset
 
 from tests.server.dicomweb.conftest import ct_series
@@ -75,3 +77,35 @@ def test_an_instance_number_past_the_is_range_is_stored_but_not_indexed(
         ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID
     )
     assert metadata["00200013"]["Value"] == [99999999999]
+
+
+_KEYS = st.sampled_from(
+    [
+        "limit", "offset", "includefield", "fuzzymatching", "PatientName", "PatientID",
+        "StudyDate", "StudyTime", "AccessionNumber", "ModalitiesInStudy", "StudyInstanceUID",
+        "SeriesInstanceUID", "SOPInstanceUID", "InstanceNumber", "SeriesNumber", "00100010",
+        "0020000D", "Modality", "StudyDescription", "x" * 70,
+    ]
+)  # fmt: skip
+_VALUES = st.one_of(
+    st.text(max_size=40),
+    st.from_regex(r"-?[0-9]{1,25}", fullmatch=True),
+    st.sampled_from(["*", "?", "\\", "-", "20200101-", "-20200101", "1.2.3,1.2.4", "NaN", "\x00"]),
+)
+
+
+@settings(
+    max_examples=150,
+    deadline=5000,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+    derandomize=True,
+)
+@given(
+    level=st.sampled_from(["studies", "series", "instances"]),
+    params=st.lists(st.tuples(_KEYS, _VALUES), max_size=4),
+)
+def test_any_qido_parameters_are_answered_without_a_server_error(
+    base_url: str, level: str, params: list[tuple[str, str]]
+) -> None:
+    response = requests.get(f"{base_url}/{level}", params=params, timeout=30)
+    assert response.status_code in (200, 204, 400), (params, response.text[:300])

@@ -132,3 +132,19 @@ def test_headers_past_their_deadline_are_cut_and_others_served(
         for trickler in tricklers:
             trickler.close()
         server.stop()
+
+
+@pytest.mark.parametrize("backend", ["sqlite-files"])
+def test_request_headers_past_64_kib_are_refused(
+    backend: str, settings: Settings, archive: Archive
+) -> None:
+    server = _server(settings, archive)
+    try:
+        url = f"http://127.0.0.1:{server.port}/dicomweb/studies"
+        huge = requests.get(url, headers={"X-Padding": "a" * (100 << 10)}, timeout=20)
+        assert huge.status_code == 413
+        long_line = requests.get(url, params={"PatientID": "a" * (100 << 10)}, timeout=20)
+        assert long_line.status_code == 414
+        assert _query(server).status_code == 200
+    finally:
+        server.stop()

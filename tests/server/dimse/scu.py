@@ -73,7 +73,6 @@ def send_file_raw(server: DimseServer, path: Path, sop_class: str, syntax: str) 
     )
     try:
         (context,) = assoc.contexts.values()
-        header = pydicom.dcmread(path, stop_before_pixels=True, force=True)
         with open(path, "rb") as f:
             f.seek(data_set_offset(path))
             assoc.send_command(
@@ -84,10 +83,7 @@ def send_file_raw(server: DimseServer, path: Path, sop_class: str, syntax: str) 
                     "MessageID": 1,
                     "Priority": 0,
                     # As pynetdicom did: the File Meta Information's UID, else the data set's.
-                    "AffectedSOPInstanceUID": str(
-                        header.file_meta.get("MediaStorageSOPInstanceUID")
-                        or header.get("SOPInstanceUID", "1.2.3")
-                    ),
+                    "AffectedSOPInstanceUID": announced_instance_uid(path),
                 },
                 data_follows=True,
             )
@@ -101,6 +97,19 @@ def send_file_raw(server: DimseServer, path: Path, sop_class: str, syntax: str) 
         return status
     finally:
         assoc.release()
+
+
+def announced_instance_uid(path: Path) -> str:
+    """What pynetdicom announced for a file: its File Meta Information's SOP Instance UID, else
+    the data set's, read without parsing the rest (a hostile data set may nest 10 000 deep)."""
+    try:
+        meta_uid = pydicom.filereader.read_file_meta_info(path).get("MediaStorageSOPInstanceUID")
+    except Exception:  # noqa: BLE001 (a file without File Meta Information)
+        meta_uid = None
+    if meta_uid:
+        return str(meta_uid)
+    header = pydicom.dcmread(path, force=True, specific_tags=["SOPInstanceUID"])
+    return str(header.get("SOPInstanceUID", "1.2.3"))
 
 
 def data_set_offset(path: Path) -> int:

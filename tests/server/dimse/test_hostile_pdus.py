@@ -246,3 +246,25 @@ def test_a_data_set_cut_short_leaves_no_temporary_file(server: DimseServer) -> N
         time.sleep(0.02)
     assert list(server.tmp_dir.glob("tmp*.dcm")) == []
     assert echo_works(server)
+
+
+def test_a_data_set_over_the_size_limit_is_refused_as_it_arrives(tmp_path: Path) -> None:
+    """``[limits] instance_max_bytes`` is checked while the data set arrives: the rest is read
+    and dropped (nothing grows on disk), the request answered 0xA700 naming the limit, and the
+    association goes on."""
+    settings = make_settings(tmp_path, limits={"instance_max_bytes": 100_000})
+    archive = open_archive(settings, migrate=True)
+    server = DimseServer(settings, archive)
+    server.start()
+    try:
+        large = write_part10(ct_instance(size=512), tmp_path / "large.dcm")
+        small = write_part10(ct_instance(size=32), tmp_path / "small.dcm")
+        refused = send_file_raw(server, large, CTImageStorage, ExplicitVRLittleEndian)
+        stored = send_file_raw(server, small, CTImageStorage, ExplicitVRLittleEndian)
+        assert int(refused.Status) == 0xA700
+        assert str(refused.ErrorComment).startswith("over limits.instance_max_bytes")
+        assert int(stored.Status) == 0x0000
+        assert list(server.tmp_dir.glob("tmp*.dcm")) == []
+    finally:
+        server.stop()
+        archive.close()
