@@ -11,6 +11,16 @@
 # here decides which torch the image gets. torch is installed first and alone, so that the `ai`
 # extra's looser `torch>=2.13` is already met and pip never pulls another build behind our back.
 ARG PYTHON_VERSION=3.11
+# The OHIF viewer served at /viewer: its pinned package fetched with npm in a stage of its own
+# (no Node.js in the image); `hilum viewer install` below checks it against the SHA-512 pinned
+# in web/ohif.py and unpacks it. Keep OHIF_VERSION equal to web/ohif.py's (the build fails
+# otherwise).
+ARG OHIF_VERSION=3.12.10
+
+FROM node:22-bookworm-slim AS ohif
+ARG OHIF_VERSION
+RUN mkdir /ohif && cd /ohif && npm pack "@ohif/app@${OHIF_VERSION}"
+
 FROM python:${PYTHON_VERSION}-slim-bookworm
 
 ARG TORCH_VERSION=2.13.0
@@ -29,6 +39,12 @@ RUN if [ -n "${TORCH_INDEX_URL}" ]; then \
 COPY . /src
 RUN if [ -n "${TORCH_INDEX_URL}" ]; then pip install "/src[ai]"; else pip install /src; fi \
     && rm -rf /src
+
+ARG OHIF_VERSION
+COPY --from=ohif /ohif/ /tmp/ohif/
+RUN hilum viewer install --dir /opt/hilum/ohif --tarball "/tmp/ohif/ohif-app-${OHIF_VERSION}.tgz" \
+    && rm -rf /tmp/ohif
+ENV HILUM_WEB__OHIF_DIR=/opt/hilum/ohif
 
 # Hilum never runs as root. /var/lib/hilum is its data_dir: temporary files of incoming data
 # sets (and, for `hilum serve` alone, the embedded SQLite index and blobs). A named volume

@@ -160,6 +160,13 @@ def test_image_is_built_from_every_package_as_a_non_root_user() -> None:
     assert re.search(r"^FROM python:\$\{PYTHON_VERSION\}-slim", dockerfile, re.M)
     assert re.search(r"^ARG TORCH_INDEX_URL=\S+/cpu$", dockerfile, re.M)
     assert 'pip install "/src[ai]"' in dockerfile  # torch as the `ai` extra, where it is built
+    # The viewer is in the image, in the version web/ohif.py pins (and checks the SHA-512 of).
+    from web.ohif import OHIF_VERSION
+
+    assert f"ARG OHIF_VERSION={OHIF_VERSION}\n" in dockerfile
+    assert re.search(r"^FROM node:\S+ AS ohif$", dockerfile, re.M)
+    assert "hilum viewer install --dir /opt/hilum/ohif --tarball" in dockerfile
+    assert "ENV HILUM_WEB__OHIF_DIR=/opt/hilum/ohif" in dockerfile
     assert 'ENTRYPOINT ["hilum"]' in dockerfile
     user = re.findall(r"^USER (\S+)$", dockerfile, re.M)
     assert user and user[-1] not in ("root", "0")
