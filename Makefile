@@ -5,30 +5,38 @@ PY := $(VENV)/bin/python
 
 .PHONY: run test lint system-deps services viewer
 
-$(VENV)/.installed: pyproject.toml
+# Hilum alone (`make run`); the test tools come on top for `make test` and `make lint`.
+$(VENV)/.installed-run: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# The CPU build on these machines; a looser requirement would pull a multi-GB CUDA build.
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet -e ".[ai]"
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.installed-run
+	$(PY) -m pip install --quiet -e ".[ai,test]"
 	touch $@
 
 # The OHIF viewer served at /viewer: the pinned @ohif/app, fetched with npm, its integrity
 # checked, unpacked without what it never requests (web/ohif.py). Once; later runs skip it.
-viewer: $(VENV)/.installed
+viewer: $(VENV)/.installed-run
 	@command -v npm >/dev/null 2>&1 || { \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq npm; }
 	$(VENV)/bin/hilum viewer install
 
 # Runs Hilum on its embedded default: SQLite + files under ./hilum-data, no other service.
-run: $(VENV)/.installed viewer
+run: $(VENV)/.installed-run viewer
 	$(VENV)/bin/hilum serve
 
+# docker-compose validates docker-compose.yml (`config`; no Docker engine is needed for that).
 # DCMTK (storescu, echoscu) is the real DICOM peer of the tests.
 # dicom3tools' dciodvfy checks the AI worker's SEG and SR (tests/inference/test_writers.py).
 # Debian's chromium is the browser of tests/web (Playwright drives it; it never downloads one);
 # npm fetches the pinned OHIF viewer (`hilum viewer install`).
 system-deps:
+	@command -v /usr/bin/docker-compose >/dev/null 2>&1 || { \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose; }
 	@command -v /usr/bin/storescu >/dev/null 2>&1 || { \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dcmtk; }
 	@command -v /usr/bin/dciodvfy >/dev/null 2>&1 || { \

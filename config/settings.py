@@ -13,7 +13,14 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -139,6 +146,10 @@ class DimseSettings(_Section):
 
 class HttpSettings(_Section):
     port: int = Field(8042, ge=1, le=65535)
+    # Reverse proxies (TLS terminators, load balancers) in front of Hilum whose
+    # X-Forwarded-For/-Proto/-Host/-Port/-Prefix headers are trusted, so that the URLs Hilum
+    # writes (RetrieveURL, BulkDataURI, Location) are the ones clients use; 0: none trusted.
+    trusted_proxies: int = Field(0, ge=0, le=8)
     # Origins (e.g. "https://viewer.example.org", or "*") whose browser pages may call the
     # DICOMweb API; empty: no CORS headers, same-origin pages only.
     cors_allowed_origins: list[str] = Field(default_factory=list)
@@ -159,6 +170,36 @@ class HttpSettings(_Section):
     allow_delete: bool = False
 
 
+class MetricsSettings(_Section):
+    # Port of the Prometheus /metrics endpoint that `hilum dimse` and `hilum worker` serve on
+    # [server] host (they have no HTTP server of their own); 0: none. `hilum serve` and
+    # `hilum web` serve /metrics on [http] port.
+    port: int = Field(0, ge=0, le=65535)
+
+
+# Secrets that example files ship (.env.example, vendor quick-starts). A service reachable from
+# the network must never run with one of them; compared lower-cased, without punctuation.
+PLACEHOLDER_SECRETS = frozenset(
+    {"changeme", "changemetoo", "placeholder", "password", "secret", "minioadmin", "minio123"}
+)
+
+
+def is_placeholder_secret(value: str) -> bool:
+    normalised = re.sub(r"[^a-z0-9]", "", value.lower())
+    return normalised in PLACEHOLDER_SECRETS or normalised.startswith("changeme")
+
+
+class StorageTier(_Section):
+    """A cheaper blob store that studies move to once they are ``after_days`` old (days since an
+    instance of the study was last received, or last read from a tier)."""
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,31}$")
+    blob_url: str = Field(min_length=1)  # file:///path or s3://BUCKET?endpoint=...
+    s3_access_key: str = ""
+    s3_secret_key: str = ""
+    after_days: float = Field(gt=0)
+
+
 class StorageSettings(_Section):
     # Empty: SQLite at <data_dir>/index.sqlite; or postgresql+psycopg://user@host/db
     database_url: str = ""
@@ -169,6 +210,19 @@ class StorageSettings(_Section):
     # What a re-sent SOP Instance UID with different content does: replace the stored
     # instance ("overwrite") or keep the first one and discard the new one ("keep").
     on_duplicate: Literal["keep", "overwrite"] = "overwrite"
+    # Colder blob stores, by increasing after_days (`hilum tiers apply` moves the blobs).
+    tiers: list[StorageTier] = Field(default_factory=list)
+
+    @field_validator("tiers")
+    @classmethod
+    def _check_tiers(cls, tiers: list[StorageTier]) -> list[StorageTier]:
+        names = [tier.name for tier in tiers]
+        if len(set(names)) != len(names):
+            raise ValueError(f"[[storage.tiers]] names must be unique: {names}")
+        ages = [tier.after_days for tier in tiers]
+        if ages != sorted(set(ages)):
+            raise ValueError(f"[[storage.tiers]] after_days must increase tier by tier: {ages}")
+        return tiers
 
 
 class LimitsSettings(_Section):
@@ -259,6 +313,7 @@ class Settings(BaseSettings):
     dimse: DimseSettings = Field(default_factory=DimseSettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
     storage: StorageSettings = Field(default_factory=StorageSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     query: QuerySettings = Field(default_factory=QuerySettings)
     limits: LimitsSettings = Field(default_factory=LimitsSettings)
     inference: InferenceSettings = Field(default_factory=InferenceSettings)
@@ -298,6 +353,30 @@ class Settings(BaseSettings):
             return self.storage.blob_url
         return f"file://{(self.server.data_dir / 'blobs').resolve()}"
 
+    @model_validator(mode="after")
+    def _no_placeholder_secret_beyond_loopback(self) -> Settings:
+        """Refuse a placeholder secret (``change-me`` of .env.example) once Hilum listens beyond
+        loopback: whoever copied the example without setting the secrets would otherwise run an
+        archive of patient data whose database or object store anyone can log in to."""
+        if self.server.is_loopback:
+            return self
+        from sqlalchemy.engine import make_url
+
+        secrets = {"storage.s3_secret_key": self.storage.s3_secret_key}
+        for tier in self.storage.tiers:
+            secrets[f"the s3_secret_key of tier {tier.name}"] = tier.s3_secret_key
+        if self.storage.database_url:
+            password = make_url(self.storage.database_url).password
+            secrets["the password in storage.database_url"] = str(password or "")
+        for where, value in secrets.items():
+            if value and is_placeholder_secret(value):
+                raise ValueError(
+                    f"{where} is the placeholder {value!r} and [server] host is "
+                    f"{self.server.host!r}, not a loopback address: set a real secret (in .env "
+                    "for docker compose) before Hilum listens on the network"
+                )
+        return self
+
 
 class ConfigError(Exception):
     """The configuration cannot be used; the message says which key and why."""
@@ -318,6 +397,38 @@ def load_settings(config_path: Path | str | None = None, **overrides: object) ->
 
     try:
         loaded = _Settings(**overrides)
-    except Exception as exc:  # pydantic ValidationError or a TOML syntax error
-        raise ConfigError(f"invalid configuration: {exc}") from exc
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, path, overrides)) from exc
+    except Exception as exc:  # a TOML syntax error
+        raise ConfigError(f"cannot read {path}: {exc}") from exc
     return loaded
+
+
+def _describe(error: ValidationError, path: Path | str | None, overrides: dict) -> str:
+    """One line per invalid key: the key, what is wrong, and where the value came from (an
+    environment variable, the file, or the caller), never the value itself (it may be a
+    secret)."""
+    lines = []
+    for problem in error.errors(include_url=False):
+        location = [str(part) for part in problem["loc"]]
+        if problem["type"] == "extra_forbidden":
+            what = "unknown key (misspelt?)" if len(location) > 1 else "unknown section"
+        else:
+            what = problem["msg"].removeprefix("Value error, ")
+        lines.append(
+            f"  {'.'.join(location) or 'settings'}: {what}{_source(location, path, overrides)}"
+        )
+    return "invalid configuration:\n" + "\n".join(lines)
+
+
+def _source(location: list[str], path: Path | str | None, overrides: dict) -> str:
+    if not location:
+        return ""
+    variable = "HILUM_" + "__".join(location[:2]).upper()
+    if any(name.upper() == variable for name in os.environ):
+        return f" (from the environment variable {variable})"
+    if location[0] in overrides:
+        return " (given on the command line)"
+    if path is not None:
+        return f" (from {path})"
+    return ""

@@ -18,6 +18,7 @@ import os
 import socket
 import tempfile
 import threading
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -93,6 +94,7 @@ class Worker:
         analyse: Analyse | None = None,
         name: str | None = None,
         clock: Clock = utc_now,
+        on_job_ended: Callable[[Job, float], None] | None = None,
     ) -> None:
         """``clock``: the time studies become stable and leases and backoffs run by (UTC); a
         test's own clock makes them expire without waiting."""
@@ -103,6 +105,8 @@ class Worker:
         self.queue = JobQueue(archive, settings.inference, clock=clock)
         self.analyse = analyse or _analyse_series
         self.name = name or worker_name()
+        # Told each attempt's outcome (the job as it ended) and its running seconds: metrics.
+        self.on_job_ended = on_job_ended
         # The worker's own results replace those of an earlier attempt of the same generation
         # (same UIDs) whatever the archive's duplicate policy for what modalities send.
         self._results_archive = dataclasses.replace(archive, on_duplicate="overwrite")
@@ -133,7 +137,11 @@ class Worker:
         job = self.queue.claim(self.name, [model.name for model in self.models])
         if job is None:
             return None
-        return self.process(job)
+        started = time.monotonic()
+        ended = self.process(job)
+        if self.on_job_ended is not None:
+            self.on_job_ended(ended, time.monotonic() - started)
+        return ended
 
     def process(self, job: Job) -> Job:
         log.info(

@@ -16,6 +16,7 @@ from typing import Any
 import cheroot.wsgi
 from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 from config import Settings
 from server.api import register_api
@@ -24,21 +25,39 @@ from server.dicomweb.media_types import NotAcceptable
 from server.dicomweb.multipart import MultipartError
 from server.dicomweb.statuses import http_status_for
 from server.header_deadline import HeaderDeadlines, connection_class
+from server.metrics import Metrics, mark_worker_dead
+from server.monitoring import register_monitoring
 from storage.archive import Archive
 from storage.errors import StorageError
+from storage.tiers import marking_reads
 from web import register_web
 
 log = logging.getLogger(__name__)
 _access_log = logging.getLogger("hilum.http.access")
 
 
-def create_app(settings: Settings, archive: Archive) -> Flask:
+def create_app(settings: Settings, archive: Archive, metrics: Metrics | None = None) -> Flask:
+    """``archive``: the app's own, which it sets up for itself. ``metrics``: the process's
+    (``hilum serve`` shares it with its DIMSE SCP and worker); None: the app's own."""
+    metrics = metrics or Metrics()
+    # The archive is the app's own (`hilum web` opens one per worker, `hilum serve` gives it a
+    # copy): through it the app counts what STOW-RS receives, and its reads from a storage tier
+    # mark the study read (it comes back at the next `hilum tiers apply`).
+    archive.on_ingest = metrics.ingest_observer("stow-rs")
+    archive.blobs = marking_reads(archive)
     app = Flask("hilum", static_folder=None)
     app.extensions["hilum.settings"] = settings
     app.extensions["hilum.archive"] = archive
     _register_blueprints(app, settings, archive)
+    register_monitoring(app, archive, metrics)  # /healthz, /readyz, /metrics
     _register_error_handlers(app)
     _configure_cors(app, settings.http.cors_allowed_origins)
+    if settings.http.trusted_proxies:
+        proxies = settings.http.trusted_proxies
+        app.wsgi_app = ProxyFix(  # type: ignore[method-assign]
+            app.wsgi_app, x_for=proxies, x_proto=proxies, x_host=proxies, x_port=proxies,
+            x_prefix=proxies,
+        )  # fmt: skip
 
     @app.before_request
     def _request_id() -> None:
@@ -209,10 +228,12 @@ def serve_with_gunicorn(settings: Settings) -> None:
             self.cfg.set("threads", settings.http.threads)
             self.cfg.set("proc_name", "hilum-web")
             self.cfg.set("when_ready", _announce)
+            self.cfg.set("child_exit", lambda _server, worker: mark_worker_dead(worker.pid))
 
         def load(self) -> Flask:
             # In each worker, after the fork.
-            return create_app(settings, open_archive(settings))
+            # Each worker's pool: as many connections as its threads can use at once.
+            return create_app(settings, open_archive(settings, connections=settings.http.threads))
 
     def _announce(_server: object) -> None:
         print(

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import errno
 import logging
+import os
 import signal
 import subprocess
 import sys
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import pydicom.config  # noqa: F401  (imported first: it resets its logger level on import)
 
@@ -23,8 +27,12 @@ from storage.errors import StorageError
 
 if TYPE_CHECKING:
     from server.app import HttpServer
+    from server.metrics import Metrics
 
 log = logging.getLogger("hilum")
+_Bound = TypeVar("_Bound")
+# A worker runs one job at a time: its own queries, its lease's heartbeat, a metrics scrape.
+WORKER_CONNECTIONS = 4
 
 
 def _configure_logging(verbose: bool) -> None:
@@ -47,12 +55,25 @@ def _run_dimse(settings: Settings, args: argparse.Namespace, *, all_in_one: bool
     HTTP (DICOMweb) on ``[http] port`` and one AI worker in threads beside the DIMSE SCP.
 
     With ``[dimse] processes`` > 1 this process starts that many minus one more receiving
-    processes (``hilum dimse --receiver``) on the same ports, and stops them when it stops."""
+    processes (``hilum dimse --receiver``) on the same ports, and stops them when it stops;
+    their metrics are added up with its own (prometheus_client's multiprocess mode)."""
+    if settings.dimse.processes > 1 and not args.receiver:
+        _prepare_multiprocess_metrics(settings.server.data_dir / "metrics" / "dimse")
     from server.dimse.ae import DimseServer
+    from server.metrics import Metrics, MetricsServer
+    from storage.tiers import marking_reads
 
-    archive = open_archive(settings, migrate=all_in_one)
-    server = DimseServer(settings, archive)
-    server.start()
+    connections = settings.dimse.max_associations
+    if all_in_one:  # the HTTP server's threads and the worker share the pool
+        connections += settings.http.threads + WORKER_CONNECTIONS
+    archive = open_archive(settings, migrate=all_in_one, connections=connections)
+    metrics = Metrics()
+    received = dataclasses.replace(
+        archive, on_ingest=metrics.ingest_observer("dimse"), blobs=marking_reads(archive)
+    )
+    server = DimseServer(settings, received)
+    host = settings.server.host
+    _binding("DIMSE", host, settings.dimse.port, server.start)
     stopped = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stopped.set())
@@ -64,18 +85,28 @@ def _run_dimse(settings: Settings, args: argparse.Namespace, *, all_in_one: bool
         archive.close()
         return 0
     receivers = _start_receivers(args, settings.dimse.processes - 1)
-    worker = _start_worker_thread(settings, archive) if all_in_one else None
-    http = _start_http_server(settings, archive) if all_in_one else None
+    http = None
+    if all_in_one:
+        http = _binding("HTTP", host, settings.http.port,
+                        lambda: _start_http_server(settings, archive, metrics))  # fmt: skip
+    worker = _start_worker_thread(settings, archive, metrics) if all_in_one else None
+    metrics_server = None
+    if not all_in_one and settings.metrics.port:
+        port = settings.metrics.port
+        metrics_server = _binding("metrics", host, port, lambda: MetricsServer(metrics, host, port))
     print(
         f"Hilum is listening: DICOM {settings.dimse.ae_title}@{settings.server.host}:"
         f"{server.port}; index {settings.database_url_for_display}; blobs {settings.blob_url}"
-        + (f"; HTTP http://{settings.server.host}:{http.port}/dicomweb" if http else ""),
+        + (f"; HTTP http://{settings.server.host}:{http.port}/dicomweb" if http else "")
+        + (f"; metrics on port {metrics_server.port}" if metrics_server else ""),
         flush=True,
     )
     stopped.wait()
     log.info("shutting down")
     server.stop()
     _stop_receivers(receivers)
+    if metrics_server is not None:
+        metrics_server.stop()
     if http is not None:
         http.stop()
     if worker is not None:
@@ -83,6 +114,22 @@ def _run_dimse(settings: Settings, args: argparse.Namespace, *, all_in_one: bool
         worker[1].join()
     archive.close()
     return 0
+
+
+def _binding(service: str, host: str, port: int, bind: Callable[[], _Bound]) -> _Bound:
+    """``bind()``, its "address already in use" said with the port and the service."""
+    try:
+        return bind()
+    except OSError as error:
+        # cheroot wraps the bind error in one of its own, without its errno.
+        in_use = error.errno == errno.EADDRINUSE or os.strerror(errno.EADDRINUSE) in str(error)
+        if not in_use:
+            raise
+        raise OSError(
+            errno.EADDRINUSE,
+            f"{service} port {port} on {host} is already in use (another Hilum, or another "
+            "program): stop it, or set another port",
+        ) from error
 
 
 def _start_receivers(args: argparse.Namespace, count: int) -> list[subprocess.Popen]:
@@ -114,11 +161,11 @@ def _stop_at_end_of_input(stopped: threading.Event) -> None:
     stopped.set()
 
 
-def _start_http_server(settings: Settings, archive: Archive) -> HttpServer:
+def _start_http_server(settings: Settings, archive: Archive, metrics: Metrics) -> HttpServer:
     from server.app import HttpServer, create_app
 
     http = HttpServer(
-        create_app(settings, archive),
+        create_app(settings, dataclasses.replace(archive), metrics),  # the app's own copy
         settings.server.host,
         settings.http.port,
         threads=settings.http.threads,
@@ -130,22 +177,43 @@ def _start_http_server(settings: Settings, archive: Archive) -> HttpServer:
 
 
 def cmd_web(settings: Settings, args: argparse.Namespace) -> int:
+    _prepare_multiprocess_metrics(settings.server.data_dir / "metrics" / "web")
     from server.app import serve_with_gunicorn
 
-    open_archive(settings).close()  # fail here, not in every worker, if the index is not ready
+    # Fail here, not in every worker, if the index is not ready.
+    open_archive(settings, connections=1).close()
     serve_with_gunicorn(settings)
     return 0
 
 
+def _prepare_multiprocess_metrics(default: Path) -> None:
+    """Before anything imports prometheus_client: the directory of its multiprocess mode, in
+    which gunicorn's workers add up their metrics (``$PROMETHEUS_MULTIPROC_DIR``, the
+    library's own switch, read once when it is imported; else ``default``), emptied of a
+    previous run's files as the library requires. The workers inherit the variable."""
+    if "prometheus_client" in sys.modules:
+        raise RuntimeError("prometheus_client was imported before its multiprocess mode was set")
+    directory = Path(os.environ.get("PROMETHEUS_MULTIPROC_DIR") or default).resolve()
+    directory.mkdir(parents=True, exist_ok=True)
+    for stale in directory.glob("*.db"):
+        stale.unlink()
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
+
+
 def _start_worker_thread(
-    settings: Settings, archive: Archive
+    settings: Settings, archive: Archive, metrics: Metrics
 ) -> tuple[threading.Event, threading.Thread] | None:
     if not settings.inference.serve_worker:
         return None
     from inference.registry import load_models
     from inference.worker import Worker
 
-    worker = Worker(settings, archive, load_models(settings.inference.models_dirs))
+    worker = Worker(
+        settings,
+        archive,
+        load_models(settings.inference.models_dirs),
+        on_job_ended=metrics.job_observer(),
+    )
     stop = threading.Event()
     thread = threading.Thread(target=worker.run, args=(stop,), name="ai-worker", daemon=True)
     thread.start()
@@ -156,10 +224,18 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     from inference.analysis import default_device
     from inference.registry import load_models
     from inference.worker import Worker
+    from server.metrics import Metrics, MetricsServer
 
     models = load_models(settings.inference.models_dirs)
-    archive = open_archive(settings)
-    worker = Worker(settings, archive, models)
+    archive = open_archive(settings, connections=WORKER_CONNECTIONS)
+    metrics = Metrics()
+    worker = Worker(settings, archive, models, on_job_ended=metrics.job_observer())
+    metrics_server = None
+    if settings.metrics.port:
+        host, port = settings.server.host, settings.metrics.port
+        metrics_server = _binding(
+            "metrics", host, port, lambda: MetricsServer(metrics, host, port, archive=archive)
+        )
     stopped = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stopped.set())
@@ -167,10 +243,13 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
         f"Hilum worker {worker.name} is running {len(models)} models "
         f"({', '.join(m.name for m in models) or 'none'}) on "
         f"{settings.inference.device or default_device()}; index "
-        f"{settings.database_url_for_display}",
+        f"{settings.database_url_for_display}"
+        + (f"; metrics on port {metrics_server.port}" if metrics_server else ""),
         flush=True,
     )
     worker.run(stopped)  # a stop request lets the job in progress finish
+    if metrics_server is not None:
+        metrics_server.stop()
     archive.close()
     return 0
 
@@ -239,6 +318,36 @@ def cmd_db_upgrade(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_echo(settings: Settings, args: argparse.Namespace) -> int:
+    """C-ECHO (PS3.4 A.4, Verification) to this configuration's DIMSE SCP: the health check of
+    ``hilum dimse`` (a real association, accepted and answered, not just an open port)."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    # Bound to every address: ask over loopback.
+    host = args.host or (
+        "127.0.0.1" if settings.server.host in ("0.0.0.0", "::", "") else settings.server.host
+    )
+    ae = AE(ae_title=args.calling_ae)
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = args.timeout
+    where = f"{settings.dimse.ae_title}@{host}:{settings.dimse.port}"
+    association = ae.associate(host, settings.dimse.port, ae_title=settings.dimse.ae_title)
+    if not association.is_established:
+        print(f"hilum: C-ECHO to {where} failed: no association", file=sys.stderr)
+        return 1
+    try:
+        status = association.send_c_echo()
+    finally:
+        association.release()
+    code = getattr(status, "Status", None)
+    if code != 0x0000:
+        print(f"hilum: C-ECHO to {where} failed: status {code}", file=sys.stderr)
+        return 1
+    print(f"C-ECHO to {where}: success")
+    return 0
+
+
 def cmd_import(settings: Settings, args: argparse.Namespace) -> int:
     from server.import_files import import_files
 
@@ -281,6 +390,77 @@ def cmd_verify(settings: Settings, args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def cmd_backup(settings: Settings, args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from storage.backup import backup_archive, sqlite_path
+
+    sqlite_path(settings.database_url)  # PostgreSQL: refused before anything is opened
+    archive = open_archive(settings)
+    try:
+        with tqdm(unit="instance", desc="backing up") as bar:
+            report = backup_archive(archive, settings.database_url, args.folder, bar.update)
+    finally:
+        archive.close()
+    print(
+        f"backed up the index and {report.instances} instances ({report.bytes} bytes, every "
+        f"SHA-256 checked) to {args.folder}"
+    )
+    return 0
+
+
+def cmd_restore(settings: Settings, args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from storage.backup import restore_archive
+    from storage.verify import verify_archive
+
+    with tqdm(unit="blob", desc="restoring") as bar:
+        report = restore_archive(args.folder, settings, bar.update)
+    archive = open_archive(settings, migrate=True)  # a backup of an older version: migrated
+    try:
+        with tqdm(unit="instance", desc="verifying") as bar:
+            verified = verify_archive(archive, progress=bar.update)
+    finally:
+        archive.close()
+    print(
+        f"restored the index and {report.instances} blobs from {args.folder}; verify: "
+        f"{verified.instances} instances, {len(verified.missing)} missing blobs, "
+        f"{len(verified.mismatched)} checksum mismatches, {len(verified.orphans)} orphan blobs"
+    )
+    return 0 if verified.ok else 1
+
+
+def cmd_tiers(settings: Settings, args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from storage.tiers import TieredBlobStore, apply_tiers
+
+    if not settings.storage.tiers:
+        print("no [[storage.tiers]] configured: every blob stays in the primary blob store")
+        return 0
+    archive = open_archive(settings)
+    try:
+        assert isinstance(archive.blobs, TieredBlobStore)
+        with tqdm(unit="instance", desc="applying tiers") as bar:
+            report = apply_tiers(
+                archive.index,
+                archive.blobs,
+                settings.storage.tiers,
+                archive.partition,
+                settings.server.data_dir / "tmp",
+                progress=bar.update,
+            )
+    finally:
+        archive.close()
+    for (source, target), count in sorted(report.moved.items()):
+        print(f"moved {count} instances from {source} to {target}")
+    for failure in report.failed:
+        print(f"  not moved: {failure}")
+    print(f"{report.instances} instances moved, {len(report.failed)} studies not moved")
+    return 1 if report.failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hilum", description="Hilum PACS")
     parser.add_argument("--config", type=Path, help="TOML configuration file (or $HILUM_CONFIG)")
@@ -296,6 +476,11 @@ def build_parser() -> argparse.ArgumentParser:
     db = commands.add_parser("db", help="index database administration")
     db_commands = db.add_subparsers(dest="db_command", required=True)
     db_commands.add_parser("upgrade", help="apply database migrations")
+
+    echo = commands.add_parser("echo", help="C-ECHO this configuration's DIMSE SCP (health check)")
+    echo.add_argument("--host", help="address to call (default: [server] host, or loopback)")
+    echo.add_argument("--calling-ae", default="HILUM_HEALTH", help="calling AE title")
+    echo.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
 
     imp = commands.add_parser("import", help="import DICOM files and folders")
     imp.add_argument("paths", nargs="+", type=Path)
@@ -316,6 +501,21 @@ def build_parser() -> argparse.ArgumentParser:
         "(default 3600: a blob being stored now is an orphan until its index rows commit)",
     )
 
+    backup = commands.add_parser(
+        "backup", help="copy the embedded archive (SQLite index + blobs) to a new folder"
+    )
+    backup.add_argument("folder", type=Path)
+    restore = commands.add_parser(
+        "restore", help="restore a `hilum backup` folder into an empty data_dir, then verify"
+    )
+    restore.add_argument("folder", type=Path)
+
+    tiers = commands.add_parser("tiers", help="storage tiers ([[storage.tiers]])")
+    tiers_commands = tiers.add_subparsers(dest="tiers_command", required=True)
+    tiers_commands.add_parser(
+        "apply", help="move studies to the tier their age calls for (copy, verify, index, delete)"
+    )
+
     commands.add_parser("worker", help="run the AI worker: claim jobs, run models, store results")
     models = commands.add_parser("models", help="AI model plug-ins")
     models_commands = models.add_subparsers(dest="models_command", required=True)
@@ -325,6 +525,13 @@ def build_parser() -> argparse.ArgumentParser:
     install = viewer_commands.add_parser("install", help="install the pinned OHIF viewer (npm)")
     install.add_argument("--dir", type=Path, help="where (default: [web] ohif_dir)")
     install.add_argument("--tarball", type=Path, help="a downloaded ohif-app-3.12.10.tgz")
+
+    # `hilum serve --config FILE` as well as `hilum --config FILE serve`: every command takes it.
+    for group in (commands, db_commands, models_commands, tiers_commands, viewer_commands):
+        for command in group.choices.values():
+            command.add_argument(
+                "--config", type=Path, default=argparse.SUPPRESS, help="TOML configuration file"
+            )
     return parser
 
 
@@ -333,8 +540,12 @@ COMMANDS = {
     "web": cmd_web,
     "dimse": cmd_dimse,
     "db": cmd_db_upgrade,
+    "echo": cmd_echo,
     "import": cmd_import,
     "verify": cmd_verify,
+    "backup": cmd_backup,
+    "restore": cmd_restore,
+    "tiers": cmd_tiers,
     "worker": cmd_worker,
     "models": cmd_models,
     "viewer": cmd_viewer,
@@ -355,6 +566,16 @@ def main(argv: list[str] | None = None) -> int:
         return 3
     except ModelError as error:
         print(f"hilum: model plug-in error: {error}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as error:
+        if error.name != "torch":
+            raise
+        print(
+            f"hilum: `hilum {args.command}` runs the AI models and needs torch, which this "
+            "installation lacks: pip install 'hilum[ai]' (or use the worker image), or set "
+            "[inference] serve_worker = false for `hilum serve`",
+            file=sys.stderr,
+        )
         return 2
     except OSError as error:
         print(f"hilum: {error}", file=sys.stderr)

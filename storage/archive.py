@@ -15,9 +15,14 @@ from storage.index.database import (
     upgrade_database,
 )
 from storage.index.models import DEFAULT_PARTITION
+from storage.tiers import open_tiered_blob_store
 
 if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+
     from storage.dicom_file import InstanceHeader
+    from storage.errors import StorageError
+    from storage.ingest import IngestResult
 
 
 @dataclass
@@ -25,6 +30,9 @@ class Archive:
     index: Index
     blobs: BlobStore
     on_duplicate: Literal["keep", "overwrite"] = "overwrite"
+    # Told the outcome of every group of files ingested through this archive (the protocol
+    # layer's metrics, labelled with its transport); not told anything about patients.
+    on_ingest: Callable[[Sequence[IngestResult | StorageError]], None] | None = None
     partition: str = DEFAULT_PARTITION
     # What one received object may cost (``[limits]``), checked by ingest and every decode.
     limits: LimitsSettings = field(default_factory=LimitsSettings)
@@ -42,22 +50,30 @@ class Archive:
         self.index.dispose()
 
 
-def open_archive(settings: Settings, *, migrate: bool = False) -> Archive:
+def open_archive(
+    settings: Settings, *, migrate: bool = False, connections: int | None = None
+) -> Archive:
     """Connect to the index and the blob store named by ``settings``.
 
     ``migrate`` runs the database migrations first (``hilum serve`` does; ``hilum dimse`` and
-    the other scaled-out processes expect ``hilum db upgrade`` to have run).
+    the other scaled-out processes expect ``hilum db upgrade`` to have run). ``connections``:
+    the pool size of the index and the S3 client, what the process can use at once (its
+    threads); default ``[dimse] max_associations``, the DIMSE SCP's.
     """
-    pool = settings.dimse.max_associations
+    pool = connections or settings.dimse.max_associations
     engine = create_index_engine(settings.database_url, pool_size=pool)
     if migrate:
         upgrade_database(engine)
     else:
         require_current_schema(engine)
-    blobs = open_blob_store(
-        settings.blob_url,
-        access_key=settings.storage.s3_access_key,
-        secret_key=settings.storage.s3_secret_key,
+    blobs = open_tiered_blob_store(
+        open_blob_store(
+            settings.blob_url,
+            access_key=settings.storage.s3_access_key,
+            secret_key=settings.storage.s3_secret_key,
+            max_connections=pool,
+        ),
+        settings.storage.tiers,
         max_connections=pool,
     )
     return Archive(Index(engine), blobs, settings.storage.on_duplicate, limits=settings.limits)

@@ -88,6 +88,9 @@ class BlobStore(Protocol):
 
     def exists(self, key: str) -> bool: ...
 
+    def check(self) -> None:
+        """Raise :class:`StorageUnavailable` unless the store answers (readiness)."""
+
     def list_keys(self) -> Iterator[str]:
         """Every key in the store, in no particular order (for ``hilum verify``)."""
 
@@ -217,6 +220,12 @@ class FileBlobStore:
         except OSError as exc:
             raise StorageUnavailable(f"cannot stat blob {key}: {exc.strerror or exc}") from exc
 
+    def check(self) -> None:
+        if not self.root.is_dir():
+            raise StorageUnavailable(f"blob directory {self.root} is missing")
+        if not os.access(self.root, os.W_OK | os.X_OK):
+            raise StorageUnavailable(f"blob directory {self.root} is not writable")
+
     def list_keys(self) -> Iterator[str]:
         if not self.root.is_dir():
             raise StorageUnavailable(f"blob directory {self.root} is missing")
@@ -316,6 +325,11 @@ class S3BlobStore:
         except NotFound:
             return False
         return True
+
+    def check(self) -> None:
+        with self._unavailable_on_error(f"bucket {self.bucket}"):
+            if not self.client.bucket_exists(self.bucket):
+                raise StorageUnavailable(f"S3 bucket {self.bucket} does not exist")
 
     def list_keys(self) -> Iterator[str]:
         with self._unavailable_on_error("listing"):

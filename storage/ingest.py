@@ -55,6 +55,7 @@ class IngestResult:
     sop_instance_uid: str
     study_instance_uid: str
     sha256: str
+    size: int = 0  # bytes of the Part 10 file as received
 
 
 @dataclass(frozen=True)
@@ -155,6 +156,8 @@ def ingest_files(
         pending = sorted(pending + later, key=lambda item: item.n)
     done = [outcome for outcome in outcomes if outcome is not None]
     assert len(done) == len(received)  # every file has its outcome
+    if archive.on_ingest is not None:
+        archive.on_ingest(done)  # metrics: what this process's transport received
     return done
 
 
@@ -269,7 +272,11 @@ def _store(
     def result(item: _Prepared, outcome: IngestOutcome) -> IngestResult:
         header = item.header
         return IngestResult(
-            outcome, header.sop_instance_uid, header.study_instance_uid, item.digest
+            outcome,
+            header.sop_instance_uid,
+            header.study_instance_uid,
+            item.digest,
+            item.values["size"],
         )
 
     to_write: list[tuple[_Prepared, Any]] = []
@@ -553,6 +560,7 @@ def _instance_values(
         "blob_key": key,
         "size": size,
         "sha256": digest,
+        "tier": "",  # a new or replacing blob is written to the primary blob store
         "calling_ae_title": origin.calling_ae_title[:16],
         "received_at": datetime.now(UTC),
         "metadata_json": metadata_json(header.dataset, header.has_pixel_data),

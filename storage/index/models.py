@@ -94,6 +94,11 @@ class Study(Base):
     # Backslash-separated distinct Modality values of the study's series (PS3.4 C.6.2.1.2).
     modalities_in_study: Mapped[str] = mapped_column(String(255), default="")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    # When an instance of the study was last read from a colder storage tier; with
+    # last_instance_at, what `hilum tiers apply` ages the study by (migration 0005).
+    last_read_at: Mapped[datetime | None] = mapped_column(
+        DateTime(timezone=True), nullable=True, default=None
+    )
     last_instance_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     # The last_instance_at the study had when the AI side last marked it stable; a study whose
     # last_instance_at differs (a newer instance arrived) is unstable again. Migration 0002.
@@ -148,6 +153,8 @@ class Instance(Base):
     blob_key: Mapped[str] = mapped_column(String(255))
     size: Mapped[int] = mapped_column(BigInteger)
     sha256: Mapped[str] = mapped_column(String(64))
+    # The storage tier ([[storage.tiers]] name) that holds the blob; "" the primary blob store.
+    tier: Mapped[str] = mapped_column(String(32), default="", server_default="")
     calling_ae_title: Mapped[str] = mapped_column(String(AE), default="")
     received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     # DICOM JSON (PS3.18 F.2) of the header, bulk data replaced by BulkDataURIs.

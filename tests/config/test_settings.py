@@ -68,3 +68,58 @@ def test_missing_configuration_file_is_an_error(tmp_path: Path) -> None:
 def test_database_password_is_masked_for_display() -> None:
     settings = load_settings(None, storage={"database_url": "postgresql+psycopg://u:pw@h/db"})
     assert "pw" not in settings.database_url_for_display
+
+
+@pytest.mark.parametrize(
+    "variable, value",
+    [
+        ("HILUM_STORAGE__S3_SECRET_KEY", "change-me"),
+        ("HILUM_STORAGE__S3_SECRET_KEY", "CHANGE_ME_TOO"),
+        ("HILUM_STORAGE__S3_SECRET_KEY", "minioadmin"),
+        ("HILUM_STORAGE__DATABASE_URL", "postgresql+psycopg://hilum:change-me@db/hilum"),
+    ],
+)
+def test_a_placeholder_secret_is_refused_beyond_loopback(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str
+) -> None:
+    monkeypatch.delenv("HILUM_CONFIG", raising=False)
+    monkeypatch.setenv(variable, value)
+    assert load_settings(server={"host": "127.0.0.1"})  # loopback: a developer's machine
+    monkeypatch.setenv("HILUM_SERVER__HOST", "0.0.0.0")
+    with pytest.raises(ConfigError, match="placeholder"):
+        load_settings()
+
+
+def test_a_real_secret_is_accepted_beyond_loopback(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("HILUM_CONFIG", raising=False)
+    monkeypatch.setenv("HILUM_SERVER__HOST", "0.0.0.0")
+    monkeypatch.setenv("HILUM_STORAGE__S3_SECRET_KEY", "q8V3-nT2x-change")
+    monkeypatch.setenv("HILUM_STORAGE__DATABASE_URL", "postgresql+psycopg://hilum:Zr81kq@db/hilum")
+    settings = load_settings()
+    assert settings.storage.s3_secret_key == "q8V3-nT2x-change"
+
+
+def test_a_configuration_error_names_each_key_and_where_its_value_came_from(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("HILUM_CONFIG", raising=False)
+    config = tmp_path / "hilum.toml"
+    config.write_text('[dimse]\nprot = 1\nport = "eleven"\n')
+    monkeypatch.setenv("HILUM_HTTP__PORT", "s3cr3t-looking-value")
+    with pytest.raises(ConfigError) as error:
+        load_settings(config)
+    message = str(error.value)
+    assert f"dimse.prot: unknown key (misspelt?) (from {config})" in message
+    assert "dimse.port: Input should be a valid integer" in message
+    assert "http.port: Input should be a valid integer" in message
+    assert "(from the environment variable HILUM_HTTP__PORT)" in message
+    # Neither pydantic's internals nor the value itself (it may be a secret).
+    assert "_Settings" not in message and "pydantic.dev" not in message
+    assert "s3cr3t-looking-value" not in message
+
+
+def test_a_toml_syntax_error_names_the_file(tmp_path: Path) -> None:
+    config = tmp_path / "hilum.toml"
+    config.write_text("[dimse\n")
+    with pytest.raises(ConfigError, match=f"cannot read {config}: Expected ']'"):
+        load_settings(config)

@@ -13,6 +13,7 @@ import pytest
 from pydicom.uid import generate_uid
 
 from config import Settings
+from server.dimse.ae import DimseServer
 from tests.factories import DCMTK_STORESCU, ct_instance, write_part10
 
 HILUM = [sys.executable, "-m", "server.cli"]
@@ -205,3 +206,17 @@ def _state(pid: int) -> str:
         return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0]
     except (FileNotFoundError, IndexError):
         return "Z"
+
+
+@pytest.mark.parametrize("backend", ["sqlite-files"], indirect=True)  # no storage involved
+def test_echo_is_the_health_check_of_the_dimse_scp(
+    settings: Settings, dimse_server: DimseServer
+) -> None:
+    answered = _hilum(settings, "echo", "--timeout", "5")
+    assert answered.returncode == 0, answered.stderr
+    assert f"C-ECHO to HILUM@127.0.0.1:{dimse_server.port}: success" in answered.stdout
+
+    dimse_server.stop()
+    refused = _hilum(settings, "echo", "--timeout", "5")
+    assert refused.returncode == 1
+    assert "failed: no association" in refused.stderr

@@ -1,0 +1,221 @@
+"""Storage tiers on both backend pairs (a second folder, or a second S3 bucket, as the cold
+tier): studies move when old, come back after a read, every copy SHA-256-checked, and an
+interrupted or refused move leaves everything readable; `verify` is clean after each step."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from pydicom.uid import generate_uid
+from sqlalchemy import select, update
+
+from config import Settings
+from config.settings import ConfigError, StorageTier
+from storage.archive import Archive, open_archive
+from storage.index.models import Instance, Series, Study
+from storage.ingest import ingest_file
+from storage.tiers import TieredBlobStore, apply_tiers, marking_reads
+from storage.verify import verify_archive
+from tests.conftest import make_settings, s3_blob_url
+from tests.factories import ct_instance, write_part10
+
+COLD_AFTER_DAYS = 30
+
+
+@pytest.fixture
+def tiered(settings: Settings, tmp_path: Path, request: pytest.FixtureRequest) -> Settings:
+    if settings.storage.database_url:
+        cold_url = s3_blob_url(request.getfixturevalue("s3_server"))
+    else:
+        cold_url = f"file://{tmp_path / 'cold'}"
+    tier = StorageTier(name="cold", blob_url=cold_url, after_days=COLD_AFTER_DAYS,
+                       s3_access_key=settings.storage.s3_access_key,
+                       s3_secret_key=settings.storage.s3_secret_key)  # fmt: skip
+    storage = settings.storage.model_copy(update={"tiers": [tier]})
+    return settings.model_copy(update={"storage": storage})
+
+
+@pytest.fixture
+def tiered_archive(tiered: Settings) -> Iterator[Archive]:
+    archive = open_archive(tiered, migrate=True)
+    try:
+        yield archive
+    finally:
+        archive.close()
+
+
+def _blobs(archive: Archive) -> TieredBlobStore:
+    assert isinstance(archive.blobs, TieredBlobStore)
+    return archive.blobs
+
+
+def _study(archive: Archive, tmp_path: Path, count: int = 2) -> str:
+    study, series = generate_uid(), generate_uid()
+    for i in range(count):
+        path = write_part10(ct_instance(study, series, seed=i), tmp_path / f"{study}-{i}.dcm")
+        ingest_file(archive, path)
+    return study
+
+
+def _age(archive: Archive, study: str, days: int) -> None:
+    """Arrange: the study's last instance arrived ``days`` ago."""
+    with archive.index.write() as session:
+        session.execute(
+            update(Study)
+            .where(Study.study_instance_uid == study)
+            .values(last_instance_at=datetime.now(UTC) - timedelta(days=days))
+        )
+
+
+def _rows(archive: Archive, study: str) -> list[tuple[str, str, str]]:
+    """(blob key, SHA-256, tier) of the study's instances."""
+    with archive.index.read() as session:
+        return list(
+            session.execute(
+                select(Instance.blob_key, Instance.sha256, Instance.tier)
+                .join(Series, Instance.series_pk == Series.id)
+                .join(Study, Series.study_pk == Study.id)
+                .where(Study.study_instance_uid == study)
+            )
+        )
+
+
+def _last_read(archive: Archive, study: str) -> object:
+    with archive.index.read() as session:
+        return session.scalar(select(Study.last_read_at).where(Study.study_instance_uid == study))
+
+
+def _apply(archive: Archive, tiered: Settings) -> object:
+    return apply_tiers(archive.index, _blobs(archive), tiered.storage.tiers, archive.partition,
+                       tiered.server.data_dir / "tmp")  # fmt: skip
+
+
+def test_an_old_study_moves_to_the_cold_tier_and_comes_back_after_a_read(
+    tiered_archive: Archive, tiered: Settings, tmp_path: Path
+) -> None:
+    archive, blobs = tiered_archive, _blobs(tiered_archive)
+    old, recent = _study(archive, tmp_path), _study(archive, tmp_path)
+    _age(archive, old, COLD_AFTER_DAYS + 1)
+
+    report = _apply(archive, tiered)
+
+    assert report.moved == {("primary", "cold"): 2} and report.failed == []
+    assert {tier for _, _, tier in _rows(archive, old)} == {"cold"}
+    assert {tier for _, _, tier in _rows(archive, recent)} == {""}
+    for key, sha, _tier in _rows(archive, old):
+        assert not blobs.primary.exists(key) and blobs.tiers["cold"].exists(key)
+        with archive.blobs.open(key) as stream:  # transparent: the probe finds the cold copy
+            assert hashlib.sha256(stream.read()).hexdigest() == sha
+    assert verify_archive(archive).ok
+    assert _last_read(archive, old) is None  # checking the archive is not a client's read
+
+    # A viewer opens the study: served from the cold tier, and the study is marked read.
+    key, _sha, _tier = _rows(archive, old)[0]
+    assert len(marking_reads(archive).get_range(key, 0, 132)) == 132
+    assert _last_read(archive, old) is not None
+
+    back = _apply(archive, tiered)
+
+    assert back.moved == {("cold", "primary"): 2}
+    for key, _sha, tier in _rows(archive, old):
+        assert tier == "" and blobs.primary.exists(key) and not blobs.tiers["cold"].exists(key)
+    assert verify_archive(archive).ok
+    assert _apply(archive, tiered).moved == {}  # nothing left to do
+
+
+@pytest.mark.parametrize("backend", ["sqlite-files"], indirect=True)
+def test_a_blob_that_fails_its_checksum_is_not_moved(
+    tiered_archive: Archive, tiered: Settings, tmp_path: Path
+) -> None:
+    archive, blobs = tiered_archive, _blobs(tiered_archive)
+    study = _study(archive, tmp_path)
+    _age(archive, study, COLD_AFTER_DAYS + 1)
+    key = _rows(archive, study)[0][0]
+    damaged = tiered.server.data_dir / "blobs" / key
+    damaged.write_bytes(damaged.read_bytes()[:-1] + b"\x01")  # bit rot
+
+    report = _apply(archive, tiered)
+
+    assert report.moved == {}
+    (failure,) = report.failed
+    assert study in failure and "does not match the SHA-256 the index recorded" in failure
+    assert {tier for _, _, tier in _rows(archive, study)} == {""}
+    assert all(blobs.primary.exists(k) and not blobs.tiers["cold"].exists(k)
+               for k, _, _ in _rows(archive, study))  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", ["sqlite-files"], indirect=True)
+def test_a_move_that_fails_part_way_leaves_every_study_readable(
+    tiered_archive: Archive, tiered: Settings, tmp_path: Path
+) -> None:
+    archive = tiered_archive
+    first, second = _study(archive, tmp_path), _study(archive, tmp_path)
+    for study in (first, second):
+        _age(archive, study, COLD_AFTER_DAYS + 1)
+    # The cold store cannot take the second study: a file where its folder would go.
+    blocked = tmp_path / "cold" / Path(_rows(archive, second)[0][0]).parent.parent
+    blocked.parent.mkdir(parents=True, exist_ok=True)
+    blocked.write_bytes(b"")
+
+    report = _apply(archive, tiered)
+
+    assert report.moved == {("primary", "cold"): 2}
+    (failure,) = report.failed
+    assert second in failure
+    assert {tier for _, _, tier in _rows(archive, second)} == {""}
+    for study in (first, second):
+        for key, sha, _tier in _rows(archive, study):
+            with archive.blobs.open(key) as stream:
+                assert hashlib.sha256(stream.read()).hexdigest() == sha
+    report = verify_archive(archive)
+    assert (report.missing, report.mismatched) == ([], [])
+    assert report.orphans == [str(blocked.relative_to(tmp_path / "cold"))]  # the test's blocker
+
+    blocked.unlink()
+    assert _apply(archive, tiered).moved == {("primary", "cold"): 2}
+    assert {tier for _, _, tier in _rows(archive, second)} == {"cold"}
+    assert verify_archive(archive).ok
+
+
+def test_tiers_must_have_unique_names_and_increasing_ages(tmp_path: Path) -> None:
+    cold = {"name": "cold", "blob_url": "file:///cold", "after_days": 30}
+    with pytest.raises(ConfigError, match="unique"):
+        make_settings(tmp_path, storage={"tiers": [cold, {**cold, "after_days": 90}]})
+    with pytest.raises(ConfigError, match="increase"):
+        make_settings(tmp_path, storage={"tiers": [cold, {**cold, "name": "x", "after_days": 7}]})
+
+
+@pytest.mark.parametrize("backend", ["sqlite-files"], indirect=True)
+def test_hilum_tiers_apply_then_verify(tiered: Settings, tmp_path: Path) -> None:
+    archive = open_archive(tiered, migrate=True)
+    try:
+        study = _study(archive, tmp_path)
+        _age(archive, study, COLD_AFTER_DAYS + 1)
+    finally:
+        archive.close()
+    env = {
+        **os.environ,
+        "HILUM_SERVER__DATA_DIR": str(tiered.server.data_dir),
+        "HILUM_STORAGE__TIERS": json.dumps([t.model_dump() for t in tiered.storage.tiers]),
+    }
+
+    def hilum(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "server.cli", *args], env=env,
+                              capture_output=True, text=True, timeout=120)  # fmt: skip
+
+    applied = hilum("tiers", "apply")
+    assert applied.returncode == 0, applied.stderr
+    assert "moved 2 instances from primary to cold" in applied.stdout
+    verified = hilum("verify")
+    assert verified.returncode == 0, verified.stdout
+    assert "2 instances checked: 0 missing blobs, 0 checksum mismatches, 0 orphan blobs" in (
+        verified.stdout
+    )
