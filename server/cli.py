@@ -71,7 +71,7 @@ def _run_dimse(settings: Settings, args: argparse.Namespace, *, all_in_one: bool
     received = dataclasses.replace(
         archive, on_ingest=metrics.ingest_observer("dimse"), blobs=marking_reads(archive)
     )
-    server = DimseServer(settings, received)
+    server = DimseServer(settings, received, metrics)
     host = settings.server.host
     _binding("DIMSE", host, settings.dimse.port, server.start)
     stopped = threading.Event()

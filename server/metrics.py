@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Protocol
 from prometheus_client import (
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     multiprocess,
     start_http_server,
@@ -105,6 +106,39 @@ class Metrics:
             buckets=REQUEST_BUCKETS,
             registry=self.registry,
         )
+        # DIMSE (server/dimse, through DimseObserver): associations and requests.
+        self.associations_active = Gauge(
+            "hilum_dimse_associations_active",
+            "DIMSE associations open now",
+            registry=self.registry,
+            multiprocess_mode="livesum",
+        )
+        self.associations = Counter(
+            "hilum_dimse_associations",
+            "DIMSE associations ended, by how (released, aborted, lost, rejected)",
+            ["ending"],
+            registry=self.registry,
+        )
+        self.dimse_requests = Counter(
+            "hilum_dimse_requests",
+            "DIMSE requests answered, by service (C-ECHO, C-STORE, C-FIND, C-MOVE, C-GET) and "
+            "final status (hexadecimal)",
+            ["service", "status"],
+            registry=self.registry,
+        )
+        self.dimse_request_seconds = Histogram(
+            "hilum_dimse_request_seconds",
+            "DIMSE requests: from the request received to the final response sent, by service",
+            ["service"],
+            buckets=REQUEST_BUCKETS,
+            registry=self.registry,
+        )
+        self.retrieve_instances = Counter(
+            "hilum_retrieve_instances",
+            "C-STORE sub-operations of C-MOVE and C-GET, by service and outcome",
+            ["service", "outcome"],
+            registry=self.registry,
+        )
         self.jobs_finished = Counter(
             "hilum_jobs_finished",
             "AI jobs that ended an attempt, by model and the state it left them in",
@@ -140,6 +174,25 @@ class Metrics:
                     self.instances_received.labels(transport, "refused").inc()
 
         return observe
+
+    # -- server.dimse.ae.DimseObserver --------------------------------------------------------
+
+    def association_opened(self) -> None:
+        self.associations_active.inc()
+
+    def association_closed(self, ending: str) -> None:
+        self.associations_active.dec()
+        self.associations.labels(ending).inc()
+
+    def association_rejected(self) -> None:
+        self.associations.labels("rejected").inc()
+
+    def dimse_request(self, service: str, status: int, seconds: float) -> None:
+        self.dimse_requests.labels(service, f"0x{status:04X}").inc()
+        self.dimse_request_seconds.labels(service).observe(seconds)
+
+    def sub_operations(self, service: str, outcome: str, count: int) -> None:
+        self.retrieve_instances.labels(service, outcome).inc(count)
 
     def observe_request(self, blueprint: str | None, status: int, seconds: float) -> None:
         service = HTTP_SERVICES.get(blueprint or "")

@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 from pydicom.uid import AllTransferSyntaxes
 from pynetdicom import AllStoragePresentationContexts
@@ -88,6 +89,40 @@ EXTRA_CONNECTIONS_TO_REJECT = 16
 Handler = Callable[[Association, Message], None]
 
 
+class DimseObserver(Protocol):
+    """What the server tells whoever counts (``server.metrics.Metrics``); no patient data."""
+
+    def association_opened(self) -> None: ...
+
+    def association_closed(self, ending: str) -> None:
+        """``ending``: released, aborted (by either side), or lost (the peer went away)."""
+
+    def association_rejected(self) -> None: ...
+
+    def dimse_request(self, service: str, status: int, seconds: float) -> None:
+        """A request answered with final ``status``, ``seconds`` after it arrived."""
+
+    def sub_operations(self, service: str, outcome: str, count: int) -> None:
+        """C-STORE sub-operations of C-MOVE / C-GET: completed, warning or failed."""
+
+
+class NoObserver:
+    def association_opened(self) -> None:
+        pass
+
+    def association_closed(self, ending: str) -> None:
+        pass
+
+    def association_rejected(self) -> None:
+        pass
+
+    def dimse_request(self, service: str, status: int, seconds: float) -> None:
+        pass
+
+    def sub_operations(self, service: str, outcome: str, count: int) -> None:
+        pass
+
+
 def supported_contexts() -> list[PresentationContext]:
     contexts = [
         # PS3.4 C.4.3 / PS3.7 D.3.3.4: a C-GET SCU proposes the storage contexts with SCP/SCU
@@ -116,10 +151,13 @@ def check_association_policy(settings: Settings) -> None:
 class DimseServer:
     """The listening SCP. Data sets are received straight to files under ``<data_dir>/tmp``."""
 
-    def __init__(self, settings: Settings, archive: Archive) -> None:
+    def __init__(
+        self, settings: Settings, archive: Archive, observer: DimseObserver | None = None
+    ) -> None:
         check_association_policy(settings)
         self.settings = settings
         self.archive = archive
+        self.observer: DimseObserver = observer or NoObserver()
         self.tmp_dir = (settings.server.data_dir / "tmp").resolve()
         self._contexts = supported_contexts()
         self.ingest = GroupCommit(archive)
@@ -249,6 +287,7 @@ class DimseServer:
                     rejection.why,
                 )
                 reject(wire, request, rejection)
+                self.observer.association_rejected()
                 return
             assoc = accept(
                 wire,
@@ -257,25 +296,30 @@ class DimseServer:
                 max_pdu_length=self.settings.dimse.max_pdu_length,
                 peer_address=peer,
             )
+            self.observer.association_opened()
             self._serve(assoc)
+            ending = "released"
         except ProtocolError as error:
-            log.warning("[%s] %s: aborted: %s", assoc.name if assoc else peer, peer, error)
+            log.warning("[%s] %s: aborted: %s", _name(assoc), peer, error)
             _send_abort(wire, error.reason)
+            ending = "aborted"
         except PeerAborted as error:
-            log.info("[%s] %s", assoc.name if assoc else peer, error)
+            log.info("[%s] %s: %s", _name(assoc), peer, error)
+            ending = "aborted"
         except PeerGone as error:
-            log.info(
-                "[%s] connection from %s ended: %s", assoc.name if assoc else peer, peer, error
-            )
+            log.info("[%s] connection from %s ended: %s", _name(assoc), peer, error)
+            ending = "lost"
         except Exception:
-            log.exception("[%s] association from %s failed", assoc.name if assoc else "-", peer)
+            log.exception("[%s] association from %s failed", _name(assoc), peer)
             _send_abort(wire, AbortReason.NOT_SPECIFIED)
+            ending = "aborted"
         finally:
             with self._lock:
                 self._connections.discard(wire)
                 self._associations -= admitted
             wire.close()
             if assoc is not None:
+                self.observer.association_closed(ending)
                 _log_association(assoc)
 
     def _rejection(self, request: AssociationRequest, admitted: bool) -> Rejection | None:
@@ -322,8 +366,16 @@ class DimseServer:
         field = message.command.field
         handler = self._handlers.get(field)
         if handler is not None:
-            assoc.stats.services.add(CommandField(field).name.removesuffix("_RQ"))
+            service = CommandField(field).name.removesuffix("_RQ").replace("_", "-")
+            assoc.stats.services.add(service)
+            started = time.monotonic()
+            before = dict(assoc.stats.sub_operations)
             handler(assoc, message)
+            status = assoc.last_status if assoc.last_status is not None else 0
+            self.observer.dimse_request(service, status, time.monotonic() - started)
+            for outcome, count in assoc.stats.sub_operations.items():
+                if count > before.get(outcome, 0):
+                    self.observer.sub_operations(service, outcome, count - before.get(outcome, 0))
         elif field == CommandField.C_CANCEL_RQ:
             return  # PS3.7 9.3.2.3: a cancel of a request already answered
         elif field & 0x8000:

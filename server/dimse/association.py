@@ -52,6 +52,7 @@ from server.dimse.pdu import (
     release_request,
     release_response,
 )
+from server.dimse.statuses import PENDING
 
 log = logging.getLogger(__name__)
 _association_ids = itertools.count(1)
@@ -129,6 +130,8 @@ class AssociationStats:
     services: set[str] = field(default_factory=set)
     stored: int = 0
     refused: int = 0
+    # C-STORE sub-operations of C-MOVE / C-GET by outcome (completed, warning, failed).
+    sub_operations: dict[str, int] = field(default_factory=dict)
 
 
 class Association:
@@ -156,6 +159,7 @@ class Association:
         self.started = time.monotonic()
         self.stats = AssociationStats()
         self.is_open = True
+        self.last_status: int | None = None  # of the last final response sent
         self._pdu_remaining = 0  # bytes of the P-DATA-TF being read not consumed yet
         self._next_message_id = 1
 
@@ -285,6 +289,8 @@ class Association:
         """One message: the command set and, when given, its (already encoded) data set;
         ``data_follows``: the data set is sent next (:meth:`send_data_set_stream`)."""
         values = dict(values)
+        if int(values.get("CommandField", 0)) & 0x8000 and values.get("Status") != PENDING:
+            self.last_status = int(values.get("Status", 0))
         present = data_set is not None or data_follows
         values["CommandDataSetType"] = DATA_SET_PRESENT if present else NO_DATA_SET
         out = p_data(context.id, encode_command(values), command=True, max_pdu=self.max_pdu_send)

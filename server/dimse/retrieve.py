@@ -119,11 +119,16 @@ class RetrieveResponses:
         """Count one sub-operation (``status`` None: it could not be sent) and report it."""
         if status == SUCCESS:
             self.completed += 1
+            outcome = "completed"
         elif status in STORE_WARNINGS:
             self.warning += 1
+            outcome = "warning"
         else:
             self.failed += 1
             self.failed_uids.append(instance.sop_instance_uid)
+            outcome = "failed"
+        counted = self.assoc.stats.sub_operations
+        counted[outcome] = counted.get(outcome, 0) + 1
         self.send(PENDING, remaining=remaining)
 
     def final(self, *, cancelled_with: int | None = None) -> None:
