@@ -57,6 +57,8 @@ from server.dimse.statuses import PENDING
 log = logging.getLogger(__name__)
 _association_ids = itertools.count(1)
 
+# Bytes per second a message in progress must average, beyond its first idle timeout.
+MIN_MESSAGE_RATE = 1024
 # A query or retrieve Identifier (PS3.4 C.4.1.1.3) is a few hundred bytes; this is generous.
 MAX_IDENTIFIER = 1 << 20
 
@@ -174,7 +176,11 @@ class Association:
         command: Command | None = None
         context: Context | None = None
         sink: DataSink | None = None
+        began: float | None = None  # the first PDV of this message
+        received = 0
         while True:
+            if began is not None:
+                self._check_progress(began, received)
             if not self._pdu_remaining:
                 started = command is not None or bool(command_bytes)
                 pdu_type, length = self.wire.read_pdu_header(
@@ -204,6 +210,9 @@ class Association:
                 )
             self._pdu_remaining -= item_length + 4
             fragment = item_length - 2
+            if began is None:
+                began = time.monotonic()
+            received += fragment
             this_context = self.contexts.get(context_id)
             if this_context is None:
                 raise ProtocolError(
@@ -243,6 +252,18 @@ class Association:
                 sink.write(chunk)
             if control & LAST_BIT:
                 return Message(command, context, sink)
+
+    def _check_progress(self, began: float, received: int) -> None:
+        """A message must keep arriving: ``idle_timeout`` after its first fragment, and one more
+        second per :data:`MIN_MESSAGE_RATE` bytes received. Every PDU arriving in time is not
+        enough: a peer trickling empty or one-byte fragments would hold the association (and
+        its thread) forever; a slow but real link is never cut (at 1 KiB/s a 500 MB slide has
+        six days)."""
+        if time.monotonic() > began + self.wire.idle_timeout + received / MIN_MESSAGE_RATE:
+            raise ProtocolError(
+                f"a message arriving slower than {MIN_MESSAGE_RATE} bytes/s "
+                f"({received} bytes in {time.monotonic() - began:.0f} s)"
+            )
 
     def _other_pdu(self, pdu_type: int, length: int, *, mid_message: bool) -> None:
         body = self.wire.read_body(length, limit=1024)

@@ -4,6 +4,7 @@ the server keeps answering C-ECHO on other associations."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import struct
 import threading
@@ -268,3 +269,26 @@ def test_a_data_set_over_the_size_limit_is_refused_as_it_arrives(tmp_path: Path)
     finally:
         server.stop()
         archive.close()
+
+
+def test_a_message_trickled_in_tiny_pdus_is_aborted(server: DimseServer) -> None:
+    """Each PDU arrives whole and in time (one empty command fragment every quarter of the
+    timeout), so neither the idle nor the PDU timer fires; the message itself does not
+    progress, and the association is aborted soon after ``network_timeout_s``."""
+    sock = associated(server)
+    started = time.monotonic()
+    stop = threading.Event()
+
+    def trickle() -> None:
+        with contextlib.suppress(OSError):
+            while not stop.wait(NETWORK_TIMEOUT_S / 4):
+                sock.sendall(p_data(1, 0x01, b""))
+
+    sender = threading.Thread(target=trickle, daemon=True)
+    sender.start()
+    aborted, _ = ends_in_abort(sock, within_s=NETWORK_TIMEOUT_S * 6)
+    elapsed = time.monotonic() - started
+    stop.set()
+    sender.join(10)
+    assert aborted and NETWORK_TIMEOUT_S < elapsed < NETWORK_TIMEOUT_S * 3
+    assert echo_works(server)
