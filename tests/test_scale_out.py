@@ -9,8 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -23,6 +21,7 @@ from inference.phantoms import synthetic_ct_series
 from tests.conftest import S3_ACCESS_KEY, S3_SECRET_KEY, S3Server, free_port, s3_blob_url
 from tests.factories import DCMTK_STORESCU, write_part10
 from tests.tcp_proxy import TcpProxy
+from tests.waiting import wait_until
 
 SEG, SR, CT = "SEG", "SR", "CT"
 STUDIES = 3
@@ -36,13 +35,6 @@ def total(text: str, name: str, **labels: str) -> float:
         for s in family.samples
         if s.name == name and labels.items() <= s.labels.items()
     )
-
-
-def wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 400) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.5)
 
 
 class Topology:
@@ -86,7 +78,7 @@ class Topology:
                 pytest.fail(f"hilum {command} ({name}) exited: {err.read_text()[-3000:]}")
             return out.read_text().startswith(("Hilum is listening", "Hilum worker"))
 
-        wait_for(started, f"hilum {command} ({name}) to start", timeout_s=120)
+        wait_until(started, f"hilum {command} ({name}) to start", timeout_s=120)
         return out.read_text().splitlines()[0]
 
     def stop(self) -> None:
@@ -159,7 +151,9 @@ def test_two_dimse_two_workers_and_gunicorn_on_one_postgresql_and_s3(
             return sorted(s["00080060"]["Value"][0] for s in series)
 
         for study in studies:
-            wait_for(lambda study=study: modalities(study) == [CT, SEG, SR], f"AI on {study}")
+            wait_until(
+                lambda study=study: modalities(study) == [CT, SEG, SR], f"AI on {study}", 400, 0.5
+            )
 
         # QIDO-RS through gunicorn: every CT instance once, plus one SEG and one SR.
         for study, count in studies.items():

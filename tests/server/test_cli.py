@@ -15,14 +15,17 @@ from pydicom.uid import generate_uid
 from config import Settings
 from server.dimse.ae import DimseServer
 from tests.factories import DCMTK_STORESCU, ct_instance, write_part10
+from tests.waiting import wait_until
 
 HILUM = [sys.executable, "-m", "server.cli"]
 
 
-def _env(settings: Settings) -> dict[str, str]:
+def hilum_env(settings: Settings, **extra: str) -> dict[str, str]:
+    """The environment of a ``hilum`` process on ``settings`` (``extra``: more variables); no
+    PROMETHEUS_MULTIPROC_DIR of the test run's own."""
     s = settings.storage
     return {
-        **os.environ,
+        **{k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"},
         "HILUM_SERVER__DATA_DIR": str(settings.server.data_dir),
         "HILUM_DIMSE__PORT": str(settings.dimse.port),
         "HILUM_HTTP__PORT": str(settings.http.port),
@@ -30,12 +33,18 @@ def _env(settings: Settings) -> dict[str, str]:
         "HILUM_STORAGE__BLOB_URL": s.blob_url,
         "HILUM_STORAGE__S3_ACCESS_KEY": s.s3_access_key,
         "HILUM_STORAGE__S3_SECRET_KEY": s.s3_secret_key,
+        **extra,
     }
 
 
 def _hilum(settings: Settings, *args: str, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [*HILUM, *args], env=_env(settings), capture_output=True, text=True, timeout=300, **kwargs
+        [*HILUM, *args],
+        env=hilum_env(settings),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        **kwargs,
     )
 
 
@@ -50,7 +59,7 @@ def _series(folder: Path, count: int) -> list[Path]:
 def test_serve_receives_a_study_and_stops_cleanly(settings: Settings, tmp_path: Path) -> None:
     files = _series(tmp_path / "study", 5)
     server = subprocess.Popen(
-        [*HILUM, "serve"], env=_env(settings), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        [*HILUM, "serve"], env=hilum_env(settings), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True,
     )  # fmt: skip
     try:
@@ -167,7 +176,7 @@ def test_dimse_processes_share_the_port(backend: str, settings: Settings, tmp_pa
     """``[dimse] processes = 3``: two more receiving processes on the same port (SO_REUSEPORT);
     parallel associations are all stored; they stop with their parent, even a killed one."""
     files = _series(tmp_path / "study", 12)
-    env = {**_env(settings), "HILUM_DIMSE__PROCESSES": "3"}
+    env = {**hilum_env(settings), "HILUM_DIMSE__PROCESSES": "3"}
     subprocess.run([*HILUM, "db", "upgrade"], env=env, check=True, timeout=120)
     server = subprocess.Popen(
         [*HILUM, "dimse"], env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
@@ -193,10 +202,7 @@ def test_dimse_processes_share_the_port(backend: str, settings: Settings, tmp_pa
         server.kill()  # no chance to stop its receivers: they see their input end
         server.wait(30)
     for pid in receivers:
-        deadline = time.monotonic() + 30
-        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not Path(f"/proc/{pid}").exists() or "Z" in _state(pid), f"receiver {pid} lives"
+        wait_until(lambda pid=pid: _state(pid) == "Z", f"receiver {pid} to stop", 30)
     verified = _hilum(settings, "verify")
     assert "12 instances checked: 0 missing blobs" in verified.stdout, verified.stdout
 

@@ -3,7 +3,6 @@ under gunicorn (multiprocess metrics), `hilum dimse` with its metrics port, the 
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import subprocess
@@ -26,6 +25,7 @@ from tests.conftest import S3Server, free_port, make_settings, s3_blob_url
 from tests.factories import DCMTK_STORESCU, ct_instance, write_part10
 from tests.inference.test_worker import run_until_idle, store_series, worker_for
 from tests.server.dicomweb.conftest import ct_series
+from tests.server.test_cli import hilum_env
 from tests.tcp_proxy import TcpProxy
 
 
@@ -145,21 +145,6 @@ def _listening_sockets(port: int) -> int:
     return listening
 
 
-def _env(settings: Settings, **extra: str) -> dict[str, str]:
-    s = settings.storage
-    return {
-        **{k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"},
-        "HILUM_SERVER__DATA_DIR": str(settings.server.data_dir),
-        "HILUM_DIMSE__PORT": str(settings.dimse.port),
-        "HILUM_HTTP__PORT": str(settings.http.port),
-        "HILUM_STORAGE__DATABASE_URL": s.database_url,
-        "HILUM_STORAGE__BLOB_URL": s.blob_url,
-        "HILUM_STORAGE__S3_ACCESS_KEY": s.s3_access_key,
-        "HILUM_STORAGE__S3_SECRET_KEY": s.s3_secret_key,
-        **extra,
-    }
-
-
 def _started(command: str, env: dict[str, str]) -> subprocess.Popen:
     process = subprocess.Popen(
         [sys.executable, "-m", "server.cli", command], env=env,
@@ -187,7 +172,7 @@ def _stop(process: subprocess.Popen) -> None:
 def test_hilum_web_adds_up_the_metrics_of_its_gunicorn_workers(
     settings: Settings, archive: Archive
 ) -> None:
-    env = _env(settings, HILUM_HTTP__WORKERS="2", HILUM_HTTP__THREADS="2")
+    env = hilum_env(settings, HILUM_HTTP__WORKERS="2", HILUM_HTTP__THREADS="2")
     process = _started("web", env)
     base = f"http://127.0.0.1:{settings.http.port}"
     try:
@@ -218,7 +203,7 @@ def test_hilum_dimse_serves_its_counters_on_the_metrics_port(
     """With ``[dimse] processes = 2`` the receiving process's counts are added up with the
     parent's: the total is right whichever process each association reached."""
     metrics_port = free_port()
-    env = _env(settings, HILUM_METRICS__PORT=str(metrics_port),
+    env = hilum_env(settings, HILUM_METRICS__PORT=str(metrics_port),
                HILUM_DIMSE__PROCESSES=str(processes))  # fmt: skip
     process = _started("dimse", env)
     try:

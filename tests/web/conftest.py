@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import subprocess
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 from playwright.sync_api import Browser, Page, sync_playwright
@@ -55,17 +53,6 @@ class Hilum:
             capture_output=True, text=True, timeout=120,
         )  # fmt: skip
         assert sent.returncode == 0, sent.stderr
-
-
-def wait_until(condition: Callable[[], Any], what: str, timeout_s: float = 300) -> Any:
-    """Poll ``condition`` until it returns something true (a deadline, never a fixed sleep)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = condition()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
 
 
 @pytest.fixture(scope="module")

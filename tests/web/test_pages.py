@@ -21,7 +21,8 @@ from inference.phantoms import synthetic_ct_series
 from storage.jobs import JobState
 from storage.worklist import AIState, WorklistRequest, search_worklist
 from tests.factories import ct_instance, write_part10
-from tests.web.conftest import Hilum, screenshot, wait_until
+from tests.waiting import wait_until
+from tests.web.conftest import Hilum, screenshot
 
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
 DCIODVFY = Path("/usr/bin/dciodvfy")

@@ -21,7 +21,8 @@ from playwright.sync_api import Browser, Page, Response, sync_playwright
 from inference.phantoms import synthetic_ct_series
 from storage.jobs import JobState
 from tests.factories import write_part10
-from tests.web.conftest import CHROMIUM, CHROMIUM_ARGS, Hilum, screenshot, wait_until
+from tests.waiting import wait_until
+from tests.web.conftest import CHROMIUM, CHROMIUM_ARGS, Hilum, screenshot
 from web.ohif import (
     MARKER,
     OHIF_INTEGRITY,

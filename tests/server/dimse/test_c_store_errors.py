@@ -26,6 +26,7 @@ from tests.conftest import S3Server, make_settings, s3_blob_url
 from tests.factories import ct_instance, write_part10
 from tests.server.dimse.scu import associate, echo_works, send_file_raw
 from tests.tcp_proxy import TcpProxy
+from tests.waiting import wait_until
 
 OUT_OF_RESOURCES, DOES_NOT_MATCH, CANNOT_UNDERSTAND = 0xA700, 0xA900, 0xC000
 
@@ -160,10 +161,7 @@ def test_association_aborted_mid_transfer_stores_nothing(
         tmp_path / "first.dcm", path,
     }  # fmt: skip
     # The half-received data set is removed when its association ends, not left to the janitor.
-    deadline = time.monotonic() + 10
-    while list(dimse_server.tmp_dir.iterdir()) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert list(dimse_server.tmp_dir.iterdir()) == []
+    wait_until(lambda: not list(dimse_server.tmp_dir.iterdir()), "the partial file removed", 10)
     assert dimse_server.remove_stale_temporary_files(max_age_s=0) == 0
 
 

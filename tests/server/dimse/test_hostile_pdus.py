@@ -30,6 +30,7 @@ from storage.archive import open_archive
 from tests.conftest import make_settings
 from tests.factories import ct_instance, write_part10
 from tests.server.dimse.scu import echo_works, send_file_raw
+from tests.waiting import wait_until
 
 NETWORK_TIMEOUT_S = 2.0
 
@@ -238,14 +239,9 @@ def test_a_data_set_cut_short_leaves_no_temporary_file(server: DimseServer) -> N
     )
     sock = associated(server)
     sock.sendall(p_data(3, 0x03, command) + p_data(3, 0x00, b"\x08\x00" * 2000))
-    deadline = time.monotonic() + 10
-    while not list(server.tmp_dir.glob("tmp*.dcm")) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert list(server.tmp_dir.glob("tmp*.dcm")), "the data set is being received"
+    wait_until(lambda: list(server.tmp_dir.glob("tmp*.dcm")), "the data set received", 10)
     sock.close()
-    while list(server.tmp_dir.glob("tmp*.dcm")) and time.monotonic() < deadline + 10:
-        time.sleep(0.02)
-    assert list(server.tmp_dir.glob("tmp*.dcm")) == []
+    wait_until(lambda: not list(server.tmp_dir.glob("tmp*.dcm")), "the partial file removed", 10)
     assert echo_works(server)
 
 
