@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Literal
 
 from config import Settings
@@ -45,6 +45,10 @@ class Archive:
             header.sop_instance_uid,
             content_sha256,
         )
+
+    def scoped(self, partition: str) -> Archive:
+        """The same archive, seeing ``partition`` only (one request's view of it)."""
+        return replace(self, partition=partition)
 
     def close(self) -> None:
         self.index.dispose()

@@ -1,0 +1,50 @@
+"""Who is asking, from where, and in which partition: one request context for every transport.
+
+An HTTP request (``hilum serve`` and ``hilum web``), a DIMSE association, a CLI command and the
+AI worker each carry one :class:`RequestContext`, made in one place per transport and read by
+the access check (``server.access``), the audit trail and the logs. The archive a request works
+on is scoped to ``context.partition`` (``Archive.scoped``), so no query or retrieve can forget
+the partition.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from storage.index.models import DEFAULT_PARTITION
+
+PrincipalKind = Literal["anonymous", "user", "token", "oidc", "ae", "system"]
+Transport = Literal["http", "dimse", "cli", "worker"]
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who: a user (password login), an API token, an OpenID Connect subject, a calling AE
+    title, Hilum itself, or nobody (authentication off)."""
+
+    kind: PrincipalKind
+    name: str  # user name, OIDC subject, calling AE title, "anonymous" or "hilum"
+    roles: frozenset[str] = frozenset()
+    # The partitions this principal may see; None: every partition.
+    partitions: frozenset[str] | None = None
+    token_id: str | None = None  # the API token used, if any (its id, never the secret)
+
+    def may_see(self, partition: str) -> bool:
+        return self.partitions is None or partition in self.partitions
+
+
+# Authentication off (the loopback-only embedded default): whoever reaches the port may do
+# everything, as before access control existed.
+UNAUTHENTICATED = Principal("anonymous", "anonymous", frozenset({"admin"}))
+# Hilum acting on its own behalf: the AI worker, the stability scan, migrations.
+SYSTEM = Principal("system", "hilum", frozenset({"admin", "worker"}))
+
+
+@dataclass(frozen=True)
+class RequestContext:
+    principal: Principal
+    address: str  # the peer's IP address (after trusted proxies); "" for CLI and worker
+    transport: Transport
+    partition: str = DEFAULT_PARTITION
+    request_id: str = ""  # HTTP X-Request-Id, or the association's name in the logs
