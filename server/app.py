@@ -20,6 +20,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 
 from config import Settings
 from server.api import register_api
+from server.context import UNAUTHENTICATED, RequestContext
 from server.dicomweb import register_dicomweb
 from server.dicomweb.media_types import NotAcceptable
 from server.dicomweb.multipart import MultipartError
@@ -60,8 +61,11 @@ def create_app(settings: Settings, archive: Archive, metrics: Metrics | None = N
         )  # fmt: skip
 
     @app.before_request
-    def _request_id() -> None:
+    def _request_context() -> None:
         g.request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex[:12]
+        g.hilum_context = RequestContext(
+            UNAUTHENTICATED, request.remote_addr or "", "http", request_id=g.request_id
+        )
 
     return app
 

@@ -48,3 +48,11 @@ class RequestContext:
     transport: Transport
     partition: str = DEFAULT_PARTITION
     request_id: str = ""  # HTTP X-Request-Id, or the association's name in the logs
+
+
+def http_context() -> RequestContext:
+    """The context of the HTTP request being served (set before every request by the app)."""
+    from flask import g
+
+    context: RequestContext = g.hilum_context
+    return context

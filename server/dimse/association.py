@@ -23,6 +23,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID
 from pynetdicom.dsutils import decode, encode
 
+from server.context import Principal, RequestContext
 from server.dimse.commands import (
     DATA_SET_PRESENT,
     MAX_COMMAND_SET,
@@ -158,6 +159,11 @@ class Association:
         self.max_pdu_receive = max_pdu_receive  # what this side offered (0: no limit)
         self.max_pdu_send = max_pdu_send  # what the peer offered
         self.name = f"A{next(_association_ids)}"
+        # Who is asking, from where, in which partition (server.context): the calling AE until
+        # the association policy says more.
+        self.context = RequestContext(
+            Principal("ae", calling_ae_title), peer_address, "dimse", request_id=self.name
+        )
         self.started = time.monotonic()
         self.stats = AssociationStats()
         self.is_open = True
