@@ -304,6 +304,16 @@ class WebSettings(_Section):
     ohif_dir: Path | None = None
 
 
+class AuditSettings(_Section):
+    """The audit trail (``storage/audit.py``, docs/operations.md *Audit trail*)."""
+
+    # Off: nothing is recorded (a benchmark's comparison; never in clinical use).
+    enabled: bool = True
+    # The JSON lines copy (PS3.15 A.5 messages): "" <data_dir>/audit.jsonl, "-" standard
+    # output (containers), "off" none, else a file path.
+    json_lines: str = ""
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="HILUM_", env_nested_delimiter="__", extra="forbid"
@@ -318,6 +328,7 @@ class Settings(BaseSettings):
     limits: LimitsSettings = Field(default_factory=LimitsSettings)
     inference: InferenceSettings = Field(default_factory=InferenceSettings)
     web: WebSettings = Field(default_factory=WebSettings)
+    audit: AuditSettings = Field(default_factory=AuditSettings)
 
     @classmethod
     def settings_customise_sources(

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Literal
 
 from config import Settings
 from config.settings import LimitsSettings
+from storage.audit import AuditTrail, open_json_lines
 from storage.blobs import BlobStore, instance_blob_key, open_blob_store
 from storage.index.database import (
     Index,
@@ -36,6 +37,9 @@ class Archive:
     partition: str = DEFAULT_PARTITION
     # What one received object may cost (``[limits]``), checked by ingest and every decode.
     limits: LimitsSettings = field(default_factory=LimitsSettings)
+    # Where every store, query, retrieve and delete is recorded (``[audit]``); None: nowhere
+    # (an archive made by hand, in a test of something else).
+    audit: AuditTrail | None = None
 
     def blob_key(self, header: InstanceHeader, content_sha256: str) -> str:
         return instance_blob_key(
@@ -51,6 +55,8 @@ class Archive:
         return replace(self, partition=partition)
 
     def close(self) -> None:
+        if self.audit is not None:
+            self.audit.close()
         self.index.dispose()
 
 
@@ -80,4 +86,13 @@ def open_archive(
         settings.storage.tiers,
         max_connections=pool,
     )
-    return Archive(Index(engine), blobs, settings.storage.on_duplicate, limits=settings.limits)
+    index = Index(engine)
+    audit = AuditTrail(
+        index,
+        open_json_lines(settings.audit.json_lines, settings.server.data_dir)
+        if settings.audit.enabled
+        else None,
+        enabled=settings.audit.enabled,
+        source_id=settings.dimse.ae_title,
+    )
+    return Archive(index, blobs, settings.storage.on_duplicate, limits=settings.limits, audit=audit)

@@ -26,6 +26,16 @@ from sqlalchemy import Connection, bindparam, exc, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from storage.archive import Archive
+from storage.audit import (
+    Actor,
+    AuditEntry,
+    AuditEvent,
+    AuditUnavailable,
+    Outcome,
+    Requestor,
+    audit_errors,
+    failure,
+)
 from storage.delete import delete_blob_unless_referenced
 from storage.dicom_file import (
     InstanceHeader,
@@ -87,6 +97,9 @@ class Received:
     # (SHA-256 hex digest, size) of the file, when the caller hashed it as it wrote it (a
     # C-STORE data set hashed as it arrived): the file is not read again to hash it.
     sha256: tuple[str, int] | None = None
+    # Who stores it (``server.context.RequestContext``), for the audit trail; None: Hilum
+    # itself (``storage.audit.Actor``).
+    requestor: Requestor | None = None
 
 
 def ingest_file(
@@ -97,10 +110,13 @@ def ingest_file(
     header: InstanceHeader | None = None,
     temporary: bool = False,
     sha256: tuple[str, int] | None = None,
+    requestor: Requestor | None = None,
 ) -> IngestResult:
     """Store the DICOM Part 10 file at ``path``: :func:`ingest_files` of one file, its
     :class:`StorageError` raised."""
-    (outcome,) = ingest_files(archive, [Received(path, origin, header, temporary, sha256)])
+    (outcome,) = ingest_files(
+        archive, [Received(path, origin, header, temporary, sha256, requestor)]
+    )
     if isinstance(outcome, StorageError):
         raise outcome
     return outcome
@@ -117,12 +133,20 @@ def ingest_files(
     so a group costs one commit (one fsync of the SQLite log) instead of one each. A file that
     lost a race with another sender tries again alone. A result is final only when this
     returns: nothing is answered before the commit.
+
+    Audit (``storage/audit.py``): the instances a transaction writes are recorded in it, one
+    record per requestor and study (PS3.15 A.5.3.7 DICOM Instances Transferred: one message per
+    set of instances of a single patient), so none is stored unaudited; duplicates and refusals
+    are recorded after, in one transaction, and a duplicate whose record cannot be written is
+    refused too.
     """
     outcomes: list[IngestResult | StorageError | None] = [None] * len(received)
     pending: list[_Prepared] = []
+    headers: list[InstanceHeader | None] = [None] * len(received)
     for n, item in enumerate(received):
         try:
             pending.append(_prepare(archive, n, item))
+            headers[n] = pending[-1].header
         except StorageError as error:
             outcomes[n] = error
 
@@ -156,6 +180,7 @@ def ingest_files(
         pending = sorted(pending + later, key=lambda item: item.n)
     done = [outcome for outcome in outcomes if outcome is not None]
     assert len(done) == len(received)  # every file has its outcome
+    done = _audit_not_written(archive, received, headers, done)
     if archive.on_ingest is not None:
         archive.on_ingest(done)  # metrics: what this process's transport received
     return done
@@ -294,7 +319,7 @@ def _store(
     if not to_write:
         return []
     try:
-        written, retry = _write_rows(archive, to_write)
+        written, retry, audited = _write_rows(archive, to_write)
     except exc.IntegrityError:
         # Not a race the statements expect (those are answered, not raised): the whole
         # group was rolled back; every file of it tries again.
@@ -322,6 +347,8 @@ def _store(
             outcomes[item.n] = error
         return []
 
+    if archive.audit is not None:
+        archive.audit.emit(audited)
     _discard_unreferenced(archive, [item.key for item in retry])
     for item, stored in written:
         if stored is None:
@@ -353,8 +380,9 @@ def _put_blobs(
 
 def _write_rows(
     archive: Archive, to_write: list[tuple[_Prepared, Any]]
-) -> tuple[list[tuple[_Prepared, Any]], list[_Prepared]]:
-    """The index rows of ``to_write`` in one transaction: (written, lost a race).
+) -> tuple[list[tuple[_Prepared, Any]], list[_Prepared], list[dict[str, Any]]]:
+    """The index rows of ``to_write`` in one transaction: (written, lost a race, the audit
+    records of the written ones, to emit after the commit).
 
     A lost race is answered by the statements, not raised, so one file's loss does not undo
     the others': a new instance row is inserted with ON CONFLICT DO NOTHING (the rows of all
@@ -395,7 +423,111 @@ def _write_rows(
                     written.append((item, None))
                 else:
                     retry.append(item)
-    return written, retry
+        audited: list[dict[str, Any]] = []
+        if archive.audit is not None and written:
+            with audit_errors():
+                audited = archive.audit.append(connection, _store_entries(archive, written))
+    return written, retry, audited
+
+
+def _requestor(archive: Archive, item: Received) -> Requestor:
+    return item.requestor or Actor(partition=archive.partition)
+
+
+def _store_entries(
+    archive: Archive, written: list[tuple[_Prepared, Any]]
+) -> list[tuple[Requestor, AuditEntry]]:
+    """One record per (requestor, study) of the instances a transaction wrote: C (Create) when
+    all are new, U (Update) when one replaced a stored instance (PS3.15 A.5.3.7)."""
+    groups: dict[tuple[Requestor, str], list[tuple[_Prepared, Any]]] = {}
+    for item, stored in written:
+        key = (_requestor(archive, item.received), item.header.study_instance_uid)
+        groups.setdefault(key, []).append((item, stored))
+    entries = []
+    for (requestor, study_uid), items in groups.items():
+        first = items[0][0]
+        entries.append(
+            (
+                requestor,
+                AuditEntry(
+                    _store_event(requestor),
+                    patient_id=_text(first.header.dataset, "PatientID", 64),
+                    study_uids=(study_uid,),
+                    instances=len(items),
+                    action="U" if any(stored is not None for _item, stored in items) else "C",
+                    detail=_origin_detail(first.received.origin),
+                ),
+            )
+        )
+    return entries
+
+
+def _store_event(requestor: Requestor) -> AuditEvent:
+    # `hilum import` reads files from disk or media: PS3.15 A.5.3.5 Data Import.
+    return AuditEvent.IMPORT if requestor.transport == "cli" else AuditEvent.STORE
+
+
+def _origin_detail(origin: Origin) -> dict[str, str]:
+    return {"calling_ae_title": origin.calling_ae_title} if origin.calling_ae_title else {}
+
+
+def _audit_not_written(
+    archive: Archive,
+    received: Sequence[Received],
+    headers: Sequence[InstanceHeader | None],
+    done: list[IngestResult | StorageError],
+) -> list[IngestResult | StorageError]:
+    """Record what no index transaction recorded: duplicates (R, Read: Hilum already held
+    them, A.5.3.7) and refusals (with the reason), per requestor, study and outcome. If that
+    record cannot be written, a duplicate is refused too (its sender retries)."""
+    if archive.audit is None:
+        return done
+    # (requestor, study, action, outcome, reason) -> [instances, patient ID]
+    groups: dict[tuple[Requestor, str, str, Outcome, str], list[Any]] = {}
+    for item, header, outcome in zip(received, headers, done, strict=True):
+        if isinstance(outcome, IngestResult):
+            if not _is_duplicate(outcome):
+                continue
+            key = (_requestor(archive, item), outcome.study_instance_uid, "R", Outcome.SUCCESS, "")
+        else:
+            study = header.study_instance_uid if header is not None else ""
+            key = (_requestor(archive, item), study, "", *failure(outcome))
+        group = groups.setdefault(key, [0, ""])
+        group[0] += 1
+        if header is not None:
+            group[1] = _text(header.dataset, "PatientID", 64)
+    if not groups:
+        return done
+    entries = [
+        (
+            requestor,
+            AuditEntry(
+                _store_event(requestor),
+                outcome,
+                reason,
+                patient_id=patient_id,
+                study_uids=(study_uid,) if study_uid else (),
+                instances=count,
+                action=action or None,
+            ),
+        )
+        for (requestor, study_uid, action, outcome, reason), (count, patient_id) in groups.items()
+    ]
+    try:
+        with audit_errors(), archive.index.write() as session:
+            rows = archive.audit.append(session.connection(), entries)
+    except AuditUnavailable as error:
+        log.error("audit record of duplicate or refused files not written: %s", error)
+        return [error if _is_duplicate(o) else o for o in done]
+    archive.audit.emit(rows)
+    return done
+
+
+def _is_duplicate(outcome: IngestResult | StorageError) -> bool:
+    return isinstance(outcome, IngestResult) and outcome.outcome in (
+        IngestOutcome.DUPLICATE,
+        IngestOutcome.KEPT_EXISTING,
+    )
 
 
 @functools.cache

@@ -269,3 +269,42 @@ class AIFinding(Base):
     size_unit: Mapped[str] = mapped_column(String(16))  # UCUM: "mm3", "mm2"
     segment_number: Mapped[int | None] = mapped_column(Integer, nullable=True)
     segmentation_sop_instance_uid: Mapped[str] = mapped_column(String(UI))
+
+
+class AuditRecord(Base):
+    """One audited action (migration 0009, ``storage/audit.py``): who, from where, what, when,
+    the outcome, and the SHA-256 chaining it to the record before it. Rows are only added: no
+    code path updates or deletes them, and on PostgreSQL and SQLite a trigger refuses it."""
+
+    __tablename__ = "audit_record"
+    __table_args__ = (
+        Index("ix_audit_patient", "partition", "patient_id", "id"),
+        Index("ix_audit_principal", "principal_name", "id"),
+        Index("ix_audit_recorded", "recorded_at", "id"),
+    )
+
+    # Given by the writer (the previous record's id + 1, under the chain lock), never by a
+    # sequence: a gap is a missing record.
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=False
+    )
+    # ISO 8601 UTC with microseconds, as hashed (a string hashes the same on every database).
+    recorded_at: Mapped[str] = mapped_column(String(32))
+    event: Mapped[str] = mapped_column(String(32))  # storage.audit.AuditEvent
+    action: Mapped[str] = mapped_column(String(1))  # PS3.15 A.5.1 EventActionCode C R U D E
+    outcome: Mapped[int] = mapped_column(Integer)  # EventOutcomeIndicator 0 4 8 12
+    reason: Mapped[str] = mapped_column(Text, default="")
+    principal_kind: Mapped[str] = mapped_column(String(16))
+    principal_name: Mapped[str] = mapped_column(String(255))
+    token_id: Mapped[str] = mapped_column(String(64), default="")
+    address: Mapped[str] = mapped_column(String(64), default="")
+    transport: Mapped[str] = mapped_column(String(16))
+    request_id: Mapped[str] = mapped_column(String(64), default="")
+    partition: Mapped[str] = mapped_column(String(64))
+    patient_id: Mapped[str] = mapped_column(String(LO), default="")
+    # Study Instance UIDs, backslash-separated (a DICOM multi-value); "" when none.
+    study_uids: Mapped[str] = mapped_column(Text, default="")
+    instances: Mapped[int] = mapped_column(Integer, default=0)
+    detail: Mapped[str] = mapped_column(Text, default="")  # canonical JSON object
+    previous_hash: Mapped[str] = mapped_column(String(64))
+    hash: Mapped[str] = mapped_column(String(64))

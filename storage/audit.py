@@ -1,0 +1,679 @@
+"""The audit trail: every access to patient data and every security-relevant change, recorded
+in an append-only, hash-chained table and written as JSON lines (PS3.15 Annex A.5).
+
+Each :class:`AuditRecord <storage.index.models.AuditRecord>` row says who (the principal's kind
+and name, the API token's id), from where (address, transport, request or association id), what
+(the event, partition, patient ID, Study Instance UIDs, number of instances), when (UTC) and the
+outcome (PS3.15 A.5.1 EventOutcomeIndicator, and the reason of a failure). Its ``hash`` is the
+SHA-256 of the previous record's hash and the canonical JSON of the record (:func:`record_hash`),
+so altering, inserting or removing a record breaks the chain at that record; ``hilum audit
+verify`` (:func:`verify_chain`) walks it.
+
+Appends are serialised so that concurrent writers (several DIMSE and web processes on one
+PostgreSQL) never fork the chain: on PostgreSQL a transaction-scoped advisory lock, on SQLite the
+database's one write lock (every write transaction begins IMMEDIATE). The record is written in
+the same transaction as the action where there is one (a store's index rows: the audit rows ride
+in the group commit's transaction), else in its own, before the answer is sent: a failure to
+write it fails the operation (:class:`AuditUnavailable`, a :class:`StorageUnavailable`: HTTP 503,
+DIMSE 0xA700 / 0xA701), so nothing is accessed unaudited.
+
+The JSON line of each record (after its commit) follows the structure of the DICOM audit
+messages (PS3.15 A.5.3, the RFC 3881 / ATNA schema): EventIdentification with the DCM EventID
+and EventTypeCode, ActiveParticipant, AuditSourceIdentification and
+ParticipantObjectIdentification; the database row stays the authority, the lines are a copy for
+a SIEM or a syslog collector.
+
+Hook points for the other parts of Hilum: :meth:`AuditTrail.record` with an :class:`AuditEntry`
+for any event, and the helpers :func:`login_entry`, :func:`security_change_entry`,
+:func:`export_entry` and :func:`deidentified_copy_entry`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import sys
+import threading
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import IntEnum, StrEnum
+from pathlib import Path
+from typing import Any, Protocol
+
+from sqlalchemy import Connection, exc, insert, select, text
+
+from storage.errors import StorageUnavailable
+from storage.index.database import Index, database_errors
+from storage.index.models import DEFAULT_PARTITION, Patient, Study
+from storage.index.models import AuditRecord as AuditRow
+
+log = logging.getLogger(__name__)
+
+GENESIS = "0" * 64  # the "previous hash" of the first record
+# pg_advisory_xact_lock key of the chain's head (any constant unique to Hilum: "HILUMAUD").
+_CHAIN_LOCK = 0x48494C554D415544 - (1 << 63)
+
+
+class AuditUnavailable(StorageUnavailable):
+    """The audit record could not be written: the operation is refused, not done unaudited."""
+
+
+class Outcome(IntEnum):
+    """PS3.15 A.5.1 / RFC 3881 EventOutcomeIndicator."""
+
+    SUCCESS = 0
+    MINOR_FAILURE = 4  # refused: bad request, not found, not allowed
+    SERIOUS_FAILURE = 8  # could not be done: storage unavailable
+    MAJOR_FAILURE = 12
+
+
+class AuditEvent(StrEnum):
+    STORE = "store"  # C-STORE, STOW-RS, the upload page, the AI worker's results
+    IMPORT = "import"  # `hilum import`
+    QUERY = "query"  # C-FIND, QIDO-RS, the worklist
+    RETRIEVE = "retrieve"  # C-MOVE, C-GET, WADO-RS, WADO-URI
+    VIEW = "view"  # the UI's study page
+    DELETE = "delete"  # DELETE of a study, series or instance
+    EXPORT = "export"  # `hilum export` (hook)
+    DEIDENTIFIED_COPY = "deidentified-copy"  # research copies (hook)
+    LOGIN = "login"  # hook
+    LOGOUT = "logout"  # hook
+    USER_CHANGE = "user-change"  # hook
+    TOKEN_CHANGE = "token-change"  # hook
+    PARTITION_CHANGE = "partition-change"  # hook
+    CONFIG_CHANGE = "config-change"  # hook: AE permissions, peers, settings
+    AUDIT_READ = "audit-read"  # GET /api/audit and the audit page
+    SECURITY_ALERT = "security-alert"  # hook: refused access and the like
+
+
+@dataclass(frozen=True)
+class Code:
+    """A coded entry (PS3.3 8.8): code value, scheme (DCM: PS3.16 Annex D), meaning."""
+
+    value: str
+    meaning: str
+    scheme: str = "DCM"
+
+    def json(self) -> dict[str, str]:
+        return {"csd-code": self.value, "codeSystemName": self.scheme, "originalText": self.meaning}
+
+
+@dataclass(frozen=True)
+class EventKind:
+    """How an :class:`AuditEvent` is told in PS3.15 A.5.3: EventID, the usual EventActionCode,
+    EventTypeCode, and the role of the requestor in the transfer."""
+
+    event_id: Code
+    action: str  # C R U D E
+    type_code: Code | None = None
+    requestor_role: Code | None = None
+
+
+_TRANSFERRED = Code("110104", "DICOM Instances Transferred")
+_SECURITY_ALERT = Code("110113", "Security Alert")
+_USER_AUTHENTICATION = Code("110114", "User Authentication")
+_SOURCE = Code("110153", "Source Role ID")
+_DESTINATION = Code("110152", "Destination Role ID")
+
+EVENT_KINDS: dict[AuditEvent, EventKind] = {
+    # A.5.3.7: C = the receiver did not hold the instances (U replaced, R already held).
+    AuditEvent.STORE: EventKind(_TRANSFERRED, "C", requestor_role=_SOURCE),
+    AuditEvent.IMPORT: EventKind(Code("110107", "Import"), "C"),  # A.5.3.5 Data Import
+    AuditEvent.QUERY: EventKind(Code("110112", "Query"), "E"),  # A.5.3.10
+    # A.5.3.7, Hilum being the source: R.
+    AuditEvent.RETRIEVE: EventKind(_TRANSFERRED, "R", requestor_role=_DESTINATION),
+    AuditEvent.VIEW: EventKind(Code("110103", "DICOM Instances Accessed"), "R"),  # A.5.3.6
+    AuditEvent.DELETE: EventKind(Code("110105", "DICOM Study Deleted"), "D"),  # A.5.3.8
+    AuditEvent.EXPORT: EventKind(Code("110106", "Export"), "R"),  # A.5.3.4 Data Export
+    AuditEvent.DEIDENTIFIED_COPY: EventKind(Code("110106", "Export"), "R"),
+    AuditEvent.LOGIN: EventKind(_USER_AUTHENTICATION, "E", Code("110122", "Login")),  # A.5.3.12
+    AuditEvent.LOGOUT: EventKind(_USER_AUTHENTICATION, "E", Code("110123", "Logout")),
+    # A.5.3.11 Security Alert with the PS3.16 CID 403 type of the change.
+    AuditEvent.USER_CHANGE: EventKind(
+        _SECURITY_ALERT, "E", Code("110137", "User Security Attributes Changed")
+    ),
+    AuditEvent.TOKEN_CHANGE: EventKind(
+        _SECURITY_ALERT, "E", Code("110137", "User Security Attributes Changed")
+    ),
+    AuditEvent.PARTITION_CHANGE: EventKind(
+        _SECURITY_ALERT, "E", Code("110129", "Security Configuration")
+    ),
+    AuditEvent.CONFIG_CHANGE: EventKind(
+        _SECURITY_ALERT, "E", Code("110129", "Security Configuration")
+    ),
+    AuditEvent.AUDIT_READ: EventKind(Code("110101", "Audit Log Used"), "R"),  # A.5.3.2
+    AuditEvent.SECURITY_ALERT: EventKind(
+        _SECURITY_ALERT, "E", Code("110132", "Use of Restricted Function")
+    ),
+}
+
+
+class Requestor(Protocol):
+    """Who asks: ``server.context.RequestContext`` (read through these attributes only, so that
+    ``storage`` does not depend on ``server``)."""
+
+    @property
+    def principal(self) -> Any: ...  # .kind, .name, .token_id
+    @property
+    def address(self) -> str: ...
+    @property
+    def transport(self) -> str: ...
+    @property
+    def partition(self) -> str: ...
+    @property
+    def request_id(self) -> str: ...
+
+
+@dataclass(frozen=True)
+class ActorPrincipal:
+    kind: str
+    name: str
+    token_id: str | None = None
+
+
+@dataclass(frozen=True)
+class Actor:
+    """A :class:`Requestor` made in ``storage``: Hilum itself, for a store whose caller named
+    nobody (a benchmark, a maintenance script): recorded, never skipped."""
+
+    principal: ActorPrincipal = ActorPrincipal("system", "hilum")
+    address: str = ""
+    transport: str = "internal"
+    partition: str = DEFAULT_PARTITION
+    request_id: str = ""
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    """What happened, to whom: one record (or one per patient, when ``patient_id`` is None and
+    the studies belong to several: PS3.15 A.5.3 messages each concern a single patient)."""
+
+    event: AuditEvent
+    outcome: Outcome = Outcome.SUCCESS
+    reason: str = ""  # why it failed (EventOutcomeDescription)
+    # None: looked up from the studies (one record per patient); "" none concerned.
+    patient_id: str | None = ""
+    study_uids: tuple[str, ...] = ()
+    instances: int = 0
+    action: str | None = None  # EventActionCode; None: the event's usual one
+    # The rest: the query, the SOP Class, the AE titles, the object changed... Strings and
+    # integers only (canonical JSON).
+    detail: Mapping[str, Any] = field(default_factory=dict)
+
+
+def failure(error: BaseException) -> tuple[Outcome, str]:
+    """The outcome and reason that ``error`` makes of an operation."""
+    serious = isinstance(error, StorageUnavailable)
+    return (Outcome.SERIOUS_FAILURE if serious else Outcome.MINOR_FAILURE), str(error)[:1000]
+
+
+# -- the chain ------------------------------------------------------------------------------
+
+HASHED_FIELDS = (
+    "id",
+    "recorded_at",
+    "event",
+    "action",
+    "outcome",
+    "reason",
+    "principal_kind",
+    "principal_name",
+    "token_id",
+    "address",
+    "transport",
+    "request_id",
+    "partition",
+    "patient_id",
+    "study_uids",
+    "instances",
+    "detail",
+    "previous_hash",
+)
+
+
+def canonical_json(value: Any) -> str:
+    """Sorted keys, no spaces, UTF-8 as is: one text per value (RFC 8785's aim for these
+    types: strings and integers)."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def record_hash(row: Mapping[str, Any]) -> str:
+    """SHA-256 of the previous record's hash and this record's canonical JSON."""
+    body = canonical_json({name: row[name] for name in HASHED_FIELDS})
+    return hashlib.sha256((row["previous_hash"] + body).encode()).hexdigest()
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+class JsonLines:
+    """Appends each record as one JSON line to a file (``O_APPEND``: one ``write`` per batch,
+    so lines of several processes never interleave) or to standard output (containers)."""
+
+    def __init__(self, target: str | Path) -> None:
+        self.target = str(target)
+        self._lock = threading.Lock()
+        self._fd: int | None = None
+        if self.target != "-":
+            Path(self.target).parent.mkdir(parents=True, exist_ok=True)
+            self._fd = os.open(self.target, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+
+    def write(self, messages: Sequence[Mapping[str, Any]]) -> None:
+        data = "".join(canonical_json(m) + "\n" for m in messages).encode()
+        with self._lock:
+            if self._fd is None:
+                sys.stdout.buffer.write(data)
+                sys.stdout.buffer.flush()
+            else:
+                os.write(self._fd, data)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+class AuditTrail:
+    """Writes audit records: the table (authority) and the JSON lines (a copy)."""
+
+    def __init__(
+        self,
+        index: Index,
+        json_lines: JsonLines | None = None,
+        *,
+        enabled: bool = True,
+        source_id: str = "HILUM",
+    ) -> None:
+        self.index = index
+        self.json_lines = json_lines
+        self.enabled = enabled
+        self.source_id = source_id  # AuditSourceID and Hilum's own UserID (its AE title)
+
+    def record(self, context: Requestor, *entries: AuditEntry) -> None:
+        """Write ``entries`` in a transaction of their own; raise :class:`AuditUnavailable`."""
+        if not self.enabled or not entries:
+            return
+        with audit_errors(), self.index.write() as session:
+            rows = self.append(session.connection(), [(context, e) for e in entries])
+        self.emit(rows)
+
+    def append(
+        self, connection: Connection, items: Sequence[tuple[Requestor, AuditEntry]]
+    ) -> list[dict[str, Any]]:
+        """Insert the records of ``items`` in the caller's write transaction (so they commit
+        with the action, or not at all); pass the rows returned to :meth:`emit` after the
+        commit. The chain's head is locked until that transaction ends."""
+        if not self.enabled or not items:
+            return []
+        expanded = list(_per_patient(connection, items))
+        if connection.dialect.name == "postgresql":
+            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _CHAIN_LOCK})
+        # SQLite: this write transaction began IMMEDIATE, holding the database's write lock.
+        last = connection.execute(
+            select(AuditRow.id, AuditRow.hash).order_by(AuditRow.id.desc()).limit(1)
+        ).one_or_none()
+        last_id, previous = (last.id, last.hash) if last is not None else (0, GENESIS)
+        now = _now()
+        rows = []
+        for context, entry, patient_id, study_uids in expanded:
+            kind = EVENT_KINDS[entry.event]
+            principal = context.principal
+            row: dict[str, Any] = {
+                "id": last_id + 1,
+                "recorded_at": now,
+                "event": entry.event.value,
+                "action": entry.action or kind.action,
+                "outcome": int(entry.outcome),
+                "reason": entry.reason,
+                "principal_kind": str(principal.kind),
+                "principal_name": str(principal.name)[:255],
+                "token_id": str(principal.token_id or ""),
+                "address": context.address[:64],
+                "transport": str(context.transport),
+                "request_id": context.request_id[:64],
+                "partition": context.partition,
+                "patient_id": patient_id[:64],
+                "study_uids": "\\".join(study_uids),
+                "instances": entry.instances,
+                "detail": canonical_json(dict(entry.detail)) if entry.detail else "",
+                "previous_hash": previous,
+            }
+            row["hash"] = previous = record_hash(row)
+            last_id += 1
+            rows.append(row)
+        connection.execute(insert(AuditRow), rows)
+        return rows
+
+    def emit(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        """The JSON lines of committed rows. A line that cannot be written is logged: the
+        table holds the record."""
+        if self.json_lines is None or not rows:
+            return
+        try:
+            self.json_lines.write([audit_message(row, self.source_id) for row in rows])
+        except OSError as error:
+            log.error("audit JSON lines not written (%d in the table): %s", len(rows), error)
+
+    def close(self) -> None:
+        if self.json_lines is not None:
+            self.json_lines.close()
+
+
+def _per_patient(
+    connection: Connection, items: Sequence[tuple[Requestor, AuditEntry]]
+) -> Iterator[tuple[Requestor, AuditEntry, str, tuple[str, ...]]]:
+    """Each entry with its patient ID; an entry whose patient is to be looked up becomes one
+    record per patient of its studies (a study not found stays with patient "")."""
+    for context, entry in items:
+        if entry.patient_id is not None or not entry.study_uids:
+            yield context, entry, entry.patient_id or "", entry.study_uids
+            continue
+        found = connection.execute(
+            select(Study.study_instance_uid, Patient.patient_id)
+            .join(Patient, Study.patient_pk == Patient.id)
+            .where(
+                Study.partition == context.partition,
+                Study.study_instance_uid.in_(entry.study_uids),
+            )
+        ).all()
+        patients: dict[str, list[str]] = {}
+        by_study = {uid: patient for uid, patient in found}
+        for uid in entry.study_uids:
+            patients.setdefault(by_study.get(uid, ""), []).append(uid)
+        for patient_id, uids in patients.items():
+            yield context, entry, patient_id, tuple(uids)
+
+
+class audit_errors:  # noqa: N801 (a context manager used like a function)
+    """Turns any failure to write the trail into :class:`AuditUnavailable` (with its reason)."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type | None, error: BaseException | None, _tb: Any) -> bool:
+        if error is None or isinstance(error, AuditUnavailable):
+            return False
+        if isinstance(error, StorageUnavailable | exc.DBAPIError):
+            reason = getattr(error, "orig", None) or error
+            raise AuditUnavailable(
+                f"the audit trail cannot be written, so the operation is refused: {reason}"
+            ) from error
+        return False
+
+
+# -- the JSON line: PS3.15 A.5 ---------------------------------------------------------------
+
+
+def audit_message(row: Mapping[str, Any], source_id: str = "HILUM") -> dict[str, Any]:
+    """The record as a DICOM audit message (PS3.15 A.5.1 schema, A.5.3 per event), in JSON."""
+    event = AuditEvent(row["event"])
+    kind = EVENT_KINDS[event]
+    identification: dict[str, Any] = {
+        "EventID": kind.event_id.json(),
+        "EventActionCode": row["action"],
+        "EventDateTime": row["recorded_at"],
+        "EventOutcomeIndicator": row["outcome"],
+    }
+    if row["reason"]:
+        identification["EventOutcomeDescription"] = row["reason"]
+    if kind.type_code is not None:
+        identification["EventTypeCode"] = [kind.type_code.json()]
+    detail = json.loads(row["detail"]) if row["detail"] else {}
+    requestor: dict[str, Any] = {
+        "UserID": row["principal_name"],
+        "UserIsRequestor": True,
+        "UserTypeCode": row["principal_kind"],
+    }
+    if row["token_id"]:
+        requestor["AlternativeUserID"] = f"token:{row['token_id']}"
+    if row["address"]:
+        # RFC 3881 NetworkAccessPointTypeCode 2: an IP address.
+        requestor["NetworkAccessPointTypeCode"] = "2"
+        requestor["NetworkAccessPointID"] = row["address"]
+    participants = [requestor]
+    if kind.requestor_role is not None:
+        requestor["RoleIDCode"] = [kind.requestor_role.json()]
+        hilum_role = _DESTINATION if kind.requestor_role is _SOURCE else _SOURCE
+        participants.append(
+            {
+                "UserID": detail.get("called_ae_title", source_id),
+                "UserIsRequestor": False,
+                "RoleIDCode": [hilum_role.json()],
+            }
+        )
+    objects: list[dict[str, Any]] = []
+    if row["patient_id"]:
+        # RFC 3881: type 1 Person, role 1 Patient, ID type 2 Patient Number.
+        objects.append(
+            {
+                "ParticipantObjectTypeCode": 1,
+                "ParticipantObjectTypeCodeRole": 1,
+                "ParticipantObjectIDTypeCode": {"csd-code": "2", "codeSystemName": "RFC-3881"},
+                "ParticipantObjectID": row["patient_id"],
+            }
+        )
+    for uid in filter(None, row["study_uids"].split("\\")):
+        study: dict[str, Any] = {
+            # System Object, role Report, ID type Study Instance UID (A.5.3.7, A.5.3.6).
+            "ParticipantObjectTypeCode": 2,
+            "ParticipantObjectTypeCodeRole": 3,
+            "ParticipantObjectIDTypeCode": Code("110180", "Study Instance UID").json(),
+            "ParticipantObjectID": uid,
+        }
+        if row["instances"]:
+            count = row["instances"]
+            study["ParticipantObjectDetail"] = [{"type": "NumberOfInstances", "value": count}]
+        objects.append(study)
+    if event is AuditEvent.QUERY:
+        # A.5.3.10: the query, the SOP Class UID of the Q/R model (or the QIDO-RS resource).
+        objects.append(
+            {
+                "ParticipantObjectTypeCode": 2,
+                "ParticipantObjectTypeCodeRole": 3,
+                "ParticipantObjectIDTypeCode": Code("110181", "SOP Class UID").json(),
+                "ParticipantObjectID": detail.get("sop_class_uid", detail.get("resource", "")),
+                "ParticipantObjectQuery": detail.get("query", ""),
+            }
+        )
+    return {
+        "EventIdentification": identification,
+        "ActiveParticipant": participants,
+        "AuditSourceIdentification": {"AuditSourceID": source_id},
+        "ParticipantObjectIdentification": objects,
+        "Hilum": {
+            "id": row["id"],
+            "partition": row["partition"],
+            "transport": row["transport"],
+            "request_id": row["request_id"],
+            "detail": detail,
+            "previous_hash": row["previous_hash"],
+            "hash": row["hash"],
+        },
+    }
+
+
+# -- hook points for the other parts of Hilum ------------------------------------------------
+
+
+def login_entry(user: str, *, success: bool, reason: str = "", method: str = "") -> AuditEntry:
+    """A login attempt (A.5.3.12 User Authentication, EventTypeCode Login): record it with the
+    request's context (whose principal is still anonymous on a failure)."""
+    return AuditEntry(
+        AuditEvent.LOGIN,
+        Outcome.SUCCESS if success else Outcome.MINOR_FAILURE,
+        reason,
+        detail={"user": user, **({"method": method} if method else {})},
+    )
+
+
+def security_change_entry(
+    event: AuditEvent, subject: str, change: str, *, outcome: Outcome = Outcome.SUCCESS
+) -> AuditEntry:
+    """A user, token, partition, AE permission or configuration change (A.5.3.11): ``subject``
+    names what changed (a user name, a token id, never a secret), ``change`` how ("created",
+    "revoked", "roles admin,radiologist")."""
+    if event not in {
+        AuditEvent.USER_CHANGE,
+        AuditEvent.TOKEN_CHANGE,
+        AuditEvent.PARTITION_CHANGE,
+        AuditEvent.CONFIG_CHANGE,
+    }:
+        raise ValueError(f"{event} is not a security change")
+    return AuditEntry(event, outcome, detail={"subject": subject, "change": change})
+
+
+def export_entry(
+    study_uids: Sequence[str], instances: int, destination: str, *, deidentified: bool
+) -> AuditEntry:
+    """An export of studies out of Hilum (A.5.3.4 Data Export): one record per patient."""
+    return AuditEntry(
+        AuditEvent.EXPORT,
+        patient_id=None,
+        study_uids=tuple(study_uids),
+        instances=instances,
+        detail={"destination": destination, "deidentified": int(deidentified)},
+    )
+
+
+def deidentified_copy_entry(
+    study_uid: str, instances: int, to_partition: str, project: str
+) -> AuditEntry:
+    """A de-identified copy of a study into a research partition (recorded in the source
+    partition, with the source study and patient: the link back stays in the clinical trail)."""
+    return AuditEntry(
+        AuditEvent.DEIDENTIFIED_COPY,
+        patient_id=None,
+        study_uids=(study_uid,),
+        instances=instances,
+        detail={"to_partition": to_partition, "project": project},
+    )
+
+
+# -- reading and verifying -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ChainFault:
+    record_id: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class ChainReport:
+    records: int
+    first_id: int | None
+    last_id: int | None
+    fault: ChainFault | None
+
+
+def verify_chain(index: Index, batch: int = 5000) -> ChainReport:
+    """Walk the chain in id order: each record's id follows the previous one's, its
+    ``previous_hash`` is the previous record's ``hash``, and its ``hash`` is that of its
+    content. The first record may follow pruned ones (its previous hash is then taken as
+    given: see docs/operations.md on pruning)."""
+    count = 0
+    first_id: int | None = None
+    previous: Mapping[str, Any] | None = None
+    columns = [getattr(AuditRow, name) for name in (*HASHED_FIELDS, "hash")]
+    with database_errors(), index.read() as session:
+        while True:
+            statement = select(*columns).order_by(AuditRow.id).limit(batch)
+            if previous is not None:
+                statement = statement.where(AuditRow.id > previous["id"])
+            rows = session.connection().execute(statement).mappings().all()
+            if not rows:
+                break
+            for row in rows:
+                reason = _chain_fault(previous, row)
+                if reason:
+                    last = previous["id"] if previous is not None else None
+                    fault = ChainFault(row["id"], f"record {row['id']} {reason}")
+                    return ChainReport(count, first_id, last, fault)
+                if first_id is None:
+                    first_id = row["id"]
+                previous = row
+                count += 1
+    return ChainReport(count, first_id, previous["id"] if previous else None, None)
+
+
+def _chain_fault(previous: Mapping[str, Any] | None, row: Mapping[str, Any]) -> str:
+    """Why ``row`` does not follow ``previous`` in the chain ("" if it does)."""
+    if previous is None:
+        if row["id"] == 1 and row["previous_hash"] != GENESIS:
+            return "does not start the chain (its previous hash is not the genesis value)"
+    elif row["id"] != previous["id"] + 1:
+        first, last = previous["id"] + 1, row["id"] - 1
+        missing = f"record {first}" if first == last else f"records {first} to {last}"
+        return f"follows a gap: {missing} missing"
+    elif row["previous_hash"] != previous["hash"]:
+        return f"does not chain to record {previous['id']}: that record was altered or replaced"
+    if record_hash(row) != row["hash"]:
+        return "was altered: its hash does not match its content"
+    return ""
+
+
+@dataclass(frozen=True)
+class AuditSearch:
+    """``GET /api/audit`` filters: all optional; ``before`` an id (keyset paging, newest
+    first)."""
+
+    patient_id: str = ""
+    study: str = ""
+    user: str = ""
+    since: datetime | None = None
+    until: datetime | None = None
+    partition: str = ""
+    before: int | None = None
+    limit: int = 100
+
+
+def search_records(index: Index, search: AuditSearch) -> list[dict[str, Any]]:
+    """Records matching ``search``, newest first, at most ``limit``."""
+    statement = select(AuditRow).order_by(AuditRow.id.desc()).limit(search.limit)
+    if search.patient_id:
+        statement = statement.where(AuditRow.patient_id == search.patient_id)
+    if search.partition:
+        statement = statement.where(AuditRow.partition == search.partition)
+    if search.study:
+        # One UID among the backslash-separated ones.
+        uids = "\\" + AuditRow.study_uids + "\\"
+        statement = statement.where(uids.contains("\\" + search.study + "\\", autoescape=True))
+    if search.user:
+        statement = statement.where(AuditRow.principal_name == search.user)
+    if search.since is not None:
+        statement = statement.where(AuditRow.recorded_at >= _iso(search.since))
+    if search.until is not None:
+        statement = statement.where(AuditRow.recorded_at < _iso(search.until))
+    if search.before is not None:
+        statement = statement.where(AuditRow.id < search.before)
+    with database_errors(), index.read() as session:
+        found = session.execute(statement).scalars().all()
+        return [{name: getattr(r, name) for name in (*HASHED_FIELDS, "hash")} for r in found]
+
+
+def _iso(moment: datetime) -> str:
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def open_json_lines(target: str, data_dir: Path) -> JsonLines | None:
+    """``[audit] json_lines``: "" a file ``audit.jsonl`` in the data directory, "-" standard
+    output, "off" none, else a path."""
+    if target == "off":
+        return None
+    if target == "":
+        return JsonLines(data_dir / "audit.jsonl")
+    return JsonLines(target)
+
+
+def studies_of(instances: Iterable[Any]) -> dict[str, int]:
+    """Instances (anything with ``study_instance_uid``) counted per study, in first-seen order."""
+    counts: dict[str, int] = {}
+    for instance in instances:
+        counts[instance.study_instance_uid] = counts.get(instance.study_instance_uid, 0) + 1
+    return counts
