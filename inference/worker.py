@@ -30,6 +30,7 @@ from config import Settings
 from inference.errors import AnalysisError, DecoderUnavailable, ModelError
 from inference.measurement_report import job_finding, read_findings
 from inference.stability import queue_stable_studies
+from server.context import worker_context
 from storage.archive import Archive
 from storage.errors import InvalidInstance, StorageUnavailable
 from storage.ingest import Origin, ingest_file
@@ -219,13 +220,13 @@ class Worker:
             # Still this worker's job, and this generation of it? (Renews the lease too.)
             if lease.lost.is_set() or not self.queue.heartbeat(job, self.name):
                 return False
-            stored.append(self._store(dataset))
+            stored.append(self._store(dataset, job))
             if dataset.get("ValueType") == "CONTAINER":  # an SR document (PS3.3 C.17.3)
                 reports.append(stored[-1])
                 findings += [job_finding(stored[-1], f) for f in read_findings(dataset)]
         return True
 
-    def _store(self, dataset: Dataset) -> str:
+    def _store(self, dataset: Dataset, job: Job) -> str:
         """Store one result through the ingest path, as any other instance."""
         self._tmp_dir.mkdir(parents=True, exist_ok=True)
         handle, name = tempfile.mkstemp(suffix=".dcm", dir=self._tmp_dir)
@@ -234,7 +235,9 @@ class Worker:
         try:
             dataset.save_as(path, enforce_file_format=True)
             origin = Origin(calling_ae_title=self.settings.dimse.ae_title)
-            return ingest_file(self._results_archive, path, origin).sop_instance_uid
+            return ingest_file(
+                self._results_archive, path, origin, requestor=worker_context(job.id)
+            ).sop_instance_uid
         finally:
             path.unlink(missing_ok=True)
 

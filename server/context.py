@@ -56,3 +56,20 @@ def http_context() -> RequestContext:
 
     context: RequestContext = g.hilum_context
     return context
+
+
+def cli_context(command: str) -> RequestContext:
+    """A CLI command (``hilum import``): run by whoever holds a shell on the host and Hilum's
+    configuration (its database credentials), recorded as that operating-system user."""
+    import getpass
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no name for the uid (a container's arbitrary user)
+        user = "unknown"
+    return RequestContext(Principal("system", f"os:{user}"), "", "cli", request_id=command)
+
+
+def worker_context(job_id: int) -> RequestContext:
+    """The AI worker running one job (Hilum acting on its own behalf)."""
+    return RequestContext(SYSTEM, "", "worker", request_id=f"job-{job_id}")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from server.context import cli_context
 from storage.archive import Archive
 from storage.errors import StorageError
 from storage.ingest import IngestOutcome, Origin, ingest_file
@@ -47,12 +48,13 @@ def import_files(
 ) -> ImportSummary:
     summary = ImportSummary()
     files = list(walk(paths))
+    requestor = cli_context("hilum import")
 
     def one(path: Path) -> tuple[Path, IngestOutcome | str]:
         if not path.is_file():
             return path, "no such file"
         try:
-            return path, ingest_file(archive, path, Origin()).outcome
+            return path, ingest_file(archive, path, Origin(), requestor=requestor).outcome
         except StorageError as error:
             return path, str(error)
         except OSError as error:

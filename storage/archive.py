@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Literal
 
 from config import Settings
 from config.settings import LimitsSettings
-from storage.audit import AuditTrail, open_json_lines
+from storage.audit import AuditEntry, AuditTrail, Requestor, open_json_lines
 from storage.blobs import BlobStore, instance_blob_key, open_blob_store
+from storage.errors import StorageUnavailable
 from storage.index.database import (
     Index,
     create_index_engine,
@@ -17,6 +19,8 @@ from storage.index.database import (
 )
 from storage.index.models import DEFAULT_PARTITION
 from storage.tiers import open_tiered_blob_store
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -49,6 +53,20 @@ class Archive:
             header.sop_instance_uid,
             content_sha256,
         )
+
+    def record(self, requestor: Requestor, *entries: AuditEntry) -> None:
+        """Write audit records (``storage.audit``) before the action's answer is sent; raises
+        :class:`storage.audit.AuditUnavailable`, which refuses the action."""
+        if self.audit is not None:
+            self.audit.record(requestor, *entries)
+
+    def record_refusal(self, requestor: Requestor, entry: AuditEntry) -> None:
+        """Record an action already refused: a failure to write it is logged, not raised (the
+        requestor gets the action's own refusal)."""
+        try:
+            self.record(requestor, entry)
+        except StorageUnavailable as error:
+            log.error("audit record of a refused %s not written: %s", entry.event, error)
 
     def scoped(self, partition: str) -> Archive:
         """The same archive, seeing ``partition`` only (one request's view of it)."""

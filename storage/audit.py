@@ -496,6 +496,75 @@ def audit_message(row: Mapping[str, Any], source_id: str = "HILUM") -> dict[str,
     }
 
 
+# -- entries the protocols make ---------------------------------------------------------------
+
+
+def query_entry(
+    level: str,
+    matching: Mapping[str, str],
+    *,
+    service: str,
+    sop_class_uid: str = "",
+    outcome: Outcome = Outcome.SUCCESS,
+    reason: str = "",
+    **more: str,
+) -> AuditEntry:
+    """A query (A.5.3.10): what was asked (the matching keys with a value), by which service;
+    the patient and studies when the query names them with a single value or a UID list."""
+    asked = {key: value for key, value in matching.items() if value}
+    patient_id = asked.get("PatientID", "")
+    if any(c in patient_id for c in "*?\\"):
+        patient_id = ""  # a wild card or a list names no one patient
+    studies = tuple(filter(None, asked.get("StudyInstanceUID", "").split("\\")))
+    detail = {"service": service, "level": level, "query": canonical_json(asked), **more}
+    if sop_class_uid:
+        detail["sop_class_uid"] = sop_class_uid
+    return AuditEntry(
+        AuditEvent.QUERY, outcome, reason, patient_id=patient_id, study_uids=studies, detail=detail
+    )
+
+
+def retrieve_entries(
+    instances_per_study: Mapping[str, int],
+    *,
+    service: str,
+    event: AuditEvent = AuditEvent.RETRIEVE,
+    **detail: str,
+) -> list[AuditEntry]:
+    """One record per study retrieved (each of a single patient, looked up), with its number of
+    instances (A.5.3.7 from the source's side: R)."""
+    return [
+        AuditEntry(
+            event,
+            patient_id=None,
+            study_uids=(study,),
+            instances=count,
+            detail={"service": service, **detail},
+        )
+        for study, count in instances_per_study.items()
+    ]
+
+
+def refusal_entry(
+    event: AuditEvent,
+    error: BaseException,
+    *,
+    service: str,
+    study_uids: Sequence[str] = (),
+    **detail: str,
+) -> AuditEntry:
+    """An operation refused (``error``): recorded with its reason and the studies it named."""
+    outcome, reason = failure(error)
+    return AuditEntry(
+        event,
+        outcome,
+        reason,
+        patient_id=None if study_uids else "",
+        study_uids=tuple(study_uids),
+        detail={"service": service, **detail},
+    )
+
+
 # -- hook points for the other parts of Hilum ------------------------------------------------
 
 

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import delete, exists, select, update
 from sqlalchemy.orm import Session
 
 from storage.archive import Archive
+from storage.audit import Actor, AuditEntry, AuditEvent, Requestor, audit_errors
 from storage.dicom_file import is_valid_uid
 from storage.errors import InvalidQuery, NotFound, StorageError
 from storage.index.models import Instance, Patient, Series, Study
@@ -27,20 +29,40 @@ class Deletion:
     orphan_blobs: list[str]  # blobs that could not be removed after the commit
 
 
-def delete_study(archive: Archive, study_uid: str) -> Deletion:
-    return _delete(archive, study_uid, None, None)
+# ``requestor``: who deletes (``server.context.RequestContext``), for the audit record written
+# in the deletion's transaction (PS3.15 A.5.3.8); None: Hilum itself (the AI worker replacing
+# its earlier results).
 
 
-def delete_series(archive: Archive, study_uid: str, series_uid: str) -> Deletion:
-    return _delete(archive, study_uid, series_uid, None)
+def delete_study(
+    archive: Archive, study_uid: str, *, requestor: Requestor | None = None
+) -> Deletion:
+    return _delete(archive, study_uid, None, None, requestor)
 
 
-def delete_instance(archive: Archive, study_uid: str, series_uid: str, sop_uid: str) -> Deletion:
-    return _delete(archive, study_uid, series_uid, sop_uid)
+def delete_series(
+    archive: Archive, study_uid: str, series_uid: str, *, requestor: Requestor | None = None
+) -> Deletion:
+    return _delete(archive, study_uid, series_uid, None, requestor)
+
+
+def delete_instance(
+    archive: Archive,
+    study_uid: str,
+    series_uid: str,
+    sop_uid: str,
+    *,
+    requestor: Requestor | None = None,
+) -> Deletion:
+    return _delete(archive, study_uid, series_uid, sop_uid, requestor)
 
 
 def _delete(
-    archive: Archive, study_uid: str, series_uid: str | None, sop_uid: str | None
+    archive: Archive,
+    study_uid: str,
+    series_uid: str | None,
+    sop_uid: str | None,
+    requestor: Requestor | None,
 ) -> Deletion:
     for uid in (study_uid, series_uid, sop_uid):
         if uid is not None and not is_valid_uid(uid):
@@ -63,7 +85,11 @@ def _delete(
             raise NotFound(f"no stored instance under {what}")
         session.execute(delete(Instance).where(Instance.id.in_({r[0] for r in rows})))
         study_pk, patient_pk = rows[0][3], rows[0][4]
+        entities = (study_uid, series_uid, sop_uid)
+        audited = _audit(archive, session, requestor, rows, patient_pk, entities)
         _delete_empty_parents(session, {r[2] for r in rows}, study_pk, patient_pk)
+    if archive.audit is not None:
+        archive.audit.emit(audited)
     keys = [r[1] for r in rows]
     log.info(
         "deleted %d instance(s) of study %s%s%s",
@@ -76,6 +102,38 @@ def _delete(
     # the commit has the same key, and its blob must stay.
     orphans = [key for key in keys if not delete_blob_unless_referenced(archive, key)]
     return Deletion(len(keys), orphans)
+
+
+def _audit(
+    archive: Archive,
+    session: Session,
+    requestor: Requestor | None,
+    rows: list[Any],
+    patient_pk: int,
+    entities: tuple[str, str | None, str | None],
+) -> list[dict[str, Any]]:
+    """The deletion's audit record, in its transaction (A.5.3.8 DICOM Study Deleted; a series
+    or an instance: the same message, with the level in the detail)."""
+    if archive.audit is None:
+        return []
+    study_uid, series_uid, sop_uid = entities
+    patient_id = session.execute(select(Patient.patient_id).where(Patient.id == patient_pk))
+    detail = {"level": "instance" if sop_uid else "series" if series_uid else "study"}
+    if series_uid:
+        detail["series"] = series_uid
+    if sop_uid:
+        detail["instance"] = sop_uid
+    entry = AuditEntry(
+        AuditEvent.DELETE,
+        patient_id=patient_id.scalar_one(),
+        study_uids=(study_uid,),
+        instances=len(rows),
+        detail=detail,
+    )
+    with audit_errors():
+        return archive.audit.append(
+            session.connection(), [(requestor or Actor(partition=archive.partition), entry)]
+        )
 
 
 def delete_blob_unless_referenced(archive: Archive, key: str) -> bool:

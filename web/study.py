@@ -23,8 +23,10 @@ from inference.catalog import REFERENCE_MODELS_DIR, ModelCatalog, manifest_names
 from inference.errors import ModelError
 from inference.measurement_report import ReportedFinding, read_findings
 from inference.stability import queue_model_by_hand
+from server.context import http_context
 from storage.archive import Archive
-from storage.errors import InvalidQuery, NotFound
+from storage.audit import AuditEntry, AuditEvent, refusal_entry
+from storage.errors import InvalidQuery, NotFound, StorageError
 from storage.ingest import Origin, ingest_file
 from storage.jobs import Job, JobQueue, JobState
 from storage.query import Query, QueryLevel, entity_query, locate_instances, search
@@ -135,7 +137,24 @@ def register(blueprint: Blueprint, settings: Settings, archive: Archive) -> None
 
     @blueprint.get("/studies/<study_uid>")
     def study_page(study_uid: str) -> Any:
-        study = _study(archive, study_uid)
+        try:
+            study = _study(archive, study_uid)
+        except StorageError as error:
+            entry = refusal_entry(
+                AuditEvent.VIEW, error, service="study page", study_uids=[study_uid]
+            )
+            archive.record_refusal(http_context(), entry)
+            raise
+        # PS3.15 A.5.3.6 DICOM Instances Accessed (R): the page shows the patient and study.
+        archive.record(
+            http_context(),
+            AuditEntry(
+                AuditEvent.VIEW,
+                patient_id=str(study.get("PatientID") or "")[:64],
+                study_uids=(study_uid,),
+                detail={"service": "study page"},
+            ),
+        )
         (listed,) = search_worklist(
             archive, WorklistRequest(matching={"StudyInstanceUID": study_uid}, limit=1)
         ).studies
@@ -242,7 +261,7 @@ def _store(archive: Archive, settings: Settings, dataset: Dataset) -> str:
     try:
         dataset.save_as(path, enforce_file_format=True)
         origin = Origin(calling_ae_title=settings.dimse.ae_title)
-        return ingest_file(archive, path, origin).sop_instance_uid
+        return ingest_file(archive, path, origin, requestor=http_context()).sop_instance_uid
     finally:
         path.unlink(missing_ok=True)
 

@@ -10,7 +10,9 @@ from urllib.parse import urlencode
 from flask import Blueprint, render_template, request
 
 from config import Settings
+from server.context import http_context
 from storage.archive import Archive
+from storage.audit import AuditEvent, query_entry, refusal_entry
 from storage.errors import InvalidQuery
 from storage.worklist import (
     AI_STATE_LABELS,
@@ -126,8 +128,22 @@ def _context(args: Any, page: WorklistPage | None, error: str | None) -> dict[st
 
 def register(blueprint: Blueprint, settings: Settings, archive: Archive) -> None:
     def _page() -> tuple[WorklistPage | None, str | None]:
+        service = "worklist" if request.endpoint == "web.worklist" else "worklist refresh"
         try:
-            return search_worklist(archive, worklist_request(request.args, settings)), None
+            wanted = worklist_request(request.args, settings)
+        except InvalidQuery as error:
+            entry = refusal_entry(AuditEvent.QUERY, error, service=service, resource=request.path)
+            archive.record_refusal(http_context(), entry)
+            return None, str(error)
+        matching = dict(wanted.matching)
+        if wanted.ai_state is not None:
+            matching["ai_state"] = wanted.ai_state.value
+        if wanted.finding:
+            matching["finding"] = wanted.finding
+        # Recorded before the page is rendered (PS3.15 A.5.3.10 Query).
+        archive.record(http_context(), query_entry("STUDY", matching, service=service))
+        try:
+            return search_worklist(archive, wanted), None
         except InvalidQuery as error:
             return None, str(error)
 

@@ -9,8 +9,11 @@ from flask import Blueprint, Response, g, request
 from werkzeug.exceptions import Forbidden
 
 from config import Settings
+from server.context import http_context
 from storage.archive import Archive
+from storage.audit import AuditEvent, refusal_entry
 from storage.delete import Deletion, delete_instance, delete_series, delete_study
+from storage.errors import StorageError
 
 log = logging.getLogger(__name__)
 
@@ -30,14 +33,36 @@ class DeleteTransaction:
         )
         return Response(status=204)
 
+    def _refused(self, study: str, error: StorageError) -> None:
+        entry = refusal_entry(
+            AuditEvent.DELETE, error, service="DICOMweb", study_uids=[study], resource=request.path
+        )
+        self.archive.record_refusal(http_context(), entry)
+
     def delete_study(self, study: str) -> Response:
-        return self._done(delete_study(self.archive, study), f"study {study}")
+        try:
+            deletion = delete_study(self.archive, study, requestor=http_context())
+        except StorageError as error:
+            self._refused(study, error)
+            raise
+        return self._done(deletion, f"study {study}")
 
     def delete_series(self, study: str, series: str) -> Response:
-        return self._done(delete_series(self.archive, study, series), f"series {series}")
+        try:
+            deletion = delete_series(self.archive, study, series, requestor=http_context())
+        except StorageError as error:
+            self._refused(study, error)
+            raise
+        return self._done(deletion, f"series {series}")
 
     def delete_instance(self, study: str, series: str, instance: str) -> Response:
-        deletion = delete_instance(self.archive, study, series, instance)
+        try:
+            deletion = delete_instance(
+                self.archive, study, series, instance, requestor=http_context()
+            )
+        except StorageError as error:
+            self._refused(study, error)
+            raise
         return self._done(deletion, f"instance {instance}")
 
 

@@ -13,11 +13,13 @@ from flask import Blueprint, Response, request, stream_with_context
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 
 from config import Settings
+from server.context import http_context
 from server.dicomweb import urls
 from server.dicomweb.media_types import DICOM_JSON
 from server.dicomweb.statuses import warning_text
 from storage.archive import Archive
-from storage.errors import InvalidQuery
+from storage.audit import AuditEvent, query_entry, refusal_entry
+from storage.errors import InvalidQuery, StorageError
 from storage.query import QUERY_KEYS, Query, QueryLevel, search
 
 # PS3.18 Tables 10.6.3-3, -4 and -5: the attributes returned without includefield.
@@ -186,7 +188,19 @@ class SearchTransaction:
         self.settings = settings
 
     def _search(self, level: QueryLevel, path_keys: dict[str, str]) -> Response:
-        form = SearchForm(level, self.settings, path_keys)
+        context = http_context()
+        try:
+            form = SearchForm(level, self.settings, path_keys)
+        except StorageError as error:
+            entry = refusal_entry(AuditEvent.QUERY, error, service="QIDO-RS", resource=request.path)
+            self.archive.record_refusal(context, entry)
+            raise
+        # Recorded before any match is sent (PS3.15 A.5.3.10 Query).
+        query = form.query
+        self.archive.record(
+            context,
+            query_entry(level.value, query.matching, service="QIDO-RS", resource=request.path),
+        )
         rows = search(self.archive, form.query)
         first = next(rows, None)  # runs the query now, so an invalid one is a 400, not a 200
         matches = chain([first], rows) if first is not None else iter(())

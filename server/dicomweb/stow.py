@@ -18,6 +18,7 @@ from werkzeug.exceptions import RequestEntityTooLarge, UnsupportedMediaType
 from werkzeug.http import parse_options_header
 
 from config import Settings
+from server.context import http_context
 from server.dicomweb import urls
 from server.dicomweb.media_types import DICOM, DICOM_JSON
 from server.dicomweb.multipart import MultipartError, ReceivedPart, check_boundary, read_parts
@@ -169,7 +170,7 @@ class StoreTransaction:
                 header.sop_class_uid, header.sop_instance_uid, STUDY_INSTANCE_UID_MISMATCH
             )
         # The spooled part lies under <data_dir>/tmp and is deleted once its group is stored.
-        return Received(path, Origin(), header, temporary=True)
+        return Received(path, Origin(), header, temporary=True, requestor=http_context())
 
     def _store_group(
         self,

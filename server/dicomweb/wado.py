@@ -18,6 +18,7 @@ import pydicom
 from flask import Blueprint, Response, request, stream_with_context
 
 from config import Settings
+from server.context import http_context
 from server.dicomweb import urls
 from server.dicomweb.frames import FrameReader, check_frames, parse_frame_list
 from server.dicomweb.media_types import (
@@ -34,8 +35,9 @@ from server.dicomweb.multipart import OutgoingPart, new_boundary, write_parts
 from server.dicomweb.spool import Spool
 from server.transcoding import TranscodingRefused, check_size, transcode
 from storage.archive import Archive
+from storage.audit import AuditEvent, refusal_entry, retrieve_entries
 from storage.dicom_file import PIXEL_DATA
-from storage.errors import InvalidQuery, NotFound
+from storage.errors import InvalidQuery, NotFound, StorageError
 from storage.query import StoredInstance, entity_query, locate_instances
 
 log = logging.getLogger(__name__)
@@ -53,15 +55,36 @@ def located(
 ) -> Iterator[StoredInstance]:
     """The stored instances under the URL's entity; :class:`NotFound` at once when there are
     none (the query runs here, before any response starts). Frame ranges (large for a
-    whole-slide image) only where frames are read."""
+    whole-slide image) only where frames are read.
+
+    Every WADO-RS, WADO-URI, rendered and thumbnail request comes here, and is recorded in the
+    audit trail here, before anything is sent (PS3.15 A.5.3.7, Hilum the source): one record
+    per request, with the study, and 1 instance for an instance-level request (0 for a whole
+    study or series: its number is not counted before the response streams)."""
     query = entity_query(study, series, [instance] if instance else ())
     found = locate_instances(
         archive, query, with_metadata=with_metadata, with_frame_ranges=with_frame_ranges
     )
-    first = next(found, None)
-    if first is None:
+    detail = {"resource": request.path, "endpoint": request.endpoint or ""}
+    try:
+        first = next(found, None)
+        if first is None:
+            raise NotFound(f"no stored instance under {instance or series or study}")
+    except StorageError as error:
         found.close()
-        raise NotFound(f"no stored instance under {instance or series or study}")
+        entry = refusal_entry(
+            AuditEvent.RETRIEVE, error, service="DICOMweb", study_uids=[study], **detail
+        )
+        archive.record_refusal(http_context(), entry)
+        raise
+    try:
+        archive.record(
+            http_context(),
+            *retrieve_entries({study: 1 if instance else 0}, service="DICOMweb", **detail),
+        )
+    except StorageError:
+        found.close()
+        raise
 
     def stream() -> Iterator[StoredInstance]:
         try:

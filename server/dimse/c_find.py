@@ -25,6 +25,7 @@ from server.dimse.statuses import (
     status_for,
 )
 from storage.archive import Archive
+from storage.audit import AuditEvent, query_entry, refusal_entry
 from storage.errors import StorageError
 from storage.query import search
 
@@ -39,6 +40,30 @@ def handle_c_find(
             request_identifier(assoc, message),
             message.context.abstract_syntax,
             case_insensitive_person_names=settings.query.case_insensitive_person_names,
+        )
+    except StorageError as error:
+        archive.record_refusal(
+            assoc.context,
+            refusal_entry(
+                AuditEvent.QUERY,
+                error,
+                service="C-FIND",
+                sop_class_uid=message.context.abstract_syntax,
+            ),
+        )
+        _refuse(assoc, message, error)
+        return
+    query = request.query
+    try:
+        # Recorded before the first match is sent (PS3.15 A.5.3.10 Query).
+        archive.record(
+            assoc.context,
+            query_entry(
+                query.level.value,
+                query.matching,
+                service="C-FIND",
+                sop_class_uid=message.context.abstract_syntax,
+            ),
         )
     except StorageError as error:
         _refuse(assoc, message, error)

@@ -26,6 +26,7 @@ from server.dimse.statuses import MOVE_DESTINATION_UNKNOWN
 from server.dimse.storage_scu import proposed_contexts
 from server.dimse.tls import client_context
 from storage.archive import Archive
+from storage.audit import AuditEvent, refusal_entry
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +40,19 @@ def handle_c_move(
     if destination is None:
         # PS3.4 C.4.2.1.5: 0xA801, Move Destination unknown.
         log.warning("[%s] C-MOVE to unknown destination %r", assoc.name, title)
+        archive.record_refusal(
+            assoc.context,
+            refusal_entry(
+                AuditEvent.RETRIEVE,
+                LookupError(f"unknown Move Destination {title}"),
+                service="C-MOVE",
+                move_destination=title,
+            ),
+        )
         responses.refuse(MOVE_DESTINATION_UNKNOWN, f"unknown Move Destination {title}")
         return
     try:
-        plan = plan_retrieve(assoc, message, archive, "C-MOVE")
+        plan = plan_retrieve(assoc, message, archive, "C-MOVE", move_destination=title)
     except RetrieveRefused as refusal:
         # PS3.4 C.4.2.1.5: A701, A702, A900, answered before any association to the destination.
         responses.refuse(refusal.status, refusal.comment)

@@ -160,6 +160,7 @@ def handle_c_store(assoc: Association, message: Message, ingest: GroupCommit) ->
                 origin,
                 temporary=True,
                 sha256=(received.digest.hexdigest(), received.size),
+                requestor=assoc.context,
             )
         )
         status = SUCCESS

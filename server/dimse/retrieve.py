@@ -33,6 +33,7 @@ from server.dimse.statuses import (
 )
 from server.dimse.storage_scu import SubOperationCancelled, SubOperationFailed, store_instance
 from storage.archive import Archive
+from storage.audit import AuditEvent, refusal_entry, retrieve_entries, studies_of
 from storage.errors import StorageError
 from storage.query import Query, StoredInstance, locate_instances
 
@@ -70,9 +71,10 @@ class RetrieveRefused(Exception):
 
 
 def plan_retrieve(
-    assoc: Association, message: Message, archive: Archive, service: str
+    assoc: Association, message: Message, archive: Archive, service: str, **audited: str
 ) -> RetrievePlan:
-    """The plan for a C-MOVE or C-GET request; raise :class:`RetrieveRefused` (logged)."""
+    """The plan for a C-MOVE or C-GET request; raise :class:`RetrieveRefused` (logged).
+    ``audited``: more for the audit record (the Move Destination)."""
     try:
         query = retrieve_request(
             request_identifier(assoc, message), message.context.abstract_syntax
@@ -84,6 +86,9 @@ def plan_retrieve(
             located.close()
     except StorageError as error:
         # PS3.4 C.4.2.1.5, C.4.3.1.4: 0xA701 (index unavailable), 0xA900 (bad Identifier).
+        archive.record_refusal(
+            assoc.context, refusal_entry(AuditEvent.RETRIEVE, error, service=service, **audited)
+        )
         status = status_for(error, RETRIEVE_ERROR_STATUS)
         log.warning("[%s] %s refused with 0x%04X: %s", assoc.name, service, status, error)
         raise RetrieveRefused(status, str(error)) from error
@@ -91,6 +96,16 @@ def plan_retrieve(
         comment = f"over {MAX_SUB_OPERATIONS} instances: retrieve series by series"
         log.warning("[%s] %s refused: %s", assoc.name, service, comment)
         raise RetrieveRefused(UNABLE_TO_PERFORM_SUB_OPERATIONS, comment)
+    try:
+        # Recorded before the first sub-operation (PS3.15 A.5.3.7, Hilum the source).
+        archive.record(
+            assoc.context,
+            *retrieve_entries(studies_of(instances), service=service, **audited),
+        )
+    except StorageError as error:
+        status = status_for(error, RETRIEVE_ERROR_STATUS)
+        log.warning("[%s] %s refused with 0x%04X: %s", assoc.name, service, status, error)
+        raise RetrieveRefused(status, str(error)) from error
     plan = RetrievePlan(query, instances)
     plan.syntaxes = {(i.sop_class_uid, i.transfer_syntax_uid) for i in instances}
     log.info(
