@@ -17,7 +17,7 @@ from config import Settings
 from storage.archive import Archive
 from storage.errors import Conflict, InvalidQuery, NotFound, StorageError, StorageUnavailable
 from storage.jobs import JobState
-from web import study, worklist
+from web import audit, study, worklist
 from web.ohif import SPA_ROUTES, app_config, installed, ohif_dir
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,7 @@ def web_blueprint(settings: Settings, archive: Archive) -> Blueprint:
     _register_errors(blueprint)
     worklist.register(blueprint, settings, archive)
     study.register(blueprint, settings, archive)
+    audit.register(blueprint, archive)
 
     @blueprint.get("/jobs")
     def jobs() -> Any:

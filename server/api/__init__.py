@@ -6,6 +6,7 @@ from __future__ import annotations
 from flask import Flask
 
 from config import Settings
+from server.api.audit import audit_blueprint
 from server.api.jobs import jobs_blueprint
 from storage.archive import Archive
 
@@ -16,3 +17,6 @@ def register_api(app: Flask, settings: Settings, archive: Archive) -> None:
     jobs = jobs_blueprint(settings, archive)
     jobs.after_request(no_sniffing)
     app.register_blueprint(jobs, url_prefix="/api")
+    audit = audit_blueprint(archive)
+    audit.after_request(no_sniffing)
+    app.register_blueprint(audit, url_prefix="/api")
