@@ -72,6 +72,7 @@ class Outcome(IntEnum):
 
 class AuditEvent(StrEnum):
     STORE = "store"  # C-STORE, STOW-RS, the upload page, the AI worker's results
+    STORE_BEGUN = "store-begun"  # a DIMSE association's first instance of a study
     IMPORT = "import"  # `hilum import`
     QUERY = "query"  # C-FIND, QIDO-RS, the worklist
     RETRIEVE = "retrieve"  # C-MOVE, C-GET, WADO-RS, WADO-URI
@@ -121,6 +122,10 @@ _DESTINATION = Code("110152", "Destination Role ID")
 EVENT_KINDS: dict[AuditEvent, EventKind] = {
     # A.5.3.7: C = the receiver did not hold the instances (U replaced, R already held).
     AuditEvent.STORE: EventKind(_TRANSFERRED, "C", requestor_role=_SOURCE),
+    # A.5.3.3: the intent; its DICOM Instances Transferred follows when the transfer completes.
+    AuditEvent.STORE_BEGUN: EventKind(
+        Code("110102", "Begin Transferring DICOM Instances"), "E", requestor_role=_SOURCE
+    ),
     AuditEvent.IMPORT: EventKind(Code("110107", "Import"), "C"),  # A.5.3.5 Data Import
     AuditEvent.QUERY: EventKind(Code("110112", "Query"), "E"),  # A.5.3.10
     # A.5.3.7, Hilum being the source: R.
@@ -202,6 +207,61 @@ class AuditEntry:
     # The rest: the query, the SOP Class, the AE titles, the object changed... Strings and
     # integers only (canonical JSON).
     detail: Mapping[str, Any] = field(default_factory=dict)
+
+
+class Transfer:
+    """A sender's transfer of instances over one DIMSE association, audited per study as
+    PS3.15 A.5.3.3 and A.5.3.7 describe it: a Begin Transferring DICOM Instances record in
+    the index transaction that stores (or finds already stored) the study's first instance, so
+    no instance is held unaudited; a DICOM Instances Transferred record with the counts when
+    the association ends ("the time when the transfer has completed"). Two records per study
+    and association instead of one per instance: the hot path of the later instances writes
+    none. Used by one association (and the group commit's leader while it waits), never by two
+    at once."""
+
+    def __init__(self, requestor: Requestor) -> None:
+        self.requestor = requestor
+        self.begun: set[str] = set()  # studies whose begin record is committed
+        # study -> {"stored", "replaced", "duplicate", "refused": count}; patient IDs; a reason
+        self.counts: dict[str, dict[str, int]] = {}
+        self.patients: dict[str, str] = {}
+        self.reasons: dict[str, str] = {}
+
+    def count(self, study: str, patient_id: str, outcome: str, reason: str = "") -> None:
+        counts = self.counts.setdefault(study, {})
+        counts[outcome] = counts.get(outcome, 0) + 1
+        if patient_id:
+            self.patients[study] = patient_id
+        if reason:
+            self.reasons.setdefault(study, reason)
+
+    def completion_entries(self) -> list[AuditEntry]:
+        """One DICOM Instances Transferred per study: C when new instances were stored, U
+        when only stored ones were replaced, R when every one was held already (A.5.3.7)."""
+        entries = []
+        for study, counts in self.counts.items():
+            stored, replaced = counts.get("stored", 0), counts.get("replaced", 0)
+            duplicate, refused = counts.get("duplicate", 0), counts.get("refused", 0)
+            action = "C" if stored else "U" if replaced else "R"
+            reason = ""
+            if refused:
+                first = self.reasons.get(study, "")
+                reason = f"{refused} instance(s) refused" + (
+                    f", the first: {first}" if first else ""
+                )
+            entries.append(
+                AuditEntry(
+                    AuditEvent.STORE,
+                    Outcome.MINOR_FAILURE if refused else Outcome.SUCCESS,
+                    reason[:1000],
+                    patient_id=self.patients.get(study, ""),
+                    study_uids=(study,) if study else (),
+                    instances=stored + replaced + duplicate,
+                    action=action,
+                    detail={"service": "C-STORE", **{k: v for k, v in counts.items() if v}},
+                )
+            )
+        return entries
 
 
 def failure(error: BaseException) -> tuple[Outcome, str]:

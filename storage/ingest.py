@@ -33,6 +33,7 @@ from storage.audit import (
     AuditUnavailable,
     Outcome,
     Requestor,
+    Transfer,
     audit_errors,
     failure,
 )
@@ -100,6 +101,9 @@ class Received:
     # Who stores it (``server.context.RequestContext``), for the audit trail; None: Hilum
     # itself (``storage.audit.Actor``).
     requestor: Requestor | None = None
+    # The DIMSE association's transfer it belongs to: audited per study when the transfer
+    # begins and when it completes (``storage.audit.Transfer``), not per instance.
+    transfer: Transfer | None = None
 
 
 def ingest_file(
@@ -115,7 +119,7 @@ def ingest_file(
     """Store the DICOM Part 10 file at ``path``: :func:`ingest_files` of one file, its
     :class:`StorageError` raised."""
     (outcome,) = ingest_files(
-        archive, [Received(path, origin, header, temporary, sha256, requestor)]
+        archive, [Received(path, origin, header, temporary, sha256, requestor=requestor)]
     )
     if isinstance(outcome, StorageError):
         raise outcome
@@ -138,7 +142,9 @@ def ingest_files(
     record per requestor and study (PS3.15 A.5.3.7 DICOM Instances Transferred: one message per
     set of instances of a single patient), so none is stored unaudited; duplicates and refusals
     are recorded after, in one transaction, and a duplicate whose record cannot be written is
-    refused too.
+    refused too. A file of a DIMSE transfer (``Received.transfer``) is recorded only when it
+    is its transfer's first of its study (Begin Transferring DICOM Instances, in the same
+    transaction), and counted for the record at the transfer's end.
     """
     outcomes: list[IngestResult | StorageError | None] = [None] * len(received)
     pending: list[_Prepared] = []
@@ -181,6 +187,7 @@ def ingest_files(
     done = [outcome for outcome in outcomes if outcome is not None]
     assert len(done) == len(received)  # every file has its outcome
     done = _audit_not_written(archive, received, headers, done)
+    _count_transfers(received, headers, done)
     if archive.on_ingest is not None:
         archive.on_ingest(done)  # metrics: what this process's transport received
     return done
@@ -424,9 +431,13 @@ def _write_rows(
                 else:
                     retry.append(item)
         audited: list[dict[str, Any]] = []
+        begun: list[tuple[Transfer, str]] = []
         if archive.audit is not None and written:
             with audit_errors():
-                audited = archive.audit.append(connection, _store_entries(archive, written))
+                entries, begun = _store_entries(archive, written)
+                audited = archive.audit.append(connection, entries)
+    for transfer, study in begun:  # committed
+        transfer.begun.add(study)
     return written, retry, audited
 
 
@@ -436,14 +447,23 @@ def _requestor(archive: Archive, item: Received) -> Requestor:
 
 def _store_entries(
     archive: Archive, written: list[tuple[_Prepared, Any]]
-) -> list[tuple[Requestor, AuditEntry]]:
+) -> tuple[list[tuple[Requestor, AuditEntry]], list[tuple[Transfer, str]]]:
     """One record per (requestor, study) of the instances a transaction wrote: C (Create) when
-    all are new, U (Update) when one replaced a stored instance (PS3.15 A.5.3.7)."""
+    all are new, U (Update) when one replaced a stored instance (PS3.15 A.5.3.7); for a
+    DIMSE transfer, its begin record if the study is new to it (and the transfers begun)."""
     groups: dict[tuple[Requestor, str], list[tuple[_Prepared, Any]]] = {}
-    for item, stored in written:
-        key = (_requestor(archive, item.received), item.header.study_instance_uid)
-        groups.setdefault(key, []).append((item, stored))
+    begun: list[tuple[Transfer, str]] = []
     entries = []
+    for item, stored in written:
+        study = item.header.study_instance_uid
+        transfer = item.received.transfer
+        if transfer is not None:
+            if study not in transfer.begun and (transfer, study) not in begun:
+                begun.append((transfer, study))
+                entries.append((transfer.requestor, _begun_entry(item.header)))
+            continue
+        key = (_requestor(archive, item.received), study)
+        groups.setdefault(key, []).append((item, stored))
     for (requestor, study_uid), items in groups.items():
         first = items[0][0]
         entries.append(
@@ -459,7 +479,37 @@ def _store_entries(
                 ),
             )
         )
-    return entries
+    return entries, begun
+
+
+def _begun_entry(header: InstanceHeader) -> AuditEntry:
+    return AuditEntry(
+        AuditEvent.STORE_BEGUN,
+        patient_id=_text(header.dataset, "PatientID", 64),
+        study_uids=(header.study_instance_uid,),
+        detail={"service": "C-STORE"},
+    )
+
+
+def _count_transfers(
+    received: Sequence[Received],
+    headers: Sequence[InstanceHeader | None],
+    done: list[IngestResult | StorageError],
+) -> None:
+    """Each file of a transfer counted for the record at its end."""
+    for item, header, outcome in zip(received, headers, done, strict=True):
+        if item.transfer is None:
+            continue
+        study = header.study_instance_uid if header is not None else ""
+        patient = _text(header.dataset, "PatientID", 64) if header is not None else ""
+        if isinstance(outcome, StorageError):
+            item.transfer.count(study, patient, "refused", str(outcome)[:300])
+        elif outcome.outcome == IngestOutcome.STORED:
+            item.transfer.count(study, patient, "stored")
+        elif outcome.outcome == IngestOutcome.REPLACED:
+            item.transfer.count(study, patient, "replaced")
+        else:
+            item.transfer.count(study, patient, "duplicate")
 
 
 def _store_event(requestor: Requestor) -> AuditEvent:
@@ -484,7 +534,19 @@ def _audit_not_written(
         return done
     # (requestor, study, action, outcome, reason) -> [instances, patient ID]
     groups: dict[tuple[Requestor, str, str, Outcome, str], list[Any]] = {}
+    begun: list[tuple[Transfer, str]] = []
+    entries: list[tuple[Requestor, AuditEntry]] = []
     for item, header, outcome in zip(received, headers, done, strict=True):
+        transfer = item.transfer
+        if transfer is not None:
+            # A refusal stores nothing: counted for the transfer's end. A duplicate is an
+            # instance Hilum holds: its study's transfer must have begun.
+            if _is_duplicate(outcome) and header is not None:
+                study = header.study_instance_uid
+                if study not in transfer.begun and (transfer, study) not in begun:
+                    begun.append((transfer, study))
+                    entries.append((transfer.requestor, _begun_entry(header)))
+            continue
         if isinstance(outcome, IngestResult):
             if not _is_duplicate(outcome):
                 continue
@@ -496,9 +558,9 @@ def _audit_not_written(
         group[0] += 1
         if header is not None:
             group[1] = _text(header.dataset, "PatientID", 64)
-    if not groups:
+    if not groups and not entries:
         return done
-    entries = [
+    entries += [
         (
             requestor,
             AuditEntry(
@@ -519,6 +581,8 @@ def _audit_not_written(
     except AuditUnavailable as error:
         log.error("audit record of duplicate or refused files not written: %s", error)
         return [error if _is_duplicate(o) else o for o in done]
+    for transfer, study in begun:
+        transfer.begun.add(study)
     archive.audit.emit(rows)
     return done
 

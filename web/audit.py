@@ -58,7 +58,21 @@ def describe(record: Mapping[str, Any]) -> dict[str, Any]:
     service = detail.get("service", "")
     count = record["instances"]
     event, action = record["event"], record["action"]
-    if event == "store":
+    if event == "store-begun":
+        what = "Began sending images (DICOM)"
+    elif event == "store" and service == "C-STORE":
+        parts = [
+            f"{detail[k]} {label}"
+            for k, label in (
+                ("stored", "new"),
+                ("replaced", "replaced"),
+                ("duplicate", "already held"),
+                ("refused", "refused"),
+            )
+            if detail.get(k)
+        ]
+        what = f"Sent {_images(count)} (DICOM): " + ", ".join(parts)
+    elif event == "store":
         verb = {"C": "Stored", "U": "Replaced", "R": "Received again (already stored)"}.get(
             action, "Stored"
         )

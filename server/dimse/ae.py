@@ -66,6 +66,7 @@ from server.dimse.pdu import (
 from server.dimse.statuses import UNRECOGNIZED_OPERATION
 from server.dimse.tls import server_context
 from storage.archive import Archive
+from storage.errors import StorageError
 from storage.group_commit import GroupCommit
 
 log = logging.getLogger(__name__)
@@ -319,8 +320,27 @@ class DimseServer:
                 self._associations -= admitted
             wire.close()
             if assoc is not None:
+                self._record_transfer(assoc)
                 self.observer.association_closed(ending)
                 _log_association(assoc)
+
+    def _record_transfer(self, assoc: Association) -> None:
+        """The DICOM Instances Transferred record of each study the peer sent (PS3.15
+        A.5.3.7: when the transfer has completed). Its Begin Transferring record was written
+        with the study's first instance; if this one cannot be written the instances are
+        stored and audited as begun, and the gap is logged for the administrator."""
+        entries = assoc.transfer.completion_entries()
+        if not entries:
+            return
+        try:
+            self.archive.record(assoc.context, *entries)
+        except StorageError as error:
+            log.error(
+                "[%s] audit: the end of the transfer of %d studies not recorded: %s",
+                assoc.name,
+                len(entries),
+                error,
+            )
 
     def _rejection(self, request: AssociationRequest, admitted: bool) -> Rejection | None:
         dimse = self.settings.dimse

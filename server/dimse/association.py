@@ -54,6 +54,7 @@ from server.dimse.pdu import (
     release_response,
 )
 from server.dimse.statuses import PENDING
+from storage.audit import Transfer
 
 log = logging.getLogger(__name__)
 _association_ids = itertools.count(1)
@@ -164,6 +165,8 @@ class Association:
         self.context = RequestContext(
             Principal("ae", calling_ae_title), peer_address, "dimse", request_id=self.name
         )
+        # The instances it sends, audited per study when their transfer begins and ends.
+        self.transfer = Transfer(self.context)
         self.started = time.monotonic()
         self.stats = AssociationStats()
         self.is_open = True

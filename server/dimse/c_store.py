@@ -161,6 +161,7 @@ def handle_c_store(assoc: Association, message: Message, ingest: GroupCommit) ->
                 temporary=True,
                 sha256=(received.digest.hexdigest(), received.size),
                 requestor=assoc.context,
+                transfer=assoc.transfer,
             )
         )
         status = SUCCESS

@@ -1,0 +1,276 @@
+"""The audit trail's chain (storage/audit.py): appends, append-only triggers, verification after
+a record is altered or removed behind Hilum's back, concurrent writers, the JSON lines."""
+
+from __future__ import annotations
+
+import json
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pydicom.uid import generate_uid
+from sqlalchemy import create_engine, exc, text
+
+from config import Settings
+from storage.archive import Archive, open_archive
+from storage.audit import (
+    GENESIS,
+    Actor,
+    ActorPrincipal,
+    AuditEntry,
+    AuditEvent,
+    AuditSearch,
+    Outcome,
+    login_entry,
+    search_records,
+    security_change_entry,
+    verify_chain,
+)
+from storage.ingest import ingest_file
+from tests.conftest import make_settings, postgres_database
+from tests.factories import ct_instance, write_part10
+
+ALICE = Actor(ActorPrincipal("user", "alice", "tok-1"), "10.0.0.7", "http", request_id="r1")
+
+
+@pytest.fixture
+def sqlite_archive(tmp_path: Path) -> Iterator[Archive]:
+    archive = open_archive(make_settings(tmp_path), migrate=True)
+    yield archive
+    archive.close()
+
+
+def _entries(n: int) -> list[AuditEntry]:
+    return [
+        AuditEntry(AuditEvent.QUERY, patient_id=f"P{i}", detail={"service": "test", "n": i})
+        for i in range(n)
+    ]
+
+
+def _tamper(archive: Archive, statement: str) -> None:
+    """Change the table behind Hilum's back, as someone with the database's owner rights can:
+    the append-only trigger set aside for the one statement."""
+    with archive.index.engine.begin() as connection:
+        if archive.index.dialect == "postgresql":
+            connection.execute(text("ALTER TABLE audit_record DISABLE TRIGGER USER"))
+            connection.execute(text(statement))
+            connection.execute(text("ALTER TABLE audit_record ENABLE TRIGGER USER"))
+        else:
+            connection.execute(text("DROP TRIGGER audit_record_no_update"))
+            connection.execute(text("DROP TRIGGER audit_record_no_delete"))
+            connection.execute(text(statement))
+
+
+def test_records_chain_each_to_the_one_before(sqlite_archive: Archive, tmp_path: Path) -> None:
+    trail = sqlite_archive.audit
+    assert trail is not None
+    trail.record(ALICE, *_entries(3))
+    trail.record(ALICE, login_entry("alice", success=False, reason="wrong password"))
+    records = sorted(search_records(trail.index, AuditSearch()), key=lambda r: r["id"])
+    assert [r["id"] for r in records] == [1, 2, 3, 4]
+    assert records[0]["previous_hash"] == GENESIS
+    assert all(b["previous_hash"] == a["hash"] for a, b in zip(records, records[1:], strict=False))
+    assert records[3]["outcome"] == Outcome.MINOR_FAILURE
+    assert records[3]["reason"] == "wrong password"
+    report = verify_chain(trail.index)
+    assert (report.records, report.first_id, report.last_id, report.fault) == (4, 1, 4, None)
+
+    # The JSON lines copy: one PS3.15 A.5 message per record.
+    lines = (tmp_path / "hilum-data" / "audit.jsonl").read_text().splitlines()
+    messages = [json.loads(line) for line in lines]
+    assert [m["Hilum"]["id"] for m in messages] == [1, 2, 3, 4]
+    query = messages[0]
+    assert query["EventIdentification"]["EventID"]["csd-code"] == "110112"
+    assert query["EventIdentification"]["EventActionCode"] == "E"
+    assert query["ActiveParticipant"][0] == {
+        "UserID": "alice",
+        "AlternativeUserID": "token:tok-1",
+        "UserIsRequestor": True,
+        "UserTypeCode": "user",
+        "NetworkAccessPointTypeCode": "2",
+        "NetworkAccessPointID": "10.0.0.7",
+    }
+    patient = query["ParticipantObjectIdentification"][0]
+    assert (patient["ParticipantObjectTypeCode"], patient["ParticipantObjectTypeCodeRole"]) == (
+        1,
+        1,
+    )
+    assert patient["ParticipantObjectID"] == "P0"
+    login = messages[3]["EventIdentification"]
+    assert login["EventID"]["csd-code"] == "110114"
+    assert login["EventTypeCode"][0]["csd-code"] == "110122"
+    assert login["EventOutcomeIndicator"] == 4
+
+
+def test_no_statement_updates_or_deletes_a_record(sqlite_archive: Archive) -> None:
+    assert sqlite_archive.audit is not None
+    sqlite_archive.audit.record(ALICE, *_entries(1))
+    for statement in ("UPDATE audit_record SET patient_id = 'X'", "DELETE FROM audit_record"):
+        with (
+            pytest.raises(exc.DBAPIError, match="append-only"),
+            sqlite_archive.index.engine.begin() as connection,
+        ):
+            connection.execute(text(statement))
+    assert verify_chain(sqlite_archive.index).records == 1
+
+
+def test_verify_names_the_first_altered_record(sqlite_archive: Archive) -> None:
+    assert sqlite_archive.audit is not None
+    sqlite_archive.audit.record(ALICE, *_entries(5))
+    _tamper(sqlite_archive, "UPDATE audit_record SET patient_id = 'SOMEONE-ELSE' WHERE id = 3")
+    report = verify_chain(sqlite_archive.index)
+    assert report.fault is not None
+    assert report.fault.record_id == 3
+    assert "altered" in report.fault.reason
+    assert report.records == 2
+
+
+def test_verify_names_a_missing_record(sqlite_archive: Archive) -> None:
+    assert sqlite_archive.audit is not None
+    sqlite_archive.audit.record(ALICE, *_entries(5))
+    _tamper(sqlite_archive, "DELETE FROM audit_record WHERE id = 2")
+    fault = verify_chain(sqlite_archive.index).fault
+    assert fault is not None
+    assert (fault.record_id, fault.reason) == (3, "record 3 follows a gap: record 2 missing")
+
+
+def test_a_record_rewritten_with_a_fresh_hash_breaks_the_next_link(
+    sqlite_archive: Archive,
+) -> None:
+    """Whoever alters a record and recomputes its hash still breaks the next record's link."""
+    assert sqlite_archive.audit is not None
+    sqlite_archive.audit.record(ALICE, *_entries(3))
+    (record,) = [r for r in search_records(sqlite_archive.index, AuditSearch()) if r["id"] == 2]
+    from storage.audit import record_hash
+
+    forged = {**record, "patient_id": "FORGED"}
+    _tamper(
+        sqlite_archive,
+        f"UPDATE audit_record SET patient_id = 'FORGED', hash = '{record_hash(forged)}' "
+        "WHERE id = 2",
+    )
+    fault = verify_chain(sqlite_archive.index).fault
+    assert fault is not None and fault.record_id == 3
+    assert "does not chain to record 2" in fault.reason
+
+
+def test_search_filters_and_pages(sqlite_archive: Archive) -> None:
+    trail = sqlite_archive.audit
+    assert trail is not None
+    study = generate_uid()
+    bob = Actor(ActorPrincipal("ae", "CT_SCANNER"), "10.0.0.9", "dimse")
+    trail.record(ALICE, AuditEntry(AuditEvent.VIEW, patient_id="P1", study_uids=(study,)))
+    trail.record(bob, AuditEntry(AuditEvent.QUERY, patient_id="P2"))
+    trail.record(bob, security_change_entry(AuditEvent.TOKEN_CHANGE, "tok-9", "revoked"))
+    assert [r["id"] for r in search_records(trail.index, AuditSearch(patient_id="P1"))] == [1]
+    assert [r["id"] for r in search_records(trail.index, AuditSearch(study=study))] == [1]
+    assert [r["id"] for r in search_records(trail.index, AuditSearch(user="CT_SCANNER"))] == [3, 2]
+    page = search_records(trail.index, AuditSearch(limit=2))
+    assert [r["id"] for r in page] == [3, 2]
+    assert [r["id"] for r in search_records(trail.index, AuditSearch(before=2))] == [1]
+
+
+def test_ingest_records_stores_duplicates_and_refusals(
+    sqlite_archive: Archive, tmp_path: Path
+) -> None:
+    ds = ct_instance()
+    path = write_part10(ds, tmp_path / "a.dcm")
+    ingest_file(sqlite_archive, path, requestor=ALICE)
+    ingest_file(sqlite_archive, path, requestor=ALICE)  # the same again: R (held already)
+    records = sorted(search_records(sqlite_archive.index, AuditSearch()), key=lambda r: r["id"])
+    assert [(r["event"], r["action"], r["instances"]) for r in records] == [
+        ("store", "C", 1),
+        ("store", "R", 1),
+    ]
+    assert records[0]["patient_id"] == ds.PatientID
+    assert records[0]["study_uids"] == ds.StudyInstanceUID
+    assert records[0]["principal_name"] == "alice"
+
+
+def test_a_store_whose_record_cannot_be_written_is_refused(tmp_path: Path) -> None:
+    """The audit row rides in the store's own transaction: refused together."""
+    with postgres_database() as url:
+        settings = make_settings(tmp_path, database_url=url)
+        archive = open_archive(settings, migrate=True)
+        try:
+            _revoke_audit_inserts(archive, settings)
+            limited = open_archive(_as_role(settings, url))
+            path = write_part10(ct_instance(), tmp_path / "a.dcm")
+            from storage.audit import AuditUnavailable
+
+            with pytest.raises(AuditUnavailable, match="permission denied"):
+                ingest_file(limited, path, requestor=ALICE)
+            limited.close()
+            with archive.index.read() as session:
+                assert session.execute(text("SELECT count(*) FROM instance")).scalar() == 0
+        finally:
+            _drop_role(archive)
+            archive.close()
+
+
+ROLE = f"hilum_audit_{uuid.uuid4().hex[:8]}"  # roles are cluster-wide: one per run
+
+
+def _revoke_audit_inserts(archive: Archive, settings: Settings) -> None:
+    """A role that may do everything Hilum does but append to the audit trail: a real
+    permission change on the real PostgreSQL."""
+    with archive.index.engine.begin() as connection:
+        connection.execute(text(f"DROP ROLE IF EXISTS {ROLE}"))
+        connection.execute(text(f"CREATE ROLE {ROLE} LOGIN"))
+        connection.execute(text(f"GRANT ALL ON ALL TABLES IN SCHEMA public TO {ROLE}"))
+        connection.execute(text(f"GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO {ROLE}"))
+        connection.execute(text(f"REVOKE INSERT ON audit_record FROM {ROLE}"))
+
+
+def _as_role(settings: Settings, url: str) -> Settings:
+    from sqlalchemy.engine import make_url
+
+    as_role = make_url(url).set(username=ROLE).render_as_string(hide_password=False)
+    storage = settings.storage.model_copy(update={"database_url": as_role})
+    return settings.model_copy(update={"storage": storage})
+
+
+def _drop_role(archive: Archive) -> None:
+    engine = create_engine(archive.index.engine.url)
+    with engine.begin() as connection:
+        connection.execute(text(f"DROP OWNED BY {ROLE}"))
+        connection.execute(text(f"DROP ROLE {ROLE}"))
+    engine.dispose()
+
+
+def test_concurrent_writers_on_postgresql_never_fork_the_chain(tmp_path: Path) -> None:
+    """Two processes' worth of engines (separate pools) appending at once: one chain, and the
+    trigger and the chain check hold on PostgreSQL too."""
+    with postgres_database() as url:
+        settings = make_settings(tmp_path, database_url=url, audit={"json_lines": "off"})
+        archives = [open_archive(settings, migrate=True), open_archive(settings)]
+        try:
+
+            def append(archive: Archive) -> None:
+                assert archive.audit is not None
+                for _ in range(20):
+                    archive.audit.record(ALICE, *_entries(2))
+
+            threads = [
+                threading.Thread(target=append, args=(a,)) for a in archives for _ in range(3)
+            ]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            report = verify_chain(archives[0].index)
+            assert (report.records, report.fault) == (240, None)
+
+            with (
+                pytest.raises(exc.DBAPIError, match="append-only"),
+                archives[0].index.engine.begin() as connection,
+            ):
+                connection.execute(text("DELETE FROM audit_record WHERE id = 5"))
+            _tamper(archives[0], "UPDATE audit_record SET instances = 9 WHERE id = 7")
+            fault = verify_chain(archives[0].index).fault
+            assert fault is not None and fault.record_id == 7
+        finally:
+            for archive in archives:
+                archive.close()
