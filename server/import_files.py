@@ -13,8 +13,9 @@ from tqdm import tqdm
 
 from server.context import cli_context
 from storage.archive import Archive
+from storage.audit import AuditEvent, Transfer
 from storage.errors import StorageError
-from storage.ingest import IngestOutcome, Origin, ingest_file
+from storage.ingest import IngestOutcome, Origin, Received, ingest_files
 
 
 @dataclass
@@ -49,12 +50,18 @@ def import_files(
     summary = ImportSummary()
     files = list(walk(paths))
     requestor = cli_context("hilum import")
+    # Audited per study as it begins and, in one Data Import record, when the import ends.
+    transfer = Transfer(requestor, AuditEvent.IMPORT, "hilum import")
 
     def one(path: Path) -> tuple[Path, IngestOutcome | str]:
         if not path.is_file():
             return path, "no such file"
         try:
-            return path, ingest_file(archive, path, Origin(), requestor=requestor).outcome
+            received = Received(path, Origin(), requestor=requestor, transfer=transfer)
+            (outcome,) = ingest_files(archive, [received])
+            if isinstance(outcome, StorageError):
+                return path, str(outcome)
+            return path, outcome.outcome
         except StorageError as error:
             return path, str(error)
         except OSError as error:
@@ -70,4 +77,5 @@ def import_files(
             else:
                 summary.failures.append((path, outcome))
             bar.update(1)
+    archive.record(requestor, *transfer.completion_entries())
     return summary

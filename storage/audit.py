@@ -210,24 +210,46 @@ class AuditEntry:
 
 
 class Transfer:
-    """A sender's transfer of instances over one DIMSE association, audited per study as
+    """A sender's transfer of instances over one DIMSE association (or one ``hilum import``),
+    audited per study as
     PS3.15 A.5.3.3 and A.5.3.7 describe it: a Begin Transferring DICOM Instances record in
     the index transaction that stores (or finds already stored) the study's first instance, so
     no instance is held unaudited; a DICOM Instances Transferred record with the counts when
     the association ends ("the time when the transfer has completed"). Two records per study
     and association instead of one per instance: the hot path of the later instances writes
-    none. Used by one association (and the group commit's leader while it waits), never by two
-    at once."""
+    none."""
 
-    def __init__(self, requestor: Requestor) -> None:
+    def __init__(
+        self, requestor: Requestor, event: AuditEvent = AuditEvent.STORE, service: str = "C-STORE"
+    ) -> None:
         self.requestor = requestor
-        self.begun: set[str] = set()  # studies whose begin record is committed
+        self.event = event  # of the completion record: STORE, or IMPORT for `hilum import`
+        self.service = service
+        self._lock = threading.Lock()  # `hilum import` stores from several threads
+        self.begun: set[str] = set()  # studies whose begin record is written (or being)
         # study -> {"stored", "replaced", "duplicate", "refused": count}; patient IDs; a reason
         self.counts: dict[str, dict[str, int]] = {}
         self.patients: dict[str, str] = {}
         self.reasons: dict[str, str] = {}
 
+    def claim(self, study: str) -> bool:
+        """True the first time: the caller writes the study's begin record, and
+        :meth:`release` s it if that transaction fails."""
+        with self._lock:
+            if study in self.begun:
+                return False
+            self.begun.add(study)
+            return True
+
+    def release(self, study: str) -> None:
+        with self._lock:
+            self.begun.discard(study)
+
     def count(self, study: str, patient_id: str, outcome: str, reason: str = "") -> None:
+        with self._lock:
+            self._count(study, patient_id, outcome, reason)
+
+    def _count(self, study: str, patient_id: str, outcome: str, reason: str) -> None:
         counts = self.counts.setdefault(study, {})
         counts[outcome] = counts.get(outcome, 0) + 1
         if patient_id:
@@ -251,14 +273,14 @@ class Transfer:
                 )
             entries.append(
                 AuditEntry(
-                    AuditEvent.STORE,
+                    self.event,
                     Outcome.MINOR_FAILURE if refused else Outcome.SUCCESS,
                     reason[:1000],
                     patient_id=self.patients.get(study, ""),
                     study_uids=(study,) if study else (),
                     instances=stored + replaced + duplicate,
                     action=action,
-                    detail={"service": "C-STORE", **{k: v for k, v in counts.items() if v}},
+                    detail={"service": self.service, **{k: v for k, v in counts.items() if v}},
                 )
             )
         return entries

@@ -388,6 +388,19 @@ def _put_blobs(
 def _write_rows(
     archive: Archive, to_write: list[tuple[_Prepared, Any]]
 ) -> tuple[list[tuple[_Prepared, Any]], list[_Prepared], list[dict[str, Any]]]:
+    """:func:`_write_rows_once`; the transfers it began are begun again if it fails."""
+    begun: list[tuple[Transfer, str]] = []
+    try:
+        return _write_rows_once(archive, to_write, begun)
+    except BaseException:
+        for transfer, study in begun:
+            transfer.release(study)
+        raise
+
+
+def _write_rows_once(
+    archive: Archive, to_write: list[tuple[_Prepared, Any]], begun: list[tuple[Transfer, str]]
+) -> tuple[list[tuple[_Prepared, Any]], list[_Prepared], list[dict[str, Any]]]:
     """The index rows of ``to_write`` in one transaction: (written, lost a race, the audit
     records of the written ones, to emit after the commit).
 
@@ -431,13 +444,10 @@ def _write_rows(
                 else:
                     retry.append(item)
         audited: list[dict[str, Any]] = []
-        begun: list[tuple[Transfer, str]] = []
         if archive.audit is not None and written:
             with audit_errors():
-                entries, begun = _store_entries(archive, written)
+                entries = _store_entries(archive, written, begun)
                 audited = archive.audit.append(connection, entries)
-    for transfer, study in begun:  # committed
-        transfer.begun.add(study)
     return written, retry, audited
 
 
@@ -446,21 +456,20 @@ def _requestor(archive: Archive, item: Received) -> Requestor:
 
 
 def _store_entries(
-    archive: Archive, written: list[tuple[_Prepared, Any]]
-) -> tuple[list[tuple[Requestor, AuditEntry]], list[tuple[Transfer, str]]]:
+    archive: Archive, written: list[tuple[_Prepared, Any]], begun: list[tuple[Transfer, str]]
+) -> list[tuple[Requestor, AuditEntry]]:
     """One record per (requestor, study) of the instances a transaction wrote: C (Create) when
     all are new, U (Update) when one replaced a stored instance (PS3.15 A.5.3.7); for a
     DIMSE transfer, its begin record if the study is new to it (and the transfers begun)."""
     groups: dict[tuple[Requestor, str], list[tuple[_Prepared, Any]]] = {}
-    begun: list[tuple[Transfer, str]] = []
     entries = []
     for item, stored in written:
         study = item.header.study_instance_uid
         transfer = item.received.transfer
         if transfer is not None:
-            if study not in transfer.begun and (transfer, study) not in begun:
+            if transfer.claim(study):
                 begun.append((transfer, study))
-                entries.append((transfer.requestor, _begun_entry(item.header)))
+                entries.append((transfer.requestor, _begun_entry(item.header, transfer)))
             continue
         key = (_requestor(archive, item.received), study)
         groups.setdefault(key, []).append((item, stored))
@@ -479,15 +488,15 @@ def _store_entries(
                 ),
             )
         )
-    return entries, begun
+    return entries
 
 
-def _begun_entry(header: InstanceHeader) -> AuditEntry:
+def _begun_entry(header: InstanceHeader, transfer: Transfer) -> AuditEntry:
     return AuditEntry(
         AuditEvent.STORE_BEGUN,
         patient_id=_text(header.dataset, "PatientID", 64),
         study_uids=(header.study_instance_uid,),
-        detail={"service": "C-STORE"},
+        detail={"service": transfer.service},
     )
 
 
@@ -543,9 +552,9 @@ def _audit_not_written(
             # instance Hilum holds: its study's transfer must have begun.
             if _is_duplicate(outcome) and header is not None:
                 study = header.study_instance_uid
-                if study not in transfer.begun and (transfer, study) not in begun:
+                if transfer.claim(study):
                     begun.append((transfer, study))
-                    entries.append((transfer.requestor, _begun_entry(header)))
+                    entries.append((transfer.requestor, _begun_entry(header, transfer)))
             continue
         if isinstance(outcome, IngestResult):
             if not _is_duplicate(outcome):
@@ -580,9 +589,9 @@ def _audit_not_written(
             rows = archive.audit.append(session.connection(), entries)
     except AuditUnavailable as error:
         log.error("audit record of duplicate or refused files not written: %s", error)
+        for transfer, study in begun:
+            transfer.release(study)
         return [error if _is_duplicate(o) else o for o in done]
-    for transfer, study in begun:
-        transfer.begun.add(study)
     archive.audit.emit(rows)
     return done
 

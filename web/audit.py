@@ -59,7 +59,7 @@ def describe(record: Mapping[str, Any]) -> dict[str, Any]:
     count = record["instances"]
     event, action = record["event"], record["action"]
     if event == "store-begun":
-        what = "Began sending images (DICOM)"
+        what = f"Began storing images ({service})"
     elif event == "store" and service == "C-STORE":
         parts = [
             f"{detail[k]} {label}"
@@ -71,7 +71,7 @@ def describe(record: Mapping[str, Any]) -> dict[str, Any]:
             )
             if detail.get(k)
         ]
-        what = f"Sent {_images(count)} (DICOM): " + ", ".join(parts)
+        what = f"Sent {_images(count)} over DICOM: " + ", ".join(parts)
     elif event == "store":
         verb = {"C": "Stored", "U": "Replaced", "R": "Received again (already stored)"}.get(
             action, "Stored"
