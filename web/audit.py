@@ -48,6 +48,17 @@ _QUERY_WORDS = {
 }
 
 
+# What a DICOMweb retrieve sent, from its endpoint (server/dicomweb/*.py view names).
+_RETRIEVED = (
+    ("thumbnail", "a thumbnail"),
+    ("rendered", "a rendered image"),
+    ("metadata", "image headers (metadata)"),
+    ("frames", "image frames"),
+    ("bulkdata", "image data"),
+    ("wado_uri", "an image (WADO-URI)"),
+)
+
+
 def _images(count: int) -> str:
     return f"{count} image{'s' if count != 1 else ''}"
 
@@ -86,7 +97,9 @@ def describe(record: Mapping[str, Any]) -> dict[str, Any]:
         terms = ", ".join(f"{_QUERY_WORDS.get(k, k)} {v}" for k, v in asked.items())
         what = f"Searched ({service})" + (f": {terms}" if terms else ": everything")
     elif event == "retrieve":
-        what = f"Retrieved {_images(count) if count else 'images'} ({service})"
+        endpoint = detail.get("endpoint", "")
+        kind = next((words for key, words in _RETRIEVED if key in endpoint), "images")
+        what = f"Retrieved {_images(count) if count and kind == 'images' else kind} ({service})"
         if detail.get("move_destination"):
             what += f" to {detail['move_destination']}"
     elif event == "view":
