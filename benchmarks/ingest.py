@@ -12,6 +12,8 @@ ports, and stopped after:
 
 * ``hilum``: ``hilum serve``, embedded default (SQLite index + files under a temporary data
   dir), timed once it printed "Hilum is listening" (its AI worker loaded);
+* ``hilum-no-audit``: the same with ``[audit] enabled = false``: the audit trail's cost is
+  the ratio ``hilum`` / ``hilum-no-audit`` (likewise ``postgres-s3-no-audit``);
 * ``hilum-processes``: the same with ``[dimse] processes = 2`` (two receiving processes);
 * ``hilum-nagle``: the same, sent to by storescu *without* ``TCP_NODELAY`` (Nagle on, as DCMTK
   tools and many modalities ship): whether Hilum stalls on peers that leave Nagle on;
@@ -118,6 +120,8 @@ EMBEDDED = "hilum (sqlite+files)"
 EMBEDDED_NAGLE = "hilum, storescu without TCP_NODELAY"
 EMBEDDED_PROCESSES = "hilum, [dimse] processes = 2"
 POSTGRES_S3 = "hilum (postgres+s3)"
+EMBEDDED_NO_AUDIT = "hilum (sqlite+files), [audit] off"
+POSTGRES_S3_NO_AUDIT = "hilum (postgres+s3), [audit] off"
 BARE = "bare pynetdicom SCP"
 ORTHANC = "orthanc (TCP_NODELAY=1)"
 ORTHANC_NAGLE = "orthanc without TCP_NODELAY (stalled)"
@@ -130,7 +134,11 @@ RATIOS = (
     (POSTGRES_S3, EMBEDDED),
     (EMBEDDED_NAGLE, EMBEDDED),
     (ORTHANC_NAGLE, ORTHANC),
+    # The audit trail's cost (goal: under 5 % slower): with it, against without it.
+    (EMBEDDED, EMBEDDED_NO_AUDIT),
+    (POSTGRES_S3, POSTGRES_S3_NO_AUDIT),
 )
+NO_AUDIT = {"HILUM_AUDIT__ENABLED": "false"}
 
 
 @dataclass
@@ -303,6 +311,13 @@ def hilum_embedded(workdir: Path) -> Iterator[Target]:
 
 
 @contextlib.contextmanager
+def hilum_embedded_no_audit(workdir: Path) -> Iterator[Target]:
+    index = workdir / "data" / "index.sqlite"
+    with hilum(workdir, EMBEDDED_NO_AUDIT, NO_AUDIT, lambda: count_sqlite(index)) as target:
+        yield target
+
+
+@contextlib.contextmanager
 def hilum_two_processes(workdir: Path) -> Iterator[Target]:
     """The embedded default with a second receiving process on the DIMSE port (SO_REUSEPORT),
     so that a second core serves associations: the CPU figure counts both (children)."""
@@ -345,18 +360,21 @@ def seaweedfs(workdir: Path) -> Iterator[int]:
         yield s3
 
 
-def hilum_postgres_s3(s3_port: int) -> Starter:
+def hilum_postgres_s3(s3_port: int, *, audit: bool = True) -> Starter:
+    name = POSTGRES_S3 if audit else POSTGRES_S3_NO_AUDIT
+
     @contextlib.contextmanager
     def start(workdir: Path) -> Iterator[Target]:
         with postgres_database() as database:
             env = {
+                **({} if audit else NO_AUDIT),
                 "HILUM_STORAGE__DATABASE_URL": f"postgresql+psycopg://postgres@127.0.0.1:5432/{database}",
                 "HILUM_STORAGE__BLOB_URL": f"s3://{database.replace('_', '-')}"
                 f"?endpoint=http://127.0.0.1:{s3_port}",
                 "HILUM_STORAGE__S3_ACCESS_KEY": S3_ACCESS_KEY,
                 "HILUM_STORAGE__S3_SECRET_KEY": S3_SECRET_KEY,
             }
-            with hilum(workdir, POSTGRES_S3, env, lambda: count_postgres(database)) as target:
+            with hilum(workdir, name, env, lambda: count_postgres(database)) as target:
                 yield target
 
     return start
@@ -608,11 +626,20 @@ def print_idle(results: list[Result], rows: list[Row], seconds: float) -> None:
 def all_rows(s3_port: int | None) -> list[Row]:
     rows = [
         Row("hilum", EMBEDDED, hilum_embedded),
+        Row("hilum-no-audit", EMBEDDED_NO_AUDIT, hilum_embedded_no_audit, idle=False),
         Row("hilum-nagle", EMBEDDED_NAGLE, hilum_embedded, DCMTK_NAGLE, idle=False),
         Row("hilum-processes", EMBEDDED_PROCESSES, hilum_two_processes, idle=False),
     ]
     if s3_port is not None:
         rows.append(Row("postgres-s3", POSTGRES_S3, hilum_postgres_s3(s3_port)))
+        rows.append(
+            Row(
+                "postgres-s3-no-audit",
+                POSTGRES_S3_NO_AUDIT,
+                hilum_postgres_s3(s3_port, audit=False),
+                idle=False,
+            )
+        )
     rows.append(Row("bare", BARE, bare_scp))
     if orthanc_installed():
         rows.append(Row("orthanc", ORTHANC, orthanc(ORTHANC, nodelay=True)))
@@ -630,9 +657,11 @@ def all_rows(s3_port: int | None) -> list[Row]:
 
 TARGET_KEYS = (
     "hilum",
+    "hilum-no-audit",
     "hilum-nagle",
     "hilum-processes",
     "postgres-s3",
+    "postgres-s3-no-audit",
     "bare",
     "orthanc",
     "orthanc-nagle",
@@ -652,7 +681,7 @@ def run(args: argparse.Namespace, root: Path) -> tuple[list[Result], list[Row], 
     results: list[Result] = []
     with contextlib.ExitStack() as stack:
         s3_port = None
-        if "postgres-s3" in wanted:
+        if {"postgres-s3", "postgres-s3-no-audit"} & wanted:
             weed_dir = root / "seaweedfs"
             weed_dir.mkdir()
             try:

@@ -23,7 +23,11 @@ Hilum only: Orthanc is not compared. Figures go to stdout, progress to stderr; n
 asserted.
 
     .venv/bin/python benchmarks/query.py [--studies N] [--database-url URL] [--repeat N]
-        [--large-repeat N] [--find-only] [--reuse-index]
+        [--large-repeat N] [--find-only] [--reuse-index] [--audit-rounds N]
+
+``--audit-rounds N``: the same C-FIND queries through a second SCP over the same index without
+the audit trail, in N interleaved rounds against the first (which writes one audit record per
+query): the audit trail's cost per query, as a ratio within each round.
 
 ``--reuse-index`` times the synthetic index already in ``--database-url`` (built by an earlier
 run or by ``benchmarks/synthetic_index.py``) instead of building one: ~80 s saved per run on
@@ -33,6 +37,7 @@ PostgreSQL. Without it the database must be empty.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shutil
 import statistics
 import subprocess
@@ -86,6 +91,45 @@ def traced(run: Any) -> tuple[Any, float]:
     return result, (peak - start) / 1e6
 
 
+def compare_audit(
+    settings: Any, archive: Any, audited: DimseServer, requests: list[dict[str, Any]], rounds: int
+) -> None:
+    """The same C-FIND queries against the same index through two SCPs in this process, one
+    writing an audit record per query (as configured) and one without the audit trail, in
+    interleaved rounds; p50 of each and their ratio per round (median, range)."""
+    quiet_settings = settings.model_copy(
+        update={"dimse": settings.dimse.model_copy(update={"port": free_port()})}
+    )
+    quiet = DimseServer(quiet_settings, dataclasses.replace(archive, audit=None))
+    quiet.start()
+    requests = [{**r, "warm_up": True, "repeat": min(r["repeat"], 30)} for r in requests]
+    medians: dict[tuple[str, str], list[float]] = {}
+    try:
+        for n in range(rounds):
+            order = [("on", audited), ("off", quiet)]
+            for label, server in order if n % 2 == 0 else order[::-1]:
+                for found in find_from_another_process(server.port, requests):
+                    key = (found["name"], label)
+                    medians.setdefault(key, []).append(statistics.median(found["ms"]))
+    finally:
+        quiet.stop()
+    print(f"\n# C-FIND with the audit trail on against off, {rounds} interleaved rounds")
+    print("| query | p50 ms on (range) | p50 ms off (range) | on / off, median (range) |")
+    print("|---|---|---|---|")
+    for request in requests:
+        on, off = medians[(request["name"], "on")], medians[(request["name"], "off")]
+        ratios = [a / b for a, b in zip(on, off, strict=True)]
+        print(
+            f"| {request['name']} | {_spread(on)} | {_spread(off)} | "
+            f"{statistics.median(ratios):.3f} ({min(ratios):.3f}-{max(ratios):.3f}) |",
+            flush=True,
+        )
+
+
+def _spread(values: list[float]) -> str:
+    return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--studies", type=int, default=100_000)
@@ -96,6 +140,13 @@ def main() -> int:
     parser.add_argument("--find-only", action="store_true", help="no memory or C-MOVE run")
     parser.add_argument(
         "--reuse-index", action="store_true", help="time the index already in --database-url"
+    )
+    parser.add_argument(
+        "--audit-rounds",
+        type=int,
+        default=0,
+        help="also time the C-FIND queries with the audit trail on against off, in N "
+        "interleaved rounds (on, off, on, off, ...) of --repeat each",
     )
     args = parser.parse_args()
 
@@ -148,6 +199,8 @@ def main() -> int:
         p95 = samples[min(len(samples) - 1, int(len(samples) * 0.95))]
         median = statistics.median(samples)
         print(f"| {found['name']} | {found['matches']} | {median:.1f} | {p95:.1f} |", flush=True)
+    if args.audit_rounds:
+        compare_audit(settings, archive, server, requests, args.audit_rounds)
     if args.find_only:
         server.stop()
         archive.close()
