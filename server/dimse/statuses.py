@@ -85,10 +85,12 @@ C_STORE_STATUSES = (
               "the index database or the blob store is unreachable, full or failing (the "
               "received data set could not even be written to `<data_dir>/tmp`, included); the "
               "SQLite write lock could not be obtained within 30 s; or another association kept "
-              "changing the same instance through 10 attempts. Nothing was stored: send again "
-              "later. Also: the instance is over a `[limits]` size (stored, inflated, decoded or "
-              "per-frame bytes, Number of Frames); the Error Comment starts with the limit's "
-              "name (`over limits.frame_max_bytes (…): …`) and sending again will not help"),
+              "changing the same instance through 10 attempts; or the audit record of the "
+              "transfer could not be written (Error Comment `the audit trail cannot be "
+              "written…`). Nothing was stored: send again later. Also: the instance is over a "
+              "`[limits]` size (stored, inflated, decoded or per-frame bytes, Number of "
+              "Frames); the Error Comment starts with the limit's name "
+              "(`over limits.frame_max_bytes (…): …`) and sending again will not help"),
     StatusUse(DATASET_DOES_NOT_MATCH_SOP_CLASS, "C-STORE",
               "Error: Data Set does not match SOP Class",
               "the data set's SOP Class UID or SOP Instance UID differs from the request's "
@@ -114,10 +116,13 @@ QUERY_RETRIEVE_STATUSES = (
     StatusUse(SUB_OPERATIONS_COMPLETE_WITH_FAILURES, "MOVE, GET",
               "Warning: sub-operations complete, one or more failures or warnings",
               "with the Failed SOP Instance UID List (0008,0058) in the Identifier"),
-    StatusUse(OUT_OF_RESOURCES, "FIND", "Refused: Out of resources", "the index is unreachable"),
+    StatusUse(OUT_OF_RESOURCES, "FIND", "Refused: Out of resources",
+              "the index is unreachable, or the query's audit record cannot be written (nothing "
+              "is matched unaudited)"),
     StatusUse(UNABLE_TO_CALCULATE_NUMBER_OF_MATCHES, "MOVE, GET",
               "Refused: Out of resources – unable to calculate number of matches",
-              "the index is unreachable"),
+              "the index is unreachable, or the retrieve's audit record cannot be written "
+              "(before any sub-operation)"),
     StatusUse(UNABLE_TO_PERFORM_SUB_OPERATIONS, "MOVE, GET",
               "Refused: Out of resources – unable to perform sub-operations",
               "every sub-operation failed (with the Failed SOP Instance UID List), or more "
