@@ -96,7 +96,8 @@ def compare_audit(
 ) -> None:
     """The same C-FIND queries against the same index through two SCPs in this process, one
     writing an audit record per query (as configured) and one without the audit trail, in
-    interleaved rounds; p50 of each and their ratio per round (median, range)."""
+    interleaved rounds; per query the p50 wall time and the SCP's CPU time per request (this
+    process's, the SCU being another), and their ratios on / off within each round."""
     quiet_settings = settings.model_copy(
         update={"dimse": settings.dimse.model_copy(update={"port": free_port()})}
     )
@@ -104,26 +105,43 @@ def compare_audit(
     quiet.start()
     requests = [{**r, "warm_up": True, "repeat": min(r["repeat"], 30)} for r in requests]
     medians: dict[tuple[str, str], list[float]] = {}
+    cpu: dict[tuple[str, str], list[float]] = {}
     try:
         for n in range(rounds):
             order = [("on", audited), ("off", quiet)]
-            for label, server in order if n % 2 == 0 else order[::-1]:
-                for found in find_from_another_process(server.port, requests):
+            for request in requests:
+                for label, server in order if n % 2 == 0 else order[::-1]:
+                    before = time.process_time()
+                    (found,) = find_from_another_process(server.port, [request])
+                    spent = time.process_time() - before
                     key = (found["name"], label)
                     medians.setdefault(key, []).append(statistics.median(found["ms"]))
+                    # The warm-up request counts too.
+                    cpu.setdefault(key, []).append(spent * 1000 / (request["repeat"] + 1))
     finally:
         quiet.stop()
     print(f"\n# C-FIND with the audit trail on against off, {rounds} interleaved rounds")
-    print("| query | p50 ms on (range) | p50 ms off (range) | on / off, median (range) |")
-    print("|---|---|---|---|")
+    print(
+        "| query | p50 ms on | p50 ms off | p50 on / off | SCP CPU ms/query on | off "
+        "| CPU on / off |"
+    )
+    print("|---|---|---|---|---|---|---|")
     for request in requests:
-        on, off = medians[(request["name"], "on")], medians[(request["name"], "off")]
-        ratios = [a / b for a, b in zip(on, off, strict=True)]
+        name = request["name"]
+        on, off = medians[(name, "on")], medians[(name, "off")]
+        cpu_on, cpu_off = cpu[(name, "on")], cpu[(name, "off")]
         print(
-            f"| {request['name']} | {_spread(on)} | {_spread(off)} | "
-            f"{statistics.median(ratios):.3f} ({min(ratios):.3f}-{max(ratios):.3f}) |",
+            f"| {name} | {_spread(on)} | {_spread(off)} | {_ratios(on, off)} | "
+            f"{_spread(cpu_on)} | {_spread(cpu_off)} | {_ratios(cpu_on, cpu_off)} |",
             flush=True,
         )
+
+
+def _ratios(on: list[float], off: list[float]) -> str:
+    ratios = [a / b for a, b in zip(on, off, strict=True) if b]
+    if not ratios:
+        return "-"
+    return f"{statistics.median(ratios):.3f} ({min(ratios):.3f}-{max(ratios):.3f})"
 
 
 def _spread(values: list[float]) -> str:

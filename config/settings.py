@@ -312,6 +312,10 @@ class AuditSettings(_Section):
     # The JSON lines copy (PS3.15 A.5 messages): "" <data_dir>/audit.jsonl, "-" standard
     # output (containers), "off" none, else a file path.
     json_lines: str = ""
+    # The record of a read (query, retrieve, view) is committed before the answer; true: also
+    # flushed to disk before it (one fsync per query); false: by the next flush (it survives a
+    # crash of Hilum; an OS crash or power loss may lose the last ones).
+    fsync_reads: bool = False
 
 
 class Settings(BaseSettings):

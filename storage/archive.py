@@ -105,8 +105,16 @@ def open_archive(
         max_connections=pool,
     )
     index = Index(engine)
+    # The trail's own records (reads, refusals) through an engine of their own, whose commits
+    # wait for a disk flush only with [audit] fsync_reads; stores and deletes record theirs in
+    # their own (fully durable) transaction.
+    audit_engine = create_index_engine(
+        settings.database_url,
+        pool_size=max(2, pool // 4),
+        flush_each_commit=settings.audit.fsync_reads,
+    )
     audit = AuditTrail(
-        index,
+        Index(audit_engine),
         open_json_lines(settings.audit.json_lines, settings.server.data_dir)
         if settings.audit.enabled
         else None,

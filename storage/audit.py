@@ -370,7 +370,8 @@ class AuditTrail:
         enabled: bool = True,
         source_id: str = "HILUM",
     ) -> None:
-        self.index = index
+        self.index = index  # its own engine (open_archive): closed with the trail
+        self._writer = index.engine.execution_options(hilum_write=True)
         self.json_lines = json_lines
         self.enabled = enabled
         self.source_id = source_id  # AuditSourceID and Hilum's own UserID (its AE title)
@@ -379,8 +380,9 @@ class AuditTrail:
         """Write ``entries`` in a transaction of their own; raise :class:`AuditUnavailable`."""
         if not self.enabled or not entries:
             return
-        with audit_errors(), self.index.write() as session:
-            rows = self.append(session.connection(), [(context, e) for e in entries])
+        # A Core connection, not an ORM session: this runs before every query's answer.
+        with audit_errors(), database_errors(), self._writer.begin() as connection:
+            rows = self.append(connection, [(context, e) for e in entries])
         self.emit(rows)
 
     def append(
@@ -395,9 +397,7 @@ class AuditTrail:
         if connection.dialect.name == "postgresql":
             connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _CHAIN_LOCK})
         # SQLite: this write transaction began IMMEDIATE, holding the database's write lock.
-        last = connection.execute(
-            select(AuditRow.id, AuditRow.hash).order_by(AuditRow.id.desc()).limit(1)
-        ).one_or_none()
+        last = connection.execute(_CHAIN_HEAD).one_or_none()
         last_id, previous = (last.id, last.hash) if last is not None else (0, GENESIS)
         now = _now()
         rows = []
@@ -427,7 +427,7 @@ class AuditTrail:
             row["hash"] = previous = record_hash(row)
             last_id += 1
             rows.append(row)
-        connection.execute(insert(AuditRow), rows)
+        connection.execute(_INSERT, rows)
         return rows
 
     def emit(self, rows: Sequence[Mapping[str, Any]]) -> None:
@@ -443,6 +443,11 @@ class AuditTrail:
     def close(self) -> None:
         if self.json_lines is not None:
             self.json_lines.close()
+        self.index.dispose()
+
+
+_CHAIN_HEAD = select(AuditRow.id, AuditRow.hash).order_by(AuditRow.id.desc()).limit(1)
+_INSERT = insert(AuditRow)
 
 
 def _per_patient(

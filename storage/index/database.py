@@ -19,8 +19,16 @@ from storage.errors import StorageUnavailable
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 
 
-def create_index_engine(database_url: str, *, pool_size: int = 32) -> Engine:
-    """An engine for ``sqlite:///path`` or ``postgresql+psycopg://...``."""
+def create_index_engine(
+    database_url: str, *, pool_size: int = 32, flush_each_commit: bool = True
+) -> Engine:
+    """An engine for ``sqlite:///path`` or ``postgresql+psycopg://...``.
+
+    ``flush_each_commit=False`` (the audit trail's records of reads, ``[audit] fsync_reads``):
+    a commit is made durable by the next flush instead of waiting for its own (SQLite
+    ``synchronous=NORMAL`` in WAL mode, PostgreSQL ``synchronous_commit=off``). It survives a
+    crash of Hilum, and the database stays consistent through an OS crash or power loss, which
+    may lose the last commits (SQLite: until the next fsync; PostgreSQL: under a second)."""
     if database_url.startswith("sqlite"):
         path = database_url.removeprefix("sqlite:///")
         if path and path != ":memory:":
@@ -28,7 +36,7 @@ def create_index_engine(database_url: str, *, pool_size: int = 32) -> Engine:
         engine = create_engine(
             database_url, pool_size=pool_size, max_overflow=8, connect_args={"timeout": 30}
         )
-        _configure_sqlite(engine)
+        _configure_sqlite(engine, "FULL" if flush_each_commit else "NORMAL")
         return engine
     if database_url.startswith("postgresql"):
         return create_engine(
@@ -37,14 +45,17 @@ def create_index_engine(database_url: str, *, pool_size: int = 32) -> Engine:
             max_overflow=8,
             pool_pre_ping=True,
             pool_timeout=10,
-            connect_args={"connect_timeout": 5},
+            connect_args={
+                "connect_timeout": 5,
+                **({} if flush_each_commit else {"options": "-c synchronous_commit=off"}),
+            },
         )
     raise ValueError(
         f"unsupported database_url {database_url!r} (use sqlite:/// or postgresql+psycopg://)"
     )
 
 
-def _configure_sqlite(engine: Engine) -> None:
+def _configure_sqlite(engine: Engine, synchronous: str) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         # Let SQLAlchemy emit BEGIN itself (pysqlite's own is deferred and unconfigurable).
@@ -52,7 +63,7 @@ def _configure_sqlite(engine: Engine) -> None:
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
         # FULL: an instance acknowledged to a modality survives a power loss.
-        cursor.execute("PRAGMA synchronous=FULL")
+        cursor.execute(f"PRAGMA synchronous={synchronous}")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute("PRAGMA busy_timeout=30000")
         cursor.close()
