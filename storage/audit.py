@@ -211,13 +211,14 @@ class AuditEntry:
 
 class Transfer:
     """A sender's transfer of instances over one DIMSE association (or one ``hilum import``),
-    audited per study as
-    PS3.15 A.5.3.3 and A.5.3.7 describe it: a Begin Transferring DICOM Instances record in
-    the index transaction that stores (or finds already stored) the study's first instance, so
-    no instance is held unaudited; a DICOM Instances Transferred record with the counts when
-    the association ends ("the time when the transfer has completed"). Two records per study
-    and association instead of one per instance: the hot path of the later instances writes
-    none."""
+    audited per study as PS3.15 A.5.3.3 and A.5.3.7 describe it: a Begin Transferring DICOM
+    Instances record in the index transaction that stores (or finds already stored) the
+    study's first instance, so no instance is held unaudited; a DICOM Instances Transferred
+    record with the counts when the association ends ("the time when the transfer has
+    completed"). Two records per study and association instead of one per instance: the later
+    instances write none. (With several threads, as ``hilum import`` has, an instance stored
+    while its study's begin record is in another thread's uncommitted transaction is covered
+    by that record, or, if that transaction fails, only by the end record.)"""
 
     def __init__(
         self, requestor: Requestor, event: AuditEvent = AuditEvent.STORE, service: str = "C-STORE"
@@ -233,8 +234,8 @@ class Transfer:
         self.reasons: dict[str, str] = {}
 
     def claim(self, study: str) -> bool:
-        """True the first time: the caller writes the study's begin record, and
-        :meth:`release` s it if that transaction fails."""
+        """True the first time: the caller writes the study's begin record (and calls
+        :meth:`release` if its transaction fails)."""
         with self._lock:
             if study in self.begun:
                 return False
