@@ -30,6 +30,7 @@ for any event, and the helpers :func:`login_entry`, :func:`security_change_entry
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -43,7 +44,7 @@ from enum import IntEnum, StrEnum
 from pathlib import Path
 from typing import Any, Protocol
 
-from sqlalchemy import Connection, exc, insert, select, text
+from sqlalchemy import Connection, exc, select
 
 from storage.errors import StorageUnavailable
 from storage.index.database import Index, database_errors
@@ -395,40 +396,60 @@ class AuditTrail:
         if not self.enabled or not items:
             return []
         expanded = list(_per_patient(connection, items))
-        if connection.dialect.name == "postgresql":
-            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _CHAIN_LOCK})
-        # SQLite: this write transaction began IMMEDIATE, holding the database's write lock.
-        last = connection.execute(_CHAIN_HEAD).one_or_none()
-        last_id, previous = (last.id, last.hash) if last is not None else (0, GENESIS)
-        now = _now()
-        rows = []
-        for context, entry, patient_id, study_uids in expanded:
-            kind = EVENT_KINDS[entry.event]
-            principal = context.principal
-            row: dict[str, Any] = {
-                "id": last_id + 1,
-                "recorded_at": now,
-                "event": entry.event.value,
-                "action": entry.action or kind.action,
-                "outcome": int(entry.outcome),
-                "reason": entry.reason,
-                "principal_kind": str(principal.kind),
-                "principal_name": str(principal.name)[:255],
-                "token_id": str(principal.token_id or ""),
-                "address": context.address[:64],
-                "transport": str(context.transport),
-                "request_id": context.request_id[:64],
-                "partition": context.partition,
-                "patient_id": patient_id[:64],
-                "study_uids": "\\".join(study_uids),
-                "instances": entry.instances,
-                "detail": canonical_json(dict(entry.detail)) if entry.detail else "",
-                "previous_hash": previous,
-            }
-            row["hash"] = previous = record_hash(row)
-            last_id += 1
-            rows.append(row)
-        connection.execute(_INSERT, rows)
+        # The driver's own cursor, in the caller's transaction: this runs before every query's
+        # answer, and SQLAlchemy's statement machinery would cost it more than the insert.
+        try:
+            return self._append(connection, expanded)
+        except connection.dialect.loaded_dbapi.Error as error:
+            raise AuditUnavailable(
+                f"the audit trail cannot be written, so the operation is refused: {error}"
+            ) from error
+
+    def _append(
+        self,
+        connection: Connection,
+        expanded: list[tuple[Requestor, AuditEntry, str, tuple[str, ...]]],
+    ) -> list[dict[str, Any]]:
+        postgresql = connection.dialect.name == "postgresql"
+        with contextlib.closing(connection.connection.cursor()) as cursor:
+            if postgresql:
+                cursor.execute("SELECT pg_advisory_xact_lock(%s)", (_CHAIN_LOCK,))
+            # SQLite: this write transaction began IMMEDIATE, holding the database's write lock.
+            cursor.execute("SELECT id, hash FROM audit_record ORDER BY id DESC LIMIT 1")
+            last = cursor.fetchone()
+            last_id, previous = (int(last[0]), str(last[1])) if last is not None else (0, GENESIS)
+            now = _now()
+            rows = []
+            for context, entry, patient_id, study_uids in expanded:
+                kind = EVENT_KINDS[entry.event]
+                principal = context.principal
+                row: dict[str, Any] = {
+                    "id": last_id + 1,
+                    "recorded_at": now,
+                    "event": entry.event.value,
+                    "action": entry.action or kind.action,
+                    "outcome": int(entry.outcome),
+                    "reason": entry.reason,
+                    "principal_kind": str(principal.kind),
+                    "principal_name": str(principal.name)[:255],
+                    "token_id": str(principal.token_id or ""),
+                    "address": context.address[:64],
+                    "transport": str(context.transport),
+                    "request_id": context.request_id[:64],
+                    "partition": context.partition,
+                    "patient_id": patient_id[:64],
+                    "study_uids": "\\".join(study_uids),
+                    "instances": entry.instances,
+                    "detail": canonical_json(dict(entry.detail)) if entry.detail else "",
+                    "previous_hash": previous,
+                }
+                row["hash"] = previous = record_hash(row)
+                last_id += 1
+                rows.append(row)
+            cursor.executemany(
+                _INSERT_PG if postgresql else _INSERT_SQLITE,
+                [tuple(row[name] for name in _COLUMNS) for row in rows],
+            )
         return rows
 
     def emit(self, rows: Sequence[Mapping[str, Any]]) -> None:
@@ -447,8 +468,11 @@ class AuditTrail:
         self.index.dispose()
 
 
-_CHAIN_HEAD = select(AuditRow.id, AuditRow.hash).order_by(AuditRow.id.desc()).limit(1)
-_INSERT = insert(AuditRow)
+_COLUMNS = (*HASHED_FIELDS, "hash")
+_INSERT_SQLITE = (
+    f"INSERT INTO audit_record ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
+)
+_INSERT_PG = _INSERT_SQLITE.replace("?", "%s")
 
 
 def _per_patient(
