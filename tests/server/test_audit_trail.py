@@ -24,6 +24,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     CTImageStorage,
     StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelMove,
 )
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
@@ -33,8 +34,9 @@ from server.app import HttpServer, create_app
 from server.dimse.ae import DimseServer
 from storage.archive import Archive, open_archive
 from storage.audit import AuditSearch, search_records
-from tests.conftest import make_settings, postgres_database
+from tests.conftest import free_port, make_settings, postgres_database
 from tests.factories import ct_instance, write_part10
+from tests.server.dimse.qr_seed import storescp
 from tests.server.dimse.scu import associate, storescu
 from tests.server.dimse.test_c_get import get_responses
 from tests.server.test_cli import hilum_env
@@ -119,10 +121,15 @@ def _brief(record: dict[str, Any]) -> tuple[Any, ...]:
 
 
 def test_each_action_leaves_its_records_and_verify_catches_a_deletion(tmp_path: Path) -> None:
-    settings = make_settings(tmp_path, http={"allow_delete": True})
+    viewer_port = free_port()
+    peers = [{"ae_title": "VIEWER", "host": "127.0.0.1", "port": viewer_port}]
+    settings = make_settings(tmp_path, http={"allow_delete": True}, dimse={"peers": peers})
     archive = open_archive(settings, migrate=True)
     try:
-        with running(settings, archive) as hilum:
+        with (
+            running(settings, archive) as hilum,
+            storescp(tmp_path / "viewer", "VIEWER", viewer_port),
+        ):
             _actions(hilum, tmp_path)
     finally:
         archive.close()
@@ -168,6 +175,20 @@ def _actions(hilum: Running, tmp_path: Path) -> None:
     (retrieve,) = hilum.new_records(1)
     assert _brief(retrieve) == ("retrieve", "R", 0, 3)
     assert (retrieve["principal_name"], retrieve["patient_id"]) == ("GETSCU", "PAT-DIMSE")
+
+    # DIMSE C-MOVE to a known peer (DCMTK storescp): one retrieve record, naming it.
+    ae = AE(ae_title="MOVESCU")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
+    assoc = ae.associate("127.0.0.1", hilum.dimse.port, ae_title="HILUM")
+    final = list(
+        assoc.send_c_move(identifier, "VIEWER", StudyRootQueryRetrieveInformationModelMove)
+    )
+    assoc.release()
+    assert final[-1][0].Status == 0x0000
+    (moved,) = hilum.new_records(1)
+    assert _brief(moved) == ("retrieve", "R", 0, 3)
+    assert moved["principal_name"] == "MOVESCU"
+    assert json.loads(moved["detail"]) == {"service": "C-MOVE", "move_destination": "VIEWER"}
 
     # DICOMweb: QIDO-RS, WADO-RS, STOW-RS, DELETE (dicomweb-client).
     client = hilum.dicomweb

@@ -274,3 +274,29 @@ def test_concurrent_writers_on_postgresql_never_fork_the_chain(tmp_path: Path) -
         finally:
             for archive in archives:
                 archive.close()
+
+
+def test_export_hooks_record_one_message_per_patient(
+    sqlite_archive: Archive, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The hook points other parts call (export, de-identified copy): the patients looked up
+    from the studies, one record (one A.5 message) per patient; JSON lines to stdout ("-")."""
+    from storage.audit import AuditTrail, JsonLines, deidentified_copy_entry, export_entry
+
+    first, second = ct_instance(patient_id="P-A"), ct_instance(patient_id="P-B")
+    for n, ds in enumerate((first, second)):
+        ingest_file(sqlite_archive, write_part10(ds, tmp_path / f"{n}.dcm"))
+    assert sqlite_archive.audit is not None
+    trail = AuditTrail(sqlite_archive.audit.index, JsonLines("-"))
+    studies = [first.StudyInstanceUID, second.StudyInstanceUID]
+    trail.record(ALICE, export_entry(studies, 2, "/mnt/export", deidentified=True))
+    trail.record(ALICE, deidentified_copy_entry(first.StudyInstanceUID, 1, "research", "lung"))
+    found = search_records(trail.index, AuditSearch(user="alice"))
+    assert sorted((r["event"], r["patient_id"], r["study_uids"]) for r in found) == [
+        ("deidentified-copy", "P-A", first.StudyInstanceUID),
+        ("export", "P-A", first.StudyInstanceUID),
+        ("export", "P-B", second.StudyInstanceUID),
+    ]
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [m["EventIdentification"]["EventID"]["csd-code"] for m in lines] == ["110106"] * 3
+    assert verify_chain(trail.index).fault is None
