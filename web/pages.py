@@ -15,6 +15,7 @@ from werkzeug.exceptions import NotFound as HTTPNotFound
 
 from config import Settings
 from storage.archive import Archive
+from storage.dicom_file import is_valid_uid
 from storage.errors import Conflict, InvalidQuery, NotFound, StorageError, StorageUnavailable
 from storage.jobs import JobState
 from web import study, worklist
@@ -65,6 +66,19 @@ def web_blueprint(settings: Settings, archive: Archive) -> Blueprint:
             return _viewer_index(folder)
         studies = request.args.get("StudyInstanceUIDs", "")
         return render_template("viewer_missing.html", folder=folder, studies=studies)
+
+    @blueprint.get("/studies/<study_uid>/series/<series_uid>/slide")
+    def slide(study_uid: str, series_uid: str) -> Any:
+        """A whole slide (VL Whole Slide Microscopy) with the AI's SEG over it, in the
+        dicom-microscopy-viewer that the pinned OHIF package carries (web/static/slide.js)."""
+        if not (is_valid_uid(study_uid) and is_valid_uid(series_uid)):
+            raise InvalidQuery("the study and the series must be UIDs")
+        folder = ohif_dir(settings)
+        if not installed(folder):
+            return render_template("viewer_missing.html", folder=folder, studies=study_uid)
+        return render_template(
+            "slide.html", study_uid=study_uid, series_uid=series_uid, dicomweb_root="/dicomweb"
+        )
 
     @blueprint.get("/app-config.js")
     def viewer_app_config() -> Response:

@@ -18,7 +18,7 @@ import requests
 from PIL import Image
 from playwright.sync_api import Browser, Page, Response, expect, sync_playwright
 
-from inference.phantoms import synthetic_ct_series
+from inference.phantoms import synthetic_ct_series, synthetic_wsi
 from storage.jobs import JobState
 from tests.factories import write_part10
 from tests.waiting import wait_until
@@ -130,6 +130,52 @@ def test_open_in_viewer_shows_the_study_in_ohif(
     assert dicomweb, "the viewer made no DICOMweb request"
     failed = [(status, url) for status, url in dicomweb if not 200 <= status < 300]
     assert failed == []
+
+
+def test_the_slide_viewer_shows_the_slide_with_its_ai_segmentation(
+    hilum: Hilum, viewer_browser: Browser, tmp_path: Path
+) -> None:
+    """The whole-slide page: dicom-microscopy-viewer (from the pinned OHIF package) fetches the
+    slide's tiles and the AI SEG's tiles with WADO-RS frames and draws both."""
+    slide, _ = synthetic_wsi(402)
+    hilum.store([write_part10(slide, tmp_path / "slide.dcm")], "--required", "-xy")
+    study = str(slide.StudyInstanceUID)
+    (job,) = wait_until(
+        lambda: [j for j in hilum.worker.queue.for_study(study) if j.state == JobState.DONE],
+        "the AI SEG of the slide",
+    )
+    context = viewer_browser.new_context(viewport={"width": 1280, "height": 900})
+    page: Page = context.new_page()
+    frames: list[tuple[int, str]] = []
+    page.on("response", lambda r: frames.append((r.status, r.url)) if "/frames/" in r.url else None)
+    try:
+        page.goto(f"{hilum.url}/studies/{study}")
+        page.get_by_role("link", name="Open in slide viewer").click()
+        status = page.locator("#slide-status")
+        expect(status).to_contain_text(re.compile(r"[1-9]\d* tiles loaded"), timeout=90_000)
+        expect(status).to_contain_text("AI segments shown: Abnormal tissue", timeout=60_000)
+        expect(page.locator("#slide-segments legend")).to_contain_text("not for clinical use")
+        segs = {uid for uid in job.outputs if uid != str(slide.SOPInstanceUID)}
+        wait_until(
+            lambda: any(f"/instances/{uid}/frames/" in url for _, url in frames for uid in segs),
+            "tiles of the SEG",
+        )
+        wait_until(
+            lambda: any(f"/instances/{slide.SOPInstanceUID}/frames/" in url for _, url in frames),
+            "tiles of the slide",
+        )
+        canvas = page.locator("#slide-viewport canvas").first
+        path = tmp_path / "slide.png"
+
+        def drawn() -> bool:
+            canvas.screenshot(path=str(path))
+            return bool(np.asarray(Image.open(path).convert("RGB"), np.float32).std() > 10.0)
+
+        wait_until(drawn, "the slide drawn")
+        screenshot(page, "slide-viewer")
+    finally:
+        context.close()
+    assert [(s, u) for s, u in frames if not 200 <= s < 300] == []
 
 
 def test_the_installed_viewer_is_the_pinned_one_without_what_it_never_requests() -> None:
