@@ -32,19 +32,22 @@ from storage.settings_seed import seed_from_settings
 
 
 @contextlib.contextmanager
-def _index(settings: Settings) -> Iterator[Index]:
+def _index(settings: Settings, *, seed: bool = True) -> Iterator[Index]:
+    """The index; ``seed``: the settings file's AE permissions and C-MOVE destinations copied
+    first, if not yet (not for ``hilum partitions``: the partitions they name come first)."""
     engine = create_index_engine(settings.database_url, pool_size=1)
     try:
         require_current_schema(engine)
         index = Index(engine)
-        seed_from_settings(index, settings.dimse)
+        if seed:
+            seed_from_settings(index, settings.dimse)
         yield index
     finally:
         engine.dispose()
 
 
 def cmd_partitions(settings: Settings, args: argparse.Namespace) -> int:
-    with _index(settings) as index:
+    with _index(settings, seed=False) as index:
         if args.partitions_command == "create":
             entry = create_partition(
                 index, args.name, args.ae_title, reserved_ae_title=settings.dimse.ae_title
