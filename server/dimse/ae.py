@@ -70,7 +70,7 @@ from server.dimse.pdu import (
 )
 from server.dimse.statuses import NOT_AUTHORIZED, UNRECOGNIZED_OPERATION, error_comment
 from server.dimse.tls import server_context
-from storage.ae_permissions import any_ae_permissions, association_policy
+from storage.ae_permissions import AssociationPolicy, any_ae_permissions, association_policy
 from storage.archive import Archive
 from storage.errors import StorageError
 from storage.group_commit import GroupCommit
@@ -93,6 +93,8 @@ ASSOCIATION_REQUEST_TIMEOUT_S = 30.0
 # Connections beyond max_associations still read (to be rejected politely); past this many
 # more they are closed unread.
 EXTRA_CONNECTIONS_TO_REJECT = 16
+# (calling, called) pairs whose last policy is kept for an index outage; emptied when full.
+LAST_POLICIES_KEPT = 4096
 
 Handler = Callable[[Association, Message], None]
 # The action each request needs (server.access); C-ECHO needs none.
@@ -215,6 +217,8 @@ class DimseServer:
         }
         # One group commit per partition: a group's files go into one partition.
         self._ingest: dict[str, GroupCommit] = {}
+        # The last policy read for each (calling, called) pair: used while the index is down.
+        self._last_policies: dict[tuple[str, str], AssociationPolicy] = {}
         self._listener: socket.socket | None = None
         self._tls_listener: socket.socket | None = None
         self._stop = threading.Event()
@@ -425,8 +429,20 @@ class DimseServer:
                 default_ae_title=dimse.ae_title,
                 unknown_called_is_default=not dimse.require_called_ae_title,
             )
+            with self._lock:
+                if len(self._last_policies) >= LAST_POLICIES_KEPT:
+                    self._last_policies.clear()
+                self._last_policies[(calling, called)] = policy
         except StorageError as error:
-            return Rejection(*NO_REASON_TRANSIENT, f"the index cannot be read: {error}")
+            # The index is down: a peer admitted before is admitted as it was then, so that
+            # its C-STORE gets Out of Resources (0xA700: retry later) as without a policy;
+            # it can store or read nothing meanwhile. Any other peer: rejected, transient.
+            with self._lock:
+                last = self._last_policies.get((calling, called))
+            if last is None:
+                return Rejection(*NO_REASON_TRANSIENT, f"the index cannot be read: {error}")
+            log.warning("index unreadable (%s): %s -> %s as last admitted", error, calling, called)
+            policy = last
         if policy.partition is None:
             return Rejection(*CALLED_AE_NOT_RECOGNIZED, f"called AE {called!r} is not ours")
         if not policy.restricted:

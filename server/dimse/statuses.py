@@ -36,7 +36,7 @@ UNABLE_TO_PROCESS = 0xC000  # Failure: unexpected error while matching
 UNABLE_TO_CALCULATE_NUMBER_OF_MATCHES = 0xA701  # C-MOVE/C-GET: index unavailable
 # C-MOVE/C-GET: over 65535 instances.
 UNABLE_TO_PERFORM_SUB_OPERATIONS = 0xA702  # also when every sub-operation failed
-MOVE_DESTINATION_UNKNOWN = 0xA801  # not in [[dimse.peers]], or it refused the association
+MOVE_DESTINATION_UNKNOWN = 0xA801  # not stored (hilum peers), or it refused the association
 SUB_OPERATIONS_COMPLETE_WITH_FAILURES = 0xB000  # with the Failed SOP Instance UID List
 # PS3.7 C.4.2: a request of a service Hilum does not provide.
 UNRECOGNIZED_OPERATION = 0x0211
@@ -128,8 +128,9 @@ QUERY_RETRIEVE_STATUSES = (
               "every sub-operation failed (with the Failed SOP Instance UID List), or more "
               "than 65 535 instances to send"),
     StatusUse(MOVE_DESTINATION_UNKNOWN, "MOVE", "Refused: Move Destination unknown",
-              "not in `[[dimse.peers]]`, or the destination rejected the association or could "
-              "not be reached (the Error Comment says which)"),
+              "not stored (`hilum peers`, seeded from `[[dimse.peers]]`), or the destination "
+              "is marked `tls` without `[dimse] tls_certificate`, or it rejected the "
+              "association or could not be reached (the Error Comment says which)"),
     StatusUse(IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, "all",
               "Error: Identifier does not match SOP Class",
               "missing or unknown Query/Retrieve Level, PATIENT level in Study Root, an invalid "
