@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import sys
 from collections.abc import Iterator
 
 from config import Settings
@@ -64,12 +63,6 @@ def cmd_partitions(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_ae(settings: Settings, args: argparse.Namespace) -> int:
     with _index(settings) as index:
         if args.ae_command == "add":
-            if not (args.store or args.query or args.retrieve):
-                print(
-                    "hilum ae add: give at least one of --store, --query, --retrieve",
-                    file=sys.stderr,
-                )
-                return 2
             entry = AEPermissionEntry(
                 ae_title(args.title), args.partition, args.store, args.query, args.retrieve,
                 networks(args.network),
@@ -126,7 +119,9 @@ def add_admin_commands(commands: argparse._SubParsersAction) -> list[argparse._S
     ae_commands = ae.add_subparsers(dest="ae_command", required=True)
     ae_commands.add_parser("list", help="list AE permissions")
     add = ae_commands.add_parser(
-        "add", help="allow a calling AE title services in a partition (replaces its entry)"
+        "add",
+        help="allow a calling AE title services in a partition (replaces its entry); "
+        "none given: C-ECHO only",
     )
     add.add_argument("title", help="the calling AE title")
     add.add_argument("--partition", default="default")

@@ -46,7 +46,7 @@ class AEPermissionEntry:
     def services(self) -> str:
         named = [n for n, on in (("store", self.store), ("query", self.query),
                                  ("retrieve", self.retrieve)) if on]  # fmt: skip
-        return ",".join(named) or "none"
+        return ",".join(named) or "echo only"  # C-ECHO needs no permission of its own
 
 
 def networks(values: Iterable[str]) -> tuple[str, ...]:
