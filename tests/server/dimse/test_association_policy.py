@@ -189,9 +189,7 @@ def test_store_only_ae_cannot_query_and_query_only_ae_cannot_store(
     other_study, other_files = study_files(tmp_path / "other", 1)
     store = tenants.store("LOOPBACK", "HOSP_A", other_files)
     assert store.returncode != 0
-    assert "No presentation context" in store.stderr or "No Acceptable" in store.stderr, (
-        store.stderr
-    )
+    assert "No Acceptable Presentation Contexts" in store.stderr, store.stderr
     # WS_A may retrieve (its storage contexts serve C-GET) but not store: 0x0124.
     refused = tenants.store("WS_A", "HOSP_A", other_files)
     assert "Received Store Response (Unknown Status: 0x124)" in refused.stderr, refused.stderr
