@@ -4,6 +4,7 @@ there and from where (PS3.8 7.1.1.3, Table 9-21; PS3.8 Table 9-18; PS3.7 Annex C
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 from collections.abc import Iterator
@@ -29,6 +30,7 @@ from tests.server.test_cli import hilum_env
 
 # DCMTK and Hilum send each PDU at once (see server.dimse.association.configure_socket).
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
+PATIENT_ID = "PAT-7731"
 
 
 def permission(title: str, partition: str, *services: str, networks: tuple[str, ...] = ()):
@@ -126,14 +128,15 @@ def tenants(tmp_path: Path) -> Iterator[Tenants]:
 def study_files(folder: Path, count: int = 2) -> tuple[str, list[Path]]:
     study, series = generate_uid(), generate_uid()
     folder.mkdir(parents=True, exist_ok=True)
-    files = [write_part10(ct_instance(study, series, seed=n), folder / f"{n}.dcm")
-             for n in range(count)]  # fmt: skip
+    files = [write_part10(ct_instance(study, series, seed=n, patient_id=PATIENT_ID),
+                          folder / f"{n}.dcm") for n in range(count)]  # fmt: skip
     return study, files
 
 
 def test_a_study_stored_in_one_partition_is_absent_from_the_other(
-    tenants: Tenants, tmp_path: Path
+    tenants: Tenants, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO)
     study, files = study_files(tmp_path / "study")
     stored = tenants.store("MOD_A", "HOSP_A", files)
     assert stored.returncode == 0, stored.stderr
@@ -158,6 +161,18 @@ def test_a_study_stored_in_one_partition_is_absent_from_the_other(
         assert moved.returncode == 0, moved.stderr
         arrived = {str(pydicom.dcmread(p).SOPInstanceUID) for p in received.iterdir()}
     assert arrived == set(stored_in(tenants.archive, "hosp-a", study))
+
+    # A C-FIND on the patient's name and ID: found in hosp-a only; neither is logged at INFO.
+    (tmp_path / "by-patient").mkdir()
+    by_patient = tenants.run(FIND_SCU, "-S", "-aet", "WS_A", "-aec", "HOSP_A", "-X", "-od",
+                             str(tmp_path / "by-patient"), "-k", "QueryRetrieveLevel=STUDY",
+                             "-k", "PatientName=DOE^JANE", "-k", f"PatientID={PATIENT_ID}",
+                             "127.0.0.1", str(tenants.server.port))  # fmt: skip
+    assert by_patient.returncode == 0, by_patient.stderr
+    assert len(list((tmp_path / "by-patient").glob("rsp*.dcm"))) == 1
+    info = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+    assert any("keys PatientID,PatientName" in line for line in info), info
+    assert not [line for line in info if "DOE" in line or PATIENT_ID in line]
 
 
 def test_unknown_calling_ae_is_rejected_at_association(tenants: Tenants, tmp_path: Path) -> None:
