@@ -566,9 +566,9 @@ class DimseServer:
 
 
 def _refuse_not_authorized(assoc: Association, message: Message, service: str) -> None:
-    """PS3.7 Annex C (C.5.x, general statuses): 0x0124 Refused: Not authorized, for a request
-    the calling AE may not make on a context it has (a C-STORE on the storage contexts of an
-    AE allowed C-GET only; a C-FIND sent on a C-MOVE context)."""
+    """0x0124 Refused: Not authorized (PS3.7 Annex C, the status codes common to every
+    service), for a request the calling AE may not make on a context it has (a C-STORE on the
+    storage contexts of an AE allowed C-GET only; a C-FIND sent on a C-MOVE context)."""
     log.warning(
         "[%s] %s from %s refused: not permitted in partition %s",
         assoc.name,

@@ -13,11 +13,18 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from pydicom.uid import generate_uid
+from pydicom.dataset import Dataset
+from pydicom.uid import ImplicitVRLittleEndian, generate_uid
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelMove,
+)
 
 from config import Settings
 from server.cli import main
 from server.dimse.ae import DimseServer
+from server.dimse.commands import CommandField
+from server.dimse.negotiation import request_association
 from storage.ae_permissions import AEPermissionEntry, set_ae_permission
 from storage.archive import Archive, open_archive
 from storage.move_destinations import MoveDestinationEntry, set_move_destination
@@ -105,6 +112,7 @@ def open_tenants(settings: Settings) -> tuple[DimseServer, Archive, int]:
         permission("WS_B", "hosp-b", "store", "query", "retrieve"),
         permission("LAN_ONLY", "hosp-a", "store", "query", networks=("10.0.0.0/8",)),
         permission("LOOPBACK", "hosp-a", "query", networks=("127.0.0.0/8", "::1")),
+        permission("MOVER", "hosp-a", "retrieve"),
     ):
         set_ae_permission(index, entry)
     port = free_port()
@@ -209,6 +217,40 @@ def test_store_only_ae_cannot_query_and_query_only_ae_cannot_store(
     refused = tenants.store("WS_A", "HOSP_A", other_files)
     assert "Received Store Response (Unknown Status: 0x124)" in refused.stderr, refused.stderr
     assert stored_in(tenants.archive, "hosp-a", other_study) == []
+
+
+def test_a_c_find_on_the_c_move_context_of_a_retrieve_only_ae_is_refused(
+    tenants: Tenants, tmp_path: Path
+) -> None:
+    """The contexts decide most (PS3.8 Table 9-18); a request of another service sent on an
+    accepted context is answered 0x0124, Refused: Not authorized (PS3.7 Annex C)."""
+    study, files = study_files(tmp_path / "study", 1)
+    assert tenants.store("MOD_A", "HOSP_A", files).returncode == 0
+    assoc = request_association(
+        "127.0.0.1", tenants.server.port, calling_ae_title="MOVER", called_ae_title="HOSP_A",
+        contexts=[(StudyRootQueryRetrieveInformationModelMove, [ImplicitVRLittleEndian]),
+                  (StudyRootQueryRetrieveInformationModelFind, [ImplicitVRLittleEndian])],
+        max_pdu_length=16384, timeout=10,
+    )  # fmt: skip
+    try:
+        assert [c.abstract_syntax for c in assoc.contexts.values()] == [
+            StudyRootQueryRetrieveInformationModelMove  # the C-FIND context was rejected
+        ]
+        (context,) = assoc.contexts.values()
+        identifier = Dataset()
+        identifier.QueryRetrieveLevel = "STUDY"
+        identifier.StudyInstanceUID = study
+        assoc.send_command(
+            context,
+            {"AffectedSOPClassUID": context.abstract_syntax, "MessageID": 1, "Priority": 0,
+             "CommandField": CommandField.C_FIND_RQ},
+            assoc.encode_data_set(context, identifier),
+        )  # fmt: skip
+        response = assoc.receive_message()
+        assert response is not None and response.command.field == CommandField.C_FIND_RSP
+        assert response.command["Status"] == 0x0124
+    finally:
+        assoc.release()
 
 
 def test_an_address_outside_the_allowed_networks_is_rejected(
