@@ -21,6 +21,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 
 from config import Settings
+from config.settings import ConfigError
 from server.cli import main
 from server.dimse.ae import DimseServer
 from server.dimse.commands import CommandField
@@ -323,3 +324,21 @@ def test_partitions_isolate_on_postgresql_and_s3(tmp_path: Path, s3_server: obje
         finally:
             server.stop()
             archive.close()
+
+
+def test_a_network_bound_scp_needs_ae_permissions_or_accept_any(tmp_path: Path) -> None:
+    """Bound beyond loopback with no AE permission stored, the SCP refuses to start; a stored
+    permission (or the seed of one), or accept_any_calling_ae, lets it."""
+    loopback = make_settings(tmp_path)
+    server = loopback.server.model_copy(update={"host": "0.0.0.0"})
+    settings = loopback.model_copy(update={"server": server})
+    archive = open_archive(settings, migrate=True)
+    try:
+        with pytest.raises(ConfigError, match="no calling AE titles are allowed"):
+            DimseServer(settings, archive)
+        DimseServer(settings.model_copy(update={"dimse": settings.dimse.model_copy(
+            update={"accept_any_calling_ae": True})}), archive)  # fmt: skip
+        set_ae_permission(archive.index, permission("CT", "default", "store"))
+        DimseServer(settings, archive)
+    finally:
+        archive.close()
