@@ -26,7 +26,13 @@ from storage.move_destinations import (
     remove_move_destination,
     set_move_destination,
 )
-from storage.partitions import ae_title, create_partition, list_partitions
+from storage.partitions import (
+    add_partition_ae_title,
+    ae_title,
+    create_partition,
+    list_partitions,
+    remove_partition_ae_title,
+)
 from storage.settings_seed import seed_from_settings
 
 
@@ -53,6 +59,16 @@ def cmd_partitions(settings: Settings, args: argparse.Namespace) -> int:
             )
             titles = ", ".join(entry.ae_titles) or "none (reached over DICOMweb only)"
             print(f"partition {entry.name} created; DIMSE called AE titles: {titles}")
+            return 0
+        if args.partitions_command == "add-ae-title":
+            add_partition_ae_title(
+                index, args.name, args.title, reserved_ae_title=settings.dimse.ae_title
+            )
+            print(f"partition {args.name} is reached through {args.title} too")
+            return 0
+        if args.partitions_command == "remove-ae-title":
+            remove_partition_ae_title(index, args.name, ae_title(args.title))
+            print(f"partition {args.name} is no longer reached through {args.title}")
             return 0
         for entry in list_partitions(index):
             titles = (settings.dimse.ae_title,) if entry.name == "default" else ()
@@ -114,6 +130,14 @@ def add_admin_commands(commands: argparse._SubParsersAction) -> list[argparse._S
     create.add_argument("--ae-title", action="append", default=[], metavar="AE",
                         help="a Called AE Title selecting this partition (repeatable)")  # fmt: skip
     p_commands.add_parser("list", help="list partitions and their AE titles")
+    add_title = p_commands.add_parser("add-ae-title", help="one more Called AE Title")
+    add_title.add_argument("name")
+    add_title.add_argument("title")
+    remove_title = p_commands.add_parser(
+        "remove-ae-title", help="a Called AE Title no longer selects the partition"
+    )
+    remove_title.add_argument("name")
+    remove_title.add_argument("title")
 
     ae = commands.add_parser("ae", help="DIMSE AE permissions (calling AE titles)")
     ae_commands = ae.add_subparsers(dest="ae_command", required=True)

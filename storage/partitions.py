@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from sqlalchemy import select
 
 from config.settings import check_ae_title, check_partition_name
-from storage.errors import Conflict, InvalidArgument
+from storage.errors import Conflict, InvalidArgument, NotFound
 from storage.index.database import Index
 from storage.index.models import Partition, PartitionAETitle
 
@@ -65,6 +65,29 @@ def create_partition(
         session.flush()  # the partition row first: the AE titles refer to it
         session.add_all(PartitionAETitle(ae_title=title, partition=name) for title in titles)
     return PartitionEntry(name, titles)
+
+
+def add_partition_ae_title(index: Index, name: str, title: str, *, reserved_ae_title: str) -> None:
+    """Give partition ``name`` one more Called AE Title (not used by another partition)."""
+    title = ae_title(title)
+    if title == reserved_ae_title:
+        raise Conflict(f"{title} is [dimse] ae_title, the default partition's")
+    with index.write() as session:
+        if session.get(Partition, name) is None:
+            raise NotFound(f"no partition {name}")
+        taken = session.get(PartitionAETitle, title)
+        if taken is not None:
+            raise Conflict(f"AE title {title} is already partition {taken.partition}'s")
+        session.add(PartitionAETitle(ae_title=title, partition=name))
+
+
+def remove_partition_ae_title(index: Index, name: str, title: str) -> None:
+    """Partition ``name`` no longer reached through ``title`` (its data stays)."""
+    with index.write() as session:
+        row = session.get(PartitionAETitle, title)
+        if row is None or row.partition != name:
+            raise NotFound(f"partition {name} has no AE title {title}")
+        session.delete(row)
 
 
 def list_partitions(index: Index) -> list[PartitionEntry]:

@@ -26,7 +26,13 @@ from storage.move_destinations import (
     remove_move_destination,
     set_move_destination,
 )
-from storage.partitions import ae_title, create_partition, list_partitions
+from storage.partitions import (
+    add_partition_ae_title,
+    ae_title,
+    create_partition,
+    list_partitions,
+    remove_partition_ae_title,
+)
 from storage.settings_seed import seed_from_settings
 
 
@@ -59,7 +65,7 @@ def admin_blueprint(settings: Settings, archive: Archive) -> Blueprint:
     def _seed() -> None:
         # The settings file's [[dimse.ae_permissions]] / [[dimse.peers]], on first start (not
         # before a partition they name is created: creating it must work).
-        if not request.path.endswith("/partitions"):
+        if "/partitions" not in request.path:
             seed_from_settings(index, settings.dimse)
 
     @blueprint.get("/partitions")
@@ -82,6 +88,18 @@ def admin_blueprint(settings: Settings, archive: Archive) -> Blueprint:
             reserved_ae_title=settings.dimse.ae_title,
         )
         return jsonify({"name": entry.name, "ae_titles": list(entry.ae_titles)}), 201
+
+    @blueprint.put("/partitions/<name>/ae-titles/<title>")
+    @requires(Action.ADMIN)
+    def add_a_partition_ae_title(name: str, title: str) -> Any:
+        add_partition_ae_title(index, name, title, reserved_ae_title=settings.dimse.ae_title)
+        return "", 204
+
+    @blueprint.delete("/partitions/<name>/ae-titles/<title>")
+    @requires(Action.ADMIN)
+    def remove_a_partition_ae_title(name: str, title: str) -> Any:
+        remove_partition_ae_title(index, name, ae_title(title))
+        return "", 204
 
     @blueprint.get("/ae-permissions")
     @requires(Action.ADMIN)

@@ -74,6 +74,14 @@ def test_partitions_permissions_and_peers_are_managed_over_http(
         refused = requests.post(f"{url}/partitions", json=body, timeout=10)
         assert refused.status_code in (400, 409) and reason in refused.json()["error"], body
 
+    titles = f"{url}/partitions/lab-1/ae-titles"
+    assert requests.put(f"{titles}/LAB1B", timeout=10).status_code == 204
+    assert requests.put(f"{titles}/LAB1B", timeout=10).status_code == 409
+    assert requests.put(f"{url}/partitions/nowhere/ae-titles/X", timeout=10).status_code == 404
+    assert requests.delete(f"{titles}/LAB1B", timeout=10).status_code == 204
+    assert requests.delete(f"{titles}/LAB1B", timeout=10).status_code == 404
+    assert requests.get(f"{url}/partitions", timeout=10).json()[1]["ae_titles"] == ["LAB1"]
+
     put = requests.put(
         f"{url}/ae-permissions/LAB_CT/lab-1",
         json={"store": True, "networks": ["127.0.0.1"]},

@@ -296,6 +296,16 @@ def test_permissions_change_at_run_time_with_the_cli(
     assert hilum("peers", "remove", "DEST").returncode == 0
     moved = tenants.move("WS_B", "HOSP_B", study)
     assert "Refused: MoveDestinationUnknown" in moved.stderr, moved.stderr
+    # hosp-b reached through a second AE title, then no longer through its first.
+    assert hilum("partitions", "add-ae-title", "hosp-b", "HOSP_B2").returncode == 0
+    assert hilum("ae", "add", "NEW_CT", "--partition", "hosp-b", "--store").returncode == 0
+    assert hilum("partitions", "remove-ae-title", "hosp-b", "HOSP_B").returncode == 0
+    assert "hosp-b\tHOSP_B2\n" in hilum("partitions", "list").stdout
+    assert tenants.store("NEW_CT", "HOSP_B2", files).returncode == 0
+    assert "Called AE Title Not Recognized" in tenants.store("NEW_CT", "HOSP_B", files).stderr
+    taken = hilum("partitions", "add-ae-title", "hosp-b", "HOSP_A")
+    assert taken.returncode == 3 and "already partition hosp-a's" in taken.stderr
+
     wrong = hilum("partitions", "create", "Hosp C", "--ae-title", "HOSP_C")
     assert wrong.returncode == 2 and "not a valid partition name" in wrong.stderr
 
