@@ -105,13 +105,6 @@ def list_partitions(index: Index) -> list[PartitionEntry]:
 
 
 def partition_exists(index: Index, name: str) -> bool:
+    """Whether partition ``name`` exists (the HTTP routing of /partitions/{name}/…)."""
     with index.read() as session:
         return session.get(Partition, name) is not None
-
-
-def partition_of_ae_title(index: Index, called_ae_title: str) -> str | None:
-    """The partition a stored Called AE Title selects, if any."""
-    with index.read() as session:
-        return session.scalar(
-            select(PartitionAETitle.partition).where(PartitionAETitle.ae_title == called_ae_title)
-        )
