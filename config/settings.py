@@ -33,10 +33,24 @@ from pydantic_settings import (
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
 
 
-def _check_ae_title(value: str) -> str:
+def check_ae_title(value: str) -> str:
     if not _AE_TITLE.match(value) or not value.strip():
         raise ValueError(f"{value!r} is not a valid AE title (1-16 printable characters, no '\\')")
     return value.strip()
+
+
+# A partition's name is part of URLs (/partitions/{name}/dicomweb) and of blob keys: lower-case
+# letters, digits, "-" and "_", starting with a letter or digit, at most 64 characters.
+_PARTITION_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+
+
+def check_partition_name(value: str) -> str:
+    if not _PARTITION_NAME.match(value):
+        raise ValueError(
+            f"{value!r} is not a valid partition name (1-64 characters: a-z, 0-9, '-', '_', "
+            "starting with a letter or digit)"
+        )
+    return value
 
 
 class _Section(BaseModel):
@@ -73,7 +87,43 @@ class DimsePeer(_Section):
     @field_validator("ae_title")
     @classmethod
     def _check_title(cls, value: str) -> str:
-        return _check_ae_title(value)
+        return check_ae_title(value)
+
+
+class AEPermissionSeed(_Section):
+    """``[[dimse.ae_permissions]]``: what one calling AE title may do over DIMSE in one
+    partition, copied into the index on first start (then ``hilum ae`` manages it)."""
+
+    ae_title: str
+    partition: str = "default"
+    store: bool = True  # C-STORE
+    query: bool = True  # C-FIND
+    retrieve: bool = True  # C-MOVE, C-GET
+    # CIDR networks the association may come from ("10.1.2.0/24", "10.1.2.7"); empty: any.
+    networks: list[str] = Field(default_factory=list)
+
+    @field_validator("ae_title")
+    @classmethod
+    def _check_title(cls, value: str) -> str:
+        return check_ae_title(value)
+
+    @field_validator("partition")
+    @classmethod
+    def _check_partition(cls, value: str) -> str:
+        return check_partition_name(value)
+
+    @field_validator("networks")
+    @classmethod
+    def _check_networks(cls, values: list[str]) -> list[str]:
+        return [check_network(v) for v in values]
+
+
+def check_network(value: str) -> str:
+    """A CIDR network (an address alone is a network of one), written the canonical way."""
+    try:
+        return str(ipaddress.ip_network(value.strip(), strict=False))
+    except ValueError:
+        raise ValueError(f"{value!r} is not a network (e.g. 10.1.2.0/24 or 10.1.2.7)") from None
 
 
 class DimseSettings(_Section):
@@ -88,15 +138,21 @@ class DimseSettings(_Section):
     # PDUs cut the per-PDU work of receiving an image. PDUs are streamed through a fixed buffer,
     # so the length costs no memory; the bound keeps "0 = unlimited" out.
     max_pdu_length: int = Field(262144, ge=4096, le=16 * 1024 * 1024)
-    # Reject associations whose Called AE Title is not ``ae_title``.
+    # Reject associations whose Called AE Title is neither ``ae_title`` (the default
+    # partition) nor a partition's AE title (``hilum partitions``); false: those go to default.
     require_called_ae_title: bool = False
-    # Calling AE titles allowed to associate. Empty: any calling AE while bound to loopback;
-    # bound to another address, ``accept_any_calling_ae = true`` must say so explicitly.
+    # Seeds of the AE permissions stored in the index (copied on first start, then managed
+    # with ``hilum ae``): ``allowed_calling_ae_titles`` is the short form (every service in
+    # the default partition, from any address). Once any AE permission is stored, only the
+    # calling AE titles it names may associate. With none stored: any calling AE while bound
+    # to loopback; bound to another address, ``accept_any_calling_ae = true`` must say so.
+    ae_permissions: list[AEPermissionSeed] = Field(default_factory=list)
     allowed_calling_ae_titles: list[str] = Field(default_factory=list)
     accept_any_calling_ae: bool = False
     # Seconds of silence before a stalled peer's association is aborted.
     network_timeout_s: float = Field(60.0, gt=0)
-    # Move Destinations: C-MOVE to any other AE title is refused with 0xA801.
+    # Move Destinations, copied into the index on first start (then ``hilum peers`` manages
+    # them): C-MOVE to any other AE title is refused with 0xA801.
     peers: list[DimsePeer] = Field(default_factory=list)
     # DICOM TLS (PS3.15 B.9, BCP 195): a second port for TLS associations (0: none), Hilum's
     # certificate and key (PEM), the CA certificates that peers' certificates must chain to,
@@ -110,12 +166,24 @@ class DimseSettings(_Section):
     @field_validator("ae_title")
     @classmethod
     def _check_title(cls, value: str) -> str:
-        return _check_ae_title(value)
+        return check_ae_title(value)
 
     @field_validator("allowed_calling_ae_titles")
     @classmethod
     def _check_titles(cls, values: list[str]) -> list[str]:
-        return [_check_ae_title(v) for v in values]
+        return [check_ae_title(v) for v in values]
+
+    @field_validator("ae_permissions")
+    @classmethod
+    def _check_unique_permissions(cls, seeds: list[AEPermissionSeed]) -> list[AEPermissionSeed]:
+        keys = [(seed.ae_title, seed.partition) for seed in seeds]
+        duplicates = sorted({k for k in keys if keys.count(k) > 1})
+        if duplicates:
+            raise ValueError(
+                f"[[dimse.ae_permissions]] (ae_title, partition) must be unique; repeated: "
+                f"{duplicates}"
+            )
+        return seeds
 
     @field_validator("peers")
     @classmethod
@@ -138,10 +206,15 @@ class DimseSettings(_Section):
             )
         return self
 
-    def peer(self, ae_title: str) -> DimsePeer | None:
-        """The Move Destination called ``ae_title`` (trailing spaces ignored), if known."""
-        wanted = ae_title.strip()
-        return next((peer for peer in self.peers if peer.ae_title == wanted), None)
+    @property
+    def ae_permission_seeds(self) -> list[AEPermissionSeed]:
+        """``ae_permissions`` and the short form ``allowed_calling_ae_titles``, as one list."""
+        listed = {(seed.ae_title, seed.partition) for seed in self.ae_permissions}
+        return self.ae_permissions + [
+            AEPermissionSeed(ae_title=title)
+            for title in self.allowed_calling_ae_titles
+            if (title, "default") not in listed
+        ]
 
 
 class HttpSettings(_Section):

@@ -1,4 +1,4 @@
-"""The ``hilum`` command: serve, dimse, db upgrade, import, verify."""
+"""The ``hilum`` command: serve, dimse, db upgrade, import, verify; partitions, ae, peers."""
 
 from __future__ import annotations
 
@@ -22,8 +22,9 @@ import pydicom.config  # noqa: F401  (imported first: it resets its logger level
 from config import Settings, load_settings
 from config.settings import ConfigError
 from inference.errors import ModelError
+from server.admin_commands import ADMIN_COMMANDS, add_admin_commands
 from storage.archive import Archive, open_archive
-from storage.errors import StorageError
+from storage.errors import InvalidArgument, StorageError
 
 if TYPE_CHECKING:
     from server.app import HttpServer
@@ -526,8 +527,11 @@ def build_parser() -> argparse.ArgumentParser:
     install.add_argument("--dir", type=Path, help="where (default: [web] ohif_dir)")
     install.add_argument("--tarball", type=Path, help="a downloaded ohif-app-3.12.10.tgz")
 
+    admin_groups = add_admin_commands(commands)  # partitions, ae, peers
+
     # `hilum serve --config FILE` as well as `hilum --config FILE serve`: every command takes it.
-    for group in (commands, db_commands, models_commands, tiers_commands, viewer_commands):
+    for group in (commands, db_commands, models_commands, tiers_commands, viewer_commands,
+                  *admin_groups):  # fmt: skip
         for command in group.choices.values():
             command.add_argument(
                 "--config", type=Path, default=argparse.SUPPRESS, help="TOML configuration file"
@@ -549,6 +553,7 @@ COMMANDS = {
     "worker": cmd_worker,
     "models": cmd_models,
     "viewer": cmd_viewer,
+    **ADMIN_COMMANDS,
 }
 
 
@@ -560,6 +565,9 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](settings, args)
     except ConfigError as error:
         print(f"hilum: configuration error: {error}", file=sys.stderr)
+        return 2
+    except InvalidArgument as error:
+        print(f"hilum: {error}", file=sys.stderr)
         return 2
     except StorageError as error:
         print(f"hilum: {error}", file=sys.stderr)

@@ -14,6 +14,7 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.exceptions import NotFound as HTTPNotFound
 
 from config import Settings
+from server.access import Action, requires
 from storage.archive import Archive
 from storage.dicom_file import is_valid_uid
 from storage.errors import Conflict, InvalidQuery, NotFound, StorageError, StorageUnavailable
@@ -56,6 +57,12 @@ def web_blueprint(settings: Settings, archive: Archive) -> Blueprint:
     @blueprint.get("/upload")
     def upload() -> Any:
         return render_template("upload.html", nav="upload")
+
+    @blueprint.get("/admin/dicom-access")
+    @requires(Action.ADMIN)
+    def dicom_access() -> Any:
+        """Partitions, AE permissions, C-MOVE destinations (through /api/admin)."""
+        return render_template("dicom_access.html", ae_title=settings.dimse.ae_title)
 
     @blueprint.get("/viewer")
     @blueprint.get("/viewer/<path:_route>")

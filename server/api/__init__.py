@@ -1,11 +1,13 @@
 """The JSON API beside DICOMweb (``/api``): what Hilum itself knows that DICOM has no word for,
-such as the AI jobs of a study."""
+such as the AI jobs of a study, and the administration of partitions, AE permissions and
+C-MOVE destinations (``/api/admin``)."""
 
 from __future__ import annotations
 
 from flask import Flask
 
 from config import Settings
+from server.api.admin import admin_blueprint
 from server.api.jobs import jobs_blueprint
 from storage.archive import Archive
 
@@ -16,3 +18,6 @@ def register_api(app: Flask, settings: Settings, archive: Archive) -> None:
     jobs = jobs_blueprint(settings, archive)
     jobs.after_request(no_sniffing)
     app.register_blueprint(jobs, url_prefix="/api")
+    admin = admin_blueprint(settings, archive)
+    admin.after_request(no_sniffing)
+    app.register_blueprint(admin, url_prefix="/api/admin")

@@ -269,3 +269,51 @@ class AIFinding(Base):
     size_unit: Mapped[str] = mapped_column(String(16))  # UCUM: "mm3", "mm2"
     segment_number: Mapped[int | None] = mapped_column(Integer, nullable=True)
     segmentation_sop_instance_uid: Mapped[str] = mapped_column(String(UI))
+
+
+class PartitionAETitle(Base):
+    """A Called AE Title that selects a partition over DIMSE (migration 0007): an association
+    addressed to it works in that partition only. ``[dimse] ae_title`` is the default
+    partition's and is not stored; each title belongs to one partition."""
+
+    __tablename__ = "partition_ae_title"
+
+    ae_title: Mapped[str] = mapped_column(String(AE), primary_key=True)
+    partition: Mapped[str] = mapped_column(ForeignKey("partition.name"), index=True)
+
+
+class AEPermission(Base):
+    """What one calling AE title may do in one partition over DIMSE (migration 0007): store
+    (C-STORE), query (C-FIND), retrieve (C-MOVE, C-GET), optionally only from some networks.
+    Seeded from ``[dimse] ae_permissions`` / ``allowed_calling_ae_titles`` on first start."""
+
+    __tablename__ = "ae_permission"
+
+    calling_ae_title: Mapped[str] = mapped_column(String(AE), primary_key=True)
+    partition: Mapped[str] = mapped_column(ForeignKey("partition.name"), primary_key=True)
+    store: Mapped[bool] = mapped_column(Boolean)
+    query: Mapped[bool] = mapped_column(Boolean)
+    retrieve: Mapped[bool] = mapped_column(Boolean)
+    # CIDR networks ("10.1.2.0/24") the association may come from; empty: any address.
+    networks: Mapped[list[str]] = mapped_column(JSONType)
+
+
+class MoveDestination(Base):
+    """A C-MOVE destination (PS3.4 C.4.2.1.2) (migration 0007): seeded from
+    ``[[dimse.peers]]`` on first start, then managed with ``hilum peers``."""
+
+    __tablename__ = "move_destination"
+
+    ae_title: Mapped[str] = mapped_column(String(AE), primary_key=True)
+    host: Mapped[str] = mapped_column(String(255))
+    port: Mapped[int] = mapped_column(Integer)
+    tls: Mapped[bool] = mapped_column(Boolean)
+
+
+class SettingsSeed(Base):
+    """Which parts of the settings file were copied into the index on first start (migration
+    0007): copied once, so that what an administrator removed at run time stays removed."""
+
+    __tablename__ = "settings_seed"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
