@@ -72,6 +72,8 @@ _CLASS_UID = re.compile(
     r"|SyntaxUIDInFile|CodingSchemeUID|CreatorUID|CreatorVersionUID|MappingResourceUID"
     r"|ContextUID|TemplateUID)$"
 )
+# Pixel Data, Float and Double Float Pixel Data: not in Table E.1-1, never changed.
+_PIXELS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})
 _DIGIT_RUN = re.compile(r"\d{5,}")
 
 
@@ -258,6 +260,8 @@ class _Run:
 
     def dataset(self, ds: Dataset, *, in_content: bool) -> None:
         for tag in list(ds.keys()):
+            if tag in _PIXELS:
+                continue  # kept as they are, and never read here (deferred in a large file)
             element = ds[tag]
             self.element(ds, element, in_content=in_content)
 

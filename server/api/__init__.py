@@ -7,6 +7,7 @@ from flask import Flask
 
 from config import Settings
 from server.api.jobs import jobs_blueprint
+from server.api.research import research_blueprint
 from storage.archive import Archive
 
 
@@ -16,3 +17,6 @@ def register_api(app: Flask, settings: Settings, archive: Archive) -> None:
     jobs = jobs_blueprint(settings, archive)
     jobs.after_request(no_sniffing)
     app.register_blueprint(jobs, url_prefix="/api")
+    research = research_blueprint(archive)
+    research.after_request(no_sniffing)
+    app.register_blueprint(research, url_prefix="/api")
