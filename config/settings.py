@@ -351,10 +351,31 @@ class ResearchProject(_Section):
         return self._secret
 
 
+class ResearchCopy(_Section):
+    """Copies every matching study of partition ``from``, de-identified under ``project``, into
+    partition ``to`` once it is stable (the AI worker's job queue, with its retries): ``all``
+    studies, those with an AI finding present (``ai-positive``), or those a reviewer has
+    decided on (``reviewed``). A study that receives more instances (the AI's SEG and SR, a
+    review) is copied again; the copies keep their UIDs, so nothing is duplicated."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    from_partition: str = Field("default", alias="from", min_length=1, max_length=64)
+    to: str = Field(min_length=1, max_length=64)
+    project: str
+    when: Literal["all", "ai-positive", "reviewed"] = "all"
+
+    @property
+    def job_name(self) -> str:
+        """The name of its jobs in the job queue (in place of a model's name)."""
+        return f"research-copy:{self.project}:{self.to}"
+
+
 class ResearchSettings(_Section):
-    """De-identified export (``hilum export --deidentify``) and its projects."""
+    """De-identified export (``hilum export --deidentify``), research copies, and projects."""
 
     projects: list[ResearchProject] = Field(default_factory=list)
+    copies: list[ResearchCopy] = Field(default_factory=list)
     # Modalities whose images often carry text burned into the pixels (ultrasound, secondary
     # capture, photographs, endoscopy, documents): de-identification holds them back, as it
     # holds back every instance with Burned In Annotation (0028,0301) YES or Recognizable
@@ -371,8 +392,29 @@ class ResearchSettings(_Section):
             raise ValueError(f"[[research.projects]] names must be unique: {names}")
         return projects
 
+    @model_validator(mode="after")
+    def _check_copies(self) -> ResearchSettings:
+        names = {project.name for project in self.projects}
+        for copy in self.copies:
+            if copy.project not in names:
+                raise ValueError(
+                    f"[[research.copies]] project {copy.project!r} is not one of the "
+                    f"[[research.projects]] ({', '.join(sorted(names)) or 'none'})"
+                )
+            if copy.to == copy.from_partition:
+                raise ValueError("[[research.copies]] `to` must be another partition than `from`")
+            if len(copy.job_name) > 64:
+                raise ValueError(f"[[research.copies]] {copy.job_name!r}: over 64 characters")
+        jobs = [copy.job_name for copy in self.copies]
+        if len(set(jobs)) != len(jobs):
+            raise ValueError("[[research.copies]]: one rule per (project, to)")
+        return self
+
     def project(self, name: str) -> ResearchProject | None:
         return next((project for project in self.projects if project.name == name), None)
+
+    def copy_rule(self, job_name: str) -> ResearchCopy | None:
+        return next((copy for copy in self.copies if copy.job_name == job_name), None)
 
 
 class Settings(BaseSettings):

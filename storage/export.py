@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydicom import dcmread
 
-from storage.deidentify import Deidentifier, HeldBack, deidentify
+from storage.deidentify import Deidentified, Deidentifier, HeldBack, deidentify
 from storage.dicom_file import is_valid_uid
 from storage.errors import InvalidQuery
 from storage.jobs import JobQueue, JobState
@@ -82,25 +82,39 @@ class _Writer:
         )
         target = self.root / relative
         target.parent.mkdir(parents=True, exist_ok=True)
-        handle, name = tempfile.mkstemp(prefix=".tmp-", suffix=".dcm", dir=target.parent)
-        spooled = Path(name)
-        try:
-            with os.fdopen(handle, "wb") as out, self.archive.blobs.open(instance.blob_key) as blob:
-                shutil.copyfileobj(blob, out, 1 << 20)
-            if self.deidentifier is not None:
-                self._deidentify(spooled, target)
-            else:
-                spooled.replace(target)
-        finally:
-            spooled.unlink(missing_ok=True)
+        if self.deidentifier is None:
+            write_as_stored(self.archive, instance.blob_key, target)
+            return relative
+        done = write_deidentified(self.archive, instance.blob_key, self.deidentifier, target)
+        if done.original_study_instance_uid not in self.recorded:
+            record_deidentified_study(self.archive, self.deidentifier.project, done)
+            self.recorded.add(done.original_study_instance_uid)
         return relative
 
-    def _deidentify(self, spooled: Path, target: Path) -> None:
-        assert self.deidentifier is not None
+
+def write_as_stored(archive: Archive, blob_key: str, target: Path) -> None:
+    """The stored file's bytes to ``target`` (through a temporary file in its folder)."""
+    handle, name = tempfile.mkstemp(prefix=".tmp-", suffix=".dcm", dir=target.parent)
+    try:
+        with os.fdopen(handle, "wb") as out, archive.blobs.open(blob_key) as blob:
+            shutil.copyfileobj(blob, out, 1 << 20)
+        Path(name).replace(target)
+    finally:
+        Path(name).unlink(missing_ok=True)
+
+
+def write_deidentified(
+    archive: Archive, blob_key: str, deidentifier: Deidentifier, target: Path
+) -> Deidentified:
+    """The stored file, de-identified, to ``target``; raises :class:`HeldBack` (nothing
+    written). The pixel data stay in the spooled copy until written out (never in memory)."""
+    spooled = target.with_name(f".tmp-{target.name}.source")
+    try:
+        write_as_stored(archive, blob_key, spooled)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # odd values of a stored header are not ours to fix
             ds = dcmread(spooled, defer_size=_DEFER)
-            done = deidentify(ds, self.deidentifier)
+            done = deidentify(ds, deidentifier)
             handle, name = tempfile.mkstemp(prefix=".tmp-", suffix=".dcm", dir=target.parent)
             os.close(handle)
             try:
@@ -108,9 +122,9 @@ class _Writer:
                 Path(name).replace(target)
             finally:
                 Path(name).unlink(missing_ok=True)
-        if done.original_study_instance_uid not in self.recorded:
-            record_deidentified_study(self.archive, self.deidentifier.project, done)
-            self.recorded.add(done.original_study_instance_uid)
+        return done
+    finally:
+        spooled.unlink(missing_ok=True)
 
 
 def _check_uids(uids: Iterable[str]) -> list[str]:
