@@ -19,6 +19,7 @@ from config.settings import REFERENCE_MODELS_DIR, InferenceSettings
 from inference.phantoms import synthetic_ct_series
 from server.access import Action, required_action
 from server.app import create_app
+from server.cli import main
 from storage.archive import Archive, open_archive
 from storage.deidentify import Deidentifier
 from storage.jobs import Job, JobQueue, JobState
@@ -51,8 +52,11 @@ def clinical(tmp_path_factory: pytest.TempPathFactory) -> Exported:
     secret = tmp / "lung.key"
     secret.write_text(SECRET)
     config = tmp / "hilum.toml"
-    config.write_text(f'[[research.projects]]\nname = "lung"\nsecret_file = "{secret}"\n')
     settings = make_settings(tmp, research={"projects": [{"name": "lung", "secret_file": secret}]})
+    config.write_text(
+        f'[server]\ndata_dir = "{settings.server.data_dir}"\n'
+        f'[[research.projects]]\nname = "lung"\nsecret_file = "{secret}"\n'
+    )
     archive = open_archive(settings, migrate=True)
     try:
         studies = []
@@ -166,18 +170,32 @@ def test_deidentified_export_round_trip(clinical: Exported, tmp_path: Path) -> N
         archive.close()
 
 
-def test_export_refuses_unknown_projects_and_studies(clinical: Exported, tmp_path: Path) -> None:
-    done = _hilum(
-        clinical, "export", clinical.studies[0], "--to", str(tmp_path / "a"),
-        "--deidentify", "--project", "nope",
-    )  # fmt: skip
-    assert done.returncode == 2 and "[[research.projects]] (lung)" in done.stderr
-    done = _hilum(clinical, "export", "1.2.3.4.5", "--to", str(tmp_path / "b"))
-    assert done.returncode == 1 and "no such study 1.2.3.4.5" in done.stdout
-    done = _hilum(clinical, "export", "not-a-uid", "--to", str(tmp_path / "c"))
-    assert done.returncode == 3 and "not a Study Instance UID" in done.stderr
+def test_export_refuses_unknown_projects_and_studies(
+    clinical: Exported, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def export(*args: str) -> tuple[int, str, str]:
+        status = main(["--config", str(clinical.config), "export", *args])
+        out, err = capsys.readouterr()
+        return status, out, err
+
+    study = clinical.studies[0]
+    status, _, err = export(study, "--to", str(tmp_path / "a"), "--deidentify", "--project", "no")
+    assert status == 2 and "[[research.projects]] (lung)" in err
+    status, _, err = export(study, "--to", str(tmp_path / "a"), "--project", "lung")
+    assert status == 2 and "--deidentify needs --project" in err
+    status, _, err = export("--to", str(tmp_path / "a"))
+    assert status == 2 and "give STUDY_UIDs, or --dataset" in err
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("")
+    status, _, err = export(study, "--to", str(tmp_path / "full"))
+    assert status == 2 and "is not an empty folder" in err
+    status, out, _ = export("1.2.3.4.5", "--to", str(tmp_path / "b"))
+    assert status == 1 and "no such study 1.2.3.4.5" in out
+    status, _, err = export("not-a-uid", "--to", str(tmp_path / "c"))
+    assert status == 3 and "not a Study Instance UID" in err
 
 
+@pytest.mark.slow  # 20 to 35 s on 2 shared cores: two processes, torch imported in one
 def test_training_set_trains_the_reference_ct_model_for_one_epoch(
     clinical: Exported, tmp_path: Path
 ) -> None:
