@@ -166,7 +166,7 @@ def deidentify(ds: Dataset, deidentifier: Deidentifier) -> Deidentified:
     run = _Run(deidentifier, shift, _identifiers(ds))
     run.dataset(ds, in_content=False)
     ds.PatientID = pseudonym
-    ds.PatientName = pseudonym
+    ds.PatientName = f"{pseudonym}^"  # the family name component (PS3.5 6.2.1.1)
     # PS3.15 E.1.1: record what was done (PS3.3 C.7.1.1).
     ds.PatientIdentityRemoved = "YES"
     ds.DeidentificationMethod = METHOD

@@ -143,6 +143,10 @@ def test_deidentified_export_round_trip(clinical: Exported, tmp_path: Path) -> N
         # DCMTK reads it as a Part 10 file.
         check = subprocess.run(["dcmftest", str(path)], capture_output=True, text=True)
         assert check.stdout.startswith("yes:"), check.stdout
+        # dicom3tools checks it against its IOD: de-identification broke nothing.
+        iod = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True)
+        errors = [line for line in iod.stderr.splitlines() if line.startswith("Error")]
+        assert not errors, f"{path.name}: {errors}"
         ds = dcmread(path)
         assert ds.PatientIdentityRemoved == "YES"
         assert ds.StudyInstanceUID in {project.new_uid(uid) for uid in clinical.studies}
