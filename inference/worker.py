@@ -35,7 +35,7 @@ from storage.deidentify import Deidentifier
 from storage.errors import InvalidInstance, NotFound, StorageUnavailable
 from storage.ingest import Origin, ingest_file
 from storage.jobs import Clock, Job, JobFinding, JobQueue, JobState, utc_now
-from storage.research_copies import copy_study, is_copy_job, queue_copies
+from storage.research_copies import copy_study, is_copy_job
 
 if TYPE_CHECKING:
     from inference.registry import Model
@@ -142,13 +142,6 @@ class Worker:
         None when none was waiting."""
         queue_stable_studies(self.archive, self.settings, self.models, now=self.clock())
         copies = self.settings.research.copies
-        if copies:
-            queue_copies(
-                self.archive,
-                copies,
-                now=self.clock(),
-                stable_after_s=self.settings.inference.stable_after_s,
-            )
         queue = self.queue
         job = queue.claim(self.name, [model.name for model in self.models])
         for queue in [] if job is not None else self._copy_queues.values():

@@ -2,10 +2,13 @@
 
 A rule's studies are queued as jobs of the AI worker's queue (``storage.jobs``), one per study,
 named after the rule (``research-copy:<project>:<to>``) in place of a model, in the ``from``
-partition: claimed, leased and retried like a model's job. A study is due once it is stable (no
-new instance for ``[inference] stable_after_s``), matches the rule's ``when`` and has no copy
-job at its current ``last_instance_at``; so a study that receives more (the AI's SEG and SR, a
-review) is copied again, under the same new UIDs (the copy replaces, never duplicates).
+partition: claimed, leased and retried like a model's job. They are queued in the transaction
+that marks the study stable (``inference.stability``, as the model jobs are), when the study
+matches the rule's ``when`` (``ai-positive``: a done model job counted a finding; ``reviewed``:
+a reviewer's decision exists) and no copy job was queued at its current ``last_instance_at``.
+What makes a study match later (the AI's SEG and SR, a review SR) is stored into it and so makes
+it stable once more: it is copied (again) then, under the same new UIDs (a copy replaces, never
+duplicates).
 
 The copy reads each instance from the blob store, de-identifies it (``storage.deidentify``;
 held-back instances stay behind), stores it into the ``to`` partition through ``storage.ingest``,
@@ -18,12 +21,14 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sqlalchemy import and_, delete, exists, select
+from sqlalchemy import and_, delete, select
+from sqlalchemy.orm import Session
 
 from storage.deidentify import Deidentifier, HeldBack
 from storage.errors import NotFound
@@ -33,10 +38,9 @@ from storage.index.models import (
     FindingReview,
     InferenceJob,
     Partition,
-    Study,
 )
 from storage.ingest import Origin, ingest_file
-from storage.jobs import Job, JobState, enqueue, job_key
+from storage.jobs import JobState, as_utc, enqueue, job_key
 from storage.pseudonyms import record_deidentified_study
 from storage.query import entity_query, locate_instances
 
@@ -52,74 +56,75 @@ def is_copy_job(model_name: str) -> bool:
     return model_name.startswith(COPY_JOB_PREFIX)
 
 
-def _due(partition: str, rule: ResearchCopy, cutoff: datetime):  # type: ignore[no-untyped-def]
-    copied = exists().where(
-        InferenceJob.partition == partition,
-        InferenceJob.model_name == rule.job_name,
-        InferenceJob.series_instance_uid == Study.study_instance_uid,
-        InferenceJob.input_received_at >= Study.last_instance_at,
-    )
-    statement = select(Study.id, Study.study_instance_uid, Study.last_instance_at).where(
-        Study.partition == partition, Study.last_instance_at <= cutoff, ~copied
-    )
-    if rule.when == "ai-positive":
-        statement = statement.where(
-            exists().where(
-                InferenceJob.partition == partition,
-                InferenceJob.study_instance_uid == Study.study_instance_uid,
-                InferenceJob.state == JobState.DONE,
-                InferenceJob.findings > 0,
-                ~InferenceJob.model_name.startswith(COPY_JOB_PREFIX),
-            )
-        )
-    elif rule.when == "reviewed":
-        statement = statement.where(
-            exists().where(
-                FindingReview.partition == partition,
-                FindingReview.study_instance_uid == Study.study_instance_uid,
-            )
-        )
-    return statement
-
-
-def queue_copies(
-    archive: Archive,
-    rules: list[ResearchCopy],
-    *,
+def queue_copy_jobs(
+    session: Session,
+    partition: str,
+    rules: Sequence[ResearchCopy],
+    study_uid: str,
+    last_instance_at: datetime,
     now: datetime,
-    stable_after_s: float,
-    limit: int = 50,
-) -> list[Job]:
-    """Queue a copy job for each study a rule makes due (at most ``limit`` per rule); each in
-    its own write transaction that checks again that the study is still due."""
-    queued: list[Job] = []
-    cutoff = now - timedelta(seconds=stable_after_s)
+) -> list[InferenceJob]:
+    """In the transaction that marks the study stable (``inference.stability``): a copy job for
+    each rule of ``partition`` whose ``when`` the study meets, unless one was queued at this
+    ``last_instance_at`` already."""
+    rows = []
     for rule in rules:
-        source = archive.scoped(rule.from_partition)
-        with source.index.read() as session:
-            due = session.execute(_due(source.partition, rule, cutoff).limit(limit)).all()
-        for study_pk, study_uid, _ in due:
-            with source.index.write() as session:
-                still = session.execute(
-                    _due(source.partition, rule, cutoff).where(Study.id == study_pk)
-                ).one_or_none()
-                if still is None:
-                    continue
-                row = enqueue(
-                    session,
-                    source.partition,
-                    study_instance_uid=study_uid,
-                    series_instance_uid=study_uid,  # one job per study
-                    model_name=rule.job_name,
-                    model_version="1",
-                    priority=0,
-                    input_received_at=still[2],
-                    now=now,
+        if rule.from_partition != partition or not _meets(session, partition, rule, study_uid):
+            continue
+        done = session.scalar(
+            select(InferenceJob.input_received_at).where(
+                InferenceJob.partition == partition,
+                InferenceJob.series_instance_uid == study_uid,
+                InferenceJob.model_name == rule.job_name,
+            )
+        )
+        if done is not None and as_utc(done) >= as_utc(last_instance_at):  # type: ignore[operator]
+            continue
+        rows.append(
+            enqueue(
+                session,
+                partition,
+                study_instance_uid=study_uid,
+                series_instance_uid=study_uid,  # one job per study
+                model_name=rule.job_name,
+                model_version="1",
+                priority=0,
+                input_received_at=last_instance_at,
+                now=now,
+            )
+        )
+    return rows
+
+
+def _meets(session: Session, partition: str, rule: ResearchCopy, study_uid: str) -> bool:
+    if rule.when == "ai-positive":
+        return (
+            session.scalar(
+                select(InferenceJob.id)
+                .where(
+                    InferenceJob.partition == partition,
+                    InferenceJob.study_instance_uid == study_uid,
+                    InferenceJob.state == JobState.DONE,
+                    InferenceJob.findings > 0,
+                    ~InferenceJob.model_name.startswith(COPY_JOB_PREFIX),
                 )
-                queued.append(Job.from_row(row))
-    for job in queued:
-        log.info("study %s: research copy queued (%s)", job.study_instance_uid, job.model_name)
-    return queued
+                .limit(1)
+            )
+            is not None
+        )
+    if rule.when == "reviewed":
+        return (
+            session.scalar(
+                select(FindingReview.id)
+                .where(
+                    FindingReview.partition == partition,
+                    FindingReview.study_instance_uid == study_uid,
+                )
+                .limit(1)
+            )
+            is not None
+        )
+    return True
 
 
 @dataclass
@@ -159,7 +164,8 @@ def copy_study(
         if not recorded:
             record_deidentified_study(source, deidentifier.project, done)
             recorded = True
-    _copy_labels(source, target, deidentifier, study_uid)
+    if outcome.copied:
+        _copy_labels(source, target, deidentifier, study_uid)
     return outcome
 
 

@@ -13,6 +13,7 @@ from sqlalchemy import select
 
 from config import Settings
 from inference.phantoms import synthetic_ct_series
+from server.app import create_app
 from storage.archive import Archive
 from storage.index.models import (
     AIFinding,
@@ -24,13 +25,16 @@ from storage.index.models import (
     Series,
     Study,
 )
-from storage.jobs import JobState
+from storage.jobs import JobQueue, JobState
 from storage.pseudonyms import identities
 from storage.query import Query, QueryLevel, locate_instances, search
+from storage.reviews import reviews_for_study
 from tests.conftest import make_settings
 from tests.inference.test_worker import run_until_idle, store_series, worker_for
 
 SECRET = "research-copies-test-secret-0123456789"
+REVIEWER = "Jane Q. Reviewer"
+COMMENT = "seen with Dr Someone"
 
 
 def _settings(settings: Settings, tmp_path: Path, when: str = "all") -> Settings:
@@ -80,70 +84,86 @@ def _stored_text(archive: Archive) -> list[str]:
     return texts
 
 
+def _review(settings: Settings, archive: Archive, study: str, decision: str) -> None:
+    """A reviewer's decision through the web UI's own route: the review SR is stored into the
+    study (naming the reviewer) and the decision indexed."""
+    queue = JobQueue(archive, settings.inference)
+    (job,) = [j for j in queue.for_study(study) if j.model_name == "ct_lesion_synthetic"]
+    _, finding = queue.findings_of_study(study)[0]
+    client = create_app(settings, archive).test_client()
+    answer = client.post(
+        f"/studies/{study}/reviews",
+        data={
+            "decision": decision,
+            "reviewer": REVIEWER,
+            "comment": COMMENT,
+            "job": str(job.id),
+            "tracking_uid": finding.tracking_uid,
+        },
+    )
+    assert answer.status_code == 303, answer.get_data(as_text=True)
+
+
 @pytest.mark.parametrize("backend", ["postgresql-s3"], indirect=True)
 def test_a_research_copy_rule_fills_the_research_partition_without_identifiers(
     archive: Archive, settings: Settings, tmp_path: Path
 ) -> None:
-    settings = _settings(settings, tmp_path)
+    settings = _settings(settings, tmp_path, when="reviewed")
     _create_partition(archive, "research")
     datasets, _ = synthetic_ct_series(5, slices=8, size=64)
     store_series(archive, tmp_path / "ct", datasets)
+    study_uid = datasets[0].StudyInstanceUID
     worker = worker_for(settings, archive)
+    ended = run_until_idle(worker)
+    assert [job.model_name for job in ended] == ["ct_lesion_synthetic"]  # not reviewed yet
 
+    _review(settings, archive, study_uid, "rejected")
     ended = run_until_idle(worker)
 
-    copies = [job for job in ended if job.model_name == "research-copy:lung:research"]
-    assert copies and copies[-1].state == JobState.DONE
+    assert [(job.model_name, job.state) for job in ended] == [
+        ("research-copy:lung:research", JobState.DONE)
+    ]
     clinical = list(locate_instances(archive, Query(QueryLevel.STUDY, {})))
     research = archive.scoped("research")
     copied = list(locate_instances(research, Query(QueryLevel.STUDY, {})))
-    assert len(copied) == len(clinical) == 8 + 2  # the CT slices, the AI's SEG and SR
+    assert len(copied) == len(clinical) == 8 + 3  # the CT slices, the AI's SEG and SR, a review
     assert sorted(i.sop_class_uid for i in copied) == sorted(i.sop_class_uid for i in clinical)
     # Scan every stored attribute of the copies for the originals' identifiers.
     originals = _identifiers(datasets) | {i.sop_instance_uid for i in clinical}
+    originals |= {REVIEWER, COMMENT}
     stored = _stored_text(research)
     leaks = {value for value in originals for text in stored if value in text}
     assert not leaks, f"original identifiers in the research partition: {sorted(leaks)[:5]}"
     in_clinical = {value for value in originals for text in _stored_text(archive) if value in text}
     assert in_clinical == originals  # the same scan finds every one of them where they are
-    # The AI results come along as rows of the research partition, under the new UIDs.
+    # The AI results and the decision come along as rows of the research partition.
     (study,) = search(research, Query(QueryLevel.STUDY, {}))
-    (job,) = [j for j in worker.queue.for_study(datasets[0].StudyInstanceUID)
-              if j.model_name == "ct_lesion_synthetic"]  # fmt: skip
-    with research.index.read() as session:
-        findings = session.scalars(select(AIFinding).where(AIFinding.partition == "research")).all()
-    assert findings and all(f.study_instance_uid == study["StudyInstanceUID"] for f in findings)
-    assert len(findings) == len(worker.queue.findings_of_study(job.study_instance_uid))
+    new_study = study["StudyInstanceUID"]
+    research_queue = JobQueue(research, settings.inference)
+    (job,) = research_queue.for_study(new_study)
+    assert job.state == JobState.DONE and job.model_name == "ct_lesion_synthetic"
+    assert set(job.outputs) <= {i.sop_instance_uid for i in copied}
+    findings = research_queue.findings_of_study(new_study)
+    assert len(findings) == len(worker.queue.findings_of_study(study_uid))
+    (decision,) = reviews_for_study(research, new_study)
+    assert decision.decision == "rejected" and decision.reviewer == ""
+    assert decision.tracking_uid in {f.tracking_uid for _, f in findings}
     # The way back stays in the clinical partition; the research partition has none of it.
     (identity,) = identities(archive, project="lung")
-    assert identity.deidentified_study_uid == study["StudyInstanceUID"]
+    assert (identity.study_instance_uid, identity.deidentified_study_uid) == (study_uid, new_study)
     assert identities(research) == []
-    # A copy already made is not made again while nothing new arrives.
+    # Nothing new arrived: nothing is copied again.
     assert run_until_idle(worker) == []
 
 
 @pytest.mark.parametrize("backend", ["sqlite-files"], indirect=True)
-def test_reviewed_rule_waits_for_a_review_and_a_missing_partition_fails_the_job(
+def test_a_copy_into_a_missing_partition_fails_with_the_reason(
     archive: Archive, settings: Settings, tmp_path: Path
 ) -> None:
-    settings = _settings(settings, tmp_path, when="reviewed")
+    settings = _settings(settings, tmp_path, when="all")
     datasets, _ = synthetic_ct_series(6, slices=4, size=32)
     store_series(archive, tmp_path / "ct", datasets)
-    worker = worker_for(settings, archive)
-    ended = run_until_idle(worker)
-    assert not [job for job in ended if job.model_name.startswith("research-copy:")]
-    with archive.index.write() as session:  # a reviewer's decision (the index row)
-        job = session.scalars(select(InferenceJob)).first()
-        assert job is not None
-        session.add(
-            FindingReview(
-                partition="default", study_instance_uid=job.study_instance_uid, job_id=job.id,
-                model_name=job.model_name, model_version=job.model_version,
-                report_sop_instance_uid="1.2.3", tracking_uid="1.2.4", finding="Lesion",
-                decision="accepted", reviewer="READER^ONE", comment="", decided_at=job.created_at,
-                review_sop_instance_uid="1.2.5",
-            )
-        )  # fmt: skip
-    (copy,) = run_until_idle(worker)
-    assert copy.state == JobState.FAILED  # no partition "research": said, not retried
+    ended = run_until_idle(worker_for(settings, archive))
+    (copy,) = [job for job in ended if job.model_name.startswith("research-copy:")]
+    assert copy.state == JobState.FAILED and copy.attempts == 1  # said, not retried
     assert "partition 'research' does not exist" in copy.reason
