@@ -231,6 +231,8 @@ class Worker:
             outcome.copied,
             len(outcome.held_back),
         )
+        for sop_instance_uid, why in outcome.held_back:  # for review; UIDs only, no names
+            log.warning("job %d: instance %s held back: %s", job.id, sop_instance_uid, why)
         return queue.get(job.id)
 
     def _copy_failed(self, queue: JobQueue, job: Job, reason: str, *, retry: bool) -> Job:
