@@ -126,7 +126,10 @@ def test_a_research_copy_rule_fills_the_research_partition_without_identifiers(
     clinical = list(locate_instances(archive, Query(QueryLevel.STUDY, {})))
     research = archive.scoped("research")
     copied = list(locate_instances(research, Query(QueryLevel.STUDY, {})))
-    assert len(copied) == len(clinical) == 8 + 3  # the CT slices, the AI's SEG and SR, a review
+    jobs = worker.queue.for_study(study_uid)
+    (model_job,) = [j for j in jobs if j.model_name == "ct_lesion_synthetic"]
+    # The CT slices, the AI's SEG and SR(s), the review SR.
+    assert len(copied) == len(clinical) == 8 + len(model_job.outputs) + 1
     assert sorted(i.sop_class_uid for i in copied) == sorted(i.sop_class_uid for i in clinical)
     # Scan every stored attribute of the copies for the originals' identifiers.
     originals = _identifiers(datasets) | {i.sop_instance_uid for i in clinical}

@@ -124,7 +124,8 @@ def test_export_as_stored_writes_the_bytes_received(clinical: Exported, tmp_path
                 assert path.read_bytes() == blob.read()
     finally:
         archive.close()
-    assert len(_files(tmp_path / "out")) == len(stored) == 8 + 2  # CT slices, SEG, SR
+    outputs = len(clinical.jobs[0].outputs)  # the AI's SEG and SR(s)
+    assert len(_files(tmp_path / "out")) == len(stored) == 8 + outputs
     assert f"{len(stored)} instances of 1 studies written" in done.stdout
 
 
@@ -138,7 +139,8 @@ def test_deidentified_export_round_trip(clinical: Exported, tmp_path: Path) -> N
     assert "held back" in done.stdout and "modality US" in done.stdout
     project = Deidentifier("lung", SECRET.encode())
     files = _files(out)
-    assert len(files) == 2 * (8 + 2)  # the ultrasound instance is not written
+    # Both CT studies with their AI results; the ultrasound instance is not written.
+    assert len(files) == sum(8 + len(job.outputs) for job in clinical.jobs)
     for path in files:
         # DCMTK reads it as a Part 10 file.
         check = subprocess.run(["dcmftest", str(path)], capture_output=True, text=True)
