@@ -17,6 +17,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
     field_validator,
     model_validator,
@@ -377,6 +378,118 @@ class WebSettings(_Section):
     ohif_dir: Path | None = None
 
 
+class ResearchProject(_Section):
+    """A de-identification project (PS3.15 Annex E): its secret keys the new UIDs, the patient
+    pseudonyms and the per-patient date shifts, so that the same study always gets the same new
+    UIDs within the project and different ones in another. The secret comes from a file
+    (``secret_file``) or an environment variable (``secret_env``, its name); it is read once
+    here, never logged, never shown in a message."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    secret_file: Path | None = None
+    secret_env: str = ""
+    _secret: bytes = PrivateAttr(default=b"")
+
+    @model_validator(mode="after")
+    def _load_secret(self) -> ResearchProject:
+        if bool(self.secret_file) == bool(self.secret_env):
+            raise ValueError(
+                f"research project {self.name!r}: set exactly one of secret_file and secret_env"
+            )
+        if self.secret_file:
+            try:
+                secret = self.secret_file.read_bytes().strip()
+            except OSError as error:
+                raise ValueError(
+                    f"research project {self.name!r}: cannot read secret_file "
+                    f"{self.secret_file}: {error.strerror}"
+                ) from None
+        else:
+            secret = os.environ.get(self.secret_env, "").strip().encode()
+            if not secret:
+                raise ValueError(
+                    f"research project {self.name!r}: the environment variable "
+                    f"{self.secret_env} (secret_env) is not set"
+                )
+        if len(secret) < 16 or is_placeholder_secret(secret.decode("utf-8", "replace")):
+            raise ValueError(
+                f"research project {self.name!r}: the secret must be at least 16 characters and "
+                "no placeholder (e.g. `openssl rand -hex 32`)"
+            )
+        self._secret = secret
+        return self
+
+    @property
+    def secret(self) -> bytes:
+        return self._secret
+
+
+class ResearchCopy(_Section):
+    """Copies every matching study of partition ``from``, de-identified under ``project``, into
+    partition ``to`` once it is stable (the AI worker's job queue, with its retries): ``all``
+    studies, those with an AI finding present (``ai-positive``), or those a reviewer has
+    decided on (``reviewed``). A study that receives more instances (the AI's SEG and SR, a
+    review) is copied again; the copies keep their UIDs, so nothing is duplicated."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    from_partition: str = Field("default", alias="from", min_length=1, max_length=64)
+    to: str = Field(min_length=1, max_length=64)
+    project: str
+    when: Literal["all", "ai-positive", "reviewed"] = "all"
+
+    @property
+    def job_name(self) -> str:
+        """The name of its jobs in the job queue (in place of a model's name)."""
+        return f"research-copy:{self.project}:{self.to}"
+
+
+class ResearchSettings(_Section):
+    """De-identified export (``hilum export --deidentify``), research copies, and projects."""
+
+    projects: list[ResearchProject] = Field(default_factory=list)
+    copies: list[ResearchCopy] = Field(default_factory=list)
+    # Modalities whose images often carry text burned into the pixels (ultrasound, secondary
+    # capture, photographs, endoscopy, documents): de-identification holds them back, as it
+    # holds back every instance with Burned In Annotation (0028,0301) YES or Recognizable
+    # Visual Features (0028,0302) YES. Empty: only those two attributes decide.
+    held_back_modalities: list[str] = Field(
+        default_factory=lambda: ["US", "SC", "XC", "ES", "GM", "DOC", "OT"]
+    )
+
+    @field_validator("projects")
+    @classmethod
+    def _unique_projects(cls, projects: list[ResearchProject]) -> list[ResearchProject]:
+        names = [project.name for project in projects]
+        if len(set(names)) != len(names):
+            raise ValueError(f"[[research.projects]] names must be unique: {names}")
+        return projects
+
+    @model_validator(mode="after")
+    def _check_copies(self) -> ResearchSettings:
+        names = {project.name for project in self.projects}
+        for copy in self.copies:
+            if copy.project not in names:
+                raise ValueError(
+                    f"[[research.copies]] project {copy.project!r} is not one of the "
+                    f"[[research.projects]] ({', '.join(sorted(names)) or 'none'})"
+                )
+            if copy.to == copy.from_partition:
+                raise ValueError("[[research.copies]] `to` must be another partition than `from`")
+            if len(copy.job_name) > 64:
+                raise ValueError(f"[[research.copies]] {copy.job_name!r}: over 64 characters")
+        jobs = [copy.job_name for copy in self.copies]
+        if len(set(jobs)) != len(jobs):
+            raise ValueError("[[research.copies]]: one rule per (project, to)")
+        return self
+
+    def project(self, name: str) -> ResearchProject | None:
+        return next((project for project in self.projects if project.name == name), None)
+
+    def copy_rule(self, job_name: str) -> ResearchCopy | None:
+        return next((copy for copy in self.copies if copy.job_name == job_name), None)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="HILUM_", env_nested_delimiter="__", extra="forbid"
@@ -391,6 +504,7 @@ class Settings(BaseSettings):
     limits: LimitsSettings = Field(default_factory=LimitsSettings)
     inference: InferenceSettings = Field(default_factory=InferenceSettings)
     web: WebSettings = Field(default_factory=WebSettings)
+    research: ResearchSettings = Field(default_factory=ResearchSettings)
 
     @classmethod
     def settings_customise_sources(

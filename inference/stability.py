@@ -32,6 +32,7 @@ from storage.archive import Archive
 from storage.errors import Conflict, StorageUnavailable
 from storage.index.models import InferenceJob
 from storage.jobs import Job, as_utc, enqueue, utc_now
+from storage.research_copies import queue_copy_jobs
 from storage.stability import (
     lock_newly_stable,
     mark_stable,
@@ -101,6 +102,15 @@ def _queue_if_stable(
         study_uid, last_instance_at = study
         rows = _queue_study(session, archive.partition, settings, models, study_pk, study_uid)
         note = "" if rows else _no_model_note(session, settings, models, study_pk)
+        # [[research.copies]] whose `when` the study meets now: queued with its model jobs.
+        rows += queue_copy_jobs(
+            session,
+            archive.partition,
+            settings.research.copies,
+            study_uid,
+            last_instance_at,
+            utc_now(),
+        )
         mark_stable(session, study_pk, last_instance_at, note)
         return [Job.from_row(row) for row in rows]
 

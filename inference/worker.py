@@ -31,9 +31,11 @@ from inference.errors import AnalysisError, DecoderUnavailable, ModelError
 from inference.measurement_report import job_finding, read_findings
 from inference.stability import queue_stable_studies
 from storage.archive import Archive
-from storage.errors import InvalidInstance, StorageUnavailable
+from storage.deidentify import Deidentifier
+from storage.errors import InvalidInstance, NotFound, StorageUnavailable
 from storage.ingest import Origin, ingest_file
 from storage.jobs import Clock, Job, JobFinding, JobQueue, JobState, utc_now
+from storage.research_copies import copy_study, is_copy_job
 
 if TYPE_CHECKING:
     from inference.registry import Model
@@ -111,6 +113,11 @@ class Worker:
         # (same UIDs) whatever the archive's duplicate policy for what modalities send.
         self._results_archive = dataclasses.replace(archive, on_duplicate="overwrite")
         self._tmp_dir = settings.server.data_dir / "tmp"
+        # [[research.copies]]: their jobs live in the queue of the partition they copy from.
+        self._copy_queues = {
+            partition: JobQueue(archive.scoped(partition), settings.inference, clock=clock)
+            for partition in sorted({r.from_partition for r in settings.research.copies})
+        }
 
     def run(self, stop: threading.Event) -> None:
         """Work until ``stop`` is set; a job in progress is finished first."""
@@ -134,11 +141,17 @@ class Worker:
         """Queue the jobs of newly stable studies, then run one job; the job as it ended, or
         None when none was waiting."""
         queue_stable_studies(self.archive, self.settings, self.models, now=self.clock())
-        job = self.queue.claim(self.name, [model.name for model in self.models])
+        copies = self.settings.research.copies
+        queue = self.queue
+        job = queue.claim(self.name, [model.name for model in self.models])
+        for queue in [] if job is not None else self._copy_queues.values():
+            job = queue.claim(self.name, [rule.job_name for rule in copies])
+            if job is not None:
+                break
         if job is None:
             return None
         started = time.monotonic()
-        ended = self.process(job)
+        ended = self.copy(queue, job) if is_copy_job(job.model_name) else self.process(job)
         if self.on_job_ended is not None:
             self.on_job_ended(ended, time.monotonic() - started)
         return ended
@@ -177,6 +190,63 @@ class Worker:
             return job
         log.info("job %d: done, stored %s", job.id, ", ".join(stored) or "nothing")
         return self.queue.get(job.id)
+
+    def copy(self, queue: JobQueue, job: Job) -> Job:
+        """A research copy job: the study, de-identified, into the rule's partition."""
+        rule = self.settings.research.copy_rule(job.model_name)
+        lease = _Lease(queue, job, self.name)
+        lease.start()
+        try:
+            if rule is None:
+                raise ModelError(f"no [[research.copies]] rule makes jobs {job.model_name!r}")
+            project = self.settings.research.project(rule.project)
+            assert project is not None  # checked with the settings
+            deidentifier = Deidentifier(
+                project.name,
+                project.secret,
+                frozenset(self.settings.research.held_back_modalities),
+            )
+            outcome = copy_study(
+                self.archive.scoped(rule.from_partition),
+                self._results_archive.scoped(rule.to),
+                deidentifier,
+                job.study_instance_uid,
+                tmp_dir=self._tmp_dir,
+                origin=Origin(calling_ae_title=self.settings.dimse.ae_title),
+            )
+        except (ModelError, NotFound) as error:
+            return self._copy_failed(queue, job, str(error), retry=False)
+        except Exception as error:  # the blob store, the index: retried with backoff
+            log.exception("job %d: research copy attempt %d failed", job.id, job.attempts)
+            return self._copy_failed(queue, job, _reason(error), retry=True)
+        finally:
+            lease.stop()
+        if not queue.complete(job, self.name, model_version="1", outputs=[]):
+            log.warning("job %d: research copy lost to a re-queue; not marked done", job.id)
+            return job
+        log.info(
+            "job %d: research copy of study %s: %d instances copied, %d held back",
+            job.id,
+            job.study_instance_uid,
+            outcome.copied,
+            len(outcome.held_back),
+        )
+        for sop_instance_uid, why in outcome.held_back:  # for review; UIDs only, no names
+            log.warning("job %d: instance %s held back: %s", job.id, sop_instance_uid, why)
+        return queue.get(job.id)
+
+    def _copy_failed(self, queue: JobQueue, job: Job, reason: str, *, retry: bool) -> Job:
+        ended = queue.fail(job, self.name, reason, retry=retry)
+        if ended is None:
+            return job
+        log.log(
+            logging.ERROR if ended.state == JobState.FAILED else logging.WARNING,
+            "job %d: research copy failed%s: %s",
+            job.id,
+            "" if ended.state == JobState.FAILED else ", retried later",
+            reason,
+        )
+        return ended
 
     def _lost(self, job: Job, stored: list[str]) -> None:
         """Another run holds the job now; what this one stored goes unless still needed."""

@@ -462,6 +462,57 @@ def cmd_tiers(settings: Settings, args: argparse.Namespace) -> int:
     return 1 if report.failed else 0
 
 
+def cmd_export(settings: Settings, args: argparse.Namespace) -> int:
+    """``hilum export``: studies as Part 10 files, or (``--dataset``) a partition's training set;
+    de-identified under a ``[[research.projects]]`` project with ``--deidentify``."""
+    from tqdm import tqdm
+
+    from storage.deidentify import Deidentifier
+    from storage.export import export_studies, export_training_set
+
+    if args.dataset == bool(args.studies):
+        print("hilum export: give STUDY_UIDs, or --dataset (not both)", file=sys.stderr)
+        return 2
+    deidentifier = None
+    if args.deidentify or args.project:
+        project = settings.research.project(args.project or "")
+        if not args.deidentify or project is None:
+            known = ", ".join(p.name for p in settings.research.projects) or "none configured"
+            print(
+                "hilum export: --deidentify needs --project NAME, one of the "
+                f"[[research.projects]] ({known})",
+                file=sys.stderr,
+            )
+            return 2
+        deidentifier = Deidentifier(
+            project.name, project.secret, frozenset(settings.research.held_back_modalities)
+        )
+    if args.to.exists() and (not args.to.is_dir() or any(args.to.iterdir())):
+        print(f"hilum export: {args.to} exists and is not an empty folder", file=sys.stderr)
+        return 2
+    args.to.mkdir(parents=True, exist_ok=True)
+    archive = open_archive(settings).scoped(args.partition)
+    try:
+        with tqdm(unit="instance", desc="exporting") as bar:
+            if args.dataset:
+                summary = export_training_set(
+                    archive, settings.inference, args.to, deidentifier=deidentifier,
+                    progress=bar.update,
+                )  # fmt: skip
+            else:
+                summary = export_studies(
+                    archive, args.studies, args.to, deidentifier=deidentifier,
+                    progress=bar.update,
+                )  # fmt: skip
+    finally:
+        archive.close()
+    for line in summary.lines():
+        print(line)
+    if args.dataset:
+        print(f"training set in {args.to} (manifest.json)")
+    return 1 if summary.missing else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hilum", description="Hilum PACS")
     parser.add_argument("--config", type=Path, help="TOML configuration file (or $HILUM_CONFIG)")
@@ -517,6 +568,22 @@ def build_parser() -> argparse.ArgumentParser:
         "apply", help="move studies to the tier their age calls for (copy, verify, index, delete)"
     )
 
+    export = commands.add_parser(
+        "export", help="write studies as DICOM files, or a training set (--dataset), to a folder"
+    )
+    export.add_argument("studies", nargs="*", metavar="STUDY_UID", help="Study Instance UIDs")
+    export.add_argument("--to", type=Path, required=True, help="a new or empty folder")
+    export.add_argument(
+        "--dataset",
+        action="store_true",
+        help="the partition's image series, the AI's SEG and SR, and manifest.json",
+    )
+    export.add_argument("--partition", default="default", help="partition (default: default)")
+    export.add_argument(
+        "--deidentify", action="store_true", help="PS3.15 Annex E de-identification (--project)"
+    )
+    export.add_argument("--project", help="a [[research.projects]] name: its secret keys the UIDs")
+
     commands.add_parser("worker", help="run the AI worker: claim jobs, run models, store results")
     models = commands.add_parser("models", help="AI model plug-ins")
     models_commands = models.add_subparsers(dest="models_command", required=True)
@@ -550,6 +617,7 @@ COMMANDS = {
     "backup": cmd_backup,
     "restore": cmd_restore,
     "tiers": cmd_tiers,
+    "export": cmd_export,
     "worker": cmd_worker,
     "models": cmd_models,
     "viewer": cmd_viewer,

@@ -9,6 +9,7 @@ from flask import Flask
 from config import Settings
 from server.api.admin import admin_blueprint
 from server.api.jobs import jobs_blueprint
+from server.api.research import research_blueprint
 from storage.archive import Archive
 
 
@@ -21,3 +22,6 @@ def register_api(app: Flask, settings: Settings, archive: Archive) -> None:
     admin = admin_blueprint(settings, archive)
     admin.after_request(no_sniffing)
     app.register_blueprint(admin, url_prefix="/api/admin")
+    research = research_blueprint(archive)
+    research.after_request(no_sniffing)
+    app.register_blueprint(research, url_prefix="/api")

@@ -317,3 +317,26 @@ class SettingsSeed(Base):
     __tablename__ = "settings_seed"
 
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
+class DeidentifiedStudy(Base):
+    """The way back from a de-identified study to the original (migration 0008): written in the
+    partition the original lives in (the clinical one), whenever a study of it is exported or
+    copied de-identified under a project, and read only through the admin API. The research
+    side never holds it: its copies carry only the pseudonym and the new UIDs."""
+
+    __tablename__ = "deidentified_study"
+    __table_args__ = (
+        UniqueConstraint("partition", "project", "study_instance_uid"),
+        Index("ix_deidentified_pseudonym", "partition", "project", "pseudonym"),
+        Index("ix_deidentified_new_study", "partition", "project", "deidentified_study_uid"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    partition: Mapped[str] = mapped_column(ForeignKey("partition.name"))
+    project: Mapped[str] = mapped_column(String(64))
+    patient_id: Mapped[str] = mapped_column(String(LO))  # the original identity
+    issuer_of_patient_id: Mapped[str] = mapped_column(String(LO), default="")
+    study_instance_uid: Mapped[str] = mapped_column(String(UI))
+    pseudonym: Mapped[str] = mapped_column(String(LO))
+    deidentified_study_uid: Mapped[str] = mapped_column(String(UI))
+    date_shift_days: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
