@@ -317,6 +317,8 @@ class SettingsSeed(Base):
     __tablename__ = "settings_seed"
 
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
+
+
 class DeidentifiedStudy(Base):
     """The way back from a de-identified study to the original (migration 0008): written in the
     partition the original lives in (the clinical one), whenever a study of it is exported or
