@@ -28,6 +28,7 @@ from server.dicomweb.statuses import http_status_for
 from server.header_deadline import HeaderDeadlines, connection_class
 from server.metrics import Metrics, mark_worker_dead
 from server.monitoring import register_monitoring
+from server.partitions import enter_partition
 from storage.archive import Archive
 from storage.errors import StorageError
 from storage.tiers import marking_reads
@@ -49,7 +50,7 @@ def create_app(settings: Settings, archive: Archive, metrics: Metrics | None = N
     app = Flask("hilum", static_folder=None)
     app.extensions["hilum.settings"] = settings
     app.extensions["hilum.archive"] = archive
-    _register_blueprints(app, settings, archive)
+    _register_blueprints(app, settings)
     register_monitoring(app, archive, metrics)  # /healthz, /readyz, /metrics
     _register_error_handlers(app)
     _configure_cors(app, settings.http.cors_allowed_origins)
@@ -63,18 +64,24 @@ def create_app(settings: Settings, archive: Archive, metrics: Metrics | None = N
     @app.before_request
     def _request_context() -> None:
         g.request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex[:12]
-        g.hilum_context = RequestContext(
+        context = RequestContext(
             UNAUTHENTICATED, request.remote_addr or "", "http", request_id=g.request_id
         )
+        # The partition the URL names (its root /partitions/<partition>/…), chosen here once;
+        # the views never see the URL value. 404 when the principal may not see it.
+        requested = request.view_args.pop("partition", None) if request.view_args else None
+        g.hilum_context = enter_partition(context, requested)
 
     return app
 
 
-def _register_blueprints(app: Flask, settings: Settings, archive: Archive) -> None:
-    """Every family of routes is registered here, one line each."""
-    register_dicomweb(app, settings, archive)  # /dicomweb (QIDO, WADO, STOW, DELETE), /wado
-    register_api(app, settings, archive)  # /api (AI jobs)
-    register_web(app, settings, archive)  # the browser UI: /, /studies/…, /jobs, /upload
+def _register_blueprints(app: Flask, settings: Settings) -> None:
+    """Every family of routes is registered here, one line each; each at the default
+    partition's root and at another partition's (``/partitions/<partition>``, server.partitions).
+    The views work on ``server.partitions.request_archive()``."""
+    register_dicomweb(app, settings)  # /dicomweb (QIDO, WADO, STOW, DELETE), /wado
+    register_api(app, settings)  # /api (AI jobs)
+    register_web(app, settings)  # the browser UI: /, /studies/…, /jobs, /upload, the viewer
 
 
 def _error(status: int, message: str) -> Response:

@@ -9,13 +9,14 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from flask import Blueprint, Response, render_template, request, send_from_directory
+from flask import Blueprint, Response, g, render_template, request, send_from_directory
 from werkzeug.exceptions import HTTPException
 from werkzeug.exceptions import NotFound as HTTPNotFound
 
 from config import Settings
-from storage.archive import Archive
+from server.partitions import partition_prefix
 from storage.errors import Conflict, InvalidQuery, NotFound, StorageError, StorageUnavailable
+from storage.index.models import DEFAULT_PARTITION
 from storage.jobs import JobState
 from web import study, worklist
 from web.ohif import SPA_ROUTES, app_config, installed, ohif_dir
@@ -34,7 +35,38 @@ def _viewer_index(folder: Path) -> Response:
     return response
 
 
-def web_blueprint(settings: Settings, archive: Archive) -> Blueprint:
+def pages_blueprint(settings: Settings) -> Blueprint:
+    """The pages that show one partition's archive (the worklist, a study, the jobs, upload),
+    registered at ``/`` for the default partition and at ``/partitions/{name}/`` for another."""
+    blueprint = Blueprint("pages", __name__, template_folder="templates")
+    blueprint.before_request(before_page)
+    _register_errors(blueprint)
+    worklist.register(blueprint, settings)
+    study.register(blueprint, settings)
+
+    @blueprint.context_processor
+    def _partition() -> dict[str, Any]:
+        # Every link, form and script of a page stays in the page's partition.
+        # (Unset when the request was refused before its context was made: the error page.)
+        context = g.get("hilum_context")
+        if context is None:
+            return {"root": "", "partition": DEFAULT_PARTITION}
+        return {"root": partition_prefix(context.partition), "partition": context.partition}
+
+    @blueprint.get("/jobs")
+    def jobs() -> Any:
+        return render_template("jobs.html", nav="jobs", states=[str(s) for s in JobState])
+
+    @blueprint.get("/upload")
+    def upload() -> Any:
+        return render_template("upload.html", nav="upload")
+
+    return blueprint
+
+
+def web_blueprint(settings: Settings) -> Blueprint:
+    """Hilum's static files and the OHIF viewer (at the site root only: the viewer's bundle
+    loads its files from there)."""
     blueprint = Blueprint(
         "web",
         __name__,
@@ -45,16 +77,10 @@ def web_blueprint(settings: Settings, archive: Archive) -> Blueprint:
     blueprint.before_request(before_page)
     _register_filters(blueprint)
     _register_errors(blueprint)
-    worklist.register(blueprint, settings, archive)
-    study.register(blueprint, settings, archive)
 
-    @blueprint.get("/jobs")
-    def jobs() -> Any:
-        return render_template("jobs.html", nav="jobs", states=[str(s) for s in JobState])
-
-    @blueprint.get("/upload")
-    def upload() -> Any:
-        return render_template("upload.html", nav="upload")
+    @blueprint.context_processor
+    def _partition() -> dict[str, Any]:
+        return {"root": "", "partition": DEFAULT_PARTITION}
 
     @blueprint.get("/viewer")
     @blueprint.get("/viewer/<path:_route>")

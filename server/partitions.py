@@ -1,0 +1,80 @@
+"""Which partition an HTTP request works in, and the archive it sees.
+
+The URL root selects the partition: ``/dicomweb``, ``/wado``, ``/api`` and the UI pages at ``/``
+are the ``default`` partition; the same routes under ``/partitions/{name}`` (e.g.
+``/partitions/{name}/dicomweb``) are partition ``name``. Every family of routes is registered
+at both roots (``PARTITION_ROOT`` is the second), and the app's one ``before_request`` hook
+(``server.app``) calls :func:`enter_partition` with the ``partition`` URL value: the one place
+where the partition is chosen and where a principal bound to other partitions gets a 404.
+
+Views never hold an archive: :func:`request_archive` is the app's archive scoped to the
+request's partition, so no query, retrieve, store or delete can forget it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+
+from flask import current_app
+from werkzeug.exceptions import NotFound
+
+from server.context import Principal, RequestContext, http_context
+from storage.archive import Archive
+from storage.index.models import DEFAULT_PARTITION
+from storage.partitions import partition_exists
+
+# The URL prefix of a partition's routes; the view never sees the ``partition`` value.
+PARTITION_ROOT = "/partitions/<partition>"
+
+
+def partition_prefix(partition: str) -> str:
+    """What goes before ``/dicomweb``, ``/api`` or a page's path for ``partition``."""
+    return "" if partition == DEFAULT_PARTITION else f"/partitions/{partition}"
+
+
+def request_root() -> str:
+    """The current request's partition root: ``""`` (default) or ``/partitions/{name}``."""
+    return partition_prefix(http_context().partition)
+
+
+def may_enter(principal: Principal, partition: str, exists: Callable[[str], bool]) -> bool:
+    """The decision: the partition exists and the principal may see it (a principal bound to
+    partitions sees only those; ``Principal.partitions`` None: every one). ``exists`` is asked
+    only for a partition the principal may see, and never for ``default``."""
+    if not principal.may_see(partition):
+        return False
+    return partition == DEFAULT_PARTITION or exists(partition)
+
+
+def enter_partition(context: RequestContext, requested: str | None) -> RequestContext:
+    """The request's context in the partition its URL names (``requested``; None: the URL has
+    no partition root, i.e. ``default``); 404 when it does not exist or the principal may not
+    see it, the same 404 for both, so that nobody learns another tenant's partition names."""
+    partition = DEFAULT_PARTITION if requested is None else requested
+    if not may_enter(context.principal, partition, _exists):
+        raise _refused(partition)
+    return replace(context, partition=partition)
+
+
+def _exists(partition: str) -> bool:
+    return partition_exists(_app_archive().index, partition)
+
+
+def _refused(partition: str) -> NotFound:
+    return NotFound(f"no partition {partition[:64]!r} here")
+
+
+def request_archive() -> Archive:
+    """The archive the current request sees: the app's, scoped to the request's partition.
+    The principal is checked again here, so a view can never read another tenant's data even
+    if the principal was set after the partition was entered."""
+    context = http_context()
+    if not context.principal.may_see(context.partition):
+        raise _refused(context.partition)
+    return _app_archive().scoped(context.partition)
+
+
+def _app_archive() -> Archive:
+    archive: Archive = current_app.extensions["hilum.archive"]
+    return archive
