@@ -132,9 +132,10 @@ class Worker:
 
     def step(self) -> Job | None:
         """Queue the jobs of newly stable studies, then run one job; the job as it ended, or
-        None when none was waiting."""
+        None when none was waiting. Every partition's: the job's inputs are read from, and its
+        results stored into, the partition of its study."""
         queue_stable_studies(self.archive, self.settings, self.models, now=self.clock())
-        job = self.queue.claim(self.name, [model.name for model in self.models])
+        job = self.queue.claim(self.name, [model.name for model in self.models], any_partition=True)
         if job is None:
             return None
         started = time.monotonic()
@@ -151,7 +152,7 @@ class Worker:
             job.series_instance_uid,
             job.attempts,
         )
-        lease = _Lease(self.queue, job, self.name)
+        lease = _Lease(self._queue(job), job, self.name)
         lease.start()
         stored: list[str] = []  # SOP Instance UIDs, as each output is stored
         findings: list[JobFinding] = []  # of each SR stored
@@ -166,7 +167,7 @@ class Worker:
         finally:
             lease.stop()
         model = self._model(job)
-        if not held or not self.queue.complete(
+        if not held or not self._queue(job).complete(
             job,
             self.name,
             model_version=model.version,
@@ -176,11 +177,17 @@ class Worker:
             self._lost(job, stored)
             return job
         log.info("job %d: done, stored %s", job.id, ", ".join(stored) or "nothing")
-        return self.queue.get(job.id)
+        return self._queue(job).get(job.id)
+
+    def _queue(self, job: Job) -> JobQueue:
+        """The queue of the job's partition (its findings and outputs are that partition's)."""
+        if job.partition == self.queue.archive.partition:
+            return self.queue
+        return self.queue.in_partition(job.partition)
 
     def _lost(self, job: Job, stored: list[str]) -> None:
         """Another run holds the job now; what this one stored goes unless still needed."""
-        deleted = self.queue.discard_stale_outputs(job, stored) if stored else []
+        deleted = self._queue(job).discard_stale_outputs(job, stored) if stored else []
         log.warning(
             "job %d: lost to a re-queue or another worker; not marked done%s",
             job.id,
@@ -208,7 +215,7 @@ class Worker:
         findings to ``findings``); False when the job was lost first."""
         model = self._model(job)
         datasets = self.analyse(
-            self.archive,
+            self.archive.scoped(job.partition),
             model,
             job.study_instance_uid,
             job.series_instance_uid,
@@ -217,16 +224,17 @@ class Worker:
         )
         for dataset in datasets:
             # Still this worker's job, and this generation of it? (Renews the lease too.)
-            if lease.lost.is_set() or not self.queue.heartbeat(job, self.name):
+            if lease.lost.is_set() or not self._queue(job).heartbeat(job, self.name):
                 return False
-            stored.append(self._store(dataset))
+            stored.append(self._store(job, dataset))
             if dataset.get("ValueType") == "CONTAINER":  # an SR document (PS3.3 C.17.3)
                 reports.append(stored[-1])
                 findings += [job_finding(stored[-1], f) for f in read_findings(dataset)]
         return True
 
-    def _store(self, dataset: Dataset) -> str:
-        """Store one result through the ingest path, as any other instance."""
+    def _store(self, job: Job, dataset: Dataset) -> str:
+        """Store one result through the ingest path, as any other instance, into the partition
+        of the job's study."""
         self._tmp_dir.mkdir(parents=True, exist_ok=True)
         handle, name = tempfile.mkstemp(suffix=".dcm", dir=self._tmp_dir)
         os.close(handle)
@@ -234,18 +242,20 @@ class Worker:
         try:
             dataset.save_as(path, enforce_file_format=True)
             origin = Origin(calling_ae_title=self.settings.dimse.ae_title)
-            return ingest_file(self._results_archive, path, origin).sop_instance_uid
+            return ingest_file(
+                self._results_archive.scoped(job.partition), path, origin
+            ).sop_instance_uid
         finally:
             path.unlink(missing_ok=True)
 
     def _failed(self, job: Job, reason: str, stored: list[str], *, retry: bool) -> Job:
-        ended = self.queue.fail(job, self.name, reason, retry=retry)
+        ended = self._queue(job).fail(job, self.name, reason, retry=retry)
         if ended is None:
             log.warning("job %d: failed after losing its lease: %s", job.id, reason)
             self._lost(job, stored)
             return job
         # Part of the outputs stored before the failure: a retry stores them again.
-        self.queue.delete_outputs(job.study_instance_uid, stored)
+        self._queue(job).delete_outputs(job.study_instance_uid, stored)
         if ended.state == JobState.FAILED:
             log.error("job %d: failed: %s", job.id, reason)
         else:

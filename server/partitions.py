@@ -65,14 +65,20 @@ def _refused(partition: str) -> NotFound:
     return NotFound(f"no partition {partition[:64]!r} here")
 
 
-def request_archive() -> Archive:
-    """The archive the current request sees: the app's, scoped to the request's partition.
-    The principal is checked again here, so a view can never read another tenant's data even
-    if the principal was set after the partition was entered."""
+def check_visible() -> RequestContext:
+    """The request's context, once more checked against its principal (which an
+    authentication hook may have set after :func:`enter_partition` ran): 404 if the principal
+    may not see the partition. :func:`request_archive` and every UI page call it."""
     context = http_context()
     if not context.principal.may_see(context.partition):
         raise _refused(context.partition)
-    return _app_archive().scoped(context.partition)
+    return context
+
+
+def request_archive() -> Archive:
+    """The archive the current request sees: the app's, scoped to the request's partition,
+    so no view can read or write another tenant's data."""
+    return _app_archive().scoped(check_visible().partition)
 
 
 def _app_archive() -> Archive:

@@ -5,6 +5,7 @@ own."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.exceptions import NotFound as HTTPNotFound
 
 from config import Settings
-from server.partitions import partition_prefix
+from server.partitions import check_visible, partition_prefix
 from storage.errors import Conflict, InvalidQuery, NotFound, StorageError, StorageUnavailable
 from storage.index.models import DEFAULT_PARTITION
 from storage.jobs import JobState
@@ -25,8 +26,37 @@ log = logging.getLogger(__name__)
 
 
 def before_page() -> None:
-    """Runs before every route of the UI. Nothing is checked yet: the access check (login,
-    roles, partitions) of a later issue goes here, once, for every page."""
+    """Runs before every route of the UI: the page's partition must be one the principal may
+    see (404 otherwise, as for an unknown partition). The access check (login, roles) of a
+    later issue goes here too, once, for every page."""
+    check_visible()
+
+
+# Content-Security-Policy (CSP Level 3) of Hilum's own pages: their scripts, styles and images
+# are Hilum's files (no inline script or style attribute in web/templates), thumbnails come from
+# the same origin's DICOMweb, forms post to it, and no other site may frame them.
+PAGE_POLICY = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self'; object-src 'none'; base-uri 'self'; form-action 'self'; "
+    "frame-ancestors 'none'"
+)
+# The OHIF viewer's routes: its index.html has inline scripts, its bundle sets inline styles,
+# compiles WebAssembly codecs and starts workers from blob: URLs; it still talks to this
+# origin only and cannot be framed by another site.
+VIEWER_POLICY = (
+    "default-src 'self'; script-src 'self' 'unsafe-inline' 'unsafe-eval' 'wasm-unsafe-eval' "
+    "blob:; style-src 'self' 'unsafe-inline'; img-src 'self' data: blob:; font-src 'self' "
+    "data:; connect-src 'self' data: blob:; worker-src 'self' blob:; object-src 'none'; "
+    "base-uri 'self'; frame-ancestors 'self'"
+)
+
+
+def _content_security_policy(policy: str) -> Callable[[Response], Response]:
+    def add(response: Response) -> Response:
+        response.headers.setdefault("Content-Security-Policy", policy)
+        return response
+
+    return add
 
 
 def _viewer_index(folder: Path) -> Response:
@@ -40,6 +70,7 @@ def pages_blueprint(settings: Settings) -> Blueprint:
     registered at ``/`` for the default partition and at ``/partitions/{name}/`` for another."""
     blueprint = Blueprint("pages", __name__, template_folder="templates")
     blueprint.before_request(before_page)
+    blueprint.after_request(_content_security_policy(PAGE_POLICY))
     _register_errors(blueprint)
     worklist.register(blueprint, settings)
     study.register(blueprint, settings)
@@ -75,6 +106,7 @@ def web_blueprint(settings: Settings) -> Blueprint:
         static_url_path="/hilum-static",
     )
     blueprint.before_request(before_page)
+    blueprint.after_request(_content_security_policy(VIEWER_POLICY))
     _register_filters(blueprint)
     _register_errors(blueprint)
 

@@ -26,6 +26,7 @@ from inference.worker import Worker
 from storage.archive import Archive, open_archive
 from storage.ingest import Origin, ingest_file
 from storage.jobs import Job, JobQueue, JobState
+from storage.partitions import ensure_partition
 from storage.query import Query, QueryLevel, locate_instances, search
 from tests.conftest import free_port
 from tests.factories import DCMTK_STORESCU, write_part10
@@ -413,3 +414,27 @@ def test_hilum_serve_runs_a_worker(backend: str, settings: Settings, tmp_path: P
     finally:
         server.send_signal(signal.SIGTERM)
         assert server.wait(60) == 0, server.stderr.read() if server.stderr else ""
+
+
+def test_the_worker_serves_every_partition_and_stores_results_in_the_source_partition(
+    archive: Archive, settings: Settings, tmp_path: Path
+) -> None:
+    ensure_partition(archive.index, "hospital_a")
+    hospital = archive.scoped("hospital_a")
+    datasets, _mask = synthetic_ct_series(1)
+    study = datasets[0].StudyInstanceUID
+    store_series(hospital, tmp_path / "ct", datasets)
+    # The worker gets the archive as `hilum serve` and `hilum worker` open it (default scope).
+    worker = worker_for(settings, archive)
+
+    (job,) = run_until_idle(worker)
+
+    assert (job.state, job.partition) == (JobState.DONE, "hospital_a")
+    results = results_in_study(hospital, study)
+    assert sorted(cls for cls, _ in results) == [SEG, SR]
+    assert sorted(job.outputs) == sorted(uid for _, uid in results)
+    assert JobQueue(hospital, settings.inference).findings_of_study(study)
+    # Nothing of it in the default partition: no study, no job, no result.
+    assert results_in_study(archive, study) == []
+    assert JobQueue(archive, settings.inference).for_study(study) == []
+    assert list(search(archive, Query(QueryLevel.STUDY, {"StudyInstanceUID": study}))) == []
