@@ -211,11 +211,11 @@ def test_a_worker_survives_an_unexpected_error(
     claim = worker.queue.claim
     failures: list[str] = []
 
-    def claim_that_fails_once(*args: Any) -> Job | None:
+    def claim_that_fails_once(*args: Any, **kwargs: Any) -> Job | None:
         if not failures:
             failures.append("claim")
             raise RuntimeError("a bug in the claim")
-        return claim(*args)
+        return claim(*args, **kwargs)
 
     worker.queue.claim = claim_that_fails_once  # type: ignore[method-assign]
     stop = threading.Event()
