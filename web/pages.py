@@ -10,15 +10,17 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from flask import Blueprint, Response, g, render_template, request, send_from_directory
+from flask import Blueprint, Response, current_app, g, render_template, request, send_from_directory
 from werkzeug.exceptions import HTTPException
 from werkzeug.exceptions import NotFound as HTTPNotFound
 
 from config import Settings
+from server.context import http_context
 from server.partitions import check_visible, partition_prefix
 from storage.errors import Conflict, InvalidQuery, NotFound, StorageError, StorageUnavailable
 from storage.index.models import DEFAULT_PARTITION
 from storage.jobs import JobState
+from storage.partitions import partition_names
 from web import study, worklist
 from web.ohif import SPA_ROUTES, app_config, installed, ohif_dir
 
@@ -105,7 +107,6 @@ def web_blueprint(settings: Settings) -> Blueprint:
         static_folder="static",
         static_url_path="/hilum-static",
     )
-    blueprint.before_request(before_page)
     blueprint.after_request(_content_security_policy(VIEWER_POLICY))
     _register_filters(blueprint)
     _register_errors(blueprint)
@@ -126,7 +127,13 @@ def web_blueprint(settings: Settings) -> Blueprint:
 
     @blueprint.get("/app-config.js")
     def viewer_app_config() -> Response:
-        response = Response(app_config(), mimetype="text/javascript")
+        context = http_context()
+        visible = [
+            name
+            for name in partition_names(current_app.extensions["hilum.archive"].index)
+            if context.principal.may_see(name)
+        ]
+        response = Response(app_config(visible), mimetype="text/javascript")
         response.headers["Cache-Control"] = "no-cache"
         return response
 

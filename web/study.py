@@ -31,6 +31,7 @@ from storage.jobs import Job, JobQueue, JobState
 from storage.query import Query, QueryLevel, entity_query, locate_instances, search
 from storage.reviews import Decision, ReviewDecision, record_review, reviews_for_study
 from storage.worklist import AI_STATE_LABELS, WorklistRequest, search_worklist
+from web.ohif import viewer_url
 from web.review_report import review_report
 
 log = logging.getLogger(__name__)
@@ -154,6 +155,7 @@ def register(blueprint: Blueprint, settings: Settings) -> None:
             saved=request.args.get("saved"),
             queued=request.args.get("queued"),
             models=manifest_names(settings.inference.models_dirs),
+            viewer_url=viewer_url(archive.partition, study_uid),
         )
 
     @blueprint.post("/studies/<study_uid>/jobs")
