@@ -33,7 +33,7 @@ from server.dicomweb.statuses import http_status_for
 from server.header_deadline import HeaderDeadlines, connection_class
 from server.metrics import Metrics, mark_worker_dead
 from server.monitoring import register_monitoring
-from server.partitions import enter_partition
+from server.partitions import KnownPartitions, enter_partition
 from storage.archive import Archive
 from storage.errors import StorageError
 from storage.tiers import marking_reads
@@ -55,6 +55,7 @@ def create_app(settings: Settings, archive: Archive, metrics: Metrics | None = N
     app = Flask("hilum", static_folder=None)
     app.extensions["hilum.settings"] = settings
     app.extensions["hilum.archive"] = archive
+    app.extensions["hilum.partitions"] = KnownPartitions(archive.index)
     _register_blueprints(app, settings)
     register_monitoring(app, archive, metrics)  # /healthz, /readyz, /metrics
     _register_error_handlers(app)

@@ -13,6 +13,7 @@ request's partition, so no query, retrieve, store or delete can forget it.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -21,6 +22,7 @@ from werkzeug.exceptions import NotFound
 
 from server.context import Principal, RequestContext, http_context
 from storage.archive import Archive
+from storage.index.database import Index
 from storage.index.models import DEFAULT_PARTITION
 from storage.partitions import partition_exists
 
@@ -57,8 +59,35 @@ def enter_partition(context: RequestContext, requested: str | None) -> RequestCo
     return replace(context, partition=partition)
 
 
+class KnownPartitions:
+    """Which partitions exist, each found one remembered for ``ttl_s`` seconds: a partition's
+    DICOMweb root serves hundreds of frame requests a minute, and a partition is created far
+    more rarely than that (one not found is looked up again at the next request, so a new
+    partition answers at once)."""
+
+    def __init__(
+        self, index: Index, ttl_s: float = 30.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.index, self.ttl_s, self.clock = index, ttl_s, clock
+        self._found: dict[str, float] = {}  # name -> when it was last found
+
+    def __contains__(self, partition: object) -> bool:
+        if not isinstance(partition, str):
+            return False
+        found = self._found.get(partition)
+        now = self.clock()
+        if found is not None and now - found < self.ttl_s:
+            return True
+        if not partition_exists(self.index, partition):
+            self._found.pop(partition, None)
+            return False
+        self._found[partition] = now
+        return True
+
+
 def _exists(partition: str) -> bool:
-    return partition_exists(_app_archive().index, partition)
+    known: KnownPartitions = current_app.extensions["hilum.partitions"]
+    return partition in known
 
 
 def _refused(partition: str) -> NotFound:

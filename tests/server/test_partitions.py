@@ -15,12 +15,14 @@ import pytest
 import requests
 from dicomweb_client.api import DICOMwebClient
 from flask import Flask, g
+from sqlalchemy import delete
 
 from config import Settings
 from server.app import HttpServer, create_app
 from server.context import UNAUTHENTICATED, Principal
-from server.partitions import may_enter
+from server.partitions import KnownPartitions, may_enter
 from storage.archive import Archive, open_archive
+from storage.index.models import Partition as PartitionRow
 from storage.ingest import Origin, ingest_file
 from storage.partitions import ensure_partition
 from storage.query import Query, QueryLevel, locate_instances
@@ -86,6 +88,22 @@ def test_the_decision_a_partition_exists_and_the_principal_may_see_it() -> None:
     asked: list[str] = []
     may_enter(bound, "hospital_b", lambda name: asked.append(name) is None)
     assert asked == []
+
+
+def test_a_found_partition_is_remembered_for_a_while_a_missing_one_never(
+    archive: Archive,
+) -> None:
+    now = [0.0]
+    known = KnownPartitions(archive.index, ttl_s=30.0, clock=lambda: now[0])
+    assert "hospital_c" not in known
+    ensure_partition(archive.index, "hospital_c")
+    assert "hospital_c" in known  # a new partition answers at once
+    with archive.index.write() as session:  # gone (no command removes one yet)
+        session.execute(delete(PartitionRow).where(PartitionRow.name == "hospital_c"))
+    now[0] = 29.0
+    assert "hospital_c" in known  # remembered
+    now[0] = 31.0
+    assert "hospital_c" not in known  # looked up again
 
 
 def _isolated(site: Site, archive: Archive) -> None:
