@@ -228,8 +228,9 @@ class Worker:
                 return False
             stored.append(self._store(job, dataset))
             if dataset.get("ValueType") == "CONTAINER":  # an SR document (PS3.3 C.17.3)
+                if not reports:  # the measurement report; a second SR holds only outlines
+                    findings += [job_finding(stored[-1], f) for f in read_findings(dataset)]
                 reports.append(stored[-1])
-                findings += [job_finding(stored[-1], f) for f in read_findings(dataset)]
         return True
 
     def _store(self, job: Job, dataset: Dataset) -> str:

@@ -21,7 +21,7 @@ from pydicom.dataset import Dataset
 from config import Settings
 from inference.catalog import REFERENCE_MODELS_DIR, ModelCatalog, manifest_names
 from inference.errors import ModelError
-from inference.measurement_report import ReportedFinding, read_findings
+from inference.measurement_report import ReportedFinding, read_findings, with_outlines
 from inference.stability import queue_model_by_hand
 from server.partitions import request_archive, request_root
 from storage.archive import Archive
@@ -82,7 +82,8 @@ def _read(archive: Archive, study_uid: str, sop_instance_uids: list[str]) -> lis
         if stored.sop_class_uid.startswith(SR_SOP_CLASS_ROOT):
             with archive.blobs.open(stored.blob_key) as f:
                 reports.append(pydicom.dcmread(io.BytesIO(f.read())))
-    return reports
+    # In the order the worker stored them: the measurement report first (inference.analysis).
+    return sorted(reports, key=lambda r: sop_instance_uids.index(str(r.SOPInstanceUID)))
 
 
 def _model_report(archive: Archive, job: Job) -> Dataset | None:
@@ -90,14 +91,26 @@ def _model_report(archive: Archive, job: Job) -> Dataset | None:
     return reports[0] if reports else None
 
 
+def _reported_findings(archive: Archive, job: Job) -> tuple[Dataset | None, list[ReportedFinding]]:
+    """The job's measurement report and its findings, with their lesions' outlines from the
+    job's other report (a slice model's, when it found something)."""
+    reports = _read(archive, job.study_instance_uid, job.outputs)
+    if not reports:
+        return None, []
+    outlines = [finding for other in reports[1:] for finding in read_findings(other)]
+    return reports[0], with_outlines(read_findings(reports[0]), outlines)
+
+
 def _job_results(
     archive: Archive, jobs: list[Job], reviews: list[ReviewDecision], reference: frozenset[str]
 ) -> list[JobResult]:
     results = []
     for job in jobs:
-        report = _model_report(archive, job) if job.state == JobState.DONE else None
+        report, reported = (
+            _reported_findings(archive, job) if job.state == JobState.DONE else (None, [])
+        )
         findings = []
-        for finding in read_findings(report) if report is not None else []:
+        for finding in reported:
             history = [
                 r
                 for r in reviews

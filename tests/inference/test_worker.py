@@ -21,6 +21,7 @@ from config.settings import REFERENCE_MODELS_DIR, InferenceSettings
 from inference.analysis import analyse_series
 from inference.phantoms import synthetic_ct_series
 from inference.registry import load_models
+from inference.sr import SR_SERIES_NUMBER
 from inference.stability import queue_stable_studies
 from inference.worker import Worker
 from storage.archive import Archive, open_archive
@@ -84,10 +85,10 @@ def test_a_job_stores_seg_and_sr_into_the_study_and_a_rerun_replaces_them(
 
     assert (job.state, job.model_name, job.attempts) == (JobState.DONE, "ct_lesion_synthetic", 1)
     results = results_in_study(archive, study)
-    assert sorted(cls for cls, _ in results) == [SEG, SR]
+    assert sorted(cls for cls, _ in results) == [SEG, SR, SR]  # the report, the outlines
     assert sorted(job.outputs) == sorted(uid for _, uid in results)
     series = search(archive, Query(QueryLevel.SERIES, {"StudyInstanceUID": study, "Modality": ""}))
-    assert sorted(s["Modality"] for s in series) == ["CT", "SEG", "SR"]
+    assert sorted(s["Modality"] for s in series) == ["CT", "SEG", "SR", "SR"]
     assert run_until_idle(worker) == []  # its own results do not trigger it again
 
     worker.queue.rerun(job.id)
@@ -106,10 +107,11 @@ def test_a_later_generation_that_finds_nothing_leaves_no_stale_seg(
     store_series(archive, tmp_path / "ct", datasets)
     worker = worker_for(settings, archive)
     (job,) = run_until_idle(worker)
-    assert len(job.outputs) == 2
+    assert len(job.outputs) == 3  # SEG, SR, the lesions' outlines
 
     def nothing_found(*args: Any, **kwargs: Any) -> list[Dataset]:
-        return [ds for ds in analyse_series(*args, **kwargs) if ds.Modality == "SR"]
+        outputs = analyse_series(*args, **kwargs)
+        return [ds for ds in outputs if ds.SeriesNumber == SR_SERIES_NUMBER]
 
     worker.analyse = nothing_found
     worker.queue.rerun(job.id)
@@ -147,7 +149,7 @@ def test_a_run_whose_job_is_requeued_meanwhile_stores_nothing(
     assert (fresh_job.state, fresh_job.generation) == (JobState.DONE, 2)
     stored = {uid for _, uid in results_in_study(archive, study)}
     assert stored == set(fresh_job.outputs)  # the fresh results, not overwritten
-    assert len(stored) == 2 and not stored & {ds.SOPInstanceUID for ds in stale_outputs}
+    assert len(stored) == 3 and not stored & {ds.SOPInstanceUID for ds in stale_outputs}
 
 
 def test_a_run_that_loses_its_job_after_storing_deletes_what_it_stored(
@@ -170,7 +172,7 @@ def test_a_run_that_loses_its_job_after_storing_deletes_what_it_stored(
     worker.queue.complete = requeued_just_before_complete  # type: ignore[method-assign]
     lost = worker.step()
 
-    assert len(stored_before_complete) == 2  # the SEG and SR were stored, then the job lost
+    assert len(stored_before_complete) == 3  # the SEG and both SRs were stored, then the job lost
     assert results_in_study(archive, study) == []  # and what the lost run stored deleted
     (job,) = worker.queue.for_study(study)
     assert lost is not None and lost.generation == 1
@@ -253,7 +255,7 @@ def test_a_model_that_raises_fails_with_the_reason_and_other_jobs_run(
     assert (failed.state, failed.attempts) == (JobState.FAILED, 2)
     assert "deliberate failure in forward()" in failed.reason
     assert failed.outputs == []
-    assert done.state == JobState.DONE and len(done.outputs) == 2
+    assert done.state == JobState.DONE and len(done.outputs) == 3
 
 
 def test_a_corrupt_pixel_payload_fails_the_job_with_a_clear_reason(
@@ -333,7 +335,7 @@ def test_a_worker_killed_mid_job_loses_nothing_and_duplicates_nothing(
         (job,) = JobQueue(archive, settings.inference).for_study(study)
         assert (job.state, job.attempts) == (JobState.RUNNING, 1)
         first_results = results_in_study(archive, study)
-        assert sorted(cls for cls, _ in first_results) == [SEG, SR]  # stored, not marked done
+        assert sorted(cls for cls, _ in first_results) == [SEG, SR, SR]  # stored, not marked done
     finally:
         doomed.send_signal(signal.SIGKILL)
         doomed.wait(30)
@@ -408,7 +410,8 @@ def test_hilum_serve_runs_a_worker(backend: str, settings: Settings, tmp_path: P
             while not [j for j in queue.for_study(datasets[0].StudyInstanceUID) if j.outputs]:
                 assert server.poll() is None and time.monotonic() < deadline
                 time.sleep(0.3)
-            assert len(results_in_study(archive, datasets[0].StudyInstanceUID)) == 2
+            # SEG, SR and the outlines
+            assert len(results_in_study(archive, datasets[0].StudyInstanceUID)) == 3
         finally:
             archive.close()
     finally:

@@ -221,6 +221,10 @@ def test_the_study_page_lists_the_findings_and_accept_stores_a_verified_sr(
     expect(job).to_contain_text("version 1.0.0")
     expect(job).to_contain_text("Trained on synthetic data, not for clinical use.")
     expect(job).to_contain_text(re.compile(r"Volume: [\d.]+ mm³"))
+    # Each lesion outlined on its largest slice, with its long axis and area (TID 1410).
+    expect(job.locator("ul.outlines li").first).to_contain_text(
+        re.compile(r"Lesion 1 \(ct_lesion_synthetic\): long axis [\d.]+ mm, area [\d.]+ mm²")
+    )
     thumbnail = page.locator("ul.series img").first
     expect(thumbnail).to_be_visible()
     wait_until(lambda: thumbnail.evaluate("i => i.complete && i.naturalWidth > 0"), "thumbnail")

@@ -17,7 +17,7 @@ import pytest
 import requests
 from dicomweb_client.api import DICOMwebClient
 from PIL import Image
-from playwright.sync_api import Browser, Page, Response, sync_playwright
+from playwright.sync_api import Browser, Page, Response, expect, sync_playwright
 
 from inference.phantoms import synthetic_ct_series
 from storage.jobs import JobState
@@ -119,6 +119,15 @@ def test_open_in_viewer_shows_the_study_in_ohif(
         screenshot(page, "viewer-ohif-seg")
         # The segment's recommended colour is used: OHIF does not warn that it lacks one.
         assert page.get_by_text("RecommendedDisplayCIELabValue not found").count() == 0
+
+        # The lesions outlined on their key slices (TID 1410): OHIF opens that report on the
+        # first lesion's slice and draws its outline, labelled with its area and long axis.
+        page.get_by_text("AI outlines ct_lesion_synthetic - not for clinical use").dblclick()
+        expect(page.get_by_text(re.compile(r"Long axis: [\d.]+ mm")).first).to_be_visible(
+            timeout=60_000
+        )
+        expect(page.get_by_text(re.compile(r"Area: [\d.]+ mm2")).first).to_be_visible()
+        screenshot(page, "viewer-ohif-outlines")
     finally:
         context.close()
     assert dicomweb, "the viewer made no DICOMweb request"
