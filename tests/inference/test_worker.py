@@ -434,7 +434,7 @@ def test_the_worker_serves_every_partition_and_stores_results_in_the_source_part
 
     assert (job.state, job.partition) == (JobState.DONE, "hospital_a")
     results = results_in_study(hospital, study)
-    assert sorted(cls for cls, _ in results) == [SEG, SR]
+    assert sorted(cls for cls, _ in results) == [SEG, SR, SR]  # the report, the outlines
     assert sorted(job.outputs) == sorted(uid for _, uid in results)
     assert JobQueue(hospital, settings.inference).findings_of_study(study)
     # Nothing of it in the default partition: no study, no job, no result.
