@@ -6,8 +6,9 @@ files and the OHIF viewer. The pages are rendered on the server (Jinja) and use 
 services (the worklist, the jobs queue, the query, ingest); the browser's scripts are small and
 plain, and the upload page talks STOW-RS to its partition's ``/dicomweb`` like any other client.
 
-Every route of the UI passes through the blueprint's one ``before_request`` hook
-(:func:`web.pages.before_page`): the place where the access check of a later issue goes.
+Every page passes through the pages blueprint's one ``before_request`` hook
+(:func:`web.pages.before_page`), which checks that the principal may see the page's partition;
+the static files and the viewer's files hold no archive data and need no partition.
 """
 
 from __future__ import annotations
