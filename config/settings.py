@@ -218,14 +218,19 @@ class DimseSettings(_Section):
         ]
 
 
+# An origin as browsers send it (RFC 6454 6.1): scheme, host, optional port.
+_ORIGIN = re.compile(r"https?://[^/\s?#]+")
+
+
 class HttpSettings(_Section):
     port: int = Field(8042, ge=1, le=65535)
     # Reverse proxies (TLS terminators, load balancers) in front of Hilum whose
     # X-Forwarded-For/-Proto/-Host/-Port/-Prefix headers are trusted, so that the URLs Hilum
     # writes (RetrieveURL, BulkDataURI, Location) are the ones clients use; 0: none trusted.
     trusted_proxies: int = Field(0, ge=0, le=8)
-    # Origins (e.g. "https://viewer.example.org", or "*") whose browser pages may call the
-    # DICOMweb API; empty: no CORS headers, same-origin pages only.
+    # Origins (e.g. "https://viewer.example.org") whose browser pages may call the HTTP API
+    # (read, store, delete); "*": any page may read (GET/HEAD) only, without credentials;
+    # empty: no CORS headers, same-origin pages only (server/cors.py).
     cors_allowed_origins: list[str] = Field(default_factory=list)
     # Largest STOW-RS request body in bytes; a larger one is refused with 413.
     stow_max_bytes: int = Field(16 * 1024**3, ge=1)
@@ -239,6 +244,41 @@ class HttpSettings(_Section):
     # 503), so that one address cannot hold every thread.
     header_timeout_s: float = Field(10.0, gt=0)
     header_reads_per_client: int = Field(4, ge=1)
+
+    @field_validator("cors_allowed_origins")
+    @classmethod
+    def _origins(cls, origins: list[str]) -> list[str]:
+        for origin in origins:
+            if origin == "null":
+                raise ValueError(
+                    '"null" is not an origin (sandboxed frames and file: pages send it): '
+                    "list the viewer's real origin, e.g. https://viewer.example.org"
+                )
+            if origin != "*" and not _ORIGIN.fullmatch(origin):
+                raise ValueError(
+                    f"{origin!r} is not an origin: scheme://host[:port], no path or trailing "
+                    'slash (e.g. https://viewer.example.org), or "*"'
+                )
+        return origins
+
+    # HTTPS for `hilum serve` (cheroot) and `hilum web` (gunicorn): PEM files, the certificate
+    # (chain) and its private key; both or neither. Unset: plain HTTP (behind a TLS-terminating
+    # proxy, with trusted_proxies). With HTTPS, responses carry HSTS.
+    tls_certificate: Path | None = None
+    tls_private_key: Path | None = None
+
+    @model_validator(mode="after")
+    def _check_tls(self) -> HttpSettings:
+        if bool(self.tls_certificate) != bool(self.tls_private_key):
+            raise ValueError(
+                "HTTPS needs both [http] tls_certificate and tls_private_key (PEM files)"
+            )
+        return self
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls_certificate else "http"
+
     # DELETE of studies, series and instances over DICOMweb. There is no authentication in
     # front of the API, so it is off unless asked for; refused with 403 when off.
     allow_delete: bool = False

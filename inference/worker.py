@@ -113,11 +113,6 @@ class Worker:
         # (same UIDs) whatever the archive's duplicate policy for what modalities send.
         self._results_archive = dataclasses.replace(archive, on_duplicate="overwrite")
         self._tmp_dir = settings.server.data_dir / "tmp"
-        # [[research.copies]]: their jobs live in the queue of the partition they copy from.
-        self._copy_queues = {
-            partition: JobQueue(archive.scoped(partition), settings.inference, clock=clock)
-            for partition in sorted({r.from_partition for r in settings.research.copies})
-        }
 
     def run(self, stop: threading.Event) -> None:
         """Work until ``stop`` is set; a job in progress is finished first."""
@@ -139,19 +134,19 @@ class Worker:
 
     def step(self) -> Job | None:
         """Queue the jobs of newly stable studies, then run one job; the job as it ended, or
-        None when none was waiting."""
+        None when none was waiting. Every partition's: the job's inputs are read from, and its
+        results stored into, the partition of its study."""
         queue_stable_studies(self.archive, self.settings, self.models, now=self.clock())
-        copies = self.settings.research.copies
-        queue = self.queue
-        job = queue.claim(self.name, [model.name for model in self.models])
-        for queue in [] if job is not None else self._copy_queues.values():
-            job = queue.claim(self.name, [rule.job_name for rule in copies])
-            if job is not None:
-                break
+        # The models' jobs and the research copies' ([[research.copies]]), of every partition.
+        names = [model.name for model in self.models]
+        names += [rule.job_name for rule in self.settings.research.copies]
+        job = self.queue.claim(self.name, names, any_partition=True)
         if job is None:
             return None
         started = time.monotonic()
-        ended = self.copy(queue, job) if is_copy_job(job.model_name) else self.process(job)
+        ended = (
+            self.copy(self._queue(job), job) if is_copy_job(job.model_name) else self.process(job)
+        )
         if self.on_job_ended is not None:
             self.on_job_ended(ended, time.monotonic() - started)
         return ended
@@ -164,7 +159,7 @@ class Worker:
             job.series_instance_uid,
             job.attempts,
         )
-        lease = _Lease(self.queue, job, self.name)
+        lease = _Lease(self._queue(job), job, self.name)
         lease.start()
         stored: list[str] = []  # SOP Instance UIDs, as each output is stored
         findings: list[JobFinding] = []  # of each SR stored
@@ -179,7 +174,7 @@ class Worker:
         finally:
             lease.stop()
         model = self._model(job)
-        if not held or not self.queue.complete(
+        if not held or not self._queue(job).complete(
             job,
             self.name,
             model_version=model.version,
@@ -189,7 +184,13 @@ class Worker:
             self._lost(job, stored)
             return job
         log.info("job %d: done, stored %s", job.id, ", ".join(stored) or "nothing")
-        return self.queue.get(job.id)
+        return self._queue(job).get(job.id)
+
+    def _queue(self, job: Job) -> JobQueue:
+        """The queue of the job's partition (its findings and outputs are that partition's)."""
+        if job.partition == self.queue.archive.partition:
+            return self.queue
+        return self.queue.in_partition(job.partition)
 
     def copy(self, queue: JobQueue, job: Job) -> Job:
         """A research copy job: the study, de-identified, into the rule's partition."""
@@ -250,7 +251,7 @@ class Worker:
 
     def _lost(self, job: Job, stored: list[str]) -> None:
         """Another run holds the job now; what this one stored goes unless still needed."""
-        deleted = self.queue.discard_stale_outputs(job, stored) if stored else []
+        deleted = self._queue(job).discard_stale_outputs(job, stored) if stored else []
         log.warning(
             "job %d: lost to a re-queue or another worker; not marked done%s",
             job.id,
@@ -278,7 +279,7 @@ class Worker:
         findings to ``findings``); False when the job was lost first."""
         model = self._model(job)
         datasets = self.analyse(
-            self.archive,
+            self.archive.scoped(job.partition),
             model,
             job.study_instance_uid,
             job.series_instance_uid,
@@ -287,17 +288,18 @@ class Worker:
         )
         for dataset in datasets:
             # Still this worker's job, and this generation of it? (Renews the lease too.)
-            if lease.lost.is_set() or not self.queue.heartbeat(job, self.name):
+            if lease.lost.is_set() or not self._queue(job).heartbeat(job, self.name):
                 return False
-            stored.append(self._store(dataset))
+            stored.append(self._store(job, dataset))
             if dataset.get("ValueType") == "CONTAINER":  # an SR document (PS3.3 C.17.3)
                 if not reports:  # the measurement report; a second SR holds only outlines
                     findings += [job_finding(stored[-1], f) for f in read_findings(dataset)]
                 reports.append(stored[-1])
         return True
 
-    def _store(self, dataset: Dataset) -> str:
-        """Store one result through the ingest path, as any other instance."""
+    def _store(self, job: Job, dataset: Dataset) -> str:
+        """Store one result through the ingest path, as any other instance, into the partition
+        of the job's study."""
         self._tmp_dir.mkdir(parents=True, exist_ok=True)
         handle, name = tempfile.mkstemp(suffix=".dcm", dir=self._tmp_dir)
         os.close(handle)
@@ -305,18 +307,20 @@ class Worker:
         try:
             dataset.save_as(path, enforce_file_format=True)
             origin = Origin(calling_ae_title=self.settings.dimse.ae_title)
-            return ingest_file(self._results_archive, path, origin).sop_instance_uid
+            return ingest_file(
+                self._results_archive.scoped(job.partition), path, origin
+            ).sop_instance_uid
         finally:
             path.unlink(missing_ok=True)
 
     def _failed(self, job: Job, reason: str, stored: list[str], *, retry: bool) -> Job:
-        ended = self.queue.fail(job, self.name, reason, retry=retry)
+        ended = self._queue(job).fail(job, self.name, reason, retry=retry)
         if ended is None:
             log.warning("job %d: failed after losing its lease: %s", job.id, reason)
             self._lost(job, stored)
             return job
         # Part of the outputs stored before the failure: a retry stores them again.
-        self.queue.delete_outputs(job.study_instance_uid, stored)
+        self._queue(job).delete_outputs(job.study_instance_uid, stored)
         if ended.state == JobState.FAILED:
             log.error("job %d: failed: %s", job.id, reason)
         else:

@@ -8,19 +8,24 @@ serves it under gunicorn (one app and one archive per worker process, built afte
 from __future__ import annotations
 
 import logging
+import ssl
 import threading
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import cheroot.wsgi
+from cheroot.ssl.builtin import BuiltinSSLAdapter
 from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from config import Settings
+from config.settings import ConfigError
 from server.api import register_api
 from server.context import UNAUTHENTICATED, RequestContext
+from server.cors import configure_cors
 from server.dicomweb import register_dicomweb
 from server.dicomweb.media_types import NotAcceptable
 from server.dicomweb.multipart import MultipartError
@@ -28,6 +33,7 @@ from server.dicomweb.statuses import http_status_for
 from server.header_deadline import HeaderDeadlines, connection_class
 from server.metrics import Metrics, mark_worker_dead
 from server.monitoring import register_monitoring
+from server.partitions import KnownPartitions, enter_partition
 from storage.archive import Archive
 from storage.errors import StorageError
 from storage.tiers import marking_reads
@@ -49,10 +55,12 @@ def create_app(settings: Settings, archive: Archive, metrics: Metrics | None = N
     app = Flask("hilum", static_folder=None)
     app.extensions["hilum.settings"] = settings
     app.extensions["hilum.archive"] = archive
-    _register_blueprints(app, settings, archive)
+    app.extensions["hilum.partitions"] = KnownPartitions(archive.index)
+    _register_blueprints(app, settings)
     register_monitoring(app, archive, metrics)  # /healthz, /readyz, /metrics
     _register_error_handlers(app)
-    _configure_cors(app, settings.http.cors_allowed_origins)
+    configure_cors(app, settings.http.cors_allowed_origins)
+    app.after_request(_strict_transport_security)
     if settings.http.trusted_proxies:
         proxies = settings.http.trusted_proxies
         app.wsgi_app = ProxyFix(  # type: ignore[method-assign]
@@ -63,18 +71,36 @@ def create_app(settings: Settings, archive: Archive, metrics: Metrics | None = N
     @app.before_request
     def _request_context() -> None:
         g.request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex[:12]
-        g.hilum_context = RequestContext(
+        context = RequestContext(
             UNAUTHENTICATED, request.remote_addr or "", "http", request_id=g.request_id
         )
+        # The partition the URL names (its root /partitions/<partition>/…), chosen here once;
+        # the views never see the URL value. 404 when the principal may not see it.
+        requested = request.view_args.pop("partition", None) if request.view_args else None
+        g.hilum_context = enter_partition(context, requested)
 
     return app
 
 
-def _register_blueprints(app: Flask, settings: Settings, archive: Archive) -> None:
-    """Every family of routes is registered here, one line each."""
-    register_dicomweb(app, settings, archive)  # /dicomweb (QIDO, WADO, STOW, DELETE), /wado
-    register_api(app, settings, archive)  # /api (AI jobs)
-    register_web(app, settings, archive)  # the browser UI: /, /studies/…, /jobs, /upload
+def _register_blueprints(app: Flask, settings: Settings) -> None:
+    """Every family of routes is registered here, one line each; each at the default
+    partition's root and at another partition's (``/partitions/<partition>``, server.partitions).
+    The views work on ``server.partitions.request_archive()``."""
+    register_dicomweb(app, settings)  # /dicomweb (QIDO, WADO, STOW, DELETE), /wado
+    register_api(app, settings)  # /api (AI jobs)
+    register_web(app, settings)  # the browser UI: /, /studies/…, /jobs, /upload, the viewer
+
+
+# RFC 6797: browsers that reached Hilum over HTTPS use nothing else for a year. Sent on every
+# HTTPS response ([http] tls_*, or a trusted proxy's X-Forwarded-Proto: https); browsers ignore
+# it over plain HTTP. No includeSubDomains: other hosts of a hospital's domain may be HTTP-only.
+HSTS = "max-age=31536000"
+
+
+def _strict_transport_security(response: Response) -> Response:
+    if request.is_secure:
+        response.headers.setdefault("Strict-Transport-Security", HSTS)
+    return response
 
 
 def _error(status: int, message: str) -> Response:
@@ -104,27 +130,23 @@ def _register_error_handlers(app: Flask) -> None:
         return _error(error.code or 500, error.description or error.name)
 
 
-def _configure_cors(app: Flask, allowed: list[str]) -> None:
-    """CORS (Fetch standard) for viewers served from another origin, e.g. OHIF."""
-    if not allowed:
-        return
-
-    @app.after_request
-    def _cors(response: Response) -> Response:
-        origin = request.headers.get("Origin")
-        if origin and ("*" in allowed or origin in allowed):
-            response.headers["Access-Control-Allow-Origin"] = "*" if "*" in allowed else origin
-            response.headers["Vary"] = "Origin"
-            response.headers["Access-Control-Expose-Headers"] = (
-                "Warning, Content-Type, Content-Length, Content-Location"
-            )
-            if request.method == "OPTIONS":
-                response.headers["Access-Control-Allow-Methods"] = "GET, POST, DELETE, OPTIONS"
-                response.headers["Access-Control-Allow-Headers"] = request.headers.get(
-                    "Access-Control-Request-Headers", "Accept, Content-Type"
-                )
-                response.headers["Access-Control-Max-Age"] = "600"
-        return response
+def https_files(settings: Settings) -> tuple[Path, Path] | None:
+    """``[http] tls_certificate`` and ``tls_private_key``, checked by loading them now (a
+    clear :class:`ConfigError` at start, not a failed handshake later); None: plain HTTP."""
+    http = settings.http
+    if not (http.tls_certificate and http.tls_private_key):
+        return None
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
+            http.tls_certificate, http.tls_private_key
+        )
+    except (OSError, ssl.SSLError) as error:
+        raise ConfigError(
+            f"[http] tls_certificate {http.tls_certificate} and tls_private_key "
+            f"{http.tls_private_key} cannot be used for HTTPS: {error} (PEM files: the "
+            "certificate, with its chain, and its unencrypted private key)"
+        ) from error
+    return http.tls_certificate, http.tls_private_key
 
 
 # The request line and headers together; more is 414 (line) or 413 (headers) from cheroot.
@@ -148,7 +170,9 @@ class HttpServer:
         *,
         header_timeout_s: float = 10.0,
         header_reads_per_client: int = 4,
+        tls: tuple[Path, Path] | None = None,
     ) -> None:
+        """``tls``: (certificate, private key) PEM files: HTTPS (``[http] tls_*``)."""
         self._deadlines = HeaderDeadlines(header_timeout_s, header_reads_per_client)
         self._server = cheroot.wsgi.Server(
             (host, port),
@@ -164,6 +188,11 @@ class HttpServer:
         # and a size: cheroot's default 0 reads headers of any size into memory.
         self._server.ConnectionClass = connection_class(self._deadlines)
         self._server.max_request_header_size = MAX_REQUEST_HEADER_BYTES
+        if tls is not None:
+            # cheroot's TLS adapter: the handshake on accept, the WSGI environ says https.
+            adapter = BuiltinSSLAdapter(str(tls[0]), str(tls[1]))
+            adapter.context.minimum_version = ssl.TLSVersion.TLSv1_2  # BCP 195
+            self._server.ssl_adapter = adapter
         self._server.prepare()  # binds now: the port is known and taken before start()
         self._thread = threading.Thread(target=self._server.serve, name="http-server", daemon=True)
 
@@ -214,12 +243,13 @@ def _access_logged(app: Flask) -> Any:
 def serve_with_gunicorn(settings: Settings) -> None:
     """``hilum web``: gunicorn with config/gunicorn.conf.py; blocks until it is stopped."""
     import runpy
-    from pathlib import Path
 
     from gunicorn.app.base import BaseApplication
 
     import config
     from storage.archive import open_archive
+
+    tls = https_files(settings)
 
     class HilumWeb(BaseApplication):  # type: ignore[misc]
         def load_config(self) -> None:
@@ -228,6 +258,9 @@ def serve_with_gunicorn(settings: Settings) -> None:
                 if name in self.cfg.settings:
                     self.cfg.set(name, value)
             self.cfg.set("bind", [f"{settings.server.host}:{settings.http.port}"])
+            if tls is not None:
+                self.cfg.set("certfile", str(tls[0]))
+                self.cfg.set("keyfile", str(tls[1]))
             self.cfg.set("workers", settings.http.workers)
             self.cfg.set("threads", settings.http.threads)
             self.cfg.set("proc_name", "hilum-web")
@@ -241,7 +274,8 @@ def serve_with_gunicorn(settings: Settings) -> None:
 
     def _announce(_server: object) -> None:
         print(
-            f"Hilum is listening: HTTP http://{settings.server.host}:{settings.http.port}"
+            f"Hilum is listening: HTTP {settings.http.scheme}://{settings.server.host}:"
+            f"{settings.http.port}"
             f"/dicomweb ({settings.http.workers} workers); index "
             f"{settings.database_url_for_display}; blobs {settings.blob_url}",
             flush=True,

@@ -98,7 +98,11 @@ def _run_dimse(settings: Settings, args: argparse.Namespace, *, all_in_one: bool
     print(
         f"Hilum is listening: DICOM {settings.dimse.ae_title}@{settings.server.host}:"
         f"{server.port}; index {settings.database_url_for_display}; blobs {settings.blob_url}"
-        + (f"; HTTP http://{settings.server.host}:{http.port}/dicomweb" if http else "")
+        + (
+            f"; HTTP {settings.http.scheme}://{settings.server.host}:{http.port}/dicomweb"
+            if http
+            else ""
+        )
         + (f"; metrics on port {metrics_server.port}" if metrics_server else ""),
         flush=True,
     )
@@ -163,7 +167,7 @@ def _stop_at_end_of_input(stopped: threading.Event) -> None:
 
 
 def _start_http_server(settings: Settings, archive: Archive, metrics: Metrics) -> HttpServer:
-    from server.app import HttpServer, create_app
+    from server.app import HttpServer, create_app, https_files
 
     http = HttpServer(
         create_app(settings, dataclasses.replace(archive), metrics),  # the app's own copy
@@ -172,6 +176,7 @@ def _start_http_server(settings: Settings, archive: Archive, metrics: Metrics) -
         threads=settings.http.threads,
         header_timeout_s=settings.http.header_timeout_s,
         header_reads_per_client=settings.http.header_reads_per_client,
+        tls=https_files(settings),
     )
     http.start()
     return http

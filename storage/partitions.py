@@ -108,3 +108,9 @@ def partition_exists(index: Index, name: str) -> bool:
     """Whether partition ``name`` exists (the HTTP routing of /partitions/{name}/…)."""
     with index.read() as session:
         return session.get(Partition, name) is not None
+
+
+def partition_names(index: Index) -> list[str]:
+    """Every partition, by name."""
+    with index.read() as session:
+        return list(session.scalars(select(Partition.name).order_by(Partition.name)))

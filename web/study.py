@@ -23,6 +23,7 @@ from inference.catalog import REFERENCE_MODELS_DIR, ModelCatalog, manifest_names
 from inference.errors import ModelError
 from inference.measurement_report import ReportedFinding, read_findings, with_outlines
 from inference.stability import queue_model_by_hand
+from server.partitions import request_archive, request_root
 from storage.archive import Archive
 from storage.errors import InvalidQuery, NotFound
 from storage.ingest import Origin, ingest_file
@@ -30,6 +31,7 @@ from storage.jobs import Job, JobQueue, JobState
 from storage.query import Query, QueryLevel, entity_query, locate_instances, search
 from storage.reviews import Decision, ReviewDecision, record_review, reviews_for_study
 from storage.worklist import AI_STATE_LABELS, WorklistRequest, search_worklist
+from web.ohif import viewer_url
 from web.review_report import review_report
 
 log = logging.getLogger(__name__)
@@ -141,13 +143,14 @@ def _series(archive: Archive, study_uid: str) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda s: (s.get("SeriesNumber") is None, s.get("SeriesNumber") or 0))
 
 
-def register(blueprint: Blueprint, settings: Settings, archive: Archive) -> None:
-    queue = JobQueue(archive, settings.inference)
+def register(blueprint: Blueprint, settings: Settings) -> None:
     reference = reference_model_names()
     catalog = ModelCatalog(settings.inference.models_dirs)
 
     @blueprint.get("/studies/<study_uid>")
     def study_page(study_uid: str) -> Any:
+        archive = request_archive()
+        queue = JobQueue(archive, settings.inference)
         study = _study(archive, study_uid)
         (listed,) = search_worklist(
             archive, WorklistRequest(matching={"StudyInstanceUID": study_uid}, limit=1)
@@ -165,6 +168,7 @@ def register(blueprint: Blueprint, settings: Settings, archive: Archive) -> None
             saved=request.args.get("saved"),
             queued=request.args.get("queued"),
             models=manifest_names(settings.inference.models_dirs),
+            viewer_url=viewer_url(archive.partition, study_uid),
         )
 
     @blueprint.post("/studies/<study_uid>/jobs")
@@ -174,11 +178,15 @@ def register(blueprint: Blueprint, settings: Settings, archive: Archive) -> None
             model = catalog.get(request.form.get("model", ""))
         except ModelError as error:
             raise InvalidQuery(str(error)) from None
-        jobs = queue_model_by_hand(archive, settings, model, study_uid)
-        return redirect(f"/studies/{study_uid}?queued={model.name}+on+{len(jobs)}+series", 303)
+        jobs = queue_model_by_hand(request_archive(), settings, model, study_uid)
+        return redirect(
+            f"{request_root()}/studies/{study_uid}?queued={model.name}+on+{len(jobs)}+series", 303
+        )
 
     @blueprint.post("/studies/<study_uid>/reviews")
     def review_finding(study_uid: str) -> Any:
+        archive = request_archive()
+        queue = JobQueue(archive, settings.inference)
         form = request.form
         try:
             decision = Decision(form.get("decision", ""))
@@ -241,7 +249,9 @@ def register(blueprint: Blueprint, settings: Settings, archive: Archive) -> None
         )
         log.info("study %s: finding %s %s (SR %s)", study_uid, tracking_uid, decision, stored)
         anchor = f"finding-{finding.tracking_uid}"
-        return redirect(f"/studies/{study_uid}?saved={decision.value}#{anchor}", code=303)
+        return redirect(
+            f"{request_root()}/studies/{study_uid}?saved={decision.value}#{anchor}", code=303
+        )
 
 
 def _store(archive: Archive, settings: Settings, dataset: Dataset) -> str:

@@ -10,7 +10,7 @@ from urllib.parse import urlencode
 from flask import Blueprint, render_template, request
 
 from config import Settings
-from storage.archive import Archive
+from server.partitions import request_archive, request_root
 from storage.errors import InvalidQuery
 from storage.worklist import (
     AI_STATE_LABELS,
@@ -100,7 +100,7 @@ def _context(args: Any, page: WorklistPage | None, error: str | None) -> dict[st
 
     def sort_url(column: str) -> str:
         flipped = "asc" if sort == column and order == "desc" else "desc"
-        return "/?" + urlencode({**filters, "sort": column, "order": flipped})
+        return request_root() + "/?" + urlencode({**filters, "sort": column, "order": flipped})
 
     base = {**filters, "sort": sort, "order": order}
     return {
@@ -112,22 +112,26 @@ def _context(args: Any, page: WorklistPage | None, error: str | None) -> dict[st
         "order": order,
         "columns": COLUMNS,
         "sort_url": sort_url,
-        "first_url": "/?" + urlencode(base),
+        "first_url": request_root() + "/?" + urlencode(base),
         "next_url": (
-            "/?" + urlencode({**base, "cursor": page.next_cursor})
+            request_root() + "/?" + urlencode({**base, "cursor": page.next_cursor})
             if page and page.next_cursor
             else None
         ),
-        "rows_url": "/worklist/rows?" + urlencode({**base, "cursor": args.get("cursor", "")}),
+        "rows_url": request_root()
+        + "/worklist/rows?"
+        + urlencode({**base, "cursor": args.get("cursor", "")}),
         "modalities": MODALITIES,
         "ai_states": AI_STATE_LABELS,
     }
 
 
-def register(blueprint: Blueprint, settings: Settings, archive: Archive) -> None:
+def register(blueprint: Blueprint, settings: Settings) -> None:
     def _page() -> tuple[WorklistPage | None, str | None]:
         try:
-            return search_worklist(archive, worklist_request(request.args, settings)), None
+            return search_worklist(
+                request_archive(), worklist_request(request.args, settings)
+            ), None
         except InvalidQuery as error:
             return None, str(error)
 

@@ -33,23 +33,27 @@ from config import Settings
 from inference.catalog import ModelCatalog
 from inference.errors import ModelError
 from inference.stability import queue_model_by_hand
-from storage.archive import Archive
+from server.partitions import request_archive
 from storage.dicom_file import is_valid_uid
 from storage.errors import InvalidQuery
 from storage.jobs import JobQueue
 from storage.reviews import Decision, reviews_for_study, search_reviews
 
 
-def jobs_blueprint(settings: Settings, archive: Archive) -> Blueprint:
+def _queue(settings: Settings) -> JobQueue:
+    """The jobs of the request's partition."""
+    return JobQueue(request_archive(), settings.inference)
+
+
+def jobs_blueprint(settings: Settings) -> Blueprint:
     blueprint = Blueprint("jobs", __name__)
-    queue = JobQueue(archive, settings.inference)
     catalog = ModelCatalog(settings.inference.models_dirs)
 
     @blueprint.get("/studies/<study_instance_uid>/jobs")
     def list_study_jobs(study_instance_uid: str) -> Any:
         if not is_valid_uid(study_instance_uid):
             raise InvalidQuery(f"{study_instance_uid[:80]!r} is not a Study Instance UID")
-        return jsonify([job.as_json() for job in queue.for_study(study_instance_uid)])
+        return jsonify([job.as_json() for job in _queue(settings).for_study(study_instance_uid)])
 
     @blueprint.get("/jobs")
     def search_jobs() -> Any:
@@ -59,7 +63,7 @@ def jobs_blueprint(settings: Settings, archive: Archive) -> Blueprint:
             before = int(args["before"]) if args.get("before") else None
         except ValueError:
             raise InvalidQuery("limit and before must be integers") from None
-        jobs = queue.search(
+        jobs = _queue(settings).search(
             state=args.get("state") or None,
             model=args.get("model") or None,
             study_instance_uid=args.get("study") or None,
@@ -76,7 +80,7 @@ def jobs_blueprint(settings: Settings, archive: Archive) -> Blueprint:
             model = catalog.get(str(body.get("model", "")))
         except ModelError as error:
             raise InvalidQuery(str(error)) from None
-        jobs = queue_model_by_hand(archive, settings, model, study_instance_uid)
+        jobs = queue_model_by_hand(request_archive(), settings, model, study_instance_uid)
         return jsonify([job.as_json() for job in jobs]), 202
 
     @blueprint.get("/studies/<study_instance_uid>/findings")
@@ -84,7 +88,7 @@ def jobs_blueprint(settings: Settings, archive: Archive) -> Blueprint:
         return jsonify(
             [
                 {**finding.as_json(), "job": job.id, "model": job.as_json()["model"]}
-                for job, finding in queue.findings_of_study(study_instance_uid)
+                for job, finding in _queue(settings).findings_of_study(study_instance_uid)
             ]
         )
 
@@ -101,7 +105,7 @@ def jobs_blueprint(settings: Settings, archive: Archive) -> Blueprint:
         if since is not None and since.tzinfo is None:
             since = since.replace(tzinfo=UTC)
         found = search_reviews(
-            archive,
+            request_archive(),
             decision=decision,
             model=args.get("model") or None,
             since=since,
@@ -112,14 +116,16 @@ def jobs_blueprint(settings: Settings, archive: Archive) -> Blueprint:
 
     @blueprint.get("/studies/<study_instance_uid>/reviews")
     def list_study_reviews(study_instance_uid: str) -> Any:
-        return jsonify([r.as_json() for r in reviews_for_study(archive, study_instance_uid)])
+        return jsonify(
+            [r.as_json() for r in reviews_for_study(request_archive(), study_instance_uid)]
+        )
 
     @blueprint.get("/jobs/<int:job_id>")
     def retrieve_job(job_id: int) -> Any:
-        return jsonify(queue.get(job_id).as_json())
+        return jsonify(_queue(settings).get(job_id).as_json())
 
     @blueprint.post("/jobs/<int:job_id>/rerun")
     def rerun_job(job_id: int) -> Any:
-        return jsonify(queue.rerun(job_id).as_json()), 202
+        return jsonify(_queue(settings).rerun(job_id).as_json()), 202
 
     return blueprint

@@ -13,13 +13,13 @@ from typing import Any
 from flask import Blueprint, jsonify, request
 
 from server.access import Action, requires
-from storage.archive import Archive
+from server.partitions import request_archive
 from storage.dicom_file import is_valid_uid
 from storage.errors import InvalidQuery
 from storage.pseudonyms import identities
 
 
-def research_blueprint(archive: Archive) -> Blueprint:
+def research_blueprint() -> Blueprint:
     blueprint = Blueprint("research", __name__)
 
     @blueprint.get("/research/identities")
@@ -32,7 +32,7 @@ def research_blueprint(archive: Archive) -> Blueprint:
         if study is not None and not is_valid_uid(study):
             raise InvalidQuery(f"{study[:80]!r} is not a Study Instance UID")
         found = identities(
-            archive,
+            request_archive(),
             project=request.args.get("project") or None,
             pseudonym=pseudonym,
             deidentified_study_uid=study,

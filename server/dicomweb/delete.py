@@ -9,6 +9,7 @@ from flask import Blueprint, Response, g, request
 from werkzeug.exceptions import Forbidden
 
 from config import Settings
+from server.partitions import request_archive
 from storage.archive import Archive
 from storage.delete import Deletion, delete_instance, delete_series, delete_study
 
@@ -16,8 +17,10 @@ log = logging.getLogger(__name__)
 
 
 class DeleteTransaction:
-    def __init__(self, archive: Archive) -> None:
-        self.archive = archive
+    @property
+    def archive(self) -> Archive:
+        """The request's archive, scoped to its partition (``server.partitions``)."""
+        return request_archive()
 
     def _done(self, deletion: Deletion, what: str) -> Response:
         log.info(
@@ -41,8 +44,8 @@ class DeleteTransaction:
         return self._done(deletion, f"instance {instance}")
 
 
-def blueprint(archive: Archive, settings: Settings) -> Blueprint:
-    transaction = DeleteTransaction(archive)
+def blueprint(settings: Settings) -> Blueprint:
+    transaction = DeleteTransaction()
     bp = Blueprint("delete", __name__)
 
     @bp.before_request

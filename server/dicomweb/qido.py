@@ -16,6 +16,7 @@ from config import Settings
 from server.dicomweb import urls
 from server.dicomweb.media_types import DICOM_JSON
 from server.dicomweb.statuses import warning_text
+from server.partitions import request_archive
 from storage.archive import Archive
 from storage.errors import InvalidQuery
 from storage.query import QUERY_KEYS, Query, QueryLevel, search
@@ -181,9 +182,13 @@ def _json_array(items: Iterator[dict[str, Any]]) -> Iterator[bytes]:
 class SearchTransaction:
     """PS3.18 10.6: the search resources, one method per target resource."""
 
-    def __init__(self, archive: Archive, settings: Settings) -> None:
-        self.archive = archive
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
+
+    @property
+    def archive(self) -> Archive:
+        """The request's archive, scoped to its partition (``server.partitions``)."""
+        return request_archive()
 
     def _search(self, level: QueryLevel, path_keys: dict[str, str]) -> Response:
         form = SearchForm(level, self.settings, path_keys)
@@ -211,8 +216,8 @@ class SearchTransaction:
         return self._search(QueryLevel.IMAGE, keys)
 
 
-def blueprint(archive: Archive, settings: Settings) -> Blueprint:
-    qido = SearchTransaction(archive, settings)
+def blueprint(settings: Settings) -> Blueprint:
+    qido = SearchTransaction(settings)
     bp = Blueprint("qido", __name__)
     bp.add_url_rule("/studies", view_func=qido.search_for_studies, methods=["GET"])
     bp.add_url_rule("/series", view_func=qido.search_for_series, methods=["GET"])

@@ -23,6 +23,7 @@ from server.dicomweb.frames import (
 from server.dicomweb.media_types import NotAcceptable, matches, parse_accept
 from server.dicomweb.spool import Spool
 from server.dicomweb.wado import located, one_instance
+from server.partitions import request_archive
 from storage.archive import Archive
 from storage.errors import InvalidQuery
 from storage.query import StoredInstance
@@ -140,9 +141,17 @@ def rendered_media_type() -> str:
 
 
 class RenderedTransaction:
-    def __init__(self, archive: Archive, settings: Settings) -> None:
-        self.archive = archive
-        self.frames = FrameReader(archive, Spool(settings.server.data_dir))
+    def __init__(self, settings: Settings) -> None:
+        self.spool = Spool(settings.server.data_dir)
+
+    @property
+    def archive(self) -> Archive:
+        """The request's archive, scoped to its partition (``server.partitions``)."""
+        return request_archive()
+
+    @property
+    def frames(self) -> FrameReader:
+        return FrameReader(self.archive, self.spool)
 
     def render_frame(
         self, instance: StoredInstance, frame: int, params: RenderingParameters, media_type: str
@@ -210,8 +219,8 @@ def _first_frame(frames: str) -> int:
         raise InvalidQuery(str(error)) from None
 
 
-def blueprint(archive: Archive, settings: Settings) -> Blueprint:
-    rendered = RenderedTransaction(archive, settings)
+def blueprint(settings: Settings) -> Blueprint:
+    rendered = RenderedTransaction(settings)
     bp = Blueprint("rendered", __name__)
     series = "/studies/<study>/series/<series>"
     instance = f"{series}/instances/<instance>"

@@ -29,6 +29,7 @@ from server.dicomweb.statuses import (
     failure_reason_for,
     warning_text,
 )
+from server.partitions import request_archive
 from storage.archive import Archive
 from storage.dicom_file import read_instance_header
 from storage.errors import InvalidInstance, StorageError
@@ -60,11 +61,15 @@ class _LimitedStream:
 
 
 class StoreTransaction:
-    def __init__(self, archive: Archive, settings: Settings) -> None:
-        self.archive = archive
+    def __init__(self, settings: Settings) -> None:
         self.max_bytes = settings.http.stow_max_bytes
         self.tmp_dir = (settings.server.data_dir / "tmp").resolve()
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def archive(self) -> Archive:
+        """The request's archive, scoped to its partition (``server.partitions``)."""
+        return request_archive()
 
     def _boundary(self) -> str:
         # PS3.18 10.5.1.1: multipart/related; type="application/dicom" is the only form
@@ -267,8 +272,8 @@ def _failed(sop_class: str, sop_instance: str, reason: int) -> dict[str, Any]:
     return item.to_json_dict()
 
 
-def blueprint(archive: Archive, settings: Settings) -> Blueprint:
-    stow = StoreTransaction(archive, settings)
+def blueprint(settings: Settings) -> Blueprint:
+    stow = StoreTransaction(settings)
     bp = Blueprint("stow", __name__)
     bp.add_url_rule("/studies", view_func=stow.store_instances, methods=["POST"])
     bp.add_url_rule("/studies/<study>", view_func=stow.store_instances, methods=["POST"])

@@ -32,6 +32,7 @@ from server.dicomweb.media_types import (
 )
 from server.dicomweb.multipart import OutgoingPart, new_boundary, write_parts
 from server.dicomweb.spool import Spool
+from server.partitions import request_archive
 from server.transcoding import TranscodingRefused, check_size, transcode
 from storage.archive import Archive
 from storage.dicom_file import PIXEL_DATA
@@ -122,11 +123,18 @@ def absolute_bulk_data_uris(elements: dict[str, Any], base: str, path: str = "")
 class RetrieveTransaction:
     """PS3.18 10.4: one method per target resource."""
 
-    def __init__(self, archive: Archive, settings: Settings) -> None:
-        self.archive = archive
+    def __init__(self, settings: Settings) -> None:
         self.spool = Spool(settings.server.data_dir)
-        self.frames = FrameReader(archive, self.spool)
         self.transcode_max_bytes = settings.server.transcode_max_bytes
+
+    @property
+    def archive(self) -> Archive:
+        """The request's archive, scoped to its partition (``server.partitions``)."""
+        return request_archive()
+
+    @property
+    def frames(self) -> FrameReader:
+        return FrameReader(self.archive, self.spool)
 
     # -- instances ----------------------------------------------------------------------------
 
@@ -300,8 +308,8 @@ def _element_value(dataset: pydicom.Dataset, steps: list[str]) -> bytes:
     raise NotFound(f"the element at {'/'.join(steps)[:120]} is not bulk data")
 
 
-def blueprint(archive: Archive, settings: Settings) -> Blueprint:
-    wado = RetrieveTransaction(archive, settings)
+def blueprint(settings: Settings) -> Blueprint:
+    wado = RetrieveTransaction(settings)
     bp = Blueprint("wado", __name__)
     instance = "/studies/<study>/series/<series>/instances/<instance>"
     rules = {

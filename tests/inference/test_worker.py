@@ -29,7 +29,7 @@ from storage.ingest import Origin, ingest_file
 from storage.jobs import Job, JobQueue, JobState
 from storage.query import Query, QueryLevel, locate_instances, search
 from tests.conftest import free_port
-from tests.factories import DCMTK_STORESCU, write_part10
+from tests.factories import DCMTK_STORESCU, ensure_partition, write_part10
 from tests.inference.plugins import failing_ct_model
 
 SEG, SR = "1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.88.34"
@@ -212,11 +212,11 @@ def test_a_worker_survives_an_unexpected_error(
     claim = worker.queue.claim
     failures: list[str] = []
 
-    def claim_that_fails_once(*args: Any) -> Job | None:
+    def claim_that_fails_once(*args: Any, **kwargs: Any) -> Job | None:
         if not failures:
             failures.append("claim")
             raise RuntimeError("a bug in the claim")
-        return claim(*args)
+        return claim(*args, **kwargs)
 
     worker.queue.claim = claim_that_fails_once  # type: ignore[method-assign]
     stop = threading.Event()
@@ -287,7 +287,7 @@ def test_a_worker_leaves_the_jobs_of_models_it_lacks_to_workers_that_have_them(
     store_series(archive, tmp_path / "ct", datasets)
     other_host = worker_for(settings, archive, tmp_path / "models")
     this_host = worker_for(settings, archive)  # without the test model
-    other_host.queue.claim = lambda *args: None  # type: ignore[method-assign]
+    other_host.queue.claim = lambda *args, **kwargs: None  # type: ignore[method-assign]
     other_host.step()  # queues both jobs (its scan knows both models), runs none
 
     ended = run_until_idle(this_host)
@@ -416,3 +416,27 @@ def test_hilum_serve_runs_a_worker(backend: str, settings: Settings, tmp_path: P
     finally:
         server.send_signal(signal.SIGTERM)
         assert server.wait(60) == 0, server.stderr.read() if server.stderr else ""
+
+
+def test_the_worker_serves_every_partition_and_stores_results_in_the_source_partition(
+    archive: Archive, settings: Settings, tmp_path: Path
+) -> None:
+    ensure_partition(archive.index, "hospital_a")
+    hospital = archive.scoped("hospital_a")
+    datasets, _mask = synthetic_ct_series(1)
+    study = datasets[0].StudyInstanceUID
+    store_series(hospital, tmp_path / "ct", datasets)
+    # The worker gets the archive as `hilum serve` and `hilum worker` open it (default scope).
+    worker = worker_for(settings, archive)
+
+    (job,) = run_until_idle(worker)
+
+    assert (job.state, job.partition) == (JobState.DONE, "hospital_a")
+    results = results_in_study(hospital, study)
+    assert sorted(cls for cls, _ in results) == [SEG, SR, SR]  # the report, the outlines
+    assert sorted(job.outputs) == sorted(uid for _, uid in results)
+    assert JobQueue(hospital, settings.inference).findings_of_study(study)
+    # Nothing of it in the default partition: no study, no job, no result.
+    assert results_in_study(archive, study) == []
+    assert JobQueue(archive, settings.inference).for_study(study) == []
+    assert list(search(archive, Query(QueryLevel.STUDY, {"StudyInstanceUID": study}))) == []

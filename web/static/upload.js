@@ -73,7 +73,7 @@
   function post(batch, boundary, body) {
     return new Promise((resolve) => {
       const xhr = new XMLHttpRequest();
-      xhr.open("POST", "/dicomweb/studies");
+      xhr.open("POST", document.body.dataset.root + "/dicomweb/studies");
       xhr.setRequestHeader("Content-Type", 'multipart/related; type="application/dicom"; boundary=' + boundary);
       xhr.setRequestHeader("Accept", "application/dicom+json");
       xhr.upload.onprogress = (event) => {
