@@ -50,6 +50,28 @@ def _configure_logging(verbose: bool) -> None:
     warnings.filterwarnings("ignore", module="pydicom")
 
 
+def check_exposure(settings: Settings, command: str) -> None:
+    """``hilum serve``, ``web`` and ``dimse`` refuse to listen beyond loopback with
+    authentication off, unless ``[auth] insecure_allow_unauthenticated`` says so (then warn at
+    every start): an archive of patient data open to whoever reaches the port."""
+    if settings.auth.enabled or settings.server.is_loopback:
+        return
+    if not settings.auth.insecure_allow_unauthenticated:
+        raise ConfigError(
+            f"`hilum {command}` would listen on [server] host = {settings.server.host!r}, which "
+            "is reachable from the network, with [auth] enabled = false: anyone reaching the "
+            "port could read and change every study. Turn authentication on ([auth] enabled = "
+            "true, then `hilum users add` / `hilum tokens create`; docs/operations.md, "
+            "Authentication), or listen on 127.0.0.1, or, only if something in front of Hilum "
+            "authenticates every request, set [auth] insecure_allow_unauthenticated = true"
+        )
+    log.warning(
+        "authentication is OFF while listening on %s ([auth] insecure_allow_unauthenticated = "
+        "true): whoever reaches the ports can read, store and change every study",
+        settings.server.host,
+    )
+
+
 def _run_dimse(settings: Settings, args: argparse.Namespace, *, all_in_one: bool) -> int:
     """``hilum dimse``; with ``all_in_one``, ``hilum serve``: migrate the index first, and serve
     HTTP (DICOMweb) on ``[http] port`` and one AI worker in threads beside the DIMSE SCP.
@@ -177,6 +199,7 @@ def _start_http_server(settings: Settings, archive: Archive, metrics: Metrics) -
 
 
 def cmd_web(settings: Settings, args: argparse.Namespace) -> int:
+    check_exposure(settings, "web")
     _prepare_multiprocess_metrics(settings.server.data_dir / "metrics" / "web")
     from server.app import serve_with_gunicorn
 
@@ -300,11 +323,13 @@ def cmd_models(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
+    check_exposure(settings, "serve")
     args.receiver = False
     return _run_dimse(settings, args, all_in_one=True)
 
 
 def cmd_dimse(settings: Settings, args: argparse.Namespace) -> int:
+    check_exposure(settings, "dimse")
     return _run_dimse(settings, args, all_in_one=False)
 
 
