@@ -7,20 +7,26 @@ serves it under gunicorn (one app and one archive per worker process, built afte
 
 from __future__ import annotations
 
+import dataclasses
+import hmac
 import logging
 import threading
 import time
 import uuid
+from datetime import timedelta
 from typing import Any
 
 import cheroot.wsgi
-from flask import Flask, Response, g, jsonify, request
-from werkzeug.exceptions import HTTPException
+from flask import Flask, Response, g, jsonify, redirect, request, session
+from flask.sessions import SecureCookieSessionInterface
+from werkzeug.exceptions import Forbidden, HTTPException
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from config import Settings
+from server.access import Action, allowed, required_action
 from server.api import register_api
-from server.context import UNAUTHENTICATED, RequestContext
+from server.authentication import Authenticator
+from server.context import UNAUTHENTICATED, Principal, RequestContext
 from server.dicomweb import register_dicomweb
 from server.dicomweb.media_types import NotAcceptable
 from server.dicomweb.multipart import MultipartError
@@ -28,8 +34,9 @@ from server.dicomweb.statuses import http_status_for
 from server.header_deadline import HeaderDeadlines, connection_class
 from server.metrics import Metrics, mark_worker_dead
 from server.monitoring import register_monitoring
+from storage.accounts import Accounts
 from storage.archive import Archive
-from storage.errors import StorageError
+from storage.errors import NotFound, StorageError
 from storage.tiers import marking_reads
 from web import register_web
 
@@ -67,7 +74,124 @@ def create_app(settings: Settings, archive: Archive, metrics: Metrics | None = N
             UNAUTHENTICATED, request.remote_addr or "", "http", request_id=g.request_id
         )
 
+    _configure_access(app, settings, archive)
     return app
+
+
+class _Sessions(SecureCookieSessionInterface):
+    """Flask's signed session cookie, marked Secure when the request came over HTTPS (directly,
+    or through a trusted proxy's X-Forwarded-Proto)."""
+
+    def get_cookie_secure(self, app: Flask) -> bool:
+        return request.is_secure
+
+
+# Methods that change nothing (RFC 9110 9.2.1): no CSRF token needed.
+_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+CSRF_HEADER = "X-CSRF-Token"
+CSRF_FIELD = "csrf_token"
+
+
+def _configure_access(app: Flask, settings: Settings, archive: Archive) -> None:
+    """The access check: one ``before_request`` for every route of the app (DICOMweb, the JSON
+    API, the UI). Each view names the action it needs (``server.access.requires``); a view
+    that names none is refused, whether or not authentication is on."""
+    auth = settings.auth
+    authenticator: Authenticator | None = None
+    if auth.enabled:
+        from server.oidc import OidcVerifier
+
+        app.secret_key = auth.secret_for_sessions(settings.server.data_dir)
+        app.session_interface = _Sessions()
+        app.config.update(
+            SESSION_COOKIE_NAME="hilum_session",
+            SESSION_COOKIE_HTTPONLY=True,
+            SESSION_COOKIE_SAMESITE="Lax",
+            PERMANENT_SESSION_LIFETIME=timedelta(seconds=auth.session_lifetime_s),
+        )
+        oidc = OidcVerifier(auth.oidc) if auth.oidc.enabled else None
+        authenticator = Authenticator(auth, Accounts(archive.index), oidc)
+    app.extensions["hilum.authenticator"] = authenticator
+
+    @app.before_request
+    def _check_access() -> Response | None:
+        rule = request.url_rule
+        if rule is None:
+            return None  # no such route (404) or method (405): Flask answers
+        if request.method == "OPTIONS" and getattr(rule, "provide_automatic_options", False):
+            return None  # Flask's own answer (CORS preflight): no view runs
+        action = required_action(app.view_functions[rule.endpoint])
+        if action is None:
+            log.error(
+                "route %s (%s) names no action (@requires): refused; every route must name one",
+                rule.endpoint,
+                rule.rule,
+            )
+            raise Forbidden("this route has no access rule (a bug in Hilum); refused")
+        if authenticator is None:
+            return None  # authentication off: everybody is UNAUTHENTICATED, an admin
+        principal, presented, from_session = _authenticate(authenticator)
+        if principal is not None:
+            g.hilum_context = dataclasses.replace(g.hilum_context, principal=principal)
+        if action is not Action.PUBLIC:
+            if principal is None:
+                return _unauthenticated(presented)
+            if not allowed(principal.roles, action):
+                raise Forbidden(
+                    f"{principal.name} ({', '.join(sorted(principal.roles)) or 'no role'}) "
+                    f"may not {action.value}"
+                )
+            if not principal.may_see(g.hilum_context.partition):
+                # Another partition's data is absent, not forbidden (issue 12).
+                raise NotFound(f"no partition {g.hilum_context.partition}")
+        if request.method not in _SAFE_METHODS and (from_session or principal is None):
+            _check_csrf()
+        return None
+
+
+def _authenticate(authenticator: Authenticator) -> tuple[Principal | None, bool, bool]:
+    """(principal or None, whether credentials were presented, whether from the session)."""
+    header = request.headers.get("Authorization")
+    if header is not None:
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            return None, True, False
+        return authenticator.bearer(token.strip()), True, False
+    user = session.get("user")
+    if isinstance(user, str):
+        return authenticator.session_user(user), True, True
+    return None, False, False
+
+
+def _unauthenticated(presented: bool) -> Response:
+    if request.blueprint == "web" and request.method in ("GET", "HEAD"):
+        from urllib.parse import quote
+
+        # A page: to the login page, back here afterwards.
+        target = request.full_path if request.query_string else request.path
+        return redirect("/login?next=" + quote(target, safe="/"), 303)  # type: ignore[return-value]
+    response = _error(
+        401,
+        "the credentials are not valid (unknown, expired or revoked)"
+        if presented
+        else "authentication required: send Authorization: Bearer TOKEN, or log in",
+    )
+    # RFC 6750 3: the challenge; invalid_token when a token was sent.
+    challenge = 'Bearer realm="hilum"' + (', error="invalid_token"' if presented else "")
+    response.headers["WWW-Authenticate"] = challenge
+    return response
+
+
+def _check_csrf() -> None:
+    """A state-changing request carried by the browser's session cookie must also carry the
+    session's CSRF token (header, or form field of an HTML form): another site's page can
+    make the browser send the cookie, not read the token."""
+    expected = session.get("csrf")
+    given = request.headers.get(CSRF_HEADER)
+    if given is None and request.mimetype == "application/x-www-form-urlencoded":
+        given = request.form.get(CSRF_FIELD)
+    if not (isinstance(expected, str) and given and hmac.compare_digest(expected, given)):
+        raise Forbidden("the form is out of date or came from another site: reload the page")
 
 
 def _register_blueprints(app: Flask, settings: Settings, archive: Archive) -> None:

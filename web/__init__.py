@@ -5,8 +5,8 @@ static files. The pages are rendered on the server (Jinja) and use storage's ser
 worklist, the jobs queue, the query, ingest); the browser's scripts are small and plain, and the
 upload page talks STOW-RS to ``/dicomweb`` like any other client.
 
-Every route of the UI passes through the blueprint's one ``before_request`` hook
-(:func:`web.pages.before_page`): the place where the access check of a later issue goes.
+Every route names the action it needs (``@requires``); the app's one access check
+(``server/app.py``) sends a browser that is not logged in to ``/login`` (``web/login.py``).
 """
 
 from __future__ import annotations

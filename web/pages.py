@@ -14,18 +14,15 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.exceptions import NotFound as HTTPNotFound
 
 from config import Settings
+from server.access import Action, requires
 from storage.archive import Archive
 from storage.errors import Conflict, InvalidQuery, NotFound, StorageError, StorageUnavailable
 from storage.jobs import JobState
-from web import study, worklist
+from web import login, study, worklist
 from web.ohif import SPA_ROUTES, app_config, installed, ohif_dir
 
 log = logging.getLogger(__name__)
-
-
-def before_page() -> None:
-    """Runs before every route of the UI. Nothing is checked yet: the access check (login,
-    roles, partitions) of a later issue goes here, once, for every page."""
+STATIC = Path(__file__).resolve().parent / "static"
 
 
 def _viewer_index(folder: Path) -> Response:
@@ -35,29 +32,32 @@ def _viewer_index(folder: Path) -> Response:
 
 
 def web_blueprint(settings: Settings, archive: Archive) -> Blueprint:
-    blueprint = Blueprint(
-        "web",
-        __name__,
-        template_folder="templates",
-        static_folder="static",
-        static_url_path="/hilum-static",
-    )
-    blueprint.before_request(before_page)
+    blueprint = Blueprint("web", __name__, template_folder="templates")
     _register_filters(blueprint)
     _register_errors(blueprint)
+    login.register(blueprint, settings, archive)
     worklist.register(blueprint, settings, archive)
     study.register(blueprint, settings, archive)
 
+    # The UI's own style sheet and scripts: public (the login page needs them), no patient data.
+    @blueprint.get("/hilum-static/<path:filename>", endpoint="static")
+    @requires(Action.PUBLIC)
+    def static_file(filename: str) -> Response:
+        return send_from_directory(STATIC, filename)
+
     @blueprint.get("/jobs")
+    @requires(Action.JOBS)
     def jobs() -> Any:
         return render_template("jobs.html", nav="jobs", states=[str(s) for s in JobState])
 
     @blueprint.get("/upload")
+    @requires(Action.STORE)
     def upload() -> Any:
         return render_template("upload.html", nav="upload")
 
     @blueprint.get("/viewer")
     @blueprint.get("/viewer/<path:_route>")
+    @requires(Action.RETRIEVE)
     def viewer(_route: str = "") -> Any:
         """OHIF's page (its client-side router reads the URL), or how to install it."""
         folder = ohif_dir(settings)
@@ -67,6 +67,7 @@ def web_blueprint(settings: Settings, archive: Archive) -> Blueprint:
         return render_template("viewer_missing.html", folder=folder, studies=studies)
 
     @blueprint.get("/app-config.js")
+    @requires(Action.RETRIEVE)
     def viewer_app_config() -> Response:
         response = Response(app_config(), mimetype="text/javascript")
         response.headers["Cache-Control"] = "no-cache"
@@ -76,6 +77,7 @@ def web_blueprint(settings: Settings, archive: Archive) -> Blueprint:
     @blueprint.get("/<string:_name>")
     @blueprint.get("/assets/<path:_name>")
     @blueprint.get("/dicom-microscopy-viewer/<path:_name>")
+    @requires(Action.RETRIEVE)
     def viewer_file(_name: str) -> Any:
         folder = ohif_dir(settings)
         if not installed(folder):

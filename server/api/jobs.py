@@ -33,6 +33,7 @@ from config import Settings
 from inference.catalog import ModelCatalog
 from inference.errors import ModelError
 from inference.stability import queue_model_by_hand
+from server.access import Action, requires
 from storage.archive import Archive
 from storage.dicom_file import is_valid_uid
 from storage.errors import InvalidQuery
@@ -46,12 +47,14 @@ def jobs_blueprint(settings: Settings, archive: Archive) -> Blueprint:
     catalog = ModelCatalog(settings.inference.models_dirs)
 
     @blueprint.get("/studies/<study_instance_uid>/jobs")
+    @requires(Action.JOBS)
     def list_study_jobs(study_instance_uid: str) -> Any:
         if not is_valid_uid(study_instance_uid):
             raise InvalidQuery(f"{study_instance_uid[:80]!r} is not a Study Instance UID")
         return jsonify([job.as_json() for job in queue.for_study(study_instance_uid)])
 
     @blueprint.get("/jobs")
+    @requires(Action.JOBS)
     def search_jobs() -> Any:
         args = request.args
         try:
@@ -70,6 +73,7 @@ def jobs_blueprint(settings: Settings, archive: Archive) -> Blueprint:
         return jsonify([job.as_json() for job in jobs])
 
     @blueprint.post("/studies/<study_instance_uid>/jobs")
+    @requires(Action.JOBS)
     def run_model_on_study(study_instance_uid: str) -> Any:
         body = request.get_json(silent=True) or {}
         try:
@@ -80,6 +84,7 @@ def jobs_blueprint(settings: Settings, archive: Archive) -> Blueprint:
         return jsonify([job.as_json() for job in jobs]), 202
 
     @blueprint.get("/studies/<study_instance_uid>/findings")
+    @requires(Action.QUERY)
     def list_study_findings(study_instance_uid: str) -> Any:
         return jsonify(
             [
@@ -89,6 +94,7 @@ def jobs_blueprint(settings: Settings, archive: Archive) -> Blueprint:
         )
 
     @blueprint.get("/reviews")
+    @requires(Action.QUERY)
     def search_all_reviews() -> Any:
         args = request.args
         try:
@@ -111,14 +117,17 @@ def jobs_blueprint(settings: Settings, archive: Archive) -> Blueprint:
         return jsonify([{"id": row_id, **review.as_json()} for row_id, review in found])
 
     @blueprint.get("/studies/<study_instance_uid>/reviews")
+    @requires(Action.QUERY)
     def list_study_reviews(study_instance_uid: str) -> Any:
         return jsonify([r.as_json() for r in reviews_for_study(archive, study_instance_uid)])
 
     @blueprint.get("/jobs/<int:job_id>")
+    @requires(Action.JOBS)
     def retrieve_job(job_id: int) -> Any:
         return jsonify(queue.get(job_id).as_json())
 
     @blueprint.post("/jobs/<int:job_id>/rerun")
+    @requires(Action.JOBS)
     def rerun_job(job_id: int) -> Any:
         return jsonify(queue.rerun(job_id).as_json()), 202
 
