@@ -164,7 +164,8 @@ def _authenticate(authenticator: Authenticator) -> tuple[Principal | None, bool,
 
 
 def _unauthenticated(presented: bool) -> Response:
-    if request.blueprint == "web" and request.method in ("GET", "HEAD"):
+    browser = "Authorization" not in request.headers  # an API client gets 401 even here
+    if browser and request.blueprint == "web" and request.method in ("GET", "HEAD"):
         from urllib.parse import quote
 
         # A page: to the login page, back here afterwards.

@@ -8,6 +8,7 @@ names are the protocol layer's (``server.access``); this module keeps them as gi
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 import secrets
@@ -70,6 +71,13 @@ def token_digest(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()
 
 
+@functools.cache
+def _unknown_account_hash() -> str:
+    """Verified against when the account does not exist, so that a failed login takes the same
+    time whether or not the name is known."""
+    return PasswordHasher().hash(secrets.token_hex(16))
+
+
 def _now() -> datetime:
     return datetime.now(UTC)
 
@@ -102,9 +110,6 @@ class Accounts:
         self.index = index
         self.clock = clock
         self._hasher = PasswordHasher()
-        # Verified against when the account does not exist, so that a failed login takes the
-        # same time whether or not the name is known.
-        self._unknown = self._hasher.hash(secrets.token_hex(16))
 
     # -- accounts -------------------------------------------------------------------------
 
@@ -161,7 +166,7 @@ class Accounts:
             stored = row.password_hash if row is not None else None
             info = _info(row) if row is not None else None
         try:
-            self._hasher.verify(stored or self._unknown, password)
+            self._hasher.verify(stored or _unknown_account_hash(), password)
         except (VerificationError, InvalidHashError):
             return None
         if info is None or stored is None or info.disabled:
