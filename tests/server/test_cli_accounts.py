@@ -46,6 +46,8 @@ def test_users_and_tokens_from_the_command_line(
     for name, value in hilum_env(settings).items():
         if name.startswith("HILUM_"):
             monkeypatch.setenv(name, value)
+    # main() in this process, leaving the test run's logging as it is.
+    monkeypatch.setattr("server.cli._configure_logging", lambda verbose: None)
 
     def hilum(*args: str, stdin: str = "") -> Run:
         """The command in this process (its own process once below: quicker)."""
