@@ -138,8 +138,8 @@ def _configure_access(app: Flask, settings: Settings, archive: Archive) -> None:
                 return _unauthenticated(presented)
             if not allowed(principal.roles, action):
                 raise Forbidden(
-                    f"{principal.name} ({', '.join(sorted(principal.roles)) or 'no role'}) "
-                    f"may not {action.value}"
+                    f"{principal.name} ({', '.join(sorted(principal.roles)) or 'no role'}) may "
+                    f"not do this: it needs the {action.value!r} permission"
                 )
             if not principal.may_see(g.hilum_context.partition):
                 # Another partition's data is absent, not forbidden (issue 12).

@@ -17,7 +17,7 @@ from typing import Any
 from flask import Blueprint, Response, g, redirect, render_template, request, session
 
 from config import Settings
-from server.access import Action, requires
+from server.access import Action, allowed, requires
 from server.authentication import LoginThrottle
 from storage.accounts import Accounts
 from storage.archive import Archive
@@ -51,12 +51,15 @@ def register(blueprint: Blueprint, settings: Settings, archive: Archive) -> None
     @blueprint.app_context_processor
     def _identity() -> dict[str, Any]:
         """Who is logged in, for the page header, and the CSRF token for forms."""
-        if not auth.enabled:
-            return {"auth_enabled": False, "current_user": None, "csrf_token": ""}
         context = g.get("hilum_context")
         principal = context.principal if context is not None else None
+        roles = principal.roles if principal is not None else frozenset()
+        # What the navigation offers: only what this user may open.
+        may = {action.value for action in Action if allowed(roles, action)}
+        if not auth.enabled:
+            return {"auth_enabled": False, "current_user": None, "csrf_token": "", "may": may}
         user = principal.name if principal is not None and principal.kind != "anonymous" else None
-        return {"auth_enabled": True, "current_user": user, "csrf_token": csrf_token()}
+        return {"auth_enabled": True, "current_user": user, "csrf_token": csrf_token(), "may": may}
 
     def _form(status: int, error: str = "", name: str = "") -> Response:
         page = render_template(
