@@ -167,8 +167,8 @@ class HttpSettings(_Section):
     # 503), so that one address cannot hold every thread.
     header_timeout_s: float = Field(10.0, gt=0)
     header_reads_per_client: int = Field(4, ge=1)
-    # DELETE of studies, series and instances over DICOMweb. There is no authentication in
-    # front of the API, so it is off unless asked for; refused with 403 when off.
+    # DELETE of studies, series and instances over DICOMweb: off unless asked for (refused with
+    # 403); on, it needs the "delete" permission once [auth] is enabled.
     allow_delete: bool = False
 
 
@@ -464,7 +464,10 @@ class Settings(BaseSettings):
             return self
         from sqlalchemy.engine import make_url
 
-        secrets = {"storage.s3_secret_key": self.storage.s3_secret_key}
+        secrets = {
+            "storage.s3_secret_key": self.storage.s3_secret_key,
+            "auth.session_secret": self.auth.session_secret.get_secret_value(),
+        }
         for tier in self.storage.tiers:
             secrets[f"the s3_secret_key of tier {tier.name}"] = tier.s3_secret_key
         if self.storage.database_url:

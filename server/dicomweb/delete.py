@@ -51,7 +51,7 @@ def blueprint(archive: Archive, settings: Settings) -> Blueprint:
 
     @bp.before_request
     def _allowed() -> None:
-        # Nothing authenticates DICOMweb clients: deleting is off unless the operator opts in.
+        # Deleting is off unless the operator opts in (and then needs the delete permission).
         if not settings.http.allow_delete:
             raise Forbidden(
                 "DELETE is disabled on this server; set [http] allow_delete = true "
