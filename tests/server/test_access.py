@@ -26,7 +26,7 @@ from server.app import create_app
 from server.authentication import Authenticator
 from storage.accounts import Accounts
 from storage.archive import Archive, open_archive
-from tests.conftest import make_settings
+from tests.conftest import S3Server, make_settings, s3_blob_url
 
 Q, R, S, D = Action.QUERY, Action.RETRIEVE, Action.STORE, Action.DELETE
 J, V, P = Action.JOBS, Action.REVIEW, Action.PUBLIC
@@ -329,3 +329,27 @@ def test_secrets_never_reach_the_logs(access: AccessApp, caplog: pytest.LogCaptu
     assert "login: user logged" in logged  # the logs were captured
     for value in (password, "wrong password!", token, cookie.value, secret):
         assert value not in logged
+
+
+def test_accounts_and_tokens_on_postgresql_and_s3(
+    postgres_url: str, s3_server: S3Server, tmp_path: Path
+) -> None:
+    settings = make_settings(
+        tmp_path, database_url=postgres_url, blob_url=s3_blob_url(s3_server),
+        auth={"enabled": True, "token_cache_ttl_s": 0},
+    )  # fmt: skip
+    archive = open_archive(settings, migrate=True)
+    try:
+        accounts = Accounts(archive.index)
+        accounts.add_account("pg-user", "technologist", partitions=["default", "research"])
+        record, token = accounts.create_token("pg-user", expires_days=7)
+        assert accounts.account("pg-user") == accounts.accounts()[0]
+        assert accounts.accounts()[0].partitions == ("default", "research")
+        client = create_app(settings, archive).test_client()
+        bearer = {"Authorization": f"Bearer {token}"}
+        assert client.get("/dicomweb/studies", headers=bearer).status_code == 200
+        assert client.delete("/dicomweb/studies/1.2.3", headers=bearer).status_code == 403
+        accounts.revoke_token(record.id)
+        assert client.get("/dicomweb/studies", headers=bearer).status_code == 401  # TTL 0
+    finally:
+        archive.close()
