@@ -85,6 +85,14 @@ class _Sessions(SecureCookieSessionInterface):
     def get_cookie_secure(self, app: Flask) -> bool:
         return request.is_secure
 
+    def open_session(self, app: Flask, request: Any) -> Any:
+        # No cookie (API clients, first visits): an empty session without building the signing
+        # serializer, which costs more than the whole access check.
+        name = self.get_cookie_name(app)
+        if name not in request.environ.get("HTTP_COOKIE", "") or name not in request.cookies:
+            return self.session_class()
+        return super().open_session(app, request)
+
 
 # Methods that change nothing (RFC 9110 9.2.1): no CSRF token needed.
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
