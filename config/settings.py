@@ -331,15 +331,27 @@ class OidcSettings(_Section):
     algorithms: list[str] = Field(default_factory=lambda: ["RS256", "ES256", "PS256"])
     # Seconds of clock difference tolerated on "exp", "nbf" and "iat".
     leeway_s: float = Field(30.0, ge=0)
+    # The browser UI's "Log in with your organisation's account" (authorization-code flow with
+    # PKCE, OpenID Connect Core 3.1): Hilum's client id at the provider (default: audience),
+    # and its client secret for a confidential client (HILUM_AUTH__OIDC__CLIENT_SECRET).
+    browser_login: bool = False
+    client_id: str = ""
+    client_secret: SecretStr = SecretStr("")
 
     @property
     def enabled(self) -> bool:
         return bool(self.issuer)
 
+    @property
+    def browser_client_id(self) -> str:
+        return self.client_id or self.audience
+
     @model_validator(mode="after")
     def _check(self) -> OidcSettings:
         if self.issuer and not self.audience:
             raise ValueError("[auth.oidc] issuer needs audience (Hilum's client id)")
+        if self.browser_login and not self.issuer:
+            raise ValueError("[auth.oidc] browser_login needs issuer")
         if any(a.lower() == "none" or a.upper().startswith("HS") for a in self.algorithms):
             raise ValueError("[auth.oidc] algorithms must be asymmetric (RS*, PS*, ES*, EdDSA)")
         return self

@@ -165,9 +165,8 @@ def _authenticate(authenticator: Authenticator) -> tuple[Principal | None, bool,
         if scheme.lower() != "bearer" or not token.strip():
             return None, True, False
         return authenticator.bearer(token.strip()), True, False
-    user = session.get("user")
-    if isinstance(user, str):
-        return authenticator.session_user(user), True, True
+    if "user" in session:
+        return authenticator.session_principal(session), True, True
     return None, False, False
 
 

@@ -14,8 +14,8 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 from server.access import ROLE_ACTIONS
 from server.context import Principal
@@ -105,6 +105,26 @@ class Authenticator:
             deadline = min(deadline, expires_at)
         self._tokens.put(key, principal, deadline)
         return principal
+
+    def session_principal(self, session: Mapping[str, Any]) -> Principal | None:
+        """The principal of a browser session (its signed cookie already checked): a Hilum
+        user's, looked up (cached) so that disabling takes effect; or an OpenID Connect login's,
+        as the provider's ID token said, until that token's expiry."""
+        name = session.get("user")
+        if not isinstance(name, str):
+            return None
+        oidc = session.get("oidc")
+        if oidc is None:
+            return self.session_user(name)
+        if not isinstance(oidc, dict) or float(oidc.get("exp", 0)) <= self._clock():
+            return None
+        partitions = oidc.get("partitions")
+        return Principal(
+            "oidc",
+            name,
+            frozenset(oidc.get("roles", ())) & set(ROLE_ACTIONS),
+            frozenset(partitions) if partitions is not None else None,
+        )
 
     def session_user(self, name: str) -> Principal | None:
         """The principal of a browser session of account ``name`` (signed cookie already

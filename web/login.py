@@ -12,15 +12,28 @@ from __future__ import annotations
 import logging
 import math
 import secrets
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from flask import Blueprint, Response, g, redirect, render_template, request, session
+from flask import (
+    Blueprint,
+    Response,
+    current_app,
+    g,
+    redirect,
+    render_template,
+    request,
+    session,
+    url_for,
+)
 
 from config import Settings
 from server.access import Action, allowed, requires
 from server.authentication import LoginThrottle
 from storage.accounts import Accounts
 from storage.archive import Archive
+
+if TYPE_CHECKING:
+    from server.oidc import OidcVerifier
 
 log = logging.getLogger(__name__)
 FAILED = "Unknown user name or wrong password."
@@ -63,7 +76,11 @@ def register(blueprint: Blueprint, settings: Settings, archive: Archive) -> None
 
     def _form(status: int, error: str = "", name: str = "") -> Response:
         page = render_template(
-            "login.html", error=error, name=name, next=_next_page(request.values.get("next"))
+            "login.html",
+            error=error,
+            name=name,
+            next=_next_page(request.values.get("next")),
+            oidc_login=auth.enabled and auth.oidc.browser_login,
         )
         return Response(page, status=status, mimetype="text/html")
 
@@ -106,6 +123,65 @@ def register(blueprint: Blueprint, settings: Settings, archive: Archive) -> None
         session["csrf"] = secrets.token_urlsafe(32)
         log.info("login: user %s from %s", account.name, address)
         return redirect(_next_page(request.form.get("next")), 303)
+
+    def _oidc() -> OidcVerifier | None:
+        authenticator = current_app.extensions.get("hilum.authenticator")
+        if not auth.oidc.browser_login or authenticator is None:
+            return None
+        return authenticator.oidc  # type: ignore[no-any-return]
+
+    @blueprint.get("/login/oidc")
+    @requires(Action.PUBLIC)
+    def oidc_login() -> Any:
+        """To the provider's login (OpenID Connect Core 3.1.2), back at the callback."""
+        oidc = _oidc()
+        if oidc is None:
+            return redirect("/login", 303)
+        flow = {
+            "state": secrets.token_urlsafe(24),
+            "nonce": secrets.token_urlsafe(24),
+            "verifier": secrets.token_urlsafe(48),
+            "next": _next_page(request.args.get("next")),
+        }
+        session["oidc_flow"] = flow
+        callback = url_for("web.oidc_callback", _external=True)
+        try:
+            target = oidc.authorization_url(
+                callback, flow["state"], flow["nonce"], flow["verifier"]
+            )
+        except (OSError, ValueError, KeyError) as error:
+            log.warning("OIDC login: the provider's discovery document failed: %s", error)
+            return _form(503, "The sign-in service cannot be reached. Try again later.")
+        return redirect(target, 303)
+
+    @blueprint.get("/login/oidc/callback")
+    @requires(Action.PUBLIC)
+    def oidc_callback() -> Any:
+        oidc = _oidc()
+        flow = session.pop("oidc_flow", None)
+        state, code = request.args.get("state", ""), request.args.get("code", "")
+        if oidc is None or not isinstance(flow, dict) or not code:
+            return _form(400, "The sign-in did not complete. Try again.")
+        if not secrets.compare_digest(str(flow.get("state", "")), state):  # Core 3.1.2.7
+            return _form(400, "The sign-in did not complete. Try again.")
+        callback = url_for("web.oidc_callback", _external=True)
+        verified = oidc.redeem(code, callback, str(flow["verifier"]), str(flow["nonce"]))
+        if verified is None:
+            return _form(401, "The sign-in service did not confirm who you are. Try again.")
+        principal, expires_at = verified
+        session.clear()
+        session.permanent = True
+        session["user"] = principal.name
+        session["oidc"] = {
+            "roles": sorted(principal.roles),
+            "partitions": sorted(principal.partitions)
+            if principal.partitions is not None
+            else None,
+            "exp": expires_at,
+        }
+        session["csrf"] = secrets.token_urlsafe(32)
+        log.info("login: %s through OpenID Connect from %s", principal.name, request.remote_addr)
+        return redirect(str(flow.get("next") or "/"), 303)
 
     @blueprint.post("/logout")
     @requires(Action.PUBLIC)

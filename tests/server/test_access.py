@@ -81,6 +81,8 @@ PERMISSIONS: dict[str, Action] = {
     "web.login_page": P,
     "web.log_in": P,
     "web.log_out": P,
+    "web.oidc_login": P,
+    "web.oidc_callback": P,
     # Monitoring: probes and Prometheus (counts and durations, no patient data)
     "monitoring.liveness": P,
     "monitoring.readiness": P,

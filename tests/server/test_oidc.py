@@ -3,9 +3,12 @@ discovery document, as a hospital's provider serves them; tokens signed here."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import threading
 import time
+import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -23,6 +26,7 @@ from storage.archive import Archive, open_archive
 from tests.conftest import make_settings
 
 AUDIENCE = "hilum-test"
+LOGIN_CODE = "code-of-one-login"
 
 
 @dataclass
@@ -30,6 +34,7 @@ class Provider:
     issuer: str
     key: rsa.RSAPrivateKey
     requests: list[str]
+    logins: dict[str, dict[str, str]]
 
     def token(self, key: rsa.RSAPrivateKey | None = None, kid: str = "k1", **claims: Any) -> str:
         now = int(time.time())
@@ -53,17 +58,60 @@ def provider() -> Iterator[Provider]:
     jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key()))
     keys = json.dumps({"keys": [{**jwk, "kid": "k1", "use": "sig", "alg": "RS256"}]}).encode()
     requests: list[str] = []
+    logins: dict[str, dict[str, str]] = {}
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             requests.append(self.path)
             if self.path == "/.well-known/openid-configuration":
-                body = json.dumps({"issuer": issuer, "jwks_uri": f"{issuer}/jwks.json"}).encode()
+                body = json.dumps(
+                    {
+                        "issuer": issuer,
+                        "jwks_uri": f"{issuer}/jwks.json",
+                        "authorization_endpoint": f"{issuer}/authorize",
+                        "token_endpoint": f"{issuer}/token",
+                    }
+                ).encode()
             elif self.path == "/jwks.json":
                 body = keys
+            elif self.path.startswith("/authorize?"):
+                # The user logs in at the provider, which sends the browser back with a code.
+                query = dict(urllib.parse.parse_qsl(self.path.partition("?")[2]))
+                logins[LOGIN_CODE] = query
+                back = urllib.parse.urlencode({"code": LOGIN_CODE, "state": query["state"]})
+                self.send_response(302)
+                self.send_header("Location", f"{query['redirect_uri']}?{back}")
+                self.end_headers()
+                return
             else:
                 self.send_error(404)
                 return
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_POST(self) -> None:
+            requests.append(self.path)
+            length = int(self.headers["Content-Length"])
+            form = dict(urllib.parse.parse_qsl(self.rfile.read(length).decode()))
+            login = logins.pop(form.get("code", ""), None)
+            verifier = form.get("code_verifier", "").encode()
+            challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier).digest()).rstrip(b"=")
+            if (
+                self.path != "/token"
+                or login is None
+                or form.get("grant_type") != "authorization_code"
+                or form.get("redirect_uri") != login["redirect_uri"]
+                or form.get("client_id") != login["client_id"]
+                or challenge.decode() != login["code_challenge"]  # RFC 7636 4.6
+            ):
+                self.send_error(400)
+                return
+            provider = Provider(issuer, key, requests, logins)
+            id_token = provider.token(nonce=login["nonce"], aud=login["client_id"])
+            body = json.dumps({"id_token": id_token, "token_type": "Bearer"}).encode()
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
@@ -78,7 +126,7 @@ def provider() -> Iterator[Provider]:
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield Provider(issuer, key, requests)
+        yield Provider(issuer, key, requests, logins)
     finally:
         server.shutdown()
         server.server_close()
@@ -200,3 +248,39 @@ def _tampered(token: str) -> str:
     claims["roles"] = ["admin"]
     forged = base64.urlsafe_b64encode(json.dumps(claims).encode()).rstrip(b"=").decode()
     return f"{header}.{forged}.{signature}"
+
+
+def test_browser_login_with_the_authorization_code_flow(
+    provider: Provider, archive: Archive, tmp_path: Path
+) -> None:
+    import requests as http
+
+    app = _app(
+        archive, tmp_path, issuer=provider.issuer, browser_login=True, client_id="hilum-ui",
+        roles_claim="roles",
+    )  # fmt: skip
+    client = app.test_client()
+    login_page = client.get("/login?next=/jobs").get_data(as_text=True)
+    assert "Log in with your organisation" in login_page
+    started = client.get("/login/oidc?next=/jobs")
+    assert started.status_code == 303
+    authorize = started.headers["Location"]
+    assert authorize.startswith(f"{provider.issuer}/authorize?")
+    query = dict(urllib.parse.parse_qsl(authorize.partition("?")[2]))
+    assert query["client_id"] == "hilum-ui" and query["code_challenge_method"] == "S256"
+    assert query["redirect_uri"] == "http://localhost/login/oidc/callback"
+    # The browser at the provider, sent back to Hilum with a code.
+    back = http.get(authorize, allow_redirects=False, timeout=10).headers["Location"]
+    forged_state = back.replace(query["state"], "another-state")
+    assert client.get(forged_state.removeprefix("http://localhost")).status_code == 400
+    # A refused state ends that flow: start again.
+    authorize = client.get("/login/oidc?next=/jobs").headers["Location"]
+    back = http.get(authorize, allow_redirects=False, timeout=10).headers["Location"]
+    finished = client.get(back.removeprefix("http://localhost"))
+    assert finished.status_code == 303 and finished.headers["Location"] == "/jobs"
+    page = client.get("/jobs")
+    assert page.status_code == 200  # a radiologist may see the AI jobs
+    assert 'id="current-user">dr.house<' in page.get_data(as_text=True)
+    assert client.post("/api/jobs/1/rerun").status_code == 403  # no CSRF token
+    # The callback cannot be replayed: its flow ended with the login.
+    assert client.get(back.removeprefix("http://localhost")).status_code == 400
