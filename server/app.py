@@ -172,11 +172,17 @@ def _authenticate(authenticator: Authenticator) -> tuple[Principal | None, bool,
 
 def _unauthenticated(presented: bool) -> Response:
     browser = "Authorization" not in request.headers  # an API client gets 401 even here
-    if browser and request.blueprint == "web" and request.method in ("GET", "HEAD"):
-        from urllib.parse import quote
+    if browser and request.blueprint == "web":
+        from urllib.parse import quote, urlsplit
 
-        # A page: to the login page, back here afterwards.
-        target = request.full_path if request.query_string else request.path
+        # A page: to the login page, back here afterwards; a form sent after the session
+        # ended: to the login page, back to the page the form was on.
+        if request.method in ("GET", "HEAD"):
+            target = request.full_path if request.query_string else request.path
+        else:
+            referrer = urlsplit(request.referrer or "")
+            same_site = referrer.netloc == request.host and referrer.path.startswith("/")
+            target = referrer.path if same_site else "/"
         return redirect("/login?next=" + quote(target, safe="/"), 303)  # type: ignore[return-value]
     response = _error(
         401,

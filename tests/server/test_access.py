@@ -187,8 +187,8 @@ def test_every_route_answers_each_role_as_the_table_says(access: AccessApp) -> N
             continue
         if action is P:
             assert response.status_code not in (401, 403), where
-        elif rule.endpoint.startswith("web.") and method == "GET":
-            # A page: the browser is sent to log in, and back afterwards.
+        elif rule.endpoint.startswith("web."):
+            # A page, or a page's form: the browser is sent to log in, and back afterwards.
             assert response.status_code == 303, where
             assert response.headers["Location"].startswith("/login?next="), where
         else:
