@@ -118,13 +118,24 @@ def test_users_and_tokens_from_the_command_line(
 
 @pytest.mark.parametrize("command", ["serve", "web", "dimse"])
 def test_no_listening_beyond_loopback_without_authentication(
-    files_settings: Settings, command: str
+    files_settings: Settings,
+    command: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
 ) -> None:
-    env = {"HILUM_SERVER__HOST": "0.0.0.0", "HILUM_DIMSE__ACCEPT_ANY_CALLING_AE": "true"}
-    refused = _hilum(files_settings, command, **env)
-    assert refused.returncode == 2, refused.stderr
-    assert f"`hilum {command}` would listen on [server] host = '0.0.0.0'" in refused.stderr
-    assert "[auth] enabled = true" in refused.stderr
+    env = {
+        **hilum_env(files_settings),
+        "HILUM_SERVER__HOST": "0.0.0.0",
+        "HILUM_DIMSE__ACCEPT_ANY_CALLING_AE": "true",
+    }
+    for name, value in env.items():
+        if name.startswith("HILUM_"):
+            monkeypatch.setenv(name, value)
+    monkeypatch.setattr("server.cli._configure_logging", lambda verbose: None)
+    assert main([command]) == 2  # before anything is opened or bound (in this process: quick)
+    refused = capsys.readouterr().err
+    assert f"`hilum {command}` would listen on [server] host = '0.0.0.0'" in refused
+    assert "[auth] enabled = true" in refused
 
 
 def test_insecure_allow_unauthenticated_starts_with_a_warning(files_settings: Settings) -> None:
