@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import secrets
 from pathlib import Path
 from typing import Literal
 
@@ -18,6 +19,7 @@ from pydantic import (
     ConfigDict,
     Field,
     PrivateAttr,
+    SecretStr,
     ValidationError,
     field_validator,
     model_validator,
@@ -281,6 +283,8 @@ class HttpSettings(_Section):
 
     # DELETE of studies, series and instances over DICOMweb. There is no authentication in
     # front of the API, so it is off unless asked for; refused with 403 when off.
+    # DELETE of studies, series and instances over DICOMweb: off unless asked for (refused with
+    # 403); on, it needs the "delete" permission once [auth] is enabled.
     allow_delete: bool = False
 
 
@@ -289,6 +293,10 @@ class MetricsSettings(_Section):
     # [server] host (they have no HTTP server of their own); 0: none. `hilum serve` and
     # `hilum web` serve /metrics on [http] port.
     port: int = Field(0, ge=0, le=65535)
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message says which key and why."""
 
 
 # Secrets that example files ship (.env.example, vendor quick-starts). A service reachable from
@@ -530,6 +538,113 @@ class ResearchSettings(_Section):
         return next((copy for copy in self.copies if copy.job_name == job_name), None)
 
 
+class OidcSettings(_Section):
+    """An OpenID Connect provider whose bearer JWTs Hilum accepts (``[auth.oidc]``)."""
+
+    # The provider's issuer URL, compared exactly with the token's "iss"; empty: OIDC off.
+    issuer: str = ""
+    # What the token's "aud" must contain (the client id Hilum is registered under).
+    audience: str = ""
+    # The provider's JSON Web Key Set; empty: from the issuer's discovery document
+    # (<issuer>/.well-known/openid-configuration, its "jwks_uri").
+    jwks_url: str = ""
+    # Claim holding the user's Hilum roles (a list or one string); dots walk into objects,
+    # e.g. "realm_access.roles". Names that are not Hilum roles are ignored.
+    roles_claim: str = "roles"
+    # Claim holding the partitions the user may see; empty, or the claim absent: all.
+    partitions_claim: str = ""
+    # Claim naming the user in logs and reviews ("sub" when the claim is absent).
+    username_claim: str = "preferred_username"
+    # Signature algorithms accepted (never "none", never a symmetric one with a public key).
+    algorithms: list[str] = Field(default_factory=lambda: ["RS256", "ES256", "PS256"])
+    # Seconds of clock difference tolerated on "exp", "nbf" and "iat".
+    leeway_s: float = Field(30.0, ge=0)
+    # The browser UI's "Log in with your organisation's account" (authorization-code flow with
+    # PKCE, OpenID Connect Core 3.1): Hilum's client id at the provider (default: audience),
+    # and its client secret for a confidential client (HILUM_AUTH__OIDC__CLIENT_SECRET).
+    browser_login: bool = False
+    client_id: str = ""
+    client_secret: SecretStr = SecretStr("")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.issuer)
+
+    @property
+    def browser_client_id(self) -> str:
+        return self.client_id or self.audience
+
+    @model_validator(mode="after")
+    def _check(self) -> OidcSettings:
+        if self.issuer and not self.audience:
+            raise ValueError("[auth.oidc] issuer needs audience (Hilum's client id)")
+        if self.browser_login and not self.issuer:
+            raise ValueError("[auth.oidc] browser_login needs issuer")
+        if any(a.lower() == "none" or a.upper().startswith("HS") for a in self.algorithms):
+            raise ValueError("[auth.oidc] algorithms must be asymmetric (RS*, PS*, ES*, EdDSA)")
+        return self
+
+
+class AuthSettings(_Section):
+    """Who may use the HTTP interfaces (``server/authentication.py``)."""
+
+    # Off: whoever reaches the HTTP port may do everything (allowed on loopback only).
+    enabled: bool = False
+    # Serve beyond loopback with authentication off (a warning at every start). Only for a
+    # network where something else in front of Hilum authenticates.
+    insecure_allow_unauthenticated: bool = False
+    # The key that signs browser session cookies: this value (usually from the environment,
+    # HILUM_AUTH__SESSION_SECRET), else the contents of session_secret_file, else a random
+    # key kept in <data_dir>/auth/session-secret (made at first start; every `hilum web`
+    # host behind one load balancer must share it). Never logged.
+    session_secret: SecretStr = SecretStr("")
+    session_secret_file: Path | None = None
+    # How long a browser login lasts.
+    session_lifetime_s: float = Field(12 * 3600.0, gt=0)
+    # Seconds a verified API token or OIDC token is remembered by a process: a revoked token
+    # or a disabled user is refused at the latest this long after.
+    token_cache_ttl_s: float = Field(30.0, ge=0)
+    # Failed logins per user name, and per source address, within login_window_s before
+    # further attempts are refused (429) until the window has passed.
+    login_max_failures_per_user: int = Field(5, ge=1)
+    login_max_failures_per_address: int = Field(20, ge=1)
+    login_window_s: float = Field(900.0, gt=0)
+    oidc: OidcSettings = Field(default_factory=OidcSettings)
+
+    @field_validator("session_secret")
+    @classmethod
+    def _long_enough(cls, value: SecretStr) -> SecretStr:
+        if value.get_secret_value() and len(value.get_secret_value()) < 32:
+            raise ValueError("session_secret must be at least 32 characters (openssl rand -hex 32)")
+        return value
+
+    def secret_for_sessions(self, data_dir: Path) -> bytes:
+        """The session-signing key (see ``session_secret``)."""
+        if self.session_secret.get_secret_value():
+            return self.session_secret.get_secret_value().encode()
+        if self.session_secret_file is not None:
+            try:
+                secret = self.session_secret_file.read_bytes().strip()
+            except OSError as error:
+                raise ConfigError(
+                    f"[auth] session_secret_file cannot be read: {error.strerror}"
+                ) from None
+            if len(secret) < 32:
+                raise ConfigError(
+                    f"[auth] session_secret_file {self.session_secret_file} holds fewer than "
+                    "32 bytes: write a long random key into it (e.g. openssl rand -hex 32)"
+                )
+            return secret
+        path = data_dir / "auth" / "session-secret"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:  # made once, readable by its owner only; a concurrent first start reads it
+            with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+                f.write(secrets.token_hex(32))
+        except FileExistsError:
+            pass
+        return path.read_bytes().strip()
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="HILUM_", env_nested_delimiter="__", extra="forbid"
@@ -545,6 +660,7 @@ class Settings(BaseSettings):
     inference: InferenceSettings = Field(default_factory=InferenceSettings)
     web: WebSettings = Field(default_factory=WebSettings)
     research: ResearchSettings = Field(default_factory=ResearchSettings)
+    auth: AuthSettings = Field(default_factory=AuthSettings)
 
     @classmethod
     def settings_customise_sources(
@@ -589,7 +705,10 @@ class Settings(BaseSettings):
             return self
         from sqlalchemy.engine import make_url
 
-        secrets = {"storage.s3_secret_key": self.storage.s3_secret_key}
+        secrets = {
+            "storage.s3_secret_key": self.storage.s3_secret_key,
+            "auth.session_secret": self.auth.session_secret.get_secret_value(),
+        }
         for tier in self.storage.tiers:
             secrets[f"the s3_secret_key of tier {tier.name}"] = tier.s3_secret_key
         if self.storage.database_url:
@@ -603,10 +722,6 @@ class Settings(BaseSettings):
                     "for docker compose) before Hilum listens on the network"
                 )
         return self
-
-
-class ConfigError(Exception):
-    """The configuration cannot be used; the message says which key and why."""
 
 
 def load_settings(config_path: Path | str | None = None, **overrides: object) -> Settings:

@@ -7,24 +7,30 @@ serves it under gunicorn (one app and one archive per worker process, built afte
 
 from __future__ import annotations
 
+import dataclasses
+import hmac
 import logging
 import ssl
 import threading
 import time
 import uuid
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import cheroot.wsgi
 from cheroot.ssl.builtin import BuiltinSSLAdapter
-from flask import Flask, Response, g, jsonify, request
-from werkzeug.exceptions import HTTPException
+from flask import Flask, Response, g, jsonify, redirect, request, session
+from flask.sessions import SecureCookieSessionInterface
+from werkzeug.exceptions import Forbidden, HTTPException
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from config import Settings
 from config.settings import ConfigError
+from server.access import Action, allowed, required_action
 from server.api import register_api
-from server.context import UNAUTHENTICATED, RequestContext
+from server.authentication import Authenticator
+from server.context import ANONYMOUS, UNAUTHENTICATED, Principal, RequestContext
 from server.cors import configure_cors
 from server.dicomweb import register_dicomweb
 from server.dicomweb.media_types import NotAcceptable
@@ -33,7 +39,8 @@ from server.dicomweb.statuses import http_status_for
 from server.header_deadline import HeaderDeadlines, connection_class
 from server.metrics import Metrics, mark_worker_dead
 from server.monitoring import register_monitoring
-from server.partitions import KnownPartitions, enter_partition
+from server.partitions import PARTITION_ROOT, KnownPartitions, enter_partition
+from storage.accounts import Accounts
 from storage.archive import Archive
 from storage.errors import StorageError
 from storage.tiers import marking_reads
@@ -68,17 +75,7 @@ def create_app(settings: Settings, archive: Archive, metrics: Metrics | None = N
             x_prefix=proxies,
         )  # fmt: skip
 
-    @app.before_request
-    def _request_context() -> None:
-        g.request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex[:12]
-        context = RequestContext(
-            UNAUTHENTICATED, request.remote_addr or "", "http", request_id=g.request_id
-        )
-        # The partition the URL names (its root /partitions/<partition>/…), chosen here once;
-        # the views never see the URL value. 404 when the principal may not see it.
-        requested = request.view_args.pop("partition", None) if request.view_args else None
-        g.hilum_context = enter_partition(context, requested)
-
+    _configure_access(app, settings, archive)
     return app
 
 
@@ -101,6 +98,155 @@ def _strict_transport_security(response: Response) -> Response:
     if request.is_secure:
         response.headers.setdefault("Strict-Transport-Security", HSTS)
     return response
+
+
+class _Sessions(SecureCookieSessionInterface):
+    """Flask's signed session cookie, marked Secure when the request came over HTTPS (directly,
+    or through a trusted proxy's X-Forwarded-Proto)."""
+
+    def get_cookie_secure(self, app: Flask) -> bool:
+        return request.is_secure
+
+    def open_session(self, app: Flask, request: Any) -> Any:
+        # No cookie (API clients, first visits): an empty session without building the signing
+        # serializer, which costs more than the whole access check.
+        name = self.get_cookie_name(app)
+        if name not in request.environ.get("HTTP_COOKIE", "") or name not in request.cookies:
+            return self.session_class()
+        return super().open_session(app, request)
+
+
+# Methods that change nothing (RFC 9110 9.2.1): no CSRF token needed.
+_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+CSRF_HEADER = "X-CSRF-Token"
+# The browser UI's blueprints (web/): a page asked for without a login goes to the login page.
+UI_BLUEPRINTS = frozenset({"web", "login", "pages", "partition_pages"})
+CSRF_FIELD = "csrf_token"
+
+
+def _configure_access(app: Flask, settings: Settings, archive: Archive) -> None:
+    """The access check: one ``before_request`` for every route of the app (DICOMweb, the JSON
+    API, the UI). Each view names the action it needs (``server.access.requires``); a view
+    that names none is refused, whether or not authentication is on."""
+    auth = settings.auth
+    authenticator: Authenticator | None = None
+    if auth.enabled:
+        from server.oidc import OidcVerifier
+
+        app.secret_key = auth.secret_for_sessions(settings.server.data_dir)
+        app.session_interface = _Sessions()
+        app.config.update(
+            SESSION_COOKIE_NAME="hilum_session",
+            SESSION_COOKIE_HTTPONLY=True,
+            SESSION_COOKIE_SAMESITE="Lax",
+            PERMANENT_SESSION_LIFETIME=timedelta(seconds=auth.session_lifetime_s),
+        )
+        oidc = OidcVerifier(auth.oidc) if auth.oidc.enabled else None
+        authenticator = Authenticator(auth, Accounts(archive.index), oidc)
+    app.extensions["hilum.authenticator"] = authenticator
+
+    @app.before_request
+    def _request_context() -> Response | None:
+        """The request's context (who, from where, which partition), made here once, and the
+        access check: 401 without valid credentials, then 404 for a partition that does not
+        exist or that the principal may not see (the same 404: nobody learns another tenant's
+        partition names), then 403 for an action the principal's roles do not allow."""
+        g.request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex[:12]
+        rule = request.url_rule
+        # The partition the URL names (its root /partitions/<partition>/…); the views never
+        # see the URL value.
+        requested = None
+        if rule is not None and rule.rule.startswith(PARTITION_ROOT) and request.view_args:
+            requested = request.view_args.pop("partition", None)
+        # Authentication off: whoever reaches the port may do everything (loopback only).
+        nobody = UNAUTHENTICATED if authenticator is None else ANONYMOUS
+        g.hilum_context = RequestContext(
+            nobody, request.remote_addr or "", "http", request_id=g.request_id
+        )
+        if rule is None:
+            return None  # no such route (404) or method (405): Flask answers
+        if request.method == "OPTIONS" and getattr(rule, "provide_automatic_options", False):
+            return None  # Flask's own answer (CORS preflight): no view runs
+        action = required_action(app.view_functions[rule.endpoint])
+        if action is None:
+            log.error(
+                "route %s (%s) names no action (@requires): refused; every route must name one",
+                rule.endpoint,
+                rule.rule,
+            )
+            raise Forbidden("this route has no access rule (a bug in Hilum); refused")
+        principal, presented, from_session = None, False, False
+        if authenticator is not None:
+            principal, presented, from_session = _authenticate(authenticator)
+            if principal is not None:
+                g.hilum_context = dataclasses.replace(g.hilum_context, principal=principal)
+            elif action is not Action.PUBLIC:
+                return _unauthenticated(presented)
+        g.hilum_context = enter_partition(g.hilum_context, requested)
+        if not allowed(g.hilum_context.principal.roles, action):
+            raise Forbidden(
+                f"{g.hilum_context.principal.name} "
+                f"({', '.join(sorted(g.hilum_context.principal.roles)) or 'no role'}) may not "
+                f"do this: it needs the {action.value!r} permission"
+            )
+        if (
+            authenticator is not None
+            and request.method not in _SAFE_METHODS
+            and (from_session or principal is None)
+        ):
+            _check_csrf()
+        return None
+
+
+def _authenticate(authenticator: Authenticator) -> tuple[Principal | None, bool, bool]:
+    """(principal or None, whether credentials were presented, whether from the session)."""
+    header = request.headers.get("Authorization")
+    if header is not None:
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            return None, True, False
+        return authenticator.bearer(token.strip()), True, False
+    if "user" in session:
+        return authenticator.session_principal(session), True, True
+    return None, False, False
+
+
+def _unauthenticated(presented: bool) -> Response:
+    browser = "Authorization" not in request.headers  # an API client gets 401 even here
+    if browser and request.blueprint in UI_BLUEPRINTS:
+        from urllib.parse import quote, urlsplit
+
+        # A page: to the login page, back here afterwards; a form sent after the session
+        # ended: to the login page, back to the page the form was on.
+        if request.method in ("GET", "HEAD"):
+            target = request.full_path if request.query_string else request.path
+        else:
+            referrer = urlsplit(request.referrer or "")
+            same_site = referrer.netloc == request.host and referrer.path.startswith("/")
+            target = referrer.path if same_site else "/"
+        return redirect("/login?next=" + quote(target, safe="/"), 303)  # type: ignore[return-value]
+    response = _error(
+        401,
+        "the credentials are not valid (unknown, expired or revoked)"
+        if presented
+        else "authentication required: send Authorization: Bearer TOKEN, or log in",
+    )
+    # RFC 6750 3: the challenge; invalid_token when a token was sent.
+    challenge = 'Bearer realm="hilum"' + (', error="invalid_token"' if presented else "")
+    response.headers["WWW-Authenticate"] = challenge
+    return response
+
+
+def _check_csrf() -> None:
+    """A state-changing request carried by the browser's session cookie must also carry the
+    session's CSRF token (header, or form field of an HTML form): another site's page can
+    make the browser send the cookie, not read the token."""
+    expected = session.get("csrf")
+    given = request.headers.get(CSRF_HEADER)
+    if given is None and request.mimetype == "application/x-www-form-urlencoded":
+        given = request.form.get(CSRF_FIELD)
+    if not (isinstance(expected, str) and given and hmac.compare_digest(expected, given)):
+        raise Forbidden("the form is out of date or came from another site: reload the page")
 
 
 def _error(status: int, message: str) -> Response:

@@ -29,6 +29,7 @@ from storage.errors import InvalidArgument, StorageError
 if TYPE_CHECKING:
     from server.app import HttpServer
     from server.metrics import Metrics
+    from storage.accounts import Accounts
 
 log = logging.getLogger("hilum")
 _Bound = TypeVar("_Bound")
@@ -49,6 +50,28 @@ def _configure_logging(verbose: bool) -> None:
     # would drown the log of a migration.
     logging.getLogger("pydicom").setLevel(logging.CRITICAL)
     warnings.filterwarnings("ignore", module="pydicom")
+
+
+def check_exposure(settings: Settings, command: str) -> None:
+    """``hilum serve``, ``web`` and ``dimse`` refuse to listen beyond loopback with
+    authentication off, unless ``[auth] insecure_allow_unauthenticated`` says so (then warn at
+    every start): an archive of patient data open to whoever reaches the port."""
+    if settings.auth.enabled or settings.server.is_loopback:
+        return
+    if not settings.auth.insecure_allow_unauthenticated:
+        raise ConfigError(
+            f"`hilum {command}` would listen on [server] host = {settings.server.host!r}, which "
+            "is reachable from the network, with [auth] enabled = false: anyone reaching the "
+            "port could read and change every study. Turn authentication on ([auth] enabled = "
+            "true, then `hilum users add` / `hilum tokens create`; docs/operations.md, "
+            "Authentication), or listen on 127.0.0.1, or, only if something in front of Hilum "
+            "authenticates every request, set [auth] insecure_allow_unauthenticated = true"
+        )
+    log.warning(
+        "authentication is OFF while listening on %s ([auth] insecure_allow_unauthenticated = "
+        "true): whoever reaches the ports can read, store and change every study",
+        settings.server.host,
+    )
 
 
 def _run_dimse(settings: Settings, args: argparse.Namespace, *, all_in_one: bool) -> int:
@@ -183,6 +206,7 @@ def _start_http_server(settings: Settings, archive: Archive, metrics: Metrics) -
 
 
 def cmd_web(settings: Settings, args: argparse.Namespace) -> int:
+    check_exposure(settings, "web")
     _prepare_multiprocess_metrics(settings.server.data_dir / "metrics" / "web")
     from server.app import serve_with_gunicorn
 
@@ -306,11 +330,13 @@ def cmd_models(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
+    check_exposure(settings, "serve")
     args.receiver = False
     return _run_dimse(settings, args, all_in_one=True)
 
 
 def cmd_dimse(settings: Settings, args: argparse.Namespace) -> int:
+    check_exposure(settings, "dimse")
     return _run_dimse(settings, args, all_in_one=False)
 
 
@@ -518,6 +544,80 @@ def cmd_export(settings: Settings, args: argparse.Namespace) -> int:
     return 1 if summary.missing else 0
 
 
+def _accounts(settings: Settings) -> tuple[Archive, Accounts]:
+    from storage.accounts import Accounts
+
+    archive = open_archive(settings, migrate=True, connections=1)
+    return archive, Accounts(archive.index)
+
+
+def cmd_users(settings: Settings, args: argparse.Namespace) -> int:
+    """``hilum users add|list|disable``: the accounts of the HTTP interfaces."""
+    from server.access import ROLES
+
+    archive, accounts = _accounts(settings)
+    try:
+        if args.users_command == "add":
+            if args.role not in ROLES:
+                print(
+                    f"hilum: unknown role {args.role!r}; one of {', '.join(ROLES)}", file=sys.stderr
+                )
+                return 2
+            password = None
+            if args.password_stdin:
+                password = sys.stdin.readline().rstrip("\r\n")
+            user = accounts.add_account(args.name, args.role, args.partition or (), password)
+            where = ", ".join(user.partitions) or "every partition"
+            login = "password login" if user.has_password else "API tokens only (no password)"
+            print(f"user {user.name} added: role {user.role}, {where}, {login}")
+        elif args.users_command == "list":
+            for user in accounts.accounts():
+                print(
+                    f"{user.name}\t{user.role}\t{','.join(user.partitions) or '*'}\t"
+                    f"{'disabled' if user.disabled else 'enabled'}\t"
+                    f"{'password' if user.has_password else 'no password'}"
+                )
+        else:
+            user = accounts.disable_account(args.name)
+            print(
+                f"user {user.name} disabled: its logins and tokens are refused within "
+                f"[auth] token_cache_ttl_s ({settings.auth.token_cache_ttl_s:g} s)"
+            )
+    finally:
+        archive.close()
+    return 0
+
+
+def cmd_tokens(settings: Settings, args: argparse.Namespace) -> int:
+    """``hilum tokens create|list|revoke``: API tokens (``Authorization: Bearer TOKEN``)."""
+    archive, accounts = _accounts(settings)
+    try:
+        if args.tokens_command == "create":
+            token, secret = accounts.create_token(args.user, args.expires_days)
+            until = token.expires_at.isoformat(timespec="seconds") if token.expires_at else "never"
+            # The secret alone on stdout (for `TOKEN=$(hilum tokens create …)`); what it is on
+            # stderr. It is shown once: only its hash is kept.
+            print(secret, flush=True)
+            print(f"token {token.id} of user {token.account}, expires {until}", file=sys.stderr)
+        elif args.tokens_command == "list":
+            now = accounts.clock()
+            for token in accounts.tokens():
+                until = token.expires_at.isoformat(timespec="seconds") if token.expires_at else "-"
+                print(
+                    f"{token.id}\t{token.account}\t{token.state(now)}\t"
+                    f"created {token.created_at.isoformat(timespec='seconds')}\texpires {until}"
+                )
+        else:
+            token = accounts.revoke_token(args.id)
+            print(
+                f"token {token.id} of user {token.account} revoked: refused within [auth] "
+                f"token_cache_ttl_s ({settings.auth.token_cache_ttl_s:g} s)"
+            )
+    finally:
+        archive.close()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hilum", description="Hilum PACS")
     parser.add_argument("--config", type=Path, help="TOML configuration file (or $HILUM_CONFIG)")
@@ -601,9 +701,41 @@ def build_parser() -> argparse.ArgumentParser:
 
     admin_groups = add_admin_commands(commands)  # partitions, ae, peers
 
+    users = commands.add_parser("users", help="user accounts of the HTTP interfaces")
+    users_commands = users.add_subparsers(dest="users_command", required=True)
+    add = users_commands.add_parser("add", help="add a user")
+    add.add_argument("name")
+    add.add_argument(
+        "--role",
+        required=True,
+        help="admin, radiologist, technologist, modality, researcher or worker",
+    )
+    add.add_argument(
+        "--partition", action="append", help="a partition the user may see (repeat; none: all)"
+    )
+    add.add_argument(
+        "--password-stdin", action="store_true",
+        help="read the password from the first line of standard input (none: API tokens only)",
+    )  # fmt: skip
+    users_commands.add_parser("list", help="list the users")
+    disable = users_commands.add_parser("disable", help="refuse a user's logins and tokens")
+    disable.add_argument("name")
+
+    tokens = commands.add_parser("tokens", help="API tokens (Authorization: Bearer TOKEN)")
+    tokens_commands = tokens.add_subparsers(dest="tokens_command", required=True)
+    create = tokens_commands.add_parser("create", help="make a token; prints it alone on stdout")
+    create.add_argument("--user", required=True)
+    create.add_argument(
+        "--expires-days", type=float, help="valid this many days (default: no expiry)"
+    )
+    tokens_commands.add_parser("list", help="list the tokens (never their secrets)")
+    revoke = tokens_commands.add_parser("revoke", help="revoke a token by its id")
+    revoke.add_argument("id")
+
     # `hilum serve --config FILE` as well as `hilum --config FILE serve`: every command takes it.
-    for group in (commands, db_commands, models_commands, tiers_commands, viewer_commands,
-                  *admin_groups):  # fmt: skip
+    groups = (commands, db_commands, models_commands, tiers_commands, viewer_commands,
+              users_commands, tokens_commands, *admin_groups)  # fmt: skip
+    for group in groups:
         for command in group.choices.values():
             command.add_argument(
                 "--config", type=Path, default=argparse.SUPPRESS, help="TOML configuration file"
@@ -627,6 +759,8 @@ COMMANDS = {
     "models": cmd_models,
     "viewer": cmd_viewer,
     **ADMIN_COMMANDS,
+    "users": cmd_users,
+    "tokens": cmd_tokens,
 }
 
 

@@ -37,6 +37,9 @@ class Principal:
 # Authentication off (the loopback-only embedded default): whoever reaches the port may do
 # everything, as before access control existed.
 UNAUTHENTICATED = Principal("anonymous", "anonymous", frozenset({"admin"}))
+# Authentication on, no credentials: no role, so only public routes (the access check answers
+# 401 for any other before the partition is entered).
+ANONYMOUS = Principal("anonymous", "anonymous")
 # Hilum acting on its own behalf: the AI worker, the stability scan, migrations.
 SYSTEM = Principal("system", "hilum", frozenset({"admin", "worker"}))
 

@@ -17,23 +17,18 @@ from werkzeug.exceptions import NotFound as HTTPNotFound
 from config import Settings
 from server.access import Action, requires
 from server.context import http_context
-from server.partitions import check_visible, partition_prefix
+from server.partitions import partition_prefix
+from storage.archive import Archive
 from storage.dicom_file import is_valid_uid
 from storage.errors import Conflict, InvalidQuery, NotFound, StorageError, StorageUnavailable
 from storage.index.models import DEFAULT_PARTITION
 from storage.jobs import JobState
 from storage.partitions import partition_names
-from web import study, worklist
+from web import login, study, worklist
 from web.ohif import SPA_ROUTES, app_config, installed, ohif_dir
 
 log = logging.getLogger(__name__)
-
-
-def before_page() -> None:
-    """Runs before every route of the UI: the page's partition must be one the principal may
-    see (404 otherwise, as for an unknown partition). The access check (login, roles) of a
-    later issue goes here too, once, for every page."""
-    check_visible()
+STATIC = Path(__file__).resolve().parent / "static"
 
 
 # Content-Security-Policy (CSP Level 3) of Hilum's own pages: their scripts, styles and images
@@ -75,7 +70,6 @@ def pages_blueprint(settings: Settings) -> Blueprint:
     """The pages that show one partition's archive (the worklist, a study, the jobs, upload),
     registered at ``/`` for the default partition and at ``/partitions/{name}/`` for another."""
     blueprint = Blueprint("pages", __name__, template_folder="templates")
-    blueprint.before_request(before_page)
     blueprint.after_request(_content_security_policy(PAGE_POLICY))
     _register_errors(blueprint)
     worklist.register(blueprint, settings)
@@ -91,14 +85,17 @@ def pages_blueprint(settings: Settings) -> Blueprint:
         return {"root": partition_prefix(context.partition), "partition": context.partition}
 
     @blueprint.get("/jobs")
+    @requires(Action.JOBS)
     def jobs() -> Any:
         return render_template("jobs.html", nav="jobs", states=[str(s) for s in JobState])
 
     @blueprint.get("/upload")
+    @requires(Action.STORE)
     def upload() -> Any:
         return render_template("upload.html", nav="upload")
 
     @blueprint.get("/studies/<study_uid>/series/<series_uid>/slide")
+    @requires(Action.RETRIEVE)
     def slide(study_uid: str, series_uid: str) -> Any:
         """A whole slide (VL Whole Slide Microscopy) with the AI's SEG over it, in the
         dicom-microscopy-viewer that the pinned OHIF package carries (web/static/slide.js)."""
@@ -129,26 +126,40 @@ def pages_blueprint(settings: Settings) -> Blueprint:
     return blueprint
 
 
+def _default_partition() -> dict[str, Any]:
+    """The template variables of a page outside any partition's root."""
+    return {"root": "", "partition": DEFAULT_PARTITION}
+
+
+def login_blueprint(settings: Settings, archive: Archive) -> Blueprint:
+    """The login and logout pages (at the root only: a login is for the whole installation)."""
+    blueprint = Blueprint("login", __name__, template_folder="templates")
+    blueprint.after_request(_content_security_policy(PAGE_POLICY))
+    _register_errors(blueprint)
+    blueprint.context_processor(_default_partition)
+    login.register(blueprint, settings, archive)
+    return blueprint
+
+
 def web_blueprint(settings: Settings) -> Blueprint:
     """Hilum's static files and the OHIF viewer (at the site root only: the viewer's bundle
     loads its files from there)."""
-    blueprint = Blueprint(
-        "web",
-        __name__,
-        template_folder="templates",
-        static_folder="static",
-        static_url_path="/hilum-static",
-    )
+    blueprint = Blueprint("web", __name__, template_folder="templates")
     blueprint.after_request(_content_security_policy(VIEWER_POLICY))
     _register_filters(blueprint)
     _register_errors(blueprint)
 
-    @blueprint.context_processor
-    def _partition() -> dict[str, Any]:
-        return {"root": "", "partition": DEFAULT_PARTITION}
+    blueprint.context_processor(_default_partition)
+
+    # The UI's own style sheet and scripts: public (the login page needs them), no patient data.
+    @blueprint.get("/hilum-static/<path:filename>", endpoint="static")
+    @requires(Action.PUBLIC)
+    def static_file(filename: str) -> Response:
+        return send_from_directory(STATIC, filename)
 
     @blueprint.get("/viewer")
     @blueprint.get("/viewer/<path:_route>")
+    @requires(Action.RETRIEVE)
     def viewer(_route: str = "") -> Any:
         """OHIF's page (its client-side router reads the URL), or how to install it."""
         folder = ohif_dir(settings)
@@ -158,6 +169,7 @@ def web_blueprint(settings: Settings) -> Blueprint:
         return render_template("viewer_missing.html", folder=folder, studies=studies)
 
     @blueprint.get("/app-config.js")
+    @requires(Action.RETRIEVE)
     def viewer_app_config() -> Response:
         context = http_context()
         visible = [
@@ -173,6 +185,7 @@ def web_blueprint(settings: Settings) -> Blueprint:
     @blueprint.get("/<string:_name>")
     @blueprint.get("/assets/<path:_name>")
     @blueprint.get("/dicom-microscopy-viewer/<path:_name>")
+    @requires(Action.RETRIEVE)
     def viewer_file(_name: str) -> Any:
         folder = ohif_dir(settings)
         if not installed(folder):

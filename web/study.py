@@ -23,6 +23,8 @@ from inference.catalog import REFERENCE_MODELS_DIR, ModelCatalog, manifest_names
 from inference.errors import ModelError
 from inference.measurement_report import ReportedFinding, read_findings, with_outlines
 from inference.stability import queue_model_by_hand
+from server.access import Action, requires
+from server.context import http_context
 from server.partitions import request_archive, request_root
 from storage.archive import Archive
 from storage.errors import InvalidQuery, NotFound
@@ -148,6 +150,7 @@ def register(blueprint: Blueprint, settings: Settings) -> None:
     catalog = ModelCatalog(settings.inference.models_dirs)
 
     @blueprint.get("/studies/<study_uid>")
+    @requires(Action.QUERY)
     def study_page(study_uid: str) -> Any:
         archive = request_archive()
         queue = JobQueue(archive, settings.inference)
@@ -172,8 +175,9 @@ def register(blueprint: Blueprint, settings: Settings) -> None:
         )
 
     @blueprint.post("/studies/<study_uid>/jobs")
+    @requires(Action.JOBS)
     def run_model(study_uid: str) -> Any:
-        """An administrator runs a model on the study by hand (no login yet: anyone can)."""
+        """Someone allowed to run jobs runs a model on the study by hand."""
         try:
             model = catalog.get(request.form.get("model", ""))
         except ModelError as error:
@@ -184,6 +188,7 @@ def register(blueprint: Blueprint, settings: Settings) -> None:
         )
 
     @blueprint.post("/studies/<study_uid>/reviews")
+    @requires(Action.REVIEW)
     def review_finding(study_uid: str) -> Any:
         archive = request_archive()
         queue = JobQueue(archive, settings.inference)
@@ -193,6 +198,9 @@ def register(blueprint: Blueprint, settings: Settings) -> None:
         except ValueError:
             raise InvalidQuery("decision must be 'accepted' or 'rejected'") from None
         reviewer = " ".join(form.get("reviewer", "").split())
+        principal = http_context().principal
+        if principal.kind != "anonymous":
+            reviewer = principal.name  # logged in: the reviewer is who is logged in
         comment = form.get("comment", "").strip()
         if not reviewer:
             raise InvalidQuery("enter your name as the reviewer before accepting or rejecting")

@@ -10,6 +10,7 @@ from urllib.parse import urlencode
 from flask import Blueprint, render_template, request
 
 from config import Settings
+from server.access import Action, requires
 from server.partitions import request_archive, request_root
 from storage.errors import InvalidQuery
 from storage.worklist import (
@@ -136,6 +137,7 @@ def register(blueprint: Blueprint, settings: Settings) -> None:
             return None, str(error)
 
     @blueprint.get("/")
+    @requires(Action.QUERY)
     def worklist() -> Any:
         page, error = _page()
         return render_template("worklist.html", **_context(request.args, page, error)), (
@@ -143,6 +145,7 @@ def register(blueprint: Blueprint, settings: Settings) -> None:
         )
 
     @blueprint.get("/worklist/rows")
+    @requires(Action.QUERY)
     def worklist_rows() -> Any:
         page, error = _page()
         return render_template("worklist_rows.html", **_context(request.args, page, error)), (

@@ -33,6 +33,7 @@ from config import Settings
 from inference.catalog import ModelCatalog
 from inference.errors import ModelError
 from inference.stability import queue_model_by_hand
+from server.access import Action, requires
 from server.partitions import request_archive
 from storage.dicom_file import is_valid_uid
 from storage.errors import InvalidQuery
@@ -50,12 +51,14 @@ def jobs_blueprint(settings: Settings) -> Blueprint:
     catalog = ModelCatalog(settings.inference.models_dirs)
 
     @blueprint.get("/studies/<study_instance_uid>/jobs")
+    @requires(Action.JOBS)
     def list_study_jobs(study_instance_uid: str) -> Any:
         if not is_valid_uid(study_instance_uid):
             raise InvalidQuery(f"{study_instance_uid[:80]!r} is not a Study Instance UID")
         return jsonify([job.as_json() for job in _queue(settings).for_study(study_instance_uid)])
 
     @blueprint.get("/jobs")
+    @requires(Action.JOBS)
     def search_jobs() -> Any:
         args = request.args
         try:
@@ -74,6 +77,7 @@ def jobs_blueprint(settings: Settings) -> Blueprint:
         return jsonify([job.as_json() for job in jobs])
 
     @blueprint.post("/studies/<study_instance_uid>/jobs")
+    @requires(Action.JOBS)
     def run_model_on_study(study_instance_uid: str) -> Any:
         body = request.get_json(silent=True) or {}
         try:
@@ -84,6 +88,7 @@ def jobs_blueprint(settings: Settings) -> Blueprint:
         return jsonify([job.as_json() for job in jobs]), 202
 
     @blueprint.get("/studies/<study_instance_uid>/findings")
+    @requires(Action.QUERY)
     def list_study_findings(study_instance_uid: str) -> Any:
         return jsonify(
             [
@@ -93,6 +98,7 @@ def jobs_blueprint(settings: Settings) -> Blueprint:
         )
 
     @blueprint.get("/reviews")
+    @requires(Action.QUERY)
     def search_all_reviews() -> Any:
         args = request.args
         try:
@@ -115,16 +121,19 @@ def jobs_blueprint(settings: Settings) -> Blueprint:
         return jsonify([{"id": row_id, **review.as_json()} for row_id, review in found])
 
     @blueprint.get("/studies/<study_instance_uid>/reviews")
+    @requires(Action.QUERY)
     def list_study_reviews(study_instance_uid: str) -> Any:
         return jsonify(
             [r.as_json() for r in reviews_for_study(request_archive(), study_instance_uid)]
         )
 
     @blueprint.get("/jobs/<int:job_id>")
+    @requires(Action.JOBS)
     def retrieve_job(job_id: int) -> Any:
         return jsonify(_queue(settings).get(job_id).as_json())
 
     @blueprint.post("/jobs/<int:job_id>/rerun")
+    @requires(Action.JOBS)
     def rerun_job(job_id: int) -> Any:
         return jsonify(_queue(settings).rerun(job_id).as_json()), 202
 

@@ -9,6 +9,7 @@ from flask import Blueprint, Response, g, request
 from werkzeug.exceptions import Forbidden
 
 from config import Settings
+from server.access import Action, requires
 from server.partitions import request_archive
 from storage.archive import Archive
 from storage.delete import Deletion, delete_instance, delete_series, delete_study
@@ -33,12 +34,15 @@ class DeleteTransaction:
         )
         return Response(status=204)
 
+    @requires(Action.DELETE)
     def delete_study(self, study: str) -> Response:
         return self._done(delete_study(self.archive, study), f"study {study}")
 
+    @requires(Action.DELETE)
     def delete_series(self, study: str, series: str) -> Response:
         return self._done(delete_series(self.archive, study, series), f"series {series}")
 
+    @requires(Action.DELETE)
     def delete_instance(self, study: str, series: str, instance: str) -> Response:
         deletion = delete_instance(self.archive, study, series, instance)
         return self._done(deletion, f"instance {instance}")
@@ -50,7 +54,7 @@ def blueprint(settings: Settings) -> Blueprint:
 
     @bp.before_request
     def _allowed() -> None:
-        # Nothing authenticates DICOMweb clients: deleting is off unless the operator opts in.
+        # Deleting is off unless the operator opts in (and then needs the delete permission).
         if not settings.http.allow_delete:
             raise Forbidden(
                 "DELETE is disabled on this server; set [http] allow_delete = true "

@@ -13,6 +13,7 @@ from flask import Blueprint, Response, request, stream_with_context
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 
 from config import Settings
+from server.access import Action, requires
 from server.dicomweb import urls
 from server.dicomweb.media_types import DICOM_JSON
 from server.dicomweb.statuses import warning_text
@@ -203,12 +204,15 @@ class SearchTransaction:
             response.headers.add("Warning", f'299 hilum "{warning_text(text)}"')
         return response
 
+    @requires(Action.QUERY)
     def search_for_studies(self) -> Response:
         return self._search(QueryLevel.STUDY, {})
 
+    @requires(Action.QUERY)
     def search_for_series(self, study: str | None = None) -> Response:
         return self._search(QueryLevel.SERIES, {"StudyInstanceUID": study} if study else {})
 
+    @requires(Action.QUERY)
     def search_for_instances(self, study: str | None = None, series: str | None = None) -> Response:
         keys = {"StudyInstanceUID": study} if study else {}
         if series:

@@ -13,6 +13,7 @@ from flask import Blueprint, Response, request
 from PIL import Image
 
 from config import Settings
+from server.access import Action, requires
 from server.dicomweb.frames import (
     FrameReader,
     check_decodable,
@@ -184,26 +185,33 @@ class RenderedTransaction:
         middle = rows[len(rows) // 2]  # located() raised NotFound when there is none
         return self._instance(study, middle.series_instance_uid, middle.sop_instance_uid)
 
+    @requires(Action.RETRIEVE)
     def retrieve_instance_rendered(self, study: str, series: str, instance: str) -> Response:
         return self._render(self._instance(study, series, instance), 1)
 
+    @requires(Action.RETRIEVE)
     def retrieve_frames_rendered(
         self, study: str, series: str, instance: str, frames: str
     ) -> Response:
         return self._render(self._instance(study, series, instance), _first_frame(frames))
 
+    @requires(Action.RETRIEVE)
     def retrieve_series_rendered(self, study: str, series: str) -> Response:
         return self._render(self._representative(study, series), 1)
 
+    @requires(Action.RETRIEVE)
     def retrieve_study_thumbnail(self, study: str) -> Response:
         return self._render(self._representative(study), 1, THUMBNAIL_VIEWPORT)
 
+    @requires(Action.RETRIEVE)
     def retrieve_series_thumbnail(self, study: str, series: str) -> Response:
         return self._render(self._representative(study, series), 1, THUMBNAIL_VIEWPORT)
 
+    @requires(Action.RETRIEVE)
     def retrieve_instance_thumbnail(self, study: str, series: str, instance: str) -> Response:
         return self._render(self._instance(study, series, instance), 1, THUMBNAIL_VIEWPORT)
 
+    @requires(Action.RETRIEVE)
     def retrieve_frames_thumbnail(
         self, study: str, series: str, instance: str, frames: str
     ) -> Response:

@@ -18,6 +18,7 @@ from werkzeug.exceptions import RequestEntityTooLarge, UnsupportedMediaType
 from werkzeug.http import parse_options_header
 
 from config import Settings
+from server.access import Action, requires
 from server.dicomweb import urls
 from server.dicomweb.media_types import DICOM, DICOM_JSON
 from server.dicomweb.multipart import MultipartError, ReceivedPart, check_boundary, read_parts
@@ -86,6 +87,7 @@ class StoreTransaction:
             raise MultipartError("the Content-Type has no boundary parameter")
         return check_boundary(options["boundary"])
 
+    @requires(Action.STORE)
     def store_instances(self, study: str | None = None) -> Response:
         boundary = self._boundary()
         if request.content_length is not None and request.content_length > self.max_bytes:

@@ -18,6 +18,7 @@ import pydicom
 from flask import Blueprint, Response, request, stream_with_context
 
 from config import Settings
+from server.access import Action, requires
 from server.dicomweb import urls
 from server.dicomweb.frames import FrameReader, check_frames, parse_frame_list
 from server.dicomweb.media_types import (
@@ -214,12 +215,15 @@ class RetrieveTransaction:
                 raise NotAcceptable(f"instance {instance.sop_instance_uid}: {refused}") from refused
             return out.getvalue()
 
+    @requires(Action.RETRIEVE)
     def retrieve_study(self, study: str) -> Response:
         return self._instances(located(self.archive, study))
 
+    @requires(Action.RETRIEVE)
     def retrieve_series(self, study: str, series: str) -> Response:
         return self._instances(located(self.archive, study, series))
 
+    @requires(Action.RETRIEVE)
     def retrieve_instance(self, study: str, series: str, instance: str) -> Response:
         return self._instances(located(self.archive, study, series, instance))
 
@@ -241,12 +245,15 @@ class RetrieveTransaction:
 
         return Response(stream_with_context(body()), content_type=DICOM_JSON)
 
+    @requires(Action.RETRIEVE)
     def retrieve_study_metadata(self, study: str) -> Response:
         return self._metadata(located(self.archive, study, with_metadata=True))
 
+    @requires(Action.RETRIEVE)
     def retrieve_series_metadata(self, study: str, series: str) -> Response:
         return self._metadata(located(self.archive, study, series, with_metadata=True))
 
+    @requires(Action.RETRIEVE)
     def retrieve_instance_metadata(self, study: str, series: str, instance: str) -> Response:
         return self._metadata(located(self.archive, study, series, instance, with_metadata=True))
 
@@ -269,6 +276,7 @@ class RetrieveTransaction:
         )
         return multipart_response(parts, representation.media_type)
 
+    @requires(Action.RETRIEVE)
     def retrieve_frames(self, study: str, series: str, instance: str, frames: str) -> Response:
         try:
             numbers = parse_frame_list(frames)
@@ -277,6 +285,7 @@ class RetrieveTransaction:
         stored = one_instance(self.archive, study, series, instance, with_frame_ranges=True)
         return self._frames_response(stored, numbers)
 
+    @requires(Action.RETRIEVE)
     def retrieve_bulkdata(self, study: str, series: str, instance: str, path: str) -> Response:
         stored = one_instance(self.archive, study, series, instance, with_frame_ranges=True)
         steps = path.split("/")

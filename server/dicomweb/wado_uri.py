@@ -9,6 +9,7 @@ from flask import Blueprint, Response, request
 from pydicom.uid import ExplicitVRLittleEndian
 
 from config import Settings
+from server.access import Action, requires
 from server.dicomweb.media_types import DICOM, NotAcceptable, can_transcode
 from server.dicomweb.rendering import RENDERED_TYPES, RenderedTransaction, RenderingParameters
 from server.dicomweb.urls import check_uid
@@ -53,6 +54,7 @@ class WadoUri:
         """The request's archive, scoped to its partition (``server.partitions``)."""
         return request_archive()
 
+    @requires(Action.RETRIEVE)
     def retrieve_object(self) -> Response:
         if request.args.get("requestType") != "WADO":
             raise InvalidQuery("requestType must be WADO (PS3.18 9.1.2.1.1)")

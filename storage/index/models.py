@@ -342,3 +342,32 @@ class DeidentifiedStudy(Base):
     deidentified_study_uid: Mapped[str] = mapped_column(String(UI))
     date_shift_days: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class Account(Base):
+    """A person or client who may use Hilum over HTTP (migration 0006; storage/accounts.py)."""
+
+    __tablename__ = "account"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    role: Mapped[str] = mapped_column(String(32))  # a role of server.access.ROLE_ACTIONS
+    # The partitions this account may see; empty: every partition.
+    partitions: Mapped[list[str]] = mapped_column(JSONType, default=list)
+    # argon2id (PHC string); None: no password login, API tokens only.
+    password_hash: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    disabled: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class ApiToken(Base):
+    """An API token of an account: only the SHA-256 of its secret is kept (migration 0006)."""
+
+    __tablename__ = "api_token"
+    __table_args__ = (Index("ix_api_token_account", "account_name"),)
+
+    id: Mapped[str] = mapped_column(String(16), primary_key=True)  # shown, never secret
+    account_name: Mapped[str] = mapped_column(ForeignKey("account.name"))
+    secret_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)

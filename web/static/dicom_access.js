@@ -12,6 +12,9 @@
   }
   async function call(method, path, body) {
     const options = { method, headers: { Accept: "application/json" } };
+    // The session's CSRF token (in the page's <meta>), required once logins are on.
+    const csrf = document.querySelector('meta[name="csrf-token"]');
+    if (csrf) options.headers["X-CSRF-Token"] = csrf.content;
     if (body !== undefined) {
       options.headers["Content-Type"] = "application/json";
       options.body = JSON.stringify(body);

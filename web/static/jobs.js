@@ -83,7 +83,11 @@
   async function rerun(id, button) {
     button.disabled = true;
     try {
-      const response = await fetch(document.body.dataset.root + "/api/jobs/" + id + "/rerun", { method: "POST" });
+      const response = await fetch(document.body.dataset.root + "/api/jobs/" + id + "/rerun", {
+        method: "POST",
+        // The session's CSRF token (in the page's <meta>), required once logins are on.
+        headers: { "X-CSRF-Token": document.querySelector('meta[name="csrf-token"]')?.content || "" },
+      });
       const body = await response.json();
       if (!response.ok) throw new Error(body.error || "HTTP " + response.status);
       status.textContent = "Job " + id + " queued again.";
