@@ -22,14 +22,17 @@ from werkzeug.routing import Rule
 
 from config import Settings
 from server.access import ROLE_ACTIONS, Action, required_action
-from server.app import create_app
+from server.app import UI_BLUEPRINTS, create_app
 from server.authentication import Authenticator
 from storage.accounts import Accounts
 from storage.archive import Archive, open_archive
 from tests.conftest import S3Server, make_settings, s3_blob_url
 
 Q, R, S, D = Action.QUERY, Action.RETRIEVE, Action.STORE, Action.DELETE
-J, V, P = Action.JOBS, Action.REVIEW, Action.PUBLIC
+J, V, P, A = Action.JOBS, Action.REVIEW, Action.PUBLIC, Action.ADMIN
+# A family of routes registered at a partition's root too (/partitions/<partition>/…) has the
+# same endpoints with this prefix, and needs the same actions.
+PARTITION_PREFIX = "partition_"
 
 # endpoint -> the action it needs: the one permission table of the HTTP interfaces.
 PERMISSIONS: dict[str, Action] = {
@@ -67,22 +70,36 @@ PERMISSIONS: dict[str, Action] = {
     "jobs.search_all_reviews": Q,
     "jobs.list_study_reviews": Q,
     # The browser UI
-    "web.worklist": Q,
-    "web.worklist_rows": Q,
-    "web.study_page": Q,
-    "web.run_model": J,
-    "web.review_finding": V,
-    "web.jobs": J,
-    "web.upload": S,
+    "pages.worklist": Q,
+    "pages.worklist_rows": Q,
+    "pages.study_page": Q,
+    "pages.run_model": J,
+    "pages.review_finding": V,
+    "pages.jobs": J,
+    "pages.upload": S,
+    "pages.slide": R,
+    "pages.dicom_access": A,
     "web.viewer": R,
     "web.viewer_app_config": R,
     "web.viewer_file": R,
     "web.static": P,
-    "web.login_page": P,
-    "web.log_in": P,
-    "web.log_out": P,
-    "web.oidc_login": P,
-    "web.oidc_callback": P,
+    "login.login_page": P,
+    "login.log_in": P,
+    "login.log_out": P,
+    "login.oidc_login": P,
+    "login.oidc_callback": P,
+    # Administration: partitions, DIMSE AE permissions, C-MOVE destinations; pseudonyms
+    "admin.list_all_partitions": A,
+    "admin.create_a_partition": A,
+    "admin.add_a_partition_ae_title": A,
+    "admin.remove_a_partition_ae_title": A,
+    "admin.list_all_ae_permissions": A,
+    "admin.set_an_ae_permission": A,
+    "admin.remove_ae_permissions": A,
+    "admin.list_all_peers": A,
+    "admin.set_a_peer": A,
+    "admin.remove_a_peer": A,
+    "research.find_identities": A,
     # Monitoring: probes and Prometheus (counts and durations, no patient data)
     "monitoring.liveness": P,
     "monitoring.readiness": P,
@@ -102,6 +119,10 @@ ARGUMENTS = {
     "_route": "x",
     "_name": "x",
     "filename": "hilum.css",
+    "partition": "default",  # /partitions/default/…: the default partition by name
+    "series_uid": "1.2.3.4",
+    "name": "default",
+    "title": "SOME_AE",
 }
 
 
@@ -151,16 +172,22 @@ def _calls(app: Flask) -> Iterator[tuple[Rule, str, str]]:
             yield rule, method, _url(rule)
 
 
+def _entry(endpoint: str) -> str:
+    """The endpoint's line in the table: a partition root's endpoint is its family's."""
+    return endpoint.removeprefix(PARTITION_PREFIX)
+
+
 def test_every_route_names_its_action(access: AccessApp) -> None:
     app = access.app
     for rule in _rules(app):
         view = app.view_functions[rule.endpoint]
-        assert rule.endpoint in PERMISSIONS, f"{rule.rule} ({rule.endpoint}) is not in the table"
-        assert required_action(view) is PERMISSIONS[rule.endpoint], (
+        entry = _entry(rule.endpoint)
+        assert entry in PERMISSIONS, f"{rule.rule} ({rule.endpoint}) is not in the table"
+        assert required_action(view) is PERMISSIONS[entry], (
             f"{rule.rule} ({rule.endpoint}) needs {required_action(view)}, the table says "
-            f"{PERMISSIONS[rule.endpoint]}"
+            f"{PERMISSIONS[entry]}"
         )
-    routed = {rule.endpoint for rule in _rules(app)}
+    routed = {_entry(rule.endpoint) for rule in _rules(app)}
     assert routed == set(PERMISSIONS), f"no longer routed: {set(PERMISSIONS) - routed}"
 
 
@@ -175,7 +202,7 @@ def test_every_route_answers_each_role_as_the_table_says(access: AccessApp) -> N
     client = access.app.test_client()
     checked = 0
     for rule, method, url in _calls(access.app):
-        action = PERMISSIONS[rule.endpoint]
+        action = PERMISSIONS[_entry(rule.endpoint)]
         where = f"{method} {url} ({rule.endpoint}, {action})"
         response = _call(client, method, url)
         if action is P and method == "POST":
@@ -187,7 +214,7 @@ def test_every_route_answers_each_role_as_the_table_says(access: AccessApp) -> N
             continue
         if action is P:
             assert response.status_code not in (401, 403), where
-        elif rule.endpoint.startswith("web."):
+        elif rule.endpoint.split(".")[0] in UI_BLUEPRINTS:
             # A page, or a page's form: the browser is sent to log in, and back afterwards.
             assert response.status_code == 303, where
             assert response.headers["Location"].startswith("/login?next="), where

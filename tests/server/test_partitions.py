@@ -7,20 +7,20 @@ partition, and one the principal is not bound to, is a 404."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
 import requests
 from dicomweb_client.api import DICOMwebClient
-from flask import Flask, g
+from flask import Flask
 from sqlalchemy import delete
 
 from config import Settings
 from server.app import HttpServer, create_app
 from server.context import UNAUTHENTICATED, Principal
 from server.partitions import KnownPartitions, may_enter
+from storage.accounts import Accounts
 from storage.archive import Archive, open_archive
 from storage.index.models import Partition as PartitionRow
 from storage.ingest import Origin, ingest_file
@@ -242,12 +242,12 @@ def test_each_partition_is_its_own_archive_on_postgresql_and_s3(
         archive.close()
 
 
-def test_a_principal_bound_to_a_partition_sees_only_that_partition(
-    settings: Settings, archive: Archive, tmp_path: Path
-) -> None:
-    """A principal bound to ``hospital_a`` (as the authentication hook sets it, after the
-    request's context was made): every other partition, the default one included, is a 404
-    on DICOMweb, the JSON API and the pages, as if it did not exist."""
+def test_a_user_bound_to_a_partition_sees_only_that_partition(tmp_path: Path) -> None:
+    """A radiologist's token bound to ``hospital_a`` (``hilum users add --partition``): every
+    other partition, the default one included, is a 404 on DICOMweb, the JSON API and the
+    pages, as if it did not exist; its own partition answers."""
+    settings = make_settings(tmp_path / "auth", auth={"enabled": True})
+    archive = open_archive(settings, migrate=True)
     for partition in (HOSPITAL, "hospital_b"):
         ensure_partition(archive.index, partition)
     elsewhere = ct_series(1)
@@ -257,14 +257,11 @@ def test_a_principal_bound_to_a_partition_sees_only_that_partition(
     for partition in ("default", "hospital_b"):
         path = write_part10(elsewhere[0], tmp_path / f"{partition}.dcm")
         ingest_file(archive.scoped(partition), path, Origin("CT01"))
-    bound = Principal("user", "radiologist", frozenset({"radiologist"}), frozenset({HOSPITAL}))
+    accounts = Accounts(archive.index)
+    accounts.add_account("dr-a", "radiologist", [HOSPITAL])
+    token = accounts.create_token("dr-a", expires_days=1)[1]
+    bearer = {"Authorization": f"Bearer {token}"}
     site = Site(create_app(settings, archive))
-
-    @site.app.before_request
-    def _authenticated() -> None:
-        # What the authentication of issue 12 does: replace the principal of the context.
-        g.hilum_context = replace(g.hilum_context, principal=bound)
-
     site.server.start()
     try:
         for partition in (None, "hospital_b"):
@@ -277,15 +274,17 @@ def test_a_principal_bound_to_a_partition_sees_only_that_partition(
                 "/",
                 f"/studies/{study}",
                 "/jobs",
-                "/upload",
             ):
-                response = requests.get(site.root(partition) + path, timeout=30)
+                response = requests.get(site.root(partition) + path, headers=bearer, timeout=30)
                 assert response.status_code == 404, (partition, path)
-        assert site.dicomweb(HOSPITAL).search_for_studies() == []
-        assert requests.get(site.root(HOSPITAL) + "/", timeout=30).ok
-        assert requests.get(site.root(HOSPITAL) + "/api/jobs", timeout=30).json() == []
+        client = DICOMwebClient(site.root(HOSPITAL) + "/dicomweb", headers=bearer)
+        assert client.search_for_studies() == []
+        assert requests.get(site.root(HOSPITAL) + "/", headers=bearer, timeout=30).ok
+        jobs = requests.get(site.root(HOSPITAL) + "/api/jobs", headers=bearer, timeout=30)
+        assert jobs.json() == []
     finally:
         site.server.stop()
+        archive.close()
 
 
 def test_stow_rs_into_a_partition_stores_there(site: Site, archive: Archive) -> None:

@@ -18,6 +18,7 @@ import requests
 from dicomweb_client.api import DICOMwebClient
 from PIL import Image
 from playwright.sync_api import Browser, Page, Response, expect, sync_playwright
+from playwright.sync_api import Error as PlaywrightError
 
 from inference.phantoms import synthetic_ct_series, synthetic_wsi
 from storage.jobs import JobState
@@ -83,7 +84,10 @@ def test_open_in_viewer_shows_the_study_in_ohif(
 
         def pixels() -> np.ndarray:
             path = tmp_path / "canvas.png"
-            canvas.screenshot(path=str(path))
+            try:
+                canvas.screenshot(path=str(path))
+            except PlaywrightError:  # the viewport is being laid out again: no pixels yet
+                return np.zeros((1, 1, 3), np.float32)
             return np.asarray(Image.open(path).convert("RGB"), dtype=np.float32)
 
         def drawn() -> bool:
