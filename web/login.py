@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import secrets
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from flask import (
@@ -29,8 +30,10 @@ from flask import (
 from config import Settings
 from server.access import Action, allowed, requires
 from server.authentication import LoginThrottle
+from server.partitions import partition_prefix
 from storage.accounts import Accounts
 from storage.archive import Archive
+from storage.index.models import DEFAULT_PARTITION
 
 if TYPE_CHECKING:
     from server.oidc import OidcVerifier
@@ -47,10 +50,14 @@ def csrf_token() -> str:
     return token
 
 
-def _next_page(value: str | None) -> str:
-    """Where to go after logging in: a path of this site only (never //host or a URL)."""
-    if value and value.startswith("/") and not value.startswith(("//", "/\\")):
+def _next_page(value: str | None, partitions: Sequence[str] = ()) -> str:
+    """Where to go after logging in: a path of this site only (never //host or a URL); by
+    default the worklist, the first partition's for a user bound to partitions (the default
+    partition's would be a 404 for them)."""
+    if value and value.startswith("/") and not value.startswith(("//", "/\\")) and value != "/":
         return value
+    if partitions and DEFAULT_PARTITION not in partitions:
+        return partition_prefix(sorted(partitions)[0]) + "/"
     return "/"
 
 
@@ -122,7 +129,7 @@ def register(blueprint: Blueprint, settings: Settings, archive: Archive) -> None
         session["user"] = account.name
         session["csrf"] = secrets.token_urlsafe(32)
         log.info("login: user %s from %s", account.name, address)
-        return redirect(_next_page(request.form.get("next")), 303)
+        return redirect(_next_page(request.form.get("next"), account.partitions), 303)
 
     def _oidc() -> OidcVerifier | None:
         authenticator = current_app.extensions.get("hilum.authenticator")

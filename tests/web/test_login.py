@@ -22,7 +22,7 @@ from server.app import HttpServer, create_app
 from storage.accounts import Accounts
 from storage.archive import Archive, open_archive
 from tests.conftest import free_port, make_settings
-from tests.factories import ct_instance, write_part10
+from tests.factories import ct_instance, ensure_partition, write_part10
 from tests.web.conftest import screenshot
 
 PASSWORD = "radiology rocks 42"
@@ -48,6 +48,8 @@ def archive(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Settings
     accounts.add_account("rad", "radiologist", password=PASSWORD)
     accounts.add_account("tech", "technologist", password=PASSWORD)
     accounts.add_account("boss", "admin", password=PASSWORD)
+    ensure_partition(archive.index, "hospital_a")
+    accounts.add_account("dr-a", "radiologist", ["hospital_a"], password=PASSWORD)
     try:
         yield settings, archive
     finally:
@@ -103,6 +105,16 @@ def test_login_logout_and_the_uniform_failure_message(site: Site, page: Page) ->
     expect(page).to_have_url(site.url + "/login")
     page.goto(site.url + "/")
     expect(page).to_have_url(site.url + "/login?next=/")
+
+
+def test_a_user_bound_to_a_partition_lands_on_its_worklist(site: Site, page: Page) -> None:
+    page.goto(site.url + "/")
+    _log_in(page, "dr-a", PASSWORD)
+    expect(page).to_have_url(site.url + "/partitions/hospital_a/")
+    expect(page.locator("header.top .partition")).to_have_text("hospital_a")
+    # The default partition's worklist does not exist for this user.
+    response = page.goto(site.url + "/")
+    assert response is not None and response.status == 404
 
 
 def test_upload_sends_the_csrf_token_and_another_sites_form_is_refused(
