@@ -14,6 +14,7 @@ from sqlalchemy import select
 from config import Settings
 from inference.phantoms import synthetic_ct_series
 from server.app import create_app
+from storage.accounts import Accounts
 from storage.archive import Archive
 from storage.index.models import (
     AIFinding,
@@ -157,6 +158,25 @@ def test_a_research_copy_rule_fills_the_research_partition_without_identifiers(
     assert identities(research) == []
     # Nothing new arrived: nothing is copied again.
     assert run_until_idle(worker) == []
+    # A researcher's token, bound to the research partition, sees the copy there and nothing
+    # of the clinical partition (a 404, as if it did not exist).
+    secured = settings.model_copy(
+        update={"auth": make_settings(tmp_path / "auth", auth={"enabled": True}).auth}
+    )
+    accounts = Accounts(archive.index)
+    accounts.add_account("ada", "researcher", ["research"])
+    bearer = {"Authorization": f"Bearer {accounts.create_token('ada', expires_days=1)[1]}"}
+    client = create_app(secured, archive).test_client()
+    found = client.get("/partitions/research/dicomweb/studies", headers=bearer)
+    assert [s["0020000D"]["Value"][0] for s in found.get_json()] == [new_study]
+    assert client.get("/dicomweb/studies", headers=bearer).status_code == 404
+    assert client.get(f"/dicomweb/studies/{study_uid}/metadata", headers=bearer).status_code == 404
+    assert client.get(
+        "/api/research/identities?study=" + new_study, headers=bearer
+    ).status_code in (
+        403,
+        404,
+    )
 
 
 @pytest.mark.parametrize("backend", ["sqlite-files"], indirect=True)
