@@ -15,4 +15,6 @@ keepalive = 5
 preload_app = False
 accesslog = "-"
 errorlog = "-"
-access_log_format = '%(h)s "%(r)s" %(s)s %(B)s %(M)sms'
+# The path without its query string, as `hilum serve` logs it: a query may hold patient names
+# (QIDO-RS PatientName=) or a login's one-time code (/login/oidc/callback?code=).
+access_log_format = '%(h)s "%(m)s %(U)s" %(s)s %(B)s %(M)sms'

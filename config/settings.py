@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import secrets
 from pathlib import Path
 from typing import Literal
 
@@ -17,6 +18,8 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
+    SecretStr,
     ValidationError,
     field_validator,
     model_validator,
@@ -33,10 +36,24 @@ from pydantic_settings import (
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
 
 
-def _check_ae_title(value: str) -> str:
+def check_ae_title(value: str) -> str:
     if not _AE_TITLE.match(value) or not value.strip():
         raise ValueError(f"{value!r} is not a valid AE title (1-16 printable characters, no '\\')")
     return value.strip()
+
+
+# A partition's name is part of URLs (/partitions/{name}/dicomweb) and of blob keys: lower-case
+# letters, digits, "-" and "_", starting with a letter or digit, at most 64 characters.
+_PARTITION_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+
+
+def check_partition_name(value: str) -> str:
+    if not _PARTITION_NAME.match(value):
+        raise ValueError(
+            f"{value!r} is not a valid partition name (1-64 characters: a-z, 0-9, '-', '_', "
+            "starting with a letter or digit)"
+        )
+    return value
 
 
 class _Section(BaseModel):
@@ -73,7 +90,43 @@ class DimsePeer(_Section):
     @field_validator("ae_title")
     @classmethod
     def _check_title(cls, value: str) -> str:
-        return _check_ae_title(value)
+        return check_ae_title(value)
+
+
+class AEPermissionSeed(_Section):
+    """``[[dimse.ae_permissions]]``: what one calling AE title may do over DIMSE in one
+    partition, copied into the index on first start (then ``hilum ae`` manages it)."""
+
+    ae_title: str
+    partition: str = "default"
+    store: bool = True  # C-STORE
+    query: bool = True  # C-FIND
+    retrieve: bool = True  # C-MOVE, C-GET
+    # CIDR networks the association may come from ("10.1.2.0/24", "10.1.2.7"); empty: any.
+    networks: list[str] = Field(default_factory=list)
+
+    @field_validator("ae_title")
+    @classmethod
+    def _check_title(cls, value: str) -> str:
+        return check_ae_title(value)
+
+    @field_validator("partition")
+    @classmethod
+    def _check_partition(cls, value: str) -> str:
+        return check_partition_name(value)
+
+    @field_validator("networks")
+    @classmethod
+    def _check_networks(cls, values: list[str]) -> list[str]:
+        return [check_network(v) for v in values]
+
+
+def check_network(value: str) -> str:
+    """A CIDR network (an address alone is a network of one), written the canonical way."""
+    try:
+        return str(ipaddress.ip_network(value.strip(), strict=False))
+    except ValueError:
+        raise ValueError(f"{value!r} is not a network (e.g. 10.1.2.0/24 or 10.1.2.7)") from None
 
 
 class DimseSettings(_Section):
@@ -88,15 +141,21 @@ class DimseSettings(_Section):
     # PDUs cut the per-PDU work of receiving an image. PDUs are streamed through a fixed buffer,
     # so the length costs no memory; the bound keeps "0 = unlimited" out.
     max_pdu_length: int = Field(262144, ge=4096, le=16 * 1024 * 1024)
-    # Reject associations whose Called AE Title is not ``ae_title``.
+    # Reject associations whose Called AE Title is neither ``ae_title`` (the default
+    # partition) nor a partition's AE title (``hilum partitions``); false: those go to default.
     require_called_ae_title: bool = False
-    # Calling AE titles allowed to associate. Empty: any calling AE while bound to loopback;
-    # bound to another address, ``accept_any_calling_ae = true`` must say so explicitly.
+    # Seeds of the AE permissions stored in the index (copied on first start, then managed
+    # with ``hilum ae``): ``allowed_calling_ae_titles`` is the short form (every service in
+    # the default partition, from any address). Once any AE permission is stored, only the
+    # calling AE titles it names may associate. With none stored: any calling AE while bound
+    # to loopback; bound to another address, ``accept_any_calling_ae = true`` must say so.
+    ae_permissions: list[AEPermissionSeed] = Field(default_factory=list)
     allowed_calling_ae_titles: list[str] = Field(default_factory=list)
     accept_any_calling_ae: bool = False
     # Seconds of silence before a stalled peer's association is aborted.
     network_timeout_s: float = Field(60.0, gt=0)
-    # Move Destinations: C-MOVE to any other AE title is refused with 0xA801.
+    # Move Destinations, copied into the index on first start (then ``hilum peers`` manages
+    # them): C-MOVE to any other AE title is refused with 0xA801.
     peers: list[DimsePeer] = Field(default_factory=list)
     # DICOM TLS (PS3.15 B.9, BCP 195): a second port for TLS associations (0: none), Hilum's
     # certificate and key (PEM), the CA certificates that peers' certificates must chain to,
@@ -110,12 +169,24 @@ class DimseSettings(_Section):
     @field_validator("ae_title")
     @classmethod
     def _check_title(cls, value: str) -> str:
-        return _check_ae_title(value)
+        return check_ae_title(value)
 
     @field_validator("allowed_calling_ae_titles")
     @classmethod
     def _check_titles(cls, values: list[str]) -> list[str]:
-        return [_check_ae_title(v) for v in values]
+        return [check_ae_title(v) for v in values]
+
+    @field_validator("ae_permissions")
+    @classmethod
+    def _check_unique_permissions(cls, seeds: list[AEPermissionSeed]) -> list[AEPermissionSeed]:
+        keys = [(seed.ae_title, seed.partition) for seed in seeds]
+        duplicates = sorted({k for k in keys if keys.count(k) > 1})
+        if duplicates:
+            raise ValueError(
+                f"[[dimse.ae_permissions]] (ae_title, partition) must be unique; repeated: "
+                f"{duplicates}"
+            )
+        return seeds
 
     @field_validator("peers")
     @classmethod
@@ -138,10 +209,19 @@ class DimseSettings(_Section):
             )
         return self
 
-    def peer(self, ae_title: str) -> DimsePeer | None:
-        """The Move Destination called ``ae_title`` (trailing spaces ignored), if known."""
-        wanted = ae_title.strip()
-        return next((peer for peer in self.peers if peer.ae_title == wanted), None)
+    @property
+    def ae_permission_seeds(self) -> list[AEPermissionSeed]:
+        """``ae_permissions`` and the short form ``allowed_calling_ae_titles``, as one list."""
+        listed = {(seed.ae_title, seed.partition) for seed in self.ae_permissions}
+        return self.ae_permissions + [
+            AEPermissionSeed(ae_title=title)
+            for title in self.allowed_calling_ae_titles
+            if (title, "default") not in listed
+        ]
+
+
+# An origin as browsers send it (RFC 6454 6.1): scheme, host, optional port.
+_ORIGIN = re.compile(r"https?://[^/\s?#]+")
 
 
 class HttpSettings(_Section):
@@ -150,8 +230,9 @@ class HttpSettings(_Section):
     # X-Forwarded-For/-Proto/-Host/-Port/-Prefix headers are trusted, so that the URLs Hilum
     # writes (RetrieveURL, BulkDataURI, Location) are the ones clients use; 0: none trusted.
     trusted_proxies: int = Field(0, ge=0, le=8)
-    # Origins (e.g. "https://viewer.example.org", or "*") whose browser pages may call the
-    # DICOMweb API; empty: no CORS headers, same-origin pages only.
+    # Origins (e.g. "https://viewer.example.org") whose browser pages may call the HTTP API
+    # (read, store, delete); "*": any page may read (GET/HEAD) only, without credentials;
+    # empty: no CORS headers, same-origin pages only (server/cors.py).
     cors_allowed_origins: list[str] = Field(default_factory=list)
     # Largest STOW-RS request body in bytes; a larger one is refused with 413.
     stow_max_bytes: int = Field(16 * 1024**3, ge=1)
@@ -165,8 +246,45 @@ class HttpSettings(_Section):
     # 503), so that one address cannot hold every thread.
     header_timeout_s: float = Field(10.0, gt=0)
     header_reads_per_client: int = Field(4, ge=1)
+
+    @field_validator("cors_allowed_origins")
+    @classmethod
+    def _origins(cls, origins: list[str]) -> list[str]:
+        for origin in origins:
+            if origin == "null":
+                raise ValueError(
+                    '"null" is not an origin (sandboxed frames and file: pages send it): '
+                    "list the viewer's real origin, e.g. https://viewer.example.org"
+                )
+            if origin != "*" and not _ORIGIN.fullmatch(origin):
+                raise ValueError(
+                    f"{origin!r} is not an origin: scheme://host[:port], no path or trailing "
+                    'slash (e.g. https://viewer.example.org), or "*"'
+                )
+        return origins
+
+    # HTTPS for `hilum serve` (cheroot) and `hilum web` (gunicorn): PEM files, the certificate
+    # (chain) and its private key; both or neither. Unset: plain HTTP (behind a TLS-terminating
+    # proxy, with trusted_proxies). With HTTPS, responses carry HSTS.
+    tls_certificate: Path | None = None
+    tls_private_key: Path | None = None
+
+    @model_validator(mode="after")
+    def _check_tls(self) -> HttpSettings:
+        if bool(self.tls_certificate) != bool(self.tls_private_key):
+            raise ValueError(
+                "HTTPS needs both [http] tls_certificate and tls_private_key (PEM files)"
+            )
+        return self
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls_certificate else "http"
+
     # DELETE of studies, series and instances over DICOMweb. There is no authentication in
     # front of the API, so it is off unless asked for; refused with 403 when off.
+    # DELETE of studies, series and instances over DICOMweb: off unless asked for (refused with
+    # 403); on, it needs the "delete" permission once [auth] is enabled.
     allow_delete: bool = False
 
 
@@ -175,6 +293,10 @@ class MetricsSettings(_Section):
     # [server] host (they have no HTTP server of their own); 0: none. `hilum serve` and
     # `hilum web` serve /metrics on [http] port.
     port: int = Field(0, ge=0, le=65535)
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message says which key and why."""
 
 
 # Secrets that example files ship (.env.example, vendor quick-starts). A service reachable from
@@ -318,6 +440,225 @@ class AuditSettings(_Section):
     fsync_reads: bool = False
 
 
+class ResearchProject(_Section):
+    """A de-identification project (PS3.15 Annex E): its secret keys the new UIDs, the patient
+    pseudonyms and the per-patient date shifts, so that the same study always gets the same new
+    UIDs within the project and different ones in another. The secret comes from a file
+    (``secret_file``) or an environment variable (``secret_env``, its name); it is read once
+    here, never logged, never shown in a message."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    secret_file: Path | None = None
+    secret_env: str = ""
+    _secret: bytes = PrivateAttr(default=b"")
+
+    @model_validator(mode="after")
+    def _load_secret(self) -> ResearchProject:
+        if bool(self.secret_file) == bool(self.secret_env):
+            raise ValueError(
+                f"research project {self.name!r}: set exactly one of secret_file and secret_env"
+            )
+        if self.secret_file:
+            try:
+                secret = self.secret_file.read_bytes().strip()
+            except OSError as error:
+                raise ValueError(
+                    f"research project {self.name!r}: cannot read secret_file "
+                    f"{self.secret_file}: {error.strerror}"
+                ) from None
+        else:
+            secret = os.environ.get(self.secret_env, "").strip().encode()
+            if not secret:
+                raise ValueError(
+                    f"research project {self.name!r}: the environment variable "
+                    f"{self.secret_env} (secret_env) is not set"
+                )
+        if len(secret) < 16 or is_placeholder_secret(secret.decode("utf-8", "replace")):
+            raise ValueError(
+                f"research project {self.name!r}: the secret must be at least 16 characters and "
+                "no placeholder (e.g. `openssl rand -hex 32`)"
+            )
+        self._secret = secret
+        return self
+
+    @property
+    def secret(self) -> bytes:
+        return self._secret
+
+
+class ResearchCopy(_Section):
+    """Copies every matching study of partition ``from``, de-identified under ``project``, into
+    partition ``to`` once it is stable (the AI worker's job queue, with its retries): ``all``
+    studies, those with an AI finding present (``ai-positive``), or those a reviewer has
+    decided on (``reviewed``). A study that receives more instances (the AI's SEG and SR, a
+    review) is copied again; the copies keep their UIDs, so nothing is duplicated."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    from_partition: str = Field("default", alias="from", min_length=1, max_length=64)
+    to: str = Field(min_length=1, max_length=64)
+    project: str
+    when: Literal["all", "ai-positive", "reviewed"] = "all"
+
+    @property
+    def job_name(self) -> str:
+        """The name of its jobs in the job queue (in place of a model's name)."""
+        return f"research-copy:{self.project}:{self.to}"
+
+
+class ResearchSettings(_Section):
+    """De-identified export (``hilum export --deidentify``), research copies, and projects."""
+
+    projects: list[ResearchProject] = Field(default_factory=list)
+    copies: list[ResearchCopy] = Field(default_factory=list)
+    # Modalities whose images often carry text burned into the pixels (ultrasound, secondary
+    # capture, photographs, endoscopy, documents): de-identification holds them back, as it
+    # holds back every instance with Burned In Annotation (0028,0301) YES or Recognizable
+    # Visual Features (0028,0302) YES. Empty: only those two attributes decide.
+    held_back_modalities: list[str] = Field(
+        default_factory=lambda: ["US", "SC", "XC", "ES", "GM", "DOC", "OT"]
+    )
+
+    @field_validator("projects")
+    @classmethod
+    def _unique_projects(cls, projects: list[ResearchProject]) -> list[ResearchProject]:
+        names = [project.name for project in projects]
+        if len(set(names)) != len(names):
+            raise ValueError(f"[[research.projects]] names must be unique: {names}")
+        return projects
+
+    @model_validator(mode="after")
+    def _check_copies(self) -> ResearchSettings:
+        names = {project.name for project in self.projects}
+        for copy in self.copies:
+            if copy.project not in names:
+                raise ValueError(
+                    f"[[research.copies]] project {copy.project!r} is not one of the "
+                    f"[[research.projects]] ({', '.join(sorted(names)) or 'none'})"
+                )
+            if copy.to == copy.from_partition:
+                raise ValueError("[[research.copies]] `to` must be another partition than `from`")
+            if len(copy.job_name) > 64:
+                raise ValueError(f"[[research.copies]] {copy.job_name!r}: over 64 characters")
+        jobs = [copy.job_name for copy in self.copies]
+        if len(set(jobs)) != len(jobs):
+            raise ValueError("[[research.copies]]: one rule per (project, to)")
+        return self
+
+    def project(self, name: str) -> ResearchProject | None:
+        return next((project for project in self.projects if project.name == name), None)
+
+    def copy_rule(self, job_name: str) -> ResearchCopy | None:
+        return next((copy for copy in self.copies if copy.job_name == job_name), None)
+
+
+class OidcSettings(_Section):
+    """An OpenID Connect provider whose bearer JWTs Hilum accepts (``[auth.oidc]``)."""
+
+    # The provider's issuer URL, compared exactly with the token's "iss"; empty: OIDC off.
+    issuer: str = ""
+    # What the token's "aud" must contain (the client id Hilum is registered under).
+    audience: str = ""
+    # The provider's JSON Web Key Set; empty: from the issuer's discovery document
+    # (<issuer>/.well-known/openid-configuration, its "jwks_uri").
+    jwks_url: str = ""
+    # Claim holding the user's Hilum roles (a list or one string); dots walk into objects,
+    # e.g. "realm_access.roles". Names that are not Hilum roles are ignored.
+    roles_claim: str = "roles"
+    # Claim holding the partitions the user may see; empty, or the claim absent: all.
+    partitions_claim: str = ""
+    # Claim naming the user in logs and reviews ("sub" when the claim is absent).
+    username_claim: str = "preferred_username"
+    # Signature algorithms accepted (never "none", never a symmetric one with a public key).
+    algorithms: list[str] = Field(default_factory=lambda: ["RS256", "ES256", "PS256"])
+    # Seconds of clock difference tolerated on "exp", "nbf" and "iat".
+    leeway_s: float = Field(30.0, ge=0)
+    # The browser UI's "Log in with your organisation's account" (authorization-code flow with
+    # PKCE, OpenID Connect Core 3.1): Hilum's client id at the provider (default: audience),
+    # and its client secret for a confidential client (HILUM_AUTH__OIDC__CLIENT_SECRET).
+    browser_login: bool = False
+    client_id: str = ""
+    client_secret: SecretStr = SecretStr("")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.issuer)
+
+    @property
+    def browser_client_id(self) -> str:
+        return self.client_id or self.audience
+
+    @model_validator(mode="after")
+    def _check(self) -> OidcSettings:
+        if self.issuer and not self.audience:
+            raise ValueError("[auth.oidc] issuer needs audience (Hilum's client id)")
+        if self.browser_login and not self.issuer:
+            raise ValueError("[auth.oidc] browser_login needs issuer")
+        if any(a.lower() == "none" or a.upper().startswith("HS") for a in self.algorithms):
+            raise ValueError("[auth.oidc] algorithms must be asymmetric (RS*, PS*, ES*, EdDSA)")
+        return self
+
+
+class AuthSettings(_Section):
+    """Who may use the HTTP interfaces (``server/authentication.py``)."""
+
+    # Off: whoever reaches the HTTP port may do everything (allowed on loopback only).
+    enabled: bool = False
+    # Serve beyond loopback with authentication off (a warning at every start). Only for a
+    # network where something else in front of Hilum authenticates.
+    insecure_allow_unauthenticated: bool = False
+    # The key that signs browser session cookies: this value (usually from the environment,
+    # HILUM_AUTH__SESSION_SECRET), else the contents of session_secret_file, else a random
+    # key kept in <data_dir>/auth/session-secret (made at first start; every `hilum web`
+    # host behind one load balancer must share it). Never logged.
+    session_secret: SecretStr = SecretStr("")
+    session_secret_file: Path | None = None
+    # How long a browser login lasts.
+    session_lifetime_s: float = Field(12 * 3600.0, gt=0)
+    # Seconds a verified API token or OIDC token is remembered by a process: a revoked token
+    # or a disabled user is refused at the latest this long after.
+    token_cache_ttl_s: float = Field(30.0, ge=0)
+    # Failed logins per user name, and per source address, within login_window_s before
+    # further attempts are refused (429) until the window has passed.
+    login_max_failures_per_user: int = Field(5, ge=1)
+    login_max_failures_per_address: int = Field(20, ge=1)
+    login_window_s: float = Field(900.0, gt=0)
+    oidc: OidcSettings = Field(default_factory=OidcSettings)
+
+    @field_validator("session_secret")
+    @classmethod
+    def _long_enough(cls, value: SecretStr) -> SecretStr:
+        if value.get_secret_value() and len(value.get_secret_value()) < 32:
+            raise ValueError("session_secret must be at least 32 characters (openssl rand -hex 32)")
+        return value
+
+    def secret_for_sessions(self, data_dir: Path) -> bytes:
+        """The session-signing key (see ``session_secret``)."""
+        if self.session_secret.get_secret_value():
+            return self.session_secret.get_secret_value().encode()
+        if self.session_secret_file is not None:
+            try:
+                secret = self.session_secret_file.read_bytes().strip()
+            except OSError as error:
+                raise ConfigError(
+                    f"[auth] session_secret_file cannot be read: {error.strerror}"
+                ) from None
+            if len(secret) < 32:
+                raise ConfigError(
+                    f"[auth] session_secret_file {self.session_secret_file} holds fewer than "
+                    "32 bytes: write a long random key into it (e.g. openssl rand -hex 32)"
+                )
+            return secret
+        path = data_dir / "auth" / "session-secret"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:  # made once, readable by its owner only; a concurrent first start reads it
+            with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+                f.write(secrets.token_hex(32))
+        except FileExistsError:
+            pass
+        return path.read_bytes().strip()
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="HILUM_", env_nested_delimiter="__", extra="forbid"
@@ -333,6 +674,8 @@ class Settings(BaseSettings):
     inference: InferenceSettings = Field(default_factory=InferenceSettings)
     web: WebSettings = Field(default_factory=WebSettings)
     audit: AuditSettings = Field(default_factory=AuditSettings)
+    research: ResearchSettings = Field(default_factory=ResearchSettings)
+    auth: AuthSettings = Field(default_factory=AuthSettings)
 
     @classmethod
     def settings_customise_sources(
@@ -377,7 +720,10 @@ class Settings(BaseSettings):
             return self
         from sqlalchemy.engine import make_url
 
-        secrets = {"storage.s3_secret_key": self.storage.s3_secret_key}
+        secrets = {
+            "storage.s3_secret_key": self.storage.s3_secret_key,
+            "auth.session_secret": self.auth.session_secret.get_secret_value(),
+        }
         for tier in self.storage.tiers:
             secrets[f"the s3_secret_key of tier {tier.name}"] = tier.s3_secret_key
         if self.storage.database_url:
@@ -391,10 +737,6 @@ class Settings(BaseSettings):
                     "for docker compose) before Hilum listens on the network"
                 )
         return self
-
-
-class ConfigError(Exception):
-    """The configuration cannot be used; the message says which key and why."""
 
 
 def load_settings(config_path: Path | str | None = None, **overrides: object) -> Settings:

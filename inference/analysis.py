@@ -4,7 +4,9 @@ Empty-result policy: a label with no pixel above its threshold gets no segment; 
 found anything there is no SEG. The SR (when the manifest asks for one) is always written: a
 found label is a finding with its area or volume and its segment, a label found nowhere is a
 measurement group whose qualitative evaluation says "<finding type>: Absent", so a reader sees
-that the model ran and found nothing.
+that the model ran and found nothing. A slice model's SR comes with a second one when it found
+something: each lesion outlined on its largest slice (inference.lesions, TID 1410), for viewers
+that draw only planar measurements (OHIF).
 
 Every UID derives from ``job_key`` and the series. The worker passes the job's key and generation
 (``Job.output_key``): another attempt of the same generation (after a killed worker) gives the same
@@ -23,10 +25,11 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from inference.errors import ModelError
+from inference.lesions import planar_rois
 from inference.pixels import SliceStack, TiledImage, read_series, slice_stack, tiled_image
 from inference.registry import Model
 from inference.seg import segmentation
-from inference.sr import Finding, measurement_report
+from inference.sr import Finding, LesionOutline, measurement_report, outlines_report
 from storage.archive import Archive
 
 log = logging.getLogger(__name__)
@@ -66,11 +69,13 @@ def analyse_series(
         masks = predict_slices(model, stack, device)
         sources: list[Dataset] = stack.datasets
         sizes = _volumes(stack, masks)
+        rois = planar_rois(masks, stack.pixel_spacing_mm)
     else:
         image = tiled_image(datasets, manifest.preprocessing.magnification)
         masks = predict_tiles(model, image, device)[None]
         sources = [image.dataset]
         sizes = _areas(image, masks)
+        rois = []  # the slide's SEG segment and its area are the finding (TID 1411)
 
     found = [i for i in range(len(manifest.labels)) if masks[..., i].any()]
     log.info(
@@ -108,6 +113,22 @@ def analyse_series(
             )
             for i, label in enumerate(manifest.labels)
         ]
+        lesions = [
+            LesionOutline(
+                label=manifest.labels[roi.label_index],
+                lesion_number=roi.lesion_number,
+                tracking_uid=derived_uid(
+                    job_key,
+                    series_instance_uid,
+                    f"tracking/{manifest.labels[roi.label_index].label}/{roi.lesion_number}",
+                ),
+                key_image=sources[roi.slice_index],
+                outline=roi.outline,
+                area_mm2=roi.area_mm2,
+                long_axis_mm=roi.long_axis_mm,
+            )
+            for roi in rois
+        ]
         outputs.append(
             measurement_report(
                 model,
@@ -118,6 +139,17 @@ def analyse_series(
                 sop_instance_uid=derived_uid(job_key, series_instance_uid, "sr"),
             )
         )
+        if lesions:
+            outputs.append(
+                outlines_report(
+                    model,
+                    lesions,
+                    series_instance_uid=derived_uid(
+                        job_key, series_instance_uid, "outlines-series"
+                    ),
+                    sop_instance_uid=derived_uid(job_key, series_instance_uid, "outlines"),
+                )
+            )
     return outputs
 
 

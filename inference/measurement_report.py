@@ -4,13 +4,14 @@ The content tree is walked by concept codes, with pydicom only, so any TID 1500 
 same way, whether Hilum's worker or another system wrote it: the root container (126000), its
 Imaging Measurements (126010), and in each Measurement Group (125007, TID 1501 / 1411 / 1410)
 the Tracking Identifier and UID (TID 4108), the Finding and Finding Site, the area or volume
-(NUM), a qualitative evaluation of "Absent", the algorithm (TID 4019) and the Referenced Segment.
+(NUM), a qualitative evaluation of "Absent", the algorithm (TID 4019), the Referenced Segment, and
+for a planar ROI (TID 1410) its long axis and the image its outline (SCOORD) is drawn on.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from pydicom.dataset import Dataset
 
@@ -26,6 +27,8 @@ ALGORITHM_NAME = ("DCM", "111001")
 ALGORITHM_VERSION = ("DCM", "111003")
 REFERENCED_SEGMENT = ("DCM", "121191")
 ABSENT = ("SCT", "272519000")
+LONG_AXIS = ("SCT", "103339001")
+IMAGE_REGION = ("DCM", "111030")
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,12 @@ class ReportedFinding:
     # (coding scheme designator, code value, code meaning) of the Finding and its site.
     finding_code: tuple[str, str, str] | None = None
     site_code: tuple[str, str, str] | None = None
+    # A planar ROI (TID 1410): its long axis, and the image its outline is drawn on.
+    long_axis_mm: float | None = None
+    key_image_sop_instance_uid: str = ""
+    # The planar outlines of this finding's lesions (each a TID 1410 group), if any
+    # (``with_outlines``).
+    outlines: tuple[ReportedFinding, ...] = ()
 
     @property
     def title(self) -> str:
@@ -88,6 +97,26 @@ def read_findings(report: Dataset) -> list[ReportedFinding]:
     return [_finding(group) for group in groups]
 
 
+def with_outlines(
+    findings: list[ReportedFinding], outlines: list[ReportedFinding]
+) -> list[ReportedFinding]:
+    """``findings`` (of a measurement report), each with the ``outlines`` (planar ROIs, TID
+    1410, of another report of the same job) of the same finding type and site: the lesions of
+    a segmented finding, outlined on their key slices."""
+    return [
+        replace(
+            finding,
+            outlines=tuple(
+                o
+                for o in outlines
+                if finding.present
+                and (o.finding_code, o.site_code) == (finding.finding_code, finding.site_code)
+            ),
+        )
+        for finding in findings
+    ]
+
+
 def _finding(group: Dataset) -> ReportedFinding:
     values: dict[str, str] = {}
     codes: dict[str, tuple[str, str, str] | None] = {}
@@ -95,8 +124,13 @@ def _finding(group: Dataset) -> ReportedFinding:
     size: float | None = None
     size_name = size_unit = segmentation = ""
     segment: int | None = None
+    long_axis: float | None = None
+    key_image = ""
     for item in _walk(list(group.get("ContentSequence", []))):
         concept, kind = _concept(item), item.get("ValueType")
+        if kind == "NUM" and concept == LONG_AXIS and item.get("MeasuredValueSequence"):
+            long_axis = float(item.MeasuredValueSequence[0].NumericValue)
+            continue
         if kind == "TEXT" and concept in (TRACKING_IDENTIFIER, ALGORITHM_NAME, ALGORITHM_VERSION):
             values.setdefault(concept[1], str(item.TextValue))
         elif kind == "UIDREF" and concept == TRACKING_UID:
@@ -111,6 +145,10 @@ def _finding(group: Dataset) -> ReportedFinding:
             size_name = str(item.ConceptNameCodeSequence[0].CodeMeaning)
             units = measured.get("MeasurementUnitsCodeSequence")
             size_unit = str(units[0].CodeValue) if units else ""
+        elif kind == "SCOORD" and concept == IMAGE_REGION:
+            for source in item.get("ContentSequence", []):  # SELECTED FROM the image
+                if source.get("ReferencedSOPSequence"):
+                    key_image = str(source.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
         elif kind == "IMAGE" and concept == REFERENCED_SEGMENT:
             reference = item.ReferencedSOPSequence[0]
             segmentation = str(reference.ReferencedSOPInstanceUID)
@@ -132,6 +170,8 @@ def _finding(group: Dataset) -> ReportedFinding:
         segmentation_sop_instance_uid=segmentation,
         finding_code=codes.get(FINDING[1]),
         site_code=codes.get(FINDING_SITE[1]),
+        long_axis_mm=long_axis,
+        key_image_sop_instance_uid=key_image,
     )
 
 

@@ -38,6 +38,11 @@ def tracking_identifier(model: Model, label: Label) -> str:
     return f"{label.label} ({model.name})"[:64]
 
 
+def lesion_tracking_identifier(model: Model, label: Label, number: int) -> str:
+    """The Tracking ID of one lesion's outline in the SR, e.g. "Lesion 2 (ct_lesion_synthetic)"."""
+    return f"{label.label} {number} ({model.name})"[:64]
+
+
 # Recommended Display CIELab Value (0062,000D) of segment 1, 2, …, so that viewers (OHIF) draw
 # each label in a stable colour of its own instead of warning and picking one (PS3.3 C.8.20.2).
 SEGMENT_COLOURS = ("red", "lime", "blue", "yellow", "cyan", "magenta", "orange", "purple")

@@ -32,6 +32,8 @@ from storage.archive import Archive
 from storage.errors import Conflict, StorageUnavailable
 from storage.index.models import InferenceJob
 from storage.jobs import Job, as_utc, enqueue, utc_now
+from storage.partitions import partition_names
+from storage.research_copies import queue_copy_jobs
 from storage.stability import (
     lock_newly_stable,
     mark_stable,
@@ -56,17 +58,24 @@ def queue_stable_studies(
     now: datetime | None = None,
     limit: int = 50,
 ) -> list[Job]:
-    """Mark up to ``limit`` newly stable studies stable and queue their jobs; the jobs queued.
+    """Mark up to ``limit`` newly stable studies of each partition stable and queue their jobs
+    (in the study's partition, whatever ``archive``'s); the jobs queued.
 
     A study whose jobs cannot be queued (an unexpected error) is logged and skipped; a database
     that cannot be reached (:class:`StorageUnavailable`) ends the scan."""
     now = now or utc_now()
     cutoff = now - timedelta(seconds=settings.inference.stable_after_s)
-    candidates = newly_stable_studies(archive, cutoff, limit)
+    # Every partition's studies, each scan (a partition's jobs and results stay in it); one
+    # indexed query per partition (ix_study_last_instance leads with the partition).
+    candidates = [
+        (archive.scoped(partition), study)
+        for partition in partition_names(archive.index)
+        for study in newly_stable_studies(archive.scoped(partition), cutoff, limit)
+    ]
     queued: list[Job] = []
-    for study_pk, study_uid in candidates:
+    for scoped, (study_pk, study_uid) in candidates:
         try:
-            queued += _queue_if_stable(archive, settings, models, study_pk, cutoff)
+            queued += _queue_if_stable(scoped, settings, models, study_pk, cutoff)
         except StorageUnavailable:
             raise
         except Exception:
@@ -101,6 +110,15 @@ def _queue_if_stable(
         study_uid, last_instance_at = study
         rows = _queue_study(session, archive.partition, settings, models, study_pk, study_uid)
         note = "" if rows else _no_model_note(session, settings, models, study_pk)
+        # [[research.copies]] whose `when` the study meets now: queued with its model jobs.
+        rows += queue_copy_jobs(
+            session,
+            archive.partition,
+            settings.research.copies,
+            study_uid,
+            last_instance_at,
+            utc_now(),
+        )
         mark_stable(session, study_pk, last_instance_at, note)
         return [Job.from_row(row) for row in rows]
 

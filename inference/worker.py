@@ -32,9 +32,11 @@ from inference.measurement_report import job_finding, read_findings
 from inference.stability import queue_stable_studies
 from server.context import worker_context
 from storage.archive import Archive
-from storage.errors import InvalidInstance, StorageUnavailable
+from storage.deidentify import Deidentifier
+from storage.errors import InvalidInstance, NotFound, StorageUnavailable
 from storage.ingest import Origin, ingest_file
 from storage.jobs import Clock, Job, JobFinding, JobQueue, JobState, utc_now
+from storage.research_copies import copy_study, is_copy_job
 
 if TYPE_CHECKING:
     from inference.registry import Model
@@ -133,13 +135,19 @@ class Worker:
 
     def step(self) -> Job | None:
         """Queue the jobs of newly stable studies, then run one job; the job as it ended, or
-        None when none was waiting."""
+        None when none was waiting. Every partition's: the job's inputs are read from, and its
+        results stored into, the partition of its study."""
         queue_stable_studies(self.archive, self.settings, self.models, now=self.clock())
-        job = self.queue.claim(self.name, [model.name for model in self.models])
+        # The models' jobs and the research copies' ([[research.copies]]), of every partition.
+        names = [model.name for model in self.models]
+        names += [rule.job_name for rule in self.settings.research.copies]
+        job = self.queue.claim(self.name, names, any_partition=True)
         if job is None:
             return None
         started = time.monotonic()
-        ended = self.process(job)
+        ended = (
+            self.copy(self._queue(job), job) if is_copy_job(job.model_name) else self.process(job)
+        )
         if self.on_job_ended is not None:
             self.on_job_ended(ended, time.monotonic() - started)
         return ended
@@ -152,7 +160,7 @@ class Worker:
             job.series_instance_uid,
             job.attempts,
         )
-        lease = _Lease(self.queue, job, self.name)
+        lease = _Lease(self._queue(job), job, self.name)
         lease.start()
         stored: list[str] = []  # SOP Instance UIDs, as each output is stored
         findings: list[JobFinding] = []  # of each SR stored
@@ -167,7 +175,7 @@ class Worker:
         finally:
             lease.stop()
         model = self._model(job)
-        if not held or not self.queue.complete(
+        if not held or not self._queue(job).complete(
             job,
             self.name,
             model_version=model.version,
@@ -177,11 +185,74 @@ class Worker:
             self._lost(job, stored)
             return job
         log.info("job %d: done, stored %s", job.id, ", ".join(stored) or "nothing")
-        return self.queue.get(job.id)
+        return self._queue(job).get(job.id)
+
+    def _queue(self, job: Job) -> JobQueue:
+        """The queue of the job's partition (its findings and outputs are that partition's)."""
+        if job.partition == self.queue.archive.partition:
+            return self.queue
+        return self.queue.in_partition(job.partition)
+
+    def copy(self, queue: JobQueue, job: Job) -> Job:
+        """A research copy job: the study, de-identified, into the rule's partition."""
+        rule = self.settings.research.copy_rule(job.model_name)
+        lease = _Lease(queue, job, self.name)
+        lease.start()
+        try:
+            if rule is None:
+                raise ModelError(f"no [[research.copies]] rule makes jobs {job.model_name!r}")
+            project = self.settings.research.project(rule.project)
+            assert project is not None  # checked with the settings
+            deidentifier = Deidentifier(
+                project.name,
+                project.secret,
+                frozenset(self.settings.research.held_back_modalities),
+            )
+            outcome = copy_study(
+                self.archive.scoped(rule.from_partition),
+                self._results_archive.scoped(rule.to),
+                deidentifier,
+                job.study_instance_uid,
+                tmp_dir=self._tmp_dir,
+                origin=Origin(calling_ae_title=self.settings.dimse.ae_title),
+            )
+        except (ModelError, NotFound) as error:
+            return self._copy_failed(queue, job, str(error), retry=False)
+        except Exception as error:  # the blob store, the index: retried with backoff
+            log.exception("job %d: research copy attempt %d failed", job.id, job.attempts)
+            return self._copy_failed(queue, job, _reason(error), retry=True)
+        finally:
+            lease.stop()
+        if not queue.complete(job, self.name, model_version="1", outputs=[]):
+            log.warning("job %d: research copy lost to a re-queue; not marked done", job.id)
+            return job
+        log.info(
+            "job %d: research copy of study %s: %d instances copied, %d held back",
+            job.id,
+            job.study_instance_uid,
+            outcome.copied,
+            len(outcome.held_back),
+        )
+        for sop_instance_uid, why in outcome.held_back:  # for review; UIDs only, no names
+            log.warning("job %d: instance %s held back: %s", job.id, sop_instance_uid, why)
+        return queue.get(job.id)
+
+    def _copy_failed(self, queue: JobQueue, job: Job, reason: str, *, retry: bool) -> Job:
+        ended = queue.fail(job, self.name, reason, retry=retry)
+        if ended is None:
+            return job
+        log.log(
+            logging.ERROR if ended.state == JobState.FAILED else logging.WARNING,
+            "job %d: research copy failed%s: %s",
+            job.id,
+            "" if ended.state == JobState.FAILED else ", retried later",
+            reason,
+        )
+        return ended
 
     def _lost(self, job: Job, stored: list[str]) -> None:
         """Another run holds the job now; what this one stored goes unless still needed."""
-        deleted = self.queue.discard_stale_outputs(job, stored) if stored else []
+        deleted = self._queue(job).discard_stale_outputs(job, stored) if stored else []
         log.warning(
             "job %d: lost to a re-queue or another worker; not marked done%s",
             job.id,
@@ -209,7 +280,7 @@ class Worker:
         findings to ``findings``); False when the job was lost first."""
         model = self._model(job)
         datasets = self.analyse(
-            self.archive,
+            self.archive.scoped(job.partition),
             model,
             job.study_instance_uid,
             job.series_instance_uid,
@@ -218,16 +289,18 @@ class Worker:
         )
         for dataset in datasets:
             # Still this worker's job, and this generation of it? (Renews the lease too.)
-            if lease.lost.is_set() or not self.queue.heartbeat(job, self.name):
+            if lease.lost.is_set() or not self._queue(job).heartbeat(job, self.name):
                 return False
-            stored.append(self._store(dataset, job))
+            stored.append(self._store(job, dataset))
             if dataset.get("ValueType") == "CONTAINER":  # an SR document (PS3.3 C.17.3)
+                if not reports:  # the measurement report; a second SR holds only outlines
+                    findings += [job_finding(stored[-1], f) for f in read_findings(dataset)]
                 reports.append(stored[-1])
-                findings += [job_finding(stored[-1], f) for f in read_findings(dataset)]
         return True
 
-    def _store(self, dataset: Dataset, job: Job) -> str:
-        """Store one result through the ingest path, as any other instance."""
+    def _store(self, job: Job, dataset: Dataset) -> str:
+        """Store one result through the ingest path, as any other instance, into the partition
+        of the job's study."""
         self._tmp_dir.mkdir(parents=True, exist_ok=True)
         handle, name = tempfile.mkstemp(suffix=".dcm", dir=self._tmp_dir)
         os.close(handle)
@@ -236,19 +309,22 @@ class Worker:
             dataset.save_as(path, enforce_file_format=True)
             origin = Origin(calling_ae_title=self.settings.dimse.ae_title)
             return ingest_file(
-                self._results_archive, path, origin, requestor=worker_context(job.id)
+                self._results_archive.scoped(job.partition),
+                path,
+                origin,
+                requestor=worker_context(job.id, job.partition),
             ).sop_instance_uid
         finally:
             path.unlink(missing_ok=True)
 
     def _failed(self, job: Job, reason: str, stored: list[str], *, retry: bool) -> Job:
-        ended = self.queue.fail(job, self.name, reason, retry=retry)
+        ended = self._queue(job).fail(job, self.name, reason, retry=retry)
         if ended is None:
             log.warning("job %d: failed after losing its lease: %s", job.id, reason)
             self._lost(job, stored)
             return job
         # Part of the outputs stored before the failure: a retry stores them again.
-        self.queue.delete_outputs(job.study_instance_uid, stored)
+        self._queue(job).delete_outputs(job.study_instance_uid, stored)
         if ended.state == JobState.FAILED:
             log.error("job %d: failed: %s", job.id, reason)
         else:

@@ -7,20 +7,31 @@ serves it under gunicorn (one app and one archive per worker process, built afte
 
 from __future__ import annotations
 
+import dataclasses
+import hmac
 import logging
+import ssl
 import threading
 import time
 import uuid
+from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import cheroot.wsgi
-from flask import Flask, Response, g, jsonify, request
-from werkzeug.exceptions import HTTPException
+from cheroot.ssl.builtin import BuiltinSSLAdapter
+from flask import Flask, Response, g, jsonify, redirect, request, session
+from flask.sessions import SecureCookieSessionInterface
+from werkzeug.exceptions import Forbidden, HTTPException
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from config import Settings
+from config.settings import ConfigError
+from server.access import Action, allowed, required_action
 from server.api import register_api
-from server.context import UNAUTHENTICATED, RequestContext
+from server.authentication import Authenticator
+from server.context import ANONYMOUS, UNAUTHENTICATED, Principal, RequestContext
+from server.cors import configure_cors
 from server.dicomweb import register_dicomweb
 from server.dicomweb.media_types import NotAcceptable
 from server.dicomweb.multipart import MultipartError
@@ -28,6 +39,8 @@ from server.dicomweb.statuses import http_status_for
 from server.header_deadline import HeaderDeadlines, connection_class
 from server.metrics import Metrics, mark_worker_dead
 from server.monitoring import register_monitoring
+from server.partitions import PARTITION_ROOT, KnownPartitions, enter_partition
+from storage.accounts import Accounts
 from storage.archive import Archive
 from storage.errors import StorageError
 from storage.tiers import marking_reads
@@ -49,10 +62,12 @@ def create_app(settings: Settings, archive: Archive, metrics: Metrics | None = N
     app = Flask("hilum", static_folder=None)
     app.extensions["hilum.settings"] = settings
     app.extensions["hilum.archive"] = archive
-    _register_blueprints(app, settings, archive)
+    app.extensions["hilum.partitions"] = KnownPartitions(archive.index)
+    _register_blueprints(app, settings)
     register_monitoring(app, archive, metrics)  # /healthz, /readyz, /metrics
     _register_error_handlers(app)
-    _configure_cors(app, settings.http.cors_allowed_origins)
+    configure_cors(app, settings.http.cors_allowed_origins)
+    app.after_request(_strict_transport_security)
     if settings.http.trusted_proxies:
         proxies = settings.http.trusted_proxies
         app.wsgi_app = ProxyFix(  # type: ignore[method-assign]
@@ -60,21 +75,178 @@ def create_app(settings: Settings, archive: Archive, metrics: Metrics | None = N
             x_prefix=proxies,
         )  # fmt: skip
 
-    @app.before_request
-    def _request_context() -> None:
-        g.request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex[:12]
-        g.hilum_context = RequestContext(
-            UNAUTHENTICATED, request.remote_addr or "", "http", request_id=g.request_id
-        )
-
+    _configure_access(app, settings, archive)
     return app
 
 
-def _register_blueprints(app: Flask, settings: Settings, archive: Archive) -> None:
-    """Every family of routes is registered here, one line each."""
-    register_dicomweb(app, settings, archive)  # /dicomweb (QIDO, WADO, STOW, DELETE), /wado
-    register_api(app, settings, archive)  # /api (AI jobs)
-    register_web(app, settings, archive)  # the browser UI: /, /studies/…, /jobs, /upload
+def _register_blueprints(app: Flask, settings: Settings) -> None:
+    """Every family of routes is registered here, one line each; each at the default
+    partition's root and at another partition's (``/partitions/<partition>``, server.partitions).
+    The views work on ``server.partitions.request_archive()``."""
+    register_dicomweb(app, settings)  # /dicomweb (QIDO, WADO, STOW, DELETE), /wado
+    register_api(app, settings)  # /api (AI jobs)
+    register_web(app, settings)  # the browser UI: /, /studies/…, /jobs, /upload, the viewer
+
+
+# RFC 6797: browsers that reached Hilum over HTTPS use nothing else for a year. Sent on every
+# HTTPS response ([http] tls_*, or a trusted proxy's X-Forwarded-Proto: https); browsers ignore
+# it over plain HTTP. No includeSubDomains: other hosts of a hospital's domain may be HTTP-only.
+HSTS = "max-age=31536000"
+
+
+def _strict_transport_security(response: Response) -> Response:
+    if request.is_secure:
+        response.headers.setdefault("Strict-Transport-Security", HSTS)
+    return response
+
+
+class _Sessions(SecureCookieSessionInterface):
+    """Flask's signed session cookie, marked Secure when the request came over HTTPS (directly,
+    or through a trusted proxy's X-Forwarded-Proto)."""
+
+    def get_cookie_secure(self, app: Flask) -> bool:
+        return request.is_secure
+
+    def open_session(self, app: Flask, request: Any) -> Any:
+        # No cookie (API clients, first visits): an empty session without building the signing
+        # serializer, which costs more than the whole access check.
+        name = self.get_cookie_name(app)
+        if name not in request.environ.get("HTTP_COOKIE", "") or name not in request.cookies:
+            return self.session_class()
+        return super().open_session(app, request)
+
+
+# Methods that change nothing (RFC 9110 9.2.1): no CSRF token needed.
+_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+CSRF_HEADER = "X-CSRF-Token"
+# The browser UI's blueprints (web/): a page asked for without a login goes to the login page.
+UI_BLUEPRINTS = frozenset({"web", "login", "pages", "partition_pages"})
+CSRF_FIELD = "csrf_token"
+
+
+def _configure_access(app: Flask, settings: Settings, archive: Archive) -> None:
+    """The access check: one ``before_request`` for every route of the app (DICOMweb, the JSON
+    API, the UI). Each view names the action it needs (``server.access.requires``); a view
+    that names none is refused, whether or not authentication is on."""
+    auth = settings.auth
+    authenticator: Authenticator | None = None
+    if auth.enabled:
+        from server.oidc import OidcVerifier
+
+        app.secret_key = auth.secret_for_sessions(settings.server.data_dir)
+        app.session_interface = _Sessions()
+        app.config.update(
+            SESSION_COOKIE_NAME="hilum_session",
+            SESSION_COOKIE_HTTPONLY=True,
+            SESSION_COOKIE_SAMESITE="Lax",
+            PERMANENT_SESSION_LIFETIME=timedelta(seconds=auth.session_lifetime_s),
+        )
+        oidc = OidcVerifier(auth.oidc) if auth.oidc.enabled else None
+        authenticator = Authenticator(auth, Accounts(archive.index), oidc)
+    app.extensions["hilum.authenticator"] = authenticator
+
+    @app.before_request
+    def _request_context() -> Response | None:
+        """The request's context (who, from where, which partition), made here once, and the
+        access check: 401 without valid credentials, then 404 for a partition that does not
+        exist or that the principal may not see (the same 404: nobody learns another tenant's
+        partition names), then 403 for an action the principal's roles do not allow."""
+        g.request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex[:12]
+        rule = request.url_rule
+        # The partition the URL names (its root /partitions/<partition>/…); the views never
+        # see the URL value.
+        requested = None
+        if rule is not None and rule.rule.startswith(PARTITION_ROOT) and request.view_args:
+            requested = request.view_args.pop("partition", None)
+        # Authentication off: whoever reaches the port may do everything (loopback only).
+        nobody = UNAUTHENTICATED if authenticator is None else ANONYMOUS
+        g.hilum_context = RequestContext(
+            nobody, request.remote_addr or "", "http", request_id=g.request_id
+        )
+        if rule is None:
+            return None  # no such route (404) or method (405): Flask answers
+        if request.method == "OPTIONS" and getattr(rule, "provide_automatic_options", False):
+            return None  # Flask's own answer (CORS preflight): no view runs
+        action = required_action(app.view_functions[rule.endpoint])
+        if action is None:
+            log.error(
+                "route %s (%s) names no action (@requires): refused; every route must name one",
+                rule.endpoint,
+                rule.rule,
+            )
+            raise Forbidden("this route has no access rule (a bug in Hilum); refused")
+        principal, presented, from_session = None, False, False
+        if authenticator is not None:
+            principal, presented, from_session = _authenticate(authenticator)
+            if principal is not None:
+                g.hilum_context = dataclasses.replace(g.hilum_context, principal=principal)
+            elif action is not Action.PUBLIC:
+                return _unauthenticated(presented)
+        g.hilum_context = enter_partition(g.hilum_context, requested)
+        if not allowed(g.hilum_context.principal.roles, action):
+            raise Forbidden(
+                f"{g.hilum_context.principal.name} "
+                f"({', '.join(sorted(g.hilum_context.principal.roles)) or 'no role'}) may not "
+                f"do this: it needs the {action.value!r} permission"
+            )
+        if (
+            authenticator is not None
+            and request.method not in _SAFE_METHODS
+            and (from_session or principal is None)
+        ):
+            _check_csrf()
+        return None
+
+
+def _authenticate(authenticator: Authenticator) -> tuple[Principal | None, bool, bool]:
+    """(principal or None, whether credentials were presented, whether from the session)."""
+    header = request.headers.get("Authorization")
+    if header is not None:
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            return None, True, False
+        return authenticator.bearer(token.strip()), True, False
+    if "user" in session:
+        return authenticator.session_principal(session), True, True
+    return None, False, False
+
+
+def _unauthenticated(presented: bool) -> Response:
+    browser = "Authorization" not in request.headers  # an API client gets 401 even here
+    if browser and request.blueprint in UI_BLUEPRINTS:
+        from urllib.parse import quote, urlsplit
+
+        # A page: to the login page, back here afterwards; a form sent after the session
+        # ended: to the login page, back to the page the form was on.
+        if request.method in ("GET", "HEAD"):
+            target = request.full_path if request.query_string else request.path
+        else:
+            referrer = urlsplit(request.referrer or "")
+            same_site = referrer.netloc == request.host and referrer.path.startswith("/")
+            target = referrer.path if same_site else "/"
+        return redirect("/login?next=" + quote(target, safe="/"), 303)  # type: ignore[return-value]
+    response = _error(
+        401,
+        "the credentials are not valid (unknown, expired or revoked)"
+        if presented
+        else "authentication required: send Authorization: Bearer TOKEN, or log in",
+    )
+    # RFC 6750 3: the challenge; invalid_token when a token was sent.
+    challenge = 'Bearer realm="hilum"' + (', error="invalid_token"' if presented else "")
+    response.headers["WWW-Authenticate"] = challenge
+    return response
+
+
+def _check_csrf() -> None:
+    """A state-changing request carried by the browser's session cookie must also carry the
+    session's CSRF token (header, or form field of an HTML form): another site's page can
+    make the browser send the cookie, not read the token."""
+    expected = session.get("csrf")
+    given = request.headers.get(CSRF_HEADER)
+    if given is None and request.mimetype == "application/x-www-form-urlencoded":
+        given = request.form.get(CSRF_FIELD)
+    if not (isinstance(expected, str) and given and hmac.compare_digest(expected, given)):
+        raise Forbidden("the form is out of date or came from another site: reload the page")
 
 
 def _error(status: int, message: str) -> Response:
@@ -104,27 +276,23 @@ def _register_error_handlers(app: Flask) -> None:
         return _error(error.code or 500, error.description or error.name)
 
 
-def _configure_cors(app: Flask, allowed: list[str]) -> None:
-    """CORS (Fetch standard) for viewers served from another origin, e.g. OHIF."""
-    if not allowed:
-        return
-
-    @app.after_request
-    def _cors(response: Response) -> Response:
-        origin = request.headers.get("Origin")
-        if origin and ("*" in allowed or origin in allowed):
-            response.headers["Access-Control-Allow-Origin"] = "*" if "*" in allowed else origin
-            response.headers["Vary"] = "Origin"
-            response.headers["Access-Control-Expose-Headers"] = (
-                "Warning, Content-Type, Content-Length, Content-Location"
-            )
-            if request.method == "OPTIONS":
-                response.headers["Access-Control-Allow-Methods"] = "GET, POST, DELETE, OPTIONS"
-                response.headers["Access-Control-Allow-Headers"] = request.headers.get(
-                    "Access-Control-Request-Headers", "Accept, Content-Type"
-                )
-                response.headers["Access-Control-Max-Age"] = "600"
-        return response
+def https_files(settings: Settings) -> tuple[Path, Path] | None:
+    """``[http] tls_certificate`` and ``tls_private_key``, checked by loading them now (a
+    clear :class:`ConfigError` at start, not a failed handshake later); None: plain HTTP."""
+    http = settings.http
+    if not (http.tls_certificate and http.tls_private_key):
+        return None
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
+            http.tls_certificate, http.tls_private_key
+        )
+    except (OSError, ssl.SSLError) as error:
+        raise ConfigError(
+            f"[http] tls_certificate {http.tls_certificate} and tls_private_key "
+            f"{http.tls_private_key} cannot be used for HTTPS: {error} (PEM files: the "
+            "certificate, with its chain, and its unencrypted private key)"
+        ) from error
+    return http.tls_certificate, http.tls_private_key
 
 
 # The request line and headers together; more is 414 (line) or 413 (headers) from cheroot.
@@ -148,7 +316,9 @@ class HttpServer:
         *,
         header_timeout_s: float = 10.0,
         header_reads_per_client: int = 4,
+        tls: tuple[Path, Path] | None = None,
     ) -> None:
+        """``tls``: (certificate, private key) PEM files: HTTPS (``[http] tls_*``)."""
         self._deadlines = HeaderDeadlines(header_timeout_s, header_reads_per_client)
         self._server = cheroot.wsgi.Server(
             (host, port),
@@ -164,6 +334,11 @@ class HttpServer:
         # and a size: cheroot's default 0 reads headers of any size into memory.
         self._server.ConnectionClass = connection_class(self._deadlines)
         self._server.max_request_header_size = MAX_REQUEST_HEADER_BYTES
+        if tls is not None:
+            # cheroot's TLS adapter: the handshake on accept, the WSGI environ says https.
+            adapter = BuiltinSSLAdapter(str(tls[0]), str(tls[1]))
+            adapter.context.minimum_version = ssl.TLSVersion.TLSv1_2  # BCP 195
+            self._server.ssl_adapter = adapter
         self._server.prepare()  # binds now: the port is known and taken before start()
         self._thread = threading.Thread(target=self._server.serve, name="http-server", daemon=True)
 
@@ -214,12 +389,13 @@ def _access_logged(app: Flask) -> Any:
 def serve_with_gunicorn(settings: Settings) -> None:
     """``hilum web``: gunicorn with config/gunicorn.conf.py; blocks until it is stopped."""
     import runpy
-    from pathlib import Path
 
     from gunicorn.app.base import BaseApplication
 
     import config
     from storage.archive import open_archive
+
+    tls = https_files(settings)
 
     class HilumWeb(BaseApplication):  # type: ignore[misc]
         def load_config(self) -> None:
@@ -228,6 +404,9 @@ def serve_with_gunicorn(settings: Settings) -> None:
                 if name in self.cfg.settings:
                     self.cfg.set(name, value)
             self.cfg.set("bind", [f"{settings.server.host}:{settings.http.port}"])
+            if tls is not None:
+                self.cfg.set("certfile", str(tls[0]))
+                self.cfg.set("keyfile", str(tls[1]))
             self.cfg.set("workers", settings.http.workers)
             self.cfg.set("threads", settings.http.threads)
             self.cfg.set("proc_name", "hilum-web")
@@ -241,7 +420,8 @@ def serve_with_gunicorn(settings: Settings) -> None:
 
     def _announce(_server: object) -> None:
         print(
-            f"Hilum is listening: HTTP http://{settings.server.host}:{settings.http.port}"
+            f"Hilum is listening: HTTP {settings.http.scheme}://{settings.server.host}:"
+            f"{settings.http.port}"
             f"/dicomweb ({settings.http.workers} workers); index "
             f"{settings.database_url_for_display}; blobs {settings.blob_url}",
             flush=True,

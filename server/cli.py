@@ -1,4 +1,4 @@
-"""The ``hilum`` command: serve, dimse, db upgrade, import, verify."""
+"""The ``hilum`` command: serve, dimse, db upgrade, import, verify; partitions, ae, peers."""
 
 from __future__ import annotations
 
@@ -22,12 +22,14 @@ import pydicom.config  # noqa: F401  (imported first: it resets its logger level
 from config import Settings, load_settings
 from config.settings import ConfigError
 from inference.errors import ModelError
+from server.admin_commands import ADMIN_COMMANDS, add_admin_commands
 from storage.archive import Archive, open_archive
-from storage.errors import StorageError
+from storage.errors import InvalidArgument, StorageError
 
 if TYPE_CHECKING:
     from server.app import HttpServer
     from server.metrics import Metrics
+    from storage.accounts import Accounts
 
 log = logging.getLogger("hilum")
 _Bound = TypeVar("_Bound")
@@ -48,6 +50,28 @@ def _configure_logging(verbose: bool) -> None:
     # would drown the log of a migration.
     logging.getLogger("pydicom").setLevel(logging.CRITICAL)
     warnings.filterwarnings("ignore", module="pydicom")
+
+
+def check_exposure(settings: Settings, command: str) -> None:
+    """``hilum serve``, ``web`` and ``dimse`` refuse to listen beyond loopback with
+    authentication off, unless ``[auth] insecure_allow_unauthenticated`` says so (then warn at
+    every start): an archive of patient data open to whoever reaches the port."""
+    if settings.auth.enabled or settings.server.is_loopback:
+        return
+    if not settings.auth.insecure_allow_unauthenticated:
+        raise ConfigError(
+            f"`hilum {command}` would listen on [server] host = {settings.server.host!r}, which "
+            "is reachable from the network, with [auth] enabled = false: anyone reaching the "
+            "port could read and change every study. Turn authentication on ([auth] enabled = "
+            "true, then `hilum users add` / `hilum tokens create`; docs/operations.md, "
+            "Authentication), or listen on 127.0.0.1, or, only if something in front of Hilum "
+            "authenticates every request, set [auth] insecure_allow_unauthenticated = true"
+        )
+    log.warning(
+        "authentication is OFF while listening on %s ([auth] insecure_allow_unauthenticated = "
+        "true): whoever reaches the ports can read, store and change every study",
+        settings.server.host,
+    )
 
 
 def _run_dimse(settings: Settings, args: argparse.Namespace, *, all_in_one: bool) -> int:
@@ -97,7 +121,11 @@ def _run_dimse(settings: Settings, args: argparse.Namespace, *, all_in_one: bool
     print(
         f"Hilum is listening: DICOM {settings.dimse.ae_title}@{settings.server.host}:"
         f"{server.port}; index {settings.database_url_for_display}; blobs {settings.blob_url}"
-        + (f"; HTTP http://{settings.server.host}:{http.port}/dicomweb" if http else "")
+        + (
+            f"; HTTP {settings.http.scheme}://{settings.server.host}:{http.port}/dicomweb"
+            if http
+            else ""
+        )
         + (f"; metrics on port {metrics_server.port}" if metrics_server else ""),
         flush=True,
     )
@@ -162,7 +190,7 @@ def _stop_at_end_of_input(stopped: threading.Event) -> None:
 
 
 def _start_http_server(settings: Settings, archive: Archive, metrics: Metrics) -> HttpServer:
-    from server.app import HttpServer, create_app
+    from server.app import HttpServer, create_app, https_files
 
     http = HttpServer(
         create_app(settings, dataclasses.replace(archive), metrics),  # the app's own copy
@@ -171,12 +199,14 @@ def _start_http_server(settings: Settings, archive: Archive, metrics: Metrics) -
         threads=settings.http.threads,
         header_timeout_s=settings.http.header_timeout_s,
         header_reads_per_client=settings.http.header_reads_per_client,
+        tls=https_files(settings),
     )
     http.start()
     return http
 
 
 def cmd_web(settings: Settings, args: argparse.Namespace) -> int:
+    check_exposure(settings, "web")
     _prepare_multiprocess_metrics(settings.server.data_dir / "metrics" / "web")
     from server.app import serve_with_gunicorn
 
@@ -300,11 +330,13 @@ def cmd_models(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
+    check_exposure(settings, "serve")
     args.receiver = False
     return _run_dimse(settings, args, all_in_one=True)
 
 
 def cmd_dimse(settings: Settings, args: argparse.Namespace) -> int:
+    check_exposure(settings, "dimse")
     return _run_dimse(settings, args, all_in_one=False)
 
 
@@ -489,6 +521,131 @@ def cmd_audit(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(settings: Settings, args: argparse.Namespace) -> int:
+    """``hilum export``: studies as Part 10 files, or (``--dataset``) a partition's training set;
+    de-identified under a ``[[research.projects]]`` project with ``--deidentify``."""
+    from tqdm import tqdm
+
+    from storage.deidentify import Deidentifier
+    from storage.export import export_studies, export_training_set
+
+    if args.dataset == bool(args.studies):
+        print("hilum export: give STUDY_UIDs, or --dataset (not both)", file=sys.stderr)
+        return 2
+    deidentifier = None
+    if args.deidentify or args.project:
+        project = settings.research.project(args.project or "")
+        if not args.deidentify or project is None:
+            known = ", ".join(p.name for p in settings.research.projects) or "none configured"
+            print(
+                "hilum export: --deidentify needs --project NAME, one of the "
+                f"[[research.projects]] ({known})",
+                file=sys.stderr,
+            )
+            return 2
+        deidentifier = Deidentifier(
+            project.name, project.secret, frozenset(settings.research.held_back_modalities)
+        )
+    if args.to.exists() and (not args.to.is_dir() or any(args.to.iterdir())):
+        print(f"hilum export: {args.to} exists and is not an empty folder", file=sys.stderr)
+        return 2
+    args.to.mkdir(parents=True, exist_ok=True)
+    archive = open_archive(settings).scoped(args.partition)
+    try:
+        with tqdm(unit="instance", desc="exporting") as bar:
+            if args.dataset:
+                summary = export_training_set(
+                    archive, settings.inference, args.to, deidentifier=deidentifier,
+                    progress=bar.update,
+                )  # fmt: skip
+            else:
+                summary = export_studies(
+                    archive, args.studies, args.to, deidentifier=deidentifier,
+                    progress=bar.update,
+                )  # fmt: skip
+    finally:
+        archive.close()
+    for line in summary.lines():
+        print(line)
+    if args.dataset:
+        print(f"training set in {args.to} (manifest.json)")
+    return 1 if summary.missing else 0
+
+
+def _accounts(settings: Settings) -> tuple[Archive, Accounts]:
+    from storage.accounts import Accounts
+
+    archive = open_archive(settings, migrate=True, connections=1)
+    return archive, Accounts(archive.index)
+
+
+def cmd_users(settings: Settings, args: argparse.Namespace) -> int:
+    """``hilum users add|list|disable``: the accounts of the HTTP interfaces."""
+    from server.access import ROLES
+
+    archive, accounts = _accounts(settings)
+    try:
+        if args.users_command == "add":
+            if args.role not in ROLES:
+                print(
+                    f"hilum: unknown role {args.role!r}; one of {', '.join(ROLES)}", file=sys.stderr
+                )
+                return 2
+            password = None
+            if args.password_stdin:
+                password = sys.stdin.readline().rstrip("\r\n")
+            user = accounts.add_account(args.name, args.role, args.partition or (), password)
+            where = ", ".join(user.partitions) or "every partition"
+            login = "password login" if user.has_password else "API tokens only (no password)"
+            print(f"user {user.name} added: role {user.role}, {where}, {login}")
+        elif args.users_command == "list":
+            for user in accounts.accounts():
+                print(
+                    f"{user.name}\t{user.role}\t{','.join(user.partitions) or '*'}\t"
+                    f"{'disabled' if user.disabled else 'enabled'}\t"
+                    f"{'password' if user.has_password else 'no password'}"
+                )
+        else:
+            user = accounts.disable_account(args.name)
+            print(
+                f"user {user.name} disabled: its logins and tokens are refused within "
+                f"[auth] token_cache_ttl_s ({settings.auth.token_cache_ttl_s:g} s)"
+            )
+    finally:
+        archive.close()
+    return 0
+
+
+def cmd_tokens(settings: Settings, args: argparse.Namespace) -> int:
+    """``hilum tokens create|list|revoke``: API tokens (``Authorization: Bearer TOKEN``)."""
+    archive, accounts = _accounts(settings)
+    try:
+        if args.tokens_command == "create":
+            token, secret = accounts.create_token(args.user, args.expires_days)
+            until = token.expires_at.isoformat(timespec="seconds") if token.expires_at else "never"
+            # The secret alone on stdout (for `TOKEN=$(hilum tokens create …)`); what it is on
+            # stderr. It is shown once: only its hash is kept.
+            print(secret, flush=True)
+            print(f"token {token.id} of user {token.account}, expires {until}", file=sys.stderr)
+        elif args.tokens_command == "list":
+            now = accounts.clock()
+            for token in accounts.tokens():
+                until = token.expires_at.isoformat(timespec="seconds") if token.expires_at else "-"
+                print(
+                    f"{token.id}\t{token.account}\t{token.state(now)}\t"
+                    f"created {token.created_at.isoformat(timespec='seconds')}\texpires {until}"
+                )
+        else:
+            token = accounts.revoke_token(args.id)
+            print(
+                f"token {token.id} of user {token.account} revoked: refused within [auth] "
+                f"token_cache_ttl_s ({settings.auth.token_cache_ttl_s:g} s)"
+            )
+    finally:
+        archive.close()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hilum", description="Hilum PACS")
     parser.add_argument("--config", type=Path, help="TOML configuration file (or $HILUM_CONFIG)")
@@ -549,6 +706,22 @@ def build_parser() -> argparse.ArgumentParser:
     audit_commands.add_parser(
         "verify", help="check every audit record's hash chain; exit 1 at the first broken one"
     )
+    export = commands.add_parser(
+        "export", help="write studies as DICOM files, or a training set (--dataset), to a folder"
+    )
+    export.add_argument("studies", nargs="*", metavar="STUDY_UID", help="Study Instance UIDs")
+    export.add_argument("--to", type=Path, required=True, help="a new or empty folder")
+    export.add_argument(
+        "--dataset",
+        action="store_true",
+        help="the partition's image series, the AI's SEG and SR, and manifest.json",
+    )
+    export.add_argument("--partition", default="default", help="partition (default: default)")
+    export.add_argument(
+        "--deidentify", action="store_true", help="PS3.15 Annex E de-identification (--project)"
+    )
+    export.add_argument("--project", help="a [[research.projects]] name: its secret keys the UIDs")
+
     commands.add_parser("worker", help="run the AI worker: claim jobs, run models, store results")
     models = commands.add_parser("models", help="AI model plug-ins")
     models_commands = models.add_subparsers(dest="models_command", required=True)
@@ -559,10 +732,42 @@ def build_parser() -> argparse.ArgumentParser:
     install.add_argument("--dir", type=Path, help="where (default: [web] ohif_dir)")
     install.add_argument("--tarball", type=Path, help="a downloaded ohif-app-3.12.10.tgz")
 
-    # `hilum serve --config FILE` as well as `hilum --config FILE serve`: every command takes it.
-    groups = (
-        commands, db_commands, models_commands, tiers_commands, viewer_commands, audit_commands
+    admin_groups = add_admin_commands(commands)  # partitions, ae, peers
+
+    users = commands.add_parser("users", help="user accounts of the HTTP interfaces")
+    users_commands = users.add_subparsers(dest="users_command", required=True)
+    add = users_commands.add_parser("add", help="add a user")
+    add.add_argument("name")
+    add.add_argument(
+        "--role",
+        required=True,
+        help="admin, radiologist, technologist, modality, researcher or worker",
+    )
+    add.add_argument(
+        "--partition", action="append", help="a partition the user may see (repeat; none: all)"
+    )
+    add.add_argument(
+        "--password-stdin", action="store_true",
+        help="read the password from the first line of standard input (none: API tokens only)",
     )  # fmt: skip
+    users_commands.add_parser("list", help="list the users")
+    disable = users_commands.add_parser("disable", help="refuse a user's logins and tokens")
+    disable.add_argument("name")
+
+    tokens = commands.add_parser("tokens", help="API tokens (Authorization: Bearer TOKEN)")
+    tokens_commands = tokens.add_subparsers(dest="tokens_command", required=True)
+    create = tokens_commands.add_parser("create", help="make a token; prints it alone on stdout")
+    create.add_argument("--user", required=True)
+    create.add_argument(
+        "--expires-days", type=float, help="valid this many days (default: no expiry)"
+    )
+    tokens_commands.add_parser("list", help="list the tokens (never their secrets)")
+    revoke = tokens_commands.add_parser("revoke", help="revoke a token by its id")
+    revoke.add_argument("id")
+
+    # `hilum serve --config FILE` as well as `hilum --config FILE serve`: every command takes it.
+    groups = (commands, db_commands, models_commands, tiers_commands, viewer_commands,
+              users_commands, tokens_commands, *admin_groups, audit_commands)  # fmt: skip
     for group in groups:
         for command in group.choices.values():
             command.add_argument(
@@ -583,9 +788,13 @@ COMMANDS = {
     "restore": cmd_restore,
     "tiers": cmd_tiers,
     "audit": cmd_audit,
+    "export": cmd_export,
     "worker": cmd_worker,
     "models": cmd_models,
     "viewer": cmd_viewer,
+    **ADMIN_COMMANDS,
+    "users": cmd_users,
+    "tokens": cmd_tokens,
 }
 
 
@@ -597,6 +806,9 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](settings, args)
     except ConfigError as error:
         print(f"hilum: configuration error: {error}", file=sys.stderr)
+        return 2
+    except InvalidArgument as error:
+        print(f"hilum: {error}", file=sys.stderr)
         return 2
     except StorageError as error:
         print(f"hilum: {error}", file=sys.stderr)

@@ -37,6 +37,9 @@ class Principal:
 # Authentication off (the loopback-only embedded default): whoever reaches the port may do
 # everything, as before access control existed.
 UNAUTHENTICATED = Principal("anonymous", "anonymous", frozenset({"admin"}))
+# Authentication on, no credentials: no role, so only public routes (the access check answers
+# 401 for any other before the partition is entered).
+ANONYMOUS = Principal("anonymous", "anonymous")
 # Hilum acting on its own behalf: the AI worker, the stability scan, migrations.
 SYSTEM = Principal("system", "hilum", frozenset({"admin", "worker"}))
 
@@ -70,6 +73,6 @@ def cli_context(command: str) -> RequestContext:
     return RequestContext(Principal("system", f"os:{user}"), "", "cli", request_id=command)
 
 
-def worker_context(job_id: int) -> RequestContext:
-    """The AI worker running one job (Hilum acting on its own behalf)."""
-    return RequestContext(SYSTEM, "", "worker", request_id=f"job-{job_id}")
+def worker_context(job_id: int, partition: str = DEFAULT_PARTITION) -> RequestContext:
+    """The AI worker running one job (Hilum acting on its own behalf) in its study's partition."""
+    return RequestContext(SYSTEM, "", "worker", partition, request_id=f"job-{job_id}")

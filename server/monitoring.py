@@ -13,6 +13,7 @@ import time
 
 from flask import Blueprint, Flask, Response, g, jsonify, request
 
+from server.access import Action, requires
 from server.metrics import Metrics
 from storage.archive import Archive
 from storage.monitoring import check_readiness
@@ -24,10 +25,12 @@ def register_monitoring(app: Flask, archive: Archive, metrics: Metrics) -> None:
     bp = Blueprint("monitoring", __name__)
 
     @bp.get("/healthz")
+    @requires(Action.PUBLIC)
     def liveness() -> Response:
         return jsonify({"status": "alive"})
 
     @bp.get("/readyz")
+    @requires(Action.PUBLIC)
     def readiness() -> Response:
         problems = check_readiness(archive)
         for name, problem in problems.items():
@@ -45,6 +48,7 @@ def register_monitoring(app: Flask, archive: Archive, metrics: Metrics) -> None:
         return response
 
     @bp.get("/metrics")
+    @requires(Action.PUBLIC)
     def prometheus_metrics() -> Response:
         body, content_type = metrics.exposition(archive, request.headers.get("Accept", ""))
         return Response(body, content_type=content_type)

@@ -46,3 +46,8 @@ class InstanceTooComplex(InvalidInstance):
     def __init__(self, message: str, limit: str) -> None:
         super().__init__(message)
         self.limit = limit
+
+
+class InvalidArgument(StorageError):
+    """An administration request with an invalid value (a partition name, an AE title, a
+    network): nothing was changed."""

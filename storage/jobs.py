@@ -34,7 +34,7 @@ from config.settings import InferenceSettings
 from storage.archive import Archive
 from storage.delete import delete_instance
 from storage.errors import Conflict, InvalidQuery, NotFound, StorageError
-from storage.index.models import AIFinding, InferenceJob, Study
+from storage.index.models import DEFAULT_PARTITION, AIFinding, InferenceJob, Study
 from storage.query import entity_query, locate_instances
 
 log = logging.getLogger(__name__)
@@ -89,6 +89,8 @@ class Job:
     lease_expires_at: datetime | None
     # Findings the job's SR reports present; None until done (or done before migration 0004).
     findings: int | None = None
+    # The partition of the job's study: where its inputs are read and its results stored.
+    partition: str = DEFAULT_PARTITION
 
     @classmethod
     def from_row(cls, row: InferenceJob) -> Job:
@@ -113,6 +115,7 @@ class Job:
             finished_at=as_utc(row.finished_at),
             lease_expires_at=as_utc(row.lease_expires_at),
             findings=row.findings,
+            partition=row.partition,
         )
 
     @property
@@ -255,6 +258,10 @@ class JobQueue:
         self.settings = settings
         self.clock = clock
 
+    def in_partition(self, partition: str) -> JobQueue:
+        """The same queue, for the jobs of ``partition``."""
+        return JobQueue(self.archive.scoped(partition), self.settings, clock=self.clock)
+
     def _owned(self, session: Session, job: Job, worker: str) -> InferenceJob | None:
         """The job row, locked, if ``worker`` still holds this generation of it."""
         return session.scalars(
@@ -268,15 +275,17 @@ class JobQueue:
             .with_for_update()
         ).one_or_none()
 
-    def claim(self, worker: str, models: Collection[str] | None = None) -> Job | None:
+    def claim(
+        self, worker: str, models: Collection[str] | None = None, *, any_partition: bool = False
+    ) -> Job | None:
         """The next job for ``worker``, now running under a lease; None when there is none.
         ``models``: the names of the models the worker has (None: any), so that a worker never
-        claims a job it cannot run."""
+        claims a job it cannot run. ``any_partition``: the next job of every partition (the AI
+        worker serves them all; it goes on with :meth:`in_partition` of ``Job.partition``)."""
         with self.archive.index.write() as session:
             while True:
                 now = self.clock()
                 statement = select(InferenceJob).where(
-                    InferenceJob.partition == self.archive.partition,
                     or_(
                         and_(
                             InferenceJob.state == JobState.QUEUED,
@@ -288,6 +297,8 @@ class JobQueue:
                         ),
                     ),
                 )
+                if not any_partition:
+                    statement = statement.where(InferenceJob.partition == self.archive.partition)
                 if models is not None:
                     statement = statement.where(InferenceJob.model_name.in_(list(models)))
                 row = session.scalars(

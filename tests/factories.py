@@ -8,6 +8,9 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
+from storage.index.database import Index
+from storage.partitions import create_partition, partition_exists
+
 DCMTK_STORESCU = "/usr/bin/storescu"  # not pynetdicom's script of the same name in the venv
 
 
@@ -97,3 +100,9 @@ def data_set_differences(sent: Dataset, received: Dataset) -> list[str]:
         elif a.value != b.value or (a.VR != b.VR and tag != 0x7FE00010):
             differences.append(str(tag))
     return differences
+
+
+def ensure_partition(index: Index, name: str) -> None:
+    """Partition ``name``, created with ``storage.partitions`` (no AE title) unless it exists."""
+    if not partition_exists(index, name):
+        create_partition(index, name, [], reserved_ae_title="HILUM")

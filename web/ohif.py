@@ -24,8 +24,10 @@ import subprocess
 import tarfile
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from config import Settings
+from storage.index.models import DEFAULT_PARTITION
 
 log = logging.getLogger(__name__)
 
@@ -129,18 +131,33 @@ def _unpack_dist(tarball: Path, destination: Path) -> None:
         raise ViewerInstallError(f"{tarball} holds no package/dist/index.html")
 
 
-def app_config() -> str:
-    """The viewer's ``window.config``: Hilum's DICOMweb at the same origin (docs/architecture.md,
-    /work/shared/VIEWERS.md: what 3.12.10 needs against Hilum)."""
-    data_source = {
+# The viewer's name of the default partition's data source (its URL: /viewer?…); another
+# partition's is ``partition-{name}`` (its URL: /viewer/partition-{name}?…, OHIF's route per
+# data source).
+DEFAULT_DATA_SOURCE = "dicomweb"
+
+
+def data_source_name(partition: str) -> str:
+    return DEFAULT_DATA_SOURCE if partition == DEFAULT_PARTITION else f"partition-{partition}"
+
+
+def viewer_url(partition: str, study_instance_uid: str) -> str:
+    """Where "Open in viewer" goes for a study of ``partition``."""
+    source = "" if partition == DEFAULT_PARTITION else "/" + data_source_name(partition)
+    return f"/viewer{source}?StudyInstanceUIDs={study_instance_uid}"
+
+
+def _data_source(partition: str) -> dict[str, Any]:
+    root = "" if partition == DEFAULT_PARTITION else f"/partitions/{partition}"
+    return {
         "namespace": "@ohif/extension-default.dataSourcesModule.dicomweb",
-        "sourceName": "dicomweb",
+        "sourceName": data_source_name(partition),
         "configuration": {
-            "friendlyName": "Hilum",
+            "friendlyName": "Hilum" if partition == DEFAULT_PARTITION else f"Hilum {partition}",
             "name": "hilum",
-            "wadoUriRoot": "/wado",
-            "qidoRoot": "/dicomweb",
-            "wadoRoot": "/dicomweb",
+            "wadoUriRoot": f"{root}/wado",
+            "qidoRoot": f"{root}/dicomweb",
+            "wadoRoot": f"{root}/dicomweb",
             "qidoSupportsIncludeField": True,
             "supportsReject": False,
             "imageRendering": "wadors",
@@ -153,6 +170,14 @@ def app_config() -> str:
             "bulkDataURI": {"enabled": True},
         },
     }
+
+
+def app_config(partitions: list[str]) -> str:
+    """The viewer's ``window.config``: Hilum's DICOMweb at the same origin, one data source per
+    partition in ``partitions`` (those the user may see; docs/architecture.md,
+    /work/shared/VIEWERS.md: what 3.12.10 needs against Hilum)."""
+    visible = partitions or [DEFAULT_PARTITION]
+    default = DEFAULT_PARTITION if DEFAULT_PARTITION in visible else visible[0]
     config = {
         "routerBasename": "/",
         "extensions": [],
@@ -162,7 +187,7 @@ def app_config() -> str:
         "showWarningMessageForCrossOrigin": False,
         "showCPUFallbackMessage": False,
         "investigationalUseDialog": {"option": "never"},
-        "defaultDataSourceName": "dicomweb",
-        "dataSources": [data_source],
+        "defaultDataSourceName": data_source_name(default),
+        "dataSources": [_data_source(partition) for partition in visible],
     }
     return f"window.config = {json.dumps(config, indent=2)};\n"

@@ -5,27 +5,59 @@ own."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from flask import Blueprint, Response, render_template, request, send_from_directory
+from flask import Blueprint, Response, current_app, g, render_template, request, send_from_directory
 from werkzeug.exceptions import HTTPException
 from werkzeug.exceptions import NotFound as HTTPNotFound
 
 from config import Settings
+from server.access import Action, requires
+from server.context import http_context
+from server.partitions import partition_prefix
 from storage.archive import Archive
+from storage.dicom_file import is_valid_uid
 from storage.errors import Conflict, InvalidQuery, NotFound, StorageError, StorageUnavailable
+from storage.index.models import DEFAULT_PARTITION
 from storage.jobs import JobState
-from web import audit, study, worklist
+from storage.partitions import partition_names
+from web import audit, login, study, worklist
 from web.ohif import SPA_ROUTES, app_config, installed, ohif_dir
 
 log = logging.getLogger(__name__)
+STATIC = Path(__file__).resolve().parent / "static"
 
 
-def before_page() -> None:
-    """Runs before every route of the UI. Nothing is checked yet: the access check (login,
-    roles, partitions) of a later issue goes here, once, for every page."""
+# Content-Security-Policy (CSP Level 3) of Hilum's own pages: their scripts, styles and images
+# are Hilum's files (no inline script or style attribute in web/templates), thumbnails come from
+# the same origin's DICOMweb, forms post to it, and no other site may frame them.
+PAGE_POLICY = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self'; object-src 'none'; base-uri 'self'; form-action 'self'; "
+    "frame-ancestors 'none'"
+)
+# The slide page (dicom-microscopy-viewer): the page's policy, plus compiling WebAssembly.
+SLIDE_POLICY = PAGE_POLICY.replace("script-src 'self'", "script-src 'self' 'wasm-unsafe-eval'")
+# The OHIF viewer's routes: its index.html has inline scripts, its bundle sets inline styles,
+# compiles WebAssembly codecs and starts workers from blob: URLs; it still talks to this
+# origin only and cannot be framed by another site.
+VIEWER_POLICY = (
+    "default-src 'self'; script-src 'self' 'unsafe-inline' 'unsafe-eval' 'wasm-unsafe-eval' "
+    "blob:; style-src 'self' 'unsafe-inline'; img-src 'self' data: blob:; font-src 'self' "
+    "data:; connect-src 'self' data: blob:; worker-src 'self' blob:; object-src 'none'; "
+    "base-uri 'self'; frame-ancestors 'self'"
+)
+
+
+def _content_security_policy(policy: str) -> Callable[[Response], Response]:
+    def add(response: Response) -> Response:
+        response.headers.setdefault("Content-Security-Policy", policy)
+        return response
+
+    return add
 
 
 def _viewer_index(folder: Path) -> Response:
@@ -34,31 +66,110 @@ def _viewer_index(folder: Path) -> Response:
     return response
 
 
-def web_blueprint(settings: Settings, archive: Archive) -> Blueprint:
-    blueprint = Blueprint(
-        "web",
-        __name__,
-        template_folder="templates",
-        static_folder="static",
-        static_url_path="/hilum-static",
-    )
-    blueprint.before_request(before_page)
-    _register_filters(blueprint)
+def pages_blueprint(settings: Settings) -> Blueprint:
+    """The pages that show one partition's archive (the worklist, a study, the jobs, upload),
+    registered at ``/`` for the default partition and at ``/partitions/{name}/`` for another."""
+    blueprint = Blueprint("pages", __name__, template_folder="templates")
+    blueprint.after_request(_content_security_policy(PAGE_POLICY))
     _register_errors(blueprint)
-    worklist.register(blueprint, settings, archive)
-    study.register(blueprint, settings, archive)
-    audit.register(blueprint, archive)
+    worklist.register(blueprint, settings)
+    study.register(blueprint, settings)
+
+    @blueprint.context_processor
+    def _partition() -> dict[str, Any]:
+        # Every link, form and script of a page stays in the page's partition.
+        # (Unset when the request was refused before its context was made: the error page.)
+        context = g.get("hilum_context")
+        if context is None:
+            return {"root": "", "partition": DEFAULT_PARTITION}
+        return {"root": partition_prefix(context.partition), "partition": context.partition}
 
     @blueprint.get("/jobs")
+    @requires(Action.JOBS)
     def jobs() -> Any:
         return render_template("jobs.html", nav="jobs", states=[str(s) for s in JobState])
 
     @blueprint.get("/upload")
+    @requires(Action.STORE)
     def upload() -> Any:
         return render_template("upload.html", nav="upload")
 
+    @blueprint.get("/studies/<study_uid>/series/<series_uid>/slide")
+    @requires(Action.RETRIEVE)
+    def slide(study_uid: str, series_uid: str) -> Any:
+        """A whole slide (VL Whole Slide Microscopy) with the AI's SEG over it, in the
+        dicom-microscopy-viewer that the pinned OHIF package carries (web/static/slide.js)."""
+        if not (is_valid_uid(study_uid) and is_valid_uid(series_uid)):
+            raise InvalidQuery("the study and the series must be UIDs")
+        folder = ohif_dir(settings)
+        if not installed(folder):
+            return render_template("viewer_missing.html", folder=folder, studies=study_uid)
+        root = partition_prefix(http_context().partition)
+        response = Response(
+            render_template(
+                "slide.html",
+                study_uid=study_uid,
+                series_uid=series_uid,
+                dicomweb_root=f"{root}/dicomweb",
+            )
+        )
+        # The viewer compiles its WebAssembly codecs in a worker of its own.
+        response.headers["Content-Security-Policy"] = SLIDE_POLICY
+        return response
+
+    @blueprint.get("/admin/dicom-access")
+    @requires(Action.ADMIN)
+    def dicom_access() -> Any:
+        """Partitions, AE permissions, C-MOVE destinations (through /api/admin)."""
+        return render_template("dicom_access.html", ae_title=settings.dimse.ae_title)
+
+    return blueprint
+
+
+def _default_partition() -> dict[str, Any]:
+    """The template variables of a page outside any partition's root."""
+    return {"root": "", "partition": DEFAULT_PARTITION}
+
+
+def login_blueprint(settings: Settings, archive: Archive) -> Blueprint:
+    """The login and logout pages (at the root only: a login is for the whole installation)."""
+    blueprint = Blueprint("login", __name__, template_folder="templates")
+    blueprint.after_request(_content_security_policy(PAGE_POLICY))
+    _register_errors(blueprint)
+    blueprint.context_processor(_default_partition)
+    login.register(blueprint, settings, archive)
+    return blueprint
+
+
+def audit_blueprint(archive: Archive) -> Blueprint:
+    """The audit page (at the root only: the trail is the whole installation's)."""
+    blueprint = Blueprint("audit_page", __name__, template_folder="templates")
+    blueprint.after_request(_content_security_policy(PAGE_POLICY))
+    _register_errors(blueprint)
+    blueprint.context_processor(_default_partition)
+    audit.register(blueprint, archive)
+    return blueprint
+
+
+def web_blueprint(settings: Settings) -> Blueprint:
+    """Hilum's static files and the OHIF viewer (at the site root only: the viewer's bundle
+    loads its files from there)."""
+    blueprint = Blueprint("web", __name__, template_folder="templates")
+    blueprint.after_request(_content_security_policy(VIEWER_POLICY))
+    _register_filters(blueprint)
+    _register_errors(blueprint)
+
+    blueprint.context_processor(_default_partition)
+
+    # The UI's own style sheet and scripts: public (the login page needs them), no patient data.
+    @blueprint.get("/hilum-static/<path:filename>", endpoint="static")
+    @requires(Action.PUBLIC)
+    def static_file(filename: str) -> Response:
+        return send_from_directory(STATIC, filename)
+
     @blueprint.get("/viewer")
     @blueprint.get("/viewer/<path:_route>")
+    @requires(Action.RETRIEVE)
     def viewer(_route: str = "") -> Any:
         """OHIF's page (its client-side router reads the URL), or how to install it."""
         folder = ohif_dir(settings)
@@ -68,8 +179,15 @@ def web_blueprint(settings: Settings, archive: Archive) -> Blueprint:
         return render_template("viewer_missing.html", folder=folder, studies=studies)
 
     @blueprint.get("/app-config.js")
+    @requires(Action.RETRIEVE)
     def viewer_app_config() -> Response:
-        response = Response(app_config(), mimetype="text/javascript")
+        context = http_context()
+        visible = [
+            name
+            for name in partition_names(current_app.extensions["hilum.archive"].index)
+            if context.principal.may_see(name)
+        ]
+        response = Response(app_config(visible), mimetype="text/javascript")
         response.headers["Cache-Control"] = "no-cache"
         return response
 
@@ -77,6 +195,7 @@ def web_blueprint(settings: Settings, archive: Archive) -> Blueprint:
     @blueprint.get("/<string:_name>")
     @blueprint.get("/assets/<path:_name>")
     @blueprint.get("/dicom-microscopy-viewer/<path:_name>")
+    @requires(Action.RETRIEVE)
     def viewer_file(_name: str) -> Any:
         folder = ohif_dir(settings)
         if not installed(folder):

@@ -21,9 +21,11 @@ from pydicom.dataset import Dataset
 from config import Settings
 from inference.catalog import REFERENCE_MODELS_DIR, ModelCatalog, manifest_names
 from inference.errors import ModelError
-from inference.measurement_report import ReportedFinding, read_findings
+from inference.measurement_report import ReportedFinding, read_findings, with_outlines
 from inference.stability import queue_model_by_hand
+from server.access import Action, requires
 from server.context import http_context
+from server.partitions import request_archive, request_root
 from storage.archive import Archive
 from storage.audit import AuditEntry, AuditEvent, refusal_entry
 from storage.errors import InvalidQuery, NotFound, StorageError
@@ -32,6 +34,7 @@ from storage.jobs import Job, JobQueue, JobState
 from storage.query import Query, QueryLevel, entity_query, locate_instances, search
 from storage.reviews import Decision, ReviewDecision, record_review, reviews_for_study
 from storage.worklist import AI_STATE_LABELS, WorklistRequest, search_worklist
+from web.ohif import viewer_url
 from web.review_report import review_report
 
 log = logging.getLogger(__name__)
@@ -82,7 +85,8 @@ def _read(archive: Archive, study_uid: str, sop_instance_uids: list[str]) -> lis
         if stored.sop_class_uid.startswith(SR_SOP_CLASS_ROOT):
             with archive.blobs.open(stored.blob_key) as f:
                 reports.append(pydicom.dcmread(io.BytesIO(f.read())))
-    return reports
+    # In the order the worker stored them: the measurement report first (inference.analysis).
+    return sorted(reports, key=lambda r: sop_instance_uids.index(str(r.SOPInstanceUID)))
 
 
 def _model_report(archive: Archive, job: Job) -> Dataset | None:
@@ -90,14 +94,26 @@ def _model_report(archive: Archive, job: Job) -> Dataset | None:
     return reports[0] if reports else None
 
 
+def _reported_findings(archive: Archive, job: Job) -> tuple[Dataset | None, list[ReportedFinding]]:
+    """The job's measurement report and its findings, with their lesions' outlines from the
+    job's other report (a slice model's, when it found something)."""
+    reports = _read(archive, job.study_instance_uid, job.outputs)
+    if not reports:
+        return None, []
+    outlines = [finding for other in reports[1:] for finding in read_findings(other)]
+    return reports[0], with_outlines(read_findings(reports[0]), outlines)
+
+
 def _job_results(
     archive: Archive, jobs: list[Job], reviews: list[ReviewDecision], reference: frozenset[str]
 ) -> list[JobResult]:
     results = []
     for job in jobs:
-        report = _model_report(archive, job) if job.state == JobState.DONE else None
+        report, reported = (
+            _reported_findings(archive, job) if job.state == JobState.DONE else (None, [])
+        )
         findings = []
-        for finding in read_findings(report) if report is not None else []:
+        for finding in reported:
             history = [
                 r
                 for r in reviews
@@ -130,13 +146,15 @@ def _series(archive: Archive, study_uid: str) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda s: (s.get("SeriesNumber") is None, s.get("SeriesNumber") or 0))
 
 
-def register(blueprint: Blueprint, settings: Settings, archive: Archive) -> None:
-    queue = JobQueue(archive, settings.inference)
+def register(blueprint: Blueprint, settings: Settings) -> None:
     reference = reference_model_names()
     catalog = ModelCatalog(settings.inference.models_dirs)
 
     @blueprint.get("/studies/<study_uid>")
+    @requires(Action.QUERY)
     def study_page(study_uid: str) -> Any:
+        archive = request_archive()
+        queue = JobQueue(archive, settings.inference)
         try:
             study = _study(archive, study_uid)
         except StorageError as error:
@@ -171,26 +189,36 @@ def register(blueprint: Blueprint, settings: Settings, archive: Archive) -> None
             saved=request.args.get("saved"),
             queued=request.args.get("queued"),
             models=manifest_names(settings.inference.models_dirs),
+            viewer_url=viewer_url(archive.partition, study_uid),
         )
 
     @blueprint.post("/studies/<study_uid>/jobs")
+    @requires(Action.JOBS)
     def run_model(study_uid: str) -> Any:
-        """An administrator runs a model on the study by hand (no login yet: anyone can)."""
+        """Someone allowed to run jobs runs a model on the study by hand."""
         try:
             model = catalog.get(request.form.get("model", ""))
         except ModelError as error:
             raise InvalidQuery(str(error)) from None
-        jobs = queue_model_by_hand(archive, settings, model, study_uid)
-        return redirect(f"/studies/{study_uid}?queued={model.name}+on+{len(jobs)}+series", 303)
+        jobs = queue_model_by_hand(request_archive(), settings, model, study_uid)
+        return redirect(
+            f"{request_root()}/studies/{study_uid}?queued={model.name}+on+{len(jobs)}+series", 303
+        )
 
     @blueprint.post("/studies/<study_uid>/reviews")
+    @requires(Action.REVIEW)
     def review_finding(study_uid: str) -> Any:
+        archive = request_archive()
+        queue = JobQueue(archive, settings.inference)
         form = request.form
         try:
             decision = Decision(form.get("decision", ""))
         except ValueError:
             raise InvalidQuery("decision must be 'accepted' or 'rejected'") from None
         reviewer = " ".join(form.get("reviewer", "").split())
+        principal = http_context().principal
+        if principal.kind != "anonymous":
+            reviewer = principal.name  # logged in: the reviewer is who is logged in
         comment = form.get("comment", "").strip()
         if not reviewer:
             raise InvalidQuery("enter your name as the reviewer before accepting or rejecting")
@@ -247,7 +275,9 @@ def register(blueprint: Blueprint, settings: Settings, archive: Archive) -> None
         )
         log.info("study %s: finding %s %s (SR %s)", study_uid, tracking_uid, decision, stored)
         anchor = f"finding-{finding.tracking_uid}"
-        return redirect(f"/studies/{study_uid}?saved={decision.value}#{anchor}", code=303)
+        return redirect(
+            f"{request_root()}/studies/{study_uid}?saved={decision.value}#{anchor}", code=303
+        )
 
 
 def _store(archive: Archive, settings: Settings, dataset: Dataset) -> str:

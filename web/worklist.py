@@ -10,8 +10,9 @@ from urllib.parse import urlencode
 from flask import Blueprint, render_template, request
 
 from config import Settings
+from server.access import Action, requires
 from server.context import http_context
-from storage.archive import Archive
+from server.partitions import request_archive, request_root
 from storage.audit import AuditEvent, query_entry, refusal_entry
 from storage.errors import InvalidQuery
 from storage.worklist import (
@@ -102,7 +103,7 @@ def _context(args: Any, page: WorklistPage | None, error: str | None) -> dict[st
 
     def sort_url(column: str) -> str:
         flipped = "asc" if sort == column and order == "desc" else "desc"
-        return "/?" + urlencode({**filters, "sort": column, "order": flipped})
+        return request_root() + "/?" + urlencode({**filters, "sort": column, "order": flipped})
 
     base = {**filters, "sort": sort, "order": order}
     return {
@@ -114,21 +115,25 @@ def _context(args: Any, page: WorklistPage | None, error: str | None) -> dict[st
         "order": order,
         "columns": COLUMNS,
         "sort_url": sort_url,
-        "first_url": "/?" + urlencode(base),
+        "first_url": request_root() + "/?" + urlencode(base),
         "next_url": (
-            "/?" + urlencode({**base, "cursor": page.next_cursor})
+            request_root() + "/?" + urlencode({**base, "cursor": page.next_cursor})
             if page and page.next_cursor
             else None
         ),
-        "rows_url": "/worklist/rows?" + urlencode({**base, "cursor": args.get("cursor", "")}),
+        "rows_url": request_root()
+        + "/worklist/rows?"
+        + urlencode({**base, "cursor": args.get("cursor", "")}),
         "modalities": MODALITIES,
         "ai_states": AI_STATE_LABELS,
     }
 
 
-def register(blueprint: Blueprint, settings: Settings, archive: Archive) -> None:
+def register(blueprint: Blueprint, settings: Settings) -> None:
     def _page() -> tuple[WorklistPage | None, str | None]:
-        service = "worklist" if request.endpoint == "web.worklist" else "worklist refresh"
+        archive = request_archive()
+        endpoint = request.endpoint or ""
+        service = "worklist refresh" if endpoint.endswith("worklist_rows") else "worklist"
         try:
             wanted = worklist_request(request.args, settings)
         except InvalidQuery as error:
@@ -148,6 +153,7 @@ def register(blueprint: Blueprint, settings: Settings, archive: Archive) -> None
             return None, str(error)
 
     @blueprint.get("/")
+    @requires(Action.QUERY)
     def worklist() -> Any:
         page, error = _page()
         return render_template("worklist.html", **_context(request.args, page, error)), (
@@ -155,6 +161,7 @@ def register(blueprint: Blueprint, settings: Settings, archive: Archive) -> None
         )
 
     @blueprint.get("/worklist/rows")
+    @requires(Action.QUERY)
     def worklist_rows() -> Any:
         page, error = _page()
         return render_template("worklist_rows.html", **_context(request.args, page, error)), (

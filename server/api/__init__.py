@@ -1,22 +1,34 @@
 """The JSON API beside DICOMweb (``/api``): what Hilum itself knows that DICOM has no word for,
-such as the AI jobs of a study."""
+such as the AI jobs of a study, scoped to the partition of its root like DICOMweb, and the
+administration of partitions, AE permissions and C-MOVE destinations (``/api/admin``, of the
+whole installation)."""
 
 from __future__ import annotations
 
 from flask import Flask
 
 from config import Settings
+from server.api.admin import admin_blueprint
 from server.api.audit import audit_blueprint
 from server.api.jobs import jobs_blueprint
-from storage.archive import Archive
+from server.api.research import research_blueprint
 
 
-def register_api(app: Flask, settings: Settings, archive: Archive) -> None:
+def register_api(app: Flask, settings: Settings) -> None:
+    """At ``/api`` (the default partition) and ``/partitions/{name}/api``; ``/api/admin`` once."""
     from server.dicomweb import no_sniffing
+    from server.partitions import PARTITION_ROOT
 
-    jobs = jobs_blueprint(settings, archive)
-    jobs.after_request(no_sniffing)
-    app.register_blueprint(jobs, url_prefix="/api")
-    audit = audit_blueprint(archive)
+    for blueprint in (jobs_blueprint(settings), research_blueprint()):
+        blueprint.after_request(no_sniffing)
+        app.register_blueprint(blueprint, url_prefix="/api")
+        app.register_blueprint(
+            blueprint, url_prefix=PARTITION_ROOT + "/api", name=f"partition_{blueprint.name}"
+        )
+    admin = admin_blueprint(settings, app.extensions["hilum.archive"])
+    admin.after_request(no_sniffing)
+    app.register_blueprint(admin, url_prefix="/api/admin")
+    # The audit trail is the whole archive's (every partition's), for administrators: /api only.
+    audit = audit_blueprint(app.extensions["hilum.archive"])
     audit.after_request(no_sniffing)
     app.register_blueprint(audit, url_prefix="/api")

@@ -33,25 +33,32 @@ from config import Settings
 from inference.catalog import ModelCatalog
 from inference.errors import ModelError
 from inference.stability import queue_model_by_hand
-from storage.archive import Archive
+from server.access import Action, requires
+from server.partitions import request_archive
 from storage.dicom_file import is_valid_uid
 from storage.errors import InvalidQuery
 from storage.jobs import JobQueue
 from storage.reviews import Decision, reviews_for_study, search_reviews
 
 
-def jobs_blueprint(settings: Settings, archive: Archive) -> Blueprint:
+def _queue(settings: Settings) -> JobQueue:
+    """The jobs of the request's partition."""
+    return JobQueue(request_archive(), settings.inference)
+
+
+def jobs_blueprint(settings: Settings) -> Blueprint:
     blueprint = Blueprint("jobs", __name__)
-    queue = JobQueue(archive, settings.inference)
     catalog = ModelCatalog(settings.inference.models_dirs)
 
     @blueprint.get("/studies/<study_instance_uid>/jobs")
+    @requires(Action.JOBS)
     def list_study_jobs(study_instance_uid: str) -> Any:
         if not is_valid_uid(study_instance_uid):
             raise InvalidQuery(f"{study_instance_uid[:80]!r} is not a Study Instance UID")
-        return jsonify([job.as_json() for job in queue.for_study(study_instance_uid)])
+        return jsonify([job.as_json() for job in _queue(settings).for_study(study_instance_uid)])
 
     @blueprint.get("/jobs")
+    @requires(Action.JOBS)
     def search_jobs() -> Any:
         args = request.args
         try:
@@ -59,7 +66,7 @@ def jobs_blueprint(settings: Settings, archive: Archive) -> Blueprint:
             before = int(args["before"]) if args.get("before") else None
         except ValueError:
             raise InvalidQuery("limit and before must be integers") from None
-        jobs = queue.search(
+        jobs = _queue(settings).search(
             state=args.get("state") or None,
             model=args.get("model") or None,
             study_instance_uid=args.get("study") or None,
@@ -70,25 +77,28 @@ def jobs_blueprint(settings: Settings, archive: Archive) -> Blueprint:
         return jsonify([job.as_json() for job in jobs])
 
     @blueprint.post("/studies/<study_instance_uid>/jobs")
+    @requires(Action.JOBS)
     def run_model_on_study(study_instance_uid: str) -> Any:
         body = request.get_json(silent=True) or {}
         try:
             model = catalog.get(str(body.get("model", "")))
         except ModelError as error:
             raise InvalidQuery(str(error)) from None
-        jobs = queue_model_by_hand(archive, settings, model, study_instance_uid)
+        jobs = queue_model_by_hand(request_archive(), settings, model, study_instance_uid)
         return jsonify([job.as_json() for job in jobs]), 202
 
     @blueprint.get("/studies/<study_instance_uid>/findings")
+    @requires(Action.QUERY)
     def list_study_findings(study_instance_uid: str) -> Any:
         return jsonify(
             [
                 {**finding.as_json(), "job": job.id, "model": job.as_json()["model"]}
-                for job, finding in queue.findings_of_study(study_instance_uid)
+                for job, finding in _queue(settings).findings_of_study(study_instance_uid)
             ]
         )
 
     @blueprint.get("/reviews")
+    @requires(Action.QUERY)
     def search_all_reviews() -> Any:
         args = request.args
         try:
@@ -101,7 +111,7 @@ def jobs_blueprint(settings: Settings, archive: Archive) -> Blueprint:
         if since is not None and since.tzinfo is None:
             since = since.replace(tzinfo=UTC)
         found = search_reviews(
-            archive,
+            request_archive(),
             decision=decision,
             model=args.get("model") or None,
             since=since,
@@ -111,15 +121,20 @@ def jobs_blueprint(settings: Settings, archive: Archive) -> Blueprint:
         return jsonify([{"id": row_id, **review.as_json()} for row_id, review in found])
 
     @blueprint.get("/studies/<study_instance_uid>/reviews")
+    @requires(Action.QUERY)
     def list_study_reviews(study_instance_uid: str) -> Any:
-        return jsonify([r.as_json() for r in reviews_for_study(archive, study_instance_uid)])
+        return jsonify(
+            [r.as_json() for r in reviews_for_study(request_archive(), study_instance_uid)]
+        )
 
     @blueprint.get("/jobs/<int:job_id>")
+    @requires(Action.JOBS)
     def retrieve_job(job_id: int) -> Any:
-        return jsonify(queue.get(job_id).as_json())
+        return jsonify(_queue(settings).get(job_id).as_json())
 
     @blueprint.post("/jobs/<int:job_id>/rerun")
+    @requires(Action.JOBS)
     def rerun_job(job_id: int) -> Any:
-        return jsonify(queue.rerun(job_id).as_json()), 202
+        return jsonify(_queue(settings).rerun(job_id).as_json()), 202
 
     return blueprint

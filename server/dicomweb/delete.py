@@ -9,7 +9,9 @@ from flask import Blueprint, Response, g, request
 from werkzeug.exceptions import Forbidden
 
 from config import Settings
+from server.access import Action, requires
 from server.context import http_context
+from server.partitions import request_archive
 from storage.archive import Archive
 from storage.audit import AuditEvent, refusal_entry
 from storage.delete import Deletion, delete_instance, delete_series, delete_study
@@ -19,8 +21,10 @@ log = logging.getLogger(__name__)
 
 
 class DeleteTransaction:
-    def __init__(self, archive: Archive) -> None:
-        self.archive = archive
+    @property
+    def archive(self) -> Archive:
+        """The request's archive, scoped to its partition (``server.partitions``)."""
+        return request_archive()
 
     def _done(self, deletion: Deletion, what: str) -> Response:
         log.info(
@@ -39,6 +43,7 @@ class DeleteTransaction:
         )
         self.archive.record_refusal(http_context(), entry)
 
+    @requires(Action.DELETE)
     def delete_study(self, study: str) -> Response:
         try:
             deletion = delete_study(self.archive, study, requestor=http_context())
@@ -47,6 +52,7 @@ class DeleteTransaction:
             raise
         return self._done(deletion, f"study {study}")
 
+    @requires(Action.DELETE)
     def delete_series(self, study: str, series: str) -> Response:
         try:
             deletion = delete_series(self.archive, study, series, requestor=http_context())
@@ -55,6 +61,7 @@ class DeleteTransaction:
             raise
         return self._done(deletion, f"series {series}")
 
+    @requires(Action.DELETE)
     def delete_instance(self, study: str, series: str, instance: str) -> Response:
         try:
             deletion = delete_instance(
@@ -66,13 +73,13 @@ class DeleteTransaction:
         return self._done(deletion, f"instance {instance}")
 
 
-def blueprint(archive: Archive, settings: Settings) -> Blueprint:
-    transaction = DeleteTransaction(archive)
+def blueprint(settings: Settings) -> Blueprint:
+    transaction = DeleteTransaction()
     bp = Blueprint("delete", __name__)
 
     @bp.before_request
     def _allowed() -> None:
-        # Nothing authenticates DICOMweb clients: deleting is off unless the operator opts in.
+        # Deleting is off unless the operator opts in (and then needs the delete permission).
         if not settings.http.allow_delete:
             raise Forbidden(
                 "DELETE is disabled on this server; set [http] allow_delete = true "

@@ -13,10 +13,12 @@ from flask import Blueprint, Response, request, stream_with_context
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 
 from config import Settings
+from server.access import Action, requires
 from server.context import http_context
 from server.dicomweb import urls
 from server.dicomweb.media_types import DICOM_JSON
 from server.dicomweb.statuses import warning_text
+from server.partitions import request_archive
 from storage.archive import Archive
 from storage.audit import AuditEvent, query_entry, refusal_entry
 from storage.errors import InvalidQuery, StorageError
@@ -183,9 +185,13 @@ def _json_array(items: Iterator[dict[str, Any]]) -> Iterator[bytes]:
 class SearchTransaction:
     """PS3.18 10.6: the search resources, one method per target resource."""
 
-    def __init__(self, archive: Archive, settings: Settings) -> None:
-        self.archive = archive
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
+
+    @property
+    def archive(self) -> Archive:
+        """The request's archive, scoped to its partition (``server.partitions``)."""
+        return request_archive()
 
     def _search(self, level: QueryLevel, path_keys: dict[str, str]) -> Response:
         context = http_context()
@@ -212,12 +218,15 @@ class SearchTransaction:
             response.headers.add("Warning", f'299 hilum "{warning_text(text)}"')
         return response
 
+    @requires(Action.QUERY)
     def search_for_studies(self) -> Response:
         return self._search(QueryLevel.STUDY, {})
 
+    @requires(Action.QUERY)
     def search_for_series(self, study: str | None = None) -> Response:
         return self._search(QueryLevel.SERIES, {"StudyInstanceUID": study} if study else {})
 
+    @requires(Action.QUERY)
     def search_for_instances(self, study: str | None = None, series: str | None = None) -> Response:
         keys = {"StudyInstanceUID": study} if study else {}
         if series:
@@ -225,8 +234,8 @@ class SearchTransaction:
         return self._search(QueryLevel.IMAGE, keys)
 
 
-def blueprint(archive: Archive, settings: Settings) -> Blueprint:
-    qido = SearchTransaction(archive, settings)
+def blueprint(settings: Settings) -> Blueprint:
+    qido = SearchTransaction(settings)
     bp = Blueprint("qido", __name__)
     bp.add_url_rule("/studies", view_func=qido.search_for_studies, methods=["GET"])
     bp.add_url_rule("/series", view_func=qido.search_for_series, methods=["GET"])

@@ -13,6 +13,7 @@ from flask import Blueprint, Response, request
 from PIL import Image
 
 from config import Settings
+from server.access import Action, requires
 from server.dicomweb.frames import (
     FrameReader,
     check_decodable,
@@ -23,6 +24,7 @@ from server.dicomweb.frames import (
 from server.dicomweb.media_types import NotAcceptable, matches, parse_accept
 from server.dicomweb.spool import Spool
 from server.dicomweb.wado import located, one_instance
+from server.partitions import request_archive
 from storage.archive import Archive
 from storage.errors import InvalidQuery
 from storage.query import StoredInstance
@@ -140,9 +142,17 @@ def rendered_media_type() -> str:
 
 
 class RenderedTransaction:
-    def __init__(self, archive: Archive, settings: Settings) -> None:
-        self.archive = archive
-        self.frames = FrameReader(archive, Spool(settings.server.data_dir))
+    def __init__(self, settings: Settings) -> None:
+        self.spool = Spool(settings.server.data_dir)
+
+    @property
+    def archive(self) -> Archive:
+        """The request's archive, scoped to its partition (``server.partitions``)."""
+        return request_archive()
+
+    @property
+    def frames(self) -> FrameReader:
+        return FrameReader(self.archive, self.spool)
 
     def render_frame(
         self, instance: StoredInstance, frame: int, params: RenderingParameters, media_type: str
@@ -175,26 +185,33 @@ class RenderedTransaction:
         middle = rows[len(rows) // 2]  # located() raised NotFound when there is none
         return self._instance(study, middle.series_instance_uid, middle.sop_instance_uid)
 
+    @requires(Action.RETRIEVE)
     def retrieve_instance_rendered(self, study: str, series: str, instance: str) -> Response:
         return self._render(self._instance(study, series, instance), 1)
 
+    @requires(Action.RETRIEVE)
     def retrieve_frames_rendered(
         self, study: str, series: str, instance: str, frames: str
     ) -> Response:
         return self._render(self._instance(study, series, instance), _first_frame(frames))
 
+    @requires(Action.RETRIEVE)
     def retrieve_series_rendered(self, study: str, series: str) -> Response:
         return self._render(self._representative(study, series), 1)
 
+    @requires(Action.RETRIEVE)
     def retrieve_study_thumbnail(self, study: str) -> Response:
         return self._render(self._representative(study), 1, THUMBNAIL_VIEWPORT)
 
+    @requires(Action.RETRIEVE)
     def retrieve_series_thumbnail(self, study: str, series: str) -> Response:
         return self._render(self._representative(study, series), 1, THUMBNAIL_VIEWPORT)
 
+    @requires(Action.RETRIEVE)
     def retrieve_instance_thumbnail(self, study: str, series: str, instance: str) -> Response:
         return self._render(self._instance(study, series, instance), 1, THUMBNAIL_VIEWPORT)
 
+    @requires(Action.RETRIEVE)
     def retrieve_frames_thumbnail(
         self, study: str, series: str, instance: str, frames: str
     ) -> Response:
@@ -210,8 +227,8 @@ def _first_frame(frames: str) -> int:
         raise InvalidQuery(str(error)) from None
 
 
-def blueprint(archive: Archive, settings: Settings) -> Blueprint:
-    rendered = RenderedTransaction(archive, settings)
+def blueprint(settings: Settings) -> Blueprint:
+    rendered = RenderedTransaction(settings)
     bp = Blueprint("rendered", __name__)
     series = "/studies/<study>/series/<series>"
     instance = f"{series}/instances/<instance>"

@@ -6,6 +6,7 @@ from __future__ import annotations
 from storage.errors import (
     Conflict,
     InstanceTooLarge,
+    InvalidArgument,
     InvalidInstance,
     InvalidQuery,
     NotFound,
@@ -18,6 +19,7 @@ from storage.errors import (
 STORAGE_ERROR_HTTP_STATUS: dict[type[StorageError], int] = {
     NotFound: 404,
     InvalidQuery: 400,
+    InvalidArgument: 400,  # the admin API: a bad partition name, AE title, network
     InvalidInstance: 400,
     InstanceTooLarge: 413,
     SOPClassMismatch: 400,

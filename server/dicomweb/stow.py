@@ -18,6 +18,7 @@ from werkzeug.exceptions import RequestEntityTooLarge, UnsupportedMediaType
 from werkzeug.http import parse_options_header
 
 from config import Settings
+from server.access import Action, requires
 from server.context import http_context
 from server.dicomweb import urls
 from server.dicomweb.media_types import DICOM, DICOM_JSON
@@ -30,6 +31,7 @@ from server.dicomweb.statuses import (
     failure_reason_for,
     warning_text,
 )
+from server.partitions import request_archive
 from storage.archive import Archive
 from storage.dicom_file import read_instance_header
 from storage.errors import InvalidInstance, StorageError
@@ -61,11 +63,15 @@ class _LimitedStream:
 
 
 class StoreTransaction:
-    def __init__(self, archive: Archive, settings: Settings) -> None:
-        self.archive = archive
+    def __init__(self, settings: Settings) -> None:
         self.max_bytes = settings.http.stow_max_bytes
         self.tmp_dir = (settings.server.data_dir / "tmp").resolve()
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def archive(self) -> Archive:
+        """The request's archive, scoped to its partition (``server.partitions``)."""
+        return request_archive()
 
     def _boundary(self) -> str:
         # PS3.18 10.5.1.1: multipart/related; type="application/dicom" is the only form
@@ -82,6 +88,7 @@ class StoreTransaction:
             raise MultipartError("the Content-Type has no boundary parameter")
         return check_boundary(options["boundary"])
 
+    @requires(Action.STORE)
     def store_instances(self, study: str | None = None) -> Response:
         boundary = self._boundary()
         if request.content_length is not None and request.content_length > self.max_bytes:
@@ -268,8 +275,8 @@ def _failed(sop_class: str, sop_instance: str, reason: int) -> dict[str, Any]:
     return item.to_json_dict()
 
 
-def blueprint(archive: Archive, settings: Settings) -> Blueprint:
-    stow = StoreTransaction(archive, settings)
+def blueprint(settings: Settings) -> Blueprint:
+    stow = StoreTransaction(settings)
     bp = Blueprint("stow", __name__)
     bp.add_url_rule("/studies", view_func=stow.store_instances, methods=["POST"])
     bp.add_url_rule("/studies/<study>", view_func=stow.store_instances, methods=["POST"])

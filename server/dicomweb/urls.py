@@ -6,6 +6,7 @@ from typing import Any
 
 from flask import request
 
+from server.partitions import request_root
 from storage.dicom_file import is_valid_uid
 from storage.errors import InvalidQuery
 
@@ -33,8 +34,9 @@ def check_path_uids(_endpoint: str | None, values: dict[str, Any] | None) -> Non
 
 
 def root() -> str:
-    """The service root as the client reached it, e.g. ``http://host:8042/dicomweb``."""
-    return request.url_root.rstrip("/") + PREFIX
+    """The service root as the client reached it, e.g. ``http://host:8042/dicomweb``, or
+    ``http://host:8042/partitions/{name}/dicomweb`` in another partition."""
+    return request.url_root.rstrip("/") + request_root() + PREFIX
 
 
 def study_url(study: str) -> str:

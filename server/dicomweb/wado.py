@@ -18,6 +18,7 @@ import pydicom
 from flask import Blueprint, Response, request, stream_with_context
 
 from config import Settings
+from server.access import Action, requires
 from server.context import http_context
 from server.dicomweb import urls
 from server.dicomweb.frames import FrameReader, check_frames, parse_frame_list
@@ -33,6 +34,7 @@ from server.dicomweb.media_types import (
 )
 from server.dicomweb.multipart import OutgoingPart, new_boundary, write_parts
 from server.dicomweb.spool import Spool
+from server.partitions import request_archive
 from server.transcoding import TranscodingRefused, check_size, transcode
 from storage.archive import Archive
 from storage.audit import AuditEvent, refusal_entry, retrieve_entries
@@ -145,11 +147,18 @@ def absolute_bulk_data_uris(elements: dict[str, Any], base: str, path: str = "")
 class RetrieveTransaction:
     """PS3.18 10.4: one method per target resource."""
 
-    def __init__(self, archive: Archive, settings: Settings) -> None:
-        self.archive = archive
+    def __init__(self, settings: Settings) -> None:
         self.spool = Spool(settings.server.data_dir)
-        self.frames = FrameReader(archive, self.spool)
         self.transcode_max_bytes = settings.server.transcode_max_bytes
+
+    @property
+    def archive(self) -> Archive:
+        """The request's archive, scoped to its partition (``server.partitions``)."""
+        return request_archive()
+
+    @property
+    def frames(self) -> FrameReader:
+        return FrameReader(self.archive, self.spool)
 
     # -- instances ----------------------------------------------------------------------------
 
@@ -229,12 +238,15 @@ class RetrieveTransaction:
                 raise NotAcceptable(f"instance {instance.sop_instance_uid}: {refused}") from refused
             return out.getvalue()
 
+    @requires(Action.RETRIEVE)
     def retrieve_study(self, study: str) -> Response:
         return self._instances(located(self.archive, study))
 
+    @requires(Action.RETRIEVE)
     def retrieve_series(self, study: str, series: str) -> Response:
         return self._instances(located(self.archive, study, series))
 
+    @requires(Action.RETRIEVE)
     def retrieve_instance(self, study: str, series: str, instance: str) -> Response:
         return self._instances(located(self.archive, study, series, instance))
 
@@ -256,12 +268,15 @@ class RetrieveTransaction:
 
         return Response(stream_with_context(body()), content_type=DICOM_JSON)
 
+    @requires(Action.RETRIEVE)
     def retrieve_study_metadata(self, study: str) -> Response:
         return self._metadata(located(self.archive, study, with_metadata=True))
 
+    @requires(Action.RETRIEVE)
     def retrieve_series_metadata(self, study: str, series: str) -> Response:
         return self._metadata(located(self.archive, study, series, with_metadata=True))
 
+    @requires(Action.RETRIEVE)
     def retrieve_instance_metadata(self, study: str, series: str, instance: str) -> Response:
         return self._metadata(located(self.archive, study, series, instance, with_metadata=True))
 
@@ -284,6 +299,7 @@ class RetrieveTransaction:
         )
         return multipart_response(parts, representation.media_type)
 
+    @requires(Action.RETRIEVE)
     def retrieve_frames(self, study: str, series: str, instance: str, frames: str) -> Response:
         try:
             numbers = parse_frame_list(frames)
@@ -292,6 +308,7 @@ class RetrieveTransaction:
         stored = one_instance(self.archive, study, series, instance, with_frame_ranges=True)
         return self._frames_response(stored, numbers)
 
+    @requires(Action.RETRIEVE)
     def retrieve_bulkdata(self, study: str, series: str, instance: str, path: str) -> Response:
         stored = one_instance(self.archive, study, series, instance, with_frame_ranges=True)
         steps = path.split("/")
@@ -323,8 +340,8 @@ def _element_value(dataset: pydicom.Dataset, steps: list[str]) -> bytes:
     raise NotFound(f"the element at {'/'.join(steps)[:120]} is not bulk data")
 
 
-def blueprint(archive: Archive, settings: Settings) -> Blueprint:
-    wado = RetrieveTransaction(archive, settings)
+def blueprint(settings: Settings) -> Blueprint:
+    wado = RetrieveTransaction(settings)
     bp = Blueprint("wado", __name__)
     instance = "/studies/<study>/series/<series>/instances/<instance>"
     rules = {

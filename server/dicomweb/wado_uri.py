@@ -9,10 +9,12 @@ from flask import Blueprint, Response, request
 from pydicom.uid import ExplicitVRLittleEndian
 
 from config import Settings
+from server.access import Action, requires
 from server.dicomweb.media_types import DICOM, NotAcceptable, can_transcode
 from server.dicomweb.rendering import RENDERED_TYPES, RenderedTransaction, RenderingParameters
 from server.dicomweb.urls import check_uid
 from server.dicomweb.wado import RetrieveTransaction, one_instance
+from server.partitions import request_archive
 from storage.archive import Archive
 from storage.errors import InvalidQuery
 from storage.query import StoredInstance
@@ -43,11 +45,16 @@ def _positive(name: str) -> int | None:
 
 
 class WadoUri:
-    def __init__(self, archive: Archive, settings: Settings) -> None:
-        self.archive = archive
-        self.retrieve = RetrieveTransaction(archive, settings)
-        self.rendered = RenderedTransaction(archive, settings)
+    def __init__(self, settings: Settings) -> None:
+        self.retrieve = RetrieveTransaction(settings)
+        self.rendered = RenderedTransaction(settings)
 
+    @property
+    def archive(self) -> Archive:
+        """The request's archive, scoped to its partition (``server.partitions``)."""
+        return request_archive()
+
+    @requires(Action.RETRIEVE)
     def retrieve_object(self) -> Response:
         if request.args.get("requestType") != "WADO":
             raise InvalidQuery("requestType must be WADO (PS3.18 9.1.2.1.1)")
@@ -98,8 +105,8 @@ class WadoUri:
         return self.rendered.render_frame(stored, frame, params, media_type)
 
 
-def blueprint(archive: Archive, settings: Settings) -> Blueprint:
-    wado_uri = WadoUri(archive, settings)
+def blueprint(settings: Settings) -> Blueprint:
+    wado_uri = WadoUri(settings)
     bp = Blueprint("wado_uri", __name__)
     bp.add_url_rule("/wado", view_func=wado_uri.retrieve_object, methods=["GET"])
     return bp

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import logging
 import socket
 import ssl
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -28,6 +30,8 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from config import Settings
 from config.settings import ConfigError
+from server.access import Action
+from server.context import Principal, RequestContext
 from server.dimse.association import (
     Association,
     BufferSink,
@@ -42,11 +46,12 @@ from server.dimse.c_get import handle_c_get
 from server.dimse.c_move import handle_c_move
 from server.dimse.c_store import ReceivedDataSet, handle_c_store
 from server.dimse.commands import Command, CommandField
-from server.dimse.identifier import INFORMATION_MODEL
+from server.dimse.identifier import FIND_SOP_CLASSES, INFORMATION_MODEL
 from server.dimse.negotiation import (
     CALLED_AE_NOT_RECOGNIZED,
     CALLING_AE_NOT_RECOGNIZED,
     LOCAL_LIMIT_EXCEEDED,
+    NO_REASON_TRANSIENT,
     AssociationRequest,
     Rejection,
     accept,
@@ -63,11 +68,13 @@ from server.dimse.pdu import (
     ProtocolError,
     abort,
 )
-from server.dimse.statuses import UNRECOGNIZED_OPERATION
+from server.dimse.statuses import NOT_AUTHORIZED, UNRECOGNIZED_OPERATION, error_comment
 from server.dimse.tls import server_context
+from storage.ae_permissions import AssociationPolicy, any_ae_permissions, association_policy
 from storage.archive import Archive
 from storage.errors import StorageError
 from storage.group_commit import GroupCommit
+from storage.settings_seed import seed_from_settings
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +93,19 @@ ASSOCIATION_REQUEST_TIMEOUT_S = 30.0
 # Connections beyond max_associations still read (to be rejected politely); past this many
 # more they are closed unread.
 EXTRA_CONNECTIONS_TO_REJECT = 16
+# (calling, called) pairs whose last policy is kept for an index outage; emptied when full.
+LAST_POLICIES_KEPT = 4096
 
 Handler = Callable[[Association, Message], None]
+# The action each request needs (server.access); C-ECHO needs none.
+REQUIRED_ACTION: dict[int, Action] = {
+    CommandField.C_STORE_RQ: Action.STORE,
+    CommandField.C_FIND_RQ: Action.QUERY,
+    CommandField.C_MOVE_RQ: Action.RETRIEVE,
+    CommandField.C_GET_RQ: Action.RETRIEVE,
+}
+DIMSE_ACTIONS_ORDER = (Action.STORE, Action.QUERY, Action.RETRIEVE)
+DIMSE_ACTIONS = frozenset(DIMSE_ACTIONS_ORDER)
 
 
 class DimseObserver(Protocol):
@@ -124,29 +142,56 @@ class NoObserver:
         pass
 
 
-def supported_contexts() -> list[PresentationContext]:
-    contexts = [
+def supported_contexts(actions: frozenset[Action] = DIMSE_ACTIONS) -> list[PresentationContext]:
+    """The contexts an association allowed ``actions`` may have accepted: the others are
+    rejected at negotiation (PS3.8 Table 9-18: abstract syntax not supported)."""
+    contexts = []
+    if actions & {Action.STORE, Action.RETRIEVE}:
         # PS3.4 C.4.3 / PS3.7 D.3.3.4: a C-GET SCU proposes the storage contexts with SCP/SCU
         # Role Selection so that Hilum sends the instances back over the same association.
-        # Accepting either role keeps plain C-STORE (no role item) working as before.
-        supported_context(sop_class, TRANSFER_SYNTAXES, scu_role=True)
-        for sop_class in STORAGE_SOP_CLASSES
-    ]
+        # Accepting either role keeps plain C-STORE (no role item) working as before; a
+        # C-STORE from an AE that may retrieve but not store is refused with 0x0124.
+        contexts += [
+            supported_context(sop_class, TRANSFER_SYNTAXES, scu_role=True)
+            for sop_class in STORAGE_SOP_CLASSES
+        ]
     contexts.append(supported_context(Verification, VERIFICATION_SYNTAXES))
     # Query/Retrieve: Patient Root and Study Root, FIND, MOVE and GET (PS3.4 C.6.1, C.6.2).
-    contexts += [supported_context(uid, VERIFICATION_SYNTAXES) for uid in INFORMATION_MODEL]
+    for uid in INFORMATION_MODEL:
+        if (Action.QUERY if uid in FIND_SOP_CLASSES else Action.RETRIEVE) in actions:
+            contexts.append(supported_context(uid, VERIFICATION_SYNTAXES))
     return contexts
 
 
-def check_association_policy(settings: Settings) -> None:
-    dimse = settings.dimse
-    open_to_any = not (dimse.allowed_calling_ae_titles or settings.server.is_loopback)
-    if open_to_any and not dimse.accept_any_calling_ae:
+def check_association_policy(settings: Settings, archive: Archive) -> None:
+    """Refuse to serve the network to any calling AE unless the settings say so."""
+    if not open_to_any_calling_ae(settings) and not any_ae_permissions(archive.index):
         raise ConfigError(
             f"[server] host = {settings.server.host!r} is reachable from the network, but "
-            "no calling AE titles are allowed: set [dimse] allowed_calling_ae_titles = "
-            "[...], or accept_any_calling_ae = true to accept any modality"
+            "no calling AE titles are allowed: add AE permissions (`hilum ae add`, or [dimse] "
+            "allowed_calling_ae_titles = [...] / [[dimse.ae_permissions]] on first start), "
+            "or set accept_any_calling_ae = true to accept any modality"
         )
+
+
+def open_to_any_calling_ae(settings: Settings) -> bool:
+    """Whether, with no AE permission stored, any calling AE may associate."""
+    return settings.server.is_loopback or settings.dimse.accept_any_calling_ae
+
+
+@dataclass(frozen=True)
+class Admission:
+    """An association request accepted by the policy: its partition and what it may do."""
+
+    partition: str
+    actions: frozenset[Action]
+
+
+class DiscardedDataSet:
+    """Where the data set of a C-STORE that will be refused goes: nowhere."""
+
+    def write(self, chunk: memoryview) -> None:
+        pass
 
 
 class DimseServer:
@@ -155,22 +200,49 @@ class DimseServer:
     def __init__(
         self, settings: Settings, archive: Archive, observer: DimseObserver | None = None
     ) -> None:
-        check_association_policy(settings)
+        # [[dimse.ae_permissions]] and [[dimse.peers]] seed the index on first start.
+        seed_from_settings(archive.index, settings.dimse)
+        check_association_policy(settings, archive)
         self.settings = settings
         self.archive = archive
         self.observer: DimseObserver = observer or NoObserver()
         self.tmp_dir = (settings.server.data_dir / "tmp").resolve()
-        self._contexts = supported_contexts()
-        self.ingest = GroupCommit(archive)
+        # What an association may do decides which contexts it may have: one list per case.
+        self._contexts = {
+            actions: supported_contexts(actions)
+            for actions in (
+                frozenset(a for a, on in zip(DIMSE_ACTIONS_ORDER, bits, strict=True) if on)
+                for bits in itertools.product((False, True), repeat=len(DIMSE_ACTIONS_ORDER))
+            )
+        }
+        # One group commit per partition: a group's files go into one partition.
+        self._ingest: dict[str, GroupCommit] = {}
+        # The last policy read for each (calling, called) pair: used while the index is down.
+        self._last_policies: dict[tuple[str, str], AssociationPolicy] = {}
         self._listener: socket.socket | None = None
         self._tls_listener: socket.socket | None = None
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._connections: set[PduSocket] = set()
         self._associations = 0
-        self._handlers: dict[int, Handler] = {
+
+    def ingest_for(self, partition: str) -> GroupCommit:
+        """The group commit storing into ``partition``."""
+        with self._lock:
+            ingest = self._ingest.get(partition)
+            if ingest is None:
+                ingest = self._ingest[partition] = GroupCommit(self.archive.scoped(partition))
+            return ingest
+
+    def _handlers_for(self, assoc: Association) -> dict[int, Handler]:
+        """The handlers of one association, each working on its partition only."""
+        archive = self.archive.scoped(assoc.context.partition)
+        settings = self.settings
+        return {
             CommandField.C_ECHO_RQ: handle_c_echo,
-            CommandField.C_STORE_RQ: functools.partial(handle_c_store, ingest=self.ingest),
+            CommandField.C_STORE_RQ: functools.partial(
+                handle_c_store, ingest=self.ingest_for(assoc.context.partition)
+            ),
             CommandField.C_FIND_RQ: functools.partial(
                 handle_c_find, archive=archive, settings=settings
             ),
@@ -278,8 +350,9 @@ class DimseServer:
             with self._lock:
                 admitted = self._associations < self.settings.dimse.max_associations
                 self._associations += admitted
-            rejection = self._rejection(request, admitted)
-            if rejection is not None:
+            decision = self._association_policy(request, peer.rpartition(":")[0], admitted)
+            if isinstance(decision, Rejection):
+                rejection = decision
                 log.info(
                     "association from %s (%s -> %s) rejected: %s",
                     peer,
@@ -293,10 +366,20 @@ class DimseServer:
             assoc = accept(
                 wire,
                 request,
-                self._contexts,
+                self._contexts[decision.actions],
                 max_pdu_length=self.settings.dimse.max_pdu_length,
                 peer_address=peer,
             )
+            # The one place an association learns who it is, what it may do and where.
+            assoc.permitted = decision.actions
+            assoc.context = RequestContext(
+                Principal("ae", request.calling_ae_title,
+                          partitions=frozenset({decision.partition})),
+                peer.rpartition(":")[0],
+                "dimse",
+                partition=decision.partition,
+                request_id=assoc.name,
+            )  # fmt: skip
             self.observer.association_opened()
             self._serve(assoc)
             ending = "released"
@@ -329,6 +412,8 @@ class DimseServer:
         A.5.3.7: when the transfer has completed). Its Begin Transferring record was written
         with the study's first instance; if this one cannot be written the instances are
         stored and audited as begun, and the gap is logged for the administrator."""
+        if assoc.transfer is None:
+            return
         entries = assoc.transfer.completion_entries()
         if not entries:
             return
@@ -342,28 +427,81 @@ class DimseServer:
                 error,
             )
 
-    def _rejection(self, request: AssociationRequest, admitted: bool) -> Rejection | None:
+    def _association_policy(
+        self, request: AssociationRequest, address: str, admitted: bool
+    ) -> Admission | Rejection:
+        """Who may associate, in which partition, to do what (PS3.8 7.1.1.3, Table 9-21):
+        the Called AE Title selects the partition (``[dimse] ae_title``: default; a partition's
+        AE title: that partition; another: rejected when ``require_called_ae_title``, else
+        default); the calling AE's permission in it (and its networks) says what it may do.
+        With no AE permission stored at all, any calling AE may do everything, where
+        :func:`open_to_any_calling_ae`. One index read per association."""
         dimse = self.settings.dimse
-        allowed = dimse.allowed_calling_ae_titles
-        if allowed and request.calling_ae_title not in allowed:
-            return Rejection(
-                *CALLING_AE_NOT_RECOGNIZED, f"calling AE {request.calling_ae_title!r} not allowed"
-            )
-        if dimse.require_called_ae_title and request.called_ae_title != dimse.ae_title:
-            return Rejection(
-                *CALLED_AE_NOT_RECOGNIZED, f"called AE {request.called_ae_title!r} is not ours"
-            )
+        calling, called = request.calling_ae_title, request.called_ae_title
         if not admitted:
             return Rejection(
                 *LOCAL_LIMIT_EXCEEDED, f"{dimse.max_associations} associations already open"
             )
-        return None
+        try:
+            policy = association_policy(
+                self.archive.index,
+                calling,
+                called,
+                default_ae_title=dimse.ae_title,
+                unknown_called_is_default=not dimse.require_called_ae_title,
+            )
+            with self._lock:
+                if len(self._last_policies) >= LAST_POLICIES_KEPT:
+                    self._last_policies.clear()
+                self._last_policies[(calling, called)] = policy
+        except StorageError as error:
+            # The index is down: a peer admitted before is admitted as it was then, so that
+            # its C-STORE gets Out of Resources (0xA700: retry later) as without a policy;
+            # it can store or read nothing meanwhile. Any other peer: rejected, transient.
+            with self._lock:
+                last = self._last_policies.get((calling, called))
+            if last is None:
+                return Rejection(*NO_REASON_TRANSIENT, f"the index cannot be read: {error}")
+            log.warning("index unreadable (%s): %s -> %s as last admitted", error, calling, called)
+            policy = last
+        if policy.partition is None:
+            return Rejection(*CALLED_AE_NOT_RECOGNIZED, f"called AE {called!r} is not ours")
+        if not policy.restricted:
+            if open_to_any_calling_ae(self.settings):
+                return Admission(policy.partition, DIMSE_ACTIONS)
+            return Rejection(
+                *CALLING_AE_NOT_RECOGNIZED, f"calling AE {calling!r}: no AE permission stored"
+            )
+        permission = policy.permission
+        if permission is None:
+            return Rejection(
+                *CALLING_AE_NOT_RECOGNIZED,
+                f"calling AE {calling!r} has no permission in partition {policy.partition}",
+            )
+        if not permission.allows_address(address):
+            return Rejection(
+                *CALLING_AE_NOT_RECOGNIZED,
+                f"calling AE {calling!r} is not allowed from {address}",
+            )
+        actions = frozenset(
+            action
+            for action, on in (
+                (Action.STORE, permission.store),
+                (Action.QUERY, permission.query),
+                (Action.RETRIEVE, permission.retrieve),
+            )
+            if on
+        )
+        return Admission(policy.partition, actions)
 
     def _serve(self, assoc: Association) -> None:
         receiving: list[ReceivedDataSet] = []
+        handlers = self._handlers_for(assoc)
 
         def sink_for(command: Command, context: Context) -> DataSink:
             if command.field == CommandField.C_STORE_RQ:
+                if Action.STORE not in assoc.permitted:
+                    return DiscardedDataSet()  # refused with 0x0124 once it has arrived
                 received = ReceivedDataSet(
                     self.tmp_dir, command, context, self.archive.limits.instance_max_bytes
                 )
@@ -376,21 +514,25 @@ class DimseServer:
                 message = assoc.receive_message(sink_for)
                 if message is None:
                     return  # released
-                self._dispatch(assoc, message)
+                self._dispatch(assoc, message, handlers)
                 receiving.clear()  # C-STORE removed its file
         finally:
             for received in receiving:  # a data set cut short by an abort or a lost peer
                 received.remove()
 
-    def _dispatch(self, assoc: Association, message: Message) -> None:
+    def _dispatch(self, assoc: Association, message: Message, handlers: dict[int, Handler]) -> None:
         field = message.command.field
-        handler = self._handlers.get(field)
+        handler = handlers.get(field)
         if handler is not None:
             service = CommandField(field).name.removesuffix("_RQ").replace("_", "-")
             assoc.stats.services.add(service)
             started = time.monotonic()
             before = dict(assoc.stats.sub_operations)
-            handler(assoc, message)
+            needed = REQUIRED_ACTION.get(field)
+            if needed is not None and needed not in assoc.permitted:
+                _refuse_not_authorized(assoc, message, service)
+            else:
+                handler(assoc, message)
             status = assoc.last_status if assoc.last_status is not None else 0
             self.observer.dimse_request(service, status, time.monotonic() - started)
             for outcome, count in assoc.stats.sub_operations.items():
@@ -442,6 +584,32 @@ class DimseServer:
             removed = self.remove_stale_temporary_files(STALE_TEMPORARY_FILE_AGE_S)
             if removed:
                 log.info("removed %d data set(s) left by aborted associations", removed)
+
+
+def _refuse_not_authorized(assoc: Association, message: Message, service: str) -> None:
+    """0x0124 Refused: Not authorized (PS3.7 Annex C, the status codes common to every
+    service), for a request the calling AE may not make on a context it has (a C-STORE on the
+    storage contexts of an AE allowed C-GET only; a C-FIND sent on a C-MOVE context)."""
+    log.warning(
+        "[%s] %s from %s refused: not permitted in partition %s",
+        assoc.name,
+        service,
+        assoc.calling_ae_title,
+        assoc.context.partition,
+    )
+    if message.command.field == CommandField.C_STORE_RQ:
+        assoc.stats.refused += 1
+    values = {
+        "AffectedSOPClassUID": message.command.get("AffectedSOPClassUID")
+        or message.context.abstract_syntax,
+        "CommandField": message.command.field | 0x8000,
+        "MessageIDBeingRespondedTo": message.message_id,
+        "Status": NOT_AUTHORIZED,
+        "ErrorComment": error_comment(f"{service} not permitted for {assoc.calling_ae_title}"),
+    }
+    if message.command.field == CommandField.C_STORE_RQ:
+        values["AffectedSOPInstanceUID"] = message.command.get("AffectedSOPInstanceUID", "")
+    assoc.send_command(message.context, values)
 
 
 def handshake(sock: socket.socket, tls: ssl.SSLContext, timeout: float) -> ssl.SSLSocket:

@@ -23,6 +23,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID
 from pynetdicom.dsutils import decode, encode
 
+from server.access import Action
 from server.context import Principal, RequestContext
 from server.dimse.commands import (
     DATA_SET_PRESENT,
@@ -165,8 +166,13 @@ class Association:
         self.context = RequestContext(
             Principal("ae", calling_ae_title), peer_address, "dimse", request_id=self.name
         )
-        # The instances it sends, audited per study when their transfer begins and ends.
-        self.transfer = Transfer(self.context)
+        # The instances it sends, audited per study when their transfer begins and ends
+        # (made with the first C-STORE, once the association policy has set the context).
+        self.transfer: Transfer | None = None
+
+        # What the peer may ask of this side (the acceptor's association policy sets it):
+        # nothing until then.
+        self.permitted: frozenset[Action] = frozenset()
         self.started = time.monotonic()
         self.stats = AssociationStats()
         self.is_open = True

@@ -69,13 +69,16 @@ def handle_c_find(
         _refuse(assoc, message, error)
         return
 
+    # The matching keys at INFO, their values (names, IDs: patient data) at DEBUG only.
     log.info(
-        "[%s] C-FIND %s level %s: %s",
+        "[%s] C-FIND %s level %s in %s, keys %s",
         assoc.name,
         request.query.model.value,
         request.query.level.value,
-        dict(request.query.matching),
+        assoc.context.partition,
+        ",".join(sorted(key for key, value in request.query.matching.items() if value)) or "-",
     )
+    log.debug("[%s] C-FIND matching %s", assoc.name, dict(request.query.matching))
     responses = PendingResponses(
         assoc, message.context, message.message_id, request, settings.dimse.ae_title
     )

@@ -1,4 +1,5 @@
-"""C-MOVE SCP (PS3.4 C.4.2): send the matching instances to a known Move Destination.
+"""C-MOVE SCP (PS3.4 C.4.2): send the matching instances to a known Move Destination
+(stored in the index: ``hilum peers``, seeded from ``[[dimse.peers]]``).
 
 Hilum associates with the destination as Storage SCU (:mod:`server.dimse.negotiation`),
 proposing a context for each SOP class and stored transfer syntax of the plan, performs one
@@ -22,11 +23,13 @@ from server.dimse.retrieve import (
     perform_sub_operations,
     plan_retrieve,
 )
-from server.dimse.statuses import MOVE_DESTINATION_UNKNOWN
+from server.dimse.statuses import MOVE_DESTINATION_UNKNOWN, UNABLE_TO_CALCULATE_NUMBER_OF_MATCHES
 from server.dimse.storage_scu import proposed_contexts
 from server.dimse.tls import client_context
 from storage.archive import Archive
 from storage.audit import AuditEvent, refusal_entry
+from storage.errors import StorageError
+from storage.move_destinations import find_move_destination
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +39,14 @@ def handle_c_move(
 ) -> None:
     responses = RetrieveResponses(assoc, message, CommandField.C_MOVE_RSP)
     title = str(message.command.get("MoveDestination", ""))
-    destination = settings.dimse.peer(title)
+    try:
+        destination = find_move_destination(archive.index, title)
+    except StorageError as error:
+        # PS3.4 C.4.2.1.5: A701, the index cannot be read.
+        responses.refuse(UNABLE_TO_CALCULATE_NUMBER_OF_MATCHES, str(error))
+        return
     if destination is None:
-        # PS3.4 C.4.2.1.5: 0xA801, Move Destination unknown.
+        # PS3.4 C.4.2.1.5: 0xA801, Move Destination unknown (hilum peers).
         log.warning("[%s] C-MOVE to unknown destination %r", assoc.name, title)
         archive.record_refusal(
             assoc.context,
@@ -50,6 +58,11 @@ def handle_c_move(
             ),
         )
         responses.refuse(MOVE_DESTINATION_UNKNOWN, f"unknown Move Destination {title}")
+        return
+    dimse = settings.dimse
+    if destination.tls and not (dimse.tls_certificate and dimse.tls_private_key):
+        log.warning("[%s] C-MOVE to %s needs DICOM TLS, not configured", assoc.name, title)
+        responses.refuse(MOVE_DESTINATION_UNKNOWN, "TLS peer: no [dimse] tls_certificate")
         return
     try:
         plan = plan_retrieve(assoc, message, archive, "C-MOVE", move_destination=title)

@@ -21,6 +21,7 @@ from server.dimse.association import Association, Context, Message
 from server.dimse.commands import Command, CommandField
 from server.dimse.negotiation import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from server.dimse.statuses import OUT_OF_RESOURCES, SUCCESS, error_comment, status_for
+from storage.audit import Transfer
 from storage.errors import StorageError, StorageUnavailable
 from storage.group_commit import GroupCommit
 from storage.ingest import Origin, Received
@@ -148,6 +149,8 @@ def handle_c_store(assoc: Association, message: Message, ingest: GroupCommit) ->
         announced_sop_instance_uid=str(command.get("AffectedSOPInstanceUID", "")),
     )
     comment = ""
+    if assoc.transfer is None:
+        assoc.transfer = Transfer(assoc.context)
     try:
         received.close()
         if received.too_large:

@@ -42,6 +42,10 @@ INFORMATION_MODEL: dict[str, InformationModel] = {
     StudyRootQueryRetrieveInformationModelGet: InformationModel.STUDY_ROOT,
 }
 
+FIND_SOP_CLASSES = frozenset(
+    {PatientRootQueryRetrieveInformationModelFind, StudyRootQueryRetrieveInformationModelFind}
+)
+
 # PS3.4 C.6.1.1 / C.6.2.1: the levels of each information model, from the top.
 LEVELS: dict[InformationModel, tuple[QueryLevel, ...]] = {
     InformationModel.PATIENT_ROOT: (

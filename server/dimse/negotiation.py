@@ -62,6 +62,7 @@ class Rejection:
 CALLING_AE_NOT_RECOGNIZED = (1, 1, 3)
 CALLED_AE_NOT_RECOGNIZED = (1, 1, 7)
 NO_REASON = (1, 1, 1)
+NO_REASON_TRANSIENT = (2, 1, 1)  # the index could not be read: try again later
 LOCAL_LIMIT_EXCEEDED = (2, 3, 2)
 
 

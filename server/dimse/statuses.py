@@ -36,10 +36,12 @@ UNABLE_TO_PROCESS = 0xC000  # Failure: unexpected error while matching
 UNABLE_TO_CALCULATE_NUMBER_OF_MATCHES = 0xA701  # C-MOVE/C-GET: index unavailable
 # C-MOVE/C-GET: over 65535 instances.
 UNABLE_TO_PERFORM_SUB_OPERATIONS = 0xA702  # also when every sub-operation failed
-MOVE_DESTINATION_UNKNOWN = 0xA801  # not in [[dimse.peers]], or it refused the association
+MOVE_DESTINATION_UNKNOWN = 0xA801  # not stored (hilum peers), or it refused the association
 SUB_OPERATIONS_COMPLETE_WITH_FAILURES = 0xB000  # with the Failed SOP Instance UID List
 # PS3.7 C.4.2: a request of a service Hilum does not provide.
 UNRECOGNIZED_OPERATION = 0x0211
+# PS3.7 Annex C (general statuses): a request the calling AE's permission does not cover.
+NOT_AUTHORIZED = 0x0124
 
 FIND_ERROR_STATUS: dict[type[StorageError], int] = {
     StorageUnavailable: OUT_OF_RESOURCES,
@@ -96,6 +98,9 @@ C_STORE_STATUSES = (
               "the data set's SOP Class UID or SOP Instance UID differs from the request's "
               "Affected SOP Class UID or Affected SOP Instance UID (so a data set whose SOP "
               "Class is not a storage class, sent on a storage context, gets `0xA900`)"),
+    StatusUse(NOT_AUTHORIZED, "C-STORE", "Refused: Not authorized (PS3.7 Annex C)",
+              "the calling AE may retrieve (C-GET, for which its storage contexts are accepted) "
+              "but not store in this partition (`hilum ae`); the data set is discarded"),
     StatusUse(CANNOT_UNDERSTAND, "C-STORE", "Error: Cannot understand",
               "the data set cannot be parsed; a required UID is missing or invalid; the Pixel "
               "Data is truncated or malformed, or holds fewer bytes or fragments than its frames "
@@ -128,8 +133,9 @@ QUERY_RETRIEVE_STATUSES = (
               "every sub-operation failed (with the Failed SOP Instance UID List), or more "
               "than 65 535 instances to send"),
     StatusUse(MOVE_DESTINATION_UNKNOWN, "MOVE", "Refused: Move Destination unknown",
-              "not in `[[dimse.peers]]`, or the destination rejected the association or could "
-              "not be reached (the Error Comment says which)"),
+              "not stored (`hilum peers`, seeded from `[[dimse.peers]]`), or the destination "
+              "is marked `tls` without `[dimse] tls_certificate`, or it rejected the "
+              "association or could not be reached (the Error Comment says which)"),
     StatusUse(IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, "all",
               "Error: Identifier does not match SOP Class",
               "missing or unknown Query/Retrieve Level, PATIENT level in Study Root, an invalid "
@@ -139,6 +145,10 @@ QUERY_RETRIEVE_STATUSES = (
               "any sub-operation and before any association to a Move Destination"),
     StatusUse(UNABLE_TO_PROCESS, "FIND", "Error: Unable to process",
               "an unexpected internal error"),
+    StatusUse(NOT_AUTHORIZED, "FIND, MOVE, GET", "Refused: Not authorized (PS3.7 Annex C)",
+              "the calling AE's permission in this partition does not include the service "
+              "(`hilum ae`): a C-FIND sent on a C-MOVE context, or the like. Contexts of a "
+              "service the AE may not use are rejected at negotiation"),
     StatusUse(UNRECOGNIZED_OPERATION, "any other", "Unrecognized operation (PS3.7 C.4.2)",
               "a request of a DIMSE service Hilum does not provide (N-services, ...) on an "
               "accepted context"),

@@ -308,3 +308,105 @@ class AuditRecord(Base):
     detail: Mapped[str] = mapped_column(Text, default="")  # canonical JSON object
     previous_hash: Mapped[str] = mapped_column(String(64))
     hash: Mapped[str] = mapped_column(String(64))
+
+
+class PartitionAETitle(Base):
+    """A Called AE Title that selects a partition over DIMSE (migration 0007): an association
+    addressed to it works in that partition only. ``[dimse] ae_title`` is the default
+    partition's and is not stored; each title belongs to one partition."""
+
+    __tablename__ = "partition_ae_title"
+
+    ae_title: Mapped[str] = mapped_column(String(AE), primary_key=True)
+    partition: Mapped[str] = mapped_column(ForeignKey("partition.name"), index=True)
+
+
+class AEPermission(Base):
+    """What one calling AE title may do in one partition over DIMSE (migration 0007): store
+    (C-STORE), query (C-FIND), retrieve (C-MOVE, C-GET), optionally only from some networks.
+    Seeded from ``[dimse] ae_permissions`` / ``allowed_calling_ae_titles`` on first start."""
+
+    __tablename__ = "ae_permission"
+
+    calling_ae_title: Mapped[str] = mapped_column(String(AE), primary_key=True)
+    partition: Mapped[str] = mapped_column(ForeignKey("partition.name"), primary_key=True)
+    store: Mapped[bool] = mapped_column(Boolean)
+    query: Mapped[bool] = mapped_column(Boolean)
+    retrieve: Mapped[bool] = mapped_column(Boolean)
+    # CIDR networks ("10.1.2.0/24") the association may come from; empty: any address.
+    networks: Mapped[list[str]] = mapped_column(JSONType)
+
+
+class MoveDestination(Base):
+    """A C-MOVE destination (PS3.4 C.4.2.1.2) (migration 0007): seeded from
+    ``[[dimse.peers]]`` on first start, then managed with ``hilum peers``."""
+
+    __tablename__ = "move_destination"
+
+    ae_title: Mapped[str] = mapped_column(String(AE), primary_key=True)
+    host: Mapped[str] = mapped_column(String(255))
+    port: Mapped[int] = mapped_column(Integer)
+    tls: Mapped[bool] = mapped_column(Boolean)
+
+
+class SettingsSeed(Base):
+    """Which parts of the settings file were copied into the index on first start (migration
+    0007): copied once, so that what an administrator removed at run time stays removed."""
+
+    __tablename__ = "settings_seed"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+
+
+class DeidentifiedStudy(Base):
+    """The way back from a de-identified study to the original (migration 0008): written in the
+    partition the original lives in (the clinical one), whenever a study of it is exported or
+    copied de-identified under a project, and read only through the admin API. The research
+    side never holds it: its copies carry only the pseudonym and the new UIDs."""
+
+    __tablename__ = "deidentified_study"
+    __table_args__ = (
+        UniqueConstraint("partition", "project", "study_instance_uid"),
+        Index("ix_deidentified_pseudonym", "partition", "project", "pseudonym"),
+        Index("ix_deidentified_new_study", "partition", "project", "deidentified_study_uid"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    partition: Mapped[str] = mapped_column(ForeignKey("partition.name"))
+    project: Mapped[str] = mapped_column(String(64))
+    patient_id: Mapped[str] = mapped_column(String(LO))  # the original identity
+    issuer_of_patient_id: Mapped[str] = mapped_column(String(LO), default="")
+    study_instance_uid: Mapped[str] = mapped_column(String(UI))
+    pseudonym: Mapped[str] = mapped_column(String(LO))
+    deidentified_study_uid: Mapped[str] = mapped_column(String(UI))
+    date_shift_days: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class Account(Base):
+    """A person or client who may use Hilum over HTTP (migration 0006; storage/accounts.py)."""
+
+    __tablename__ = "account"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    role: Mapped[str] = mapped_column(String(32))  # a role of server.access.ROLE_ACTIONS
+    # The partitions this account may see; empty: every partition.
+    partitions: Mapped[list[str]] = mapped_column(JSONType, default=list)
+    # argon2id (PHC string); None: no password login, API tokens only.
+    password_hash: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    disabled: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class ApiToken(Base):
+    """An API token of an account: only the SHA-256 of its secret is kept (migration 0006)."""
+
+    __tablename__ = "api_token"
+    __table_args__ = (Index("ix_api_token_account", "account_name"),)
+
+    id: Mapped[str] = mapped_column(String(16), primary_key=True)  # shown, never secret
+    account_name: Mapped[str] = mapped_column(ForeignKey("account.name"))
+    secret_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)

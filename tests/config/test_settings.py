@@ -51,6 +51,10 @@ def test_hilum_config_variable_names_the_file(
         "[dimse]\nmax_pdu_length = 0\n",  # no "unlimited": pynetdicom holds a whole PDU
         "[dimse]\nmax_pdu_length = 1073741824\n",
         "[nonsense]\nx = 1\n",
+        "[[dimse.ae_permissions]]\nae_title = 'CT'\nnetworks = ['10.0.0.0/33']\n",
+        "[[dimse.ae_permissions]]\nae_title = 'CT'\npartition = 'Hosp A'\n",
+        "[[dimse.ae_permissions]]\nae_title = 'CT'\n[[dimse.ae_permissions]]\nae_title = 'CT'\n",
+        "[[dimse.ae_permissions]]\nae_title = 'CT'\nstorage = true\n",  # misspelt
     ],
 )
 def test_invalid_configuration_is_an_error(tmp_path: Path, toml: str) -> None:
@@ -123,3 +127,16 @@ def test_a_toml_syntax_error_names_the_file(tmp_path: Path) -> None:
     config.write_text("[dimse\n")
     with pytest.raises(ConfigError, match=f"cannot read {config}: Expected ']'"):
         load_settings(config)
+
+
+def test_ae_permission_seeds_include_the_short_form(tmp_path: Path) -> None:
+    config = tmp_path / "hilum.toml"
+    config.write_text(
+        "[dimse]\nallowed_calling_ae_titles = ['MR', 'CT']\n"
+        "[[dimse.ae_permissions]]\nae_title = 'CT'\nquery = false\nnetworks = ['10.1.2.7']\n"
+    )
+    seeds = load_settings(config).dimse.ae_permission_seeds
+    assert [(s.ae_title, s.partition, s.store, s.query, s.networks) for s in seeds] == [
+        ("CT", "default", True, False, ["10.1.2.7/32"]),  # the full form wins
+        ("MR", "default", True, True, []),
+    ]

@@ -128,13 +128,17 @@ def test_sent_studies_get_seg_and_sr_back_in_the_study(
     ]:
         (job,) = wait_for_jobs(worker.queue, study, 1)
         assert job.state == JobState.DONE, job.reason
-        expected = sorted(["CT" if kind == "ct" else "SM", "SEG", "SR"])
+        # A slice model's job also stores its lesions' outlines, a second SR series.
+        expected = sorted(["CT", "SEG", "SR", "SR"] if kind == "ct" else ["SM", "SEG", "SR"])
         assert c_find_modalities(settings, dimse_server.port, study) == expected
         assert qido_modalities(settings, archive, study) == expected
-        stored = {
-            ds.SOPClassUID: ds for ds in (read_stored(archive, study, uid) for uid in job.outputs)
-        }
+        outputs = [read_stored(archive, study, uid) for uid in job.outputs]
+        stored = {ds.SOPClassUID: ds for ds in reversed(outputs)}  # the first of each class
         assert set(stored) == {SEG, SR}
+        outlines = [ds.SeriesDescription for ds in outputs if ds.SOPClassUID == SR][1:]
+        assert outlines == (
+            ["AI outlines ct_lesion_synthetic - not for clinical use"] if kind == "ct" else []
+        )
 
         seg = hd.seg.Segmentation.from_dataset(stored[SEG])
         assert seg.StudyInstanceUID == study and seg.number_of_segments == 1

@@ -5,9 +5,16 @@ from __future__ import annotations
 
 import pytest
 
-from inference.measurement_report import read_findings
+from inference.measurement_report import read_findings, with_outlines
 from inference.sr import measurement_report
-from tests.inference.test_writers import CT_MODEL, _finding, _uids, ct_outputs, wsi_outputs
+from tests.inference.test_writers import (
+    CT_MODEL,
+    _finding,
+    _uids,
+    ct_outlines,
+    ct_outputs,
+    wsi_outputs,
+)
 
 
 def test_a_present_volume_finding_is_read_with_its_size_segment_and_algorithm() -> None:
@@ -46,3 +53,22 @@ def test_an_absent_finding_is_read_as_absent() -> None:
 def test_a_dataset_without_content_has_no_findings() -> None:
     _, _, seg, _ = wsi_outputs()
     assert read_findings(seg) == []
+
+
+def test_outlines_attach_to_the_finding_of_the_same_type_and_site() -> None:
+    _, _, _, sr = ct_outputs()
+    _, _, outlines = ct_outlines()
+    lesions = read_findings(outlines)
+    assert lesions and all(o.long_axis_mm and o.key_image_sop_instance_uid for o in lesions)
+
+    (finding,) = with_outlines(read_findings(sr), lesions)
+
+    assert finding.outlines == tuple(lesions)
+    assert finding.long_axis_mm is None and finding.key_image_sop_instance_uid == ""
+    # An absent finding has no outlines, whatever the other report holds.
+    absent = measurement_report(
+        CT_MODEL, ct_outputs()[0], [_finding(CT_MODEL, None, False, present=False)], None,
+        **_uids("absent-outlines"),
+    )  # fmt: skip
+    (nothing,) = with_outlines(read_findings(absent), lesions)
+    assert nothing.outlines == ()

@@ -21,6 +21,7 @@ from config.settings import REFERENCE_MODELS_DIR, InferenceSettings
 from inference.analysis import analyse_series
 from inference.phantoms import synthetic_ct_series
 from inference.registry import load_models
+from inference.sr import SR_SERIES_NUMBER
 from inference.stability import queue_stable_studies
 from inference.worker import Worker
 from storage.archive import Archive, open_archive
@@ -28,7 +29,7 @@ from storage.ingest import Origin, ingest_file
 from storage.jobs import Job, JobQueue, JobState
 from storage.query import Query, QueryLevel, locate_instances, search
 from tests.conftest import free_port
-from tests.factories import DCMTK_STORESCU, write_part10
+from tests.factories import DCMTK_STORESCU, ensure_partition, write_part10
 from tests.inference.plugins import failing_ct_model
 
 SEG, SR = "1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.88.34"
@@ -83,10 +84,10 @@ def test_a_job_stores_seg_and_sr_into_the_study_and_a_rerun_replaces_them(
 
     assert (job.state, job.model_name, job.attempts) == (JobState.DONE, "ct_lesion_synthetic", 1)
     results = results_in_study(archive, study)
-    assert sorted(cls for cls, _ in results) == [SEG, SR]
+    assert sorted(cls for cls, _ in results) == [SEG, SR, SR]  # the report, the outlines
     assert sorted(job.outputs) == sorted(uid for _, uid in results)
     series = search(archive, Query(QueryLevel.SERIES, {"StudyInstanceUID": study, "Modality": ""}))
-    assert sorted(s["Modality"] for s in series) == ["CT", "SEG", "SR"]
+    assert sorted(s["Modality"] for s in series) == ["CT", "SEG", "SR", "SR"]
     assert run_until_idle(worker) == []  # its own results do not trigger it again
 
     worker.queue.rerun(job.id)
@@ -105,10 +106,11 @@ def test_a_later_generation_that_finds_nothing_leaves_no_stale_seg(
     store_series(archive, tmp_path / "ct", datasets)
     worker = worker_for(settings, archive)
     (job,) = run_until_idle(worker)
-    assert len(job.outputs) == 2
+    assert len(job.outputs) == 3  # SEG, SR, the lesions' outlines
 
     def nothing_found(*args: Any, **kwargs: Any) -> list[Dataset]:
-        return [ds for ds in analyse_series(*args, **kwargs) if ds.Modality == "SR"]
+        outputs = analyse_series(*args, **kwargs)
+        return [ds for ds in outputs if ds.SeriesNumber == SR_SERIES_NUMBER]
 
     worker.analyse = nothing_found
     worker.queue.rerun(job.id)
@@ -146,7 +148,7 @@ def test_a_run_whose_job_is_requeued_meanwhile_stores_nothing(
     assert (fresh_job.state, fresh_job.generation) == (JobState.DONE, 2)
     stored = {uid for _, uid in results_in_study(archive, study)}
     assert stored == set(fresh_job.outputs)  # the fresh results, not overwritten
-    assert len(stored) == 2 and not stored & {ds.SOPInstanceUID for ds in stale_outputs}
+    assert len(stored) == 3 and not stored & {ds.SOPInstanceUID for ds in stale_outputs}
 
 
 def test_a_run_that_loses_its_job_after_storing_deletes_what_it_stored(
@@ -169,7 +171,7 @@ def test_a_run_that_loses_its_job_after_storing_deletes_what_it_stored(
     worker.queue.complete = requeued_just_before_complete  # type: ignore[method-assign]
     lost = worker.step()
 
-    assert len(stored_before_complete) == 2  # the SEG and SR were stored, then the job lost
+    assert len(stored_before_complete) == 3  # the SEG and both SRs were stored, then the job lost
     assert results_in_study(archive, study) == []  # and what the lost run stored deleted
     (job,) = worker.queue.for_study(study)
     assert lost is not None and lost.generation == 1
@@ -210,11 +212,11 @@ def test_a_worker_survives_an_unexpected_error(
     claim = worker.queue.claim
     failures: list[str] = []
 
-    def claim_that_fails_once(*args: Any) -> Job | None:
+    def claim_that_fails_once(*args: Any, **kwargs: Any) -> Job | None:
         if not failures:
             failures.append("claim")
             raise RuntimeError("a bug in the claim")
-        return claim(*args)
+        return claim(*args, **kwargs)
 
     worker.queue.claim = claim_that_fails_once  # type: ignore[method-assign]
     stop = threading.Event()
@@ -252,7 +254,7 @@ def test_a_model_that_raises_fails_with_the_reason_and_other_jobs_run(
     assert (failed.state, failed.attempts) == (JobState.FAILED, 2)
     assert "deliberate failure in forward()" in failed.reason
     assert failed.outputs == []
-    assert done.state == JobState.DONE and len(done.outputs) == 2
+    assert done.state == JobState.DONE and len(done.outputs) == 3
 
 
 def test_a_corrupt_pixel_payload_fails_the_job_with_a_clear_reason(
@@ -285,7 +287,7 @@ def test_a_worker_leaves_the_jobs_of_models_it_lacks_to_workers_that_have_them(
     store_series(archive, tmp_path / "ct", datasets)
     other_host = worker_for(settings, archive, tmp_path / "models")
     this_host = worker_for(settings, archive)  # without the test model
-    other_host.queue.claim = lambda *args: None  # type: ignore[method-assign]
+    other_host.queue.claim = lambda *args, **kwargs: None  # type: ignore[method-assign]
     other_host.step()  # queues both jobs (its scan knows both models), runs none
 
     ended = run_until_idle(this_host)
@@ -332,7 +334,7 @@ def test_a_worker_killed_mid_job_loses_nothing_and_duplicates_nothing(
         (job,) = JobQueue(archive, settings.inference).for_study(study)
         assert (job.state, job.attempts) == (JobState.RUNNING, 1)
         first_results = results_in_study(archive, study)
-        assert sorted(cls for cls, _ in first_results) == [SEG, SR]  # stored, not marked done
+        assert sorted(cls for cls, _ in first_results) == [SEG, SR, SR]  # stored, not marked done
     finally:
         doomed.send_signal(signal.SIGKILL)
         doomed.wait(30)
@@ -407,9 +409,34 @@ def test_hilum_serve_runs_a_worker(backend: str, settings: Settings, tmp_path: P
             while not [j for j in queue.for_study(datasets[0].StudyInstanceUID) if j.outputs]:
                 assert server.poll() is None and time.monotonic() < deadline
                 time.sleep(0.3)
-            assert len(results_in_study(archive, datasets[0].StudyInstanceUID)) == 2
+            # SEG, SR and the outlines
+            assert len(results_in_study(archive, datasets[0].StudyInstanceUID)) == 3
         finally:
             archive.close()
     finally:
         server.send_signal(signal.SIGTERM)
         assert server.wait(60) == 0, server.stderr.read() if server.stderr else ""
+
+
+def test_the_worker_serves_every_partition_and_stores_results_in_the_source_partition(
+    archive: Archive, settings: Settings, tmp_path: Path
+) -> None:
+    ensure_partition(archive.index, "hospital_a")
+    hospital = archive.scoped("hospital_a")
+    datasets, _mask = synthetic_ct_series(1)
+    study = datasets[0].StudyInstanceUID
+    store_series(hospital, tmp_path / "ct", datasets)
+    # The worker gets the archive as `hilum serve` and `hilum worker` open it (default scope).
+    worker = worker_for(settings, archive)
+
+    (job,) = run_until_idle(worker)
+
+    assert (job.state, job.partition) == (JobState.DONE, "hospital_a")
+    results = results_in_study(hospital, study)
+    assert sorted(cls for cls, _ in results) == [SEG, SR, SR]  # the report, the outlines
+    assert sorted(job.outputs) == sorted(uid for _, uid in results)
+    assert JobQueue(hospital, settings.inference).findings_of_study(study)
+    # Nothing of it in the default partition: no study, no job, no result.
+    assert results_in_study(archive, study) == []
+    assert JobQueue(archive, settings.inference).for_study(study) == []
+    assert list(search(archive, Query(QueryLevel.STUDY, {"StudyInstanceUID": study}))) == []

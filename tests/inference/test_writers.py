@@ -14,11 +14,13 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
 from inference.analysis import derived_uid
+from inference.lesions import planar_rois
+from inference.measurement_report import read_findings, with_outlines
 from inference.phantoms import synthetic_ct_series, synthetic_wsi
 from inference.pixels import slice_stack, tiled_image
 from inference.registry import REFERENCE_MODELS_DIR, Model, load_model
 from inference.seg import segmentation
-from inference.sr import Finding, measurement_report
+from inference.sr import Finding, LesionOutline, measurement_report, outlines_report
 
 DCIODVFY = Path("/usr/bin/dciodvfy")
 CT_MODEL = load_model(REFERENCE_MODELS_DIR / "ct_lesion_synthetic")
@@ -51,6 +53,31 @@ def ct_outputs() -> tuple[list[Dataset], np.ndarray, hd.seg.Segmentation, hd.sr.
     )
     sr = measurement_report(CT_MODEL, stack.datasets, [finding], seg, **_uids("ct-sr"))
     return stack.datasets, truth, seg, sr
+
+
+def ct_outlines() -> tuple[list[Dataset], np.ndarray, hd.sr.Comprehensive3DSR]:
+    datasets, truth = synthetic_ct_series(11, slices=8)
+    stack = slice_stack(datasets)
+    lesions = _lesions(stack.datasets, truth, stack.pixel_spacing_mm)
+    return stack.datasets, truth, outlines_report(CT_MODEL, lesions, **_uids("ct-outlines"))
+
+
+def _lesions(
+    datasets: list[Dataset], truth: np.ndarray, spacing: tuple[float, float] | None
+) -> list[LesionOutline]:
+    label = CT_MODEL.manifest.labels[0]
+    return [
+        LesionOutline(
+            label,
+            roi.lesion_number,
+            derived_uid("writers", "lesion", str(roi.lesion_number)),
+            datasets[roi.slice_index],
+            roi.outline,
+            roi.area_mm2,
+            roi.long_axis_mm,
+        )
+        for roi in planar_rois(truth[..., None], spacing)
+    ]
 
 
 def wsi_outputs() -> tuple[Dataset, np.ndarray, hd.seg.Segmentation, hd.sr.Comprehensive3DSR]:
@@ -145,6 +172,44 @@ def test_sr_measurement_report_reads_back(
     assert set(_text_values(back, "111003")) == {"1.0.0"}
 
 
+def test_ct_sr_outlines_each_lesion_on_its_key_slice(tmp_path: Path) -> None:
+    """TID 1410 per lesion: a closed polyline on the slice where the lesion is largest, whose
+    area is the lesion's pixels there, and its long axis; what OHIF lists and draws."""
+    datasets, truth, sr = ct_outlines()
+    rois = planar_rois(truth[..., None], (1.5, 1.5))
+    assert rois, "the phantom has at least one lesion"
+
+    back = hd.sr.srread(_saved(sr, tmp_path / "sr.dcm"))
+
+    groups = back.content.get_planar_roi_measurement_groups()
+    assert len(groups) == len(rois)
+    for group, roi in zip(groups, rois, strict=True):
+        region = group.roi
+        assert region.graphic_type == hd.sr.GraphicTypeValues.POLYLINE
+        points = region.value
+        assert (points[0] == points[-1]).all()  # closed
+        key_slice = truth[roi.slice_index]
+        [source] = region.ContentSequence  # SELECTED FROM the key slice
+        source_image = hd.sr.SourceImageForRegion.from_dataset(source)
+        assert source_image.referenced_sop_instance_uid == datasets[roi.slice_index].SOPInstanceUID
+        # The slice is the lesion's largest, and the outline stays within the image.
+        assert key_slice.sum() > 0
+        assert points.min() >= 0 and points[:, 0].max() <= key_slice.shape[1]
+        area, long_axis = group.get_measurements()
+        assert area.name == codes.SCT.Area and area.unit.value == "mm2"
+        assert long_axis.name == codes.SCT.LongAxis and long_axis.unit.value == "mm"
+        assert area.value == pytest.approx(roi.area_mm2, rel=1e-5)
+        assert long_axis.value > 1.5  # longer than one pixel
+    assert back.SeriesDescription == "AI outlines ct_lesion_synthetic - not for clinical use"
+    # Hilum's own reader sees them too, as the outlines of the report's finding.
+    [finding] = with_outlines(read_findings(ct_outputs()[3]), read_findings(sr))
+    outlined = finding.outlines
+    assert [f.key_image_sop_instance_uid for f in outlined] == [
+        datasets[roi.slice_index].SOPInstanceUID for roi in rois
+    ]
+    assert all(f.size_name == "Area" and f.size_unit == "mm2" for f in outlined)
+
+
 def _text_values(ds: Dataset, code_value: str) -> list[str]:
     """The TEXT values of the content items named ``code_value``, anywhere in the tree."""
     found = []
@@ -205,9 +270,13 @@ def _dciodvfy_errors(path: Path) -> list[str]:
     return [line for line in report.splitlines() if line.startswith("Error")]
 
 
-@pytest.mark.parametrize("which", ["ct-seg", "ct-sr", "wsi-seg", "wsi-sr", "sr-absent"])
+@pytest.mark.parametrize(
+    "which", ["ct-seg", "ct-sr", "ct-outlines", "wsi-seg", "wsi-sr", "sr-absent"]
+)
 def test_outputs_pass_dciodvfy(tmp_path: Path, which: str) -> None:
-    if which.startswith("ct"):
+    if which == "ct-outlines":
+        seg, sr = None, ct_outlines()[2]
+    elif which.startswith("ct"):
         _s, _t, seg, sr = ct_outputs()
     elif which.startswith("wsi"):
         _s, _t, seg, sr = wsi_outputs()

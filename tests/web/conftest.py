@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from playwright.sync_api import Browser, Page, sync_playwright
+from playwright.sync_api import Browser, ConsoleMessage, Page, sync_playwright
 
 from config import Settings
 from inference.registry import load_models
@@ -99,11 +99,25 @@ def page(browser: Browser) -> Iterator[Page]:
     page = context.new_page()
     errors: list[str] = []
     page.on("pageerror", lambda error: errors.append(str(error)))
+    violations = csp_violations(page)
     try:
         yield page
     finally:
         context.close()
     assert errors == [], f"JavaScript errors on the page: {errors}"
+    assert violations == [], f"Content-Security-Policy refused: {violations}"
+
+
+def csp_violations(page: Page) -> list[str]:
+    """What the page's Content-Security-Policy refused, as Chromium reports it, from now on."""
+    violations: list[str] = []
+
+    def record(message: ConsoleMessage) -> None:
+        if message.type == "error" and "Content Security Policy" in message.text:
+            violations.append(message.text)
+
+    page.on("console", record)
+    return violations
 
 
 def screenshot(page: Page, name: str) -> Path:

@@ -20,7 +20,7 @@ from pydicom.uid import generate_uid
 from inference.phantoms import synthetic_ct_series
 from storage.jobs import JobState
 from storage.worklist import AIState, WorklistRequest, search_worklist
-from tests.factories import ct_instance, write_part10
+from tests.factories import ct_instance, ensure_partition, write_part10
 from tests.waiting import wait_until
 from tests.web.conftest import Hilum, screenshot
 
@@ -220,6 +220,10 @@ def test_the_study_page_lists_the_findings_and_accept_stores_a_verified_sr(
     expect(job).to_contain_text("version 1.0.0")
     expect(job).to_contain_text("Trained on synthetic data, not for clinical use.")
     expect(job).to_contain_text(re.compile(r"Volume: [\d.]+ mm³"))
+    # Each lesion outlined on its largest slice, with its long axis and area (TID 1410).
+    expect(job.locator("ul.outlines li").first).to_contain_text(
+        re.compile(r"Lesion 1 \(ct_lesion_synthetic\): long axis [\d.]+ mm, area [\d.]+ mm²")
+    )
     thumbnail = page.locator("ul.series img").first
     expect(thumbnail).to_be_visible()
     wait_until(lambda: thumbnail.evaluate("i => i.complete && i.naturalWidth > 0"), "thumbnail")
@@ -434,3 +438,33 @@ def test_an_administrator_runs_a_model_on_a_study_by_hand(
         f"{hilum.url}/api/studies/{studies.mr}/jobs", json={"model": "nonexistent"}, timeout=30
     )
     assert response.status_code == 400 and "no installed model" in response.json()["error"]
+
+
+def test_a_partitions_pages_show_and_store_into_that_partition_only(
+    hilum: Hilum, studies: Studies, page: Page, tmp_path: Path
+) -> None:
+    """``/partitions/{name}/``: its worklist, its upload (STOW-RS to its DICOMweb root), its
+    study page and its jobs; the default partition's worklist never shows its studies."""
+    ensure_partition(hilum.archive.index, "hospital_a")
+    root = f"{hilum.url}/partitions/hospital_a"
+    study, files = _study(tmp_path, 1, PatientName="PARTITION^PAULA", BodyPartExamined="KNEE")
+    page.goto(root + "/upload")
+    expect(page.locator("header.top .partition")).to_have_text("hospital_a")
+    page.locator("#pick-files").set_input_files([str(files[0])])
+    expect(page.locator("#upload-summary")).to_have_text("1 stored, 0 duplicate, 0 refused.")
+
+    page.goto(root + "/")
+    expect(page.locator(f"#worklist-rows tr[data-study='{study}']")).to_have_count(1)
+    assert set(rows(page)) == {study}  # none of the default partition's studies
+    screenshot(page, "partition-worklist")
+    page.locator(f"#worklist-rows tr[data-study='{study}'] a").first.click()
+    expect(page).to_have_url(f"{root}/studies/{study}")
+    expect(page.locator("h1")).to_contain_text("PARTITION, PAULA")
+    screenshot(page, "partition-study")
+    page.locator("nav a", has_text="AI jobs").click()
+    expect(page).to_have_url(f"{root}/jobs")
+
+    page.goto(hilum.url + "/")
+    assert study not in rows(page) and studies.phantom in rows(page)
+    assert requests.get(f"{hilum.url}/studies/{study}", timeout=30).status_code == 404
+    assert requests.get(f"{hilum.url}/partitions/nowhere/", timeout=30).status_code == 404

@@ -15,14 +15,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
+from dicomweb_client.api import DICOMwebClient
 from PIL import Image
-from playwright.sync_api import Browser, Page, Response, sync_playwright
+from playwright.sync_api import Browser, Page, Response, expect, sync_playwright
+from playwright.sync_api import Error as PlaywrightError
 
-from inference.phantoms import synthetic_ct_series
+from inference.phantoms import synthetic_ct_series, synthetic_wsi
 from storage.jobs import JobState
-from tests.factories import write_part10
+from tests.factories import ensure_partition, write_part10
 from tests.waiting import wait_until
-from tests.web.conftest import CHROMIUM, CHROMIUM_ARGS, Hilum, screenshot
+from tests.web.conftest import CHROMIUM, CHROMIUM_ARGS, Hilum, csp_violations, screenshot
 from web.ohif import (
     MARKER,
     OHIF_INTEGRITY,
@@ -72,6 +74,7 @@ def test_open_in_viewer_shows_the_study_in_ohif(
             dicomweb.append((response.status, response.url))
 
     page.on("response", record)
+    violations = csp_violations(page)
     try:
         page.goto(f"{hilum.url}/studies/{study}")
         page.get_by_role("link", name="Open in viewer").click()
@@ -81,7 +84,10 @@ def test_open_in_viewer_shows_the_study_in_ohif(
 
         def pixels() -> np.ndarray:
             path = tmp_path / "canvas.png"
-            canvas.screenshot(path=str(path))
+            try:
+                canvas.screenshot(path=str(path))
+            except PlaywrightError:  # the viewport is being laid out again: no pixels yet
+                return np.zeros((1, 1, 3), np.float32)
             return np.asarray(Image.open(path).convert("RGB"), dtype=np.float32)
 
         def drawn() -> bool:
@@ -116,11 +122,105 @@ def test_open_in_viewer_shows_the_study_in_ohif(
         screenshot(page, "viewer-ohif-seg")
         # The segment's recommended colour is used: OHIF does not warn that it lacks one.
         assert page.get_by_text("RecommendedDisplayCIELabValue not found").count() == 0
+
+        # The lesions outlined on their key slices (TID 1410): OHIF opens that report on the
+        # first lesion's slice and draws its outline, labelled with its area and long axis.
+        page.get_by_text("AI outlines ct_lesion_synthetic - not for clinical use").dblclick()
+        expect(page.get_by_text(re.compile(r"Long axis: [\d.]+ mm")).first).to_be_visible(
+            timeout=60_000
+        )
+        expect(page.get_by_text(re.compile(r"Area: [\d.]+ mm2")).first).to_be_visible()
+        screenshot(page, "viewer-ohif-outlines")
     finally:
         context.close()
     assert dicomweb, "the viewer made no DICOMweb request"
     failed = [(status, url) for status, url in dicomweb if not 200 <= status < 300]
     assert failed == []
+    assert violations == [], "the viewer's Content-Security-Policy refused something"
+
+
+def test_a_partitions_study_opens_in_the_viewer_from_that_partition(
+    hilum: Hilum, viewer_browser: Browser
+) -> None:
+    """ "Open in viewer" on a study of another partition: OHIF's data source of that partition
+    (``/viewer/partition-{name}``), every DICOMweb request to that partition's root."""
+    ensure_partition(hilum.archive.index, "hospital_a")
+    ct, _ = synthetic_ct_series(402, slices=2)
+    root = f"{hilum.url}/partitions/hospital_a"
+    DICOMwebClient(f"{root}/dicomweb").store_instances(ct)
+    study = str(ct[0].StudyInstanceUID)
+    context = viewer_browser.new_context(viewport={"width": 1280, "height": 900})
+    page: Page = context.new_page()
+    dicomweb: list[tuple[int, str]] = []
+
+    def record(response: Response) -> None:
+        if "/dicomweb/" in response.url or "/wado" in response.url:
+            dicomweb.append((response.status, response.url))
+
+    page.on("response", record)
+    violations = csp_violations(page)
+    try:
+        page.goto(f"{root}/studies/{study}")
+        page.get_by_role("link", name="Open in viewer").click()
+        page.wait_for_url(re.compile(r"/viewer/partition-hospital_a\?StudyInstanceUIDs="))
+        canvas = page.locator("canvas").first
+        canvas.wait_for(state="visible", timeout=90_000)
+        wait_until(
+            lambda: any("/frames/" in url for _, url in dicomweb), "OHIF to fetch the frames"
+        )
+        screenshot(page, "viewer-ohif-partition")
+    finally:
+        context.close()
+    failed = [(status, url) for status, url in dicomweb if not 200 <= status < 300]
+    assert failed == []
+    assert all("/partitions/hospital_a/dicomweb/" in url for _, url in dicomweb), dicomweb
+    assert violations == []
+
+
+def test_the_slide_viewer_shows_the_slide_with_its_ai_segmentation(
+    hilum: Hilum, viewer_browser: Browser, tmp_path: Path
+) -> None:
+    """The whole-slide page: dicom-microscopy-viewer (from the pinned OHIF package) fetches the
+    slide's tiles and the AI SEG's tiles with WADO-RS frames and draws both."""
+    slide, _ = synthetic_wsi(402)
+    hilum.store([write_part10(slide, tmp_path / "slide.dcm")], "--required", "-xy")
+    study = str(slide.StudyInstanceUID)
+    (job,) = wait_until(
+        lambda: [j for j in hilum.worker.queue.for_study(study) if j.state == JobState.DONE],
+        "the AI SEG of the slide",
+    )
+    context = viewer_browser.new_context(viewport={"width": 1280, "height": 900})
+    page: Page = context.new_page()
+    frames: list[tuple[int, str]] = []
+    page.on("response", lambda r: frames.append((r.status, r.url)) if "/frames/" in r.url else None)
+    try:
+        page.goto(f"{hilum.url}/studies/{study}")
+        page.get_by_role("link", name="Open in slide viewer").click()
+        status = page.locator("#slide-status")
+        expect(status).to_contain_text(re.compile(r"[1-9]\d* tiles loaded"), timeout=90_000)
+        expect(status).to_contain_text("AI segments shown: Abnormal tissue", timeout=60_000)
+        expect(page.locator("#slide-segments legend")).to_contain_text("not for clinical use")
+        segs = {uid for uid in job.outputs if uid != str(slide.SOPInstanceUID)}
+        wait_until(
+            lambda: any(f"/instances/{uid}/frames/" in url for _, url in frames for uid in segs),
+            "tiles of the SEG",
+        )
+        wait_until(
+            lambda: any(f"/instances/{slide.SOPInstanceUID}/frames/" in url for _, url in frames),
+            "tiles of the slide",
+        )
+        canvas = page.locator("#slide-viewport canvas").first
+        path = tmp_path / "slide.png"
+
+        def drawn() -> bool:
+            canvas.screenshot(path=str(path))
+            return bool(np.asarray(Image.open(path).convert("RGB"), np.float32).std() > 10.0)
+
+        wait_until(drawn, "the slide drawn")
+        screenshot(page, "slide-viewer")
+    finally:
+        context.close()
+    assert [(s, u) for s, u in frames if not 200 <= s < 300] == []
 
 
 def test_the_installed_viewer_is_the_pinned_one_without_what_it_never_requests() -> None:
@@ -147,9 +247,20 @@ def test_the_app_config_points_the_viewer_at_hilums_dicomweb(hilum: Hilum) -> No
     response = requests.get(f"{hilum.url}/app-config.js", timeout=30)
     assert response.status_code == 200
     assert response.headers["Content-Type"].startswith("text/javascript")
-    config = json.loads(response.text.removeprefix("window.config = ").rstrip().rstrip(";"))
-    (source,) = config["dataSources"]
-    assert source["configuration"]["qidoRoot"] == source["configuration"]["wadoRoot"] == "/dicomweb"
+    ensure_partition(hilum.archive.index, "hospital_a")
+    config = json.loads(
+        requests.get(f"{hilum.url}/app-config.js", timeout=30)
+        .text.removeprefix("window.config = ")
+        .rstrip()
+        .rstrip(";")
+    )
+    # One data source per partition: the default one's at /dicomweb, another's at its root.
+    sources = {s["sourceName"]: s["configuration"] for s in config["dataSources"]}
+    assert config["defaultDataSourceName"] == "dicomweb"
+    assert sources["dicomweb"]["qidoRoot"] == sources["dicomweb"]["wadoRoot"] == "/dicomweb"
+    partition = sources["partition-hospital_a"]
+    assert partition["qidoRoot"] == partition["wadoRoot"] == "/partitions/hospital_a/dicomweb"
+    assert partition["wadoUriRoot"] == "/partitions/hospital_a/wado"
     # A client-side route of the viewer answers its index.html; Hilum's own routes stay Hilum's.
     assert "OHIF" in requests.get(f"{hilum.url}/viewer?StudyInstanceUIDs=1.2.3", timeout=30).text
     assert "Worklist" in requests.get(f"{hilum.url}/", timeout=30).text

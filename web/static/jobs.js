@@ -37,7 +37,7 @@
     cell(row, job.model.name + " " + job.model.version);
     const study = row.insertCell();
     const link = document.createElement("a");
-    link.href = "/studies/" + encodeURIComponent(job.StudyInstanceUID);
+    link.href = document.body.dataset.root + "/studies/" + encodeURIComponent(job.StudyInstanceUID);
     link.textContent = job.StudyInstanceUID;
     link.className = "uid";
     study.appendChild(link);
@@ -66,7 +66,7 @@
     if (append && oldest !== null) params.set("before", oldest);
     status.textContent = "Loading…";
     try {
-      const response = await fetch("/api/jobs?" + params, { headers: { Accept: "application/json" } });
+      const response = await fetch(document.body.dataset.root + "/api/jobs?" + params, { headers: { Accept: "application/json" } });
       const body = await response.json();
       if (!response.ok) throw new Error(body.error || "HTTP " + response.status);
       if (!append) rows.replaceChildren();
@@ -83,7 +83,11 @@
   async function rerun(id, button) {
     button.disabled = true;
     try {
-      const response = await fetch("/api/jobs/" + id + "/rerun", { method: "POST" });
+      const response = await fetch(document.body.dataset.root + "/api/jobs/" + id + "/rerun", {
+        method: "POST",
+        // The session's CSRF token (in the page's <meta>), required once logins are on.
+        headers: { "X-CSRF-Token": document.querySelector('meta[name="csrf-token"]')?.content || "" },
+      });
       const body = await response.json();
       if (!response.ok) throw new Error(body.error || "HTTP " + response.status);
       status.textContent = "Job " + id + " queued again.";
@@ -96,7 +100,7 @@
 
   form.addEventListener("submit", (event) => {
     event.preventDefault();
-    history.replaceState(null, "", "/jobs?" + filters());
+    history.replaceState(null, "", document.body.dataset.root + "/jobs?" + filters());
     oldest = null;
     load(false);
   });

@@ -73,7 +73,9 @@
   function post(batch, boundary, body) {
     return new Promise((resolve) => {
       const xhr = new XMLHttpRequest();
-      xhr.open("POST", "/dicomweb/studies");
+      xhr.open("POST", document.body.dataset.root + "/dicomweb/studies");
+      const csrf = document.querySelector('meta[name="csrf-token"]');
+      if (csrf) xhr.setRequestHeader("X-CSRF-Token", csrf.content);  // required once logins are on
       xhr.setRequestHeader("Content-Type", 'multipart/related; type="application/dicom"; boundary=' + boundary);
       xhr.setRequestHeader("Accept", "application/dicom+json");
       xhr.upload.onprogress = (event) => {

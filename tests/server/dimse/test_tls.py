@@ -147,3 +147,24 @@ def test_c_move_to_a_tls_peer(tls_server: DimseServer, pki: Pki, tmp_path: Path)
         arrived = {str(pydicom.dcmread(p).SOPInstanceUID) for p in received.iterdir()}
     assert int(statuses[-1].Status) == 0x0000
     assert arrived == {ds.SOPInstanceUID for ds in sent}
+
+
+def test_ae_permissions_apply_to_tls_associations(
+    tls_server: DimseServer, pki: Pki, tmp_path: Path
+) -> None:
+    from storage.ae_permissions import AEPermissionEntry, set_ae_permission
+
+    set_ae_permission(
+        tls_server.archive.index, AEPermissionEntry("CT01", "default", False, True, False)
+    )
+    path = write_part10(ct_instance(), tmp_path / "ct.dcm")
+    query_only = _dcmtk_tls(DCMTK_STORESCU, tls_server, pki.client, pki.ca, str(path))
+    assert query_only.returncode != 0
+    assert "No Acceptable Presentation Contexts" in query_only.stderr, query_only.stderr
+    stranger = subprocess.run(
+        ["/usr/bin/echoscu", "+tls", str(pki.client[0]), str(pki.client[1]), "+cf", str(pki.ca),
+         "-aet", "OTHER", "-aec", "HILUM", "127.0.0.1", str(tls_server.tls_port)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert "Calling AE Title Not Recognized" in stranger.stderr, stranger.stderr
+    assert _dcmtk_tls("/usr/bin/echoscu", tls_server, pki.client, pki.ca).returncode == 0

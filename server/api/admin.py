@@ -1,0 +1,158 @@
+"""The administration API (``/api/admin``): partitions, DIMSE AE permissions and C-MOVE
+destinations, as ``hilum partitions`` / ``ae`` / ``peers`` manage them. Every route needs
+``Action.ADMIN``; a change applies to the DIMSE associations that start after it."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+from flask import Blueprint, jsonify, request
+
+from config import Settings
+from server.access import Action, requires
+from storage.ae_permissions import (
+    AEPermissionEntry,
+    list_ae_permissions,
+    remove_ae_permission,
+    set_ae_permission,
+)
+from storage.archive import Archive
+from storage.errors import InvalidArgument
+from storage.index.models import DEFAULT_PARTITION
+from storage.move_destinations import (
+    MoveDestinationEntry,
+    list_move_destinations,
+    remove_move_destination,
+    set_move_destination,
+)
+from storage.partitions import (
+    add_partition_ae_title,
+    ae_title,
+    create_partition,
+    list_partitions,
+    remove_partition_ae_title,
+)
+from storage.settings_seed import seed_from_settings
+
+
+def _body() -> dict[str, Any]:
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict):
+        raise InvalidArgument("the request body must be a JSON object")
+    return body
+
+
+def _flag(body: dict[str, Any], name: str) -> bool:
+    value = body.get(name, False)
+    if not isinstance(value, bool):
+        raise InvalidArgument(f"{name} must be true or false")
+    return value
+
+
+def _strings(body: dict[str, Any], name: str) -> list[str]:
+    value = body.get(name, [])
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise InvalidArgument(f"{name} must be a list of strings")
+    return value
+
+
+def admin_blueprint(settings: Settings, archive: Archive) -> Blueprint:
+    blueprint = Blueprint("admin", __name__)
+    index = archive.index
+
+    @blueprint.before_request
+    def _seed() -> None:
+        # The settings file's [[dimse.ae_permissions]] / [[dimse.peers]], on first start (not
+        # before a partition they name is created: creating it must work).
+        if "/partitions" not in request.path:
+            seed_from_settings(index, settings.dimse)
+
+    @blueprint.get("/partitions")
+    @requires(Action.ADMIN)
+    def list_all_partitions() -> Any:
+        return jsonify([
+            {"name": p.name, "ae_titles": [settings.dimse.ae_title] * (p.name == DEFAULT_PARTITION)
+             + list(p.ae_titles)}
+            for p in list_partitions(index)
+        ])  # fmt: skip
+
+    @blueprint.post("/partitions")
+    @requires(Action.ADMIN)
+    def create_a_partition() -> Any:
+        body = _body()
+        entry = create_partition(
+            index,
+            str(body.get("name", "")),
+            _strings(body, "ae_titles"),
+            reserved_ae_title=settings.dimse.ae_title,
+        )
+        return jsonify({"name": entry.name, "ae_titles": list(entry.ae_titles)}), 201
+
+    @blueprint.put("/partitions/<name>/ae-titles/<title>")
+    @requires(Action.ADMIN)
+    def add_a_partition_ae_title(name: str, title: str) -> Any:
+        add_partition_ae_title(index, name, title, reserved_ae_title=settings.dimse.ae_title)
+        return "", 204
+
+    @blueprint.delete("/partitions/<name>/ae-titles/<title>")
+    @requires(Action.ADMIN)
+    def remove_a_partition_ae_title(name: str, title: str) -> Any:
+        remove_partition_ae_title(index, name, ae_title(title))
+        return "", 204
+
+    @blueprint.get("/ae-permissions")
+    @requires(Action.ADMIN)
+    def list_all_ae_permissions() -> Any:
+        return jsonify([asdict(entry) for entry in list_ae_permissions(index)])
+
+    @blueprint.put("/ae-permissions/<title>/<partition>")
+    @requires(Action.ADMIN)
+    def set_an_ae_permission(title: str, partition: str) -> Any:
+        body = _body()
+        entry = AEPermissionEntry(
+            ae_title(title),
+            partition,
+            _flag(body, "store"),
+            _flag(body, "query"),
+            _flag(body, "retrieve"),
+            tuple(_strings(body, "networks")),
+        )
+        added = set_ae_permission(index, entry)
+        stored = next(
+            e for e in list_ae_permissions(index)
+            if (e.calling_ae_title, e.partition) == (entry.calling_ae_title, partition)
+        )  # fmt: skip
+        return jsonify(asdict(stored)), 201 if added else 200
+
+    @blueprint.delete("/ae-permissions/<title>")
+    @requires(Action.ADMIN)
+    def remove_ae_permissions(title: str) -> Any:
+        remove_ae_permission(index, ae_title(title), request.args.get("partition") or None)
+        return "", 204
+
+    @blueprint.get("/peers")
+    @requires(Action.ADMIN)
+    def list_all_peers() -> Any:
+        return jsonify([asdict(entry) for entry in list_move_destinations(index)])
+
+    @blueprint.put("/peers/<title>")
+    @requires(Action.ADMIN)
+    def set_a_peer(title: str) -> Any:
+        body = _body()
+        port = body.get("port")
+        if not isinstance(port, int) or isinstance(port, bool):
+            raise InvalidArgument("port must be an integer")
+        entry = MoveDestinationEntry(
+            ae_title(title), str(body.get("host", "")), port, _flag(body, "tls")
+        )
+        added = set_move_destination(index, entry)
+        return jsonify(asdict(entry)), 201 if added else 200
+
+    @blueprint.delete("/peers/<title>")
+    @requires(Action.ADMIN)
+    def remove_a_peer(title: str) -> Any:
+        remove_move_destination(index, ae_title(title))
+        return "", 204
+
+    return blueprint
