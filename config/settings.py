@@ -224,6 +224,21 @@ class DimseSettings(_Section):
 _ORIGIN = re.compile(r"https?://[^/\s?#]+")
 
 
+def check_origin(origin: str) -> str:
+    """``origin`` if it is one CORS may list: scheme://host[:port], or "*"; never "null"."""
+    if origin == "null":
+        raise ValueError(
+            '"null" is not an origin (sandboxed frames and file: pages send it): '
+            "list the viewer's real origin, e.g. https://viewer.example.org"
+        )
+    if origin != "*" and not _ORIGIN.fullmatch(origin):
+        raise ValueError(
+            f"{origin!r} is not an origin: scheme://host[:port], no path or trailing "
+            'slash (e.g. https://viewer.example.org), or "*"'
+        )
+    return origin
+
+
 class HttpSettings(_Section):
     port: int = Field(8042, ge=1, le=65535)
     # Reverse proxies (TLS terminators, load balancers) in front of Hilum whose
@@ -231,8 +246,9 @@ class HttpSettings(_Section):
     # writes (RetrieveURL, BulkDataURI, Location) are the ones clients use; 0: none trusted.
     trusted_proxies: int = Field(0, ge=0, le=8)
     # Origins (e.g. "https://viewer.example.org") whose browser pages may call the HTTP API
-    # (read, store, delete); "*": any page may read (GET/HEAD) only, without credentials;
-    # empty: no CORS headers, same-origin pages only (server/cors.py).
+    # (read, store, delete); "*": any page may read (GET/HEAD) only, without credentials, and
+    # only while [auth] is off; empty: no CORS headers, same-origin pages only
+    # (server/cors.py). Copied into the index on first start; then `hilum cors` manages them.
     cors_allowed_origins: list[str] = Field(default_factory=list)
     # Largest STOW-RS request body in bytes; a larger one is refused with 413.
     stow_max_bytes: int = Field(16 * 1024**3, ge=1)
@@ -250,18 +266,7 @@ class HttpSettings(_Section):
     @field_validator("cors_allowed_origins")
     @classmethod
     def _origins(cls, origins: list[str]) -> list[str]:
-        for origin in origins:
-            if origin == "null":
-                raise ValueError(
-                    '"null" is not an origin (sandboxed frames and file: pages send it): '
-                    "list the viewer's real origin, e.g. https://viewer.example.org"
-                )
-            if origin != "*" and not _ORIGIN.fullmatch(origin):
-                raise ValueError(
-                    f"{origin!r} is not an origin: scheme://host[:port], no path or trailing "
-                    'slash (e.g. https://viewer.example.org), or "*"'
-                )
-        return origins
+        return [check_origin(origin) for origin in origins]
 
     # HTTPS for `hilum serve` (cheroot) and `hilum web` (gunicorn): PEM files, the certificate
     # (chain) and its private key; both or neither. Unset: plain HTTP (behind a TLS-terminating

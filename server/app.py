@@ -31,7 +31,7 @@ from server.access import Action, allowed, required_action
 from server.api import register_api
 from server.authentication import Authenticator
 from server.context import ANONYMOUS, UNAUTHENTICATED, Principal, RequestContext
-from server.cors import configure_cors
+from server.cors import StoredOrigins, configure_cors
 from server.dicomweb import register_dicomweb
 from server.dicomweb.media_types import NotAcceptable
 from server.dicomweb.multipart import MultipartError
@@ -43,6 +43,7 @@ from server.partitions import PARTITION_ROOT, KnownPartitions, enter_partition
 from storage.accounts import Accounts
 from storage.archive import Archive
 from storage.errors import StorageError
+from storage.settings_seed import seed_from_settings
 from storage.tiers import marking_reads
 from web import register_web
 
@@ -66,7 +67,10 @@ def create_app(settings: Settings, archive: Archive, metrics: Metrics | None = N
     _register_blueprints(app, settings)
     register_monitoring(app, archive, metrics)  # /healthz, /readyz, /metrics
     _register_error_handlers(app)
-    configure_cors(app, settings.http.cors_allowed_origins)
+    # The settings file's origins (and DIMSE AE permissions, C-MOVE destinations) seed the
+    # index on first start; then the index is what counts.
+    seed_from_settings(archive.index, settings)
+    configure_cors(app, StoredOrigins(archive.index), wildcard=not settings.auth.enabled)
     app.after_request(_strict_transport_security)
     if settings.http.trusted_proxies:
         proxies = settings.http.trusted_proxies

@@ -201,7 +201,7 @@ class DimseServer:
         self, settings: Settings, archive: Archive, observer: DimseObserver | None = None
     ) -> None:
         # [[dimse.ae_permissions]] and [[dimse.peers]] seed the index on first start.
-        seed_from_settings(archive.index, settings.dimse)
+        seed_from_settings(archive.index, settings)
         check_association_policy(settings, archive)
         self.settings = settings
         self.archive = archive

@@ -310,6 +310,16 @@ class MoveDestination(Base):
     tls: Mapped[bool] = mapped_column(Boolean)
 
 
+class CorsOrigin(Base):
+    """An origin whose browser pages may call the HTTP API (migration 0011; server/cors.py):
+    seeded from ``[http] cors_allowed_origins`` on first start, then managed with ``hilum
+    cors`` and the admin API."""
+
+    __tablename__ = "cors_origin"
+
+    origin: Mapped[str] = mapped_column(String(255), primary_key=True)
+
+
 class SettingsSeed(Base):
     """Which parts of the settings file were copied into the index on first start (migration
     0007): copied once, so that what an administrator removed at run time stays removed."""

@@ -99,6 +99,9 @@ PERMISSIONS: dict[str, Action] = {
     "admin.list_all_peers": A,
     "admin.set_a_peer": A,
     "admin.remove_a_peer": A,
+    "admin.list_all_cors_origins": A,
+    "admin.add_a_cors_origin": A,
+    "admin.remove_a_cors_origin": A,
     "research.find_identities": A,
     # Monitoring: probes and Prometheus (counts and durations, no patient data)
     "monitoring.liveness": P,
