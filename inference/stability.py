@@ -31,7 +31,8 @@ from inference.rules import models_for_series, series_for_model_by_hand, why_no_
 from storage.archive import Archive
 from storage.errors import Conflict, StorageUnavailable
 from storage.index.models import InferenceJob
-from storage.jobs import Job, as_utc, enqueue, utc_now
+from storage.events import EventType, NewEvent, record_events
+from storage.jobs import Job, as_utc, enqueue, job_event, utc_now
 from storage.stability import (
     lock_newly_stable,
     mark_stable,
@@ -102,7 +103,19 @@ def _queue_if_stable(
         rows = _queue_study(session, archive.partition, settings, models, study_pk, study_uid)
         note = "" if rows else _no_model_note(session, settings, models, study_pk)
         mark_stable(session, study_pk, last_instance_at, note)
-        return [Job.from_row(row) for row in rows]
+        jobs = [Job.from_row(row) for row in rows]
+        stable = NewEvent(
+            EventType.STUDY_STABLE,
+            study_uid,
+            {
+                "last_instance_at": as_utc(last_instance_at).isoformat(),  # type: ignore[union-attr]
+                "jobs": [job.id for job in jobs],
+                "ai_note": note or None,
+            },
+        )
+        # The outbox: the study's event and its jobs', committed with them (last statement).
+        record_events(session, archive.partition, [stable, *(job_event(row) for row in rows)])
+        return jobs
 
 
 def _no_model_note(
@@ -225,5 +238,6 @@ def queue_model_by_hand(
             for series in {s["SeriesInstanceUID"]: s for s in chosen}.values()
         ]
         jobs = [Job.from_row(row) for row in rows]
+        record_events(session, archive.partition, [job_event(row) for row in rows])
     log.info("study %s: %s queued by hand on %d series", study_instance_uid, model.name, len(jobs))
     return jobs

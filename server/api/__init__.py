@@ -6,6 +6,7 @@ from __future__ import annotations
 from flask import Flask
 
 from config import Settings
+from server.api.events import events_blueprint
 from server.api.jobs import jobs_blueprint
 from storage.archive import Archive
 
@@ -16,3 +17,6 @@ def register_api(app: Flask, settings: Settings, archive: Archive) -> None:
     jobs = jobs_blueprint(settings, archive)
     jobs.after_request(no_sniffing)
     app.register_blueprint(jobs, url_prefix="/api")
+    events = events_blueprint(settings, archive)  # /api/changes, /api/webhooks
+    events.after_request(no_sniffing)
+    app.register_blueprint(events, url_prefix="/api")
