@@ -25,6 +25,7 @@ from server.dicomweb import register_dicomweb
 from server.dicomweb.media_types import NotAcceptable
 from server.dicomweb.multipart import MultipartError
 from server.dicomweb.statuses import http_status_for
+from server.fhir import register_fhir
 from server.header_deadline import HeaderDeadlines, connection_class
 from server.metrics import Metrics, mark_worker_dead
 from server.monitoring import register_monitoring
@@ -74,6 +75,7 @@ def _register_blueprints(app: Flask, settings: Settings, archive: Archive) -> No
     """Every family of routes is registered here, one line each."""
     register_dicomweb(app, settings, archive)  # /dicomweb (QIDO, WADO, STOW, DELETE), /wado
     register_api(app, settings, archive)  # /api (AI jobs)
+    register_fhir(app, settings, archive)  # /fhir: read-only FHIR R4
     register_web(app, settings, archive)  # the browser UI: /, /studies/…, /jobs, /upload
 
 
