@@ -26,6 +26,7 @@ from inference.phantoms import synthetic_ct_series
 from server.app import create_app
 from server.events.delivery import DeliveryLoop, subscribers_from_settings
 from storage.archive import Archive
+from storage.events import changes
 from storage.ingest import ingest_file
 from storage.reviews import Decision, ReviewDecision, record_review
 from tests.conftest import free_port, make_settings
@@ -148,6 +149,16 @@ def test_ai_results_as_fhir_resources(
         assert get(client, f"/fhir/DiagnosticReport/{report.id}")["status"] == status
         assert get(client, f"/fhir/Observation/{finding.id}")["status"] == status
         assert get(client, f"/fhir/DiagnosticReport?status={status}")["total"] == 1
+
+    # The change feed told the story in commit order, each event with its state change.
+    feed = [e for e in changes(archive, 0, 1000) if e.type != "instance.stored"]
+    assert [e.type for e in feed] == [
+        "study.stable", "ai.queued", "ai.started", "ai.completed", "ai.reviewed", "ai.reviewed",
+    ]  # fmt: skip
+    assert feed[0].payload["jobs"] == [job.id] and feed[3].payload["findings"] == job.findings
+    assert [e.payload["decision"] for e in feed[4:]] == ["accepted", "rejected"]
+    stored = [e for e in changes(archive, 0, 1000) if e.type == "instance.stored"]
+    assert len(stored) == len(ct) + 2  # the CT, then the SEG and SR (outcome "stored")
 
     # The push: every resource PUT to the FHIR server, the report with its latest status.
     loop = DeliveryLoop(settings, archive, subscribers_from_settings(settings, archive))

@@ -1,0 +1,198 @@
+"""The change feed's costs: the outbox row per stored instance, and webhook delivery rate.
+
+1. **Outbox cost per stored instance.** The same ingest, with and without the outbox: this
+   checkout against a checkout without it (``--without DIR``, e.g. ``git archive main | tar -x
+   -C /tmp/hilum-main``), each in a child process of its own interpreter on its own fresh
+   embedded archive (SQLite + files, FULL sync), in interleaved rounds (A B A B …). A child
+   stores ``--instances`` synthetic CT instances (256x256, 16 bit) in groups of ``--group``
+   files per ``ingest_files`` call (one index transaction each, as the group commit does under
+   load) and reports wall time and CPU time (process_time) per instance. Reported: medians and
+   ranges over the rounds, and the added cost in percent of the median.
+2. **Webhooks.** ``--events`` events written (in transactions of 100), then one delivery loop
+   delivers them to a local receiver (http.server, one thread per connection, answers 204) over
+   keep-alive connections: events per second, median and range over the rounds, and the loop's
+   CPU per event.
+
+Figures go to stdout, progress to stderr; nothing is asserted.
+
+    .venv/bin/python benchmarks/events.py --without /tmp/hilum-main [--rounds 5]
+        [--instances 400] [--group 16] [--events 2000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent.parent
+
+
+def child_ingest(instances: int, group: int) -> dict[str, float]:
+    """In a checkout's own interpreter: store ``instances`` files in groups; seconds each."""
+    from pydicom.uid import generate_uid
+
+    from config import load_settings
+    from storage.archive import open_archive
+    from storage.ingest import Received, ingest_files
+    from tests.factories import ct_instance, write_part10
+
+    with tempfile.TemporaryDirectory() as scratch:
+        root = Path(scratch)
+        files = []
+        study, series = generate_uid(), generate_uid()
+        for n in range(instances):
+            ds = ct_instance(study, series, size=256, seed=n)
+            files.append(write_part10(ds, root / f"{n}.dcm"))
+        settings = load_settings(None, server={"data_dir": root / "data"})
+        archive = open_archive(settings, migrate=True)
+        started, cpu = time.perf_counter(), time.process_time()
+        for first in range(0, len(files), group):
+            ingest_files(archive, [Received(path) for path in files[first : first + group]])
+        wall, cpu = time.perf_counter() - started, time.process_time() - cpu
+        archive.close()
+    return {"wall_per_instance_ms": wall / instances * 1000, "cpu_per_instance_ms": cpu / instances * 1000}
+
+
+def run_child(checkout: Path, instances: int, group: int) -> dict[str, float]:
+    code = (
+        "import json, sys; sys.path.insert(0, sys.argv[1]); sys.path.insert(1, sys.argv[2]);"
+        "from benchmarks_events_child import child_ingest;"
+        "print(json.dumps(child_ingest(int(sys.argv[3]), int(sys.argv[4]))))"
+    )
+    # The child imports this file's child_ingest under another name (from this checkout) but
+    # config/storage/tests from ``checkout``, first on its path.
+    helper = Path(tempfile.gettempdir()) / "benchmarks_events_child.py"
+    helper.write_text(Path(__file__).read_text())
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(checkout), str(helper.parent), str(instances), str(group)],
+        cwd=checkout,
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def webhook_rate(events: int) -> dict[str, float]:
+    sys.path.insert(0, str(HERE))
+    from config import load_settings
+    from server.events.delivery import DeliveryLoop, subscribers_from_settings
+    from storage.archive import open_archive
+    from storage.events import EventType, NewEvent, record_events
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self) -> None:  # noqa: N802
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(204)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    with tempfile.TemporaryDirectory() as scratch:
+        secret = Path(scratch) / "secret"
+        secret.write_text("benchmark-secret-0123456789")
+        settings = load_settings(
+            None,
+            server={"data_dir": Path(scratch) / "data"},
+            events={
+                "webhooks": [
+                    {
+                        "name": "bench",
+                        "url": f"http://127.0.0.1:{server.server_port}/hook",
+                        "secret_file": secret,
+                    }
+                ]
+            },
+        )
+        archive = open_archive(settings, migrate=True)
+        for first in range(0, events, 100):
+            with archive.index.write() as session:
+                record_events(
+                    session,
+                    archive.partition,
+                    [
+                        NewEvent(EventType.INSTANCE_STORED, "1.2.3", {"SOPInstanceUID": f"1.2.{n}"})
+                        for n in range(first, min(events, first + 100))
+                    ],
+                )
+        loop = DeliveryLoop(settings, archive, subscribers_from_settings(settings, archive))
+        delivered = 0
+        started, cpu = time.perf_counter(), time.process_time()
+        while delivered < events:
+            delivered += loop.step()
+        wall, cpu = time.perf_counter() - started, time.process_time() - cpu
+        archive.close()
+    server.shutdown()
+    server.server_close()
+    return {"events_per_s": events / wall, "cpu_per_event_ms": cpu / events * 1000}
+
+
+def _summary(values: list[float]) -> str:
+    return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--without", type=Path, help="a checkout without the outbox (main)")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--instances", type=int, default=400)
+    parser.add_argument("--group", type=int, default=16)
+    parser.add_argument("--events", type=int, default=2000)
+    args = parser.parse_args()
+
+    if args.without:
+        results: dict[str, list[dict[str, float]]] = {"with outbox": [], "without": []}
+        for n in range(args.rounds):
+            for label, checkout in (("with outbox", HERE), ("without", args.without)):
+                print(f"round {n + 1}: ingest {label}", file=sys.stderr)
+                results[label].append(run_child(checkout, args.instances, args.group))
+        print(
+            f"ingest of {args.instances} CT instances (256x256), groups of {args.group}, "
+            f"SQLite + files, {args.rounds} interleaved rounds: median (range)"
+        )
+        medians = {}
+        for label, rows in results.items():
+            wall = [r["wall_per_instance_ms"] for r in rows]
+            cpu = [r["cpu_per_instance_ms"] for r in rows]
+            medians[label] = (statistics.median(wall), statistics.median(cpu))
+            print(f"  {label:12} wall {_summary(wall)} ms/instance, CPU {_summary(cpu)} ms/instance")
+        added_wall = medians["with outbox"][0] / medians["without"][0] - 1
+        added_cpu = medians["with outbox"][1] / medians["without"][1] - 1
+        ratios = [
+            a["wall_per_instance_ms"] / b["wall_per_instance_ms"] - 1
+            for a, b in zip(results["with outbox"], results["without"], strict=True)
+        ]
+        print(
+            f"  outbox row: {added_wall:+.1%} wall, {added_cpu:+.1%} CPU per instance "
+            f"(per-round wall ratios {min(ratios):+.1%} to {max(ratios):+.1%})"
+        )
+
+    rates = []
+    for n in range(args.rounds):
+        print(f"round {n + 1}: webhooks", file=sys.stderr)
+        rates.append(webhook_rate(args.events))
+    print(f"webhooks: {args.events} events to one local receiver, {args.rounds} rounds")
+    print(f"  events/s {_summary([r['events_per_s'] for r in rates])}")
+    print(f"  delivery loop CPU {_summary([r['cpu_per_event_ms'] for r in rates])} ms/event")
+
+
+if __name__ == "__main__":
+    main()
