@@ -60,7 +60,10 @@ def child_ingest(instances: int, group: int) -> dict[str, float]:
             ingest_files(archive, [Received(path) for path in files[first : first + group]])
         wall, cpu = time.perf_counter() - started, time.process_time() - cpu
         archive.close()
-    return {"wall_per_instance_ms": wall / instances * 1000, "cpu_per_instance_ms": cpu / instances * 1000}
+    return {
+        "wall_per_instance_ms": wall / instances * 1000,
+        "cpu_per_instance_ms": cpu / instances * 1000,
+    }
 
 
 def run_child(checkout: Path, instances: int, group: int) -> dict[str, float]:
@@ -173,7 +176,9 @@ def main() -> None:
             wall = [r["wall_per_instance_ms"] for r in rows]
             cpu = [r["cpu_per_instance_ms"] for r in rows]
             medians[label] = (statistics.median(wall), statistics.median(cpu))
-            print(f"  {label:12} wall {_summary(wall)} ms/instance, CPU {_summary(cpu)} ms/instance")
+            print(
+                f"  {label:12} wall {_summary(wall)} ms/instance, CPU {_summary(cpu)} ms/instance"
+            )
         added_wall = medians["with outbox"][0] / medians["without"][0] - 1
         added_cpu = medians["with outbox"][1] / medians["without"][1] - 1
         ratios = [

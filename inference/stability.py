@@ -30,8 +30,8 @@ from config import Settings
 from inference.rules import models_for_series, series_for_model_by_hand, why_no_model
 from storage.archive import Archive
 from storage.errors import Conflict, StorageUnavailable
-from storage.index.models import InferenceJob
 from storage.events import EventType, NewEvent, record_events
+from storage.index.models import InferenceJob
 from storage.jobs import Job, as_utc, enqueue, job_event, utc_now
 from storage.stability import (
     lock_newly_stable,

@@ -122,7 +122,10 @@ def find_patients(archive: Archive, *, identifier: str | None = None) -> list[Pa
     if identifier is not None:
         statement = statement.where(Patient.patient_id == identifier)
     with archive.index.read() as session:
-        return [_patient(row) for row in session.scalars(statement.order_by(Patient.id).limit(MAX_RESULTS))]
+        return [
+            _patient(row)
+            for row in session.scalars(statement.order_by(Patient.id).limit(MAX_RESULTS))
+        ]
 
 
 def find_studies(
@@ -150,7 +153,13 @@ def find_studies(
             select(Series, Instance)
             .join(Instance, Instance.series_pk == Series.id)
             .where(Series.study_pk.in_([study.id for study, _ in found]))
-            .order_by(Series.study_pk, Series.series_number, Series.id, Instance.instance_number, Instance.id)
+            .order_by(
+                Series.study_pk,
+                Series.series_number,
+                Series.id,
+                Instance.instance_number,
+                Instance.id,
+            )
         ).all()
         by_study: dict[int, dict[int, SeriesRecord]] = {}
         for series, instance in series_rows:
@@ -166,7 +175,9 @@ def find_studies(
                 )
                 by_study[series.study_pk][series.id] = record
             record.instances.append(
-                InstanceRecord(instance.sop_instance_uid, instance.sop_class_uid, instance.instance_number)
+                InstanceRecord(
+                    instance.sop_instance_uid, instance.sop_class_uid, instance.instance_number
+                )
             )
         return [
             StudyRecord(

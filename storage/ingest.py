@@ -34,8 +34,8 @@ from storage.dicom_file import (
     metadata_json,
     read_instance_header,
 )
-from storage.events import EventType, NewEvent, record_events
 from storage.errors import InvalidInstance, SOPClassMismatch, StorageError, StorageUnavailable
+from storage.events import EventType, NewEvent, record_events
 from storage.index.models import UI, Instance, Patient, Series, Study
 from storage.limits import refuse_too_complex
 
@@ -397,7 +397,9 @@ def _write_rows(
                 else:
                     retry.append(item)
         # The outbox: one event per instance written, committed with its row (last statement).
-        record_events(connection, partition, [_stored_event(item, stored) for item, stored in written])
+        record_events(
+            connection, partition, [_stored_event(item, stored) for item, stored in written]
+        )
     return written, retry
 
 

@@ -105,7 +105,10 @@ def claim(archive: Archive, name: str, owner: str, lease_s: float, now: datetime
                     EventSubscriber.lease_owner == "",
                     EventSubscriber.lease_expires_at < now,
                 ),
-                or_(EventSubscriber.next_attempt_at.is_(None), EventSubscriber.next_attempt_at <= now),
+                or_(
+                    EventSubscriber.next_attempt_at.is_(None),
+                    EventSubscriber.next_attempt_at <= now,
+                ),
             )
             .values(lease_owner=owner, lease_expires_at=now + timedelta(seconds=lease_s))
         ).rowcount

@@ -50,10 +50,15 @@ def events_blueprint(settings: Settings, archive: Archive) -> Blueprint:
         types = args.getlist("type")
         unknown = [t for t in types if t not in event_types()]
         if unknown:
-            raise InvalidQuery(f"unknown event type {unknown[0]!r}: one of {', '.join(event_types())}")
+            raise InvalidQuery(
+                f"unknown event type {unknown[0]!r}: one of {', '.join(event_types())}"
+            )
         found = changes(archive.scoped(http_context().partition), since, limit, types=types)
         return jsonify(
-            {"events": [event.as_json() for event in found], "next": found[-1].id if found else since}
+            {
+                "events": [event.as_json() for event in found],
+                "next": found[-1].id if found else since,
+            }
         )
 
     @blueprint.get("/webhooks")
@@ -85,7 +90,9 @@ def events_blueprint(settings: Settings, archive: Archive) -> Blueprint:
         state = request.args.get("state") or None
         if state not in (None, "dead", "replay", "replayed"):
             raise InvalidQuery("state must be dead, replay or replayed")
-        return jsonify([letter.as_json() for letter in outbox.dead_letters(archive, name, state=state)])
+        return jsonify(
+            [letter.as_json() for letter in outbox.dead_letters(archive, name, state=state)]
+        )
 
     @blueprint.post("/webhooks/<name>/dead-letters/<int:dead_letter_id>/replay")
     @requires(Action.ADMIN)

@@ -11,6 +11,7 @@ over when its leases expire (``[events] lease_s``). The loop also prunes events 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -96,10 +97,8 @@ class DeliveryLoop:
                     stop.wait(self.settings.poll_interval_s)
         finally:
             for subscriber in self.subscribers:
-                try:
+                with contextlib.suppress(StorageError):  # else its lease expires on its own
                     outbox.release(self.archive, subscriber.name, self.owner)
-                except StorageError:
-                    pass  # its lease expires on its own
 
     def step(self, stop: threading.Event | None = None) -> int:
         """One pass over every subscriber: the events delivered."""
@@ -143,7 +142,9 @@ class DeliveryLoop:
         self._save(subscriber, cursor, position, taken)
         return delivered + taken
 
-    def _save(self, subscriber: Subscriber, cursor: outbox.Cursor, position: int, taken: int) -> None:
+    def _save(
+        self, subscriber: Subscriber, cursor: outbox.Cursor, position: int, taken: int
+    ) -> None:
         if position == cursor.position:
             return
         if not outbox.advance(
@@ -180,7 +181,9 @@ class DeliveryLoop:
                 error,
             )
         else:
-            log.info("%s: event %d not delivered, retried later: %s", subscriber.name, event.id, error)
+            log.info(
+                "%s: event %d not delivered, retried later: %s", subscriber.name, event.id, error
+            )
 
     def _replay(self, subscriber: Subscriber) -> int:
         """Deliver the dead letters an administrator asked to replay; how many were taken."""

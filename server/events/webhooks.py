@@ -2,7 +2,7 @@
 
 The signature header follows the Stripe style::
 
-    Hilum-Signature: t=1767225600,v1=5257a869e7ecebeda32affa62cdca3fa51cad7e77a0e56ff536d0ce8e108d8bd
+    Hilum-Signature: t=1767225600,v1=5257a869e7ec…(64 hex digits)
 
 ``t`` is the Unix time of the attempt; ``v1`` is the hex HMAC-SHA256, keyed with the webhook's
 secret, of ``"{t}." + body`` (the body's bytes exactly as received). A receiver recomputes it,
@@ -38,7 +38,9 @@ def sign(secret: str, timestamp: int, body: bytes) -> str:
     return f"t={timestamp},v1={mac.hexdigest()}"
 
 
-def verify(secret: str, header: str, body: bytes, *, tolerance_s: float = 300, now: float | None = None) -> bool:
+def verify(
+    secret: str, header: str, body: bytes, *, tolerance_s: float = 300, now: float | None = None
+) -> bool:
     """What a receiver does (the tests use it): the header's signature is ``body``'s under
     ``secret``, made within ``tolerance_s`` of ``now``."""
     fields = dict(part.split("=", 1) for part in header.split(",") if "=" in part)

@@ -78,7 +78,9 @@ def base_url(settings: Settings) -> str:
 def _patient_pk(value: str) -> int:
     reference = value.removeprefix("Patient/")
     if not reference.startswith("patient-") or not reference[8:].isdigit():
-        raise FhirError(400, "invalid", f"patient must be patient-N or Patient/patient-N, not {value[:80]!r}")
+        raise FhirError(
+            400, "invalid", f"patient must be patient-N or Patient/patient-N, not {value[:80]!r}"
+        )
     pk = int(reference[8:])
     if pk >= 2**63:
         raise FhirError(400, "invalid", "no such patient id")
@@ -93,7 +95,9 @@ def _updated_filter(values: list[str]) -> Any:
         try:
             moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
         except ValueError:
-            raise FhirError(400, "invalid", f"_lastUpdated {value[:40]!r} is not a FHIR dateTime") from None
+            raise FhirError(
+                400, "invalid", f"_lastUpdated {value[:40]!r} is not a FHIR dateTime"
+            ) from None
         if moment.tzinfo is None:
             moment = moment.replace(tzinfo=UTC)
         if prefix in ("", "eq") and len(text) == 10:  # a whole day
@@ -133,7 +137,9 @@ def fhir_blueprint(settings: Settings, archive: Archive) -> Blueprint:
     @blueprint.get("/<resource_type>/<resource_id>")
     @requires(Action.QUERY)
     def read(resource_type: str, resource_id: str) -> Response:
-        found = search(scoped(), settings, resource_type, {"_id": [resource_id]}, base_url(settings))
+        found = search(
+            scoped(), settings, resource_type, {"_id": [resource_id]}, base_url(settings)
+        )
         if not found:
             raise FhirError(404, "not-found", f"no {resource_type}/{resource_id[:80]}")
         return _response(found[0])
@@ -175,10 +181,19 @@ def search(
     """The resources of ``resource_type`` matching every parameter (AND), built and valid."""
     allowed = SEARCH_PARAMETERS.get(resource_type)
     if allowed is None:
-        raise FhirError(404, "not-supported", f"Hilum serves {', '.join(SEARCH_PARAMETERS)}, not {resource_type[:40]!r}")
+        raise FhirError(
+            404,
+            "not-supported",
+            f"Hilum serves {', '.join(SEARCH_PARAMETERS)}, not {resource_type[:40]!r}",
+        )
     unknown = sorted(set(parameters) - allowed)
     if unknown:
-        raise FhirError(400, "not-supported", f"{resource_type} cannot be searched by {unknown[0]!r}; by {', '.join(sorted(allowed))}")
+        raise FhirError(
+            400,
+            "not-supported",
+            f"{resource_type} cannot be searched by {unknown[0]!r}; "
+            f"by {', '.join(sorted(allowed))}",
+        )
     patient = None
     for key in ("patient", "subject"):
         for value in parameters.get(key, []):
@@ -195,7 +210,9 @@ def search(
             records = [r for r in (get_patient(archive, pk) for pk in pks) if r is not None]
         else:
             identifier = (parameters.get("identifier") or [None])[0]
-            records = find_patients(archive, identifier=identifier.split("|")[-1] if identifier else None)
+            records = find_patients(
+                archive, identifier=identifier.split("|")[-1] if identifier else None
+            )
         return [build_patient(record) for record in records]
     if resource_type == "ImagingStudy":
         uids = list(ids or [])
@@ -204,16 +221,24 @@ def search(
         if any(not is_valid_uid(uid) for uid in uids):
             return []
         studies = find_studies(archive, study_instance_uids=uids or None, patient_pk=patient)
-        found = [build_imaging_study(study, base) for study in studies if updated(study.last_updated)]
+        found = [
+            build_imaging_study(study, base) for study in studies if updated(study.last_updated)
+        ]
         return found
     # DiagnosticReport and Observation: from the done AI jobs.
     studies_wanted = parameters.get("study")
     job_ids = None
     if resource_type == "DiagnosticReport" and ids:
-        job_ids = [int(i[3:]) for i in ids if i.startswith("ai-") and i[3:].isdigit() and int(i[3:]) < 2**63]
+        job_ids = [
+            int(i[3:])
+            for i in ids
+            if i.startswith("ai-") and i[3:].isdigit() and int(i[3:]) < 2**63
+        ]
         if not job_ids:
             return []
-    reports = find_reports(archive, job_ids=job_ids, study_instance_uids=studies_wanted, patient_pk=patient)
+    reports = find_reports(
+        archive, job_ids=job_ids, study_instance_uids=studies_wanted, patient_pk=patient
+    )
     statuses = set(parameters.get("status", []))
     if resource_type == "DiagnosticReport":
         wanted_identifiers = {v.split("|")[-1] for v in parameters.get("identifier", [])}
@@ -224,7 +249,10 @@ def search(
                 continue
             if statuses and resource.status not in statuses:
                 continue
-            if wanted_identifiers and f"urn:oid:{report.report_sop_instance_uid}" not in wanted_identifiers:
+            if (
+                wanted_identifiers
+                and f"urn:oid:{report.report_sop_instance_uid}" not in wanted_identifiers
+            ):
                 continue
             found.append(resource)
         return found

@@ -34,7 +34,9 @@ class FhirPushSubscriber:
 
     def __init__(self, settings: Settings, archive: Archive, http: urllib3.PoolManager) -> None:
         self._url = settings.fhir.push_url.rstrip("/")
-        self._base = settings.fhir.public_url or f"http://{settings.server.host}:{settings.http.port}"
+        self._base = (
+            settings.fhir.public_url or f"http://{settings.server.host}:{settings.http.port}"
+        )
         self._archive = archive
         self._http = http
         self._timeout = urllib3.Timeout(connect=5.0, read=settings.events.timeout_s)
@@ -48,7 +50,10 @@ class FhirPushSubscriber:
         if not studies:
             return []
         (study,) = studies
-        resources: list[Any] = [build_patient(study.patient), build_imaging_study(study, self._base)]
+        resources: list[Any] = [
+            build_patient(study.patient),
+            build_imaging_study(study, self._base),
+        ]
         if event.type == EventType.STUDY_STABLE:
             return resources
         job = event.payload.get("job")
@@ -67,7 +72,10 @@ class FhirPushSubscriber:
                     "PUT",
                     url,
                     body=resource.model_dump_json().encode(),
-                    headers={"Content-Type": "application/fhir+json", "Accept": "application/fhir+json"},
+                    headers={
+                        "Content-Type": "application/fhir+json",
+                        "Accept": "application/fhir+json",
+                    },
                     timeout=self._timeout,
                     retries=False,
                     redirect=False,

@@ -253,11 +253,7 @@ def build_diagnostic_report(report: ReportRecord) -> DiagnosticReport:
         "meta": _meta(report.last_updated),
         "status": report_status(report),
         "category": [
-            {
-                "coding": [
-                    {"system": "http://terminology.hl7.org/CodeSystem/v2-0074", "code": "RAD"}
-                ]
-            }
+            {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0074", "code": "RAD"}]}
         ],
         # LOINC 18748-4 Diagnostic imaging study.
         "code": {"coding": [{"system": LOINC, "code": "18748-4"}], "text": _method(report)},

@@ -7,8 +7,8 @@ import threading
 from pathlib import Path
 
 import pytest
-from sqlalchemy import text
 from pydicom.uid import generate_uid
+from sqlalchemy import text
 
 from storage.archive import Archive
 from storage.delete import delete_series, delete_study

@@ -47,9 +47,7 @@ def webhook_settings(tmp_path: Path, receiver: Receiver, **events: object) -> Se
     secret = tmp_path / "webhook-secret"
     secret.write_text(SECRET + "\n")
     webhook = {"name": "engine", "url": receiver.url, "secret_file": secret}
-    return make_settings(
-        tmp_path, events={"webhooks": [webhook], **FAST_RETRIES, **events}
-    )
+    return make_settings(tmp_path, events={"webhooks": [webhook], **FAST_RETRIES, **events})
 
 
 @pytest.fixture
@@ -168,7 +166,8 @@ def test_a_killed_hilum_loses_no_event(tmp_path: Path, receiver: Receiver) -> No
     config = tmp_path / "hilum.toml"
     config.write_text(
         # lease_s: the killed serve held the lease; `hilum events` takes it over once expired.
-        "[events]\npoll_interval_s = 0.05\nretry_backoff_s = 0.05\nmax_backoff_s = 0.2\nlease_s = 2\n"
+        "[events]\npoll_interval_s = 0.05\nretry_backoff_s = 0.05\nmax_backoff_s = 0.2\n"
+        "lease_s = 2\n"
         f'[[events.webhooks]]\nname = "engine"\nurl = "{receiver.url}"\n'
         'secret_env = "HILUM_TEST_WEBHOOK_SECRET"\n'
     )
@@ -179,9 +178,7 @@ def test_a_killed_hilum_loses_no_event(tmp_path: Path, receiver: Receiver) -> No
         HILUM_INFERENCE__SERVE_WORKER="false",
     )
     study = generate_uid()
-    files = [
-        write_part10(ct_instance(study, seed=n), tmp_path / f"{n}.dcm") for n in range(6)
-    ]
+    files = [write_part10(ct_instance(study, seed=n), tmp_path / f"{n}.dcm") for n in range(6)]
     serve = subprocess.Popen([*HILUM, "serve"], env=env, stdout=subprocess.PIPE, text=True)
     try:
         assert serve.stdout is not None and "Hilum is listening" in serve.stdout.readline()
