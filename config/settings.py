@@ -389,6 +389,33 @@ class FhirSettings(_Section):
     push_url: str = Field("", pattern=r"^(https?://.*)?$")
 
 
+class RoutingRule(_Section):
+    """Forward what ``match`` matches to ``destination`` (``[[routing.rules]]``), by C-STORE,
+    through the change feed (in order, retried, dead-lettered like a webhook)."""
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]{0,41}$")
+    # DICOM matching as C-FIND's (PS3.4 C.2.2.2) on the index's keys, e.g. {Modality = "CT"},
+    # {BodyPartExamined = "CHEST", StudyDescription = "*THORAX*"}; empty: everything.
+    match: dict[str, str] = Field(default_factory=dict)
+    destination: str  # the AE title of a [[dimse.peers]] entry
+    # "instance": each matching instance once stored; "study": the study's matching instances
+    # once it is stable (again after each change: the destination receives it anew).
+    level: Literal["instance", "study"] = "instance"
+    partitions: list[str] = Field(default_factory=list)  # empty: every partition
+
+
+class RoutingSettings(_Section):
+    rules: list[RoutingRule] = Field(default_factory=list)
+
+    @field_validator("rules")
+    @classmethod
+    def _unique_names(cls, rules: list[RoutingRule]) -> list[RoutingRule]:
+        names = [rule.name for rule in rules]
+        if len(set(names)) != len(names):
+            raise ValueError(f"[[routing.rules]] names must be unique: {names}")
+        return rules
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="HILUM_", env_nested_delimiter="__", extra="forbid"
@@ -405,6 +432,7 @@ class Settings(BaseSettings):
     web: WebSettings = Field(default_factory=WebSettings)
     events: EventsSettings = Field(default_factory=EventsSettings)
     fhir: FhirSettings = Field(default_factory=FhirSettings)
+    routing: RoutingSettings = Field(default_factory=RoutingSettings)
 
     @classmethod
     def settings_customise_sources(
@@ -439,6 +467,16 @@ class Settings(BaseSettings):
         if self.storage.blob_url:
             return self.storage.blob_url
         return f"file://{(self.server.data_dir / 'blobs').resolve()}"
+
+    @model_validator(mode="after")
+    def _routing_destinations_are_peers(self) -> Settings:
+        for rule in self.routing.rules:
+            if self.dimse.peer(rule.destination) is None:
+                raise ValueError(
+                    f"routing rule {rule.name}: destination {rule.destination!r} is not a "
+                    "[[dimse.peers]] ae_title"
+                )
+        return self
 
     @model_validator(mode="after")
     def _no_placeholder_secret_beyond_loopback(self) -> Settings:

@@ -37,6 +37,7 @@ def events_blueprint(settings: Settings, archive: Archive) -> Blueprint:
     subscribers = {webhook.name for webhook in settings.events.webhooks}
     if settings.fhir.push_url:
         subscribers.add("fhir-push")
+    subscribers |= {f"route-{rule.name}" for rule in settings.routing.rules}
 
     @blueprint.get("/changes")
     @requires(Action.QUERY)

@@ -46,7 +46,8 @@ class Subscriber(Protocol):
 
 
 def subscribers_from_settings(settings: Settings, archive: Archive) -> list[Subscriber]:
-    """The configured webhooks, and the FHIR push when ``[fhir] push_url`` is set."""
+    """The configured webhooks, the FHIR push when ``[fhir] push_url`` is set, and one
+    subscriber per routing rule (``[[routing.rules]]``)."""
     http = urllib3.PoolManager(maxsize=4, retries=False)
     found: list[Subscriber] = [
         WebhookSubscriber(webhook, http, settings.events.timeout_s)
@@ -56,6 +57,10 @@ def subscribers_from_settings(settings: Settings, archive: Archive) -> list[Subs
         from server.fhir.push import FhirPushSubscriber
 
         found.append(FhirPushSubscriber(settings, archive, http))
+    if settings.routing.rules:
+        from server.events.routing import RouteSubscriber
+
+        found += [RouteSubscriber(rule, settings, archive) for rule in settings.routing.rules]
     return found
 
 
