@@ -6,6 +6,7 @@
 ``GET /fhir/{type}?…``                      a searchset Bundle (at most 500 entries), by
     ``_id``, ``patient`` / ``subject`` (``patient-N`` or ``Patient/patient-N``),
     ``_lastUpdated`` (``gt``/``ge``/``lt``/``le`` + a FHIR dateTime; a bare date: that day),
+    ``_count`` (the first N entries; ``total`` counts all; no paging links),
     ``identifier`` (ImagingStudy: ``urn:oid:<StudyInstanceUID>``, with or without
     ``urn:dicom:uid|``; DiagnosticReport: its SR's ``urn:oid:<SOP Instance UID>``; Patient:
     the Patient ID), ``study`` (DiagnosticReport, Observation: a StudyInstanceUID; Hilum's own
@@ -150,11 +151,18 @@ def fhir_blueprint(settings: Settings, archive: Archive) -> Blueprint:
         parameters = {key: request.args.getlist(key) for key in request.args}
         base = base_url(settings)
         found = search(scoped(), settings, resource_type, parameters, base)
+        total = len(found)
+        if "_count" in parameters:
+            try:
+                count = int(parameters["_count"][0])
+            except ValueError:
+                raise FhirError(400, "invalid", "_count must be an integer") from None
+            found = found[: max(0, count)]
         bundle = Bundle.model_validate(
             {
                 "resourceType": "Bundle",
                 "type": "searchset",
-                "total": len(found),
+                "total": total,
                 "link": [{"relation": "self", "url": request.url}],
                 "entry": [
                     {

@@ -132,6 +132,8 @@ def test_ai_results_as_fhir_resources(
         )
         assert [e.resource.id for e in bundle.entry] == [study], query
     assert get(client, "/fhir/ImagingStudy?_lastUpdated=lt2020-01-01")["total"] == 0
+    first = get(client, f"/fhir/Observation?study={study}&_count=1")
+    assert len(first["entry"]) == 1 and first["total"] == len(report.result)
     assert get(client, "/fhir/ImagingStudy?patient=patient-999999")["total"] == 0
     assert get(client, f"/fhir/Observation?patient={patient.id}")["total"] == len(observations)
     assert get(client, "/fhir/ImagingStudy?modality=CT", 400)["resourceType"] == "OperationOutcome"
