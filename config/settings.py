@@ -284,6 +284,9 @@ class InferencePriority(_Section):
 class InferenceSettings(_Section):
     # A study with no new instance for this long becomes stable and its jobs are queued.
     stable_after_s: float = Field(30.0, ge=0)
+    # A study is stable as soon as every series holds the number of instances its first instance
+    # announces in Images in Acquisition (0020,1002), without waiting stable_after_s.
+    announced_completion: bool = True
     models_dirs: list[Path] = Field(default_factory=lambda: [REFERENCE_MODELS_DIR])
     rules: list[InferenceRule] = Field(default_factory=lambda: [InferenceRule()])
     priority: InferencePriority = Field(default_factory=InferencePriority)

@@ -1,5 +1,8 @@
 """Study stability: a study with no new instance for ``[inference] stable_after_s`` seconds is
 stable, and the jobs the rules pick for its series are queued in the transaction that marks it so.
+Sooner, with ``[inference] announced_completion``: a study whose every series holds as many
+instances as the modality announced in Images in Acquisition (0020,1002) is stable at once; the
+quiet period stays the rule for series that announce nothing (and for Hilum's own results).
 
 A study is marked stable by copying its ``last_instance_at`` into ``stable_last_instance_at``;
 a new instance changes ``last_instance_at`` and so makes the study unstable again. When it is
@@ -34,6 +37,7 @@ from storage.events import EventType, NewEvent, record_events
 from storage.index.models import InferenceJob
 from storage.jobs import Job, as_utc, enqueue, job_event, utc_now
 from storage.stability import (
+    announced_complete_studies,
     lock_newly_stable,
     mark_stable,
     newly_stable_studies,
@@ -63,11 +67,16 @@ def queue_stable_studies(
     that cannot be reached (:class:`StorageUnavailable`) ends the scan."""
     now = now or utc_now()
     cutoff = now - timedelta(seconds=settings.inference.stable_after_s)
-    candidates = newly_stable_studies(archive, cutoff, limit)
+    # Quiet for stable_after_s; or, sooner, every series complete as its modality announced.
+    candidates = [(pk, uid, cutoff) for pk, uid in newly_stable_studies(archive, cutoff, limit)]
+    if settings.inference.announced_completion:
+        candidates += [
+            (pk, uid, now) for pk, uid in announced_complete_studies(archive, cutoff, limit)
+        ]
     queued: list[Job] = []
-    for study_pk, study_uid in candidates:
+    for study_pk, study_uid, study_cutoff in candidates:
         try:
-            queued += _queue_if_stable(archive, settings, models, study_pk, cutoff)
+            queued += _queue_if_stable(archive, settings, models, study_pk, study_cutoff)
         except StorageUnavailable:
             raise
         except Exception:
