@@ -128,13 +128,32 @@ def find_patients(archive: Archive, *, identifier: str | None = None) -> list[Pa
         ]
 
 
+def job_ids_of(
+    archive: Archive,
+    *,
+    tracking_uids: Sequence[str] | None = None,
+    report_uids: Sequence[str] | None = None,
+) -> list[int]:
+    """The jobs whose findings have these Tracking UIDs, or whose SR is one of these."""
+    statement = select(AIFinding.job_id).where(AIFinding.partition == archive.partition)
+    if tracking_uids is not None:
+        statement = statement.where(AIFinding.tracking_uid.in_(list(tracking_uids)))
+    if report_uids is not None:
+        statement = statement.where(AIFinding.report_sop_instance_uid.in_(list(report_uids)))
+    with archive.index.read() as session:
+        return sorted(set(session.scalars(statement.limit(MAX_RESULTS))))
+
+
 def find_studies(
     archive: Archive,
     *,
     study_instance_uids: Sequence[str] | None = None,
     patient_pk: int | None = None,
+    updated_after: datetime | None = None,
+    limit: int = MAX_RESULTS,
 ) -> list[StudyRecord]:
-    """Studies (newest activity first) with their series and instances, at most 500."""
+    """Studies (newest activity first) with their series and instances, at most ``limit``
+    (at most 500): each holds every instance row of the study, so pages stay small."""
     statement = (
         select(Study, Patient)
         .join(Patient, Study.patient_pk == Patient.id)
@@ -144,7 +163,11 @@ def find_studies(
         statement = statement.where(Study.study_instance_uid.in_(list(study_instance_uids)))
     if patient_pk is not None:
         statement = statement.where(Study.patient_pk == patient_pk)
-    statement = statement.order_by(Study.last_instance_at.desc(), Study.id).limit(MAX_RESULTS)
+    if updated_after is not None:
+        statement = statement.where(Study.last_instance_at >= updated_after)
+    statement = statement.order_by(Study.last_instance_at.desc(), Study.id).limit(
+        max(1, min(limit, MAX_RESULTS))
+    )
     with archive.index.read() as session:
         found = session.execute(statement).all()
         if not found:

@@ -39,10 +39,19 @@ from server.fhir.resources import (
 from storage.archive import Archive
 from storage.dicom_file import is_valid_uid
 from storage.errors import StorageError
-from storage.fhir import find_patients, find_reports, find_studies, get_patient
+from storage.fhir import (
+    MAX_RESULTS,
+    find_patients,
+    find_reports,
+    find_studies,
+    get_patient,
+    job_ids_of,
+)
 
 FHIR_JSON = "application/fhir+json"
 _COMMON = {"_id", "patient", "subject", "_lastUpdated", "_count", "_format"}
+# Entries of a searchset when _count does not say (each ImagingStudy lists all its instances).
+DEFAULT_COUNT = 50
 SEARCH_PARAMETERS = {
     "ImagingStudy": _COMMON | {"identifier"},
     "DiagnosticReport": _COMMON | {"identifier", "study", "status"},
@@ -88,7 +97,8 @@ def _patient_pk(value: str) -> int:
     return pk
 
 
-def _updated_filter(values: list[str]) -> Any:
+def _updated_filter(values: list[str]) -> tuple[Any, datetime | None]:
+    """A test of a resource's lastUpdated, and the earliest time it can pass (for SQL)."""
     bounds: list[tuple[str, datetime]] = []
     for value in values:
         prefix = value[:2] if value[:2] in ("gt", "ge", "lt", "le", "eq") else ""
@@ -111,7 +121,8 @@ def _updated_filter(values: list[str]) -> Any:
         "lt": lambda a, b: a < b,
         "le": lambda a, b: a <= b,
     }
-    return lambda updated: all(tests[p](updated, m) for p, m in bounds)
+    lower = max((m for p, m in bounds if p in ("gt", "ge")), default=None)
+    return (lambda updated: all(tests[p](updated, m) for p, m in bounds)), lower
 
 
 def fhir_blueprint(settings: Settings, archive: Archive) -> Blueprint:
@@ -150,19 +161,20 @@ def fhir_blueprint(settings: Settings, archive: Archive) -> Blueprint:
     def search_type(resource_type: str) -> Response:
         parameters = {key: request.args.getlist(key) for key in request.args}
         base = base_url(settings)
-        found = search(scoped(), settings, resource_type, parameters, base)
-        total = len(found)
-        if "_count" in parameters:
-            try:
-                count = int(parameters["_count"][0])
-            except ValueError:
-                raise FhirError(400, "invalid", "_count must be an integer") from None
-            found = found[: max(0, count)]
+        try:
+            count = int(parameters.get("_count", [DEFAULT_COUNT])[0])
+        except ValueError:
+            raise FhirError(400, "invalid", "_count must be an integer") from None
+        count = max(0, min(count, MAX_RESULTS))
+        # One more than asked: whether there were more (then no total: it is not known).
+        found = search(scoped(), settings, resource_type, parameters, base, limit=count + 1)
+        total = len(found) if len(found) <= count else None
+        found = found[:count]
         bundle = Bundle.model_validate(
             {
                 "resourceType": "Bundle",
                 "type": "searchset",
-                "total": total,
+                **({"total": total} if total is not None else {}),
                 "link": [{"relation": "self", "url": request.url}],
                 "entry": [
                     {
@@ -185,8 +197,11 @@ def search(
     resource_type: str,
     parameters: dict[str, list[str]],
     base: str,
+    *,
+    limit: int = MAX_RESULTS,
 ) -> list[Any]:
-    """The resources of ``resource_type`` matching every parameter (AND), built and valid."""
+    """The resources of ``resource_type`` matching every parameter (AND), built and valid;
+    ImagingStudy: at most ``limit``."""
     allowed = SEARCH_PARAMETERS.get(resource_type)
     if allowed is None:
         raise FhirError(
@@ -210,7 +225,7 @@ def search(
                 return []
             patient = pk
     ids = parameters.get("_id")
-    updated = _updated_filter(parameters.get("_lastUpdated", []))
+    updated, updated_after = _updated_filter(parameters.get("_lastUpdated", []))
     found: list[Any]
     if resource_type == "Patient":
         if ids:
@@ -228,7 +243,13 @@ def search(
             uids.append(value.split("|")[-1].removeprefix("urn:oid:"))
         if any(not is_valid_uid(uid) for uid in uids):
             return []
-        studies = find_studies(archive, study_instance_uids=uids or None, patient_pk=patient)
+        studies = find_studies(
+            archive,
+            study_instance_uids=uids or None,
+            patient_pk=patient,
+            updated_after=updated_after,
+            limit=limit,
+        )
         found = [
             build_imaging_study(study, base) for study in studies if updated(study.last_updated)
         ]
@@ -236,12 +257,24 @@ def search(
     # DiagnosticReport and Observation: from the done AI jobs.
     studies_wanted = parameters.get("study")
     job_ids = None
+    if resource_type == "Observation" and ids:
+        job_ids = job_ids_of(archive, tracking_uids=ids)
+        if not job_ids:
+            return []
+    identifiers = [
+        v.split("|")[-1].removeprefix("urn:oid:") for v in parameters.get("identifier", [])
+    ]
+    if resource_type == "DiagnosticReport" and identifiers:
+        job_ids = job_ids_of(archive, report_uids=identifiers)
+        if not job_ids:
+            return []
     if resource_type == "DiagnosticReport" and ids:
-        job_ids = [
+        named = [
             int(i[3:])
             for i in ids
             if i.startswith("ai-") and i[3:].isdigit() and int(i[3:]) < 2**63
         ]
+        job_ids = named if job_ids is None else sorted(set(job_ids) & set(named))
         if not job_ids:
             return []
     reports = find_reports(
@@ -249,18 +282,12 @@ def search(
     )
     statuses = set(parameters.get("status", []))
     if resource_type == "DiagnosticReport":
-        wanted_identifiers = {v.split("|")[-1] for v in parameters.get("identifier", [])}
         found = []
         for report in reports:
             resource = build_diagnostic_report(report)
             if not updated(report.last_updated):
                 continue
             if statuses and resource.status not in statuses:
-                continue
-            if (
-                wanted_identifiers
-                and f"urn:oid:{report.report_sop_instance_uid}" not in wanted_identifiers
-            ):
                 continue
             found.append(resource)
         return found

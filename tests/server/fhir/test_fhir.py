@@ -132,8 +132,13 @@ def test_ai_results_as_fhir_resources(
         )
         assert [e.resource.id for e in bundle.entry] == [study], query
     assert get(client, "/fhir/ImagingStudy?_lastUpdated=lt2020-01-01")["total"] == 0
-    first = get(client, f"/fhir/Observation?study={study}&_count=1")
-    assert len(first["entry"]) == 1 and first["total"] == len(report.result)
+    # _count: the first N; past it the total is not known, so not given.
+    page = get(client, f"/fhir/Observation?study={study}&_count={len(report.result)}")
+    assert len(page["entry"]) == page["total"] == len(report.result)
+    page = get(client, f"/fhir/Observation?study={study}&_count={len(report.result) - 1}")
+    assert len(page.get("entry", [])) == len(report.result) - 1 and "total" not in page
+    by_identifier = get(client, f"/fhir/DiagnosticReport?identifier={report.identifier[0].value}")
+    assert [e["resource"]["id"] for e in by_identifier["entry"]] == [report.id]
     assert get(client, "/fhir/ImagingStudy?patient=patient-999999")["total"] == 0
     assert get(client, f"/fhir/Observation?patient={patient.id}")["total"] == len(observations)
     assert get(client, "/fhir/ImagingStudy?modality=CT", 400)["resourceType"] == "OperationOutcome"
