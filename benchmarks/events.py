@@ -17,11 +17,17 @@ Figures go to stdout, progress to stderr; nothing is asserted.
 
     .venv/bin/python benchmarks/events.py --without /tmp/hilum-main [--rounds 5]
         [--instances 400] [--group 16] [--events 2000]
+        [--postgres postgresql+psycopg://postgres@127.0.0.1:5432/postgres --threads 4]
+        [--skip-webhooks]
+
+   With ``--postgres`` and ``--threads``, the concurrent writers' commits wait for one another
+   at the event writers' lock (``storage/events.py``): the cost of ids in commit order.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -30,6 +36,8 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -37,8 +45,14 @@ from typing import Any
 HERE = Path(__file__).resolve().parent.parent
 
 
-def child_ingest(instances: int, group: int) -> dict[str, float]:
-    """In a checkout's own interpreter: store ``instances`` files in groups; seconds each."""
+def child_ingest(
+    instances: int, group: int, database_url: str = "", threads: int = 1
+) -> dict[str, float]:
+    """In a checkout's own interpreter: store ``instances`` files in groups, from ``threads``
+    threads at once (each its own transactions, as separate DIMSE processes would be), into
+    the embedded SQLite index or ``database_url``; seconds each."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from pydicom.uid import generate_uid
 
     from config import load_settings
@@ -53,11 +67,21 @@ def child_ingest(instances: int, group: int) -> dict[str, float]:
         for n in range(instances):
             ds = ct_instance(study, series, size=256, seed=n)
             files.append(write_part10(ds, root / f"{n}.dcm"))
-        settings = load_settings(None, server={"data_dir": root / "data"})
+        settings = load_settings(
+            None,
+            server={"data_dir": root / "data"},
+            storage={"database_url": database_url},
+        )
         archive = open_archive(settings, migrate=True)
+        groups = [files[first : first + group] for first in range(0, len(files), group)]
+
+        def store(mine: list[list[Path]]) -> None:
+            for paths in mine:
+                ingest_files(archive, [Received(path) for path in paths])
+
         started, cpu = time.perf_counter(), time.process_time()
-        for first in range(0, len(files), group):
-            ingest_files(archive, [Received(path) for path in files[first : first + group]])
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(store, [groups[n::threads] for n in range(threads)]))
         wall, cpu = time.perf_counter() - started, time.process_time() - cpu
         archive.close()
     return {
@@ -66,18 +90,31 @@ def child_ingest(instances: int, group: int) -> dict[str, float]:
     }
 
 
-def run_child(checkout: Path, instances: int, group: int) -> dict[str, float]:
+def run_child(
+    checkout: Path, instances: int, group: int, database_url: str = "", threads: int = 1
+) -> dict[str, float]:
     code = (
         "import json, sys; sys.path.insert(0, sys.argv[1]); sys.path.insert(1, sys.argv[2]);"
         "from benchmarks_events_child import child_ingest;"
-        "print(json.dumps(child_ingest(int(sys.argv[3]), int(sys.argv[4]))))"
+        "print(json.dumps(child_ingest(int(sys.argv[3]), int(sys.argv[4]), sys.argv[5],"
+        " int(sys.argv[6]))))"
     )
     # The child imports this file's child_ingest under another name (from this checkout) but
     # config/storage/tests from ``checkout``, first on its path.
     helper = Path(tempfile.gettempdir()) / "benchmarks_events_child.py"
     helper.write_text(Path(__file__).read_text())
     out = subprocess.run(
-        [sys.executable, "-c", code, str(checkout), str(helper.parent), str(instances), str(group)],
+        [
+            sys.executable,
+            "-c",
+            code,
+            str(checkout),
+            str(helper.parent),
+            str(instances),
+            str(group),
+            database_url,
+            str(threads),
+        ],  # fmt: skip
         cwd=checkout,
         capture_output=True,
         text=True,
@@ -148,6 +185,63 @@ def webhook_rate(events: int) -> dict[str, float]:
     return {"events_per_s": events / wall, "cpu_per_event_ms": cpu / events * 1000}
 
 
+@contextlib.contextmanager
+def _database(admin_url: str | None) -> Iterator[str]:
+    """A fresh PostgreSQL database for one run (dropped after), or "" for SQLite."""
+    if not admin_url:
+        yield ""
+        return
+    from sqlalchemy import create_engine, text
+
+    name = f"hilum_bench_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield f"{admin_url.rpartition('/')[0]}/{name}"
+    finally:
+        with admin.connect() as connection:
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+def outbox_insert_cost(group: int, transactions: int, database_url: str) -> dict[str, float]:
+    """The outbox rows alone: ``transactions`` write transactions of ``group`` events each,
+    against the same number of empty write transactions (each committed: a commit costs
+    the same, bar the event pages); the difference per event."""
+    sys.path.insert(0, str(HERE))
+    from config import load_settings
+    from storage.archive import open_archive
+    from storage.events import EventType, NewEvent, record_events
+
+    payload = {
+        "SeriesInstanceUID": "1.2.826.0.1.3680043.8.498.12345678901234567890123456789012",
+        "SOPInstanceUID": "1.2.826.0.1.3680043.8.498.98765432109876543210987654321098",
+        "SOPClassUID": "1.2.840.10008.5.1.4.1.1.2",
+        "Modality": "CT",
+        "outcome": "stored",
+    }
+    events = [NewEvent(EventType.INSTANCE_STORED, "1.2.3.4", payload)] * group
+    with tempfile.TemporaryDirectory() as scratch:
+        settings = load_settings(
+            None, server={"data_dir": Path(scratch)}, storage={"database_url": database_url}
+        )
+        archive = open_archive(settings, migrate=True)
+        times: dict[str, list[float]] = {"with": [], "without": []}
+        for _ in range(transactions):
+            for label in ("with", "without"):  # interleaved
+                started = time.perf_counter()
+                with archive.index.write() as session:
+                    if label == "with":
+                        record_events(session.connection(), archive.partition, events)
+                    else:
+                        session.connection()  # BEGIN IMMEDIATE, as the other
+                times[label].append(time.perf_counter() - started)
+        archive.close()
+    extra = statistics.median(times["with"]) - statistics.median(times["without"])
+    return {"per_event_ms": extra / group * 1000}
+
+
 def _summary(values: list[float]) -> str:
     return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
 
@@ -159,6 +253,13 @@ def main() -> None:
     parser.add_argument("--instances", type=int, default=400)
     parser.add_argument("--group", type=int, default=16)
     parser.add_argument("--events", type=int, default=2000)
+    parser.add_argument(
+        "--postgres",
+        help="admin URL of a PostgreSQL server (postgresql+psycopg://postgres@127.0.0.1/postgres):"
+        " ingest into a fresh database there for every run instead of SQLite",
+    )
+    parser.add_argument("--threads", type=int, default=1, help="concurrent ingesting threads")
+    parser.add_argument("--skip-webhooks", action="store_true")
     args = parser.parse_args()
 
     if args.without:
@@ -166,10 +267,15 @@ def main() -> None:
         for n in range(args.rounds):
             for label, checkout in (("with outbox", HERE), ("without", args.without)):
                 print(f"round {n + 1}: ingest {label}", file=sys.stderr)
-                results[label].append(run_child(checkout, args.instances, args.group))
+                with _database(args.postgres) as url:
+                    results[label].append(
+                        run_child(checkout, args.instances, args.group, url, args.threads)
+                    )
+        index = "PostgreSQL" if args.postgres else "SQLite"
         print(
             f"ingest of {args.instances} CT instances (256x256), groups of {args.group}, "
-            f"SQLite + files, {args.rounds} interleaved rounds: median (range)"
+            f"{args.threads} thread(s), {index} + files, {args.rounds} interleaved rounds: "
+            "median (range)"
         )
         medians = {}
         for label, rows in results.items():
@@ -189,7 +295,16 @@ def main() -> None:
             f"  outbox row: {added_wall:+.1%} wall, {added_cpu:+.1%} CPU per instance "
             f"(per-round wall ratios {min(ratios):+.1%} to {max(ratios):+.1%})"
         )
+        with _database(args.postgres) as url:
+            direct = outbox_insert_cost(args.group, 300, url)["per_event_ms"]
+        print(
+            f"  the outbox rows alone ({args.group} per transaction, 300 transactions each way,"
+            f" interleaved): {direct:.3f} ms per event = "
+            f"{direct / medians['without'][0]:.1%} of the median ingest time per instance"
+        )
 
+    if args.skip_webhooks:
+        return
     rates = []
     for n in range(args.rounds):
         print(f"round {n + 1}: webhooks", file=sys.stderr)
