@@ -113,8 +113,10 @@ def _updated_filter(values: list[str]) -> tuple[Any, datetime | None]:
             moment = moment.replace(tzinfo=UTC)
         if prefix in ("", "eq") and len(text) == 10:  # a whole day
             bounds += [("ge", moment), ("lt", moment + timedelta(days=1))]
+        elif prefix in ("", "eq"):  # that instant
+            bounds += [("ge", moment), ("le", moment)]
         else:
-            bounds.append((prefix if prefix in ("gt", "ge", "lt", "le") else "ge", moment))
+            bounds.append((prefix, moment))
     tests = {
         "gt": lambda a, b: a > b,
         "ge": lambda a, b: a >= b,
@@ -229,7 +231,8 @@ def search(
     found: list[Any]
     if resource_type == "Patient":
         if ids:
-            pks = [_patient_pk(i) for i in ids]
+            pks = [int(i[8:]) for i in ids if i.startswith("patient-") and i[8:].isdigit()]
+            pks = [pk for pk in pks if pk < 2**63]
             records = [r for r in (get_patient(archive, pk) for pk in pks) if r is not None]
         else:
             identifier = (parameters.get("identifier") or [None])[0]

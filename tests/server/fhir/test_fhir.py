@@ -140,6 +140,11 @@ def test_ai_results_as_fhir_resources(
     by_identifier = get(client, f"/fhir/DiagnosticReport?identifier={report.identifier[0].value}")
     assert [e["resource"]["id"] for e in by_identifier["entry"]] == [report.id]
     assert get(client, "/fhir/ImagingStudy?patient=patient-999999")["total"] == 0
+    assert (
+        get(client, "/fhir/ImagingStudy?patient=someone", 400)["resourceType"] == "OperationOutcome"
+    )
+    assert get(client, "/fhir/Patient/someone", 404)["resourceType"] == "OperationOutcome"
+    assert get(client, "/fhir/ImagingStudy?_lastUpdated=soon", 400)["issue"][0]["code"] == "invalid"
     assert get(client, f"/fhir/Observation?patient={patient.id}")["total"] == len(observations)
     assert get(client, "/fhir/ImagingStudy?modality=CT", 400)["resourceType"] == "OperationOutcome"
     assert get(client, "/fhir/ImagingStudy/1.2.3", 404)["resourceType"] == "OperationOutcome"
