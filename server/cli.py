@@ -245,19 +245,30 @@ def cmd_events(settings: Settings, args: argparse.Namespace) -> int:
     """``hilum events``: the event delivery loop on its own (scale-out: any number of them)."""
     from server.events.delivery import DeliveryLoop, subscribers_from_settings
 
+    from server.metrics import Metrics, MetricsServer
+
     archive = open_archive(settings, connections=4)
     subscribers = subscribers_from_settings(settings, archive)
     loop = DeliveryLoop(settings, archive, subscribers)
+    metrics_server = None
+    if settings.metrics.port:  # /metrics, and the container's health check
+        host, port = settings.server.host, settings.metrics.port
+        metrics_server = _binding(
+            "metrics", host, port, lambda: MetricsServer(Metrics(), host, port, archive=archive)
+        )
     stopped = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stopped.set())
     print(
         f"Hilum events is delivering to {len(subscribers)} subscribers "
         f"({', '.join(s.name for s in subscribers) or 'none: see [[events.webhooks]]'}); index "
-        f"{settings.database_url_for_display}",
+        f"{settings.database_url_for_display}"
+        + (f"; metrics on port {metrics_server.port}" if metrics_server else ""),
         flush=True,
     )
     loop.run(stopped)
+    if metrics_server is not None:
+        metrics_server.stop()
     archive.close()
     return 0
 
