@@ -244,7 +244,6 @@ def _start_delivery_thread(
 def cmd_events(settings: Settings, args: argparse.Namespace) -> int:
     """``hilum events``: the event delivery loop on its own (scale-out: any number of them)."""
     from server.events.delivery import DeliveryLoop, subscribers_from_settings
-
     from server.metrics import Metrics, MetricsServer
 
     archive = open_archive(settings, connections=4)
