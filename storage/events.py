@@ -29,6 +29,7 @@ Events are kept ``[events] keep_days`` and then pruned (:func:`prune_events`).
 from __future__ import annotations
 
 import enum
+import json
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -116,9 +117,20 @@ def record_events(
         connection = session.connection()
     else:
         connection = session
+    created = now or utc_now()
     if connection.dialect.name == "postgresql":
         connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _EVENT_WRITE_LOCK})
-    created = now or utc_now()
+        # Every row in one statement (one round trip; an executemany costs one per row, which
+        # measured 10x more than the rows themselves: benchmarks/events.py).
+        rows = [
+            {"type": str(event.type), "study": event.study_instance_uid, "payload": event.payload}
+            for event in events
+        ]
+        connection.execute(
+            _INSERT_EVENTS_POSTGRESQL,
+            {"events": json.dumps(rows), "partition": partition, "created_at": created},
+        )
+        return
     connection.execute(
         _INSERT_EVENT,
         [
@@ -135,6 +147,13 @@ def record_events(
 
 
 _INSERT_EVENT = insert(Event)
+_INSERT_EVENTS_POSTGRESQL = text(
+    "INSERT INTO event (type, partition, study_instance_uid, payload, created_at)"
+    " SELECT e.type, :partition, e.study, e.payload, :created_at"
+    " FROM ROWS FROM (jsonb_to_recordset(CAST(:events AS jsonb))"
+    " AS (type text, study text, payload jsonb)) WITH ORDINALITY AS e(type, study, payload, n)"
+    " ORDER BY e.n"
+)
 MAX_PAGE = 1000
 
 
