@@ -29,8 +29,8 @@ Events are kept ``[events] keep_days`` and then pruned (:func:`prune_events`).
 from __future__ import annotations
 
 import enum
-import json
 import functools
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
