@@ -4,6 +4,7 @@ transaction, and ids become visible in commit order, so a cursor never skips an 
 from __future__ import annotations
 
 import threading
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -57,8 +58,6 @@ def test_events_are_pruned_after_keep_days(archive: Archive, tmp_path: Path) -> 
     ingest_file(archive, write_part10(ct_instance(), tmp_path / "a.dcm"))
     (event,) = changes(archive)
     assert prune_events(archive, 1, event.created_at) == 0
-    from datetime import timedelta
-
     assert prune_events(archive, 1, event.created_at + timedelta(days=1, seconds=1)) == 1
     assert changes(archive) == []
     # Ids are never reused, even with the table empty (a reader's cursor stays valid).

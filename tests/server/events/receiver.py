@@ -22,6 +22,8 @@ class Receiver:
         self.refuse_next = 0  # answer this many requests with 503
         self.refuse_types: set[str] = set()  # answer events of these types with 500
         self.bad_signatures = 0
+        self.in_flight = 0
+        self.most_in_flight = 0  # requests served at once, at most
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -40,6 +42,13 @@ class Receiver:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 event = json.loads(body)
                 with receiver.lock:
+                    receiver.in_flight += 1
+                    receiver.most_in_flight = max(receiver.most_in_flight, receiver.in_flight)
+                # A receiver that takes a moment to answer: a second sender delivering at the
+                # same time would overlap it.
+                threading.Event().wait(0.002)
+                with receiver.lock:
+                    receiver.in_flight -= 1
                     receiver.requests += 1
                     if not verify(receiver.secret, self.headers[SIGNATURE_HEADER], body):
                         receiver.bad_signatures += 1

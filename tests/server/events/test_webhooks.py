@@ -207,3 +207,35 @@ def test_a_killed_hilum_loses_no_event(tmp_path: Path, receiver: Receiver) -> No
     assert {body["data"]["SOPInstanceUID"] for body in receiver.accepted} == {
         pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID for path in files
     }
+
+
+@pytest.mark.parametrize("backend", ["postgresql-s3"])
+def test_two_delivery_loops_share_a_webhook_without_overlapping(
+    settings: Settings, archive: Archive, receiver: Receiver, tmp_path: Path
+) -> None:
+    """Scale-out: two loops (two connection pools, as two `hilum events` processes) on one
+    index; the webhook's lease lets one deliver at a time: no request overlaps another, and
+    the events arrive in order, each once (nothing failed, so nothing is repeated)."""
+    settings = webhook_settings(tmp_path, receiver).model_copy(
+        update={"storage": settings.storage}
+    )
+    other = open_archive(settings)
+    receiver.up()
+    stop = threading.Event()
+    loops = [
+        DeliveryLoop(settings, a, subscribers_from_settings(settings, a)) for a in (archive, other)
+    ]
+    threads = [threading.Thread(target=loop.run, args=(stop,)) for loop in loops]
+    for thread in threads:
+        thread.start()
+    try:
+        store(archive, tmp_path / "a", 12)
+        store(other, tmp_path / "b", 12)
+        every = [event.id for event in changes(archive, 0, 100)]
+        wait_until(lambda: receiver.accepted_ids == every, "every event, in order", timeout_s=60)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(30)
+        other.close()
+    assert receiver.most_in_flight == 1
