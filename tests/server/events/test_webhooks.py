@@ -216,9 +216,7 @@ def test_two_delivery_loops_share_a_webhook_without_overlapping(
     """Scale-out: two loops (two connection pools, as two `hilum events` processes) on one
     index; the webhook's lease lets one deliver at a time: no request overlaps another, and
     the events arrive in order, each once (nothing failed, so nothing is repeated)."""
-    settings = webhook_settings(tmp_path, receiver).model_copy(
-        update={"storage": settings.storage}
-    )
+    settings = webhook_settings(tmp_path, receiver).model_copy(update={"storage": settings.storage})
     other = open_archive(settings)
     receiver.up()
     stop = threading.Event()
