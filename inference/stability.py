@@ -38,6 +38,7 @@ from storage.index.models import InferenceJob
 from storage.jobs import Job, as_utc, enqueue, job_event, utc_now
 from storage.stability import (
     announced_complete_studies,
+    completed_step_studies,
     lock_newly_stable,
     mark_stable,
     newly_stable_studies,
@@ -70,9 +71,9 @@ def queue_stable_studies(
     # Quiet for stable_after_s; or, sooner, every series complete as its modality announced.
     candidates = [(pk, uid, cutoff) for pk, uid in newly_stable_studies(archive, cutoff, limit)]
     if settings.inference.announced_completion:
-        candidates += [
-            (pk, uid, now) for pk, uid in announced_complete_studies(archive, cutoff, limit)
-        ]
+        announced = announced_complete_studies(archive, cutoff, limit)
+        announced += completed_step_studies(archive, cutoff, limit)
+        candidates += [(pk, uid, now) for pk, uid in dict.fromkeys(announced)]
     queued: list[Job] = []
     for study_pk, study_uid, study_cutoff in candidates:
         try:

@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from config.settings import InferencePriority
 from storage.errors import NotFound
-from storage.index.models import InferenceJob, Instance, Series, Study
+from storage.index.models import InferenceJob, Instance, PerformedProcedureStep, Series, Study
 from storage.jobs import as_utc
 
 if TYPE_CHECKING:
@@ -110,6 +110,48 @@ def announced_complete_studies(
                     complete = False
                     break
             if complete:
+                found.append((study_pk, study_uid))
+    return found
+
+
+def completed_step_studies(archive: Archive, cutoff: datetime, limit: int) -> list[tuple[int, str]]:
+    """(row id, StudyInstanceUID) of up to ``limit`` studies not stable at their last
+    instance, with a Modality Performed Procedure Step COMPLETED since ``cutoff`` whose
+    referenced images (PS3.3 C.4.15, Performed Series Sequence) are all stored."""
+    found = []
+    with archive.index.read() as session:
+        steps = session.execute(
+            select(Study.id, Study.study_instance_uid, PerformedProcedureStep.series)
+            .join(
+                Study,
+                (Study.partition == PerformedProcedureStep.partition)
+                & (Study.study_instance_uid == PerformedProcedureStep.study_instance_uid),
+            )
+            .where(
+                PerformedProcedureStep.partition == archive.partition,
+                PerformedProcedureStep.status == "COMPLETED",
+                PerformedProcedureStep.updated_at > cutoff,
+                or_(
+                    Study.stable_last_instance_at.is_(None),
+                    Study.stable_last_instance_at != Study.last_instance_at,
+                ),
+            )
+            .order_by(PerformedProcedureStep.updated_at.desc())
+            .limit(limit)
+        ).all()
+        for study_pk, study_uid, series in steps:
+            expected = {uid for uids in (series or {}).values() for uid in uids}
+            if not expected or (study_pk, study_uid) in found:
+                continue
+            stored = session.scalar(
+                select(func.count(Instance.id))
+                .join(Series, Instance.series_pk == Series.id)
+                .where(
+                    Series.study_pk == study_pk,
+                    Instance.sop_instance_uid.in_(sorted(expected)),
+                )
+            )
+            if stored == len(expected):
                 found.append((study_pk, study_uid))
     return found
 

@@ -43,6 +43,7 @@ from server.dimse.c_move import handle_c_move
 from server.dimse.c_store import ReceivedDataSet, handle_c_store
 from server.dimse.commands import Command, CommandField
 from server.dimse.identifier import INFORMATION_MODEL
+from server.dimse.mpps import MODALITY_PERFORMED_PROCEDURE_STEP, handle_n_create, handle_n_set
 from server.dimse.negotiation import (
     CALLED_AE_NOT_RECOGNIZED,
     CALLING_AE_NOT_RECOGNIZED,
@@ -134,6 +135,8 @@ def supported_contexts() -> list[PresentationContext]:
     contexts.append(supported_context(Verification, VERIFICATION_SYNTAXES))
     # Query/Retrieve: Patient Root and Study Root, FIND, MOVE and GET (PS3.4 C.6.1, C.6.2).
     contexts += [supported_context(uid, VERIFICATION_SYNTAXES) for uid in INFORMATION_MODEL]
+    # PS3.4 F.7: Modality Performed Procedure Step, SCP (N-CREATE, N-SET).
+    contexts.append(supported_context(MODALITY_PERFORMED_PROCEDURE_STEP, VERIFICATION_SYNTAXES))
     return contexts
 
 
@@ -179,6 +182,8 @@ class DimseServer:
             CommandField.C_GET_RQ: functools.partial(
                 handle_c_get, archive=archive, settings=settings
             ),
+            CommandField.N_CREATE_RQ: functools.partial(handle_n_create, archive=archive),
+            CommandField.N_SET_RQ: functools.partial(handle_n_set, archive=archive),
         }
 
     @property
@@ -386,7 +391,7 @@ class DimseServer:
             self._unrecognized(assoc, message)
 
     def _unrecognized(self, assoc: Association, message: Message) -> None:
-        """PS3.7 C.4.2: a request of a service Hilum does not provide (N-services, ...)."""
+        """PS3.7 C.4.2: a request of a service Hilum does not provide (N-GET, N-ACTION, ...)."""
         log.info("[%s] unrecognized command 0x%04X", assoc.name, message.command.field)
         assoc.send_command(
             message.context,

@@ -327,3 +327,27 @@ class EventDeadLetter(Base):
     last_error: Mapped[str] = mapped_column(Text, default="")
     dead_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     replayed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class PerformedProcedureStep(Base):
+    """A Modality Performed Procedure Step (PS3.4 F.7) a modality created and updated
+    (migration 0010): what it performed, and whether it is done. A COMPLETED step whose
+    referenced images are all stored makes its study stable at once."""
+
+    __tablename__ = "performed_procedure_step"
+    __table_args__ = (
+        UniqueConstraint("partition", "sop_instance_uid"),
+        Index("ix_performed_procedure_step_status", "partition", "status", "updated_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    partition: Mapped[str] = mapped_column(ForeignKey("partition.name"))
+    sop_instance_uid: Mapped[str] = mapped_column(String(UI))
+    # (0040,0252) Performed Procedure Step Status: IN PROGRESS, DISCONTINUED, COMPLETED.
+    status: Mapped[str] = mapped_column(String(16))
+    study_instance_uid: Mapped[str] = mapped_column(String(UI), default="")
+    # SeriesInstanceUID -> the SOP Instance UIDs the step lists in its Performed Series Sequence.
+    series: Mapped[dict[str, list[str]]] = mapped_column(JSONType)
+    calling_ae_title: Mapped[str] = mapped_column(String(AE), default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

@@ -1,5 +1,6 @@
 """the change feed: events written with the state change they report (transactional outbox),
-the subscribers Hilum delivers them to (webhooks, FHIR push) and their dead letters
+the subscribers Hilum delivers them to (webhooks, FHIR push, routing) and their dead letters;
+the Modality Performed Procedure Steps modalities report (a series complete sooner)
 
 Revision ID: 0010
 Revises: 0005
@@ -60,9 +61,30 @@ def upgrade() -> None:
     op.create_index(
         "ix_event_dead_letter_subscriber", "event_dead_letter", ["subscriber", "state", "id"]
     )
+    op.create_table(
+        "performed_procedure_step",
+        sa.Column("id", _ID, nullable=False),
+        sa.Column("partition", sa.String(length=64), nullable=False),
+        sa.Column("sop_instance_uid", sa.String(length=64), nullable=False),
+        sa.Column("status", sa.String(length=16), nullable=False),
+        sa.Column("study_instance_uid", sa.String(length=64), nullable=False),
+        sa.Column("series", _JSON, nullable=False),
+        sa.Column("calling_ae_title", sa.String(length=16), nullable=False),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+        sa.ForeignKeyConstraint(["partition"], ["partition.name"]),
+        sa.PrimaryKeyConstraint("id"),
+        sa.UniqueConstraint("partition", "sop_instance_uid"),
+    )
+    op.create_index(
+        "ix_performed_procedure_step_status",
+        "performed_procedure_step",
+        ["partition", "status", "updated_at"],
+    )
 
 
 def downgrade() -> None:
+    op.drop_table("performed_procedure_step")
     op.drop_table("event_dead_letter")
     op.drop_table("event_subscriber")
     op.drop_table("event")
