@@ -36,6 +36,7 @@ from server.dicomweb import register_dicomweb
 from server.dicomweb.media_types import NotAcceptable
 from server.dicomweb.multipart import MultipartError
 from server.dicomweb.statuses import http_status_for
+from server.fhir import register_fhir
 from server.header_deadline import HeaderDeadlines, connection_class
 from server.metrics import Metrics, mark_worker_dead
 from server.monitoring import register_monitoring
@@ -88,7 +89,8 @@ def _register_blueprints(app: Flask, settings: Settings) -> None:
     partition's root and at another partition's (``/partitions/<partition>``, server.partitions).
     The views work on ``server.partitions.request_archive()``."""
     register_dicomweb(app, settings)  # /dicomweb (QIDO, WADO, STOW, DELETE), /wado
-    register_api(app, settings)  # /api (AI jobs)
+    register_api(app, settings)  # /api (AI jobs, the change feed), /api/admin
+    register_fhir(app, settings)  # /fhir: read-only FHIR R4
     register_web(app, settings)  # the browser UI: /, /studies/…, /jobs, /upload, the viewer
 
 

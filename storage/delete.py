@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 from storage.archive import Archive
 from storage.dicom_file import is_valid_uid
 from storage.errors import InvalidQuery, NotFound, StorageError
+from storage.events import EventType, NewEvent, record_events
 from storage.index.models import Instance, Patient, Series, Study
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,22 @@ def _delete(
         session.execute(delete(Instance).where(Instance.id.in_({r[0] for r in rows})))
         study_pk, patient_pk = rows[0][3], rows[0][4]
         _delete_empty_parents(session, {r[2] for r in rows}, study_pk, patient_pk)
+        # The outbox: the deletion's event commits with it (last statement).
+        if sop_uid is not None:
+            event = NewEvent(
+                EventType.INSTANCE_DELETED,
+                study_uid,
+                {"SeriesInstanceUID": series_uid, "SOPInstanceUID": sop_uid, "instances": 1},
+            )
+        elif series_uid is not None:
+            event = NewEvent(
+                EventType.SERIES_DELETED,
+                study_uid,
+                {"SeriesInstanceUID": series_uid, "instances": len(rows)},
+            )
+        else:
+            event = NewEvent(EventType.STUDY_DELETED, study_uid, {"instances": len(rows)})
+        record_events(session, partition, [event])
     keys = [r[1] for r in rows]
     log.info(
         "deleted %d instance(s) of study %s%s%s",

@@ -9,6 +9,7 @@ from flask import Flask
 
 from config import Settings
 from server.api.admin import admin_blueprint
+from server.api.events import events_blueprint
 from server.api.jobs import jobs_blueprint
 from server.api.research import research_blueprint
 
@@ -18,12 +19,18 @@ def register_api(app: Flask, settings: Settings) -> None:
     from server.dicomweb import no_sniffing
     from server.partitions import PARTITION_ROOT
 
-    for blueprint in (jobs_blueprint(settings), research_blueprint()):
+    archive = app.extensions["hilum.archive"]
+    # /api/changes is the partition's; /api/webhooks (admin) the installation's.
+    for blueprint in (
+        jobs_blueprint(settings),
+        research_blueprint(),
+        events_blueprint(settings, archive),
+    ):
         blueprint.after_request(no_sniffing)
         app.register_blueprint(blueprint, url_prefix="/api")
         app.register_blueprint(
             blueprint, url_prefix=PARTITION_ROOT + "/api", name=f"partition_{blueprint.name}"
         )
-    admin = admin_blueprint(settings, app.extensions["hilum.archive"])
+    admin = admin_blueprint(settings, archive)
     admin.after_request(no_sniffing)
     app.register_blueprint(admin, url_prefix="/api/admin")
