@@ -29,6 +29,7 @@ from storage import outbox
 from storage.archive import Archive
 from storage.errors import StorageError
 from storage.events import ChangeEvent, changes, event_by_id, prune_events, utc_now
+from storage.settings_seed import seed_from_settings
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,8 @@ class DeliveryLoop:
         clock: Clock = utc_now,
         batch: int = 100,
     ) -> None:
+        # [[dimse.peers]] (the routes' destinations) and the rest seed the index on first start.
+        seed_from_settings(archive.index, settings)
         self.settings = settings.events
         self.archive = archive
         self.subscribers = list(subscribers)

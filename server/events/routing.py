@@ -1,7 +1,8 @@
 """Auto-routing (``[[routing.rules]]``): what a rule matches is forwarded by C-STORE to a
-``[[dimse.peers]]`` AE, as a subscriber of the change feed (``route-<name>``), so with its
-order, lease, retries with back-off, dead letters and replay; ``GET /api/webhooks`` shows each
-destination's queue (its cursor, back-off, last error).
+C-MOVE destination (``hilum peers``, seeded by ``[[dimse.peers]]``), as a subscriber of the
+change feed (``route-<name>``), so with its order, lease, retries with back-off, dead letters
+and replay; ``GET /api/webhooks`` shows each destination's queue (its cursor, back-off, last
+error).
 
 A rule of level ``instance`` reads ``instance.stored``: the stored instance is sent when it
 matches. A rule of level ``study`` reads ``study.stable``: the study's matching instances are
@@ -27,6 +28,7 @@ from server.events.webhooks import DeliveryError
 from storage.archive import Archive
 from storage.errors import StorageError
 from storage.events import ChangeEvent, EventType
+from storage.move_destinations import find_move_destination
 from storage.query import QUERY_KEYS, Query, QueryLevel, locate_instances
 
 log = logging.getLogger(__name__)
@@ -44,9 +46,6 @@ class RouteSubscriber:
         self._rule = rule
         self._settings = settings
         self._archive = archive
-        peer = settings.dimse.peer(rule.destination)
-        assert peer is not None  # checked with the settings
-        self._peer = peer
         self._event = (
             EventType.INSTANCE_STORED if rule.level == "instance" else EventType.STUDY_STABLE
         )
@@ -67,22 +66,31 @@ class RouteSubscriber:
             raise DeliveryError(f"index: {error}") from None
         if not instances:
             return  # it does not match (or was deleted since): nothing to send
+        # The destination as stored now (`hilum peers`, seeded by [[dimse.peers]]).
+        try:
+            peer = find_move_destination(self._archive.index, self._rule.destination)
+        except StorageError as error:
+            raise DeliveryError(f"index: {error}") from None
+        if peer is None:
+            raise DeliveryError(
+                f"{self._rule.destination} is not a known destination (hilum peers add)"
+            )
         dimse = self._settings.dimse
         try:
             assoc = request_association(
-                self._peer.host,
-                self._peer.port,
+                peer.host,
+                peer.port,
                 calling_ae_title=dimse.ae_title,
-                called_ae_title=self._peer.ae_title,
+                called_ae_title=peer.ae_title,
                 contexts=proposed_contexts(
                     {(i.sop_class_uid, i.transfer_syntax_uid) for i in instances}
                 ),
                 max_pdu_length=dimse.max_pdu_length,
                 timeout=dimse.network_timeout_s,
-                tls=client_context(dimse) if self._peer.tls else None,
+                tls=client_context(dimse) if peer.tls else None,
             )
         except (AssociationRefused, AssociationEnded, OSError) as error:
-            raise DeliveryError(f"{self._peer.ae_title}: {error}") from None
+            raise DeliveryError(f"{peer.ae_title}: {error}") from None
         try:
             for instance in instances:
                 try:
@@ -92,18 +100,17 @@ class RouteSubscriber:
                 except (SubOperationFailed, StorageError) as error:
                     raise DeliveryError(f"{instance.sop_instance_uid}: {error}") from None
                 except (AssociationEnded, OSError) as error:
-                    raise DeliveryError(f"{self._peer.ae_title}: {error}") from None
+                    raise DeliveryError(f"{peer.ae_title}: {error}") from None
                 if status != 0 and status >> 12 != 0xB:
                     raise DeliveryError(
-                        f"{self._peer.ae_title} answered 0x{status:04X} to "
-                        f"{instance.sop_instance_uid}"
+                        f"{peer.ae_title} answered 0x{status:04X} to {instance.sop_instance_uid}"
                     )
             log.info(
                 "%s: %d instance(s) of study %s sent to %s",
                 self.name,
                 len(instances),
                 event.study_instance_uid,
-                self._peer.ae_title,
+                peer.ae_title,
             )
         finally:
             with contextlib.suppress(AssociationEnded, OSError):

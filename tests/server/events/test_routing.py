@@ -117,5 +117,21 @@ def test_a_rule_on_a_key_hilum_cannot_match_is_a_configuration_error(
     )
     with pytest.raises(ConfigError, match="Manufacturer is not a key"):
         subscribers_from_settings(settings, archive)
-    with pytest.raises(ConfigError, match="not a \\[\\[dimse.peers\\]\\] ae_title"):
-        make_settings(tmp_path, routing={"rules": [{"name": "y", "destination": "NOBODY"}]})
+
+
+def test_a_destination_that_is_not_known_fails_the_delivery_with_the_reason(
+    tmp_path: Path, archive: Archive
+) -> None:
+    """Destinations are managed at run time (`hilum peers`): one unknown when the study is
+    sent fails that delivery (retried, then dead-lettered), with the reason."""
+    settings = make_settings(
+        tmp_path,
+        routing={"rules": [{"name": "y", "destination": "NOBODY", "level": "study"}]},
+        events={"poll_interval_s": 0.05, "retry_backoff_s": 0.05, "max_backoff_s": 0.2},
+    )
+    send_study(archive, tmp_path / "ct", "CT", 1)
+    queue_stable_studies(archive, settings, [], now=utc_now() + timedelta(minutes=5))
+    loop = DeliveryLoop(settings, archive, subscribers_from_settings(settings, archive))
+    loop.step()
+    state = subscriber_states(archive)["route-y"]
+    assert state["attempts"] == 1 and "NOBODY is not a known destination" in state["last_error"]

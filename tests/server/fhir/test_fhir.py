@@ -97,7 +97,8 @@ def test_ai_results_as_fhir_resources(
     client = create_app(settings, archive).test_client()
 
     imaging = ImagingStudy.model_validate(get(client, f"/fhir/ImagingStudy/{study}"))
-    assert imaging.numberOfInstances == len(ct) + 2  # the CT, the SEG and the SR
+    # The CT, the SEG, the SR and the lesions' outlines (a second SR)
+    assert imaging.numberOfInstances == len(ct) + 3
     assert {m.code for m in imaging.modality} == {"CT", "SEG", "SR"}
     assert imaging.contained[0].address == "https://pacs.example.org/dicomweb"
     assert imaging.identifier[0].value == f"urn:oid:{study}"
@@ -182,7 +183,8 @@ def test_ai_results_as_fhir_resources(
     assert feed[0].payload["jobs"] == [job.id] and feed[3].payload["findings"] == job.findings
     assert [e.payload["decision"] for e in feed[4:]] == ["accepted", "rejected"]
     stored = [e for e in changes(archive, 0, 1000) if e.type == "instance.stored"]
-    assert len(stored) == len(ct) + 2  # the CT, then the SEG and SR (outcome "stored")
+    # The CT, then the SEG, the SR and the outlines SR (outcome "stored")
+    assert len(stored) == len(ct) + 3
 
     # The push: every resource PUT to the FHIR server, the report with its latest status.
     loop = DeliveryLoop(settings, archive, subscribers_from_settings(settings, archive))
