@@ -15,9 +15,17 @@ What is measured, per model, on synthetic phantoms (``inference.phantoms``):
   and stores the SEG and the SR through the ingest path. The time of each step is the time
   from the study being found stable to its SR being stored.
 
+* last image to result: one CT phantom stored slice by slice into a fresh embedded archive
+  with the default settings (``stable_after_s = 30``, ``poll_interval_s = 2``) while a worker
+  runs in a thread as in ``hilum serve``; the time from the last slice stored to the job done
+  (SEG and SR stored), for each path to "stable": the quiet period (no completion announced),
+  and Images in Acquisition (0020,1002) announcing the slice count
+  (``[inference] announced_completion``). ``--only-last-image`` measures this alone.
+
 Figures go to stdout; nothing is asserted.
 
     .venv/bin/python benchmarks/inference.py [--device cuda] [--series 4] [--slices 64]
+        [--only-last-image]
 """
 
 from __future__ import annotations
@@ -54,12 +62,17 @@ def main() -> None:
     parser.add_argument("--series", type=int, default=3, help="phantoms per model")
     parser.add_argument("--slices", type=int, default=64, help="slices per CT phantom")
     parser.add_argument("--wsi-size", type=int, default=2048, help="WSI total pixel matrix")
+    parser.add_argument("--only-last-image", action="store_true", help="last image to result")
     args = parser.parse_args()
     device = args.device
     name = torch.cuda.get_device_name() if device.startswith("cuda") else "CPU"
     print(
         f"device: {device} ({name}), torch {torch.__version__}, threads {torch.get_num_threads()}"
     )
+    if args.only_last_image:
+        with tempfile.TemporaryDirectory() as folder:
+            last_image_to_result(Path(folder), args.slices, device)
+        return
 
     ct = load_model(REFERENCE_MODELS_DIR / "ct_lesion_synthetic")
     wsi = load_model(REFERENCE_MODELS_DIR / "wsi_tissue_synthetic")
@@ -121,6 +134,48 @@ def main() -> None:
         archive.close()
 
         stable_to_stored(root / "worker", cts[0][0], slides[0][0], [ct, wsi], device)
+        last_image_to_result(root / "last-image", args.slices, device)
+
+
+def last_image_to_result(root: Path, slices: int, device: str) -> None:
+    """Last slice stored -> the CT job done, by the quiet period and by the announced count."""
+    import threading
+
+    from inference.registry import load_models
+    from storage.jobs import JobQueue, JobState
+
+    for path_name, announce in (("quiet period", False), ("announced count", True)):
+        folder = root / path_name.replace(" ", "-")
+        settings = load_settings(None, server={"data_dir": folder}, inference={"device": device})
+        archive = open_archive(settings, migrate=True)
+        datasets, _truth = synthetic_ct_series(7, slices=slices)
+        files = []
+        for number, ds in enumerate(datasets):
+            if announce:
+                ds.ImagesInAcquisition = len(datasets)
+            path = folder / f"{number}.dcm"
+            ds.save_as(path, enforce_file_format=True)
+            files.append(path)
+        worker = Worker(settings, archive, load_models(settings.inference.models_dirs))
+        stop = threading.Event()
+        thread = threading.Thread(target=worker.run, args=(stop,), daemon=True)
+        thread.start()
+        for path in files:
+            ingest_file(archive, path)
+        last = time.perf_counter()
+        queue = JobQueue(archive, settings.inference)
+        study = datasets[0].StudyInstanceUID
+        while not any(job.state == JobState.DONE for job in queue.for_study(study)):
+            time.sleep(0.1)
+        seconds = time.perf_counter() - last
+        stop.set()
+        thread.join()
+        archive.close()
+        print(
+            f"last image to result, {path_name:15s} {seconds:6.1f} s "
+            f"(CT phantom, {len(datasets)} slices; stable_after_s "
+            f"{settings.inference.stable_after_s:g}, poll {settings.inference.poll_interval_s:g} s)"
+        )
 
 
 def stable_to_stored(root: Path, ct_series: list, slide: object, models: list, device: str) -> None:

@@ -224,6 +224,21 @@ class DimseSettings(_Section):
 _ORIGIN = re.compile(r"https?://[^/\s?#]+")
 
 
+def check_origin(origin: str) -> str:
+    """``origin`` if it is one CORS may list: scheme://host[:port], or "*"; never "null"."""
+    if origin == "null":
+        raise ValueError(
+            '"null" is not an origin (sandboxed frames and file: pages send it): '
+            "list the viewer's real origin, e.g. https://viewer.example.org"
+        )
+    if origin != "*" and not _ORIGIN.fullmatch(origin):
+        raise ValueError(
+            f"{origin!r} is not an origin: scheme://host[:port], no path or trailing "
+            'slash (e.g. https://viewer.example.org), or "*"'
+        )
+    return origin
+
+
 class HttpSettings(_Section):
     port: int = Field(8042, ge=1, le=65535)
     # Reverse proxies (TLS terminators, load balancers) in front of Hilum whose
@@ -231,8 +246,9 @@ class HttpSettings(_Section):
     # writes (RetrieveURL, BulkDataURI, Location) are the ones clients use; 0: none trusted.
     trusted_proxies: int = Field(0, ge=0, le=8)
     # Origins (e.g. "https://viewer.example.org") whose browser pages may call the HTTP API
-    # (read, store, delete); "*": any page may read (GET/HEAD) only, without credentials;
-    # empty: no CORS headers, same-origin pages only (server/cors.py).
+    # (read, store, delete); "*": any page may read (GET/HEAD) only, without credentials, and
+    # only while [auth] is off; empty: no CORS headers, same-origin pages only
+    # (server/cors.py). Copied into the index on first start; then `hilum cors` manages them.
     cors_allowed_origins: list[str] = Field(default_factory=list)
     # Largest STOW-RS request body in bytes; a larger one is refused with 413.
     stow_max_bytes: int = Field(16 * 1024**3, ge=1)
@@ -250,18 +266,7 @@ class HttpSettings(_Section):
     @field_validator("cors_allowed_origins")
     @classmethod
     def _origins(cls, origins: list[str]) -> list[str]:
-        for origin in origins:
-            if origin == "null":
-                raise ValueError(
-                    '"null" is not an origin (sandboxed frames and file: pages send it): '
-                    "list the viewer's real origin, e.g. https://viewer.example.org"
-                )
-            if origin != "*" and not _ORIGIN.fullmatch(origin):
-                raise ValueError(
-                    f"{origin!r} is not an origin: scheme://host[:port], no path or trailing "
-                    'slash (e.g. https://viewer.example.org), or "*"'
-                )
-        return origins
+        return [check_origin(origin) for origin in origins]
 
     # HTTPS for `hilum serve` (cheroot) and `hilum web` (gunicorn): PEM files, the certificate
     # (chain) and its private key; both or neither. Unset: plain HTTP (behind a TLS-terminating
@@ -405,6 +410,9 @@ class InferencePriority(_Section):
 class InferenceSettings(_Section):
     # A study with no new instance for this long becomes stable and its jobs are queued.
     stable_after_s: float = Field(30.0, ge=0)
+    # A study is stable as soon as every series holds the number of instances its first instance
+    # announces in Images in Acquisition (0020,1002), without waiting stable_after_s.
+    announced_completion: bool = True
     models_dirs: list[Path] = Field(default_factory=lambda: [REFERENCE_MODELS_DIR])
     rules: list[InferenceRule] = Field(default_factory=lambda: [InferenceRule()])
     priority: InferencePriority = Field(default_factory=InferencePriority)
@@ -659,6 +667,119 @@ class AuthSettings(_Section):
         return path.read_bytes().strip()
 
 
+class Webhook(_Section):
+    """A receiver of the change feed (``[[events.webhooks]]``): each event whose type matches
+    ``events`` is POSTed to ``url`` as JSON, signed with HMAC-SHA256 (docs/integration.md), in
+    order, at least once."""
+
+    # The subscriber's name: its cursor, lease and dead letters are kept under it.
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]{0,47}$")
+    url: str = Field(pattern=r"^https?://")
+    # Event types, or patterns of them ("ai.*", "*"); docs/integration.md lists the types.
+    events: list[str] = Field(default_factory=lambda: ["*"], min_length=1)
+    # Partitions whose events it receives; empty: every partition.
+    partitions: list[str] = Field(default_factory=list)
+    # The signing secret, from an environment variable or a file (never in the TOML file,
+    # never logged): exactly one of the two.
+    secret_env: str = ""
+    secret_file: Path | None = None
+    _secret: str = PrivateAttr(default="")
+
+    @model_validator(mode="after")
+    def _read_secret(self) -> Webhook:
+        if bool(self.secret_env) == (self.secret_file is not None):
+            raise ValueError(f"webhook {self.name}: set exactly one of secret_env and secret_file")
+        if self.secret_env:
+            secret = os.environ.get(self.secret_env, "")
+            where = f"the environment variable {self.secret_env}"
+        else:
+            assert self.secret_file is not None
+            try:
+                secret = self.secret_file.read_text().strip()
+            except OSError as error:
+                raise ValueError(
+                    f"webhook {self.name}: cannot read secret_file {self.secret_file}: "
+                    f"{error.strerror}"
+                ) from None
+            where = f"secret_file {self.secret_file}"
+        if len(secret) < 16:
+            raise ValueError(
+                f"webhook {self.name}: the secret in {where} is missing or shorter than 16 "
+                "characters"
+            )
+        self._secret = secret
+        return self
+
+    @property
+    def secret(self) -> str:
+        return self._secret
+
+
+class EventsSettings(_Section):
+    """The change feed (``GET /api/changes``) and its deliveries (webhooks, FHIR push)."""
+
+    keep_days: float = Field(7.0, gt=0)  # events older than this are pruned
+    webhooks: list[Webhook] = Field(default_factory=list)
+    # `hilum serve` runs the delivery loop in a thread; `hilum events` runs it on its own.
+    serve_delivery: bool = True
+    poll_interval_s: float = Field(0.5, gt=0)  # how often an idle loop looks for new events
+    lease_s: float = Field(30.0, gt=0)  # a subscriber whose loop stops renewing is taken over
+    # Attempts at one event before it is dead-lettered (the cursor moves on; replayable).
+    max_attempts: int = Field(20, ge=1)
+    retry_backoff_s: float = Field(1.0, ge=0)  # doubled after each failed attempt…
+    max_backoff_s: float = Field(600.0, ge=0)  # …up to this
+    timeout_s: float = Field(10.0, gt=0)  # one delivery's HTTP request
+
+    @field_validator("webhooks")
+    @classmethod
+    def _unique_names(cls, webhooks: list[Webhook]) -> list[Webhook]:
+        names = [webhook.name for webhook in webhooks]
+        if len(set(names)) != len(names) or "fhir-push" in names:
+            raise ValueError(f"[[events.webhooks]] names must be unique (not fhir-push): {names}")
+        return webhooks
+
+
+class FhirSettings(_Section):
+    """FHIR R4 (``/fhir``, read-only) and the push to the hospital's FHIR server."""
+
+    # Hilum's base URL as the hospital reaches it (https://pacs.example.org): the ImagingStudy
+    # endpoint (<public_url>/dicomweb) and the pushed resources use it. Empty: the request's
+    # own URL when served; http://[server] host:[http] port when pushed.
+    public_url: str = ""
+    # A FHIR server to PUT ImagingStudy, DiagnosticReport, Observation and Patient resources
+    # to (e.g. https://fhir.example.org/fhir), through the change feed with retries; empty: none.
+    push_url: str = Field("", pattern=r"^(https?://.*)?$")
+
+
+class RoutingRule(_Section):
+    """Forward what ``match`` matches to ``destination`` (``[[routing.rules]]``), by C-STORE,
+    through the change feed (in order, retried, dead-lettered like a webhook)."""
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]{0,41}$")
+    # DICOM matching as C-FIND's (PS3.4 C.2.2.2) on the index's keys, e.g. {Modality = "CT"},
+    # {BodyPartExamined = "CHEST", StudyDescription = "*THORAX*"}; empty: everything.
+    match: dict[str, str] = Field(default_factory=dict)
+    # A C-MOVE destination's AE title (`hilum peers`); unknown when sending: the delivery
+    # fails with that reason and is retried, then dead-lettered.
+    destination: str
+    # "instance": each matching instance once stored; "study": the study's matching instances
+    # once it is stable (again after each change: the destination receives it anew).
+    level: Literal["instance", "study"] = "instance"
+    partitions: list[str] = Field(default_factory=list)  # empty: every partition
+
+
+class RoutingSettings(_Section):
+    rules: list[RoutingRule] = Field(default_factory=list)
+
+    @field_validator("rules")
+    @classmethod
+    def _unique_names(cls, rules: list[RoutingRule]) -> list[RoutingRule]:
+        names = [rule.name for rule in rules]
+        if len(set(names)) != len(names):
+            raise ValueError(f"[[routing.rules]] names must be unique: {names}")
+        return rules
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="HILUM_", env_nested_delimiter="__", extra="forbid"
@@ -676,6 +797,9 @@ class Settings(BaseSettings):
     audit: AuditSettings = Field(default_factory=AuditSettings)
     research: ResearchSettings = Field(default_factory=ResearchSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
+    events: EventsSettings = Field(default_factory=EventsSettings)
+    fhir: FhirSettings = Field(default_factory=FhirSettings)
+    routing: RoutingSettings = Field(default_factory=RoutingSettings)
 
     @classmethod
     def settings_customise_sources(

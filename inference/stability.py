@@ -1,5 +1,8 @@
 """Study stability: a study with no new instance for ``[inference] stable_after_s`` seconds is
 stable, and the jobs the rules pick for its series are queued in the transaction that marks it so.
+Sooner, with ``[inference] announced_completion``: a study whose every series holds as many
+instances as the modality announced in Images in Acquisition (0020,1002) is stable at once; the
+quiet period stays the rule for series that announce nothing (and for Hilum's own results).
 
 A study is marked stable by copying its ``last_instance_at`` into ``stable_last_instance_at``;
 a new instance changes ``last_instance_at`` and so makes the study unstable again. When it is
@@ -30,11 +33,14 @@ from config import Settings
 from inference.rules import models_for_series, series_for_model_by_hand, why_no_model
 from storage.archive import Archive
 from storage.errors import Conflict, StorageUnavailable
+from storage.events import EventType, NewEvent, record_events
 from storage.index.models import InferenceJob
-from storage.jobs import Job, as_utc, enqueue, utc_now
+from storage.jobs import Job, as_utc, enqueue, job_event, utc_now
 from storage.partitions import partition_names
 from storage.research_copies import queue_copy_jobs
 from storage.stability import (
+    announced_complete_studies,
+    completed_step_studies,
     lock_newly_stable,
     mark_stable,
     newly_stable_studies,
@@ -66,16 +72,22 @@ def queue_stable_studies(
     now = now or utc_now()
     cutoff = now - timedelta(seconds=settings.inference.stable_after_s)
     # Every partition's studies, each scan (a partition's jobs and results stay in it); one
-    # indexed query per partition (ix_study_last_instance leads with the partition).
-    candidates = [
-        (archive.scoped(partition), study)
-        for partition in partition_names(archive.index)
-        for study in newly_stable_studies(archive.scoped(partition), cutoff, limit)
-    ]
+    # indexed query per partition (ix_study_last_instance leads with the partition). Quiet for
+    # stable_after_s; or, sooner, every series complete as its modality announced.
+    candidates = []
+    for partition in partition_names(archive.index):
+        scoped = archive.scoped(partition)
+        candidates += [
+            (scoped, pk, uid, cutoff) for pk, uid in newly_stable_studies(scoped, cutoff, limit)
+        ]
+        if settings.inference.announced_completion:
+            announced = announced_complete_studies(scoped, cutoff, limit)
+            announced += completed_step_studies(scoped, cutoff, limit)
+            candidates += [(scoped, pk, uid, now) for pk, uid in dict.fromkeys(announced)]
     queued: list[Job] = []
-    for scoped, (study_pk, study_uid) in candidates:
+    for scoped, study_pk, study_uid, study_cutoff in candidates:
         try:
-            queued += _queue_if_stable(scoped, settings, models, study_pk, cutoff)
+            queued += _queue_if_stable(scoped, settings, models, study_pk, study_cutoff)
         except StorageUnavailable:
             raise
         except Exception:
@@ -120,7 +132,19 @@ def _queue_if_stable(
             utc_now(),
         )
         mark_stable(session, study_pk, last_instance_at, note)
-        return [Job.from_row(row) for row in rows]
+        jobs = [Job.from_row(row) for row in rows]
+        stable = NewEvent(
+            EventType.STUDY_STABLE,
+            study_uid,
+            {
+                "last_instance_at": as_utc(last_instance_at).isoformat(),  # type: ignore[union-attr]
+                "jobs": [job.id for job in jobs],
+                "ai_note": note or None,
+            },
+        )
+        # The outbox: the study's event and its jobs', committed with them (last statement).
+        record_events(session, archive.partition, [stable, *(job_event(row) for row in rows)])
+        return jobs
 
 
 def _no_model_note(
@@ -243,5 +267,6 @@ def queue_model_by_hand(
             for series in {s["SeriesInstanceUID"]: s for s in chosen}.values()
         ]
         jobs = [Job.from_row(row) for row in rows]
+        record_events(session, archive.partition, [job_event(row) for row in rows])
     log.info("study %s: %s queued by hand on %d series", study_instance_uid, model.name, len(jobs))
     return jobs

@@ -1,8 +1,10 @@
-"""``hilum partitions``, ``hilum ae`` and ``hilum peers``: run-time administration of the
-partitions, the DIMSE AE permissions and the C-MOVE destinations, stored in the index.
+"""``hilum partitions``, ``hilum ae``, ``hilum peers`` and ``hilum cors``: run-time
+administration of the partitions, the DIMSE AE permissions, the C-MOVE destinations and the
+CORS origins, stored in the index.
 
-A change applies to the associations that start after it, in every process, without a
-restart. The settings file seeds AE permissions and destinations on first start only.
+A change applies to the associations that start after it (CORS: within ``ORIGINS_TTL_S``
+seconds), in every process, without a restart. The settings file seeds AE permissions,
+destinations and CORS origins on first start only.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from storage.ae_permissions import (
     remove_ae_permission,
     set_ae_permission,
 )
+from storage.cors_origins import add_cors_origin, list_cors_origins, remove_cors_origin
 from storage.index.database import Index, create_index_engine, require_current_schema
 from storage.move_destinations import (
     MoveDestinationEntry,
@@ -45,7 +48,7 @@ def _index(settings: Settings, *, seed: bool = True) -> Iterator[Index]:
         require_current_schema(engine)
         index = Index(engine)
         if seed:
-            seed_from_settings(index, settings.dimse)
+            seed_from_settings(index, settings)
         yield index
     finally:
         engine.dispose()
@@ -121,8 +124,27 @@ def cmd_peers(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cors(settings: Settings, args: argparse.Namespace) -> int:
+    with _index(settings) as index:
+        if args.cors_command == "add":
+            added = add_cors_origin(index, args.origin)
+            print(f"{args.origin} {'listed' if added else 'was listed already'}"
+                  f"{WILDCARD_NOTE if args.origin.strip() == '*' else ''}")  # fmt: skip
+            return 0
+        if args.cors_command == "remove":
+            remove_cors_origin(index, args.origin)
+            print(f"{args.origin} no longer listed")
+            return 0
+        for origin in list_cors_origins(index):
+            print(origin)
+    return 0
+
+
+WILDCARD_NOTE = " (any page may read, never with credentials; ignored while [auth] is on)"
+
+
 def add_admin_commands(commands: argparse._SubParsersAction) -> list[argparse._SubParsersAction]:
-    """The three command groups; their sub-command groups (for the shared --config)."""
+    """The four command groups; their sub-command groups (for the shared --config)."""
     partitions = commands.add_parser("partitions", help="partitions (tenants) and their AE titles")
     p_commands = partitions.add_subparsers(dest="partitions_command", required=True)
     create = p_commands.add_parser("create", help="create a partition")
@@ -168,7 +190,15 @@ def add_admin_commands(commands: argparse._SubParsersAction) -> list[argparse._S
     add_peer.add_argument("--tls", action="store_true", help="DICOM TLS ([dimse] tls_*)")
     remove_peer = peer_commands.add_parser("remove", help="remove a C-MOVE destination")
     remove_peer.add_argument("title")
-    return [p_commands, ae_commands, peer_commands]
+
+    cors = commands.add_parser("cors", help="origins whose browser pages may call the HTTP API")
+    cors_commands = cors.add_subparsers(dest="cors_command", required=True)
+    cors_commands.add_parser("list", help="list the CORS origins")
+    add_origin = cors_commands.add_parser("add", help="list an origin (e.g. https://viewer.org)")
+    add_origin.add_argument("origin", help='scheme://host[:port], or "*" (read-only, auth off)')
+    remove_origin = cors_commands.add_parser("remove", help="no longer list an origin")
+    remove_origin.add_argument("origin")
+    return [p_commands, ae_commands, peer_commands, cors_commands]
 
 
-ADMIN_COMMANDS = {"partitions": cmd_partitions, "ae": cmd_ae, "peers": cmd_peers}
+ADMIN_COMMANDS = {"partitions": cmd_partitions, "ae": cmd_ae, "peers": cmd_peers, "cors": cmd_cors}

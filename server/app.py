@@ -31,11 +31,12 @@ from server.access import Action, allowed, required_action
 from server.api import register_api
 from server.authentication import Authenticator
 from server.context import ANONYMOUS, UNAUTHENTICATED, Principal, RequestContext
-from server.cors import configure_cors
+from server.cors import StoredOrigins, configure_cors
 from server.dicomweb import register_dicomweb
 from server.dicomweb.media_types import NotAcceptable
 from server.dicomweb.multipart import MultipartError
 from server.dicomweb.statuses import http_status_for
+from server.fhir import register_fhir
 from server.header_deadline import HeaderDeadlines, connection_class
 from server.metrics import Metrics, mark_worker_dead
 from server.monitoring import register_monitoring
@@ -43,6 +44,7 @@ from server.partitions import PARTITION_ROOT, KnownPartitions, enter_partition
 from storage.accounts import Accounts
 from storage.archive import Archive
 from storage.errors import StorageError
+from storage.settings_seed import seed_from_settings
 from storage.tiers import marking_reads
 from web import register_web
 
@@ -66,7 +68,10 @@ def create_app(settings: Settings, archive: Archive, metrics: Metrics | None = N
     _register_blueprints(app, settings)
     register_monitoring(app, archive, metrics)  # /healthz, /readyz, /metrics
     _register_error_handlers(app)
-    configure_cors(app, settings.http.cors_allowed_origins)
+    # The settings file's origins (and DIMSE AE permissions, C-MOVE destinations) seed the
+    # index on first start; then the index is what counts.
+    seed_from_settings(archive.index, settings)
+    configure_cors(app, StoredOrigins(archive.index), wildcard=not settings.auth.enabled)
     app.after_request(_strict_transport_security)
     if settings.http.trusted_proxies:
         proxies = settings.http.trusted_proxies
@@ -84,7 +89,8 @@ def _register_blueprints(app: Flask, settings: Settings) -> None:
     partition's root and at another partition's (``/partitions/<partition>``, server.partitions).
     The views work on ``server.partitions.request_archive()``."""
     register_dicomweb(app, settings)  # /dicomweb (QIDO, WADO, STOW, DELETE), /wado
-    register_api(app, settings)  # /api (AI jobs)
+    register_api(app, settings)  # /api (AI jobs, the change feed), /api/admin
+    register_fhir(app, settings)  # /fhir: read-only FHIR R4
     register_web(app, settings)  # the browser UI: /, /studies/…, /jobs, /upload, the viewer
 
 

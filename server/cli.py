@@ -89,7 +89,7 @@ def _run_dimse(settings: Settings, args: argparse.Namespace, *, all_in_one: bool
 
     connections = settings.dimse.max_associations
     if all_in_one:  # the HTTP server's threads and the worker share the pool
-        connections += settings.http.threads + WORKER_CONNECTIONS
+        connections += settings.http.threads + WORKER_CONNECTIONS + 2  # + event delivery
     archive = open_archive(settings, migrate=all_in_one, connections=connections)
     metrics = Metrics()
     received = dataclasses.replace(
@@ -114,6 +114,7 @@ def _run_dimse(settings: Settings, args: argparse.Namespace, *, all_in_one: bool
         http = _binding("HTTP", host, settings.http.port,
                         lambda: _start_http_server(settings, archive, metrics))  # fmt: skip
     worker = _start_worker_thread(settings, archive, metrics) if all_in_one else None
+    delivery = _start_delivery_thread(settings, archive) if all_in_one else None
     metrics_server = None
     if not all_in_one and settings.metrics.port:
         port = settings.metrics.port
@@ -140,6 +141,9 @@ def _run_dimse(settings: Settings, args: argparse.Namespace, *, all_in_one: bool
     if worker is not None:
         worker[0].set()  # the job in progress finishes first
         worker[1].join()
+    if delivery is not None:
+        delivery[0].set()  # the delivery in progress finishes first
+        delivery[1].join(settings.events.timeout_s + 5)
     archive.close()
     return 0
 
@@ -248,6 +252,54 @@ def _start_worker_thread(
     thread = threading.Thread(target=worker.run, args=(stop,), name="ai-worker", daemon=True)
     thread.start()
     return stop, thread
+
+
+def _start_delivery_thread(
+    settings: Settings, archive: Archive
+) -> tuple[threading.Event, threading.Thread] | None:
+    """``hilum serve``'s event delivery loop (webhooks, FHIR push), when there is anything to
+    deliver to and ``[events] serve_delivery`` is on."""
+    from server.events.delivery import DeliveryLoop, subscribers_from_settings
+
+    subscribers = subscribers_from_settings(settings, archive)
+    if not settings.events.serve_delivery or not subscribers:
+        return None
+    stop = threading.Event()
+    loop = DeliveryLoop(settings, archive, subscribers)
+    thread = threading.Thread(target=loop.run, args=(stop,), name="event-delivery", daemon=True)
+    thread.start()
+    return stop, thread
+
+
+def cmd_events(settings: Settings, args: argparse.Namespace) -> int:
+    """``hilum events``: the event delivery loop on its own (scale-out: any number of them)."""
+    from server.events.delivery import DeliveryLoop, subscribers_from_settings
+    from server.metrics import Metrics, MetricsServer
+
+    archive = open_archive(settings, connections=4)
+    subscribers = subscribers_from_settings(settings, archive)
+    loop = DeliveryLoop(settings, archive, subscribers)
+    metrics_server = None
+    if settings.metrics.port:  # /metrics, and the container's health check
+        host, port = settings.server.host, settings.metrics.port
+        metrics_server = _binding(
+            "metrics", host, port, lambda: MetricsServer(Metrics(), host, port, archive=archive)
+        )
+    stopped = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stopped.set())
+    print(
+        f"Hilum events is delivering to {len(subscribers)} subscribers "
+        f"({', '.join(s.name for s in subscribers) or 'none: see [[events.webhooks]]'}); index "
+        f"{settings.database_url_for_display}"
+        + (f"; metrics on port {metrics_server.port}" if metrics_server else ""),
+        flush=True,
+    )
+    loop.run(stopped)
+    if metrics_server is not None:
+        metrics_server.stop()
+    archive.close()
+    return 0
 
 
 def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
@@ -723,6 +775,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--project", help="a [[research.projects]] name: its secret keys the UIDs")
 
     commands.add_parser("worker", help="run the AI worker: claim jobs, run models, store results")
+    commands.add_parser(
+        "events", help="deliver the change feed: webhooks and the FHIR push ([events], [fhir])"
+    )
     models = commands.add_parser("models", help="AI model plug-ins")
     models_commands = models.add_subparsers(dest="models_command", required=True)
     models_commands.add_parser("list", help="list the installed models ([inference] models_dirs)")
@@ -790,6 +845,7 @@ COMMANDS = {
     "audit": cmd_audit,
     "export": cmd_export,
     "worker": cmd_worker,
+    "events": cmd_events,
     "models": cmd_models,
     "viewer": cmd_viewer,
     **ADMIN_COMMANDS,

@@ -18,6 +18,7 @@ from storage.archive import Archive
 from storage.audit import Actor, AuditEntry, AuditEvent, Requestor, audit_errors
 from storage.dicom_file import is_valid_uid
 from storage.errors import InvalidQuery, NotFound, StorageError
+from storage.events import EventType, NewEvent, record_events
 from storage.index.models import Instance, Patient, Series, Study
 
 log = logging.getLogger(__name__)
@@ -88,6 +89,22 @@ def _delete(
         entities = (study_uid, series_uid, sop_uid)
         audited = _audit(archive, session, requestor, rows, patient_pk, entities)
         _delete_empty_parents(session, {r[2] for r in rows}, study_pk, patient_pk)
+        # The outbox: the deletion's event commits with it (last statement).
+        if sop_uid is not None:
+            event = NewEvent(
+                EventType.INSTANCE_DELETED,
+                study_uid,
+                {"SeriesInstanceUID": series_uid, "SOPInstanceUID": sop_uid, "instances": 1},
+            )
+        elif series_uid is not None:
+            event = NewEvent(
+                EventType.SERIES_DELETED,
+                study_uid,
+                {"SeriesInstanceUID": series_uid, "instances": len(rows)},
+            )
+        else:
+            event = NewEvent(EventType.STUDY_DELETED, study_uid, {"instances": len(rows)})
+        record_events(session, partition, [event])
     if archive.audit is not None:
         archive.audit.emit(audited)
     keys = [r[1] for r in rows]

@@ -46,6 +46,7 @@ from storage.dicom_file import (
     read_instance_header,
 )
 from storage.errors import InvalidInstance, SOPClassMismatch, StorageError, StorageUnavailable
+from storage.events import EventType, NewEvent, record_events
 from storage.index.models import UI, Instance, Patient, Series, Study
 from storage.limits import refuse_too_complex
 
@@ -443,6 +444,10 @@ def _write_rows_once(
                     written.append((item, None))
                 else:
                     retry.append(item)
+        # The outbox: one event per instance written, committed with its row (last statement).
+        record_events(
+            connection, partition, [_stored_event(item, stored) for item, stored in written]
+        )
         audited: list[dict[str, Any]] = []
         if archive.audit is not None and written:
             with audit_errors():
@@ -600,6 +605,21 @@ def _is_duplicate(outcome: IngestResult | StorageError) -> bool:
     return isinstance(outcome, IngestResult) and outcome.outcome in (
         IngestOutcome.DUPLICATE,
         IngestOutcome.KEPT_EXISTING,
+    )
+
+
+def _stored_event(item: _Prepared, stored: Any) -> NewEvent:
+    header = item.header
+    return NewEvent(
+        EventType.INSTANCE_STORED,
+        header.study_instance_uid,
+        {
+            "SeriesInstanceUID": header.series_instance_uid,
+            "SOPInstanceUID": header.sop_instance_uid,
+            "SOPClassUID": header.sop_class_uid,
+            "Modality": _text(header.dataset, "Modality", 16),
+            "outcome": "stored" if stored is None else "replaced",
+        },
     )
 
 

@@ -34,6 +34,7 @@ from config.settings import InferenceSettings
 from storage.archive import Archive
 from storage.delete import delete_instance
 from storage.errors import Conflict, InvalidQuery, NotFound, StorageError
+from storage.events import EventType, NewEvent, record_events
 from storage.index.models import DEFAULT_PARTITION, AIFinding, InferenceJob, Study
 from storage.query import entity_query, locate_instances
 
@@ -170,6 +171,34 @@ class JobFinding:
         return dataclasses.asdict(self)
 
 
+def job_event(row: InferenceJob, event_type: EventType | None = None) -> NewEvent:
+    """The change-feed event of the job's new state (``ai.queued``, ``ai.started``,
+    ``ai.completed``, ``ai.failed``), written in the transaction that changes it."""
+    if event_type is None:
+        event_type = {
+            JobState.QUEUED: EventType.AI_QUEUED,
+            JobState.RUNNING: EventType.AI_STARTED,
+            JobState.DONE: EventType.AI_COMPLETED,
+            JobState.FAILED: EventType.AI_FAILED,
+        }[JobState(row.state)]
+    return NewEvent(
+        event_type,
+        row.study_instance_uid,
+        {
+            "job": row.id,
+            "SeriesInstanceUID": row.series_instance_uid,
+            "model": {"name": row.model_name, "version": row.model_version},
+            "state": row.state,
+            "generation": row.generation,
+            "attempts": row.attempts,
+            "priority": row.priority,
+            "findings": row.findings,
+            "outputs": list(row.outputs or []),
+            "reason": row.reason or None,
+        },
+    )
+
+
 def enqueue(
     session: Session,
     partition: str,
@@ -182,7 +211,8 @@ def enqueue(
     input_received_at: datetime,
     now: datetime,
 ) -> InferenceJob:
-    """Queue a job in the caller's write transaction (the one that marks the study stable).
+    """Queue a job in the caller's write transaction (the one that marks the study stable);
+    the caller records its ``ai.queued`` event (:func:`job_event`) with the transaction's others.
 
     An existing job of the same series and model is reset to ``queued`` with the next
     generation, also while it runs: its worker then loses the job (at its next heartbeat, or at
@@ -318,6 +348,7 @@ class JobQueue:
                         f"attempt {row.attempts} of {self.settings.max_attempts}; giving up"
                     )
                     session.flush()
+                    record_events(session, row.partition, [job_event(row)], now)
                     continue
                 row.state = JobState.RUNNING
                 row.attempts += 1
@@ -326,7 +357,9 @@ class JobQueue:
                 row.finished_at = None
                 row.lease_expires_at = now + timedelta(seconds=self.settings.lease_s)
                 session.flush()
-                return Job.from_row(row)
+                claimed = Job.from_row(row)
+                record_events(session, row.partition, [job_event(row)], now)
+                return claimed
 
     def heartbeat(self, job: Job, worker: str) -> bool:
         """Renew the lease; False when this generation of the job is no longer ``worker``'s
@@ -375,6 +408,8 @@ class JobQueue:
             )
             row.finished_at = self.clock()
             row.lease_expires_at = None
+            session.flush()
+            record_events(session, row.partition, [job_event(row)], row.finished_at)
         # After the commit: from now on nothing refers to the superseded outputs.
         self.delete_outputs(job.study_instance_uid, superseded)
         return True
@@ -439,7 +474,10 @@ class JobQueue:
                 row.state = JobState.FAILED
                 row.finished_at = now
             session.flush()
-            return Job.from_row(row)
+            ended = Job.from_row(row)
+            if row.state == JobState.FAILED:  # a retried attempt is no news to subscribers
+                record_events(session, row.partition, [job_event(row)], now)
+            return ended
 
     def rerun(self, job_id: int) -> Job:
         """Queue a done or failed job again, as its next generation, with fresh attempts. A
@@ -451,6 +489,9 @@ class JobQueue:
             if row.state != JobState.QUEUED:
                 _reset(row, self.clock())
                 session.flush()
+                rerun = Job.from_row(row)
+                record_events(session, row.partition, [job_event(row)])
+                return rerun
             return Job.from_row(row)
 
     def get(self, job_id: int) -> Job:

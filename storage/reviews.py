@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
 
+from storage.events import EventType, NewEvent, record_events
 from storage.index.models import FindingReview
 from storage.jobs import as_utc
 
@@ -60,7 +61,8 @@ class ReviewDecision:
 
 
 def record_review(archive: Archive, decision: ReviewDecision) -> None:
-    """Add ``decision`` to the index (after its SR has been stored)."""
+    """Add ``decision`` to the index (after its SR has been stored), with its ``ai.reviewed``
+    event."""
     with archive.index.write() as session:
         session.add(
             FindingReview(
@@ -78,6 +80,14 @@ def record_review(archive: Archive, decision: ReviewDecision) -> None:
                 decided_at=decision.decided_at,
                 review_sop_instance_uid=decision.review_sop_instance_uid,
             )
+        )
+        # The outbox: ai.reviewed commits with the decision's row (last statement).
+        payload = decision.as_json()
+        del payload["StudyInstanceUID"]
+        record_events(
+            session,
+            archive.partition,
+            [NewEvent(EventType.AI_REVIEWED, decision.study_instance_uid, payload)],
         )
 
 

@@ -1,8 +1,8 @@
 """The parts of the settings file that seed the index on first start: the AE permissions
-(``[[dimse.ae_permissions]]``, ``allowed_calling_ae_titles``) and the C-MOVE destinations
-(``[[dimse.peers]]``). Each is copied once, recorded in ``settings_seed``; afterwards the
-index is what counts (``hilum ae``, ``hilum peers``, the admin API), and what an administrator
-removed stays removed."""
+(``[[dimse.ae_permissions]]``, ``allowed_calling_ae_titles``), the C-MOVE destinations
+(``[[dimse.peers]]``) and the CORS origins (``[http] cors_allowed_origins``). Each is copied
+once, recorded in ``settings_seed``; afterwards the index is what counts (``hilum ae``, ``hilum
+peers``, ``hilum cors``, the admin API), and what an administrator removed stays removed."""
 
 from __future__ import annotations
 
@@ -10,19 +10,26 @@ import logging
 
 from sqlalchemy import exc, select
 
-from config.settings import DimseSettings
+from config import Settings
 from storage.errors import NotFound
 from storage.index.database import Index
-from storage.index.models import AEPermission, MoveDestination, Partition, SettingsSeed
+from storage.index.models import (
+    AEPermission,
+    CorsOrigin,
+    MoveDestination,
+    Partition,
+    SettingsSeed,
+)
 
 log = logging.getLogger(__name__)
 
 AE_PERMISSIONS = "dimse.ae_permissions"
 MOVE_DESTINATIONS = "dimse.peers"
-PARTS = (AE_PERMISSIONS, MOVE_DESTINATIONS)
+CORS_ORIGINS = "http.cors_allowed_origins"
+PARTS = (AE_PERMISSIONS, MOVE_DESTINATIONS, CORS_ORIGINS)
 
 
-def seed_from_settings(index: Index, dimse: DimseSettings) -> list[str]:
+def seed_from_settings(index: Index, settings: Settings) -> list[str]:
     """Copy what was not copied yet; the names of the parts copied now. Two processes starting
     together: one copies, the other finds it done."""
     with index.read() as session:
@@ -32,6 +39,7 @@ def seed_from_settings(index: Index, dimse: DimseSettings) -> list[str]:
         with index.write() as session:
             done = set(session.scalars(select(SettingsSeed.name)).all())
             seeded = []
+            dimse = settings.dimse
             if AE_PERMISSIONS not in done:
                 for seed in dimse.ae_permission_seeds:
                     if session.get(Partition, seed.partition) is None:
@@ -61,6 +69,11 @@ def seed_from_settings(index: Index, dimse: DimseSettings) -> list[str]:
                     )
                 session.add(SettingsSeed(name=MOVE_DESTINATIONS))
                 seeded.append(MOVE_DESTINATIONS)
+            if CORS_ORIGINS not in done:
+                for origin in dict.fromkeys(settings.http.cors_allowed_origins):
+                    session.merge(CorsOrigin(origin=origin))
+                session.add(SettingsSeed(name=CORS_ORIGINS))
+                seeded.append(CORS_ORIGINS)
     except exc.IntegrityError:
         return []  # another process seeded first
     for name in seeded:

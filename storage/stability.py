@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from config.settings import InferencePriority
 from storage.errors import NotFound
-from storage.index.models import InferenceJob, Instance, Series, Study
+from storage.index.models import InferenceJob, Instance, PerformedProcedureStep, Series, Study
 from storage.jobs import as_utc
 
 if TYPE_CHECKING:
@@ -65,6 +65,104 @@ def newly_stable_studies(archive: Archive, cutoff: datetime, limit: int) -> list
             .limit(limit)
         ).all()
     return [(pk, uid) for pk, uid in rows]
+
+
+# Images in Acquisition (0020,1002), PS3.3 C.7.3.1: how many images the acquisition produced.
+_IMAGES_IN_ACQUISITION = "00201002"
+
+
+def announced_complete_studies(
+    archive: Archive, cutoff: datetime, limit: int
+) -> list[tuple[int, str]]:
+    """(row id, StudyInstanceUID) of up to ``limit`` studies received into since ``cutoff``
+    (the quiet rule has not made them stable yet) whose every series holds as many instances
+    as its first instance announces in Images in Acquisition (0020,1002): the modality said
+    how many to expect, and all arrived. Newest first."""
+    found = []
+    with archive.index.read() as session:
+        recent = session.execute(
+            select(Study.id, Study.study_instance_uid)
+            .where(
+                Study.partition == archive.partition,
+                Study.last_instance_at > cutoff,
+                or_(
+                    Study.stable_last_instance_at.is_(None),
+                    Study.stable_last_instance_at != Study.last_instance_at,
+                ),
+            )
+            .order_by(Study.last_instance_at.desc())
+            .limit(limit)
+        ).all()
+        for study_pk, study_uid in recent:
+            series = session.execute(
+                select(func.count(Instance.id), func.min(Instance.id))
+                .join(Series, Instance.series_pk == Series.id)
+                .where(Series.study_pk == study_pk)
+                .group_by(Series.id)
+            ).all()
+            complete = bool(series)
+            for count, first in series:
+                metadata = session.scalar(
+                    select(Instance.metadata_json).where(Instance.id == first)
+                )
+                announced = _announced_images(metadata or {})
+                if announced is None or count < announced:
+                    complete = False
+                    break
+            if complete:
+                found.append((study_pk, study_uid))
+    return found
+
+
+def completed_step_studies(archive: Archive, cutoff: datetime, limit: int) -> list[tuple[int, str]]:
+    """(row id, StudyInstanceUID) of up to ``limit`` studies not stable at their last
+    instance, with a Modality Performed Procedure Step COMPLETED since ``cutoff`` whose
+    referenced images (PS3.3 C.4.15, Performed Series Sequence) are all stored."""
+    found = []
+    with archive.index.read() as session:
+        steps = session.execute(
+            select(Study.id, Study.study_instance_uid, PerformedProcedureStep.series)
+            .join(
+                Study,
+                (Study.partition == PerformedProcedureStep.partition)
+                & (Study.study_instance_uid == PerformedProcedureStep.study_instance_uid),
+            )
+            .where(
+                PerformedProcedureStep.partition == archive.partition,
+                PerformedProcedureStep.status == "COMPLETED",
+                PerformedProcedureStep.updated_at > cutoff,
+                or_(
+                    Study.stable_last_instance_at.is_(None),
+                    Study.stable_last_instance_at != Study.last_instance_at,
+                ),
+            )
+            .order_by(PerformedProcedureStep.updated_at.desc())
+            .limit(limit)
+        ).all()
+        for study_pk, study_uid, series in steps:
+            expected = {uid for uids in (series or {}).values() for uid in uids}
+            if not expected or (study_pk, study_uid) in found:
+                continue
+            stored = session.scalar(
+                select(func.count(Instance.id))
+                .join(Series, Instance.series_pk == Series.id)
+                .where(
+                    Series.study_pk == study_pk,
+                    Instance.sop_instance_uid.in_(sorted(expected)),
+                )
+            )
+            if stored == len(expected):
+                found.append((study_pk, study_uid))
+    return found
+
+
+def _announced_images(metadata: dict[str, Any]) -> int | None:
+    values = metadata.get(_IMAGES_IN_ACQUISITION, {}).get("Value") or []
+    try:
+        announced = int(values[0])
+    except (IndexError, TypeError, ValueError):
+        return None
+    return announced if announced > 0 else None
 
 
 def lock_newly_stable(

@@ -20,7 +20,7 @@ from config.settings import ConfigError, is_placeholder_secret
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.yml"
 ONE_SHOTS = {"minio-init", "migrate"}
-HILUM_SERVICES = {"migrate", "dimse", "web", "worker", "worker-cpu"}
+HILUM_SERVICES = {"migrate", "dimse", "web", "worker", "worker-cpu", "events"}
 
 
 def _env_example() -> dict[str, str]:
@@ -62,7 +62,7 @@ def test_compose_renders_with_real_secrets(tmp_path: Path) -> None:
            _env_example().items()}  # fmt: skip
     rendered = _rendered(tmp_path, env)
     assert set(rendered["services"]) == {
-        "db", "minio", "minio-init", "migrate", "dimse", "web", "worker", "worker-cpu",
+        "db", "minio", "minio-init", "migrate", "dimse", "web", "worker", "worker-cpu", "events",
     }  # fmt: skip
     web = rendered["services"]["web"]["environment"]
     assert web["HILUM_STORAGE__DATABASE_URL"] == "postgresql+psycopg://hilum:Xs8k2mQ7@db:5432/hilum"
@@ -147,7 +147,7 @@ def test_worker_reserves_a_gpu_and_the_cpu_profile_runs_one_without(
     assert "cu" in gpu["build"]["args"]["TORCH_INDEX_URL"]  # a CUDA build of torch
     assert "deploy" not in cpu and "args" not in cpu["build"]  # the default: CPU torch
     # The other Hilum images carry no torch at all.
-    for name in ("migrate", "dimse", "web"):
+    for name in ("migrate", "dimse", "web", "events"):
         assert services[name]["build"]["args"] == {"TORCH_INDEX_URL": ""}, name
     assert cpu["environment"]["HILUM_INFERENCE__DEVICE"] == "cpu"
     # Every other service runs without a profile: `docker compose up` starts it.

@@ -10,6 +10,7 @@ from flask import Flask
 from config import Settings
 from server.api.admin import admin_blueprint
 from server.api.audit import audit_blueprint
+from server.api.events import events_blueprint
 from server.api.jobs import jobs_blueprint
 from server.api.research import research_blueprint
 
@@ -19,16 +20,22 @@ def register_api(app: Flask, settings: Settings) -> None:
     from server.dicomweb import no_sniffing
     from server.partitions import PARTITION_ROOT
 
-    for blueprint in (jobs_blueprint(settings), research_blueprint()):
+    archive = app.extensions["hilum.archive"]
+    # /api/changes is the partition's; /api/webhooks (admin) the installation's.
+    for blueprint in (
+        jobs_blueprint(settings),
+        research_blueprint(),
+        events_blueprint(settings, archive),
+    ):
         blueprint.after_request(no_sniffing)
         app.register_blueprint(blueprint, url_prefix="/api")
         app.register_blueprint(
             blueprint, url_prefix=PARTITION_ROOT + "/api", name=f"partition_{blueprint.name}"
         )
-    admin = admin_blueprint(settings, app.extensions["hilum.archive"])
+    admin = admin_blueprint(settings, archive)
     admin.after_request(no_sniffing)
     app.register_blueprint(admin, url_prefix="/api/admin")
     # The audit trail is the whole archive's (every partition's), for administrators: /api only.
-    audit = audit_blueprint(app.extensions["hilum.archive"])
+    audit = audit_blueprint(archive)
     audit.after_request(no_sniffing)
     app.register_blueprint(audit, url_prefix="/api")

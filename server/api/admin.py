@@ -1,6 +1,7 @@
-"""The administration API (``/api/admin``): partitions, DIMSE AE permissions and C-MOVE
-destinations, as ``hilum partitions`` / ``ae`` / ``peers`` manage them. Every route needs
-``Action.ADMIN``; a change applies to the DIMSE associations that start after it."""
+"""The administration API (``/api/admin``): partitions, DIMSE AE permissions, C-MOVE
+destinations and CORS origins, as ``hilum partitions`` / ``ae`` / ``peers`` / ``cors`` manage
+them. Every route needs ``Action.ADMIN``; a change applies to the DIMSE associations that start
+after it, and to CORS within ``server.cors.ORIGINS_TTL_S`` seconds."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from storage.ae_permissions import (
     set_ae_permission,
 )
 from storage.archive import Archive
+from storage.cors_origins import add_cors_origin, list_cors_origins, remove_cors_origin
 from storage.errors import InvalidArgument
 from storage.index.models import DEFAULT_PARTITION
 from storage.move_destinations import (
@@ -66,7 +68,7 @@ def admin_blueprint(settings: Settings, archive: Archive) -> Blueprint:
         # The settings file's [[dimse.ae_permissions]] / [[dimse.peers]], on first start (not
         # before a partition they name is created: creating it must work).
         if "/partitions" not in request.path:
-            seed_from_settings(index, settings.dimse)
+            seed_from_settings(index, settings)
 
     @blueprint.get("/partitions")
     @requires(Action.ADMIN)
@@ -129,6 +131,26 @@ def admin_blueprint(settings: Settings, archive: Archive) -> Blueprint:
     @requires(Action.ADMIN)
     def remove_ae_permissions(title: str) -> Any:
         remove_ae_permission(index, ae_title(title), request.args.get("partition") or None)
+        return "", 204
+
+    @blueprint.get("/cors-origins")
+    @requires(Action.ADMIN)
+    def list_all_cors_origins() -> Any:
+        return jsonify(list_cors_origins(index))
+
+    @blueprint.post("/cors-origins")
+    @requires(Action.ADMIN)
+    def add_a_cors_origin() -> Any:
+        origin = _body().get("origin")
+        if not isinstance(origin, str):
+            raise InvalidArgument('give {"origin": "scheme://host[:port]"}')
+        added = add_cors_origin(index, origin)
+        return jsonify({"origin": origin.strip()}), 201 if added else 200
+
+    @blueprint.delete("/cors-origins")
+    @requires(Action.ADMIN)
+    def remove_a_cors_origin() -> Any:
+        remove_cors_origin(index, request.args.get("origin", ""))
         return "", 204
 
     @blueprint.get("/peers")

@@ -47,6 +47,7 @@ from server.dimse.c_move import handle_c_move
 from server.dimse.c_store import ReceivedDataSet, handle_c_store
 from server.dimse.commands import Command, CommandField
 from server.dimse.identifier import FIND_SOP_CLASSES, INFORMATION_MODEL
+from server.dimse.mpps import MODALITY_PERFORMED_PROCEDURE_STEP, handle_n_create, handle_n_set
 from server.dimse.negotiation import (
     CALLED_AE_NOT_RECOGNIZED,
     CALLING_AE_NOT_RECOGNIZED,
@@ -103,6 +104,9 @@ REQUIRED_ACTION: dict[int, Action] = {
     CommandField.C_FIND_RQ: Action.QUERY,
     CommandField.C_MOVE_RQ: Action.RETRIEVE,
     CommandField.C_GET_RQ: Action.RETRIEVE,
+    # Modality Performed Procedure Step: what a modality that may store reports.
+    CommandField.N_CREATE_RQ: Action.STORE,
+    CommandField.N_SET_RQ: Action.STORE,
 }
 DIMSE_ACTIONS_ORDER = (Action.STORE, Action.QUERY, Action.RETRIEVE)
 DIMSE_ACTIONS = frozenset(DIMSE_ACTIONS_ORDER)
@@ -160,6 +164,9 @@ def supported_contexts(actions: frozenset[Action] = DIMSE_ACTIONS) -> list[Prese
     for uid in INFORMATION_MODEL:
         if (Action.QUERY if uid in FIND_SOP_CLASSES else Action.RETRIEVE) in actions:
             contexts.append(supported_context(uid, VERIFICATION_SYNTAXES))
+    if Action.STORE in actions:
+        # PS3.4 F.7: Modality Performed Procedure Step, SCP (N-CREATE, N-SET), from modalities.
+        contexts.append(supported_context(MODALITY_PERFORMED_PROCEDURE_STEP, VERIFICATION_SYNTAXES))
     return contexts
 
 
@@ -201,7 +208,7 @@ class DimseServer:
         self, settings: Settings, archive: Archive, observer: DimseObserver | None = None
     ) -> None:
         # [[dimse.ae_permissions]] and [[dimse.peers]] seed the index on first start.
-        seed_from_settings(archive.index, settings.dimse)
+        seed_from_settings(archive.index, settings)
         check_association_policy(settings, archive)
         self.settings = settings
         self.archive = archive
@@ -252,6 +259,8 @@ class DimseServer:
             CommandField.C_GET_RQ: functools.partial(
                 handle_c_get, archive=archive, settings=settings
             ),
+            CommandField.N_CREATE_RQ: functools.partial(handle_n_create, archive=archive),
+            CommandField.N_SET_RQ: functools.partial(handle_n_set, archive=archive),
         }
 
     @property
@@ -548,7 +557,7 @@ class DimseServer:
             self._unrecognized(assoc, message)
 
     def _unrecognized(self, assoc: Association, message: Message) -> None:
-        """PS3.7 C.4.2: a request of a service Hilum does not provide (N-services, ...)."""
+        """PS3.7 C.4.2: a request of a service Hilum does not provide (N-GET, N-ACTION, ...)."""
         log.info("[%s] unrecognized command 0x%04X", assoc.name, message.command.field)
         assoc.send_command(
             message.context,

@@ -28,6 +28,10 @@ class CommandField(enum.IntEnum):
     C_ECHO_RQ = 0x0030
     C_ECHO_RSP = 0x8030
     C_CANCEL_RQ = 0x0FFF
+    N_SET_RQ = 0x0120
+    N_SET_RSP = 0x8120
+    N_CREATE_RQ = 0x0140
+    N_CREATE_RSP = 0x8140
 
 
 # PS3.7 E.1-1: Command Data Set Type (0000,0800) 0x0101 means no data set; any other, one.

@@ -42,6 +42,12 @@ SUB_OPERATIONS_COMPLETE_WITH_FAILURES = 0xB000  # with the Failed SOP Instance U
 UNRECOGNIZED_OPERATION = 0x0211
 # PS3.7 Annex C (general statuses): a request the calling AE's permission does not cover.
 NOT_AUTHORIZED = 0x0124
+# PS3.4 F.7.2.1.2, F.7.2.2.2 and PS3.7 C: Modality Performed Procedure Step (N-CREATE, N-SET).
+DUPLICATE_SOP_INSTANCE = 0x0111
+NO_SUCH_OBJECT_INSTANCE = 0x0112
+INVALID_ATTRIBUTE_VALUE = 0x0106
+PROCESSING_FAILURE = 0x0110
+MAY_NO_LONGER_BE_UPDATED = 0x0110  # with the Error Comment saying so (F.7.2.2.2: ID A710)
 
 FIND_ERROR_STATUS: dict[type[StorageError], int] = {
     StorageUnavailable: OUT_OF_RESOURCES,
@@ -150,6 +156,7 @@ QUERY_RETRIEVE_STATUSES = (
               "(`hilum ae`): a C-FIND sent on a C-MOVE context, or the like. Contexts of a "
               "service the AE may not use are rejected at negotiation"),
     StatusUse(UNRECOGNIZED_OPERATION, "any other", "Unrecognized operation (PS3.7 C.4.2)",
-              "a request of a DIMSE service Hilum does not provide (N-services, ...) on an "
+              "a request of a DIMSE service Hilum does not provide (N-GET, N-ACTION, ...; N-CREATE "
+              "and N-SET only for MPPS, section 3.2.1.8) on an "
               "accepted context"),
 )  # fmt: skip

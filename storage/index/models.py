@@ -349,6 +349,16 @@ class MoveDestination(Base):
     tls: Mapped[bool] = mapped_column(Boolean)
 
 
+class CorsOrigin(Base):
+    """An origin whose browser pages may call the HTTP API (migration 0011; server/cors.py):
+    seeded from ``[http] cors_allowed_origins`` on first start, then managed with ``hilum
+    cors`` and the admin API."""
+
+    __tablename__ = "cors_origin"
+
+    origin: Mapped[str] = mapped_column(String(255), primary_key=True)
+
+
 class SettingsSeed(Base):
     """Which parts of the settings file were copied into the index on first start (migration
     0007): copied once, so that what an administrator removed at run time stays removed."""
@@ -410,3 +420,85 @@ class ApiToken(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class Event(Base):
+    """One entry of the change feed (migration 0010): written in the transaction of the state
+    change it reports (the transactional outbox, ``storage/events.py``). ``id`` is the feed's
+    sequence: ids are handed out in commit order (``storage/events.py`` says how), and never
+    reused (SQLite AUTOINCREMENT), so a reader's cursor is the last id it has seen."""
+
+    __tablename__ = "event"
+    __table_args__ = (
+        Index("ix_event_partition", "partition", "id"),
+        Index("ix_event_created", "created_at"),
+        {"sqlite_autoincrement": True},
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    type: Mapped[str] = mapped_column(String(32))  # "instance.stored", "study.stable", …
+    partition: Mapped[str] = mapped_column(String(64))
+    study_instance_uid: Mapped[str] = mapped_column(String(UI), default="")
+    payload: Mapped[dict[str, Any]] = mapped_column(JSONType)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class EventSubscriber(Base):
+    """A consumer of the change feed that Hilum delivers to (a webhook, the FHIR push): how
+    far it got, who delivers to it now (a lease, so that any number of delivery loops share
+    the work without delivering twice), and the back-off of its next event (migration 0010)."""
+
+    __tablename__ = "event_subscriber"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    # The id of the last event handled (delivered, skipped by the filter, or dead-lettered).
+    position: Mapped[int] = mapped_column(BigInteger, default=0)
+    lease_owner: Mapped[str] = mapped_column(String(128), default="")
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Failed attempts at the event after ``position``, and when the next one may start.
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_error: Mapped[str] = mapped_column(Text, default="")
+    delivered: Mapped[int] = mapped_column(BigInteger, default=0)  # events delivered, all time
+
+
+class EventDeadLetter(Base):
+    """An event a subscriber did not take after ``max_attempts`` (migration 0010): the cursor
+    moved past it; an administrator may replay it (state ``replay``, delivered ahead of the
+    cursor's next event; ``replayed`` once taken)."""
+
+    __tablename__ = "event_dead_letter"
+    __table_args__ = (Index("ix_event_dead_letter_subscriber", "subscriber", "state", "id"),)
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    subscriber: Mapped[str] = mapped_column(String(64))
+    event_id: Mapped[int] = mapped_column(BigInteger)
+    state: Mapped[str] = mapped_column(String(16))  # dead | replay | replayed
+    attempts: Mapped[int] = mapped_column(Integer)
+    last_error: Mapped[str] = mapped_column(Text, default="")
+    dead_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    replayed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class PerformedProcedureStep(Base):
+    """A Modality Performed Procedure Step (PS3.4 F.7) a modality created and updated
+    (migration 0010): what it performed, and whether it is done. A COMPLETED step whose
+    referenced images are all stored makes its study stable at once."""
+
+    __tablename__ = "performed_procedure_step"
+    __table_args__ = (
+        UniqueConstraint("partition", "sop_instance_uid"),
+        Index("ix_performed_procedure_step_status", "partition", "status", "updated_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    partition: Mapped[str] = mapped_column(ForeignKey("partition.name"))
+    sop_instance_uid: Mapped[str] = mapped_column(String(UI))
+    # (0040,0252) Performed Procedure Step Status: IN PROGRESS, DISCONTINUED, COMPLETED.
+    status: Mapped[str] = mapped_column(String(16))
+    study_instance_uid: Mapped[str] = mapped_column(String(UI), default="")
+    # SeriesInstanceUID -> the SOP Instance UIDs the step lists in its Performed Series Sequence.
+    series: Mapped[dict[str, list[str]]] = mapped_column(JSONType)
+    calling_ae_title: Mapped[str] = mapped_column(String(AE), default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

@@ -435,3 +435,29 @@ def test_jobs_are_searched_newest_first_by_state_model_and_study(
     queued = [stat_job.id, newer.id, routine.id]
     assert [j.id for j in queue.search(state="queued", queue_order=True)] == queued
     assert [j.id for j in queue.search(state="queued")] == sorted(queued, reverse=True)
+
+
+def test_a_series_complete_as_announced_is_stable_without_the_quiet_period(
+    archive: Archive, settings: Settings, tmp_path: Path
+) -> None:
+    """Images in Acquisition (0020,1002) says how many instances to expect: once all of them
+    are stored the study's jobs are queued at once, not stable_after_s later."""
+    study, series = generate_uid(), generate_uid()
+
+    def send(n: int) -> None:
+        ds = ct_instance(study, series, seed=n)
+        ds.ImagesInAcquisition = 3
+        store(archive, tmp_path, ds)
+
+    send(0)
+    send(1)
+    assert scan(archive, settings, later=timedelta(0)) == []  # 2 of 3: wait
+    send(2)
+    queued = scan(archive, settings, later=timedelta(0))
+    assert [(j.series_instance_uid, j.model_name) for j in queued] == [(series, "test-ct")]
+    assert scan(archive, settings, later=timedelta(0)) == []  # marked stable: once
+
+    off = with_inference(settings, announced_completion=False)
+    other, _ = ct_series(archive, tmp_path, count=1, ImagesInAcquisition=1)
+    assert scan(archive, off, later=timedelta(0)) == []  # the quiet rule only
+    assert [j.study_instance_uid for j in scan(archive, settings, later=timedelta(0))] == [other]

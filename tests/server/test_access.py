@@ -99,7 +99,18 @@ PERMISSIONS: dict[str, Action] = {
     "admin.list_all_peers": A,
     "admin.set_a_peer": A,
     "admin.remove_a_peer": A,
+    "admin.list_all_cors_origins": A,
+    "admin.add_a_cors_origin": A,
+    "admin.remove_a_cors_origin": A,
     "research.find_identities": A,
+    # The change feed and its deliveries; FHIR R4
+    "events.list_changes": Q,
+    "events.list_webhooks": A,
+    "events.list_dead_letters": A,
+    "events.replay_dead_letter": A,
+    "fhir.capability_statement": P,
+    "fhir.read": Q,
+    "fhir.search_type": Q,
     # Monitoring: probes and Prometheus (counts and durations, no patient data)
     "monitoring.liveness": P,
     "monitoring.readiness": P,
@@ -123,6 +134,9 @@ ARGUMENTS = {
     "series_uid": "1.2.3.4",
     "name": "default",
     "title": "SOME_AE",
+    "dead_letter_id": 1,
+    "resource_type": "Patient",
+    "resource_id": "patient-1",
 }
 
 

@@ -112,6 +112,25 @@ def test_an_origin_not_listed_gets_nothing(server_url: str) -> None:
     assert allows(preflight(f"{server_url}/studies", VIEWER, "GET"), VIEWER, "GET")
 
 
+def test_with_logins_on_a_wildcard_gives_nothing_and_listed_origins_still_work(
+    tmp_path: Path,
+) -> None:
+    """Once [auth] is on, CORS is for listed origins only (issue 12): "*" is ignored."""
+    settings = make_settings(
+        tmp_path, auth={"enabled": True}, http={"cors_allowed_origins": ["*", VIEWER]}
+    )
+    archive = open_archive(settings, migrate=True)
+    server = HttpServer(create_app(settings, archive), "127.0.0.1", free_port())
+    server.start()
+    try:
+        url = f"http://127.0.0.1:{server.port}/dicomweb/studies"
+        assert "Access-Control-Allow-Origin" not in preflight(url, EVIL, "GET").headers
+        assert allows(preflight(url, VIEWER, "GET", "Authorization"), VIEWER, "GET")
+    finally:
+        server.stop()
+        archive.close()
+
+
 def test_which_methods_each_origin_gets() -> None:
     assert cors_methods(VIEWER, ["*"]) == ("GET", "HEAD")
     assert cors_methods(VIEWER, [VIEWER]) == ("GET", "HEAD", "POST", "PUT", "DELETE")

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import requests
 from playwright.sync_api import Page, expect
 
 from server.app import HttpServer, create_app
@@ -15,6 +16,7 @@ from server.dimse.ae import DimseServer
 from storage.archive import open_archive
 from tests.conftest import free_port, make_settings
 from tests.factories import DCMTK_STORESCU, ct_instance, write_part10
+from tests.waiting import wait_until
 from tests.web.conftest import screenshot
 
 
@@ -93,3 +95,25 @@ def test_an_administrator_sets_up_a_partition_its_modality_and_a_destination(
     expect(page.locator("#permission-rows")).not_to_contain_text("CT_A")
     page.get_by_role("button", name="Remove destination VIEWER").click()
     expect(page.locator("#peer-rows")).not_to_contain_text("VIEWER")
+
+    # A browser origin listed at run time: its preflight for DELETE is allowed once the CORS
+    # list is read again (within ORIGINS_TTL_S); removed, it gets nothing.
+    viewer = "https://viewer.example.org"
+    page.get_by_label("Origin", exact=True).fill(viewer)
+    page.get_by_role("button", name="Add origin").click()
+    expect(page.locator("#access-status")).to_have_text(f"Origin {viewer} listed.")
+    expect(page.locator("#origin-rows")).to_contain_text(viewer)
+    screenshot(page, "dicom-access-cors")
+
+    def preflight() -> str | None:
+        answer = requests.options(
+            url + "/dicomweb/studies/1.2.3",
+            headers={"Origin": viewer, "Access-Control-Request-Method": "DELETE"},
+            timeout=30,
+        )
+        return answer.headers.get("Access-Control-Allow-Origin")
+
+    wait_until(lambda: preflight() == viewer, "the listed origin's preflight", timeout_s=30)
+    page.get_by_role("button", name=f"Remove origin {viewer}").click()
+    expect(page.locator("#origin-rows")).not_to_contain_text(viewer)
+    wait_until(lambda: preflight() is None, "the removed origin's preflight refused", timeout_s=30)

@@ -52,8 +52,9 @@
 
   async function load() {
     try {
-      const [partitions, permissions, peers] = await Promise.all([
+      const [partitions, permissions, peers, origins] = await Promise.all([
         call("GET", "/partitions"), call("GET", "/ae-permissions"), call("GET", "/peers"),
+        call("GET", "/cors-origins"),
       ]);
       const pRows = document.getElementById("partition-rows");
       pRows.replaceChildren();
@@ -95,6 +96,14 @@
         removeButton(row, "Remove destination " + d.ae_title, () =>
           call("DELETE", "/peers/" + encodeURIComponent(d.ae_title)));
       }
+      const oRows = document.getElementById("origin-rows");
+      oRows.replaceChildren();
+      for (const origin of origins) {
+        const row = oRows.insertRow();
+        cell(row, origin);
+        removeButton(row, "Remove origin " + origin, () =>
+          call("DELETE", "/cors-origins?origin=" + encodeURIComponent(origin)));
+      }
     } catch (error) {
       say("Could not load: " + error.message, false);
     }
@@ -133,6 +142,10 @@
       host: f.host.value.trim(), port: Number(f.port.value), tls: f.tls.checked,
     });
     return "Destination " + d.ae_title + " saved.";
+  });
+  onSubmit("origin-form", async (f) => {
+    const o = await call("POST", "/cors-origins", { origin: f.origin.value.trim() });
+    return "Origin " + o.origin + " listed.";
   });
   load();
 })();

@@ -1,7 +1,7 @@
 """audit trail: the append-only, hash-chained audit_record table
 
 Revision ID: 0009
-Revises: 0008
+Revises: 0011
 
 Rows are only inserted. A trigger refuses UPDATE and DELETE (and, on PostgreSQL, TRUNCATE), so
 neither Hilum nor a mistaken statement can change the trail; pruning old records is an
@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0009"
-down_revision = "0008"
+down_revision = "0011"
 branch_labels = None
 depends_on = None
 
