@@ -89,6 +89,8 @@ PERMISSIONS: dict[str, Action] = {
     "login.oidc_login": P,
     "login.oidc_callback": P,
     # Administration: partitions, DIMSE AE permissions, C-MOVE destinations; pseudonyms
+    "audit.search_audit_records": A,
+    "audit_page.audit_page": A,
     "admin.list_all_partitions": A,
     "admin.create_a_partition": A,
     "admin.add_a_partition_ae_title": A,
