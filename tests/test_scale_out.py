@@ -152,14 +152,18 @@ def test_two_dimse_two_workers_and_gunicorn_on_one_postgresql_and_s3(
 
         for study in studies:
             wait_until(
-                lambda study=study: modalities(study) == [CT, SEG, SR], f"AI on {study}", 400, 0.5
+                lambda study=study: modalities(study) == [CT, SEG, SR, SR],
+                f"AI on {study}",
+                400,
+                0.5,
             )
 
-        # QIDO-RS through gunicorn: every CT instance once, plus one SEG and one SR.
+        # QIDO-RS through gunicorn: every CT instance once, plus one SEG, one SR and the SR of
+        # the lesions' outlines.
         for study, count in studies.items():
             instances = client.search_for_instances(study)
             uids = [i["00080018"]["Value"][0] for i in instances]
-            assert len(uids) == len(set(uids)) == count + 2
+            assert len(uids) == len(set(uids)) == count + 3
         # Each job ran once: one attempt, done, by one of the two workers (the JSON API,
         # through gunicorn).
         jobs = [

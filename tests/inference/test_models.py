@@ -63,7 +63,8 @@ def test_ct_lesion_model_reaches_dice_on_held_out_phantoms(
             device="cpu",
         )
 
-        assert [o.Modality for o in outputs] == ["SEG", "SR"]
+        # The SEG, the measurement report, and each lesion outlined on its key slice.
+        assert [o.Modality for o in outputs] == ["SEG", "SR", "SR"]
         seg = hd.seg.Segmentation.from_dataset(outputs[0])
         predicted = seg.get_pixels_by_source_instance(
             [ds.SOPInstanceUID for ds in datasets], assert_missing_frames_are_empty=True
@@ -133,7 +134,7 @@ def test_sr_volume_is_the_analysed_voxels_times_the_voxel_size(
     datasets, _truth = synthetic_ct_series(12, slices=6)
     _ingest(archive, datasets, tmp_path)
 
-    seg, sr = analyse_series(
+    seg, sr, _outlines = analyse_series(
         archive,
         _model("ct_lesion_synthetic"),
         datasets[0].StudyInstanceUID,
@@ -230,7 +231,7 @@ def test_compressed_slices_are_decoded(archive: Archive, tmp_path: Path) -> None
         ds.compress(RLELossless)
     _ingest(archive, datasets, tmp_path)
 
-    seg, _sr = analyse_series(
+    seg, _sr, _outlines = analyse_series(
         archive,
         _model("ct_lesion_synthetic"),
         datasets[0].StudyInstanceUID,
