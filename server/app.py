@@ -43,7 +43,7 @@ from server.monitoring import register_monitoring
 from server.partitions import PARTITION_ROOT, KnownPartitions, enter_partition
 from storage.accounts import Accounts
 from storage.archive import Archive
-from storage.errors import StorageError
+from storage.errors import StorageError, StorageUnavailable
 from storage.settings_seed import seed_from_settings
 from storage.tiers import marking_reads
 from web import register_web
@@ -70,7 +70,10 @@ def create_app(settings: Settings, archive: Archive, metrics: Metrics | None = N
     _register_error_handlers(app)
     # The settings file's origins (and DIMSE AE permissions, C-MOVE destinations) seed the
     # index on first start; then the index is what counts.
-    seed_from_settings(archive.index, settings)
+    try:
+        seed_from_settings(archive.index, settings)
+    except StorageUnavailable as error:  # the pages say so; copied at the next start
+        log.warning("the settings' seeds were not copied into the index: %s", error)
     configure_cors(app, StoredOrigins(archive.index), wildcard=not settings.auth.enabled)
     app.after_request(_strict_transport_security)
     if settings.http.trusted_proxies:
