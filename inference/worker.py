@@ -32,6 +32,7 @@ from inference.measurement_report import job_finding, read_findings
 from inference.stability import queue_stable_studies
 from server.context import worker_context
 from storage.archive import Archive
+from storage.audit import deidentified_copy_entry
 from storage.deidentify import Deidentifier
 from storage.errors import InvalidInstance, NotFound, StorageUnavailable
 from storage.ingest import Origin, ingest_file
@@ -215,6 +216,14 @@ class Worker:
                 job.study_instance_uid,
                 tmp_dir=self._tmp_dir,
                 origin=Origin(calling_ae_title=self.settings.dimse.ae_title),
+            )
+            # Recorded in the source partition's trail (the link back stays clinical); a
+            # failure to record fails the attempt, retried as any storage failure.
+            self.archive.record(
+                worker_context(job.id, rule.from_partition),
+                deidentified_copy_entry(
+                    job.study_instance_uid, outcome.copied, rule.to, rule.project
+                ),
             )
         except (ModelError, NotFound) as error:
             return self._copy_failed(queue, job, str(error), retry=False)

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import shlex
+import sys
 from collections.abc import Iterator
 
 from config import Settings
+from server.context import cli_context
 from storage.ae_permissions import (
     AEPermissionEntry,
     list_ae_permissions,
@@ -21,8 +24,10 @@ from storage.ae_permissions import (
     remove_ae_permission,
     set_ae_permission,
 )
+from storage.archive import open_archive
+from storage.audit import AuditEvent, security_change_entry
 from storage.cors_origins import add_cors_origin, list_cors_origins, remove_cors_origin
-from storage.index.database import Index, create_index_engine, require_current_schema
+from storage.index.database import Index
 from storage.move_destinations import (
     MoveDestinationEntry,
     list_move_destinations,
@@ -40,22 +45,30 @@ from storage.settings_seed import seed_from_settings
 
 
 @contextlib.contextmanager
-def _index(settings: Settings, *, seed: bool = True) -> Iterator[Index]:
+def _index(
+    settings: Settings, args: argparse.Namespace, event: AuditEvent, *, seed: bool = True
+) -> Iterator[Index]:
     """The index; ``seed``: the settings file's AE permissions and C-MOVE destinations copied
-    first, if not yet (not for ``hilum partitions``: the partitions they name come first)."""
-    engine = create_index_engine(settings.database_url, pool_size=1)
+    first, if not yet (not for ``hilum partitions``: the partitions they name come first).
+    A change (any sub-command but ``list``) is recorded in the audit trail before it is made,
+    as the command line that asks for it (these commands take no secret)."""
+    archive = open_archive(settings, connections=1)
     try:
-        require_current_schema(engine)
-        index = Index(engine)
         if seed:
-            seed_from_settings(index, settings)
-        yield index
+            seed_from_settings(archive.index, settings)
+        command = next(v for k, v in vars(args).items() if k.endswith("_command"))
+        if command != "list":
+            archive.record(
+                cli_context(f"hilum {args.command} {command}"),
+                security_change_entry(event, command, shlex.join(sys.argv[1:])[:500]),
+            )
+        yield archive.index
     finally:
-        engine.dispose()
+        archive.close()
 
 
 def cmd_partitions(settings: Settings, args: argparse.Namespace) -> int:
-    with _index(settings, seed=False) as index:
+    with _index(settings, args, AuditEvent.PARTITION_CHANGE, seed=False) as index:
         if args.partitions_command == "create":
             entry = create_partition(
                 index, args.name, args.ae_title, reserved_ae_title=settings.dimse.ae_title
@@ -80,7 +93,7 @@ def cmd_partitions(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_ae(settings: Settings, args: argparse.Namespace) -> int:
-    with _index(settings) as index:
+    with _index(settings, args, AuditEvent.CONFIG_CHANGE) as index:
         if args.ae_command == "add":
             entry = AEPermissionEntry(
                 ae_title(args.title), args.partition, args.store, args.query, args.retrieve,
@@ -108,7 +121,7 @@ def cmd_ae(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_peers(settings: Settings, args: argparse.Namespace) -> int:
-    with _index(settings) as index:
+    with _index(settings, args, AuditEvent.CONFIG_CHANGE) as index:
         if args.peers_command == "add":
             entry = MoveDestinationEntry(ae_title(args.title), args.host, args.port, args.tls)
             added = set_move_destination(index, entry)
@@ -125,7 +138,7 @@ def cmd_peers(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_cors(settings: Settings, args: argparse.Namespace) -> int:
-    with _index(settings) as index:
+    with _index(settings, args, AuditEvent.CONFIG_CHANGE) as index:
         if args.cors_command == "add":
             added = add_cors_origin(index, args.origin)
             print(f"{args.origin} {'listed' if added else 'was listed already'}"

@@ -7,6 +7,7 @@ import dataclasses
 import errno
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from config.settings import ConfigError
 from inference.errors import ModelError
 from server.admin_commands import ADMIN_COMMANDS, add_admin_commands
 from storage.archive import Archive, open_archive
+from storage.audit import AuditEvent
 from storage.errors import InvalidArgument, StorageError
 
 if TYPE_CHECKING:
@@ -578,6 +580,8 @@ def cmd_export(settings: Settings, args: argparse.Namespace) -> int:
     de-identified under a ``[[research.projects]]`` project with ``--deidentify``."""
     from tqdm import tqdm
 
+    from server.context import cli_context
+    from storage.audit import export_entry
     from storage.deidentify import Deidentifier
     from storage.export import export_studies, export_training_set
 
@@ -615,6 +619,18 @@ def cmd_export(settings: Settings, args: argparse.Namespace) -> int:
                     archive, args.studies, args.to, deidentifier=deidentifier,
                     progress=bar.update,
                 )  # fmt: skip
+        exported = [uid for uid in args.studies if uid not in summary.missing]
+        try:
+            archive.record(
+                cli_context("hilum export"),
+                export_entry(exported, summary.instances, str(args.to.resolve()),
+                             deidentified=deidentifier is not None),
+            )  # fmt: skip
+        except StorageError as error:  # no export the audit trail does not hold
+            shutil.rmtree(args.to)
+            print(f"hilum export: nothing exported, the audit record failed: {error}",
+                  file=sys.stderr)  # fmt: skip
+            return 1
     finally:
         archive.close()
     for line in summary.lines():
@@ -629,6 +645,16 @@ def _accounts(settings: Settings) -> tuple[Archive, Accounts]:
 
     archive = open_archive(settings, migrate=True, connections=1)
     return archive, Accounts(archive.index)
+
+
+def _audit_change(
+    archive: Archive, command: str, event: AuditEvent, subject: str, change: str
+) -> None:
+    """Record a security change made by a ``hilum`` command (who: the operating-system user)."""
+    from server.context import cli_context
+    from storage.audit import security_change_entry
+
+    archive.record(cli_context(f"hilum {command}"), security_change_entry(event, subject, change))
 
 
 def cmd_users(settings: Settings, args: argparse.Namespace) -> int:
@@ -648,6 +674,8 @@ def cmd_users(settings: Settings, args: argparse.Namespace) -> int:
                 password = sys.stdin.readline().rstrip("\r\n")
             user = accounts.add_account(args.name, args.role, args.partition or (), password)
             where = ", ".join(user.partitions) or "every partition"
+            _audit_change(archive, "users add", AuditEvent.USER_CHANGE, user.name,
+                          f"created: role {user.role}, {where}")  # fmt: skip
             login = "password login" if user.has_password else "API tokens only (no password)"
             print(f"user {user.name} added: role {user.role}, {where}, {login}")
         elif args.users_command == "list":
@@ -659,6 +687,7 @@ def cmd_users(settings: Settings, args: argparse.Namespace) -> int:
                 )
         else:
             user = accounts.disable_account(args.name)
+            _audit_change(archive, "users disable", AuditEvent.USER_CHANGE, user.name, "disabled")
             print(
                 f"user {user.name} disabled: its logins and tokens are refused within "
                 f"[auth] token_cache_ttl_s ({settings.auth.token_cache_ttl_s:g} s)"
@@ -674,6 +703,8 @@ def cmd_tokens(settings: Settings, args: argparse.Namespace) -> int:
     try:
         if args.tokens_command == "create":
             token, secret = accounts.create_token(args.user, args.expires_days)
+            _audit_change(archive, "tokens create", AuditEvent.TOKEN_CHANGE, token.id,
+                          f"created for user {token.account}")  # fmt: skip
             until = token.expires_at.isoformat(timespec="seconds") if token.expires_at else "never"
             # The secret alone on stdout (for `TOKEN=$(hilum tokens create …)`); what it is on
             # stderr. It is shown once: only its hash is kept.
@@ -689,6 +720,7 @@ def cmd_tokens(settings: Settings, args: argparse.Namespace) -> int:
                 )
         else:
             token = accounts.revoke_token(args.id)
+            _audit_change(archive, "tokens revoke", AuditEvent.TOKEN_CHANGE, token.id, "revoked")
             print(
                 f"token {token.id} of user {token.account} revoked: refused within [auth] "
                 f"token_cache_ttl_s ({settings.auth.token_cache_ttl_s:g} s)"

@@ -30,9 +30,11 @@ from flask import (
 from config import Settings
 from server.access import Action, allowed, requires
 from server.authentication import LoginThrottle
+from server.context import http_context
 from server.partitions import partition_prefix
 from storage.accounts import Accounts
 from storage.archive import Archive
+from storage.audit import AuditEntry, AuditEvent, login_entry
 from storage.index.models import DEFAULT_PARTITION
 
 if TYPE_CHECKING:
@@ -111,6 +113,9 @@ def register(blueprint: Blueprint, settings: Settings, archive: Archive) -> None
         if wait > 0:
             minutes = max(1, math.ceil(wait / 60))
             log.warning("login refused: too many failures (from %s)", address)
+            archive.record(
+                http_context(), login_entry(name, success=False, reason="too many failures")
+            )
             response = _form(
                 429,
                 f"Too many failed logins. Try again in {minutes} minute{'s' * (minutes > 1)}.",
@@ -122,8 +127,14 @@ def register(blueprint: Blueprint, settings: Settings, archive: Archive) -> None
         if account is None:
             throttle.failed(name, address)
             log.info("login failed (from %s)", address)
+            archive.record(
+                http_context(),
+                login_entry(name, success=False, reason="unknown user or wrong password"),
+            )
             return _form(401, FAILED, name)
         throttle.succeeded(name)
+        # Recorded before the session exists: no login that the trail does not hold.
+        archive.record(http_context(), login_entry(account.name, success=True, method="password"))
         session.clear()  # a new session: nothing of the one before the login carries over
         session.permanent = True
         session["user"] = account.name
@@ -174,8 +185,15 @@ def register(blueprint: Blueprint, settings: Settings, archive: Archive) -> None
         callback = url_for("login.oidc_callback", _external=True)
         verified = oidc.redeem(code, callback, str(flow["verifier"]), str(flow["nonce"]))
         if verified is None:
+            archive.record(
+                http_context(),
+                login_entry(
+                    "", success=False, reason="not confirmed by the provider", method="oidc"
+                ),
+            )
             return _form(401, "The sign-in service did not confirm who you are. Try again.")
         principal, expires_at = verified
+        archive.record(http_context(), login_entry(principal.name, success=True, method="oidc"))
         session.clear()
         session.permanent = True
         session["user"] = principal.name
@@ -193,5 +211,10 @@ def register(blueprint: Blueprint, settings: Settings, archive: Archive) -> None
     @blueprint.post("/logout")
     @requires(Action.PUBLIC)
     def log_out() -> Any:
+        if "user" in session:
+            archive.record(
+                http_context(),
+                AuditEntry(AuditEvent.LOGOUT, detail={"user": str(session["user"])}),
+            )
         session.clear()
         return redirect("/login", 303)

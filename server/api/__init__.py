@@ -8,7 +8,7 @@ from __future__ import annotations
 from flask import Flask
 
 from config import Settings
-from server.api.admin import admin_blueprint
+from server.api.admin import ADMIN_ROOT, admin_blueprint
 from server.api.audit import audit_blueprint
 from server.api.events import events_blueprint
 from server.api.jobs import jobs_blueprint
@@ -34,7 +34,7 @@ def register_api(app: Flask, settings: Settings) -> None:
         )
     admin = admin_blueprint(settings, archive)
     admin.after_request(no_sniffing)
-    app.register_blueprint(admin, url_prefix="/api/admin")
+    app.register_blueprint(admin, url_prefix=ADMIN_ROOT)
     # The audit trail is the whole archive's (every partition's), for administrators: /api only.
     audit = audit_blueprint(archive)
     audit.after_request(no_sniffing)

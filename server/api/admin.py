@@ -5,13 +5,15 @@ after it, and to CORS within ``server.cors.ORIGINS_TTL_S`` seconds."""
 
 from __future__ import annotations
 
-from dataclasses import asdict
+import json
+from dataclasses import asdict, replace
 from typing import Any
 
-from flask import Blueprint, jsonify, request
+from flask import Blueprint, Response, jsonify, request
 
 from config import Settings
 from server.access import Action, requires
+from server.context import http_context
 from storage.ae_permissions import (
     AEPermissionEntry,
     list_ae_permissions,
@@ -19,6 +21,7 @@ from storage.ae_permissions import (
     set_ae_permission,
 )
 from storage.archive import Archive
+from storage.audit import AuditEntry, AuditEvent, Outcome, security_change_entry
 from storage.cors_origins import add_cors_origin, list_cors_origins, remove_cors_origin
 from storage.errors import InvalidArgument
 from storage.index.models import DEFAULT_PARTITION
@@ -59,6 +62,25 @@ def _strings(body: dict[str, Any], name: str) -> list[str]:
     return value
 
 
+ADMIN_ROOT = "/api/admin"  # where server.api registers this blueprint
+
+
+def _change_entry(outcome: Outcome = Outcome.SUCCESS, reason: str = "") -> AuditEntry:
+    """The audit record of the change this request asks for (PS3.15 A.5.3.11 Security Alert:
+    a partition's, or the DIMSE access's or CORS configuration's): what and how, from the
+    request line and its JSON body (which holds no secret)."""
+    path = request.path.removeprefix(ADMIN_ROOT)
+    event = (
+        AuditEvent.PARTITION_CHANGE if path.startswith("/partitions") else AuditEvent.CONFIG_CHANGE
+    )
+    body = request.get_json(silent=True)
+    change = f"{request.method} {request.full_path.rstrip('?')}"
+    if isinstance(body, dict):
+        change += " " + json.dumps(body, sort_keys=True)[:500]
+    entry = security_change_entry(event, path, change)
+    return replace(entry, outcome=outcome, reason=reason)
+
+
 def admin_blueprint(settings: Settings, archive: Archive) -> Blueprint:
     blueprint = Blueprint("admin", __name__)
     index = archive.index
@@ -69,6 +91,23 @@ def admin_blueprint(settings: Settings, archive: Archive) -> Blueprint:
         # before a partition they name is created: creating it must work).
         if "/partitions" not in request.path:
             seed_from_settings(index, settings)
+
+    @blueprint.before_request
+    def _audit_change() -> None:
+        # Every change is recorded before it is made (no change the audit trail does not
+        # hold: a failure to record answers 503 and changes nothing); one that then fails is
+        # recorded again with its failure (after_request below).
+        if request.method in ("POST", "PUT", "DELETE"):
+            archive.record(http_context(), _change_entry())
+
+    @blueprint.after_request
+    def _audit_failed_change(response: Response) -> Response:
+        if request.method in ("POST", "PUT", "DELETE") and response.status_code >= 400:
+            archive.record_refusal(
+                http_context(),
+                _change_entry(Outcome.MINOR_FAILURE, f"answered {response.status_code}"),
+            )
+        return response
 
     @blueprint.get("/partitions")
     @requires(Action.ADMIN)

@@ -16,6 +16,7 @@ from inference.phantoms import synthetic_ct_series
 from server.app import create_app
 from storage.accounts import Accounts
 from storage.archive import Archive
+from storage.audit import AuditSearch, search_records
 from storage.index.models import (
     AIFinding,
     FindingReview,
@@ -156,6 +157,14 @@ def test_a_research_copy_rule_fills_the_research_partition_without_identifiers(
     (identity,) = identities(archive, project="lung")
     assert (identity.study_instance_uid, identity.deidentified_study_uid) == (study_uid, new_study)
     assert identities(research) == []
+    # The copy is in the clinical partition's audit trail, with the source study.
+    (copy,) = [
+        r
+        for r in search_records(archive.index, AuditSearch(study=study_uid))
+        if r["event"] == "deidentified-copy"
+    ]
+    assert (copy["partition"], copy["transport"]) == ("default", "worker")
+    assert '"to_partition":"research"' in copy["detail"]
     # Nothing new arrived: nothing is copied again.
     assert run_until_idle(worker) == []
     # A researcher's token, bound to the research partition, sees the copy there and nothing

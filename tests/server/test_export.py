@@ -21,6 +21,7 @@ from server.access import Action, required_action
 from server.app import create_app
 from server.cli import main
 from storage.archive import Archive, open_archive
+from storage.audit import AuditSearch, search_records
 from storage.deidentify import Deidentifier
 from storage.jobs import Job, JobQueue, JobState
 from storage.pseudonyms import identities
@@ -127,6 +128,18 @@ def test_export_as_stored_writes_the_bytes_received(clinical: Exported, tmp_path
     outputs = len(clinical.jobs[0].outputs)  # the AI's SEG and SR(s)
     assert len(_files(tmp_path / "out")) == len(stored) == 8 + outputs
     assert f"{len(stored)} instances of 1 studies written" in done.stdout
+    # The export is in the audit trail (PS3.15 A.5.3.4 Data Export), by the shell's user.
+    archive = open_archive(clinical.settings)
+    try:
+        (record,) = [
+            r
+            for r in search_records(archive.index, AuditSearch(study=clinical.studies[0]))
+            if r["event"] == "export"
+        ]
+    finally:
+        archive.close()
+    assert record["principal_name"].startswith("os:") and record["transport"] == "cli"
+    assert record["instances"] == len(stored) and str(tmp_path / "out") in record["detail"]
 
 
 def test_deidentified_export_round_trip(clinical: Exported, tmp_path: Path) -> None:
