@@ -22,7 +22,7 @@ from sqlalchemy import select
 
 from storage.errors import Conflict, InvalidQuery, NotFound
 from storage.index.database import Index
-from storage.index.models import Account, ApiToken
+from storage.index.models import Account, ApiToken, Partition
 from storage.jobs import as_utc
 
 ACCOUNT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
@@ -128,6 +128,11 @@ class Accounts:
         with self.index.write() as session:
             if session.get(Account, name) is not None:
                 raise Conflict(f"user {name} exists already")
+            for partition in partitions:
+                if session.get(Partition, partition) is None:
+                    raise NotFound(
+                        f"no partition {partition}: create it first (hilum partitions create)"
+                    )
             row = Account(
                 name=name,
                 role=role,

@@ -27,6 +27,7 @@ from server.authentication import Authenticator
 from storage.accounts import Accounts
 from storage.archive import Archive, open_archive
 from tests.conftest import S3Server, make_settings, s3_blob_url
+from tests.factories import ensure_partition
 
 Q, R, S, D = Action.QUERY, Action.RETRIEVE, Action.STORE, Action.DELETE
 J, V, P, A = Action.JOBS, Action.REVIEW, Action.PUBLIC, Action.ADMIN
@@ -343,6 +344,7 @@ def test_a_cached_token_is_refused_once_it_expires(access: AccessApp) -> None:
 
 def test_a_partition_bound_token_is_refused_other_partitions(access: AccessApp) -> None:
     accounts = Accounts(access.archive.index)
+    ensure_partition(access.archive.index, "hospital-a")
     accounts.add_account("hospital-a", "radiologist", partitions=["hospital-a"])
     token = accounts.create_token("hospital-a")[1]
     client = access.app.test_client()
@@ -386,6 +388,7 @@ def test_accounts_and_tokens_on_postgresql_and_s3(
     archive = open_archive(settings, migrate=True)
     try:
         accounts = Accounts(archive.index)
+        ensure_partition(archive.index, "research")
         accounts.add_account("pg-user", "technologist", partitions=["default", "research"])
         record, token = accounts.create_token("pg-user", expires_days=7)
         assert accounts.account("pg-user") == accounts.accounts()[0]

@@ -3,16 +3,13 @@ beyond loopback with authentication off: real processes."""
 
 from __future__ import annotations
 
-import io
 import subprocess
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from config import Settings
 from server.app import create_app
-from server.cli import main
 from storage.archive import open_archive
 from tests.conftest import make_settings
 from tests.server.test_cli import HILUM, hilum_env
@@ -32,30 +29,14 @@ def files_settings(tmp_path: Path) -> Settings:
     return make_settings(tmp_path)
 
 
-@dataclass
-class Run:
-    returncode: int
-    stdout: str
-    stderr: str
-
-
-def test_users_and_tokens_from_the_command_line(
-    files_settings: Settings, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
-) -> None:
+def test_users_and_tokens_from_the_command_line(files_settings: Settings) -> None:
     settings = files_settings
-    for name, value in hilum_env(settings).items():
-        if name.startswith("HILUM_"):
-            monkeypatch.setenv(name, value)
-    # main() in this process, leaving the test run's logging as it is.
-    monkeypatch.setattr("server.cli._configure_logging", lambda verbose: None)
+    open_archive(settings, migrate=True).close()
 
-    def hilum(*args: str, stdin: str = "") -> Run:
-        """The command in this process (its own process once below: quicker)."""
-        monkeypatch.setattr("sys.stdin", io.StringIO(stdin))
-        code = main(list(args))
-        out, err = capsys.readouterr()
-        return Run(code, out, err)
+    def hilum(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
+        return _hilum(settings, *args, stdin=stdin)
 
+    assert hilum("partitions", "create", "hospital-a").returncode == 0
     password = "a long enough password"
     added = hilum(
         "users", "add", "rad", "--role", "radiologist", "--partition", "hospital-a",
@@ -118,24 +99,15 @@ def test_users_and_tokens_from_the_command_line(
 
 @pytest.mark.parametrize("command", ["serve", "web", "dimse"])
 def test_no_listening_beyond_loopback_without_authentication(
-    files_settings: Settings,
-    command: str,
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture,
+    files_settings: Settings, command: str
 ) -> None:
-    env = {
-        **hilum_env(files_settings),
-        "HILUM_SERVER__HOST": "0.0.0.0",
-        "HILUM_DIMSE__ACCEPT_ANY_CALLING_AE": "true",
-    }
-    for name, value in env.items():
-        if name.startswith("HILUM_"):
-            monkeypatch.setenv(name, value)
-    monkeypatch.setattr("server.cli._configure_logging", lambda verbose: None)
-    assert main([command]) == 2  # before anything is opened or bound (in this process: quick)
-    refused = capsys.readouterr().err
-    assert f"`hilum {command}` would listen on [server] host = '0.0.0.0'" in refused
-    assert "[auth] enabled = true" in refused
+    refused = _hilum(
+        files_settings, command,
+        HILUM_SERVER__HOST="0.0.0.0", HILUM_DIMSE__ACCEPT_ANY_CALLING_AE="true",
+    )  # fmt: skip
+    assert refused.returncode == 2  # before anything is opened or bound
+    assert f"`hilum {command}` would listen on [server] host = '0.0.0.0'" in refused.stderr
+    assert "[auth] enabled = true" in refused.stderr
 
 
 def test_insecure_allow_unauthenticated_starts_with_a_warning(files_settings: Settings) -> None:
