@@ -13,6 +13,7 @@ from server.api.audit import audit_blueprint
 from server.api.events import events_blueprint
 from server.api.jobs import jobs_blueprint
 from server.api.research import research_blueprint
+from server.audited_reads import record_reads
 
 
 def register_api(app: Flask, settings: Settings) -> None:
@@ -27,6 +28,7 @@ def register_api(app: Flask, settings: Settings) -> None:
         research_blueprint(),
         events_blueprint(settings, archive),
     ):
+        record_reads(blueprint, "JSON API")
         blueprint.after_request(no_sniffing)
         app.register_blueprint(blueprint, url_prefix="/api")
         app.register_blueprint(

@@ -28,6 +28,7 @@ from flask import Blueprint, Flask, Response, request
 
 from config import Settings
 from server.access import Action, requires
+from server.audited_reads import record_reads
 from server.fhir.resources import (
     build_diagnostic_report,
     build_imaging_study,
@@ -347,6 +348,7 @@ _PARAMETER_TYPES = {
 def register_fhir(app: Flask, settings: Settings) -> None:
     """At ``/fhir`` (the default partition) and ``/partitions/{name}/fhir``."""
     blueprint = fhir_blueprint(settings)
+    record_reads(blueprint, "FHIR")
     app.register_blueprint(blueprint, url_prefix="/fhir")
     app.register_blueprint(blueprint, url_prefix=PARTITION_ROOT + "/fhir", name="partition_fhir")
 

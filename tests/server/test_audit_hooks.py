@@ -91,3 +91,25 @@ def test_users_tokens_and_ae_permissions_changed_by_commands_are_recorded(tmp_pa
     assert '"subject":"ada"' in user["detail"] and "role radiologist" in user["detail"]
     assert created.stdout.strip() not in token["detail"]  # the token's id, never its secret
     assert "ae add CT_A --store" in ae["detail"]
+
+
+def test_reads_of_the_json_api_and_fhir_are_recorded(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path)
+    archive = open_archive(settings, migrate=True)
+    try:
+        client = create_app(settings, archive).test_client()
+        study = "1.2.826.0.1.3680043.8.498.1"
+        assert client.get(f"/api/studies/{study}/findings").status_code == 200
+        assert client.get("/api/jobs?state=failed").status_code == 200
+        assert client.get(f"/fhir/ImagingStudy?identifier=urn:oid:{study}").status_code == 200
+        assert client.get("/fhir/metadata").status_code == 200  # no patient data: not recorded
+        queries = _records(archive, "query")
+    finally:
+        archive.close()
+    assert [(r["study_uids"], '"service":"JSON API"' in r["detail"]) for r in queries[:2]] == [
+        (study, True),
+        ("", True),
+    ]
+    assert "state" in queries[1]["detail"] and "failed" in queries[1]["detail"]
+    (fhir,) = queries[2:]
+    assert '"service":"FHIR"' in fhir["detail"] and study in fhir["detail"]
