@@ -318,6 +318,12 @@ HASHED_FIELDS = (
 )
 
 
+def _text(value: str) -> str:
+    """``value`` as a text column can hold it: a NUL (which a hostile request may carry, and
+    PostgreSQL's text refuses) becomes U+FFFD, so that the refusal is still recorded."""
+    return value.replace("\x00", "\ufffd")
+
+
 def canonical_json(value: Any) -> str:
     """Sorted keys, no spaces, UTF-8 as is: one text per value (RFC 8785's aim for these
     types: strings and integers)."""
@@ -429,16 +435,16 @@ class AuditTrail:
                     "event": entry.event.value,
                     "action": entry.action or kind.action,
                     "outcome": int(entry.outcome),
-                    "reason": entry.reason,
+                    "reason": _text(entry.reason),
                     "principal_kind": str(principal.kind),
-                    "principal_name": str(principal.name)[:255],
+                    "principal_name": _text(str(principal.name))[:255],
                     "token_id": str(principal.token_id or ""),
                     "address": context.address[:64],
                     "transport": str(context.transport),
-                    "request_id": context.request_id[:64],
+                    "request_id": _text(context.request_id)[:64],
                     "partition": context.partition,
-                    "patient_id": patient_id[:64],
-                    "study_uids": "\\".join(study_uids),
+                    "patient_id": _text(patient_id)[:64],
+                    "study_uids": _text("\\".join(study_uids)),
                     "instances": entry.instances,
                     "detail": canonical_json(dict(entry.detail)) if entry.detail else "",
                     "previous_hash": previous,
