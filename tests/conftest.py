@@ -33,19 +33,25 @@ S3_ACCESS_KEY, S3_SECRET_KEY = "hilum-test", "hilum-test-secret"
 BACKENDS = ["sqlite-files", "postgresql-s3"]
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    """A free loopback port whose +10000 neighbour is free too (SeaweedFS's gRPC ports)."""
+    """A free loopback port whose +10000 neighbour is free too (SeaweedFS's gRPC ports), and
+    that this test run has not handed out before: two calls in a row may otherwise get the same
+    port from the OS (e.g. a server's DIMSE port and its TLS port), which only fails at bind."""
     while True:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        if port > 55000:
+        if port > 55000 or port in _HANDED_OUT:
             continue
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port + 10000))
             except OSError:
                 continue
+        _HANDED_OUT.add(port)
         return port
 
 
