@@ -287,8 +287,8 @@ def test_a_worker_leaves_the_jobs_of_models_it_lacks_to_workers_that_have_them(
     store_series(archive, tmp_path / "ct", datasets)
     other_host = worker_for(settings, archive, tmp_path / "models")
     this_host = worker_for(settings, archive)  # without the test model
-    other_host.queue.claim = lambda *args, **kwargs: None  # type: ignore[method-assign]
-    other_host.step()  # queues both jobs (its scan knows both models), runs none
+    # The other host's scan knows both models: it queues both jobs (and runs none here).
+    queue_stable_studies(archive, other_host.settings, other_host.models, now=other_host.clock())
 
     ended = run_until_idle(this_host)
 
