@@ -81,7 +81,7 @@ def pages_blueprint(settings: Settings) -> Blueprint:
         # (Unset when the request was refused before its context was made: the error page.)
         context = g.get("hilum_context")
         if context is None:
-            return {"root": "", "partition": DEFAULT_PARTITION}
+            return _default_partition()
         return {"root": partition_prefix(context.partition), "partition": context.partition}
 
     @blueprint.get("/jobs")
