@@ -384,12 +384,14 @@ def _bulk_data_uri(element: DataElement) -> str:
 def _dataset_json(dataset: Dataset) -> dict[str, Any]:
     encoded: dict[str, Any] = {}
     for tag in dataset.keys():  # noqa: SIM118 - iterating a Dataset converts every element
-        raw = dataset.get_item(tag)
         try:
-            fast = _fast_element_json(raw) if isinstance(raw, RawDataElement) else None
-        except (ValueError, struct.error):  # not a value the fast path knows: pydicom's turn
-            fast = None
-        try:
+            # pydicom converts some elements here already (a VR it does not know: an item tag
+            # out of place, a mangled explicit VR), and raises what it raises.
+            raw = dataset.get_item(tag)
+            try:
+                fast = _fast_element_json(raw) if isinstance(raw, RawDataElement) else None
+            except (ValueError, struct.error):  # not a value the fast path knows: pydicom's turn
+                fast = None
             if fast is not None:
                 encoded[f"{tag:08X}"] = fast
                 continue
