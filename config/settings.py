@@ -339,6 +339,13 @@ class StorageSettings(_Section):
     on_duplicate: Literal["keep", "overwrite"] = "overwrite"
     # Colder blob stores, by increasing after_days (`hilum tiers apply` moves the blobs).
     tiers: list[StorageTier] = Field(default_factory=list)
+    # The orphan janitor (storage/janitor.py): blobs no index row references (a store whose
+    # database died between the blob write and the commit) are removed once last written over
+    # orphan_grace_s ago, every orphan_sweep_interval_s by `hilum serve` and `hilum worker`
+    # (one at a time: a PostgreSQL advisory lock), and by `hilum verify --repair`. The margin
+    # must exceed the longest store in progress; 0 for the interval: no periodic sweep.
+    orphan_grace_s: float = Field(3600.0, gt=0)
+    orphan_sweep_interval_s: float = Field(3600.0, ge=0)
 
     @field_validator("tiers")
     @classmethod

@@ -35,8 +35,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("hilum")
 _Bound = TypeVar("_Bound")
-# A worker runs one job at a time: its own queries, its lease's heartbeat, a metrics scrape.
-WORKER_CONNECTIONS = 4
+# A worker runs one job at a time: its own queries, its lease's heartbeat, a metrics scrape;
+# and the orphan janitor's sweep (its lock's connection and its reads).
+WORKER_CONNECTIONS = 6
 
 
 def _configure_logging(verbose: bool) -> None:
@@ -117,6 +118,7 @@ def _run_dimse(settings: Settings, args: argparse.Namespace, *, all_in_one: bool
                         lambda: _start_http_server(settings, archive, metrics))  # fmt: skip
     worker = _start_worker_thread(settings, archive, metrics) if all_in_one else None
     delivery = _start_delivery_thread(settings, archive) if all_in_one else None
+    janitor = _start_orphan_janitor(settings, archive) if all_in_one else None
     metrics_server = None
     if not all_in_one and settings.metrics.port:
         port = settings.metrics.port
@@ -146,6 +148,7 @@ def _run_dimse(settings: Settings, args: argparse.Namespace, *, all_in_one: bool
     if delivery is not None:
         delivery[0].set()  # the delivery in progress finishes first
         delivery[1].join(settings.events.timeout_s + 5)
+    _stop_orphan_janitor(janitor)
     archive.close()
     return 0
 
@@ -256,6 +259,28 @@ def _start_worker_thread(
     return stop, thread
 
 
+def _start_orphan_janitor(
+    settings: Settings, archive: Archive
+) -> tuple[threading.Event, threading.Thread] | None:
+    """The periodic orphan sweep of ``hilum serve`` and ``hilum worker`` (storage/janitor.py
+    says why those, and how several of them take turns)."""
+    from storage.janitor import OrphanJanitor
+
+    storage = settings.storage
+    if not storage.orphan_sweep_interval_s:
+        return None
+    janitor = OrphanJanitor(
+        archive, interval_s=storage.orphan_sweep_interval_s, grace_s=storage.orphan_grace_s
+    )
+    return janitor.start()
+
+
+def _stop_orphan_janitor(janitor: tuple[threading.Event, threading.Thread] | None) -> None:
+    if janitor is not None:
+        janitor[0].set()  # a sweep in progress is waited for a while (each delete is whole)
+        janitor[1].join(30)
+
+
 def _start_delivery_thread(
     settings: Settings, archive: Archive
 ) -> tuple[threading.Event, threading.Thread] | None:
@@ -331,7 +356,9 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
         + (f"; metrics on port {metrics_server.port}" if metrics_server else ""),
         flush=True,
     )
+    janitor = _start_orphan_janitor(settings, archive)
     worker.run(stopped)  # a stop request lets the job in progress finish
+    _stop_orphan_janitor(janitor)
     if metrics_server is not None:
         metrics_server.stop()
     archive.close()
@@ -450,20 +477,26 @@ def cmd_import(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_verify(settings: Settings, args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from storage.janitor import record_removal
     from storage.verify import remove_orphans, verify_archive
 
+    grace_s = args.orphan_grace_s
+    if grace_s is None:
+        grace_s = settings.storage.orphan_grace_s
     archive = open_archive(settings)
     try:
         with tqdm(unit="instance", desc="verifying") as bar:
             report = verify_archive(archive, checksums=not args.quick, progress=bar.update)
-        if args.remove_orphans:
-            remove_orphans(archive, report, grace_s=args.orphan_grace_s, now=time.time())
+        if args.repair:
+            # What the orphan janitor does (storage/janitor.py), now: logged and audited.
+            remove_orphans(archive, report, grace_s=grace_s, now=time.time())
+            record_removal(archive, report.removed, grace_s)
     finally:
         archive.close()
     print(
         f"{report.instances} instances checked: {len(report.missing)} missing blobs, "
         f"{len(report.mismatched)} checksum mismatches, {len(report.orphans)} orphan blobs"
-        + (f", {len(report.removed)} orphan blobs removed" if args.remove_orphans else "")
+        + (f", {len(report.removed)} orphan blobs removed" if args.repair else "")
     )
     for key in report.removed:
         print(f"  removed orphan blob: {key}")
@@ -473,6 +506,8 @@ def cmd_verify(settings: Settings, args: argparse.Namespace) -> int:
         print(f"  checksum mismatch: instance {uid}")
     for key in report.orphans:
         print(f"  orphan blob: {key}")
+    if report.orphans and not args.repair:
+        print(f"  (`hilum verify --repair` removes orphans older than {grace_s:.0f} s)")
     return 0 if report.ok else 1
 
 
@@ -758,16 +793,18 @@ def build_parser() -> argparse.ArgumentParser:
     verify = commands.add_parser("verify", help="check the index against the blob store")
     verify.add_argument("--quick", action="store_true", help="check existence, not checksums")
     verify.add_argument(
-        "--remove-orphans",
+        "--repair",
         action="store_true",
-        help="delete orphan blobs last written over --orphan-grace-s ago (unreferenced still)",
+        help="delete orphan blobs last written over --orphan-grace-s ago (unreferenced still), "
+        "as the orphan janitor does; recorded in the audit trail",
     )
     verify.add_argument(
         "--orphan-grace-s",
         type=float,
-        default=3600.0,
-        help="age in seconds an orphan must reach before --remove-orphans deletes it "
-        "(default 3600: a blob being stored now is an orphan until its index rows commit)",
+        default=None,
+        help="age in seconds an orphan must reach before --repair deletes it (default "
+        "[storage] orphan_grace_s, 3600: a blob being stored now is an orphan until its index "
+        "rows commit)",
     )
 
     backup = commands.add_parser(

@@ -89,6 +89,7 @@ class AuditEvent(StrEnum):
     CONFIG_CHANGE = "config-change"  # hook: AE permissions, peers, settings
     AUDIT_READ = "audit-read"  # GET /api/audit and the audit page
     SECURITY_ALERT = "security-alert"  # hook: refused access and the like
+    ORPHANS_REMOVED = "orphans-removed"  # the orphan janitor, `hilum verify --repair`
 
 
 @dataclass(frozen=True)
@@ -154,6 +155,8 @@ EVENT_KINDS: dict[AuditEvent, EventKind] = {
     AuditEvent.SECURITY_ALERT: EventKind(
         _SECURITY_ALERT, "E", Code("110132", "Use of Restricted Function")
     ),
+    # A.5.3.8 with action D: received bytes never indexed (no study, no patient known).
+    AuditEvent.ORPHANS_REMOVED: EventKind(Code("110105", "DICOM Study Deleted"), "D"),
 }
 
 

@@ -14,6 +14,8 @@ from pydicom.uid import generate_uid
 
 from config import Settings
 from server.dimse.ae import DimseServer
+from storage.archive import open_archive
+from storage.audit import AuditEvent, AuditSearch, search_records
 from tests.factories import DCMTK_STORESCU, ct_instance, write_part10
 from tests.waiting import wait_until
 
@@ -122,7 +124,7 @@ def test_verify_reports_missing_orphan_and_corrupt_blobs(
 
 
 @pytest.mark.parametrize("backend", ["sqlite-files"])
-def test_verify_removes_old_orphans_on_request(
+def test_verify_repair_removes_old_orphans_and_records_it(
     backend: str, settings: Settings, tmp_path: Path
 ) -> None:
     _series(tmp_path / "archive", 2)
@@ -134,7 +136,7 @@ def test_verify_removes_old_orphans_on_request(
     young = blobs[0].with_name("1" * 64 + ".0000000000000000.dcm")
     young.write_bytes(b"being stored now")
 
-    result = _hilum(settings, "verify", "--remove-orphans")  # default grace: an hour
+    result = _hilum(settings, "verify", "--repair")  # default grace: an hour
 
     assert result.returncode == 1, result.stdout  # the young one is still an orphan
     assert (
@@ -142,6 +144,17 @@ def test_verify_removes_old_orphans_on_request(
         "1 orphan blobs removed" in result.stdout
     )
     assert not orphan.exists() and young.exists()
+    # Recorded as the janitor records it: which blob, by Hilum itself.
+    archive = open_archive(settings)
+    try:
+        (record,) = [
+            r for r in search_records(archive.index, AuditSearch())
+            if r["event"] == AuditEvent.ORPHANS_REMOVED
+        ]  # fmt: skip
+    finally:
+        archive.close()
+    assert record["action"] == "D" and record["instances"] == 1
+    assert orphan.name in record["detail"]
     young.unlink()
     assert _hilum(settings, "verify").returncode == 0
 

@@ -1,27 +1,33 @@
 """Orphan blobs (issue 17): a blob whose index transaction died with the database is left
 (ingest cannot tell whether a concurrent sender committed the same key), reported by
 ``verify_archive``, and removed by ``remove_orphans`` once older than the grace period, never
-while young or referenced again."""
+while young or referenced again; the orphan janitor does it periodically, logged and audited,
+one process at a time."""
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
+from sqlalchemy import text
 
 from config import Settings
 from storage.archive import Archive, open_archive
-from storage.blobs import BlobStore
+from storage.audit import AuditEvent, AuditSearch, search_records
+from storage.blobs import BlobStore, instance_blob_key
 from storage.errors import StorageUnavailable
 from storage.ingest import IngestOutcome, ingest_file
+from storage.janitor import SWEEP_LOCK, OrphanJanitor, sweep_orphans
 from storage.verify import VerifyReport, remove_orphans, verify_archive
 from tests.conftest import S3Server, make_settings, s3_blob_url
 from tests.factories import ct_instance, write_part10
 from tests.tcp_proxy import TcpProxy
+from tests.waiting import wait_until
 
 HOUR = 3600.0
 
@@ -135,3 +141,113 @@ def test_leftovers_of_interrupted_writes_are_removed_and_strangers_kept(
 
     assert not leftover.exists() and stranger.exists()
     assert report.orphans == [str(stranger.relative_to(settings.server.data_dir / "blobs"))]
+
+
+# -- the janitor (storage/janitor.py) -----------------------------------------------------------
+
+
+class Clock:
+    """The janitor's POSIX time, moved by the test."""
+
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _janitor_records(archive: Archive) -> list[dict]:
+    return [
+        record
+        for record in search_records(archive.index, AuditSearch())
+        if record["event"] == AuditEvent.ORPHANS_REMOVED
+    ]
+
+
+def test_the_janitor_removes_a_crash_orphan_after_the_margin_logs_and_audits_it(
+    archive_via_proxy: tuple[Archive, TcpProxy],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    archive, proxy = archive_via_proxy
+    kept = write_part10(ct_instance(seed=1), tmp_path / "kept.dcm")
+    assert ingest_file(archive, kept).outcome is IngestOutcome.STORED
+    with pytest.raises(StorageUnavailable):
+        ingest_file(
+            dataclasses.replace(archive, blobs=_CutAfterPut(archive.blobs, proxy.cut)),
+            write_part10(ct_instance(seed=2), tmp_path / "a.dcm"),
+        )
+    proxy.restore()
+    (orphan,) = verify_archive(archive).orphans
+    clock = Clock()
+    janitor = OrphanJanitor(archive, interval_s=600, grace_s=HOUR, clock=clock)
+
+    first = janitor.sweep()  # within the margin: a store may still be committing it
+    assert first is not None and first.removed == [] and first.candidates == 0
+    assert archive.blobs.exists(orphan) and _janitor_records(archive) == []
+
+    clock.now += HOUR + 60
+    with caplog.at_level(logging.WARNING, logger="storage"):
+        second = janitor.sweep()
+    assert second is not None and second.removed == [orphan] and second.kept == []
+    assert not archive.blobs.exists(orphan)
+    assert any("orphan janitor: removed 1 orphan blobs" in r.getMessage() for r in caplog.records)
+    (record,) = _janitor_records(archive)
+    assert record["action"] == "D" and record["instances"] == 1
+    assert record["principal_kind"] == "system" and orphan in record["detail"]
+    assert verify_archive(archive).ok  # `hilum verify` is clean, the stored instance untouched
+
+    third = janitor.sweep()  # nothing left to do, nothing recorded
+    assert third is not None and third.removed == [] and len(_janitor_records(archive)) == 1
+
+
+def test_the_janitor_never_removes_a_referenced_blob_however_old(
+    archive: Archive, tmp_path: Path
+) -> None:
+    ingest_file(archive, write_part10(ct_instance(), tmp_path / "a.dcm"))
+    (key,) = archive.blobs.list_keys()
+    report = sweep_orphans(archive, grace_s=HOUR, now=time.time() + 100 * HOUR)
+    assert report.removed == [] and report.candidates == 0
+    assert archive.blobs.exists(key) and verify_archive(archive).ok
+
+
+@pytest.mark.parametrize("backend", ["postgresql-s3"])
+def test_only_one_process_sweeps_at_a_time(
+    backend: str, archive: Archive, settings: Settings, tmp_path: Path
+) -> None:
+    """Another process's sweep (its advisory lock, on its own connection to the index):
+    this one skips its turn and removes nothing; once that one is done, it sweeps."""
+    orphan = instance_blob_key("default", "1.2", "1.2.3", "1.2.3.4", "0" * 64)
+    source = write_part10(ct_instance(), tmp_path / "orphan.dcm")
+    archive.blobs.put(orphan, source)
+    other = open_archive(settings)
+    try:
+        with other.index.engine.connect() as connection:
+            connection.execute(text("SELECT pg_advisory_lock(:k)"), {"k": SWEEP_LOCK})
+            skipped = sweep_orphans(archive, grace_s=0.001, now=time.time() + 60)
+            connection.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": SWEEP_LOCK})
+    finally:
+        other.close()
+    assert skipped.held_elsewhere and skipped.removed == []
+    assert archive.blobs.exists(orphan)
+
+    swept = sweep_orphans(archive, grace_s=0.001, now=time.time() + 60)
+    assert not swept.held_elsewhere and swept.removed == [orphan]
+
+
+@pytest.mark.parametrize("backend", ["sqlite-files"])
+def test_the_janitor_sweeps_periodically_once_started(
+    backend: str, archive: Archive, tmp_path: Path
+) -> None:
+    orphan = instance_blob_key("default", "1.2", "1.2.3", "1.2.3.4", "0" * 64)
+    archive.blobs.put(orphan, write_part10(ct_instance(), tmp_path / "orphan.dcm"))
+    clock = Clock()
+    clock.now += 2 * HOUR
+    stop, thread = OrphanJanitor(archive, interval_s=0.05, grace_s=HOUR, clock=clock).start()
+    try:
+        wait_until(lambda: not archive.blobs.exists(orphan), "the janitor's sweep", 30)
+    finally:
+        stop.set()
+        thread.join(10)
+    assert not thread.is_alive()
+    assert verify_archive(archive).ok and len(_janitor_records(archive)) == 1
