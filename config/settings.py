@@ -256,12 +256,23 @@ class HttpSettings(_Section):
     # server's threads.
     workers: int = Field(4, ge=1)
     threads: int = Field(8, ge=1)
-    # `hilum serve`: seconds a client may take to send a request's line and headers, in all
-    # (cheroot's own timeout is per read, renewed by every byte: slowloris); and how many
-    # requests one client address may have sending their headers at once (the others get
-    # 503), so that one address cannot hold every thread.
+    # Largest request body of every route but STOW-RS (JSON API, forms); larger: 413.
+    body_max_bytes: int = Field(1024**2, ge=1)
+    # Deadlines on each request, `hilum serve` and `hilum web` (server/request_deadlines.py):
+    # seconds a client may take to send a request's line and headers, in all (the servers'
+    # own timeouts are per read, renewed by every byte: slowloris); how many requests one
+    # client address may have sending their headers at once (the others get 503), so that one
+    # address cannot hold every thread; a body must arrive within body_timeout_s plus one
+    # second per body_min_bytes_per_s bytes; each piece of a response must be taken by the
+    # client within send_timeout_s.
     header_timeout_s: float = Field(10.0, gt=0)
     header_reads_per_client: int = Field(4, ge=1)
+    body_timeout_s: float = Field(60.0, gt=0)
+    body_min_bytes_per_s: int = Field(1024, ge=1)
+    send_timeout_s: float = Field(60.0, gt=0)
+    # Open connections: `hilum serve` answers those over it 503; `hilum web` (gunicorn's
+    # worker_connections, per worker process) leaves them in the listen queue.
+    max_connections: int = Field(1000, ge=1)
 
     @field_validator("cors_allowed_origins")
     @classmethod

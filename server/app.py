@@ -22,7 +22,7 @@ import cheroot.wsgi
 from cheroot.ssl.builtin import BuiltinSSLAdapter
 from flask import Flask, Response, g, jsonify, redirect, request, session
 from flask.sessions import SecureCookieSessionInterface
-from werkzeug.exceptions import Forbidden, HTTPException
+from werkzeug.exceptions import Forbidden, HTTPException, RequestEntityTooLarge
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from config import Settings
@@ -30,6 +30,7 @@ from config.settings import ConfigError
 from server.access import Action, allowed, required_action
 from server.api import register_api
 from server.authentication import Authenticator
+from server.cheroot_connection import connection_class
 from server.context import ANONYMOUS, UNAUTHENTICATED, Principal, RequestContext
 from server.cors import StoredOrigins, configure_cors
 from server.dicomweb import register_dicomweb
@@ -37,10 +38,10 @@ from server.dicomweb.media_types import NotAcceptable
 from server.dicomweb.multipart import MultipartError
 from server.dicomweb.statuses import http_status_for
 from server.fhir import register_fhir
-from server.header_deadline import HeaderDeadlines, connection_class
 from server.metrics import Metrics, mark_worker_dead
 from server.monitoring import register_monitoring
 from server.partitions import PARTITION_ROOT, KnownPartitions, enter_partition
+from server.request_deadlines import RequestDeadlines, RequestLimits, guarded
 from storage.accounts import Accounts
 from storage.archive import Archive
 from storage.errors import StorageError, StorageUnavailable
@@ -62,6 +63,9 @@ def create_app(settings: Settings, archive: Archive, metrics: Metrics | None = N
     archive.on_ingest = metrics.ingest_observer("stow-rs")
     archive.blobs = marking_reads(archive)
     app = Flask("hilum", static_folder=None)
+    # Every route's body (JSON API, forms) is bounded; STOW-RS raises it for its own request
+    # (http.stow_max_bytes) before it reads a byte.
+    app.config["MAX_CONTENT_LENGTH"] = settings.http.body_max_bytes
     app.extensions["hilum.settings"] = settings
     app.extensions["hilum.archive"] = archive
     app.extensions["hilum.partitions"] = KnownPartitions(archive.index)
@@ -280,6 +284,15 @@ def _register_error_handlers(app: Flask) -> None:
     def _bad_multipart(error: MultipartError) -> Response:
         return _error(400, f"malformed multipart body: {error}")
 
+    @app.errorhandler(RequestEntityTooLarge)
+    def _too_large(error: RequestEntityTooLarge) -> Response:
+        if error.description == RequestEntityTooLarge.description:  # werkzeug's own words
+            limit = request.max_content_length
+            return _error(
+                413, f"the request body is larger than {limit} bytes (http.body_max_bytes)"
+            )
+        return _error(413, str(error.description))
+
     @app.errorhandler(HTTPException)
     def _http_error(error: HTTPException) -> Response:
         return _error(error.code or 500, error.description or error.name)
@@ -323,24 +336,25 @@ class HttpServer:
         port: int,
         threads: int = 8,
         *,
-        header_timeout_s: float = 10.0,
-        header_reads_per_client: int = 4,
+        limits: RequestLimits | None = None,
         tls: tuple[Path, Path] | None = None,
     ) -> None:
-        """``tls``: (certificate, private key) PEM files: HTTPS (``[http] tls_*``)."""
-        self._deadlines = HeaderDeadlines(header_timeout_s, header_reads_per_client)
+        """``limits``: ``[http]``'s deadlines and connection cap (RequestLimits.from_settings);
+        ``tls``: (certificate, private key) PEM files: HTTPS (``[http] tls_*``)."""
+        self._deadlines = RequestDeadlines(limits or RequestLimits())
         self._server = cheroot.wsgi.Server(
             (host, port),
-            _access_logged(app),
+            _access_logged(guarded(app, self._deadlines)),
             numthreads=threads,
             server_name="hilum",
             request_queue_size=64,
             timeout=60,  # seconds a client may stay silent inside a request
         )
-        # cheroot's default, stated: no body limit here, STOW-RS answers 413 with a reason.
+        # cheroot's default, stated: no body limit here; the app answers 413 with a reason
+        # (http.stow_max_bytes, http.body_max_bytes).
         self._server.max_request_body_size = 0
-        # A total deadline on each request's headers (server/header_deadline.py says why),
-        # and a size: cheroot's default 0 reads headers of any size into memory.
+        # Deadlines on each request and a cap on connections (server/request_deadlines.py
+        # says why), and a size on the headers: cheroot's default 0 reads any size into memory.
         self._server.ConnectionClass = connection_class(self._deadlines)
         self._server.max_request_header_size = MAX_REQUEST_HEADER_BYTES
         if tls is not None:
@@ -407,6 +421,9 @@ def serve_with_gunicorn(settings: Settings) -> None:
     tls = https_files(settings)
 
     class HilumWeb(BaseApplication):  # type: ignore[misc]
+        # Read by each worker (server/gunicorn_worker.py).
+        request_limits = RequestLimits.from_settings(settings.http)
+
         def load_config(self) -> None:
             conf = runpy.run_path(str(Path(config.__file__).parent / "gunicorn.conf.py"))
             for name, value in conf.items():
@@ -418,6 +435,10 @@ def serve_with_gunicorn(settings: Settings) -> None:
                 self.cfg.set("keyfile", str(tls[1]))
             self.cfg.set("workers", settings.http.workers)
             self.cfg.set("threads", settings.http.threads)
+            # Each request under Hilum's deadlines (server/gunicorn_worker.py), and the cap on
+            # a worker's open connections.
+            self.cfg.set("worker_class", "server.gunicorn_worker.DeadlineThreadWorker")
+            self.cfg.set("worker_connections", settings.http.max_connections)
             self.cfg.set("proc_name", "hilum-web")
             self.cfg.set("when_ready", _announce)
             self.cfg.set("child_exit", lambda _server, worker: mark_worker_dead(worker.pid))

@@ -200,14 +200,14 @@ def _stop_at_end_of_input(stopped: threading.Event) -> None:
 
 def _start_http_server(settings: Settings, archive: Archive, metrics: Metrics) -> HttpServer:
     from server.app import HttpServer, create_app, https_files
+    from server.request_deadlines import RequestLimits
 
     http = HttpServer(
         create_app(settings, dataclasses.replace(archive), metrics),  # the app's own copy
         settings.server.host,
         settings.http.port,
         threads=settings.http.threads,
-        header_timeout_s=settings.http.header_timeout_s,
-        header_reads_per_client=settings.http.header_reads_per_client,
+        limits=RequestLimits.from_settings(settings.http),
         tls=https_files(settings),
     )
     http.start()

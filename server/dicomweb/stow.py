@@ -90,6 +90,8 @@ class StoreTransaction:
 
     @requires(Action.STORE)
     def store_instances(self, study: str | None = None) -> Response:
+        # This route's own limit, in place of the app's (http.body_max_bytes).
+        request.max_content_length = self.max_bytes
         boundary = self._boundary()
         if request.content_length is not None and request.content_length > self.max_bytes:
             raise RequestEntityTooLarge(

@@ -5,7 +5,6 @@ the RetrieveURL an https URL. An unusable key stops the start with a clear messa
 
 from __future__ import annotations
 
-import signal
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from config.settings import ConfigError
 from server.app import https_files
 from storage.archive import open_archive
 from tests.conftest import make_settings
+from tests.hilum_process import stop_hilum
 from tests.server.dicomweb.conftest import ct_series
 from tests.server.test_cli import HILUM, hilum_env
 
@@ -78,13 +78,7 @@ def _running(command: str, settings: Settings, pki: Pki, key: Path) -> Iterator[
         assert f"https://127.0.0.1:{settings.http.port}" in banner
         yield f"https://127.0.0.1:{settings.http.port}"
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                raise
+        stop_hilum(process)
 
 
 @pytest.mark.parametrize("command", ["serve", "web"])

@@ -4,7 +4,6 @@ under gunicorn (multiprocess metrics), `hilum dimse` with its metrics port, the 
 from __future__ import annotations
 
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ from server.metrics import Metrics
 from storage.archive import Archive, open_archive
 from tests.conftest import S3Server, free_port, make_settings, s3_blob_url
 from tests.factories import DCMTK_STORESCU, ct_instance, write_part10
+from tests.hilum_process import stop_hilum
 from tests.inference.test_worker import run_until_idle, store_series, worker_for
 from tests.server.dicomweb.conftest import ct_series
 from tests.server.test_cli import hilum_env
@@ -159,12 +159,7 @@ def _started(command: str, env: dict[str, str]) -> subprocess.Popen:
 
 
 def _stop(process: subprocess.Popen) -> None:
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(30)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        raise
+    stop_hilum(process)
     assert process.returncode == 0, process.stderr.read() if process.stderr else ""
 
 
