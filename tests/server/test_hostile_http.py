@@ -11,15 +11,21 @@ import select
 import socket
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import requests
+from pydicom.dataset import Dataset
 
 from config import Settings
 from storage.archive import Archive
 from storage.ingest import ingest_file
+from storage.verify import verify_archive
 from tests.factories import ct_instance, write_part10
 from tests.hilum_process import RunningHilum, running_hilum
+from tests.server.dicomweb.conftest import ct_series
+from tests.server.dicomweb.test_stow import STOW_TYPE, multipart, part10
+from tests.server.dicomweb.test_stow_limits import hostile_parts
 from tests.waiting import wait_until
 
 # Short limits, so that the cuts come within a test; four threads in one process, so that a
@@ -260,3 +266,37 @@ def test_oversized_request_lines_and_headers_are_refused(backend: str, hilum: Ru
     assert long_line.status_code == line_status
     assert _qido(hilum).status_code == 200
     hilum.memory.check()
+
+
+@pytest.mark.parametrize("backend", ["sqlite-files"])
+def test_the_hostile_corpus_over_stow_fails_part_by_part_within_the_memory_budget(
+    backend: str, settings: Settings, archive: Archive, tmp_path: Path
+) -> None:
+    """tests/hostile_files.py's corpus sent to the real processes: each part refused with its
+    Failure Reason, the good part stored, the server's peak RSS within its budget, and the
+    archive clean."""
+    limits = {
+        "HILUM_LIMITS__INFLATED_MAX_BYTES": str(8 << 20),
+        "HILUM_LIMITS__ELEMENTS_MAX": "2000",
+    }
+    hostile = hostile_parts(tmp_path)
+    for command in ("serve", "web"):
+        with running_hilum(command, settings, memory_budget_bytes=MEMORY_BUDGET, **limits) as h:
+            good = ct_series(1)[0]
+            response = requests.post(
+                f"{h.base_url}/studies",
+                data=multipart([part10(good), *(body for body, _ in hostile)]),
+                headers={"Content-Type": STOW_TYPE},
+                timeout=300,
+            )
+            assert response.status_code == 202, response.text
+            answer = Dataset.from_json(response.json())
+            assert [item.FailureReason for item in answer.FailedSOPSequence] == [
+                reason for _, reason in hostile
+            ]
+            assert [i.ReferencedSOPInstanceUID for i in answer.ReferencedSOPSequence] == [
+                good.SOPInstanceUID
+            ]
+            assert _qido(h).status_code == 200
+            h.memory.check()
+    assert verify_archive(archive).ok

@@ -20,7 +20,7 @@ from tests.server.dicomweb.test_stow import STOW_TYPE, multipart, part10, stored
 LIMITS = LimitsSettings(inflated_max_bytes=8 << 20, elements_max=2_000)
 
 
-def _hostile(folder: Path) -> list[tuple[bytes, int]]:
+def hostile_parts(folder: Path) -> list[tuple[bytes, int]]:
     """(file, expected Failure Reason) of each hostile case."""
     cases = [
         (hostile_files.nested_sequences(folder / "deep.dcm", 10_000), 0xC000),
@@ -50,7 +50,7 @@ def test_hostile_parts_fail_each_with_its_reason_and_good_parts_are_stored(
             ).status_code
             == 200
         )
-        hostile = _hostile(tmp_path)
+        hostile = hostile_parts(tmp_path)
         good = ct_series(2)
 
         response = requests.post(
