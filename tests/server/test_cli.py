@@ -159,6 +159,37 @@ def test_verify_repair_removes_old_orphans_and_records_it(
     assert _hilum(settings, "verify").returncode == 0
 
 
+@pytest.mark.parametrize("command", ["serve", "worker"])
+@pytest.mark.parametrize("backend", ["sqlite-files"])
+def test_the_long_running_processes_sweep_orphans(
+    backend: str, command: str, settings: Settings, tmp_path: Path
+) -> None:
+    """hilum serve and hilum worker own the orphan janitor (storage/janitor.py)."""
+    assert _hilum(settings, "import", *map(str, _series(tmp_path / "a", 1))).returncode == 0
+    (blob,) = (settings.server.data_dir / "blobs").rglob("*.dcm")
+    orphan = blob.with_name("0" * 64 + ".0000000000000000.dcm")  # written, never committed
+    orphan.write_bytes(blob.read_bytes())
+    os.utime(orphan, (time.time() - 7200, time.time() - 7200))
+    env = hilum_env(
+        settings,
+        HILUM_STORAGE__ORPHAN_SWEEP_INTERVAL_S="0.5",
+        HILUM_INFERENCE__SERVE_WORKER="false",
+    )
+    process = subprocess.Popen(
+        [*HILUM, command], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        wait_until(lambda: not orphan.exists(), f"hilum {command}'s janitor", 120)
+        assert blob.exists()
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(60) == 0
+    assert "orphan janitor: removed 1 orphan blobs" in (
+        process.stderr.read() if process.stderr else ""
+    )
+    assert _hilum(settings, "verify").returncode == 0
+
+
 @pytest.mark.parametrize("backend", ["sqlite-files"])
 def test_dimse_refuses_an_index_that_was_not_upgraded(backend: str, settings: Settings) -> None:
     result = _hilum(settings, "dimse")
