@@ -13,7 +13,6 @@ import subprocess
 import sys
 import threading
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
@@ -21,6 +20,7 @@ from typing import TYPE_CHECKING, TypeVar
 import pydicom.config  # noqa: F401  (imported first: it resets its logger level on import)
 
 from config import Settings, load_settings
+from config.logging import configure_logging
 from config.settings import ConfigError
 from inference.errors import ModelError
 from server.admin_commands import ADMIN_COMMANDS, add_admin_commands
@@ -37,21 +37,6 @@ log = logging.getLogger("hilum")
 _Bound = TypeVar("_Bound")
 # A worker runs one job at a time: its own queries, its lease's heartbeat, a metrics scrape.
 WORKER_CONNECTIONS = 4
-
-
-def _configure_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        stream=sys.stderr,
-    )
-    # pynetdicom logs every PDU at INFO; its warnings are what an administrator needs.
-    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
-    logging.getLogger("alembic").setLevel(logging.WARNING)
-    # Odd values in received headers are stored as they are; pydicom's per-value complaints
-    # would drown the log of a migration.
-    logging.getLogger("pydicom").setLevel(logging.CRITICAL)
-    warnings.filterwarnings("ignore", module="pydicom")
 
 
 def check_exposure(settings: Settings, command: str) -> None:
@@ -244,6 +229,7 @@ def _start_worker_thread(
     from inference.registry import load_models
     from inference.worker import Worker
 
+    _observe_gpu_memory(settings, metrics)
     worker = Worker(
         settings,
         archive,
@@ -254,6 +240,15 @@ def _start_worker_thread(
     thread = threading.Thread(target=worker.run, args=(stop,), name="ai-worker", daemon=True)
     thread.start()
     return stop, thread
+
+
+def _observe_gpu_memory(settings: Settings, metrics: Metrics) -> None:
+    """The memory of the GPU the AI worker uses, on its metrics (none on the CPU)."""
+    from inference.analysis import default_device
+    from server.metrics import GpuMemory, read_cuda_memory
+
+    device = settings.inference.device or default_device()
+    metrics.collectors.append(GpuMemory(lambda: read_cuda_memory(device)))
 
 
 def _start_delivery_thread(
@@ -313,6 +308,7 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     models = load_models(settings.inference.models_dirs)
     archive = open_archive(settings, connections=WORKER_CONNECTIONS)
     metrics = Metrics()
+    _observe_gpu_memory(settings, metrics)
     worker = Worker(settings, archive, models, on_job_ended=metrics.job_observer())
     metrics_server = None
     if settings.metrics.port:
@@ -888,9 +884,9 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _configure_logging(args.verbose)
     try:
         settings = load_settings(args.config)
+        configure_logging(args.verbose, settings.log.format, args.command)
         return COMMANDS[args.command](settings, args)
     except ConfigError as error:
         print(f"hilum: configuration error: {error}", file=sys.stderr)

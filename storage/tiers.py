@@ -135,6 +135,7 @@ def open_tiered_blob_store(
             access_key=tier.s3_access_key,
             secret_key=tier.s3_secret_key,
             max_connections=max_connections,
+            storage_class=tier.s3_storage_class,
         )
         for tier in tiers
     }
