@@ -9,6 +9,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -203,8 +204,18 @@ def cmd_web(settings: Settings, args: argparse.Namespace) -> int:
 
     # Fail here, not in every worker, if the index is not ready.
     open_archive(settings, connections=1).close()
+    # gunicorn retries a busy port for seconds, then says "Connection in use" without naming
+    # Hilum's service or setting: find out first.
+    host, port = settings.server.host, settings.http.port
+    _binding("HTTP", host, port, lambda: _bind_and_release(host, port))
     serve_with_gunicorn(settings)
     return 0
+
+
+def _bind_and_release(host: str, port: int) -> None:
+    """Bind ``host``:``port`` as gunicorn will (SO_REUSEADDR), then let it go."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    socket.create_server((host, port), family=family).close()
 
 
 def _prepare_multiprocess_metrics(default: Path) -> None:
