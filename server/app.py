@@ -202,7 +202,11 @@ def _configure_access(app: Flask, settings: Settings, archive: Archive) -> None:
         access check: 401 without valid credentials, then 404 for a partition that does not
         exist or that the principal may not see (the same 404: nobody learns another tenant's
         partition names), then 403 for an action the principal's roles do not allow."""
-        g.request_id = request.environ[REQUEST_ID_KEY]
+        # Set by _with_request_id; a request context made without the WSGI app (a benchmark's
+        # test_request_context) makes its own.
+        g.request_id = request.environ.get(REQUEST_ID_KEY) or request_id_for(
+            request.headers.get(REQUEST_ID_HEADER)
+        )
         rule = request.url_rule
         # The partition the URL names (its root /partitions/<partition>/…); the views never
         # see the URL value.
