@@ -382,6 +382,9 @@ class StorageSettings(_Section):
     on_duplicate: Literal["keep", "overwrite"] = "overwrite"
     # Colder blob stores, by increasing after_days (`hilum tiers apply` moves the blobs).
     tiers: list[StorageTier] = Field(default_factory=list)
+    # Hours between two runs of the tier moves in `hilum worker` (and `hilum serve`'s worker),
+    # the first at its start; 0: only `hilum tiers apply` moves blobs.
+    tiers_interval_h: float = Field(24.0, ge=0)
 
     @field_validator("tiers")
     @classmethod

@@ -248,9 +248,36 @@ def _start_worker_thread(
         on_job_ended=metrics.job_observer(),
     )
     stop = threading.Event()
-    thread = threading.Thread(target=worker.run, args=(stop,), name="ai-worker", daemon=True)
+    tier_moves = _start_tier_moves(settings, archive, stop)
+
+    def run() -> None:
+        worker.run(stop)
+        if tier_moves is not None:
+            tier_moves.join()  # the study being moved is finished first
+
+    thread = threading.Thread(target=run, name="ai-worker", daemon=True)
     thread.start()
     return stop, thread
+
+
+def _start_tier_moves(
+    settings: Settings, archive: Archive, stop: threading.Event
+) -> threading.Thread | None:
+    """The periodic storage-tier moves of the AI worker ([storage] tiers_interval_h), in a
+    thread of their own so that AI jobs do not wait for them; the thread ends once ``stop``
+    (the worker's) is set and the study being moved is done."""
+    if not settings.storage.tiers or not settings.storage.tiers_interval_h:
+        return None
+    from storage.tiers import apply_tiers_periodically
+
+    thread = threading.Thread(
+        target=apply_tiers_periodically,
+        args=(archive, settings.storage.tiers, settings.server.data_dir / "tmp",
+              settings.storage.tiers_interval_h * 3600, stop),
+        name="tier-moves", daemon=True,
+    )  # fmt: skip
+    thread.start()
+    return thread
 
 
 def _observe_gpu_memory(settings: Settings, metrics: Metrics) -> None:
@@ -338,7 +365,10 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
         + (f"; metrics on port {metrics_server.port}" if metrics_server else ""),
         flush=True,
     )
+    tier_moves = _start_tier_moves(settings, archive, stopped)
     worker.run(stopped)  # a stop request lets the job in progress finish
+    if tier_moves is not None:
+        tier_moves.join()  # the study being moved is finished first
     if metrics_server is not None:
         metrics_server.stop()
     archive.close()
@@ -540,7 +570,7 @@ def cmd_tiers(settings: Settings, args: argparse.Namespace) -> int:
                 archive.index,
                 archive.blobs,
                 settings.storage.tiers,
-                archive.partition,
+                None,  # every partition
                 settings.server.data_dir / "tmp",
                 progress=bar.update,
             )

@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -23,10 +24,11 @@ from storage.archive import Archive, open_archive
 from storage.blobs import S3BlobStore
 from storage.index.models import Instance, Series, Study
 from storage.ingest import ingest_file
-from storage.tiers import TieredBlobStore, apply_tiers, marking_reads
+from storage.tiers import TieredBlobStore, apply_tiers, apply_tiers_periodically, marking_reads
 from storage.verify import verify_archive
 from tests.conftest import make_settings, s3_blob_url
-from tests.factories import ct_instance, write_part10
+from tests.factories import ct_instance, ensure_partition, write_part10
+from tests.waiting import wait_until
 
 COLD_AFTER_DAYS = 30
 
@@ -279,3 +281,34 @@ def test_a_tier_storage_class_must_be_one_read_at_once_and_on_s3(tmp_path: Path)
             tmp_path,
             storage={"tiers": [{**s3, "blob_url": "file:///cold", "s3_storage_class": "STANDARD"}]},
         )
+
+
+@pytest.mark.parametrize("backend", ["sqlite-files"], indirect=True)
+def test_the_periodic_run_moves_every_partitions_studies_out_and_back(
+    tiered_archive: Archive, tiered: Settings, tmp_path: Path
+) -> None:
+    archive = tiered_archive
+    ensure_partition(archive.index, "research")
+    studies = [_study(archive, tmp_path), _study(archive.scoped("research"), tmp_path)]
+    for study in studies:
+        _age(archive, study, COLD_AFTER_DAYS + 1)
+    stop = threading.Event()
+    # What `hilum worker` runs in a thread ([storage] tiers_interval_h), every 0.2 s here.
+    args = (archive, tiered.storage.tiers, tmp_path / "tmp", 0.2, stop)
+    mover = threading.Thread(target=apply_tiers_periodically, args=args)
+    mover.start()
+    try:
+
+        def tiers() -> set[str]:
+            return {tier for study in studies for _, _, tier in _rows(archive, study)}
+
+        wait_until(lambda: tiers() == {"cold"}, "both partitions' studies in the cold tier", 60)
+        assert verify_archive(archive).ok
+        for study in studies:  # a viewer opens each: back at the next run
+            marking_reads(archive).get_range(_rows(archive, study)[0][0], 0, 132)
+        wait_until(lambda: tiers() == {""}, "both studies back in the primary store", 60)
+    finally:
+        stop.set()
+        mover.join(60)
+    assert not mover.is_alive()
+    assert verify_archive(archive).ok
