@@ -300,6 +300,12 @@ class MetricsSettings(_Section):
     port: int = Field(0, ge=0, le=65535)
 
 
+class LogSettings(_Section):
+    # "text": one line per event for a person; "json": one JSON object per line for a log
+    # collector, each with the request, association or job id it is about (config/logging.py).
+    format: Literal["text", "json"] = "text"
+
+
 class ConfigError(Exception):
     """The configuration cannot be used; the message says which key and why."""
 
@@ -316,6 +322,16 @@ def is_placeholder_secret(value: str) -> bool:
     return normalised in PLACEHOLDER_SECRETS or normalised.startswith("changeme")
 
 
+# S3 storage classes whose objects are read at once (AWS S3's, MinIO's STANDARD and
+# REDUCED_REDUNDANCY), and those that need a restore first: not for a tier, whose studies must
+# come back when someone opens them.
+READABLE_STORAGE_CLASSES = frozenset(
+    {"STANDARD", "REDUCED_REDUNDANCY", "STANDARD_IA", "ONEZONE_IA", "INTELLIGENT_TIERING",
+     "GLACIER_IR"}
+)  # fmt: skip
+ARCHIVAL_STORAGE_CLASSES = frozenset({"GLACIER", "DEEP_ARCHIVE"})
+
+
 class StorageTier(_Section):
     """A cheaper blob store that studies move to once they are ``after_days`` old (days since an
     instance of the study was last received, or last read from a tier)."""
@@ -324,7 +340,34 @@ class StorageTier(_Section):
     blob_url: str = Field(min_length=1)  # file:///path or s3://BUCKET?endpoint=...
     s3_access_key: str = ""
     s3_secret_key: str = ""
+    # The S3 storage class of the objects written to this tier (x-amz-storage-class on each
+    # PUT), e.g. "STANDARD_IA"; empty: the bucket's default.
+    s3_storage_class: str = ""
     after_days: float = Field(gt=0)
+
+    @field_validator("s3_storage_class")
+    @classmethod
+    def _check_storage_class(cls, value: str) -> str:
+        if value in ARCHIVAL_STORAGE_CLASSES:
+            raise ValueError(
+                f"{value!r} is an archival storage class: its objects cannot be read until "
+                "restored, but a study on a tier must open when someone asks for it; use one "
+                f"read at once ({', '.join(sorted(READABLE_STORAGE_CLASSES))})"
+            )
+        if value and value not in READABLE_STORAGE_CLASSES:
+            raise ValueError(
+                f"{value!r} is not an S3 storage class Hilum knows: one of "
+                f"{', '.join(sorted(READABLE_STORAGE_CLASSES))}"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _storage_class_on_s3(self) -> StorageTier:
+        if self.s3_storage_class and not self.blob_url.startswith("s3://"):
+            raise ValueError(
+                f"s3_storage_class is for S3 tiers; tier {self.name}'s blob_url is not s3://"
+            )
+        return self
 
 
 class StorageSettings(_Section):
@@ -339,6 +382,9 @@ class StorageSettings(_Section):
     on_duplicate: Literal["keep", "overwrite"] = "overwrite"
     # Colder blob stores, by increasing after_days (`hilum tiers apply` moves the blobs).
     tiers: list[StorageTier] = Field(default_factory=list)
+    # Hours between two runs of the tier moves in `hilum worker` (and `hilum serve`'s worker),
+    # the first at its start; 0: only `hilum tiers apply` moves blobs.
+    tiers_interval_h: float = Field(24.0, ge=0)
 
     @field_validator("tiers")
     @classmethod
@@ -790,6 +836,7 @@ class Settings(BaseSettings):
     http: HttpSettings = Field(default_factory=HttpSettings)
     storage: StorageSettings = Field(default_factory=StorageSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    log: LogSettings = Field(default_factory=LogSettings)
     query: QuerySettings = Field(default_factory=QuerySettings)
     limits: LimitsSettings = Field(default_factory=LimitsSettings)
     inference: InferenceSettings = Field(default_factory=InferenceSettings)

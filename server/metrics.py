@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from prometheus_client import (
@@ -35,7 +36,6 @@ from storage.ingest import IngestResult
 from storage.monitoring import count_jobs_by_state
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
     from datetime import datetime
 
     from prometheus_client.core import Metric
@@ -80,6 +80,8 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        # Read at each scrape, beside the registry (the worker's GPU memory).
+        self.collectors: list[Collector] = []
         self.instances_received = Counter(
             "hilum_instances_received",
             "Instances received, by transport (dimse, stow-rs) and outcome "
@@ -246,6 +248,8 @@ class Metrics:
             registry.register(_Combined(self.registry))
         if archive is not None:
             registry.register(JobStates(archive))
+        for collector in self.collectors:
+            registry.register(collector)
         return registry
 
 
@@ -279,6 +283,72 @@ class JobStates(Collector):
         for state, count in counts.items():
             gauge.add_metric([state], count)
         yield gauge
+
+
+@dataclass(frozen=True)
+class GpuMemoryReading:
+    """One CUDA device's memory, in bytes."""
+
+    device: str  # "cuda:0"
+    allocated: int  # held by this process's tensors
+    reserved: int  # held by this process's PyTorch caching allocator (allocated and cached)
+    used: int  # in use on the device, by every process
+    total: int
+
+
+def read_cuda_memory(device: str) -> list[GpuMemoryReading]:
+    """The memory of the CUDA device the worker runs its models on (``[inference] device``,
+    or the default device); none when the device is not a GPU, or torch sees no GPU."""
+    try:
+        import torch
+    except ImportError:  # an installation without the AI extra
+        return []
+    target = torch.device(device)
+    if target.type != "cuda" or not torch.cuda.is_available():
+        return []
+    index = target.index if target.index is not None else torch.cuda.current_device()
+    free, total = torch.cuda.mem_get_info(index)
+    return [
+        GpuMemoryReading(
+            device=f"cuda:{index}",
+            allocated=torch.cuda.memory_allocated(index),
+            reserved=torch.cuda.memory_reserved(index),
+            used=total - free,
+            total=total,
+        )
+    ]
+
+
+class GpuMemory(Collector):
+    """``hilum_gpu_memory_{allocated,reserved,used,total}_bytes{device}``, read at each scrape
+    from ``read`` (:func:`read_cuda_memory` of the worker's device); absent when it reads none
+    (no GPU)."""
+
+    FAMILIES = (
+        ("allocated", "GPU memory held by this process's tensors"),
+        ("reserved", "GPU memory held by this process's PyTorch caching allocator"),
+        ("used", "GPU memory in use on the device, by every process"),
+        ("total", "GPU memory of the device"),
+    )
+
+    def __init__(self, read: Callable[[], Sequence[GpuMemoryReading]]) -> None:
+        self._read = read
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            readings = self._read()
+        except RuntimeError as error:  # a CUDA error: the other metrics still answer
+            log.warning("GPU memory not collected: %s", error)
+            return
+        if not readings:
+            return
+        for field, description in self.FAMILIES:
+            gauge = GaugeMetricFamily(
+                f"hilum_gpu_memory_{field}_bytes", description, labels=["device"]
+            )
+            for reading in readings:
+                gauge.add_metric([reading.device], getattr(reading, field))
+            yield gauge
 
 
 class MetricsServer:

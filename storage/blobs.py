@@ -245,9 +245,18 @@ class S3BlobStore:
     """Blobs as objects in one S3 bucket (MinIO, SeaweedFS, or any S3)."""
 
     def __init__(
-        self, endpoint: str, bucket: str, access_key: str, secret_key: str, max_connections: int
+        self,
+        endpoint: str,
+        bucket: str,
+        access_key: str,
+        secret_key: str,
+        max_connections: int,
+        storage_class: str = "",
     ) -> None:
+        """``storage_class``: every object written gets it (``x-amz-storage-class``);
+        empty: the bucket's default."""
         url = urlsplit(endpoint)
+        self.storage_class = storage_class
         if url.scheme not in ("http", "https") or not url.netloc:
             raise ValueError(f"S3 endpoint must be http(s)://host:port, not {endpoint!r}")
         self.bucket = bucket
@@ -293,12 +302,18 @@ class S3BlobStore:
                 try:
                     with self._unavailable_on_error(key):
                         self.client.fput_object(
-                            self.bucket, key, str(path), content_type="application/dicom"
-                        )
+                            self.bucket, key, str(path), content_type="application/dicom",
+                            metadata=self._put_headers,
+                        )  # fmt: skip
                 except StorageUnavailable as error:
                     refused = error
             refusals.append(refused)
         return refusals
+
+    @property
+    def _put_headers(self) -> dict[str, str | list[str] | tuple[str]] | None:
+        # minio sends metadata keys starting with x-amz- as request headers, as they are.
+        return {"x-amz-storage-class": self.storage_class} if self.storage_class else None
 
     def open(self, key: str) -> BinaryIO:
         with self._unavailable_on_error(key):
@@ -382,9 +397,15 @@ class _S3Stream:
 
 
 def open_blob_store(
-    blob_url: str, *, access_key: str = "", secret_key: str = "", max_connections: int = 32
+    blob_url: str,
+    *,
+    access_key: str = "",
+    secret_key: str = "",
+    max_connections: int = 32,
+    storage_class: str = "",
 ) -> BlobStore:
-    """``file:///abs/path`` or ``s3://BUCKET?endpoint=http://host:9000``."""
+    """``file:///abs/path`` or ``s3://BUCKET?endpoint=http://host:9000`` (``storage_class``:
+    of the objects it writes, S3 only)."""
     url = urlsplit(blob_url)
     if url.scheme == "file":
         return FileBlobStore(Path(url.path))
@@ -394,5 +415,7 @@ def open_blob_store(
             raise ValueError(
                 f"S3 blob URL must be s3://BUCKET?endpoint=http://host:port: {blob_url}"
             )
-        return S3BlobStore(endpoint, url.netloc, access_key, secret_key, max_connections)
+        return S3BlobStore(
+            endpoint, url.netloc, access_key, secret_key, max_connections, storage_class
+        )
     raise ValueError(f"unsupported blob_url scheme {url.scheme!r} (use file:// or s3://)")

@@ -135,6 +135,7 @@ def open_tiered_blob_store(
             access_key=tier.s3_access_key,
             secret_key=tier.s3_secret_key,
             max_connections=max_connections,
+            storage_class=tier.s3_storage_class,
         )
         for tier in tiers
     }
@@ -223,25 +224,28 @@ def apply_tiers(
     index: Index,
     blobs: TieredBlobStore,
     tiers: Sequence[StorageTier],
-    partition: str,
+    partition: str | None,
     tmp_dir: Path,
     *,
     now: datetime | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> TierReport:
-    """Move every instance of ``partition`` whose study belongs in another tier (by the age of
-    its last received instance or its last read from a tier) there: copy, verify, update the
-    index, delete the source. A study that fails (a store unreachable, a checksum that does not
-    match) is reported and left readable where it was; the others go on."""
+    """Move every instance of ``partition`` (None: of every partition) whose study belongs in
+    another tier (by the age of its last received instance or its last read from a tier) there:
+    copy, verify, update the index, delete the source. A study that fails (a store unreachable,
+    a checksum that does not match) is reported and left readable where it was; the others go
+    on. Runs at the same time (two hosts' schedules) are safe: each repoints a row only if no
+    other run moved it meanwhile, and deletes a source only after its own repoint."""
     now = now or _utc_now()
     report = TierReport()
     tmp_dir.mkdir(parents=True, exist_ok=True)
+    query = select(
+        Study.id, Study.study_instance_uid, Study.last_instance_at, Study.last_read_at
+    ).order_by(Study.id)
+    if partition is not None:
+        query = query.where(Study.partition == partition)
     with index.read() as session:
-        studies = session.execute(
-            select(Study.id, Study.study_instance_uid, Study.last_instance_at, Study.last_read_at)
-            .where(Study.partition == partition)
-            .order_by(Study.id)
-        ).all()
+        studies = session.execute(query).all()
     for study_pk, study_uid, last_instance_at, last_read_at in studies:
         last_used = max(_aware(last_instance_at), _aware(last_read_at) or _aware(last_instance_at))
         target = target_tier(tiers, now - last_used)
@@ -273,6 +277,34 @@ def apply_tiers(
             if progress:
                 progress(1)
     return report
+
+
+def apply_tiers_periodically(
+    archive: Archive,
+    tiers: Sequence[StorageTier],
+    tmp_dir: Path,
+    interval_s: float,
+    stop: threading.Event,
+) -> None:
+    """:func:`apply_tiers` of every partition, at once and then every ``interval_s`` until
+    ``stop`` is set (``hilum worker``'s schedule, ``[storage] tiers_interval_h``); each run's
+    outcome logged, a failed run tried again at the next."""
+    if not isinstance(archive.blobs, TieredBlobStore):
+        raise TypeError("storage tiers need the archive's TieredBlobStore")
+    while not stop.is_set():
+        try:
+            report = apply_tiers(archive.index, archive.blobs, tiers, None, tmp_dir)
+        except StorageError as error:
+            log.warning("storage tiers not applied (next run in %.0f s): %s", interval_s, error)
+        else:
+            moved = ", ".join(f"{n} {a}->{b}" for (a, b), n in sorted(report.moved.items()))
+            log.info(
+                "storage tiers applied: %d instances moved (%s), %d studies not moved",
+                report.instances,
+                moved or "none",
+                len(report.failed),
+            )
+        stop.wait(interval_s)
 
 
 def _aware(value: datetime | None) -> datetime | None:
