@@ -201,6 +201,7 @@ def _walk(
             _too_many(limits)
         if not stack and tag in _PIXEL_TAGS:
             return at
+        sequence_implicit: bool | None  # None: not a sequence; else how its items are encoded
         if not level_implicit and b"AA" <= vr <= b"ZZ":
             if vr in _LONG_LENGTH_VRS:
                 if pos + 4 > len(buf):

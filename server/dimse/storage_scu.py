@@ -27,6 +27,7 @@ from server.dimse.commands import PRIORITY_MEDIUM, CommandField
 from server.dimse.pdu import AbortReason, ProtocolError
 from server.transcoding import TranscodingRefused, check_size, transcode
 from storage.archive import Archive
+from storage.blobs import BlobStream
 from storage.query import StoredInstance
 
 log = logging.getLogger(__name__)
@@ -146,7 +147,7 @@ def _cancels(message: Message, message_id: int) -> bool:
     return int(message.command.get("MessageIDBeingRespondedTo", -1)) == message_id
 
 
-def skip_file_meta(stream: BinaryIO) -> bytes | None:
+def skip_file_meta(stream: BlobStream) -> bytes | None:
     """Read the stored file's preamble and File Meta Information (PS3.10 7.1); return the bytes
     of the data set read past them (usually none), the rest being left in the stream. None when
     the file has no preamble (it is then sent through pydicom)."""
