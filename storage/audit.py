@@ -646,14 +646,13 @@ def retrieve_entries(
     instances_per_study: Mapping[str, int],
     *,
     service: str,
-    event: AuditEvent = AuditEvent.RETRIEVE,
     **detail: str,
 ) -> list[AuditEntry]:
     """One record per study retrieved (each of a single patient, looked up), with its number of
     instances (A.5.3.7 from the source's side: R)."""
     return [
         AuditEntry(
-            event,
+            AuditEvent.RETRIEVE,
             patient_id=None,
             study_uids=(study,),
             instances=count,

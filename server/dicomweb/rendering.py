@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 from flask import Blueprint, Response, request
+from flask.typing import RouteCallable
 from PIL import Image
 
 from config import Settings
@@ -232,7 +233,7 @@ def blueprint(settings: Settings) -> Blueprint:
     bp = Blueprint("rendered", __name__)
     series = "/studies/<study>/series/<series>"
     instance = f"{series}/instances/<instance>"
-    rules = {
+    rules: dict[str, RouteCallable] = {
         f"{instance}/rendered": rendered.retrieve_instance_rendered,
         f"{instance}/frames/<frames>/rendered": rendered.retrieve_frames_rendered,
         f"{series}/rendered": rendered.retrieve_series_rendered,
