@@ -422,7 +422,9 @@ def serve_with_gunicorn(settings: Settings) -> None:
             self.cfg.set("when_ready", _announce)
             self.cfg.set("child_exit", lambda _server, worker: mark_worker_dead(worker.pid))
 
-        def load(self) -> Flask:
+        # types-gunicorn declares start_response narrower than PEP 3333 (wsgiref.types), which
+        # Flask declares: a Flask app is a WSGI app all the same.
+        def load(self) -> Flask:  # type: ignore[override]
             # In each worker, after the fork.
             # Each worker's pool: as many connections as its threads can use at once.
             return create_app(settings, open_archive(settings, connections=settings.http.threads))

@@ -63,12 +63,20 @@ HTTP_SERVICES = {
 
 
 class EndedJob(Protocol):
-    """What the metrics read of a job as an attempt left it (the worker's ``Job``)."""
+    """What the metrics read of a job as an attempt left it (the worker's ``Job``); read-only,
+    so that a ``Job`` whose state is a ``JobState`` (a ``str``) is one."""
 
-    model_name: str
-    state: str
-    queued_at: datetime
-    finished_at: datetime | None
+    @property
+    def model_name(self) -> str: ...
+
+    @property
+    def state(self) -> str: ...
+
+    @property
+    def queued_at(self) -> datetime: ...
+
+    @property
+    def finished_at(self) -> datetime | None: ...
 
 
 def multiprocess_mode() -> bool:

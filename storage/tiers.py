@@ -227,7 +227,7 @@ def apply_tiers(
     tmp_dir: Path,
     *,
     now: datetime | None = None,
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[int], object] | None = None,
 ) -> TierReport:
     """Move every instance of ``partition`` whose study belongs in another tier (by the age of
     its last received instance or its last read from a tier) there: copy, verify, update the
