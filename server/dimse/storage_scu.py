@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import struct
 from collections.abc import Iterable
 from io import BytesIO
 from typing import BinaryIO
@@ -27,7 +26,7 @@ from server.dimse.commands import PRIORITY_MEDIUM, CommandField
 from server.dimse.pdu import AbortReason, ProtocolError
 from server.transcoding import TranscodingRefused, check_size, transcode
 from storage.archive import Archive
-from storage.blobs import BlobStream
+from storage.data_set_structure import skip_file_meta
 from storage.query import StoredInstance
 
 log = logging.getLogger(__name__)
@@ -37,9 +36,6 @@ UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 # PS3.8 9.3.2.2: presentation context IDs are odd numbers 1-255, so at most 128 contexts.
 MAX_PRESENTATION_CONTEXTS = 128
 # PS3.10 7.1: 128-byte preamble, "DICM", then File Meta Information elements in explicit VR.
-_PREAMBLE = 128
-_ELEMENT = struct.Struct("<HH2sH")
-_LONG_VRS = {b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN", b"UC", b"UR", b"OD", b"OL", b"OV"}
 
 
 class SubOperationFailed(Exception):
@@ -145,29 +141,6 @@ def _await_response(store_assoc: Association, message_id: int, cancel_of: int | 
 
 def _cancels(message: Message, message_id: int) -> bool:
     return int(message.command.get("MessageIDBeingRespondedTo", -1)) == message_id
-
-
-def skip_file_meta(stream: BlobStream) -> bytes | None:
-    """Read the stored file's preamble and File Meta Information (PS3.10 7.1); return the bytes
-    of the data set read past them (usually none), the rest being left in the stream. None when
-    the file has no preamble (it is then sent through pydicom)."""
-    head = stream.read(_PREAMBLE + 4)
-    if len(head) < _PREAMBLE + 4 or head[_PREAMBLE:] != b"DICM":
-        return None
-    while True:
-        element = stream.read(_ELEMENT.size)
-        if len(element) < _ELEMENT.size:
-            return element  # a data set shorter than an element header, or none
-        group, number, vr, length = _ELEMENT.unpack(element)
-        if group != 0x0002:
-            return element  # the first element of the data set (no group length was given)
-        if vr in _LONG_VRS:
-            length = struct.unpack("<I", stream.read(4))[0]
-        value = stream.read(length)
-        if number == 0x0000 and vr == b"UL" and len(value) == 4:
-            # PS3.10 7.1: File Meta Information Group Length: the rest of group 0002.
-            stream.read(struct.unpack("<I", value)[0])
-            return b""
 
 
 def _transcoded(
