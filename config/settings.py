@@ -12,7 +12,7 @@ import os
 import re
 import secrets
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -910,7 +910,7 @@ class Settings(BaseSettings):
         return self
 
 
-def load_settings(config_path: Path | str | None = None, **overrides: object) -> Settings:
+def load_settings(config_path: Path | str | None = None, **overrides: Any) -> Settings:
     """Build the settings once at start-up.
 
     ``config_path`` falls back to ``$HILUM_CONFIG``; ``overrides`` take precedence over all

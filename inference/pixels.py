@@ -40,7 +40,7 @@ def read_series(
     """The series' image instances (restricted to ``sop_class_uids`` when given), each parsed
     with its pixel data still encoded."""
     query = entity_query(study_instance_uid, series_instance_uid)
-    datasets = []
+    datasets: list[Dataset] = []
     for stored in locate_instances(archive, query):
         if sop_class_uids and stored.sop_class_uid not in sop_class_uids:
             continue

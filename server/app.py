@@ -471,7 +471,9 @@ def serve_with_gunicorn(settings: Settings) -> None:
             if settings.log.format == "json":  # gunicorn's own lines too, access log included
                 self.cfg.set("logconfig_dict", gunicorn_logconfig("web"))
 
-        def load(self) -> Flask:
+        # types-gunicorn declares start_response narrower than PEP 3333 (wsgiref.types), which
+        # Flask declares: a Flask app is a WSGI app all the same.
+        def load(self) -> Flask:  # type: ignore[override]
             # In each worker, after the fork.
             # Each worker's pool: as many connections as its threads can use at once.
             return create_app(settings, open_archive(settings, connections=settings.http.threads))

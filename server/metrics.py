@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -63,12 +63,20 @@ HTTP_SERVICES = {
 
 
 class EndedJob(Protocol):
-    """What the metrics read of a job as an attempt left it (the worker's ``Job``)."""
+    """What the metrics read of a job as an attempt left it (the worker's ``Job``); read-only,
+    so that a ``Job`` whose state is a ``JobState`` (a ``str``) is one."""
 
-    model_name: str
-    state: str
-    queued_at: datetime
-    finished_at: datetime | None
+    @property
+    def model_name(self) -> str: ...
+
+    @property
+    def state(self) -> str: ...
+
+    @property
+    def queued_at(self) -> datetime: ...
+
+    @property
+    def finished_at(self) -> datetime | None: ...
 
 
 def multiprocess_mode() -> bool:
@@ -259,7 +267,7 @@ class _Combined(Collector):
     def __init__(self, registry: CollectorRegistry) -> None:
         self._registry = registry
 
-    def collect(self) -> Iterator[Metric]:
+    def collect(self) -> Iterable[Metric]:
         return self._registry.collect()
 
 

@@ -42,9 +42,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import IntEnum, StrEnum
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
-from sqlalchemy import Connection, exc, select
+from sqlalchemy import Connection, RowMapping, exc, select
 
 from storage.errors import StorageUnavailable
 from storage.index.database import Index, database_errors
@@ -330,7 +330,7 @@ def canonical_json(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
-def record_hash(row: Mapping[str, Any]) -> str:
+def record_hash(row: Mapping[str, Any] | RowMapping) -> str:
     """SHA-256 of the previous record's hash and this record's canonical JSON."""
     body = canonical_json({name: row[name] for name in HASHED_FIELDS})
     return hashlib.sha256((row["previous_hash"] + body).encode()).hexdigest()
@@ -512,7 +512,7 @@ class audit_errors:  # noqa: N801 (a context manager used like a function)
     def __enter__(self) -> None:
         return None
 
-    def __exit__(self, kind: type | None, error: BaseException | None, _tb: Any) -> bool:
+    def __exit__(self, kind: type | None, error: BaseException | None, _tb: Any) -> Literal[False]:
         if error is None or isinstance(error, AuditUnavailable):
             return False
         if isinstance(error, StorageUnavailable | exc.DBAPIError):
@@ -646,14 +646,13 @@ def retrieve_entries(
     instances_per_study: Mapping[str, int],
     *,
     service: str,
-    event: AuditEvent = AuditEvent.RETRIEVE,
     **detail: str,
 ) -> list[AuditEntry]:
     """One record per study retrieved (each of a single patient, looked up), with its number of
     instances (A.5.3.7 from the source's side: R)."""
     return [
         AuditEntry(
-            event,
+            AuditEvent.RETRIEVE,
             patient_id=None,
             study_uids=(study,),
             instances=count,
@@ -764,7 +763,7 @@ def verify_chain(index: Index, batch: int = 5000) -> ChainReport:
     given: see docs/operations.md on pruning)."""
     count = 0
     first_id: int | None = None
-    previous: Mapping[str, Any] | None = None
+    previous: RowMapping | None = None
     columns = [getattr(AuditRow, name) for name in (*HASHED_FIELDS, "hash")]
     with database_errors(), index.read() as session:
         while True:
@@ -787,7 +786,7 @@ def verify_chain(index: Index, batch: int = 5000) -> ChainReport:
     return ChainReport(count, first_id, previous["id"] if previous else None, None)
 
 
-def _chain_fault(previous: Mapping[str, Any] | None, row: Mapping[str, Any]) -> str:
+def _chain_fault(previous: RowMapping | None, row: RowMapping) -> str:
     """Why ``row`` does not follow ``previous`` in the chain ("" if it does)."""
     if previous is None:
         if row["id"] == 1 and row["previous_hash"] != GENESIS:

@@ -17,6 +17,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from types import TracebackType
 from typing import BinaryIO, Protocol
 from urllib.parse import parse_qs, urlsplit
 
@@ -63,6 +64,25 @@ def is_leftover(key: str) -> bool:
     return bool(_LEFTOVER.match(key))
 
 
+class BlobStream(Protocol):
+    """What :meth:`BlobStore.open` returns: the blob, read front to back, then closed (an open
+    file, or an S3 response that goes back to its connection pool on close)."""
+
+    def read(self, size: int = -1, /) -> bytes: ...
+
+    def close(self) -> None: ...
+
+    def __enter__(self) -> BlobStream: ...
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+        /,
+    ) -> None: ...
+
+
 class BlobStore(Protocol):
     def put(self, key: str, path: Path, *, may_link: bool = False) -> None:
         """:meth:`put_all` of one blob, raising what refused it."""
@@ -77,7 +97,7 @@ class BlobStore(Protocol):
         rest get the same answer without each waiting for it.
         """
 
-    def open(self, key: str) -> BinaryIO:
+    def open(self, key: str) -> BlobStream:
         """A readable stream of the whole blob; the caller closes it."""
 
     def get_range(self, key: str, offset: int, length: int) -> bytes:
@@ -315,7 +335,7 @@ class S3BlobStore:
         # minio sends metadata keys starting with x-amz- as request headers, as they are.
         return {"x-amz-storage-class": self.storage_class} if self.storage_class else None
 
-    def open(self, key: str) -> BinaryIO:
+    def open(self, key: str) -> BlobStream:
         with self._unavailable_on_error(key):
             response = self.client.get_object(self.bucket, key)
         return _S3Stream(response)

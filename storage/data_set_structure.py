@@ -31,6 +31,7 @@ from pydicom.datadict import dictionary_VR
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian
 
 from config.settings import LimitsSettings
+from storage.blobs import BlobStream
 from storage.deflate import InflatingReader
 from storage.errors import InvalidInstance
 from storage.limits import refuse_too_complex
@@ -203,6 +204,7 @@ def _walk(
             _too_many(limits)
         if not stack and tag in _PIXEL_TAGS:
             return at
+        sequence_implicit: bool | None  # None: not a sequence; else how its items are encoded
         if not level_implicit and b"AA" <= vr <= b"ZZ":
             if vr in _LONG_LENGTH_VRS:
                 if pos + 4 > len(buf):
@@ -309,7 +311,7 @@ def _file_meta_transfer_syntax(window: _Window, limits: LimitsSettings) -> tuple
     return syntax, at, elements
 
 
-def skip_file_meta(stream: BinaryIO) -> bytes | None:
+def skip_file_meta(stream: BlobStream) -> bytes | None:
     """Read a stored Part 10 file's preamble and File Meta Information (PS3.10 7.1) from
     ``stream``; return the bytes of the data set read past them (usually none), the rest being
     left in the stream. None when the file has no preamble."""

@@ -152,9 +152,9 @@ def ingest_files(
     outcomes: list[IngestResult | StorageError | None] = [None] * len(received)
     pending: list[_Prepared] = []
     headers: list[InstanceHeader | None] = [None] * len(received)
-    for n, item in enumerate(received):
+    for n, file in enumerate(received):
         try:
-            pending.append(_prepare(archive, n, item))
+            pending.append(_prepare(archive, n, file))
             headers[n] = pending[-1].header
         except StorageError as error:
             outcomes[n] = error

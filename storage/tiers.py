@@ -32,9 +32,9 @@ from typing import TYPE_CHECKING, BinaryIO
 from sqlalchemy import select, update
 
 from config.settings import StorageTier
-from storage.blobs import BlobStore, open_blob_store
+from storage.blobs import BlobStore, BlobStream, open_blob_store
 from storage.errors import NotFound, StorageError, StorageUnavailable
-from storage.index.database import Index
+from storage.index.database import Index, affected_rows
 from storage.index.models import Instance, Series, Study
 
 if TYPE_CHECKING:
@@ -87,7 +87,7 @@ class TieredBlobStore:
     def put_all(self, blobs: Sequence[tuple[str, Path, bool]]) -> list[StorageUnavailable | None]:
         return self.primary.put_all(blobs)
 
-    def open(self, key: str) -> BinaryIO:
+    def open(self, key: str) -> BlobStream:
         return self._find(key, lambda store: store.open(key))  # type: ignore[return-value]
 
     def get_range(self, key: str, offset: int, length: int) -> bytes:
@@ -228,7 +228,7 @@ def apply_tiers(
     tmp_dir: Path,
     *,
     now: datetime | None = None,
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[int], object] | None = None,
 ) -> TierReport:
     """Move every instance of ``partition`` (None: of every partition) whose study belongs in
     another tier (by the age of its last received instance or its last read from a tier) there:
@@ -247,7 +247,8 @@ def apply_tiers(
     with index.read() as session:
         studies = session.execute(query).all()
     for study_pk, study_uid, last_instance_at, last_read_at in studies:
-        last_used = max(_aware(last_instance_at), _aware(last_read_at) or _aware(last_instance_at))
+        received = _aware(last_instance_at)
+        last_used = max(received, _aware(last_read_at)) if last_read_at else received
         target = target_tier(tiers, now - last_used)
         with index.read() as session:
             rows = session.execute(
@@ -307,9 +308,9 @@ def apply_tiers_periodically(
         stop.wait(interval_s)
 
 
-def _aware(value: datetime | None) -> datetime | None:
+def _aware(value: datetime) -> datetime:
     # SQLite keeps no time zone; Hilum writes UTC.
-    if value is None or value.tzinfo is not None:
+    if value.tzinfo is not None:
         return value
     return value.replace(tzinfo=UTC)
 
@@ -335,7 +336,7 @@ def _copy_verified(source: BlobStore, target: BlobStore, blob: _Blob, tmp_dir: P
             raise StorageUnavailable(f"the copy of blob {blob.blob_key} reads back different")
 
 
-def _copy_hashing(stream: BinaryIO, out: BinaryIO | None) -> str:
+def _copy_hashing(stream: BlobStream, out: BinaryIO | None) -> str:
     digest = hashlib.sha256()
     while chunk := stream.read(1 << 20):
         digest.update(chunk)
@@ -353,16 +354,17 @@ def _repoint(index: Index, moving: list[_Blob], target: str) -> set[int]:
     moved: set[int] = set()
     with index.write() as session:
         for blob in moving:
-            result = session.execute(
+            matched = affected_rows(
+                session,
                 update(Instance)
                 .where(
                     Instance.id == blob.id,
                     Instance.blob_key == blob.blob_key,
                     Instance.tier == blob.tier,
                 )
-                .values(tier=target)
+                .values(tier=target),
             )
-            if result.rowcount == 1:  # type: ignore[attr-defined]
+            if matched == 1:
                 moved.add(blob.id)
     return moved
 

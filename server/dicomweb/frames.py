@@ -183,7 +183,7 @@ def frame_dataset(metadata: dict[str, Any], transfer_syntax: str, frame: bytes) 
     pydicom's decoders (pylibjpeg, openjpeg, RLE) can decode it."""
     ds = Dataset.from_json({tag: metadata[tag] for tag in _PIXEL_MODULE if tag in metadata})
     ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = transfer_syntax
+    ds.file_meta.TransferSyntaxUID = UID(transfer_syntax)
     ds.NumberOfFrames = 1
     ds.PixelData = encapsulate([frame]) if UID(transfer_syntax).is_encapsulated else frame
     ds["PixelData"].VR = "OB" if UID(transfer_syntax).is_encapsulated else "OW"

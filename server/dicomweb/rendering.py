@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 from flask import Blueprint, Response, request
+from flask.typing import RouteCallable
 from PIL import Image
 
 from config import Settings
@@ -100,12 +101,14 @@ def to_8_bit(
     if params.window is not None:
         center, width, function = params.window
     else:
-        center = _first_number(metadata, "00281050")
-        width = _first_number(metadata, "00281051")
+        stored_center = _first_number(metadata, "00281050")
+        stored_width = _first_number(metadata, "00281051")
         function = "linear"
-        if center is None or not width or width <= 0:
+        if stored_center is None or not stored_width or stored_width <= 0:
             low, high = float(values.min()), float(values.max())
             center, width = (low + high) / 2, max(high - low, 1.0)
+        else:
+            center, width = stored_center, stored_width
     if function == "sigmoid":
         out = 255.0 / (1.0 + np.exp(-4.0 * (values - center) / width))
     elif function == "linear-exact":
@@ -232,7 +235,7 @@ def blueprint(settings: Settings) -> Blueprint:
     bp = Blueprint("rendered", __name__)
     series = "/studies/<study>/series/<series>"
     instance = f"{series}/instances/<instance>"
-    rules = {
+    rules: dict[str, RouteCallable] = {
         f"{instance}/rendered": rendered.retrieve_instance_rendered,
         f"{instance}/frames/<frames>/rendered": rendered.retrieve_frames_rendered,
         f"{series}/rendered": rendered.retrieve_series_rendered,

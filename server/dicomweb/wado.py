@@ -16,6 +16,7 @@ from typing import Any
 
 import pydicom
 from flask import Blueprint, Response, request, stream_with_context
+from flask.typing import RouteCallable
 
 from config import Settings
 from server.access import Action, requires
@@ -344,7 +345,7 @@ def blueprint(settings: Settings) -> Blueprint:
     wado = RetrieveTransaction(settings)
     bp = Blueprint("wado", __name__)
     instance = "/studies/<study>/series/<series>/instances/<instance>"
-    rules = {
+    rules: dict[str, RouteCallable] = {
         "/studies/<study>": wado.retrieve_study,
         "/studies/<study>/series/<series>": wado.retrieve_series,
         instance: wado.retrieve_instance,

@@ -11,7 +11,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, create_engine, event, exc
+from sqlalchemy import CursorResult, Engine, Executable, create_engine, event, exc
 from sqlalchemy.orm import Session, sessionmaker
 
 from storage.errors import StorageUnavailable
@@ -103,6 +103,16 @@ class Index:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+def affected_rows(session: Session, statement: Executable) -> int:
+    """Run an UPDATE or DELETE in ``session``; how many rows it matched.
+
+    ``Session.execute`` is annotated as returning a plain ``Result``; for these statements it
+    is a ``CursorResult``, the one that knows the row count."""
+    result = session.execute(statement)
+    assert isinstance(result, CursorResult)
+    return result.rowcount
 
 
 @contextlib.contextmanager
