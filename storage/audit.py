@@ -44,7 +44,7 @@ from enum import IntEnum, StrEnum
 from pathlib import Path
 from typing import Any, Protocol
 
-from sqlalchemy import Connection, exc, select
+from sqlalchemy import Connection, QueuePool, exc, select
 
 from storage.errors import StorageUnavailable
 from storage.index.database import Index, database_errors
@@ -392,6 +392,13 @@ class AuditTrail:
         # after it in one statement if it is still the chain's head (:meth:`_after_cached_head`)
         self._head: tuple[int, str] | None = None
         self._head_lock = threading.Lock()
+        # Connections of the trail's pool kept checked out between records (taking one from
+        # the pool and returning it costs more than the record's insert); fewer than the
+        # pool's size, so that the searches and ``verify`` always find one there.
+        self._idle: list[Any] = []
+        self._idle_lock = threading.Lock()
+        pool = index.engine.pool
+        self._idle_max = max(1, pool.size() - 1) if isinstance(pool, QueuePool) else 0
 
     def record(self, context: Requestor, *entries: AuditEntry) -> None:
         """Write ``entries`` in a transaction of their own; raise :class:`AuditUnavailable`."""
@@ -410,7 +417,10 @@ class AuditTrail:
         dbapi_error = self.index.engine.dialect.loaded_dbapi.Error
         postgresql = self.index.dialect == "postgresql"
         for attempt in (1, 2):
-            pooled = self.index.engine.raw_connection()
+            with self._idle_lock:
+                pooled = self._idle.pop() if self._idle else None
+            if pooled is None:
+                pooled = self.index.engine.raw_connection()
             connection = pooled.driver_connection
             try:
                 write = self._alone_postgresql if postgresql else self._alone_sqlite
@@ -419,12 +429,20 @@ class AuditTrail:
                 broken = bool(getattr(connection, "broken", False))
                 if broken:
                     pooled.invalidate()
+                pooled.close()  # back to the pool (replaced there when invalidated)
                 if broken and attempt == 1:
                     continue
                 raise AuditUnavailable(
                     f"the audit trail cannot be written, so the operation is refused: {error}"
                 ) from error
-            finally:
+            except BaseException:
+                pooled.close()
+                raise
+            with self._idle_lock:
+                kept = len(self._idle) < self._idle_max
+                if kept:
+                    self._idle.append(pooled)
+            if not kept:
                 pooled.close()
             self._advance(rows)
             return rows
@@ -550,6 +568,10 @@ class AuditTrail:
     def close(self) -> None:
         if self.json_lines is not None:
             self.json_lines.close()
+        with self._idle_lock:
+            idle, self._idle = self._idle, []
+        for pooled in idle:
+            pooled.close()
         self.index.dispose()
 
 
