@@ -470,16 +470,35 @@ class AuditTrail:
     def _alone_postgresql(
         self, connection: Any, items: Sequence[tuple[Requestor, AuditEntry]]
     ) -> list[dict[str, Any]]:
-        # Four round trips: BEGIN, the chain lock, the insert after the cached head, COMMIT.
-        # (psycopg's pipeline mode would make them one, but costs more CPU than it saves on a
-        # local database.)
+        """Usually one round trip: the insert after the cached head, a statement of its own
+        (autocommit) that takes the chain lock before it inserts a row (so a writer holding
+        the lock, which read the head, is never raced) and inserts nothing unless that record,
+        with that hash, is the newest. Its snapshot may predate a record committed while it
+        waited for the lock: the ids' primary key refuses the second record after the same
+        one (a unique violation). Then, and when nothing was inserted, one transaction: the
+        lock, the head read from the table, the insert after it."""
+        integrity_error = self.index.engine.dialect.loaded_dbapi.IntegrityError
+        head = self._head
         cursor = connection.cursor()
         try:
-            expanded = list(_per_patient(cursor, "%s", items))  # read before the chain lock
+            connection.autocommit = True
+            try:
+                expanded = list(_per_patient(cursor, "%s", items))
+                if head is not None and len(expanded) <= _AFTER_HEAD_MAX:
+                    rows = _rows(expanded, *head)
+                    try:
+                        cursor.execute(
+                            _insert_after(len(rows), "%s", locking=True),
+                            _after_params(rows, head, locking=True),
+                        )
+                        if cursor.rowcount == len(rows):
+                            return rows
+                    except integrity_error:
+                        pass  # another writer took the next id first: read the head
+            finally:
+                connection.autocommit = False
             cursor.execute(_LOCK, (_CHAIN_LOCK,))
-            rows = self._after_cached_head(cursor, expanded, "%s")
-            if rows is None:
-                rows = self._after_head(cursor, expanded, postgresql=True)
+            rows = self._after_head(cursor, expanded, postgresql=True)
             connection.commit()
             return rows
         except BaseException:
@@ -587,21 +606,25 @@ _AFTER_HEAD_MAX = 64  # records in one conditional insert (19 parameters each)
 _Expanded = tuple[Requestor, AuditEntry, str, tuple[str, ...]]
 
 
-def _insert_after(count: int, marker: str) -> str:
+def _insert_after(count: int, marker: str, *, locking: bool = False) -> str:
     """INSERT of ``count`` records that inserts nothing unless the record it names (id and
-    hash: :func:`_after_params`) is the chain's head."""
+    hash: :func:`_after_params`) is the chain's head. ``locking`` (PostgreSQL, a statement of
+    its own): it takes the chain lock itself, before it inserts a row."""
     row = "(" + ", ".join([marker] * len(_COLUMNS)) + ")"
+    lock = f", (SELECT pg_advisory_xact_lock({marker})) AS chain_lock" if locking else ""
     return (
         f"INSERT INTO audit_record ({', '.join(_COLUMNS)}) "
-        f"SELECT * FROM (VALUES {', '.join([row] * count)}) AS v "
+        f"SELECT v.* FROM (VALUES {', '.join([row] * count)}) AS v{lock} "
         f"WHERE (SELECT max(id) FROM audit_record) = {marker} "
         f"AND EXISTS (SELECT 1 FROM audit_record WHERE id = {marker} AND hash = {marker})"
     )
 
 
-def _after_params(rows: Sequence[Mapping[str, Any]], head: tuple[int, str]) -> list[Any]:
+def _after_params(
+    rows: Sequence[Mapping[str, Any]], head: tuple[int, str], *, locking: bool = False
+) -> list[Any]:
     values = [row[name] for row in rows for name in _COLUMNS]
-    return [*values, head[0], head[0], head[1]]
+    return [*values, *([_CHAIN_LOCK] if locking else []), head[0], head[0], head[1]]
 
 
 def _rows(expanded: Sequence[_Expanded], last_id: int, previous: str) -> list[dict[str, Any]]:

@@ -241,8 +241,9 @@ def _drop_role(archive: Archive) -> None:
 
 
 def test_concurrent_writers_on_postgresql_never_fork_the_chain(tmp_path: Path) -> None:
-    """Two processes' worth of engines (separate pools) appending at once: one chain, and the
-    trigger and the chain check hold on PostgreSQL too."""
+    """Two processes' worth of engines (separate pools) appending at once, reads' records and
+    stores' together: one chain, every record, and the trigger and the chain check hold on
+    PostgreSQL too."""
     with postgres_database() as url:
         settings = make_settings(tmp_path, database_url=url, audit={"json_lines": "off"})
         archives = [open_archive(settings, migrate=True), open_archive(settings)]
@@ -253,15 +254,23 @@ def test_concurrent_writers_on_postgresql_never_fork_the_chain(tmp_path: Path) -
                 for _ in range(20):
                     archive.audit.record(ALICE, *_entries(2))
 
+            files = [write_part10(ct_instance(), tmp_path / f"{n}.dcm") for n in range(10)]
+
+            def store(archive: Archive) -> None:
+                # Stores append in their own transaction, under the chain lock, meanwhile.
+                for path in files:
+                    ingest_file(archive, path, requestor=ALICE)
+
             threads = [
                 threading.Thread(target=append, args=(a,)) for a in archives for _ in range(3)
             ]
+            threads.append(threading.Thread(target=store, args=(archives[1],)))
             for thread in threads:
                 thread.start()
             for thread in threads:
                 thread.join()
             report = verify_chain(archives[0].index)
-            assert (report.records, report.fault) == (240, None)
+            assert (report.records, report.fault) == (240 + 10, None)
 
             with (
                 pytest.raises(exc.DBAPIError, match="append-only"),
