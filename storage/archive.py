@@ -112,6 +112,7 @@ def open_archive(
         settings.database_url,
         pool_size=max(2, pool // 4),
         flush_each_commit=settings.audit.fsync_reads,
+        ping_on_checkout=False,  # storage.audit replaces a broken connection once
     )
     audit = AuditTrail(
         Index(audit_engine),
