@@ -72,6 +72,8 @@ def test_liveness_readiness_and_metrics_count_stow_and_qido(served: str) -> None
     assert sample(text, "hilum_http_requests_total", service="qido-rs", status="200") == 1
     assert sample(text, "hilum_http_request_seconds_count", service="stow-rs") == 2
     assert sample(text, "hilum_http_request_seconds_bucket", service="qido-rs", le="+Inf") == 1
+    assert sample(text, "hilum_query_seconds_count", service="qido-rs") == 1
+    assert 'hilum_query_seconds_count{service="stow-rs"}' not in text
     assert 'hilum_jobs{state="queued"} 0.0' in text  # read from the index at the scrape
     # Monitoring requests are not DICOMweb requests.
     assert 'service="healthz"' not in text
