@@ -14,7 +14,7 @@ from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import RLELossless, generate_uid
 
-from config.settings import InferenceRule
+from config.settings import InferenceRule, LimitsSettings
 from inference.analysis import analyse_series, predict_slices
 from inference.errors import AnalysisError, ModelError
 from inference.phantoms import synthetic_ct_series, synthetic_wsi
@@ -22,10 +22,13 @@ from inference.pixels import slice_stack, tiled_image
 from inference.registry import REFERENCE_MODELS_DIR, Model, load_model, load_models
 from inference.rules import why_no_model
 from storage.archive import Archive
+from storage.decoder_pool import DecoderPool
 from storage.ingest import ingest_file
 from tests.factories import write_part10
 
 # The training scripts use seeds 1000 and up; these were never seen in training.
+# Decodes the phantoms' pixels, as the worker's archive does (started when first used).
+DECODERS = DecoderPool.from_limits(LimitsSettings())
 HELD_OUT_CT_SEEDS = (0, 1, 2)
 HELD_OUT_WSI_SEEDS = (0, 1)
 MIN_DICE = 0.9
@@ -391,9 +394,11 @@ def test_tile_model_picks_the_pyramid_level_nearest_its_magnification() -> None:
     half, _ = synthetic_wsi(20, size=256, pixel_spacing_mm=0.0005)  # 20x
     half.SOPInstanceUID = generate_uid()
 
-    assert tiled_image([full, half], 20.0).dataset is half
-    assert tiled_image([full, half], 40.0).dataset is full
-    assert tiled_image([half, full], None).dataset is full  # no magnification: the largest
+    assert tiled_image([full, half], 20.0, DECODERS).dataset is half
+    assert tiled_image([full, half], 40.0, DECODERS).dataset is full
+    assert (
+        tiled_image([half, full], None, DECODERS).dataset is full
+    )  # no magnification: the largest
 
 
 def test_tiled_sparse_slide_is_an_analysis_error() -> None:
@@ -401,7 +406,7 @@ def test_tiled_sparse_slide_is_an_analysis_error() -> None:
     slide.DimensionOrganizationType = "TILED_SPARSE"
 
     with pytest.raises(AnalysisError, match="only TILED_FULL"):
-        tiled_image([slide], None)
+        tiled_image([slide], None, DECODERS)
 
 
 class _TwoChannels(torch.nn.Module):
@@ -417,7 +422,7 @@ def test_network_output_of_the_wrong_shape_is_a_model_error(tmp_path: Path) -> N
     datasets, _truth = synthetic_ct_series(22, slices=2)
 
     with pytest.raises(ModelError, match=r"expected logits of shape \(batch, 1, height, width\)"):
-        predict_slices(load_model(folder), slice_stack(datasets), "cpu")
+        predict_slices(load_model(folder), slice_stack(datasets, DECODERS), "cpu")
 
 
 CT_IMAGE_STORAGE, WSI_STORAGE = "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.77.1.6"
