@@ -28,7 +28,7 @@ from storage.decoder_pool import DecoderPool
 from storage.dicom_file import integer_value
 from storage.encapsulated_frame import check_data_set_frames
 from storage.errors import DecodeFailed, InstanceTooLarge, InvalidInstance
-from storage.limits import check_decoded_size, frame_bytes
+from storage.limits import check_decode_budget, check_decoded_size, frame_bytes
 from storage.pixel_decoding import PIXEL_MODULE, decoded_frames
 from storage.query import entity_query, locate_instances
 
@@ -74,15 +74,13 @@ def _check_decodable(ds: Dataset, archive: Archive) -> None:
     """Refuse, before any decode allocates it, pixel data whose declared size (PS3.3 C.7.6.3)
     is over ``[limits]`` (a slice is decoded whole, a tile frame by frame), or whose frames'
     codestreams declare another size than the data set."""
+    rows, columns = integer_value(ds, "Rows") or 0, integer_value(ds, "Columns") or 0
+    samples = integer_value(ds, "SamplesPerPixel") or 1
+    bits = integer_value(ds, "BitsAllocated") or 8
+    frames = max(1, integer_value(ds, "NumberOfFrames") or 1)
     try:
-        check_decoded_size(
-            integer_value(ds, "Rows") or 0,
-            integer_value(ds, "Columns") or 0,
-            integer_value(ds, "SamplesPerPixel") or 1,
-            integer_value(ds, "BitsAllocated") or 8,
-            max(1, integer_value(ds, "NumberOfFrames") or 1),
-            archive.limits,
-        )
+        check_decoded_size(rows, columns, samples, bits, frames, archive.limits)
+        check_decode_budget(rows, columns, samples, bits, 1, archive.limits)  # one at a time
         check_data_set_frames(ds)
     except (InstanceTooLarge, InvalidInstance) as error:
         raise AnalysisError(f"instance {ds.SOPInstanceUID}: not decoded: {error}") from None

@@ -16,7 +16,9 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from storage.archive import Archive
-from storage.errors import DecodeFailed
+from storage.dicom_file import integer_value
+from storage.errors import DecodeFailed, InstanceTooLarge
+from storage.limits import check_decode_budget
 from storage.pixel_decoding import TranscodingRefused, transcoded
 from storage.query import StoredInstance
 
@@ -56,6 +58,17 @@ def transcoded_instance(
     except Exception as error:  # noqa: BLE001 (pydicom raises many kinds on a corrupt file)
         raise TranscodingRefused(f"the stored file cannot be read: {error}") from error
     check_size(stored.size, header, limit)
+    try:
+        check_decode_budget(
+            integer_value(header, "Rows") or 0,
+            integer_value(header, "Columns") or 0,
+            integer_value(header, "SamplesPerPixel") or 1,
+            integer_value(header, "BitsAllocated") or 8,
+            max(1, integer_value(header, "NumberOfFrames") or 1),
+            archive.limits,
+        )
+    except InstanceTooLarge as error:
+        raise TranscodingRefused(f"{error}; available as stored only") from None
     try:
         return archive.decoders.run(transcoded, content, syntax, message_encoding)
     except DecodeFailed as failed:

@@ -22,7 +22,7 @@ from server.dicomweb.spool import Spool
 from storage.archive import Archive
 from storage.encapsulated_frame import check_frame_header
 from storage.errors import DecodeFailed, InstanceTooLarge, InvalidInstance, InvalidQuery, NotFound
-from storage.limits import check_decoded_size
+from storage.limits import check_decode_budget, check_decoded_size
 from storage.pixel_decoding import PIXEL_MODULE, attributes, native_frame
 from storage.query import StoredInstance
 
@@ -74,15 +74,17 @@ def check_decodable(instance: StoredInstance, archive: Archive, frames: int = 1)
     ``[limits]``: checked before anything is read or allocated. An instance stored before a
     lower limit is refused here rather than decoded."""
     metadata = instance.metadata or {}
+    geometry = (
+        _first_int(metadata, "00280010", 0),
+        _first_int(metadata, "00280011", 0),
+        _first_int(metadata, "00280002", 1),
+        _first_int(metadata, "00280100", 8),
+        frames,
+        archive.limits,
+    )
     try:
-        check_decoded_size(
-            _first_int(metadata, "00280010", 0),
-            _first_int(metadata, "00280011", 0),
-            _first_int(metadata, "00280002", 1),
-            _first_int(metadata, "00280100", 8),
-            frames,
-            archive.limits,
-        )
+        check_decoded_size(*geometry)
+        check_decode_budget(*geometry)
     except InstanceTooLarge as error:
         raise NotAcceptable(
             f"instance {instance.sop_instance_uid} is not decoded: {error}; retrieve it as stored"
