@@ -73,11 +73,14 @@ class DecoderPool:
         self._idle: list[_Decoder] = []
         self._free = threading.BoundedSemaphore(max(1, self.processes))
 
-    def run(self, function: Callable[..., T], *args: Any) -> T:
+    def run(self, function: Callable[..., T], *args: Any, in_process: bool = False) -> T:
         """``function(*args)`` in a decoder process; ``function`` is a module-level function of
         :mod:`storage.pixel_decoding`, the arguments and the result plain values. Raises
-        :class:`DecodeFailed` when it raised, passed a limit, or its process died."""
-        if self.processes == 0:
+        :class:`DecodeFailed` when it raised, passed a limit, or its process died.
+
+        ``in_process``: the caller knows that the work runs no codec and is small
+        (:func:`storage.pixel_decoding.is_small_native`); it runs here, with the same errors."""
+        if self.processes == 0 or in_process:
             return _in_process(function, args)
         if os.getpid() != self._owner:  # a fork of the owner: its decoders are not this one's
             self._reset()

@@ -47,6 +47,28 @@ RENDERING_ATTRIBUTES = (
 )
 
 
+# A native frame of at most this many samples is rendered in the requesting process, not sent
+# to a decoder process: no codec runs on it, its cost is linear in bytes that ingest found
+# present, and a rendering holds about 10 bytes a sample (40 MiB here), while the round trip to
+# a decoder process would cost more than the work itself.
+IN_PROCESS_MAX_SAMPLES = 1 << 22
+
+
+def is_small_native(metadata: dict[str, Any], transfer_syntax: str) -> bool:
+    """Native (uncompressed) pixel data, with at most :data:`IN_PROCESS_MAX_SAMPLES` samples a
+    frame as declared (PS3.3 C.7.6.3)."""
+    if UID(transfer_syntax).is_encapsulated:
+        return False
+    samples = 1
+    for tag, default in (("00280010", 0), ("00280011", 0), ("00280002", 1)):
+        values = metadata.get(tag, {}).get("Value") or [default]
+        try:
+            samples *= max(0, int(values[0]))
+        except (TypeError, ValueError):
+            return False
+    return samples <= IN_PROCESS_MAX_SAMPLES
+
+
 def attributes(metadata: dict[str, Any], tags: Sequence[str]) -> dict[str, Any]:
     """The DICOM JSON of ``tags`` only: what is sent to a decoder, not the whole metadata (a
     whole-slide image's runs to megabytes)."""

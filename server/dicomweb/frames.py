@@ -23,7 +23,7 @@ from storage.archive import Archive
 from storage.encapsulated_frame import check_frame_header
 from storage.errors import DecodeFailed, InstanceTooLarge, InvalidInstance, InvalidQuery, NotFound
 from storage.limits import check_decode_budget, check_decoded_size
-from storage.pixel_decoding import PIXEL_MODULE, attributes, native_frame
+from storage.pixel_decoding import PIXEL_MODULE, attributes, is_small_native, native_frame
 from storage.query import StoredInstance
 
 T = TypeVar("T")
@@ -191,10 +191,12 @@ def decoded(
     archive: Archive, instance: StoredInstance, function: Callable[..., T], *args: Any
 ) -> T:
     """``function(*args)``, a decode of :mod:`storage.pixel_decoding`, in a decoder process
-    (:mod:`storage.decoder_pool`); a decode that fails or passes a ``[limits]`` budget is 406
-    with the reason (the instance is still available as stored)."""
+    (:mod:`storage.decoder_pool`), or here for a small native frame
+    (:func:`storage.pixel_decoding.is_small_native`); a decode that fails or passes a
+    ``[limits]`` budget is 406 with the reason (the instance is still available as stored)."""
+    small = is_small_native(instance.metadata or {}, instance.transfer_syntax_uid)
     try:
-        return archive.decoders.run(function, *args)
+        return archive.decoders.run(function, *args, in_process=small)
     except DecodeFailed as error:
         raise NotAcceptable(
             f"instance {instance.sop_instance_uid} is not decoded: {error}; retrieve it as stored"

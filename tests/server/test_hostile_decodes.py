@@ -24,7 +24,7 @@ import pydicom
 import pytest
 import requests
 from pydicom.dataset import Dataset
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.uid import ExplicitVRLittleEndian, RLELossless
 from pynetdicom import AE, build_role, evt
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     CTImageStorage,
@@ -189,6 +189,7 @@ def test_a_hostile_decode_fails_its_own_request_and_nothing_else(
         ingest_file(archive, path)  # within the default [limits], as an older Hilum stored it
         hostile.append(pydicom.dcmread(path, stop_before_pixels=True))
     normal = ct_instance()
+    normal.compress(RLELossless, generate_instance_uid=False)  # rendered in a decoder process
     ingest_file(archive, write_part10(normal, tmp_path / "normal.dcm"))
 
     with hilum_serve(settings, tmp_path) as server:
