@@ -107,6 +107,17 @@ class DecoderPool:
     def _call(self, function: Callable[..., T], args: tuple[Any, ...]) -> T:
         decoder = self._take()
         try:
+            return self._exchange(decoder, function, args)
+        except (DecodeFailed, DecodersBusy):
+            raise  # the decoder was ended, or is idle again
+        except BaseException:
+            # Unpicklable arguments, an interrupt mid-way: its state is unknown, end it.
+            if decoder.process.is_alive():
+                _end(decoder)
+            raise
+
+    def _exchange(self, decoder: _Decoder, function: Callable[..., T], args: tuple[Any, ...]) -> T:
+        try:
             decoder.connection.send((function, args))
         except (OSError, ValueError):  # it died while idle: not this request's doing
             _end(decoder)
