@@ -20,6 +20,8 @@ process, without either limit (for a comparison in a benchmark; not for a server
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import importlib
 import logging
 import multiprocessing
@@ -47,10 +49,21 @@ START_TIMEOUT_S = 120.0
 _SPAWN = multiprocessing.get_context("spawn")
 
 
+# A pipe holds 64 KiB by default: a frame of 512 KiB would cross it in eight writes, each
+# waiting for the other process to be scheduled. Linux lets a process raise it to 1 MiB
+# (/proc/sys/fs/pipe-max-size) without privileges; where it cannot, the default stays.
+_PIPE_BYTES = 1 << 20
+
+
 @dataclass
 class _Decoder:
     process: BaseProcess
-    connection: Connection
+    requests: Connection  # ours: write
+    replies: Connection  # ours: read
+
+    def close(self) -> None:
+        self.requests.close()
+        self.replies.close()
 
 
 class DecoderPool:
@@ -100,7 +113,7 @@ class DecoderPool:
         with self._lock:
             idle, self._idle = self._idle, []
         for decoder in idle:
-            decoder.connection.close()  # the decoder reads the end of its input and exits
+            decoder.requests.close()  # the decoder reads the end of its input and exits
             decoder.process.join(5)
             _end(decoder)
 
@@ -118,12 +131,12 @@ class DecoderPool:
 
     def _exchange(self, decoder: _Decoder, function: Callable[..., T], args: tuple[Any, ...]) -> T:
         try:
-            decoder.connection.send((function, args))
+            decoder.requests.send((function, args))
         except (OSError, ValueError):  # it died while idle: not this request's doing
             _end(decoder)
             decoder = self._start()
-            decoder.connection.send((function, args))
-        if not decoder.connection.poll(self.timeout_s):
+            decoder.requests.send((function, args))
+        if not decoder.replies.poll(self.timeout_s):
             _end(decoder)
             raise _failed(
                 f"took longer than limits.decode_timeout_s ({self.timeout_s:g} s); its "
@@ -131,7 +144,7 @@ class DecoderPool:
                 "decode_timeout_s",
             )
         try:
-            kind, value = decoder.connection.recv()
+            kind, value = decoder.replies.recv()
         except (EOFError, OSError):
             code = _end(decoder)
             raise _failed(
@@ -161,18 +174,22 @@ class DecoderPool:
         return self._start()
 
     def _start(self) -> _Decoder:
-        ours, theirs = _SPAWN.Pipe()
+        their_requests, our_requests = _SPAWN.Pipe(duplex=False)
+        our_replies, their_replies = _SPAWN.Pipe(duplex=False)
+        for end in (our_requests, our_replies):
+            _widen(end)
         process = _SPAWN.Process(
             target=decoder_main,
-            args=(theirs, self.memory_mb << 20, PRELOADED),
+            args=(their_requests, their_replies, self.memory_mb << 20, PRELOADED),
             name="hilum-decoder",
             daemon=True,  # ended with the process that owns it
         )
         process.start()
-        theirs.close()
-        decoder = _Decoder(process, ours)
+        their_requests.close()
+        their_replies.close()
+        decoder = _Decoder(process, our_requests, our_replies)
         try:
-            ready = ours.poll(START_TIMEOUT_S) and ours.recv()
+            ready = our_replies.poll(START_TIMEOUT_S) and our_replies.recv()
         except (EOFError, OSError):
             ready = False
         if ready != "ready":
@@ -180,6 +197,11 @@ class DecoderPool:
             raise DecodersBusy(f"a decoder process did not start ({_exit_reason(code)})")
         log.debug("decoder process %d started", process.pid)
         return decoder
+
+
+def _widen(end: Connection) -> None:
+    with contextlib.suppress(OSError, AttributeError):  # not Linux, or over pipe-max-size
+        fcntl.fcntl(end.fileno(), fcntl.F_SETPIPE_SZ, _PIPE_BYTES)
 
 
 def _failed(message: str, limit: str) -> DecodeFailed:
@@ -192,7 +214,7 @@ def _end(decoder: _Decoder) -> int | None:
     if decoder.process.is_alive():
         decoder.process.kill()
     decoder.process.join()
-    decoder.connection.close()
+    decoder.close()
     return decoder.process.exitcode
 
 
@@ -223,7 +245,9 @@ def _reason(error: BaseException) -> str:
 # -- the decoder process --------------------------------------------------------------------
 
 
-def decoder_main(connection: Connection, memory_bytes: int, preload: Sequence[str]) -> None:
+def decoder_main(
+    requests: Connection, replies: Connection, memory_bytes: int, preload: Sequence[str]
+) -> None:
     """A decoder process: import the decode jobs' modules, set the limits, then run what
     arrives until the owner closes its end."""
     # A terminal's Ctrl-C reaches the whole process group; the owner decides when this ends.
@@ -233,14 +257,14 @@ def decoder_main(connection: Connection, memory_bytes: int, preload: Sequence[st
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # a crash leaves no core of patient data
     limit = _address_space() + memory_bytes
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-    connection.send("ready")
+    replies.send("ready")
     while True:
         try:
-            function, args = connection.recv()
+            function, args = requests.recv()
         except EOFError:
             return
         except MemoryError:
-            connection.send(("memory", None))
+            replies.send(("memory", None))
             return
         try:
             reply: tuple[str, Any] = ("ok", function(*args))
@@ -249,10 +273,10 @@ def decoder_main(connection: Connection, memory_bytes: int, preload: Sequence[st
         except Exception as error:  # noqa: BLE001 (the decoder's errors are the caller's answer)
             reply = ("error", _reason(error))
         try:
-            connection.send(reply)
+            replies.send(reply)
         except MemoryError:
             reply = ("memory", None)
-            connection.send(reply)
+            replies.send(reply)
         if reply[0] == "memory":
             return
 
