@@ -178,9 +178,10 @@ def _decoded_frames(
     try:
         return decoders.run(decoded_frames, _pixel_module(ds), str(syntax), frames)
     except DecodeFailed as error:
-        which = f"frame {first + 1}" + (f"-{first + len(frames)}" if len(frames) > 1 else "")
+        last = first + len(frames)
+        which = f"frame {last}" if len(frames) == 1 else f"frames {first + 1}-{last}"
         raise AnalysisError(
-            f"instance {ds.SOPInstanceUID}: pixel data ({which}) cannot be decoded "
+            f"instance {ds.SOPInstanceUID}: {which} cannot be decoded "
             f"(transfer syntax {syntax}): {error}"
         ) from None
 
