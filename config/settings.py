@@ -422,6 +422,16 @@ class LimitsSettings(_Section):
     elements_max: int = Field(1_000_000, ge=1)
     # Largest Number of Frames (0028,0008); each frame has a byte range in the index.
     frames_max: int = Field(500_000, ge=1)
+    # Processes that decode, render and transcode pixel data (storage.decoder_pool), each under
+    # the two limits below and replaced when one dies; 0 decodes in the requesting process,
+    # without either limit (a benchmark's comparison, not for a server).
+    decoder_processes: int = Field(2, ge=0)
+    # Memory one decoder process may use for a decode (address space on top of its own
+    # interpreter); a decode that needs more fails its request, and the process is replaced.
+    decode_memory_mb: int = Field(2048, ge=16)
+    # Seconds one decode may take (the process is then stopped and replaced), and a request may
+    # wait for a free decoder process (then 503, DIMSE: a failed sub-operation).
+    decode_timeout_s: float = Field(120.0, gt=0)
 
 
 class QuerySettings(_Section):

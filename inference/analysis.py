@@ -65,13 +65,13 @@ def analyse_series(
         archive, study_instance_uid, series_instance_uid, manifest.applies_to.sop_class_uids
     )
     if manifest.kind == "slice":
-        stack = slice_stack(datasets)
+        stack = slice_stack(datasets, archive.decoders)
         masks = predict_slices(model, stack, device)
         sources: list[Dataset] = stack.datasets
         sizes = _volumes(stack, masks)
         rois = planar_rois(masks, stack.pixel_spacing_mm)
     else:
-        image = tiled_image(datasets, manifest.preprocessing.magnification)
+        image = tiled_image(datasets, manifest.preprocessing.magnification, archive.decoders)
         masks = predict_tiles(model, image, device)[None]
         sources = [image.dataset]
         sizes = _areas(image, masks)

@@ -4,27 +4,23 @@ When the peer accepted the stored transfer syntax, the stored file's data set go
 stream to the socket as it is, in PDUs of the peer's maximum length: only the File Meta
 Information is read (to find where the data set starts) and only the command set is built.
 Otherwise the instance is read into memory and transcoded to an uncompressed syntax the peer
-accepted (explicit VR little endian preferred), decoding its pixel data
-(:mod:`server.transcoding`); an instance larger than ``[server] transcode_max_bytes`` is not
-transcoded. When neither works the sub-operation fails, with the reason logged.
+accepted (explicit VR little endian preferred), its pixel data decoded in a decoder process
+under ``[limits]`` (:mod:`server.transcoding`); an instance larger than ``[server]
+transcode_max_bytes`` is not transcoded. When neither works the sub-operation fails, with the
+reason logged.
 """
 
 from __future__ import annotations
 
 import logging
-import shutil
 from collections.abc import Iterable
-from io import BytesIO
-from typing import BinaryIO
 
-from pydicom import dcmread
-from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from server.dimse.association import Association, Context, Message
 from server.dimse.commands import PRIORITY_MEDIUM, CommandField
 from server.dimse.pdu import AbortReason, ProtocolError
-from server.transcoding import TranscodingRefused, check_size, transcode
+from server.transcoding import TranscodingRefused, transcoded_instance
 from storage.archive import Archive
 from storage.data_set_structure import skip_file_meta
 from storage.query import StoredInstance
@@ -109,10 +105,8 @@ def store_instance(
                 store_assoc.send_data_set_stream(as_stored, stream, prefix=data_set_start)
                 sent = True
     if not sent:
-        context, dataset = _transcoded(archive, stored, contexts, transcode_max_bytes)
-        store_assoc.send_command(
-            context, command, data_set=store_assoc.encode_data_set(context, dataset)
-        )
+        context, data_set = _transcoded(archive, stored, contexts, transcode_max_bytes)
+        store_assoc.send_command(context, command, data_set=data_set)
     return _await_response(store_assoc, message_id, cancel_of)
 
 
@@ -145,8 +139,9 @@ def _cancels(message: Message, message_id: int) -> bool:
 
 def _transcoded(
     archive: Archive, stored: StoredInstance, contexts: list[Context], transcode_max_bytes: int
-) -> tuple[Context, Dataset]:
-    """The instance, read into memory, and the accepted context to send it on."""
+) -> tuple[Context, bytes]:
+    """The accepted context to send the instance on, and its data set encoded for it (in a
+    decoder process: :func:`server.transcoding.transcoded_instance`)."""
     accepted = {c.transfer_syntax: c for c in contexts}
     stored_syntax = UID(stored.transfer_syntax_uid)
     if stored_syntax in accepted:
@@ -159,23 +154,11 @@ def _transcoded(
                 + ", ".join(UID(s).name for s in accepted)
             )
         target = uncompressed[0]
+    encoding = (target.implicit_vr, target.little_endian, target.deflated)
     try:
-        check_size(stored.size, Dataset(), transcode_max_bytes)  # before reading it whole
-        in_memory = BytesIO()
-        with archive.blobs.open(stored.blob_key) as stream:
-            shutil.copyfileobj(stream, in_memory, 1 << 20)
-        in_memory.seek(0)
-        dataset = read(in_memory)
-        check_size(stored.size, dataset, transcode_max_bytes)  # decoded, before decoding
-        if stored_syntax not in UNCOMPRESSED and target.transfer_syntax != stored_syntax:
-            dataset = transcode(dataset, ExplicitVRLittleEndian)
-        return target, dataset
+        data_set = transcoded_instance(
+            archive, stored, target.transfer_syntax, transcode_max_bytes, encoding
+        )
     except TranscodingRefused as refused:
         raise SubOperationFailed(str(refused)) from refused
-
-
-def read(stream: BinaryIO) -> Dataset:
-    try:
-        return dcmread(stream, force=True)
-    except Exception as error:  # noqa: BLE001 (pydicom raises many kinds on a corrupt file)
-        raise SubOperationFailed(f"the stored file cannot be read: {error}") from error
+    return target, data_set
