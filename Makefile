@@ -57,6 +57,8 @@ test: $(VENV)/.installed system-deps services
 	$(VENV)/bin/hilum viewer install --dir .test-services/ohif
 	$(PY) -m pytest
 
+# ruff, then mypy on the product packages ([tool.mypy] in pyproject.toml lists them).
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy

@@ -48,6 +48,7 @@ from inference.pixels import slice_stack, tiled_image  # noqa: E402
 from inference.registry import REFERENCE_MODELS_DIR, load_model  # noqa: E402
 from inference.worker import Worker  # noqa: E402
 from storage.archive import open_archive  # noqa: E402
+from storage.decoder_pool import DecoderPool  # noqa: E402
 from storage.ingest import ingest_file  # noqa: E402
 
 
@@ -79,7 +80,8 @@ def main() -> None:
     cts = [synthetic_ct_series(seed, slices=args.slices) for seed in range(args.series)]
     slides = [synthetic_wsi(seed, size=args.wsi_size) for seed in range(args.series)]
 
-    stacks = [slice_stack(datasets) for datasets, _ in cts]
+    decoders = DecoderPool.from_limits(load_settings(None).limits)
+    stacks = [slice_stack(datasets, decoders) for datasets, _ in cts]
     predict_slices(ct, stacks[0], device)  # warm-up: weights to the device, kernels chosen
     network_ct = []
     for stack in stacks:
@@ -88,7 +90,10 @@ def main() -> None:
         network_ct.append(time.perf_counter() - started)
     print(f"{ct.name:22s} network   slices {_rate(args.slices, network_ct)}")
 
-    images = [tiled_image([slide], wsi.manifest.preprocessing.magnification) for slide, _ in slides]
+    images = [
+        tiled_image([slide], wsi.manifest.preprocessing.magnification, decoders)
+        for slide, _ in slides
+    ]
     tiles = int(slides[0][0].NumberOfFrames)
     predict_tiles(wsi, images[0], device)
     network_wsi = []

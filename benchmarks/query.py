@@ -27,7 +27,11 @@ asserted.
 
 ``--audit-rounds N``: the same C-FIND queries through a second SCP over the same index without
 the audit trail, in N interleaved rounds against the first (which writes one audit record per
-query): the audit trail's cost per query, as a ratio within each round.
+query): the audit trail's cost per query, as a ratio within each round. Then the same for
+QIDO-RS ``/studies`` (the exact PatientID and AccessionNumber queries and the PatientName
+prefix): two HTTP servers (``server.app.HttpServer``) over the same archive, one with the trail
+and one without, asked in turn over one keep-alive connection each by an ``http.client`` in
+this process (so its CPU figure is the server's and the client's together).
 
 ``--reuse-index`` times the synthetic index already in ``--database-url`` (built by an earlier
 run or by ``benchmarks/synthetic_index.py``) instead of building one: ~80 s saved per run on
@@ -38,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import http.client
 import shutil
 import statistics
 import subprocess
@@ -62,6 +67,7 @@ from benchmarks.find_scu import find_from_another_process  # noqa: E402
 from benchmarks.processes import DCMTK_NODELAY, environment  # noqa: E402
 from benchmarks.synthetic_index import build_synthetic_index, existing_index_facts  # noqa: E402
 from config import load_settings  # noqa: E402
+from server.app import HttpServer, create_app  # noqa: E402
 from server.dimse.ae import DimseServer  # noqa: E402
 from storage.archive import open_archive  # noqa: E402
 from storage.ingest import ingest_file  # noqa: E402
@@ -132,6 +138,74 @@ def compare_audit(
         cpu_on, cpu_off = cpu[(name, "on")], cpu[(name, "off")]
         print(
             f"| {name} | {_spread(on)} | {_spread(off)} | {_ratios(on, off)} | "
+            f"{_spread(cpu_on)} | {_spread(cpu_off)} | {_ratios(cpu_on, cpu_off)} |",
+            flush=True,
+        )
+
+
+def compare_audit_qido(
+    settings: Any, archive: Any, queries: dict[str, dict[str, str]], rounds: int, repeat: int
+) -> None:
+    """QIDO-RS ``/studies`` with the audit trail on against off: two HTTP servers over the same
+    index in this process, asked in turn (A B B A ...) in ``rounds`` rounds of ``repeat``
+    requests per query; the p50 of each round, its ratio on / off within the round, and the CPU
+    per request of this process (server and client)."""
+    from urllib.parse import urlencode
+
+    servers = {
+        "on": HttpServer(create_app(settings, archive), "127.0.0.1", free_port()),
+        "off": HttpServer(
+            create_app(settings, dataclasses.replace(archive, audit=None)), "127.0.0.1", free_port()
+        ),
+    }
+    for server in servers.values():
+        server.start()
+    clients = {k: http.client.HTTPConnection("127.0.0.1", s.port) for k, s in servers.items()}
+
+    def get(label: str, path: str) -> tuple[float, bytes]:
+        start = time.perf_counter()
+        clients[label].request("GET", path, headers={"Accept": "application/dicom+json"})
+        response = clients[label].getresponse()
+        body = response.read()
+        if response.status != 200:
+            raise RuntimeError(f"QIDO-RS {path}: HTTP {response.status} {body[:200]!r}")
+        return (time.perf_counter() - start) * 1000, body
+
+    medians: dict[tuple[str, str], list[float]] = {}
+    cpu: dict[tuple[str, str], list[float]] = {}
+    matches: dict[str, int] = {}
+    try:
+        for name, params in queries.items():
+            path = f"/dicomweb/studies?{urlencode(params)}"
+            for label in servers:
+                for _ in range(5):  # warm: the connection, the statement caches
+                    _, body = get(label, path)
+            matches[name] = body.count(b'"0020000D"')
+            for n in range(rounds):
+                order = ["on", "off"] if n % 2 == 0 else ["off", "on"]
+                for label in order:
+                    before = time.process_time()
+                    samples = [get(label, path)[0] for _ in range(repeat)]
+                    spent = time.process_time() - before
+                    medians.setdefault((name, label), []).append(statistics.median(samples))
+                    cpu.setdefault((name, label), []).append(spent * 1000 / repeat)
+    finally:
+        for client in clients.values():
+            client.close()
+        for server in servers.values():
+            server.stop()
+    print(f"\n# QIDO-RS /studies with the audit trail on against off, {rounds} interleaved rounds "
+          f"of {repeat} requests")  # fmt: skip
+    print(
+        "| query | matches | p50 ms on | p50 ms off | p50 on / off | CPU ms/request on (server "
+        "+ client) | off | CPU on / off |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for name in queries:
+        on, off = medians[(name, "on")], medians[(name, "off")]
+        cpu_on, cpu_off = cpu[(name, "on")], cpu[(name, "off")]
+        print(
+            f"| {name} | {matches[name]} | {_spread(on)} | {_spread(off)} | {_ratios(on, off)} | "
             f"{_spread(cpu_on)} | {_spread(cpu_off)} | {_ratios(cpu_on, cpu_off)} |",
             flush=True,
         )
@@ -219,6 +293,12 @@ def main() -> int:
         print(f"| {found['name']} | {found['matches']} | {median:.1f} | {p95:.1f} |", flush=True)
     if args.audit_rounds:
         compare_audit(settings, archive, server, requests, args.audit_rounds)
+        qido = {
+            name: matching
+            for name, matching in queries.items()
+            if not any(key in matching for key in ("ModalitiesInStudy", "StudyDate"))
+        }
+        compare_audit_qido(settings, archive, qido, args.audit_rounds, min(args.repeat, 30))
     if args.find_only:
         server.stop()
         archive.close()

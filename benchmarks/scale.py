@@ -10,10 +10,13 @@
    from the import's start until every job is done. Reported: jobs per minute, and the most
    attempts any job took (1: none ran twice).
 
-Every measurement gets a fresh database and bucket. Figures go to stdout, progress to stderr;
-nothing is asserted. On a machine with fewer cores than processes the ratios say so.
+Every measurement gets a fresh database and bucket. ``--rounds`` rounds (default 3), the targets
+interleaved (their order reversed every other round); reported: the median rate and its range,
+the CPU time of the Hilum processes per instance or job, and each target's ratio to the first,
+from the same round (the median of those). Figures go to stdout, progress to stderr; nothing is
+asserted. On a machine with fewer cores than processes the ratios say so.
 
-    .venv/bin/python benchmarks/scale.py [--instances N] [--studies N]
+    .venv/bin/python benchmarks/scale.py [--instances N] [--studies N] [--rounds N]
 """
 
 from __future__ import annotations
@@ -24,12 +27,14 @@ import datetime
 import os
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
@@ -48,6 +53,7 @@ from benchmarks.ingest import (  # noqa: E402
     write_series,
 )
 from benchmarks.processes import (  # noqa: E402
+    cpu_seconds,
     free_port,
     printed,
     progress,
@@ -124,19 +130,27 @@ def scalar(database: str, sql: str) -> int:
 
 
 @contextlib.contextmanager
-def dimse_processes(count: int, env: dict[str, str], workdir: Path) -> Iterator[list[int]]:
+def dimse_processes(
+    count: int, env: dict[str, str], workdir: Path
+) -> Iterator[tuple[list[int], list[int]]]:
+    """``count`` ``hilum dimse``: their ports and process ids."""
     with contextlib.ExitStack() as stack:
-        ports = []
+        ports, pids = [], []
         for n in range(count):
             port = free_port()
             log = workdir / f"dimse{n}.log"
             process_env = {**env, "HILUM_SERVER__DATA_DIR": str(workdir / f"dimse{n}"),
                            "HILUM_DIMSE__PORT": str(port)}  # fmt: skip
-            stack.enter_context(
+            process = stack.enter_context(
                 running([HILUM, "dimse"], log, printed(log, "Hilum is listening"), process_env)
             )
             ports.append(port)
-        yield ports
+            pids.append(process.pid)
+        yield ports, pids
+
+
+def total_cpu_seconds(pids: list[int]) -> float:
+    return sum(cpu_seconds(pid) for pid in pids)
 
 
 def send(files: list[Path], ports: list[int], workdir: Path) -> float:
@@ -168,39 +182,50 @@ def send(files: list[Path], ports: list[int], workdir: Path) -> float:
     return time.perf_counter() - started
 
 
+@dataclass(frozen=True)
+class Measurement:
+    seconds: float
+    cpu_s: float  # of the Hilum processes measured (DIMSE, or workers), during the measurement
+    note: str  # instances indexed, or the jobs' attempts
+
+
 def measure_c_store(
-    label: str, dimse: int, proxy: bool, files: list[Path], s3_port: int, root: Path
-) -> tuple[str, float, int]:
+    dimse: int, proxy: bool, files: list[Path], s3_port: int, root: Path
+) -> Measurement:
     workdir = Path(tempfile.mkdtemp(dir=root))
     with postgres_database() as database:
         env = environment(database, s3_port, workdir / "data")
         hilum_command(["db", "upgrade"], env, workdir / "migrate.log")
-        with dimse_processes(dimse, env, workdir) as ports:
+        with dimse_processes(dimse, env, workdir) as (ports, pids):
             balancer = RoundRobinProxy(ports) if proxy else None
+            cpu_before = total_cpu_seconds(pids)
             try:
                 seconds = send(files, [balancer.port] if balancer else ports, workdir)
             finally:
                 if balancer:
                     balancer.close()
+            cpu = total_cpu_seconds(pids) - cpu_before
         indexed = scalar(database, "SELECT count(*) FROM instance")
-    progress(f"{label}: {len(files)} instances in {seconds:.1f} s, {indexed} indexed")
-    return label, seconds, indexed
+    return Measurement(seconds, cpu, f"{indexed} indexed")
 
 
-def measure_ai(workers: int, studies: Path, s3_port: int, root: Path) -> tuple[int, float, str]:
+def measure_ai(workers: int, studies: Path, s3_port: int, root: Path) -> Measurement:
     workdir = Path(tempfile.mkdtemp(dir=root))
     with postgres_database() as database:
         env = environment(database, s3_port, workdir / "data")
         hilum_command(["db", "upgrade"], env, workdir / "migrate.log")
         count = len(list(studies.iterdir()))
         with contextlib.ExitStack() as stack:
+            pids = []
             for n in range(workers):
                 process_env = {**env, "HILUM_SERVER__DATA_DIR": str(workdir / f"worker{n}"),
                                "HILUM_INFERENCE__DEVICE": "cpu"}  # fmt: skip
                 log = workdir / f"worker{n}.log"
                 ready = printed(log, "Hilum worker")  # torch imported, models loaded
-                stack.enter_context(running([HILUM, "worker"], log, ready, process_env))
+                pids.append(stack.enter_context(running([HILUM, "worker"], log, ready,
+                                                        process_env)).pid)  # fmt: skip
             # From here: the import (the same for both), stability, the jobs.
+            cpu_before = total_cpu_seconds(pids)
             started = time.perf_counter()
             hilum_command(["import", str(studies)], env, workdir / "import.log")
             done_sql = "SELECT count(*) FROM inference_job WHERE state = 'done'"
@@ -209,11 +234,10 @@ def measure_ai(workers: int, studies: Path, s3_port: int, root: Path) -> tuple[i
                     raise RuntimeError(f"{workers} workers: jobs not done in {SEND_TIMEOUT_S} s")
                 time.sleep(0.2)
             seconds = time.perf_counter() - started
+            cpu = total_cpu_seconds(pids) - cpu_before
         attempts = scalar(database, "SELECT max(attempts) FROM inference_job")
         jobs = scalar(database, "SELECT count(*) FROM inference_job")
-    summary = f"{jobs} jobs, at most {attempts} attempt(s) each"
-    progress(f"{workers} worker(s): {count} studies in {seconds:.1f} s ({summary})")
-    return workers, seconds, summary
+    return Measurement(seconds, cpu, f"{jobs} jobs, at most {attempts} attempt(s) each")
 
 
 def write_ai_studies(directory: Path, count: int) -> None:
@@ -228,12 +252,24 @@ def write_ai_studies(directory: Path, count: int) -> None:
             write_part10(ds, folder / f"{ds.SOPInstanceUID}.dcm")
 
 
+# The targets, each measured once per round; their order alternates from round to round.
+C_STORE_TARGETS = {  # label: (DIMSE processes, through the TCP proxy)
+    "1 hilum dimse": (1, False),
+    "2 hilum dimse, TCP proxy": (2, True),
+    "2 hilum dimse, senders split": (2, False),
+}
+AI_TARGETS = {"1 hilum worker": 1, "2 hilum worker": 2}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="Hilum scale-out: DIMSE and AI workers")
     parser.add_argument("--instances", type=int, default=200, help="CT instances (default 200)")
     parser.add_argument("--studies", type=int, default=6, help="AI studies (default 6)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds (default 3)")
     args = parser.parse_args()
 
+    stores: dict[str, list[Measurement]] = {label: [] for label in C_STORE_TARGETS}
+    ai: dict[str, list[Measurement]] = {label: [] for label in AI_TARGETS}
     root = Path(tempfile.mkdtemp(prefix="hilum-scale-bench-"))
     try:
         files = write_series(root / "series", args.instances)
@@ -241,31 +277,56 @@ def main() -> None:
         weed = root / "seaweedfs"
         weed.mkdir()
         with seaweedfs(weed) as s3_port:
-            stores = [
-                measure_c_store("1 hilum dimse", 1, False, files, s3_port, root),
-                measure_c_store("2 hilum dimse, TCP proxy", 2, True, files, s3_port, root),
-                measure_c_store("2 hilum dimse, senders split", 2, False, files, s3_port, root),
-            ]
-            ai = [measure_ai(n, root / "studies", s3_port, root) for n in (1, 2)]
+            for round_ in range(args.rounds):
+                order = list(C_STORE_TARGETS) if round_ % 2 == 0 else list(C_STORE_TARGETS)[::-1]
+                for label in order:
+                    dimse, proxy = C_STORE_TARGETS[label]
+                    m = measure_c_store(dimse, proxy, files, s3_port, root)
+                    progress(f"round {round_ + 1}, {label}: {m.seconds:.1f} s, {m.note}")
+                    stores[label].append(m)
+                order = list(AI_TARGETS) if round_ % 2 == 0 else list(AI_TARGETS)[::-1]
+                for label in order:
+                    m = measure_ai(AI_TARGETS[label], root / "studies", s3_port, root)
+                    progress(f"round {round_ + 1}, {label}: {m.seconds:.1f} s, {m.note}")
+                    ai[label].append(m)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
     print(f"Hilum scale-out benchmark, {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}")
     print(f"machine: {os.cpu_count()} CPUs (nproc {len(os.sched_getaffinity(0))})")
-    print(f"PostgreSQL + SeaweedFS S3 on this machine; C-STORE over {ASSOCIATIONS} associations")
+    print(f"PostgreSQL + SeaweedFS S3 on this machine; C-STORE over {ASSOCIATIONS} associations;")
+    print(f"{args.rounds} rounds, targets interleaved; medians, (min-max) ranges; ratio: the")
+    print("median of each round's rate over the same round's first target")
     print()
-    print(f"{'C-STORE':<32} {'seconds':>8} {'inst/s':>8} {'indexed':>8} {'ratio':>6}")
-    base = args.instances / stores[0][1]
-    for label, seconds, indexed in stores:
-        rate = args.instances / seconds
-        print(f"{label:<32} {seconds:>8.1f} {rate:>8.1f} {indexed:>8} {rate / base:>6.2f}")
+    report("C-STORE", stores, args.instances, "inst/s", "CPU ms/inst", 1000)
     print()
-    print(f"{'AI (CPU)':<32} {'seconds':>8} {'jobs/min':>8} {'ratio':>6}  jobs")
-    ai_base = args.studies / ai[0][1]
-    for workers, seconds, summary in ai:
-        rate = args.studies / seconds
-        label = f"{workers} hilum worker"
-        print(f"{label:<32} {seconds:>8.1f} {rate * 60:>8.1f} {rate / ai_base:>6.2f}  {summary}")
+    report("AI (CPU)", ai, args.studies, "jobs/min", "CPU s/job", 1, per=60)
+
+
+def report(
+    title: str,
+    results: dict[str, list[Measurement]],
+    count: int,
+    unit: str,
+    cpu_unit: str,
+    cpu_scale: float,
+    per: float = 1,
+) -> None:
+    """One line per target: median rate and its range, CPU per operation, the ratio to the
+    first target (median over rounds of the ratio within each round), and what was checked."""
+    print(f"{title:<30} {unit:>8} {'range':>13} {cpu_unit:>12} {'ratio':>6}  checked")
+    labels = list(results)
+    base = [count / m.seconds for m in results[labels[0]]]
+    for label in labels:
+        rates = [count / m.seconds * per for m in results[label]]
+        ratios = [count / m.seconds / b for m, b in zip(results[label], base, strict=True)]
+        cpu = statistics.median(m.cpu_s / count * cpu_scale for m in results[label])
+        notes = sorted({m.note for m in results[label]})
+        print(
+            f"{label:<30} {statistics.median(rates):>8.1f} "
+            f"{f'({min(rates):.1f}-{max(rates):.1f})':>13} {cpu:>12.1f} "
+            f"{statistics.median(ratios):>6.2f}  {'; '.join(notes)}"
+        )
 
 
 if __name__ == "__main__":

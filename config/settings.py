@@ -12,7 +12,7 @@ import os
 import re
 import secrets
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -311,6 +311,12 @@ class MetricsSettings(_Section):
     port: int = Field(0, ge=0, le=65535)
 
 
+class LogSettings(_Section):
+    # "text": one line per event for a person; "json": one JSON object per line for a log
+    # collector, each with the request, association or job id it is about (config/logging.py).
+    format: Literal["text", "json"] = "text"
+
+
 class ConfigError(Exception):
     """The configuration cannot be used; the message says which key and why."""
 
@@ -327,6 +333,16 @@ def is_placeholder_secret(value: str) -> bool:
     return normalised in PLACEHOLDER_SECRETS or normalised.startswith("changeme")
 
 
+# S3 storage classes whose objects are read at once (AWS S3's, MinIO's STANDARD and
+# REDUCED_REDUNDANCY), and those that need a restore first: not for a tier, whose studies must
+# come back when someone opens them.
+READABLE_STORAGE_CLASSES = frozenset(
+    {"STANDARD", "REDUCED_REDUNDANCY", "STANDARD_IA", "ONEZONE_IA", "INTELLIGENT_TIERING",
+     "GLACIER_IR"}
+)  # fmt: skip
+ARCHIVAL_STORAGE_CLASSES = frozenset({"GLACIER", "DEEP_ARCHIVE"})
+
+
 class StorageTier(_Section):
     """A cheaper blob store that studies move to once they are ``after_days`` old (days since an
     instance of the study was last received, or last read from a tier)."""
@@ -335,7 +351,34 @@ class StorageTier(_Section):
     blob_url: str = Field(min_length=1)  # file:///path or s3://BUCKET?endpoint=...
     s3_access_key: str = ""
     s3_secret_key: str = ""
+    # The S3 storage class of the objects written to this tier (x-amz-storage-class on each
+    # PUT), e.g. "STANDARD_IA"; empty: the bucket's default.
+    s3_storage_class: str = ""
     after_days: float = Field(gt=0)
+
+    @field_validator("s3_storage_class")
+    @classmethod
+    def _check_storage_class(cls, value: str) -> str:
+        if value in ARCHIVAL_STORAGE_CLASSES:
+            raise ValueError(
+                f"{value!r} is an archival storage class: its objects cannot be read until "
+                "restored, but a study on a tier must open when someone asks for it; use one "
+                f"read at once ({', '.join(sorted(READABLE_STORAGE_CLASSES))})"
+            )
+        if value and value not in READABLE_STORAGE_CLASSES:
+            raise ValueError(
+                f"{value!r} is not an S3 storage class Hilum knows: one of "
+                f"{', '.join(sorted(READABLE_STORAGE_CLASSES))}"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _storage_class_on_s3(self) -> StorageTier:
+        if self.s3_storage_class and not self.blob_url.startswith("s3://"):
+            raise ValueError(
+                f"s3_storage_class is for S3 tiers; tier {self.name}'s blob_url is not s3://"
+            )
+        return self
 
 
 class StorageSettings(_Section):
@@ -357,6 +400,9 @@ class StorageSettings(_Section):
     # must exceed the longest store in progress; 0 for the interval: no periodic sweep.
     orphan_grace_s: float = Field(3600.0, gt=0)
     orphan_sweep_interval_s: float = Field(3600.0, ge=0)
+    # Hours between two runs of the tier moves in `hilum worker` (and `hilum serve`'s worker),
+    # the first at its start; 0: only `hilum tiers apply` moves blobs.
+    tiers_interval_h: float = Field(24.0, ge=0)
 
     @field_validator("tiers")
     @classmethod
@@ -394,6 +440,16 @@ class LimitsSettings(_Section):
     elements_max: int = Field(1_000_000, ge=1)
     # Largest Number of Frames (0028,0008); each frame has a byte range in the index.
     frames_max: int = Field(500_000, ge=1)
+    # Processes that decode, render and transcode pixel data (storage.decoder_pool), each under
+    # the two limits below and replaced when one dies; 0 decodes in the requesting process,
+    # without either limit (a benchmark's comparison, not for a server).
+    decoder_processes: int = Field(2, ge=0)
+    # Memory one decoder process may use for a decode (address space on top of its own
+    # interpreter); a decode that needs more fails its request, and the process is replaced.
+    decode_memory_mb: int = Field(2048, ge=16)
+    # Seconds one decode may take (the process is then stopped and replaced), and a request may
+    # wait for a free decoder process (then 503, DIMSE: a failed sub-operation).
+    decode_timeout_s: float = Field(120.0, gt=0)
 
 
 class QuerySettings(_Section):
@@ -808,6 +864,7 @@ class Settings(BaseSettings):
     http: HttpSettings = Field(default_factory=HttpSettings)
     storage: StorageSettings = Field(default_factory=StorageSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    log: LogSettings = Field(default_factory=LogSettings)
     query: QuerySettings = Field(default_factory=QuerySettings)
     limits: LimitsSettings = Field(default_factory=LimitsSettings)
     inference: InferenceSettings = Field(default_factory=InferenceSettings)
@@ -881,7 +938,7 @@ class Settings(BaseSettings):
         return self
 
 
-def load_settings(config_path: Path | str | None = None, **overrides: object) -> Settings:
+def load_settings(config_path: Path | str | None = None, **overrides: Any) -> Settings:
     """Build the settings once at start-up.
 
     ``config_path`` falls back to ``$HILUM_CONFIG``; ``overrides`` take precedence over all

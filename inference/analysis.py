@@ -65,13 +65,13 @@ def analyse_series(
         archive, study_instance_uid, series_instance_uid, manifest.applies_to.sop_class_uids
     )
     if manifest.kind == "slice":
-        stack = slice_stack(datasets)
+        stack = slice_stack(datasets, archive.decoders)
         masks = predict_slices(model, stack, device)
         sources: list[Dataset] = stack.datasets
         sizes = _volumes(stack, masks)
         rois = planar_rois(masks, stack.pixel_spacing_mm)
     else:
-        image = tiled_image(datasets, manifest.preprocessing.magnification)
+        image = tiled_image(datasets, manifest.preprocessing.magnification, archive.decoders)
         masks = predict_tiles(model, image, device)[None]
         sources = [image.dataset]
         sizes = _areas(image, masks)
@@ -200,7 +200,8 @@ def predict_slices(model: Model, stack: SliceStack, device: str) -> np.ndarray:
 def predict_tiles(model: Model, image: TiledImage, device: str) -> np.ndarray:
     """(total rows, total columns, labels) bool, tile by tile in batches."""
     p = model.manifest.preprocessing
-    assert p.tile_size is not None  # the manifest validates this for tile models
+    tile_size = p.tile_size
+    assert tile_size is not None  # the manifest validates this for tile models
     network = model.network(device)
     masks = np.zeros((image.rows, image.columns, len(model.manifest.labels)), bool)
     thresholds = _thresholds(model, device)
@@ -210,8 +211,8 @@ def predict_tiles(model: Model, image: TiledImage, device: str) -> np.ndarray:
         batch = torch.from_numpy(np.stack([tile for _, _, tile in pending]))
         batch = batch.to(device).permute(0, 3, 1, 2).float() / 255.0
         size = batch.shape[-2:]
-        if tuple(size) != (p.tile_size, p.tile_size):
-            batch = F.interpolate(batch, size=(p.tile_size,) * 2, mode="bilinear")
+        if tuple(size) != (tile_size, tile_size):
+            batch = F.interpolate(batch, size=(tile_size, tile_size), mode="bilinear")
         probabilities = _run(model, network, batch)
         if probabilities.shape[-2:] != size:
             probabilities = F.interpolate(probabilities, size=tuple(size), mode="bilinear")

@@ -83,7 +83,7 @@ def ct_phantom_volume(
         lesion = ((x - lx) / r) ** 2 + ((y - ly) / r) ** 2 + ((z - lz) / rz) ** 2 <= 1.0
         hu[lesion] = rng.uniform(130.0, 170.0)
         mask |= lesion
-    hu += rng.normal(0.0, 12.0, hu.shape).astype(np.float32)
+    hu += rng.normal(0.0, 12.0, (slices, size, size)).astype(np.float32)
     return np.clip(hu, -1024, 3071).astype(np.int16), mask
 
 

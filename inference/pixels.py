@@ -1,10 +1,11 @@
 """A series' pixels, read through ``storage``: the index locates the instances, the blob store
-returns their files, pydicom decodes whatever transfer syntax they were stored in.
+returns their files, pydicom decodes whatever transfer syntax they were stored in, in a decoder
+process under ``[limits] decode_memory_mb`` and ``decode_timeout_s`` (:mod:`storage.decoder_pool`).
 
-Every failure to read or decode is an :class:`AnalysisError` that names the instance, so that a
-job fails with a reason a person can act on; a missing decoder plug-in is a
-:class:`DecoderUnavailable` instead (the input is fine), and a ``MemoryError`` stays one (another
-attempt may well succeed).
+Every failure to read or decode, a decode over either budget included, is an
+:class:`AnalysisError` that names the instance, so that a job fails with a reason a person can
+act on; a missing decoder plug-in is a :class:`DecoderUnavailable` instead (the input is fine),
+and no free decoder process a :class:`storage.errors.DecodersBusy` (the job is tried again).
 """
 
 from __future__ import annotations
@@ -12,23 +13,29 @@ from __future__ import annotations
 import io
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.encaps import generate_frames
 from pydicom.errors import InvalidDicomError
-from pydicom.pixels import apply_rescale, get_decoder, iter_pixels
+from pydicom.pixels import apply_rescale, get_decoder
 
 from inference.errors import AnalysisError, DecoderUnavailable
 from storage.archive import Archive
+from storage.decoder_pool import DecoderPool
 from storage.dicom_file import integer_value
 from storage.encapsulated_frame import check_data_set_frames
-from storage.errors import InstanceTooLarge, InvalidInstance
-from storage.limits import check_decoded_size
+from storage.errors import DecodeFailed, InstanceTooLarge, InvalidInstance
+from storage.limits import check_decode_budget, check_decoded_size, frame_bytes
+from storage.pixel_decoding import PIXEL_MODULE, decoded_frames
 from storage.query import entity_query, locate_instances
 
 # PS3.3 C.8.12.4.1.1: Image Type value 3 of the WSI images a model may analyse.
 _WSI_IMAGE_TYPES = {"VOLUME"}
+# Tiles are decoded this many decoded bytes at a time, a decoder process per batch.
+_TILES_PER_DECODE_BYTES = 32 << 20
 
 
 def read_series(
@@ -40,7 +47,7 @@ def read_series(
     """The series' image instances (restricted to ``sop_class_uids`` when given), each parsed
     with its pixel data still encoded."""
     query = entity_query(study_instance_uid, series_instance_uid)
-    datasets = []
+    datasets: list[Dataset] = []
     for stored in locate_instances(archive, query):
         if sop_class_uids and stored.sop_class_uid not in sop_class_uids:
             continue
@@ -67,15 +74,13 @@ def _check_decodable(ds: Dataset, archive: Archive) -> None:
     """Refuse, before any decode allocates it, pixel data whose declared size (PS3.3 C.7.6.3)
     is over ``[limits]`` (a slice is decoded whole, a tile frame by frame), or whose frames'
     codestreams declare another size than the data set."""
+    rows, columns = integer_value(ds, "Rows") or 0, integer_value(ds, "Columns") or 0
+    samples = integer_value(ds, "SamplesPerPixel") or 1
+    bits = integer_value(ds, "BitsAllocated") or 8
+    frames = max(1, integer_value(ds, "NumberOfFrames") or 1)
     try:
-        check_decoded_size(
-            integer_value(ds, "Rows") or 0,
-            integer_value(ds, "Columns") or 0,
-            integer_value(ds, "SamplesPerPixel") or 1,
-            integer_value(ds, "BitsAllocated") or 8,
-            max(1, integer_value(ds, "NumberOfFrames") or 1),
-            archive.limits,
-        )
+        check_decoded_size(rows, columns, samples, bits, frames, archive.limits)
+        check_decode_budget(rows, columns, samples, bits, 1, archive.limits)  # one at a time
         check_data_set_frames(ds)
     except (InstanceTooLarge, InvalidInstance) as error:
         raise AnalysisError(f"instance {ds.SOPInstanceUID}: not decoded: {error}") from None
@@ -94,8 +99,9 @@ class SliceStack:
     slice_spacing_mm: float | None
 
 
-def slice_stack(datasets: Sequence[Dataset]) -> SliceStack:
-    """Sort the slices along their normal (PS3.3 C.7.6.2.1.1) and decode them."""
+def slice_stack(datasets: Sequence[Dataset], decoders: DecoderPool) -> SliceStack:
+    """Sort the slices along their normal (PS3.3 C.7.6.2.1.1) and decode them (in a decoder
+    process, :mod:`storage.decoder_pool`)."""
     shapes = {(int(ds.Rows), int(ds.Columns)) for ds in datasets}
     if len(shapes) != 1:
         raise AnalysisError(f"the slices of the series have different sizes: {sorted(shapes)}")
@@ -105,7 +111,7 @@ def slice_stack(datasets: Sequence[Dataset]) -> SliceStack:
     ordered, slice_spacing = _spatial_order(list(datasets))
     values = np.empty((len(ordered), *shapes.pop()), np.float32)
     for index, ds in enumerate(ordered):
-        values[index] = apply_rescale(_decoded(ds), ds)
+        values[index] = apply_rescale(_decoded(ds, decoders), ds)
     spacing = ordered[0].get("PixelSpacing")
     pixel_spacing = (float(spacing[0]), float(spacing[1])) if spacing else None
     return SliceStack(ordered, values, pixel_spacing, slice_spacing)
@@ -156,17 +162,46 @@ def check_decoder(ds: Dataset) -> None:
         )
 
 
-def _decoded(ds: Dataset) -> np.ndarray:
+def _decoded(ds: Dataset, decoders: DecoderPool) -> np.ndarray:
     check_decoder(ds)
+    (frame,) = _decoded_frames(ds, decoders, _stored_frames(ds)[:1], 0)
+    return frame
+
+
+def _decoded_frames(
+    ds: Dataset, decoders: DecoderPool, frames: list[bytes], first: int
+) -> np.ndarray:
+    """``frames`` (stored bytes; ``first`` the zero-based index of the first) decoded in a
+    decoder process, colour as RGB; a decode that fails or passes a ``[limits]`` budget fails
+    the job with the reason."""
+    syntax = ds.file_meta.TransferSyntaxUID
     try:
-        return ds.pixel_array
-    except MemoryError:
-        raise  # not the input's fault: a later attempt may have the memory
-    except Exception as error:  # pydicom and its plug-ins raise many kinds
+        return decoders.run(decoded_frames, _pixel_module(ds), str(syntax), frames)
+    except DecodeFailed as error:
+        last = first + len(frames)
+        which = f"frame {last}" if len(frames) == 1 else f"frames {first + 1}-{last}"
         raise AnalysisError(
-            f"instance {ds.SOPInstanceUID}: pixel data cannot be decoded "
-            f"(transfer syntax {ds.file_meta.TransferSyntaxUID}): {error}"
-        ) from error
+            f"instance {ds.SOPInstanceUID}: {which} cannot be decoded "
+            f"(transfer syntax {syntax}): {error}"
+        ) from None
+
+
+def _stored_frames(ds: Dataset) -> list[bytes]:
+    """The stored bytes of each frame: the fragments of each encapsulated frame, or the native
+    Pixel Data cut into frames."""
+    count = max(1, integer_value(ds, "NumberOfFrames") or 1)
+    if ds.file_meta.TransferSyntaxUID.is_encapsulated:
+        return list(generate_frames(ds.PixelData, number_of_frames=count))
+    size = len(ds.PixelData) // count
+    return [ds.PixelData[i * size : (i + 1) * size] for i in range(count)]
+
+
+def _pixel_module(ds: Dataset) -> dict[str, Any]:
+    module = Dataset()
+    for tag in PIXEL_MODULE:
+        if int(tag, 16) in ds:
+            module[int(tag, 16)] = ds[int(tag, 16)]
+    return module.to_json_dict()
 
 
 # --- whole slide images -----------------------------------------------------------------------
@@ -182,6 +217,7 @@ class TiledImage:
     tile_rows: int
     tile_columns: int
     pixel_spacing_mm: tuple[float, float] | None
+    decoders: DecoderPool
 
     @property
     def tiles_across(self) -> int:
@@ -190,25 +226,27 @@ class TiledImage:
     def tiles(self) -> Iterator[tuple[int, int, np.ndarray]]:
         """(top, left, RGB tile) in frame order; PS3.3 C.8.12.4.1.3: TILED_FULL frames run
         along the rows of the total pixel matrix, left to right, top to bottom."""
-        check_decoder(self.dataset)
-        frames = iter_pixels(self.dataset, as_rgb=True)
-        for index in range(int(self.dataset.get("NumberOfFrames", 1))):
-            try:
-                frame = next(frames)
-            except MemoryError:
-                raise  # not the input's fault: a later attempt may have the memory
-            except Exception as error:  # pydicom and its plug-ins raise many kinds
-                raise AnalysisError(
-                    f"instance {self.dataset.SOPInstanceUID}: frame {index + 1} cannot be "
-                    f"decoded (transfer syntax {self.dataset.file_meta.TransferSyntaxUID}): "
-                    f"{error}"
-                ) from error
-            top = (index // self.tiles_across) * self.tile_rows
-            left = (index % self.tiles_across) * self.tile_columns
-            yield top, left, frame
+        ds = self.dataset
+        check_decoder(ds)
+        stored = _stored_frames(ds)
+        one = frame_bytes(
+            self.tile_rows,
+            self.tile_columns,
+            integer_value(ds, "SamplesPerPixel") or 1,
+            integer_value(ds, "BitsAllocated") or 8,
+        )
+        per_call = max(1, _TILES_PER_DECODE_BYTES // max(1, one))
+        for first in range(0, len(stored), per_call):
+            decoded = _decoded_frames(ds, self.decoders, stored[first : first + per_call], first)
+            for index, frame in enumerate(decoded, start=first):
+                top = (index // self.tiles_across) * self.tile_rows
+                left = (index % self.tiles_across) * self.tile_columns
+                yield top, left, frame
 
 
-def tiled_image(datasets: Sequence[Dataset], magnification: float | None) -> TiledImage:
+def tiled_image(
+    datasets: Sequence[Dataset], magnification: float | None, decoders: DecoderPool
+) -> TiledImage:
     """The VOLUME level nearest ``magnification`` (PS3.3 C.8.12.4.1.1), or the largest."""
     levels = [
         ds
@@ -241,6 +279,7 @@ def tiled_image(datasets: Sequence[Dataset], magnification: float | None) -> Til
         int(chosen.Rows),
         int(chosen.Columns),
         _spacing(chosen),
+        decoders,
     )
 
 

@@ -88,13 +88,6 @@ def segmentation(
         segment_description(model, label, number, uid)
         for number, (label, uid) in enumerate(zip(labels, tracking_uids, strict=True), start=1)
     ]
-    tiling = {}
-    if tiled:
-        # highdicom copies the tile size (Rows, Columns) from the source image.
-        tiling = {
-            "tile_pixel_array": True,
-            "dimension_organization_type": hd.DimensionOrganizationTypeValues.TILED_SPARSE,
-        }
     seg = hd.seg.Segmentation(
         source_images=list(source_images),
         pixel_array=masks.astype(np.uint8),
@@ -111,7 +104,11 @@ def segmentation(
         content_label="AI_SEG",
         content_description=model.manifest.algorithm_name[:64],
         series_description=output_series_description(model, "SEG"),
-        **tiling,
+        # A slide's SEG is tiled; highdicom copies the tile size (Rows, Columns) from the source.
+        tile_pixel_array=tiled,
+        dimension_organization_type=(
+            hd.DimensionOrganizationTypeValues.TILED_SPARSE if tiled else None
+        ),
     )
     if tiled and "PatientOrientation" not in seg:
         # PS3.3 C.7.6.1: Type 2C, required (possibly empty) when the image has no Image

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TypedDict
 
 import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
 
 from inference.registry import Label, Model
@@ -135,6 +137,16 @@ def _observation_context(model: Model) -> hd.sr.ObservationContext:
     return hd.sr.ObservationContext(observer_device_context=device)
 
 
+class _FindingGroupArguments(TypedDict):
+    """What every measurement group of a finding has, whatever its region."""
+
+    tracking_identifier: hd.sr.TrackingIdentifier
+    finding_type: Code
+    finding_sites: list[hd.sr.FindingSite] | None
+    algorithm_id: hd.sr.AlgorithmIdentification
+    measurements: list[hd.sr.Measurement] | None
+
+
 def _group(
     finding: Finding,
     model: Model,
@@ -156,7 +168,7 @@ def _group(
                 algorithm_id=algorithm,
             )
         )
-    common = {
+    common: _FindingGroupArguments = {
         # TID 4108: a human-readable identifier and a UID that stays with the finding.
         "tracking_identifier": hd.sr.TrackingIdentifier(
             uid=finding.tracking_uid, identifier=tracking_identifier(model, label)

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from pydicom.dataset import Dataset
 
 from config import Settings
+from config.logging import log_context
 from inference.errors import AnalysisError, DecoderUnavailable, ModelError
 from inference.measurement_report import job_finding, read_findings
 from inference.stability import queue_stable_studies
@@ -72,6 +73,10 @@ class _Lease(threading.Thread):
         self._stopped = threading.Event()
 
     def run(self) -> None:
+        with log_context(job_id=self.job.id):
+            self._renew()
+
+    def _renew(self) -> None:
         while not self._stopped.wait(self.queue.settings.lease_s / 3):
             try:
                 if not self.queue.heartbeat(self.job, self.worker):
@@ -118,6 +123,10 @@ class Worker:
 
     def run(self, stop: threading.Event) -> None:
         """Work until ``stop`` is set; a job in progress is finished first."""
+        with log_context(worker=self.name):
+            self._work(stop)
+
+    def _work(self, stop: threading.Event) -> None:
         log.info(
             "worker %s: models %s", self.name, ", ".join(m.name for m in self.models) or "none"
         )
@@ -146,9 +155,12 @@ class Worker:
         if job is None:
             return None
         started = time.monotonic()
-        ended = (
-            self.copy(self._queue(job), job) if is_copy_job(job.model_name) else self.process(job)
-        )
+        with log_context(job_id=job.id):
+            ended = (
+                self.copy(self._queue(job), job)
+                if is_copy_job(job.model_name)
+                else self.process(job)
+            )
         if self.on_job_ended is not None:
             self.on_job_ended(ended, time.monotonic() - started)
         return ended

@@ -87,8 +87,8 @@ def cmd_partitions(settings: Settings, args: argparse.Namespace) -> int:
             print(f"partition {args.name} is no longer reached through {args.title}")
             return 0
         for entry in list_partitions(index):
-            titles = (settings.dimse.ae_title,) if entry.name == "default" else ()
-            print(f"{entry.name}\t{','.join(titles + entry.ae_titles) or '-'}")
+            called: tuple[str, ...] = (settings.dimse.ae_title,) if entry.name == "default" else ()
+            print(f"{entry.name}\t{','.join(called + entry.ae_titles) or '-'}")
     return 0
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hmac
 import logging
+import re
 import ssl
 import threading
 import time
@@ -26,6 +27,7 @@ from werkzeug.exceptions import Forbidden, HTTPException, RequestEntityTooLarge
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from config import Settings
+from config.logging import gunicorn_logconfig, log_context
 from config.settings import ConfigError
 from server.access import Action, allowed, required_action
 from server.api import register_api
@@ -88,6 +90,46 @@ def create_app(settings: Settings, archive: Archive, metrics: Metrics | None = N
         )  # fmt: skip
 
     _configure_access(app, settings, archive)
+    # Outermost: the id is known before a trusted proxy's headers are applied, and still set
+    # while a streamed response is sent.
+    app.wsgi_app = _with_request_id(app.wsgi_app)  # type: ignore[method-assign]
+    return app
+
+
+REQUEST_ID_HEADER = "X-Request-Id"
+REQUEST_ID_KEY = "hilum.request_id"  # the WSGI environ's
+# A client's (or a proxy's) X-Request-Id is kept when it is a short token: it goes into every
+# log line and the audit trail (64 characters there); anything else gets a new id.
+_CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,64}")
+
+
+def request_id_for(header: str | None) -> str:
+    if header and _CLIENT_REQUEST_ID.fullmatch(header):
+        return header
+    return uuid.uuid4().hex[:12]
+
+
+def _with_request_id(wsgi_app: Any) -> Any:
+    """Each request's id (the client's ``X-Request-Id``, or a new one): in the environ for the
+    request context, on every log line while the request is served and its response sent, and
+    in the response's ``X-Request-Id`` header (gunicorn's access log reads it there)."""
+
+    def app(environ: dict[str, Any], start_response: Any) -> Any:
+        request_id = request_id_for(environ.get("HTTP_X_REQUEST_ID"))
+        environ[REQUEST_ID_KEY] = request_id
+
+        def start(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+            headers.append((REQUEST_ID_HEADER, request_id))
+            return start_response(status, headers, exc_info)
+
+        with log_context(request_id=request_id):
+            body = wsgi_app(environ, start)
+            try:
+                yield from body
+            finally:
+                if hasattr(body, "close"):
+                    body.close()
+
     return app
 
 
@@ -164,7 +206,11 @@ def _configure_access(app: Flask, settings: Settings, archive: Archive) -> None:
         access check: 401 without valid credentials, then 404 for a partition that does not
         exist or that the principal may not see (the same 404: nobody learns another tenant's
         partition names), then 403 for an action the principal's roles do not allow."""
-        g.request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex[:12]
+        # Set by _with_request_id; a request context made without the WSGI app (a benchmark's
+        # test_request_context) makes its own.
+        g.request_id = request.environ.get(REQUEST_ID_KEY) or request_id_for(
+            request.headers.get(REQUEST_ID_HEADER)
+        )
         rule = request.url_rule
         # The partition the URL names (its root /partitions/<partition>/…); the views never
         # see the URL value.
@@ -397,14 +443,15 @@ def _access_logged(app: Flask) -> Any:
         finally:
             if hasattr(body, "close"):
                 body.close()
-            _access_log.info(
-                '%s "%s %s" %s %.1fms',
-                environ.get("REMOTE_ADDR", "-"),
-                environ.get("REQUEST_METHOD"),
-                environ.get("PATH_INFO"),
-                status[0] if status else "-",
-                (time.perf_counter() - started) * 1000,
-            )
+            with log_context(request_id=environ.get(REQUEST_ID_KEY, "-")):
+                _access_log.info(
+                    '%s "%s %s" %s %.1fms',
+                    environ.get("REMOTE_ADDR", "-"),
+                    environ.get("REQUEST_METHOD"),
+                    environ.get("PATH_INFO"),
+                    status[0] if status else "-",
+                    (time.perf_counter() - started) * 1000,
+                )
 
     return logged
 
@@ -442,8 +489,12 @@ def serve_with_gunicorn(settings: Settings) -> None:
             self.cfg.set("proc_name", "hilum-web")
             self.cfg.set("when_ready", _announce)
             self.cfg.set("child_exit", lambda _server, worker: mark_worker_dead(worker.pid))
+            if settings.log.format == "json":  # gunicorn's own lines too, access log included
+                self.cfg.set("logconfig_dict", gunicorn_logconfig("web"))
 
-        def load(self) -> Flask:
+        # types-gunicorn declares start_response narrower than PEP 3333 (wsgiref.types), which
+        # Flask declares: a Flask app is a WSGI app all the same.
+        def load(self) -> Flask:  # type: ignore[override]
             # In each worker, after the fork.
             # Each worker's pool: as many connections as its threads can use at once.
             return create_app(settings, open_archive(settings, connections=settings.http.threads))

@@ -90,6 +90,7 @@ class Authenticator:
             return principal
         now = self._clock()
         deadline = now + self._ttl
+        expires_at: float | None
         if self.oidc is not None and token.count(".") == 2:
             verified = self.oidc.verify(token)
             if verified is None:

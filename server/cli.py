@@ -9,11 +9,11 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, TypeVar
 import pydicom.config  # noqa: F401  (imported first: it resets its logger level on import)
 
 from config import Settings, load_settings
+from config.logging import configure_logging
 from config.settings import ConfigError
 from inference.errors import ModelError
 from server.admin_commands import ADMIN_COMMANDS, add_admin_commands
@@ -38,21 +39,6 @@ _Bound = TypeVar("_Bound")
 # A worker runs one job at a time: its own queries, its lease's heartbeat, a metrics scrape;
 # and the orphan janitor's sweep (its lock's connection and its reads).
 WORKER_CONNECTIONS = 6
-
-
-def _configure_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        stream=sys.stderr,
-    )
-    # pynetdicom logs every PDU at INFO; its warnings are what an administrator needs.
-    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
-    logging.getLogger("alembic").setLevel(logging.WARNING)
-    # Odd values in received headers are stored as they are; pydicom's per-value complaints
-    # would drown the log of a migration.
-    logging.getLogger("pydicom").setLevel(logging.CRITICAL)
-    warnings.filterwarnings("ignore", module="pydicom")
 
 
 def check_exposure(settings: Settings, command: str) -> None:
@@ -221,8 +207,18 @@ def cmd_web(settings: Settings, args: argparse.Namespace) -> int:
 
     # Fail here, not in every worker, if the index is not ready.
     open_archive(settings, connections=1).close()
+    # gunicorn retries a busy port for seconds, then says "Connection in use" without naming
+    # Hilum's service or setting: find out first.
+    host, port = settings.server.host, settings.http.port
+    _binding("HTTP", host, port, lambda: _bind_and_release(host, port))
     serve_with_gunicorn(settings)
     return 0
+
+
+def _bind_and_release(host: str, port: int) -> None:
+    """Bind ``host``:``port`` as gunicorn will (SO_REUSEADDR), then let it go."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    socket.create_server((host, port), family=family).close()
 
 
 def _prepare_multiprocess_metrics(default: Path) -> None:
@@ -247,6 +243,7 @@ def _start_worker_thread(
     from inference.registry import load_models
     from inference.worker import Worker
 
+    _observe_gpu_memory(settings, metrics)
     worker = Worker(
         settings,
         archive,
@@ -254,7 +251,14 @@ def _start_worker_thread(
         on_job_ended=metrics.job_observer(),
     )
     stop = threading.Event()
-    thread = threading.Thread(target=worker.run, args=(stop,), name="ai-worker", daemon=True)
+    tier_moves = _start_tier_moves(settings, archive, stop)
+
+    def run() -> None:
+        worker.run(stop)
+        if tier_moves is not None:
+            tier_moves.join()  # the study being moved is finished first
+
+    thread = threading.Thread(target=run, name="ai-worker", daemon=True)
     thread.start()
     return stop, thread
 
@@ -279,6 +283,35 @@ def _stop_orphan_janitor(janitor: tuple[threading.Event, threading.Thread] | Non
     if janitor is not None:
         janitor[0].set()  # a sweep in progress is waited for a while (each delete is whole)
         janitor[1].join(30)
+
+
+def _start_tier_moves(
+    settings: Settings, archive: Archive, stop: threading.Event
+) -> threading.Thread | None:
+    """The periodic storage-tier moves of the AI worker ([storage] tiers_interval_h), in a
+    thread of their own so that AI jobs do not wait for them; the thread ends once ``stop``
+    (the worker's) is set and the study being moved is done."""
+    if not settings.storage.tiers or not settings.storage.tiers_interval_h:
+        return None
+    from storage.tiers import apply_tiers_periodically
+
+    thread = threading.Thread(
+        target=apply_tiers_periodically,
+        args=(archive, settings.storage.tiers, settings.server.data_dir / "tmp",
+              settings.storage.tiers_interval_h * 3600, stop),
+        name="tier-moves", daemon=True,
+    )  # fmt: skip
+    thread.start()
+    return thread
+
+
+def _observe_gpu_memory(settings: Settings, metrics: Metrics) -> None:
+    """The memory of the GPU the AI worker uses, on its metrics (none on the CPU)."""
+    from inference.analysis import default_device
+    from server.metrics import GpuMemory, read_cuda_memory
+
+    device = settings.inference.device or default_device()
+    metrics.collectors.append(GpuMemory(lambda: read_cuda_memory(device)))
 
 
 def _start_delivery_thread(
@@ -338,6 +371,7 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     models = load_models(settings.inference.models_dirs)
     archive = open_archive(settings, connections=WORKER_CONNECTIONS)
     metrics = Metrics()
+    _observe_gpu_memory(settings, metrics)
     worker = Worker(settings, archive, models, on_job_ended=metrics.job_observer())
     metrics_server = None
     if settings.metrics.port:
@@ -356,8 +390,11 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
         + (f"; metrics on port {metrics_server.port}" if metrics_server else ""),
         flush=True,
     )
+    tier_moves = _start_tier_moves(settings, archive, stopped)
     janitor = _start_orphan_janitor(settings, archive)
     worker.run(stopped)  # a stop request lets the job in progress finish
+    if tier_moves is not None:
+        tier_moves.join()  # the study being moved is finished first
     _stop_orphan_janitor(janitor)
     if metrics_server is not None:
         metrics_server.stop()
@@ -568,7 +605,7 @@ def cmd_tiers(settings: Settings, args: argparse.Namespace) -> int:
                 archive.index,
                 archive.blobs,
                 settings.storage.tiers,
-                archive.partition,
+                None,  # every partition
                 settings.server.data_dir / "tmp",
                 progress=bar.update,
             )
@@ -925,9 +962,9 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _configure_logging(args.verbose)
     try:
         settings = load_settings(args.config)
+        configure_logging(args.verbose, settings.log.format, args.command)
         return COMMANDS[args.command](settings, args)
     except ConfigError as error:
         print(f"hilum: configuration error: {error}", file=sys.stderr)

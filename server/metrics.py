@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from prometheus_client import (
@@ -35,7 +36,6 @@ from storage.ingest import IngestResult
 from storage.monitoring import count_jobs_by_state
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
     from datetime import datetime
 
     from prometheus_client.core import Metric
@@ -61,14 +61,24 @@ HTTP_SERVICES = {
     "wado_uri": "wado-uri",
 }
 
+QUERY_SERVICES = frozenset({"C-FIND", "qido-rs"})
+
 
 class EndedJob(Protocol):
-    """What the metrics read of a job as an attempt left it (the worker's ``Job``)."""
+    """What the metrics read of a job as an attempt left it (the worker's ``Job``); read-only,
+    so that a ``Job`` whose state is a ``JobState`` (a ``str``) is one."""
 
-    model_name: str
-    state: str
-    queued_at: datetime
-    finished_at: datetime | None
+    @property
+    def model_name(self) -> str: ...
+
+    @property
+    def state(self) -> str: ...
+
+    @property
+    def queued_at(self) -> datetime: ...
+
+    @property
+    def finished_at(self) -> datetime | None: ...
 
 
 def multiprocess_mode() -> bool:
@@ -80,6 +90,8 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        # Read at each scrape, beside the registry (the worker's GPU memory).
+        self.collectors: list[Collector] = []
         self.instances_received = Counter(
             "hilum_instances_received",
             "Instances received, by transport (dimse, stow-rs) and outcome "
@@ -106,9 +118,19 @@ class Metrics:
             buckets=REQUEST_BUCKETS,
             registry=self.registry,
         )
+        # Both query services in one histogram (the issue's figure to alert on), beside the
+        # per-transport request histograms above and below.
+        self.query_seconds = Histogram(
+            "hilum_query_seconds",
+            "Queries: C-FIND from the request to the final response, QIDO-RS to the response's "
+            "headers, by service",
+            ["service"],
+            buckets=REQUEST_BUCKETS,
+            registry=self.registry,
+        )
         # DIMSE (server/dimse, through DimseObserver): associations and requests.
         self.associations_active = Gauge(
-            "hilum_dimse_associations_active",
+            "hilum_associations_active",
             "DIMSE associations open now",
             registry=self.registry,
             multiprocess_mode="livesum",
@@ -190,6 +212,8 @@ class Metrics:
     def dimse_request(self, service: str, status: int, seconds: float) -> None:
         self.dimse_requests.labels(service, f"0x{status:04X}").inc()
         self.dimse_request_seconds.labels(service).observe(seconds)
+        if service in QUERY_SERVICES:
+            self.query_seconds.labels(service).observe(seconds)
 
     def sub_operations(self, service: str, outcome: str, count: int) -> None:
         self.retrieve_instances.labels(service, outcome).inc(count)
@@ -200,6 +224,8 @@ class Metrics:
             return  # /healthz, /metrics, the JSON API: not DICOMweb
         self.http_requests.labels(service, str(status)).inc()
         self.http_request_seconds.labels(service).observe(seconds)
+        if service in QUERY_SERVICES:
+            self.query_seconds.labels(service).observe(seconds)
 
     def observe_job(
         self, model: str, state: str, *, queued_s: float | None, running_s: float | None
@@ -246,6 +272,8 @@ class Metrics:
             registry.register(_Combined(self.registry))
         if archive is not None:
             registry.register(JobStates(archive))
+        for collector in self.collectors:
+            registry.register(collector)
         return registry
 
 
@@ -255,7 +283,7 @@ class _Combined(Collector):
     def __init__(self, registry: CollectorRegistry) -> None:
         self._registry = registry
 
-    def collect(self) -> Iterator[Metric]:
+    def collect(self) -> Iterable[Metric]:
         return self._registry.collect()
 
 
@@ -279,6 +307,72 @@ class JobStates(Collector):
         for state, count in counts.items():
             gauge.add_metric([state], count)
         yield gauge
+
+
+@dataclass(frozen=True)
+class GpuMemoryReading:
+    """One CUDA device's memory, in bytes."""
+
+    device: str  # "cuda:0"
+    allocated: int  # held by this process's tensors
+    reserved: int  # held by this process's PyTorch caching allocator (allocated and cached)
+    used: int  # in use on the device, by every process
+    total: int
+
+
+def read_cuda_memory(device: str) -> list[GpuMemoryReading]:
+    """The memory of the CUDA device the worker runs its models on (``[inference] device``,
+    or the default device); none when the device is not a GPU, or torch sees no GPU."""
+    try:
+        import torch
+    except ImportError:  # an installation without the AI extra
+        return []
+    target = torch.device(device)
+    if target.type != "cuda" or not torch.cuda.is_available():
+        return []
+    index = target.index if target.index is not None else torch.cuda.current_device()
+    free, total = torch.cuda.mem_get_info(index)
+    return [
+        GpuMemoryReading(
+            device=f"cuda:{index}",
+            allocated=torch.cuda.memory_allocated(index),
+            reserved=torch.cuda.memory_reserved(index),
+            used=total - free,
+            total=total,
+        )
+    ]
+
+
+class GpuMemory(Collector):
+    """``hilum_gpu_memory_{allocated,reserved,used,total}_bytes{device}``, read at each scrape
+    from ``read`` (:func:`read_cuda_memory` of the worker's device); absent when it reads none
+    (no GPU)."""
+
+    FAMILIES = (
+        ("allocated", "GPU memory held by this process's tensors"),
+        ("reserved", "GPU memory held by this process's PyTorch caching allocator"),
+        ("used", "GPU memory in use on the device, by every process"),
+        ("total", "GPU memory of the device"),
+    )
+
+    def __init__(self, read: Callable[[], Sequence[GpuMemoryReading]]) -> None:
+        self._read = read
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            readings = self._read()
+        except RuntimeError as error:  # a CUDA error: the other metrics still answer
+            log.warning("GPU memory not collected: %s", error)
+            return
+        if not readings:
+            return
+        for field, description in self.FAMILIES:
+            gauge = GaugeMetricFamily(
+                f"hilum_gpu_memory_{field}_bytes", description, labels=["device"]
+            )
+            for reading in readings:
+                gauge.add_metric([reading.device], getattr(reading, field))
+            yield gauge
 
 
 class MetricsServer:

@@ -1,21 +1,28 @@
 """Another transfer syntax for a stored instance: for a C-MOVE / C-GET peer that does not accept
 the stored one, and for a WADO-RS / WADO-URI client that asks for another.
 
-Transcoding decodes the pixel data in memory (pydicom's plug-ins: pylibjpeg, openjpeg, RLE), so
-an instance larger than ``[server] transcode_max_bytes`` (stored or decoded) is refused; it can
-still be retrieved as stored.
+Transcoding decodes the whole pixel data in memory (pydicom's plug-ins: pylibjpeg, openjpeg,
+RLE), so an instance larger than ``[server] transcode_max_bytes`` (stored or decoded, as
+declared) is refused before it is read; it can still be retrieved as stored. The rest runs in a
+decoder process (:mod:`storage.decoder_pool`), under ``[limits] decode_memory_mb`` and
+``decode_timeout_s``.
 """
 
 from __future__ import annotations
 
+from io import BytesIO
+
+import pydicom
 from pydicom.dataset import Dataset
-from pydicom.uid import UID
 
-from storage.encapsulated_frame import check_data_set_frames
+from storage.archive import Archive
+from storage.dicom_file import integer_value
+from storage.errors import DecodeFailed, InstanceTooLarge
+from storage.limits import check_decode_budget
+from storage.pixel_decoding import TranscodingRefused, transcoded
+from storage.query import StoredInstance
 
-
-class TranscodingRefused(Exception):
-    """This instance cannot be given in that transfer syntax; the message says why."""
+__all__ = ["TranscodingRefused", "check_size", "transcoded_instance"]
 
 
 def check_size(stored_size: int, header: Dataset, limit: int) -> None:
@@ -32,29 +39,37 @@ def check_size(stored_size: int, header: Dataset, limit: int) -> None:
         )
 
 
-def transcode(dataset: Dataset, syntax: str) -> Dataset:
-    """``dataset`` (read from its stored file) re-encoded in ``syntax``, in place.
-
-    The SOP Instance UID is kept: only the encoding changes, not the image (PS3.5 8.2; PS3.18
-    8.7.3.5). pydicom would generate a new UID by default. A deflated data set is already
-    inflated by pydicom when read; a big endian one is refused (its pixel data would need byte
-    swapping).
-    """
-    stored = UID(dataset.file_meta.TransferSyntaxUID)
-    target = UID(syntax)
-    if not stored.is_little_endian:
-        raise TranscodingRefused(f"cannot convert {stored.name} to {target.name}")
-    has_pixels = "PixelData" in dataset
+def transcoded_instance(
+    archive: Archive,
+    stored: StoredInstance,
+    syntax: str,
+    limit: int,
+    message_encoding: tuple[bool, bool, bool] | None = None,
+) -> bytes:
+    """The stored instance in ``syntax``: a Part 10 file, or its data set alone encoded as
+    ``message_encoding`` says (:func:`storage.pixel_decoding.transcoded`). Its sizes are
+    checked against ``limit`` (``[server] transcode_max_bytes``) before the file is read whole,
+    and from its header before it is decoded."""
+    check_size(stored.size, Dataset(), limit)
+    with archive.blobs.open(stored.blob_key) as blob:
+        content = blob.read()
     try:
-        check_data_set_frames(dataset)  # before a decoder allocates what a frame declares
-        if stored.is_encapsulated and has_pixels:
-            dataset.decompress(generate_instance_uid=False)
-        if target.is_encapsulated and has_pixels:
-            dataset.compress(target, generate_instance_uid=False)
-        else:
-            dataset.file_meta.TransferSyntaxUID = target
-    except Exception as error:  # noqa: BLE001 (a missing plug-in, corrupt or unencodable pixels)
-        raise TranscodingRefused(
-            f"cannot convert {stored.name} to {target.name}: {error}"
-        ) from error
-    return dataset
+        header = pydicom.dcmread(BytesIO(content), stop_before_pixels=True, force=True)
+    except Exception as error:  # noqa: BLE001 (pydicom raises many kinds on a corrupt file)
+        raise TranscodingRefused(f"the stored file cannot be read: {error}") from error
+    check_size(stored.size, header, limit)
+    try:
+        check_decode_budget(
+            integer_value(header, "Rows") or 0,
+            integer_value(header, "Columns") or 0,
+            integer_value(header, "SamplesPerPixel") or 1,
+            integer_value(header, "BitsAllocated") or 8,
+            max(1, integer_value(header, "NumberOfFrames") or 1),
+            archive.limits,
+        )
+    except InstanceTooLarge as error:
+        raise TranscodingRefused(f"{error}; available as stored only") from None
+    try:
+        return archive.decoders.run(transcoded, content, syntax, message_encoding)
+    except DecodeFailed as failed:
+        raise TranscodingRefused(str(failed)) from failed

@@ -16,7 +16,7 @@ from sqlalchemy import delete, exists, select
 
 from config.settings import check_network
 from storage.errors import InvalidArgument, NotFound
-from storage.index.database import Index
+from storage.index.database import Index, affected_rows
 from storage.index.models import DEFAULT_PARTITION, AEPermission, Partition, PartitionAETitle
 from storage.partitions import ae_title, partition_name
 
@@ -89,7 +89,7 @@ def remove_ae_permission(index: Index, calling_ae_title: str, partition: str | N
     if partition is not None:
         statement = statement.where(AEPermission.partition == partition)
     with index.write() as session:
-        removed = session.execute(statement).rowcount
+        removed = affected_rows(session, statement)
     if not removed:
         where = f" in partition {partition}" if partition is not None else ""
         raise NotFound(f"no AE permission for {calling_ae_title}{where}")

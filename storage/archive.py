@@ -10,6 +10,7 @@ from config import Settings
 from config.settings import LimitsSettings
 from storage.audit import AuditEntry, AuditTrail, Requestor, open_json_lines
 from storage.blobs import BlobStore, instance_blob_key, open_blob_store
+from storage.decoder_pool import DecoderPool
 from storage.errors import StorageUnavailable
 from storage.index.database import (
     Index,
@@ -44,6 +45,9 @@ class Archive:
     # Where every store, query, retrieve and delete is recorded (``[audit]``); None: nowhere
     # (an archive made by hand, in a test of something else).
     audit: AuditTrail | None = None
+    # Where pixel data is decoded, rendered and transcoded, under ``[limits]``' decode budget;
+    # shared by the archive's scoped copies.
+    decoders: DecoderPool = field(default_factory=lambda: DecoderPool.from_limits(LimitsSettings()))
 
     def blob_key(self, header: InstanceHeader, content_sha256: str) -> str:
         return instance_blob_key(
@@ -73,6 +77,7 @@ class Archive:
         return replace(self, partition=partition)
 
     def close(self) -> None:
+        self.decoders.close()
         if self.audit is not None:
             self.audit.close()
         self.index.dispose()
@@ -112,6 +117,7 @@ def open_archive(
         settings.database_url,
         pool_size=max(2, pool // 4),
         flush_each_commit=settings.audit.fsync_reads,
+        ping_on_checkout=False,  # storage.audit replaces a broken connection once
     )
     audit = AuditTrail(
         Index(audit_engine),
@@ -121,4 +127,11 @@ def open_archive(
         enabled=settings.audit.enabled,
         source_id=settings.dimse.ae_title,
     )
-    return Archive(index, blobs, settings.storage.on_duplicate, limits=settings.limits, audit=audit)
+    return Archive(
+        index,
+        blobs,
+        settings.storage.on_duplicate,
+        limits=settings.limits,
+        audit=audit,
+        decoders=DecoderPool.from_limits(settings.limits),
+    )

@@ -42,9 +42,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import IntEnum, StrEnum
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
-from sqlalchemy import Connection, exc, select
+from sqlalchemy import Connection, QueuePool, RowMapping, exc, select
 
 from storage.errors import StorageUnavailable
 from storage.index.database import Index, database_errors
@@ -327,20 +327,26 @@ def _text(value: str) -> str:
     return value.replace("\x00", "\ufffd")
 
 
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+# The JSON lines: compact, keys in the order the message is built (PS3.15 A.5.1's).
+_LINE = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+
+
 def canonical_json(value: Any) -> str:
     """Sorted keys, no spaces, UTF-8 as is: one text per value (RFC 8785's aim for these
     types: strings and integers)."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return _CANONICAL.encode(value)
 
 
-def record_hash(row: Mapping[str, Any]) -> str:
+def record_hash(row: Mapping[str, Any] | RowMapping) -> str:
     """SHA-256 of the previous record's hash and this record's canonical JSON."""
     body = canonical_json({name: row[name] for name in HASHED_FIELDS})
     return hashlib.sha256((row["previous_hash"] + body).encode()).hexdigest()
 
 
 def _now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    """ISO 8601 UTC with microseconds: ``2026-12-03T18:00:00.000000Z``."""
+    return datetime.now(UTC).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
 
 
 class JsonLines:
@@ -356,7 +362,7 @@ class JsonLines:
             self._fd = os.open(self.target, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
 
     def write(self, messages: Sequence[Mapping[str, Any]]) -> None:
-        data = "".join(canonical_json(m) + "\n" for m in messages).encode()
+        data = "".join(_LINE.encode(m) + "\n" for m in messages).encode()
         with self._lock:
             if self._fd is None:
                 sys.stdout.buffer.write(data)
@@ -382,19 +388,128 @@ class AuditTrail:
         source_id: str = "HILUM",
     ) -> None:
         self.index = index  # its own engine (open_archive): closed with the trail
-        self._writer = index.engine.execution_options(hilum_write=True)
         self.json_lines = json_lines
         self.enabled = enabled
         self.source_id = source_id  # AuditSourceID and Hilum's own UserID (its AE title)
+        # (id, hash) of the newest record this process saw committed: the next append inserts
+        # after it in one statement if it is still the chain's head (:meth:`_after_cached_head`)
+        self._head: tuple[int, str] | None = None
+        self._head_lock = threading.Lock()
+        # Connections of the trail's pool kept checked out between records (taking one from
+        # the pool and returning it costs more than the record's insert); fewer than the
+        # pool's size, so that the searches and ``verify`` always find one there.
+        self._idle: list[Any] = []
+        self._idle_lock = threading.Lock()
+        pool = index.engine.pool
+        self._idle_max = max(1, pool.size() - 1) if isinstance(pool, QueuePool) else 0
 
     def record(self, context: Requestor, *entries: AuditEntry) -> None:
         """Write ``entries`` in a transaction of their own; raise :class:`AuditUnavailable`."""
         if not self.enabled or not entries:
             return
-        # A Core connection, not an ORM session: this runs before every query's answer.
-        with audit_errors(), database_errors(), self._writer.begin() as connection:
-            rows = self.append(connection, [(context, e) for e in entries])
+        with audit_errors(), database_errors():
+            rows = self._record_alone([(context, entry) for entry in entries])
         self.emit(rows)
+
+    def _record_alone(self, items: Sequence[tuple[Requestor, AuditEntry]]) -> list[dict[str, Any]]:
+        """The records in a transaction of their own, on the driver's connection: this runs
+        before every query's answer, and SQLAlchemy's connection and transaction machinery
+        cost more than the insert. A connection found broken (the database restarted while it
+        sat in the pool: the trail's pool does not ping) is replaced once; at worst, a commit
+        whose answer was lost is written twice (a record too many, never a fork)."""
+        dbapi_error = self.index.engine.dialect.loaded_dbapi.Error
+        postgresql = self.index.dialect == "postgresql"
+        for attempt in (1, 2):
+            with self._idle_lock:
+                pooled = self._idle.pop() if self._idle else None
+            if pooled is None:
+                pooled = self.index.engine.raw_connection()
+            connection = pooled.driver_connection
+            try:
+                write = self._alone_postgresql if postgresql else self._alone_sqlite
+                rows = write(connection, items)
+            except dbapi_error as error:
+                broken = bool(getattr(connection, "broken", False))
+                if broken:
+                    pooled.invalidate()
+                pooled.close()  # back to the pool (replaced there when invalidated)
+                if broken and attempt == 1:
+                    continue
+                raise AuditUnavailable(
+                    f"the audit trail cannot be written, so the operation is refused: {error}"
+                ) from error
+            except BaseException:
+                pooled.close()
+                raise
+            with self._idle_lock:
+                kept = len(self._idle) < self._idle_max
+                if kept:
+                    self._idle.append(pooled)
+            if not kept:
+                pooled.close()
+            self._advance(rows)
+            return rows
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _alone_sqlite(
+        self, connection: Any, items: Sequence[tuple[Requestor, AuditEntry]]
+    ) -> list[dict[str, Any]]:
+        cursor = connection.cursor()
+        try:
+            expanded = list(_per_patient(cursor, "?", items))  # read before the write lock
+            # The database's one write lock, up front (as every Hilum write transaction).
+            cursor.execute("BEGIN IMMEDIATE")
+            rows = self._after_cached_head(cursor, expanded, "?")
+            if rows is None:
+                rows = self._after_head(cursor, expanded, postgresql=False)
+            connection.commit()
+            return rows
+        except BaseException:
+            connection.rollback()
+            raise
+        finally:
+            cursor.close()
+
+    def _alone_postgresql(
+        self, connection: Any, items: Sequence[tuple[Requestor, AuditEntry]]
+    ) -> list[dict[str, Any]]:
+        """Usually one round trip: the insert after the cached head, a statement of its own
+        (autocommit) that takes the chain lock before it inserts a row (so a writer holding
+        the lock, which read the head, is never raced) and inserts nothing unless that record,
+        with that hash, is the newest. Its snapshot may predate a record committed while it
+        waited for the lock: the ids' primary key refuses the second record after the same
+        one (a unique violation). Then, and when nothing was inserted, one transaction: the
+        lock, the head read from the table, the insert after it."""
+        integrity_error = self.index.engine.dialect.loaded_dbapi.IntegrityError
+        head = self._head
+        cursor = connection.cursor()
+        try:
+            connection.autocommit = True
+            try:
+                expanded = list(_per_patient(cursor, "%s", items))
+                if head is not None and len(expanded) <= _AFTER_HEAD_MAX:
+                    rows = _rows(expanded, *head)
+                    try:
+                        cursor.execute(
+                            _insert_after(len(rows), "%s", locking=True),
+                            _after_params(rows, head, locking=True),
+                        )
+                        if cursor.rowcount == len(rows):
+                            return rows
+                    except integrity_error:
+                        pass  # another writer took the next id first: read the head
+            finally:
+                connection.autocommit = False
+            cursor.execute(_LOCK, (_CHAIN_LOCK,))
+            rows = self._after_head(cursor, expanded, postgresql=True)
+            connection.commit()
+            return rows
+        except BaseException:
+            if not connection.closed:
+                connection.rollback()
+            raise
+        finally:
+            cursor.close()
 
     def append(
         self, connection: Connection, items: Sequence[tuple[Requestor, AuditEntry]]
@@ -404,66 +519,67 @@ class AuditTrail:
         commit. The chain's head is locked until that transaction ends."""
         if not self.enabled or not items:
             return []
-        expanded = list(_per_patient(connection, items))
-        # The driver's own cursor, in the caller's transaction: this runs before every query's
-        # answer, and SQLAlchemy's statement machinery would cost it more than the insert.
+        # The driver's own cursor, in the caller's transaction: SQLAlchemy's statement
+        # machinery would cost more than the insert.
+        postgresql = connection.dialect.name == "postgresql"
         try:
-            return self._append(connection, expanded)
+            with contextlib.closing(connection.connection.cursor()) as cursor:
+                expanded = list(_per_patient(cursor, "%s" if postgresql else "?", items))
+                if postgresql:
+                    cursor.execute(_LOCK, (_CHAIN_LOCK,))
+                # SQLite: this write transaction began IMMEDIATE, holding the write lock.
+                rows = self._after_cached_head(cursor, expanded, "%s" if postgresql else "?")
+                if rows is None:
+                    rows = self._after_head(cursor, expanded, postgresql=postgresql)
+                return rows
         except connection.dialect.loaded_dbapi.Error as error:
             raise AuditUnavailable(
                 f"the audit trail cannot be written, so the operation is refused: {error}"
             ) from error
 
-    def _append(
-        self,
-        connection: Connection,
-        expanded: list[tuple[Requestor, AuditEntry, str, tuple[str, ...]]],
+    def _after_cached_head(
+        self, cursor: Any, expanded: list[_Expanded], marker: str
+    ) -> list[dict[str, Any]] | None:
+        """Under the chain lock: the records inserted after the head this process last saw
+        committed, in one statement that inserts nothing unless that record is still the
+        chain's head (the highest id, with that hash); None when it was not (another process
+        wrote since, or nothing is cached)."""
+        head = self._head
+        if head is None or len(expanded) > _AFTER_HEAD_MAX:
+            return None
+        rows = _rows(expanded, *head)
+        cursor.execute(_insert_after(len(rows), marker), _after_params(rows, head))
+        return rows if cursor.rowcount == len(rows) else None
+
+    def _after_head(
+        self, cursor: Any, expanded: list[_Expanded], *, postgresql: bool
     ) -> list[dict[str, Any]]:
-        postgresql = connection.dialect.name == "postgresql"
-        with contextlib.closing(connection.connection.cursor()) as cursor:
-            if postgresql:
-                cursor.execute("SELECT pg_advisory_xact_lock(%s)", (_CHAIN_LOCK,))
-            # SQLite: this write transaction began IMMEDIATE, holding the database's write lock.
-            cursor.execute("SELECT id, hash FROM audit_record ORDER BY id DESC LIMIT 1")
-            last = cursor.fetchone()
-            last_id, previous = (int(last[0]), str(last[1])) if last is not None else (0, GENESIS)
-            now = _now()
-            rows = []
-            for context, entry, patient_id, study_uids in expanded:
-                kind = EVENT_KINDS[entry.event]
-                principal = context.principal
-                row: dict[str, Any] = {
-                    "id": last_id + 1,
-                    "recorded_at": now,
-                    "event": entry.event.value,
-                    "action": entry.action or kind.action,
-                    "outcome": int(entry.outcome),
-                    "reason": _text(entry.reason),
-                    "principal_kind": str(principal.kind),
-                    "principal_name": _text(str(principal.name))[:255],
-                    "token_id": str(principal.token_id or ""),
-                    "address": context.address[:64],
-                    "transport": str(context.transport),
-                    "request_id": _text(context.request_id)[:64],
-                    "partition": context.partition,
-                    "patient_id": _text(patient_id)[:64],
-                    "study_uids": _text("\\".join(study_uids)),
-                    "instances": entry.instances,
-                    "detail": canonical_json(dict(entry.detail)) if entry.detail else "",
-                    "previous_hash": previous,
-                }
-                row["hash"] = previous = record_hash(row)
-                last_id += 1
-                rows.append(row)
-            cursor.executemany(
-                _INSERT_PG if postgresql else _INSERT_SQLITE,
-                [tuple(row[name] for name in _COLUMNS) for row in rows],
-            )
+        """Under the chain lock: the head read from the table, the records inserted after
+        it."""
+        cursor.execute("SELECT id, hash FROM audit_record ORDER BY id DESC LIMIT 1")
+        last = cursor.fetchone()
+        head = (int(last[0]), str(last[1])) if last is not None else (0, GENESIS)
+        rows = _rows(expanded, *head)
+        cursor.executemany(
+            _INSERT_PG if postgresql else _INSERT_SQLITE,
+            [tuple(row[name] for name in _COLUMNS) for row in rows],
+        )
         return rows
+
+    def _advance(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Remember the newest committed record as the chain's head (a hint: checked by the
+        next insert, never trusted)."""
+        if not rows:
+            return
+        last = rows[-1]
+        with self._head_lock:
+            if self._head is None or last["id"] > self._head[0]:
+                self._head = (last["id"], last["hash"])
 
     def emit(self, rows: Sequence[Mapping[str, Any]]) -> None:
         """The JSON lines of committed rows. A line that cannot be written is logged: the
         table holds the record."""
+        self._advance(rows)
         if self.json_lines is None or not rows:
             return
         try:
@@ -474,6 +590,10 @@ class AuditTrail:
     def close(self) -> None:
         if self.json_lines is not None:
             self.json_lines.close()
+        with self._idle_lock:
+            idle, self._idle = self._idle, []
+        for pooled in idle:
+            pooled.close()
         self.index.dispose()
 
 
@@ -482,31 +602,98 @@ _INSERT_SQLITE = (
     f"INSERT INTO audit_record ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
 )
 _INSERT_PG = _INSERT_SQLITE.replace("?", "%s")
+_LOCK = "SELECT pg_advisory_xact_lock(%s)"
+_AFTER_HEAD_MAX = 64  # records in one conditional insert (19 parameters each)
+
+# A request's context, its entry, the entry's patient ID and studies (one patient each).
+_Expanded = tuple[Requestor, AuditEntry, str, tuple[str, ...]]
+
+
+def _insert_after(count: int, marker: str, *, locking: bool = False) -> str:
+    """INSERT of ``count`` records that inserts nothing unless the record it names (id and
+    hash: :func:`_after_params`) is the chain's head. ``locking`` (PostgreSQL, a statement of
+    its own): it takes the chain lock itself, before it inserts a row."""
+    row = "(" + ", ".join([marker] * len(_COLUMNS)) + ")"
+    lock = f", (SELECT pg_advisory_xact_lock({marker})) AS chain_lock" if locking else ""
+    return (
+        f"INSERT INTO audit_record ({', '.join(_COLUMNS)}) "
+        f"SELECT v.* FROM (VALUES {', '.join([row] * count)}) AS v{lock} "
+        f"WHERE (SELECT max(id) FROM audit_record) = {marker} "
+        f"AND EXISTS (SELECT 1 FROM audit_record WHERE id = {marker} AND hash = {marker})"
+    )
+
+
+def _after_params(
+    rows: Sequence[Mapping[str, Any]], head: tuple[int, str], *, locking: bool = False
+) -> list[Any]:
+    values = [row[name] for row in rows for name in _COLUMNS]
+    return [*values, *([_CHAIN_LOCK] if locking else []), head[0], head[0], head[1]]
+
+
+def _rows(expanded: Sequence[_Expanded], last_id: int, previous: str) -> list[dict[str, Any]]:
+    """The records of ``expanded``, chained after record ``last_id`` whose hash is
+    ``previous``."""
+    now = _now()
+    rows = []
+    for context, entry, patient_id, study_uids in expanded:
+        kind = EVENT_KINDS[entry.event]
+        principal = context.principal
+        last_id += 1
+        row: dict[str, Any] = {
+            "id": last_id,
+            "recorded_at": now,
+            "event": entry.event.value,
+            "action": entry.action or kind.action,
+            "outcome": int(entry.outcome),
+            "reason": _text(entry.reason),
+            "principal_kind": str(principal.kind),
+            "principal_name": _text(str(principal.name))[:255],
+            "token_id": str(principal.token_id or ""),
+            "address": context.address[:64],
+            "transport": str(context.transport),
+            "request_id": _text(context.request_id)[:64],
+            "partition": context.partition,
+            "patient_id": _text(patient_id)[:64],
+            "study_uids": _text("\\".join(study_uids)),
+            "instances": entry.instances,
+            "detail": canonical_json(dict(entry.detail)) if entry.detail else "",
+            "previous_hash": previous,
+        }
+        row["hash"] = previous = record_hash(row)
+        rows.append(row)
+    return rows
+
+
+def _looked_up(entry: AuditEntry) -> bool:
+    """Whether the patient of ``entry`` is to be looked up from its studies."""
+    return entry.patient_id is None and bool(entry.study_uids)
 
 
 def _per_patient(
-    connection: Connection, items: Sequence[tuple[Requestor, AuditEntry]]
-) -> Iterator[tuple[Requestor, AuditEntry, str, tuple[str, ...]]]:
+    cursor: Any, marker: str, items: Sequence[tuple[Requestor, AuditEntry]]
+) -> Iterator[_Expanded]:
     """Each entry with its patient ID; an entry whose patient is to be looked up becomes one
     record per patient of its studies (a study not found stays with patient "")."""
     for context, entry in items:
-        if entry.patient_id is not None or not entry.study_uids:
+        if not _looked_up(entry):
             yield context, entry, entry.patient_id or "", entry.study_uids
             continue
-        found = connection.execute(
-            select(Study.study_instance_uid, Patient.patient_id)
-            .join(Patient, Study.patient_pk == Patient.id)
-            .where(
-                Study.partition == context.partition,
-                Study.study_instance_uid.in_(entry.study_uids),
+        by_study: dict[str, str] = {}
+        for start in range(0, len(entry.study_uids), 500):
+            uids = entry.study_uids[start : start + 500]
+            cursor.execute(
+                f"SELECT s.study_instance_uid, p.patient_id FROM {Study.__tablename__} s "
+                f"JOIN {Patient.__tablename__} p ON s.patient_pk = p.id "
+                f"WHERE s.partition = {marker} "
+                f"AND s.study_instance_uid IN ({', '.join([marker] * len(uids))})",
+                (context.partition, *uids),
             )
-        ).all()
+            by_study.update((str(uid), str(patient)) for uid, patient in cursor.fetchall())
         patients: dict[str, list[str]] = {}
-        by_study = {uid: patient for uid, patient in found}
         for uid in entry.study_uids:
             patients.setdefault(by_study.get(uid, ""), []).append(uid)
-        for patient_id, uids in patients.items():
-            yield context, entry, patient_id, tuple(uids)
+        for patient_id, patient_uids in patients.items():
+            yield context, entry, patient_id, tuple(patient_uids)
 
 
 class audit_errors:  # noqa: N801 (a context manager used like a function)
@@ -515,7 +702,7 @@ class audit_errors:  # noqa: N801 (a context manager used like a function)
     def __enter__(self) -> None:
         return None
 
-    def __exit__(self, kind: type | None, error: BaseException | None, _tb: Any) -> bool:
+    def __exit__(self, kind: type | None, error: BaseException | None, _tb: Any) -> Literal[False]:
         if error is None or isinstance(error, AuditUnavailable):
             return False
         if isinstance(error, StorageUnavailable | exc.DBAPIError):
@@ -649,14 +836,13 @@ def retrieve_entries(
     instances_per_study: Mapping[str, int],
     *,
     service: str,
-    event: AuditEvent = AuditEvent.RETRIEVE,
     **detail: str,
 ) -> list[AuditEntry]:
     """One record per study retrieved (each of a single patient, looked up), with its number of
     instances (A.5.3.7 from the source's side: R)."""
     return [
         AuditEntry(
-            event,
+            AuditEvent.RETRIEVE,
             patient_id=None,
             study_uids=(study,),
             instances=count,
@@ -767,7 +953,7 @@ def verify_chain(index: Index, batch: int = 5000) -> ChainReport:
     given: see docs/operations.md on pruning)."""
     count = 0
     first_id: int | None = None
-    previous: Mapping[str, Any] | None = None
+    previous: RowMapping | None = None
     columns = [getattr(AuditRow, name) for name in (*HASHED_FIELDS, "hash")]
     with database_errors(), index.read() as session:
         while True:
@@ -790,7 +976,7 @@ def verify_chain(index: Index, batch: int = 5000) -> ChainReport:
     return ChainReport(count, first_id, previous["id"] if previous else None, None)
 
 
-def _chain_fault(previous: Mapping[str, Any] | None, row: Mapping[str, Any]) -> str:
+def _chain_fault(previous: RowMapping | None, row: RowMapping) -> str:
     """Why ``row`` does not follow ``previous`` in the chain ("" if it does)."""
     if previous is None:
         if row["id"] == 1 and row["previous_hash"] != GENESIS:

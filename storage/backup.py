@@ -65,7 +65,7 @@ def backup_archive(
     archive: Archive,
     database_url: str,
     target: Path,
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[int], object] | None = None,
 ) -> BackupReport:
     """Snapshot the SQLite index into ``target``, then copy every blob it references (through
     the blob store's own interface) into ``target/blobs``, verifying each SHA-256."""
@@ -113,7 +113,7 @@ def _copy_blob(archive: Archive, key: str, sha256: str, path: Path) -> int:
 
 
 def restore_archive(
-    source: Path, settings: Settings, progress: Callable[[int], None] | None = None
+    source: Path, settings: Settings, progress: Callable[[int], object] | None = None
 ) -> BackupReport:
     """Put the backup in ``source`` in place of the absent (or empty) SQLite index of
     ``settings``, then every blob into its empty blob store. Never overwrites an archive. The

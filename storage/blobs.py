@@ -17,6 +17,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from types import TracebackType
 from typing import BinaryIO, Protocol
 from urllib.parse import parse_qs, urlsplit
 
@@ -63,6 +64,25 @@ def is_leftover(key: str) -> bool:
     return bool(_LEFTOVER.match(key))
 
 
+class BlobStream(Protocol):
+    """What :meth:`BlobStore.open` returns: the blob, read front to back, then closed (an open
+    file, or an S3 response that goes back to its connection pool on close)."""
+
+    def read(self, size: int = -1, /) -> bytes: ...
+
+    def close(self) -> None: ...
+
+    def __enter__(self) -> BlobStream: ...
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+        /,
+    ) -> None: ...
+
+
 class BlobStore(Protocol):
     def put(self, key: str, path: Path, *, may_link: bool = False) -> None:
         """:meth:`put_all` of one blob, raising what refused it."""
@@ -77,7 +97,7 @@ class BlobStore(Protocol):
         rest get the same answer without each waiting for it.
         """
 
-    def open(self, key: str) -> BinaryIO:
+    def open(self, key: str) -> BlobStream:
         """A readable stream of the whole blob; the caller closes it."""
 
     def get_range(self, key: str, offset: int, length: int) -> bytes:
@@ -96,7 +116,7 @@ class BlobStore(Protocol):
 
     def list_modified(self) -> Iterator[tuple[str, float]]:
         """Every key with the POSIX time it was last written, in no particular order (for
-        ``hilum verify --remove-orphans``, which leaves young orphans alone)."""
+        ``hilum verify --repair``, which leaves young orphans alone)."""
 
 
 class FileBlobStore:
@@ -245,9 +265,18 @@ class S3BlobStore:
     """Blobs as objects in one S3 bucket (MinIO, SeaweedFS, or any S3)."""
 
     def __init__(
-        self, endpoint: str, bucket: str, access_key: str, secret_key: str, max_connections: int
+        self,
+        endpoint: str,
+        bucket: str,
+        access_key: str,
+        secret_key: str,
+        max_connections: int,
+        storage_class: str = "",
     ) -> None:
+        """``storage_class``: every object written gets it (``x-amz-storage-class``);
+        empty: the bucket's default."""
         url = urlsplit(endpoint)
+        self.storage_class = storage_class
         if url.scheme not in ("http", "https") or not url.netloc:
             raise ValueError(f"S3 endpoint must be http(s)://host:port, not {endpoint!r}")
         self.bucket = bucket
@@ -293,14 +322,20 @@ class S3BlobStore:
                 try:
                     with self._unavailable_on_error(key):
                         self.client.fput_object(
-                            self.bucket, key, str(path), content_type="application/dicom"
-                        )
+                            self.bucket, key, str(path), content_type="application/dicom",
+                            metadata=self._put_headers,
+                        )  # fmt: skip
                 except StorageUnavailable as error:
                     refused = error
             refusals.append(refused)
         return refusals
 
-    def open(self, key: str) -> BinaryIO:
+    @property
+    def _put_headers(self) -> dict[str, str | list[str] | tuple[str]] | None:
+        # minio sends metadata keys starting with x-amz- as request headers, as they are.
+        return {"x-amz-storage-class": self.storage_class} if self.storage_class else None
+
+    def open(self, key: str) -> BlobStream:
         with self._unavailable_on_error(key):
             response = self.client.get_object(self.bucket, key)
         return _S3Stream(response)
@@ -382,9 +417,15 @@ class _S3Stream:
 
 
 def open_blob_store(
-    blob_url: str, *, access_key: str = "", secret_key: str = "", max_connections: int = 32
+    blob_url: str,
+    *,
+    access_key: str = "",
+    secret_key: str = "",
+    max_connections: int = 32,
+    storage_class: str = "",
 ) -> BlobStore:
-    """``file:///abs/path`` or ``s3://BUCKET?endpoint=http://host:9000``."""
+    """``file:///abs/path`` or ``s3://BUCKET?endpoint=http://host:9000`` (``storage_class``:
+    of the objects it writes, S3 only)."""
     url = urlsplit(blob_url)
     if url.scheme == "file":
         return FileBlobStore(Path(url.path))
@@ -394,5 +435,7 @@ def open_blob_store(
             raise ValueError(
                 f"S3 blob URL must be s3://BUCKET?endpoint=http://host:port: {blob_url}"
             )
-        return S3BlobStore(endpoint, url.netloc, access_key, secret_key, max_connections)
+        return S3BlobStore(
+            endpoint, url.netloc, access_key, secret_key, max_connections, storage_class
+        )
     raise ValueError(f"unsupported blob_url scheme {url.scheme!r} (use file:// or s3://)")

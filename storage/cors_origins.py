@@ -9,7 +9,7 @@ from sqlalchemy import delete, select
 
 from config.settings import check_origin
 from storage.errors import InvalidArgument, NotFound
-from storage.index.database import Index
+from storage.index.database import Index, affected_rows
 from storage.index.models import CorsOrigin
 
 
@@ -33,7 +33,7 @@ def add_cors_origin(index: Index, origin: str) -> bool:
 
 def remove_cors_origin(index: Index, origin: str) -> None:
     with index.write() as session:
-        removed = session.execute(delete(CorsOrigin).where(CorsOrigin.origin == origin)).rowcount
+        removed = affected_rows(session, delete(CorsOrigin).where(CorsOrigin.origin == origin))
     if not removed:
         raise NotFound(f"no CORS origin {origin[:100]!r} is listed")
 

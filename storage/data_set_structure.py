@@ -31,6 +31,7 @@ from pydicom.datadict import dictionary_VR
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian
 
 from config.settings import LimitsSettings
+from storage.blobs import BlobStream
 from storage.deflate import InflatingReader
 from storage.errors import InvalidInstance
 from storage.limits import refuse_too_complex
@@ -47,6 +48,8 @@ _TRANSFER_SYNTAX_UID = 0x00020010
 _HEADER = {True: struct.Struct("<HHL"), False: struct.Struct(">HHL")}
 _SHORT = {True: struct.Struct("<H"), False: struct.Struct(">H")}
 _LONG = {True: struct.Struct("<L"), False: struct.Struct(">L")}
+# A File Meta Information element header: tag, VR, 2-byte length (PS3.5 7.1.2).
+_META_ELEMENT = struct.Struct("<HH2sH")
 _ITEM_TAG = {True: struct.pack("<HH", 0xFFFE, 0xE000), False: struct.pack(">HH", 0xFFFE, 0xE000)}
 _INFLATE_CHUNK = 1 << 20
 
@@ -201,6 +204,7 @@ def _walk(
             _too_many(limits)
         if not stack and tag in _PIXEL_TAGS:
             return at
+        sequence_implicit: bool | None  # None: not a sequence; else how its items are encoded
         if not level_implicit and b"AA" <= vr <= b"ZZ":
             if vr in _LONG_LENGTH_VRS:
                 if pos + 4 > len(buf):
@@ -305,3 +309,26 @@ def _file_meta_transfer_syntax(window: _Window, limits: LimitsSettings) -> tuple
     if not syntax:
         raise InvalidInstance("the file meta information lacks a valid Transfer Syntax UID")
     return syntax, at, elements
+
+
+def skip_file_meta(stream: BlobStream) -> bytes | None:
+    """Read a stored Part 10 file's preamble and File Meta Information (PS3.10 7.1) from
+    ``stream``; return the bytes of the data set read past them (usually none), the rest being
+    left in the stream. None when the file has no preamble."""
+    head = stream.read(132)
+    if len(head) < 132 or head[128:] != b"DICM":
+        return None
+    while True:
+        element = stream.read(_META_ELEMENT.size)
+        if len(element) < _META_ELEMENT.size:
+            return element  # a data set shorter than an element header, or none
+        group, number, vr, length = _META_ELEMENT.unpack(element)
+        if group != 0x0002:
+            return element  # the first element of the data set (no group length was given)
+        if vr in _LONG_LENGTH_VRS:
+            length = struct.unpack("<I", stream.read(4))[0]
+        value = stream.read(length)
+        if number == 0x0000 and vr == b"UL" and len(value) == 4:
+            # PS3.10 7.1: File Meta Information Group Length: the rest of group 0002.
+            stream.read(struct.unpack("<I", value)[0])
+            return b""

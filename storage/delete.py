@@ -8,6 +8,7 @@ pointing at a missing file.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -125,7 +126,7 @@ def _audit(
     archive: Archive,
     session: Session,
     requestor: Requestor | None,
-    rows: list[Any],
+    rows: Sequence[Any],
     patient_pk: int,
     entities: tuple[str, str | None, str | None],
 ) -> list[dict[str, Any]]:

@@ -137,20 +137,14 @@ def _instance_header(
     transfer_syntax = meta.get("TransferSyntaxUID")
     if not is_valid_uid(transfer_syntax):
         raise InvalidInstance("the file meta information lacks a valid Transfer Syntax UID")
-    uids = {
-        keyword: uid_value(dataset, keyword)
-        for keyword in (
-            "SOPClassUID",
-            "SOPInstanceUID",
-            "StudyInstanceUID",
-            "SeriesInstanceUID",
-        )
-    }
-    for keyword, value in uids.items():
+    uids: dict[str, str] = {}
+    for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
+        value = uid_value(dataset, keyword)
         if not value:
             raise InvalidInstance(f"the data set lacks {keyword}")
         if not is_valid_uid(value):
             raise InvalidInstance(f"{keyword} {value[:80]!r} is not a valid UID")
+        uids[keyword] = value
 
     frames = _number_of_frames(dataset)
     _check_pixel_geometry(dataset, frames, has_pixel_element, limits)
@@ -183,7 +177,9 @@ def uid_value(dataset: Dataset, keyword: str) -> str | None:
     value may be padded with one trailing NUL; pydicom strips trailing NULs and spaces, then
     surrounding white space, which this does too. Anything else is left to pydicom.
     """
-    raw = dataset.get_item(tag_for_keyword(keyword))
+    tag = tag_for_keyword(keyword)
+    assert tag is not None, f"{keyword} is not a DICOM keyword"
+    raw = dataset.get_item(tag)
     if isinstance(raw, RawDataElement) and raw.VR in (None, "UI") and not raw.is_buffered:
         text = (raw.value or b"").decode("latin-1").rstrip("\x00 ")
         if "\\" not in text:
@@ -197,6 +193,7 @@ def integer_value(dataset: Dataset, keyword: str) -> int | None:
     not a whole number. Read from the raw bytes while the element is still raw (see
     :func:`uid_value`); anything but a plain single value is left to pydicom."""
     tag = tag_for_keyword(keyword)
+    assert tag is not None, f"{keyword} is not a DICOM keyword"
     raw = dataset.get_item(tag)
     if isinstance(raw, RawDataElement) and raw.value and not raw.is_buffered:
         vr = raw.VR or dictionary_VR(tag)

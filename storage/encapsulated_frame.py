@@ -1,5 +1,6 @@
 """What a compressed frame's own header declares (PS3.5 8.2: the JPEG, JPEG-LS, JPEG 2000
-and HTJ2K codestreams inside encapsulated Pixel Data), read before a decoder sees the frame.
+and HTJ2K codestreams, and the RLE header, inside encapsulated Pixel Data), read before a
+decoder sees the frame.
 
 A decoder allocates what the codestream declares, not what the data set's Rows and Columns
 say: a frame whose header claims 65535 x 65535 would be decoded into gigabytes even under the
@@ -13,7 +14,7 @@ import struct
 
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_frames
-from pydicom.uid import UID
+from pydicom.uid import UID, RLELossless
 
 from storage.dicom_file import integer_value
 from storage.errors import InvalidInstance
@@ -25,6 +26,7 @@ _STANDALONE = frozenset({0x01, *range(0xD0, 0xD9)})  # TEM, RSTn, SOI: no length
 _JPEG_SEARCH = 1 << 20  # APPn segments (ICC profiles) may come before the SOF
 _J2K_SIZ = b"\xff\x4f\xff\x51"  # ISO/IEC 15444-1 A.5: SOC, then SIZ
 _J2K_SEARCH = 4096  # a JP2 wrapper's boxes before the codestream
+_RLE_HEADER = struct.Struct("<16L")  # PS3.5 G.5
 
 
 def declared_size(transfer_syntax: str, frame: bytes) -> tuple[int, int, int] | None:
@@ -42,9 +44,18 @@ def declared_size(transfer_syntax: str, frame: bytes) -> tuple[int, int, int] | 
 
 
 def check_frame_header(
-    transfer_syntax: str, frame: bytes, rows: int, columns: int, samples_per_pixel: int
+    transfer_syntax: str,
+    frame: bytes,
+    rows: int,
+    columns: int,
+    samples_per_pixel: int,
+    bits_allocated: int = 8,
 ) -> None:
-    """Refuse a frame whose codestream declares another size than the data set."""
+    """Refuse a frame whose codestream declares another size than the data set, or whose RLE
+    header another number of segments, or segments outside the frame."""
+    if transfer_syntax == RLELossless:
+        _check_rle_header(frame, samples_per_pixel, bits_allocated)
+        return
     declared = declared_size(transfer_syntax, frame)
     if declared is None:
         return
@@ -68,9 +79,35 @@ def check_data_set_frames(dataset: Dataset) -> None:
         return
     rows, columns = integer_value(dataset, "Rows") or 0, integer_value(dataset, "Columns") or 0
     samples = integer_value(dataset, "SamplesPerPixel") or 1
+    bits = integer_value(dataset, "BitsAllocated") or 8
     frames = max(1, integer_value(dataset, "NumberOfFrames") or 1)
     for frame in generate_frames(dataset.PixelData, number_of_frames=frames):
-        check_frame_header(syntax, frame, rows, columns, samples)
+        check_frame_header(syntax, frame, rows, columns, samples, bits)
+
+
+def _check_rle_header(frame: bytes, samples_per_pixel: int, bits_allocated: int) -> None:
+    # PS3.5 G.2: one segment per byte of each sample, most significant first; G.5: a header of
+    # 16 unsigned longs, the number of segments (at most 15), then each segment's offset from
+    # the start of the header (the first is 64).
+    expected = samples_per_pixel * -(-bits_allocated // 8)
+    if len(frame) < _RLE_HEADER.size:
+        raise InvalidInstance(f"the RLE frame has {len(frame)} bytes, less than its header")
+    count, *offsets = _RLE_HEADER.unpack_from(frame)
+    if count != expected:
+        raise InvalidInstance(
+            f"the frame's RLE header declares {count} segments, the data set {expected} "
+            f"({samples_per_pixel} samples of {bits_allocated} bits; PS3.5 G.2)"
+        )
+    used = offsets[:count]
+    if (
+        used[0] != _RLE_HEADER.size
+        or any(later <= earlier for earlier, later in zip(used, used[1:], strict=False))
+        or used[-1] >= len(frame)
+    ):
+        raise InvalidInstance(
+            "the frame's RLE header gives segment offsets out of order or outside the frame "
+            "(PS3.5 G.5)"
+        )
 
 
 def _jpeg(frame: bytes) -> tuple[int, int, int] | None:

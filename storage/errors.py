@@ -51,3 +51,18 @@ class InstanceTooComplex(InvalidInstance):
 class InvalidArgument(StorageError):
     """An administration request with an invalid value (a partition name, an AE title, a
     network): nothing was changed."""
+
+
+class DecodeFailed(StorageError):
+    """Pixel data was not decoded (rendered, transcoded): the decoder refused it, or needed
+    more memory or time than ``[limits]`` give one decode, or its process died
+    (:mod:`storage.decoder_pool`). ``limit`` names the setting it passed, if any. The stored
+    instance is unchanged and can still be retrieved as stored."""
+
+    def __init__(self, message: str, limit: str | None = None) -> None:
+        super().__init__(message)
+        self.limit = limit
+
+
+class DecodersBusy(StorageUnavailable):
+    """No decoder process was free (or could be started) in time: retry later."""

@@ -40,6 +40,7 @@ from sqlalchemy import Connection, delete, func, insert, select, text
 from sqlalchemy.orm import Session
 
 from storage.errors import InvalidQuery
+from storage.index.database import affected_rows
 from storage.index.models import Event
 
 if TYPE_CHECKING:
@@ -195,7 +196,7 @@ def prune_events(archive: Archive, keep_days: float, now: datetime | None = None
     """Delete events older than ``keep_days``; how many."""
     cutoff = (now or utc_now()) - timedelta(days=keep_days)
     with archive.index.write() as session:
-        return session.execute(delete(Event).where(Event.created_at < cutoff)).rowcount or 0
+        return affected_rows(session, delete(Event).where(Event.created_at < cutoff))
 
 
 def _event(row: Event) -> ChangeEvent:

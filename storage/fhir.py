@@ -267,7 +267,7 @@ def find_reports(
             report_uid = rows[0].report_sop_instance_uid if rows else ""
             records = []
             for row in rows:
-                review = decisions.get((row.report_sop_instance_uid, row.tracking_uid))
+                decided = decisions.get((row.report_sop_instance_uid, row.tracking_uid))
                 records.append(
                     FindingRecord(
                         row.tracking_uid,
@@ -277,8 +277,8 @@ def find_reports(
                         row.present,
                         row.size,
                         row.size_unit,
-                        review.decision if review else None,
-                        as_utc(review.decided_at) if review else None,
+                        decided.decision if decided else None,
+                        as_utc(decided.decided_at) if decided else None,
                     )
                 )
             reports.append(

@@ -15,6 +15,7 @@ import enum
 import functools
 import hashlib
 import logging
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -37,6 +38,7 @@ from storage.audit import (
     audit_errors,
     failure,
 )
+from storage.data_set_structure import skip_file_meta
 from storage.delete import delete_blob_unless_referenced
 from storage.dicom_file import (
     InstanceHeader,
@@ -150,9 +152,9 @@ def ingest_files(
     outcomes: list[IngestResult | StorageError | None] = [None] * len(received)
     pending: list[_Prepared] = []
     headers: list[InstanceHeader | None] = [None] * len(received)
-    for n, item in enumerate(received):
+    for n, file in enumerate(received):
         try:
-            pending.append(_prepare(archive, n, item))
+            pending.append(_prepare(archive, n, file))
             headers[n] = pending[-1].header
         except StorageError as error:
             outcomes[n] = error
@@ -258,10 +260,44 @@ def _sha256(path: Path) -> tuple[str, int]:
     return digest.hexdigest(), size
 
 
+def _same_data_set(archive: Archive, stored: Any, item: _Prepared) -> bool:
+    """Whether the ``stored`` instance's blob holds the same data set as ``item`` in the same
+    transfer syntax, under another File Meta Information (PS3.10 7.1): the same instance sent
+    over C-STORE and over STOW-RS, or by two senders, is a re-send, not new content. Read only
+    when the files differ, so only for such re-sends; a blob that cannot be read is not the
+    same."""
+    if stored.transfer_syntax_uid != item.header.transfer_syntax_uid:
+        return False
+    try:
+        with open(item.received.path, "rb") as new, archive.blobs.open(stored.blob_key) as old:
+            new_rest, old_rest = skip_file_meta(new), skip_file_meta(old)
+            if new_rest is None or old_rest is None:
+                return False
+            while True:
+                new_rest = new_rest or new.read(_BLOCK)
+                old_rest = old_rest or old.read(_BLOCK)
+                n = min(len(new_rest), len(old_rest))
+                if n == 0:
+                    return not new_rest and not old_rest
+                if new_rest[:n] != old_rest[:n]:
+                    return False
+                new_rest, old_rest = new_rest[n:], old_rest[n:]
+    except (StorageError, OSError, struct.error) as error:
+        log.info("re-sent %s not compared with its stored copy: %s", stored.blob_key, error)
+        return False
+
+
+_BLOCK = 1 << 20
+
+
 # Built once: executed with parameters on the transaction's connection, these skip the ORM
 # and SQLAlchemy's per-statement cache-key work (half of the index time of an ingest).
 _EXISTING_INSTANCES = select(
-    Instance.id, Instance.sha256, Instance.blob_key, Instance.sop_instance_uid
+    Instance.id,
+    Instance.sha256,
+    Instance.blob_key,
+    Instance.sop_instance_uid,
+    Instance.transfer_syntax_uid,
 ).where(
     Instance.partition == bindparam("partition"),
     Instance.sop_instance_uid.in_(bindparam("uids", expanding=True)),
@@ -315,7 +351,9 @@ def _store(
     to_write: list[tuple[_Prepared, Any]] = []
     for item in items:
         stored = existing.get(item.header.sop_instance_uid)
-        if stored is not None and stored.sha256 == item.digest:
+        if stored is not None and (
+            stored.sha256 == item.digest or _same_data_set(archive, stored, item)
+        ):
             outcomes[item.n] = result(item, IngestOutcome.DUPLICATE)
         elif stored is not None and archive.on_duplicate == "keep":
             log.info("kept stored %s, discarded different re-sent content", stored.sop_instance_uid)

@@ -70,3 +70,24 @@ def check_decoded_size(
             "decoded_max_bytes",
             limits.decoded_max_bytes,
         )
+
+
+def check_decode_budget(
+    rows: int,
+    columns: int,
+    samples_per_pixel: int,
+    bits_allocated: int,
+    frames: int,
+    limits: LimitsSettings,
+) -> None:
+    """Refuse a decode of ``frames`` frames whose output alone, as declared, is over what one
+    decode may use (``decode_memory_mb``): it could only fail in its decoder process. The data
+    set may well be within the ingest limits; it is then available as stored only."""
+    size = frame_bytes(rows, columns, samples_per_pixel, bits_allocated) * frames
+    if size > limits.decode_memory_mb << 20:
+        refuse_too_large(
+            f"{frames} frame(s) of {rows} x {columns} x {samples_per_pixel} samples of "
+            f"{bits_allocated} bits decode to {size} bytes",
+            "decode_memory_mb",
+            limits.decode_memory_mb,
+        )

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from sqlalchemy import delete, select
 
 from storage.errors import InvalidArgument, NotFound
-from storage.index.database import Index
+from storage.index.database import Index, affected_rows
 from storage.index.models import MoveDestination
 from storage.partitions import ae_title
 
@@ -41,9 +41,9 @@ def set_move_destination(index: Index, entry: MoveDestinationEntry) -> bool:
 
 def remove_move_destination(index: Index, title: str) -> None:
     with index.write() as session:
-        removed = session.execute(
-            delete(MoveDestination).where(MoveDestination.ae_title == title)
-        ).rowcount
+        removed = affected_rows(
+            session, delete(MoveDestination).where(MoveDestination.ae_title == title)
+        )
     if not removed:
         raise NotFound(f"no move destination {title}")
 

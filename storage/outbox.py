@@ -29,6 +29,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from storage.errors import NotFound
 from storage.events import as_utc
+from storage.index.database import affected_rows
 from storage.index.models import EventDeadLetter, EventSubscriber
 
 if TYPE_CHECKING:
@@ -96,7 +97,8 @@ def claim(archive: Archive, name: str, owner: str, lease_s: float, now: datetime
     """Take or renew the lease of subscriber ``name`` for ``owner``: its cursor, or None when
     another loop holds it or its back-off has not passed."""
     with archive.index.write() as session:
-        claimed = session.execute(
+        claimed = affected_rows(
+            session,
             update(EventSubscriber)
             .where(
                 EventSubscriber.name == name,
@@ -110,8 +112,8 @@ def claim(archive: Archive, name: str, owner: str, lease_s: float, now: datetime
                     EventSubscriber.next_attempt_at <= now,
                 ),
             )
-            .values(lease_owner=owner, lease_expires_at=now + timedelta(seconds=lease_s))
-        ).rowcount
+            .values(lease_owner=owner, lease_expires_at=now + timedelta(seconds=lease_s)),
+        )
         if claimed != 1:
             return None
         row = session.get(EventSubscriber, name)
@@ -132,7 +134,8 @@ def advance(
     False when ``owner`` no longer holds it (it must stop: another loop delivers now)."""
     with archive.index.write() as session:
         return (
-            session.execute(
+            affected_rows(
+                session,
                 update(EventSubscriber)
                 .where(EventSubscriber.name == name, EventSubscriber.lease_owner == owner)
                 .values(
@@ -144,8 +147,8 @@ def advance(
                     next_attempt_at=None,
                     last_error="",
                     lease_expires_at=now + timedelta(seconds=lease_s),
-                )
-            ).rowcount
+                ),
+            )
             == 1
         )
 

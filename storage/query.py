@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
@@ -265,7 +265,7 @@ def entity_query(study: str, series: str | None = None, instances: Sequence[str]
     return Query(level=level, matching=matching)
 
 
-def search(archive: Archive, query: Query) -> Iterator[dict[str, Any]]:
+def search(archive: Archive, query: Query) -> Generator[dict[str, Any]]:
     """Yield one dict per matching entity: keyword -> value.
 
     Values are ``str``, ``int`` (counts and IS attributes), ``list[str]`` (multi-valued) or
@@ -309,7 +309,7 @@ def locate_instances(
     *,
     with_metadata: bool = False,
     with_frame_ranges: bool = False,
-) -> Iterator[StoredInstance]:
+) -> Generator[StoredInstance]:
     """Every stored instance beneath the entities ``query`` matches, streamed in order of
     study, series (number) and instance (number).
 

@@ -32,9 +32,9 @@ from typing import TYPE_CHECKING, BinaryIO
 from sqlalchemy import select, update
 
 from config.settings import StorageTier
-from storage.blobs import BlobStore, open_blob_store
+from storage.blobs import BlobStore, BlobStream, open_blob_store
 from storage.errors import NotFound, StorageError, StorageUnavailable
-from storage.index.database import Index
+from storage.index.database import Index, affected_rows
 from storage.index.models import Instance, Series, Study
 
 if TYPE_CHECKING:
@@ -87,7 +87,7 @@ class TieredBlobStore:
     def put_all(self, blobs: Sequence[tuple[str, Path, bool]]) -> list[StorageUnavailable | None]:
         return self.primary.put_all(blobs)
 
-    def open(self, key: str) -> BinaryIO:
+    def open(self, key: str) -> BlobStream:
         return self._find(key, lambda store: store.open(key))  # type: ignore[return-value]
 
     def get_range(self, key: str, offset: int, length: int) -> bytes:
@@ -135,6 +135,7 @@ def open_tiered_blob_store(
             access_key=tier.s3_access_key,
             secret_key=tier.s3_secret_key,
             max_connections=max_connections,
+            storage_class=tier.s3_storage_class,
         )
         for tier in tiers
     }
@@ -223,27 +224,31 @@ def apply_tiers(
     index: Index,
     blobs: TieredBlobStore,
     tiers: Sequence[StorageTier],
-    partition: str,
+    partition: str | None,
     tmp_dir: Path,
     *,
     now: datetime | None = None,
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[int], object] | None = None,
 ) -> TierReport:
-    """Move every instance of ``partition`` whose study belongs in another tier (by the age of
-    its last received instance or its last read from a tier) there: copy, verify, update the
-    index, delete the source. A study that fails (a store unreachable, a checksum that does not
-    match) is reported and left readable where it was; the others go on."""
+    """Move every instance of ``partition`` (None: of every partition) whose study belongs in
+    another tier (by the age of its last received instance or its last read from a tier) there:
+    copy, verify, update the index, delete the source. A study that fails (a store unreachable,
+    a checksum that does not match) is reported and left readable where it was; the others go
+    on. Runs at the same time (two hosts' schedules) are safe: each repoints a row only if no
+    other run moved it meanwhile, and deletes a source only after its own repoint."""
     now = now or _utc_now()
     report = TierReport()
     tmp_dir.mkdir(parents=True, exist_ok=True)
+    query = select(
+        Study.id, Study.study_instance_uid, Study.last_instance_at, Study.last_read_at
+    ).order_by(Study.id)
+    if partition is not None:
+        query = query.where(Study.partition == partition)
     with index.read() as session:
-        studies = session.execute(
-            select(Study.id, Study.study_instance_uid, Study.last_instance_at, Study.last_read_at)
-            .where(Study.partition == partition)
-            .order_by(Study.id)
-        ).all()
+        studies = session.execute(query).all()
     for study_pk, study_uid, last_instance_at, last_read_at in studies:
-        last_used = max(_aware(last_instance_at), _aware(last_read_at) or _aware(last_instance_at))
+        received = _aware(last_instance_at)
+        last_used = max(received, _aware(last_read_at)) if last_read_at else received
         target = target_tier(tiers, now - last_used)
         with index.read() as session:
             rows = session.execute(
@@ -275,9 +280,37 @@ def apply_tiers(
     return report
 
 
-def _aware(value: datetime | None) -> datetime | None:
+def apply_tiers_periodically(
+    archive: Archive,
+    tiers: Sequence[StorageTier],
+    tmp_dir: Path,
+    interval_s: float,
+    stop: threading.Event,
+) -> None:
+    """:func:`apply_tiers` of every partition, at once and then every ``interval_s`` until
+    ``stop`` is set (``hilum worker``'s schedule, ``[storage] tiers_interval_h``); each run's
+    outcome logged, a failed run tried again at the next."""
+    if not isinstance(archive.blobs, TieredBlobStore):
+        raise TypeError("storage tiers need the archive's TieredBlobStore")
+    while not stop.is_set():
+        try:
+            report = apply_tiers(archive.index, archive.blobs, tiers, None, tmp_dir)
+        except StorageError as error:
+            log.warning("storage tiers not applied (next run in %.0f s): %s", interval_s, error)
+        else:
+            moved = ", ".join(f"{n} {a}->{b}" for (a, b), n in sorted(report.moved.items()))
+            log.info(
+                "storage tiers applied: %d instances moved (%s), %d studies not moved",
+                report.instances,
+                moved or "none",
+                len(report.failed),
+            )
+        stop.wait(interval_s)
+
+
+def _aware(value: datetime) -> datetime:
     # SQLite keeps no time zone; Hilum writes UTC.
-    if value is None or value.tzinfo is not None:
+    if value.tzinfo is not None:
         return value
     return value.replace(tzinfo=UTC)
 
@@ -303,7 +336,7 @@ def _copy_verified(source: BlobStore, target: BlobStore, blob: _Blob, tmp_dir: P
             raise StorageUnavailable(f"the copy of blob {blob.blob_key} reads back different")
 
 
-def _copy_hashing(stream: BinaryIO, out: BinaryIO | None) -> str:
+def _copy_hashing(stream: BlobStream, out: BinaryIO | None) -> str:
     digest = hashlib.sha256()
     while chunk := stream.read(1 << 20):
         digest.update(chunk)
@@ -321,16 +354,17 @@ def _repoint(index: Index, moving: list[_Blob], target: str) -> set[int]:
     moved: set[int] = set()
     with index.write() as session:
         for blob in moving:
-            result = session.execute(
+            matched = affected_rows(
+                session,
                 update(Instance)
                 .where(
                     Instance.id == blob.id,
                     Instance.blob_key == blob.blob_key,
                     Instance.tier == blob.tier,
                 )
-                .values(tier=target)
+                .values(tier=target),
             )
-            if result.rowcount == 1:  # type: ignore[attr-defined]
+            if matched == 1:
                 moved.add(blob.id)
     return moved
 

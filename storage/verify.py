@@ -43,7 +43,7 @@ def verify_archive(
     archive: Archive,
     *,
     checksums: bool = True,
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[int], object] | None = None,
 ) -> VerifyReport:
     """Check every indexed instance's blob (existence, and SHA-256 when ``checksums``), then
     list the store for blobs no row references. Reads rows in batches, never all at once."""

@@ -8,6 +8,7 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
+from storage.data_set_structure import skip_file_meta
 from storage.index.database import Index
 from storage.partitions import create_partition, partition_exists
 
@@ -65,12 +66,10 @@ def write_part10(ds: Dataset, path: Path) -> Path:
 
 def dataset_bytes(path: Path) -> bytes:
     """The bytes of the data set after the preamble and file meta information."""
-    from pydicom.filereader import _read_file_meta_info, read_preamble
-
     with open(path, "rb") as f:
-        read_preamble(f, False)
-        _read_file_meta_info(f)
-        return f.read()
+        past_meta = skip_file_meta(f)
+        assert past_meta is not None, f"{path} is not a Part 10 file"
+        return past_meta + f.read()
 
 
 def data_set_differences(sent: Dataset, received: Dataset) -> list[str]:

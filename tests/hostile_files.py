@@ -15,6 +15,7 @@ from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
     JPEGBaseline8Bit,
+    RLELossless,
     SecondaryCaptureImageStorage,
     generate_uid,
 )
@@ -206,4 +207,42 @@ def frames_beyond_pixel_data(path: Path, frames: int) -> Path:
     )
     pixel_data = _element(0x7FE0, 0x0010, b"OW", b"\x00" * 512)
     path.write_bytes(_meta_bytes(ds, ExplicitVRLittleEndian) + _explicit_le(ds) + pixel_data)
+    return path
+
+
+def _rle_zero_row(columns: int) -> bytes:
+    """One row of ``columns`` zero bytes, PackBits-encoded (PS3.5 G.3.1: a replicate run of n
+    bytes is the byte 257 - n, then the value; at most 128 a run, never across rows)."""
+    full, rest = divmod(columns, 128)
+    return b"\x81\x00" * full + (bytes([257 - rest, 0]) if rest > 1 else b"\x00\x00" * rest)
+
+
+def rle_zeros(path: Path, rows: int, columns: int, **elements: object) -> Path:
+    """A CT image of ``rows`` x ``columns`` 16-bit zeros in RLE Lossless: a valid frame, within
+    the default ``[limits]``, a few bytes a row stored and 2 bytes a pixel decoded (16000 x
+    16000: 8 MB stored, 488 MiB decoded, gigabytes rendered)."""
+    ds = _header(
+        Modality="CT",
+        Rows=rows,
+        Columns=columns,
+        SamplesPerPixel=1,
+        PhotometricInterpretation="MONOCHROME2",
+        BitsAllocated=16,
+        BitsStored=16,
+        HighBit=15,
+        PixelRepresentation=0,
+        RescaleIntercept=0,
+        RescaleSlope=1,
+        InstanceNumber=1,
+        **elements,
+    )
+    segment = _rle_zero_row(columns) * rows
+    segment += b"\x00" * (len(segment) % 2)
+    # PS3.5 G.5: two segments (high bytes, low bytes), the first at 64.
+    header = struct.pack("<16L", 2, 64, 64 + len(segment), *([0] * 13))
+    frame = header + segment + segment
+    items = struct.pack("<HHL", 0xFFFE, 0xE000, 0) + struct.pack("<HHL", 0xFFFE, 0xE000, len(frame))
+    pixel_data = struct.pack("<HH2sHL", 0x7FE0, 0x0010, b"OB", 0, 0xFFFFFFFF) + items + frame
+    pixel_data += struct.pack("<HHL", 0xFFFE, 0xE0DD, 0)
+    path.write_bytes(_meta_bytes(ds, RLELossless) + _explicit_le(ds) + pixel_data)
     return path

@@ -5,7 +5,9 @@ once; every instance is indexed once, every job runs once, each study gets one S
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import requests
+import torch
 from dicomweb_client.api import DICOMwebClient
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -48,9 +51,12 @@ class Topology:
             "HILUM_STORAGE__S3_SECRET_KEY": S3_SECRET_KEY,
             "HILUM_INFERENCE__STABLE_AFTER_S": "2",
             "HILUM_INFERENCE__POLL_INTERVAL_S": "0.3",
+            # JSON logs: each line parsed, and its request, association or job id checked.
+            "HILUM_LOG__FORMAT": "json",
         }
         self.processes: list[subprocess.Popen] = []
         self.logs: list[Path] = []
+        self.commands: list[str] = []
 
     def run(self, *args: str, **env: str) -> subprocess.CompletedProcess:
         return subprocess.run(
@@ -72,6 +78,7 @@ class Topology:
             )  # fmt: skip
         self.processes.append(process)
         self.logs.append(err)
+        self.commands.append(command)
 
         def started() -> bool:
             if process.poll() is not None:
@@ -187,11 +194,15 @@ def test_two_dimse_two_workers_and_gunicorn_on_one_postgresql_and_s3(
                    for p in worker_metrics]  # fmt: skip
         assert sum(total(t, "hilum_jobs_finished_total", state="done") for t in workers) == 3
         assert total(workers[0], "hilum_jobs", state="done") == STUDIES  # from the index
+        # GPU memory: on a worker with a GPU, absent on the CPU.
+        gpu = total(workers[0], "hilum_gpu_memory_total_bytes")
+        assert gpu > 0 if torch.cuda.is_available() else "hilum_gpu_memory" not in workers[0]
         web = requests.get(f"{base}/metrics", timeout=10).text
         assert total(web, "hilum_http_requests_total", service="qido-rs", status="200") >= 6
 
         # Readiness follows the object store.
-        assert requests.get(f"{base}/readyz", timeout=30).status_code == 200
+        probe = {"X-Request-Id": "scale-out-probe"}
+        assert requests.get(f"{base}/readyz", headers=probe, timeout=30).status_code == 200
         s3_proxy.cut()
         down = requests.get(f"{base}/readyz", timeout=30)
         assert down.status_code == 503 and down.json()["index"] == "ok", down.text
@@ -202,3 +213,41 @@ def test_two_dimse_two_workers_and_gunicorn_on_one_postgresql_and_s3(
         s3_proxy.close()
     for process, log in zip(topology.processes, topology.logs, strict=True):
         assert process.returncode == 0, log.read_text()[-3000:]
+    check_json_logs(topology, {job["id"] for job in jobs})
+
+
+def check_json_logs(topology: Topology, job_ids: set[int]) -> None:
+    """Every line each process wrote to stderr is one JSON object of its command; the lines
+    about an association, an HTTP request (gunicorn's access log included) or an AI job name
+    it."""
+    lines: dict[str, list[dict]] = {"dimse": [], "web": [], "worker": []}
+    for command, log in zip(topology.commands, topology.logs, strict=True):
+        for text in log.read_text().splitlines():
+            line = json.loads(text)
+            assert line["command"] == command, line
+            lines[command].append(line)
+    # DIMSE: each storescu association's summary, by the association it is about.
+    summaries = [line for line in lines["dimse"] if "association STORESCU ->" in line["message"]]
+    assert len(summaries) == 2  # one per DIMSE process
+    for line in lines["dimse"]:
+        named = re.match(r"\[(A\d+)\] ", line["message"])
+        if named:
+            assert line.get("association") == named.group(1) and "peer" in line, line
+    # gunicorn: its access line of each request with the request's id.
+    access = [line for line in lines["web"] if line["logger"] == "gunicorn.access"]
+    assert access and all(re.fullmatch(r"[\w.:@/+=-]{1,64}", line["request_id"]) for line in access)
+    assert any(
+        "/readyz" in line["message"] and line["request_id"] == "scale-out-probe" for line in access
+    )
+    assert any("Booting worker" in line["message"] for line in lines["web"])  # gunicorn's own
+    # Workers: every line names the worker; a job's lines its job.
+    assert all(
+        "worker" in line for line in lines["worker"] if line["logger"].startswith("inference")
+    )
+    done = set()
+    for line in lines["worker"]:
+        about = re.match(r"job (\d+): ", line["message"])
+        if about:
+            assert line.get("job_id") == int(about.group(1)), line
+            done.add(line["job_id"])
+    assert done == job_ids

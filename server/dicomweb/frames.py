@@ -1,5 +1,6 @@
 """Frames of a stored instance: read with one ranged read each from the blob store, using the
-byte ranges recorded at ingest (never the whole file), and decoded only when asked.
+byte ranges recorded at ingest (never the whole file), and decoded only when asked, in a
+decoder process (:mod:`storage.decoder_pool`) once the declared sizes are checked.
 
 An instance without recorded ranges (deflated, or fragments that cannot be assigned to frames)
 is copied and parsed once per request, whatever the number of frames asked for.
@@ -7,36 +8,26 @@ is copied and parsed once per request, whatever the number of frames asked for.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from io import BytesIO
-from typing import Any
+from typing import Any, TypeVar
 
-import numpy as np
 import pydicom
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.encaps import encapsulate, generate_frames
+from pydicom.dataset import Dataset
+from pydicom.encaps import generate_frames
 from pydicom.uid import UID
 
 from server.dicomweb.media_types import NotAcceptable
 from server.dicomweb.spool import Spool
 from storage.archive import Archive
 from storage.encapsulated_frame import check_frame_header
-from storage.errors import InstanceTooLarge, InvalidInstance, InvalidQuery, NotFound
-from storage.limits import check_decoded_size
+from storage.errors import DecodeFailed, InstanceTooLarge, InvalidInstance, InvalidQuery, NotFound
+from storage.limits import check_decode_budget, check_decoded_size
+from storage.pixel_decoding import PIXEL_MODULE, attributes, is_small_native, native_frame
 from storage.query import StoredInstance
 
-# Image Pixel Module attributes (PS3.3 C.7.6.3) that decoding a frame needs.
-_PIXEL_MODULE = (
-    "00280002",  # SamplesPerPixel
-    "00280004",  # PhotometricInterpretation
-    "00280006",  # PlanarConfiguration
-    "00280010",  # Rows
-    "00280011",  # Columns
-    "00280100",  # BitsAllocated
-    "00280101",  # BitsStored
-    "00280102",  # HighBit
-    "00280103",  # PixelRepresentation
-)
+T = TypeVar("T")
+
 _ITEM_HEADER = 8  # PS3.5 A.4: (FFFE,E000) tag and a 4-byte length before each fragment
 
 
@@ -83,15 +74,17 @@ def check_decodable(instance: StoredInstance, archive: Archive, frames: int = 1)
     ``[limits]``: checked before anything is read or allocated. An instance stored before a
     lower limit is refused here rather than decoded."""
     metadata = instance.metadata or {}
+    geometry = (
+        _first_int(metadata, "00280010", 0),
+        _first_int(metadata, "00280011", 0),
+        _first_int(metadata, "00280002", 1),
+        _first_int(metadata, "00280100", 8),
+        frames,
+        archive.limits,
+    )
     try:
-        check_decoded_size(
-            _first_int(metadata, "00280010", 0),
-            _first_int(metadata, "00280011", 0),
-            _first_int(metadata, "00280002", 1),
-            _first_int(metadata, "00280100", 8),
-            frames,
-            archive.limits,
-        )
+        check_decoded_size(*geometry)
+        check_decode_budget(*geometry)
     except InstanceTooLarge as error:
         raise NotAcceptable(
             f"instance {instance.sop_instance_uid} is not decoded: {error}; retrieve it as stored"
@@ -135,8 +128,7 @@ class FrameReader:
             stored = (self.read_frame(instance, number) for number in numbers)
         if not decode:
             return stored
-        metadata, syntax = instance.metadata or {}, instance.transfer_syntax_uid
-        return (native_frame(metadata, syntax, frame) for frame in stored)
+        return (native_frame_of(self.archive, instance, frame) for frame in stored)
 
     def read_header(self, instance: StoredInstance) -> Dataset:
         """The data set up to the Pixel Data element, read without fetching the pixels."""
@@ -178,40 +170,45 @@ class FrameReader:
                 yield little[number - 1].tobytes()
 
 
-def frame_dataset(metadata: dict[str, Any], transfer_syntax: str, frame: bytes) -> Dataset:
-    """A one-frame data set around ``frame`` with the instance's Image Pixel attributes, so
-    pydicom's decoders (pylibjpeg, openjpeg, RLE) can decode it."""
-    ds = Dataset.from_json({tag: metadata[tag] for tag in _PIXEL_MODULE if tag in metadata})
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = transfer_syntax
-    ds.NumberOfFrames = 1
-    ds.PixelData = encapsulate([frame]) if UID(transfer_syntax).is_encapsulated else frame
-    ds["PixelData"].VR = "OB" if UID(transfer_syntax).is_encapsulated else "OW"
-    return ds
-
-
-def decode_frame(metadata: dict[str, Any], transfer_syntax: str, frame: bytes) -> np.ndarray:
-    """The frame decoded, once its codestream is known to declare the data set's size (a
-    decoder allocates what the codestream says)."""
+def check_codestream(instance: StoredInstance, frame: bytes) -> None:
+    """406 for a frame whose codestream declares another size than the data set: a decoder
+    allocates what the codestream says (:mod:`storage.encapsulated_frame`)."""
+    metadata = instance.metadata or {}
     try:
         check_frame_header(
-            transfer_syntax,
+            instance.transfer_syntax_uid,
             frame,
             _first_int(metadata, "00280010", 0),
             _first_int(metadata, "00280011", 0),
             _first_int(metadata, "00280002", 1),
+            _first_int(metadata, "00280100", 8),
         )
     except InvalidInstance as error:
         raise NotAcceptable(f"the frame is not decoded: {error}; retrieve it as stored") from None
-    return frame_dataset(metadata, transfer_syntax, frame).pixel_array
 
 
-def native_frame(metadata: dict[str, Any], transfer_syntax: str, frame: bytes) -> bytes:
-    """The frame decoded to native little-endian pixels (PS3.18 8.7.3.3.2 octet-stream).
+def decoded(
+    archive: Archive, instance: StoredInstance, function: Callable[..., T], *args: Any
+) -> T:
+    """``function(*args)``, a decode of :mod:`storage.pixel_decoding`, in a decoder process
+    (:mod:`storage.decoder_pool`), or here for a small native frame
+    (:func:`storage.pixel_decoding.is_small_native`); a decode that fails or passes a
+    ``[limits]`` budget is 406 with the reason (the instance is still available as stored)."""
+    small = is_small_native(instance.metadata or {}, instance.transfer_syntax_uid)
+    try:
+        return archive.decoders.run(function, *args, in_process=small)
+    except DecodeFailed as error:
+        raise NotAcceptable(
+            f"instance {instance.sop_instance_uid} is not decoded: {error}; retrieve it as stored"
+        ) from None
 
-    Colour frames are sent as decoded (RGB, interleaved).
-    """
-    if not UID(transfer_syntax).is_encapsulated and UID(transfer_syntax).is_little_endian:
+
+def native_frame_of(archive: Archive, instance: StoredInstance, frame: bytes) -> bytes:
+    """The frame as native little-endian pixels (PS3.18 8.7.3.3.2 octet-stream): a native
+    little-endian frame as it is, another one decoded."""
+    syntax = UID(instance.transfer_syntax_uid)
+    if not syntax.is_encapsulated and syntax.is_little_endian:
         return frame
-    pixels = decode_frame(metadata, transfer_syntax, frame)
-    return pixels.astype(pixels.dtype.newbyteorder("<")).tobytes()
+    check_codestream(instance, frame)
+    module = attributes(instance.metadata or {}, PIXEL_MODULE)
+    return decoded(archive, instance, native_frame, module, syntax, frame)

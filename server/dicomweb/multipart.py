@@ -7,7 +7,7 @@ import re
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import IO, Protocol
 
 _READ_CHUNK = 1 << 20
 _MAX_HEADER_BYTES = 16 * 1024
@@ -16,6 +16,12 @@ _BOUNDARY = re.compile(r"^[0-9A-Za-z'()+_,\-./:=? ]{1,70}$")  # RFC 2046 5.1.1 b
 
 class MultipartError(ValueError):
     """The body is not a well-formed multipart message."""
+
+
+class ByteStream(Protocol):
+    """What a body is read from: the request's stream, or a wrapper that counts what it reads."""
+
+    def read(self, size: int = -1, /) -> bytes: ...
 
 
 @dataclass(frozen=True)
@@ -50,7 +56,7 @@ def check_boundary(boundary: str) -> str:
 @dataclass
 class ReceivedPart:
     headers: dict[str, str]  # lower-case names
-    file: BinaryIO  # positioned at 0; the caller closes it
+    file: IO[bytes]  # positioned at 0; the caller closes it
 
     @property
     def content_type(self) -> str:
@@ -58,7 +64,7 @@ class ReceivedPart:
 
 
 def read_parts(
-    stream: BinaryIO, boundary: str, spool: Callable[[], BinaryIO]
+    stream: ByteStream, boundary: str, spool: Callable[[], IO[bytes]]
 ) -> Iterator[ReceivedPart]:
     """Yield each part of the body read from ``stream``, its content written to ``spool()``.
 
@@ -105,7 +111,7 @@ def _parse_headers(raw: bytes) -> dict[str, str]:
 class _Reader:
     """A buffer over the request stream that finds delimiters across chunk edges."""
 
-    def __init__(self, stream: BinaryIO) -> None:
+    def __init__(self, stream: ByteStream) -> None:
         self.stream = stream
         self.buffer = bytearray()
         self.eof = False
@@ -171,7 +177,7 @@ class _Reader:
             if not self._fill():
                 raise MultipartError("the body ends inside multipart headers")
 
-    def copy_until(self, separator: bytes, out: BinaryIO) -> bool:
+    def copy_until(self, separator: bytes, out: IO[bytes]) -> bool:
         """Write to ``out`` up to ``separator``, which is consumed; False at end of stream."""
         while True:
             at = self.buffer.find(separator)

@@ -163,13 +163,14 @@ def dicom_json(row: dict[str, Any], level: QueryLevel, extra_keys: list[str]) ->
     result = {_tag(keyword): _element(keyword, value) for keyword, value in row.items()}
     for keyword in extra_keys:
         result.setdefault(_tag(keyword), {"vr": dictionary_VR(keyword)})
-    study = row.get("StudyInstanceUID")
+    # storage.query.search: a row holds the unique keys of its level and the levels above.
+    study = row["StudyInstanceUID"]
     if level == QueryLevel.STUDY:
         url = urls.study_url(study)
     elif level == QueryLevel.SERIES:
-        url = urls.series_url(study, row.get("SeriesInstanceUID"))
+        url = urls.series_url(study, row["SeriesInstanceUID"])
     else:
-        url = urls.instance_url(study, row.get("SeriesInstanceUID"), row.get("SOPInstanceUID"))
+        url = urls.instance_url(study, row["SeriesInstanceUID"], row["SOPInstanceUID"])
     result[_RETRIEVE_URL] = {"vr": "UR", "Value": [url]}
     result[_INSTANCE_AVAILABILITY] = {"vr": "CS", "Value": ["ONLINE"]}
     return dict(sorted(result.items()))

@@ -1,24 +1,22 @@
 """Rendered resources and thumbnails (PS3.18 8.3.5, 10.4.1.1.3): a frame decoded with pydicom,
-windowed, scaled to the viewport and encoded by Pillow as JPEG or PNG."""
+windowed, scaled to the viewport and encoded by Pillow as JPEG or PNG, in a decoder process
+(:func:`storage.pixel_decoding.rendered_frame`)."""
 
 from __future__ import annotations
 
-import io
 import re
-from dataclasses import dataclass
-from typing import Any
 
-import numpy as np
 from flask import Blueprint, Response, request
-from PIL import Image
+from flask.typing import RouteCallable
 
 from config import Settings
 from server.access import Action, requires
 from server.dicomweb.frames import (
     FrameReader,
+    check_codestream,
     check_decodable,
     check_frames,
-    decode_frame,
+    decoded,
     parse_frame_list,
 )
 from server.dicomweb.media_types import NotAcceptable, matches, parse_accept
@@ -27,6 +25,12 @@ from server.dicomweb.wado import located, one_instance
 from server.partitions import request_archive
 from storage.archive import Archive
 from storage.errors import InvalidQuery
+from storage.pixel_decoding import (
+    RENDERING_ATTRIBUTES,
+    RenderingParameters,
+    attributes,
+    rendered_frame,
+)
 from storage.query import StoredInstance
 
 RENDERED_TYPES = ("image/jpeg", "image/png")
@@ -34,103 +38,37 @@ THUMBNAIL_VIEWPORT = (128, 128)
 _NUMBER = re.compile(r"^-?\d+(\.\d+)?$")
 
 
-@dataclass(frozen=True)
-class RenderingParameters:
-    """PS3.18 8.3.5.1: window, viewport and quality."""
-
-    window: tuple[float, float, str] | None = None  # center, width, function
-    viewport: tuple[int, int] | None = None  # width, height
-    quality: int = 90
-
-    @classmethod
-    def from_request(cls, default_viewport: tuple[int, int] | None = None) -> RenderingParameters:
-        window = None
-        if "window" in request.args:
-            parts = request.args["window"].split(",")
-            if len(parts) != 3 or not all(_NUMBER.match(p) for p in parts[:2]):
-                raise InvalidQuery("window must be center,width,function")
-            function = parts[2].lower()
-            if function not in ("linear", "linear-exact", "sigmoid"):
-                raise InvalidQuery("window function must be linear, linear-exact or sigmoid")
-            if float(parts[1]) <= 0:
-                raise InvalidQuery("window width must be positive")
-            window = (float(parts[0]), float(parts[1]), function)
-        viewport = default_viewport
-        if "viewport" in request.args:
-            parts = request.args["viewport"].split(",")
-            try:
-                viewport = (int(parts[0]), int(parts[1]))
-            except (ValueError, IndexError):
-                raise InvalidQuery("viewport must be vw,vh (whole numbers)") from None
-            if min(viewport) < 1:
-                raise InvalidQuery("viewport sizes must be positive")
-        quality = 90
-        if "quality" in request.args:
-            try:
-                quality = int(request.args["quality"])
-            except ValueError:
-                raise InvalidQuery("quality must be a whole number 1-100") from None
-            if not 1 <= quality <= 100:
-                raise InvalidQuery("quality must be 1-100")
-        return cls(window, viewport, quality)
-
-
-def _first_number(metadata: dict[str, Any], tag: str) -> float | None:
-    values = metadata.get(tag, {}).get("Value")
-    try:
-        return float(values[0]) if values else None
-    except (TypeError, ValueError):
-        return None
-
-
-def to_8_bit(
-    pixels: np.ndarray, metadata: dict[str, Any], params: RenderingParameters
-) -> np.ndarray:
-    """Modality LUT (rescale) then VOI LUT window (PS3.3 C.11.2.1.2), to 0-255."""
-    samples = int(_first_number(metadata, "00280002") or 1)
-    if samples > 1 and params.window is None:
-        if pixels.dtype == np.uint8:
-            return pixels
-        peak = max(float(pixels.max()), 1.0)
-        return (pixels.astype(np.float64) * 255.0 / peak).astype(np.uint8)
-    values = pixels.astype(np.float64)
-    slope = _first_number(metadata, "00281053") or 1.0
-    intercept = _first_number(metadata, "00281052") or 0.0
-    values = values * slope + intercept
-    if params.window is not None:
-        center, width, function = params.window
-    else:
-        center = _first_number(metadata, "00281050")
-        width = _first_number(metadata, "00281051")
-        function = "linear"
-        if center is None or not width or width <= 0:
-            low, high = float(values.min()), float(values.max())
-            center, width = (low + high) / 2, max(high - low, 1.0)
-    if function == "sigmoid":
-        out = 255.0 / (1.0 + np.exp(-4.0 * (values - center) / width))
-    elif function == "linear-exact":
-        out = (values - (center - width / 2)) / width * 255.0
-    else:
-        out = ((values - (center - 0.5)) / (width - 1 if width > 1 else 1) + 0.5) * 255.0
-    out = np.clip(out, 0, 255).astype(np.uint8)
-    photometric = (metadata.get("00280004", {}).get("Value") or [""])[0]
-    return 255 - out if photometric == "MONOCHROME1" else out
-
-
-def render(
-    pixels: np.ndarray, metadata: dict[str, Any], params: RenderingParameters, media_type: str
-) -> bytes:
-    image = Image.fromarray(to_8_bit(pixels, metadata, params))
-    if params.viewport is not None:
-        image.thumbnail(params.viewport)  # keeps the aspect ratio, never enlarges
-    out = io.BytesIO()
-    if media_type == "image/png":
-        image.save(out, format="PNG")
-    else:
-        image.convert("RGB" if image.mode not in ("L", "RGB") else image.mode).save(
-            out, format="JPEG", quality=params.quality
-        )
-    return out.getvalue()
+def rendering_parameters(default_viewport: tuple[int, int] | None = None) -> RenderingParameters:
+    """PS3.18 8.3.5.1: the request's window, viewport and quality."""
+    window = None
+    if "window" in request.args:
+        parts = request.args["window"].split(",")
+        if len(parts) != 3 or not all(_NUMBER.match(p) for p in parts[:2]):
+            raise InvalidQuery("window must be center,width,function")
+        function = parts[2].lower()
+        if function not in ("linear", "linear-exact", "sigmoid"):
+            raise InvalidQuery("window function must be linear, linear-exact or sigmoid")
+        if float(parts[1]) <= 0:
+            raise InvalidQuery("window width must be positive")
+        window = (float(parts[0]), float(parts[1]), function)
+    viewport = default_viewport
+    if "viewport" in request.args:
+        parts = request.args["viewport"].split(",")
+        try:
+            viewport = (int(parts[0]), int(parts[1]))
+        except (ValueError, IndexError):
+            raise InvalidQuery("viewport must be vw,vh (whole numbers)") from None
+        if min(viewport) < 1:
+            raise InvalidQuery("viewport sizes must be positive")
+    quality = 90
+    if "quality" in request.args:
+        try:
+            quality = int(request.args["quality"])
+        except ValueError:
+            raise InvalidQuery("quality must be a whole number 1-100") from None
+        if not 1 <= quality <= 100:
+            raise InvalidQuery("quality must be 1-100")
+    return RenderingParameters(window, viewport, quality)
 
 
 def rendered_media_type() -> str:
@@ -162,16 +100,19 @@ class RenderedTransaction:
         check_frames(instance, [frame])
         check_decodable(instance, self.archive)
         data = self.frames.read_frame(instance, frame)
-        pixels = decode_frame(instance.metadata or {}, instance.transfer_syntax_uid, data)
-        return Response(
-            render(pixels, instance.metadata or {}, params, media_type), content_type=media_type
+        check_codestream(instance, data)
+        metadata = attributes(instance.metadata or {}, RENDERING_ATTRIBUTES)
+        syntax = instance.transfer_syntax_uid
+        image = decoded(
+            self.archive, instance, rendered_frame, metadata, syntax, data, params, media_type
         )
+        return Response(image, content_type=media_type)
 
     def _render(
         self, instance: StoredInstance, frame: int, viewport: tuple[int, int] | None = None
     ) -> Response:
         media_type = rendered_media_type()
-        params = RenderingParameters.from_request(viewport)
+        params = rendering_parameters(viewport)
         return self.render_frame(instance, frame, params, media_type)
 
     def _instance(self, study: str, series: str, instance: str) -> StoredInstance:
@@ -232,7 +173,7 @@ def blueprint(settings: Settings) -> Blueprint:
     bp = Blueprint("rendered", __name__)
     series = "/studies/<study>/series/<series>"
     instance = f"{series}/instances/<instance>"
-    rules = {
+    rules: dict[str, RouteCallable] = {
         f"{instance}/rendered": rendered.retrieve_instance_rendered,
         f"{instance}/frames/<frames>/rendered": rendered.retrieve_frames_rendered,
         f"{series}/rendered": rendered.retrieve_series_rendered,

@@ -24,7 +24,7 @@ class Spool:
         """The blob's bytes in a file positioned at 0; the caller closes it (which removes it:
         a spooled file on disk is unlinked from the start)."""
         spool = tempfile.SpooledTemporaryFile(  # noqa: SIM115 (returned to the caller)
-            max_size=IN_MEMORY_BYTES, dir=self.folder
+            max_size=IN_MEMORY_BYTES, dir=str(self.folder)
         )
         try:
             with archive.blobs.open(blob_key) as blob:

@@ -10,7 +10,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import IO, Any
 
 from flask import Blueprint, Response, jsonify, request
 from pydicom.dataset import Dataset
@@ -49,7 +49,7 @@ class _LimitedStream:
     """The request body, refused with 413 as soon as it grows past the configured limit
     (a chunked body has no Content-Length to check up front)."""
 
-    def __init__(self, stream: BinaryIO, limit: int) -> None:
+    def __init__(self, stream: IO[bytes], limit: int) -> None:
         self.stream = stream
         self.limit = limit
         self.read_bytes = 0
@@ -105,7 +105,7 @@ class StoreTransaction:
         group_bytes = 0
         spooled: list[str] = []
 
-        def spool() -> BinaryIO:
+        def spool() -> IO[bytes]:
             # tmp*.dcm: a file left by a crash is removed by the DIMSE server's janitor.
             file = tempfile.NamedTemporaryFile(  # noqa: SIM115 (closed by the loop)
                 dir=self.tmp_dir, prefix="tmp", suffix=".dcm", delete=False
@@ -205,7 +205,7 @@ class StoreTransaction:
                     )
                 )
                 continue
-            item = {
+            item: dict[str, dict[str, Any]] = {
                 "00081150": {"vr": "UI", "Value": [header.sop_class_uid]},
                 "00081155": {"vr": "UI", "Value": [header.sop_instance_uid]},
                 "00081190": {

@@ -11,11 +11,11 @@ import itertools
 import json
 import logging
 from collections.abc import Iterable, Iterator
-from io import BytesIO
 from typing import Any
 
 import pydicom
 from flask import Blueprint, Response, request, stream_with_context
+from flask.typing import RouteCallable
 
 from config import Settings
 from server.access import Action, requires
@@ -35,7 +35,7 @@ from server.dicomweb.media_types import (
 from server.dicomweb.multipart import OutgoingPart, new_boundary, write_parts
 from server.dicomweb.spool import Spool
 from server.partitions import request_archive
-from server.transcoding import TranscodingRefused, check_size, transcode
+from server.transcoding import TranscodingRefused, transcoded_instance
 from storage.archive import Archive
 from storage.audit import AuditEvent, refusal_entry, retrieve_entries
 from storage.dicom_file import PIXEL_DATA
@@ -196,8 +196,8 @@ class RetrieveTransaction:
         )
 
     def instance_bytes(self, instance: StoredInstance, syntax: str) -> Iterable[bytes]:
-        """The Part 10 file in ``syntax``: streamed as stored, or transcoded now (in memory),
-        so that a transcoding failure is known before the part starts."""
+        """The Part 10 file in ``syntax``: streamed as stored, or transcoded now (in a decoder
+        process), so that a transcoding failure is known before the part starts."""
         if syntax != instance.transfer_syntax_uid:
             return [self._transcoded(instance, syntax)]
         return self._stored_bytes(instance)
@@ -223,20 +223,10 @@ class RetrieveTransaction:
         return chunks()
 
     def _transcoded(self, instance: StoredInstance, syntax: str) -> bytes:
-        with self.spool.copy_of(self.archive, instance.blob_key) as copy:
-            try:
-                check_size(
-                    instance.size,
-                    pydicom.dcmread(copy, stop_before_pixels=True),
-                    self.transcode_max_bytes,
-                )
-                copy.seek(0)
-                ds = transcode(pydicom.dcmread(copy), syntax)
-                out = BytesIO()
-                ds.save_as(out, enforce_file_format=True)
-            except TranscodingRefused as refused:
-                raise NotAcceptable(f"instance {instance.sop_instance_uid}: {refused}") from refused
-            return out.getvalue()
+        try:
+            return transcoded_instance(self.archive, instance, syntax, self.transcode_max_bytes)
+        except TranscodingRefused as refused:
+            raise NotAcceptable(f"instance {instance.sop_instance_uid}: {refused}") from refused
 
     @requires(Action.RETRIEVE)
     def retrieve_study(self, study: str) -> Response:
@@ -344,7 +334,7 @@ def blueprint(settings: Settings) -> Blueprint:
     wado = RetrieveTransaction(settings)
     bp = Blueprint("wado", __name__)
     instance = "/studies/<study>/series/<series>/instances/<instance>"
-    rules = {
+    rules: dict[str, RouteCallable] = {
         "/studies/<study>": wado.retrieve_study,
         "/studies/<study>/series/<series>": wado.retrieve_series,
         instance: wado.retrieve_instance,

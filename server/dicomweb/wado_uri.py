@@ -11,12 +11,13 @@ from pydicom.uid import ExplicitVRLittleEndian
 from config import Settings
 from server.access import Action, requires
 from server.dicomweb.media_types import DICOM, NotAcceptable, can_transcode
-from server.dicomweb.rendering import RENDERED_TYPES, RenderedTransaction, RenderingParameters
+from server.dicomweb.rendering import RENDERED_TYPES, RenderedTransaction
 from server.dicomweb.urls import check_uid
 from server.dicomweb.wado import RetrieveTransaction, one_instance
 from server.partitions import request_archive
 from storage.archive import Archive
 from storage.errors import InvalidQuery
+from storage.pixel_decoding import RenderingParameters
 from storage.query import StoredInstance
 
 

@@ -29,6 +29,7 @@ from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from config import Settings
+from config.logging import log_context
 from config.settings import ConfigError
 from server.access import Action
 from server.context import Principal, RequestContext
@@ -340,6 +341,18 @@ class DimseServer:
             ).start()
 
     def _serve_connection(self, sock: socket.socket, peer: str, tls: ssl.SSLContext | None) -> None:
+        # Every line logged for this connection names its peer, and its association once
+        # accepted (config/logging.py).
+        with log_context(peer=peer), contextlib.ExitStack() as association_logs:
+            self._serve_peer(sock, peer, tls, association_logs)
+
+    def _serve_peer(
+        self,
+        sock: socket.socket,
+        peer: str,
+        tls: ssl.SSLContext | None,
+        association_logs: contextlib.ExitStack,
+    ) -> None:
         timeout = self.settings.dimse.network_timeout_s
         configure_socket(sock)
         if tls is not None:
@@ -379,6 +392,7 @@ class DimseServer:
                 max_pdu_length=self.settings.dimse.max_pdu_length,
                 peer_address=peer,
             )
+            association_logs.enter_context(log_context(association=assoc.name))
             # The one place an association learns who it is, what it may do and where.
             assoc.permitted = decision.actions
             assoc.context = RequestContext(

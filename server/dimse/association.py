@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from io import BytesIO
-from typing import Any, BinaryIO, Protocol
+from typing import Any, Protocol
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
@@ -56,6 +56,7 @@ from server.dimse.pdu import (
 )
 from server.dimse.statuses import PENDING
 from storage.audit import Transfer
+from storage.blobs import BlobStream
 
 log = logging.getLogger(__name__)
 _association_ids = itertools.count(1)
@@ -335,7 +336,7 @@ class Association:
         self.wire.send(out)
 
     def send_data_set_stream(
-        self, context: Context, stream: BinaryIO, *, prefix: bytes = b""
+        self, context: Context, stream: BlobStream, *, prefix: bytes = b""
     ) -> int:
         """The data set, ``prefix`` then ``stream`` to its end, in PDUs within the peer's limit,
         the last fragment flagged (one read ahead); returns the bytes sent."""

@@ -85,9 +85,8 @@ class PendingResponses:
 def _identifier_encoder(
     assoc: Association, context: Context, request: QueryRequest, retrieve_ae_title: str
 ) -> Callable[[Mapping[str, Any]], bytes]:
-    implicit_vr = {ImplicitVRLittleEndian: True, ExplicitVRLittleEndian: False}.get(
-        context.transfer_syntax
-    )
+    implicit_vr_of: dict[str, bool] = {ImplicitVRLittleEndian: True, ExplicitVRLittleEndian: False}
+    implicit_vr = implicit_vr_of.get(context.transfer_syntax)
     if implicit_vr is not None:
         try:
             return ResponseIdentifierEncoder(

@@ -15,7 +15,7 @@ import logging
 import struct
 import tempfile
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO
 
 from server.dimse.association import Association, Context, Message
 from server.dimse.commands import Command, CommandField
@@ -49,7 +49,7 @@ class ReceivedDataSet:
         self.error: OSError | None = None
         self.too_large = False
         self.path: Path | None = None
-        self._file: BinaryIO | None = None
+        self._file: IO[bytes] | None = None
         try:
             self._file = tempfile.NamedTemporaryFile(  # noqa: SIM115 (closed in close())
                 dir=tmp_dir, prefix="tmp", suffix=".dcm", delete=False

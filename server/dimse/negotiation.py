@@ -137,7 +137,7 @@ def accept(
     roles = {
         item.sop_class_uid: (item.scu_role, item.scp_role)
         for item in rq.user_information
-        if isinstance(item, SCP_SCU_RoleSelectionNegotiation)
+        if isinstance(item, SCP_SCU_RoleSelectionNegotiation) and item.sop_class_uid is not None
     }
     results, role_replies = negotiate_as_acceptor(
         rq.presentation_context_definition_list, supported, roles or None
@@ -168,7 +168,7 @@ def accept(
             as_scp=bool(c.as_scp),
         )
         for c in results
-        if c.result == 0x00
+        if c.result == 0x00 and c.context_id is not None
     ]
     return Association(
         wire,
@@ -258,7 +258,10 @@ def request_association(
             as_scp=False,
         )
         for c in accepted.presentation_context_definition_results_list
-        if c.result == 0x00 and c.context_id in by_id and c.transfer_syntax
+        if c.result == 0x00
+        and c.context_id is not None
+        and c.context_id in by_id
+        and c.transfer_syntax
     ]
     return Association(
         wire,

@@ -123,7 +123,10 @@ class ResponseIdentifierEncoder:
             return self._encode(row)
         except _NotEncodable:
             ds = response_identifier(self._request, row, self._retrieve_ae_title)
-            return bytes(encode(ds, self._implicit_vr, True))
+            encoded = encode(ds, self._implicit_vr, True)
+            if encoded is None:  # pynetdicom's encode returns None where pydicom fails
+                raise ValueError("the response identifier cannot be encoded") from None
+            return encoded
 
     def _encode(self, row: Mapping[str, Any]) -> bytes:
         parts: list[bytes] = []

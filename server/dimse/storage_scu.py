@@ -4,29 +4,25 @@ When the peer accepted the stored transfer syntax, the stored file's data set go
 stream to the socket as it is, in PDUs of the peer's maximum length: only the File Meta
 Information is read (to find where the data set starts) and only the command set is built.
 Otherwise the instance is read into memory and transcoded to an uncompressed syntax the peer
-accepted (explicit VR little endian preferred), decoding its pixel data
-(:mod:`server.transcoding`); an instance larger than ``[server] transcode_max_bytes`` is not
-transcoded. When neither works the sub-operation fails, with the reason logged.
+accepted (explicit VR little endian preferred), its pixel data decoded in a decoder process
+under ``[limits]`` (:mod:`server.transcoding`); an instance larger than ``[server]
+transcode_max_bytes`` is not transcoded. When neither works the sub-operation fails, with the
+reason logged.
 """
 
 from __future__ import annotations
 
 import logging
-import shutil
-import struct
 from collections.abc import Iterable
-from io import BytesIO
-from typing import BinaryIO
 
-from pydicom import dcmread
-from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from server.dimse.association import Association, Context, Message
 from server.dimse.commands import PRIORITY_MEDIUM, CommandField
 from server.dimse.pdu import AbortReason, ProtocolError
-from server.transcoding import TranscodingRefused, check_size, transcode
+from server.transcoding import TranscodingRefused, transcoded_instance
 from storage.archive import Archive
+from storage.data_set_structure import skip_file_meta
 from storage.query import StoredInstance
 
 log = logging.getLogger(__name__)
@@ -36,9 +32,6 @@ UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 # PS3.8 9.3.2.2: presentation context IDs are odd numbers 1-255, so at most 128 contexts.
 MAX_PRESENTATION_CONTEXTS = 128
 # PS3.10 7.1: 128-byte preamble, "DICM", then File Meta Information elements in explicit VR.
-_PREAMBLE = 128
-_ELEMENT = struct.Struct("<HH2sH")
-_LONG_VRS = {b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN", b"UC", b"UR", b"OD", b"OL", b"OV"}
 
 
 class SubOperationFailed(Exception):
@@ -112,10 +105,8 @@ def store_instance(
                 store_assoc.send_data_set_stream(as_stored, stream, prefix=data_set_start)
                 sent = True
     if not sent:
-        context, dataset = _transcoded(archive, stored, contexts, transcode_max_bytes)
-        store_assoc.send_command(
-            context, command, data_set=store_assoc.encode_data_set(context, dataset)
-        )
+        context, data_set = _transcoded(archive, stored, contexts, transcode_max_bytes)
+        store_assoc.send_command(context, command, data_set=data_set)
     return _await_response(store_assoc, message_id, cancel_of)
 
 
@@ -146,33 +137,11 @@ def _cancels(message: Message, message_id: int) -> bool:
     return int(message.command.get("MessageIDBeingRespondedTo", -1)) == message_id
 
 
-def skip_file_meta(stream: BinaryIO) -> bytes | None:
-    """Read the stored file's preamble and File Meta Information (PS3.10 7.1); return the bytes
-    of the data set read past them (usually none), the rest being left in the stream. None when
-    the file has no preamble (it is then sent through pydicom)."""
-    head = stream.read(_PREAMBLE + 4)
-    if len(head) < _PREAMBLE + 4 or head[_PREAMBLE:] != b"DICM":
-        return None
-    while True:
-        element = stream.read(_ELEMENT.size)
-        if len(element) < _ELEMENT.size:
-            return element  # a data set shorter than an element header, or none
-        group, number, vr, length = _ELEMENT.unpack(element)
-        if group != 0x0002:
-            return element  # the first element of the data set (no group length was given)
-        if vr in _LONG_VRS:
-            length = struct.unpack("<I", stream.read(4))[0]
-        value = stream.read(length)
-        if number == 0x0000 and vr == b"UL" and len(value) == 4:
-            # PS3.10 7.1: File Meta Information Group Length: the rest of group 0002.
-            stream.read(struct.unpack("<I", value)[0])
-            return b""
-
-
 def _transcoded(
     archive: Archive, stored: StoredInstance, contexts: list[Context], transcode_max_bytes: int
-) -> tuple[Context, Dataset]:
-    """The instance, read into memory, and the accepted context to send it on."""
+) -> tuple[Context, bytes]:
+    """The accepted context to send the instance on, and its data set encoded for it (in a
+    decoder process: :func:`server.transcoding.transcoded_instance`)."""
     accepted = {c.transfer_syntax: c for c in contexts}
     stored_syntax = UID(stored.transfer_syntax_uid)
     if stored_syntax in accepted:
@@ -185,23 +154,11 @@ def _transcoded(
                 + ", ".join(UID(s).name for s in accepted)
             )
         target = uncompressed[0]
+    encoding = (target.implicit_vr, target.little_endian, target.deflated)
     try:
-        check_size(stored.size, Dataset(), transcode_max_bytes)  # before reading it whole
-        in_memory = BytesIO()
-        with archive.blobs.open(stored.blob_key) as stream:
-            shutil.copyfileobj(stream, in_memory, 1 << 20)
-        in_memory.seek(0)
-        dataset = read(in_memory)
-        check_size(stored.size, dataset, transcode_max_bytes)  # decoded, before decoding
-        if stored_syntax not in UNCOMPRESSED and target.transfer_syntax != stored_syntax:
-            dataset = transcode(dataset, ExplicitVRLittleEndian)
-        return target, dataset
+        data_set = transcoded_instance(
+            archive, stored, target.transfer_syntax, transcode_max_bytes, encoding
+        )
     except TranscodingRefused as refused:
         raise SubOperationFailed(str(refused)) from refused
-
-
-def read(stream: BinaryIO) -> Dataset:
-    try:
-        return dcmread(stream, force=True)
-    except Exception as error:  # noqa: BLE001 (pydicom raises many kinds on a corrupt file)
-        raise SubOperationFailed(f"the stored file cannot be read: {error}") from error
+    return target, data_set

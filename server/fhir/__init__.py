@@ -234,7 +234,7 @@ def search(
             pks = [pk for pk in pks if pk < 2**63]
             records = [r for r in (get_patient(archive, pk) for pk in pks) if r is not None]
         else:
-            identifier = (parameters.get("identifier") or [None])[0]
+            identifier = parameters["identifier"][0] if parameters.get("identifier") else None
             records = find_patients(
                 archive, identifier=identifier.split("|")[-1] if identifier else None
             )
@@ -298,12 +298,12 @@ def search(
         for finding in report.findings:
             if ids and finding.tracking_uid not in ids:
                 continue
-            resource = build_observation(report, finding)
-            if statuses and resource.status not in statuses:
+            observation = build_observation(report, finding)
+            if statuses and observation.status not in statuses:
                 continue
             if not updated(finding.decided_at or report.finished_at):
                 continue
-            found.append(resource)
+            found.append(observation)
     return found
 
 

@@ -11,7 +11,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, create_engine, event, exc
+from sqlalchemy import CursorResult, Engine, Executable, create_engine, event, exc
 from sqlalchemy.orm import Session, sessionmaker
 
 from storage.errors import StorageUnavailable
@@ -20,7 +20,11 @@ MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 
 
 def create_index_engine(
-    database_url: str, *, pool_size: int = 32, flush_each_commit: bool = True
+    database_url: str,
+    *,
+    pool_size: int = 32,
+    flush_each_commit: bool = True,
+    ping_on_checkout: bool = True,
 ) -> Engine:
     """An engine for ``sqlite:///path`` or ``postgresql+psycopg://...``.
 
@@ -28,7 +32,11 @@ def create_index_engine(
     a commit is made durable by the next flush instead of waiting for its own (SQLite
     ``synchronous=NORMAL`` in WAL mode, PostgreSQL ``synchronous_commit=off``). It survives a
     crash of Hilum, and the database stays consistent through an OS crash or power loss, which
-    may lose the last commits (SQLite: until the next fsync; PostgreSQL: under a second)."""
+    may lose the last commits (SQLite: until the next fsync; PostgreSQL: under a second).
+
+    ``ping_on_checkout=False``: a PostgreSQL connection taken from the pool is not pinged
+    first (a round trip saved), for a caller that replaces a broken one itself (the audit
+    trail's)."""
     if database_url.startswith("sqlite"):
         path = database_url.removeprefix("sqlite:///")
         if path and path != ":memory:":
@@ -43,7 +51,7 @@ def create_index_engine(
             database_url,
             pool_size=pool_size,
             max_overflow=8,
-            pool_pre_ping=True,
+            pool_pre_ping=ping_on_checkout,
             pool_timeout=10,
             connect_args={
                 "connect_timeout": 5,
@@ -103,6 +111,16 @@ class Index:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+def affected_rows(session: Session, statement: Executable) -> int:
+    """Run an UPDATE or DELETE in ``session``; how many rows it matched.
+
+    ``Session.execute`` is annotated as returning a plain ``Result``; for these statements it
+    is a ``CursorResult``, the one that knows the row count."""
+    result = session.execute(statement)
+    assert isinstance(result, CursorResult)
+    return result.rowcount
 
 
 @contextlib.contextmanager

@@ -13,6 +13,7 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
+from config.settings import LimitsSettings
 from inference.analysis import derived_uid
 from inference.lesions import planar_rois
 from inference.measurement_report import read_findings, with_outlines
@@ -21,8 +22,11 @@ from inference.pixels import slice_stack, tiled_image
 from inference.registry import REFERENCE_MODELS_DIR, Model, load_model
 from inference.seg import segmentation
 from inference.sr import Finding, LesionOutline, measurement_report, outlines_report
+from storage.decoder_pool import DecoderPool
 
 DCIODVFY = Path("/usr/bin/dciodvfy")
+# Decodes the phantoms' pixels, as the worker's archive does (started when first used).
+DECODERS = DecoderPool.from_limits(LimitsSettings())
 CT_MODEL = load_model(REFERENCE_MODELS_DIR / "ct_lesion_synthetic")
 WSI_MODEL = load_model(REFERENCE_MODELS_DIR / "wsi_tissue_synthetic")
 
@@ -41,7 +45,7 @@ def _finding(model: Model, size: float | None, planar: bool, **kw: object) -> Fi
 
 def ct_outputs() -> tuple[list[Dataset], np.ndarray, hd.seg.Segmentation, hd.sr.Comprehensive3DSR]:
     datasets, truth = synthetic_ct_series(11, slices=8)
-    stack = slice_stack(datasets)  # sorted along the normal: the phantom's order already
+    stack = slice_stack(datasets, DECODERS)  # sorted along the normal: the phantom's order already
     finding = _finding(CT_MODEL, float(truth.sum()) * 1.5 * 1.5 * 5.0, False, segment_number=1)
     seg = segmentation(
         CT_MODEL,
@@ -57,7 +61,7 @@ def ct_outputs() -> tuple[list[Dataset], np.ndarray, hd.seg.Segmentation, hd.sr.
 
 def ct_outlines() -> tuple[list[Dataset], np.ndarray, hd.sr.Comprehensive3DSR]:
     datasets, truth = synthetic_ct_series(11, slices=8)
-    stack = slice_stack(datasets)
+    stack = slice_stack(datasets, DECODERS)
     lesions = _lesions(stack.datasets, truth, stack.pixel_spacing_mm)
     return stack.datasets, truth, outlines_report(CT_MODEL, lesions, **_uids("ct-outlines"))
 
@@ -82,7 +86,7 @@ def _lesions(
 
 def wsi_outputs() -> tuple[Dataset, np.ndarray, hd.seg.Segmentation, hd.sr.Comprehensive3DSR]:
     slide, truth = synthetic_wsi(12)
-    source = tiled_image([slide], WSI_MODEL.manifest.preprocessing.magnification).dataset
+    source = tiled_image([slide], WSI_MODEL.manifest.preprocessing.magnification, DECODERS).dataset
     area = float(truth.sum()) * 0.0005**2
     finding = _finding(WSI_MODEL, area, True, segment_number=1)
     seg = segmentation(

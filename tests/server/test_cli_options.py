@@ -48,6 +48,25 @@ def test_a_busy_port_names_the_port_and_the_service(tmp_path: Path) -> None:
     assert f"HTTP port {port} on 127.0.0.1 is already in use" in result.stderr
 
 
+def test_a_busy_http_port_is_named_by_hilum_web(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("HILUM_")},
+            "HILUM_SERVER__DATA_DIR": str(tmp_path / "data"),
+            "HILUM_HTTP__PORT": str(port),
+        }
+        assert subprocess.run([*HILUM, "db", "upgrade"], env=env, timeout=120).returncode == 0
+        result = subprocess.run([*HILUM, "web"], env=env, capture_output=True, text=True,
+                                timeout=120, cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 3
+    assert f"HTTP port {port} on 127.0.0.1 is already in use" in result.stderr
+
+
 def test_a_busy_dimse_port_is_named(tmp_path: Path) -> None:
     import socket
 

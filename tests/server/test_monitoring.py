@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from config import Settings
 from inference.phantoms import synthetic_ct_series
 from server.app import HttpServer, create_app
-from server.metrics import Metrics
+from server.metrics import GpuMemory, GpuMemoryReading, Metrics, MetricsServer, read_cuda_memory
 from storage.archive import Archive, open_archive
 from tests.conftest import S3Server, free_port, make_settings, s3_blob_url
 from tests.factories import DCMTK_STORESCU, ct_instance, write_part10
@@ -72,6 +72,8 @@ def test_liveness_readiness_and_metrics_count_stow_and_qido(served: str) -> None
     assert sample(text, "hilum_http_requests_total", service="qido-rs", status="200") == 1
     assert sample(text, "hilum_http_request_seconds_count", service="stow-rs") == 2
     assert sample(text, "hilum_http_request_seconds_bucket", service="qido-rs", le="+Inf") == 1
+    assert sample(text, "hilum_query_seconds_count", service="qido-rs") == 1
+    assert 'hilum_query_seconds_count{service="stow-rs"}' not in text
     assert 'hilum_jobs{state="queued"} 0.0' in text  # read from the index at the scrape
     # Monitoring requests are not DICOMweb requests.
     assert 'service="healthz"' not in text
@@ -253,3 +255,40 @@ def test_worker_metrics_time_a_job_from_queued_to_done(
     assert sample(text, "hilum_jobs", state="queued") == 0
     # The worker's results went through ingest with no transport counter: not "received".
     assert sample(text, "hilum_instances_received_total") == 0
+
+
+def test_gpu_memory_is_served_for_each_device_read_and_absent_when_none_is() -> None:
+    """The gauges as a scrape of a real metrics server sees them, from a reading given to the
+    collector (no GPU on the test machines: what torch.cuda would report, stated)."""
+    readings: list[GpuMemoryReading] = [GpuMemoryReading("cuda:1", 10, 20, 300, 4000)]
+    metrics = Metrics()
+    metrics.collectors.append(GpuMemory(lambda: readings))
+    metrics.jobs_finished.labels("ct-lesions", "done").inc()
+    port = free_port()
+    server = MetricsServer(metrics, "127.0.0.1", port)
+    try:
+        text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        values = {
+            field: sample(text, f"hilum_gpu_memory_{field}_bytes", device="cuda:1")
+            for field in ("allocated", "reserved", "used", "total")
+        }
+        assert values == {"allocated": 10, "reserved": 20, "used": 300, "total": 4000}
+        readings.clear()  # the worker runs on the CPU
+        text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        assert "hilum_gpu_memory" not in text
+        assert sample(text, "hilum_jobs_finished_total", model="ct-lesions", state="done") == 1
+    finally:
+        server.stop()
+
+
+def test_gpu_memory_of_a_cpu_device_is_none() -> None:
+    import torch
+
+    assert read_cuda_memory("cpu") == []
+    readings = read_cuda_memory("cuda")
+    if torch.cuda.is_available():  # a machine with a GPU: what the device says
+        (reading,) = readings
+        assert reading.device == f"cuda:{torch.cuda.current_device()}"
+        assert 0 <= reading.allocated <= reading.reserved <= reading.used <= reading.total
+    else:
+        assert readings == []

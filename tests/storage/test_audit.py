@@ -241,8 +241,9 @@ def _drop_role(archive: Archive) -> None:
 
 
 def test_concurrent_writers_on_postgresql_never_fork_the_chain(tmp_path: Path) -> None:
-    """Two processes' worth of engines (separate pools) appending at once: one chain, and the
-    trigger and the chain check hold on PostgreSQL too."""
+    """Two processes' worth of engines (separate pools) appending at once, reads' records and
+    stores' together: one chain, every record, and the trigger and the chain check hold on
+    PostgreSQL too."""
     with postgres_database() as url:
         settings = make_settings(tmp_path, database_url=url, audit={"json_lines": "off"})
         archives = [open_archive(settings, migrate=True), open_archive(settings)]
@@ -253,15 +254,23 @@ def test_concurrent_writers_on_postgresql_never_fork_the_chain(tmp_path: Path) -
                 for _ in range(20):
                     archive.audit.record(ALICE, *_entries(2))
 
+            files = [write_part10(ct_instance(), tmp_path / f"{n}.dcm") for n in range(10)]
+
+            def store(archive: Archive) -> None:
+                # Stores append in their own transaction, under the chain lock, meanwhile.
+                for path in files:
+                    ingest_file(archive, path, requestor=ALICE)
+
             threads = [
                 threading.Thread(target=append, args=(a,)) for a in archives for _ in range(3)
             ]
+            threads.append(threading.Thread(target=store, args=(archives[1],)))
             for thread in threads:
                 thread.start()
             for thread in threads:
                 thread.join()
             report = verify_chain(archives[0].index)
-            assert (report.records, report.fault) == (240, None)
+            assert (report.records, report.fault) == (240 + 10, None)
 
             with (
                 pytest.raises(exc.DBAPIError, match="append-only"),
@@ -300,3 +309,75 @@ def test_export_hooks_record_one_message_per_patient(
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [m["EventIdentification"]["EventID"]["csd-code"] for m in lines] == ["110106"] * 3
     assert verify_chain(trail.index).fault is None
+
+
+def test_writers_of_several_processes_on_sqlite_chain_after_each_other(tmp_path: Path) -> None:
+    """Each archive (a process's worth: its own engines) appends after the head it last saw
+    when that is still the head, else after the head read from the table: alternating and
+    concurrent writers leave one unbroken chain with every record. More writers than the
+    trail's pool holds: the connections it keeps between records leave the searches one."""
+    settings = make_settings(tmp_path, audit={"json_lines": "off"})
+    archives = [open_archive(settings, migrate=True), open_archive(settings)]
+    try:
+        for n in range(6):  # alternating: each append finds the other's record at the head
+            trail = archives[n % 2].audit
+            assert trail is not None
+            trail.record(ALICE, *_entries(1 + n % 3))
+
+        def append(archive: Archive) -> None:
+            assert archive.audit is not None
+            for _ in range(5):
+                archive.audit.record(ALICE, *_entries(2))
+
+        threads = [threading.Thread(target=append, args=(a,)) for a in archives for _ in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        report = verify_chain(archives[0].index)
+        assert (report.records, report.fault) == (12 + 120, None)
+        for archive in archives:
+            assert archive.audit is not None
+            assert len(search_records(archive.audit.index, AuditSearch(limit=500))) == 132
+    finally:
+        for archive in archives:
+            archive.close()
+
+
+def test_a_record_after_an_altered_head_is_still_caught(sqlite_archive: Archive) -> None:
+    """The head an archive remembers is a hint checked against the table: a head altered
+    behind Hilum's back is not chained to as if it were intact, and verify names it."""
+    trail = sqlite_archive.audit
+    assert trail is not None
+    trail.record(ALICE, *_entries(3))
+    _tamper(sqlite_archive, "UPDATE audit_record SET hash = 'f' || substr(hash, 2) WHERE id = 3")
+    trail.record(ALICE, *_entries(1))
+    records = sorted(search_records(trail.index, AuditSearch()), key=lambda r: r["id"])
+    assert [r["id"] for r in records] == [1, 2, 3, 4]
+    assert records[3]["previous_hash"] == records[2]["hash"]  # the table's, not the memory's
+    fault = verify_chain(trail.index).fault
+    assert fault is not None and fault.record_id == 3
+
+
+def test_a_connection_lost_in_the_pool_is_replaced_on_postgresql(tmp_path: Path) -> None:
+    """The trail's pool does not ping: a connection the server closed while it sat in the
+    pool is replaced once, and the record is written (not the operation refused)."""
+    with postgres_database() as url:
+        settings = make_settings(tmp_path, database_url=url, audit={"json_lines": "off"})
+        archive = open_archive(settings, migrate=True)
+        try:
+            assert archive.audit is not None
+            archive.audit.record(ALICE, *_entries(1))
+            with archive.index.engine.begin() as connection:
+                ended = connection.execute(
+                    text(
+                        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                        "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                    )
+                ).scalar()
+            assert ended and ended >= 1  # the trail's pooled connection among them
+            archive.audit.record(ALICE, *_entries(1))
+            report = verify_chain(archive.index)
+            assert (report.records, report.fault) == (2, None)
+        finally:
+            archive.close()

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pydicom.uid import generate_uid
+from pydicom.uid import ImplicitVRLittleEndian, generate_uid
 from sqlalchemy import func, select
 
 from config import Settings
@@ -96,6 +96,65 @@ def test_identical_resend_stores_nothing_new(archive: Archive, tmp_path: Path) -
     assert (first.outcome, second.outcome) == (IngestOutcome.STORED, IngestOutcome.DUPLICATE)
     assert sorted(archive.blobs.list_keys()) == keys_before
     assert _count(archive, Instance) == 1
+
+
+def test_the_same_data_set_under_another_file_meta_is_a_duplicate(
+    archive: Archive, tmp_path: Path
+) -> None:
+    """PS3.10 7.1: the File Meta Information describes the file, not the instance. The same
+    instance from another sender (or over C-STORE and then STOW-RS) stores nothing new and
+    keeps the first file."""
+    ds = ct_instance()
+    first = write_part10(ds, tmp_path / "first.dcm")
+    ds.file_meta.ImplementationVersionName = "OTHER_SENDER"
+    ds.file_meta.SourceApplicationEntityTitle = "MODALITY2"
+    second = write_part10(ds, tmp_path / "second.dcm")
+    assert first.read_bytes() != second.read_bytes()
+    assert dataset_bytes(first) == dataset_bytes(second)
+    ingest_file(archive, first)
+    keys_before = sorted(archive.blobs.list_keys())
+
+    result = ingest_file(archive, second)
+
+    assert result.outcome is IngestOutcome.DUPLICATE
+    assert sorted(archive.blobs.list_keys()) == keys_before
+    row = _instance(archive, ds.SOPInstanceUID)
+    with archive.blobs.open(row.blob_key) as stream:
+        assert stream.read() == first.read_bytes()
+    report = verify_archive(archive)
+    assert report.ok and report.instances == 1, report
+
+
+def test_the_same_instance_in_another_transfer_syntax_replaces(
+    archive: Archive, tmp_path: Path
+) -> None:
+    """Other bytes of the data set (another encoding) are new content: the policy applies."""
+    ds = ct_instance()
+    explicit = write_part10(ds, tmp_path / "explicit.dcm")
+    ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    implicit = write_part10(ds, tmp_path / "implicit.dcm")
+    assert dataset_bytes(explicit) != dataset_bytes(implicit)
+    ingest_file(archive, explicit)
+
+    result = ingest_file(archive, implicit)
+
+    assert result.outcome is IngestOutcome.REPLACED
+    assert _instance(archive, ds.SOPInstanceUID).transfer_syntax_uid == ImplicitVRLittleEndian
+
+
+def test_a_longer_data_set_under_another_file_meta_replaces(
+    archive: Archive, tmp_path: Path
+) -> None:
+    """Equal up to where the shorter one ends is not equal."""
+    ds = ct_instance()
+    first = write_part10(ds, tmp_path / "first.dcm")
+    ds.file_meta.ImplementationVersionName = "OTHER_SENDER"
+    ds.add_new(0x7FE1_0010, "LO", "HILUM TEST")  # a private creator after Pixel Data
+    second = write_part10(ds, tmp_path / "second.dcm")
+    assert dataset_bytes(second).startswith(dataset_bytes(first))
+    ingest_file(archive, first)
+
+    assert ingest_file(archive, second).outcome is IngestOutcome.REPLACED
 
 
 @pytest.mark.parametrize("policy", ["overwrite", "keep"])

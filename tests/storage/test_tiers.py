@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -20,12 +21,14 @@ from sqlalchemy import select, update
 from config import Settings
 from config.settings import ConfigError, StorageTier
 from storage.archive import Archive, open_archive
+from storage.blobs import S3BlobStore
 from storage.index.models import Instance, Series, Study
 from storage.ingest import ingest_file
-from storage.tiers import TieredBlobStore, apply_tiers, marking_reads
+from storage.tiers import TieredBlobStore, apply_tiers, apply_tiers_periodically, marking_reads
 from storage.verify import verify_archive
 from tests.conftest import make_settings, s3_blob_url
-from tests.factories import ct_instance, write_part10
+from tests.factories import ct_instance, ensure_partition, write_part10
+from tests.waiting import wait_until
 
 COLD_AFTER_DAYS = 30
 
@@ -219,3 +222,93 @@ def test_hilum_tiers_apply_then_verify(tiered: Settings, tmp_path: Path) -> None
     assert "2 instances checked: 0 missing blobs, 0 checksum mismatches, 0 orphan blobs" in (
         verified.stdout
     )
+
+
+@pytest.mark.parametrize("backend", ["postgresql-s3"], indirect=True)
+def test_an_s3_tier_writes_its_objects_in_its_storage_class(
+    settings: Settings, tmp_path: Path, s3_server: object
+) -> None:
+    tier = StorageTier(name="cold", blob_url=s3_blob_url(s3_server), after_days=COLD_AFTER_DAYS,
+                       s3_access_key=settings.storage.s3_access_key,
+                       s3_secret_key=settings.storage.s3_secret_key,
+                       s3_storage_class="STANDARD_IA")  # fmt: skip
+    tiered = settings.model_copy(
+        update={"storage": settings.storage.model_copy(update={"tiers": [tier]})}
+    )
+    archive = open_archive(tiered, migrate=True)
+    try:
+        study = _study(archive, tmp_path)
+        _age(archive, study, COLD_AFTER_DAYS + 1)
+        assert _apply(archive, tiered).moved == {("primary", "cold"): 2}
+        cold = _blobs(archive).tiers["cold"]
+        primary = _blobs(archive).primary
+        assert isinstance(cold, S3BlobStore) and isinstance(primary, S3BlobStore)
+        keys = {key for key, _, _ in _rows(archive, study)}
+        # What the S3 server reports, in a listing and in each object's headers.
+        listed = {
+            o.object_name: o.storage_class
+            for o in cold.client.list_objects(cold.bucket, recursive=True)
+        }
+        assert {listed[key] for key in keys} == {"STANDARD_IA"}
+        for key in keys:
+            headers = cold.client.stat_object(cold.bucket, key).metadata
+            assert headers is not None and headers.get("x-amz-storage-class") == "STANDARD_IA"
+        assert verify_archive(archive).ok
+
+        # A read brings the study back to the primary store, in its bucket's default class.
+        marking_reads(archive).get_range(next(iter(keys)), 0, 132)
+        assert _apply(archive, tiered).moved == {("cold", "primary"): 2}
+        for key in keys:
+            headers = primary.client.stat_object(primary.bucket, key).metadata
+            assert headers is not None
+            assert headers.get("x-amz-storage-class", "STANDARD") == "STANDARD"
+        assert verify_archive(archive).ok
+    finally:
+        archive.close()
+
+
+def test_a_tier_storage_class_must_be_one_read_at_once_and_on_s3(tmp_path: Path) -> None:
+    s3 = {"name": "cold", "blob_url": "s3://cold?endpoint=http://127.0.0.1:9", "after_days": 30}
+    ia = {**s3, "s3_storage_class": "ONEZONE_IA"}
+    settings = make_settings(tmp_path, storage={"tiers": [ia]})
+    assert settings.storage.tiers[0].s3_storage_class == "ONEZONE_IA"
+    with pytest.raises(ConfigError, match="archival storage class: its objects cannot be read"):
+        make_settings(tmp_path, storage={"tiers": [{**s3, "s3_storage_class": "GLACIER"}]})
+    with pytest.raises(ConfigError, match="not an S3 storage class Hilum knows"):
+        make_settings(tmp_path, storage={"tiers": [{**s3, "s3_storage_class": "cheap"}]})
+    with pytest.raises(ConfigError, match="s3_storage_class is for S3 tiers"):
+        make_settings(
+            tmp_path,
+            storage={"tiers": [{**s3, "blob_url": "file:///cold", "s3_storage_class": "STANDARD"}]},
+        )
+
+
+@pytest.mark.parametrize("backend", ["sqlite-files"], indirect=True)
+def test_the_periodic_run_moves_every_partitions_studies_out_and_back(
+    tiered_archive: Archive, tiered: Settings, tmp_path: Path
+) -> None:
+    archive = tiered_archive
+    ensure_partition(archive.index, "research")
+    studies = [_study(archive, tmp_path), _study(archive.scoped("research"), tmp_path)]
+    for study in studies:
+        _age(archive, study, COLD_AFTER_DAYS + 1)
+    stop = threading.Event()
+    # What `hilum worker` runs in a thread ([storage] tiers_interval_h), every 0.2 s here.
+    args = (archive, tiered.storage.tiers, tmp_path / "tmp", 0.2, stop)
+    mover = threading.Thread(target=apply_tiers_periodically, args=args)
+    mover.start()
+    try:
+
+        def tiers() -> set[str]:
+            return {tier for study in studies for _, _, tier in _rows(archive, study)}
+
+        wait_until(lambda: tiers() == {"cold"}, "both partitions' studies in the cold tier", 60)
+        assert verify_archive(archive).ok
+        for study in studies:  # a viewer opens each: back at the next run
+            marking_reads(archive).get_range(_rows(archive, study)[0][0], 0, 132)
+        wait_until(lambda: tiers() == {""}, "both studies back in the primary store", 60)
+    finally:
+        stop.set()
+        mover.join(60)
+    assert not mover.is_alive()
+    assert verify_archive(archive).ok

@@ -22,8 +22,8 @@ from pydicom.uid import (
 
 from config import Settings
 from server.dicomweb import spool
-from server.dicomweb.rendering import RenderingParameters, render
 from storage.archive import Archive
+from storage.pixel_decoding import RenderingParameters, render
 from storage.query import Query, QueryLevel, locate_instances
 from tests.factories import ct_instance, data_set_differences
 from tests.server.dicomweb.conftest import ct_series, multipart_parts, serve

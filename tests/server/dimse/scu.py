@@ -15,7 +15,7 @@ from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[at
 from server.dimse.ae import DimseServer
 from server.dimse.commands import CommandField
 from server.dimse.negotiation import request_association
-from server.dimse.storage_scu import skip_file_meta
+from storage.data_set_structure import skip_file_meta
 from tests.factories import DCMTK_STORESCU
 
 # DCMTK storescu's flag that proposes each transfer syntax (storescu --help).

@@ -12,6 +12,7 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE, build_role, evt
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     CTImageStorage,
+    StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
     Verification,
 )
@@ -45,6 +46,7 @@ def test_associations_requests_and_sub_operations_are_counted(backend: str, tmp_
         assert sent.returncode == 0, sent.stderr
         ae = AE(ae_title="GETSCU")
         ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+        ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
         ae.add_requested_context(CTImageStorage)
         ae.add_requested_context(Verification)
         role = build_role(CTImageStorage, scp_role=True)
@@ -55,6 +57,13 @@ def test_associations_requests_and_sub_operations_are_counted(backend: str, tmp_
         )  # fmt: skip
         assert assoc.is_established
         assert int(assoc.send_c_echo().Status) == 0
+        found = [
+            int(status.Status)
+            for status, _ in assoc.send_c_find(
+                study_identifier(study), StudyRootQueryRetrieveInformationModelFind
+            )
+        ]
+        assert found == [0xFF00, 0x0000]
         statuses = [
             int(status.Status)
             for status, _ in assoc.send_c_get(
@@ -72,5 +81,8 @@ def test_associations_requests_and_sub_operations_are_counted(backend: str, tmp_
     assert sample(text, "hilum_dimse_requests_total", service="C-GET", status="0x0000") == 1
     assert sample(text, "hilum_retrieve_instances_total", service="C-GET", outcome="completed") == 3
     assert sample(text, "hilum_dimse_associations_total", ending="released") == 2
-    assert sample(text, "hilum_dimse_associations_active") == 0
+    assert sample(text, "hilum_associations_active") == 0
     assert sample(text, "hilum_dimse_request_seconds_count", service="C-STORE") == 3
+    # Queries only, in the histogram of both query services.
+    assert sample(text, "hilum_query_seconds_count", service="C-FIND") == 1
+    assert 'hilum_query_seconds_count{service="C-GET"}' not in text
