@@ -38,6 +38,7 @@ class TcpProxy:
             except OSError:
                 client.close()
                 continue
+            upstream.settimeout(None)  # an idle pooled connection stays open, as without a proxy
             with self._lock:
                 self._connections += [client, upstream]
             for a, b, kept in ((client, upstream, self._sent), (upstream, client, None)):
