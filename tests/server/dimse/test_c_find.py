@@ -46,7 +46,7 @@ from tests.server.dimse.qr_seed import (
     seeded_server,
     server_with,
 )
-from tests.server.dimse.scu import echo_works
+from tests.server.dimse.scu import accepted_context_id, echo_works
 from tests.tcp_proxy import TcpProxy
 
 MODELS = {
@@ -416,7 +416,7 @@ def test_c_cancel_stops_a_long_find(dimse_server: DimseServer, archive: Archive)
         for status, _ in responses:
             statuses.append(int(status.Status))
             if len(statuses) == 1:
-                context_id = assoc._get_valid_context(context, "", "scu").context_id
+                context_id = accepted_context_id(assoc, context)
                 assoc.send_c_cancel(7, context_id)
     finally:
         assoc.release()

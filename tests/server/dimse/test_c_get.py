@@ -35,7 +35,7 @@ from tests.server.dimse.qr_seed import (
     sop_classes_of,
     study_identifier,
 )
-from tests.server.dimse.scu import echo_works
+from tests.server.dimse.scu import accepted_context_id, echo_works
 
 GET = StudyRootQueryRetrieveInformationModelGet
 GET_MODELS = {"PATIENT_ROOT": PatientRootQueryRetrieveInformationModelGet, "STUDY_ROOT": GET}
@@ -270,7 +270,7 @@ def test_c_cancel_stops_a_get(dimse_server: DimseServer, archive: Archive, tmp_p
 
     def cancel_after_first_store() -> None:
         assert first_received.wait(30)
-        context_id = assoc._get_valid_context(GET, "", "scu").context_id
+        context_id = accepted_context_id(assoc, GET)
         assoc.send_c_cancel(9, context_id)
         # Give the C-CANCEL a head start on the C-STORE response it must overtake.
         threading.Event().wait(0.5)

@@ -40,7 +40,7 @@ from tests.server.dimse.qr_seed import (
     storescp,
     study_identifier,
 )
-from tests.server.dimse.scu import echo_works
+from tests.server.dimse.scu import accepted_context_id, echo_works
 
 MOVE = StudyRootQueryRetrieveInformationModelMove
 MOVE_MODELS = {"PATIENT_ROOT": PatientRootQueryRetrieveInformationModelMove, "STUDY_ROOT": MOVE}
@@ -432,7 +432,7 @@ def test_c_cancel_stops_a_move(
 
 def _cancel_after_first_store(assoc: object, peer: PynetdicomPeer) -> None:
     assert peer.first_received.wait(30)
-    context_id = assoc._get_valid_context(MOVE, "", "scu").context_id  # type: ignore[attr-defined]
+    context_id = accepted_context_id(assoc, MOVE)  # type: ignore[arg-type]
     assoc.send_c_cancel(9, context_id)  # type: ignore[attr-defined]
     # Give the C-CANCEL a head start on the C-STORE response it must overtake.
     threading.Event().wait(0.5)
