@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ from storage.index.models import Instance, Patient, Series, Study
 from storage.ingest import IngestOutcome, Origin, Received, ingest_file, ingest_files
 from storage.verify import verify_archive
 from tests.factories import ct_instance, dataset_bytes, write_part10
+from tests.racing import IndexThenHook
 
 
 def _count(archive: Archive, model: type) -> int:
@@ -324,23 +324,6 @@ class _RacingBlobStore:
         return getattr(self._inner, name)
 
 
-class _RacingIndex:
-    """The real index; when a write transaction has ended, ``after_write`` runs (there the
-    instance is deleted between A's lost round and its retry)."""
-
-    def __init__(self, inner: object, after_write: Callable[[], None]) -> None:
-        self._inner, self._after_write = inner, after_write
-
-    @contextlib.contextmanager
-    def write(self) -> Iterator[object]:
-        with self._inner.write() as session:  # type: ignore[attr-defined]
-            yield session
-        self._after_write()
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self._inner, name)
-
-
 def test_retry_after_a_lost_race_writes_the_blob_again(archive: Archive, tmp_path: Path) -> None:
     """A writes its blob, B commits the same content (same blob key) first, so A's insert
     finds B's row; the instance is deleted (blob included) before A retries: the retry must
@@ -369,7 +352,7 @@ def test_retry_after_a_lost_race_writes_the_blob_again(archive: Archive, tmp_pat
     racing = dataclasses.replace(
         archive,
         blobs=_RacingBlobStore(archive.blobs, after_put),
-        index=_RacingIndex(archive.index, after_write),
+        index=IndexThenHook(archive.index, after_write),  # type: ignore[arg-type]
     )
     assert ingest_file(racing, a_path, temporary=True).outcome is IngestOutcome.STORED
     assert deleted == [1]

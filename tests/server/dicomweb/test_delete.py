@@ -3,6 +3,7 @@ unless ``[http] allow_delete``; a blob stored again meanwhile is kept."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from storage.delete import delete_blob_unless_referenced, delete_instance
 from storage.ingest import ingest_file
 from storage.query import Query, QueryLevel, locate_instances
 from tests.conftest import free_port
+from tests.racing import IndexThenHook
 from tests.server.dicomweb.conftest import ct_series
 
 
@@ -82,23 +84,29 @@ def test_delete_is_refused_unless_allowed(settings: Settings, archive: Archive) 
 
 
 def test_a_blob_stored_again_after_the_commit_is_kept(archive: Archive, tmp_files: Path) -> None:
-    """The same instance arrives between DELETE's commit and its blob clean-up (same key, the
-    keys being deterministic): the clean-up, which runs against the index as it is then,
-    keeps the blob the new row refers to."""
+    """The same instance arrives between DELETE's commit and its blob clean-up (same key,
+    the keys being deterministic): the clean-up keeps the blob the new row refers to."""
     (ds,) = ct_series(1)
     path = tmp_files / "ct.dcm"
     ds.save_as(path, enforce_file_format=True)
     ingest_file(archive, path)
     (key,) = blob_keys(archive, ds.StudyInstanceUID)
-    deletion = delete_instance(
-        archive, ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID
+    stored_again: list[str] = []
+
+    def store_again_after_the_commit() -> None:
+        if not stored_again:  # DELETE's transaction has ended; its blob clean-up is next
+            stored_again.append(ingest_file(archive, path).outcome.value)
+
+    deleting = dataclasses.replace(
+        archive,
+        index=IndexThenHook(archive.index, store_again_after_the_commit),  # type: ignore[arg-type]
     )
+    deletion = delete_instance(
+        deleting, ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID
+    )
+
+    assert stored_again == ["stored"]  # a new row, not a duplicate of the deleted one
     assert deletion.instances == 1 and deletion.orphan_blobs == []
-    assert not archive.blobs.exists(key)
-
-    ingest_file(archive, path)  # stored again: the same key, referenced by a committed row
-    assert delete_blob_unless_referenced(archive, key)  # the clean-up that follows a commit
-
     assert blob_keys(archive, ds.StudyInstanceUID) == [key]
     assert archive.blobs.exists(key)
 
