@@ -34,6 +34,7 @@ run: $(VENV)/.installed-run viewer
 # dicom3tools' dciodvfy checks the AI worker's SEG and SR (tests/inference/test_writers.py).
 # Debian's chromium is the browser of tests/web (Playwright drives it; it never downloads one);
 # npm fetches the pinned OHIF viewer (`hilum viewer install`).
+# strace counts the blob store's fsync calls (tests/storage/test_blobs.py).
 system-deps:
 	@command -v /usr/bin/docker-compose >/dev/null 2>&1 || { \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose; }
@@ -45,6 +46,8 @@ system-deps:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
 	@command -v npm >/dev/null 2>&1 || { \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq npm; }
+	@command -v /usr/bin/strace >/dev/null 2>&1 || { \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq strace; }
 
 # The test suite talks to a real PostgreSQL on 127.0.0.1:5432 (trust auth, database `test`).
 services:

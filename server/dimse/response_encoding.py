@@ -7,7 +7,8 @@ each padded to even length (PS3.5 6.2: a space, a NULL for UI), Specific Charact
 ``ISO_IR 192`` when any value is not ASCII. Little endian only, implicit VR (PS3.5 7.1.3) or
 explicit VR (PS3.5 7.1.2). A row it cannot encode this way (a value that is not text, a
 non-ASCII value in a VR that has no character set, a value too long for its length field) is
-encoded through pydicom instead; a request it cannot serve at all raises :class:`Unsupported`.
+encoded through pydicom instead (:meth:`ResponseIdentifierEncoder.encode_directly` raises
+:class:`NotEncodable` for it); a request it cannot serve at all raises :class:`Unsupported`.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ class Unsupported(Exception):
     """The request's responses cannot be encoded here; use pydicom for each of them."""
 
 
-class _NotEncodable(Exception):
+class NotEncodable(Exception):
     """One row holds a value this encoder leaves to pydicom."""
 
 
@@ -78,7 +79,7 @@ class _Element:
         if len(data) % 2:
             data += self.pad
         if len(data) > self.limit:
-            raise _NotEncodable
+            raise NotEncodable
         return self.header + self.length(len(data)) + data
 
 
@@ -105,7 +106,7 @@ class ResponseIdentifierEncoder:
                 title = _Element(tag, "AE", "", implicit_vr=implicit_vr)
                 try:
                     slots.append((tag, title.with_text(retrieve_ae_title)))
-                except (UnicodeEncodeError, _NotEncodable):
+                except (UnicodeEncodeError, NotEncodable):
                     raise Unsupported(f"Retrieve AE Title {retrieve_ae_title!r}") from None
                 continue
             if len(key.vr) != 2 or not key.vr.isascii():
@@ -120,15 +121,16 @@ class ResponseIdentifierEncoder:
     def encode(self, row: Mapping[str, Any]) -> bytes:
         """The Identifier of the pending response for ``row``, in the context's encoding."""
         try:
-            return self._encode(row)
-        except _NotEncodable:
+            return self.encode_directly(row)
+        except NotEncodable:
             ds = response_identifier(self._request, row, self._retrieve_ae_title)
             encoded = encode(ds, self._implicit_vr, True)
             if encoded is None:  # pynetdicom's encode returns None where pydicom fails
                 raise ValueError("the response identifier cannot be encoded") from None
             return encoded
 
-    def _encode(self, row: Mapping[str, Any]) -> bytes:
+    def encode_directly(self, row: Mapping[str, Any]) -> bytes:
+        """:meth:`encode` without pydicom: :class:`NotEncodable` when the row needs it."""
         parts: list[bytes] = []
         non_ascii = False
         for slot in self._slots:
@@ -140,7 +142,7 @@ class ResponseIdentifierEncoder:
                 parts.append(slot.empty)
                 continue
             if not slot.text:
-                raise _NotEncodable
+                raise NotEncodable
             if isinstance(value, list):
                 text = "\\".join(str(v) for v in value)
             elif isinstance(value, str):
@@ -148,14 +150,14 @@ class ResponseIdentifierEncoder:
             elif isinstance(value, int) and not isinstance(value, bool):
                 text = str(value)
             else:
-                raise _NotEncodable
+                raise NotEncodable
             if text.isascii():
                 parts.append(slot.with_text(text))
             elif slot.charset:
                 non_ascii = True
                 parts.append(slot.with_bytes(text.encode("utf-8")))
             else:
-                raise _NotEncodable
+                raise NotEncodable
         if non_ascii:
             parts[self._charset_index] = self._specific_character_set
         return b"".join(parts)

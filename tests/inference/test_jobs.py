@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Mapping
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 import pytest
 from pydicom.dataset import Dataset
@@ -13,12 +13,10 @@ from pydicom.uid import generate_uid
 
 from config import Settings
 from config.settings import InferenceSettings
-from inference import stability
 from inference.registry import Model, ModelManifest
 from inference.stability import queue_stable_studies
 from storage.archive import Archive
 from storage.errors import Conflict, InvalidQuery, NotFound
-from storage.index.models import InferenceJob
 from storage.ingest import Origin, ingest_file
 from storage.jobs import JobFinding, JobQueue, JobState, utc_now
 from tests.factories import ct_instance, write_part10
@@ -145,22 +143,27 @@ def test_new_instances_requeue_but_results_do_not_retrigger(
     assert again.output_key != job.output_key
 
 
-def test_a_study_whose_scan_fails_does_not_keep_the_others_from_being_queued(
-    archive: Archive, settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    bad_study, _bad_series = ct_series(archive, tmp_path)
-    _good_study, good_series = ct_series(archive, tmp_path)
-    queue_study = stability._queue_study
+class _BrokenOnOneBodyPart(Model):
+    """An installed model whose ``applies_to`` fails on one series' metadata (a bug in a
+    plug-in's code or an unexpected value), as the scan meets it for that study alone."""
 
-    def broken_for_one_study(*args: Any) -> list[InferenceJob]:
-        if bad_study in args:
+    def applies_to(self, series: Mapping[str, str]) -> bool:
+        if series.get("BodyPartExamined") == "UNEXPECTED":
             raise RuntimeError("unexpected metadata")
-        return queue_study(*args)
+        return super().applies_to(series)
 
-    monkeypatch.setattr(stability, "_queue_study", broken_for_one_study)
-    assert [j.series_instance_uid for j in scan(archive, settings)] == [good_series]
 
-    monkeypatch.setattr(stability, "_queue_study", queue_study)  # fixed: queued at the next scan
+def test_a_study_whose_scan_fails_does_not_keep_the_others_from_being_queued(
+    archive: Archive, settings: Settings, tmp_path: Path
+) -> None:
+    bad_study, _bad_series = ct_series(archive, tmp_path, BodyPartExamined="UNEXPECTED")
+    _good_study, good_series = ct_series(archive, tmp_path)
+    broken = _BrokenOnOneBodyPart(CT_MODEL.name, CT_MODEL.version, CT_MODEL.path, CT_MODEL.manifest)
+    later = utc_now() + LATER
+    queued = queue_stable_studies(archive, settings, [broken, WSI_MODEL], now=later)
+    assert [j.series_instance_uid for j in queued] == [good_series]
+
+    # Fixed (the model updated): the study is queued at the next scan.
     assert [j.study_instance_uid for j in scan(archive, settings)] == [bad_study]
 
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +25,7 @@ from inference.phantoms import synthetic_ct_series
 from inference.registry import load_models
 from inference.sr import SR_SERIES_NUMBER
 from inference.stability import queue_stable_studies
-from inference.worker import Worker
+from inference.worker import Analyse, Worker
 from storage.archive import Archive, open_archive
 from storage.ingest import Origin, ingest_file
 from storage.jobs import Job, JobQueue, JobState
@@ -36,7 +38,13 @@ SEG, SR = "1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.88.34"
 
 
 def worker_for(
-    settings: Settings, archive: Archive, *model_dirs: Path, **inference: object
+    settings: Settings,
+    archive: Archive,
+    *model_dirs: Path,
+    analyse: Analyse | None = None,
+    name: str = "test",
+    on_job_ended: Callable[[Job, float], None] | None = None,
+    **inference: object,
 ) -> Worker:
     values = {
         **settings.inference.model_dump(),
@@ -46,7 +54,8 @@ def worker_for(
         **inference,
     }
     settings = settings.model_copy(update={"inference": InferenceSettings.model_validate(values)})
-    return Worker(settings, archive, load_models(settings.inference.models_dirs), name="test")
+    models = load_models(settings.inference.models_dirs)
+    return Worker(settings, archive, models, analyse=analyse, name=name, on_job_ended=on_job_ended)
 
 
 def store_series(archive: Archive, folder: Path, datasets: list) -> None:
@@ -112,9 +121,8 @@ def test_a_later_generation_that_finds_nothing_leaves_no_stale_seg(
         outputs = analyse_series(*args, **kwargs)
         return [ds for ds in outputs if ds.SeriesNumber == SR_SERIES_NUMBER]
 
-    worker.analyse = nothing_found
     worker.queue.rerun(job.id)
-    (rerun,) = run_until_idle(worker)
+    (rerun,) = run_until_idle(worker_for(settings, archive, analyse=nothing_found))
 
     (sr_uid,) = rerun.outputs
     assert results_in_study(archive, study) == [(SR, sr_uid)]
@@ -127,9 +135,7 @@ def test_a_run_whose_job_is_requeued_meanwhile_stores_nothing(
     late_slice = synthetic_ct_series(8, slices=5)[0][4]  # same study and series (same seed)
     study = datasets[0].StudyInstanceUID
     store_series(archive, tmp_path / "ct", datasets)
-    stale = worker_for(settings, archive)
-    fresh = worker_for(settings, archive)
-    stale.name, fresh.name = "stale", "fresh"
+    fresh = worker_for(settings, archive, name="fresh")
     stale_outputs: list[Dataset] = []
     fresh_jobs: list[Job] = []
 
@@ -140,7 +146,7 @@ def test_a_run_whose_job_is_requeued_meanwhile_stores_nothing(
         fresh_jobs.extend(run_until_idle(fresh))
         return stale_outputs
 
-    stale.analyse = analyse_then_new_input_arrives
+    stale = worker_for(settings, archive, analyse=analyse_then_new_input_arrives, name="stale")
     (lost,) = run_until_idle(stale)
 
     (fresh_job,) = fresh_jobs
@@ -158,17 +164,18 @@ def test_a_run_that_loses_its_job_after_storing_deletes_what_it_stored(
     late_slice = synthetic_ct_series(9, slices=5)[0][4]
     study = datasets[0].StudyInstanceUID
     store_series(archive, tmp_path / "ct", datasets)
-    worker = worker_for(settings, archive)
-    complete = worker.queue.complete
     stored_before_complete = []
 
-    def requeued_just_before_complete(job: Job, *args: Any, **kwargs: Any) -> bool:
-        stored_before_complete.extend(results_in_study(archive, study))
-        store_series(archive, tmp_path / "late", [late_slice])
-        queue_stable_studies(archive, worker.settings, worker.models)  # the next generation
-        return complete(job, *args, **kwargs)
+    def requeued_once_all_are_stored(outcomes: Sequence[object]) -> None:
+        # Told after each of the worker's results is committed: after the third (the SEG and
+        # both SRs), before the worker marks the job done, a late slice re-queues it.
+        if len(results_in_study(archive, study)) == 3 and not stored_before_complete:
+            stored_before_complete.extend(results_in_study(archive, study))
+            store_series(archive, tmp_path / "late", [late_slice])
+            queue_stable_studies(archive, worker.settings, worker.models)  # the next generation
 
-    worker.queue.complete = requeued_just_before_complete  # type: ignore[method-assign]
+    hooked = dataclasses.replace(archive, on_ingest=requeued_once_all_are_stored)
+    worker = worker_for(settings, hooked)
     lost = worker.step()
 
     assert len(stored_before_complete) == 3  # the SEG and both SRs were stored, then the job lost
@@ -177,7 +184,6 @@ def test_a_run_that_loses_its_job_after_storing_deletes_what_it_stored(
     assert lost is not None and lost.generation == 1
     assert (job.state, job.generation) == (JobState.QUEUED, 2)
 
-    worker.queue.complete = complete  # type: ignore[method-assign]
     (done,) = run_until_idle(worker)
     assert sorted(uid for _, uid in results_in_study(archive, study)) == sorted(done.outputs)
 
@@ -187,7 +193,6 @@ def test_the_lease_is_renewed_while_the_model_runs(
 ) -> None:
     datasets, _mask = synthetic_ct_series(10, slices=2)
     store_series(archive, tmp_path / "ct", datasets)
-    worker = worker_for(settings, archive, lease_s=1)
     second_claims: list[Job | None] = []
 
     def slow_model(*args: Any, **kwargs: Any) -> list[Dataset]:
@@ -195,7 +200,7 @@ def test_the_lease_is_renewed_while_the_model_runs(
         second_claims.append(worker.queue.claim("another-worker"))
         return []
 
-    worker.analyse = slow_model
+    worker = worker_for(settings, archive, analyse=slow_model, lease_s=1)
     (job,) = run_until_idle(worker)
 
     assert (job.state, job.attempts, job.worker) == (JobState.DONE, 1, "test")
@@ -205,34 +210,36 @@ def test_the_lease_is_renewed_while_the_model_runs(
 def test_a_worker_survives_an_unexpected_error(
     archive: Archive, settings: Settings, tmp_path: Path
 ) -> None:
-    datasets, _mask = synthetic_ct_series(11, slices=2)
-    store_series(archive, tmp_path / "ct", datasets)
-    worker = worker_for(settings, archive, poll_interval_s=0.1)
-    worker.analyse = lambda *args, **kwargs: []
-    claim = worker.queue.claim
-    failures: list[str] = []
+    """A bug outside any job (here in the observer told of each job's end, whose error
+    leaves ``step``): logged, and the worker goes on to the next job."""
+    studies = []
+    for seed in (11, 12):
+        datasets, _mask = synthetic_ct_series(seed, slices=2)
+        store_series(archive, tmp_path / f"ct-{seed}", datasets)
+        studies.append(datasets[0].StudyInstanceUID)
+    ended: list[Job] = []
 
-    def claim_that_fails_once(*args: Any, **kwargs: Any) -> Job | None:
-        if not failures:
-            failures.append("claim")
-            raise RuntimeError("a bug in the claim")
-        return claim(*args, **kwargs)
+    def observer_that_fails_once(job: Job, _seconds: float) -> None:
+        ended.append(job)
+        if len(ended) == 1:
+            raise RuntimeError("a bug in the observer")
 
-    worker.queue.claim = claim_that_fails_once  # type: ignore[method-assign]
+    worker = worker_for(
+        settings, archive, analyse=lambda *args, **kwargs: [],
+        on_job_ended=observer_that_fails_once, poll_interval_s=0.1,
+    )  # fmt: skip
     stop = threading.Event()
     thread = threading.Thread(target=worker.run, args=(stop,), daemon=True)
     thread.start()
     try:
         deadline = time.monotonic() + 120
-        while [j.state for j in worker.queue.for_study(datasets[0].StudyInstanceUID)] != [
-            JobState.DONE
-        ]:
+        while [j.state for s in studies for j in worker.queue.for_study(s)] != [JobState.DONE] * 2:
             assert thread.is_alive() and time.monotonic() < deadline
             time.sleep(0.1)
     finally:
         stop.set()
         thread.join(60)
-    assert failures == ["claim"]
+    assert [job.state for job in ended] == [JobState.DONE] * 2  # the second after the error
 
 
 def test_a_model_that_raises_fails_with_the_reason_and_other_jobs_run(

@@ -1,11 +1,13 @@
 """The blob store interface, on the filesystem and on a real S3 server."""
 
+import re
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
 import pytest
 
-from storage import blobs as blobs_module
 from storage.archive import Archive
 from storage.blobs import FileBlobStore, instance_blob_key, is_blob_key
 from storage.errors import NotFound, StorageUnavailable
@@ -127,21 +129,36 @@ def test_put_all_stores_every_blob(archive: Archive, tmp_path: Path) -> None:
     assert sorted(archive.blobs.list_keys()) == sorted(key for key, _, _ in blobs)
 
 
-def test_filesystem_put_all_syncs_each_folder_once(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    synced: list[Path] = []
-    real_fsync = blobs_module._fsync_directory
-    monkeypatch.setattr(
-        blobs_module, "_fsync_directory", lambda folder: (synced.append(folder), real_fsync(folder))
-    )
-    store = FileBlobStore(tmp_path / "blobs")
-    source = tmp_path / "a.dcm"
+STRACE = "/usr/bin/strace"  # Debian's strace (make system-deps)
+# Run under strace: every fsync system call, with the path of its file descriptor (-y).
+_PUT_ALL = """
+import sys
+from pathlib import Path
+from storage.blobs import FileBlobStore
+root, source, keys = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3:]
+assert FileBlobStore(root).put_all([(key, source, True) for key in keys]) == [None] * len(keys)
+"""
+
+
+def test_filesystem_put_all_syncs_each_folder_once(tmp_path: Path) -> None:
+    """Counted by the kernel's account of it (strace): each folder that received blobs is
+    fsynced once, however many blobs it received."""
+    root, source = tmp_path / "blobs", tmp_path / "a.dcm"
     source.write_bytes(b"x")
+    FileBlobStore(root)  # the root exists before the traced process starts
     keys = _keys(3) + _keys(2, series="1.2.3.9")
-    assert store.put_all([(key, source, True) for key in keys]) == [None] * 5
-    assert sorted(synced) == sorted({(tmp_path / "blobs" / key).parent for key in keys})
-    assert len(synced) == 2
+    trace = tmp_path / "fsync.trace"
+    subprocess.run(
+        [STRACE, "-f", "-qq", "-y", "-e", "trace=fsync", "-o", str(trace),
+         sys.executable, "-c", _PUT_ALL, str(root), str(source), *keys],
+        check=True, cwd=Path(__file__).parents[2], timeout=120,
+    )  # fmt: skip
+    synced = [
+        Path(match.group(1))
+        for match in re.finditer(r"fsync\(\d+<([^>]*)>\) = 0", trace.read_text())
+    ]
+    folders = sorted(path for path in synced if path.is_dir())
+    assert folders == sorted({(root / key).parent for key in keys})  # two, once each
 
 
 def test_filesystem_put_all_refuses_the_rest_once_the_store_refuses(tmp_path: Path) -> None:

@@ -14,7 +14,6 @@ from pydicom.uid import ImplicitVRLittleEndian, generate_uid
 from sqlalchemy import func, select
 
 from config import Settings
-from storage import ingest as ingest_module
 from storage.archive import Archive, open_archive
 from storage.delete import delete_instance
 from storage.errors import InvalidInstance, SOPClassMismatch
@@ -22,6 +21,7 @@ from storage.index.models import Instance, Patient, Series, Study
 from storage.ingest import IngestOutcome, Origin, Received, ingest_file, ingest_files
 from storage.verify import verify_archive
 from tests.factories import ct_instance, dataset_bytes, write_part10
+from tests.racing import IndexThenHook
 
 
 def _count(archive: Archive, model: type) -> int:
@@ -324,17 +324,16 @@ class _RacingBlobStore:
         return getattr(self._inner, name)
 
 
-def test_retry_after_a_lost_race_writes_the_blob_again(
-    archive: Archive, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_retry_after_a_lost_race_writes_the_blob_again(archive: Archive, tmp_path: Path) -> None:
     """A writes its blob, B commits the same content (same blob key) first, so A's insert
-    fails; the instance is deleted (blob included) before A retries: the retry must write the
-    blob again rather than trust that it is still there."""
+    finds B's row; the instance is deleted (blob included) before A retries: the retry must
+    write the blob again rather than trust that it is still there."""
     ds = ct_instance()
     a_path = write_part10(ds, tmp_path / "a.dcm")
     b_path = tmp_path / "b.dcm"
     b_path.write_bytes(a_path.read_bytes())
     a_puts: list[Path] = []
+    deleted: list[int] = []
 
     def after_put(path: Path) -> None:
         if path == a_path:
@@ -342,16 +341,21 @@ def test_retry_after_a_lost_race_writes_the_blob_again(
             if len(a_puts) == 1:
                 assert ingest_file(archive, b_path).outcome is IngestOutcome.STORED
 
-    racing = dataclasses.replace(archive, blobs=_RacingBlobStore(archive.blobs, after_put))
-    real_store = ingest_module._store
+    def after_write() -> None:
+        if len(a_puts) == 1 and not deleted:  # A's first round has lost to B
+            deleted.append(
+                delete_instance(
+                    archive, ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID
+                ).instances
+            )
 
-    def store(target: Archive, items: list, outcomes: list) -> object:
-        if [item.received.path for item in items] == [a_path] and len(a_puts) == 1:  # A's retry
-            delete_instance(archive, ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
-        return real_store(target, items, outcomes)
-
-    monkeypatch.setattr(ingest_module, "_store", store)
+    racing = dataclasses.replace(
+        archive,
+        blobs=_RacingBlobStore(archive.blobs, after_put),
+        index=IndexThenHook(archive.index, after_write),  # type: ignore[arg-type]
+    )
     assert ingest_file(racing, a_path, temporary=True).outcome is IngestOutcome.STORED
+    assert deleted == [1]
     assert len(a_puts) == 2  # A lost the first round and wrote its blob again
     report = verify_archive(archive)
     assert report.ok and report.instances == 1, report

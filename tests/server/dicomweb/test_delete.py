@@ -3,6 +3,7 @@ unless ``[http] allow_delete``; a blob stored again meanwhile is kept."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,6 @@ import requests
 from dicomweb_client.api import DICOMwebClient
 from pydicom.uid import generate_uid
 
-import storage.delete
 from config import Settings
 from server.app import HttpServer, create_app
 from storage.archive import Archive
@@ -19,6 +19,7 @@ from storage.delete import delete_blob_unless_referenced, delete_instance
 from storage.ingest import ingest_file
 from storage.query import Query, QueryLevel, locate_instances
 from tests.conftest import free_port
+from tests.racing import IndexThenHook
 from tests.server.dicomweb.conftest import ct_series
 
 
@@ -82,26 +83,29 @@ def test_delete_is_refused_unless_allowed(settings: Settings, archive: Archive) 
     assert len(blob_keys(archive, study)) == 1
 
 
-def test_a_blob_stored_again_after_the_commit_is_kept(
-    archive: Archive, tmp_files: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_blob_stored_again_after_the_commit_is_kept(archive: Archive, tmp_files: Path) -> None:
+    """The same instance arrives between DELETE's commit and its blob clean-up (same key,
+    the keys being deterministic): the clean-up keeps the blob the new row refers to."""
     (ds,) = ct_series(1)
     path = tmp_files / "ct.dcm"
     ds.save_as(path, enforce_file_format=True)
     ingest_file(archive, path)
     (key,) = blob_keys(archive, ds.StudyInstanceUID)
-    original = storage.delete.delete_blob_unless_referenced
+    stored_again: list[str] = []
 
-    def store_again_first(archive: Archive, key: str) -> bool:
-        # The same instance arrives between DELETE's commit and its blob clean-up: same key.
-        ingest_file(archive, path)
-        return original(archive, key)
+    def store_again_after_the_commit() -> None:
+        if not stored_again:  # DELETE's transaction has ended; its blob clean-up is next
+            stored_again.append(ingest_file(archive, path).outcome.value)
 
-    monkeypatch.setattr(storage.delete, "delete_blob_unless_referenced", store_again_first)
+    deleting = dataclasses.replace(
+        archive,
+        index=IndexThenHook(archive.index, store_again_after_the_commit),  # type: ignore[arg-type]
+    )
     deletion = delete_instance(
-        archive, ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID
+        deleting, ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID
     )
 
+    assert stored_again == ["stored"]  # a new row, not a duplicate of the deleted one
     assert deletion.instances == 1 and deletion.orphan_blobs == []
     assert blob_keys(archive, ds.StudyInstanceUID) == [key]
     assert archive.blobs.exists(key)

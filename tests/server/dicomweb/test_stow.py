@@ -13,6 +13,7 @@ from config import Settings
 from server.app import HttpServer, create_app
 from server.dicomweb import stow
 from storage.archive import Archive
+from storage.audit import AuditEvent, AuditSearch, search_records
 from storage.query import Query, QueryLevel, locate_instances
 from tests.conftest import free_port
 from tests.server.dicomweb.conftest import ct_series, serve
@@ -238,17 +239,19 @@ def test_a_body_that_breaks_off_reports_what_was_stored(
 
 
 def test_parts_are_stored_in_groups_and_reported_in_part_order(
-    base_url: str, archive: Archive, settings: Settings, monkeypatch: pytest.MonkeyPatch
+    base_url: str, archive: Archive, settings: Settings
 ) -> None:
-    """Groups of two parts, one ingest (one index transaction) each: a refused part inside a
-    group (not DICOM) and one across groups (another study's, sent to /studies/{study}) leave
-    the rest stored, both sequences in the order the parts came, and no spooled part behind."""
-    monkeypatch.setattr(stow, "GROUP_PARTS", 2)
-    instances = ct_series(5)
+    """Groups of ``GROUP_PARTS`` parts, one ingest (one index transaction, one audit record
+    of what it stored) each: a refused part inside a group (not DICOM) and one opening the
+    next group (another study's, sent to /studies/{study}) leave the rest stored, both
+    sequences in the order the parts came, and no spooled part behind."""
+    group = stow.GROUP_PARTS
+    instances = ct_series(2 * group - 1)  # with the two refused parts: two groups and one part
     study = instances[0].StudyInstanceUID
     stranger = ct_series(1)[0]
     parts = [part10(ds) for ds in instances]
-    body = multipart([parts[0], b"not dicom", parts[1], parts[2], part10(stranger), *parts[3:]])
+    body = multipart([parts[0], b"not dicom", *parts[1 : group - 1], part10(stranger),
+                      *parts[group - 1 :]])  # fmt: skip
     response = requests.post(
         f"{base_url}/studies/{study}", data=body, headers={"Content-Type": STOW_TYPE}, timeout=60
     )
@@ -261,4 +264,9 @@ def test_parts_are_stored_in_groups_and_reported_in_part_order(
         ("", 0xC000), (stranger.SOPInstanceUID, 0xC409)
     ]  # fmt: skip
     assert stored_uids(archive, study) == {ds.SOPInstanceUID for ds in instances}
+    # One transaction per group, each recording what it stored (PS3.15 A.5.3.7): the first
+    # group lost its refused part, the second the stranger, the last holds one part.
+    records = search_records(archive.index, AuditSearch(study=study, limit=1000))
+    stored = [r["instances"] for r in reversed(records) if r["event"] == AuditEvent.STORE]
+    assert stored == [group - 1, group - 1, 1]
     assert list((settings.server.data_dir / "tmp").iterdir()) == []

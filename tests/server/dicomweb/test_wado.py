@@ -4,6 +4,7 @@ what was stored; transfer-syntax negotiation; metadata, frames, bulk data, rende
 from __future__ import annotations
 
 from io import BytesIO
+from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -21,12 +22,13 @@ from pydicom.uid import (
 )
 
 from config import Settings
-from server.dicomweb import spool
-from storage.archive import Archive
+from storage.archive import Archive, open_archive
 from storage.pixel_decoding import RenderingParameters, render
 from storage.query import Query, QueryLevel, locate_instances
+from tests.conftest import S3Server, make_settings, s3_blob_url
 from tests.factories import ct_instance, data_set_differences
 from tests.server.dicomweb.conftest import ct_series, multipart_parts, serve
+from tests.tcp_proxy import TcpProxy
 
 ENCAPSULATED_DOCUMENT = 0x00420011  # an OB element long enough to become bulk data
 
@@ -392,44 +394,49 @@ def test_transcoding_above_the_size_limit_is_406(
     assert as_stored.status_code == 200
 
 
-def test_frames_of_an_instance_without_ranges_read_the_file_once(
-    base_url: str,
-    settings: Settings,
-    archive: Archive,
-    client: DICOMwebClient,
-    monkeypatch: pytest.MonkeyPatch,
+def test_frames_of_an_instance_without_ranges_read_the_blob_once(
+    tmp_path: Path, postgres_url: str, s3_server: S3Server
 ) -> None:
+    """Counted where it costs: the object store, behind a proxy that keeps the requests it
+    passes on. Three frames of a file without recorded frame ranges: one GET of its blob."""
     # Deflated: no frame byte ranges can be recorded at ingest.
     ds = multi_frame(3)
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
-    client.store_instances([ds])
-    (located,) = locate_instances(
-        archive, Query(QueryLevel.STUDY, {"StudyInstanceUID": ds.StudyInstanceUID}),
-        with_frame_ranges=True,
-    )  # fmt: skip
-    assert located.frame_ranges is None
-    opened: list[str] = []
-    inner_open = archive.blobs.open
-    monkeypatch.setattr(archive.blobs, "open", lambda key: opened.append(key) or inner_open(key))
-    spool_dirs: list[object] = []
-    real_spool = spool.tempfile.SpooledTemporaryFile
-
-    def recording_spool(*args: object, **kwargs: object) -> object:
-        spool_dirs.append(kwargs.get("dir"))
-        return real_spool(*args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(spool.tempfile, "SpooledTemporaryFile", recording_spool)
-
-    response = requests.get(
-        f"{base_url}{instance_path(ds)}/frames/3,1,2",
-        headers={"Accept": 'multipart/related; type="application/octet-stream"'},
-        timeout=30,
+    proxy = TcpProxy(s3_server.port, keep_sent=True)
+    settings = make_settings(
+        tmp_path,
+        database_url=postgres_url,
+        blob_url=s3_blob_url(f"http://127.0.0.1:{proxy.port}"),
     )
+    archive = open_archive(settings, migrate=True)
+    server = serve(settings, archive)
+    try:
+        base_url = f"http://127.0.0.1:{server.port}/dicomweb"
+        DICOMwebClient(base_url).store_instances([ds])
+        (located,) = locate_instances(
+            archive, Query(QueryLevel.STUDY, {"StudyInstanceUID": ds.StudyInstanceUID}),
+            with_frame_ranges=True,
+        )  # fmt: skip
+        assert located.frame_ranges is None
+        sent_before = len(proxy.sent())
+        response = requests.get(
+            f"{base_url}{instance_path(ds)}/frames/3,1,2",
+            headers={"Accept": 'multipart/related; type="application/octet-stream"'},
+            timeout=30,
+        )
+        sent = proxy.sent()[sent_before:]
+    finally:
+        server.stop()
+        archive.close()
+        proxy.close()
 
     assert response.status_code == 200, response.text
     assert [body for _, body in multipart_parts(response)] == [
         ds.pixel_array[i].astype("<u2").tobytes() for i in (2, 0, 1)
     ]
-    assert opened == [located.blob_key]
-    assert spool_dirs == [(settings.server.data_dir / "tmp").resolve()]
+    key = located.blob_key.encode()
+    requests_for_blob = [
+        line for line in sent.split(b"\r\n") if line.startswith(b"GET ") and key in line
+    ]
+    assert len(requests_for_blob) == 1, requests_for_blob

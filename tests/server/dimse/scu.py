@@ -138,3 +138,12 @@ def echo_works(server: DimseServer) -> bool:
         return status.Status == 0x0000
     finally:
         assoc.release()
+
+
+def accepted_context_id(assoc: Association, abstract_syntax: str) -> int:
+    """The ID of the presentation context the SCP accepted for ``abstract_syntax`` (the one a
+    C-CANCEL of a request on it names, PS3.7 9.3.2.3)."""
+    for context in assoc.accepted_contexts:
+        if context.abstract_syntax == abstract_syntax and context.context_id is not None:
+            return context.context_id
+    raise LookupError(f"no presentation context accepted for {abstract_syntax}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -26,12 +27,11 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     PatientRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelFind,
 )
+from sqlalchemy.engine import make_url
 
-from server.dimse import c_find
 from server.dimse.ae import DimseServer
 from storage.archive import Archive, open_archive
 from storage.index.models import Patient, Study
-from storage.query import search
 from tests.conftest import BACKENDS, make_settings
 from tests.server.dimse.qr_seed import (
     FIND_SCU,
@@ -46,7 +46,8 @@ from tests.server.dimse.qr_seed import (
     seeded_server,
     server_with,
 )
-from tests.server.dimse.scu import echo_works
+from tests.server.dimse.scu import accepted_context_id, echo_works
+from tests.tcp_proxy import TcpProxy
 
 MODELS = {
     "PATIENT_ROOT": (PatientRootQueryRetrieveInformationModelFind, "-P"),
@@ -415,7 +416,7 @@ def test_c_cancel_stops_a_long_find(dimse_server: DimseServer, archive: Archive)
         for status, _ in responses:
             statuses.append(int(status.Status))
             if len(statuses) == 1:
-                context_id = assoc._get_valid_context(context, "", "scu").context_id
+                context_id = accepted_context_id(assoc, context)
                 assoc.send_c_cancel(7, context_id)
     finally:
         assoc.release()
@@ -425,20 +426,17 @@ def test_c_cancel_stops_a_long_find(dimse_server: DimseServer, archive: Archive)
 
 
 def test_find_longer_than_the_network_timeout_keeps_the_association(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, postgres_url: str
 ) -> None:
-    """A C-FIND that streams for longer than ``network_timeout_s`` is an association at work,
-    not an idle one: every match arrives, and the association still serves the next request
-    (pynetdicom counts idleness from the last PDU received, which was the request)."""
-
-    def slow_search(archive: Archive, query: Any) -> Iterator[dict[str, Any]]:
-        # A slow cursor: streaming MANY responses takes the SCP about 1.5 s.
-        for row in search(archive, query):
-            time.sleep(0.0005)
-            yield row
-
-    monkeypatch.setattr(c_find, "search", slow_search)
-    settings = make_settings(tmp_path, dimse={"network_timeout_s": 0.5})
+    """A C-FIND that takes longer than ``network_timeout_s`` is an association at work, not an
+    idle one: its index stalls for 1.5 s (a proxy holds every byte to and from PostgreSQL),
+    yet the match arrives, and the association still serves the next request. (One match:
+    the SCU digests each response long after a fast SCP has sent it, and a backlog of
+    thousands would keep it silent past the SCP's idle timeout once the answer is sent.)"""
+    url = make_url(postgres_url)
+    proxy = TcpProxy(url.port or 5432)
+    proxied = url.set(port=proxy.port).render_as_string(hide_password=False)
+    settings = make_settings(tmp_path, database_url=proxied, dimse={"network_timeout_s": 0.5})
     archive = open_archive(settings, migrate=True)
     _seed_many_studies(archive, "PAT-MANY")
     server = DimseServer(settings, archive)
@@ -446,14 +444,19 @@ def test_find_longer_than_the_network_timeout_keeps_the_association(
     ds = Dataset()
     ds.QueryRetrieveLevel = "STUDY"
     ds.PatientID = "PAT-MANY"
-    ds.StudyInstanceUID = ""
+    ds.StudyInstanceUID = "1.2.826.0.1.3680043.8.498.78.7"
     ae = AE()
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
     assoc = qr_associate(server, ae)
+    stall = threading.Timer(1.5, proxy.release)
     try:
+        proxy.hold()
+        stall.start()
+        began = time.monotonic()
         statuses = []
         for status, _ in assoc.send_c_find(ds, StudyRootQueryRetrieveInformationModelFind):
             statuses.append(int(status.Status) if "Status" in status else None)
+        took = time.monotonic() - began
         time.sleep(0.2)  # the SCP's association thread is back in its loop, timer checked
         ds.PatientID = "NOBODY"
         responses = assoc.send_c_find(ds, StudyRootQueryRetrieveInformationModelFind)
@@ -461,8 +464,11 @@ def test_find_longer_than_the_network_timeout_keeps_the_association(
         established = assoc.is_established
         assoc.release()
     finally:
+        stall.cancel()
+        proxy.release()
         server.stop()
         archive.close()
-    assert statuses.count(0xFF00) == MANY
-    assert statuses[-1] == 0x0000
+        proxy.close()
+    assert took > 3 * settings.dimse.network_timeout_s  # the stall held the C-FIND
+    assert statuses == [0xFF00, 0x0000]
     assert established and second == [0x0000]

@@ -4,9 +4,10 @@ transfer syntaxes, pydicom's encoding for the others, DCMTK's findscu reading it
 
 from __future__ import annotations
 
+import socket
 import struct
 import subprocess
-from collections.abc import Iterator
+from io import BytesIO
 from pathlib import Path
 
 import pydicom
@@ -14,13 +15,16 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
+from pynetdicom.dsutils import decode, encode
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelFind as FIND,
 )
 
-from server.dimse import c_find_responses
 from server.dimse.ae import DimseServer
-from server.dimse.pdu import p_data
+from server.dimse.association import Association, Context
+from server.dimse.c_find_responses import BATCH_BYTES, PendingResponses
+from server.dimse.identifier import query_request
+from server.dimse.pdu import PduSocket, p_data
 from storage.archive import Archive
 from tests.server.dimse.qr_seed import FIND_SCU, qr_associate
 from tests.server.dimse.scu import echo_works
@@ -34,20 +38,6 @@ EXPECTED_UIDS = {f"1.2.826.0.1.3680043.8.498.78.{i}" for i in range(MANY)}
 def many(dimse_server: DimseServer, archive: Archive) -> DimseServer:
     _seed_many_studies(archive, PATIENT_ID)
     return dimse_server
-
-
-@pytest.fixture
-def batches(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
-    """The size in bytes of every batch the SCP writes."""
-    sizes: list[int] = []
-    flush = c_find_responses.PendingResponses.flush
-
-    def counted(self: c_find_responses.PendingResponses) -> None:
-        sizes.append(self._size)
-        flush(self)
-
-    monkeypatch.setattr(c_find_responses.PendingResponses, "flush", counted)
-    yield sizes
 
 
 def query() -> Dataset:
@@ -78,7 +68,7 @@ def find(server: DimseServer, transfer_syntax: str, max_pdu: int) -> list[tuple[
 )
 @pytest.mark.parametrize("max_pdu", [0, 64, 16382], ids=["unlimited", "64", "16382"])
 def test_every_match_arrives_over_many_batches_and_pdus(
-    many: DimseServer, batches: list[int], transfer_syntax: str, max_pdu: int
+    many: DimseServer, transfer_syntax: str, max_pdu: int
 ) -> None:
     """PDUs of 64 bytes split the command set and every Identifier into several fragments."""
     responses = find(many, transfer_syntax, max_pdu)
@@ -90,22 +80,21 @@ def test_every_match_arrives_over_many_batches_and_pdus(
         assert ds.QueryRetrieveLevel == "STUDY"
         assert ds.RetrieveAETitle == many.settings.dimse.ae_title
         assert "StudyDescription" in ds and not ds.StudyDescription
-    assert len(batches) > 2 and max(batches) < 2 * c_find_responses.BATCH_BYTES
+    implicit_vr = transfer_syntax == ImplicitVRLittleEndian
+    identifiers = sum(len(encode(ds, implicit_vr, True)) for _, ds in responses[:-1])
+    assert identifiers > 2 * BATCH_BYTES  # several batches' worth (test_batches_are_bounded)
 
 
-def test_big_endian_identifiers_are_encoded_by_pydicom_and_batched(
-    many: DimseServer, batches: list[int]
-) -> None:
+def test_big_endian_identifiers_are_encoded_by_pydicom_and_batched(many: DimseServer) -> None:
     """A transfer syntax the fast encoder does not serve: pydicom encodes each Identifier,
     and the responses still leave in batches; same answers."""
     responses = find(many, ExplicitVRBigEndian, 16382)
     assert [status for status, _ in responses] == [0xFF00] * MANY + [0x0000]
     assert {str(ds.StudyInstanceUID) for _, ds in responses[:-1]} == EXPECTED_UIDS
-    assert len(batches) > 2
     assert echo_works(many)
 
 
-def test_findscu_reads_every_batch(many: DimseServer, batches: list[int], tmp_path: Path) -> None:
+def test_findscu_reads_every_batch(many: DimseServer, tmp_path: Path) -> None:
     result = subprocess.run(
         [FIND_SCU, "-S", "-aec", many.settings.dimse.ae_title, "--max-pdu", "4096",
          "-k", "QueryRetrieveLevel=STUDY", "-k", f"PatientID={PATIENT_ID}", "-k", "PatientName",
@@ -116,10 +105,9 @@ def test_findscu_reads_every_batch(many: DimseServer, batches: list[int], tmp_pa
     files = sorted(tmp_path.glob("rsp*.dcm"))
     uids = {str(pydicom.dcmread(path).StudyInstanceUID) for path in files}
     assert len(files) == MANY and uids == EXPECTED_UIDS
-    assert len(batches) > 2
 
 
-def test_c_cancel_between_batches_answers_cancel(many: DimseServer, batches: list[int]) -> None:
+def test_c_cancel_between_batches_answers_cancel(many: DimseServer) -> None:
     """C-CANCEL after the first batch arrived: Cancel, and the association serves on."""
     ae = AE()
     ae.add_requested_context(FIND)
@@ -165,3 +153,73 @@ def test_p_data_tf_framing(max_pdu: int) -> None:
             assert control in (0x00, 0x01)
     expected = [(0x03, command), (0x02, identifiers[0]), (0x03, command), (0x02, identifiers[1])]
     assert messages == [*expected, (0x03, command), (0x02, identifiers[2])]
+
+
+def _drain(peer: socket.socket) -> bytes:
+    """What has arrived at the peer's end so far (no wait)."""
+    chunks = []
+    while True:
+        try:
+            chunk = peer.recv(1 << 20)
+        except BlockingIOError:
+            return b"".join(chunks)
+        chunks.append(chunk)
+
+
+def _messages(data: bytes, max_pdu: int) -> list[tuple[bool, bytes]]:
+    """(is a command set, bytes) of each message in a stream of P-DATA-TF PDUs, each PDU
+    checked against the peer's maximum length (PS3.8 9.3.5, E.2)."""
+    messages: list[tuple[bool, bytes]] = []
+    fragments = b""
+    offset = 0
+    while offset < len(data):
+        pdu_type, _, length = struct.unpack_from(">BBI", data, offset)
+        assert pdu_type == 0x04 and (not max_pdu or length <= max_pdu)
+        pdv_length, _context_id, control = struct.unpack_from(">IBB", data, offset + 6)
+        assert pdv_length + 4 == length  # one PDV per PDU
+        fragments += data[offset + 12 : offset + 6 + length]
+        if control & 0x02:  # the last fragment of a message
+            messages.append((bool(control & 0x01), fragments))
+            fragments = b""
+        offset += 6 + length
+    assert offset == len(data) and not fragments
+    return messages
+
+
+@pytest.mark.parametrize("max_pdu", [0, 64, 16382], ids=["unlimited", "64", "16382"])
+def test_batches_are_bounded(max_pdu: int) -> None:
+    """The SCP's writes, as they arrive at the other end of a real socket: several, each of
+    many responses (not one write per response), none much over BATCH_BYTES, and together
+    every response in order, within the peer's PDUs."""
+    ours, peer = socket.socketpair()
+    peer.setblocking(False)
+    context = Context(1, FIND, ImplicitVRLittleEndian)
+    assoc = Association(
+        PduSocket(ours, idle_timeout=10, pdu_timeout=10), [context],
+        calling_ae_title="FINDSCU", called_ae_title="HILUM", peer_address="127.0.0.1",
+        max_pdu_receive=0, max_pdu_send=max_pdu,
+    )  # fmt: skip
+    request = query_request(query(), FIND, case_insensitive_person_names=True)
+    rows = [
+        {"PatientID": PATIENT_ID, "PatientName": "MANY^STUDIES", "StudyInstanceUID": uid}
+        for uid in sorted(EXPECTED_UIDS)
+    ]
+    responses = PendingResponses(assoc, context, 7, request, "HILUM")
+    writes: list[bytes] = []
+    try:
+        for row in rows:
+            responses.add(row)
+            if arrived := _drain(peer):
+                writes.append(arrived)
+        responses.flush()
+        writes.append(_drain(peer))
+    finally:
+        ours.close()
+        peer.close()
+
+    assert 2 < len(writes) < len(rows) / 10
+    assert max(map(len, writes)) < 2 * BATCH_BYTES
+    messages = _messages(b"".join(writes), max_pdu)
+    assert [is_command for is_command, _ in messages] == [True, False] * len(rows)
+    uids = [str(decode(BytesIO(data), True, True).StudyInstanceUID) for _, data in messages[1::2]]
+    assert uids == [row["StudyInstanceUID"] for row in rows]

@@ -21,6 +21,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelGet,
 )
 
+from config import Settings
 from server.dimse.ae import DimseServer
 from storage.archive import Archive
 from tests.factories import data_set_differences
@@ -34,7 +35,7 @@ from tests.server.dimse.qr_seed import (
     sop_classes_of,
     study_identifier,
 )
-from tests.server.dimse.scu import echo_works
+from tests.server.dimse.scu import accepted_context_id, echo_works
 
 GET = StudyRootQueryRetrieveInformationModelGet
 GET_MODELS = {"PATIENT_ROOT": PatientRootQueryRetrieveInformationModelGet, "STUDY_ROOT": GET}
@@ -227,16 +228,23 @@ def test_keys_other_than_unique_keys_are_not_matched(
 
 
 def test_instance_too_large_to_transcode_fails_its_sub_operation(
-    dimse_server: DimseServer, archive: Archive, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    settings: Settings, archive: Archive, tmp_path: Path
 ) -> None:
     """Past the in-memory limit, a compressed instance is not decoded for an SCU that accepts
     only explicit VR little endian: every sub-operation fails (0xA702), each UID listed."""
     study_uid, files = ingest_compressed(archive, tmp_path)
-    monkeypatch.setattr(dimse_server.settings.server, "transcode_max_bytes", 1024)
+    limited = settings.model_copy(
+        update={"server": settings.server.model_copy(update={"transcode_max_bytes": 1024})}
+    )
     storage = {
         sop_class: [ExplicitVRLittleEndian] for sop_class in sop_classes_of(list(files.values()))
     }
-    responses, received = get_responses(dimse_server, study_identifier(study_uid), storage)
+    server = DimseServer(limited, archive)
+    server.start()
+    try:
+        responses, received = get_responses(server, study_identifier(study_uid), storage)
+    finally:
+        server.stop()
     final, identifier = responses[-1]
     assert final.Status == 0xA702
     assert final.NumberOfFailedSuboperations == len(files)
@@ -262,7 +270,7 @@ def test_c_cancel_stops_a_get(dimse_server: DimseServer, archive: Archive, tmp_p
 
     def cancel_after_first_store() -> None:
         assert first_received.wait(30)
-        context_id = assoc._get_valid_context(GET, "", "scu").context_id
+        context_id = accepted_context_id(assoc, GET)
         assoc.send_c_cancel(9, context_id)
         # Give the C-CANCEL a head start on the C-STORE response it must overtake.
         threading.Event().wait(0.5)
