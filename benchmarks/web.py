@@ -292,6 +292,7 @@ def time_first_image(settings: Settings, archive: Archive, ohif: Path, runs: int
     """Seconds from "Open in viewer" on a 300-slice CT's study page to its first image drawn:
     in rounds, a first open (a fresh browser profile: nothing cached) then two repeated opens
     in the same profile (its HTTP cache and V8's code cache warm)."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
     from playwright.sync_api import sync_playwright
 
     from inference.phantoms import synthetic_ct_series
@@ -321,6 +322,7 @@ def time_first_image(settings: Settings, archive: Archive, ohif: Path, runs: int
             "--use-gl=swiftshader", "--enable-unsafe-swiftshader"]  # fmt: skip
     names = ("first open", "repeated open (2nd)", "repeated open (3rd)")
     opens: dict[str, list[ViewerOpen]] = {name: [] for name in names}
+    failed = dict.fromkeys(names, 0)
     try:
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=args)
@@ -329,7 +331,12 @@ def time_first_image(settings: Settings, archive: Archive, ohif: Path, runs: int
                 context.add_init_script(_RENDER_MARK)
                 page = context.new_page()
                 for name in names:
-                    opened = _open_viewer(page, study_url, access)
+                    try:
+                        opened = _open_viewer(page, study_url, access)
+                    except PlaywrightTimeout:
+                        failed[name] += 1
+                        print(f"round {run + 1}, {name}: no image in 120 s", file=sys.stderr)
+                        continue
                     opens[name].append(opened)
                     steps = ", ".join(f"{k} {v:.2f} s" for k, v in opened.steps.items())
                     chromium = sum(opened.browser_cpu.values())
@@ -348,7 +355,10 @@ def time_first_image(settings: Settings, archive: Archive, ohif: Path, runs: int
         f"(load average before: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs):"
     )
     for name in names:
-        print(_summary(name, opens[name]))
+        if opens[name]:
+            print(_summary(name, opens[name]))
+        if failed[name]:
+            print(f"{name}: {failed[name]} of {runs} opens drew no image within 120 s")
 
 
 def main() -> int:
