@@ -27,11 +27,14 @@ from tests.factories import ensure_partition, write_part10
 from tests.waiting import wait_until
 from tests.web.conftest import CHROMIUM, CHROMIUM_ARGS, Hilum, csp_violations, screenshot
 from web.ohif import (
+    IMMUTABLE,
     MARKER,
     OHIF_INTEGRITY,
     OHIF_PACKAGE,
     OHIF_VERSION,
+    REVALIDATE,
     ViewerInstallError,
+    cache_control,
     install_ohif,
     installed,
 )
@@ -287,10 +290,10 @@ def test_the_viewers_content_hashed_files_are_kept_and_the_others_revalidated(
         "/init-service-worker.js": "no-cache",
         "/app-config.js": "private, no-cache",  # made for the user who asks
     }
-    for path, cache_control in revalidated.items():
+    for path, expected in revalidated.items():
         response = requests.get(f"{hilum.url}{path}", timeout=30)
         assert response.status_code == 200, path
-        assert response.headers["Cache-Control"] == cache_control, path
+        assert response.headers["Cache-Control"] == expected, path
         etag = response.headers["ETag"]
         again = requests.get(f"{hilum.url}{path}", headers={"If-None-Match": etag}, timeout=30)
         assert again.status_code == 304, path
@@ -346,3 +349,26 @@ def test_a_repeated_open_takes_the_viewers_code_from_the_browsers_cache(
     assert any(p.endswith("/metadata") for p in second)
     assert dicomweb
     assert [(s, u) for s, u in dicomweb if not 200 <= s < 300] == []
+
+
+@pytest.mark.parametrize(
+    ("path", "kept"),
+    [
+        ("app.bundle.096daabbdde29bd851ab.js", True),
+        ("2108.bundle.aea8d3b39486dd5ab39e.js", True),
+        ("17dd54813d5acc10bf8f.wasm", True),
+        ("31fb9346313fc3740d7b.woff2", True),
+        ("index.html", False),
+        ("147.css", False),  # a chunk's style sheet: its name is its chunk's number only
+        ("app.bundle.css", False),
+        ("init-service-worker.js", False),
+        ("dicom-microscopy-viewer/dicomMicroscopyViewer.min.js", False),
+        ("assets/favicon.ico", False),
+        ("app.bundle.096daabbdde29bd851a.js", False),  # 19 hex digits: not webpack's hash
+    ],
+)
+def test_only_files_named_by_their_content_hash_are_kept_without_asking(
+    path: str, kept: bool
+) -> None:
+    assert (cache_control(path) == IMMUTABLE) is kept
+    assert cache_control(path) == (IMMUTABLE if kept else REVALIDATE)
