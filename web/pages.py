@@ -25,7 +25,7 @@ from storage.index.models import DEFAULT_PARTITION
 from storage.jobs import JobState
 from storage.partitions import partition_names
 from web import audit, login, study, worklist
-from web.ohif import SPA_ROUTES, app_config, installed, ohif_dir
+from web.ohif import REVALIDATE, SPA_ROUTES, app_config, cache_control, installed, ohif_dir
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).resolve().parent / "static"
@@ -62,7 +62,7 @@ def _content_security_policy(policy: str) -> Callable[[Response], Response]:
 
 def _viewer_index(folder: Path) -> Response:
     response = send_from_directory(folder, "index.html")
-    response.headers["Cache-Control"] = "no-cache"
+    response.headers["Cache-Control"] = REVALIDATE
     return response
 
 
@@ -188,7 +188,10 @@ def web_blueprint(settings: Settings) -> Blueprint:
             if context.principal.may_see(name)
         ]
         response = Response(app_config(visible), mimetype="text/javascript")
-        response.headers["Cache-Control"] = "no-cache"
+        # Made for this user (the partitions they may see): theirs only, asked again on each
+        # open. (No ETag: with one, OHIF 3.12.10 did not draw an SR's outlines in
+        # tests/web/test_viewer.py; the file is 1 KB.)
+        response.headers["Cache-Control"] = f"private, {REVALIDATE}"
         return response
 
     # The viewer's own files, at the site root where its bundle asks for them.
@@ -202,7 +205,10 @@ def web_blueprint(settings: Settings) -> Blueprint:
             raise HTTPNotFound(f"no page {request.path}")
         if _name in SPA_ROUTES:
             return _viewer_index(folder)
-        return send_from_directory(folder, request.path.lstrip("/"), max_age=3600)
+        path = request.path.lstrip("/")
+        response = send_from_directory(folder, path)
+        response.headers["Cache-Control"] = cache_control(path)
+        return response
 
     return blueprint
 

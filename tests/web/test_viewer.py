@@ -6,6 +6,7 @@ the AI SEG changes the rendered pixels (the coloured overlay)."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import tarfile
@@ -26,11 +27,14 @@ from tests.factories import ensure_partition, write_part10
 from tests.waiting import wait_until
 from tests.web.conftest import CHROMIUM, CHROMIUM_ARGS, Hilum, csp_violations, screenshot
 from web.ohif import (
+    IMMUTABLE,
     MARKER,
     OHIF_INTEGRITY,
     OHIF_PACKAGE,
     OHIF_VERSION,
+    REVALIDATE,
     ViewerInstallError,
+    cache_control,
     install_ohif,
     installed,
 )
@@ -265,3 +269,108 @@ def test_the_app_config_points_the_viewer_at_hilums_dicomweb(hilum: Hilum) -> No
     assert "OHIF" in requests.get(f"{hilum.url}/viewer?StudyInstanceUIDs=1.2.3", timeout=30).text
     assert "Worklist" in requests.get(f"{hilum.url}/", timeout=30).text
     assert requests.get(f"{hilum.url}/no-such-file.js", timeout=30).status_code == 404
+
+
+def test_the_viewers_content_hashed_files_are_kept_and_the_others_revalidated(
+    hilum: Hilum,
+) -> None:
+    """Cache-Control of the viewer's files (web/ohif.py): a chunk whose name holds its content's
+    hash is kept for a year without asking again; index.html and the files with fixed names are
+    asked again on each use and answer 304 when unchanged."""
+    index = requests.get(f"{hilum.url}/viewer?StudyInstanceUIDs=1.2.3", timeout=30)
+    (bundle,) = re.findall(r'src="/(app\.bundle\.[0-9a-f]{20}\.js)"', index.text)
+    hashed = sorted(p.name for p in OHIF_DIR.glob("*.bundle.*.js"))[0]
+    for name in (bundle, hashed, next(p.name for p in OHIF_DIR.glob("*.wasm"))):
+        response = requests.get(f"{hilum.url}/{name}", timeout=30)
+        assert response.status_code == 200, name
+        assert response.headers["Cache-Control"] == "public, max-age=31536000, immutable", name
+    revalidated = {
+        "/viewer?StudyInstanceUIDs=1.2.3": "no-cache",
+        "/app.bundle.css": "no-cache",
+        "/init-service-worker.js": "no-cache",
+    }
+    for path, expected in revalidated.items():
+        response = requests.get(f"{hilum.url}{path}", timeout=30)
+        assert response.status_code == 200, path
+        assert response.headers["Cache-Control"] == expected, path
+        etag = response.headers["ETag"]
+        again = requests.get(f"{hilum.url}{path}", headers={"If-None-Match": etag}, timeout=30)
+        assert again.status_code == 304, path
+        assert again.content == b""
+        other = requests.get(f"{hilum.url}{path}", headers={"If-None-Match": '"x"'}, timeout=30)
+        assert other.status_code == 200, path
+        assert other.content == response.content
+    # Made for the user who asks (the partitions they may see): theirs only, asked each time.
+    config = requests.get(f"{hilum.url}/app-config.js", timeout=30)
+    assert config.headers["Cache-Control"] == "private, no-cache"
+
+
+def test_a_repeated_open_takes_the_viewers_code_from_the_browsers_cache(
+    hilum: Hilum, viewer_browser: Browser, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The second open in the same browser asks Hilum for none of the viewer's chunks (the
+    server's access log says which requests reached it), and the viewer still asks Hilum's
+    DICOMweb for the study, every answer 2xx."""
+    ct, _ = synthetic_ct_series(403, slices=2)
+    hilum.store([write_part10(ds, tmp_path / f"ct{i}.dcm") for i, ds in enumerate(ct)])
+    url = f"{hilum.url}/viewer?StudyInstanceUIDs={ct[0].StudyInstanceUID}"
+    caplog.set_level(logging.INFO, logger="hilum.http.access")
+
+    def served() -> list[str]:
+        # '<address> "<method> <path>" <status> <ms>ms'
+        return [
+            r.getMessage().split('"')[1].split(" ", 1)[1]
+            for r in caplog.records
+            if r.name == "hilum.http.access"
+        ]
+
+    context = viewer_browser.new_context(viewport={"width": 1280, "height": 900})
+    page: Page = context.new_page()
+    dicomweb: list[tuple[int, str]] = []
+    page.on(
+        "response",
+        lambda r: dicomweb.append((r.status, r.url)) if "/dicomweb/" in r.url else None,
+    )
+    opens = []
+    try:
+        for _ in range(2):
+            caplog.clear()
+            page.goto(url)
+            wait_until(
+                lambda: any(p.endswith("/metadata") for p in served()),
+                "OHIF to ask for the series metadata",
+                timeout_s=120,
+            )
+            opens.append(served())
+    finally:
+        context.close()
+    first, second = opens
+    chunk = re.compile(r"\.bundle\.[0-9a-f]{20}\.js$")
+    assert [p for p in first if chunk.search(p)], "the first open loaded no chunk from Hilum"
+    assert [p for p in second if chunk.search(p)] == []
+    assert any(p.endswith("/metadata") for p in second)
+    assert dicomweb
+    assert [(s, u) for s, u in dicomweb if not 200 <= s < 300] == []
+
+
+@pytest.mark.parametrize(
+    ("path", "kept"),
+    [
+        ("app.bundle.096daabbdde29bd851ab.js", True),
+        ("2108.bundle.aea8d3b39486dd5ab39e.js", True),
+        ("17dd54813d5acc10bf8f.wasm", True),
+        ("31fb9346313fc3740d7b.woff2", True),
+        ("index.html", False),
+        ("147.css", False),  # a chunk's style sheet: its name is its chunk's number only
+        ("app.bundle.css", False),
+        ("init-service-worker.js", False),
+        ("dicom-microscopy-viewer/dicomMicroscopyViewer.min.js", False),
+        ("assets/favicon.ico", False),
+        ("app.bundle.096daabbdde29bd851a.js", False),  # 19 hex digits: not webpack's hash
+    ],
+)
+def test_only_files_named_by_their_content_hash_are_kept_without_asking(
+    path: str, kept: bool
+) -> None:
+    assert (cache_control(path) == IMMUTABLE) is kept
+    assert cache_control(path) == (IMMUTABLE if kept else REVALIDATE)
