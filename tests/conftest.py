@@ -25,6 +25,7 @@ from sqlalchemy import create_engine, text
 from config import Settings, load_settings
 from server.dimse.ae import DimseServer
 from storage.archive import Archive, open_archive
+from storage.index.database import create_index_engine, upgrade_database
 
 POSTGRES_ADMIN_URL = os.environ.get(
     "HILUM_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -105,18 +106,20 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
 
 @pytest.fixture
 def postgres_url() -> Iterator[str]:
-    """A fresh database on the real PostgreSQL, dropped after the test."""
+    """A fresh, empty database on the real PostgreSQL, dropped after the test."""
     with postgres_database() as url:
         yield url
 
 
 @contextlib.contextmanager
-def postgres_database() -> Iterator[str]:
-    """A fresh database on the real PostgreSQL, dropped on exit."""
+def postgres_database(template: str = "") -> Iterator[str]:
+    """A fresh database on the real PostgreSQL (empty, or a copy of the database ``template``),
+    dropped on exit."""
     name = f"hilum_test_{uuid.uuid4().hex[:12]}"
     admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
+        copy = f' TEMPLATE "{template}"' if template else ""
+        conn.execute(text(f'CREATE DATABASE "{name}"{copy}'))
     base, _, _ = POSTGRES_ADMIN_URL.rpartition("/")
     try:
         yield f"{base}/{name}"
@@ -124,6 +127,50 @@ def postgres_database() -> Iterator[str]:
         with admin.connect() as conn:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def migrated_postgres_template() -> Iterator[str]:
+    """The name of a PostgreSQL database migrated from empty to the newest schema once per test
+    run: the template of every test's database that starts migrated (CREATE DATABASE ...
+    TEMPLATE copies it in a fraction of the time the migrations take)."""
+    with postgres_database() as url:
+        engine = create_index_engine(url, pool_size=1)
+        try:
+            upgrade_database(engine)
+        finally:
+            # CREATE DATABASE ... TEMPLATE refuses a template that anyone is connected to.
+            engine.dispose()
+        yield url.rpartition("/")[2]
+
+
+@pytest.fixture
+def migrated_postgres_url(migrated_postgres_template: str) -> Iterator[str]:
+    """A fresh database on the real PostgreSQL at the newest schema (a copy of the session's
+    migrated template), dropped after the test."""
+    with postgres_database(template=migrated_postgres_template) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def migrated_sqlite_index(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A SQLite index migrated from empty to the newest schema once per test run, copied into
+    the data directory of every test whose index starts migrated."""
+    path = tmp_path_factory.mktemp("migrated-index") / "index.sqlite"
+    engine = create_index_engine(f"sqlite:///{path}", pool_size=1)
+    try:
+        upgrade_database(engine)
+    finally:
+        engine.dispose()  # the last connection's close folds the WAL into the file
+    return path
+
+
+def starts_migrated(request: pytest.FixtureRequest) -> bool:
+    """Whether the test's index database may start as a copy of the migrated template: when it
+    takes ``archive``, which migrates it before the test sees it anyway (``open_archive`` finds
+    it at the newest schema). A test of the migrations, or of an index not yet upgraded, does
+    not take ``archive`` and gets an empty database."""
+    return "archive" in request.fixturenames
 
 
 def make_settings(
@@ -160,11 +207,20 @@ def backend(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 def settings(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> Settings:
+    """Settings on ``backend``; the index database is empty, or already migrated from the
+    session's template where the test takes ``archive`` (:func:`starts_migrated`)."""
+    migrated = starts_migrated(request)
     if backend == "sqlite-files":
-        return make_settings(tmp_path)
+        settings = make_settings(tmp_path)
+        if migrated:
+            index = settings.server.data_dir / "index.sqlite"
+            index.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(request.getfixturevalue("migrated_sqlite_index"), index)
+        return settings
+    database_url = request.getfixturevalue("migrated_postgres_url" if migrated else "postgres_url")
     return make_settings(
         tmp_path,
-        database_url=request.getfixturevalue("postgres_url"),
+        database_url=database_url,
         blob_url=s3_blob_url(request.getfixturevalue("s3_server")),
     )
 
