@@ -289,8 +289,8 @@ def settings(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> Se
     migrated = starts_migrated(request)
     if backend == "sqlite-files":
         settings = make_settings(tmp_path)
-        if migrated:
-            index = settings.server.data_dir / "index.sqlite"
+        index = settings.server.data_dir / "index.sqlite"
+        if migrated and not index.exists():  # never over an index a fixture already opened
             index.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(request.getfixturevalue("migrated_sqlite_index"), index)
         return settings
