@@ -135,7 +135,7 @@ def _admin_engine() -> Engine:
 
 class MigratedDatabases:
     """Fresh databases at the newest schema, copies of one template migrated from empty once
-    per run (CREATE DATABASE ... TEMPLATE takes a fraction of the migrations' time), made ahead
+    per run (CREATE DATABASE ... TEMPLATE instead of the migrations in every test), made ahead
     of the tests and dropped behind them on a thread of their own: every test still gets a
     database no other test has used, without waiting for CREATE or DROP DATABASE, the slowest
     part of a test on PostgreSQL."""
