@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import queue
 import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -20,11 +22,12 @@ from pathlib import Path
 
 import pytest
 import urllib3
-from sqlalchemy import create_engine, text
+from sqlalchemy import Engine, create_engine, text
 
 from config import Settings, load_settings
 from server.dimse.ae import DimseServer
 from storage.archive import Archive, open_archive
+from storage.index.database import create_index_engine, upgrade_database
 
 POSTGRES_ADMIN_URL = os.environ.get(
     "HILUM_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -105,16 +108,16 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
 
 @pytest.fixture
 def postgres_url() -> Iterator[str]:
-    """A fresh database on the real PostgreSQL, dropped after the test."""
+    """A fresh, empty database on the real PostgreSQL, dropped after the test."""
     with postgres_database() as url:
         yield url
 
 
 @contextlib.contextmanager
 def postgres_database() -> Iterator[str]:
-    """A fresh database on the real PostgreSQL, dropped on exit."""
+    """A fresh, empty database on the real PostgreSQL, dropped on exit."""
     name = f"hilum_test_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    admin = _admin_engine()
     with admin.connect() as conn:
         conn.execute(text(f'CREATE DATABASE "{name}"'))
     base, _, _ = POSTGRES_ADMIN_URL.rpartition("/")
@@ -124,6 +127,127 @@ def postgres_database() -> Iterator[str]:
         with admin.connect() as conn:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
+
+
+def _admin_engine() -> Engine:
+    return create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT", pool_size=1)
+
+
+class MigratedDatabases:
+    """Fresh databases at the newest schema, copies of one template migrated from empty once
+    per run (CREATE DATABASE ... TEMPLATE instead of the migrations in every test), made ahead
+    of the tests and dropped behind them on a thread of their own: every test still gets a
+    database no other test has used, without waiting for CREATE or DROP DATABASE, the slowest
+    part of a test on PostgreSQL."""
+
+    def __init__(self, template: str, ahead: int = 2) -> None:
+        self.template = template
+        self._admin = _admin_engine()
+        self._made: queue.Queue[str | BaseException] = queue.Queue(maxsize=ahead)
+        self._done: queue.Queue[str | None] = queue.Queue()
+        self._closing = threading.Event()
+        self._not_dropped: list[str] = []
+        self._threads = [
+            threading.Thread(target=self._make, name="make test databases", daemon=True),
+            threading.Thread(target=self._drop, name="drop test databases", daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def take(self) -> str:
+        """The name of a fresh database; raises what making it raised."""
+        made = self._made.get(timeout=300)
+        if isinstance(made, BaseException):
+            raise made
+        return made
+
+    def give_back(self, name: str) -> None:
+        self._done.put(name)
+
+    def close(self) -> None:
+        self._closing.set()
+        self._threads[0].join()
+        while not self._made.empty():
+            made = self._made.get()
+            if isinstance(made, str):
+                self._done.put(made)
+        self._done.put(None)
+        self._threads[1].join()
+        self._admin.dispose()
+        if self._not_dropped:
+            raise RuntimeError(f"test databases not dropped: {self._not_dropped}")
+
+    def _make(self) -> None:
+        while not self._closing.is_set():
+            name = f"hilum_test_{uuid.uuid4().hex[:12]}"
+            made: str | BaseException = name
+            try:
+                with self._admin.connect() as conn:
+                    conn.execute(text(f'CREATE DATABASE "{name}" TEMPLATE "{self.template}"'))
+            except Exception as error:  # handed to the test that takes it
+                made = error
+            while not self._closing.is_set():
+                with contextlib.suppress(queue.Full):
+                    self._made.put(made, timeout=0.2)
+                    break
+            else:
+                if isinstance(made, str):
+                    self._done.put(made)
+
+    def _drop(self) -> None:
+        while (name := self._done.get()) is not None:
+            try:
+                with self._admin.connect() as conn:
+                    conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+            except Exception as error:  # reported by close()
+                self._not_dropped.append(f"{name} ({error})")
+
+
+@pytest.fixture(scope="session")
+def migrated_databases() -> Iterator[MigratedDatabases]:
+    with postgres_database() as url:
+        engine = create_index_engine(url, pool_size=1)
+        try:
+            upgrade_database(engine)
+        finally:
+            # CREATE DATABASE ... TEMPLATE refuses a template that anyone is connected to.
+            engine.dispose()
+        databases = MigratedDatabases(url.rpartition("/")[2])
+        try:
+            yield databases
+        finally:
+            databases.close()
+
+
+@pytest.fixture
+def migrated_postgres_url(migrated_databases: MigratedDatabases) -> Iterator[str]:
+    """A fresh database on the real PostgreSQL at the newest schema, dropped after the test."""
+    name = migrated_databases.take()
+    try:
+        yield f"{POSTGRES_ADMIN_URL.rpartition('/')[0]}/{name}"
+    finally:
+        migrated_databases.give_back(name)
+
+
+@pytest.fixture(scope="session")
+def migrated_sqlite_index(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A SQLite index migrated from empty to the newest schema once per test run, copied into
+    the data directory of every test whose index starts migrated."""
+    path = tmp_path_factory.mktemp("migrated-index") / "index.sqlite"
+    engine = create_index_engine(f"sqlite:///{path}", pool_size=1)
+    try:
+        upgrade_database(engine)
+    finally:
+        engine.dispose()  # the last connection's close folds the WAL into the file
+    return path
+
+
+def starts_migrated(request: pytest.FixtureRequest) -> bool:
+    """Whether the test's index database may start as a copy of the migrated template: when it
+    takes ``archive``, which migrates it before the test sees it anyway (``open_archive`` finds
+    it at the newest schema). A test of the migrations, or of an index not yet upgraded, does
+    not take ``archive`` and gets an empty database."""
+    return "archive" in request.fixturenames
 
 
 def make_settings(
@@ -160,11 +284,20 @@ def backend(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 def settings(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> Settings:
+    """Settings on ``backend``; the index database is empty, or already migrated from the
+    session's template where the test takes ``archive`` (:func:`starts_migrated`)."""
+    migrated = starts_migrated(request)
     if backend == "sqlite-files":
-        return make_settings(tmp_path)
+        settings = make_settings(tmp_path)
+        index = settings.server.data_dir / "index.sqlite"
+        if migrated and not index.exists():  # never over an index a fixture already opened
+            index.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(request.getfixturevalue("migrated_sqlite_index"), index)
+        return settings
+    database_url = request.getfixturevalue("migrated_postgres_url" if migrated else "postgres_url")
     return make_settings(
         tmp_path,
-        database_url=request.getfixturevalue("postgres_url"),
+        database_url=database_url,
         blob_url=s3_blob_url(request.getfixturevalue("s3_server")),
     )
 
