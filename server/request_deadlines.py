@@ -11,7 +11,9 @@ So each request is registered, by the thread serving it, in three phases:
 
 - **headers**: from the first byte until the app is called, at most ``header_timeout_s`` in
   all; one client address may have at most ``header_reads_per_client`` requests in this phase
-  (another one is answered 503 at once, so that one address cannot take every thread);
+  (another one waits up to two seconds for one of them to finish its headers, as a browser's
+  parallel requests do at once, and is otherwise answered 503, so that one address cannot take
+  every thread);
 - **body**: while the app reads the request body, ``body_timeout_s`` plus one second per
   ``body_min_bytes_per_s`` bytes read so far (a slow link sending a large STOW-RS is never
   cut; a trickle is);
@@ -36,6 +38,8 @@ from dataclasses import dataclass
 from typing import Any
 
 _TICK_S = 0.1  # how late past its deadline a request may be cut
+# How long a request over its address's share of header reads waits for a slot before its 503.
+_SHARE_WAIT_S = 2.0
 
 HEADERS, BODY, RESPONSE = "headers", "body", "response"
 
@@ -81,6 +85,7 @@ class RequestDeadlines:
         self.limits = limits
         self._clock = clock
         self._lock = threading.Lock()
+        self._share_freed = threading.Condition(self._lock)
         self._requests: dict[int, _Request] = {}
         self._sending_headers: dict[str, int] = {}  # client address -> requests in HEADERS
         self._stopped = threading.Event()
@@ -100,12 +105,20 @@ class RequestDeadlines:
         """A request's first bytes are about to be read by this thread; False (and nothing
         registered) when ``address`` already has its share of requests sending headers.
         ``counted=False``: under the header deadline, but not in the address's share."""
-        now = self._clock()
         with self._lock:
             if counted:
-                if self._sending_headers.get(address, 0) >= self.limits.header_reads_per_client:
+                # A browser's burst of parallel requests (six connections) parses its headers
+                # in microseconds: one over the share waits a moment for a slot; a slow
+                # sender's requests hold theirs, and the next one is refused after that moment.
+                if not self._share_freed.wait_for(
+                    lambda: (
+                        self._sending_headers.get(address, 0) < self.limits.header_reads_per_client
+                    ),
+                    _SHARE_WAIT_S,
+                ):
                     return False
                 self._sending_headers[address] = self._sending_headers.get(address, 0) + 1
+            now = self._clock()
             self._requests[threading.get_ident()] = _Request(
                 cut, address, HEADERS, now + self.limits.header_timeout_s, now, counted=counted
             )
@@ -165,6 +178,7 @@ class RequestDeadlines:
             self._sending_headers[request.address] = left
         else:
             self._sending_headers.pop(request.address, None)
+        self._share_freed.notify_all()
 
     def _watch(self) -> None:
         while not self._stopped.wait(_TICK_S):

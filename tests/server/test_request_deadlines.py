@@ -111,3 +111,20 @@ def test_an_address_has_its_share_of_header_reads(deadlines: RequestDeadlines) -
     assert _in_thread(lambda: deadlines.begin(Cut(), "10.0.0.3", counted=False))
     deadlines.body_begins()  # this thread's request is past its headers: a place is free
     assert _in_thread(lambda: deadlines.begin(Cut(), "10.0.0.1"))
+
+
+def test_a_request_over_the_share_gets_a_slot_freed_while_it_waits(
+    deadlines: RequestDeadlines,
+) -> None:
+    """A browser's parallel requests: the one over the share waits (up to 2 s) for another of
+    its address to finish its headers, instead of a 503."""
+    assert _in_thread(lambda: deadlines.begin(Cut(), "10.0.0.1"))
+    assert deadlines.begin(Cut(), "10.0.0.1")
+    result: list[bool] = []
+    waiting = threading.Thread(target=lambda: result.append(deadlines.begin(Cut(), "10.0.0.1")))
+    waiting.start()
+    waiting.join(0.2)
+    assert waiting.is_alive() and result == []  # waiting for a slot
+    deadlines.body_begins()  # this thread's request is past its headers
+    waiting.join(5)
+    assert result == [True]
