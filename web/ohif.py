@@ -198,7 +198,15 @@ def app_config(partitions: list[str]) -> str:
         "defaultDataSourceName": data_source_name(default),
         "dataSources": [_data_source(partition) for partition in visible],
     }
-    return f"window.config = {json.dumps(config, indent=2)};\n"
+    return f"window.config = {json.dumps(config, indent=2)};\n{_FILENAME_FOR_ONNXRUNTIME}"
+
+
+# onnxruntime-web, bundled in 3.12.10's chunk 7431, finds its own folder from
+# document.currentScript and, when it is first required outside a script's execution (that
+# property is then null: the order in which cached chunks run decides), from Node's
+# ``__filename``, which a browser lacks: "ReferenceError: __filename is not defined", and the
+# viewer stops before asking for the study. Its chunks lie at the viewer's root.
+_FILENAME_FOR_ONNXRUNTIME = 'var __filename = new URL("/", window.location.href).href;\n'
 
 
 # webpack's [contenthash] (20 hex digits) in a file's name: ``2108.bundle.<hash>.js``,

@@ -254,9 +254,8 @@ def test_the_app_config_points_the_viewer_at_hilums_dicomweb(hilum: Hilum) -> No
     ensure_partition(hilum.archive.index, "hospital_a")
     config = json.loads(
         requests.get(f"{hilum.url}/app-config.js", timeout=30)
-        .text.removeprefix("window.config = ")
-        .rstrip()
-        .rstrip(";")
+        .text.split(";\n", 1)[0]
+        .removeprefix("window.config = ")
     )
     # One data source per partition: the default one's at /dicomweb, another's at its root.
     sources = {s["sourceName"]: s["configuration"] for s in config["dataSources"]}
