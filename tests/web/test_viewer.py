@@ -330,6 +330,11 @@ def test_a_repeated_open_takes_the_viewers_code_from_the_browsers_cache(
         "response",
         lambda r: dicomweb.append((r.status, r.url)) if "/dicomweb/" in r.url else None,
     )
+    # A chunk run from the cache in another order must not fail (a bundled library once threw
+    # "__filename is not defined" there and the viewer stopped: web/ohif.py).
+    errors: list[str] = []
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: errors.append(str(e)))
     opens = []
     try:
         for _ in range(2):
@@ -348,6 +353,7 @@ def test_a_repeated_open_takes_the_viewers_code_from_the_browsers_cache(
     assert [p for p in first if chunk.search(p)], "the first open loaded no chunk from Hilum"
     assert [p for p in second if chunk.search(p)] == []
     assert any(p.endswith("/metadata") for p in second)
+    assert errors == []
     assert dicomweb
     assert [(s, u) for s, u in dicomweb if not 200 <= s < 300] == []
 
