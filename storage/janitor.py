@@ -9,25 +9,24 @@ exit 1; the janitor takes it away once it is older than ``[storage] orphan_grace
 store still in progress (its blob written, its transaction not yet committed) never loses it.
 
 Which process sweeps: ``hilum serve`` and every ``hilum worker`` run the loop; on PostgreSQL
-each sweep first takes a session advisory lock without waiting, so that at most one process
-sweeps at a time and the others skip their turn (SQLite: one process, ``hilum serve``).
+each sweep first takes a session advisory lock without waiting (``Index.alone``), so that at
+most one process sweeps at a time and the others skip their turn (SQLite: one process,
+``hilum serve``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from sqlalchemy import select, text
+from sqlalchemy import select
 
 from storage.archive import Archive
 from storage.audit import Actor, AuditEntry, AuditEvent, Outcome, Requestor
 from storage.errors import StorageError
-from storage.index.database import database_errors
 from storage.index.models import Instance
 from storage.verify import VerifyReport, remove_orphans
 
@@ -61,7 +60,7 @@ def sweep_orphans(
     batches (memory does not grow with the archive), each deleted only if still unreferenced.
     Records what was removed in the audit trail as ``requestor`` (Hilum itself by default)."""
     report = SweepReport()
-    with _sweep_lock(archive) as held:
+    with archive.index.alone(SWEEP_LOCK) as held:
         if not held:
             report.held_elsewhere = True
             return report
@@ -128,26 +127,6 @@ def _unreferenced(archive: Archive, keys: list[str]) -> set[str]:
             session.execute(select(Instance.blob_key).where(Instance.blob_key.in_(keys))).scalars()
         )
     return set(keys) - referenced
-
-
-@contextlib.contextmanager
-def _sweep_lock(archive: Archive) -> Iterator[bool]:
-    """PostgreSQL: a session advisory lock taken without waiting (False: another process
-    sweeps), released at the end; SQLite: always held (one process writes)."""
-    if archive.index.dialect != "postgresql":
-        yield True
-        return
-    with database_errors(), archive.index.engine.connect() as connection:
-        held = bool(
-            connection.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": SWEEP_LOCK}).scalar()
-        )
-        connection.commit()
-        try:
-            yield held
-        finally:
-            if held:
-                connection.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": SWEEP_LOCK})
-                connection.commit()
 
 
 class OrphanJanitor:

@@ -42,6 +42,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 PRIMARY = ""  # instance.tier of the primary blob store
+# pg_try_advisory_lock key of the periodic moves (any constant unique to Hilum: "HILUMTIE").
+TIERS_LOCK = 0x48494C554D544945
 _READ_MARK_INTERVAL_S = 3600.0  # one study-read write per study and process per hour at most
 
 
@@ -289,22 +291,28 @@ def apply_tiers_periodically(
 ) -> None:
     """:func:`apply_tiers` of every partition, at once and then every ``interval_s`` until
     ``stop`` is set (``hilum worker``'s schedule, ``[storage] tiers_interval_h``); each run's
-    outcome logged, a failed run tried again at the next."""
+    outcome logged, a failed run tried again at the next. Several workers on one PostgreSQL
+    take turns (:meth:`Index.alone`): a run that finds another one going skips its turn, so a
+    study is copied once, not once per worker."""
     if not isinstance(archive.blobs, TieredBlobStore):
         raise TypeError("storage tiers need the archive's TieredBlobStore")
     while not stop.is_set():
         try:
-            report = apply_tiers(archive.index, archive.blobs, tiers, None, tmp_dir)
+            with archive.index.alone(TIERS_LOCK) as alone:
+                if not alone:
+                    log.info("storage tiers: another process is moving studies; next turn in "
+                             "%.0f s", interval_s)  # fmt: skip
+                else:
+                    report = apply_tiers(archive.index, archive.blobs, tiers, None, tmp_dir)
+                    moved = ", ".join(f"{n} {a}->{b}" for (a, b), n in sorted(report.moved.items()))
+                    log.info(
+                        "storage tiers applied: %d instances moved (%s), %d studies not moved",
+                        report.instances,
+                        moved or "none",
+                        len(report.failed),
+                    )
         except StorageError as error:
             log.warning("storage tiers not applied (next run in %.0f s): %s", interval_s, error)
-        else:
-            moved = ", ".join(f"{n} {a}->{b}" for (a, b), n in sorted(report.moved.items()))
-            log.info(
-                "storage tiers applied: %d instances moved (%s), %d studies not moved",
-                report.instances,
-                moved or "none",
-                len(report.failed),
-            )
         stop.wait(interval_s)
 
 

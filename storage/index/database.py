@@ -11,7 +11,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import CursorResult, Engine, Executable, create_engine, event, exc
+from sqlalchemy import CursorResult, Engine, Executable, create_engine, event, exc, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from storage.errors import StorageUnavailable
@@ -108,6 +108,27 @@ class Index:
         """One transaction: committed when the block ends, rolled back if it raises."""
         with database_errors(), self._write.begin() as session:
             yield session
+
+    @contextlib.contextmanager
+    def alone(self, key: int) -> Iterator[bool]:
+        """Whether this process may run the periodic task named by ``key`` now: on PostgreSQL
+        a session advisory lock taken without waiting (False: another process holds it; the
+        caller skips its turn), released when the block ends; on SQLite always True (one
+        process writes)."""
+        if self.dialect != "postgresql":
+            yield True
+            return
+        with database_errors(), self.engine.connect() as connection:
+            held = bool(
+                connection.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": key}).scalar()
+            )
+            connection.commit()
+            try:
+                yield held
+            finally:
+                if held:
+                    connection.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+                    connection.commit()
 
     def dispose(self) -> None:
         self.engine.dispose()

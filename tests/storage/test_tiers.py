@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -24,7 +25,13 @@ from storage.archive import Archive, open_archive
 from storage.blobs import S3BlobStore
 from storage.index.models import Instance, Series, Study
 from storage.ingest import ingest_file
-from storage.tiers import TieredBlobStore, apply_tiers, apply_tiers_periodically, marking_reads
+from storage.tiers import (
+    TIERS_LOCK,
+    TieredBlobStore,
+    apply_tiers,
+    apply_tiers_periodically,
+    marking_reads,
+)
 from storage.verify import verify_archive
 from tests.conftest import make_settings, s3_blob_url
 from tests.factories import ct_instance, ensure_partition, write_part10
@@ -311,4 +318,41 @@ def test_the_periodic_run_moves_every_partitions_studies_out_and_back(
         stop.set()
         mover.join(60)
     assert not mover.is_alive()
+    assert verify_archive(archive).ok
+
+
+@pytest.mark.parametrize("backend", ["postgresql-s3"], indirect=True)
+def test_workers_take_turns_at_the_periodic_moves(
+    tiered_archive: Archive, tiered: Settings, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Another worker's run (its lock, on its own connection to the index): this one skips
+    its turns and copies nothing; once that one is done, it moves the study."""
+    archive = tiered_archive
+    study = _study(archive, tmp_path)
+    _age(archive, study, COLD_AFTER_DAYS + 1)
+    caplog.set_level(logging.INFO, logger="storage.tiers")
+    stop = threading.Event()
+    args = (archive, tiered.storage.tiers, tmp_path / "tmp", 0.2, stop)
+    mover = threading.Thread(target=apply_tiers_periodically, args=args)
+    other = open_archive(tiered)
+    try:
+        with other.index.alone(TIERS_LOCK) as held:
+            assert held
+            mover.start()
+            wait_until(
+                lambda: "another process is moving studies" in caplog.text,
+                "this worker to skip its turn",
+                60,
+            )
+            assert {tier for _, _, tier in _rows(archive, study)} == {""}
+        wait_until(
+            lambda: {tier for _, _, tier in _rows(archive, study)} == {"cold"},
+            "the study moved once the other run is done",
+            60,
+        )
+    finally:
+        stop.set()
+        other.close()
+        if mover.is_alive():
+            mover.join(60)
     assert verify_archive(archive).ok
