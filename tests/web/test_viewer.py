@@ -130,9 +130,20 @@ def test_open_in_viewer_shows_the_study_in_ohif(
         # The lesions outlined on their key slices (TID 1410): OHIF opens that report on the
         # first lesion's slice and draws its outline, labelled with its area and long axis.
         page.get_by_text("AI outlines ct_lesion_synthetic - not for clinical use").dblclick()
-        expect(page.get_by_text(re.compile(r"Long axis: [\d.]+ mm")).first).to_be_visible(
-            timeout=60_000
-        )
+        long_axis = page.get_by_text(re.compile(r"Long axis: [\d.]+ mm")).first
+        try:
+            expect(long_axis).to_be_visible(timeout=30_000)
+        except AssertionError:
+            # Under load OHIF 3.12.10 may show the report's slice before its outlines are
+            # loaded and not draw them until the next render (seen in CI, console identical);
+            # a reader scrolls one slice on and back, as here: the outlines must then show.
+            box = canvas.bounding_box()
+            assert box is not None
+            page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+            page.mouse.wheel(0, 120)
+            page.wait_for_timeout(1_000)
+            page.mouse.wheel(0, -120)
+            expect(long_axis).to_be_visible(timeout=30_000)
         expect(page.get_by_text(re.compile(r"Area: [\d.]+ mm2")).first).to_be_visible()
         screenshot(page, "viewer-ohif-outlines")
     finally:
