@@ -56,7 +56,7 @@ log = logging.getLogger(__name__)
 
 GENESIS = "0" * 64  # the "previous hash" of the first record
 # pg_advisory_xact_lock key of the chain's head (any constant unique to Hilum: "HILUMAUD").
-_CHAIN_LOCK = 0x48494C554D415544 - (1 << 63)
+CHAIN_LOCK = 0x48494C554D415544 - (1 << 63)
 
 
 class AuditUnavailable(StorageUnavailable):
@@ -403,13 +403,90 @@ class AuditTrail:
         self._idle_lock = threading.Lock()
         pool = index.engine.pool
         self._idle_max = max(1, pool.size() - 1) if isinstance(pool, QueuePool) else 0
+        # Group commit (:meth:`_lead`): the callers waiting, whether one leads now.
+        self._group_lock = threading.Lock()
+        self._waiting: list[_Pending] = []
+        self._leader = False
+        self._in_flight = 0
 
     def record(self, context: Requestor, *entries: AuditEntry) -> None:
-        """Write ``entries`` in a transaction of their own; raise :class:`AuditUnavailable`."""
+        """Write ``entries`` in a transaction of their own, or of a group (:meth:`_lead`);
+        return once they are committed; raise :class:`AuditUnavailable`."""
         if not self.enabled or not entries:
             return
+        me = _Pending([(context, entry) for entry in entries])
+        with self._group_lock:
+            self._waiting.append(me)
+            self._in_flight += len(me.items)
+            leading = not self._leader
+            self._leader = True
+        try:
+            if not leading:
+                me.done.wait()  # written by a leader, or made the next leader
+            if not me.done.is_set() or me.leads:
+                self._lead(me)
+        finally:
+            with self._group_lock:
+                self._in_flight -= len(me.items)
+        if not me.committed:
+            raise me.error or AuditUnavailable(
+                "the audit trail cannot be written, so the operation is refused: "
+                "its group commit failed (see the log)"
+            )
+
+    def in_flight(self) -> int:
+        """How many records were handed to :meth:`record` and are not committed (or refused)
+        yet: waiting for a leader, or being written."""
+        with self._group_lock:
+            return self._in_flight
+
+    def _lead(self, me: _Pending) -> None:
+        """Group commit of the records of reads: the records of every caller waiting when the
+        leader begins (``me`` first; up to :data:`GROUP_MAX` records) in one transaction, one
+        commit, one write of their JSON lines; then the lead passes to the first caller that
+        arrived meanwhile. Alone, a caller writes its own at once; under load, callers that
+        would have queued for the chain's lock one commit each share one. Each caller returns
+        only after the commit that holds its records. A group that fails is retried one
+        caller at a time, so that one caller's failure is not the others'."""
+        with self._group_lock:
+            group: list[_Pending] = []
+            count = 0
+            for pending in self._waiting:
+                if group and count + len(pending.items) > GROUP_MAX:
+                    break
+                group.append(pending)
+                count += len(pending.items)
+            del self._waiting[: len(group)]
+        assert group[0] is me
+        try:
+            self._write(group)
+        except AuditUnavailable as error:
+            if len(group) == 1:
+                me.error = error
+            else:
+                for pending in group:
+                    try:
+                        self._write([pending])
+                    except AuditUnavailable as alone:
+                        pending.error = alone
+        finally:
+            # Whatever happened (an unexpected error included: then the others in the group,
+            # not committed, raise :class:`AuditUnavailable`), the next caller leads.
+            with self._group_lock:
+                if self._waiting:
+                    self._waiting[0].leads = True
+                    self._waiting[0].done.set()
+                else:
+                    self._leader = False
+            for pending in group:
+                pending.done.set()
+
+    def _write(self, group: Sequence[_Pending]) -> None:
+        """The records of ``group`` committed together, then their JSON lines."""
         with audit_errors(), database_errors():
-            rows = self._record_alone([(context, entry) for entry in entries])
+            rows = self._record_alone([item for pending in group for item in pending.items])
+        for pending in group:
+            pending.committed = True
         self.emit(rows)
 
     def _record_alone(self, items: Sequence[tuple[Requestor, AuditEntry]]) -> list[dict[str, Any]]:
@@ -518,7 +595,7 @@ class AuditTrail:
             except integrity_error:
                 pass  # another writer took the next id first: read the head
         with connection.transaction():
-            cursor.execute(_LOCK, (_CHAIN_LOCK,))
+            cursor.execute(_LOCK, (CHAIN_LOCK,))
             return self._after_head(cursor, expanded, postgresql=True)
 
     def append(
@@ -536,7 +613,7 @@ class AuditTrail:
             with contextlib.closing(connection.connection.cursor()) as cursor:
                 expanded = list(_per_patient(cursor, "%s" if postgresql else "?", items))
                 if postgresql:
-                    cursor.execute(_LOCK, (_CHAIN_LOCK,))
+                    cursor.execute(_LOCK, (CHAIN_LOCK,))
                 # SQLite: this write transaction began IMMEDIATE, holding the write lock.
                 rows = self._after_cached_head(cursor, expanded, "%s" if postgresql else "?")
                 if rows is None:
@@ -616,6 +693,23 @@ _LOCK = "SELECT pg_advisory_xact_lock(%s)"
 _AFTER_HEAD_MAX = 64  # records in one conditional insert (19 parameters each)
 
 
+# Records in one group commit: one conditional insert (:data:`_AFTER_HEAD_MAX`).
+GROUP_MAX = 64
+
+
+@dataclass
+class _Pending:
+    """A caller of :meth:`AuditTrail.record` in a group commit: its records, and when they are
+    committed (``done`` and ``committed``), or why not (``error``); ``leads``: woken to lead
+    the next group."""
+
+    items: list[tuple[Requestor, AuditEntry]]
+    done: threading.Event = field(default_factory=threading.Event)
+    committed: bool = False
+    error: AuditUnavailable | None = None
+    leads: bool = False
+
+
 @dataclass(frozen=True)
 class _Held:
     """A connection the trail holds between records: the pool's, the driver's, a cursor."""
@@ -648,7 +742,7 @@ def _after_params(
     rows: Sequence[Mapping[str, Any]], head: tuple[int, str], *, locking: bool = False
 ) -> list[Any]:
     values = [row[name] for row in rows for name in _COLUMNS]
-    return [*values, *([_CHAIN_LOCK] if locking else []), head[0], head[0], head[1]]
+    return [*values, *([CHAIN_LOCK] if locking else []), head[0], head[0], head[1]]
 
 
 def _rows(expanded: Sequence[_Expanded], last_id: int, previous: str) -> list[dict[str, Any]]:
