@@ -12,7 +12,10 @@ measures the same through the SCPs, where the noise of a shared machine hides a 
 millisecond. To compare two versions of ``storage/audit.py``, run this script from each
 checkout in turn, a few times each (A B A B). Figures go to stdout; nothing is asserted.
 
-    .venv/bin/python benchmarks/audit_record.py [--records 500] [--rounds 5]
+``--threads N``: N readers record at once, the records shared out among them (the wall and CPU
+figures stay per record): what group commit makes of concurrent readers' records.
+
+    .venv/bin/python benchmarks/audit_record.py [--records 500] [--rounds 5] [--threads 1]
         [--database-url postgresql://postgres@127.0.0.1:5432] [--profile]
 """
 
@@ -25,6 +28,7 @@ import pstats
 import statistics
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -63,7 +67,9 @@ def database(server_url: str) -> Iterator[str]:
         admin.dispose()
 
 
-def measure(url: str, json_lines: str, records: int, rounds: int, profile: bool) -> str:
+def measure(
+    url: str, json_lines: str, records: int, rounds: int, profile: bool, threads: int = 1
+) -> str:
     work = Path(tempfile.mkdtemp(prefix="hilum-audit-bench-"))
     settings = load_settings(
         None,
@@ -89,13 +95,26 @@ def measure(url: str, json_lines: str, records: int, rounds: int, profile: bool)
             )
             archive.record(WEB_USER, entry)
 
+    def some(first: int, count: int) -> None:
+        for n in range(first, first + count):
+            one(n)
+
     for n in range(50):
         one(n)
     walls, cpus = [], []
     for _ in range(rounds):
         wall, cpu = time.perf_counter(), time.process_time()
-        for n in range(records):
-            one(n)
+        if threads == 1:
+            some(0, records)
+        else:
+            share = records // threads
+            workers = [
+                threading.Thread(target=some, args=(t * share, share)) for t in range(threads)
+            ]
+            for worker in workers:
+                worker.start()
+            for worker in workers:
+                worker.join()
         walls.append((time.perf_counter() - wall) / records * 1e6)
         cpus.append((time.process_time() - cpu) / records * 1e6)
     if profile:
@@ -109,7 +128,7 @@ def measure(url: str, json_lines: str, records: int, rounds: int, profile: bool)
     backend = "PostgreSQL" if url else "SQLite"
     lines = "file" if json_lines == "" else json_lines
     return (
-        f"| {backend} | {lines} | {statistics.median(walls):.0f} ({min(walls):.0f}-"
+        f"| {backend} | {lines} | {threads} | {statistics.median(walls):.0f} ({min(walls):.0f}-"
         f"{max(walls):.0f}) | {statistics.median(cpus):.0f} ({min(cpus):.0f}-{max(cpus):.0f}) |"
     )
 
@@ -124,14 +143,22 @@ def main() -> int:
         help="a PostgreSQL server (postgresql://user@host:port) to measure besides SQLite",
     )
     parser.add_argument("--profile", action="store_true", help="where the CPU goes, by function")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="readers recording at once (the records are shared out among them): group commit",
+    )
     args = parser.parse_args()
     rows = []
     for server in ["", args.database_url] if args.database_url else [""]:
         with database(server) as url:
             for json_lines in ("", "off"):
-                rows.append(measure(url, json_lines, args.records, args.rounds, args.profile))
-    print("| backend | JSON lines | wall µs per record | CPU µs per record |")
-    print("|---|---|---|---|")
+                rows.append(
+                    measure(url, json_lines, args.records, args.rounds, args.profile, args.threads)
+                )
+    print("| backend | JSON lines | threads | wall µs per record | CPU µs per record |")
+    print("|---|---|---|---|---|")
     print("\n".join(rows))
     return 0
 

@@ -31,6 +31,7 @@ for any event, and the helpers :func:`login_entry`, :func:`security_change_entry
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -55,7 +56,7 @@ log = logging.getLogger(__name__)
 
 GENESIS = "0" * 64  # the "previous hash" of the first record
 # pg_advisory_xact_lock key of the chain's head (any constant unique to Hilum: "HILUMAUD").
-_CHAIN_LOCK = 0x48494C554D415544 - (1 << 63)
+CHAIN_LOCK = 0x48494C554D415544 - (1 << 63)
 
 
 class AuditUnavailable(StorageUnavailable):
@@ -398,17 +399,94 @@ class AuditTrail:
         # Connections of the trail's pool kept checked out between records (taking one from
         # the pool and returning it costs more than the record's insert); fewer than the
         # pool's size, so that the searches and ``verify`` always find one there.
-        self._idle: list[Any] = []
+        self._idle: list[_Held] = []
         self._idle_lock = threading.Lock()
         pool = index.engine.pool
         self._idle_max = max(1, pool.size() - 1) if isinstance(pool, QueuePool) else 0
+        # Group commit (:meth:`_lead`): the callers waiting, whether one leads now.
+        self._group_lock = threading.Lock()
+        self._waiting: list[_Pending] = []
+        self._leader = False
+        self._in_flight = 0
 
     def record(self, context: Requestor, *entries: AuditEntry) -> None:
-        """Write ``entries`` in a transaction of their own; raise :class:`AuditUnavailable`."""
+        """Write ``entries`` in a transaction of their own, or of a group (:meth:`_lead`);
+        return once they are committed; raise :class:`AuditUnavailable`."""
         if not self.enabled or not entries:
             return
+        me = _Pending([(context, entry) for entry in entries])
+        with self._group_lock:
+            self._waiting.append(me)
+            self._in_flight += len(me.items)
+            leading = not self._leader
+            self._leader = True
+        try:
+            if not leading:
+                me.done.wait()  # written by a leader, or made the next leader
+            if not me.done.is_set() or me.leads:
+                self._lead(me)
+        finally:
+            with self._group_lock:
+                self._in_flight -= len(me.items)
+        if not me.committed:
+            raise me.error or AuditUnavailable(
+                "the audit trail cannot be written, so the operation is refused: "
+                "its group commit failed (see the log)"
+            )
+
+    def in_flight(self) -> int:
+        """How many records were handed to :meth:`record` and are not committed (or refused)
+        yet: waiting for a leader, or being written."""
+        with self._group_lock:
+            return self._in_flight
+
+    def _lead(self, me: _Pending) -> None:
+        """Group commit of the records of reads: the records of every caller waiting when the
+        leader begins (``me`` first; up to :data:`GROUP_MAX` records) in one transaction, one
+        commit, one write of their JSON lines; then the lead passes to the first caller that
+        arrived meanwhile. Alone, a caller writes its own at once; under load, callers that
+        would have queued for the chain's lock one commit each share one. Each caller returns
+        only after the commit that holds its records. A group that fails is retried one
+        caller at a time, so that one caller's failure is not the others'."""
+        with self._group_lock:
+            group: list[_Pending] = []
+            count = 0
+            for pending in self._waiting:
+                if group and count + len(pending.items) > GROUP_MAX:
+                    break
+                group.append(pending)
+                count += len(pending.items)
+            del self._waiting[: len(group)]
+        assert group[0] is me
+        try:
+            self._write(group)
+        except AuditUnavailable as error:
+            if len(group) == 1:
+                me.error = error
+            else:
+                for pending in group:
+                    try:
+                        self._write([pending])
+                    except AuditUnavailable as alone:
+                        pending.error = alone
+        finally:
+            # Whatever happened (an unexpected error included: then the others in the group,
+            # not committed, raise :class:`AuditUnavailable`), the next caller leads.
+            with self._group_lock:
+                if self._waiting:
+                    self._waiting[0].leads = True
+                    self._waiting[0].done.set()
+                else:
+                    self._leader = False
+            for pending in group:
+                pending.done.set()
+
+    def _write(self, group: Sequence[_Pending]) -> None:
+        """The records of ``group`` committed together, then their JSON lines."""
         with audit_errors(), database_errors():
-            rows = self._record_alone([(context, entry) for entry in entries])
+            rows = self._record_alone([item for pending in group for item in pending.items])
+        for pending in group:
+            pending.committed = True
         self.emit(rows)
 
     def _record_alone(self, items: Sequence[tuple[Requestor, AuditEntry]]) -> list[dict[str, Any]]:
@@ -418,47 +496,70 @@ class AuditTrail:
         sat in the pool: the trail's pool does not ping) is replaced once; at worst, a commit
         whose answer was lost is written twice (a record too many, never a fork)."""
         dbapi_error = self.index.engine.dialect.loaded_dbapi.Error
-        postgresql = self.index.dialect == "postgresql"
+        write = self._alone_postgresql if self.index.dialect == "postgresql" else self._alone_sqlite
         for attempt in (1, 2):
-            with self._idle_lock:
-                pooled = self._idle.pop() if self._idle else None
-            if pooled is None:
-                pooled = self.index.engine.raw_connection()
-            connection = pooled.driver_connection
+            held = self._take()
             try:
-                write = self._alone_postgresql if postgresql else self._alone_sqlite
-                rows = write(connection, items)
+                rows = write(held, items)
             except dbapi_error as error:
-                broken = bool(getattr(connection, "broken", False))
-                if broken:
-                    pooled.invalidate()
-                pooled.close()  # back to the pool (replaced there when invalidated)
+                broken = bool(getattr(held.connection, "broken", False))
+                self._give_back(held, broken=broken)
                 if broken and attempt == 1:
                     continue
                 raise AuditUnavailable(
                     f"the audit trail cannot be written, so the operation is refused: {error}"
                 ) from error
             except BaseException:
-                pooled.close()
+                self._give_back(held, broken=False)
                 raise
             with self._idle_lock:
                 kept = len(self._idle) < self._idle_max
                 if kept:
-                    self._idle.append(pooled)
+                    self._idle.append(held)
             if not kept:
-                pooled.close()
+                self._give_back(held, broken=False)
             self._advance(rows)
             return rows
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _alone_sqlite(
-        self, connection: Any, items: Sequence[tuple[Requestor, AuditEntry]]
-    ) -> list[dict[str, Any]]:
-        cursor = connection.cursor()
+    def _take(self) -> _Held:
+        """A connection of the trail's, with its cursor: one kept from an earlier record, else
+        one from the pool (on PostgreSQL put in autocommit while the trail holds it: a
+        record's usual insert is a statement of its own, and toggling the mode per record
+        costs more than the insert's own Python)."""
+        with self._idle_lock:
+            if self._idle:
+                return self._idle.pop()
+        pooled = self.index.engine.raw_connection()
         try:
-            expanded = list(_per_patient(cursor, "?", items))  # read before the write lock
-            # The database's one write lock, up front (as every Hilum write transaction).
-            cursor.execute("BEGIN IMMEDIATE")
+            connection: Any = pooled.driver_connection
+            if self.index.dialect == "postgresql":
+                connection.autocommit = True
+            return _Held(pooled, connection, connection.cursor())
+        except BaseException:
+            pooled.close()
+            raise
+
+    def _give_back(self, held: _Held, *, broken: bool) -> None:
+        """Return ``held`` to the pool as it was taken (replaced there when ``broken``)."""
+        try:
+            held.cursor.close()
+            if not broken and self.index.dialect == "postgresql":
+                held.connection.autocommit = False
+        except Exception:  # noqa: BLE001 (a connection in an unknown state is not reused)
+            broken = True
+        if broken:
+            held.pooled.invalidate()
+        held.pooled.close()
+
+    def _alone_sqlite(
+        self, held: _Held, items: Sequence[tuple[Requestor, AuditEntry]]
+    ) -> list[dict[str, Any]]:
+        cursor, connection = held.cursor, held.connection
+        expanded = list(_per_patient(cursor, "?", items))  # read before the write lock
+        # The database's one write lock, up front (as every Hilum write transaction).
+        cursor.execute("BEGIN IMMEDIATE")
+        try:
             rows = self._after_cached_head(cursor, expanded, "?")
             if rows is None:
                 rows = self._after_head(cursor, expanded, postgresql=False)
@@ -467,11 +568,9 @@ class AuditTrail:
         except BaseException:
             connection.rollback()
             raise
-        finally:
-            cursor.close()
 
     def _alone_postgresql(
-        self, connection: Any, items: Sequence[tuple[Requestor, AuditEntry]]
+        self, held: _Held, items: Sequence[tuple[Requestor, AuditEntry]]
     ) -> list[dict[str, Any]]:
         """Usually one round trip: the insert after the cached head, a statement of its own
         (autocommit) that takes the chain lock before it inserts a row (so a writer holding
@@ -481,35 +580,23 @@ class AuditTrail:
         one (a unique violation). Then, and when nothing was inserted, one transaction: the
         lock, the head read from the table, the insert after it."""
         integrity_error = self.index.engine.dialect.loaded_dbapi.IntegrityError
+        cursor, connection = held.cursor, held.connection
         head = self._head
-        cursor = connection.cursor()
-        try:
-            connection.autocommit = True
+        expanded = list(_per_patient(cursor, "%s", items))
+        if head is not None and len(expanded) <= _AFTER_HEAD_MAX:
+            rows = _rows(expanded, *head)
             try:
-                expanded = list(_per_patient(cursor, "%s", items))
-                if head is not None and len(expanded) <= _AFTER_HEAD_MAX:
-                    rows = _rows(expanded, *head)
-                    try:
-                        cursor.execute(
-                            _insert_after(len(rows), "%s", locking=True),
-                            _after_params(rows, head, locking=True),
-                        )
-                        if cursor.rowcount == len(rows):
-                            return rows
-                    except integrity_error:
-                        pass  # another writer took the next id first: read the head
-            finally:
-                connection.autocommit = False
-            cursor.execute(_LOCK, (_CHAIN_LOCK,))
-            rows = self._after_head(cursor, expanded, postgresql=True)
-            connection.commit()
-            return rows
-        except BaseException:
-            if not connection.closed:
-                connection.rollback()
-            raise
-        finally:
-            cursor.close()
+                cursor.execute(
+                    _insert_after(len(rows), "%s", locking=True),
+                    _after_params(rows, head, locking=True),
+                )
+                if cursor.rowcount == len(rows):
+                    return rows
+            except integrity_error:
+                pass  # another writer took the next id first: read the head
+        with connection.transaction():
+            cursor.execute(_LOCK, (CHAIN_LOCK,))
+            return self._after_head(cursor, expanded, postgresql=True)
 
     def append(
         self, connection: Connection, items: Sequence[tuple[Requestor, AuditEntry]]
@@ -526,7 +613,7 @@ class AuditTrail:
             with contextlib.closing(connection.connection.cursor()) as cursor:
                 expanded = list(_per_patient(cursor, "%s" if postgresql else "?", items))
                 if postgresql:
-                    cursor.execute(_LOCK, (_CHAIN_LOCK,))
+                    cursor.execute(_LOCK, (CHAIN_LOCK,))
                 # SQLite: this write transaction began IMMEDIATE, holding the write lock.
                 rows = self._after_cached_head(cursor, expanded, "%s" if postgresql else "?")
                 if rows is None:
@@ -592,8 +679,8 @@ class AuditTrail:
             self.json_lines.close()
         with self._idle_lock:
             idle, self._idle = self._idle, []
-        for pooled in idle:
-            pooled.close()
+        for held in idle:
+            self._give_back(held, broken=False)
         self.index.dispose()
 
 
@@ -605,10 +692,38 @@ _INSERT_PG = _INSERT_SQLITE.replace("?", "%s")
 _LOCK = "SELECT pg_advisory_xact_lock(%s)"
 _AFTER_HEAD_MAX = 64  # records in one conditional insert (19 parameters each)
 
+
+# Records in one group commit: one conditional insert (:data:`_AFTER_HEAD_MAX`).
+GROUP_MAX = 64
+
+
+@dataclass
+class _Pending:
+    """A caller of :meth:`AuditTrail.record` in a group commit: its records, and when they are
+    committed (``done`` and ``committed``), or why not (``error``); ``leads``: woken to lead
+    the next group."""
+
+    items: list[tuple[Requestor, AuditEntry]]
+    done: threading.Event = field(default_factory=threading.Event)
+    committed: bool = False
+    error: AuditUnavailable | None = None
+    leads: bool = False
+
+
+@dataclass(frozen=True)
+class _Held:
+    """A connection the trail holds between records: the pool's, the driver's, a cursor."""
+
+    pooled: Any
+    connection: Any
+    cursor: Any
+
+
 # A request's context, its entry, the entry's patient ID and studies (one patient each).
 _Expanded = tuple[Requestor, AuditEntry, str, tuple[str, ...]]
 
 
+@functools.cache
 def _insert_after(count: int, marker: str, *, locking: bool = False) -> str:
     """INSERT of ``count`` records that inserts nothing unless the record it names (id and
     hash: :func:`_after_params`) is the chain's head. ``locking`` (PostgreSQL, a statement of
@@ -627,7 +742,7 @@ def _after_params(
     rows: Sequence[Mapping[str, Any]], head: tuple[int, str], *, locking: bool = False
 ) -> list[Any]:
     values = [row[name] for row in rows for name in _COLUMNS]
-    return [*values, *([_CHAIN_LOCK] if locking else []), head[0], head[0], head[1]]
+    return [*values, *([CHAIN_LOCK] if locking else []), head[0], head[0], head[1]]
 
 
 def _rows(expanded: Sequence[_Expanded], last_id: int, previous: str) -> list[dict[str, Any]]:

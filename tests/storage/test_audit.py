@@ -3,10 +3,13 @@ a record is altered or removed behind Hilum's back, concurrent writers, the JSON
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sqlite3
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,14 +19,18 @@ from sqlalchemy import create_engine, exc, text
 from config import Settings
 from storage.archive import Archive, open_archive
 from storage.audit import (
+    CHAIN_LOCK,
     GENESIS,
     Actor,
     ActorPrincipal,
     AuditEntry,
     AuditEvent,
     AuditSearch,
+    AuditTrail,
+    AuditUnavailable,
     Outcome,
     login_entry,
+    query_entry,
     search_records,
     security_change_entry,
     verify_chain,
@@ -31,6 +38,7 @@ from storage.audit import (
 from storage.ingest import ingest_file
 from tests.conftest import make_settings, postgres_database
 from tests.factories import ct_instance, write_part10
+from tests.waiting import wait_until
 
 ALICE = Actor(ActorPrincipal("user", "alice", "tok-1"), "10.0.0.7", "http", request_id="r1")
 
@@ -380,4 +388,127 @@ def test_a_connection_lost_in_the_pool_is_replaced_on_postgresql(tmp_path: Path)
             report = verify_chain(archive.index)
             assert (report.records, report.fault) == (2, None)
         finally:
+            archive.close()
+
+
+def _readers(
+    trail: AuditTrail, actors: list[Actor], on_return: Callable[[Actor], None]
+) -> tuple[list[threading.Thread], dict[str, BaseException]]:
+    """One thread per actor recording one Query entry (as concurrent C-FINDs do); what each
+    raised, by request id; ``on_return`` called in the thread once its record returned."""
+    raised: dict[str, BaseException] = {}
+
+    def read(actor: Actor) -> None:
+        try:
+            trail.record(actor, query_entry("STUDY", {"PatientID": "P1"}, service="C-FIND"))
+        except AuditUnavailable as error:
+            raised[actor.request_id] = error
+            return
+        on_return(actor)
+
+    return [threading.Thread(target=read, args=(a,)) for a in actors], raised
+
+
+def test_concurrent_reads_share_a_commit_and_each_returns_after_its_own(tmp_path: Path) -> None:
+    """Group commit: readers that arrive while a record is being written wait, and the next
+    leader writes all of theirs in one transaction (one recorded_at); each returns only once
+    its own record is committed (seen from another connection), and the chain is unbroken."""
+    settings = make_settings(tmp_path, audit={"json_lines": str(tmp_path / "audit.jsonl")})
+    archive = open_archive(settings, migrate=True)
+    trail = archive.audit
+    assert trail is not None
+    database = str(archive.index.engine.url.database)
+    seen: dict[str, int] = {}
+
+    def committed(actor: Actor) -> None:
+        with contextlib.closing(sqlite3.connect(database)) as outside:
+            (count,) = outside.execute(
+                "SELECT count(*) FROM audit_record WHERE request_id = ?", (actor.request_id,)
+            ).fetchone()
+        seen[actor.request_id] = count
+
+    actors = [replace(ALICE, request_id=f"reader-{n}") for n in range(6)]
+    threads, raised = _readers(trail, actors, committed)
+    # Another writer holds the database's write lock: the first leader waits in the database,
+    # the other readers queue behind it in the trail.
+    blocker = sqlite3.connect(database, isolation_level=None)
+    try:
+        blocker.execute("BEGIN IMMEDIATE")
+        for thread in threads:
+            thread.start()
+        wait_until(lambda: trail.in_flight() == 6, "six records handed to the trail")
+        assert seen == {}  # none returned before its commit
+        blocker.execute("COMMIT")
+        for thread in threads:
+            thread.join(timeout=120)
+    finally:
+        blocker.close()
+    try:
+        assert raised == {}
+        assert seen == {actor.request_id: 1 for actor in actors}
+        report = verify_chain(trail.index)
+        assert (report.records, report.fault) == (6, None)
+        records = search_records(trail.index, AuditSearch(user="alice"))
+        # The first leader's transaction, then one for all that queued behind it (at most
+        # two: six alone would be six).
+        assert len({r["recorded_at"] for r in records}) <= 2
+        lines = (tmp_path / "audit.jsonl").read_text().splitlines()
+        assert sorted(json.loads(line)["Hilum"]["request_id"] for line in lines) == sorted(
+            a.request_id for a in actors
+        )
+    finally:
+        archive.close()
+
+
+def test_a_failed_record_in_a_group_fails_its_read_only(tmp_path: Path) -> None:
+    """One reader's record that PostgreSQL refuses (a token id longer than its column) in a
+    group with others: that reader's read is refused (AuditUnavailable), the others' records
+    are committed, each once, and the chain is unbroken. Then a trail that may not insert at
+    all refuses every concurrent read."""
+    with postgres_database() as url:
+        settings = make_settings(tmp_path, database_url=url, audit={"json_lines": "off"})
+        archive = open_archive(settings, migrate=True)
+        try:
+            trail = archive.audit
+            assert trail is not None
+            trail.record(ALICE, *_entries(1))  # the head, cached
+            bad = Actor(ActorPrincipal("user", "mallory", "t" * 200), request_id="reader-bad")
+            actors = [replace(ALICE, request_id=f"reader-{n}") for n in range(4)]
+            threads, raised = _readers(trail, [*actors, bad], lambda _actor: None)
+            with archive.index.engine.connect() as blocker:
+                # The chain's lock held by another session: the group forms behind it.
+                blocker.execute(text("SELECT pg_advisory_lock(:key)"), {"key": CHAIN_LOCK})
+                for thread in threads:
+                    thread.start()
+                wait_until(lambda: trail.in_flight() == 5, "five records handed to the trail")
+                blocker.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": CHAIN_LOCK})
+                blocker.commit()
+            for thread in threads:
+                thread.join(timeout=120)
+            assert list(raised) == ["reader-bad"]
+            assert isinstance(raised["reader-bad"], AuditUnavailable)
+            assert "too long" in str(raised["reader-bad"])
+            report = verify_chain(trail.index)
+            assert (report.records, report.fault) == (5, None)
+            found = search_records(trail.index, AuditSearch())
+            assert sorted(r["request_id"] for r in found) == sorted(
+                ["r1", *(a.request_id for a in actors)]
+            )
+
+            _revoke_audit_inserts(archive, settings)
+            limited = open_archive(_as_role(settings, url))
+            try:
+                assert limited.audit is not None
+                threads, raised = _readers(limited.audit, actors, lambda _actor: None)
+                for thread in threads:
+                    thread.start()
+                for thread in threads:
+                    thread.join(timeout=120)
+                assert sorted(raised) == sorted(a.request_id for a in actors)
+                assert all("permission denied" in str(e) for e in raised.values())
+            finally:
+                limited.close()
+            assert verify_chain(trail.index).records == 5
+        finally:
+            _drop_role(archive)
             archive.close()
