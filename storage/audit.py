@@ -48,6 +48,7 @@ from typing import Any, Literal, Protocol
 from sqlalchemy import Connection, QueuePool, RowMapping, exc, select
 
 from storage.errors import StorageUnavailable
+from storage.grouping import Groups
 from storage.index.database import Index, database_errors
 from storage.index.models import DEFAULT_PARTITION, Patient, Study
 from storage.index.models import AuditRecord as AuditRow
@@ -403,90 +404,53 @@ class AuditTrail:
         self._idle_lock = threading.Lock()
         pool = index.engine.pool
         self._idle_max = max(1, pool.size() - 1) if isinstance(pool, QueuePool) else 0
-        # Group commit (:meth:`_lead`): the callers waiting, whether one leads now.
-        self._group_lock = threading.Lock()
-        self._waiting: list[_Pending] = []
-        self._leader = False
-        self._in_flight = 0
+        # Group commit of the records of concurrent callers (:meth:`_write_group`).
+        self._groups: Groups[list[tuple[Requestor, AuditEntry]], None] = Groups(
+            self._write_group, GROUP_MAX, len
+        )
 
     def record(self, context: Requestor, *entries: AuditEntry) -> None:
-        """Write ``entries`` in a transaction of their own, or of a group (:meth:`_lead`);
+        """Write ``entries`` in a transaction of their own, or of a group (:meth:`_write_group`);
         return once they are committed; raise :class:`AuditUnavailable`."""
         if not self.enabled or not entries:
             return
-        me = _Pending([(context, entry) for entry in entries])
-        with self._group_lock:
-            self._waiting.append(me)
-            self._in_flight += len(me.items)
-            leading = not self._leader
-            self._leader = True
-        try:
-            if not leading:
-                me.done.wait()  # written by a leader, or made the next leader
-            if not me.done.is_set() or me.leads:
-                self._lead(me)
-        finally:
-            with self._group_lock:
-                self._in_flight -= len(me.items)
-        if not me.committed:
-            raise me.error or AuditUnavailable(
-                "the audit trail cannot be written, so the operation is refused: "
-                "its group commit failed (see the log)"
-            )
+        self._groups.submit([(context, entry) for entry in entries])
 
     def in_flight(self) -> int:
         """How many records were handed to :meth:`record` and are not committed (or refused)
         yet: waiting for a leader, or being written."""
-        with self._group_lock:
-            return self._in_flight
+        return self._groups.in_flight()
 
-    def _lead(self, me: _Pending) -> None:
-        """Group commit of the records of reads: the records of every caller waiting when the
-        leader begins (``me`` first; up to :data:`GROUP_MAX` records) in one transaction, one
-        commit, one write of their JSON lines; then the lead passes to the first caller that
-        arrived meanwhile. Alone, a caller writes its own at once; under load, callers that
-        would have queued for the chain's lock one commit each share one. Each caller returns
-        only after the commit that holds its records. A group that fails is retried one
-        caller at a time, so that one caller's failure is not the others'."""
-        with self._group_lock:
-            group: list[_Pending] = []
-            count = 0
-            for pending in self._waiting:
-                if group and count + len(pending.items) > GROUP_MAX:
-                    break
-                group.append(pending)
-                count += len(pending.items)
-            del self._waiting[: len(group)]
-        assert group[0] is me
+    def _write_group(
+        self, group: list[list[tuple[Requestor, AuditEntry]]]
+    ) -> list[AuditUnavailable | None]:
+        """Group commit (``storage/group_commit.py``) of the records of reads: the records of
+        every caller waiting when the leader begins (up to :data:`GROUP_MAX` records) in one
+        transaction, one commit, one write of their JSON lines. Alone, a caller writes its own
+        at once; under load, callers that would have queued for the chain's lock one commit
+        each share one. Each caller returns only after the commit that holds its records. A
+        group that fails is retried one caller at a time, so that one caller's failure is not
+        the others'."""
         try:
-            self._write(group)
+            self._write([item for items in group for item in items])
         except AuditUnavailable as error:
             if len(group) == 1:
-                me.error = error
-            else:
-                for pending in group:
-                    try:
-                        self._write([pending])
-                    except AuditUnavailable as alone:
-                        pending.error = alone
-        finally:
-            # Whatever happened (an unexpected error included: then the others in the group,
-            # not committed, raise :class:`AuditUnavailable`), the next caller leads.
-            with self._group_lock:
-                if self._waiting:
-                    self._waiting[0].leads = True
-                    self._waiting[0].done.set()
+                return [error]
+            outcomes: list[AuditUnavailable | None] = []
+            for items in group:
+                try:
+                    self._write(items)
+                except AuditUnavailable as alone:
+                    outcomes.append(alone)
                 else:
-                    self._leader = False
-            for pending in group:
-                pending.done.set()
+                    outcomes.append(None)
+            return outcomes
+        return [None] * len(group)
 
-    def _write(self, group: Sequence[_Pending]) -> None:
-        """The records of ``group`` committed together, then their JSON lines."""
+    def _write(self, items: list[tuple[Requestor, AuditEntry]]) -> None:
+        """``items`` committed together, then their JSON lines."""
         with audit_errors(), database_errors():
-            rows = self._record_alone([item for pending in group for item in pending.items])
-        for pending in group:
-            pending.committed = True
+            rows = self._record_alone(items)
         self.emit(rows)
 
     def _record_alone(self, items: Sequence[tuple[Requestor, AuditEntry]]) -> list[dict[str, Any]]:
@@ -695,19 +659,6 @@ _AFTER_HEAD_MAX = 64  # records in one conditional insert (19 parameters each)
 
 # Records in one group commit: one conditional insert (:data:`_AFTER_HEAD_MAX`).
 GROUP_MAX = 64
-
-
-@dataclass
-class _Pending:
-    """A caller of :meth:`AuditTrail.record` in a group commit: its records, and when they are
-    committed (``done`` and ``committed``), or why not (``error``); ``leads``: woken to lead
-    the next group."""
-
-    items: list[tuple[Requestor, AuditEntry]]
-    done: threading.Event = field(default_factory=threading.Event)
-    committed: bool = False
-    error: AuditUnavailable | None = None
-    leads: bool = False
 
 
 @dataclass(frozen=True)

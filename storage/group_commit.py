@@ -1,23 +1,17 @@
-"""Group commit: files stored by concurrent callers (C-STORE associations) share index
-transactions instead of queueing for one each.
-
-The first caller to arrive becomes the leader: it takes every file waiting (its own among
-them, up to ``max_group``) and stores them with one :func:`storage.ingest.ingest_files` call:
-one look-up, one transaction, one commit (one fsync of the SQLite log). Callers that arrive
-meanwhile wait; when the leader's own file is done it hands the lead to the first of them, who
-takes all that gathered while it waited. So under load each commit serves several
-associations, and alone a caller pays nothing more than before. A result is final only after
-the commit: nobody is answered before their file is durable and indexed.
+"""Group commit of received files: the files stored by concurrent callers (C-STORE
+associations) share index transactions (``storage/grouping.py``): one look-up, one
+transaction, one commit for each group of files, each caller answered only once its file is
+durable and indexed.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 
 from storage.archive import Archive
 from storage.errors import StorageError, StorageUnavailable
+from storage.grouping import Groups
 from storage.ingest import IngestResult, Received, ingest_files
 
 log = logging.getLogger(__name__)
@@ -27,69 +21,29 @@ log = logging.getLogger(__name__)
 MAX_GROUP = 64
 
 
-@dataclass
-class _Waiting:
-    received: Received
-    done: threading.Event = field(default_factory=threading.Event)
-    outcome: IngestResult | StorageError | None = None
-
-
 class GroupCommit:
     """Stores files for many threads, several per index transaction."""
 
     def __init__(self, archive: Archive, max_group: int = MAX_GROUP) -> None:
         self.archive = archive
-        self.max_group = max_group
-        self._lock = threading.Lock()
-        self._waiting: list[_Waiting] = []
-        self._leader = False
-        # What was stored, in how many groups (each one index transaction): for the logs.
-        self.files = 0
-        self.groups = 0
+        self._groups: Groups[Received, IngestResult] = Groups(self._store, max_group)
+
+    @property
+    def files(self) -> int:
+        return self._groups.items
+
+    @property
+    def groups(self) -> int:
+        return self._groups.groups
 
     def ingest(self, received: Received) -> IngestResult:
         """Store one file (as :func:`storage.ingest.ingest_file` does); raise its
         :class:`StorageError`."""
-        me = _Waiting(received)
-        with self._lock:
-            self._waiting.append(me)
-            leading = not self._leader
-            self._leader = True
-        if not leading:
-            me.done.wait()  # stored by a leader, or made the next leader
-        if me.outcome is None:
-            self._lead(me)
-        outcome = me.outcome
-        assert outcome is not None
-        if isinstance(outcome, StorageError):
-            raise outcome
-        return outcome
+        return self._groups.submit(received)
 
-    def _lead(self, me: _Waiting) -> None:
-        """Store the files waiting (``me`` first: a leader is always the longest waiting),
-        then pass the lead to the first that arrived meanwhile."""
-        with self._lock:
-            group = self._waiting[: self.max_group]
-            del self._waiting[: self.max_group]
-        assert group[0] is me
-        self._store(group)
-        with self._lock:
-            if self._waiting:
-                self._waiting[0].done.set()  # its outcome is None: it leads next
-            else:
-                self._leader = False
-
-    def _store(self, group: list[_Waiting]) -> None:
+    def _store(self, group: list[Received]) -> Sequence[IngestResult | StorageError]:
         try:
-            outcomes: list[IngestResult | StorageError] = ingest_files(
-                self.archive, [waiting.received for waiting in group]
-            )
+            return ingest_files(self.archive, group)
         except Exception as error:  # noqa: BLE001 (every waiting caller must get an answer)
             log.exception("group of %d files failed", len(group))
-            failure = StorageUnavailable(f"internal error: {type(error).__name__}")
-            outcomes = [failure] * len(group)
-        self.files += len(group)
-        self.groups += 1
-        for waiting, outcome in zip(group, outcomes, strict=True):
-            waiting.outcome = outcome
-            waiting.done.set()
+            return [StorageUnavailable(f"internal error: {type(error).__name__}")] * len(group)
