@@ -41,18 +41,20 @@ class BoundedRequest(Request):
     def stream(self) -> IO[bytes]:
         if self.shallow:  # as werkzeug's own: a request made to read nothing
             raise RuntimeError("this request was created with shallow=True: no body to read")
-        # Bounded by Content-Length (or the server's end of a chunked body), else empty.
-        stream = get_input_stream(self.environ, max_content_length=None)
         limit = self.max_content_length
         if limit is None:
-            return stream
+            return get_input_stream(self.environ, max_content_length=None)
         key = self.environ.get(_LIMIT_KEY, "http.body_max_bytes")
+        if self.content_length is not None and self.content_length > limit:
+            raise RequestEntityTooLarge(
+                f"the request body ({self.content_length} bytes) is larger than {limit} bytes "
+                f"({key})"
+            )
+        # werkzeug's stream: bounded by the Content-Length, or by the server's end of a
+        # chunked body and one byte past the limit (that byte is the one _BodyWithinLimit
+        # refuses).
+        stream = get_input_stream(self.environ, max_content_length=limit + 1)
         if self.content_length is not None:
-            if self.content_length > limit:
-                raise RequestEntityTooLarge(
-                    f"the request body ({self.content_length} bytes) is larger than "
-                    f"{limit} bytes ({key})"
-                )
             return stream
         return cast(IO[bytes], _BodyWithinLimit(stream, limit, key))
 
