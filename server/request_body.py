@@ -50,9 +50,9 @@ class BoundedRequest(Request):
                 f"the request body ({self.content_length} bytes) is larger than {limit} bytes "
                 f"({key})"
             )
-        # werkzeug's stream: bounded by the Content-Length, or by the server's end of a
-        # chunked body and one byte past the limit (that byte is the one _BodyWithinLimit
-        # refuses).
+        # werkzeug's stream, bounded by the limit and one byte (the byte _BodyWithinLimit
+        # refuses): also under a Content-Length, as cheroot names wsgi.input_terminated even
+        # when False, which werkzeug takes for a stream the server ends at the body's end.
         stream = get_input_stream(self.environ, max_content_length=limit + 1)
         if self.content_length is not None:
             return stream
