@@ -270,9 +270,12 @@ class HttpSettings(_Section):
     body_timeout_s: float = Field(60.0, gt=0)
     body_min_bytes_per_s: int = Field(1024, ge=1)
     send_timeout_s: float = Field(60.0, gt=0)
-    # Open connections: `hilum serve` answers those over it 503; `hilum web` (gunicorn's
-    # worker_connections, per worker process) leaves them in the listen queue.
+    # Open connections per process (each gunicorn worker under `hilum web`), in all and from
+    # one client address (server/open_connections.py); those over either are answered 503 and
+    # closed. A browser opens at most 6 per host; behind a reverse proxy every client has the
+    # proxy's address.
     max_connections: int = Field(1000, ge=1)
+    connections_per_client: int = Field(256, ge=1)
 
     @field_validator("cors_allowed_origins")
     @classmethod

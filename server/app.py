@@ -43,6 +43,7 @@ from server.fhir import register_fhir
 from server.metrics import Metrics, mark_worker_dead
 from server.monitoring import register_monitoring
 from server.partitions import PARTITION_ROOT, KnownPartitions, enter_partition
+from server.request_body import BoundedRequest
 from server.request_deadlines import RequestDeadlines, RequestLimits, guarded
 from storage.accounts import Accounts
 from storage.archive import Archive
@@ -65,8 +66,10 @@ def create_app(settings: Settings, archive: Archive, metrics: Metrics | None = N
     archive.on_ingest = metrics.ingest_observer("stow-rs")
     archive.blobs = marking_reads(archive)
     app = Flask("hilum", static_folder=None)
-    # Every route's body (JSON API, forms) is bounded; STOW-RS raises it for its own request
+    # Every route's body (JSON API, forms) is bounded, also a chunked one (413 with the
+    # reason, server/request_body.py); STOW-RS raises the limit for its own request
     # (http.stow_max_bytes) before it reads a byte.
+    app.request_class = BoundedRequest
     app.config["MAX_CONTENT_LENGTH"] = settings.http.body_max_bytes
     app.extensions["hilum.settings"] = settings
     app.extensions["hilum.archive"] = archive
@@ -332,10 +335,13 @@ def _register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(RequestEntityTooLarge)
     def _too_large(error: RequestEntityTooLarge) -> Response:
-        if error.description == RequestEntityTooLarge.description:  # werkzeug's own words
-            limit = request.max_content_length
+        # A body over its limit says which (server/request_body.py); werkzeug's own words
+        # come from its form parser's limits (Flask's MAX_FORM_MEMORY_SIZE, MAX_FORM_PARTS).
+        if error.description == RequestEntityTooLarge.description:
             return _error(
-                413, f"the request body is larger than {limit} bytes (http.body_max_bytes)"
+                413,
+                f"a form field is larger than {request.max_form_memory_size} bytes, or the "
+                f"form has more than {request.max_form_parts} parts",
             )
         return _error(413, str(error.description))
 
@@ -482,10 +488,11 @@ def serve_with_gunicorn(settings: Settings) -> None:
                 self.cfg.set("keyfile", str(tls[1]))
             self.cfg.set("workers", settings.http.workers)
             self.cfg.set("threads", settings.http.threads)
-            # Each request under Hilum's deadlines (server/gunicorn_worker.py), and the cap on
-            # a worker's open connections.
+            # Each request under Hilum's deadlines, and the caps on a worker's open connections
+            # (server/gunicorn_worker.py): the worker refuses those over max_connections itself,
+            # so gunicorn's own cap, which would leave them waiting in the listen queue, is above.
             self.cfg.set("worker_class", "server.gunicorn_worker.DeadlineThreadWorker")
-            self.cfg.set("worker_connections", settings.http.max_connections)
+            self.cfg.set("worker_connections", settings.http.max_connections + 1)
             self.cfg.set("proc_name", "hilum-web")
             self.cfg.set("when_ready", _announce)
             self.cfg.set("child_exit", lambda _server, worker: mark_worker_dead(worker.pid))

@@ -1,5 +1,6 @@
 """``hilum serve``'s HTTP connections (cheroot): each request under Hilum's deadlines
-(``server/request_deadlines.py`` says why), and the process's cap on open connections.
+(``server/request_deadlines.py`` says why), and the process's caps on open connections, in all
+and per client address (``server/open_connections.py``).
 
 cheroot's own hooks, through its public classes: the server's ``ConnectionClass`` (made for
 each accepted connection, closed with it) and that class's ``RequestHandlerClass``, whose
@@ -9,54 +10,29 @@ thread serving the request.
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 
 from cheroot.server import HTTPConnection, HTTPRequest
 
+from server.open_connections import HEADER_READS_REFUSED, OpenConnections
 from server.request_deadlines import RequestDeadlines
-
-
-class _OpenConnections:
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.count = 0
-        self._lock = threading.Lock()
-
-    def opened(self) -> bool:
-        """Count one more; False when that one is over the limit."""
-        with self._lock:
-            self.count += 1
-            return self.count <= self.limit
-
-    def closed(self) -> None:
-        with self._lock:
-            self.count -= 1
 
 
 def connection_class(deadlines: RequestDeadlines) -> type[HTTPConnection]:
     """cheroot's connection class whose requests are served under ``deadlines``, and of which
-    at most ``deadlines.limits.max_connections`` are served at once (those over it are
-    answered 503 and closed)."""
-    connections = _OpenConnections(deadlines.limits.max_connections)
+    at most ``deadlines.limits.max_connections`` are open at once, ``connections_per_client``
+    from one address (one over either is answered 503 at its first request and closed)."""
+    connections = OpenConnections(deadlines.limits)
 
     class DeadlineRequest(HTTPRequest):
         def parse_request(self) -> None:
             conn: Any = self.conn
-            if conn.over_limit:
-                self.simple_response(
-                    "503 Service Unavailable",
-                    f"over {connections.limit} open connections (http.max_connections); "
-                    "try again later",
-                )
+            if conn.refusal is not None:
+                self.simple_response("503 Service Unavailable", conn.refusal)
                 return
             sock = conn.socket
             if not deadlines.begin(sock.shutdown, str(conn.remote_addr or "")):
-                self.simple_response(
-                    "503 Service Unavailable",
-                    "too many requests from this address are still sending their headers "
-                    "(http.header_reads_per_client)",
-                )
+                self.simple_response("503 Service Unavailable", HEADER_READS_REFUSED)
                 return
             try:
                 super().parse_request()
@@ -73,15 +49,25 @@ def connection_class(deadlines: RequestDeadlines) -> type[HTTPConnection]:
     class DeadlineConnection(HTTPConnection):
         RequestHandlerClass = DeadlineRequest
 
-        def __init__(self, *args: Any) -> None:
-            super().__init__(*args)
-            self.over_limit = not connections.opened()
-            self._counted = True
+        def __init__(self, server: Any, sock: Any, *args: Any) -> None:
+            super().__init__(server, sock, *args)
+            # cheroot sets remote_addr once this returns; the socket knows it already.
+            self._address = _peer_address(sock)
+            self.refusal = connections.opened(self._address)
+            self._counted = self.refusal is None
 
         def close(self) -> None:
             if self._counted:
                 self._counted = False
-                connections.closed()
+                connections.closed(self._address)
             super().close()
 
     return DeadlineConnection
+
+
+def _peer_address(sock: Any) -> str:
+    try:
+        peer = sock.getpeername()
+    except OSError:  # already reset by the client: counted under no address
+        return ""
+    return str(peer[0]) if isinstance(peer, tuple) else ""

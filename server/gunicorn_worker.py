@@ -1,40 +1,41 @@
 """``hilum web``'s gunicorn worker: gthread, each request under Hilum's deadlines
 (``server/request_deadlines.py`` says why: gthread reads and writes without a timeout once a
-request has begun).
+request has begun), and the worker's caps on open connections, in all and per client address
+(``server/open_connections.py``).
 
 A worker class is gunicorn's documented extension point (``worker_class``, a subclass of
 ``gunicorn.workers.base.Worker``); this one overrides the public methods ``init_process``,
-``load_wsgi`` and ``handle`` (which serves one request of a connection in a pool thread) and
-calls the originals. The cap on open connections is gunicorn's own ``worker_connections``.
+``load_wsgi``, ``accept`` (which takes a connection from the listening socket, in the worker's
+main thread) and ``handle`` (which serves one request of a connection in a pool thread), and
+calls the originals but for ``accept``, which gthread's ``ThreadWorker`` has no other hook in.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import select
+import socket
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
-from gunicorn.workers.gthread import ThreadWorker
+from gunicorn.workers.gthread import TConn, ThreadWorker
 
+from server.open_connections import HEADER_READS_REFUSED, OpenConnections
 from server.request_deadlines import RequestDeadlines, RequestLimits, guarded
-
-_REASON = b"too many requests from this address are still sending their headers " + (
-    b"(http.header_reads_per_client)"
-)
-_BUSY = (
-    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nConnection: close\r\n"
-    + b"Content-Length: %d\r\n\r\n" % len(_REASON)
-    + _REASON
-)
 
 
 class DeadlineThreadWorker(ThreadWorker):  # type: ignore[misc]
-    """gthread with :class:`RequestDeadlines`; the limits come from the application object
-    (``server.app.serve_with_gunicorn``'s, attribute ``request_limits``)."""
+    """gthread with :class:`RequestDeadlines` and :class:`OpenConnections`; the limits come
+    from the application object (``server.app.serve_with_gunicorn``'s, attribute
+    ``request_limits``). gunicorn's own cap (``worker_connections``) must stay above
+    ``max_connections``, so that this worker goes on accepting the connections it refuses."""
 
     def init_process(self) -> None:
         limits: RequestLimits = getattr(self.app, "request_limits", RequestLimits())
         self.deadlines = RequestDeadlines(limits)
+        self.connections = OpenConnections(limits)
         self.deadlines.start()
         super().init_process()  # runs the worker until it stops
 
@@ -42,9 +43,27 @@ class DeadlineThreadWorker(ThreadWorker):  # type: ignore[misc]
         super().load_wsgi()
         self.wsgi = guarded(self.wsgi, self.deadlines)
 
+    def accept(self, listener: Any) -> None:
+        # ThreadWorker.accept, with the caps: a refused connection is answered here, at once
+        # and without waiting on the client, so that a flood of them holds no pool thread.
+        try:
+            sock, client = listener.accept()
+        except OSError as error:
+            if error.errno not in (errno.EAGAIN, errno.ECONNABORTED, errno.EWOULDBLOCK):
+                raise
+            return
+        address = _address(client)
+        refusal = self.connections.opened(address)
+        if refusal is not None:
+            self._refuse(sock, refusal)
+            return
+        self.nr_conns += 1
+        sock.setblocking(True)
+        closed = partial(self.connections.closed, address)
+        self.enqueue_req(_CountedConn(self.cfg, sock, client, listener.getsockname(), closed))
+
     def handle(self, conn: Any) -> Any:
-        client = conn.client
-        address = str(client[0] if isinstance(client, tuple) else client)
+        address = _address(conn.client)
         # A connection dispatched before its first byte arrived waits here for it (gunicorn
         # defers it to its poller after a few seconds): under the header deadline, but not in
         # the address's share until its bytes are there, so that a browser opening its six
@@ -57,12 +76,55 @@ class DeadlineThreadWorker(ThreadWorker):  # type: ignore[misc]
         if not self.deadlines.begin(cut, address, counted=counted):
             if not self.cfg.is_ssl:
                 with contextlib.suppress(OSError):
-                    conn.sock.sendall(_BUSY)
+                    conn.sock.sendall(_busy(HEADER_READS_REFUSED))
             return False  # gunicorn closes the connection
         try:
             return super().handle(conn)
         finally:
             self.deadlines.end()
+
+    def _refuse(self, sock: socket.socket, reason: str) -> None:
+        """Answer 503 and close, never blocking the worker's main thread: the answer fits in
+        a new connection's send buffer, and what the client has sent already is read first,
+        so that the close is a FIN and not a reset that could discard the answer. Over TLS
+        the connection is closed without an answer: that would need the handshake first."""
+        with contextlib.suppress(OSError):
+            sock.setblocking(False)
+            if not self.cfg.is_ssl:
+                sock.send(_busy(reason))
+                sock.shutdown(socket.SHUT_WR)
+                sock.recv(1 << 16)
+        sock.close()
+
+
+class _CountedConn(TConn):  # type: ignore[misc]
+    """gthread's connection, which says when it closes (gunicorn closes every connection
+    through ``close``: answered, expired while kept alive or idle, or broken)."""
+
+    def __init__(self, cfg: Any, sock: Any, client: Any, server: Any, closed: Callable[[], None]):
+        super().__init__(cfg, sock, client, server)
+        self._on_close: Callable[[], None] | None = closed
+
+    def close(self, graceful: bool = False) -> None:
+        on_close, self._on_close = self._on_close, None
+        try:
+            super().close(graceful)
+        finally:
+            if on_close is not None:
+                on_close()
+
+
+def _address(client: Any) -> str:
+    return str(client[0] if isinstance(client, tuple) else client)
+
+
+def _busy(reason: str) -> bytes:
+    body = reason.encode()
+    return (
+        b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nConnection: close\r\n"
+        + b"Content-Length: %d\r\n\r\n" % len(body)
+        + body
+    )
 
 
 def _readable(sock: Any) -> bool:

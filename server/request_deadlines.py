@@ -54,6 +54,7 @@ class RequestLimits:
     body_min_bytes_per_s: int = 1024
     send_timeout_s: float = 60.0
     max_connections: int = 1000
+    connections_per_client: int = 256
 
     @classmethod
     def from_settings(cls, http: Any) -> RequestLimits:
@@ -64,6 +65,7 @@ class RequestLimits:
             body_min_bytes_per_s=http.body_min_bytes_per_s,
             send_timeout_s=http.send_timeout_s,
             max_connections=http.max_connections,
+            connections_per_client=http.connections_per_client,
         )
 
 

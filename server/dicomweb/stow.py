@@ -32,6 +32,7 @@ from server.dicomweb.statuses import (
     warning_text,
 )
 from server.partitions import request_archive
+from server.request_body import limit_body
 from storage.archive import Archive
 from storage.dicom_file import read_instance_header
 from storage.errors import InvalidInstance, StorageError
@@ -43,23 +44,6 @@ log = logging.getLogger(__name__)
 # group that reaches this size. The group's spooled parts wait in <data_dir>/tmp meanwhile.
 GROUP_PARTS = 64
 GROUP_BYTES = 64 << 20
-
-
-class _LimitedStream:
-    """The request body, refused with 413 as soon as it grows past the configured limit
-    (a chunked body has no Content-Length to check up front)."""
-
-    def __init__(self, stream: IO[bytes], limit: int) -> None:
-        self.stream = stream
-        self.limit = limit
-        self.read_bytes = 0
-
-    def read(self, size: int = -1) -> bytes:
-        chunk = self.stream.read(size)
-        self.read_bytes += len(chunk)
-        if self.read_bytes > self.limit:
-            raise RequestEntityTooLarge(f"the body is larger than {self.limit} bytes")
-        return chunk
 
 
 class StoreTransaction:
@@ -90,15 +74,11 @@ class StoreTransaction:
 
     @requires(Action.STORE)
     def store_instances(self, study: str | None = None) -> Response:
-        # This route's own limit, in place of the app's (http.body_max_bytes).
-        request.max_content_length = self.max_bytes
+        # This route's own limit, in place of the app's (http.body_max_bytes): a larger
+        # Content-Length is refused here, a chunked body as soon as it passes it (413).
+        limit_body(self.max_bytes, "http.stow_max_bytes")
         boundary = self._boundary()
-        if request.content_length is not None and request.content_length > self.max_bytes:
-            raise RequestEntityTooLarge(
-                f"the body ({request.content_length} bytes) is larger than the limit "
-                f"of {self.max_bytes} bytes (http.stow_max_bytes)"
-            )
-        stream = _LimitedStream(request.stream, self.max_bytes)
+        stream = request.stream
         referenced: list[dict[str, Any]] = []
         failed: list[dict[str, Any]] = []
         group: list[Received | dict[str, Any]] = []  # read, not stored yet: in part order

@@ -1,8 +1,8 @@
 """Hostile HTTP clients against the real servers, ``hilum serve`` (cheroot) and ``hilum web``
 (gunicorn), over real sockets (issue 17): headers trickled a byte at a time, a body that never
-ends, a response nobody reads, bodies over their limit, more connections than the cap. Each is
-cut or refused within its limit, another client's QIDO-RS is answered meanwhile, and the
-server's peak RSS stays within its budget (the memory guard)."""
+ends, a response nobody reads, bodies over their limit, more connections than the cap or than
+one address's share. Each is cut or refused within its limit, another client's QIDO-RS is
+answered meanwhile, and the server's peak RSS stays within its budget (the memory guard)."""
 
 from __future__ import annotations
 
@@ -234,18 +234,28 @@ def test_a_body_over_its_route_limit_is_refused_with_413(backend: str, hilum: Ru
         headers={"Content-Type": "application/json"},
         timeout=30,
     )
-    # Werkzeug reads a chunked body up to the limit and stops there: the JSON is cut short
-    # (400), or the limit is named (413); never read whole.
-    assert chunked.status_code in (400, 413), chunked.text
+    # Refused once past the limit while read (RFC 9110 15.5.14), never read whole.
+    assert chunked.status_code == 413, chunked.text
+    assert "http.body_max_bytes" in chunked.json()["error"]
+    # A chunked body within the limit is read whole: the route answers for its JSON.
+    small = requests.post(
+        url,
+        data=iter([b'{"model": ', b'"none"}']),
+        headers={"Content-Type": "application/json"},
+        timeout=30,
+    )
+    assert small.status_code == 400, small.text
+    assert "no installed model 'none'" in small.json()["error"]
     assert _qido(hilum).status_code == 200
     hilum.memory.check()
 
 
+@pytest.mark.parametrize("command", ["serve", "web"])
 @pytest.mark.parametrize("backend", ["sqlite-files"])
-def test_connections_over_the_cap_are_refused_by_hilum_serve(
-    backend: str, settings: Settings, archive: Archive
+def test_connections_over_the_cap_are_refused_with_503(
+    backend: str, command: str, settings: Settings, archive: Archive
 ) -> None:
-    with running_hilum("serve", settings, HILUM_HTTP__MAX_CONNECTIONS="4", **LIMITS) as hilum:
+    with running_hilum(command, settings, HILUM_HTTP__MAX_CONNECTIONS="4", **LIMITS) as hilum:
         idle = [socket.create_connection(("127.0.0.1", hilum.port)) for _ in range(4)]
         try:
             refused = _qido(hilum)
@@ -255,6 +265,52 @@ def test_connections_over_the_cap_are_refused_by_hilum_serve(
             for sock in idle:
                 sock.close()
         wait_until(lambda: _qido(hilum).status_code == 200, "a connection free again", 30)
+
+
+def _get_from(hilum: RunningHilum, source: str) -> bytes:
+    """A QIDO-RS from the address ``source``, on a connection of its own: the answer as
+    received until the server closed the connection."""
+    with socket.create_connection(
+        ("127.0.0.1", hilum.port), timeout=30, source_address=(source, 0)
+    ) as sock:
+        sock.sendall(b"GET /dicomweb/studies HTTP/1.1\r\nHost: hilum\r\nConnection: close\r\n\r\n")
+        answer = b""
+        with contextlib.suppress(ConnectionResetError):  # a refusal may close with a reset
+            while chunk := sock.recv(65536):
+                answer += chunk
+        return answer
+
+
+@pytest.mark.parametrize("command", ["serve", "web"])
+@pytest.mark.parametrize("backend", ["sqlite-files"])
+def test_one_address_gets_its_share_of_connections_and_no_more(
+    backend: str, command: str, settings: Settings, archive: Archive
+) -> None:
+    # Two: fewer than the server's threads, so that under gunicorn (whose pool threads wait a
+    # few seconds for a new connection's first byte) another address still finds a thread.
+    limits = {**LIMITS, "HILUM_HTTP__CONNECTIONS_PER_CLIENT": "2"}
+    with running_hilum(command, settings, memory_budget_bytes=MEMORY_BUDGET, **limits) as hilum:
+        idle = [
+            socket.create_connection(("127.0.0.1", hilum.port), source_address=("127.0.0.2", 0))
+            for _ in range(2)
+        ]
+        try:
+            refused = _get_from(hilum, "127.0.0.2")
+            assert refused.startswith(b"HTTP/1.1 503"), refused
+            assert b"http.connections_per_client" in refused
+            # Another address is served meanwhile, on as many connections as it likes.
+            assert _get_from(hilum, "127.0.0.3").startswith(b"HTTP/1.1 200")
+            assert _qido(hilum).status_code == 200
+        finally:
+            idle[0].close()
+        # One closed: the address may open one again.
+        wait_until(
+            lambda: _get_from(hilum, "127.0.0.2").startswith(b"HTTP/1.1 200"),
+            "a connection of the address free again",
+            30,
+        )
+        idle[1].close()
+        hilum.memory.check()
 
 
 @pytest.mark.parametrize("backend", ["sqlite-files"])

@@ -169,6 +169,7 @@ def test_body_over_the_limit_is_413(settings: Settings, archive: Archive, tmp_pa
     assert sized.status_code == 413
     assert "http.stow_max_bytes" in sized.json()["error"]
     assert chunked.status_code == 413
+    assert "http.stow_max_bytes" in chunked.json()["error"]
     assert stored_uids(archive, instance.StudyInstanceUID) == set()
     # The part spooled before the body was cut off is gone too.
     assert list((settings.server.data_dir / "tmp").iterdir()) == []
