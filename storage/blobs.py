@@ -157,9 +157,10 @@ class FileBlobStore:
         _raise_refusal(self.put_all([(key, path, may_link)]))
 
     def put_all(self, blobs: Sequence[tuple[str, Path, bool]]) -> list[StorageUnavailable | None]:
-        """Each file is written (or linked) under a temporary name in its folder, fsynced and
-        renamed into place; then each folder is fsynced once, which makes every rename in it
-        survive a power loss: a group of one series' instances costs one folder fsync.
+        """Each file is written under a temporary name in its folder, synced and renamed into
+        place, or linked (:meth:`_link`); then each folder is fsynced once, which makes every
+        new name in it survive a power loss: a group of one series' instances costs one folder
+        fsync (:meth:`_sync_folder`).
 
         One file after the other, not in threads: the GIL hand-overs around each system call
         cost more than the overlapped fsync waits save (0.5 ms of wall time per 9 KB blob
