@@ -130,35 +130,62 @@ def test_put_all_stores_every_blob(archive: Archive, tmp_path: Path) -> None:
 
 
 STRACE = "/usr/bin/strace"  # Debian's strace (make system-deps)
-# Run under strace: every fsync system call, with the path of its file descriptor (-y).
+# Run under strace: put_all twice into the same folders (first new names, then existing ones);
+# between them an fsync of the source file marks where the second begins.
 _PUT_ALL = """
-import sys
+import os, sys
 from pathlib import Path
 from storage.blobs import FileBlobStore
 root, source, keys = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3:]
-assert FileBlobStore(root).put_all([(key, source, True) for key in keys]) == [None] * len(keys)
+store = FileBlobStore(root)
+for again in (False, True):
+    if again:
+        with open(source, "rb") as marker:
+            os.fsync(marker.fileno())
+    assert store.put_all([(key, source, True) for key in keys]) == [None] * len(keys)
 """
+# Each sync with the path of its file descriptor (-y); each link and rename with its new name
+# (the last quoted argument).
+_CALL = re.compile(
+    r'(fsync|fdatasync)\(\d+<([^>]*)>\) += 0|(link|rename)\w*\(.*"([^"]*)"[^"\n]*\) += 0'
+)
 
 
 def test_filesystem_put_all_syncs_each_folder_once(tmp_path: Path) -> None:
     """Counted by the kernel's account of it (strace): each folder that received blobs is
-    fsynced once, however many blobs it received."""
+    fsynced once, however many blobs it received; the folders above a series' folder (its new
+    entry in its study's folder, and so on up to the root) the first time only, once each; every
+    blob's data is synced, after its link to a new name (one journal commit for both), before
+    it replaces an existing name."""
     root, source = tmp_path / "blobs", tmp_path / "a.dcm"
     source.write_bytes(b"x")
     FileBlobStore(root)  # the root exists before the traced process starts
     keys = _keys(3) + _keys(2, series="1.2.3.9")
     trace = tmp_path / "fsync.trace"
+    calls = "fsync,fdatasync,link,linkat,rename,renameat,renameat2"  # whichever libc uses
     subprocess.run(
-        [STRACE, "-f", "-qq", "-y", "-e", "trace=fsync", "-o", str(trace),
+        [STRACE, "-f", "-qq", "-y", "-e", f"trace={calls}", "-o", str(trace),
          sys.executable, "-c", _PUT_ALL, str(root), str(source), *keys],
         check=True, cwd=Path(__file__).parents[2], timeout=120,
     )  # fmt: skip
-    synced = [
-        Path(match.group(1))
-        for match in re.finditer(r"fsync\(\d+<([^>]*)>\) = 0", trace.read_text())
+    traced = [
+        (m.group(1), Path(m.group(2))) if m.group(1) else (m.group(3), Path(m.group(4)))
+        for m in _CALL.finditer(trace.read_text())
     ]
-    folders = sorted(path for path in synced if path.is_dir())
-    assert folders == sorted({(root / key).parent for key in keys})  # two, once each
+    marker = traced.index(("fsync", source))
+    first, second = traced[:marker], traced[marker + 1 :]
+    series = {(root / key).parent for key in keys}
+    above = {folder.parent for folder in series}  # the study's folder
+    above |= {folder.parent for folder in above} | {root}  # its prefix folder, the root
+    for calls_made, folders in ((first, series | above), (second, series)):
+        assert sorted(path for call, path in calls_made if call == "fsync") == sorted(folders)
+    # New names: linked, then synced.
+    blobs = [(call, path) for call, path in first if call != "fsync"]
+    assert blobs == [step for key in keys for step in (("link", root / key), ("fdatasync", source))]
+    # Existing names: synced, linked under a temporary name, renamed over the old one.
+    blobs = [(call, path) for call, path in second if call in ("fdatasync", "rename")]
+    synced_first = [(("fdatasync", source), ("rename", root / key)) for key in keys]
+    assert blobs == [step for steps in synced_first for step in steps]
 
 
 def test_filesystem_put_all_refuses_the_rest_once_the_store_refuses(tmp_path: Path) -> None:
