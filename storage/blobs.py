@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import errno
 import hashlib
 import math
@@ -463,8 +462,8 @@ def start_writeback(fd: int) -> None:
 
 
 def _load_sync_file_range() -> Any:
-    name = ctypes.util.find_library("c")
-    function = getattr(ctypes.CDLL(name), "sync_file_range", None) if name else None
+    # The process's own symbols, libc's among them (no library search: no subprocess).
+    function = getattr(ctypes.CDLL(None), "sync_file_range", None)
     if function is not None:
         function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
         function.restype = ctypes.c_int
