@@ -339,11 +339,18 @@ def archive(settings: Settings) -> Iterator[Archive]:
         archive.close()
 
 
-@pytest.fixture
-def dimse_server(settings: Settings, archive: Archive) -> Iterator[DimseServer]:
+@contextlib.contextmanager
+def running_dimse(settings: Settings, archive: Archive) -> Iterator[DimseServer]:
+    """A started DIMSE server over ``archive``, stopped on exit."""
     server = DimseServer(settings, archive)
     server.start()
     try:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+def dimse_server(settings: Settings, archive: Archive) -> Iterator[DimseServer]:
+    with running_dimse(settings, archive) as server:
+        yield server

@@ -21,7 +21,7 @@ from config import Settings
 from server.dimse.ae import DimseServer
 from storage.archive import Archive
 from storage.ingest import ingest_file
-from tests.conftest import free_port, shared_archive
+from tests.conftest import free_port, running_dimse, shared_archive
 from tests.factories import ct_instance, write_part10
 
 FIND_SCU = "/usr/bin/findscu"
@@ -148,9 +148,7 @@ def seeded_server(
     with contextlib.ExitStack() as stack:
         settings, archive = stack.enter_context(shared_archive(backend, request, directory))
         files = seed_archive(archive, directory / "sent")
-        server = DimseServer(settings, archive)
-        server.start()
-        stack.callback(server.stop)
+        server = stack.enter_context(running_dimse(settings, archive))
         yield SeededServer(server, archive, files, settings)
 
 

@@ -26,7 +26,7 @@ from server.dimse.association import Association, Context
 from server.dimse.c_find_responses import BATCH_BYTES, PendingResponses
 from server.dimse.identifier import query_request
 from server.dimse.pdu import PduSocket, p_data
-from tests.conftest import BACKENDS, shared_archive
+from tests.conftest import BACKENDS, running_dimse, shared_archive
 from tests.server.dimse.qr_seed import FIND_SCU, qr_associate
 from tests.server.dimse.scu import echo_works
 from tests.server.dimse.test_c_find import MANY, _seed_many_studies
@@ -44,12 +44,8 @@ def many(
     directory = tmp_path_factory.mktemp("many")
     with shared_archive(request.param, request, directory) as (settings, archive):
         _seed_many_studies(archive, PATIENT_ID)
-        server = DimseServer(settings, archive)
-        server.start()
-        try:
+        with running_dimse(settings, archive) as server:
             yield server
-        finally:
-            server.stop()
 
 
 def query() -> Dataset:
