@@ -219,14 +219,21 @@ def migrated_databases() -> Iterator[MigratedDatabases]:
             databases.close()
 
 
-@pytest.fixture
-def migrated_postgres_url(migrated_databases: MigratedDatabases) -> Iterator[str]:
-    """A fresh database on the real PostgreSQL at the newest schema, dropped after the test."""
-    name = migrated_databases.take()
+@contextlib.contextmanager
+def migrated_postgres(databases: MigratedDatabases) -> Iterator[str]:
+    """The URL of a fresh database at the newest schema, dropped on exit."""
+    name = databases.take()
     try:
         yield f"{POSTGRES_ADMIN_URL.rpartition('/')[0]}/{name}"
     finally:
-        migrated_databases.give_back(name)
+        databases.give_back(name)
+
+
+@pytest.fixture
+def migrated_postgres_url(migrated_databases: MigratedDatabases) -> Iterator[str]:
+    """A fresh database on the real PostgreSQL at the newest schema, dropped after the test."""
+    with migrated_postgres(migrated_databases) as url:
+        yield url
 
 
 @pytest.fixture(scope="session")
@@ -302,6 +309,27 @@ def settings(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> Se
     )
 
 
+@contextlib.contextmanager
+def shared_archive(
+    backend: str, request: pytest.FixtureRequest, directory: Path
+) -> Iterator[tuple[Settings, Archive]]:
+    """Settings and an open archive on ``backend`` in ``directory``, at the newest schema, for
+    a module-scoped fixture: seeded once and shared by tests that only read it."""
+    with contextlib.ExitStack() as stack:
+        if backend == "sqlite-files":
+            settings = make_settings(directory)
+        else:
+            databases = request.getfixturevalue("migrated_databases")
+            settings = make_settings(
+                directory,
+                database_url=stack.enter_context(migrated_postgres(databases)),
+                blob_url=s3_blob_url(request.getfixturevalue("s3_server")),
+            )
+        archive = open_archive(settings, migrate=True)
+        stack.callback(archive.close)
+        yield settings, archive
+
+
 @pytest.fixture
 def archive(settings: Settings) -> Iterator[Archive]:
     archive = open_archive(settings, migrate=True)
@@ -311,11 +339,18 @@ def archive(settings: Settings) -> Iterator[Archive]:
         archive.close()
 
 
-@pytest.fixture
-def dimse_server(settings: Settings, archive: Archive) -> Iterator[DimseServer]:
+@contextlib.contextmanager
+def running_dimse(settings: Settings, archive: Archive) -> Iterator[DimseServer]:
+    """A started DIMSE server over ``archive``, stopped on exit."""
     server = DimseServer(settings, archive)
     server.start()
     try:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+def dimse_server(settings: Settings, archive: Archive) -> Iterator[DimseServer]:
+    with running_dimse(settings, archive) as server:
+        yield server

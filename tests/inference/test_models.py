@@ -165,7 +165,7 @@ def test_sr_volume_is_the_analysed_voxels_times_the_voxel_size(
 def test_sr_area_is_the_analysed_pixels_times_the_pixel_area(
     archive: Archive, tmp_path: Path
 ) -> None:
-    slide, _truth = synthetic_wsi(13)
+    slide, _truth = synthetic_wsi(13, size=512)  # 4 tiles: the area's sum, not the slide size
     _ingest(archive, [slide], tmp_path)
 
     seg, sr = analyse_series(
@@ -213,7 +213,7 @@ def test_nothing_found_gives_an_sr_without_findings_and_no_seg(
 
 
 def test_corrupt_pixel_payload_is_an_analysis_error(archive: Archive, tmp_path: Path) -> None:
-    slide, _truth = synthetic_wsi(7)
+    slide, _truth = synthetic_wsi(7, size=512)
     frames = [b"\xff\xd8\xff\xe0 not a JPEG stream" for _ in range(int(slide.NumberOfFrames))]
     slide.PixelData = encapsulate(frames)
     _ingest(archive, [slide], tmp_path)

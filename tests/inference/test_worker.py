@@ -324,7 +324,7 @@ def hilum_env(settings: Settings, **inference: str) -> dict[str, str]:
 def test_a_worker_killed_mid_job_loses_nothing_and_duplicates_nothing(
     archive: Archive, settings: Settings, tmp_path: Path
 ) -> None:
-    datasets, _mask = synthetic_ct_series(5, slices=8)
+    datasets, _mask = synthetic_ct_series(5, slices=4)
     study = datasets[0].StudyInstanceUID
     store_series(archive, tmp_path / "ct", datasets)
     env = hilum_env(settings, stable_after_s="0", lease_s="3", poll_interval_s="0.2")

@@ -7,7 +7,7 @@ under test.
 from __future__ import annotations
 
 import fnmatch
-from pathlib import Path
+from collections.abc import Iterator
 
 import pytest
 from pydicom.uid import MRImageStorage, generate_uid
@@ -23,6 +23,7 @@ from storage.query import (
     locate_instances,
     search,
 )
+from tests.conftest import BACKENDS, shared_archive
 from tests.factories import ct_instance, write_part10
 
 # One row per study: patient, study attributes and its series as (modality, instance count).
@@ -35,9 +36,20 @@ SEED = [
 ]
 
 
-@pytest.fixture
-def seeded(archive: Archive, tmp_path: Path) -> list[dict]:
+@pytest.fixture(scope="module", params=BACKENDS)
+def archive(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Archive]:
+    """One archive per backend pair for the whole module, seeded once: every test here only
+    queries it."""
+    with shared_archive(request.param, request, tmp_path_factory.mktemp("query")) as (_, archive):
+        yield archive
+
+
+@pytest.fixture(scope="module")
+def seeded(archive: Archive, tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     """Ingest SEED; return one dict per study with its UIDs and attributes."""
+    tmp_path = tmp_path_factory.mktemp("seed")
     studies = []
     for patient_id, name, date, time, accession, series in SEED:
         study_uid = generate_uid()

@@ -23,8 +23,7 @@ from tests.factories import ct_instance
 
 @pytest.fixture
 def http_server(settings: Settings, archive: Archive) -> Iterator[HttpServer]:
-    server = HttpServer(create_app(settings, archive), "127.0.0.1", free_port())
-    server.start()
+    server = serve(settings, archive)
     try:
         yield server
     finally:

@@ -3,18 +3,38 @@ matching, includefield, limit/offset, the Warning header and 400s."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import requests
 from dicomweb_client.api import DICOMwebClient
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
-from tests.server.dicomweb.conftest import ct_series
+from server.app import HttpServer
+from tests.conftest import BACKENDS, shared_archive
+from tests.server.dicomweb.conftest import ct_series, serve
 
 
-@pytest.fixture
-def studies(client: DICOMwebClient) -> dict[str, list[Dataset]]:
+@pytest.fixture(scope="module", params=BACKENDS)
+def http_server(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[HttpServer]:
+    """One archive and server per backend pair for the whole module, seeded once by
+    ``studies``: every test here only queries."""
+    directory = tmp_path_factory.mktemp("qido")
+    with shared_archive(request.param, request, directory) as (settings, archive):
+        server = serve(settings, archive)
+        try:
+            yield server
+        finally:
+            server.stop()
+
+
+@pytest.fixture(scope="module")
+def studies(http_server: HttpServer) -> dict[str, list[Dataset]]:
     """Two studies: DOE^JANE CT (2 instances, January 2026), SMITH^JOHN MR (1, December 2025)."""
+    client = DICOMwebClient(f"http://127.0.0.1:{http_server.port}/dicomweb")
     doe = ct_series(2, patient_id="PAT-1")
     smith = ct_series(1, patient_id="PAT-2", modality="MR")
     for ds in smith:

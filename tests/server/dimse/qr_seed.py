@@ -19,9 +19,9 @@ from pynetdicom.association import Association
 
 from config import Settings
 from server.dimse.ae import DimseServer
-from storage.archive import Archive, open_archive
+from storage.archive import Archive
 from storage.ingest import ingest_file
-from tests.conftest import free_port, make_settings, postgres_database, s3_blob_url
+from tests.conftest import free_port, running_dimse, shared_archive
 from tests.factories import ct_instance, write_part10
 
 FIND_SCU = "/usr/bin/findscu"
@@ -146,18 +146,9 @@ def seeded_server(
 ) -> Iterator[SeededServer]:
     """A DIMSE server over an archive holding the seed, on one backend pair."""
     with contextlib.ExitStack() as stack:
-        if backend == "sqlite-files":
-            settings = make_settings(directory)
-        else:
-            database_url = stack.enter_context(postgres_database())
-            blob_url = s3_blob_url(request.getfixturevalue("s3_server"))
-            settings = make_settings(directory, database_url=database_url, blob_url=blob_url)
-        archive = open_archive(settings, migrate=True)
-        stack.callback(archive.close)
+        settings, archive = stack.enter_context(shared_archive(backend, request, directory))
         files = seed_archive(archive, directory / "sent")
-        server = DimseServer(settings, archive)
-        server.start()
-        stack.callback(server.stop)
+        server = stack.enter_context(running_dimse(settings, archive))
         yield SeededServer(server, archive, files, settings)
 
 

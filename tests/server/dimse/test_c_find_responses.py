@@ -7,6 +7,7 @@ from __future__ import annotations
 import socket
 import struct
 import subprocess
+from collections.abc import Iterator
 from io import BytesIO
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from server.dimse.association import Association, Context
 from server.dimse.c_find_responses import BATCH_BYTES, PendingResponses
 from server.dimse.identifier import query_request
 from server.dimse.pdu import PduSocket, p_data
-from storage.archive import Archive
+from tests.conftest import BACKENDS, running_dimse, shared_archive
 from tests.server.dimse.qr_seed import FIND_SCU, qr_associate
 from tests.server.dimse.scu import echo_works
 from tests.server.dimse.test_c_find import MANY, _seed_many_studies
@@ -34,10 +35,17 @@ PATIENT_ID = "PAT-MANY"
 EXPECTED_UIDS = {f"1.2.826.0.1.3680043.8.498.78.{i}" for i in range(MANY)}
 
 
-@pytest.fixture
-def many(dimse_server: DimseServer, archive: Archive) -> DimseServer:
-    _seed_many_studies(archive, PATIENT_ID)
-    return dimse_server
+@pytest.fixture(scope="module", params=BACKENDS)
+def many(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[DimseServer]:
+    """One server per backend pair for the whole module over MANY studies, seeded once: every
+    test here only queries (a cancelled query included)."""
+    directory = tmp_path_factory.mktemp("many")
+    with shared_archive(request.param, request, directory) as (settings, archive):
+        _seed_many_studies(archive, PATIENT_ID)
+        with running_dimse(settings, archive) as server:
+            yield server
 
 
 def query() -> Dataset:
