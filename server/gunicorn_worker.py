@@ -16,6 +16,7 @@ import contextlib
 import errno
 import select
 import socket
+import time
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -77,11 +78,15 @@ class DeadlineThreadWorker(ThreadWorker):  # type: ignore[misc]
             if not self.cfg.is_ssl:
                 with contextlib.suppress(OSError):
                     conn.sock.sendall(_busy(HEADER_READS_REFUSED))
+            _linger(conn)
             return False  # gunicorn closes the connection
         try:
-            return super().handle(conn)
+            keep = super().handle(conn)
         finally:
             self.deadlines.end()
+        if keep is False:
+            _linger(conn)
+        return keep
 
     def _refuse(self, sock: socket.socket, reason: str) -> None:
         """Answer 503 and close, never blocking the worker's main thread: the answer fits in
@@ -99,19 +104,48 @@ class DeadlineThreadWorker(ThreadWorker):  # type: ignore[misc]
 
 class _CountedConn(TConn):  # type: ignore[misc]
     """gthread's connection, which says when it closes (gunicorn closes every connection
-    through ``close``: answered, expired while kept alive or idle, or broken)."""
+    through ``close``: answered, expired while kept alive or idle, or broken), and which is
+    closed at once where a pool thread has lingered on it already (:func:`_linger`)."""
 
     def __init__(self, cfg: Any, sock: Any, client: Any, server: Any, closed: Callable[[], None]):
         super().__init__(cfg, sock, client, server)
         self._on_close: Callable[[], None] | None = closed
+        self.lingered = False
 
     def close(self, graceful: bool = False) -> None:
         on_close, self._on_close = self._on_close, None
         try:
-            super().close(graceful)
+            super().close(graceful and not self.lingered)
         finally:
             if on_close is not None:
                 on_close()
+
+
+def _linger(conn: Any) -> None:
+    """The graceful close of RFC 9112 9.6, in the pool thread that served the connection:
+    our side shut for writing, then what the client still sends read and dropped until it
+    closes too (at most :data:`LINGER_S` and :data:`LINGER_MAX_BYTES`), so that a request body
+    left unread does not make the kernel reset the connection and discard the answer.
+    gunicorn would do the same in the worker's main thread (``close(graceful=True)``), where a
+    client that never closes would hold every other client's accept and keep-alive for the
+    whole wait."""
+    conn.lingered = True
+    sock = conn.sock
+    with contextlib.suppress(OSError):  # a timeout, a reset or a socket closed already
+        sock.shutdown(socket.SHUT_WR)
+        deadline = time.monotonic() + LINGER_S
+        drained = 0
+        while drained < LINGER_MAX_BYTES and (left := deadline - time.monotonic()) > 0:
+            sock.settimeout(left)
+            data = sock.recv(1 << 16)
+            if not data:
+                return
+            drained += len(data)
+
+
+# gunicorn's own bounds on a graceful close (gunicorn.util.close_graceful).
+LINGER_S = 2.0
+LINGER_MAX_BYTES = 1 << 16
 
 
 def _address(client: Any) -> str:

@@ -10,6 +10,7 @@ import contextlib
 import select
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -311,6 +312,36 @@ def test_one_address_gets_its_share_of_connections_and_no_more(
         )
         idle[1].close()
         hilum.memory.check()
+
+
+@pytest.mark.parametrize("command", ["serve", "web"])
+@pytest.mark.parametrize("backend", ["sqlite-files"])
+def test_clients_that_never_close_hold_no_one_up(
+    backend: str, command: str, settings: Settings, archive: Archive
+) -> None:
+    """Each request answered with ``Connection: close``, its client reads the answer to the
+    server's end-of-file and keeps the connection open. The server lingers for that client's
+    own close (RFC 9112 9.6, at most two seconds) without holding up the next connections:
+    gunicorn did so in its main thread, two seconds for each such client before it accepted
+    anyone else, so the ten below took at least 18 s; here each is answered at once."""
+    with running_hilum(command, settings, **LIMITS) as hilum:
+        held: list[socket.socket] = []
+        started = time.monotonic()
+        try:
+            for _ in range(10):
+                sock = socket.create_connection(("127.0.0.1", hilum.port), timeout=30)
+                held.append(sock)
+                sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: hilum\r\nConnection: close\r\n\r\n")
+                answer = b""
+                while chunk := sock.recv(65536):
+                    answer += chunk
+                assert answer.startswith(b"HTTP/1.1 200"), answer
+            elapsed = time.monotonic() - started
+            assert _qido(hilum).status_code == 200
+        finally:
+            for sock in held:
+                sock.close()
+    assert elapsed < 10.0, f"ten answers took {elapsed:.1f} s"
 
 
 @pytest.mark.parametrize("backend", ["sqlite-files"])
