@@ -14,22 +14,21 @@ from typing import Any
 
 from cheroot.server import HTTPConnection, HTTPRequest
 
-from server.open_connections import HEADER_READS_REFUSED, OpenConnections
+from server.open_connections import HEADER_READS_REFUSED, OpenConnections, refuse_at_accept
 from server.request_deadlines import RequestDeadlines
 
 
 def connection_class(deadlines: RequestDeadlines) -> type[HTTPConnection]:
     """cheroot's connection class whose requests are served under ``deadlines``, and of which
     at most ``deadlines.limits.max_connections`` are open at once, ``connections_per_client``
-    from one address (one over either is answered 503 at its first request and closed)."""
+    from one address (one over either is answered 503 as it is accepted and closed)."""
     connections = OpenConnections(deadlines.limits)
 
     class DeadlineRequest(HTTPRequest):
         def parse_request(self) -> None:
             conn: Any = self.conn
             if conn.refusal is not None:
-                self.simple_response("503 Service Unavailable", conn.refusal)
-                return
+                return  # answered and shut down as it was accepted: closed now
             sock = conn.socket
             if not deadlines.begin(sock.shutdown, str(conn.remote_addr or "")):
                 self.simple_response("503 Service Unavailable", HEADER_READS_REFUSED)
@@ -55,6 +54,11 @@ def connection_class(deadlines: RequestDeadlines) -> type[HTTPConnection]:
             self._address = _peer_address(sock)
             self.refusal = connections.opened(self._address)
             self._counted = self.refusal is None
+            if self.refusal is not None:
+                # Answered now, in the accepting thread, and shut down: cheroot then finds
+                # the socket at its end and closes it, without waiting for a request that an
+                # idle client never sends (its connection would stay open, uncounted).
+                refuse_at_accept(sock, self.refusal)
 
         def close(self) -> None:
             if self._counted:

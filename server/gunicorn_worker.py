@@ -23,7 +23,12 @@ from typing import Any
 
 from gunicorn.workers.gthread import TConn, ThreadWorker
 
-from server.open_connections import HEADER_READS_REFUSED, OpenConnections
+from server.open_connections import (
+    HEADER_READS_REFUSED,
+    OpenConnections,
+    busy,
+    refuse_at_accept,
+)
 from server.request_deadlines import RequestDeadlines, RequestLimits, guarded
 
 
@@ -56,7 +61,9 @@ class DeadlineThreadWorker(ThreadWorker):  # type: ignore[misc]
         address = _address(client)
         refusal = self.connections.opened(address)
         if refusal is not None:
-            self._refuse(sock, refusal)
+            # Over TLS without an answer: that would need the handshake first.
+            refuse_at_accept(sock, refusal, answer=not self.cfg.is_ssl)
+            sock.close()
             return
         self.nr_conns += 1
         sock.setblocking(True)
@@ -77,7 +84,7 @@ class DeadlineThreadWorker(ThreadWorker):  # type: ignore[misc]
         if not self.deadlines.begin(cut, address, counted=counted):
             if not self.cfg.is_ssl:
                 with contextlib.suppress(OSError):
-                    conn.sock.sendall(_busy(HEADER_READS_REFUSED))
+                    conn.sock.sendall(busy(HEADER_READS_REFUSED))
             _linger(conn)
             return False  # gunicorn closes the connection
         try:
@@ -87,19 +94,6 @@ class DeadlineThreadWorker(ThreadWorker):  # type: ignore[misc]
         if keep is False:
             _linger(conn)
         return keep
-
-    def _refuse(self, sock: socket.socket, reason: str) -> None:
-        """Answer 503 and close, never blocking the worker's main thread: the answer fits in
-        a new connection's send buffer, and what the client has sent already is read first,
-        so that the close is a FIN and not a reset that could discard the answer. Over TLS
-        the connection is closed without an answer: that would need the handshake first."""
-        with contextlib.suppress(OSError):
-            sock.setblocking(False)
-            if not self.cfg.is_ssl:
-                sock.send(_busy(reason))
-                sock.shutdown(socket.SHUT_WR)
-                sock.recv(1 << 16)
-        sock.close()
 
 
 class _CountedConn(TConn):  # type: ignore[misc]
@@ -150,15 +144,6 @@ LINGER_MAX_BYTES = 1 << 16
 
 def _address(client: Any) -> str:
     return str(client[0] if isinstance(client, tuple) else client)
-
-
-def _busy(reason: str) -> bytes:
-    body = reason.encode()
-    return (
-        b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nConnection: close\r\n"
-        + b"Content-Length: %d\r\n\r\n" % len(body)
-        + body
-    )
 
 
 def _readable(sock: Any) -> bool:

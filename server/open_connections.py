@@ -11,6 +11,8 @@ refused connections takes nothing from the addresses still under their cap.
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import threading
 
 from server.request_deadlines import RequestLimits
@@ -20,6 +22,32 @@ HEADER_READS_REFUSED = (
     "too many requests from this address are still sending their headers "
     "(http.header_reads_per_client)"
 )
+
+
+def busy(reason: str) -> bytes:
+    """A whole ``503`` answer with ``reason``, closing the connection."""
+    body = reason.encode()
+    return (
+        b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nConnection: close\r\n"
+        + b"Content-Length: %d\r\n\r\n" % len(body)
+        + body
+    )
+
+
+def refuse_at_accept(sock: socket.socket, reason: str, *, answer: bool = True) -> None:
+    """Answer a connection just accepted ``503`` with ``reason`` and shut it down, never
+    blocking the thread that accepts: the answer fits in a new connection's send buffer, and
+    what the client has sent already is read first, so that the close is a FIN and not a reset
+    that could discard the answer. The server then closes the socket at once (it is readable:
+    end-of-file), without waiting for the client's first request or its close. ``answer``
+    False: closed without one (TLS before its handshake)."""
+    with contextlib.suppress(OSError):
+        sock.setblocking(False)
+        if answer:
+            sock.send(busy(reason))
+        with contextlib.suppress(OSError):
+            sock.recv(1 << 16)
+        sock.shutdown(socket.SHUT_RDWR)
 
 
 class OpenConnections:

@@ -299,6 +299,14 @@ def test_one_address_gets_its_share_of_connections_and_no_more(
             refused = _get_from(hilum, "127.0.0.2")
             assert refused.startswith(b"HTTP/1.1 503"), refused
             assert b"http.connections_per_client" in refused
+            # One that sends nothing is answered and closed as well, not left open uncounted.
+            with socket.create_connection(
+                ("127.0.0.1", hilum.port), timeout=30, source_address=("127.0.0.2", 0)
+            ) as silent:
+                answer = b""
+                while chunk := silent.recv(65536):
+                    answer += chunk
+            assert answer.startswith(b"HTTP/1.1 503"), answer
             # Another address is served meanwhile, on as many connections as it likes.
             assert _get_from(hilum, "127.0.0.3").startswith(b"HTTP/1.1 200")
             assert _qido(hilum).status_code == 200
