@@ -14,7 +14,7 @@ from typing import Any
 
 from cheroot.server import HTTPConnection, HTTPRequest
 
-from server.open_connections import HEADER_READS_REFUSED, OpenConnections, refuse_at_accept
+from server.open_connections import HEADER_READS_REFUSED, OpenConnections, refuse_now
 from server.request_deadlines import RequestDeadlines
 
 
@@ -58,7 +58,7 @@ def connection_class(deadlines: RequestDeadlines) -> type[HTTPConnection]:
                 # Answered now, in the accepting thread, and shut down: cheroot then finds
                 # the socket at its end and closes it, without waiting for a request that an
                 # idle client never sends (its connection would stay open, uncounted).
-                refuse_at_accept(sock, self.refusal)
+                refuse_now(sock, self.refusal)
 
         def close(self) -> None:
             if self._counted:

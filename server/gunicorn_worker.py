@@ -26,8 +26,7 @@ from gunicorn.workers.gthread import TConn, ThreadWorker
 from server.open_connections import (
     HEADER_READS_REFUSED,
     OpenConnections,
-    busy,
-    refuse_at_accept,
+    refuse_now,
 )
 from server.request_deadlines import RequestDeadlines, RequestLimits, guarded
 
@@ -62,7 +61,7 @@ class DeadlineThreadWorker(ThreadWorker):  # type: ignore[misc]
         refusal = self.connections.opened(address)
         if refusal is not None:
             # Over TLS without an answer: that would need the handshake first.
-            refuse_at_accept(sock, refusal, answer=not self.cfg.is_ssl)
+            refuse_now(sock, refusal, answer=not self.cfg.is_ssl)
             sock.close()
             return
         self.nr_conns += 1
@@ -82,10 +81,10 @@ class DeadlineThreadWorker(ThreadWorker):  # type: ignore[misc]
             conn.sock.shutdown(how)
 
         if not self.deadlines.begin(cut, address, counted=counted):
-            if not self.cfg.is_ssl:
-                with contextlib.suppress(OSError):
-                    conn.sock.sendall(busy(HEADER_READS_REFUSED))
-            _linger(conn)
+            # Answered and shut down at once, not lingered on: a flood of refused requests
+            # must hold no pool thread. Over TLS without an answer (no handshake yet).
+            refuse_now(conn.sock, HEADER_READS_REFUSED, answer=not self.cfg.is_ssl)
+            conn.lingered = True
             return False  # gunicorn closes the connection
         try:
             keep = super().handle(conn)

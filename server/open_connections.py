@@ -34,13 +34,13 @@ def busy(reason: str) -> bytes:
     )
 
 
-def refuse_at_accept(sock: socket.socket, reason: str, *, answer: bool = True) -> None:
-    """Answer a connection just accepted ``503`` with ``reason`` and shut it down, never
-    blocking the thread that accepts: the answer fits in a new connection's send buffer, and
-    what the client has sent already is read first, so that the close is a FIN and not a reset
-    that could discard the answer. The server then closes the socket at once (it is readable:
-    end-of-file), without waiting for the client's first request or its close. ``answer``
-    False: closed without one (TLS before its handshake)."""
+def refuse_now(sock: socket.socket, reason: str, *, answer: bool = True) -> None:
+    """Answer a connection ``503`` with ``reason`` (one just accepted, or one whose request
+    is refused before it is read) and shut it down, never blocking the thread: the answer fits
+    in a connection's empty send buffer, and what the client has sent already is read first,
+    so that the close is a FIN and not a reset that could discard the answer. The server then
+    closes the socket at once (it is readable: end-of-file), without waiting for the client's
+    request or its close. ``answer`` False: closed without one (TLS before its handshake)."""
     with contextlib.suppress(OSError):
         sock.setblocking(False)
         if answer:
