@@ -56,9 +56,14 @@ services:
 		sleep 2 && pg_isready -h 127.0.0.1 -p 5432; }
 
 # tests/web/test_viewer.py opens OHIF from .test-services/ohif (HILUM_TEST_OHIF_DIR).
+# Three pytest-xdist workers on these 2-core machines: most tests wait on servers, subprocesses
+# and the browser, so a third worker fills the cores' idle time (the suite: ~26 min on one
+# worker, ~12 on three). --dist loadfile keeps each module's shared fixtures on one worker; the
+# slowest tests are listed at the end.
+TEST_WORKERS ?= 3
 test: $(VENV)/.installed system-deps services
 	$(VENV)/bin/hilum viewer install --dir .test-services/ohif
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=20
 
 # ruff, then mypy on the product packages ([tool.mypy] in pyproject.toml lists them).
 lint: $(VENV)/.installed

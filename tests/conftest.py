@@ -37,6 +37,11 @@ BACKENDS = ["sqlite-files", "postgresql-s3"]
 
 
 _HANDED_OUT: set[int] = set()
+# Under pytest-xdist each worker process hands out only its own class of ports (the port modulo
+# 10000, modulo the number of workers), so two workers never hand out the same port; a port and
+# its +10000 neighbour fall in the same class.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+_WORKER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))
 
 
 def free_port() -> int:
@@ -47,7 +52,7 @@ def free_port() -> int:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        if port > 55000 or port in _HANDED_OUT:
+        if port > 55000 or port in _HANDED_OUT or port % 10000 % _WORKERS != _WORKER:
             continue
         with socket.socket() as s:
             try:
