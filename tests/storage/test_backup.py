@@ -1,30 +1,38 @@
 """`hilum backup` and `hilum restore` of the embedded default (SQLite + files), as an
-administrator runs them: back up, wipe, restore, verify, and the same query answers."""
+administrator runs them: back up, wipe, restore, verify, and the same QIDO-RS answers."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
 import pytest
+from dicomweb_client.api import DICOMwebClient
 
 from config import Settings
 from storage.archive import open_archive
 from storage.backup import BackupError, sqlite_path
-from storage.query import Query, QueryLevel, search
+from tests.server.dicomweb.conftest import serve
 from tests.server.test_cli import _hilum, _series
 
 pytestmark = pytest.mark.parametrize("backend", ["sqlite-files"], indirect=True)
 
 
-def _answers(settings: Settings) -> list[dict]:
+def _answers(settings: Settings) -> list[str]:
+    """The QIDO-RS answers for every study and every instance, over HTTP, as a viewer sees
+    them (the Retrieve URL left out: it names the server's port, new for each call)."""
     archive = open_archive(settings)
+    server = serve(settings, archive)
     try:
-        studies = list(search(archive, Query(QueryLevel.STUDY, {"StudyInstanceUID": ""})))
-        instances = list(search(archive, Query(QueryLevel.IMAGE, {"SOPInstanceUID": ""})))
+        client = DICOMwebClient(f"http://127.0.0.1:{server.port}/dicomweb")
+        answers = client.search_for_studies() + client.search_for_instances()
     finally:
+        server.stop()
         archive.close()
-    return sorted(map(repr, studies + instances))  # type: ignore[arg-type]
+    for answer in answers:
+        answer.pop("00081190", None)
+    return sorted(json.dumps(answer, sort_keys=True) for answer in answers)
 
 
 def test_backup_wipe_restore_verify_gives_the_same_answers(

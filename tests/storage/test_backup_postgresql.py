@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
@@ -24,6 +25,9 @@ from tests.conftest import (
 from tests.server.test_cli import _hilum, _series
 from tests.storage.test_backup import _answers
 
+# The AWS CLI of the test extra (pyproject.toml), beside this interpreter.
+AWS = str(Path(sys.executable).parent / "aws")
+
 pytestmark = pytest.mark.parametrize("backend", ["postgresql-s3"], indirect=True)
 
 
@@ -40,7 +44,7 @@ def _run(*command: str, **env: str) -> subprocess.CompletedProcess:
 
 def _s3(blob_url: str, *args: str) -> subprocess.CompletedProcess:
     endpoint = parse_qs(urlsplit(blob_url).query)["endpoint"][0]
-    return _run("aws", "--endpoint-url", endpoint, "s3", *args,
+    return _run(AWS, "--endpoint-url", endpoint, "s3", *args,
                 AWS_ACCESS_KEY_ID=S3_ACCESS_KEY, AWS_SECRET_ACCESS_KEY=S3_SECRET_KEY,
                 AWS_DEFAULT_REGION="us-east-1")  # fmt: skip
 
