@@ -69,46 +69,66 @@ class S3Server:
     port: int
 
 
+class SeaweedFS:
+    """A real S3 server (SeaweedFS ``weed mini``) on loopback, its data under ``data``; it can be
+    stopped and started again on the same ports and data (tests/test_scale_out.py)."""
+
+    def __init__(self, data: Path) -> None:
+        self.data = data
+        self.ports = {name: free_port() for name in ("s3", "master", "filer", "volume", "admin")}
+        self.server = S3Server(f"http://127.0.0.1:{self.ports['s3']}", self.ports["s3"])
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> S3Server:
+        weed = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
+        ports = self.ports
+        command = [
+            weed, "mini", f"-dir={self.data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+            f"-s3.port={ports['s3']}", f"-master.port={ports['master']}",
+            f"-filer.port={ports['filer']}", f"-volume.port={ports['volume']}",
+            f"-admin.port={ports['admin']}", "-admin.ui=false", "-webdav=false",
+            "-s3.port.iceberg=0", "-s3.port.lance=0",
+            # Every test gets its own bucket, and SeaweedFS gives each bucket its own volumes:
+            # small volumes, as many as the disk holds.
+            "-master.volumeSizeLimitMB=16", "-volume.max=0",
+        ]  # fmt: skip
+        env = {**os.environ, "AWS_ACCESS_KEY_ID": S3_ACCESS_KEY,
+               "AWS_SECRET_ACCESS_KEY": S3_SECRET_KEY}  # fmt: skip
+        with open(self.data / "weed.log", "ab") as log:
+            self._process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        http = urllib3.PoolManager(retries=False, timeout=2)
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                if http.request("GET", self.server.endpoint + "/").status < 500:
+                    return self.server
+            except urllib3.exceptions.HTTPError:
+                pass
+            if self._process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"weed mini did not start; see {self.data / 'weed.log'}")
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        if self._process is None:
+            return
+        self._process.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self._process.wait(10)
+        self._process.kill()
+        self._process.wait()
+        self._process = None
+
+
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
-    """A real S3 server (SeaweedFS ``weed mini``) on loopback for the whole run."""
-    weed = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
-    data = tmp_path_factory.mktemp("seaweedfs")
-    ports = {name: free_port() for name in ("s3", "master", "filer", "volume", "admin")}
-    command = [
-        weed, "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-        f"-s3.port={ports['s3']}", f"-master.port={ports['master']}",
-        f"-filer.port={ports['filer']}", f"-volume.port={ports['volume']}",
-        f"-admin.port={ports['admin']}", "-admin.ui=false", "-webdav=false",
-        "-s3.port.iceberg=0", "-s3.port.lance=0",
-        # Every test gets its own bucket, and SeaweedFS gives each bucket its own volumes:
-        # small volumes, as many as the disk holds.
-        "-master.volumeSizeLimitMB=16", "-volume.max=0",
-    ]  # fmt: skip
-    env = {**os.environ, "AWS_ACCESS_KEY_ID": S3_ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET_KEY}
-    log = open(data / "weed.log", "wb")  # noqa: SIM115 (closed below)
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-    endpoint = f"http://127.0.0.1:{ports['s3']}"
-    http = urllib3.PoolManager(retries=False, timeout=2)
-    deadline = time.monotonic() + 90
-    while True:
-        try:
-            if http.request("GET", endpoint + "/").status < 500:
-                break
-        except urllib3.exceptions.HTTPError:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            raise RuntimeError(f"weed mini did not start; see {data / 'weed.log'}")
-        time.sleep(0.5)
+    """A real S3 server (SeaweedFS ``weed mini``) on loopback for the whole run (each xdist
+    worker's)."""
+    seaweedfs = SeaweedFS(tmp_path_factory.mktemp("seaweedfs"))
     try:
-        yield S3Server(endpoint, ports["s3"])
+        yield seaweedfs.start()
     finally:
-        process.terminate()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(10)
-        process.kill()
-        log.close()
+        seaweedfs.stop()
 
 
 @pytest.fixture
