@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from config import load_settings
-from config.settings import ConfigError, is_placeholder_secret
+from config.settings import PLACEHOLDER_SECRETS, ConfigError, is_placeholder_secret
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.yml"
@@ -179,3 +179,30 @@ def test_image_is_built_from_every_package_as_a_non_root_user() -> None:
         assert package.split(".")[0] not in ignored, package
     assert pyproject["project"]["readme"] not in ignored
     assert ".env" in (ROOT / ".gitignore").read_text().splitlines()
+
+
+def test_the_bucket_is_not_made_with_a_placeholder_minio_password(tmp_path: Path) -> None:
+    """minio-init's script, as compose renders it, run by /bin/sh: an unedited .env stops it
+    before its first `mc` call (so nothing that needs the bucket starts); so does every secret
+    Hilum itself refuses; a real secret gets past the check (to `mc`, absent here)."""
+    example = _env_example()
+
+    def run(**secrets: str) -> subprocess.CompletedProcess:
+        service = _rendered(tmp_path, {**example, **secrets})["services"]["minio-init"]
+        environment = {name: str(value) for name, value in service["environment"].items()}
+        # `config` keeps compose's escape; the container's shell is handed `$`.
+        script = service["command"][0].replace("$$", "$")
+        return subprocess.run(["/bin/sh", "-c", script], capture_output=True, text=True,
+                              timeout=30, env={"PATH": "/usr/bin:/bin", **environment})  # fmt: skip
+
+    refused = run()
+    assert refused.returncode == 1
+    assert "replace the placeholder MINIO_ROOT_PASSWORD" in refused.stderr
+    for placeholder in sorted(PLACEHOLDER_SECRETS):
+        assert is_placeholder_secret(placeholder)
+        for name in ("MINIO_ROOT_PASSWORD", "HILUM_S3_SECRET_KEY"):
+            other = "HILUM_S3_SECRET_KEY" if name == "MINIO_ROOT_PASSWORD" else name
+            checked = run(**{name: placeholder, other: "Xs8k2mQ7Xs8k2mQ7"})
+            assert checked.returncode == 1, (name, placeholder)
+    passed = run(MINIO_ROOT_PASSWORD="Xs8k2mQ7Xs8k2mQ7", HILUM_S3_SECRET_KEY="Pq9w3Lr5Pq9w3Lr5")
+    assert passed.returncode == 127 and "mc" in passed.stderr, passed.stderr
