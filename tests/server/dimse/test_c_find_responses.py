@@ -116,23 +116,31 @@ def test_findscu_reads_every_batch(many: DimseServer, tmp_path: Path) -> None:
 
 
 def test_c_cancel_between_batches_answers_cancel(many: DimseServer) -> None:
-    """C-CANCEL after the first batch arrived: Cancel, and the association serves on."""
-    ae = AE()
-    ae.add_requested_context(FIND)
-    assoc = qr_associate(many, ae)
-    try:
-        statuses = []
-        for status, _ in assoc.send_c_find(query(), FIND, msg_id=9):
-            statuses.append(int(status.Status))
-            if len(statuses) == 1:
-                context_id = assoc.accepted_contexts[0].context_id
-                assoc.send_c_cancel(9, context_id)
-        second = [int(status.Status) for status, _ in assoc.send_c_find(query(), FIND)]
-    finally:
-        assoc.release()
+    """C-CANCEL after the first response arrived: Cancel, and the association serves on.
+
+    Under load the SCP may have sent every match before the cancel reaches it; the cancel of a
+    request already answered is then ignored (PS3.7 9.3.2.3) and the find ends in Success. That
+    exchange is tried again, up to five times: one of them must end in Cancel."""
+    for _attempt in range(5):
+        ae = AE()
+        ae.add_requested_context(FIND)
+        assoc = qr_associate(many, ae)
+        try:
+            statuses = []
+            for status, _ in assoc.send_c_find(query(), FIND, msg_id=9):
+                statuses.append(int(status.Status))
+                if len(statuses) == 1:
+                    context_id = assoc.accepted_contexts[0].context_id
+                    assoc.send_c_cancel(9, context_id)
+            second = [int(status.Status) for status, _ in assoc.send_c_find(query(), FIND)]
+        finally:
+            assoc.release()
+        assert second == [0xFF00] * MANY + [0x0000]
+        if statuses[-1] != 0x0000:
+            break
+        assert statuses == [0xFF00] * MANY + [0x0000]  # all sent before the cancel arrived
     assert statuses[-1] == 0xFE00, statuses[-3:]
     assert set(statuses[:-1]) == {0xFF00} and len(statuses) - 1 < MANY
-    assert second == [0xFF00] * MANY + [0x0000]
     assert echo_works(many)
 
 
