@@ -24,6 +24,9 @@ ports, and stopped after:
   else (with Hilum's default Maximum Length Received, so that both receive the same PDUs);
 * ``orthanc``: Orthanc with its defaults (SQLite, fsync) and ``TCP_NODELAY=1`` in its
   environment, when Debian's ``orthanc`` package is installed (for the benchmark only);
+* ``orthanc-postgres``: the same Orthanc with its index in PostgreSQL (a fresh
+  ``hilum_bench_*`` database; Debian's ``orthanc-postgresql`` plugin), its files on disk: the
+  peer of ``postgres-s3``;
 * ``orthanc-nagle``: the same Orthanc without ``TCP_NODELAY``, sent to by storescu without it:
   the configuration earlier versions of this script measured, where Debian's DCMTK holds every
   C-STORE response ~40 ms for a delayed ACK. Labelled as stalled; no ratio is taken against it.
@@ -125,11 +128,13 @@ POSTGRES_S3_NO_AUDIT = "hilum (postgres+s3), [audit] off"
 BARE = "bare pynetdicom SCP"
 ORTHANC = "orthanc (TCP_NODELAY=1)"
 ORTHANC_NAGLE = "orthanc without TCP_NODELAY (stalled)"
+ORTHANC_POSTGRES = "orthanc, PostgreSQL index (TCP_NODELAY=1)"
 # Ratios of instances/s taken within each round: (numerator, denominator).
 RATIOS = (
     (EMBEDDED, ORTHANC),
     (EMBEDDED_PROCESSES, ORTHANC),
     (POSTGRES_S3, ORTHANC),
+    (POSTGRES_S3, ORTHANC_POSTGRES),
     (EMBEDDED, BARE),
     (POSTGRES_S3, EMBEDDED),
     (EMBEDDED_NAGLE, EMBEDDED),
@@ -297,7 +302,8 @@ def hilum(
 ) -> Iterator[Target]:
     port = free_port()
     log = workdir / "hilum.log"
-    env = {"HILUM_SERVER__DATA_DIR": str(workdir / "data"), "HILUM_DIMSE__PORT": str(port), **env}
+    env = {"HILUM_SERVER__DATA_DIR": str(workdir / "data"), "HILUM_DIMSE__PORT": str(port),
+           "HILUM_HTTP__PORT": str(free_port()), **env}  # fmt: skip
     # Measured once all of it runs: while the AI worker imports torch and loads its models,
     # the DIMSE port already accepts, at a fraction of the steady rate.
     with running([HILUM, "serve"], log, printed(log, "Hilum is listening"), env) as process:
@@ -393,10 +399,14 @@ def bare_scp(workdir: Path) -> Iterator[Target]:
         yield Target(BARE, "BARESCP", port, process.pid, count, [log])
 
 
-def orthanc(name: str, *, nodelay: bool) -> Starter:
+def orthanc(name: str, *, nodelay: bool, postgresql: bool = False) -> Starter:
     @contextlib.contextmanager
     def start(workdir: Path) -> Iterator[Target]:
-        with running_orthanc(workdir, nodelay=nodelay) as peer:
+        with contextlib.ExitStack() as stack:
+            database = stack.enter_context(postgres_database()) if postgresql else None
+            peer = stack.enter_context(
+                running_orthanc(workdir, nodelay=nodelay, postgresql_database=database)
+            )
             yield Target(
                 name, peer.ae_title, peer.dicom_port, peer.pid, peer.count_instances, [peer.log]
             )
@@ -643,6 +653,16 @@ def all_rows(s3_port: int | None) -> list[Row]:
     rows.append(Row("bare", BARE, bare_scp))
     if orthanc_installed():
         rows.append(Row("orthanc", ORTHANC, orthanc(ORTHANC, nodelay=True)))
+    if orthanc_installed(postgresql=True):
+        rows.append(
+            Row(
+                "orthanc-postgres",
+                ORTHANC_POSTGRES,
+                orthanc(ORTHANC_POSTGRES, nodelay=True, postgresql=True),
+                idle=False,
+            )
+        )
+    if orthanc_installed():
         rows.append(
             Row(
                 "orthanc-nagle",
@@ -664,6 +684,7 @@ TARGET_KEYS = (
     "postgres-s3-no-audit",
     "bare",
     "orthanc",
+    "orthanc-postgres",
     "orthanc-nagle",
 )
 

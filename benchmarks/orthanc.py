@@ -23,10 +23,16 @@ from pathlib import Path
 from benchmarks.processes import DCMTK_NAGLE, DCMTK_NODELAY, accepts_tcp, free_port, running
 
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+# Debian's orthanc-postgresql: Orthanc's index in PostgreSQL (its files stay on disk).
+POSTGRESQL_INDEX_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancPostgreSQLIndex.so")
 
 
-def orthanc_installed(*, dicomweb: bool = False) -> bool:
-    return shutil.which("Orthanc") is not None and (not dicomweb or DICOMWEB_PLUGIN.exists())
+def orthanc_installed(*, dicomweb: bool = False, postgresql: bool = False) -> bool:
+    return (
+        shutil.which("Orthanc") is not None
+        and (not dicomweb or DICOMWEB_PLUGIN.exists())
+        and (not postgresql or POSTGRESQL_INDEX_PLUGIN.exists())
+    )
 
 
 @dataclass(frozen=True)
@@ -56,10 +62,15 @@ class RunningOrthanc:
 
 @contextlib.contextmanager
 def running_orthanc(
-    workdir: Path, *, dicomweb: bool = False, nodelay: bool = True
+    workdir: Path,
+    *,
+    dicomweb: bool = False,
+    nodelay: bool = True,
+    postgresql_database: str | None = None,
 ) -> Iterator[RunningOrthanc]:
     """Orthanc with its defaults (SQLite index, files, fsync), answering C-FIND from any AE;
-    with ``TCP_NODELAY=1`` in its environment unless ``nodelay`` is false."""
+    with ``TCP_NODELAY=1`` in its environment unless ``nodelay`` is false; its index in the
+    local PostgreSQL's ``postgresql_database`` (the orthanc-postgresql plugin) when given."""
     dicom_port, http_port = free_port(), free_port()
     config = {
         "Name": "hilum-bench",
@@ -76,6 +87,18 @@ def running_orthanc(
         "Plugins": [str(DICOMWEB_PLUGIN)] if dicomweb else [],
         "DicomWeb": {"Enable": dicomweb, "Root": "/dicom-web/"},
     }
+    if postgresql_database is not None:
+        config["Plugins"] = [*config["Plugins"], str(POSTGRESQL_INDEX_PLUGIN)]  # type: ignore[misc]
+        config["PostgreSQL"] = {
+            "EnableIndex": True,
+            "EnableStorage": False,
+            "Host": "127.0.0.1",
+            "Port": 5432,
+            "Database": postgresql_database,
+            "Username": "postgres",
+            "Password": "",
+            "Lock": False,
+        }
     workdir.mkdir(parents=True, exist_ok=True)
     config_path = workdir / "orthanc.json"
     config_path.write_text(json.dumps(config, indent=2))
