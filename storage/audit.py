@@ -379,7 +379,10 @@ def _canonical_record(row: Mapping[str, Any] | RowMapping) -> str:
         row["transport"],
     )
     detail, number, instances, outcome = row["detail"], row["id"], row["instances"], row["outcome"]
-    probe = "".join(texts) if all(type(text) is str for text in texts) else "\x00"
+    try:
+        probe = "".join(texts)
+    except TypeError:  # not all texts
+        probe = "\x00"
     if (
         type(detail) is not str
         or type(number) is not int
@@ -1015,12 +1018,12 @@ def audit_line(row: Mapping[str, Any], source_id: str = "HILUM") -> str:
     dictionaries (it runs before every read's answer)."""
     event = AuditEvent(row["event"])
     head, middle, second = _line_fragments(event)
-    text = _json_text
     reason, token, address = row["reason"], row["token_id"], row["address"]
     number, outcome, instances = row["id"], row["outcome"], row["instances"]
     detail = row["detail"]
     if type(number) is not int or type(outcome) is not int or type(instances) is not int:
         return _LINE.encode(audit_message(row, source_id))
+    text = _json_text
     parts = [head, text(row["action"]), ',"EventDateTime":', text(row["recorded_at"])]
     parts += (',"EventOutcomeIndicator":', str(outcome))
     if reason:
