@@ -11,11 +11,12 @@ verify`` (:func:`verify_chain`) walks it.
 
 Appends are serialised so that concurrent writers (several DIMSE and web processes on one
 PostgreSQL) never fork the chain: on PostgreSQL a transaction-scoped advisory lock, on SQLite the
-database's one write lock (every write transaction begins IMMEDIATE). The record is written in
-the same transaction as the action where there is one (a store's index rows: the audit rows ride
-in the group commit's transaction), else in its own, before the answer is sent: a failure to
-write it fails the operation (:class:`AuditUnavailable`, a :class:`StorageUnavailable`: HTTP 503,
-DIMSE 0xA700 / 0xA701), so nothing is accessed unaudited.
+database's one write lock (every write transaction begins IMMEDIATE; a lone INSERT holds it
+from its start). The record is written in the same transaction as the action where there is one
+(a store's index rows: the audit rows ride in the group commit's transaction), else in its own,
+before the answer is sent: a failure to write it fails the operation (:class:`AuditUnavailable`,
+a :class:`StorageUnavailable`: HTTP 503, DIMSE 0xA700 / 0xA701), so nothing is accessed
+unaudited.
 
 The JSON line of each record (after its commit) follows the structure of the DICOM audit
 messages (PS3.15 A.5.3, the RFC 3881 / ATNA schema): EventIdentification with the DCM EventID
