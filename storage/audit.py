@@ -11,11 +11,12 @@ verify`` (:func:`verify_chain`) walks it.
 
 Appends are serialised so that concurrent writers (several DIMSE and web processes on one
 PostgreSQL) never fork the chain: on PostgreSQL a transaction-scoped advisory lock, on SQLite the
-database's one write lock (every write transaction begins IMMEDIATE). The record is written in
-the same transaction as the action where there is one (a store's index rows: the audit rows ride
-in the group commit's transaction), else in its own, before the answer is sent: a failure to
-write it fails the operation (:class:`AuditUnavailable`, a :class:`StorageUnavailable`: HTTP 503,
-DIMSE 0xA700 / 0xA701), so nothing is accessed unaudited.
+database's one write lock (every write transaction begins IMMEDIATE; a lone INSERT holds it
+from its start). The record is written in the same transaction as the action where there is one
+(a store's index rows: the audit rows ride in the group commit's transaction), else in its own,
+before the answer is sent: a failure to write it fails the operation (:class:`AuditUnavailable`,
+a :class:`StorageUnavailable`: HTTP 503, DIMSE 0xA700 / 0xA701), so nothing is accessed
+unaudited.
 
 The JSON line of each record (after its commit) follows the structure of the DICOM audit
 messages (PS3.15 A.5.3, the RFC 3881 / ATNA schema): EventIdentification with the DCM EventID
@@ -38,6 +39,7 @@ import logging
 import os
 import sys
 import threading
+import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -45,6 +47,9 @@ from enum import IntEnum, StrEnum
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+import psycopg
+from psycopg import errors as psycopg_errors
+from psycopg import pq
 from sqlalchemy import Connection, QueuePool, RowMapping, exc, select
 
 from storage.errors import StorageUnavailable
@@ -342,13 +347,79 @@ def canonical_json(value: Any) -> str:
 
 def record_hash(row: Mapping[str, Any] | RowMapping) -> str:
     """SHA-256 of the previous record's hash and this record's canonical JSON."""
-    body = canonical_json({name: row[name] for name in HASHED_FIELDS})
+    body = _canonical_record(row)
     return hashlib.sha256((row["previous_hash"] + body).encode()).hexdigest()
 
 
+def _json_text(value: str) -> str:
+    """``value`` as :func:`canonical_json` writes it (and the JSON lines: the same escapes):
+    quoted as is when nothing in it needs an escape (the usual UIDs, names, addresses)."""
+    if value.isprintable() and '"' not in value and "\\" not in value:
+        return '"' + value + '"'
+    return _CANONICAL.encode(value)
+
+
+def _canonical_record(row: Mapping[str, Any] | RowMapping) -> str:
+    """``canonical_json`` of the record's hashed fields: the same text, written field by field
+    in the sorted order (without the generic encoder's set-up per call) when every field has
+    its column's type and no text but the detail needs an escape; else by the encoder."""
+    texts = (
+        row["action"],
+        row["address"],
+        row["event"],
+        row["partition"],
+        row["patient_id"],
+        row["previous_hash"],
+        row["principal_kind"],
+        row["principal_name"],
+        row["reason"],
+        row["recorded_at"],
+        row["request_id"],
+        row["study_uids"],
+        row["token_id"],
+        row["transport"],
+    )
+    detail, number, instances, outcome = row["detail"], row["id"], row["instances"], row["outcome"]
+    try:
+        probe = "".join(texts)
+    except TypeError:  # not all texts
+        probe = "\x00"
+    if (
+        type(detail) is not str
+        or type(number) is not int
+        or type(instances) is not int
+        or type(outcome) is not int
+        or not probe.isprintable()
+        or '"' in probe
+        or "\\" in probe
+    ):
+        return canonical_json({name: row[name] for name in HASHED_FIELDS})
+    (action, address, event, partition, patient, previous, kind, name) = texts[:8]
+    (reason, recorded, request, studies, token, transport) = texts[8:]
+    return (
+        f'{{"action":"{action}","address":"{address}","detail":{_CANONICAL.encode(detail)},'
+        f'"event":"{event}","id":{number},"instances":{instances},"outcome":{outcome},'
+        f'"partition":"{partition}","patient_id":"{patient}","previous_hash":"{previous}",'
+        f'"principal_kind":"{kind}","principal_name":"{name}","reason":"{reason}",'
+        f'"recorded_at":"{recorded}","request_id":"{request}","study_uids":"{studies}",'
+        f'"token_id":"{token}","transport":"{transport}"}}'
+    )
+
+
 def _now() -> str:
-    """ISO 8601 UTC with microseconds: ``2026-12-03T18:00:00.000000Z``."""
-    return datetime.now(UTC).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
+    """ISO 8601 UTC with microseconds: ``2026-12-03T18:00:00.000000Z`` (the date and time of
+    the second formatted once per second)."""
+    global _second  # noqa: PLW0603 (a cache: a second and its text, replaced whole)
+    micros = time.time_ns() // 1000
+    second, fraction = divmod(micros, 1_000_000)
+    cached = _second
+    if cached[0] != second:
+        text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        cached = _second = (second, text)
+    return f"{cached[1]}.{fraction:06d}Z"
+
+
+_second: tuple[int, str] = (-1, "")
 
 
 class JsonLines:
@@ -364,7 +435,13 @@ class JsonLines:
             self._fd = os.open(self.target, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
 
     def write(self, messages: Sequence[Mapping[str, Any]]) -> None:
-        data = "".join(_LINE.encode(m) + "\n" for m in messages).encode()
+        self.write_lines([_LINE.encode(m) for m in messages])
+
+    def write_lines(self, lines: Sequence[str]) -> None:
+        """``lines`` (JSON texts without their newline) in one write."""
+        if not lines:
+            return
+        data = ("\n".join(lines) + "\n").encode()
         with self._lock:
             if self._fd is None:
                 sys.stdout.buffer.write(data)
@@ -449,8 +526,13 @@ class AuditTrail:
 
     def _write(self, items: list[tuple[Requestor, AuditEntry]]) -> None:
         """``items`` committed together, then their JSON lines."""
-        with audit_errors(), database_errors():
+        try:
             rows = self._record_alone(items)
+        except Exception:
+            # The failure turned into what it means (the context managers cost a record more
+            # than its try when nothing fails).
+            with audit_errors(), database_errors():
+                raise
         self.emit(rows)
 
     def _record_alone(self, items: Sequence[tuple[Requestor, AuditEntry]]) -> list[dict[str, Any]]:
@@ -519,14 +601,24 @@ class AuditTrail:
     def _alone_sqlite(
         self, held: _Held, items: Sequence[tuple[Requestor, AuditEntry]]
     ) -> list[dict[str, Any]]:
+        """Usually one statement, in autocommit (the connection's mode, as SQLAlchemy leaves
+        it): the insert after the cached head, which takes the database's write lock as it
+        begins (an INSERT's transaction is a write transaction from its start, its snapshot
+        taken under the lock) and inserts nothing unless that record is still the head; its
+        commit is the statement's end. Then, when it inserted nothing, one transaction begun
+        IMMEDIATE: the head read from the table, the insert after it."""
         cursor, connection = held.cursor, held.connection
         expanded = list(_per_patient(cursor, "?", items))  # read before the write lock
+        head = self._head
+        if head is not None and len(expanded) <= _AFTER_HEAD_MAX and not connection.in_transaction:
+            rows = _rows(expanded, *head)
+            cursor.execute(_insert_after(len(rows), "?"), _after_params(rows, head))
+            if cursor.rowcount == len(rows):
+                return rows
         # The database's one write lock, up front (as every Hilum write transaction).
         cursor.execute("BEGIN IMMEDIATE")
         try:
-            rows = self._after_cached_head(cursor, expanded, "?")
-            if rows is None:
-                rows = self._after_head(cursor, expanded, postgresql=False)
+            rows = self._after_head(cursor, expanded, postgresql=False)
             connection.commit()
             return rows
         except BaseException:
@@ -549,12 +641,13 @@ class AuditTrail:
         expanded = list(_per_patient(cursor, "%s", items))
         if head is not None and len(expanded) <= _AFTER_HEAD_MAX:
             rows = _rows(expanded, *head)
+            params = _after_params(rows, head, locking=True)
             try:
-                cursor.execute(
-                    _insert_after(len(rows), "%s", locking=True),
-                    _after_params(rows, head, locking=True),
-                )
-                if cursor.rowcount == len(rows):
+                inserted = _libpq_insert_after(connection, len(rows), params)
+                if inserted is None:  # a text libpq cannot take as is: psycopg's way
+                    cursor.execute(_insert_after(len(rows), "%s", locking=True), params)
+                    inserted = cursor.rowcount == len(rows)
+                if inserted:
                     return rows
             except integrity_error:
                 pass  # another writer took the next id first: read the head
@@ -634,7 +727,7 @@ class AuditTrail:
         if self.json_lines is None or not rows:
             return
         try:
-            self.json_lines.write([audit_message(row, self.source_id) for row in rows])
+            self.json_lines.write_lines([audit_line(row, self.source_id) for row in rows])
         except OSError as error:
             log.error("audit JSON lines not written (%d in the table): %s", len(rows), error)
 
@@ -687,6 +780,61 @@ def _insert_after(count: int, marker: str, *, locking: bool = False) -> str:
         f"WHERE (SELECT max(id) FROM audit_record) = {marker} "
         f"AND EXISTS (SELECT 1 FROM audit_record WHERE id = {marker} AND hash = {marker})"
     )
+
+
+def _libpq_insert_after(connection: Any, count: int, params: Sequence[Any]) -> bool | None:
+    """PostgreSQL: the locking insert after the head (:func:`_insert_after`) run through the
+    connection's libpq wrapper (psycopg's ``pgconn``, the trail holding the connection alone,
+    in autocommit), prepared once per session: a blocking ``PQexecPrepared`` (the GIL
+    released) costs this process a fraction of the CPU of psycopg's cursor, its adaptation
+    and its wait loop. True when the records were inserted, False when nothing was (not the
+    head), None when a value cannot travel as UTF-8 text (a NUL; another client encoding):
+    then the caller runs it through the cursor. Raises psycopg's errors (a unique violation:
+    another writer took the id first)."""
+    pgconn = connection.pgconn
+    if pgconn.parameter_status(b"client_encoding") != b"UTF8":
+        return None
+    texts = [str(value) for value in params]
+    if any("\x00" in text for text in texts):
+        return None
+    values = [text.encode() for text in texts]
+    name = b"hilum_audit_after_%d" % count
+    result = pgconn.exec_prepared(name, values)
+    if (
+        result.status == pq.ExecStatus.FATAL_ERROR
+        and result.error_field(pq.DiagnosticField.SQLSTATE) == b"26000"
+    ):  # not prepared in this session yet
+        _libpq_check(pgconn.prepare(name, _libpq_insert_text(count), _libpq_types(count)))
+        result = pgconn.exec_prepared(name, values)
+    _libpq_check(result)
+    return result.command_tuples == count
+
+
+def _libpq_check(result: Any) -> None:
+    """Raise the psycopg error of a failed libpq result (as its cursor would)."""
+    if result.status not in (pq.ExecStatus.COMMAND_OK, pq.ExecStatus.TUPLES_OK):
+        sqlstate = (result.error_field(pq.DiagnosticField.SQLSTATE) or b"").decode()
+        try:
+            error = psycopg_errors.lookup(sqlstate)
+        except KeyError:  # none, or one psycopg does not know
+            error = psycopg.DatabaseError
+        raise error(result.get_error_message())
+
+
+@functools.cache
+def _libpq_insert_text(count: int) -> bytes:
+    """:func:`_insert_after` (locking) with libpq's numbered parameters."""
+    pieces = _insert_after(count, "%s", locking=True).split("%s")
+    numbered = [f"{piece}${n}" for n, piece in enumerate(pieces[:-1], 1)] + [pieces[-1]]
+    return "".join(numbered).encode()
+
+
+@functools.cache
+def _libpq_types(count: int) -> list[int]:
+    """The parameters' types (OIDs): bigint, integer or text by column; the lock's key and the
+    head's id bigint, its hash text."""
+    types = {"id": 20, "outcome": 23, "instances": 23}
+    return [types.get(name, 25) for name in _COLUMNS] * count + [20, 20, 20, 25]
 
 
 def _after_params(
@@ -868,6 +1016,107 @@ def audit_message(row: Mapping[str, Any], source_id: str = "HILUM") -> dict[str,
             "hash": row["hash"],
         },
     }
+
+
+def audit_line(row: Mapping[str, Any], source_id: str = "HILUM") -> str:
+    """``audit_message(row, source_id)`` as its JSON line (without the newline): the same text,
+    written from fragments made once per event and source, without the message's
+    dictionaries (it runs before every read's answer)."""
+    event = AuditEvent(row["event"])
+    head, middle, second = _line_fragments(event)
+    reason, token, address = row["reason"], row["token_id"], row["address"]
+    number, outcome, instances = row["id"], row["outcome"], row["instances"]
+    detail = row["detail"]
+    if type(number) is not int or type(outcome) is not int or type(instances) is not int:
+        return _LINE.encode(audit_message(row, source_id))
+    text = _json_text
+    parts = [head, text(row["action"]), ',"EventDateTime":', text(row["recorded_at"])]
+    parts += (',"EventOutcomeIndicator":', str(outcome))
+    if reason:
+        parts += (',"EventOutcomeDescription":', text(reason))
+    parts += (middle, text(row["principal_name"]), ',"UserIsRequestor":true,"UserTypeCode":')
+    parts.append(text(row["principal_kind"]))
+    if token:
+        parts += (',"AlternativeUserID":', text(f"token:{token}"))
+    if address:
+        parts += (',"NetworkAccessPointTypeCode":"2","NetworkAccessPointID":', text(address))
+    query = event is AuditEvent.QUERY
+    fields: Mapping[str, Any] = json.loads(detail) if detail and (query or second) else {}
+    if second is None:
+        parts.append("}")
+    else:
+        parts += (second[0], _any_text(fields.get("called_ae_title", source_id)), second[1])
+    parts.append(_LINE_SOURCE.format(text(source_id)))
+    objects = []
+    if row["patient_id"]:
+        objects.append(_LINE_PATIENT + text(row["patient_id"]) + "}")
+    count = f',"ParticipantObjectDetail":[{{"type":"NumberOfInstances","value":{instances}}}]'
+    for uid in filter(None, row["study_uids"].split("\\")):
+        objects.append(_LINE_STUDY + text(uid) + (count if instances else "") + "}")
+    if query:
+        objects.append(
+            _LINE_QUERY
+            + _any_text(fields.get("sop_class_uid", fields.get("resource", "")))
+            + ',"ParticipantObjectQuery":'
+            + _any_text(fields.get("query", ""))
+            + "}"
+        )
+    parts += (",".join(objects), '],"Hilum":{"id":', str(number))
+    parts += (',"partition":', text(row["partition"]), ',"transport":', text(row["transport"]))
+    parts += (',"request_id":', text(row["request_id"]), ',"detail":', detail or "{}")
+    parts += (',"previous_hash":', text(row["previous_hash"]), ',"hash":', text(row["hash"]))
+    parts.append("}}")
+    return "".join(parts)
+
+
+def _any_text(value: Any) -> str:
+    """A value of a record's detail as its JSON line writes it."""
+    return _json_text(value) if type(value) is str else _LINE.encode(value)
+
+
+def _code_text(code: Code) -> str:
+    return _LINE.encode(code.json())
+
+
+_LINE_SOURCE = (
+    '],"AuditSourceIdentification":{{"AuditSourceID":{}}},"ParticipantObjectIdentification":['
+)
+_LINE_PATIENT = (
+    '{"ParticipantObjectTypeCode":1,"ParticipantObjectTypeCodeRole":1,'
+    '"ParticipantObjectIDTypeCode":{"csd-code":"2","codeSystemName":"RFC-3881"},'
+    '"ParticipantObjectID":'
+)
+_LINE_STUDY = (
+    '{"ParticipantObjectTypeCode":2,"ParticipantObjectTypeCodeRole":3,'
+    f'"ParticipantObjectIDTypeCode":{_code_text(Code("110180", "Study Instance UID"))},'
+    '"ParticipantObjectID":'
+)
+_LINE_QUERY = (
+    '{"ParticipantObjectTypeCode":2,"ParticipantObjectTypeCodeRole":3,'
+    f'"ParticipantObjectIDTypeCode":{_code_text(Code("110181", "SOP Class UID"))},'
+    '"ParticipantObjectID":'
+)
+
+
+@functools.cache
+def _line_fragments(event: AuditEvent) -> tuple[str, str, tuple[str, str] | None]:
+    """The constant text of an event's JSON line: up to its EventActionCode's value; from the
+    end of its EventIdentification to the requestor's UserID's value; and, around Hilum's
+    own participant's UserID, that participant (when the requestor has a role)."""
+    kind = EVENT_KINDS[event]
+    head = f'{{"EventIdentification":{{"EventID":{_code_text(kind.event_id)},"EventActionCode":'
+    middle = ""
+    if kind.type_code is not None:
+        middle += f',"EventTypeCode":[{_code_text(kind.type_code)}]'
+    middle += '},"ActiveParticipant":[{"UserID":'
+    second = None
+    if kind.requestor_role is not None:
+        hilum_role = _DESTINATION if kind.requestor_role is _SOURCE else _SOURCE
+        second = (
+            f',"RoleIDCode":[{_code_text(kind.requestor_role)}]}},{{"UserID":',
+            f',"UserIsRequestor":false,"RoleIDCode":[{_code_text(hilum_role)}]}}',
+        )
+    return head, middle, second
 
 
 # -- entries the protocols make ---------------------------------------------------------------

@@ -14,21 +14,25 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Generic, TypeVar, cast
 
 T = TypeVar("T")
 R = TypeVar("R")
 
 
-@dataclass
 class _Waiting(Generic[T, R]):
-    item: T
-    weight: int
-    done: threading.Event = field(default_factory=threading.Event)
-    leads: bool = False  # woken to lead the next group
-    finished: bool = False
-    outcome: R | BaseException | None = None
+    """A caller's item; ``done`` (an event made only for a caller that waits: one that leads
+    at once is never woken) is set when it is to lead or its group is finished."""
+
+    __slots__ = ("done", "finished", "item", "leads", "outcome", "weight")
+
+    def __init__(self, item: T, weight: int) -> None:
+        self.item = item
+        self.weight = weight
+        self.done: threading.Event | None = None
+        self.leads = False  # woken to lead the next group
+        self.finished = False
+        self.outcome: R | BaseException | None = None
 
 
 class Groups(Generic[T, R]):
@@ -61,9 +65,11 @@ class Groups(Generic[T, R]):
             self._waiting.append(me)
             self._in_flight += me.weight
             me.leads = not self._leader
+            if not me.leads:
+                me.done = threading.Event()
             self._leader = True
         try:
-            if not me.leads:
+            if me.done is not None:
                 me.done.wait()  # run by a leader, or made the next leader
             if not me.finished:
                 self._lead(me)
@@ -106,10 +112,17 @@ class Groups(Generic[T, R]):
                 self.groups += 1
                 if self._waiting:
                     self._waiting[0].leads = True
-                    self._waiting[0].done.set()
+                    self._wake(self._waiting[0])
                 else:
                     self._leader = False
             for waiting, outcome in zip(group, outcomes, strict=True):
                 waiting.outcome = outcome
                 waiting.finished = True
-                waiting.done.set()
+                if waiting is not me:
+                    self._wake(waiting)
+
+    @staticmethod
+    def _wake(waiting: _Waiting[T, R]) -> None:
+        """Every caller but one leading at once waits on its event (made when it arrived)."""
+        assert waiting.done is not None
+        waiting.done.set()

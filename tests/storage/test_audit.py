@@ -4,6 +4,7 @@ a record is altered or removed behind Hilum's back, concurrent writers, the JSON
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import sqlite3
 import threading
@@ -358,7 +359,11 @@ def test_a_record_after_an_altered_head_is_still_caught(sqlite_archive: Archive)
     trail = sqlite_archive.audit
     assert trail is not None
     trail.record(ALICE, *_entries(3))
-    _tamper(sqlite_archive, "UPDATE audit_record SET hash = 'f' || substr(hash, 2) WHERE id = 3")
+    # Its first digit changed: to 'f', to 'e' when it is one (else one run in 16 alters nothing).
+    first = "CASE substr(hash, 1, 1) WHEN 'f' THEN 'e' ELSE 'f' END"
+    _tamper(
+        sqlite_archive, f"UPDATE audit_record SET hash = {first} || substr(hash, 2) WHERE id = 3"
+    )
     trail.record(ALICE, *_entries(1))
     records = sorted(search_records(trail.index, AuditSearch()), key=lambda r: r["id"])
     assert [r["id"] for r in records] == [1, 2, 3, 4]
@@ -512,3 +517,96 @@ def test_a_failed_record_in_a_group_fails_its_read_only(tmp_path: Path) -> None:
         finally:
             _drop_role(archive)
             archive.close()
+
+
+# A record as main at bda8404 hashed it (generic canonical JSON): the hashes of rows already in
+# a trail must still verify after the hash is computed field by field.
+_OLD_ROW = {
+    "id": 7,
+    "recorded_at": "2026-12-04T20:00:00.123456Z",
+    "event": "query",
+    "action": "E",
+    "outcome": 4,
+    "reason": 'refused: "bad"\tkey\\x',
+    "principal_kind": "user",
+    "principal_name": "Zoë \u2028 O'Brien",
+    "token_id": "tok-1",
+    "address": "10.0.0.7",
+    "transport": "http",
+    "request_id": "r\ufffd1",
+    "partition": "default",
+    "patient_id": "P\x7f1",
+    "study_uids": "1.2.3\\4.5.6",
+    "instances": 2,
+    "detail": '{"query":"{\\"PatientID\\":\\"P1\\"}","service":"QIDO-RS"}',
+    "previous_hash": GENESIS,
+}
+_OLD_PLAIN_ROW = {
+    **_OLD_ROW,
+    "reason": "",
+    "principal_name": "alice",
+    "request_id": "r1",
+    "patient_id": "P1",
+    "study_uids": "1.2.3",
+}
+
+
+@pytest.mark.parametrize(
+    ("row", "old_hash"),
+    [
+        (_OLD_ROW, "2dcc37519741f9aeea8009cc51a12bb5b64262e5e40c1b8addcb5cc8a15043b7"),
+        (_OLD_PLAIN_ROW, "8da4e57e61a888691a95f70ff2cf9e15e10f2cf159bbb467e2879a10e14a2f64"),
+    ],
+)
+def test_a_records_hash_is_the_one_earlier_versions_wrote(
+    row: dict[str, object], old_hash: str
+) -> None:
+    """Texts needing escapes (quotes, backslashes, controls, separators) or none: the same
+    canonical JSON as the generic encoder's, so the same hash as before."""
+    from storage.audit import HASHED_FIELDS, canonical_json, record_hash
+
+    assert record_hash(row) == old_hash
+    body = canonical_json({name: row[name] for name in HASHED_FIELDS})
+    assert hashlib.sha256((GENESIS + body).encode()).hexdigest() == old_hash
+
+
+def test_each_json_line_is_its_audit_messages_json() -> None:
+    """The JSON line written from fragments is the text of :func:`audit_message`'s message,
+    for every event, with and without a reason, token, address, patient, studies, instances,
+    detail, and with texts that need escapes."""
+    from storage.audit import _LINE, _rows, audit_line, audit_message
+
+    contexts = [
+        Actor(ActorPrincipal("ae", "FINDSCU"), "127.0.0.1", "dimse", request_id="assoc-1"),
+        Actor(ActorPrincipal("user", 'al"ice\\\n', "tok-1"), "", "http", request_id="r\x001"),
+        Actor(),
+    ]
+    details: list[dict[str, object]] = [
+        {},
+        {"service": "C-STORE", "called_ae_title": "ARCHIVE", "stored": 3},
+        {"query": '{"PatientID":"P\\\\1"}', "sop_class_uid": "1.2"},
+        {"resource": "/studies", "x": "é\u2028\x7f"},
+    ]
+    checked = 0
+    for event in AuditEvent:
+        for detail in details:
+            for studies, instances in (((), 0), (("1.2.3",), 4), (("1.2.3", "4.5"), 0)):
+                for reason in ("", 'bad "x"'):
+                    entry = AuditEntry(
+                        event,
+                        Outcome.MINOR_FAILURE if reason else Outcome.SUCCESS,
+                        reason,
+                        patient_id="P1" if instances else "",
+                        study_uids=studies,
+                        instances=instances,
+                        detail=detail,
+                    )
+                    for context in contexts:
+                        [row] = _rows(
+                            [(context, entry, entry.patient_id or "", studies)], 7, GENESIS
+                        )
+                        for source in ("HILUM", 'A"E'):
+                            expected = _LINE.encode(audit_message(row, source))
+                            assert audit_line(row, source) == expected
+                            checked += 1
+    assert checked == len(AuditEvent) * 4 * 3 * 2 * 3 * 2
