@@ -434,9 +434,6 @@ class JsonLines:
             Path(self.target).parent.mkdir(parents=True, exist_ok=True)
             self._fd = os.open(self.target, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
 
-    def write(self, messages: Sequence[Mapping[str, Any]]) -> None:
-        self.write_lines([_LINE.encode(m) for m in messages])
-
     def write_lines(self, lines: Sequence[str]) -> None:
         """``lines`` (JSON texts without their newline) in one write."""
         if not lines:
