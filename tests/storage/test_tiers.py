@@ -8,6 +8,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -491,7 +492,11 @@ def test_a_read_goes_to_the_tier_the_index_names_and_probes_only_when_the_copy_i
 
 
 def test_a_tier_in_the_index_but_not_in_the_configuration_is_named_in_the_error(
-    tiered_archive: Archive, tiered: Settings, settings: Settings, tmp_path: Path
+    tiered_archive: Archive,
+    tiered: Settings,
+    settings: Settings,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     archive = tiered_archive
     study = _study(archive, tmp_path)
@@ -501,7 +506,8 @@ def test_a_tier_in_the_index_but_not_in_the_configuration_is_named_in_the_error(
     renamed = tiered.storage.tiers[0].model_copy(update={"name": "archive"})
     for configured in ([], [renamed]):  # the tier removed, or renamed
         storage = settings.storage.model_copy(update={"tiers": configured})
-        other = open_archive(settings.model_copy(update={"storage": storage}))
+        reconfigured = settings.model_copy(update={"storage": storage})
+        other = open_archive(reconfigured)
         try:
             expected = (f"blob {key} is in storage tier 'cold' according to the index, but no "
                         "tier of that name is configured")  # fmt: skip
@@ -512,6 +518,17 @@ def test_a_tier_in_the_index_but_not_in_the_configuration_is_named_in_the_error(
                 other.blobs.get_range(key, 0, 132, tier=tier)
             with pytest.raises(StorageUnavailable, match="storage tier 'cold'"):
                 verify_archive(other)
+            # A viewer's retrieve: 503, and what the administrator needs, in the log too.
+            server = serve(reconfigured, other)
+            try:
+                with caplog.at_level(logging.WARNING, logger="server.app"):
+                    response = requests.get(
+                        f"http://127.0.0.1:{server.port}/dicomweb/studies/{study}", timeout=60
+                    )
+            finally:
+                server.stop()
+            assert response.status_code == 503
+            assert expected in response.json()["error"] and expected in caplog.text
         finally:
             other.close()
 
@@ -552,3 +569,43 @@ def test_a_cold_study_opened_over_wado_rs_comes_back_to_the_primary_store(
     finally:
         server.stop()
         web.close()
+
+
+@pytest.mark.parametrize("backend", ["sqlite-files"], indirect=True)
+def test_a_restore_puts_every_blob_in_the_primary_store_and_the_index_says_so(
+    tiered: Settings, tmp_path: Path
+) -> None:
+    archive = open_archive(tiered, migrate=True)
+    try:
+        cold, warm = _study(archive, tmp_path), _study(archive, tmp_path)
+        _age(archive, cold, COLD_AFTER_DAYS + 1)
+        assert _apply(archive, tiered).moved == {("primary", "cold"): 2}
+    finally:
+        archive.close()
+    env = {**os.environ, "HILUM_SERVER__DATA_DIR": str(tiered.server.data_dir)}
+    tiers = json.dumps([t.model_dump() for t in tiered.storage.tiers])
+
+    def hilum(*args: str, **extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "server.cli", *args], env={**env, **extra},
+                              capture_output=True, text=True, timeout=120)  # fmt: skip
+
+    backup = tmp_path / "backup"
+    made = hilum("backup", str(backup), HILUM_STORAGE__TIERS=tiers)
+    assert made.returncode == 0, made.stderr
+    shutil.rmtree(tiered.server.data_dir)  # the disks are lost, the cold one too
+    shutil.rmtree(tmp_path / "cold")
+
+    restored = hilum("restore", str(backup))  # onto a site without the cold tier
+
+    assert restored.returncode == 0, restored.stderr
+    assert "4 instances, 0 missing blobs, 0 checksum mismatches, 0 orphan blobs" in (
+        restored.stdout
+    )
+    plain = open_archive(tiered.model_copy(update={"storage": tiered.storage.model_copy(
+        update={"tiers": []})}))  # fmt: skip
+    try:
+        for study in (cold, warm):
+            assert {tier for _, _, tier in _rows(plain, study)} == {""}
+            _assert_readable_and_verified(plain, study)
+    finally:
+        plain.close()
