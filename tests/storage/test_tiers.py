@@ -39,6 +39,7 @@ from storage.verify import verify_archive
 from tests.conftest import make_settings, s3_blob_url
 from tests.factories import ct_instance, ensure_partition, write_part10
 from tests.server.dicomweb.conftest import multipart_parts, serve
+from tests.server.test_cli import hilum_env
 from tests.waiting import wait_until
 
 COLD_AFTER_DAYS = 30
@@ -609,3 +610,36 @@ def test_a_restore_puts_every_blob_in_the_primary_store_and_the_index_says_so(
             _assert_readable_and_verified(plain, study)
     finally:
         plain.close()
+
+
+@pytest.mark.parametrize("backend", ["postgresql-s3"], indirect=True)
+def test_hilum_tiers_apply_waits_its_turn_behind_a_workers_run(
+    tiered_archive: Archive, tiered: Settings, tmp_path: Path
+) -> None:
+    """A manual run while a worker's periodic run holds the lock copies nothing and says so;
+    once the worker's run is done, it moves the study."""
+    archive = tiered_archive
+    study = _study(archive, tmp_path)
+    _age(archive, study, COLD_AFTER_DAYS + 1)
+    env = hilum_env(tiered, HILUM_STORAGE__TIERS=json.dumps(
+        [t.model_dump() for t in tiered.storage.tiers]))  # fmt: skip
+
+    def apply() -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "server.cli", "tiers", "apply"], env=env,
+                              capture_output=True, text=True, timeout=120)  # fmt: skip
+
+    worker = open_archive(tiered)
+    try:
+        with worker.index.alone(TIERS_LOCK) as held:
+            assert held
+            refused = apply()
+            assert refused.returncode == 1
+            assert "another process" in refused.stderr and "try again" in refused.stderr
+            assert {tier for _, _, tier in _rows(archive, study)} == {""}
+    finally:
+        worker.close()
+    applied = apply()
+    assert applied.returncode == 0, applied.stderr
+    assert "moved 2 instances from primary to cold" in applied.stdout
+    assert {tier for _, _, tier in _rows(archive, study)} == {"cold"}
+    assert verify_archive(archive).ok
