@@ -51,7 +51,7 @@ def read_series(
     for stored in locate_instances(archive, query):
         if sop_class_uids and stored.sop_class_uid not in sop_class_uids:
             continue
-        with archive.blobs.open(stored.blob_key) as stream:
+        with archive.blobs.open(stored.blob_key, tier=stored.tier) as stream:
             content = stream.read()
         try:
             ds = pydicom.dcmread(io.BytesIO(content))

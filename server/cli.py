@@ -592,7 +592,7 @@ def cmd_restore(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_tiers(settings: Settings, args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from storage.tiers import TieredBlobStore, apply_tiers
+    from storage.tiers import TIERS_LOCK, TieredBlobStore, apply_tiers
 
     if not settings.storage.tiers:
         print("no [[storage.tiers]] configured: every blob stays in the primary blob store")
@@ -600,17 +600,25 @@ def cmd_tiers(settings: Settings, args: argparse.Namespace) -> int:
     archive = open_archive(settings)
     try:
         assert isinstance(archive.blobs, TieredBlobStore)
-        with tqdm(unit="instance", desc="applying tiers") as bar:
-            report = apply_tiers(
-                archive.index,
-                archive.blobs,
-                settings.storage.tiers,
-                None,  # every partition
-                settings.server.data_dir / "tmp",
-                progress=bar.update,
-            )
+        with archive.index.alone(TIERS_LOCK) as alone:
+            if not alone:
+                print("another process (a `hilum worker`'s schedule, or another `hilum tiers "
+                      "apply`) is moving studies between tiers now; try again when it is done",
+                      file=sys.stderr)  # fmt: skip
+                return 1
+            with tqdm(unit="instance", desc="applying tiers") as bar:
+                report = apply_tiers(
+                    archive.index,
+                    archive.blobs,
+                    settings.storage.tiers,
+                    None,  # every partition
+                    settings.server.data_dir / "tmp",
+                    progress=bar.update,
+                )
     finally:
         archive.close()
+    if report.leftovers_deleted:
+        print(f"deleted {report.leftovers_deleted} old copies left by an interrupted run")
     for (source, target), count in sorted(report.moved.items()):
         print(f"moved {count} instances from {source} to {target}")
     for failure in report.failed:

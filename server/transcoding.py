@@ -51,7 +51,7 @@ def transcoded_instance(
     checked against ``limit`` (``[server] transcode_max_bytes``) before the file is read whole,
     and from its header before it is decoded."""
     check_size(stored.size, Dataset(), limit)
-    with archive.blobs.open(stored.blob_key) as blob:
+    with archive.blobs.open(stored.blob_key, tier=stored.tier) as blob:
         content = blob.read()
     try:
         header = pydicom.dcmread(BytesIO(content), stop_before_pixels=True, force=True)

@@ -80,10 +80,12 @@ def backup_archive(
     try:
         with index.read() as session:
             rows = session.execute(
-                select(Instance.blob_key, Instance.sha256).execution_options(yield_per=1000)
+                select(Instance.blob_key, Instance.sha256, Instance.tier).execution_options(
+                    yield_per=1000
+                )
             )
-            for key, sha256 in rows:
-                report.bytes += _copy_blob(archive, key, sha256, target / BLOBS_DIR / key)
+            for key, sha256, tier in rows:
+                report.bytes += _copy_blob(archive, key, sha256, tier, target / BLOBS_DIR / key)
                 report.instances += 1
                 if progress:
                     progress(1)
@@ -92,12 +94,12 @@ def backup_archive(
     return report
 
 
-def _copy_blob(archive: Archive, key: str, sha256: str, path: Path) -> int:
+def _copy_blob(archive: Archive, key: str, sha256: str, tier: str, path: Path) -> int:
     if not is_blob_key(key):
         raise BackupError(f"the index references an invalid blob key {key!r}")
     path.parent.mkdir(parents=True, exist_ok=True)
     digest, size = hashlib.sha256(), 0
-    with archive.blobs.open(key) as stream, open(path, "wb") as out:
+    with archive.blobs.open(key, tier=tier) as stream, open(path, "wb") as out:
         while chunk := stream.read(1 << 20):
             digest.update(chunk)
             size += len(chunk)
@@ -139,6 +141,13 @@ def restore_archive(
     index_path.parent.mkdir(parents=True, exist_ok=True)
     with closing(sqlite3.connect(snapshot)) as backup, closing(sqlite3.connect(index_path)) as new:
         backup.backup(new)
+        # Every blob goes to the primary blob store, whichever tier held it when backed up.
+        columns = {row[1] for row in new.execute("PRAGMA table_info(instance)")}
+        if "tier" in columns:
+            new.execute("UPDATE instance SET tier = ''")
+        if "tier_copy" in columns:
+            new.execute("UPDATE instance SET tier_copy = NULL")
+        new.commit()
     report = BackupReport()
     blobs = source / BLOBS_DIR
     for directory, _folders, files in os.walk(blobs):

@@ -92,6 +92,19 @@ class BlobStream(Protocol):
     ) -> None: ...
 
 
+PRIMARY_TIER = ""  # instance.tier of a blob in the primary blob store
+
+
+def unknown_tier(key: str, tier: str) -> StorageUnavailable:
+    """What a read of a blob that the index places in a storage tier the configuration does
+    not name raises: the administrator's fix, not a missing file."""
+    return StorageUnavailable(
+        f"blob {key} is in storage tier {tier!r} according to the index, but no tier of that "
+        "name is configured ([[storage.tiers]]): put the tier back in the configuration, with "
+        "its blob URL, to read its studies (see docs/operations.md, Storage tiers)"
+    )
+
+
 class BlobStore(Protocol):
     def put(self, key: str, path: Path, *, may_link: bool = False) -> None:
         """:meth:`put_all` of one blob, raising what refused it."""
@@ -106,11 +119,14 @@ class BlobStore(Protocol):
         rest get the same answer without each waiting for it.
         """
 
-    def open(self, key: str) -> BlobStream:
-        """A readable stream of the whole blob; the caller closes it."""
+    def open(self, key: str, *, tier: str = PRIMARY_TIER) -> BlobStream:
+        """A readable stream of the whole blob; the caller closes it. ``tier``: the storage
+        tier the index names for the blob (``instance.tier``); a store without tiers refuses
+        any but the primary (:func:`unknown_tier`)."""
 
-    def get_range(self, key: str, offset: int, length: int) -> bytes:
-        """``length`` bytes from ``offset``, in one read from the backend."""
+    def get_range(self, key: str, offset: int, length: int, *, tier: str = PRIMARY_TIER) -> bytes:
+        """``length`` bytes from ``offset``, in one read from the backend; ``tier`` as for
+        :meth:`open`."""
 
     def delete(self, key: str) -> None:
         """Remove the blob; removing a missing blob is not an error."""
@@ -272,7 +288,9 @@ class FileBlobStore:
                 os.unlink(tmp_name)
         return True
 
-    def open(self, key: str) -> BinaryIO:
+    def open(self, key: str, *, tier: str = PRIMARY_TIER) -> BinaryIO:
+        if tier != PRIMARY_TIER:
+            raise unknown_tier(key, tier)
         try:
             return open(self._path(key), "rb")
         except FileNotFoundError as exc:
@@ -280,8 +298,8 @@ class FileBlobStore:
         except OSError as exc:
             raise StorageUnavailable(f"cannot read blob {key}: {exc.strerror or exc}") from exc
 
-    def get_range(self, key: str, offset: int, length: int) -> bytes:
-        with self.open(key) as f:
+    def get_range(self, key: str, offset: int, length: int, *, tier: str = PRIMARY_TIER) -> bytes:
+        with self.open(key, tier=tier) as f:
             f.seek(offset)
             return f.read(length)
 
@@ -393,12 +411,16 @@ class S3BlobStore:
         # minio sends metadata keys starting with x-amz- as request headers, as they are.
         return {"x-amz-storage-class": self.storage_class} if self.storage_class else None
 
-    def open(self, key: str) -> BlobStream:
+    def open(self, key: str, *, tier: str = PRIMARY_TIER) -> BlobStream:
+        if tier != PRIMARY_TIER:
+            raise unknown_tier(key, tier)
         with self._unavailable_on_error(key):
             response = self.client.get_object(self.bucket, key)
         return _S3Stream(response)
 
-    def get_range(self, key: str, offset: int, length: int) -> bytes:
+    def get_range(self, key: str, offset: int, length: int, *, tier: str = PRIMARY_TIER) -> bytes:
+        if tier != PRIMARY_TIER:
+            raise unknown_tier(key, tier)
         with self._unavailable_on_error(key):
             response = self.client.get_object(self.bucket, key, offset=offset, length=length)
             try:

@@ -83,20 +83,23 @@ class _Writer:
         target = self.root / relative
         target.parent.mkdir(parents=True, exist_ok=True)
         if self.deidentifier is None:
-            write_as_stored(self.archive, instance.blob_key, target)
+            write_as_stored(self.archive, instance.blob_key, target, instance.tier)
             return relative
-        done = write_deidentified(self.archive, instance.blob_key, self.deidentifier, target)
+        done = write_deidentified(
+            self.archive, instance.blob_key, self.deidentifier, target, instance.tier
+        )
         if done.original_study_instance_uid not in self.recorded:
             record_deidentified_study(self.archive, self.deidentifier.project, done)
             self.recorded.add(done.original_study_instance_uid)
         return relative
 
 
-def write_as_stored(archive: Archive, blob_key: str, target: Path) -> None:
-    """The stored file's bytes to ``target`` (through a temporary file in its folder)."""
+def write_as_stored(archive: Archive, blob_key: str, target: Path, tier: str = "") -> None:
+    """The stored file's bytes (in storage tier ``tier``, as the index says) to ``target``
+    (through a temporary file in its folder)."""
     handle, name = tempfile.mkstemp(prefix=".tmp-", suffix=".dcm", dir=target.parent)
     try:
-        with os.fdopen(handle, "wb") as out, archive.blobs.open(blob_key) as blob:
+        with os.fdopen(handle, "wb") as out, archive.blobs.open(blob_key, tier=tier) as blob:
             shutil.copyfileobj(blob, out, 1 << 20)
         Path(name).replace(target)
     finally:
@@ -104,13 +107,13 @@ def write_as_stored(archive: Archive, blob_key: str, target: Path) -> None:
 
 
 def write_deidentified(
-    archive: Archive, blob_key: str, deidentifier: Deidentifier, target: Path
+    archive: Archive, blob_key: str, deidentifier: Deidentifier, target: Path, tier: str = ""
 ) -> Deidentified:
     """The stored file, de-identified, to ``target``; raises :class:`HeldBack` (nothing
     written). The pixel data stay in the spooled copy until written out (never in memory)."""
     spooled = target.with_name(f".tmp-{target.name}.source")
     try:
-        write_as_stored(archive, blob_key, spooled)
+        write_as_stored(archive, blob_key, spooled, tier)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # odd values of a stored header are not ours to fix
             ds = dcmread(spooled, defer_size=_DEFER)

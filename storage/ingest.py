@@ -269,7 +269,10 @@ def _same_data_set(archive: Archive, stored: Any, item: _Prepared) -> bool:
     if stored.transfer_syntax_uid != item.header.transfer_syntax_uid:
         return False
     try:
-        with open(item.received.path, "rb") as new, archive.blobs.open(stored.blob_key) as old:
+        with (
+            open(item.received.path, "rb") as new,
+            archive.blobs.open(stored.blob_key, tier=stored.tier) as old,
+        ):
             new_rest, old_rest = skip_file_meta(new), skip_file_meta(old)
             if new_rest is None or old_rest is None:
                 return False
@@ -298,6 +301,7 @@ _EXISTING_INSTANCES = select(
     Instance.blob_key,
     Instance.sop_instance_uid,
     Instance.transfer_syntax_uid,
+    Instance.tier,
 ).where(
     Instance.partition == bindparam("partition"),
     Instance.sop_instance_uid.in_(bindparam("uids", expanding=True)),

@@ -103,6 +103,8 @@ class StoredInstance:
     frame_ranges: list[list[list[int]]] | None
     # DICOM JSON (PS3.18 F.2) of the header, only when asked for.
     metadata: dict[str, Any] | None = None
+    # The storage tier that holds the blob ("" the primary store): pass it to every read.
+    tier: str = ""
 
 
 # Attributes stored as columns: keyword -> (level, column).
@@ -351,6 +353,7 @@ def _locate_columns(with_frame_ranges: bool, with_metadata: bool) -> Select:
         Instance.number_of_frames,
         Instance.frame_ranges if with_frame_ranges else null(),
         Instance.metadata_json if with_metadata else null(),
+        Instance.tier,
     )
 
 

@@ -155,7 +155,9 @@ def copy_study(
         with tempfile.TemporaryDirectory(dir=tmp_dir) as folder:
             path = Path(folder) / "copy.dcm"
             try:
-                done = write_deidentified(source, instance.blob_key, deidentifier, path)
+                done = write_deidentified(
+                    source, instance.blob_key, deidentifier, path, instance.tier
+                )
             except HeldBack as why:
                 outcome.held_back.append((instance.sop_instance_uid, str(why)))
                 continue

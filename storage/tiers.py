@@ -2,17 +2,18 @@
 
 ``[[storage.tiers]]`` lists colder stores by increasing ``after_days``. The index records which
 tier holds each instance's blob (``instance.tier``, "" for the primary store). Blob keys are the
-same in every tier, so nothing else in Hilum changes: :class:`TieredBlobStore` is the archive's
-blob store, writes go to the primary store, and a read that the primary store does not have is
-served from the tier that has it, transparently; that read records the study as read
+same in every tier: :class:`TieredBlobStore` is the archive's blob store, writes go to the
+primary store, and a read goes to the tier the caller's instance row names (the readers pass
+``tier=instance.tier``), transparently; a read from a tier records the study as read
 (``study.last_read_at``), so the next :func:`apply_tiers` brings it back to the primary store.
 
 A move is copy, verify, update the index, delete the source, in that order and never another:
 the SHA-256 of the copy read back from the target must equal the one the index recorded when
 the instance was received, before the index points at it; the source is deleted only after the
-index commits. Interrupted anywhere, every instance stays readable (there is always a copy where
-the index or the probe finds it) and `hilum verify` stays clean. A move is never a delete: the
-last copy of a blob is never removed by this module.
+index commits, and the index keeps the source's tier (``instance.tier_copy``) until it is
+deleted, so that a run interrupted before the delete is completed by the next one. Interrupted
+anywhere, every instance stays readable where the index says and `hilum verify` stays clean. A
+move is never a delete: the last copy of a blob is never removed by this module.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from typing import TYPE_CHECKING, BinaryIO
 from sqlalchemy import select, update
 
 from config.settings import StorageTier
-from storage.blobs import BlobStore, BlobStream, open_blob_store
+from storage.blobs import PRIMARY_TIER, BlobStore, BlobStream, open_blob_store, unknown_tier
 from storage.errors import NotFound, StorageError, StorageUnavailable
 from storage.index.database import Index, affected_rows
 from storage.index.models import Instance, Series, Study
@@ -41,14 +42,18 @@ if TYPE_CHECKING:
     from storage.archive import Archive
 
 log = logging.getLogger(__name__)
-PRIMARY = ""  # instance.tier of the primary blob store
+PRIMARY = PRIMARY_TIER  # instance.tier of the primary blob store
 # pg_try_advisory_lock key of the periodic moves (any constant unique to Hilum: "HILUMTIE").
 TIERS_LOCK = 0x48494C554D544945
 _READ_MARK_INTERVAL_S = 3600.0  # one study-read write per study and process per hour at most
 
 
 class TieredBlobStore:
-    """The primary blob store, and the tiers consulted on a miss (a :class:`BlobStore`)."""
+    """The primary blob store and the tiers (a :class:`BlobStore`): a read goes to the tier the
+    caller names, the one the index records for the blob (``instance.tier``, read with the rest
+    of the instance's row, so following it costs no query). Only when that store does not have
+    the blob (a copy deleted by hand, or a row read just before a move repointed it) are the
+    other stores probed, and that is logged."""
 
     def __init__(
         self,
@@ -60,28 +65,42 @@ class TieredBlobStore:
         self.tiers = tiers
         self.on_tier_read = on_tier_read
 
-    def store(self, tier: str) -> BlobStore:
+    def store(self, tier: str, key: str = "") -> BlobStore:
+        """The store of ``tier``; :class:`StorageUnavailable` naming it when it is not
+        configured (``key``: the blob that was asked for, for the message)."""
         if tier == PRIMARY:
             return self.primary
         if tier not in self.tiers:
-            raise StorageUnavailable(
-                f"storage tier {tier!r} is in the index but not in [[storage.tiers]]"
-            )
+            raise unknown_tier(key or "(any)", tier)
         return self.tiers[tier]
 
-    def _find(self, key: str, read: Callable[[BlobStore], object]) -> object:
+    def _read(self, key: str, tier: str, read: Callable[[BlobStore], object]) -> object:
         try:
-            return read(self.primary)
+            found = read(self.store(tier, key))
+            found_in = tier
         except NotFound as missing:
-            for store in self.tiers.values():
+            for other in (PRIMARY, *self.tiers):
+                if other == tier:
+                    continue
                 try:
-                    found = read(store)
+                    found = read(self.store(other))
                 except NotFound:
                     continue
-                if self.on_tier_read is not None:
-                    self.on_tier_read(key)
-                return found
-            raise missing
+                found_in = other
+                log.warning(
+                    "blob %s is not in %s, where the index says it is; read from %s instead "
+                    "(a move between tiers at the same time, or a copy removed outside Hilum: "
+                    "run `hilum verify`)",
+                    key,
+                    _tier_name(tier),
+                    _tier_name(other),
+                )
+                break
+            else:
+                raise missing
+        if found_in != PRIMARY and self.on_tier_read is not None:
+            self.on_tier_read(key)
+        return found
 
     def put(self, key: str, path: Path, *, may_link: bool = False) -> None:
         self.primary.put(key, path, may_link=may_link)
@@ -89,11 +108,11 @@ class TieredBlobStore:
     def put_all(self, blobs: Sequence[tuple[str, Path, bool]]) -> list[StorageUnavailable | None]:
         return self.primary.put_all(blobs)
 
-    def open(self, key: str) -> BlobStream:
-        return self._find(key, lambda store: store.open(key))  # type: ignore[return-value]
+    def open(self, key: str, *, tier: str = PRIMARY) -> BlobStream:
+        return self._read(key, tier, lambda store: store.open(key))  # type: ignore[return-value]
 
-    def get_range(self, key: str, offset: int, length: int) -> bytes:
-        return self._find(key, lambda store: store.get_range(key, offset, length))  # type: ignore[return-value]
+    def get_range(self, key: str, offset: int, length: int, *, tier: str = PRIMARY) -> bytes:
+        return self._read(key, tier, lambda store: store.get_range(key, offset, length))  # type: ignore[return-value]
 
     def delete(self, key: str) -> None:
         # Deleting an instance deletes every copy, wherever an interrupted move left one.
@@ -123,6 +142,16 @@ class TieredBlobStore:
                 if key not in seen:
                     seen.add(key)
                     yield key, modified
+
+
+def tier_store(blobs: BlobStore, tier: str, key: str = "") -> BlobStore:
+    """The store of ``tier`` alone (no probing of the others: what `hilum verify` checks);
+    :class:`StorageUnavailable` naming the tier when it is not configured."""
+    if isinstance(blobs, TieredBlobStore):
+        return blobs.store(tier, key)
+    if tier != PRIMARY:
+        raise unknown_tier(key or "(any)", tier)
+    return blobs
 
 
 def open_tiered_blob_store(
@@ -191,6 +220,10 @@ class StudyReadMarker:
             log.warning("a read from a storage tier was not recorded: %s", error)
 
 
+def _tier_name(tier: str) -> str:
+    return f"storage tier {tier!r}" if tier else "the primary blob store"
+
+
 def _utc_now() -> datetime:
     return datetime.now(UTC)
 
@@ -208,6 +241,8 @@ def target_tier(tiers: Sequence[StorageTier], age: timedelta) -> str:
 class TierReport:
     moved: dict[tuple[str, str], int] = field(default_factory=dict)  # (from, to) → instances
     failed: list[str] = field(default_factory=list)  # what could not be moved, and why
+    # Copies left in their old tier by an interrupted run, deleted by this one.
+    leftovers_deleted: int = 0
 
     @property
     def instances(self) -> int:
@@ -236,11 +271,14 @@ def apply_tiers(
     another tier (by the age of its last received instance or its last read from a tier) there:
     copy, verify, update the index, delete the source. A study that fails (a store unreachable,
     a checksum that does not match) is reported and left readable where it was; the others go
-    on. Runs at the same time (two hosts' schedules) are safe: each repoints a row only if no
-    other run moved it meanwhile, and deletes a source only after its own repoint."""
+    on. First, the old copies that an interrupted run left (``instance.tier_copy``) are
+    deleted. Run one at a time (:data:`TIERS_LOCK`: :func:`apply_tiers_periodically` and
+    `hilum tiers apply` take it); even so each run repoints a row only if it did not change
+    since it was read, and deletes a source only after its own repoint."""
     now = now or _utc_now()
     report = TierReport()
     tmp_dir.mkdir(parents=True, exist_ok=True)
+    _delete_leftovers(index, blobs, partition, report)
     query = select(
         Study.id, Study.study_instance_uid, Study.last_instance_at, Study.last_read_at
     ).order_by(Study.id)
@@ -269,9 +307,11 @@ def apply_tiers(
             log.warning("study %s stays where it is: %s", study_uid, error)
             continue
         moved = _repoint(index, moving, target)
+        deleted: list[_Blob] = []
         for blob in moving:
             if blob.id in moved:
-                _delete_quietly(blobs.store(blob.tier), blob.blob_key)
+                if _delete_quietly(blobs.store(blob.tier), blob.blob_key):
+                    deleted.append(blob)
                 key = (blob.tier or "primary", target or "primary")
                 report.moved[key] = report.moved.get(key, 0) + 1
             elif not _still_wanted(index, blob, target):
@@ -279,6 +319,7 @@ def apply_tiers(
                 _delete_quietly(blobs.store(target), blob.blob_key)
             if progress:
                 progress(1)
+        _forget_copies(index, deleted)
     return report
 
 
@@ -370,7 +411,7 @@ def _repoint(index: Index, moving: list[_Blob], target: str) -> set[int]:
                     Instance.blob_key == blob.blob_key,
                     Instance.tier == blob.tier,
                 )
-                .values(tier=target),
+                .values(tier=target, tier_copy=blob.tier),
             )
             if matched == 1:
                 moved.add(blob.id)
@@ -389,10 +430,53 @@ def _still_wanted(index: Index, blob: _Blob, target: str) -> bool:
         )
 
 
-def _delete_quietly(store: BlobStore, key: str) -> None:
+def _delete_quietly(store: BlobStore, key: str) -> bool:
     try:
         store.delete(key)
     except StorageError as error:
         # The index no longer points here: a leftover copy, which `hilum verify` does not
-        # count as an orphan (another tier holds the referenced copy) and costs only space.
-        log.warning("blob %s not deleted from its old tier: %s", key, error)
+        # count as an orphan (another tier holds the referenced copy), costs only space, and
+        # the next run deletes (instance.tier_copy still names its tier).
+        log.warning("blob %s not deleted from its old tier (the next run will): %s", key, error)
+        return False
+    return True
+
+
+def _forget_copies(index: Index, deleted: Sequence[_Blob]) -> None:
+    """The old copies of ``deleted`` are gone: clear their ``tier_copy`` (one transaction)."""
+    if not deleted:
+        return
+    with index.write() as session:
+        for blob in deleted:
+            session.execute(
+                update(Instance)
+                .where(Instance.id == blob.id, Instance.tier_copy == blob.tier)
+                .values(tier_copy=None)
+            )
+
+
+def _delete_leftovers(
+    index: Index, blobs: TieredBlobStore, partition: str | None, report: TierReport
+) -> None:
+    """Delete the copies that an interrupted run left in a blob's old tier: each row's
+    ``tier_copy`` copy, unless that is the tier the index now names (moved back since)."""
+    query = select(Instance.id, Instance.blob_key, Instance.tier, Instance.tier_copy).where(
+        Instance.tier_copy.is_not(None)
+    )
+    if partition is not None:
+        query = query.where(Instance.partition == partition)
+    with index.read() as session:
+        rows = session.execute(query).all()
+    deleted: list[_Blob] = []
+    for pk, key, tier, copy_tier in rows:
+        assert copy_tier is not None  # the query's condition
+        if copy_tier != tier:
+            try:
+                blobs.store(copy_tier, key).delete(key)
+            except StorageError as error:
+                report.failed.append(f"blob {key}: old copy in {_tier_name(copy_tier)} "
+                                     f"not deleted: {error}")  # fmt: skip
+                continue
+            report.leftovers_deleted += 1
+        deleted.append(_Blob(pk, key, "", copy_tier))
+    _forget_copies(index, deleted)

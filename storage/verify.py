@@ -16,10 +16,11 @@ from dataclasses import dataclass, field
 from sqlalchemy import func, select
 
 from storage.archive import Archive
-from storage.blobs import is_blob_key, is_leftover
+from storage.blobs import BlobStore, is_blob_key, is_leftover
 from storage.delete import delete_blob_unless_referenced
 from storage.errors import NotFound, StorageError
 from storage.index.models import Instance
+from storage.tiers import tier_store
 
 log = logging.getLogger(__name__)
 
@@ -52,17 +53,19 @@ def verify_archive(
     with archive.index.read() as session:
         report.instances = session.execute(select(func.count(Instance.id))).scalar_one()
         rows = session.execute(
-            select(Instance.sop_instance_uid, Instance.blob_key, Instance.sha256).execution_options(
-                yield_per=1000
-            )
+            select(
+                Instance.sop_instance_uid, Instance.blob_key, Instance.sha256, Instance.tier
+            ).execution_options(yield_per=1000)
         )
-        for uid, key, sha in rows:
+        for uid, key, sha, tier in rows:
             referenced.add(key)
             try:
+                # In the store the index names: a copy in another tier does not count.
+                store = tier_store(archive.blobs, tier, key)
                 if checksums:
-                    if _sha256_of(archive, key) != sha:
+                    if _sha256_of(store, key) != sha:
                         report.mismatched.append(uid)
-                elif not archive.blobs.exists(key):
+                elif not store.exists(key):
                     report.missing.append(uid)
             except NotFound:
                 report.missing.append(uid)
@@ -103,11 +106,11 @@ def remove_orphans(archive: Archive, report: VerifyReport, *, grace_s: float, no
     report.orphans = kept
 
 
-def _sha256_of(archive: Archive, key: str) -> str:
+def _sha256_of(store: BlobStore, key: str) -> str:
     if not is_blob_key(key):
         raise NotFound(key)
     digest = hashlib.sha256()
-    with archive.blobs.open(key) as stream:
+    with store.open(key) as stream:
         while chunk := stream.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()

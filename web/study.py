@@ -83,7 +83,7 @@ def _read(archive: Archive, study_uid: str, sop_instance_uids: list[str]) -> lis
     reports = []
     for stored in locate_instances(archive, entity_query(study_uid, instances=sop_instance_uids)):
         if stored.sop_class_uid.startswith(SR_SOP_CLASS_ROOT):
-            with archive.blobs.open(stored.blob_key) as f:
+            with archive.blobs.open(stored.blob_key, tier=stored.tier) as f:
                 reports.append(pydicom.dcmread(io.BytesIO(f.read())))
     # In the order the worker stored them: the measurement report first (inference.analysis).
     return sorted(reports, key=lambda r: sop_instance_uids.index(str(r.SOPInstanceUID)))

@@ -107,7 +107,9 @@ class FrameReader:
         fragments = instance.frame_ranges[number - 1]
         start = fragments[0][0]
         end = fragments[-1][0] + fragments[-1][1]
-        data = self.archive.blobs.get_range(instance.blob_key, start, end - start)
+        data = self.archive.blobs.get_range(
+            instance.blob_key, start, end - start, tier=instance.tier
+        )
         if len(fragments) == 1:
             return data
         # The fragments of one frame lie one after another, each behind its item header.
@@ -134,17 +136,17 @@ class FrameReader:
         """The data set up to the Pixel Data element, read without fetching the pixels."""
         if instance.frame_ranges:
             head = self.archive.blobs.get_range(
-                instance.blob_key, 0, instance.frame_ranges[0][0][0]
+                instance.blob_key, 0, instance.frame_ranges[0][0][0], tier=instance.tier
             )
             return pydicom.dcmread(BytesIO(head), stop_before_pixels=True)
-        with self.spool.copy_of(self.archive, instance.blob_key) as copy:
+        with self.spool.copy_of(self.archive, instance.blob_key, instance.tier) as copy:
             return pydicom.dcmread(copy, stop_before_pixels=True)
 
     def _frames_from_whole_file(
         self, instance: StoredInstance, numbers: list[int]
     ) -> Iterator[bytes]:
         """The stored bytes of each of ``numbers``, from one copy of the file parsed once."""
-        with self.spool.copy_of(self.archive, instance.blob_key) as copy:
+        with self.spool.copy_of(self.archive, instance.blob_key, instance.tier) as copy:
             ds = pydicom.dcmread(copy)
             if "PixelData" not in ds:
                 raise FrameNotFound(f"instance {instance.sop_instance_uid} has no pixel data")

@@ -20,14 +20,15 @@ class Spool:
         self.folder = (data_dir / "tmp").resolve()
         self.folder.mkdir(parents=True, exist_ok=True)
 
-    def copy_of(self, archive: Archive, blob_key: str) -> IO[bytes]:
-        """The blob's bytes in a file positioned at 0; the caller closes it (which removes it:
-        a spooled file on disk is unlinked from the start)."""
+    def copy_of(self, archive: Archive, blob_key: str, tier: str = "") -> IO[bytes]:
+        """The blob's bytes (in storage tier ``tier``, as the index says) in a file positioned
+        at 0; the caller closes it (which removes it: a spooled file on disk is unlinked from
+        the start)."""
         spool = tempfile.SpooledTemporaryFile(  # noqa: SIM115 (returned to the caller)
             max_size=IN_MEMORY_BYTES, dir=str(self.folder)
         )
         try:
-            with archive.blobs.open(blob_key) as blob:
+            with archive.blobs.open(blob_key, tier=tier) as blob:
                 while chunk := blob.read(_CHUNK):
                     spool.write(chunk)
             spool.seek(0)

@@ -206,7 +206,7 @@ class RetrieveTransaction:
         """The stored file in chunks. The blob is opened and its first chunk read here, when
         the part is prepared (the first before the status line): a store that cannot be
         reached is a 503 before the body starts (PS3.18 8.6.1.2), not a body cut short."""
-        blob = self.archive.blobs.open(instance.blob_key)
+        blob = self.archive.blobs.open(instance.blob_key, tier=instance.tier)
         try:
             first = blob.read(_CHUNK)
         except BaseException:

@@ -98,7 +98,7 @@ def store_instance(
     as_stored = next((c for c in contexts if c.transfer_syntax == stored.transfer_syntax_uid), None)
     sent = False
     if as_stored is not None:
-        with archive.blobs.open(stored.blob_key) as stream:
+        with archive.blobs.open(stored.blob_key, tier=stored.tier) as stream:
             data_set_start = skip_file_meta(stream)
             if data_set_start is not None:
                 store_assoc.send_command(as_stored, command, data_follows=True)

@@ -155,6 +155,10 @@ class Instance(Base):
     sha256: Mapped[str] = mapped_column(String(64))
     # The storage tier ([[storage.tiers]] name) that holds the blob; "" the primary blob store.
     tier: Mapped[str] = mapped_column(String(32), default="", server_default="")
+    # The tier a move took the blob from, while its copy there may not be deleted yet (a move
+    # interrupted between its index update and the delete); the next `hilum tiers apply`
+    # deletes that copy and clears this. None: no copy elsewhere.
+    tier_copy: Mapped[str | None] = mapped_column(String(32), nullable=True, default=None)
     calling_ae_title: Mapped[str] = mapped_column(String(AE), default="")
     received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     # DICOM JSON (PS3.18 F.2) of the header, bulk data replaced by BulkDataURIs.

@@ -29,14 +29,14 @@ class CountingBlobStore:
         self.ranged_reads: list[int] = []  # bytes returned by each get_range
         self.whole_reads = 0
 
-    def get_range(self, key: str, offset: int, length: int) -> bytes:
-        data = self.inner.get_range(key, offset, length)
+    def get_range(self, key: str, offset: int, length: int, *, tier: str = "") -> bytes:
+        data = self.inner.get_range(key, offset, length, tier=tier)
         self.ranged_reads.append(len(data))
         return data
 
-    def open(self, key: str) -> Any:
+    def open(self, key: str, *, tier: str = "") -> Any:
         self.whole_reads += 1
-        return self.inner.open(key)
+        return self.inner.open(key, tier=tier)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
