@@ -327,8 +327,8 @@ def _store(
     returns those that lost a race with a concurrent sender, to try again."""
     partition = archive.partition
     try:
-        with archive.index.read() as session:
-            rows = session.connection().execute(
+        with archive.index.read_connection() as connection:
+            rows = connection.execute(
                 _EXISTING_INSTANCES,
                 {"partition": partition, "uids": [item.header.sop_instance_uid for item in items]},
             )
@@ -369,7 +369,7 @@ def _store(
     except exc.IntegrityError:
         # Not a race the statements expect (those are answered, not raised): the whole
         # group was rolled back; every file of it tries again.
-        written, retry = [], [item for item, _stored in to_write]
+        written, retry, audited = [], [item for item, _stored in to_write], []
     except exc.DataError as error:
         # The database refused a value (out of its column's range, not encodable): that
         # file cannot be stored, which is its own error, not an outage. A group tries again
@@ -453,8 +453,7 @@ def _write_rows_once(
     written: list[tuple[_Prepared, Any]] = []
     retry: list[_Prepared] = []
     new: list[_Prepared] = []
-    with archive.index.write() as session:
-        connection = session.connection()
+    with archive.index.write_connection() as connection:
         # Series met earlier in this transaction: their rows exist, the study is touched.
         known_series: dict[tuple[str, str], int] = {}
         rows = []
