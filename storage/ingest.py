@@ -462,7 +462,7 @@ def _write_rows_once(
             series_key = (header.study_instance_uid, header.series_instance_uid)
             series_pk = known_series.get(series_key)
             if series_pk is None:
-                series_pk = _upsert_hierarchy(connection, partition, header.dataset)
+                series_pk = _upsert_hierarchy(connection, partition, header)
                 known_series[series_key] = series_pk
             values = {**item.values, "series_pk": series_pk}
             if stored is None:
@@ -720,11 +720,14 @@ def _insert_ignoring_conflict(connection: Connection, model: type, values: dict[
     connection.execute(dialect.insert(model).values(**values).on_conflict_do_nothing())
 
 
-def _upsert_hierarchy(connection: Connection, partition: str, ds: Dataset) -> int:
-    """Patient, study and series rows for ``ds``; returns the series' primary key."""
+def _upsert_hierarchy(connection: Connection, partition: str, header: InstanceHeader) -> int:
+    """Patient, study and series rows for ``header``; returns the series' primary key."""
     now = datetime.now(UTC)
-    study_uid = str(ds.StudyInstanceUID)[:UI]
-    series_uid = str(ds.SeriesInstanceUID)[:UI]
+    ds = header.dataset
+    # As read from the raw elements by read_instance_header (valid UIDs, at most 64
+    # characters): pydicom's conversion of the elements is not needed.
+    study_uid = header.study_instance_uid[:UI]
+    series_uid = header.series_instance_uid[:UI]
     # The common case, every instance of a series but its first: the rows exist, and only the
     # study's last_instance_at moves. One SELECT and one UPDATE instead of seven statements.
     known_series = connection.execute(
