@@ -11,6 +11,7 @@ blob whose index transaction failed is deleted again; if even that fails, it is 
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import functools
 import hashlib
@@ -20,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from pydicom.dataset import Dataset
 from sqlalchemy import Connection, bindparam, exc, select, update
@@ -294,16 +295,52 @@ _BLOCK = 1 << 20
 
 # Built once: executed with parameters on the transaction's connection, these skip the ORM
 # and SQLAlchemy's per-statement cache-key work (half of the index time of an ingest).
-_EXISTING_INSTANCES = select(
+_STORED_COLUMNS = (
     Instance.id,
     Instance.sha256,
     Instance.blob_key,
     Instance.sop_instance_uid,
     Instance.transfer_syntax_uid,
-).where(
+)
+_EXISTING_INSTANCES = select(*_STORED_COLUMNS).where(
     Instance.partition == bindparam("partition"),
     Instance.sop_instance_uid.in_(bindparam("uids", expanding=True)),
 )
+
+
+class _Stored(NamedTuple):
+    """A stored instance's row as :data:`_EXISTING_INSTANCES` selects it."""
+
+    id: int
+    sha256: str
+    blob_key: str
+    sop_instance_uid: str
+    transfer_syntax_uid: str
+
+
+@functools.lru_cache(maxsize=64)
+def _existing_on_sqlite(dialect: Dialect, count: int) -> DriverStatement:
+    """:data:`_EXISTING_INSTANCES` for ``count`` UIDs, compiled for the driver's cursor."""
+    uids = [bindparam(f"uid{n}", type_=Instance.sop_instance_uid.type) for n in range(count)]
+    statement = select(*_STORED_COLUMNS).where(
+        Instance.partition == bindparam("partition"), Instance.sop_instance_uid.in_(uids)
+    )
+    return DriverStatement(statement, dialect)
+
+
+def _existing(connection: Connection, partition: str, uids: list[str]) -> dict[str, Any]:
+    """The stored instances of ``uids`` by SOP Instance UID. On SQLite one SELECT on the
+    driver's cursor, outside a transaction (one statement: its own), as the group's
+    statements are (:class:`_GroupStatements`)."""
+    if connection.dialect.name != "sqlite":
+        rows = connection.execute(_EXISTING_INSTANCES, {"partition": partition, "uids": uids})
+        return {row.sop_instance_uid: row for row in rows}
+    values = {"partition": partition} | {f"uid{n}": uid for n, uid in enumerate(uids)}
+    with contextlib.closing(connection.connection.cursor()) as cursor:
+        found = _existing_on_sqlite(connection.dialect, len(uids)).execute(cursor, values)
+        return {stored.sop_instance_uid: stored for stored in map(_Stored._make, found)}
+
+
 # The SET clause comes from the parameters: every column of _instance_values and series_pk.
 _REPLACE_INSTANCE = update(Instance).where(
     Instance.id == bindparam("existing_id"), Instance.sha256 == bindparam("existing_sha")
@@ -330,11 +367,9 @@ def _store(
     partition = archive.partition
     try:
         with archive.index.read_connection() as connection:
-            rows = connection.execute(
-                _EXISTING_INSTANCES,
-                {"partition": partition, "uids": [item.header.sop_instance_uid for item in items]},
+            existing = _existing(
+                connection, partition, [item.header.sop_instance_uid for item in items]
             )
-            existing = {row.sop_instance_uid: row for row in rows}
     except StorageUnavailable as error:
         for item in items:
             outcomes[item.n] = error
