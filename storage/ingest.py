@@ -11,6 +11,7 @@ blob whose index transaction failed is deleted again; if even that fails, it is 
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import functools
 import hashlib
@@ -20,11 +21,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from pydicom.dataset import Dataset
 from sqlalchemy import Connection, bindparam, exc, select, update
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Dialect
 
 from storage.archive import Archive
 from storage.audit import (
@@ -49,6 +51,7 @@ from storage.dicom_file import (
 )
 from storage.errors import InvalidInstance, SOPClassMismatch, StorageError, StorageUnavailable
 from storage.events import EventType, NewEvent, record_events
+from storage.index.driver import DriverStatement
 from storage.index.models import UI, Instance, Patient, Series, Study
 from storage.limits import refuse_too_complex
 
@@ -295,17 +298,54 @@ _BLOCK = 1 << 20
 
 # Built once: executed with parameters on the transaction's connection, these skip the ORM
 # and SQLAlchemy's per-statement cache-key work (half of the index time of an ingest).
-_EXISTING_INSTANCES = select(
+_STORED_COLUMNS = (
     Instance.id,
     Instance.sha256,
     Instance.blob_key,
     Instance.sop_instance_uid,
     Instance.transfer_syntax_uid,
     Instance.tier,
-).where(
+)
+_EXISTING_INSTANCES = select(*_STORED_COLUMNS).where(
     Instance.partition == bindparam("partition"),
     Instance.sop_instance_uid.in_(bindparam("uids", expanding=True)),
 )
+
+
+class _Stored(NamedTuple):
+    """A stored instance's row as :data:`_EXISTING_INSTANCES` selects it."""
+
+    id: int
+    sha256: str
+    blob_key: str
+    sop_instance_uid: str
+    transfer_syntax_uid: str
+    tier: str
+
+
+@functools.lru_cache(maxsize=64)
+def _existing_on_sqlite(dialect: Dialect, count: int) -> DriverStatement:
+    """:data:`_EXISTING_INSTANCES` for ``count`` UIDs, compiled for the driver's cursor."""
+    uids = [bindparam(f"uid{n}", type_=Instance.sop_instance_uid.type) for n in range(count)]
+    statement = select(*_STORED_COLUMNS).where(
+        Instance.partition == bindparam("partition"), Instance.sop_instance_uid.in_(uids)
+    )
+    return DriverStatement(statement, dialect)
+
+
+def _existing(connection: Connection, partition: str, uids: list[str]) -> dict[str, Any]:
+    """The stored instances of ``uids`` by SOP Instance UID. On SQLite one SELECT on the
+    driver's cursor, outside a transaction (one statement: its own), as the group's
+    statements are (:class:`_GroupStatements`)."""
+    if connection.dialect.name != "sqlite":
+        rows = connection.execute(_EXISTING_INSTANCES, {"partition": partition, "uids": uids})
+        return {row.sop_instance_uid: row for row in rows}
+    values = {"partition": partition} | {f"uid{n}": uid for n, uid in enumerate(uids)}
+    with contextlib.closing(connection.connection.cursor()) as cursor:
+        found = _existing_on_sqlite(connection.dialect, len(uids)).execute(cursor, values)
+        return {stored.sop_instance_uid: stored for stored in map(_Stored._make, found)}
+
+
 # The SET clause comes from the parameters: every column of _instance_values and series_pk.
 _REPLACE_INSTANCE = update(Instance).where(
     Instance.id == bindparam("existing_id"), Instance.sha256 == bindparam("existing_sha")
@@ -331,12 +371,10 @@ def _store(
     returns those that lost a race with a concurrent sender, to try again."""
     partition = archive.partition
     try:
-        with archive.index.read() as session:
-            rows = session.connection().execute(
-                _EXISTING_INSTANCES,
-                {"partition": partition, "uids": [item.header.sop_instance_uid for item in items]},
+        with archive.index.read_connection() as connection:
+            existing = _existing(
+                connection, partition, [item.header.sop_instance_uid for item in items]
             )
-            existing = {row.sop_instance_uid: row for row in rows}
     except StorageUnavailable as error:
         for item in items:
             outcomes[item.n] = error
@@ -373,7 +411,7 @@ def _store(
     except exc.IntegrityError:
         # Not a race the statements expect (those are answered, not raised): the whole
         # group was rolled back; every file of it tries again.
-        written, retry = [], [item for item, _stored in to_write]
+        written, retry, audited = [], [item for item, _stored in to_write], []
     except exc.DataError as error:
         # The database refused a value (out of its column's range, not encodable): that
         # file cannot be stored, which is its own error, not an outage. A group tries again
@@ -457,8 +495,7 @@ def _write_rows_once(
     written: list[tuple[_Prepared, Any]] = []
     retry: list[_Prepared] = []
     new: list[_Prepared] = []
-    with archive.index.write() as session:
-        connection = session.connection()
+    with archive.index.write_connection() as connection, _GroupStatements(connection) as hot:
         # Series met earlier in this transaction: their rows exist, the study is touched.
         known_series: dict[tuple[str, str], int] = {}
         rows = []
@@ -467,7 +504,7 @@ def _write_rows_once(
             series_key = (header.study_instance_uid, header.series_instance_uid)
             series_pk = known_series.get(series_key)
             if series_pk is None:
-                series_pk = _upsert_hierarchy(connection, partition, header.dataset)
+                series_pk = _upsert_hierarchy(connection, hot, partition, header)
                 known_series[series_key] = series_pk
             values = {**item.values, "series_pk": series_pk}
             if stored is None:
@@ -480,7 +517,7 @@ def _write_rows_once(
             else:
                 retry.append(item)
         if rows:
-            inserted = set(connection.execute(_insert_new(connection.dialect.name), rows).scalars())
+            inserted = hot.insert_new(rows)
             for item in new:
                 if item.header.sop_instance_uid in inserted:
                     written.append((item, None))
@@ -677,6 +714,93 @@ def _insert_new(dialect: str) -> Any:
     )
 
 
+# Every column of a new instance row: partition, series_pk and those of _instance_values.
+_INSTANCE_COLUMNS = (
+    "partition",
+    "series_pk",
+    "sop_instance_uid",
+    "sop_class_uid",
+    "instance_number",
+    "number_of_frames",
+    "transfer_syntax_uid",
+    "blob_key",
+    "size",
+    "sha256",
+    "tier",
+    "calling_ae_title",
+    "received_at",
+    "metadata_json",
+    "frame_ranges",
+)
+
+
+@functools.cache
+def _sqlite_statements(dialect: Dialect) -> tuple[DriverStatement, ...]:
+    """The known-series look-up, the study's touch and the one-row INSERT of a new instance
+    (ON CONFLICT DO NOTHING, RETURNING its UID), compiled for ``dialect`` (SQLite)."""
+    columns = Instance.__table__.c
+    insert_one = (
+        sqlite.insert(Instance)
+        .values({name: bindparam(name, type_=columns[name].type) for name in _INSTANCE_COLUMNS})
+        .on_conflict_do_nothing(index_elements=["partition", "sop_instance_uid"])
+        .returning(Instance.sop_instance_uid)
+    )
+    return tuple(
+        DriverStatement(statement, dialect)
+        for statement in (_KNOWN_SERIES, _TOUCH_STUDY, insert_one)
+    )
+
+
+class _GroupStatements:
+    """The statements a group's transaction runs for (nearly) every file. On SQLite, the
+    embedded default, through the driver's cursor in the same transaction
+    (``storage/index/driver.py``: SQLAlchemy's execution costs 20-40 µs of CPU a statement,
+    sqlite3's a few), a new instance's row by a one-row INSERT each (as cheap there as one
+    multi-row INSERT: no round trips). On PostgreSQL through SQLAlchemy, the new rows in one
+    multi-row INSERT (one round trip)."""
+
+    def __init__(self, connection: Connection) -> None:
+        self.connection = connection
+        self.cursor: Any = None
+        self.sqlite: tuple[DriverStatement, ...] = ()
+        if connection.dialect.name == "sqlite":
+            self.sqlite = _sqlite_statements(connection.dialect)
+            self.cursor = connection.connection.cursor()
+
+    def __enter__(self) -> _GroupStatements:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        if self.cursor is not None:
+            self.cursor.close()
+
+    def known_series(self, partition: str, series_uid: str, study_uid: str) -> Any:
+        """(series_pk, study_pk) of the series in the study, or None."""
+        values = {"partition": partition, "series_uid": series_uid, "study_uid": study_uid}
+        if self.cursor is None:
+            return self.connection.execute(_KNOWN_SERIES, values).one_or_none()
+        return self.sqlite[0].execute(self.cursor, values).fetchone()
+
+    def touch_study(self, study_pk: int, now: datetime) -> None:
+        values = {"study_pk": study_pk, "now": now}
+        if self.cursor is None:
+            self.connection.execute(_TOUCH_STUDY, values)
+        else:
+            self.sqlite[1].execute(self.cursor, values)
+
+    def insert_new(self, rows: list[dict[str, Any]]) -> set[str]:
+        """Insert the new instances' rows; the SOP Instance UIDs inserted (those another
+        sender inserted meanwhile are skipped)."""
+        if self.cursor is None:
+            return set(
+                self.connection.execute(_insert_new(self.connection.dialect.name), rows).scalars()
+            )
+        inserted: set[str] = set()
+        for row in rows:
+            inserted.update(uid for (uid,) in self.sqlite[2].execute(self.cursor, row).fetchall())
+        return inserted
+
+
 def _discard_unreferenced(archive: Archive, keys: list[str]) -> None:
     """Remove blobs whose index rows were not committed, unless a committed row uses one (a
     concurrent sender of the same content won the race and stored the same key). Once one
@@ -725,19 +849,22 @@ def _insert_ignoring_conflict(connection: Connection, model: type, values: dict[
     connection.execute(dialect.insert(model).values(**values).on_conflict_do_nothing())
 
 
-def _upsert_hierarchy(connection: Connection, partition: str, ds: Dataset) -> int:
-    """Patient, study and series rows for ``ds``; returns the series' primary key."""
+def _upsert_hierarchy(
+    connection: Connection, hot: _GroupStatements, partition: str, header: InstanceHeader
+) -> int:
+    """Patient, study and series rows for ``header``; returns the series' primary key."""
     now = datetime.now(UTC)
-    study_uid = str(ds.StudyInstanceUID)[:UI]
-    series_uid = str(ds.SeriesInstanceUID)[:UI]
+    ds = header.dataset
+    # As read from the raw elements by read_instance_header (valid UIDs, at most 64
+    # characters): pydicom's conversion of the elements is not needed.
+    study_uid = header.study_instance_uid[:UI]
+    series_uid = header.series_instance_uid[:UI]
     # The common case, every instance of a series but its first: the rows exist, and only the
     # study's last_instance_at moves. One SELECT and one UPDATE instead of seven statements.
-    known_series = connection.execute(
-        _KNOWN_SERIES, {"partition": partition, "series_uid": series_uid, "study_uid": study_uid}
-    ).one_or_none()
+    known_series = hot.known_series(partition, series_uid, study_uid)
     if known_series is not None:
         series_pk, study_pk = known_series
-        connection.execute(_TOUCH_STUDY, {"study_pk": study_pk, "now": now})
+        hot.touch_study(study_pk, now)
         return int(series_pk)
 
     patient = {

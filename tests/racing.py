@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 
+from sqlalchemy import Connection
 from sqlalchemy.orm import Session
 
 from storage.index.database import Index
@@ -22,6 +23,12 @@ class IndexThenHook:
     def write(self) -> Iterator[Session]:
         with self._inner.write() as session:
             yield session
+        self._after_write()
+
+    @contextlib.contextmanager
+    def write_connection(self) -> Iterator[Connection]:
+        with self._inner.write_connection() as connection:
+            yield connection
         self._after_write()
 
     def __getattr__(self, name: str) -> object:

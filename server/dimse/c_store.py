@@ -53,10 +53,11 @@ class ReceivedDataSet:
         self.path: Path | None = None
         self._file: IO[bytes] | None = None
         try:
-            self._file = tempfile.NamedTemporaryFile(  # noqa: SIM115 (closed in close())
-                dir=tmp_dir, prefix="tmp", suffix=".dcm", delete=False
-            )
-            self.path = Path(self._file.name)
+            # mkstemp and a plain file object: NamedTemporaryFile's wrapper would add a Python
+            # call to every write of every fragment's chunk.
+            fd, name = tempfile.mkstemp(dir=tmp_dir, prefix="tmp", suffix=".dcm")
+            self.path = Path(name)
+            self._file = open(fd, "wb")  # noqa: SIM115 (closed in close())
             self._put(
                 file_meta(
                     str(command.get("AffectedSOPClassUID", "")),

@@ -132,10 +132,12 @@ class PduSocket:
         wait = self.idle_timeout if idle_timeout is None else idle_timeout
         self._acknowledge_promptly()
         self._deadline = time.monotonic() + wait
-        first = self._read_exact(1)
+        # What has arrived of the header, at least its first byte: usually all six at once.
+        got = self._recv_into(PDU_HEADER.size)
         self._deadline = time.monotonic() + self.pdu_timeout
-        rest = self._read_exact(PDU_HEADER.size - 1)
-        pdu_type, _reserved, length = PDU_HEADER.unpack(first + rest)
+        while got < PDU_HEADER.size:
+            got += self._recv_into(PDU_HEADER.size - got, offset=got)
+        pdu_type, _reserved, length = PDU_HEADER.unpack_from(self._buffer)
         if pdu_type not in PDU_TYPES:
             raise ProtocolError(f"unknown PDU type 0x{pdu_type:02X}", AbortReason.UNRECOGNIZED_PDU)
         return pdu_type, length

@@ -11,7 +11,16 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import CursorResult, Engine, Executable, create_engine, event, exc, text
+from sqlalchemy import (
+    Connection,
+    CursorResult,
+    Engine,
+    Executable,
+    create_engine,
+    event,
+    exc,
+    text,
+)
 from sqlalchemy.orm import Session, sessionmaker
 
 from storage.errors import StorageUnavailable
@@ -89,10 +98,9 @@ class Index:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        self._write_engine = engine.execution_options(hilum_write=True)
         self._read = sessionmaker(engine, expire_on_commit=False)
-        self._write = sessionmaker(
-            engine.execution_options(hilum_write=True), expire_on_commit=False
-        )
+        self._write = sessionmaker(self._write_engine, expire_on_commit=False)
 
     @property
     def dialect(self) -> str:
@@ -108,6 +116,20 @@ class Index:
         """One transaction: committed when the block ends, rolled back if it raises."""
         with database_errors(), self._write.begin() as session:
             yield session
+
+    @contextlib.contextmanager
+    def read_connection(self) -> Iterator[Connection]:
+        """As :meth:`read`, on a Core connection: no ORM session (its set-up and teardown
+        cost more than a prebuilt statement), for callers that execute statements only."""
+        with database_errors(), self.engine.connect() as connection:
+            yield connection
+
+    @contextlib.contextmanager
+    def write_connection(self) -> Iterator[Connection]:
+        """As :meth:`write`, on a Core connection: one transaction, committed when the block
+        ends, rolled back if it raises (the ingest of received files, per group)."""
+        with database_errors(), self._write_engine.begin() as connection:
+            yield connection
 
     @contextlib.contextmanager
     def alone(self, key: int) -> Iterator[bool]:

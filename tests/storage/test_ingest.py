@@ -16,7 +16,7 @@ from sqlalchemy import func, select
 from config import Settings
 from storage.archive import Archive, open_archive
 from storage.delete import delete_instance
-from storage.errors import InvalidInstance, SOPClassMismatch
+from storage.errors import InvalidInstance, SOPClassMismatch, StorageUnavailable
 from storage.index.models import Instance, Patient, Series, Study
 from storage.ingest import IngestOutcome, Origin, Received, ingest_file, ingest_files
 from storage.verify import verify_archive
@@ -427,3 +427,21 @@ def dcmread_uid(path: Path) -> str:
     from pydicom import dcmread
 
     return str(dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+
+
+def test_a_group_the_index_refuses_whole_is_retried_then_refused(
+    archive: Archive, tmp_path: Path
+) -> None:
+    """An IntegrityError no statement expects (here: a partition with no row, which every
+    row's foreign key needs) rolls the whole group back; its files are tried again, then
+    refused as unavailable, their blobs removed. It was an UnboundLocalError."""
+    path = write_part10(ct_instance(), tmp_path / "a.dcm")
+    nowhere = archive.scoped("no-such-partition")
+
+    (outcome,) = ingest_files(nowhere, [Received(path)])
+
+    assert isinstance(outcome, StorageUnavailable)
+    assert "attempts" in str(outcome)
+    assert _count(archive, Instance) == 0
+    report = verify_archive(archive)
+    assert report.ok and report.instances == 0, report
