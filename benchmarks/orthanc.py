@@ -16,7 +16,7 @@ import contextlib
 import json
 import shutil
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,10 +56,15 @@ class RunningOrthanc:
 
 @contextlib.contextmanager
 def running_orthanc(
-    workdir: Path, *, dicomweb: bool = False, nodelay: bool = True
+    workdir: Path,
+    *,
+    dicomweb: bool = False,
+    nodelay: bool = True,
+    config_overrides: Mapping[str, object] | None = None,
 ) -> Iterator[RunningOrthanc]:
     """Orthanc with its defaults (SQLite index, files, fsync), answering C-FIND from any AE;
-    with ``TCP_NODELAY=1`` in its environment unless ``nodelay`` is false."""
+    with ``TCP_NODELAY=1`` in its environment unless ``nodelay`` is false.
+    ``config_overrides``: more of its configuration (``DicomModalities`` for a C-MOVE)."""
     dicom_port, http_port = free_port(), free_port()
     config = {
         "Name": "hilum-bench",
@@ -75,6 +80,7 @@ def running_orthanc(
         "DicomAlwaysAllowFind": True,
         "Plugins": [str(DICOMWEB_PLUGIN)] if dicomweb else [],
         "DicomWeb": {"Enable": dicomweb, "Root": "/dicom-web/"},
+        **(config_overrides or {}),
     }
     workdir.mkdir(parents=True, exist_ok=True)
     config_path = workdir / "orthanc.json"
