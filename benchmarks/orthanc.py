@@ -16,7 +16,7 @@ import contextlib
 import json
 import shutil
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,10 +67,12 @@ def running_orthanc(
     dicomweb: bool = False,
     nodelay: bool = True,
     postgresql_database: str | None = None,
+    config_overrides: Mapping[str, object] | None = None,
 ) -> Iterator[RunningOrthanc]:
     """Orthanc with its defaults (SQLite index, files, fsync), answering C-FIND from any AE;
     with ``TCP_NODELAY=1`` in its environment unless ``nodelay`` is false; its index in the
-    local PostgreSQL's ``postgresql_database`` (the orthanc-postgresql plugin) when given."""
+    local PostgreSQL's ``postgresql_database`` (the orthanc-postgresql plugin) when given.
+    ``config_overrides``: more of its configuration (``DicomModalities`` for a C-MOVE)."""
     dicom_port, http_port = free_port(), free_port()
     config = {
         "Name": "hilum-bench",
@@ -86,6 +88,7 @@ def running_orthanc(
         "DicomAlwaysAllowFind": True,
         "Plugins": [str(DICOMWEB_PLUGIN)] if dicomweb else [],
         "DicomWeb": {"Enable": dicomweb, "Root": "/dicom-web/"},
+        **(config_overrides or {}),
     }
     if postgresql_database is not None:
         config["Plugins"] = [*config["Plugins"], str(POSTGRESQL_INDEX_PLUGIN)]  # type: ignore[misc]

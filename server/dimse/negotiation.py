@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import socket
 import ssl
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from pydicom.uid import UID
@@ -91,6 +91,45 @@ def supported_context(
     return context
 
 
+def receivers_preference(
+    proposed: list[PresentationContext],
+    supported: list[PresentationContext],
+    roles: Mapping[UID, tuple[bool | None, bool | None]],
+) -> list[PresentationContext]:
+    """``supported``, where the requestor takes the SCP role for a SOP class (PS3.7 D.3.3.4: a
+    C-GET SCU that receives the instances), with the transfer syntaxes it proposed first, in
+    its order: the receiver's preference decides, as a Move Destination chooses among those
+    Hilum proposes. pynetdicom accepts the first of the acceptor's syntaxes that was proposed,
+    and Hilum's list starts with implicit VR: an SCU that proposes explicit VR first (DCMTK's
+    getscu) had every instance stored in explicit VR re-encoded, in a decoder process, instead
+    of its stored bytes sent as they are. Contexts Hilum receives on keep Hilum's order."""
+    receiving = {str(uid) for uid, (_scu, scp) in roles.items() if scp}
+    if not receiving:
+        return supported
+    order: dict[str, list[str]] = {}
+    for context in proposed:
+        if str(context.abstract_syntax) in receiving:
+            theirs = order.setdefault(str(context.abstract_syntax), [])
+            theirs += [str(s) for s in context.transfer_syntax if str(s) not in theirs]
+    preferred = []
+    for context in supported:
+        theirs = order.get(str(context.abstract_syntax), [])
+        if theirs:
+            ours = [str(s) for s in context.transfer_syntax]
+            first = [s for s in theirs if s in ours]
+            context = _with_syntaxes(context, first + [s for s in ours if s not in first])
+        preferred.append(context)
+    return preferred
+
+
+def _with_syntaxes(context: PresentationContext, syntaxes: list[str]) -> PresentationContext:
+    """A copy of a supported ``context`` with ``syntaxes`` in that order (the supported list is
+    shared by every association: not changed)."""
+    copy = build_context(str(context.abstract_syntax), syntaxes)
+    copy.scu_role, copy.scp_role = context.scu_role, context.scp_role
+    return copy
+
+
 def read_association_request(wire: PduSocket, timeout: float) -> AssociationRequest:
     """The first PDU of an accepted connection, which must be an A-ASSOCIATE-RQ."""
     pdu_type, length = wire.read_pdu_header(idle_timeout=timeout)
@@ -139,8 +178,9 @@ def accept(
         for item in rq.user_information
         if isinstance(item, SCP_SCU_RoleSelectionNegotiation) and item.sop_class_uid is not None
     }
+    proposed = rq.presentation_context_definition_list
     results, role_replies = negotiate_as_acceptor(
-        rq.presentation_context_definition_list, supported, roles or None
+        proposed, receivers_preference(proposed, supported, roles), roles or None
     )
     primitive = A_ASSOCIATE()
     primitive.application_context_name = UID(APPLICATION_CONTEXT_NAME)

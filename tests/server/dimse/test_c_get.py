@@ -11,7 +11,7 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, build_role, evt
 from pynetdicom.association import Association
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
@@ -98,6 +98,36 @@ def get(
     """C-GET: the statuses of the responses, and the data sets received."""
     responses, received = get_responses(server, identifier, storage, model)
     return [status for status, _ in responses], received
+
+
+@pytest.mark.parametrize(
+    "proposed",
+    [
+        [ExplicitVRLittleEndian, ImplicitVRLittleEndian],
+        [ImplicitVRLittleEndian, ExplicitVRLittleEndian],
+    ],
+    ids=["explicit-first", "implicit-first"],
+)
+def test_the_get_scus_first_transfer_syntax_is_accepted_where_it_receives(
+    dimse_server: DimseServer, proposed: list[str]
+) -> None:
+    """PS3.7 D.3.3.4: on a storage context where the SCU takes the SCP role, the receiver's
+    preference decides (stored explicit VR then goes to getscu as stored); a storage context
+    without Role Selection keeps Hilum's order, implicit VR first."""
+    ae = AE(ae_title="GETSCU")
+    ae.add_requested_context(GET)
+    ae.add_requested_context(CTImageStorage, proposed)
+    ae.add_requested_context(MRImageStorage, proposed)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    roles = [build_role(CTImageStorage, scp_role=True)]
+    assoc = ae.associate("127.0.0.1", dimse_server.port, ae_title="HILUM", ext_neg=roles)
+    assert assoc.is_established
+    try:
+        accepted = {c.abstract_syntax: c.transfer_syntax[0] for c in assoc.accepted_contexts}
+    finally:
+        assoc.release()
+    assert accepted[CTImageStorage] == proposed[0]
+    assert accepted[MRImageStorage] == ImplicitVRLittleEndian
 
 
 def test_getscu_receives_the_study_as_stored(
