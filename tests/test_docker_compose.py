@@ -186,14 +186,19 @@ def test_the_bucket_is_not_made_with_a_placeholder_minio_password(tmp_path: Path
     before its first `mc` call (so nothing that needs the bucket starts); so does every secret
     Hilum itself refuses; a real secret gets past the check (to `mc`, absent here)."""
     example = _env_example()
+    service = _rendered(tmp_path, example)["services"]["minio-init"]
+    environment = {name: str(value) for name, value in service["environment"].items()}
+    # The container gets the .env's secrets (here the placeholders), which the script reads.
+    for name in ("MINIO_ROOT_PASSWORD", "HILUM_S3_SECRET_KEY"):
+        assert environment[name] == example[name]
+    # `config` keeps compose's escape; the container's shell is handed `$`.
+    script = service["command"][0].replace("$$", "$")
 
     def run(**secrets: str) -> subprocess.CompletedProcess:
-        service = _rendered(tmp_path, {**example, **secrets})["services"]["minio-init"]
-        environment = {name: str(value) for name, value in service["environment"].items()}
-        # `config` keeps compose's escape; the container's shell is handed `$`.
-        script = service["command"][0].replace("$$", "$")
-        return subprocess.run(["/bin/sh", "-c", script], capture_output=True, text=True,
-                              timeout=30, env={"PATH": "/usr/bin:/bin", **environment})  # fmt: skip
+        env = {"PATH": "/usr/bin:/bin", **environment, **secrets}
+        return subprocess.run(
+            ["/bin/sh", "-c", script], capture_output=True, text=True, timeout=30, env=env
+        )
 
     refused = run()
     assert refused.returncode == 1
