@@ -1,0 +1,31 @@
+"""The frame table packed: instance.frame_table, a binary column (storage.frame_table).
+
+Revision ID: 0012
+Revises: 0009
+
+New rows record where each frame lies as packed 64-bit words (8 bytes per fragment, 32 bytes
+for native pixel data) instead of the JSON ``frame_ranges`` (about 30 bytes of text per frame,
+parsed whole for every frame request). Existing rows keep their JSON ``frame_ranges``, which is
+still read: converting them here would rewrite every instance row in one transaction.
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0012"
+down_revision = "0009"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    op.add_column("instance", sa.Column("frame_table", sa.LargeBinary(), nullable=True))
+
+
+def downgrade() -> None:
+    # Rows written since keep no JSON frame ranges: their frames are then read from the whole
+    # file, as those of an instance without ranges.
+    with op.batch_alter_table("instance") as batch:
+        batch.drop_column("frame_table")
