@@ -133,6 +133,15 @@ class PackedFrameTable:
         else:
             raise ValueError(f"a frame table of unknown kind {self._kind}")
 
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, PackedFrameTable) and other._packed == self._packed
+
+    def __hash__(self) -> int:
+        return hash(self._packed)
+
+    def __repr__(self) -> str:
+        return f"PackedFrameTable({self._frames} frames, {len(self._packed)} bytes)"
+
     @property
     def number_of_frames(self) -> int:
         return self._frames
@@ -178,6 +187,14 @@ class JsonFrameTable:
         if not ranges or not all(ranges):
             raise ValueError("a frame_ranges list with a frame without fragments")
         self._ranges = ranges
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, JsonFrameTable) and other._ranges == self._ranges
+
+    __hash__ = None  # type: ignore[assignment]  # a list inside
+
+    def __repr__(self) -> str:
+        return f"JsonFrameTable({len(self._ranges)} frames)"
 
     @property
     def number_of_frames(self) -> int:
