@@ -21,6 +21,8 @@ from pydicom.uid import (
 
 from storage.dicom_file import read_instance_header
 from storage.frame_table import (
+    ENCAPSULATED_WIDE,
+    EncapsulatedTableBuilder,
     JsonFrameTable,
     PackedFrameTable,
     native_frame_table,
@@ -71,11 +73,11 @@ def packed_table(path: Path) -> PackedFrameTable:
     return PackedFrameTable(packed)
 
 
-def test_one_fragment_per_frame_is_one_range_of_8_bytes_per_frame(tmp_path: Path) -> None:
+def test_one_fragment_per_frame_is_one_range_of_4_bytes_per_frame(tmp_path: Path) -> None:
     frames = jpeg_like_frames(5)
     path = write_part10(encapsulated_slide(frames), tmp_path / "slide.dcm")
     packed = read_instance_header(path).frame_table
-    assert packed is not None and len(packed) == 8 * (4 + 5)
+    assert packed is not None and len(packed) == 32 + 4 * (5 + 1)
     table = PackedFrameTable(packed)
     assert [len(table.byte_ranges(n)) for n in range(1, 6)] == [1] * 5
     assert stored_frames(path, table) == frames
@@ -141,7 +143,7 @@ def test_frame_n_of_a_100_000_frame_slide(tmp_path: Path) -> None:
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert header.frame_table is not None and len(header.frame_table) == 8 * (4 + count)
+    assert header.frame_table is not None and len(header.frame_table) == 32 + 4 * (count + 1)
     assert peak < 4 << 20, f"{peak / 2**20:.1f} MiB traced while the table was built"
     table = PackedFrameTable(header.frame_table)
     for n in (1, 2, 54_321, count - 1, count):
@@ -176,8 +178,9 @@ def test_a_json_row_and_a_packed_row_answer_alike(tmp_path: Path) -> None:
         native_frame_table(100, 4, 3) + b"\0" * 8,
         native_frame_table(100, 4, 0),
         struct.pack("<4Q", 9, 1, 1, 1),  # unknown kind
-        struct.pack("<5Q", 2, 2, 1, 100, 200),  # more frames than fragments
-        struct.pack("<5Q", 2, 1, 1, 100, 200)[:-8],  # the end bound missing
+        struct.pack("<4Q2I", 2, 2, 1, 100, 0, 20),  # more frames than fragments
+        struct.pack("<4QI", 2, 1, 1, 100, 0),  # the end bound missing
+        struct.pack("<4Q2Q", 2, 1, 1, 100, 0, 20),  # 64-bit words in a 32-bit table
     ],
 )
 def test_a_table_that_does_not_hold_together_is_not_used(packed: bytes) -> None:
@@ -214,3 +217,26 @@ def test_frames_of_pydicoms_encapsulated_test_files_are_pydicoms(path: Path) -> 
     table = PackedFrameTable(header.frame_table)
     assert table.number_of_frames == header.number_of_frames
     assert stored_frames(path, table) == expected
+
+
+def test_fragments_past_4_gib_take_64_bit_words() -> None:
+    """Pixel Data of 4 GiB or more (``[limits]`` permitting): the builder widens its words."""
+    builder = EncapsulatedTableBuilder(3)
+    base = 5_000_000_000  # past 2**32 itself: only the span decides
+    for at in (base, base + 100, base + (5 << 30)):
+        builder.add_fragment(at)
+    packed = builder.finish(base + (5 << 30) + 58, None)
+    assert struct.unpack_from("<Q", packed)[0] == ENCAPSULATED_WIDE
+    assert len(packed) == 32 + 8 * 4
+    table = PackedFrameTable(packed)
+    assert [table.byte_ranges(n) for n in (1, 2, 3)] == [
+        [(base, 92)],
+        [(base + 100, (5 << 30) - 108)],
+        [(base + (5 << 30), 50)],
+    ]
+    narrow = EncapsulatedTableBuilder(1)
+    narrow.add_fragment(base)
+    narrow.add_fragment(base + 20)
+    table = PackedFrameTable(narrow.finish(base + 40, (0,)))
+    assert table.byte_ranges(1) == [(base, 12), (base + 20, 12)]
+    assert table.pixel_data_at == base
