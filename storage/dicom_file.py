@@ -63,7 +63,7 @@ class InstanceHeader:
     series_instance_uid: str
     number_of_frames: int
     # Where each frame lies (storage.frame_table, packed); None when not range-readable.
-    frame_table: bytes | None
+    frame_table: bytes | memoryview | None
     has_pixel_data: bool
 
 
@@ -237,7 +237,7 @@ def _check_pixel_geometry(
 
 def _locate_frames(
     fp: BinaryIO, dataset: Dataset, ts: UID, frames: int, file_size: int, limits: LimitsSettings
-) -> bytes | None:
+) -> bytes | memoryview | None:
     """The packed frame table (:mod:`storage.frame_table`) of the Pixel Data element at the
     current position; None when its frames cannot be located by range."""
     endian = "<" if ts.is_little_endian else ">"
@@ -304,7 +304,7 @@ def _read_item(fp: BinaryIO, file_size: int) -> tuple[int, int, int]:
 
 def _encapsulated_frames(
     fp: BinaryIO, frames: int, file_size: int, limits: LimitsSettings
-) -> bytes | None:
+) -> bytes | memoryview | None:
     # PS3.5 A.4: a Basic Offset Table item, then one item per fragment, then a delimiter.
     tag, bot_at, bot_length = _read_item(fp, file_size)
     if tag != _ITEM:

@@ -97,7 +97,7 @@ class EncapsulatedTableBuilder:
         """The offset of fragment ``index``'s value."""
         return self._base + self._words[self._skip + index]
 
-    def finish(self, end: int, first_fragments: Iterable[int] | None) -> bytes:
+    def finish(self, end: int, first_fragments: Iterable[int] | None) -> memoryview:
         """The packed table. ``end``: the offset just past the Sequence Delimitation Item's
         header (where a next item's value would begin); ``first_fragments``: the index of
         each frame's first fragment, None when there is one fragment per frame."""
@@ -117,9 +117,9 @@ class EncapsulatedTableBuilder:
         )
         if sys.byteorder != "little":
             words.byteswap()
-        packed = words.tobytes()
-        self._words = array("I")  # released before the row is written
-        return packed
+        self._words = array("I")
+        # The array's own bytes, not a copy: the database driver makes the one copy it needs.
+        return memoryview(words).cast("B")
 
 
 class PackedFrameTable:
@@ -128,7 +128,7 @@ class PackedFrameTable:
 
     __slots__ = ("_packed", "_kind", "_frames", "_fragments", "_a", "_b", "_width", "_format")
 
-    def __init__(self, packed: bytes) -> None:
+    def __init__(self, packed: bytes | memoryview) -> None:
         if len(packed) < _HEADER.size:
             raise ValueError(f"a frame table of {len(packed)} bytes")
         self._packed = packed
@@ -159,7 +159,7 @@ class PackedFrameTable:
         return isinstance(other, PackedFrameTable) and other._packed == self._packed
 
     def __hash__(self) -> int:
-        return hash(self._packed)
+        return hash(bytes(self._packed))
 
     def __repr__(self) -> str:
         return f"PackedFrameTable({self._frames} frames, {len(self._packed)} bytes)"
