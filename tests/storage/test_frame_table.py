@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from alembic import command
+from alembic.config import Config
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate, generate_frames
 from pydicom.uid import (
@@ -18,7 +20,9 @@ from pydicom.uid import (
     VLWholeSlideMicroscopyImageStorage,
     generate_uid,
 )
+from sqlalchemy import inspect, update
 
+from storage.archive import Archive
 from storage.dicom_file import read_instance_header
 from storage.frame_table import (
     ENCAPSULATED_WIDE,
@@ -28,6 +32,10 @@ from storage.frame_table import (
     native_frame_table,
     stored_frame_table,
 )
+from storage.index.database import MIGRATIONS, upgrade_database
+from storage.index.models import Instance
+from storage.ingest import Origin, ingest_file
+from storage.query import Query, QueryLevel, locate_instances
 from tests.factories import ct_instance, write_part10
 
 
@@ -240,3 +248,33 @@ def test_fragments_past_4_gib_take_64_bit_words() -> None:
     table = PackedFrameTable(narrow.finish(base + 40, (0,)))
     assert table.byte_ranges(1) == [(base, 12), (base + 20, 12)]
     assert table.pixel_data_at == base
+
+
+def test_migration_0012_keeps_json_rows_served_both_ways(archive: Archive, tmp_path: Path) -> None:
+    """Down to 0009 (the column dropped, the JSON rows kept) and up again: a row from before
+    the migration is located with its JSON table, by the same ``byte_ranges``."""
+    frames = jpeg_like_frames(3, size=40)
+    path = write_part10(encapsulated_slide(frames, fragments_per_frame=2), tmp_path / "s.dcm")
+    ingest_file(archive, path, Origin())
+    packed = packed_table(path)
+    legacy = [[list(r) for r in packed.byte_ranges(n)] for n in range(1, 4)]
+    with archive.index.write() as session:
+        session.execute(update(Instance).values(frame_table=None, frame_ranges=legacy))
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    with archive.index.engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.downgrade(config, "0009")
+    columns = inspect(archive.index.engine).get_columns("instance")
+    assert "frame_table" not in {column["name"] for column in columns}
+    upgrade_database(archive.index.engine)
+
+    (located,) = locate_instances(
+        archive, Query(QueryLevel.IMAGE, {"SOPInstanceUID": "*"}), with_frame_ranges=True
+    )
+    assert isinstance(located.frame_ranges, JsonFrameTable)
+    content = path.read_bytes()
+    assert [
+        b"".join(content[o : o + n] for o, n in located.frame_ranges.byte_ranges(f))
+        for f in (1, 2, 3)
+    ] == frames
