@@ -14,6 +14,10 @@ that loaded everything a C-STORE needs).
    ``--slide-mib`` MiB: (peak - before) / associations.
 2. One slide of ``--large-gib`` GiB (default 2) on one association: peak - before.
 
+``--tile`` (default 512) sets the tiles' side: 128 makes a 2 GiB slide of about 130 000 frames,
+the number of frames of a real 2 GB slide of 256x256 tiles (whose JPEGs are smaller than these
+tiles of random pixels).
+
 Every C-STORE must be answered Success (0x0000) and stored at its full size; a step that is not
 says so. Several rounds (``--rounds``): medians and ranges. Nothing is asserted.
 
@@ -59,9 +63,9 @@ TILE = 512
 MAX_PDU = 16384  # DCMTK's default
 
 
-def jpeg_tile() -> bytes:
+def jpeg_tile(size: int = TILE) -> bytes:
     rng = np.random.default_rng(7)
-    pixels = rng.integers(0, 255, (TILE, TILE, 3), dtype=np.uint8)
+    pixels = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
     out = BytesIO()
     Image.fromarray(pixels, "RGB").save(out, format="JPEG", quality=90)
     tile = out.getvalue()
@@ -72,13 +76,13 @@ class SlideStream:
     """A whole-slide image's data set (explicit VR little endian, encapsulated Pixel Data with an
     empty Basic Offset Table), made as it is read: ``frames`` items of ``tile``."""
 
-    def __init__(self, tile: bytes, frames: int) -> None:
+    def __init__(self, tile: bytes, frames: int, side: int = TILE) -> None:
         self.sop_instance_uid = generate_uid()
         self.size = 0
-        self._pieces = self._make(tile, frames)
+        self._pieces = self._make(tile, frames, side)
         self._piece, self._offset = b"", 0
 
-    def _make(self, tile: bytes, frames: int) -> Iterator[bytes]:
+    def _make(self, tile: bytes, frames: int, side: int) -> Iterator[bytes]:
         ds = Dataset()
         ds.SOPClassUID = WSI
         ds.SOPInstanceUID = self.sop_instance_uid
@@ -87,9 +91,9 @@ class SlideStream:
         ds.ImageType = ["ORIGINAL", "PRIMARY", "VOLUME", "NONE"]
         ds.DimensionOrganizationType = "TILED_FULL"
         across = max(1, int(frames**0.5))
-        ds.TotalPixelMatrixColumns = TILE * across
-        ds.TotalPixelMatrixRows = TILE * -(-frames // across)
-        ds.Rows = ds.Columns = TILE
+        ds.TotalPixelMatrixColumns = side * across
+        ds.TotalPixelMatrixRows = side * -(-frames // across)
+        ds.Rows = ds.Columns = side
         ds.NumberOfFrames = frames
         ds.SamplesPerPixel = 3
         ds.PhotometricInterpretation = "YBR_FULL_422"
@@ -122,7 +126,7 @@ class SlideStream:
         return chunk
 
 
-def store_slide(port: int, tile: bytes, frames: int) -> tuple[int, int]:
+def store_slide(port: int, tile: bytes, frames: int, side: int = TILE) -> tuple[int, int]:
     """C-STORE one slide; (status, bytes of the data set sent)."""
     assoc = request_association(
         "127.0.0.1", port, calling_ae_title="MEMSCU", called_ae_title="HILUM",
@@ -130,7 +134,7 @@ def store_slide(port: int, tile: bytes, frames: int) -> tuple[int, int]:
     )  # fmt: skip
     try:
         (context,) = assoc.contexts.values()
-        slide = SlideStream(tile, frames)
+        slide = SlideStream(tile, frames, side)
         command = {
             "AffectedSOPClassUID": WSI,
             "CommandField": CommandField.C_STORE_RQ,
@@ -159,13 +163,17 @@ def reset_peak(pid: int) -> None:
     Path(f"/proc/{pid}/clear_refs").write_text("5")
 
 
-def step(pid: int, port: int, tile: bytes, associations: int, frames: int) -> tuple[float, str]:
+def step(
+    pid: int, port: int, tile: bytes, associations: int, frames: int, side: int = TILE
+) -> tuple[float, str]:
     """(peak growth in MiB per association, a note when a C-STORE did not succeed)."""
     time.sleep(0.5)  # let the previous step's threads end
     before = status_kib(pid, "VmRSS")
     reset_peak(pid)
     with ThreadPoolExecutor(associations) as pool:
-        results = list(pool.map(lambda _: store_slide(port, tile, frames), range(associations)))
+        results = list(
+            pool.map(lambda _: store_slide(port, tile, frames, side), range(associations))
+        )
     peak = status_kib(pid, "VmHWM")
     failed = [f"{status:#06x}" for status, _ in results if status != 0x0000]
     return (peak - before) / 1024 / associations, (f"failed: {failed}" if failed else "")
@@ -181,8 +189,11 @@ def main() -> None:
     parser.add_argument("--slide-mib", type=int, default=64)
     parser.add_argument("--large-gib", type=float, default=2.0)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--tile", type=int, default=TILE, help="tile side in pixels: smaller, more frames"
+    )
     args = parser.parse_args()
-    tile = jpeg_tile()
+    tile = jpeg_tile(args.tile)
     item = len(tile) + 8
     slide_frames = max(1, (args.slide_mib << 20) // item)
     large_frames = max(1, int(args.large_gib * (1 << 30)) // item)
@@ -197,19 +208,21 @@ def main() -> None:
         subprocess.run([HILUM, "db", "upgrade"], env=environment(env), check=True,
                        capture_output=True, timeout=120)  # fmt: skip
         with running([HILUM, "dimse"], log, accepts_tcp(port), env) as process:
-            status, _ = store_slide(port, tile, 4)  # warm-up: every module a C-STORE needs
+            status, _ = store_slide(
+                port, tile, 4, args.tile
+            )  # warm-up: every module a C-STORE needs
             assert status == 0, f"warm-up C-STORE: {status:#06x}"
             progress(f"idle resident set {status_kib(process.pid, 'VmRSS') / 1024:.1f} MiB")
             figures: dict[str, list[float]] = {}
             notes: list[str] = []
             for round_ in range(args.rounds):
                 for n in args.associations:
-                    growth, note = step(process.pid, port, tile, n, slide_frames)
+                    growth, note = step(process.pid, port, tile, n, slide_frames, args.tile)
                     figures.setdefault(f"{n} x {args.slide_mib} MiB", []).append(growth)
                     notes += [f"round {round_ + 1}, {n} associations: {note}"] if note else []
                     progress(f"round {round_ + 1}: {n} x {args.slide_mib} MiB: {growth:.2f} MiB")
                 if args.large_gib:
-                    growth, note = step(process.pid, port, tile, 1, large_frames)
+                    growth, note = step(process.pid, port, tile, 1, large_frames, args.tile)
                     figures.setdefault(f"1 x {args.large_gib:g} GiB", []).append(growth)
                     notes += [f"round {round_ + 1}, large slide: {note}"] if note else []
                     progress(f"round {round_ + 1}: 1 x {args.large_gib:g} GiB: {growth:.2f} MiB")

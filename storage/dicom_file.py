@@ -11,6 +11,8 @@ import logging
 import math
 import re
 import struct
+import sys
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -29,6 +31,7 @@ from pynetdicom.sop_class import uid_to_service_class
 from config.settings import LimitsSettings
 from storage.data_set_structure import part10_structure
 from storage.errors import InvalidInstance, StorageError
+from storage.frame_table import EncapsulatedTableBuilder, native_frame_table
 from storage.limits import check_decoded_size, check_stored_size, refuse_too_complex
 
 log = logging.getLogger(__name__)
@@ -47,8 +50,6 @@ BULK_DATA_THRESHOLD = 1024
 # Frame start markers, for encapsulated data without an offset table (JPEG SOI, J2K SOC).
 _FRAME_START_MARKERS = (b"\xff\xd8", b"\xff\x4f")
 
-FrameRanges = list[list[list[int]]]
-
 
 @dataclass(frozen=True)
 class InstanceHeader:
@@ -61,7 +62,8 @@ class InstanceHeader:
     study_instance_uid: str
     series_instance_uid: str
     number_of_frames: int
-    frame_ranges: FrameRanges | None
+    # Where each frame lies (storage.frame_table, packed); None when not range-readable.
+    frame_table: bytes | memoryview | None
     has_pixel_data: bool
 
 
@@ -149,12 +151,12 @@ def _instance_header(
     frames = _number_of_frames(dataset)
     _check_pixel_geometry(dataset, frames, has_pixel_element, limits)
     has_pixel_data = pixel_data_at < file_size and transfer_syntax != DeflatedExplicitVRLittleEndian
-    frame_ranges = None
+    frame_table = None
     if has_pixel_data:
         ts = UID(transfer_syntax)
         fp.seek(pixel_data_at)
-        frame_ranges = _locate_frames(fp, dataset, ts, frames, file_size, limits)
-        has_pixel_data = frame_ranges is not None or ts.is_encapsulated
+        frame_table = _locate_frames(fp, dataset, ts, frames, file_size, limits)
+        has_pixel_data = frame_table is not None or ts.is_encapsulated
 
     return InstanceHeader(
         dataset=dataset,
@@ -164,7 +166,7 @@ def _instance_header(
         study_instance_uid=uids["StudyInstanceUID"],
         series_instance_uid=uids["SeriesInstanceUID"],
         number_of_frames=frames,
-        frame_ranges=frame_ranges,
+        frame_table=frame_table,
         has_pixel_data=has_pixel_data,
     )
 
@@ -235,7 +237,9 @@ def _check_pixel_geometry(
 
 def _locate_frames(
     fp: BinaryIO, dataset: Dataset, ts: UID, frames: int, file_size: int, limits: LimitsSettings
-) -> FrameRanges | None:
+) -> bytes | memoryview | None:
+    """The packed frame table (:mod:`storage.frame_table`) of the Pixel Data element at the
+    current position; None when its frames cannot be located by range."""
     endian = "<" if ts.is_little_endian else ">"
     header = fp.read(8)
     if len(header) < 8:
@@ -261,7 +265,7 @@ def _locate_frames(
     return _encapsulated_frames(fp, frames, file_size, limits)
 
 
-def _native_frames(dataset: Dataset, value_at: int, length: int, frames: int) -> FrameRanges | None:
+def _native_frames(dataset: Dataset, value_at: int, length: int, frames: int) -> bytes | None:
     rows, columns, bits_allocated = (
         integer_value(dataset, keyword) for keyword in ("Rows", "Columns", "BitsAllocated")
     )
@@ -281,7 +285,7 @@ def _native_frames(dataset: Dataset, value_at: int, length: int, frames: int) ->
         raise InvalidInstance(
             f"Pixel Data holds {length} bytes, {frames} frame(s) of {frame_length} need more"
         )
-    return [[[value_at + i * frame_length, frame_length]] for i in range(frames)]
+    return native_frame_table(value_at, frame_length, frames)
 
 
 def _read_item(fp: BinaryIO, file_size: int) -> tuple[int, int, int]:
@@ -300,60 +304,97 @@ def _read_item(fp: BinaryIO, file_size: int) -> tuple[int, int, int]:
 
 def _encapsulated_frames(
     fp: BinaryIO, frames: int, file_size: int, limits: LimitsSettings
-) -> FrameRanges | None:
+) -> bytes | memoryview | None:
     # PS3.5 A.4: a Basic Offset Table item, then one item per fragment, then a delimiter.
-    tag, at, length = _read_item(fp, file_size)
+    tag, bot_at, bot_length = _read_item(fp, file_size)
     if tag != _ITEM:
         raise InvalidInstance("encapsulated Pixel Data does not start with an offset table item")
-    if length > 8 * frames:  # one 4-byte offset per frame (8 for an Extended Offset Table)
+    if bot_length > 8 * frames:  # one 4-byte offset per frame (8 for an Extended Offset Table)
         raise InvalidInstance(
-            f"the Basic Offset Table has {length} bytes for {frames} frame(s) (PS3.5 A.4)"
+            f"the Basic Offset Table has {bot_length} bytes for {frames} frame(s) (PS3.5 A.4)"
         )
-    bot = list(struct.unpack(f"<{length // 4}L", fp.read(length))) if length else []
-    first_fragment_at = fp.tell()
-    fragments: list[tuple[int, int, int]] = []  # (item offset from first fragment, at, length)
+    first_fragment_at = fp.seek(bot_at + bot_length)
+    # Only the fragments' value offsets, in one array: a whole-slide image has ~10^5 of them.
+    table = EncapsulatedTableBuilder(frames)
     while True:
         tag, at, length = _read_item(fp, file_size)
         if tag == _SEQUENCE_DELIMITER:
             break
         if tag != _ITEM:
             raise InvalidInstance(f"unexpected tag {tag:08X} inside encapsulated Pixel Data")
-        fragments.append((at - 8 - first_fragment_at, at, length))
-        if len(fragments) > limits.elements_max:
+        table.add_fragment(at)
+        if table.fragments > limits.elements_max:
             refuse_too_complex(
                 f"the Pixel Data holds more than {limits.elements_max} fragments",
                 "elements_max",
                 limits.elements_max,
             )
         fp.seek(at + length)
+    end = at  # just past the delimiter's header: where fragment n's value would begin
 
+    fragments = table.fragments
     if not fragments:
         raise InvalidInstance("encapsulated Pixel Data holds no fragment")
-    if len(fragments) < frames:
+    if fragments < frames:
         # PS3.5 A.4: a fragment holds data of one frame at most.
         raise InvalidInstance(
-            f"Number of Frames is {frames}, the Pixel Data holds {len(fragments)} fragment(s)"
+            f"Number of Frames is {frames}, the Pixel Data holds {fragments} fragment(s)"
         )
-    if len(fragments) == frames:
-        return [[[at, length]] for _, at, length in fragments]
+    if fragments == frames:
+        return table.finish(end, None)
     if frames == 1:
-        return [[[at, length] for _, at, length in fragments]]
-    starts: list[int]
-    if len(bot) == frames:
-        starts = [i for i, (offset, _, _) in enumerate(fragments) if offset in set(bot)]
+        return table.finish(end, (0,))
+    if bot_length // 4 == frames:
+        starts = _starts_from_offset_table(fp, bot_at, frames, table, first_fragment_at)
     else:
-        starts = []
-        for i, (_, at, length) in enumerate(fragments):
-            fp.seek(at)
-            if length >= 2 and fp.read(2) in _FRAME_START_MARKERS:
-                starts.append(i)
+        starts = _starts_from_markers(fp, table, end)
     if len(starts) != frames or starts[0] != 0:
         return None  # frames cannot be told apart without decoding; WADO-RS decodes instead
-    bounds = [*starts, len(fragments)]
-    return [
-        [[at, length] for _, at, length in fragments[bounds[i] : bounds[i + 1]]]
-        for i in range(frames)
-    ]
+    return table.finish(end, starts)
+
+
+def _starts_from_offset_table(
+    fp: BinaryIO, bot_at: int, frames: int, table: EncapsulatedTableBuilder, first_at: int
+) -> array[int]:
+    """The fragments whose item begins at an offset of the Basic Offset Table (PS3.5 A.4:
+    offsets from the first fragment's item, in frame order)."""
+    fp.seek(bot_at)
+    bot = array("I")
+    bot.frombytes(fp.read(4 * frames))
+    if sys.byteorder != "little":
+        bot.byteswap()
+    starts = array("Q")
+    if all(a < b for a, b in zip(bot, bot[1:], strict=False)):
+        # Increasing, as the standard has them: one merge pass, no set of 10^5 numbers.
+        k = 0
+        for i in range(table.fragments):
+            offset = table.fragment_at(i) - 8 - first_at
+            while k < frames and bot[k] < offset:
+                k += 1
+            if k == frames:
+                break
+            if bot[k] == offset:
+                starts.append(i)
+        return starts
+    wanted = set(bot)
+    starts.extend(
+        i for i in range(table.fragments) if table.fragment_at(i) - 8 - first_at in wanted
+    )
+    return starts
+
+
+def _starts_from_markers(fp: BinaryIO, table: EncapsulatedTableBuilder, end: int) -> array[int]:
+    """Without a usable offset table: the fragments that begin with a JPEG SOI or J2K SOC
+    marker (what pydicom's frame generator relies on too)."""
+    starts = array("Q")
+    fragments = table.fragments
+    for i in range(fragments):
+        at = table.fragment_at(i)
+        next_at = table.fragment_at(i + 1) if i + 1 < fragments else end
+        fp.seek(at)
+        if next_at - 8 - at >= 2 and fp.read(2) in _FRAME_START_MARKERS:
+            starts.append(i)
+    return starts
 
 
 def metadata_json(dataset: Dataset, has_pixel_data: bool) -> dict[str, Any]:

@@ -958,5 +958,6 @@ def _instance_values(
         "calling_ae_title": origin.calling_ae_title[:16],
         "received_at": datetime.now(UTC),
         "metadata_json": metadata_json(header.dataset, header.has_pixel_data),
-        "frame_ranges": header.frame_ranges,
+        "frame_table": header.frame_table,
+        "frame_ranges": None,  # the JSON form of rows before migration 0013
     }

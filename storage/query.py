@@ -32,6 +32,7 @@ from sqlalchemy.orm import aliased
 
 from storage.dicom_file import is_valid_uid
 from storage.errors import InvalidQuery
+from storage.frame_table import FrameTable, stored_frame_table
 from storage.index.database import database_errors
 from storage.index.models import Instance, Patient, Series, Study
 
@@ -99,8 +100,9 @@ class StoredInstance:
     blob_key: str
     size: int
     number_of_frames: int
-    # Per frame, the [offset, length] fragments in the stored file; None when not range-readable.
-    frame_ranges: list[list[list[int]]] | None
+    # Where each frame lies in the stored file (storage.frame_table); None when not
+    # range-readable, or not asked for.
+    frame_ranges: FrameTable | None
     # DICOM JSON (PS3.18 F.2) of the header, only when asked for.
     metadata: dict[str, Any] | None = None
     # The storage tier that holds the blob ("" the primary store): pass it to every read.
@@ -335,7 +337,11 @@ def locate_instances(
         parameters = {}
     with database_errors(), archive.index.read() as session:
         for row in session.connection().execute(statement, parameters):
-            yield StoredInstance(*row)
+            study, series, sop, sop_class, syntax, key, size, frames, packed, legacy, meta = row
+            table = stored_frame_table(packed, legacy, key)
+            yield StoredInstance(
+                study, series, sop, sop_class, syntax, key, size, frames, table, meta
+            )
 
 
 _LOCATE_ORDER = (Study.id, Series.series_number, Series.id, Instance.instance_number, Instance.id)
@@ -351,6 +357,7 @@ def _locate_columns(with_frame_ranges: bool, with_metadata: bool) -> Select:
         Instance.blob_key,
         Instance.size,
         Instance.number_of_frames,
+        Instance.frame_table if with_frame_ranges else null(),
         Instance.frame_ranges if with_frame_ranges else null(),
         Instance.metadata_json if with_metadata else null(),
         Instance.tier,

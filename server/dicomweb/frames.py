@@ -50,7 +50,7 @@ def check_frames(instance: StoredInstance, numbers: list[int]) -> None:
     """Every number names a frame of ``instance``: 400 below 1, 404 beyond the last."""
     if any(n < 1 for n in numbers):
         raise InvalidQuery("frame numbers start at 1 (PS3.18 8.3.3.1.5)")
-    if not instance.frame_ranges and not instance.number_of_frames:
+    if instance.frame_ranges is None and not instance.number_of_frames:
         raise FrameNotFound(f"instance {instance.sop_instance_uid} has no frames")
     for n in numbers:
         if n > instance.number_of_frames:
@@ -104,7 +104,8 @@ class FrameReader:
         frame joined, or the native frame's pixels, from a single ranged read."""
         if instance.frame_ranges is None:
             return next(self._frames_from_whole_file(instance, [number]))
-        fragments = instance.frame_ranges[number - 1]
+        # Only this frame's entry of the table is read (storage.frame_table).
+        fragments = instance.frame_ranges.byte_ranges(number)
         start = fragments[0][0]
         end = fragments[-1][0] + fragments[-1][1]
         data = self.archive.blobs.get_range(
@@ -134,9 +135,9 @@ class FrameReader:
 
     def read_header(self, instance: StoredInstance) -> Dataset:
         """The data set up to the Pixel Data element, read without fetching the pixels."""
-        if instance.frame_ranges:
+        if instance.frame_ranges is not None:
             head = self.archive.blobs.get_range(
-                instance.blob_key, 0, instance.frame_ranges[0][0][0], tier=instance.tier
+                instance.blob_key, 0, instance.frame_ranges.pixel_data_at, tier=instance.tier
             )
             return pydicom.dcmread(BytesIO(head), stop_before_pixels=True)
         with self.spool.copy_of(self.archive, instance.blob_key, instance.tier) as copy:

@@ -19,6 +19,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     String,
     Text,
     UniqueConstraint,
@@ -163,8 +164,11 @@ class Instance(Base):
     received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     # DICOM JSON (PS3.18 F.2) of the header, bulk data replaced by BulkDataURIs.
     metadata_json: Mapped[dict[str, Any]] = mapped_column(JSONType)
-    # Per frame, the (offset, length) byte ranges of its fragments in the stored file;
+    # Where each frame lies in the stored file, packed (storage.frame_table, migration 0013);
     # null when frames cannot be read by range (deflated syntax, no pixel data).
+    frame_table: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    # Rows from before migration 0013: per frame, the [offset, length] of its fragments as
+    # JSON; still read (storage.frame_table.stored_frame_table), no longer written.
     frame_ranges: Mapped[list[list[list[int]]] | None] = mapped_column(JSONType, nullable=True)
 
 

@@ -17,6 +17,7 @@ from config import Settings
 from storage.archive import Archive, open_archive
 from storage.delete import delete_instance
 from storage.errors import InvalidInstance, SOPClassMismatch, StorageUnavailable
+from storage.frame_table import PackedFrameTable
 from storage.index.models import Instance, Patient, Series, Study
 from storage.ingest import IngestOutcome, Origin, Received, ingest_file, ingest_files
 from storage.verify import verify_archive
@@ -74,7 +75,8 @@ def test_stores_blob_and_index_rows(archive: Archive, tmp_path: Path) -> None:
     assert row.metadata_json["00100010"] == {"vr": "PN", "Value": [{"Alphabetic": "DOE^JANE"}]}
     assert row.metadata_json["7FE00010"]["BulkDataURI"] == "bulkdata/7FE00010"
     # The recorded frame range holds exactly the pixel data.
-    [[(offset, length)]] = row.frame_ranges
+    assert row.frame_table is not None and row.frame_ranges is None
+    [(offset, length)] = PackedFrameTable(row.frame_table).byte_ranges(1)
     assert archive.blobs.get_range(row.blob_key, offset, length) == ds.PixelData
     with archive.index.read() as session:
         study = session.execute(select(Study)).scalar_one()
