@@ -337,10 +337,11 @@ def locate_instances(
         parameters = {}
     with database_errors(), archive.index.read() as session:
         for row in session.connection().execute(statement, parameters):
-            study, series, sop, sop_class, syntax, key, size, frames, packed, legacy, meta = row
+            (study, series, sop, sop_class, syntax, key, size, frames, packed, legacy, meta,
+             tier) = row  # fmt: skip
             table = stored_frame_table(packed, legacy, key)
             yield StoredInstance(
-                study, series, sop, sop_class, syntax, key, size, frames, table, meta
+                study, series, sop, sop_class, syntax, key, size, frames, table, meta, tier
             )
 
 
