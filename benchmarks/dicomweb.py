@@ -30,11 +30,8 @@ stderr.
 from __future__ import annotations
 
 import argparse
-import os
 import random
-import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -51,7 +48,7 @@ from benchmarks.synthetic_index import build_synthetic_index  # noqa: E402
 from config import load_settings  # noqa: E402
 from server.app import HttpServer, create_app  # noqa: E402
 from storage.archive import open_archive  # noqa: E402
-from tests.conftest import S3_ACCESS_KEY, S3_SECRET_KEY, free_port  # noqa: E402
+from tests.conftest import S3_ACCESS_KEY, S3_SECRET_KEY, SeaweedFS, free_port  # noqa: E402
 from tests.factories import ct_instance  # noqa: E402
 from tests.server.dicomweb.test_wsi_frames import jpeg_tile, whole_slide_image  # noqa: E402
 
@@ -162,38 +159,13 @@ def stow_and_metadata(args: argparse.Namespace, work: Path) -> None:
     archive.close()
 
 
-def start_seaweedfs(work: Path) -> tuple[subprocess.Popen, str]:
-    weed = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
-    ports = {name: free_port() for name in ("s3", "master", "filer", "volume", "admin")}
-    command = [
-        weed, "mini", f"-dir={work / 'seaweedfs'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-        f"-s3.port={ports['s3']}", f"-master.port={ports['master']}",
-        f"-filer.port={ports['filer']}", f"-volume.port={ports['volume']}",
-        f"-admin.port={ports['admin']}", "-admin.ui=false", "-webdav=false",
-        "-s3.port.iceberg=0", "-s3.port.lance=0",
-    ]  # fmt: skip
-    (work / "seaweedfs").mkdir()
-    env = {**os.environ, "AWS_ACCESS_KEY_ID": S3_ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET_KEY}
-    process = subprocess.Popen(
-        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env
-    )
-    endpoint = f"http://127.0.0.1:{ports['s3']}"
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        try:
-            if requests.get(endpoint + "/", timeout=2).status_code < 500:
-                return process, endpoint
-        except requests.RequestException:
-            time.sleep(0.5)
-    process.kill()
-    raise SystemExit("SeaweedFS did not start")
-
-
 def wsi_frames(args: argparse.Namespace, work: Path) -> None:
-    process = None
+    seaweedfs = None
     endpoint = args.s3_endpoint
     if not endpoint:
-        process, endpoint = start_seaweedfs(work)
+        (work / "seaweedfs").mkdir()
+        seaweedfs = SeaweedFS(work / "seaweedfs")
+        endpoint = seaweedfs.start().endpoint
     try:
         settings = load_settings(
             None,
@@ -232,9 +204,8 @@ def wsi_frames(args: argparse.Namespace, work: Path) -> None:
         server.stop()
         archive.close()
     finally:
-        if process is not None:
-            process.terminate()
-            process.wait(10)
+        if seaweedfs is not None:
+            seaweedfs.stop()
 
 
 def authentication(args: argparse.Namespace, work: Path) -> None:
