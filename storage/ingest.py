@@ -730,6 +730,7 @@ _INSTANCE_COLUMNS = (
     "calling_ae_title",
     "received_at",
     "metadata_json",
+    "frame_table",
     "frame_ranges",
 )
 
