@@ -75,7 +75,12 @@ class DeadlineThreadWorker(ThreadWorker):  # type: ignore[misc]
         # defers it to its poller after a few seconds): under the header deadline, but not in
         # the address's share until its bytes are there, so that a browser opening its six
         # connections at once is not refused.
-        counted = bool(conn.initialized or conn.data_ready or _readable(conn.sock))
+        # A new connection's first byte gets a moment to arrive (the thread would block in
+        # gunicorn's read for it anyway): one that sends at once is counted even when the
+        # worker dispatched it first, as happens on a busy host.
+        counted = bool(
+            conn.initialized or conn.data_ready or _readable(conn.sock, FIRST_BYTE_WAIT_S)
+        )
 
         def cut(how: int) -> None:
             conn.sock.shutdown(how)
@@ -136,6 +141,9 @@ def _linger(conn: Any) -> None:
             drained += len(data)
 
 
+# How long a new connection's first byte is awaited before it is read uncounted (a browser's
+# preconnect sends nothing for seconds; an attacker's trickle starts at once).
+FIRST_BYTE_WAIT_S = 1.0
 # gunicorn's own bounds on a graceful close (gunicorn.util.close_graceful).
 LINGER_S = 2.0
 LINGER_MAX_BYTES = 1 << 16
@@ -145,9 +153,9 @@ def _address(client: Any) -> str:
     return str(client[0] if isinstance(client, tuple) else client)
 
 
-def _readable(sock: Any) -> bool:
+def _readable(sock: Any, timeout_s: float) -> bool:
     try:
-        readable, _, _ = select.select([sock], [], [], 0)
+        readable, _, _ = select.select([sock], [], [], timeout_s)
     except (OSError, ValueError):
         return False
     return bool(readable)
