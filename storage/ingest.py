@@ -714,42 +714,25 @@ def _insert_new(dialect: str) -> Any:
     )
 
 
-# Every column of a new instance row: partition, series_pk and those of _instance_values.
-_INSTANCE_COLUMNS = (
-    "partition",
-    "series_pk",
-    "sop_instance_uid",
-    "sop_class_uid",
-    "instance_number",
-    "number_of_frames",
-    "transfer_syntax_uid",
-    "blob_key",
-    "size",
-    "sha256",
-    "tier",
-    "calling_ae_title",
-    "received_at",
-    "metadata_json",
-    "frame_table",
-    "frame_ranges",
-)
-
-
 @functools.cache
 def _sqlite_statements(dialect: Dialect) -> tuple[DriverStatement, ...]:
-    """The known-series look-up, the study's touch and the one-row INSERT of a new instance
-    (ON CONFLICT DO NOTHING, RETURNING its UID), compiled for ``dialect`` (SQLite)."""
+    """The known-series look-up and the study's touch, compiled for ``dialect`` (SQLite)."""
+    return (DriverStatement(_KNOWN_SERIES, dialect), DriverStatement(_TOUCH_STUDY, dialect))
+
+
+@functools.lru_cache(maxsize=8)
+def _sqlite_insert_one(dialect: Dialect, names: tuple[str, ...]) -> DriverStatement:
+    """The one-row INSERT of a new instance with the columns ``names`` (the keys of its row:
+    partition, series_pk and those of ``_instance_values``), ON CONFLICT DO NOTHING,
+    RETURNING its UID, compiled for ``dialect`` (SQLite)."""
     columns = Instance.__table__.c
-    insert_one = (
+    statement = (
         sqlite.insert(Instance)
-        .values({name: bindparam(name, type_=columns[name].type) for name in _INSTANCE_COLUMNS})
+        .values({name: bindparam(name, type_=columns[name].type) for name in names})
         .on_conflict_do_nothing(index_elements=["partition", "sop_instance_uid"])
         .returning(Instance.sop_instance_uid)
     )
-    return tuple(
-        DriverStatement(statement, dialect)
-        for statement in (_KNOWN_SERIES, _TOUCH_STUDY, insert_one)
-    )
+    return DriverStatement(statement, dialect)
 
 
 class _GroupStatements:
@@ -798,7 +781,8 @@ class _GroupStatements:
             )
         inserted: set[str] = set()
         for row in rows:
-            inserted.update(uid for (uid,) in self.sqlite[2].execute(self.cursor, row).fetchall())
+            insert_one = _sqlite_insert_one(self.connection.dialect, tuple(row))
+            inserted.update(uid for (uid,) in insert_one.execute(self.cursor, row).fetchall())
         return inserted
 
 
