@@ -31,6 +31,7 @@ import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.dicomweb import BOUNDARY, stow_body  # noqa: E402
 from benchmarks.ingest import STORESCU, count_sqlite, hilum, write_series  # noqa: E402
 from benchmarks.processes import (  # noqa: E402
     DCMTK_NODELAY,
@@ -41,18 +42,9 @@ from benchmarks.processes import (  # noqa: E402
     stop_process,
 )
 
-BOUNDARY = "hilum-mixed-load"
 STOW_TYPE = f'multipart/related; type="application/dicom"; boundary={BOUNDARY}'
 PER_REQUEST = 10
 TIMEOUT_S = 900
-
-
-def multipart(paths: list[Path]) -> bytes:
-    body = b""
-    for path in paths:
-        body += f"--{BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\n".encode()
-        body += path.read_bytes() + b"\r\n"
-    return body + f"--{BOUNDARY}--\r\n".encode()
 
 
 def stow(base: str, paths: list[Path]) -> list[str]:
@@ -62,7 +54,7 @@ def stow(base: str, paths: list[Path]) -> list[str]:
         for at in range(0, len(paths), PER_REQUEST):
             response = session.post(
                 f"{base}/dicomweb/studies",
-                data=multipart(paths[at : at + PER_REQUEST]),
+                data=stow_body([path.read_bytes() for path in paths[at : at + PER_REQUEST]]),
                 headers={"Content-Type": STOW_TYPE, "Accept": "application/dicom+json"},
                 timeout=300,
             )
