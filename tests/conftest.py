@@ -38,10 +38,16 @@ BACKENDS = ["sqlite-files", "postgresql-s3"]
 
 _HANDED_OUT: set[int] = set()
 # Under pytest-xdist each worker process hands out only its own class of ports (the port modulo
-# 10000, modulo the number of workers), so two workers never hand out the same port; a port and
-# its +10000 neighbour fall in the same class.
+# 10000, halved, modulo the number of workers), so two workers never hand out the same port; a
+# port and its +10000 neighbour fall in the same class. Halved: Linux gives bind(("", 0)) odd
+# ports only, so with an even number of workers the port itself would leave some classes
+# empty (their workers would never get one).
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 _WORKER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))
+
+
+def _port_class(port: int) -> int:
+    return port % 10000 // 2 % _WORKERS
 
 
 def free_port() -> int:
@@ -52,7 +58,7 @@ def free_port() -> int:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        if port > 55000 or port in _HANDED_OUT or port % 10000 % _WORKERS != _WORKER:
+        if port > 55000 or port in _HANDED_OUT or _port_class(port) != _WORKER:
             continue
         with socket.socket() as s:
             try:
