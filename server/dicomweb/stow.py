@@ -19,7 +19,7 @@ from werkzeug.http import parse_options_header
 
 from config import Settings
 from server.access import Action, requires
-from server.context import http_context
+from server.context import RequestContext, http_context
 from server.dicomweb import urls
 from server.dicomweb.media_types import DICOM, DICOM_JSON
 from server.dicomweb.multipart import MultipartError, ReceivedPart, check_boundary, read_parts
@@ -79,6 +79,8 @@ class StoreTransaction:
         # Content-Length is refused here, a chunked body as soon as it passes it (413).
         limit_body(self.max_bytes, "http.stow_max_bytes")
         boundary = self._boundary()
+        # Once per request, not per part: the partition's archive and who stores.
+        archive, requestor = self.archive, http_context()
         stream = request.stream
         referenced: list[dict[str, Any]] = []
         failed: list[dict[str, Any]] = []
@@ -92,7 +94,7 @@ class StoreTransaction:
             return file
 
         def store_group() -> None:
-            self._store_group(group, referenced, failed)
+            self._store_group(archive, group, referenced, failed)
             group.clear()
             _remove(spooled)
 
@@ -101,7 +103,7 @@ class StoreTransaction:
                 for part in read_parts(stream, boundary, spool):
                     part.file.close()
                     group_bytes += part.file.size
-                    group.append(self._check_part(part, study))
+                    group.append(self._check_part(part, study, archive, requestor))
                     if len(group) >= GROUP_PARTS or group_bytes >= GROUP_BYTES:
                         store_group()
                         group_bytes = 0
@@ -141,7 +143,11 @@ class StoreTransaction:
         return response
 
     def _check_part(
-        self, part: ReceivedPart[SpooledPart], study: str | None
+        self,
+        part: ReceivedPart[SpooledPart],
+        study: str | None,
+        archive: Archive,
+        requestor: RequestContext,
     ) -> Received | dict[str, Any]:
         """The part, parsed, to store; or its Failed SOP item."""
         path = part.file.path
@@ -149,7 +155,7 @@ class StoreTransaction:
             part_type = parse_options_header(part.content_type)[0] if part.content_type else DICOM
             if part_type.lower() != DICOM:
                 raise InvalidInstance(f"a part of type {part_type!r} is not application/dicom")
-            header = read_instance_header(path, self.archive.limits)
+            header = read_instance_header(path, archive.limits)
         except StorageError as error:
             log.info("STOW-RS part refused: %s", error)
             return _failed("", "", failure_reason_for(error))
@@ -164,11 +170,12 @@ class StoreTransaction:
             header,
             temporary=True,
             sha256=(part.file.digest.hexdigest(), part.file.size),
-            requestor=http_context(),
+            requestor=requestor,
         )
 
     def _store_group(
         self,
+        archive: Archive,
         group: list[Received | dict[str, Any]],
         referenced: list[dict[str, Any]],
         failed: list[dict[str, Any]],
@@ -176,7 +183,7 @@ class StoreTransaction:
         """Store the parts of ``group`` with one ingest (one index transaction) and report
         each, in part order."""
         received = [entry for entry in group if isinstance(entry, Received)]
-        outcomes = iter(ingest_files(self.archive, received) if received else [])
+        outcomes = iter(ingest_files(archive, received) if received else [])
         for entry in group:
             if not isinstance(entry, Received):
                 failed.append(entry)
