@@ -8,7 +8,8 @@ defaults and the DICOMweb plugin (Debian's ``orthanc`` and ``orthanc-dicomweb``,
 the benchmarks only; without them the script says so and stops), started with ``TCP_NODELAY=1``
 (``benchmarks/orthanc.py``). Each holds the same study: ``--instances`` (300) synthetic CT
 slices, 512x512, 16-bit, explicit VR little endian (``benchmarks/ingest.py``'s series, about
-0.53 MB each), sent to both with DCMTK ``storescu`` before the first round.
+0.53 MB each), sent to both with DCMTK ``storescu`` before the first round (not with
+``--operations stow-rs`` alone).
 
 Each round measures, for each server in turn (Hilum first in odd rounds, Orthanc first in even
 ones, so that neither always runs second):
@@ -410,9 +411,10 @@ def main() -> int:
             hilum_server(work / "hilum", receiver_port) as hilum_peer,
             orthanc_server(work / "orthanc", receiver_port) as orthanc_peer,
         ):
-            index = work / "hilum" / "data" / "index.sqlite"
-            store_study(hilum_peer, files, work / "hilum", lambda: count_sqlite(index))
-            store_study(orthanc_peer, files, work / "orthanc", orthanc_count(orthanc_peer))
+            if set(args.operations) != {"stow-rs"}:  # STOW-RS alone sends new studies only
+                index = work / "hilum" / "data" / "index.sqlite"
+                store_study(hilum_peer, files, work / "hilum", lambda: count_sqlite(index))
+                store_study(orthanc_peer, files, work / "orthanc", orthanc_count(orthanc_peer))
             results = rounds(args, [hilum_peer, orthanc_peer], files, study, work, notes)
     finally:
         if args.keep:

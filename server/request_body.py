@@ -17,7 +17,7 @@ from functools import partial
 from typing import IO, Any, cast
 
 from flask import Request, request
-from werkzeug.exceptions import RequestEntityTooLarge
+from werkzeug.exceptions import ClientDisconnected, RequestEntityTooLarge
 from werkzeug.utils import cached_property
 from werkzeug.wsgi import get_input_stream
 
@@ -50,18 +50,21 @@ class BoundedRequest(Request):
                 f"the request body ({self.content_length} bytes) is larger than {limit} bytes "
                 f"({key})"
             )
-        # werkzeug's stream, bounded by the limit and one byte (the byte _BodyWithinLimit
-        # refuses): also under a Content-Length, as cheroot names wsgi.input_terminated even
-        # when False, which werkzeug takes for a stream the server ends at the body's end.
-        stream = get_input_stream(self.environ, max_content_length=limit + 1)
-        if self.content_length is not None:
-            return stream
-        return cast(IO[bytes], _BodyWithinLimit(stream, limit, key))
+        if "wsgi.input_terminated" not in self.environ:
+            # A server that does not end the body itself: werkzeug's stream ends it at its
+            # Content-Length (within the limit, checked above), or is empty without one.
+            return get_input_stream(self.environ, max_content_length=limit)
+        # The server ends the body (cheroot and gunicorn: at its Content-Length or its last
+        # chunk; cheroot names wsgi.input_terminated even when False, as werkzeug reads it
+        # too): read as the server returns it, within the limit. werkzeug's LimitedStream
+        # would copy every read twice (a STOW-RS body's every byte).
+        return cast(IO[bytes], _BodyWithinLimit(self.environ["wsgi.input"], limit, key))
 
 
 class _BodyWithinLimit(io.RawIOBase):
-    """A body of unannounced size (chunked), refused with 413 once more than ``limit`` bytes
-    of it were read."""
+    """A body that the server ends, refused with 413 once more than ``limit`` bytes of it were
+    read (only a chunked one can be: a larger Content-Length is refused before); a read that
+    fails is the client gone, as werkzeug's own stream says it (400)."""
 
     def __init__(self, stream: IO[bytes], limit: int, key: str) -> None:
         super().__init__()
@@ -76,7 +79,10 @@ class _BodyWithinLimit(io.RawIOBase):
         if size is None or size < 0:
             return self.readall()
         # One byte more than is left: a body that goes on past the limit shows it here.
-        data = self._stream.read(min(size, self._left + 1))
+        try:
+            data = self._stream.read(min(size, self._left + 1))
+        except (OSError, ValueError) as error:
+            raise ClientDisconnected() from error
         self._left -= len(data)
         if self._left < 0:
             raise RequestEntityTooLarge(self._reason)

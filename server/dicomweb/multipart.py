@@ -7,7 +7,7 @@ import re
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import IO, Protocol
+from typing import Generic, Protocol, TypeVar
 
 _READ_CHUNK = 1 << 20
 _MAX_HEADER_BYTES = 16 * 1024
@@ -53,10 +53,24 @@ def check_boundary(boundary: str) -> str:
     return boundary
 
 
+class PartFile(Protocol):
+    """Where a received part's content goes (``read_parts``'s ``spool``): written in pieces,
+    then positioned at 0 for the caller, who closes it."""
+
+    def write(self, data: bytes | memoryview, /) -> object: ...
+
+    def seek(self, offset: int, whence: int = 0, /) -> object: ...
+
+    def close(self) -> None: ...
+
+
+F = TypeVar("F", bound=PartFile)
+
+
 @dataclass
-class ReceivedPart:
+class ReceivedPart(Generic[F]):
     headers: dict[str, str]  # lower-case names
-    file: IO[bytes]  # positioned at 0; the caller closes it
+    file: F  # positioned at 0; the caller closes it
 
     @property
     def content_type(self) -> str:
@@ -64,8 +78,8 @@ class ReceivedPart:
 
 
 def read_parts(
-    stream: ByteStream, boundary: str, spool: Callable[[], IO[bytes]]
-) -> Iterator[ReceivedPart]:
+    stream: ByteStream, boundary: str, spool: Callable[[], F]
+) -> Iterator[ReceivedPart[F]]:
     """Yield each part of the body read from ``stream``, its content written to ``spool()``.
 
     A part is yielded only once it is complete; the next is read when the caller asks for it.
@@ -109,53 +123,77 @@ def _parse_headers(raw: bytes) -> dict[str, str]:
 
 
 class _Reader:
-    """A buffer over the request stream that finds delimiters across chunk edges."""
+    """The request stream, read in large pieces, with the delimiters found across their edges.
+
+    The unread data is ``data[pos:]``: the last read as the stream returned it, never copied
+    into a buffer of its own, so that a part's content goes from the read to its file as
+    slices of that read (``copy_until``). Only the few bytes that may begin a delimiter split
+    across two reads are joined to the next read, and a whole read only when it is shorter
+    than a delimiter or when headers straddle two reads.
+    """
 
     def __init__(self, stream: ByteStream) -> None:
         self.stream = stream
-        self.buffer = bytearray()
+        self.data = b""
+        self.pos = 0
         self.eof = False
 
-    def _fill(self) -> bool:
+    def _read(self) -> bytes:
         if self.eof:
-            return False
+            return b""
         chunk = self.stream.read(_READ_CHUNK)
         if not chunk:
             self.eof = True
+        return chunk
+
+    def _fill(self) -> bool:
+        """Append the next read to the unread data; False at the end of the stream."""
+        chunk = self._read()
+        if not chunk:
             return False
-        self.buffer += chunk
+        self.data = self.data[self.pos :] + chunk if self.pos < len(self.data) else chunk
+        self.pos = 0
         return True
 
+    def _unread(self) -> int:
+        return len(self.data) - self.pos
+
+    def _take(self, n: int, skip: int = 0) -> bytes:
+        """The next ``n`` unread bytes, consumed with ``skip`` more."""
+        data = self.data[self.pos : self.pos + n]
+        self.pos += n + skip
+        return data
+
     def read_exact(self, n: int) -> bytes:
-        while len(self.buffer) < n:
+        while self._unread() < n:
             if not self._fill():
                 raise MultipartError("the body ends inside a multipart delimiter")
-        data = bytes(self.buffer[:n])
-        del self.buffer[:n]
-        return data
+        return self._take(n)
 
     def consume_prefix(self, prefix: bytes) -> bool:
         """Drop ``prefix`` if the unread data starts with it."""
-        while len(self.buffer) < len(prefix) and self._fill():
+        while self._unread() < len(prefix) and self._fill():
             pass
-        if self.buffer.startswith(prefix):
-            del self.buffer[: len(prefix)]
+        if self.data.startswith(prefix, self.pos):
+            self.pos += len(prefix)
             return True
         return False
 
     def skip_to(self, delimiter: bytes) -> bool:
         """Drop everything up to and including ``delimiter`` at a line start."""
+        while self._unread() < len(delimiter) and self._fill():
+            pass
+        if self.data.startswith(delimiter, self.pos):
+            self.pos += len(delimiter)
+            return True
+        marker = b"\r\n" + delimiter
         while True:
-            if self.buffer.startswith(delimiter):
-                del self.buffer[: len(delimiter)]
-                return True
-            at = self.buffer.find(b"\r\n" + delimiter)
+            at = self.data.find(marker, self.pos)
             if at >= 0:
-                del self.buffer[: at + 2 + len(delimiter)]
+                self.pos = at + len(marker)
                 return True
-            keep = len(delimiter) + 2
-            if len(self.buffer) > keep:
-                del self.buffer[: len(self.buffer) - keep]
+            # Keep only what may begin a marker split across reads.
+            self.pos = max(self.pos, len(self.data) - len(marker) + 1)
             if not self._fill():
                 return False
 
@@ -167,28 +205,48 @@ class _Reader:
 
     def read_until(self, marker: bytes, limit: int) -> bytes:
         while True:
-            at = self.buffer.find(marker)
+            at = self.data.find(marker, self.pos)
             if at >= 0:
-                data = bytes(self.buffer[:at])
-                del self.buffer[: at + len(marker)]
-                return data
-            if len(self.buffer) > limit:
+                return self._take(at - self.pos, len(marker))
+            if self._unread() > limit:
                 raise MultipartError("a multipart header is too long")
             if not self._fill():
                 raise MultipartError("the body ends inside multipart headers")
 
-    def copy_until(self, separator: bytes, out: IO[bytes]) -> bool:
-        """Write to ``out`` up to ``separator``, which is consumed; False at end of stream."""
+    def copy_until(self, separator: bytes, out: PartFile) -> bool:
+        """Write to ``out`` up to ``separator``, which is consumed; False at end of stream.
+
+        Each read goes to ``out`` as slices of itself; only the last ``len(separator) - 1``
+        bytes of a read, which may begin a separator that the next read completes, are held
+        back and checked together with the start of the next read.
+        """
+        n = len(separator)
         while True:
-            at = self.buffer.find(separator)
+            data, pos = self.data, self.pos
+            at = data.find(separator, pos)
             if at >= 0:
-                out.write(self.buffer[:at])
-                del self.buffer[: at + len(separator)]
+                if at > pos:
+                    out.write(memoryview(data)[pos:at])
+                self.pos = at + n
                 return True
-            # Keep a tail that may be the start of a separator split across chunks.
-            flush = len(self.buffer) - len(separator) + 1
-            if flush > 0:
-                out.write(self.buffer[:flush])
-                del self.buffer[:flush]
-            if not self._fill():
+            keep = max(pos, len(data) - n + 1)
+            if keep > pos:
+                out.write(memoryview(data)[pos:keep])
+            tail = data[keep:]
+            chunk = self._read()
+            if not chunk:
+                self.data, self.pos = tail, 0
                 return False
+            if len(chunk) < n:
+                self.data, self.pos = tail + chunk, 0  # a short read: joined, it is small
+                continue
+            # A separator that begins in the held-back tail ends within the next n - 1 bytes.
+            at = (tail + chunk[: n - 1]).find(separator)
+            if at >= 0:
+                if at:
+                    out.write(tail[:at])
+                self.data, self.pos = chunk, at + n - len(tail)
+                return True
+            if tail:
+                out.write(tail)
+            self.data, self.pos = chunk, 0

@@ -1,16 +1,16 @@
 """STOW-RS, Store Transaction (PS3.18 10.5): a multipart/related body of DICOM Part 10 files,
-read as a stream, each part spooled to ``<data_dir>/tmp``, the parts stored in groups by
-``ingest_files``."""
+read as a stream, each part spooled to ``<data_dir>/tmp`` and hashed on the way (as a C-STORE
+data set is, ``server/dimse/c_store.py``), the parts stored in groups by ``ingest_files``."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
-import shutil
 import tempfile
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from flask import Blueprint, Response, jsonify, request
 from pydicom.dataset import Dataset
@@ -19,7 +19,7 @@ from werkzeug.http import parse_options_header
 
 from config import Settings
 from server.access import Action, requires
-from server.context import http_context
+from server.context import RequestContext, http_context
 from server.dicomweb import urls
 from server.dicomweb.media_types import DICOM, DICOM_JSON
 from server.dicomweb.multipart import MultipartError, ReceivedPart, check_boundary, read_parts
@@ -34,6 +34,7 @@ from server.dicomweb.statuses import (
 from server.partitions import request_archive
 from server.request_body import limit_body
 from storage.archive import Archive
+from storage.blobs import start_writeback
 from storage.dicom_file import read_instance_header
 from storage.errors import InvalidInstance, StorageError
 from storage.ingest import IngestOutcome, Origin, Received, ingest_files
@@ -78,6 +79,8 @@ class StoreTransaction:
         # Content-Length is refused here, a chunked body as soon as it passes it (413).
         limit_body(self.max_bytes, "http.stow_max_bytes")
         boundary = self._boundary()
+        # Once per request, not per part: the partition's archive and who stores.
+        archive, requestor = self.archive, http_context()
         stream = request.stream
         referenced: list[dict[str, Any]] = []
         failed: list[dict[str, Any]] = []
@@ -85,25 +88,22 @@ class StoreTransaction:
         group_bytes = 0
         spooled: list[str] = []
 
-        def spool() -> IO[bytes]:
-            # tmp*.dcm: a file left by a crash is removed by the DIMSE server's janitor.
-            file = tempfile.NamedTemporaryFile(  # noqa: SIM115 (closed by the loop)
-                dir=self.tmp_dir, prefix="tmp", suffix=".dcm", delete=False
-            )
-            spooled.append(file.name)
+        def spool() -> SpooledPart:
+            file = SpooledPart(self.tmp_dir)
+            spooled.append(str(file.path))
             return file
 
         def store_group() -> None:
-            self._store_group(group, referenced, failed)
+            self._store_group(archive, group, referenced, failed)
             group.clear()
             _remove(spooled)
 
         try:
             try:
                 for part in read_parts(stream, boundary, spool):
-                    group_bytes += os.fstat(part.file.fileno()).st_size
                     part.file.close()
-                    group.append(self._check_part(part, study))
+                    group_bytes += part.file.size
+                    group.append(self._check_part(part, study, archive, requestor))
                     if len(group) >= GROUP_PARTS or group_bytes >= GROUP_BYTES:
                         store_group()
                         group_bytes = 0
@@ -142,15 +142,20 @@ class StoreTransaction:
         response.headers["Warning"] = f'299 hilum "{warning_text(f"body broke off: {text}")}"'
         return response
 
-    def _check_part(self, part: ReceivedPart, study: str | None) -> Received | dict[str, Any]:
+    def _check_part(
+        self,
+        part: ReceivedPart[SpooledPart],
+        study: str | None,
+        archive: Archive,
+        requestor: RequestContext,
+    ) -> Received | dict[str, Any]:
         """The part, parsed, to store; or its Failed SOP item."""
-        path = Path(part.file.name)
-        _add_missing_preamble(path)
+        path = part.file.path
         try:
             part_type = parse_options_header(part.content_type)[0] if part.content_type else DICOM
             if part_type.lower() != DICOM:
                 raise InvalidInstance(f"a part of type {part_type!r} is not application/dicom")
-            header = read_instance_header(path, self.archive.limits)
+            header = read_instance_header(path, archive.limits)
         except StorageError as error:
             log.info("STOW-RS part refused: %s", error)
             return _failed("", "", failure_reason_for(error))
@@ -159,10 +164,18 @@ class StoreTransaction:
                 header.sop_class_uid, header.sop_instance_uid, STUDY_INSTANCE_UID_MISMATCH
             )
         # The spooled part lies under <data_dir>/tmp and is deleted once its group is stored.
-        return Received(path, Origin(), header, temporary=True, requestor=http_context())
+        return Received(
+            path,
+            Origin(),
+            header,
+            temporary=True,
+            sha256=(part.file.digest.hexdigest(), part.file.size),
+            requestor=requestor,
+        )
 
     def _store_group(
         self,
+        archive: Archive,
         group: list[Received | dict[str, Any]],
         referenced: list[dict[str, Any]],
         failed: list[dict[str, Any]],
@@ -170,7 +183,7 @@ class StoreTransaction:
         """Store the parts of ``group`` with one ingest (one index transaction) and report
         each, in part order."""
         received = [entry for entry in group if isinstance(entry, Received)]
-        outcomes = iter(ingest_files(self.archive, received) if received else [])
+        outcomes = iter(ingest_files(archive, received) if received else [])
         for entry in group:
             if not isinstance(entry, Received):
                 failed.append(entry)
@@ -227,26 +240,79 @@ class StoreTransaction:
         return response
 
 
+class SpooledPart:
+    """A part's content written to its temporary file as it is read, hashed on the way (ingest
+    does not read the file again for its SHA-256), its writing to disk started when it is
+    complete (:func:`storage.blobs.start_writeback`, as for a C-STORE data set).
+
+    PS3.10 7.1: a file starts with a 128-byte preamble and "DICM". Some clients (pydicom's
+    ``dcmwrite`` without ``enforce_file_format``, hence dicomweb-client) send the File Meta
+    Information without them; the one ingest path reads Part 10 files only, so they are added
+    here, before the part's first byte, when the part starts with group 0002 and has no
+    "DICM" at offset 128.
+    """
+
+    def __init__(self, tmp_dir: Path) -> None:
+        # tmp*.dcm: a file left by a crash is removed by the DIMSE server's janitor. mkstemp
+        # and a plain file object: NamedTemporaryFile's wrapper would add a Python call to
+        # every write.
+        fd, name = tempfile.mkstemp(dir=tmp_dir, prefix="tmp", suffix=".dcm")
+        self.path = Path(name)
+        self.digest = hashlib.sha256()
+        self.size = 0
+        self._file = open(fd, "wb")  # noqa: SIM115 (closed in close())
+        self._head: bytearray | None = bytearray()  # until the preamble is decided
+
+    def write(self, data: bytes | memoryview) -> int:
+        written = len(data)
+        if self._head is not None:
+            wanted = _HEAD_BYTES - len(self._head)
+            self._head += data[:wanted]
+            if len(self._head) < _HEAD_BYTES:
+                return written
+            self._write_head()
+            data = memoryview(data)[wanted:]
+        if data:
+            self._put(data)
+        return written
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self._write_head()
+        return self._file.seek(offset, whence)
+
+    def close(self) -> None:
+        if self._file.closed:
+            return
+        try:
+            self._write_head()
+            self._file.flush()
+            start_writeback(self._file.fileno())
+        finally:
+            self._file.close()
+
+    def _write_head(self) -> None:
+        head, self._head = self._head, None
+        if head is None:
+            return
+        if head.startswith(b"\x02\x00") and head[128:132] != b"DICM":
+            self._put(_PREAMBLE)
+        self._put(head)
+
+    def _put(self, data: bytes | bytearray | memoryview) -> None:
+        self._file.write(data)
+        self.digest.update(data)
+        self.size += len(data)
+
+
+_HEAD_BYTES = 132  # PS3.10 7.1: the preamble and "DICM"
+_PREAMBLE = bytes(128) + b"DICM"
+
+
 def _remove(names: list[str]) -> None:
     for name in names:
         with contextlib.suppress(OSError):
             os.unlink(name)
     names.clear()
-
-
-def _add_missing_preamble(path: Path) -> None:
-    """PS3.10 7.1: a file starts with a 128-byte preamble and "DICM". Some clients (pydicom's
-    ``dcmwrite`` without ``enforce_file_format``, hence dicomweb-client) send the File Meta
-    Information without them; the one ingest path reads Part 10 files only, so add them."""
-    with open(path, "rb") as f:
-        head = f.read(132)
-    if head[128:132] == b"DICM" or not head.startswith(b"\x02\x00"):
-        return
-    fixed = path.with_name(path.name + ".part10")
-    with open(fixed, "wb") as out, open(path, "rb") as src:
-        out.write(b"\x00" * 128 + b"DICM")
-        shutil.copyfileobj(src, out, 1 << 20)
-    os.replace(fixed, path)
 
 
 def _failed(sop_class: str, sop_instance: str, reason: int) -> dict[str, Any]:
