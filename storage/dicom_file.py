@@ -32,6 +32,7 @@ from config.settings import LimitsSettings
 from storage.data_set_structure import part10_structure
 from storage.errors import InvalidInstance, StorageError
 from storage.frame_table import EncapsulatedTableBuilder, native_frame_table
+from storage.header_elements import read_header
 from storage.limits import check_decoded_size, check_stored_size, refuse_too_complex
 
 log = logging.getLogger(__name__)
@@ -98,8 +99,15 @@ def read_instance_header(path: Path, limits: LimitsSettings | None = None) -> In
                 pixel_data_at = file_size  # the stored bytes are deflated: no frame ranges
                 has_pixel_element = structure.has_pixel_data_element
             else:
-                dataset = pydicom.dcmread(fp, stop_before_pixels=True)
-                pixel_data_at = fp.tell()
+                # Hilum's own walk of the raw elements: the data set pydicom would read, for
+                # the files it knows how to walk; pydicom's read for the others.
+                walked = read_header(fp)
+                if walked is not None:
+                    dataset, pixel_data_at = walked
+                else:
+                    fp.seek(0)
+                    dataset = pydicom.dcmread(fp, stop_before_pixels=True)
+                    pixel_data_at = fp.tell()
                 has_pixel_element = pixel_data_at < file_size
             header = _instance_header(
                 fp, dataset, pixel_data_at, file_size, has_pixel_element, limits
