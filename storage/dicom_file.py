@@ -32,6 +32,7 @@ from config.settings import LimitsSettings
 from storage.data_set_structure import part10_structure
 from storage.errors import InvalidInstance, StorageError
 from storage.frame_table import EncapsulatedTableBuilder, native_frame_table
+from storage.header_elements import read_header
 from storage.limits import check_decoded_size, check_stored_size, refuse_too_complex
 
 log = logging.getLogger(__name__)
@@ -98,8 +99,15 @@ def read_instance_header(path: Path, limits: LimitsSettings | None = None) -> In
                 pixel_data_at = file_size  # the stored bytes are deflated: no frame ranges
                 has_pixel_element = structure.has_pixel_data_element
             else:
-                dataset = pydicom.dcmread(fp, stop_before_pixels=True)
-                pixel_data_at = fp.tell()
+                # Hilum's own walk of the raw elements: the data set pydicom would read, for
+                # the files it knows how to walk; pydicom's read for the others.
+                walked = read_header(fp)
+                if walked is not None:
+                    dataset, pixel_data_at = walked
+                else:
+                    fp.seek(0)
+                    dataset = pydicom.dcmread(fp, stop_before_pixels=True)
+                    pixel_data_at = fp.tell()
                 has_pixel_element = pixel_data_at < file_size
             header = _instance_header(
                 fp, dataset, pixel_data_at, file_size, has_pixel_element, limits
@@ -136,8 +144,8 @@ def _instance_header(
     """Validate the parsed header and locate the frames, checking the declared pixel
     geometry against ``limits`` and the bytes present before any range is built."""
     meta = dataset.file_meta
-    transfer_syntax = meta.get("TransferSyntaxUID")
-    if not is_valid_uid(transfer_syntax):
+    transfer_syntax = uid_value(meta, "TransferSyntaxUID")
+    if transfer_syntax is None or not is_valid_uid(transfer_syntax):
         raise InvalidInstance("the file meta information lacks a valid Transfer Syntax UID")
     uids: dict[str, str] = {}
     for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
@@ -208,6 +216,34 @@ def integer_value(dataset: Dataset, keyword: str) -> int | None:
         return None if value in (None, "") else int(value)
     except Exception:  # noqa: BLE001 - pydicom raises any kind on a malformed value
         return None
+
+
+# The VRs whose values the raw read gives as pydicom's strings (a PN's are names).
+_TEXT_VRS = frozenset({"AE", "AS", "CS", "DA", "DT", "LO", "LT", "SH", "ST", "TM", "UC", "UI",
+                       "UR", "UT"})  # fmt: skip
+
+
+def text_value(dataset: Dataset, keyword: str) -> str | None:
+    """A top-level element's value as text: ``str`` of each value pydicom converts it to,
+    joined by backslashes; None when absent. Read from the raw bytes while the element is
+    still raw (see :func:`uid_value`) for the text VRs the DICOM JSON fast path reads as
+    pydicom does; anything else is pydicom's (which raises what it raises)."""
+    tag = tag_for_keyword(keyword)
+    assert tag is not None, f"{keyword} is not a DICOM keyword"
+    raw = dataset.get_item(tag)
+    if isinstance(raw, RawDataElement):
+        try:
+            fast = _fast_element_json(raw)
+        except (ValueError, struct.error):
+            fast = None
+        if fast is not None and fast["vr"] in _TEXT_VRS:
+            return "\\".join(fast.get("Value", ()))
+    value = dataset.get(keyword)
+    if value is None:
+        return None
+    if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
+        return "\\".join(str(v) for v in value)
+    return str(value)
 
 
 def _number_of_frames(dataset: Dataset) -> int:
@@ -408,7 +444,8 @@ def metadata_json(dataset: Dataset, has_pixel_data: bool) -> dict[str, Any]:
     encoded = _dataset_json(dataset)
     if has_pixel_data:
         # PS3.5 A.4: encapsulated Pixel Data is OB; native is OW above 8 bits allocated.
-        encapsulated = UID(dataset.file_meta.TransferSyntaxUID).is_encapsulated
+        syntax = uid_value(dataset.file_meta, "TransferSyntaxUID")
+        encapsulated = syntax is not None and UID(syntax).is_encapsulated
         bits_allocated = integer_value(dataset, "BitsAllocated") or 8
         vr = "OW" if not encapsulated and bits_allocated > 8 else "OB"
         encoded[f"{PIXEL_DATA:08X}"] = {"vr": vr, "BulkDataURI": f"bulkdata/{PIXEL_DATA:08X}"}
@@ -421,11 +458,13 @@ def _bulk_data_uri(element: DataElement) -> str:
 
 def _dataset_json(dataset: Dataset) -> dict[str, Any]:
     encoded: dict[str, Any] = {}
-    for tag in dataset.keys():  # noqa: SIM118 - iterating a Dataset converts every element
+    # The elements as held, raw or converted (iterating a Dataset would convert every one);
+    # a copy of the list, as converting one below replaces it in the data set.
+    for tag, raw in list(dataset.items()):
         try:
-            # pydicom converts some elements here already (a VR it does not know: an item tag
-            # out of place, a mangled explicit VR), and raises what it raises.
-            raw = dataset.get_item(tag)
+            # A raw value not there (deferred) is read and converted by pydicom below, which
+            # raises what it raises on a VR it does not know (an item tag out of place, a
+            # mangled explicit VR).
             try:
                 fast = _fast_element_json(raw) if isinstance(raw, RawDataElement) else None
             except (ValueError, struct.error):  # not a value the fast path knows: pydicom's turn

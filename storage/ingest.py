@@ -48,6 +48,7 @@ from storage.dicom_file import (
     is_storage_sop_class,
     metadata_json,
     read_instance_header,
+    text_value,
 )
 from storage.errors import InvalidInstance, SOPClassMismatch, StorageError, StorageUnavailable
 from storage.events import EventType, NewEvent, record_events
@@ -807,15 +808,13 @@ def _delete_quietly(archive: Archive, key: str) -> None:
 
 def _text(dataset: Dataset, keyword: str, max_length: int) -> str:
     try:
-        value = dataset.get(keyword)
+        value = text_value(dataset, keyword)
     except Exception:  # noqa: BLE001 - pydicom raises any kind on a malformed value
         # Kept as sent in the file and its metadata; only its index column stays empty.
         return ""
     if value is None:
         return ""
-    if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
-        value = "\\".join(str(v) for v in value)
-    return str(value).replace("\x00", "").strip()[:max_length]
+    return value.replace("\x00", "").strip()[:max_length]
 
 
 # PS3.5 6.2: an IS value lies in -2^31 .. 2^31 - 1, the range of the index's INTEGER columns.

@@ -24,6 +24,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import Session, sessionmaker
 
 from storage.errors import StorageUnavailable
+from storage.index.driver import DriverStatement
 
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 
@@ -85,12 +86,22 @@ def _configure_sqlite(engine: Engine, synchronous: str) -> None:
         cursor.execute("PRAGMA busy_timeout=30000")
         cursor.close()
 
+    begin = {
+        immediate: DriverStatement(
+            text("BEGIN IMMEDIATE" if immediate else "BEGIN"), engine.dialect
+        )
+        for immediate in (True, False)
+    }
+
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
         # A write transaction takes the write lock up front; a deferred one that later writes
-        # would fail with SQLITE_BUSY_SNAPSHOT instead of waiting for the other writer.
+        # would fail with SQLITE_BUSY_SNAPSHOT instead of waiting for the other writer. On the
+        # driver's cursor (storage/index/driver.py): SQLAlchemy's execution of the BEGIN cost
+        # more than the BEGIN, and every ingest group begins two transactions.
         immediate = conn.get_execution_options().get("hilum_write", False)
-        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+        with contextlib.closing(conn.connection.cursor()) as cursor:
+            begin[bool(immediate)].execute(cursor, {})
 
 
 class Index:

@@ -10,7 +10,13 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from storage.dicom_file import BULK_DATA_THRESHOLD, integer_value, metadata_json, uid_value
+from storage.dicom_file import (
+    BULK_DATA_THRESHOLD,
+    integer_value,
+    metadata_json,
+    text_value,
+    uid_value,
+)
 from storage.dicom_file import _json_safe as without_nul  # PostgreSQL's JSONB rule
 from tests.factories import ct_instance, write_part10
 
@@ -117,6 +123,23 @@ def _pydicom_integer(dataset: Dataset, keyword: str) -> int | None:
         return None
 
 
+def _pydicom_text(dataset: Dataset, keyword: str) -> str | None:
+    value = dataset.get(keyword)
+    if value is None:
+        return None
+    if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
+        return "\\".join(str(v) for v in value)
+    return str(value)
+
+
+# What ingest indexes and puts in events, and text VRs besides.
+_TEXT_KEYWORDS = ("PatientID", "IssuerOfPatientID", "PatientName", "PatientBirthDate",
+                  "PatientSex", "StudyDate", "StudyTime", "AccessionNumber", "StudyID",
+                  "StudyDescription", "ReferringPhysicianName", "Modality", "SeriesDescription",
+                  "BodyPartExamined", "SeriesDate", "SeriesTime", "ImageType", "StationName",
+                  "ImageComments", "RetrieveURL", "AcquisitionDateTime", "PatientAge",
+                  "InstitutionName", "SOPInstanceUID", "FrameOfReferenceUID",
+                  "ScheduledStudyLocationAETitle", "PerformingPhysicianName")  # fmt: skip
 _UID_KEYWORDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID",
                  "FrameOfReferenceUID")  # fmt: skip
 _INTEGER_KEYWORDS = ("Rows", "Columns", "BitsAllocated", "SamplesPerPixel", "NumberOfFrames",
@@ -132,6 +155,12 @@ def test_raw_uid_and_integer_values_equal_pydicoms(path: Path) -> None:
         assert uid_value(raw, keyword) == _pydicom_uid(converted, keyword), keyword
     for keyword in _INTEGER_KEYWORDS:
         assert integer_value(raw, keyword) == _pydicom_integer(converted, keyword), keyword
+    for keyword in _TEXT_KEYWORDS:
+        try:
+            expected = _pydicom_text(converted, keyword)
+        except Exception:
+            continue  # pydicom cannot convert it; neither path is asked for a value then
+        assert text_value(raw, keyword) == expected, keyword
 
 
 @pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian,
@@ -147,6 +176,17 @@ def test_raw_values_of_awkward_elements_equal_pydicoms(tmp_path: Path, syntax: s
     ds.NumberOfFrames = ""
     ds.Rows = 512
     ds.Columns = 65535
+    ds.StudyID = " 12 "  # SH: leading spaces kept, trailing dropped
+    ds.ImageType = "ORIGINAL\\\\AXIAL "
+    ds.PatientName = "DOE^JOHN\\ROE^JANE"  # PN: pydicom's path
+    ds.StationName = " CT01 "
+    ds.ImageComments = "a \\ b "
+    ds.InstitutionName = "H\u00f4pital"  # not ASCII: pydicom's path
+    ds.PerformingPhysicianName = "A\x00B"
+    ds.ScheduledStudyLocationAETitle = "SCP1\x00"
+    ds.AcquisitionDateTime = "20260101120000.5 "
+    ds.PatientAge = "042Y"
+    ds.SpecificCharacterSet = "ISO_IR 100"
     path = write_part10(ds, tmp_path / "awkward.dcm")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -155,7 +195,11 @@ def test_raw_values_of_awkward_elements_equal_pydicoms(tmp_path: Path, syntax: s
             assert uid_value(raw, keyword) == _pydicom_uid(converted, keyword), keyword
         for keyword in _INTEGER_KEYWORDS:
             assert integer_value(raw, keyword) == _pydicom_integer(converted, keyword), keyword
+        for keyword in _TEXT_KEYWORDS:
+            assert text_value(raw, keyword) == _pydicom_text(converted, keyword), keyword
     assert uid_value(raw, "StudyInstanceUID") == "1.2.3"
+    assert text_value(raw, "ImageType") == "ORIGINAL\\\\AXIAL"
+    assert text_value(raw, "StudyID") == " 12"
     assert integer_value(raw, "InstanceNumber") == -7
     assert integer_value(raw, "Columns") == 65535
     assert integer_value(raw, "NumberOfFrames") is None
