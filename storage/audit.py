@@ -462,58 +462,89 @@ class AuditTrail:
         *,
         enabled: bool = True,
         source_id: str = "HILUM",
+        fsync_reads: bool = False,
     ) -> None:
-        self.index = index  # its own engine (open_archive): closed with the trail
+        # PostgreSQL: an engine of its own; SQLite: the index's (open_archive). Closed with
+        # the trail.
+        self.index = index
         self.json_lines = json_lines
         self.enabled = enabled
         self.source_id = source_id  # AuditSourceID and Hilum's own UserID (its AE title)
+        # SQLite: a record of its own ([audit] fsync_reads false) is committed with
+        # synchronous=NORMAL on a connection of the index (FULL): flushed with the next FULL
+        # commit or checkpoint (PostgreSQL: the trail's engine sets synchronous_commit).
+        self._sqlite = index.dialect == "sqlite"
+        self._lazy_sqlite_commit = self._sqlite and not fsync_reads
         # (id, hash) of the newest record this process saw committed: the next append inserts
         # after it in one statement if it is still the chain's head (:meth:`_after_cached_head`)
         self._head: tuple[int, str] | None = None
         self._head_lock = threading.Lock()
-        # Connections of the trail's pool kept checked out between records (taking one from
-        # the pool and returning it costs more than the record's insert); fewer than the
-        # pool's size, so that the searches and ``verify`` always find one there.
+        # PostgreSQL: connections of the trail's pool kept checked out between records
+        # (taking one from the pool and returning it costs more than the record's insert);
+        # fewer than the pool's size, so that the searches and ``verify`` always find one
+        # there. SQLite: none kept. In WAL mode a read transaction drops its connection's whole
+        # page cache when another connection committed since that connection's last
+        # transaction, so a record committed on a connection of the trail's own made the read
+        # after it load its pages again. A read's record is written on the read's own
+        # connection when the read lends it (:meth:`record`), else on a connection of the
+        # index's pool, given back at once (LIFO: the read that follows takes it).
         self._idle: list[_Held] = []
         self._idle_lock = threading.Lock()
         pool = index.engine.pool
-        self._idle_max = max(1, pool.size() - 1) if isinstance(pool, QueuePool) else 0
+        self._idle_max = 0
+        if isinstance(pool, QueuePool) and not self._sqlite:
+            self._idle_max = max(1, pool.size() - 1)
         # Group commit of the records of concurrent callers (:meth:`_write_group`).
-        self._groups: Groups[list[tuple[Requestor, AuditEntry]], None] = Groups(
-            self._write_group, GROUP_MAX, len
+        self._groups: Groups[_Submitted, None] = Groups(
+            self._write_group, GROUP_MAX, lambda submitted: len(submitted.items)
         )
 
-    def record(self, context: Requestor, *entries: AuditEntry) -> None:
+    def record(
+        self, context: Requestor, *entries: AuditEntry, connection: Connection | None = None
+    ) -> None:
         """Write ``entries`` in a transaction of their own, or of a group (:meth:`_write_group`);
-        return once they are committed; raise :class:`AuditUnavailable`."""
+        return once they are committed; raise :class:`AuditUnavailable`.
+
+        ``connection``: SQLite, the caller's connection of the index (outside a transaction)
+        on which it reads next (``storage.query.search``): when the caller leads its group,
+        the group is written and committed on it, so that the read keeps its page cache. Else
+        (PostgreSQL, another pool) ignored."""
         if not self.enabled or not entries:
             return
-        self._groups.submit([(context, entry) for entry in entries])
+        lent = None
+        if (
+            connection is not None
+            and self._sqlite
+            and connection.engine.pool is self.index.engine.pool
+            and not connection.in_transaction()
+        ):
+            lent = connection.connection.driver_connection
+        self._groups.submit(_Submitted(lent, [(context, entry) for entry in entries]))
 
     def in_flight(self) -> int:
         """How many records were handed to :meth:`record` and are not committed (or refused)
         yet: waiting for a leader, or being written."""
         return self._groups.in_flight()
 
-    def _write_group(
-        self, group: list[list[tuple[Requestor, AuditEntry]]]
-    ) -> list[AuditUnavailable | None]:
+    def _write_group(self, group: list[_Submitted]) -> list[AuditUnavailable | None]:
         """Group commit (``storage/group_commit.py``) of the records of reads: the records of
         every caller waiting when the leader begins (up to :data:`GROUP_MAX` records) in one
         transaction, one commit, one write of their JSON lines. Alone, a caller writes its own
         at once; under load, callers that would have queued for the chain's lock one commit
         each share one. Each caller returns only after the commit that holds its records. A
         group that fails is retried one caller at a time, so that one caller's failure is not
-        the others'."""
+        the others'. All on the leader's lent connection, if it lent one (the others' are
+        their threads')."""
+        lent = group[0].lent  # the leader's own (storage.grouping)
         try:
-            self._write([item for items in group for item in items])
+            self._write([item for submitted in group for item in submitted.items], lent)
         except AuditUnavailable as error:
             if len(group) == 1:
                 return [error]
             outcomes: list[AuditUnavailable | None] = []
-            for items in group:
+            for submitted in group:
                 try:
-                    self._write(items)
+                    self._write(submitted.items, lent)
                 except AuditUnavailable as alone:
                     outcomes.append(alone)
                 else:
@@ -521,10 +552,11 @@ class AuditTrail:
             return outcomes
         return [None] * len(group)
 
-    def _write(self, items: list[tuple[Requestor, AuditEntry]]) -> None:
-        """``items`` committed together, then their JSON lines."""
+    def _write(self, items: list[tuple[Requestor, AuditEntry]], lent: Any) -> None:
+        """``items`` committed together (on ``lent``, a driver connection, if not None), then
+        their JSON lines."""
         try:
-            rows = self._record_alone(items)
+            rows = self._record_alone(items, lent)
         except Exception:
             # The failure turned into what it means (the context managers cost a record more
             # than its try when nothing fails).
@@ -532,7 +564,9 @@ class AuditTrail:
                 raise
         self.emit(rows)
 
-    def _record_alone(self, items: Sequence[tuple[Requestor, AuditEntry]]) -> list[dict[str, Any]]:
+    def _record_alone(
+        self, items: Sequence[tuple[Requestor, AuditEntry]], lent: Any = None
+    ) -> list[dict[str, Any]]:
         """The records in a transaction of their own, on the driver's connection: this runs
         before every query's answer, and SQLAlchemy's connection and transaction machinery
         cost more than the insert. A connection found broken (the database restarted while it
@@ -541,7 +575,7 @@ class AuditTrail:
         dbapi_error = self.index.engine.dialect.loaded_dbapi.Error
         write = self._alone_postgresql if self.index.dialect == "postgresql" else self._alone_sqlite
         for attempt in (1, 2):
-            held = self._take()
+            held = _Held(None, lent, lent.cursor()) if lent is not None else self._take()
             try:
                 rows = write(held, items)
             except dbapi_error as error:
@@ -556,7 +590,7 @@ class AuditTrail:
                 self._give_back(held, broken=False)
                 raise
             with self._idle_lock:
-                kept = len(self._idle) < self._idle_max
+                kept = held.pooled is not None and len(self._idle) < self._idle_max
                 if kept:
                     self._idle.append(held)
             if not kept:
@@ -584,7 +618,11 @@ class AuditTrail:
             raise
 
     def _give_back(self, held: _Held, *, broken: bool) -> None:
-        """Return ``held`` to the pool as it was taken (replaced there when ``broken``)."""
+        """Return ``held`` to the pool as it was taken (replaced there when ``broken``); a lent
+        connection to its lender (its cursor closed)."""
+        if held.pooled is None:
+            held.cursor.close()
+            return
         try:
             held.cursor.close()
             if not broken and self.index.dialect == "postgresql":
@@ -603,7 +641,20 @@ class AuditTrail:
         begins (an INSERT's transaction is a write transaction from its start, its snapshot
         taken under the lock) and inserts nothing unless that record is still the head; its
         commit is the statement's end. Then, when it inserted nothing, one transaction begun
-        IMMEDIATE: the head read from the table, the insert after it."""
+        IMMEDIATE: the head read from the table, the insert after it. Without [audit]
+        fsync_reads, in synchronous=NORMAL (the connection set back to FULL after)."""
+        cursor = held.cursor
+        if not self._lazy_sqlite_commit:
+            return self._sqlite_records(held, items)
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        try:
+            return self._sqlite_records(held, items)
+        finally:
+            cursor.execute("PRAGMA synchronous=FULL")  # the index's (create_index_engine)
+
+    def _sqlite_records(
+        self, held: _Held, items: Sequence[tuple[Requestor, AuditEntry]]
+    ) -> list[dict[str, Any]]:
         cursor, connection = held.cursor, held.connection
         expanded = list(_per_patient(cursor, "?", items))  # read before the write lock
         head = self._head
@@ -753,11 +804,21 @@ GROUP_MAX = 64
 
 @dataclass(frozen=True)
 class _Held:
-    """A connection the trail holds between records: the pool's, the driver's, a cursor."""
+    """A connection the trail holds between records: the pool's (None: lent by the caller,
+    :meth:`AuditTrail.record`), the driver's, a cursor."""
 
     pooled: Any
     connection: Any
     cursor: Any
+
+
+@dataclass(frozen=True)
+class _Submitted:
+    """A caller's records for the group commit, and the driver connection it lends (or
+    None)."""
+
+    lent: Any
+    items: list[tuple[Requestor, AuditEntry]]
 
 
 # A request's context, its entry, the entry's patient ID and studies (one patient each).

@@ -50,8 +50,17 @@ def create_index_engine(
         path = database_url.removeprefix("sqlite:///")
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
+        # LIFO: a thread's next transaction takes the connection its last one returned. In
+        # WAL mode a read transaction keeps its connection's page cache only when no other
+        # connection committed since that connection's last transaction; the audit trail
+        # commits a read's record on this pool (``storage.audit``), so the read that follows
+        # takes the connection that committed it, its cache still valid.
         engine = create_engine(
-            database_url, pool_size=pool_size, max_overflow=8, connect_args={"timeout": 30}
+            database_url,
+            pool_size=pool_size,
+            max_overflow=8,
+            pool_use_lifo=True,
+            connect_args={"timeout": 30},
         )
         _configure_sqlite(engine, "FULL" if flush_each_commit else "NORMAL")
         return engine
