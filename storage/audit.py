@@ -474,6 +474,7 @@ class AuditTrail:
         # synchronous=NORMAL on a connection of the index (FULL): flushed with the next FULL
         # commit or checkpoint (PostgreSQL: the trail's engine sets synchronous_commit).
         self._sqlite = index.dialect == "sqlite"
+        self._dbapi_error = index.engine.dialect.loaded_dbapi.Error
         self._lazy_sqlite_commit = self._sqlite and not fsync_reads
         # (id, hash) of the newest record this process saw committed: the next append inserts
         # after it in one statement if it is still the chain's head (:meth:`_after_cached_head`)
@@ -518,7 +519,7 @@ class AuditTrail:
             and connection.engine.pool is self.index.engine.pool
             and not connection.in_transaction()
         ):
-            lent = connection.connection.driver_connection
+            lent = connection
         self._groups.submit(_Submitted(lent, [(context, entry) for entry in entries]))
 
     def in_flight(self) -> int:
@@ -552,9 +553,8 @@ class AuditTrail:
             return outcomes
         return [None] * len(group)
 
-    def _write(self, items: list[tuple[Requestor, AuditEntry]], lent: Any) -> None:
-        """``items`` committed together (on ``lent``, a driver connection, if not None), then
-        their JSON lines."""
+    def _write(self, items: list[tuple[Requestor, AuditEntry]], lent: Connection | None) -> None:
+        """``items`` committed together (on ``lent`` if not None), then their JSON lines."""
         try:
             rows = self._record_alone(items, lent)
         except Exception:
@@ -562,20 +562,20 @@ class AuditTrail:
             # than its try when nothing fails).
             with audit_errors(), database_errors():
                 raise
-        self.emit(rows)
+        self._write_lines(rows)  # the head advanced by _record_alone
 
     def _record_alone(
-        self, items: Sequence[tuple[Requestor, AuditEntry]], lent: Any = None
+        self, items: Sequence[tuple[Requestor, AuditEntry]], lent: Connection | None = None
     ) -> list[dict[str, Any]]:
         """The records in a transaction of their own, on the driver's connection: this runs
         before every query's answer, and SQLAlchemy's connection and transaction machinery
         cost more than the insert. A connection found broken (the database restarted while it
         sat in the pool: the trail's pool does not ping) is replaced once; at worst, a commit
         whose answer was lost is written twice (a record too many, never a fork)."""
-        dbapi_error = self.index.engine.dialect.loaded_dbapi.Error
-        write = self._alone_postgresql if self.index.dialect == "postgresql" else self._alone_sqlite
+        dbapi_error = self._dbapi_error
+        write = self._alone_sqlite if self._sqlite else self._alone_postgresql
         for attempt in (1, 2):
-            held = _Held(None, lent, lent.cursor()) if lent is not None else self._take()
+            held = self._take() if lent is None else _Held.lent_by(lent)
             try:
                 rows = write(held, items)
             except dbapi_error as error:
@@ -590,7 +590,7 @@ class AuditTrail:
                 self._give_back(held, broken=False)
                 raise
             with self._idle_lock:
-                kept = held.pooled is not None and len(self._idle) < self._idle_max
+                kept = not held.lent and len(self._idle) < self._idle_max
                 if kept:
                     self._idle.append(held)
             if not kept:
@@ -619,9 +619,12 @@ class AuditTrail:
 
     def _give_back(self, held: _Held, *, broken: bool) -> None:
         """Return ``held`` to the pool as it was taken (replaced there when ``broken``); a lent
-        connection to its lender (its cursor closed)."""
-        if held.pooled is None:
-            held.cursor.close()
+        connection to its lender (its cursor closed; invalidated when ``broken``)."""
+        if held.lent:
+            with contextlib.suppress(Exception):  # its connection invalidated: closed with it
+                held.cursor.close()
+            if broken:
+                held.pooled.invalidate()
             return
         try:
             held.cursor.close()
@@ -650,7 +653,12 @@ class AuditTrail:
         try:
             return self._sqlite_records(held, items)
         finally:
-            cursor.execute("PRAGMA synchronous=FULL")  # the index's (create_index_engine)
+            try:
+                cursor.execute("PRAGMA synchronous=FULL")  # the index's (create_index_engine)
+            except BaseException:
+                # Never back to the pool (or its lender) with its commits unflushed.
+                held.pooled.invalidate()
+                raise
 
     def _sqlite_records(
         self, held: _Held, items: Sequence[tuple[Requestor, AuditEntry]]
@@ -772,6 +780,9 @@ class AuditTrail:
         """The JSON lines of committed rows. A line that cannot be written is logged: the
         table holds the record."""
         self._advance(rows)
+        self._write_lines(rows)
+
+    def _write_lines(self, rows: Sequence[Mapping[str, Any]]) -> None:
         if self.json_lines is None or not rows:
             return
         try:
@@ -790,6 +801,7 @@ class AuditTrail:
 
 
 _COLUMNS = (*HASHED_FIELDS, "hash")
+_DETAIL_FIELDS = "detail_fields"  # a row's key beside its columns (:func:`_rows`)
 _INSERT_SQLITE = (
     f"INSERT INTO audit_record ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
 )
@@ -804,20 +816,25 @@ GROUP_MAX = 64
 
 @dataclass(frozen=True)
 class _Held:
-    """A connection the trail holds between records: the pool's (None: lent by the caller,
-    :meth:`AuditTrail.record`), the driver's, a cursor."""
+    """A connection the trail holds between records: the pool's (or the SQLAlchemy connection
+    its caller lent, :meth:`AuditTrail.record`), the driver's, a cursor."""
 
     pooled: Any
     connection: Any
     cursor: Any
+    lent: bool = False
+
+    @classmethod
+    def lent_by(cls, lender: Connection) -> _Held:
+        connection: Any = lender.connection.driver_connection
+        return cls(lender, connection, connection.cursor(), lent=True)
 
 
 @dataclass(frozen=True)
 class _Submitted:
-    """A caller's records for the group commit, and the driver connection it lends (or
-    None)."""
+    """A caller's records for the group commit, and the connection it lends (or None)."""
 
-    lent: Any
+    lent: Connection | None
     items: list[tuple[Requestor, AuditEntry]]
 
 
@@ -932,6 +949,8 @@ def _rows(expanded: Sequence[_Expanded], last_id: int, previous: str) -> list[di
             "previous_hash": previous,
         }
         row["hash"] = previous = record_hash(row)
+        # Not a column: the detail as given, so that its JSON line need not parse it again.
+        row[_DETAIL_FIELDS] = entry.detail
         rows.append(row)
     return rows
 
@@ -1079,7 +1098,8 @@ def audit_message(row: Mapping[str, Any], source_id: str = "HILUM") -> dict[str,
 def audit_line(row: Mapping[str, Any], source_id: str = "HILUM") -> str:
     """``audit_message(row, source_id)`` as its JSON line (without the newline): the same text,
     written from fragments made once per event and source, without the message's
-    dictionaries (it runs before every read's answer)."""
+    dictionaries (it runs before every read's answer); the detail parsed from its column
+    unless the row holds it as its entry gave it (a row this process wrote)."""
     event = AuditEvent(row["event"])
     head, middle, second = _line_fragments(event)
     reason, token, address = row["reason"], row["token_id"], row["address"]
@@ -1099,7 +1119,9 @@ def audit_line(row: Mapping[str, Any], source_id: str = "HILUM") -> str:
     if address:
         parts += (',"NetworkAccessPointTypeCode":"2","NetworkAccessPointID":', text(address))
     query = event is AuditEvent.QUERY
-    fields: Mapping[str, Any] = json.loads(detail) if detail and (query or second) else {}
+    fields: Mapping[str, Any] = {}
+    if detail and (query or second):
+        fields = row.get(_DETAIL_FIELDS) or json.loads(detail)
     if second is None:
         parts.append("}")
     else:
