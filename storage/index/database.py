@@ -37,7 +37,8 @@ def create_index_engine(
 ) -> Engine:
     """An engine for ``sqlite:///path`` or ``postgresql+psycopg://...``.
 
-    ``flush_each_commit=False`` (the audit trail's records of reads, ``[audit] fsync_reads``):
+    ``flush_each_commit=False`` (on PostgreSQL the audit trail's own engine for the records of
+    reads, ``[audit] fsync_reads``; on SQLite the trail sets it per record, ``storage.audit``):
     a commit is made durable by the next flush instead of waiting for its own (SQLite
     ``synchronous=NORMAL`` in WAL mode, PostgreSQL ``synchronous_commit=off``). It survives a
     crash of Hilum, and the database stays consistent through an OS crash or power loss, which

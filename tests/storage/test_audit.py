@@ -326,7 +326,7 @@ def test_writers_of_several_processes_on_sqlite_chain_after_each_other(tmp_path:
     """Each archive (a process's worth: its own engines) appends after the head it last saw
     when that is still the head, else after the head read from the table: alternating and
     concurrent writers leave one unbroken chain with every record. More writers than the
-    trail's pool holds: the connections it keeps between records leave the searches one."""
+    trail's pool holds (on SQLite the index's: the trail keeps none between records)."""
     settings = make_settings(tmp_path, audit={"json_lines": "off"})
     archives = [open_archive(settings, migrate=True), open_archive(settings)]
     try:
@@ -530,6 +530,47 @@ def test_concurrent_reads_share_a_commit_and_each_returns_after_its_own(tmp_path
         assert sorted(json.loads(line)["Hilum"]["request_id"] for line in lines) == sorted(
             a.request_id for a in actors
         )
+    finally:
+        archive.close()
+
+
+def test_concurrent_searches_share_a_commit_on_the_leaders_connection(tmp_path: Path) -> None:
+    """Searches that lend their connection (C-FIND, QIDO-RS) while another writer holds the
+    SQLite write lock: their records form groups as other records do, each written once by a
+    leader on its own connection, and every search answers after its record."""
+    settings = make_settings(tmp_path, audit={"json_lines": "off"})
+    archive = open_archive(settings, migrate=True)
+    try:
+        ingest_file(archive, write_part10(ct_instance(patient_id="P-1"), tmp_path / "a.dcm"))
+        query = Query(QueryLevel.STUDY, {"PatientID": "P-1"})
+        trail = archive.audit
+        assert trail is not None
+        found: dict[str, int] = {}
+
+        def read(actor: Actor) -> None:
+            entry = query_entry("STUDY", query.matching, service="C-FIND")
+            found[actor.request_id] = len(list(search(archive, query, (actor, entry))))
+
+        actors = [replace(ALICE, request_id=f"search-{n}") for n in range(6)]
+        threads = [threading.Thread(target=read, args=(actor,)) for actor in actors]
+        blocker = sqlite3.connect(str(archive.index.engine.url.database), isolation_level=None)
+        try:
+            blocker.execute("BEGIN IMMEDIATE")
+            for thread in threads:
+                thread.start()
+            wait_until(lambda: trail.in_flight() == 6, "six records handed to the trail")
+            assert found == {}
+            blocker.execute("COMMIT")
+            for thread in threads:
+                thread.join(timeout=120)
+        finally:
+            blocker.close()
+        assert found == {actor.request_id: 1 for actor in actors}
+        records = search_records(archive.index, AuditSearch(user="alice"))
+        assert sorted(r["request_id"] for r in records) == sorted(a.request_id for a in actors)
+        assert len({r["recorded_at"] for r in records}) <= 2
+        report = verify_chain(archive.index)
+        assert (report.records, report.fault) == (7, None)  # and the store's
     finally:
         archive.close()
 
