@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
+    from sqlalchemy import Connection
+
     from storage.dicom_file import InstanceHeader
     from storage.errors import StorageError
     from storage.ingest import IngestResult
@@ -58,11 +60,15 @@ class Archive:
             content_sha256,
         )
 
-    def record(self, requestor: Requestor, *entries: AuditEntry) -> None:
+    def record(
+        self, requestor: Requestor, *entries: AuditEntry, connection: Connection | None = None
+    ) -> None:
         """Write audit records (``storage.audit``) before the action's answer is sent; raises
-        :class:`storage.audit.AuditUnavailable`, which refuses the action."""
+        :class:`storage.audit.AuditUnavailable`, which refuses the action. ``connection``: the
+        index connection the action reads on next, outside a transaction
+        (:meth:`storage.audit.AuditTrail.record`)."""
         if self.audit is not None:
-            self.audit.record(requestor, *entries)
+            self.audit.record(requestor, *entries, connection=connection)
 
     def record_refusal(self, requestor: Requestor, entry: AuditEntry) -> None:
         """Record an action already refused: a failure to write it is logged, not raised (the
@@ -110,22 +116,31 @@ def open_archive(
         max_connections=pool,
     )
     index = Index(engine)
-    # The trail's own records (reads, refusals) through an engine of their own, whose commits
-    # wait for a disk flush only with [audit] fsync_reads; stores and deletes record theirs in
-    # their own (fully durable) transaction.
-    audit_engine = create_index_engine(
-        settings.database_url,
-        pool_size=max(2, pool // 4),
-        flush_each_commit=settings.audit.fsync_reads,
-        ping_on_checkout=False,  # storage.audit replaces a broken connection once
-    )
+    audit_index = index
+    if index.dialect != "sqlite":
+        # PostgreSQL: the trail's own records (reads, refusals) through an engine of their own,
+        # whose commits wait for a disk flush only with [audit] fsync_reads
+        # (synchronous_commit per session). SQLite: through the index's own pool, so that a
+        # read's record and the read itself run on one connection and the read keeps its page
+        # cache (create_index_engine); such a record skips the fsync unless [audit]
+        # fsync_reads (storage.audit). Stores and deletes record theirs in their own (fully
+        # durable) transaction.
+        audit_index = Index(
+            create_index_engine(
+                settings.database_url,
+                pool_size=max(2, pool // 4),
+                flush_each_commit=settings.audit.fsync_reads,
+                ping_on_checkout=False,  # storage.audit replaces a broken connection once
+            )
+        )
     audit = AuditTrail(
-        Index(audit_engine),
+        audit_index,
         open_json_lines(settings.audit.json_lines, settings.server.data_dir)
         if settings.audit.enabled
         else None,
         enabled=settings.audit.enabled,
         source_id=settings.dimse.ae_title,
+        fsync_reads=settings.audit.fsync_reads,
     )
     return Archive(
         index,

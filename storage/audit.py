@@ -462,58 +462,90 @@ class AuditTrail:
         *,
         enabled: bool = True,
         source_id: str = "HILUM",
+        fsync_reads: bool = False,
     ) -> None:
-        self.index = index  # its own engine (open_archive): closed with the trail
+        # PostgreSQL: an engine of its own; SQLite: the index's (open_archive). Closed with
+        # the trail.
+        self.index = index
         self.json_lines = json_lines
         self.enabled = enabled
         self.source_id = source_id  # AuditSourceID and Hilum's own UserID (its AE title)
+        # SQLite: a record of its own ([audit] fsync_reads false) is committed with
+        # synchronous=NORMAL on a connection of the index (FULL): flushed with the next FULL
+        # commit or checkpoint (PostgreSQL: the trail's engine sets synchronous_commit).
+        self._sqlite = index.dialect == "sqlite"
+        self._dbapi_error = index.engine.dialect.loaded_dbapi.Error
+        self._lazy_sqlite_commit = self._sqlite and not fsync_reads
         # (id, hash) of the newest record this process saw committed: the next append inserts
         # after it in one statement if it is still the chain's head (:meth:`_after_cached_head`)
         self._head: tuple[int, str] | None = None
         self._head_lock = threading.Lock()
-        # Connections of the trail's pool kept checked out between records (taking one from
-        # the pool and returning it costs more than the record's insert); fewer than the
-        # pool's size, so that the searches and ``verify`` always find one there.
+        # PostgreSQL: connections of the trail's pool kept checked out between records
+        # (taking one from the pool and returning it costs more than the record's insert);
+        # fewer than the pool's size, so that the searches and ``verify`` always find one
+        # there. SQLite: none kept. In WAL mode a read transaction drops its connection's whole
+        # page cache when another connection committed since that connection's last
+        # transaction, so a record committed on a connection of the trail's own made the read
+        # after it load its pages again. A read's record is written on the read's own
+        # connection when the read lends it (:meth:`record`), else on a connection of the
+        # index's pool, given back at once (LIFO: the read that follows takes it).
         self._idle: list[_Held] = []
         self._idle_lock = threading.Lock()
         pool = index.engine.pool
-        self._idle_max = max(1, pool.size() - 1) if isinstance(pool, QueuePool) else 0
+        self._idle_max = 0
+        if isinstance(pool, QueuePool) and not self._sqlite:
+            self._idle_max = max(1, pool.size() - 1)
         # Group commit of the records of concurrent callers (:meth:`_write_group`).
-        self._groups: Groups[list[tuple[Requestor, AuditEntry]], None] = Groups(
-            self._write_group, GROUP_MAX, len
+        self._groups: Groups[_Submitted, None] = Groups(
+            self._write_group, GROUP_MAX, lambda submitted: len(submitted.items)
         )
 
-    def record(self, context: Requestor, *entries: AuditEntry) -> None:
+    def record(
+        self, context: Requestor, *entries: AuditEntry, connection: Connection | None = None
+    ) -> None:
         """Write ``entries`` in a transaction of their own, or of a group (:meth:`_write_group`);
-        return once they are committed; raise :class:`AuditUnavailable`."""
+        return once they are committed; raise :class:`AuditUnavailable`.
+
+        ``connection``: SQLite, the caller's connection of the index (outside a transaction)
+        on which it reads next (``storage.query.search``): when the caller leads its group,
+        the group is written and committed on it, so that the read keeps its page cache. Else
+        (PostgreSQL, another pool) ignored."""
         if not self.enabled or not entries:
             return
-        self._groups.submit([(context, entry) for entry in entries])
+        lent = None
+        if (
+            connection is not None
+            and self._sqlite
+            and connection.engine.pool is self.index.engine.pool
+            and not connection.in_transaction()
+        ):
+            lent = connection
+        self._groups.submit(_Submitted(lent, [(context, entry) for entry in entries]))
 
     def in_flight(self) -> int:
         """How many records were handed to :meth:`record` and are not committed (or refused)
         yet: waiting for a leader, or being written."""
         return self._groups.in_flight()
 
-    def _write_group(
-        self, group: list[list[tuple[Requestor, AuditEntry]]]
-    ) -> list[AuditUnavailable | None]:
+    def _write_group(self, group: list[_Submitted]) -> list[AuditUnavailable | None]:
         """Group commit (``storage/group_commit.py``) of the records of reads: the records of
         every caller waiting when the leader begins (up to :data:`GROUP_MAX` records) in one
         transaction, one commit, one write of their JSON lines. Alone, a caller writes its own
         at once; under load, callers that would have queued for the chain's lock one commit
         each share one. Each caller returns only after the commit that holds its records. A
         group that fails is retried one caller at a time, so that one caller's failure is not
-        the others'."""
+        the others'. All on the leader's lent connection, if it lent one (the others' are
+        their threads')."""
+        lent = group[0].lent  # the leader's own (storage.grouping)
         try:
-            self._write([item for items in group for item in items])
+            self._write([item for submitted in group for item in submitted.items], lent)
         except AuditUnavailable as error:
             if len(group) == 1:
                 return [error]
             outcomes: list[AuditUnavailable | None] = []
-            for items in group:
+            for submitted in group:
                 try:
-                    self._write(items)
+                    self._write(submitted.items, lent)
                 except AuditUnavailable as alone:
                     outcomes.append(alone)
                 else:
@@ -521,27 +553,29 @@ class AuditTrail:
             return outcomes
         return [None] * len(group)
 
-    def _write(self, items: list[tuple[Requestor, AuditEntry]]) -> None:
-        """``items`` committed together, then their JSON lines."""
+    def _write(self, items: list[tuple[Requestor, AuditEntry]], lent: Connection | None) -> None:
+        """``items`` committed together (on ``lent`` if not None), then their JSON lines."""
         try:
-            rows = self._record_alone(items)
+            rows = self._record_alone(items, lent)
         except Exception:
             # The failure turned into what it means (the context managers cost a record more
             # than its try when nothing fails).
             with audit_errors(), database_errors():
                 raise
-        self.emit(rows)
+        self._write_lines(rows)  # the head advanced by _record_alone
 
-    def _record_alone(self, items: Sequence[tuple[Requestor, AuditEntry]]) -> list[dict[str, Any]]:
+    def _record_alone(
+        self, items: Sequence[tuple[Requestor, AuditEntry]], lent: Connection | None = None
+    ) -> list[dict[str, Any]]:
         """The records in a transaction of their own, on the driver's connection: this runs
         before every query's answer, and SQLAlchemy's connection and transaction machinery
         cost more than the insert. A connection found broken (the database restarted while it
         sat in the pool: the trail's pool does not ping) is replaced once; at worst, a commit
         whose answer was lost is written twice (a record too many, never a fork)."""
-        dbapi_error = self.index.engine.dialect.loaded_dbapi.Error
-        write = self._alone_postgresql if self.index.dialect == "postgresql" else self._alone_sqlite
+        dbapi_error = self._dbapi_error
+        write = self._alone_sqlite if self._sqlite else self._alone_postgresql
         for attempt in (1, 2):
-            held = self._take()
+            held = self._take() if lent is None else _Held.lent_by(lent)
             try:
                 rows = write(held, items)
             except dbapi_error as error:
@@ -556,7 +590,7 @@ class AuditTrail:
                 self._give_back(held, broken=False)
                 raise
             with self._idle_lock:
-                kept = len(self._idle) < self._idle_max
+                kept = not held.lent and len(self._idle) < self._idle_max
                 if kept:
                     self._idle.append(held)
             if not kept:
@@ -584,7 +618,14 @@ class AuditTrail:
             raise
 
     def _give_back(self, held: _Held, *, broken: bool) -> None:
-        """Return ``held`` to the pool as it was taken (replaced there when ``broken``)."""
+        """Return ``held`` to the pool as it was taken (replaced there when ``broken``); a lent
+        connection to its lender (its cursor closed; invalidated when ``broken``)."""
+        if held.lent:
+            with contextlib.suppress(Exception):  # its connection invalidated: closed with it
+                held.cursor.close()
+            if broken:
+                held.pooled.invalidate()
+            return
         try:
             held.cursor.close()
             if not broken and self.index.dialect == "postgresql":
@@ -603,7 +644,25 @@ class AuditTrail:
         begins (an INSERT's transaction is a write transaction from its start, its snapshot
         taken under the lock) and inserts nothing unless that record is still the head; its
         commit is the statement's end. Then, when it inserted nothing, one transaction begun
-        IMMEDIATE: the head read from the table, the insert after it."""
+        IMMEDIATE: the head read from the table, the insert after it. Without [audit]
+        fsync_reads, in synchronous=NORMAL (the connection set back to FULL after)."""
+        cursor = held.cursor
+        if not self._lazy_sqlite_commit:
+            return self._sqlite_records(held, items)
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        try:
+            return self._sqlite_records(held, items)
+        finally:
+            try:
+                cursor.execute("PRAGMA synchronous=FULL")  # the index's (create_index_engine)
+            except BaseException:
+                # Never back to the pool (or its lender) with its commits unflushed.
+                held.pooled.invalidate()
+                raise
+
+    def _sqlite_records(
+        self, held: _Held, items: Sequence[tuple[Requestor, AuditEntry]]
+    ) -> list[dict[str, Any]]:
         cursor, connection = held.cursor, held.connection
         expanded = list(_per_patient(cursor, "?", items))  # read before the write lock
         head = self._head
@@ -721,6 +780,9 @@ class AuditTrail:
         """The JSON lines of committed rows. A line that cannot be written is logged: the
         table holds the record."""
         self._advance(rows)
+        self._write_lines(rows)
+
+    def _write_lines(self, rows: Sequence[Mapping[str, Any]]) -> None:
         if self.json_lines is None or not rows:
             return
         try:
@@ -739,6 +801,7 @@ class AuditTrail:
 
 
 _COLUMNS = (*HASHED_FIELDS, "hash")
+_DETAIL_FIELDS = "detail_fields"  # a row's key beside its columns (:func:`_rows`)
 _INSERT_SQLITE = (
     f"INSERT INTO audit_record ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
 )
@@ -753,11 +816,26 @@ GROUP_MAX = 64
 
 @dataclass(frozen=True)
 class _Held:
-    """A connection the trail holds between records: the pool's, the driver's, a cursor."""
+    """A connection the trail holds between records: the pool's (or the SQLAlchemy connection
+    its caller lent, :meth:`AuditTrail.record`), the driver's, a cursor."""
 
     pooled: Any
     connection: Any
     cursor: Any
+    lent: bool = False
+
+    @classmethod
+    def lent_by(cls, lender: Connection) -> _Held:
+        connection: Any = lender.connection.driver_connection
+        return cls(lender, connection, connection.cursor(), lent=True)
+
+
+@dataclass(frozen=True)
+class _Submitted:
+    """A caller's records for the group commit, and the connection it lends (or None)."""
+
+    lent: Connection | None
+    items: list[tuple[Requestor, AuditEntry]]
 
 
 # A request's context, its entry, the entry's patient ID and studies (one patient each).
@@ -871,6 +949,8 @@ def _rows(expanded: Sequence[_Expanded], last_id: int, previous: str) -> list[di
             "previous_hash": previous,
         }
         row["hash"] = previous = record_hash(row)
+        # Not a column: the detail as given, so that its JSON line need not parse it again.
+        row[_DETAIL_FIELDS] = entry.detail
         rows.append(row)
     return rows
 
@@ -1018,7 +1098,8 @@ def audit_message(row: Mapping[str, Any], source_id: str = "HILUM") -> dict[str,
 def audit_line(row: Mapping[str, Any], source_id: str = "HILUM") -> str:
     """``audit_message(row, source_id)`` as its JSON line (without the newline): the same text,
     written from fragments made once per event and source, without the message's
-    dictionaries (it runs before every read's answer)."""
+    dictionaries (it runs before every read's answer); the detail parsed from its column
+    unless the row holds it as its entry gave it (a row this process wrote)."""
     event = AuditEvent(row["event"])
     head, middle, second = _line_fragments(event)
     reason, token, address = row["reason"], row["token_id"], row["address"]
@@ -1038,7 +1119,9 @@ def audit_line(row: Mapping[str, Any], source_id: str = "HILUM") -> str:
     if address:
         parts += (',"NetworkAccessPointTypeCode":"2","NetworkAccessPointID":', text(address))
     query = event is AuditEvent.QUERY
-    fields: Mapping[str, Any] = json.loads(detail) if detail and (query or second) else {}
+    fields: Mapping[str, Any] = {}
+    if detail and (query or second):
+        fields = row.get(_DETAIL_FIELDS) or json.loads(detail)
     if second is None:
         parts.append("}")
     else:

@@ -38,6 +38,7 @@ from storage.index.models import Instance, Patient, Series, Study
 
 if TYPE_CHECKING:
     from storage.archive import Archive
+    from storage.audit import AuditEntry, Requestor
 
 # Rows fetched from the cursor at a time: results stream, whatever their number.
 _BATCH = 500
@@ -269,13 +270,20 @@ def entity_query(study: str, series: str | None = None, instances: Sequence[str]
     return Query(level=level, matching=matching)
 
 
-def search(archive: Archive, query: Query) -> Generator[dict[str, Any]]:
+def search(
+    archive: Archive, query: Query, audit: tuple[Requestor, AuditEntry] | None = None
+) -> Generator[dict[str, Any]]:
     """Yield one dict per matching entity: keyword -> value.
 
     Values are ``str``, ``int`` (counts and IS attributes), ``list[str]`` (multi-valued) or
     ``None`` (empty). The dict holds the unique keys of the level and the levels above, and
     every matching and return key the index holds at or above the level; keys it does not
     hold are absent. Rows are streamed; closing the generator closes the cursor.
+
+    ``audit``: the search's own audit record (who asks, the Query entry), committed when the
+    first row is asked for, before the statement runs, on the connection the statement then
+    runs on (``Archive.record``; on SQLite the search keeps its page cache); a failure to write
+    it is raised (``storage.audit.AuditUnavailable``) and nothing is searched.
     """
     _check_level(query)
     depth = _DEPTH[query.level]
@@ -287,8 +295,10 @@ def search(archive: Archive, query: Query) -> Generator[dict[str, Any]]:
     if query.limit is not None or query.offset:
         statement = statement.order_by(_TABLES[depth].id).offset(query.offset or None)
         statement = statement.limit(query.limit)
-    with database_errors(), archive.index.read() as session:
-        result = session.execute(statement.execution_options(yield_per=_BATCH))
+    with database_errors(), archive.index.read_connection() as connection:
+        if audit is not None:
+            archive.record(audit[0], audit[1], connection=connection)
+        result = connection.execute(statement.execution_options(yield_per=_BATCH))
         # Rows are read by position: a lookup by name costs each of thousands of rows more than
         # its SQL.
         for row in result:

@@ -202,14 +202,14 @@ class SearchTransaction:
             entry = refusal_entry(AuditEvent.QUERY, error, service="QIDO-RS", resource=request.path)
             self.archive.record_refusal(context, entry)
             raise
-        # Recorded before any match is sent (PS3.15 A.5.3.10 Query).
+        # Recorded before any match is sent (PS3.15 A.5.3.10 Query): by the search, on its own
+        # connection, as it begins.
         query = form.query
-        self.archive.record(
-            context,
-            query_entry(level.value, query.matching, service="QIDO-RS", resource=request.path),
-        )
-        rows = search(self.archive, form.query)
-        first = next(rows, None)  # runs the query now, so an invalid one is a 400, not a 200
+        entry = query_entry(level.value, query.matching, service="QIDO-RS", resource=request.path)
+        rows = search(self.archive, query, (context, entry))
+        # Runs the query now (after its record), so an invalid one is a 400, not a 200, and a
+        # record that cannot be written a 503.
+        first = next(rows, None)
         matches = chain([first], rows) if first is not None else iter(())
         body = _json_array(dicom_json(row, level, form.extra_keys) for row in matches)
         response = Response(stream_with_context(body), content_type=DICOM_JSON)

@@ -54,21 +54,14 @@ def handle_c_find(
         _refuse(assoc, message, error)
         return
     query = request.query
-    try:
-        # Recorded before the first match is sent (PS3.15 A.5.3.10 Query).
-        archive.record(
-            assoc.context,
-            query_entry(
-                query.level.value,
-                query.matching,
-                service="C-FIND",
-                sop_class_uid=message.context.abstract_syntax,
-            ),
-        )
-    except StorageError as error:
-        _refuse(assoc, message, error)
-        return
-
+    # Recorded before the first match is sent (PS3.15 A.5.3.10 Query), by the search on its
+    # own connection; a record that cannot be written refuses the C-FIND (below).
+    entry = query_entry(
+        query.level.value,
+        query.matching,
+        service="C-FIND",
+        sop_class_uid=message.context.abstract_syntax,
+    )
     # The matching keys at INFO, their values (names, IDs: patient data) at DEBUG only.
     log.info(
         "[%s] C-FIND %s level %s in %s, keys %s",
@@ -82,7 +75,7 @@ def handle_c_find(
     responses = PendingResponses(
         assoc, message.context, message.message_id, request, settings.dimse.ae_title
     )
-    rows = search(archive, request.query)
+    rows = search(archive, request.query, (assoc.context, entry))
     matches = 0
     try:
         while True:

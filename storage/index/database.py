@@ -38,7 +38,8 @@ def create_index_engine(
 ) -> Engine:
     """An engine for ``sqlite:///path`` or ``postgresql+psycopg://...``.
 
-    ``flush_each_commit=False`` (the audit trail's records of reads, ``[audit] fsync_reads``):
+    ``flush_each_commit=False`` (on PostgreSQL the audit trail's own engine for the records of
+    reads, ``[audit] fsync_reads``; on SQLite the trail sets it per record, ``storage.audit``):
     a commit is made durable by the next flush instead of waiting for its own (SQLite
     ``synchronous=NORMAL`` in WAL mode, PostgreSQL ``synchronous_commit=off``). It survives a
     crash of Hilum, and the database stays consistent through an OS crash or power loss, which
@@ -51,8 +52,17 @@ def create_index_engine(
         path = database_url.removeprefix("sqlite:///")
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
+        # LIFO: a thread's next transaction takes the connection its last one returned. In
+        # WAL mode a read transaction keeps its connection's page cache only when no other
+        # connection committed since that connection's last transaction; the audit trail
+        # commits a read's record on this pool (``storage.audit``), so the read that follows
+        # takes the connection that committed it, its cache still valid.
         engine = create_engine(
-            database_url, pool_size=pool_size, max_overflow=8, connect_args={"timeout": 30}
+            database_url,
+            pool_size=pool_size,
+            max_overflow=8,
+            pool_use_lifo=True,
+            connect_args={"timeout": 30},
         )
         _configure_sqlite(engine, "FULL" if flush_each_commit else "NORMAL")
         return engine

@@ -36,7 +36,9 @@ from storage.audit import (
     security_change_entry,
     verify_chain,
 )
+from storage.index.database import Index, create_index_engine
 from storage.ingest import ingest_file
+from storage.query import Query, QueryLevel, search
 from tests.conftest import make_settings, postgres_database
 from tests.factories import ct_instance, write_part10
 from tests.waiting import wait_until
@@ -324,7 +326,7 @@ def test_writers_of_several_processes_on_sqlite_chain_after_each_other(tmp_path:
     """Each archive (a process's worth: its own engines) appends after the head it last saw
     when that is still the head, else after the head read from the table: alternating and
     concurrent writers leave one unbroken chain with every record. More writers than the
-    trail's pool holds: the connections it keeps between records leave the searches one."""
+    trail's pool holds (on SQLite the index's: the trail keeps none between records)."""
     settings = make_settings(tmp_path, audit={"json_lines": "off"})
     archives = [open_archive(settings, migrate=True), open_archive(settings)]
     try:
@@ -396,6 +398,73 @@ def test_a_connection_lost_in_the_pool_is_replaced_on_postgresql(tmp_path: Path)
             archive.close()
 
 
+def _data_version(archive: Archive) -> tuple[int, int]:
+    """The driver connection a read of ``archive`` gets next (its identity) and its PRAGMA
+    data_version, which changes when another connection committed since its last read."""
+    with archive.index.read_connection() as connection:
+        version = connection.execute(text("PRAGMA data_version")).scalar_one()
+        return id(connection.connection.driver_connection), int(version)
+
+
+def test_a_search_keeps_its_page_cache_across_its_own_record(
+    sqlite_archive: Archive, tmp_path: Path
+) -> None:
+    """SQLite in WAL mode: a read transaction drops its connection's page cache when another
+    connection committed since. A search's record is committed on the search's own connection
+    (and any read's record on the connection the next read takes): the reading connection's
+    data_version stays, though a record was committed; a commit on another connection (a
+    trail of its own engine, as before) changes it."""
+    ingest_file(sqlite_archive, write_part10(ct_instance(patient_id="P-1"), tmp_path / "a.dcm"))
+    query = Query(QueryLevel.STUDY, {"PatientID": "P-1", "StudyInstanceUID": ""})
+    before = _data_version(sqlite_archive)
+    found = list(
+        search(
+            sqlite_archive, query, (ALICE, query_entry("STUDY", query.matching, service="C-FIND"))
+        )
+    )
+    assert len(found) == 1
+    assert _data_version(sqlite_archive) == before
+    sqlite_archive.record(ALICE, *_entries(1))
+    assert _data_version(sqlite_archive) == before
+    records = search_records(sqlite_archive.index, AuditSearch(user="alice"))
+    assert [r["patient_id"] for r in records] == ["P0", "P-1"]
+
+    other = AuditTrail(Index(create_index_engine(str(sqlite_archive.index.engine.url))))
+    try:
+        other.record(ALICE, *_entries(1))
+    finally:
+        other.close()
+    connection, version = _data_version(sqlite_archive)
+    assert (connection, version) != before and connection == before[0]
+    assert verify_chain(sqlite_archive.index).records == 4  # the store's record too
+
+
+def test_a_search_whose_record_cannot_be_written_searches_nothing(
+    sqlite_archive: Archive, tmp_path: Path
+) -> None:
+    """The record written on the search's connection fails (a trigger refuses it): the search
+    raises AuditUnavailable before any match, and leaves its connection as it found it (the
+    next search, with its record, runs)."""
+    ingest_file(sqlite_archive, write_part10(ct_instance(patient_id="P-1"), tmp_path / "a.dcm"))
+    query = Query(QueryLevel.STUDY, {"PatientID": "P-1"})
+    entry = query_entry("STUDY", query.matching, service="QIDO-RS")
+    with sqlite_archive.index.engine.begin() as connection:
+        connection.execute(
+            text(
+                "CREATE TRIGGER audit_record_refused BEFORE INSERT ON audit_record "
+                "BEGIN SELECT RAISE(ABORT, 'refused by the test'); END"
+            )
+        )
+    rows = search(sqlite_archive, query, (ALICE, entry))
+    with pytest.raises(AuditUnavailable, match="refused by the test"):
+        next(rows)
+    with sqlite_archive.index.engine.begin() as connection:
+        connection.execute(text("DROP TRIGGER audit_record_refused"))
+    assert len(list(search(sqlite_archive, query, (ALICE, entry)))) == 1
+    report = verify_chain(sqlite_archive.index)
+    assert (report.records, report.fault) == (2, None)  # the store's, the second search's
+
+
 def _readers(
     trail: AuditTrail, actors: list[Actor], on_return: Callable[[Actor], None]
 ) -> tuple[list[threading.Thread], dict[str, BaseException]]:
@@ -461,6 +530,47 @@ def test_concurrent_reads_share_a_commit_and_each_returns_after_its_own(tmp_path
         assert sorted(json.loads(line)["Hilum"]["request_id"] for line in lines) == sorted(
             a.request_id for a in actors
         )
+    finally:
+        archive.close()
+
+
+def test_concurrent_searches_share_a_commit_on_the_leaders_connection(tmp_path: Path) -> None:
+    """Searches that lend their connection (C-FIND, QIDO-RS) while another writer holds the
+    SQLite write lock: their records form groups as other records do, each written once by a
+    leader on its own connection, and every search answers after its record."""
+    settings = make_settings(tmp_path, audit={"json_lines": "off"})
+    archive = open_archive(settings, migrate=True)
+    try:
+        ingest_file(archive, write_part10(ct_instance(patient_id="P-1"), tmp_path / "a.dcm"))
+        query = Query(QueryLevel.STUDY, {"PatientID": "P-1"})
+        trail = archive.audit
+        assert trail is not None
+        found: dict[str, int] = {}
+
+        def read(actor: Actor) -> None:
+            entry = query_entry("STUDY", query.matching, service="C-FIND")
+            found[actor.request_id] = len(list(search(archive, query, (actor, entry))))
+
+        actors = [replace(ALICE, request_id=f"search-{n}") for n in range(6)]
+        threads = [threading.Thread(target=read, args=(actor,)) for actor in actors]
+        blocker = sqlite3.connect(str(archive.index.engine.url.database), isolation_level=None)
+        try:
+            blocker.execute("BEGIN IMMEDIATE")
+            for thread in threads:
+                thread.start()
+            wait_until(lambda: trail.in_flight() == 6, "six records handed to the trail")
+            assert found == {}
+            blocker.execute("COMMIT")
+            for thread in threads:
+                thread.join(timeout=120)
+        finally:
+            blocker.close()
+        assert found == {actor.request_id: 1 for actor in actors}
+        records = search_records(archive.index, AuditSearch(user="alice"))
+        assert sorted(r["request_id"] for r in records) == sorted(a.request_id for a in actors)
+        assert len({r["recorded_at"] for r in records}) <= 2
+        report = verify_chain(archive.index)
+        assert (report.records, report.fault) == (7, None)  # and the store's
     finally:
         archive.close()
 
