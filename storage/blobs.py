@@ -20,6 +20,7 @@ import tempfile
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
 from typing import Any, BinaryIO, Protocol
@@ -95,6 +96,24 @@ class BlobStream(Protocol):
 PRIMARY_TIER = ""  # instance.tier of a blob in the primary blob store
 
 
+class PendingPuts(Protocol):
+    """What :meth:`BlobStore.start_put_all` returns: the puts, under way or made."""
+
+    def wait(self) -> list[StorageUnavailable | None]:
+        """Once every put is finished: for each blob, what refused it (None: stored, durably),
+        as :meth:`BlobStore.put_all` answers. May be called again (the same answer)."""
+
+
+class PutsMade:
+    """:class:`PendingPuts` of a store that made them before answering."""
+
+    def __init__(self, refusals: list[StorageUnavailable | None]) -> None:
+        self.refusals = refusals
+
+    def wait(self) -> list[StorageUnavailable | None]:
+        return self.refusals
+
+
 def unknown_tier(key: str, tier: str) -> StorageUnavailable:
     """What a read of a blob that the index places in a storage tier the configuration does
     not name raises: the administrator's fix, not a missing file."""
@@ -116,8 +135,16 @@ class BlobStore(Protocol):
         ``(key, path, may_link)``; ``may_link``: the file is Hilum's own temporary file, never
         written again (the caller deletes it afterwards), so a backend may hard-link it into
         the store instead of copying. Once the store refuses one (unreachable, full), the
-        rest get the same answer without each waiting for it.
+        rest get the same answer without each waiting for it in turn (a local store: the
+        first refusal's; S3: each its own, the PUTs made at once).
         """
+
+    def start_put_all(self, blobs: Sequence[tuple[str, Path, bool]]) -> PendingPuts:
+        """:meth:`put_all`, begun: a store over the network (S3) makes its PUTs on threads of
+        its own while the caller goes on (ingest writes the index rows meanwhile, and commits
+        them only once :meth:`PendingPuts.wait` said stored); a local store makes them before
+        it returns. The caller waits for them in every case, also when it gives up: a blob
+        must not appear after the caller decided to delete it."""
 
     def open(self, key: str, *, tier: str = PRIMARY_TIER) -> BlobStream:
         """A readable stream of the whole blob; the caller closes it. ``tier``: the storage
@@ -170,6 +197,11 @@ class FileBlobStore:
 
     def put(self, key: str, path: Path, *, may_link: bool = False) -> None:
         _raise_refusal(self.put_all([(key, path, may_link)]))
+
+    def start_put_all(self, blobs: Sequence[tuple[str, Path, bool]]) -> PendingPuts:
+        """Made at once (:meth:`put_all`): a local write's waits are short, and a thread's
+        hand-overs of the interpreter lock would cost more than they overlap."""
+        return PutsMade(self.put_all(blobs))
 
     def put_all(self, blobs: Sequence[tuple[str, Path, bool]]) -> list[StorageUnavailable | None]:
         """Each file is written under a temporary name in its folder, synced and renamed into
@@ -372,6 +404,9 @@ class S3BlobStore:
         with self._unavailable_on_error(f"bucket {bucket}"):
             if not self.client.bucket_exists(bucket):
                 self.client.make_bucket(bucket)
+        # Started as PUTs come and kept while the process runs; an idle one waits on its
+        # queue, using no CPU.
+        self._putter = ThreadPoolExecutor(max_connections, thread_name_prefix="s3-put")
 
     @contextlib.contextmanager
     def _unavailable_on_error(self, what: str) -> Iterator[None]:
@@ -388,23 +423,27 @@ class S3BlobStore:
         _raise_refusal(self.put_all([(key, path, may_link)]))
 
     def put_all(self, blobs: Sequence[tuple[str, Path, bool]]) -> list[StorageUnavailable | None]:
-        """One PUT each; an object appears only when complete."""
-        refusals: list[StorageUnavailable | None] = []
-        refused: StorageUnavailable | None = None
-        for key, path, _may_link in blobs:
+        return self.start_put_all(blobs).wait()
+
+    def start_put_all(self, blobs: Sequence[tuple[str, Path, bool]]) -> PendingPuts:
+        """One PUT each, all at once on the store's threads (at most its connections): a PUT's
+        time is mostly the server's, so a group's PUTs overlap one another and the caller's
+        own work; an object appears only when complete."""
+        for key, _path, _may_link in blobs:
             if not is_blob_key(key):
                 raise ValueError(f"not a blob key: {key!r}")
-            if refused is None:
-                try:
-                    with self._unavailable_on_error(key):
-                        self.client.fput_object(
-                            self.bucket, key, str(path), content_type="application/dicom",
-                            metadata=self._put_headers,
-                        )  # fmt: skip
-                except StorageUnavailable as error:
-                    refused = error
-            refusals.append(refused)
-        return refusals
+        return _S3Puts([self._putter.submit(self._put_one, key, path) for key, path, _ in blobs])
+
+    def _put_one(self, key: str, path: Path) -> StorageUnavailable | None:
+        try:
+            with self._unavailable_on_error(key):
+                self.client.fput_object(
+                    self.bucket, key, str(path), content_type="application/dicom",
+                    metadata=self._put_headers,
+                )  # fmt: skip
+        except StorageUnavailable as error:
+            return error
+        return None
 
     @property
     def _put_headers(self) -> dict[str, str | list[str] | tuple[str]] | None:
@@ -503,6 +542,16 @@ def _fsync_directory(directory: Path) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+class _S3Puts:
+    """:class:`PendingPuts` of :meth:`S3BlobStore.start_put_all`."""
+
+    def __init__(self, futures: list[Future[StorageUnavailable | None]]) -> None:
+        self._futures = futures
+
+    def wait(self) -> list[StorageUnavailable | None]:
+        return [future.result() for future in self._futures]
 
 
 class _S3Stream:

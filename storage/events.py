@@ -123,16 +123,20 @@ def record_events(
         connection = session
     created = now or utc_now()
     if connection.dialect.name == "postgresql":
-        connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _EVENT_WRITE_LOCK})
-        # Every row in one statement (one round trip; an executemany costs one per row, which
-        # measured 10x more than the rows themselves: benchmarks/events.py).
+        # The lock and every row in one statement (one round trip; an executemany costs one
+        # per row, which measured 10x more than the rows themselves: benchmarks/events.py).
         rows = [
             {"type": str(event.type), "study": event.study_instance_uid, "payload": event.payload}
             for event in events
         ]
         connection.execute(
             _INSERT_EVENTS_POSTGRESQL,
-            {"events": json.dumps(rows), "partition": partition, "created_at": created},
+            {
+                "events": json.dumps(rows),
+                "partition": partition,
+                "created_at": created,
+                "key": _EVENT_WRITE_LOCK,
+            },
         )
         return
     # SQLite: on the driver's cursor, in the same transaction (storage/index/driver.py:
@@ -162,10 +166,13 @@ def _insert_event_on_sqlite(dialect: Dialect) -> DriverStatement:
     return DriverStatement(statement, dialect)
 
 
+# The lock is a one-row relation of the SELECT: no row reaches the INSERT, which draws its id
+# from the sequence, before the lock is held (as storage/audit.py's chain lock).
 _INSERT_EVENTS_POSTGRESQL = text(
     "INSERT INTO event (type, partition, study_instance_uid, payload, created_at)"
     " SELECT e.type, :partition, e.study, e.payload, :created_at"
-    " FROM ROWS FROM (jsonb_to_recordset(CAST(:events AS jsonb))"
+    " FROM (SELECT pg_advisory_xact_lock(:key)) AS event_lock,"
+    " ROWS FROM (jsonb_to_recordset(CAST(:events AS jsonb))"
     " AS (type text, study text, payload jsonb)) WITH ORDINALITY AS e(type, study, payload, n)"
     " ORDER BY e.n"
 )

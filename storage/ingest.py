@@ -3,10 +3,11 @@ results call :func:`ingest_file`, STOW-RS :func:`ingest_files` (a group of files
 transaction; :func:`ingest_file` is a group of one).
 
 Order of work, so that a failure at any step loses nothing: parse and validate the header; write
-the blob under a key that includes the content hash (so it never overwrites a stored file); then
-write every index row in one transaction; only after that commits, delete a replaced blob. A
-blob whose index transaction failed is deleted again; if even that fails, it is an orphan that
-``hilum verify`` reports.
+the blob under a key that includes the content hash (so it never overwrites a stored file), and
+meanwhile every index row in one transaction, which commits only once the blob is stored (a
+refused blob rolls it back); only after that commits, delete a replaced blob. A blob whose index
+transaction failed is deleted again; if even that fails, it is an orphan that ``hilum verify``
+reports.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from storage.audit import (
     audit_errors,
     failure,
 )
+from storage.blobs import PendingPuts
 from storage.data_set_structure import skip_file_meta
 from storage.delete import delete_blob_unless_referenced
 from storage.dicom_file import (
@@ -363,6 +365,19 @@ _KNOWN_SERIES = (
 _TOUCH_STUDY = (
     update(Study).where(Study.id == bindparam("study_pk")).values(last_instance_at=bindparam("now"))
 )
+# PostgreSQL: _KNOWN_SERIES and _TOUCH_STUDY in one statement (one round trip). Its bind names
+# are not column names of study (an UPDATE's own, for its SET clause).
+_TOUCH_KNOWN_SERIES = (
+    update(Study)
+    .where(
+        Series.study_pk == Study.id,
+        Series.partition == bindparam("in_partition"),
+        Series.series_instance_uid == bindparam("series_uid"),
+        Study.study_instance_uid == bindparam("in_study"),
+    )
+    .values(last_instance_at=bindparam("now"))
+    .returning(Series.id, Study.id)
+)
 
 
 def _store(
@@ -404,11 +419,29 @@ def _store(
         else:
             to_write.append((item, stored))
 
-    to_write = _put_blobs(archive, to_write, outcomes)
     if not to_write:
         return []
+    # The blobs are written while the rows are (an S3 PUT waits mostly for the server); the
+    # rows commit only once every blob is stored (_write_rows_once), and no PUT outlives this
+    # attempt: a blob deleted below must not appear afterwards.
+    puts = archive.blobs.start_put_all(
+        [(item.key, item.received.path, item.received.temporary) for item, _stored in to_write]
+    )
     try:
-        written, retry, audited = _write_rows(archive, to_write)
+        try:
+            written, retry, audited = _write_rows(archive, to_write, puts)
+        finally:
+            puts.wait()
+    except _BlobsRefused as refused:
+        # Rolled back: the refused files have their answer, the others try again.
+        again = []
+        for (item, _stored), refusal in zip(to_write, refused.refusals, strict=True):
+            if refusal is None:
+                again.append(item)
+            else:
+                outcomes[item.n] = refusal
+        _discard_unreferenced(archive, [item.key for item in again])
+        return again
     except exc.IntegrityError:
         # Not a race the statements expect (those are answered, not raised): the whole
         # group was rolled back; every file of it tries again.
@@ -449,31 +482,21 @@ def _store(
     return retry
 
 
-def _put_blobs(
-    archive: Archive,
-    to_write: list[tuple[_Prepared, Any]],
-    outcomes: list[IngestResult | StorageError | None],
-) -> list[tuple[_Prepared, Any]]:
-    """Write the blobs of ``to_write`` with one :meth:`BlobStore.put_all`; those written."""
-    refusals = archive.blobs.put_all(
-        [(item.key, item.received.path, item.received.temporary) for item, _stored in to_write]
-    )
-    written = []
-    for (item, stored), refusal in zip(to_write, refusals, strict=True):
-        if refusal is None:
-            written.append((item, stored))
-        else:
-            outcomes[item.n] = refusal
-    return written
+class _BlobsRefused(Exception):
+    """The blob store refused some of a group's blobs: its transaction is rolled back."""
+
+    def __init__(self, refusals: list[StorageUnavailable | None]) -> None:
+        super().__init__("blobs refused")
+        self.refusals = refusals
 
 
 def _write_rows(
-    archive: Archive, to_write: list[tuple[_Prepared, Any]]
+    archive: Archive, to_write: list[tuple[_Prepared, Any]], puts: PendingPuts
 ) -> tuple[list[tuple[_Prepared, Any]], list[_Prepared], list[dict[str, Any]]]:
     """:func:`_write_rows_once`; the transfers it began are begun again if it fails."""
     begun: list[tuple[Transfer, str]] = []
     try:
-        return _write_rows_once(archive, to_write, begun)
+        return _write_rows_once(archive, to_write, puts, begun)
     except BaseException:
         for transfer, study in begun:
             transfer.release(study)
@@ -481,10 +504,17 @@ def _write_rows(
 
 
 def _write_rows_once(
-    archive: Archive, to_write: list[tuple[_Prepared, Any]], begun: list[tuple[Transfer, str]]
+    archive: Archive,
+    to_write: list[tuple[_Prepared, Any]],
+    puts: PendingPuts,
+    begun: list[tuple[Transfer, str]],
 ) -> tuple[list[tuple[_Prepared, Any]], list[_Prepared], list[dict[str, Any]]]:
     """The index rows of ``to_write`` in one transaction: (written, lost a race, the audit
-    records of the written ones, to emit after the commit).
+    records of the written ones, to emit after the commit). Their blobs (``puts``) are
+    written meanwhile: the events, the audit records and the commit wait for them, and a
+    refused one rolls the transaction back (:class:`_BlobsRefused`); so no committed row
+    names a blob that is not stored, and the locks the events and the audit records take
+    until the commit (``storage/events.py``) are not held while a PUT is waited for.
 
     A lost race is answered by the statements, not raised, so one file's loss does not undo
     the others': a new instance row is inserted with ON CONFLICT DO NOTHING (the rows of all
@@ -524,6 +554,9 @@ def _write_rows_once(
                     written.append((item, None))
                 else:
                     retry.append(item)
+        refusals = puts.wait()
+        if any(refusal is not None for refusal in refusals):
+            raise _BlobsRefused(refusals)
         # The outbox: one event per instance written, committed with its row (last statement).
         record_events(
             connection, partition, [_stored_event(item, stored) for item, stored in written]
@@ -742,7 +775,8 @@ class _GroupStatements:
     (``storage/index/driver.py``: SQLAlchemy's execution costs 20-40 µs of CPU a statement,
     sqlite3's a few), a new instance's row by a one-row INSERT each (as cheap there as one
     multi-row INSERT: no round trips). On PostgreSQL through SQLAlchemy, the new rows in one
-    multi-row INSERT (one round trip)."""
+    multi-row INSERT (one round trip), and the known series' look-up and its study's touch in one
+    UPDATE."""
 
     def __init__(self, connection: Connection) -> None:
         self.connection = connection
@@ -759,19 +793,23 @@ class _GroupStatements:
         if self.cursor is not None:
             self.cursor.close()
 
-    def known_series(self, partition: str, series_uid: str, study_uid: str) -> Any:
-        """(series_pk, study_pk) of the series in the study, or None."""
+    def touch_known_series(
+        self, partition: str, series_uid: str, study_uid: str, now: datetime
+    ) -> Any:
+        """(series_pk, study_pk) of the series in the study, its study's last_instance_at set
+        to ``now``; None (nothing touched) when the series is not in the index yet."""
+        if self.cursor is None:
+            touched = self.connection.execute(
+                _TOUCH_KNOWN_SERIES,
+                {"in_partition": partition, "series_uid": series_uid, "in_study": study_uid,
+                 "now": now},
+            )  # fmt: skip
+            return touched.one_or_none()
         values = {"partition": partition, "series_uid": series_uid, "study_uid": study_uid}
-        if self.cursor is None:
-            return self.connection.execute(_KNOWN_SERIES, values).one_or_none()
-        return self.sqlite[0].execute(self.cursor, values).fetchone()
-
-    def touch_study(self, study_pk: int, now: datetime) -> None:
-        values = {"study_pk": study_pk, "now": now}
-        if self.cursor is None:
-            self.connection.execute(_TOUCH_STUDY, values)
-        else:
-            self.sqlite[1].execute(self.cursor, values)
+        known = self.sqlite[0].execute(self.cursor, values).fetchone()
+        if known is not None:
+            self.sqlite[1].execute(self.cursor, {"study_pk": known[1], "now": now})
+        return known
 
     def insert_new(self, rows: list[dict[str, Any]]) -> set[str]:
         """Insert the new instances' rows; the SOP Instance UIDs inserted (those another
@@ -845,11 +883,9 @@ def _upsert_hierarchy(
     series_uid = header.series_instance_uid[:UI]
     # The common case, every instance of a series but its first: the rows exist, and only the
     # study's last_instance_at moves. One SELECT and one UPDATE instead of seven statements.
-    known_series = hot.known_series(partition, series_uid, study_uid)
+    known_series = hot.touch_known_series(partition, series_uid, study_uid, now)
     if known_series is not None:
-        series_pk, study_pk = known_series
-        hot.touch_study(study_pk, now)
-        return int(series_pk)
+        return int(known_series[0])
 
     patient = {
         "patient_id": _text(ds, "PatientID", 64),

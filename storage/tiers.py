@@ -33,7 +33,14 @@ from typing import TYPE_CHECKING, BinaryIO
 from sqlalchemy import select, update
 
 from config.settings import StorageTier
-from storage.blobs import PRIMARY_TIER, BlobStore, BlobStream, open_blob_store, unknown_tier
+from storage.blobs import (
+    PRIMARY_TIER,
+    BlobStore,
+    BlobStream,
+    PendingPuts,
+    open_blob_store,
+    unknown_tier,
+)
 from storage.errors import NotFound, StorageError, StorageUnavailable
 from storage.index.database import Index, affected_rows
 from storage.index.models import Instance, Series, Study
@@ -107,6 +114,9 @@ class TieredBlobStore:
 
     def put_all(self, blobs: Sequence[tuple[str, Path, bool]]) -> list[StorageUnavailable | None]:
         return self.primary.put_all(blobs)
+
+    def start_put_all(self, blobs: Sequence[tuple[str, Path, bool]]) -> PendingPuts:
+        return self.primary.start_put_all(blobs)
 
     def open(self, key: str, *, tier: str = PRIMARY) -> BlobStream:
         return self._read(key, tier, lambda store: store.open(key))  # type: ignore[return-value]

@@ -120,6 +120,14 @@ class Index:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._write_engine = engine.execution_options(hilum_write=True)
+        # PostgreSQL: a read on its own needs no transaction, whose BEGIN and ROLLBACK would
+        # cost two round trips more than the statement (psycopg's autocommit is the client's
+        # flag: setting it sends nothing).
+        self._read_engine = (
+            engine.execution_options(isolation_level="AUTOCOMMIT")
+            if engine.dialect.name == "postgresql"
+            else engine
+        )
         self._read = sessionmaker(engine, expire_on_commit=False)
         self._write = sessionmaker(self._write_engine, expire_on_commit=False)
 
@@ -141,8 +149,9 @@ class Index:
     @contextlib.contextmanager
     def read_connection(self) -> Iterator[Connection]:
         """As :meth:`read`, on a Core connection: no ORM session (its set-up and teardown
-        cost more than a prebuilt statement), for callers that execute statements only."""
-        with database_errors(), self.engine.connect() as connection:
+        cost more than a prebuilt statement), for callers that execute statements only; on
+        PostgreSQL in autocommit, each statement its own transaction."""
+        with database_errors(), self._read_engine.connect() as connection:
             yield connection
 
     @contextlib.contextmanager

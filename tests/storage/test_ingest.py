@@ -15,6 +15,7 @@ from sqlalchemy import func, select
 
 from config import Settings
 from storage.archive import Archive, open_archive
+from storage.blobs import PutsMade
 from storage.delete import delete_instance
 from storage.errors import InvalidInstance, SOPClassMismatch, StorageUnavailable
 from storage.frame_table import PackedFrameTable
@@ -316,11 +317,11 @@ class _RacingBlobStore:
     def __init__(self, inner: object, on_put: Callable[[Path], None]) -> None:
         self._inner, self._on_put = inner, on_put
 
-    def put_all(self, blobs: list) -> list:
+    def start_put_all(self, blobs: list) -> PutsMade:
         refusals = self._inner.put_all(blobs)  # type: ignore[attr-defined]
         for _key, path, _may_link in blobs:
             self._on_put(path)
-        return refusals
+        return PutsMade(refusals)
 
     def __getattr__(self, name: str) -> object:
         return getattr(self._inner, name)
@@ -447,3 +448,52 @@ def test_a_group_the_index_refuses_whole_is_retried_then_refused(
     assert _count(archive, Instance) == 0
     report = verify_archive(archive)
     assert report.ok and report.instances == 0, report
+
+
+class _RefusingBlobStore:
+    """The real blob store, refusing the blob of one file the first time it is put (a full
+    disk, an S3 error)."""
+
+    def __init__(self, inner: object, refused: Path) -> None:
+        self._inner, self._refused = inner, refused
+        self.puts: list[Path] = []
+
+    def start_put_all(self, blobs: list) -> PutsMade:
+        self.puts += [path for _key, path, _may_link in blobs]
+        refuse = self._refused if self.puts.count(self._refused) == 1 else None
+        put = iter(self._inner.put_all([b for b in blobs if b[1] != refuse]))  # type: ignore[attr-defined]
+        return PutsMade(
+            [
+                StorageUnavailable("no space left on the device") if path == refuse else next(put)
+                for _key, path, _may_link in blobs
+            ]
+        )
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._inner, name)
+
+
+def test_a_refused_blob_rolls_its_group_back_and_the_rest_is_stored(
+    archive: Archive, tmp_path: Path
+) -> None:
+    """The rows are written while the blobs are; one blob refused: the group's transaction is
+    rolled back (no row may name a blob that is not stored), that file gets the refusal, the
+    others are stored in the next round; no row without its blob, no blob without its row."""
+    study, series = generate_uid(), generate_uid()
+    files = [write_part10(ct_instance(study, series, seed=n), tmp_path / f"{n}.dcm")
+             for n in range(3)]  # fmt: skip
+    refusing = _RefusingBlobStore(archive.blobs, files[1])
+
+    outcomes = ingest_files(
+        dataclasses.replace(archive, blobs=refusing), [Received(path) for path in files]
+    )
+
+    assert isinstance(outcomes[1], StorageUnavailable)
+    assert [o.outcome for o in (outcomes[0], outcomes[2])] == [IngestOutcome.STORED] * 2  # type: ignore[union-attr]
+    assert refusing.puts == [*files, files[0], files[2]]  # the others put again, then stored
+    assert _count(archive, Instance) == 2
+    report = verify_archive(archive)
+    assert report.ok and report.instances == 2, report
+    assert sorted(archive.blobs.list_keys()) == sorted(
+        _instance(archive, dcmread_uid(path)).blob_key for path in (files[0], files[2])
+    )

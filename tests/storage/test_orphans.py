@@ -19,7 +19,7 @@ from sqlalchemy import text
 from config import Settings
 from storage.archive import Archive, open_archive
 from storage.audit import AuditEvent, AuditSearch, search_records
-from storage.blobs import BlobStore, instance_blob_key
+from storage.blobs import BlobStore, PutsMade, instance_blob_key
 from storage.errors import StorageUnavailable
 from storage.ingest import IngestOutcome, ingest_file
 from storage.janitor import SWEEP_LOCK, OrphanJanitor, sweep_orphans
@@ -40,10 +40,10 @@ class _CutAfterPut:
         self.store = store
         self.cut = cut
 
-    def put_all(self, blobs: Sequence[tuple[str, Path, bool]]) -> list[StorageUnavailable | None]:
+    def start_put_all(self, blobs: Sequence[tuple[str, Path, bool]]) -> PutsMade:
         refusals = self.store.put_all(blobs)
         self.cut()
-        return refusals
+        return PutsMade(refusals)
 
     def __getattr__(self, name: str) -> object:
         return getattr(self.store, name)

@@ -16,6 +16,7 @@ from sqlalchemy import select
 
 from server.dimse.ae import DimseServer
 from storage.archive import Archive, open_archive
+from storage.blobs import PutsMade
 from storage.dicom_file import is_storage_sop_class
 from storage.index.models import Instance
 from storage.verify import verify_archive
@@ -239,9 +240,9 @@ class _SlowBlobStore:
     def __init__(self, inner: object, delay_s: float) -> None:
         self._inner, self._delay_s = inner, delay_s
 
-    def put_all(self, blobs: list) -> list:
+    def start_put_all(self, blobs: list) -> PutsMade:
         time.sleep(self._delay_s)
-        return self._inner.put_all(blobs)  # type: ignore[attr-defined]
+        return PutsMade(self._inner.put_all(blobs))  # type: ignore[attr-defined]
 
     def __getattr__(self, name: str) -> object:
         return getattr(self._inner, name)
