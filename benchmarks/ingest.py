@@ -100,6 +100,7 @@ from benchmarks.processes import (  # noqa: E402
     running,
     start_process,
     stop_process,
+    wait_exited,
 )
 from config.settings import DimseSettings  # noqa: E402
 
@@ -444,7 +445,7 @@ def send(
     failures: list[str] = []
     for process, log in zip(processes, logs, strict=True):
         try:
-            process.wait(timeout=SEND_TIMEOUT_S)
+            wait_exited(process, SEND_TIMEOUT_S)
         except subprocess.TimeoutExpired:
             stop_process(process, grace_s=1)
             failures.append(f"{log.name}: killed after {SEND_TIMEOUT_S} s")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import select
 import signal
 import socket
 import subprocess
@@ -75,6 +76,20 @@ def start_process(
             env=environment(env),
             start_new_session=True,  # its own process group, killed as a whole
         )
+
+
+def wait_exited(process: subprocess.Popen, timeout_s: float) -> int:
+    """``process.wait(timeout=timeout_s)``, returning as soon as the process exits (Linux: a
+    pidfd). ``Popen.wait`` with a timeout polls, sleeping up to 50 ms between looks, so a timed
+    client that ran 0.2 s was read as having run up to 50 ms longer (a C-MOVE of 300 instances
+    in 0.22 s or in 0.26 s both read as 0.26 s, 1 130 instances/s)."""
+    pidfd = os.pidfd_open(process.pid)
+    try:
+        if not select.select([pidfd], [], [], timeout_s)[0]:
+            raise subprocess.TimeoutExpired(process.args, timeout_s)
+    finally:
+        os.close(pidfd)
+    return process.wait()
 
 
 def stop_process(process: subprocess.Popen, grace_s: float = 20.0) -> None:

@@ -90,6 +90,7 @@ from benchmarks.processes import (  # noqa: E402
     running,
     start_process,
     stop_process,
+    wait_exited,
 )
 
 MOVESCU, GETSCU, STORESCP = "/usr/bin/movescu", "/usr/bin/getscu", "/usr/bin/storescp"
@@ -107,7 +108,7 @@ class Receiver:
     ae_title: str
     command: list[str]  # {port} and {ae} filled in
     get: list[str]  # the C-GET client; {port}, {ae}, {study} filled in, more -k keys added
-    title: str
+    titles: tuple[str, str]  # (C-MOVE, C-GET)
     parallel: int = 1
 
 
@@ -117,23 +118,25 @@ RECEIVERS = {
         "STORESCP",
         [STORESCP, "-v", "--ignore", "-aet", "{ae}", "{port}"],
         [GETSCU, "-v", "-S", "--ignore"],
-        "storescp / getscu --ignore, 16 KB PDUs",
+        ("C-MOVE to storescp --ignore (16 KB PDUs)", "C-GET by getscu --ignore (16 KB PDUs)"),
     ),
     "dcmtk-128k": Receiver(
         "STORESCP128",
         [STORESCP, "-v", "--ignore", "-pdu", str(LARGE_PDU), "-aet", "{ae}", "{port}"],
         [GETSCU, "-v", "-S", "--ignore", "-pdu", str(LARGE_PDU)],
-        "storescp / getscu --ignore -pdu 131072",
+        ("C-MOVE to storescp --ignore -pdu 131072", "C-GET by getscu --ignore -pdu 131072"),
     ),
     "lean": Receiver(
         "LEAN",
         [sys.executable, str(DISCARD_STORE), "serve", "--port", "{port}"],
         [sys.executable, str(DISCARD_STORE), "get"],
-        "benchmarks/discard_store.py, 128 KB PDUs",
+        ("C-MOVE to discard_store.py (128 KB PDUs)", "C-GET by discard_store.py (128 KB PDUs)"),
     ),
 }
 RECEIVERS["lean-x4"] = dataclasses.replace(
-    RECEIVERS["lean"], title="4 retrieves at once to discard_store.py", parallel=4
+    RECEIVERS["lean"],
+    titles=("4 C-MOVEs at once to discard_store.py", "4 C-GETs at once by discard_store.py"),
+    parallel=4,
 )
 # operation -> (service, receiver)
 RETRIEVES = {
@@ -147,7 +150,7 @@ DEFAULT_OPERATIONS = ("c-move", "c-get", "wado-rs", "stow-rs")
 GOALS = {**dict.fromkeys(RETRIEVES, 1.5), "wado-rs": 1.0, "stow-rs": 1.0}
 TITLES = {
     **{
-        operation: f"{'C-MOVE to' if service == 'c-move' else 'C-GET by'} {RECEIVERS[name].title}"
+        operation: RECEIVERS[name].titles[service == "c-get"]
         for operation, (service, name) in RETRIEVES.items()
     },
     "wado-rs": "WADO-RS of the whole study",
@@ -241,7 +244,7 @@ def run_retrieves(
     outputs = []
     for process, log in zip(processes, logs, strict=True):
         try:
-            process.wait(timeout=CLIENT_TIMEOUT_S)
+            wait_exited(process, CLIENT_TIMEOUT_S)
         except subprocess.TimeoutExpired:
             stop_process(process, grace_s=1)
         ok = process.returncode == 0

@@ -60,6 +60,7 @@ from benchmarks.processes import (  # noqa: E402
     running,
     start_process,
     stop_process,
+    wait_exited,
 )
 
 ASSOCIATIONS = 8
@@ -176,7 +177,7 @@ def send(files: list[Path], ports: list[int], workdir: Path) -> float:
     ]
     for process in processes:
         try:
-            process.wait(timeout=SEND_TIMEOUT_S)
+            wait_exited(process, SEND_TIMEOUT_S)
         except subprocess.TimeoutExpired:
             stop_process(process, grace_s=1)
     return time.perf_counter() - started

@@ -1,10 +1,14 @@
-"""The /proc and environment helpers of the benchmarks (pure parsing; no process started)."""
+"""The /proc, environment and waiting helpers of the benchmarks."""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
-from benchmarks.processes import environment, stat_fields
+import pytest
+
+from benchmarks.processes import environment, stat_fields, wait_exited
 
 # proc(5): pid (comm) state ppid pgrp session tty_nr tpgid flags minflt cminflt majflt cmajflt
 # utime stime cutime cstime ...; a comm may hold spaces and parentheses.
@@ -25,3 +29,16 @@ def test_environment_sets_and_removes_variables(monkeypatch) -> None:
     assert environment({"TCP_NODELAY": None})["HILUM_BENCH_KEPT"] == "yes"
     assert environment({"TCP_NODELAY": "0"})["TCP_NODELAY"] == "0"
     assert environment(None) == dict(os.environ)
+
+
+def test_wait_exited_gives_the_exit_status_or_times_out() -> None:
+    exiting = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    assert wait_exited(exiting, 60) == 3
+    waiting = subprocess.Popen([sys.executable, "-c", "input()"], stdin=subprocess.PIPE)
+    try:
+        with pytest.raises(subprocess.TimeoutExpired):
+            wait_exited(waiting, 0.01)
+    finally:
+        assert waiting.stdin is not None
+        waiting.stdin.close()  # input() gets EOF: it exits
+        waiting.wait()
