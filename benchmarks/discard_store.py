@@ -17,6 +17,11 @@ Two roles:
   in every process), so that the interpreter's start (~40 ms) is not timed. ``--uids`` asks
   for a list of SOP Instance UIDs at IMAGE level instead of the study.
 
+Both print, at the end of each association, the median time from one C-STORE-RSP to the next
+(``C-STORE cycle median N us over M``): what one sub-operation costs, the sender's turnaround
+included; a median, so that the moments this process or the sender lost its core on a loaded
+machine do not count, as they do in a rate.
+
 Both advertise ``--max-pdu`` (default 131072, the largest that DCMTK's tools take) as their
 Maximum Length Received and set TCP_NODELAY.
 
@@ -31,6 +36,7 @@ import argparse
 import os
 import socket
 import socketserver
+import statistics
 import struct
 import sys
 import time
@@ -165,9 +171,10 @@ def store_response(context_id: int, request: dict[int, bytes]) -> bytes:
 
 
 def answer_stores(
-    link: Link, on_stored: Callable[[], None] | None = None
+    link: Link, on_stored: Callable[[], None] | None = None, answered: list[float] | None = None
 ) -> Iterator[tuple[int, dict[int, bytes]]]:
-    """Answer every C-STORE-RQ once its data set has arrived; yield the other commands."""
+    """Answer every C-STORE-RQ once its data set has arrived; yield the other commands.
+    ``answered``: when each C-STORE-RSP was sent (``time.monotonic``)."""
     storing: tuple[int, dict[int, bytes]] | None = None
     for context_id, command in link.events():
         if command:
@@ -178,9 +185,17 @@ def answer_stores(
                 yield context_id, elements
         elif storing is not None:
             link.sock.sendall(store_response(*storing))
+            if answered is not None:
+                answered.append(time.monotonic())
             if on_stored is not None:
                 on_stored()
             storing = None
+
+
+def cycle_line(answered: list[float]) -> str:
+    cycles = [later - earlier for earlier, later in zip(answered, answered[1:], strict=False)]
+    median = statistics.median(cycles) if cycles else 0.0
+    return f"C-STORE cycle median {median * 1e6:.0f} us over {len(cycles)}\n"
 
 
 # --- serve: the Move Destination ------------------------------------------------------------
@@ -215,15 +230,18 @@ def serve(port: int, max_pdu: int) -> None:
     class Association(socketserver.BaseRequestHandler):
         def handle(self) -> None:
             link = Link(self.request, max_pdu)
+            answered: list[float] = []
             try:
                 pdu_type, length = link.read_pdu_header()
                 if pdu_type != 0x01:
                     return
                 link.sock.sendall(associate_ac(link.read(length), max_pdu))
-                for _ in answer_stores(link, stored):
+                for _ in answer_stores(link, stored, answered):
                     pass  # no other request is answered
             except PeerGone:
                 pass
+            if answered:
+                os.write(1, cycle_line(answered).encode())
 
     class Server(socketserver.ForkingTCPServer):
         allow_reuse_address = True
@@ -281,7 +299,8 @@ def get(
     link.sock.sendall(
         p_data(1, COMMAND | LAST, request) + p_data(1, LAST, identifier(study, series, uids))
     )
-    for _, elements in answer_stores(link):
+    answered: list[float] = []
+    for _, elements in answer_stores(link, answered=answered):
         if us(elements[0x0100]) != C_GET_RSP:
             continue
         status = us(elements[0x0900])
@@ -297,7 +316,9 @@ def get(
             if pdu_type != 0x04:
                 # CLOCK_MONOTONIC, the same for every process: the caller times the clients
                 # from the first association request, without the interpreter's start.
-                print(f"Monotonic from {started:.6f} to {time.monotonic():.6f}")
+                ended = time.monotonic()
+                print(cycle_line(answered), end="")
+                print(f"Monotonic from {started:.6f} to {ended:.6f}")
                 return 0 if status == 0 else 2
     print("the association ended before the final C-GET response")
     return 1

@@ -8,7 +8,10 @@ looked up after ``PYTHONPATH``). The receivers and operations are ``benchmarks/r
 (``--operations``: any of its C-MOVE and C-GET ones). In each round every operation runs on
 both versions, the baseline first in odd rounds, ``--repeat`` times each. Prints instances/s,
 server CPU per instance (10 ms resolution), the receiver's CPU per instance, medians and ranges,
-and this / baseline within each round; the load average at the start and the end.
+and this / baseline within each round; the load average at the start and the end. For the lean
+receiver on one association (``c-move-lean``, ``c-get-lean``) also its median time from one
+C-STORE-RSP to the next (``benchmarks/discard_store.py``), which a loaded machine disturbs less
+than a rate.
 
     .venv/bin/python benchmarks/retrieve_versions.py --baseline /work/wt-main
         [--operations c-move,c-move-lean,c-get-lean] [--rounds 5] [--repeat 2]
@@ -20,10 +23,12 @@ import argparse
 import contextlib
 import dataclasses
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from pydicom import dcmread
@@ -45,6 +50,23 @@ from benchmarks.retrieve import (  # noqa: E402
     receivers,
     store_study,
 )
+
+CYCLE = re.compile(r"C-STORE cycle median (\d+) us")
+LEAN_ONCE = ("c-move-lean", "c-get-lean")
+
+
+def cycle_us(operation: str, work: Path, seen: int) -> tuple[float | None, int]:
+    """The lean receiver's median C-STORE cycle of the retrieve just run, and how many cycle
+    lines its log now holds (the Move Destination's log grows; the C-GET client's is new)."""
+    log = work / ("receiver-LEAN.log" if operation == "c-move-lean" else "c-get-0.log")
+    deadline = time.monotonic() + 5  # the destination writes it once the release is answered
+    while True:
+        found = CYCLE.findall(log.read_text(errors="replace"))
+        if operation == "c-get-lean" or len(found) > seen or time.monotonic() > deadline:
+            break
+        time.sleep(0.01)
+    fresh = found if operation == "c-get-lean" else found[seen:]
+    return (float(fresh[-1]) if fresh else None), len(found)
 
 
 def check_imported_from(checkout: Path, work: Path) -> None:
@@ -80,6 +102,8 @@ def main() -> int:
     load = os.getloadavg()[0]
     work = Path(tempfile.mkdtemp(prefix="hilum-retrieve-versions-"))
     results: dict[tuple[str, str], list[Measurement]] = {}
+    cycles: dict[tuple[str, str], list[float | None]] = {}
+    move_cycles_seen = 0
     notes: list[str] = []
     try:
         files = write_series(work / "series", args.instances)
@@ -120,6 +144,11 @@ def main() -> int:
                                     operation, server, k, run, args.instances, notes, receiver_pid
                                 )  # fmt: skip
                             )
+                            if operation in LEAN_ONCE:
+                                cycle, seen = cycle_us(operation, work, move_cycles_seen)
+                                if operation == "c-move-lean":
+                                    move_cycles_seen = seen
+                                cycles.setdefault((operation, version), []).append(cycle)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -141,6 +170,20 @@ def main() -> int:
             f"{spread([m.receiver_cpu_ms_per_instance for m in base], 2)} / "
             f"{spread([m.receiver_cpu_ms_per_instance for m in this], 2)} |"
         )
+    lean = [operation for operation in operations if operation in LEAN_ONCE]
+    if lean:
+        print()
+        print("| operation | baseline C-STORE cycle us | this C-STORE cycle us | this / baseline |")
+        print("|---|---|---|---|")
+    for operation in lean:
+        pairs = list(zip(cycles[(operation, "baseline")], cycles[(operation, "this")], strict=True))
+        pairs = [(a, b) for a, b in pairs if a is not None and b is not None]
+        if not pairs:
+            print(f"| {operation} | - | - | - |")
+            continue
+        base_us, this_us = [a for a, _ in pairs], [b for _, b in pairs]
+        ratios = [b / a for a, b in pairs]
+        print(f"| {operation} | {spread(base_us)} | {spread(this_us)} | {spread(ratios, 2)} |")
     if notes:
         print("\nnotes:")
         for note in notes:
