@@ -142,8 +142,7 @@ def store_slide(port: int, tile: bytes, frames: int, side: int = TILE) -> tuple[
             "Priority": 0,
             "AffectedSOPInstanceUID": slide.sop_instance_uid,
         }
-        assoc.send_command(context, command, data_follows=True)
-        assoc.send_data_set_stream(context, slide)  # type: ignore[arg-type]
+        assoc.send_message_stream(context, command, slide)  # type: ignore[arg-type]
         response = assoc.receive_message()
         assert response is not None and response.command.field == CommandField.C_STORE_RSP
         return int(response.command["Status"]), slide.size

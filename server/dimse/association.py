@@ -318,37 +318,38 @@ class Association:
     # -- sending --------------------------------------------------------------------------
 
     def send_command(
-        self,
-        context: Context,
-        values: dict[str, Any],
-        data_set: bytes | None = None,
-        *,
-        data_follows: bool = False,
+        self, context: Context, values: dict[str, Any], data_set: bytes | None = None
     ) -> None:
-        """One message: the command set and, when given, its (already encoded) data set;
-        ``data_follows``: the data set is sent next (:meth:`send_data_set_stream`)."""
-        values = dict(values)
-        if int(values.get("CommandField", 0)) & 0x8000 and values.get("Status") != PENDING:
-            self.last_status = int(values.get("Status", 0))
-        present = data_set is not None or data_follows
-        values["CommandDataSetType"] = DATA_SET_PRESENT if present else NO_DATA_SET
-        out = p_data(context.id, encode_command(values), command=True, max_pdu=self.max_pdu_send)
+        """One message: the command set and, when given, its (already encoded) data set."""
+        out = self._command_pdus(context, values, data_set_present=data_set is not None)
         if data_set is not None:
             out += p_data(context.id, data_set, command=False, max_pdu=self.max_pdu_send)
         self.wire.send(out)
 
-    def send_data_set_stream(
-        self, context: Context, stream: BlobStream, *, prefix: bytes = b""
+    def _command_pdus(
+        self, context: Context, values: dict[str, Any], *, data_set_present: bool
+    ) -> bytes:
+        values = dict(values)
+        if int(values.get("CommandField", 0)) & 0x8000 and values.get("Status") != PENDING:
+            self.last_status = int(values.get("Status", 0))
+        values["CommandDataSetType"] = DATA_SET_PRESENT if data_set_present else NO_DATA_SET
+        return p_data(context.id, encode_command(values), command=True, max_pdu=self.max_pdu_send)
+
+    def send_message_stream(
+        self, context: Context, values: dict[str, Any], stream: BlobStream, *, prefix: bytes = b""
     ) -> int:
-        """The data set, ``prefix`` then ``stream`` to its end, in PDUs within the peer's limit,
-        the last fragment flagged (one read ahead); returns the bytes sent."""
+        """One message whose data set is ``prefix`` then ``stream`` to its end: the command
+        set, then the data set in PDUs within the peer's limit, the last fragment flagged;
+        returns the data set's bytes sent (one read ahead, to flag the last fragment)."""
+        command = self._command_pdus(context, values, data_set_present=True)
         size = (self.max_pdu_send - PDV_OVERHEAD) if self.max_pdu_send else 1 << 20
         size = max(1, min(size, 4 << 20))
         # Small PDUs (16 KB from DCMTK's tools) go several to a send: one system call per
-        # ~256 KiB instead of one per PDU, the same bytes on the wire.
+        # ~256 KiB instead of one per PDU, the same bytes on the wire; the command set goes
+        # with the first of them.
         pdus_per_send = max(1, SEND_BATCH_BYTES // size)
         sent = 0
-        pending: list[bytes] = []
+        pending: list[bytes] = [command]
         chunk = prefix + stream.read(size - len(prefix)) if len(prefix) < size else prefix
         while True:
             following = stream.read(size) if chunk else b""

@@ -212,7 +212,8 @@ class PduSocket:
 
     def send(self, data: bytes | memoryview) -> None:
         try:
-            self.sock.settimeout(self.pdu_timeout)
+            if self.sock.gettimeout() != self.pdu_timeout:  # a system call saved per send
+                self.sock.settimeout(self.pdu_timeout)
             self.sock.sendall(data)
         except OSError as error:
             raise PeerGone(str(error) or type(error).__name__) from error

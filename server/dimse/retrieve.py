@@ -31,7 +31,14 @@ from server.dimse.statuses import (
     error_comment,
     status_for,
 )
-from server.dimse.storage_scu import SubOperationCancelled, SubOperationFailed, store_instance
+from server.dimse.storage_scu import (
+    OutgoingStore,
+    SubOperationCancelled,
+    SubOperationFailed,
+    await_store_response,
+    prepare_store,
+    send_store,
+)
 from storage.archive import Archive
 from storage.audit import AuditEvent, refusal_entry, retrieve_entries, studies_of
 from storage.errors import StorageError
@@ -201,56 +208,86 @@ def perform_sub_operations(
 ) -> None:
     """Send every instance of the plan on ``store_assoc``, answering ``message`` with a pending
     response after each and the final one at the end; a C-CANCEL stops the sub-operations
-    (PS3.4 C.4.2.3.1, C.4.3.3.1)."""
+    (PS3.4 C.4.2.3.1, C.4.3.3.1).
+
+    The next sub-operation is made ready (its stored file opened, or the instance transcoded)
+    while the peer receives and answers the one sent: with one operation outstanding at a time
+    (neither side negotiates an asynchronous operations window, PS3.7 D.3.3.3) that work then
+    costs no time between the peer's C-STORE-RSP and the next C-STORE-RQ. A file made ready
+    and not sent (cancel, destination lost, error) is closed."""
     response_field = CommandField.C_MOVE_RSP if service == "C-MOVE" else CommandField.C_GET_RSP
     responses = RetrieveResponses(assoc, message, response_field)
     on_same_association = store_assoc is assoc
     originator = None if on_same_association else (assoc.calling_ae_title, message.message_id)
+    peer_title = assoc.calling_ae_title if on_same_association else store_assoc.called_ae_title
     total = plan.number_of_sub_operations
-    for n, instance in enumerate(plan.instances):
-        if assoc.cancel_requested(message.message_id):
-            log.info("[%s] %s cancelled by the SCU", assoc.name, service)
-            responses.final(cancelled_with=total - n)
-            return
-        status: int | None
+
+    def ready(n: int) -> OutgoingStore | Exception | None:
+        """Sub-operation ``n`` made ready, or why it cannot be sent; None past the last."""
+        if n >= total:
+            return None
         try:
-            status = store_instance(
+            return prepare_store(
                 store_assoc,
                 archive,
-                instance,
+                plan.instances[n],
                 settings.server.transcode_max_bytes,
                 move_originator=originator,
-                cancel_of=message.message_id if on_same_association else None,
             )
-        except SubOperationCancelled as cancelled:
-            responses.sub_operation(instance, cancelled.status, total - n - 1)
-            log.info("[%s] %s cancelled by the SCU", assoc.name, service)
-            responses.final(cancelled_with=total - n - 1)
-            return
-        except AssociationEnded as error:
-            if on_same_association:
-                raise
-            # The destination went away: this and every later sub-operation fail.
-            log.warning(
-                "[%s] %s: association to %s lost: %s",
-                assoc.name,
-                service,
-                store_assoc.called_ae_title,
-                error,
-            )
-            for lost in plan.instances[n:]:
-                responses.failed += 1
-                responses.failed_uids.append(lost.sop_instance_uid)
-            responses.final()
-            return
         except (SubOperationFailed, StorageError, OSError) as error:
-            log.warning(
-                "[%s] C-STORE sub-operation for %s to %s failed: %s",
-                assoc.name,
-                instance.sop_instance_uid,
-                store_assoc.called_ae_title if not on_same_association else assoc.calling_ae_title,
-                error,
-            )
-            status = None
-        responses.sub_operation(instance, status, total - n - 1)
-    responses.final()
+            return error
+
+    outgoing: OutgoingStore | Exception | None = None
+    following = ready(0)
+    try:
+        for n, instance in enumerate(plan.instances):
+            outgoing, following = following, None
+            if assoc.cancel_requested(message.message_id):
+                log.info("[%s] %s cancelled by the SCU", assoc.name, service)
+                responses.final(cancelled_with=total - n)
+                return
+            status: int | None = None
+            try:
+                if not isinstance(outgoing, OutgoingStore):
+                    assert outgoing is not None  # n < total
+                    raise outgoing
+                send_store(store_assoc, outgoing)
+                following = ready(n + 1)  # while the peer receives and answers
+                status = await_store_response(
+                    store_assoc,
+                    outgoing.message_id,
+                    message.message_id if on_same_association else None,
+                )
+            except SubOperationCancelled as cancelled:
+                responses.sub_operation(instance, cancelled.status, total - n - 1)
+                log.info("[%s] %s cancelled by the SCU", assoc.name, service)
+                responses.final(cancelled_with=total - n - 1)
+                return
+            except AssociationEnded as error:
+                if on_same_association:
+                    raise
+                # The destination went away: this and every later sub-operation fail.
+                log.warning(
+                    "[%s] %s: association to %s lost: %s", assoc.name, service, peer_title, error
+                )
+                for lost in plan.instances[n:]:
+                    responses.failed += 1
+                    responses.failed_uids.append(lost.sop_instance_uid)
+                responses.final()
+                return
+            except (SubOperationFailed, StorageError, OSError) as error:
+                log.warning(
+                    "[%s] C-STORE sub-operation for %s to %s failed: %s",
+                    assoc.name,
+                    instance.sop_instance_uid,
+                    peer_title,
+                    error,
+                )
+            responses.sub_operation(instance, status, total - n - 1)
+            if following is None:
+                following = ready(n + 1)
+        responses.final()
+    finally:
+        for unsent in (outgoing, following):
+            if isinstance(unsent, OutgoingStore):
+                unsent.close()

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
 
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
@@ -22,6 +24,7 @@ from server.dimse.commands import PRIORITY_MEDIUM, CommandField
 from server.dimse.pdu import AbortReason, ProtocolError
 from server.transcoding import TranscodingRefused, transcoded_instance
 from storage.archive import Archive
+from storage.blobs import BlobStream
 from storage.data_set_structure import skip_file_meta
 from storage.query import StoredInstance
 
@@ -64,18 +67,39 @@ def proposed_contexts(syntaxes: Iterable[tuple[str, str]]) -> list[tuple[str, li
     return (fallbacks + as_stored)[:MAX_PRESENTATION_CONTEXTS]
 
 
-def store_instance(
+@dataclass
+class OutgoingStore:
+    """One C-STORE sub-operation made ready to send: its context, its command and its data
+    set, the stored file open at the data set (``stream``, ``prefix``: :func:`skip_file_meta`)
+    or transcoded (``data_set``)."""
+
+    context: Context
+    command: dict[str, Any]
+    stream: BlobStream | None = None
+    prefix: bytes = b""
+    data_set: bytes | None = None
+
+    @property
+    def message_id(self) -> int:
+        return int(self.command["MessageID"])
+
+    def close(self) -> None:
+        if self.stream is not None:
+            self.stream.close()
+            self.stream = None
+
+
+def prepare_store(
     store_assoc: Association,
     archive: Archive,
     stored: StoredInstance,
     transcode_max_bytes: int,
     *,
     move_originator: tuple[str, int] | None = None,
-    cancel_of: int | None = None,
-) -> int:
-    """Perform one C-STORE sub-operation; return the peer's status. Raise SubOperationFailed
-    when it cannot be sent, SubOperationCancelled when a C-CANCEL of request ``cancel_of``
-    arrived meanwhile (C-GET: the SCU's own association; its response is still awaited)."""
+) -> OutgoingStore:
+    """Everything one C-STORE sub-operation needs before the wire: the context, a message ID,
+    the command, the stored file opened (or the instance transcoded). Raise SubOperationFailed
+    when it cannot be sent to this peer."""
     contexts = [
         c
         for c in store_assoc.contexts.values()
@@ -83,11 +107,10 @@ def store_instance(
     ]
     if not contexts:
         raise SubOperationFailed(f"the peer accepted no context for {stored.sop_class_uid}")
-    message_id = store_assoc.next_message_id()
     command = {
         "AffectedSOPClassUID": stored.sop_class_uid,
         "CommandField": CommandField.C_STORE_RQ,
-        "MessageID": message_id,
+        "MessageID": store_assoc.next_message_id(),
         "Priority": PRIORITY_MEDIUM,
         "AffectedSOPInstanceUID": stored.sop_instance_uid,
     }
@@ -96,21 +119,54 @@ def store_instance(
         command["MoveOriginatorApplicationEntityTitle"] = move_originator[0]
         command["MoveOriginatorMessageID"] = move_originator[1]
     as_stored = next((c for c in contexts if c.transfer_syntax == stored.transfer_syntax_uid), None)
-    sent = False
     if as_stored is not None:
-        with archive.blobs.open(stored.blob_key, tier=stored.tier) as stream:
+        stream = archive.blobs.open(stored.blob_key, tier=stored.tier)
+        try:
             data_set_start = skip_file_meta(stream)
-            if data_set_start is not None:
-                store_assoc.send_command(as_stored, command, data_follows=True)
-                store_assoc.send_data_set_stream(as_stored, stream, prefix=data_set_start)
-                sent = True
-    if not sent:
-        context, data_set = _transcoded(archive, stored, contexts, transcode_max_bytes)
-        store_assoc.send_command(context, command, data_set=data_set)
-    return _await_response(store_assoc, message_id, cancel_of)
+        except BaseException:
+            stream.close()
+            raise
+        if data_set_start is not None:
+            return OutgoingStore(as_stored, command, stream, data_set_start)
+        stream.close()
+    context, data_set = _transcoded(archive, stored, contexts, transcode_max_bytes)
+    return OutgoingStore(context, command, data_set=data_set)
 
 
-def _await_response(store_assoc: Association, message_id: int, cancel_of: int | None) -> int:
+def send_store(store_assoc: Association, outgoing: OutgoingStore) -> None:
+    """Send the C-STORE-RQ and its data set; the stored file is closed."""
+    try:
+        if outgoing.stream is not None:
+            store_assoc.send_message_stream(
+                outgoing.context, outgoing.command, outgoing.stream, prefix=outgoing.prefix
+            )
+        else:
+            store_assoc.send_command(outgoing.context, outgoing.command, outgoing.data_set)
+    finally:
+        outgoing.close()
+
+
+def store_instance(
+    store_assoc: Association,
+    archive: Archive,
+    stored: StoredInstance,
+    transcode_max_bytes: int,
+    *,
+    move_originator: tuple[str, int] | None = None,
+) -> int:
+    """Perform one C-STORE sub-operation; return the peer's status. Raise SubOperationFailed
+    when it cannot be sent."""
+    outgoing = prepare_store(
+        store_assoc, archive, stored, transcode_max_bytes, move_originator=move_originator
+    )
+    send_store(store_assoc, outgoing)
+    return await_store_response(store_assoc, outgoing.message_id, None)
+
+
+def await_store_response(store_assoc: Association, message_id: int, cancel_of: int | None) -> int:
+    """The peer's status for C-STORE ``message_id``. Raise SubOperationCancelled when a
+    C-CANCEL of request ``cancel_of`` arrived meanwhile (C-GET: the SCU's own association;
+    the response is still awaited)."""
     cancelled = False
     while True:
         response = store_assoc.receive_message()

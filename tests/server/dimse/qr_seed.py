@@ -20,6 +20,7 @@ from pynetdicom.association import Association
 from config import Settings
 from server.dimse.ae import DimseServer
 from storage.archive import Archive
+from storage.blobs import PRIMARY_TIER, BlobStore, BlobStream
 from storage.ingest import ingest_file
 from tests.conftest import free_port, running_dimse, shared_archive
 from tests.factories import ct_instance, write_part10
@@ -267,3 +268,40 @@ def ingest_compressed(archive: Archive, tmp_path: Path) -> tuple[str, dict[str, 
         ingest_file(archive, path)
         files[ds.SOPInstanceUID] = path
     return study_uid, files
+
+
+class CountingBlobStore:
+    """The real blob store, counting the streams it opened and those of them closed: a
+    retrieve leaves none open, whatever ends it."""
+
+    def __init__(self, inner: BlobStore) -> None:
+        self._inner = inner
+        self.opened = self.closed = 0
+
+    def open(self, key: str, *, tier: str = PRIMARY_TIER) -> BlobStream:
+        stream = self._inner.open(key, tier=tier)
+        self.opened += 1
+        return _CountedStream(stream, self)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._inner, name)
+
+
+class _CountedStream:
+    def __init__(self, inner: BlobStream, store: CountingBlobStore) -> None:
+        self._inner, self._store, self._closed = inner, store, False
+
+    def read(self, size: int = -1, /) -> bytes:
+        return self._inner.read(size)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._store.closed += 1
+        self._inner.close()
+
+    def __enter__(self) -> _CountedStream:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

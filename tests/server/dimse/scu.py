@@ -75,7 +75,7 @@ def send_file_raw(server: DimseServer, path: Path, sop_class: str, syntax: str) 
         (context,) = assoc.contexts.values()
         with open(path, "rb") as f:
             f.seek(data_set_offset(path))
-            assoc.send_command(
+            assoc.send_message_stream(
                 context,
                 {
                     "AffectedSOPClassUID": sop_class,
@@ -85,9 +85,8 @@ def send_file_raw(server: DimseServer, path: Path, sop_class: str, syntax: str) 
                     # As pynetdicom did: the File Meta Information's UID, else the data set's.
                     "AffectedSOPInstanceUID": announced_instance_uid(path),
                 },
-                data_follows=True,
+                f,
             )
-            assoc.send_data_set_stream(context, f)
         response = assoc.receive_message()
         assert response is not None and response.command.field == CommandField.C_STORE_RSP
         status = Dataset()

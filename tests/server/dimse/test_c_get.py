@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import threading
 from collections.abc import Callable
@@ -24,11 +25,13 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from config import Settings
 from server.dimse.ae import DimseServer
 from storage.archive import Archive
+from tests.conftest import running_dimse
 from tests.factories import data_set_differences
 from tests.server.dimse.qr_seed import (
     GET_SCU,
     REFUSED_RETRIEVES,
     STUDIES,
+    CountingBlobStore,
     identifier_of,
     ingest_compressed,
     seed_archive,
@@ -282,10 +285,12 @@ def test_instance_too_large_to_transcode_fails_its_sub_operation(
     assert received == []
 
 
-def test_c_cancel_stops_a_get(dimse_server: DimseServer, archive: Archive, tmp_path: Path) -> None:
-    """The SCU holds its first C-STORE until it has sent C-CANCEL (PS3.4 C.4.3.3.1)."""
+def test_c_cancel_stops_a_get(settings: Settings, archive: Archive, tmp_path: Path) -> None:
+    """The SCU holds its first C-STORE until it has sent C-CANCEL (PS3.4 C.4.3.3.1). The
+    second instance, opened meanwhile to be sent next, is closed unsent."""
     seed_archive(archive, tmp_path / "sent")
     study = STUDIES[0]
+    blobs = CountingBlobStore(archive.blobs)
     received: list[str] = []
     first_received, release = threading.Event(), threading.Event()
 
@@ -296,31 +301,33 @@ def test_c_cancel_stops_a_get(dimse_server: DimseServer, archive: Archive, tmp_p
         return 0x0000
 
     storage = {CTImageStorage: [ExplicitVRLittleEndian], MRImageStorage: [ExplicitVRLittleEndian]}
-    assoc = get_association(dimse_server, storage, store)
+    with running_dimse(settings, dataclasses.replace(archive, blobs=blobs)) as dimse_server:
+        assoc = get_association(dimse_server, storage, store)
 
-    def cancel_after_first_store() -> None:
-        assert first_received.wait(30)
-        context_id = accepted_context_id(assoc, GET)
-        assoc.send_c_cancel(9, context_id)
-        # Give the C-CANCEL a head start on the C-STORE response it must overtake.
-        threading.Event().wait(0.5)
-        release.set()
+        def cancel_after_first_store() -> None:
+            assert first_received.wait(30)
+            context_id = accepted_context_id(assoc, GET)
+            assoc.send_c_cancel(9, context_id)
+            # Give the C-CANCEL a head start on the C-STORE response it must overtake.
+            threading.Event().wait(0.5)
+            release.set()
 
-    canceller = threading.Thread(target=cancel_after_first_store)
-    try:
-        responses = assoc.send_c_get(study_identifier(study.uid), GET, msg_id=9)
-        canceller.start()
-        statuses = [status for status, _ in responses]
-        canceller.join()
-    finally:
-        release.set()
-        assoc.release()
+        canceller = threading.Thread(target=cancel_after_first_store)
+        try:
+            responses = assoc.send_c_get(study_identifier(study.uid), GET, msg_id=9)
+            canceller.start()
+            statuses = [status for status, _ in responses]
+            canceller.join()
+        finally:
+            release.set()
+            assoc.release()  # answered once the C-GET is done with
+        assert echo_works(dimse_server)
     final = statuses[-1]
     assert final.Status == 0xFE00
     assert final.NumberOfCompletedSuboperations == 1
     assert final.NumberOfRemainingSuboperations == study.instance_count - 1
     assert len(received) == 1
-    assert echo_works(dimse_server)
+    assert (blobs.opened, blobs.closed) == (2, 2)
 
 
 def failed_uids(identifier: Dataset | None) -> list[str]:

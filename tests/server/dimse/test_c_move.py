@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import struct
 import subprocess
 import threading
@@ -31,6 +33,7 @@ from tests.server.dimse.qr_seed import (
     MOVE_SCU,
     REFUSED_RETRIEVES,
     STUDIES,
+    CountingBlobStore,
     identifier_of,
     ingest_compressed,
     ingest_new_instance,
@@ -68,6 +71,14 @@ def peers() -> Peers:
 
 @pytest.fixture
 def move_server(settings: Settings, archive: Archive, peers: Peers) -> Iterator[DimseServer]:
+    with running_move_server(settings, archive, peers) as server:
+        yield server
+
+
+@contextlib.contextmanager
+def running_move_server(
+    settings: Settings, archive: Archive, peers: Peers
+) -> Iterator[DimseServer]:
     configured = [DimsePeer.model_validate(peer) for peer in peers.config()]
     dimse = settings.dimse.model_copy(update={"peers": configured})
     server = DimseServer(settings.model_copy(update={"dimse": dimse}), archive)
@@ -91,10 +102,16 @@ def move(
 
 
 class PynetdicomPeer:
-    """A Storage SCP accepting only ``syntaxes`` for ``sop_classes``; keeps what it receives."""
+    """A Storage SCP accepting only ``syntaxes`` for ``sop_classes``; keeps what it receives
+    and the Message IDs of the C-STORE requests; ``abort``: aborts the association on the
+    first C-STORE instead of answering it."""
 
-    def __init__(self, port: int, sop_classes: list[str], syntaxes: list[str]) -> None:
+    def __init__(
+        self, port: int, sop_classes: list[str], syntaxes: list[str], *, abort: bool = False
+    ) -> None:
         self.received: list[Dataset] = []
+        self.message_ids: list[int] = []
+        self.abort = abort
         self.first_received = threading.Event()
         self.release = threading.Event()
         self.release.set()
@@ -109,7 +126,11 @@ class PynetdicomPeer:
         ds = event.dataset
         ds.file_meta = event.file_meta
         self.received.append(ds)
+        self.message_ids.append(int(event.request.MessageID))
         self.first_received.set()
+        if self.abort:
+            event.assoc.abort()
+            return 0x0000  # never sent
         self.release.wait(30)
         return 0x0000
 
@@ -198,6 +219,9 @@ def test_peer_accepting_only_explicit_vr_little_endian_receives_decoded_pixels(
         peer.stop()
     assert statuses[-1].Status == 0x0000, statuses[-1]
     assert {str(ds.SOPInstanceUID) for ds in peer.received} == set(files)
+    # Each transcoded while the previous was sent: the Message IDs still follow one another.
+    first = peer.message_ids[0]
+    assert peer.message_ids == list(range(first, first + len(files)))
     for ds in peer.received:
         original = pydicom.dcmread(files[str(ds.SOPInstanceUID)])
         assert ds.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
@@ -401,33 +425,71 @@ def image_query(sop_instance_uid: str) -> Query:
 
 
 def test_c_cancel_stops_a_move(
-    move_server: DimseServer, archive: Archive, peers: Peers, tmp_path: Path
+    settings: Settings, archive: Archive, peers: Peers, tmp_path: Path
 ) -> None:
-    """The peer holds its first C-STORE until the SCU has sent C-CANCEL."""
+    """The peer holds its first C-STORE until the SCU has sent C-CANCEL. The second instance,
+    opened meanwhile to be sent next, is closed unsent."""
     seed_archive(archive, tmp_path / "sent")
     study = STUDIES[0]
+    blobs = CountingBlobStore(archive.blobs)
     peer = PynetdicomPeer(peers.ports["SLOW"], sop_classes_of(list((tmp_path / "sent").iterdir())),
                           [ExplicitVRLittleEndian])  # fmt: skip
     peer.release.clear()
     ae = AE(ae_title="MOVESCU")
     ae.add_requested_context(MOVE)
-    assoc = qr_associate(move_server, ae)
-    try:
-        responses = assoc.send_c_move(study_identifier(study.uid), "SLOW", MOVE, msg_id=9)
-        canceller = threading.Thread(target=_cancel_after_first_store, args=(assoc, peer))
-        canceller.start()
-        statuses = [status for status, _ in responses]
-        canceller.join()
-    finally:
-        assoc.release()
-        peer.release.set()
-        peer.stop()
+    counted = dataclasses.replace(archive, blobs=blobs)
+    with running_move_server(settings, counted, peers) as move_server:
+        assoc = qr_associate(move_server, ae)
+        try:
+            responses = assoc.send_c_move(study_identifier(study.uid), "SLOW", MOVE, msg_id=9)
+            canceller = threading.Thread(target=_cancel_after_first_store, args=(assoc, peer))
+            canceller.start()
+            statuses = [status for status, _ in responses]
+            canceller.join()
+        finally:
+            assoc.release()  # answered once the C-MOVE is done with
+            peer.release.set()
+            peer.stop()
+        assert echo_works(move_server)
     final = statuses[-1]
     assert final.Status == 0xFE00
     assert final.NumberOfCompletedSuboperations == 1
     assert final.NumberOfRemainingSuboperations == study.instance_count - 1
     assert len(peer.received) == 1
-    assert echo_works(move_server)
+    assert (blobs.opened, blobs.closed) == (2, 2)
+
+
+def test_destination_lost_fails_the_remaining_sub_operations(
+    settings: Settings, archive: Archive, peers: Peers, tmp_path: Path
+) -> None:
+    """The Move Destination aborts on the first C-STORE: it and every later sub-operation
+    fail, each listed (PS3.4 C.4.2.3.1), and the instance opened to be sent next is closed."""
+    seed_archive(archive, tmp_path / "sent")
+    study = STUDIES[0]
+    blobs = CountingBlobStore(archive.blobs)
+    peer = PynetdicomPeer(peers.ports["SLOW"], sop_classes_of(list((tmp_path / "sent").iterdir())),
+                          [ExplicitVRLittleEndian], abort=True)  # fmt: skip
+    ae = AE(ae_title="MOVESCU")
+    ae.add_requested_context(MOVE)
+    counted = dataclasses.replace(archive, blobs=blobs)
+    with running_move_server(settings, counted, peers) as move_server:
+        assoc = qr_associate(move_server, ae)
+        try:
+            responses = list(assoc.send_c_move(study_identifier(study.uid), "SLOW", MOVE))
+        finally:
+            assoc.release()
+            peer.stop()
+        assert echo_works(move_server)
+    status, identifier = responses[-1]
+    assert status.Status == 0xA702
+    assert status.NumberOfFailedSuboperations == study.instance_count
+    assert status.NumberOfCompletedSuboperations == 0
+    failed = identifier.FailedSOPInstanceUIDList
+    assert set([failed] if isinstance(failed, str) else failed) == {
+        uid for series in study.series for uid in series.instances
+    }
+    assert len(peer.received) == 1
+    assert (blobs.opened, blobs.closed) == (2, 2)
 
 
 def _cancel_after_first_store(assoc: object, peer: PynetdicomPeer) -> None:
