@@ -387,7 +387,7 @@ def _store(
     returns those that lost a race with a concurrent sender, to try again."""
     partition = archive.partition
     try:
-        with archive.index.read_connection() as connection:
+        with archive.index.read_connection(autocommit=True) as connection:
             existing = _existing(
                 connection, partition, [item.header.sop_instance_uid for item in items]
             )

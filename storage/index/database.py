@@ -147,11 +147,13 @@ class Index:
             yield session
 
     @contextlib.contextmanager
-    def read_connection(self) -> Iterator[Connection]:
+    def read_connection(self, *, autocommit: bool = False) -> Iterator[Connection]:
         """As :meth:`read`, on a Core connection: no ORM session (its set-up and teardown
-        cost more than a prebuilt statement), for callers that execute statements only; on
-        PostgreSQL in autocommit, each statement its own transaction."""
-        with database_errors(), self._read_engine.connect() as connection:
+        cost more than a prebuilt statement), for callers that execute statements only.
+        ``autocommit``: on PostgreSQL each statement its own transaction, for a read of one
+        plain statement (not a streamed one: a server-side cursor needs a transaction)."""
+        engine = self._read_engine if autocommit else self.engine
+        with database_errors(), engine.connect() as connection:
             yield connection
 
     @contextlib.contextmanager
