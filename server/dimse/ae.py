@@ -64,6 +64,7 @@ from server.dimse.negotiation import (
 from server.dimse.pdu import (
     AbortReason,
     AssociationEnded,
+    MessageBroken,
     PduSocket,
     PeerAborted,
     PeerGone,
@@ -412,6 +413,9 @@ class DimseServer:
             ending = "aborted"
         except PeerAborted as error:
             log.info("[%s] %s: %s", _name(assoc), peer, error)
+            ending = "aborted"
+        except MessageBroken as error:  # its A-ABORT already sent
+            log.error("[%s] %s: %s", _name(assoc), peer, error)
             ending = "aborted"
         except PeerGone as error:
             log.info("[%s] connection from %s ended: %s", _name(assoc), peer, error)

@@ -44,6 +44,7 @@ from server.dimse.pdu import (
     PDV_HEADER,
     PDV_OVERHEAD,
     AbortReason,
+    MessageBroken,
     PduSocket,
     PeerAborted,
     PeerGone,
@@ -340,7 +341,11 @@ class Association:
     ) -> int:
         """One message whose data set is ``prefix`` then ``stream`` to its end: the command
         set, then the data set in PDUs within the peer's limit, the last fragment flagged;
-        returns the data set's bytes sent (one read ahead, to flag the last fragment)."""
+        returns the data set's bytes sent (one read ahead, to flag the last fragment).
+
+        A read of ``stream`` that fails before anything was sent is raised as it is (the message
+        was not begun); once part of the message was sent, the association is aborted and
+        :class:`MessageBroken` raised."""
         command = self._command_pdus(context, values, data_set_present=True)
         size = (self.max_pdu_send - PDV_OVERHEAD) if self.max_pdu_send else 1 << 20
         size = max(1, min(size, 4 << 20))
@@ -349,16 +354,27 @@ class Association:
         # with the first of them.
         pdus_per_send = max(1, SEND_BATCH_BYTES // size)
         sent = 0
+        begun = False  # part of the message on the wire
         pending: list[bytes] = [command]
         chunk = prefix + stream.read(size - len(prefix)) if len(prefix) < size else prefix
         while True:
-            following = stream.read(size) if chunk else b""
+            try:
+                following = stream.read(size) if chunk else b""
+            except Exception as error:
+                if not begun:
+                    raise
+                self.abort()
+                raise MessageBroken(
+                    f"the data set could not be read once part of it was sent ({error}): "
+                    "association aborted"
+                ) from error
             last = LAST_BIT if not following else 0
             pending += (p_data_header(context.id, len(chunk), last), chunk)
             sent += len(chunk)
             if last or len(pending) >= 2 * pdus_per_send:
                 self.wire.send(b"".join(pending))
                 pending.clear()
+                begun = True
             if last:
                 return sent
             chunk = following

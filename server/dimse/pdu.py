@@ -75,6 +75,12 @@ class PeerAborted(AssociationEnded):
     """The peer sent an A-ABORT."""
 
 
+class MessageBroken(AssociationEnded):
+    """A message could not be completed once part of it was on the wire (its data set could
+    not be read further): the association was aborted, as nothing but the rest of that message
+    may follow a P-DATA-TF fragment without its last-fragment flag (PS3.8 9.3.5, E.2)."""
+
+
 def encode_pdu(pdu_type: int, body: bytes) -> bytes:
     return PDU_HEADER.pack(pdu_type, 0, len(body)) + body
 
